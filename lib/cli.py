@@ -1,0 +1,171 @@
+"""Shared command-line flags, validation and the run/save pipeline used by the top-level scripts."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .data import default_dataset, load_text, load_tokenizer, make_samples, tokenize, check_seqlen
+from .errors import UserError
+from .hessian import METHODS, exact_hessian
+from .models import EMBEDDED, load_model, max_positions, resolve_device
+from .plots import heatmap
+from .results import save_tensor_and_json
+from .subsets import Subset
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+EMBEDDED_DEFAULTS = {"seqlen": 128, "b": 16}
+"""Sized so that each script finishes in about a minute on a 2-core CPU with the embedded model."""
+PAPER_DEFAULTS = {"seqlen": 2048, "b": None}
+"""The paper: seqlen 2048 and all samples of the WikiText-2 test split (``b=None``)."""
+
+
+def base_parser(description: str, t_default: tuple[int, int]) -> argparse.ArgumentParser:
+    """Flags shared by all scripts. ``t_default``: (embedded model, paper models)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=EMBEDDED, help="HF model id or local directory; 'embedded' = the bundled tiny trained OPT")
+    g.add_argument("--cache_dir", default="llm_weights", help="where HF weights, datasets and tokenized text are cached")
+    g.add_argument("--dataset", default="auto", help="'embedded' (bundled held-out Shakespeare), 'wikitext2' (test split), or a path to a UTF-8 text file; auto = embedded for the embedded model, else wikitext2")
+    g.add_argument("--seqlen", type=int, default=None, help=f"tokens per sample (default {EMBEDDED_DEFAULTS['seqlen']} for the embedded model, else min(2048, model limit))")
+    g.add_argument("--b", type=int, default=None, help=f"number of samples (default {EMBEDDED_DEFAULTS['b']} for the embedded model, else all samples of the text)")
+    g.add_argument("--model_input_bs", type=int, default=1, help="samples per forward/backward; must divide --b")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--t", type=int, default=None, help=f"entries per selected row (default {t_default[0]} for the embedded model, {t_default[1]} otherwise)")
+    c = p.add_argument_group("computation")
+    c.add_argument("--method", choices=METHODS, default="rev-rev", help="rev-rev: fast exact (default); autograd: the paper's torch.autograd.functional.hessian")
+    c.add_argument("--chunk", type=int, default=0, help="Hessian columns per batched backward (0 = auto: 1 on CPU, 64 on GPU, halved on OOM)")
+    c.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (float64 for validation)")
+    c.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto = cuda if available else cpu)")
+    c.add_argument("--attn_implementation", default="eager", help="eager (default) or sdpa (run with its math kernel); flash attention has no double backward")
+    c.add_argument("--no_fused_head", action="store_true", help="differentiate the LM head + softmax with plain autograd instead of the fused kernel")
+    o = p.add_argument_group("output")
+    o.add_argument("--output_dir", default="results", help="where <name>.pt, <name>.json and the figures go")
+    o.add_argument("--name", default=None, help="output file stem (default: derived from the configuration)")
+    o.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def resolve_defaults(args: argparse.Namespace, t_default: tuple[int, int]) -> None:
+    """Fill model-dependent defaults in place (``seqlen``, ``b`` resolved later from the text, ``t``, ``dataset``)."""
+    embedded = args.model == EMBEDDED
+    if args.t is None:
+        args.t = t_default[0] if embedded else t_default[1]
+    if args.dataset == "auto":
+        args.dataset = default_dataset(args.model)
+    if args.seqlen is None and embedded:
+        args.seqlen = EMBEDDED_DEFAULTS["seqlen"]
+    if args.b is None and embedded:
+        args.b = EMBEDDED_DEFAULTS["b"]
+
+
+def check_cheap(args: argparse.Namespace) -> None:
+    """Validate flags that need neither the model nor the data."""
+    if args.model_input_bs < 1:
+        raise UserError(f"--model_input_bs must be at least 1, got {args.model_input_bs}")
+    if args.b is not None and args.b % args.model_input_bs:
+        raise UserError(f"--model_input_bs {args.model_input_bs} does not divide --b {args.b}")
+    if args.chunk < 0:
+        raise UserError(f"--chunk must be >= 0, got {args.chunk}")
+
+
+@dataclass
+class Prepared:
+    """A loaded model, its samples (``(b, seqlen)``) and the resolved flags."""
+
+    model: nn.Module
+    samples: torch.Tensor
+    device: torch.device
+
+
+def prepare(args: argparse.Namespace, build_subset: Callable[[nn.Module], Subset]) -> tuple[Prepared, Subset]:
+    """Load the model, build and validate the subset, load and validate the samples -- all before heavy work."""
+    check_cheap(args)
+    torch.manual_seed(args.seed)
+    device = resolve_device(args.device)
+    model = load_model(args.model, cache_dir=args.cache_dir, dtype=DTYPES[args.dtype], device=device, attn_implementation=args.attn_implementation)
+    subset = build_subset(model)
+    limit = max_positions(model)
+    if args.seqlen is None:
+        args.seqlen = min(2048, limit or 2048)
+    check_seqlen(args.seqlen, limit)
+    tokens = tokenize(load_tokenizer(args.model, args.cache_dir), load_text(args.dataset, args.cache_dir), args.cache_dir)
+    if args.b is None:
+        args.b = (tokens.numel() // args.seqlen) // args.model_input_bs * args.model_input_bs
+        check_cheap(args)
+    samples = make_samples(tokens, args.seqlen, args.b)
+    return Prepared(model, samples, device), subset
+
+
+def default_name(script: str, args: argparse.Namespace, tag: str) -> str:
+    model = Path(args.model.rstrip("/")).name
+    return f"{script}_{model}_{tag}_t{args.t}_b{args.b}_s{args.seqlen}".replace("/", "-")
+
+
+def slice_boundaries(subset: Subset) -> list[int]:
+    """Flat offsets where each slice after the first starts."""
+    out, pos = [], 0
+    for s in subset.slices[:-1]:
+        pos += len(s)
+        out.append(pos)
+    return out
+
+
+def run_exact(script: str, args: argparse.Namespace, build_subset: Callable[[nn.Module], Subset], tag: Callable[[], str]) -> dict[str, Any]:
+    """The whole exact-Hessian job of a script: prepare, compute, save ``.pt`` / ``.json`` / figures.
+
+    ``tag()`` names the subset in the default output name; it is called after the subset is built.
+    """
+    t_start = time.perf_counter()
+    prep, subset = prepare(args, build_subset)
+    result = exact_hessian(
+        prep.model,
+        subset,
+        prep.samples,
+        model_input_bs=args.model_input_bs,
+        method=args.method,
+        chunk=args.chunk or None,
+        fused_head=False if args.no_fused_head else None,
+        progress=not args.no_progress,
+    )
+    name = args.name or default_name(script, args, tag())
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = heatmap(result.hessian, out / name, f"|H| {subset.description}\n{args.model}, b={args.b}, seqlen={args.seqlen}", slice_boundaries(subset))
+    meta = {
+        "script": script,
+        "config": vars(args),
+        "subset": subset.description,
+        "shape": list(result.hessian.shape),
+        "normalization": f"Hessian of the mean next-token NLL over b*(seqlen-1) = {result.n_tokens} predicted tokens (the additive summed-NLL Hessian divided by {result.n_tokens})",
+        "n_samples": result.n_samples,
+        "n_tokens": result.n_tokens,
+        "nll_mean": result.nll_sum / result.n_tokens,
+        "perplexity": result.perplexity,
+        "method": result.method,
+        "hessian_elapsed_s": result.elapsed_s,
+        "elapsed_s": time.perf_counter() - t_start,
+        "figures": [p.name for p in figures],
+        "entries": subset.entries(prep.model),
+    }
+    meta = save_tensor_and_json(out, name, result.hessian, meta)
+    print(f"perplexity {result.perplexity:.3f} over {result.n_samples} samples; Hessian {tuple(result.hessian.shape)} in {result.elapsed_s:.1f}s")
+    print("wrote " + ", ".join(str(out / f) for f in [*meta["files"].values(), *meta["figures"]]))
+    return meta
+
+
+def main(fn: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> Any:
+    """Run a script's ``fn(argv)``, turning :class:`UserError` into one line on stderr and exit status 2."""
+    try:
+        return fn(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

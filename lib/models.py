@@ -1,0 +1,166 @@
+"""Loading Hugging Face causal LMs for Hessian work and discovering their blocks and linear layers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_MODEL_DIR = ROOT / "assets" / "tiny-opt-shakespeare"
+EMBEDDED = "embedded"
+"""Name of the project's own small trained OPT-architecture model (the default ``--model``)."""
+
+ATTENTION_WITH_DOUBLE_BACKWARD = ("eager", "sdpa")
+"""``eager`` attention, or ``sdpa`` run under the math backend, support second derivatives."""
+
+
+def resolve_model_path(name: str) -> str:
+    """``embedded`` -> the bundled model directory; anything else is returned unchanged."""
+    return str(EMBEDDED_MODEL_DIR) if name == EMBEDDED else name
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> the current CUDA device if there is one, else the CPU; otherwise ``torch.device(device)``."""
+    if device == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise UserError(f"invalid --device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+def _offline_hint(name: str) -> str:
+    return (
+        f"cannot load model {name!r}. If it is a hub id, the Hugging Face hub is unreachable or the model is "
+        "not in --cache_dir: download it once on a machine with internet, then run with HF_HUB_OFFLINE=1, "
+        "or pass a local directory with --model PATH (a folder holding config.json and the weights)."
+    )
+
+
+def load_model(
+    name: str,
+    cache_dir: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    attn_implementation: str = "eager",
+    device_map: str | None = None,
+) -> nn.Module:
+    """Load ``AutoModelForCausalLM`` in eval mode with all parameters frozen (``requires_grad=False``).
+
+    Attention must have a double backward: ``eager`` (default) or ``sdpa`` (evaluated with the math
+    backend, see :func:`attention_context`); flash attention is refused.
+    """
+    if attn_implementation not in ATTENTION_WITH_DOUBLE_BACKWARD:
+        raise UserError(
+            f"attention {attn_implementation!r} has no double backward, which exact Hessians need; "
+            f"use one of {', '.join(ATTENTION_WITH_DOUBLE_BACKWARD)} (eager is the default)"
+        )
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep stderr for our own progress bar and one-line errors
+    path = resolve_model_path(name)
+    if name == EMBEDDED and not Path(path, "config.json").is_file():
+        raise UserError(f"the embedded model is missing at {path}; rebuild it with tools/train_embedded_model.py")
+    kwargs = dict(cache_dir=cache_dir, dtype=dtype, attn_implementation=attn_implementation)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:  # hub unreachable, not cached, bad path, unsupported attention
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "attn" in msg.lower() or "attention" in msg.lower():
+            raise UserError(f"model {name!r} cannot use {attn_implementation} attention: {msg}") from None
+        raise UserError(f"{_offline_hint(name)} ({type(e).__name__}: {msg})") from None
+    if device_map is None:
+        model.to(device)
+    return prepare_model(model)
+
+
+def prepare_model(model: nn.Module) -> nn.Module:
+    """Put ``model`` in eval mode, freeze its parameters and check its attention kernel; returns it."""
+    model.eval()
+    model.requires_grad_(False)
+    impl = getattr(model.config, "_attn_implementation", "eager")
+    if impl not in ATTENTION_WITH_DOUBLE_BACKWARD:
+        raise UserError(
+            f"the model uses {impl!r} attention, which has no double backward; load it with "
+            "attn_implementation='eager'"
+        )
+    return model
+
+
+def attention_context(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Context in which the model's forward is twice differentiable (SDPA forced to its math kernel)."""
+    if getattr(model.config, "_attn_implementation", "eager") == "sdpa":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
+
+
+def text_config(model: nn.Module):
+    """The language-model part of the config (multimodal configs nest it)."""
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """Longest sequence the model accepts (``max_position_embeddings`` or GPT-2's ``n_positions``)."""
+    cfg = text_config(model)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The transformer blocks: ``(qualified name, ModuleList)``.
+
+    Found generically as the largest ``nn.ModuleList`` holding ``num_hidden_layers`` modules
+    (``model.decoder.layers`` for OPT, ``model.layers`` for Llama/Qwen2/Mistral, ``transformer.h`` for GPT-2).
+    """
+    n = getattr(text_config(model), "num_hidden_layers", None)
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and (n is None or len(module) == n):
+            size = sum(p.numel() for p in module.parameters())
+            if best is None or size > best[0]:
+                best = (size, name, module)
+    if best is None:
+        raise UserError(f"cannot find the transformer blocks of {type(model).__name__}")
+    return best[1], best[2]
+
+
+def is_linear(module: nn.Module) -> bool:
+    """``nn.Linear`` or GPT-2's ``Conv1D`` (a linear layer whose weight is stored as ``(in, out)``)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def linear_layers(block: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Linear layers of a block in module order, with names relative to the block (e.g. ``self_attn.q_proj``)."""
+    return [(name, m) for name, m in block.named_modules() if name and is_linear(m)]
+
+
+def iter_named_linear(model: nn.Module) -> Iterator[tuple[int, str, str, nn.Module]]:
+    """``(block_index, layer_name, qualified_module_name, module)`` for every linear layer of every block."""
+    prefix, blocks = find_blocks(model)
+    for b, block in enumerate(blocks):
+        for lname, m in linear_layers(block):
+            yield b, lname, f"{prefix}.{b}.{lname}", m
+
+
+def offline_mode() -> bool:
+    """Whether the user asked Hugging Face libraries to stay offline."""
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")

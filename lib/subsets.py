@@ -1,0 +1,177 @@
+"""Flat subsets ``x`` of a model's weights: which entries, in which order.
+
+A :class:`Subset` is an ordered list of :class:`ParamSlice` (a parameter name and flat indices into
+that parameter). The flat vector ``x`` is the concatenation of the slices, so row ``k`` of the
+Hessian corresponds to ``Subset.entries(model)[k]``.
+
+The paper's subsets take the first ``t`` entries of *row 0* of a linear layer's weight, i.e. the
+weights feeding output unit 0: ``weight[0, :t]`` for ``nn.Linear`` (stored ``(out, in)``) and
+``weight[:t, 0]`` for GPT-2's ``Conv1D`` (stored ``(in, out)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .models import find_blocks, linear_layers
+
+
+@dataclass(frozen=True)
+class ParamSlice:
+    """Entries ``param.view(-1)[flat_index]`` of the parameter called ``param_name``."""
+
+    param_name: str
+    flat_index: torch.Tensor  # (n,) int64
+
+    def __len__(self) -> int:
+        return int(self.flat_index.numel())
+
+
+@dataclass(frozen=True)
+class Subset:
+    """An ordered union of parameter slices; ``x`` is their concatenation (length ``size``)."""
+
+    slices: tuple[ParamSlice, ...]
+    description: str = ""
+
+    @property
+    def size(self) -> int:
+        return sum(len(s) for s in self.slices)
+
+    @property
+    def param_names(self) -> list[str]:
+        return [s.param_name for s in self.slices]
+
+    def gather(self, model: nn.Module) -> torch.Tensor:
+        """``x0``: the current values of the selected entries, shape ``(size,)``."""
+        parts = [model.get_parameter(s.param_name).detach().reshape(-1)[s.flat_index.to(model.get_parameter(s.param_name).device)] for s in self.slices]
+        devices = {p.device for p in parts}
+        if len(devices) > 1:  # a model split over devices: gather on the first one
+            parts = [p.to(parts[0].device) for p in parts]
+        return torch.cat(parts)
+
+    def entries(self, model: nn.Module) -> list[list]:
+        """One ``[param_name, *index]`` per flat position, indices into the stored parameter tensor."""
+        out: list[list] = []
+        for s in self.slices:
+            shape = model.get_parameter(s.param_name).shape
+            idx = torch.unravel_index(s.flat_index, shape)
+            rows = torch.stack(idx, dim=1).tolist() if len(shape) else [[] for _ in range(len(s))]
+            out.extend([s.param_name, *r] for r in rows)
+        return out
+
+
+def _check_block(model: nn.Module, block_index: int) -> tuple[str, nn.Module]:
+    prefix, blocks = find_blocks(model)
+    if not 0 <= block_index < len(blocks):
+        raise UserError(f"--block_index {block_index} is out of range: the model has {len(blocks)} blocks (0..{len(blocks) - 1})")
+    return f"{prefix}.{block_index}", blocks[block_index]
+
+
+def row0_slice(model: nn.Module, block_index: int, layer_name: str, t: int) -> ParamSlice:
+    """The first ``t`` weights of output unit 0 of ``layer_name`` in block ``block_index``."""
+    block_name, block = _check_block(model, block_index)
+    layers = dict(linear_layers(block))
+    if layer_name not in layers:
+        raise UserError(f"unknown --layer_name {layer_name!r}; the linear layers of a block are: {', '.join(layers)}")
+    module = layers[layer_name]
+    weight = module.weight
+    conv1d = type(module).__name__ == "Conv1D"
+    row_len = weight.shape[0] if conv1d else weight.shape[1]
+    if t < 1:
+        raise UserError(f"--t must be at least 1, got {t}")
+    if t > row_len:
+        raise UserError(f"--t {t} is larger than a row of {layer_name} ({row_len} entries)")
+    n_out = weight.shape[1] if conv1d else weight.shape[0]
+    flat = torch.arange(t) * n_out if conv1d else torch.arange(t)
+    return ParamSlice(f"{block_name}.{layer_name}.weight", flat)
+
+
+def num_blocks(model: nn.Module) -> int:
+    """Number of transformer blocks."""
+    return len(find_blocks(model)[1])
+
+
+def layer_names(model: nn.Module, block_index: int) -> list[str]:
+    """Names of the linear layers of one block, in module order."""
+    return [name for name, _ in linear_layers(_check_block(model, block_index)[1])]
+
+
+def _check_num_blocks(model: nn.Module, n: int) -> None:
+    total = num_blocks(model)
+    if not 1 <= n <= total:
+        raise UserError(f"--num_blocks {n} is out of range: the model has {total} blocks (use 1..{total})")
+
+
+def single_layer_single_block(model: nn.Module, layer_name: str, block_index: int, t: int) -> Subset:
+    """Paper Sec. 4.1: ``x = w_{0,:t}`` of one layer of one block."""
+    s = row0_slice(model, block_index, layer_name, t)
+    return Subset((s,), f"first {t} weights of row 0 of {layer_name} in block {block_index}")
+
+
+def single_layer_several_blocks(model: nn.Module, layer_name: str, n_blocks: int, t: int) -> Subset:
+    """Paper Sec. 4.3: the same layer in blocks ``0..n_blocks-1``, block-major."""
+    _check_num_blocks(model, n_blocks)
+    slices = tuple(row0_slice(model, b, layer_name, t) for b in range(n_blocks))
+    return Subset(slices, f"first {t} weights of row 0 of {layer_name} in blocks 0..{n_blocks - 1}")
+
+
+def several_layers_several_blocks(model: nn.Module, n_layers: int, n_blocks: int, t: int) -> Subset:
+    """Paper Sec. 4.2/4.4: for each block ``0..n_blocks-1``, its first ``n_layers`` linear layers (module order)."""
+    _check_num_blocks(model, n_blocks)
+    slices: list[ParamSlice] = []
+    for b in range(n_blocks):
+        names = layer_names(model, b)
+        if not 1 <= n_layers <= len(names):
+            raise UserError(f"--num_layers {n_layers} is out of range: block {b} has {len(names)} linear layers ({', '.join(names)})")
+        slices.extend(row0_slice(model, b, name, t) for name in names[:n_layers])
+    return Subset(tuple(slices), f"first {t} weights of row 0 of the first {n_layers} linear layers in blocks 0..{n_blocks - 1}")
+
+
+def from_indices(model: nn.Module, param_name: str, indices: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor) -> ParamSlice:
+    """A slice of any parameter from flat indices ``[k, ...]`` or multi-indices ``[[i, j], ...]``."""
+    try:
+        param = model.get_parameter(param_name)
+    except AttributeError:
+        raise UserError(f"unknown parameter {param_name!r}") from None
+    idx = torch.as_tensor(indices, dtype=torch.long)
+    if idx.ndim == 2:
+        strides = torch.tensor(param.stride(), dtype=torch.long) if param.is_contiguous() else None
+        if strides is None or idx.shape[1] != param.ndim:
+            raise UserError(f"multi-indices for {param_name} must have {param.ndim} columns")
+        idx = (idx * strides).sum(1)
+    if idx.numel() and (idx.min() < 0 or idx.max() >= param.numel()):
+        raise UserError(f"indices out of range for {param_name} with {param.numel()} entries")
+    if torch.unique(idx).numel() != idx.numel():
+        raise UserError(f"indices for {param_name} contain duplicates")
+    return ParamSlice(param_name, idx.reshape(-1))
+
+
+def random_subset(model: nn.Module, param_names: Sequence[str], size_per_param: int, seed: int = 0) -> Subset:
+    """``size_per_param`` distinct uniformly random entries of each named parameter (sorted), reproducible by ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    slices = []
+    for name in param_names:
+        numel = model.get_parameter(name).numel()
+        if size_per_param > numel:
+            raise UserError(f"cannot pick {size_per_param} entries of {name}, which has {numel}")
+        idx = torch.randperm(numel, generator=gen)[:size_per_param].sort().values
+        slices.append(ParamSlice(name, idx))
+    return Subset(tuple(slices), f"{size_per_param} random entries of each of {len(slices)} parameters (seed {seed})")
+
+
+def make_subset(*slices: ParamSlice, description: str = "") -> Subset:
+    """Combine arbitrary slices into a subset (they must not overlap)."""
+    seen: dict[str, set[int]] = {}
+    for s in slices:
+        prev = seen.setdefault(s.param_name, set())
+        cur = set(s.flat_index.tolist())
+        if prev & cur:
+            raise UserError(f"slices of {s.param_name} overlap")
+        prev |= cur
+    return Subset(tuple(slices), description)

@@ -1,0 +1,25 @@
+"""Exact Hessian of perplexity for the first t weights of row 0 of one linear layer in each of blocks 0..N-1 (paper Sec. 4.3, Fig. 1c)."""
+
+from __future__ import annotations
+
+from lib import cli, subsets
+
+T_DEFAULT = (32, 150)  # (embedded model, paper's OPT-125M: 150 per block x 12 blocks)
+
+
+def run(argv: list[str] | None = None) -> dict:
+    p = cli.base_parser(__doc__, T_DEFAULT)
+    p.add_argument("--layer_name", default="self_attn.q_proj", help="linear layer inside a block")
+    p.add_argument("--num_blocks", type=int, default=None, help="use blocks 0..num_blocks-1 (default: all blocks)")
+    args = p.parse_args(argv)
+    cli.resolve_defaults(args, T_DEFAULT)
+
+    def build(model):
+        n = args.num_blocks = args.num_blocks or subsets.num_blocks(model)
+        return subsets.single_layer_several_blocks(model, args.layer_name, n, args.t)
+
+    return cli.run_exact("single_layer_several_blocks", args, build, lambda: f"{args.layer_name}_blocks{args.num_blocks}")
+
+
+if __name__ == "__main__":
+    cli.main(run)

@@ -1,0 +1,50 @@
+"""Shared tiny models (random weights, built from configs; no download) for the tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the top-level scripts and lib/
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from lib.models import prepare_model  # noqa: E402
+
+ARCHS = ("opt", "llama", "gpt2")
+VOCAB = 64
+LAYER = {"opt": "self_attn.q_proj", "llama": "self_attn.k_proj", "gpt2": "attn.c_attn"}
+"""A layer per architecture (Llama's k_proj is the GQA-shared one; GPT-2's is a transposed Conv1D)."""
+
+
+def tiny_model(arch: str, dtype: torch.dtype = torch.float64, seed: int = 0, attn: str = "eager"):
+    """A 2-block causal LM of ``arch`` with random weights (hidden 16, vocab 64, 32 positions)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    if arch == "opt":
+        model = OPTForCausalLM(OPTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32, max_position_embeddings=32, word_embed_proj_dim=16, **common))
+    elif arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, **common))
+    elif arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32, **common))
+    else:
+        raise ValueError(arch)
+    model.config._attn_implementation = attn
+    return prepare_model(model.to(dtype))
+
+
+def tiny_ids(b: int = 2, seqlen: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.randint(2, VOCAB, (b, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    return request.param

@@ -1,0 +1,136 @@
+"""Exactness of the default Hessian method against independent oracles, on tiny float64 models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import ARCHS, LAYER, tiny_ids, tiny_model
+from lib import subsets
+from lib.hessian import batch_hessian, exact_hessian
+from lib.loss import SubsetLoss
+
+
+def reference_hessian(model, subset, ids) -> torch.Tensor:
+    """torch.autograd.functional.hessian on the plain (unfused) objective."""
+    plain = SubsetLoss(model, subset, fused_head=False)
+    return torch.autograd.functional.hessian(lambda x: plain(x, ids), plain.x0())
+
+
+def fd_hessian_from_loss(fn, x0: torch.Tensor, h: float) -> torch.Tensor:
+    """Central second differences of the loss itself: no derivative code at all."""
+    n = x0.numel()
+    e = torch.eye(n, dtype=x0.dtype) * h
+    out = torch.empty(n, n, dtype=x0.dtype)
+    with torch.no_grad():
+        for i in range(n):
+            for j in range(i, n):
+                v = fn(x0 + e[i] + e[j]) - fn(x0 + e[i] - e[j]) - fn(x0 - e[i] + e[j]) + fn(x0 - e[i] - e[j])
+                out[i, j] = out[j, i] = v / (4 * h * h)
+    return out
+
+
+def fd_hessian_from_grad(fn, x0: torch.Tensor, h: float) -> torch.Tensor:
+    """Central differences of the first-order autograd gradient (no second-order AD involved)."""
+
+    def grad(x):
+        x = x.detach().requires_grad_(True)
+        return torch.autograd.grad(fn(x), x)[0]
+
+    e = torch.eye(x0.numel(), dtype=x0.dtype) * h
+    return torch.stack([(grad(x0 + e[i]) - grad(x0 - e[i])) / (2 * h) for i in range(x0.numel())])
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_default_method_equals_autograd_reference(arch, chunk):
+    model = tiny_model(arch)
+    subset = subsets.single_layer_several_blocks(model, LAYER[arch], 2, 5)
+    ids = tiny_ids()
+    objective = SubsetLoss(model, subset)
+    assert objective.fused_head  # the default path uses the fused LM-head kernel
+    h, value = batch_hessian(objective, ids, chunk=chunk)
+    ref = reference_hessian(model, subset, ids)
+    assert h.shape == (10, 10)
+    assert ref.abs().max() > 0
+    assert rel(h, ref) < 1e-9
+    # symmetric to float64 round-off for GPT-2; OPT/Llama eager attention runs its softmax in float32
+    assert rel(h, h.T) < (1e-12 if arch == "gpt2" else 1e-5)
+
+
+def test_gpt2_equals_finite_differences_of_the_loss():
+    """GPT-2 stays float64 end to end, so second differences of the loss are accurate to ~1e-6."""
+    model = tiny_model("gpt2")
+    subset = subsets.several_layers_several_blocks(model, 4, 2, 2)  # every linear layer, both blocks
+    ids = tiny_ids()
+    objective = SubsetLoss(model, subset)
+    h, _ = batch_hessian(objective, ids)
+    fd = fd_hessian_from_loss(lambda x: objective(x, ids), objective.x0(), 1e-2)
+    assert rel(h, fd) < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+def test_opt_llama_equal_finite_differences_of_the_gradient(arch):
+    """Eager OPT/Llama attention runs softmax in float32, so the oracle differentiates the gradient once."""
+    model = tiny_model(arch)
+    subset = subsets.several_layers_several_blocks(model, 3, 2, 2)
+    ids = tiny_ids()
+    objective = SubsetLoss(model, subset)
+    h, _ = batch_hessian(objective, ids)
+    fd = fd_hessian_from_grad(lambda x: objective(x, ids), objective.x0(), 1e-2)
+    assert rel(h, fd) < 5e-3
+
+
+def test_finite_difference_oracle_detects_a_wrong_hessian():
+    """Guard: the tolerance above is tight enough to catch an error of 1% in one entry."""
+    model = tiny_model("gpt2")
+    subset = subsets.single_layer_single_block(model, LAYER["gpt2"], 1, 3)
+    ids = tiny_ids()
+    objective = SubsetLoss(model, subset)
+    h, _ = batch_hessian(objective, ids)
+    fd = fd_hessian_from_loss(lambda x: objective(x, ids), objective.x0(), 1e-2)
+    k = int(h.abs().argmax())
+    wrong = h.clone().view(-1)
+    wrong[k] *= 1.01
+    assert rel(wrong.view_as(h), fd) > 1e-4 > rel(h, fd)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_additivity_and_normalization(arch):
+    """H(2 samples) = H(sample 0) + H(sample 1); the saved matrix is that sum / (b * (seqlen - 1))."""
+    model = tiny_model(arch)
+    subset = subsets.single_layer_single_block(model, LAYER[arch], 0, 4)
+    ids = tiny_ids(b=2, seqlen=8)
+    both = exact_hessian(model, subset, ids)
+    one = exact_hessian(model, subset, ids[:1])
+    two = exact_hessian(model, subset, ids[1:])
+    batched = exact_hessian(model, subset, ids, model_input_bs=2)
+    assert torch.allclose(both.hessian_sum, one.hessian_sum + two.hessian_sum, rtol=1e-10, atol=0)
+    assert torch.allclose(batched.hessian_sum, both.hessian_sum, rtol=1e-8, atol=1e-14)
+    assert both.n_tokens == 2 * 7
+    assert torch.equal(both.hessian, both.hessian_sum / 14)
+    assert both.nll_sum == pytest.approx(one.nll_sum + two.nll_sum, rel=1e-12)
+
+
+def test_reference_method_through_exact_hessian():
+    model = tiny_model("opt")
+    subset = subsets.single_layer_single_block(model, "fc2", 1, 3)
+    ids = tiny_ids(b=2)
+    a = exact_hessian(model, subset, ids, method="autograd", fused_head=False)
+    b = exact_hessian(model, subset, ids)
+    assert rel(b.hessian, a.hessian) < 1e-9
+
+
+def test_float32_model_agrees_with_float64():
+    model64 = tiny_model("llama")
+    model32 = tiny_model("llama", dtype=torch.float32)
+    subset = subsets.single_layer_single_block(model64, "mlp.up_proj", 0, 6)
+    ids = tiny_ids()
+    h64 = exact_hessian(model64, subset, ids).hessian
+    h32 = exact_hessian(model32, subset, ids).hessian
+    assert h32.dtype == torch.float32
+    assert rel(h32.double(), h64) < 1e-4

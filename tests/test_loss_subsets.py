@@ -1,0 +1,114 @@
+"""The reparametrized loss and the subset definitions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import ARCHS, LAYER, tiny_ids, tiny_model
+from lib import subsets
+from lib.errors import UserError
+from lib.loss import SubsetLoss, head_nll, summed_nll
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("fused", [False, True])
+def test_loss_at_x0_and_gradient_match_the_plain_model(arch, fused):
+    model = tiny_model(arch)
+    subset = subsets.several_layers_several_blocks(model, 2, 2, 3)
+    ids = tiny_ids()
+    objective = SubsetLoss(model, subset, fused_head=fused)
+    x = objective.x0().requires_grad_(True)
+    value = objective(x, ids)
+    (g,) = torch.autograd.grad(value, x)
+
+    model.requires_grad_(True)
+    try:
+        plain = summed_nll(model(ids, use_cache=False).logits, ids)
+        plain.backward()
+        plain = plain.detach()
+        expected = torch.cat([model.get_parameter(s.param_name).grad.reshape(-1)[s.flat_index] for s in subset.slices])
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.requires_grad_(False)
+    assert float(value.detach()) == pytest.approx(float(plain.detach()), rel=1e-12)
+    assert torch.allclose(g, expected, rtol=1e-9, atol=1e-14)
+    # the summed NLL is the model's own mean loss (which HF computes in float32) times the predicted tokens
+    assert float(plain) == pytest.approx(float(model(ids, labels=ids).loss) * ids.shape[0] * (ids.shape[1] - 1), rel=1e-6)
+
+
+def test_loss_moves_with_x():
+    model = tiny_model("opt")
+    subset = subsets.single_layer_single_block(model, "fc1", 0, 4)
+    objective = SubsetLoss(model, subset)
+    ids = tiny_ids()
+    x0 = objective.x0()
+    assert float(objective(x0 + 0.5, ids)) != pytest.approx(float(objective(x0, ids)), rel=1e-6)
+    # the model itself is untouched
+    assert torch.equal(objective.x0(), x0)
+
+
+def test_fused_head_matches_cross_entropy_and_its_hessian():
+    torch.manual_seed(0)
+    h = torch.randn(5, 4, dtype=torch.float64)
+    w = torch.randn(7, 4, dtype=torch.float64)
+    bias = torch.randn(7, dtype=torch.float64)
+    y = torch.randint(0, 7, (5,))
+    plain = lambda h: torch.nn.functional.cross_entropy(h @ w.T + bias, y, reduction="sum")  # noqa: E731
+    fused = lambda h: head_nll(h, w, bias, y)  # noqa: E731
+    assert float(fused(h)) == pytest.approx(float(plain(h)), rel=1e-14)
+    hp = torch.autograd.functional.hessian(lambda v: plain(v.view(5, 4)), h.reshape(-1))
+    hf = torch.autograd.functional.hessian(lambda v: fused(v.view(5, 4)), h.reshape(-1))
+    assert torch.allclose(hf, hp, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_entries_follow_the_subset_definition(arch):
+    model = tiny_model(arch)
+    subset = subsets.single_layer_several_blocks(model, LAYER[arch], 2, 3)
+    entries = subset.entries(model)
+    assert len(entries) == 6 == subset.size
+    x0 = subset.gather(model)
+    for k, (name, i, j) in enumerate(entries):
+        assert name.endswith(f".{k // 3}.{LAYER[arch]}.weight")
+        if arch == "gpt2":  # Conv1D stores (in, out): output unit 0 is column 0
+            assert (i, j) == (k % 3, 0)
+        else:
+            assert (i, j) == (0, k % 3)
+        assert x0[k] == model.get_parameter(name)[i, j]
+
+
+def test_several_layers_order_is_block_major_then_module_order():
+    model = tiny_model("opt")
+    subset = subsets.several_layers_several_blocks(model, 3, 2, 2)
+    names = [s.param_name for s in subset.slices]
+    assert names == [f"model.decoder.layers.{b}.self_attn.{l}.weight" for b in range(2) for l in ("k_proj", "v_proj", "q_proj")]
+
+
+def test_arbitrary_and_random_subsets():
+    model = tiny_model("llama")
+    name = "model.layers.1.mlp.down_proj.weight"
+    a = subsets.from_indices(model, name, [[0, 1], [3, 2]])
+    assert a.flat_index.tolist() == [1, 3 * 32 + 2]
+    r1 = subsets.random_subset(model, [name], 5, seed=3)
+    r2 = subsets.random_subset(model, [name], 5, seed=3)
+    assert torch.equal(r1.slices[0].flat_index, r2.slices[0].flat_index)
+    both = subsets.make_subset(a, subsets.from_indices(model, "lm_head.weight", [0, 5]))
+    objective = SubsetLoss(model, both)
+    assert not objective.fused_head  # the LM head itself is in the subset: plain autograd path
+    with pytest.raises(UserError, match="overlap"):
+        subsets.make_subset(a, subsets.from_indices(model, name, [1]))
+
+
+def test_subset_errors():
+    model = tiny_model("opt")
+    with pytest.raises(UserError, match=r"unknown --layer_name 'q_proj'.*self_attn\.q_proj.*fc2"):
+        subsets.single_layer_single_block(model, "q_proj", 0, 4)
+    with pytest.raises(UserError, match=r"--t 17 is larger than a row of self_attn.q_proj \(16 entries\)"):
+        subsets.single_layer_single_block(model, "self_attn.q_proj", 0, 17)
+    with pytest.raises(UserError, match=r"--block_index 2 is out of range: the model has 2 blocks"):
+        subsets.single_layer_single_block(model, "fc1", 2, 4)
+    with pytest.raises(UserError, match=r"--num_blocks 3 is out of range"):
+        subsets.single_layer_several_blocks(model, "fc1", 3, 4)
+    with pytest.raises(UserError, match=r"--num_layers 7 is out of range: block 0 has 6 linear layers"):
+        subsets.several_layers_several_blocks(model, 7, 1, 4)
