@@ -17,14 +17,17 @@ Methods (all exact up to floating point):
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from .jobs import run_serial
 from .loss import SubsetLoss
+from .models import ModelSpec
 from .subsets import Subset
 
 METHODS = ("rev-rev", "autograd")
@@ -131,6 +134,76 @@ def batches(samples: torch.Tensor, model_input_bs: int) -> list[tuple[int, torch
     return [(i, samples[i : i + model_input_bs]) for i in range(0, samples.shape[0], model_input_bs)]
 
 
+class ExactHessianJob:
+    """The exact Hessian as an additive job (:mod:`lib.jobs`): unit ``k`` is batch ``k`` of the samples.
+
+    ``run_unit`` returns ``{"hessian_sum": (n, n), "nll_sum": ()}`` for its batch. The model is either
+    given (``model``, used as is) or loaded by each process from ``spec`` in :meth:`setup`.
+    """
+
+    def __init__(self, subset: Subset, samples: torch.Tensor, model_input_bs: int = 1, method: str = "rev-rev", chunk: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, model: nn.Module | None = None):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+        if model is None and spec is None:
+            raise ValueError("give a model or a ModelSpec")
+        self.subset, self.samples, self.model_input_bs = subset, samples, model_input_bs
+        self.method, self.chunk, self.fused_head, self.spec = method, chunk, fused_head, spec
+        self.model = model
+        self._objective: SubsetLoss | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__, _objective=None)
+        if self.spec is not None:
+            state["model"] = None  # workers load their own copy
+        return state
+
+    def setup(self, device: torch.device) -> None:
+        if self.model is None:
+            self.model = self.spec.load(device)
+        self._objective = SubsetLoss(self.model, self.subset, fused_head=self.fused_head)
+        self._x0 = self._objective.x0()
+        self._chunk = self.chunk or default_chunk(self._x0.device)
+
+    def num_units(self) -> int:
+        return -(-self.samples.shape[0] // self.model_input_bs)
+
+    def steps_per_unit(self) -> int:
+        return self.subset.size
+
+    def run_unit(self, k: int, progress: Progress | None = None) -> dict[str, torch.Tensor]:
+        batch = self.samples[k * self.model_input_bs : (k + 1) * self.model_input_bs].to(self._x0.device)
+        h, value = batch_hessian(self._objective, batch, method=self.method, chunk=self._chunk, progress=progress)
+        return {"hessian_sum": h, "nll_sum": value}
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "kind": "exact_hessian",
+            "subset": [[s.param_name, s.flat_index.tolist()] for s in self.subset.slices],
+            "samples_sha256": hashlib.sha256(self.samples.numpy().tobytes()).hexdigest(),
+            "samples_shape": list(self.samples.shape),
+            "model_input_bs": self.model_input_bs,
+            "method": self.method,
+            "fused_head": self.fused_head,
+            "model": None if self.spec is None else vars(self.spec),
+        }
+
+    def result(self, sums: dict[str, torch.Tensor], elapsed_s: float) -> HessianResult:
+        """Package summed partials into a :class:`HessianResult` (normalized by ``b*(seqlen-1)``)."""
+        dtype = next(iter(self.model.parameters())).dtype if self.model is not None else getattr(torch, self.spec.dtype)
+        n_tokens = self.samples.shape[0] * (self.samples.shape[1] - 1)
+        total = sums["hessian_sum"]
+        return HessianResult(
+            hessian=(total / n_tokens).to(dtype),
+            hessian_sum=total.to(dtype),
+            nll_sum=float(sums["nll_sum"]),
+            n_samples=self.samples.shape[0],
+            n_tokens=n_tokens,
+            method=self.method,
+            elapsed_s=elapsed_s,
+            subset=self.subset,
+        )
+
+
 def exact_hessian(
     model: nn.Module,
     subset: Subset,
@@ -143,39 +216,11 @@ def exact_hessian(
 ) -> HessianResult:
     """Exact Hessian of the mean next-token NLL over ``samples`` (``(b, seqlen)``) w.r.t. ``subset``.
 
-    Batches of ``model_input_bs`` samples are processed one after another and their Hessians summed
-    in float64 in sample order. ``progress=True`` shows a tqdm bar over batches x columns.
+    Batches of ``model_input_bs`` samples are processed one after another on the model's device and
+    their Hessians summed in float64 in sample order. ``progress=True`` shows a tqdm bar over
+    batches x columns.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    objective = SubsetLoss(model, subset, fused_head=fused_head)
-    x0 = objective.x0()
-    chunk = chunk or default_chunk(x0.device)
-    n = x0.numel()
-    total = torch.zeros(n, n, dtype=torch.float64, device=x0.device)
-    nll = torch.zeros((), dtype=torch.float64, device=x0.device)
+    job = ExactHessianJob(subset, samples, model_input_bs, method, chunk, fused_head, model=model)
     t0 = time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n * len(batches(samples, model_input_bs)), desc="Hessian columns", unit="col", dynamic_ncols=True)
-    try:
-        for _, batch in batches(samples, model_input_bs):
-            h, value = batch_hessian(objective, batch.to(x0.device), method=method, chunk=chunk, progress=bar.update if bar else None)
-            total += h.to(torch.float64)
-            nll += value.to(torch.float64)
-    finally:
-        if bar is not None:
-            bar.close()
-    n_tokens = samples.shape[0] * (samples.shape[1] - 1)
-    return HessianResult(
-        hessian=(total / n_tokens).to(x0.dtype).cpu(),
-        hessian_sum=total.to(x0.dtype).cpu(),
-        nll_sum=float(nll),
-        n_samples=samples.shape[0],
-        n_tokens=n_tokens,
-        method=method,
-        elapsed_s=time.perf_counter() - t0,
-        subset=subset,
-    )
+    sums = run_serial(job, next(model.parameters()).device, progress=progress, desc="Hessian columns")
+    return job.result(sums, time.perf_counter() - t0)

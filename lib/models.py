@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 import os
 from pathlib import Path
 from typing import Iterator
@@ -164,3 +165,17 @@ def iter_named_linear(model: nn.Module) -> Iterator[tuple[int, str, str, nn.Modu
 def offline_mode() -> bool:
     """Whether the user asked Hugging Face libraries to stay offline."""
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+@dataclass
+class ModelSpec:
+    """How to load a model, picklable so that worker processes can load their own copy."""
+
+    name: str = EMBEDDED
+    cache_dir: str | None = None
+    dtype: str = "float32"
+    attn_implementation: str = "eager"
+    device_map: str | None = None
+
+    def load(self, device: torch.device | str = "cpu") -> nn.Module:
+        return load_model(self.name, self.cache_dir, getattr(torch, self.dtype), device, self.attn_implementation, self.device_map)

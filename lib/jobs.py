@@ -1,0 +1,63 @@
+"""Additive jobs: work that is a sum over batches of samples, so it can be split, checkpointed and resumed.
+
+The paper's loss is additive over samples, hence so are its exact Hessian, its Hessian-vector
+products and every diagonal estimate built from them. A job exposes that structure:
+
+* ``setup(device)`` loads what the work needs (model, data) once per process, on ``device``;
+* ``num_units()`` is the number of work units (batches of ``model_input_bs`` samples);
+* ``run_unit(k, progress)`` returns unit ``k``'s partial sums as ``{name: tensor}`` (CPU, float64), and
+  calls ``progress(n)`` as it finishes ``n`` steps of its ``steps_per_unit()``;
+* ``config()`` is the JSON-able configuration that identifies the job (for checkpoint validation).
+
+:func:`run_serial` is the reference runner: it sums the units in index order.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+import torch
+
+Partial = dict[str, torch.Tensor]
+
+
+class AdditiveJob(Protocol):
+    def setup(self, device: torch.device) -> None: ...
+
+    def num_units(self) -> int: ...
+
+    def steps_per_unit(self) -> int: ...
+
+    def run_unit(self, k: int, progress: Callable[[int], None] | None = None) -> Partial: ...
+
+    def config(self) -> dict[str, Any]: ...
+
+
+def add_partials(total: Partial | None, part: Partial) -> Partial:
+    """``total + part`` key by key (``total=None`` starts a sum); accumulates in float64."""
+    if total is None:
+        return {k: v.detach().to("cpu", torch.float64).clone() for k, v in part.items()}
+    if total.keys() != part.keys():
+        raise ValueError(f"partial sums have different keys: {sorted(total)} vs {sorted(part)}")
+    for k, v in part.items():
+        total[k] += v.detach().to("cpu", torch.float64)
+    return total
+
+
+def run_serial(job: AdditiveJob, device: torch.device, progress: bool = False, desc: str = "work") -> Partial:
+    """Set the job up on ``device`` and sum all its units in index order (one process)."""
+    job.setup(device)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=job.num_units() * job.steps_per_unit(), desc=desc, dynamic_ncols=True)
+    total: Partial | None = None
+    try:
+        for k in range(job.num_units()):
+            total = add_partials(total, job.run_unit(k, bar.update if bar else None))
+    finally:
+        if bar is not None:
+            bar.close()
+    assert total is not None
+    return total
