@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from dataclasses import dataclass
@@ -12,10 +13,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import checkpoint as ckpt
+from . import parallel
 from .data import default_dataset, load_text, load_tokenizer, make_samples, tokenize, check_seqlen
-from .errors import UserError
-from .hessian import METHODS, exact_hessian
-from .models import EMBEDDED, load_model, max_positions, resolve_device
+from .errors import RunError, UserError
+from .hessian import METHODS, ExactHessianJob
+from .models import EMBEDDED, ModelSpec, load_model, max_positions, resolve_device
 from .plots import heatmap
 from .results import save_tensor_and_json
 from .subsets import Subset
@@ -51,7 +54,18 @@ def base_parser(description: str, t_default: tuple[int, int]) -> argparse.Argume
     o.add_argument("--output_dir", default="results", help="where <name>.pt, <name>.json and the figures go")
     o.add_argument("--name", default=None, help="output file stem (default: derived from the configuration)")
     o.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    add_run_flags(p)
     return p
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """Flags for data-parallel runs and checkpoints (see :mod:`lib.parallel`, :mod:`lib.checkpoint`)."""
+    r = p.add_argument_group("parallel runs and checkpoints")
+    r.add_argument("--devices", default=None, help="comma-separated devices, one worker process per entry, e.g. cuda:0,cuda:1,cuda:2,cuda:3 (cpu,cpu for tests); overrides --device; under torchrun, entry LOCAL_RANK is the rank's device")
+    r.add_argument("--device_map", default=None, help="split one model over the GPUs of its worker with this Hugging Face device_map (e.g. auto); needs accelerate; one worker (or one torchrun rank per node)")
+    r.add_argument("--checkpoint_every", default=ckpt.DEFAULT_EVERY, help="write <output_dir>/<name>.ckpt every N units (batches of --model_input_bs samples), or every DURATION such as 120s, 10m; 0 = never")
+    r.add_argument("--resume", action="store_true", help="continue from <output_dir>/<name>.ckpt, recomputing nothing finished (the configuration must be the same); starts afresh if there is none")
+    r.add_argument("--keep_checkpoint", action="store_true", help="keep the checkpoint when the run completes (it is removed by default)")
 
 
 def resolve_defaults(args: argparse.Namespace, t_default: tuple[int, int]) -> None:
@@ -75,6 +89,43 @@ def check_cheap(args: argparse.Namespace) -> None:
         raise UserError(f"--model_input_bs {args.model_input_bs} does not divide --b {args.b}")
     if args.chunk < 0:
         raise UserError(f"--chunk must be >= 0, got {args.chunk}")
+    run_devices(args)
+    ckpt.parse_every(getattr(args, "checkpoint_every", "0"))
+    if getattr(args, "device_map", None) is not None and importlib.util.find_spec("accelerate") is None:
+        raise UserError(f"--device_map {args.device_map} needs the accelerate package: pip install accelerate")
+
+
+def run_devices(args: argparse.Namespace) -> list[torch.device]:
+    """The run's devices, one per worker process (``--devices``, else ``--device``); under torchrun, this rank's device."""
+    text = getattr(args, "devices", None)
+    entries = [d.strip() for d in text.split(",")] if text else None
+    if entries is not None and not all(entries):
+        raise UserError(f"--devices {text!r} has an empty entry; give e.g. cuda:0,cuda:1 or cpu,cpu")
+    dist_env = parallel.distributed_env()
+    if dist_env is not None:
+        local = dist_env[1]
+        if entries:
+            if local >= len(entries):
+                raise UserError(f"--devices lists {len(entries)} devices but this node runs local rank {local}: give one per local rank")
+            return [resolve_device(entries[local])]
+        dev = resolve_device(args.device)
+        return [torch.device("cuda", local) if dev.type == "cuda" and dev.index is None else dev]
+    devices = [resolve_device(e) for e in entries] if entries else [resolve_device(args.device)]
+    if len(devices) > 1 and getattr(args, "device_map", None) is not None:
+        raise UserError("--device_map splits one model over the GPUs of a single worker; it cannot be combined with several --devices (use torchrun with one rank per node instead)")
+    return devices
+
+
+def model_spec(args: argparse.Namespace) -> ModelSpec:
+    """How worker processes load the model of this run."""
+    return ModelSpec(args.model, args.cache_dir, args.dtype, args.attn_implementation, getattr(args, "device_map", None))
+
+
+def run_settings(args: argparse.Namespace, prep: Prepared, checkpoint_path: str | Path, desc: str) -> parallel.RunSettings:
+    """:class:`lib.parallel.RunSettings` from the run flags, checkpointing to ``checkpoint_path``."""
+    every_units, every_s = ckpt.parse_every(args.checkpoint_every)
+    cfg = ckpt.CheckpointConfig(Path(checkpoint_path), every_units, every_s, resume=args.resume, keep=args.keep_checkpoint)
+    return parallel.RunSettings(devices=prep.devices or [prep.device], checkpoint=cfg, progress=not args.no_progress, desc=desc)
 
 
 @dataclass
@@ -84,14 +135,18 @@ class Prepared:
     model: nn.Module
     samples: torch.Tensor
     device: torch.device
+    """Where ``model`` is (the CPU when several worker processes load their own copies)."""
+    devices: list[torch.device] | None = None
+    """The run's devices, one per worker (:func:`run_devices`)."""
 
 
 def prepare(args: argparse.Namespace, build_subset: Callable[[nn.Module], Subset]) -> tuple[Prepared, Subset]:
     """Load the model, build and validate the subset, load and validate the samples -- all before heavy work."""
     check_cheap(args)
     torch.manual_seed(args.seed)
-    device = resolve_device(args.device)
-    model = load_model(args.model, cache_dir=args.cache_dir, dtype=DTYPES[args.dtype], device=device, attn_implementation=args.attn_implementation)
+    devices = run_devices(args)
+    device = devices[0] if len(devices) == 1 else torch.device("cpu")
+    model = load_model(args.model, cache_dir=args.cache_dir, dtype=DTYPES[args.dtype], device=device, attn_implementation=args.attn_implementation, device_map=getattr(args, "device_map", None))
     subset = build_subset(model)
     limit = max_positions(model)
     if args.seqlen is None:
@@ -102,7 +157,7 @@ def prepare(args: argparse.Namespace, build_subset: Callable[[nn.Module], Subset
         args.b = (tokens.numel() // args.seqlen) // args.model_input_bs * args.model_input_bs
         check_cheap(args)
     samples = make_samples(tokens, args.seqlen, args.b)
-    return Prepared(model, samples, device), subset
+    return Prepared(model, samples, device, devices), subset
 
 
 def default_name(script: str, args: argparse.Namespace, tag: str) -> str:
@@ -120,24 +175,32 @@ def slice_boundaries(subset: Subset) -> list[int]:
 
 
 def run_exact(script: str, args: argparse.Namespace, build_subset: Callable[[nn.Module], Subset], tag: Callable[[], str]) -> dict[str, Any]:
-    """The whole exact-Hessian job of a script: prepare, compute, save ``.pt`` / ``.json`` / figures.
+    """The whole exact-Hessian job of a script: prepare, compute (in this process, on worker processes
+    or under torchrun, with checkpoints), save ``.pt`` / ``.json`` / figures.
 
     ``tag()`` names the subset in the default output name; it is called after the subset is built.
+    Returns the saved metadata (``{}`` on torchrun ranks other than 0, which save nothing).
     """
     t_start = time.perf_counter()
     prep, subset = prepare(args, build_subset)
-    result = exact_hessian(
-        prep.model,
+    name = args.name or default_name(script, args, tag())
+    out = Path(args.output_dir)
+    job = ExactHessianJob(
         subset,
         prep.samples,
         model_input_bs=args.model_input_bs,
         method=args.method,
         chunk=args.chunk or None,
         fused_head=False if args.no_fused_head else None,
-        progress=not args.no_progress,
+        spec=model_spec(args),
+        model=prep.model,
     )
-    name = args.name or default_name(script, args, tag())
-    out = Path(args.output_dir)
+    settings = run_settings(args, prep, out / f"{name}.ckpt", "Hessian columns")
+    t0 = time.perf_counter()
+    sums = parallel.run_job(job, settings)
+    if sums is None:
+        return {}
+    result = job.result(sums, time.perf_counter() - t0)
     out.mkdir(parents=True, exist_ok=True)
     figures = heatmap(result.hessian, out / name, f"|H| {subset.description}\n{args.model}, b={args.b}, seqlen={args.seqlen}", slice_boundaries(subset))
     meta = {
@@ -153,19 +216,25 @@ def run_exact(script: str, args: argparse.Namespace, build_subset: Callable[[nn.
         "method": result.method,
         "hessian_elapsed_s": result.elapsed_s,
         "elapsed_s": time.perf_counter() - t_start,
+        "run": {"devices": [str(d) for d in settings.devices], **settings.stats},
         "figures": [p.name for p in figures],
         "entries": subset.entries(prep.model),
     }
     meta = save_tensor_and_json(out, name, result.hessian, meta)
+    ckpt.finish(settings.checkpoint)
     print(f"perplexity {result.perplexity:.3f} over {result.n_samples} samples; Hessian {tuple(result.hessian.shape)} in {result.elapsed_s:.1f}s")
     print("wrote " + ", ".join(str(out / f) for f in [*meta["files"].values(), *meta["figures"]]))
     return meta
 
 
 def main(fn: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> Any:
-    """Run a script's ``fn(argv)``, turning :class:`UserError` into one line on stderr and exit status 2."""
+    """Run a script's ``fn(argv)``, turning :class:`UserError` into one line on stderr and exit status 2
+    (:class:`RunError`, a run stopped while computing: exit status 1)."""
     try:
         return fn(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -184,7 +184,7 @@ class ExactHessianJob:
             "model_input_bs": self.model_input_bs,
             "method": self.method,
             "fused_head": self.fused_head,
-            "model": None if self.spec is None else vars(self.spec),
+            "model": None if self.spec is None else self.spec.identity(),
         }
 
     def result(self, sums: dict[str, torch.Tensor], elapsed_s: float) -> HessianResult:

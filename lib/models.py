@@ -177,5 +177,9 @@ class ModelSpec:
     attn_implementation: str = "eager"
     device_map: str | None = None
 
+    def identity(self) -> dict[str, str]:
+        """What determines the numbers (for checkpoint validation): not where the weights are cached or placed."""
+        return {"name": self.name, "dtype": self.dtype, "attn_implementation": self.attn_implementation}
+
     def load(self, device: torch.device | str = "cpu") -> nn.Module:
         return load_model(self.name, self.cache_dir, getattr(torch, self.dtype), device, self.attn_implementation, self.device_map)

@@ -1,0 +1,242 @@
+"""Checkpoints of additive jobs: the finished units and their sum, written atomically, checked on load.
+
+The state of a run (:class:`RunState`) is the float64 sum of units ``0..prefix-1`` *added in index
+order* (exactly the running sum of an uninterrupted :func:`lib.jobs.run_serial`) plus the partials
+of units finished out of order (``pending``). Adding the remaining units to it in index order
+therefore gives the uninterrupted result to the last bit.
+
+File format of ``<output_dir>/<name>.ckpt``: ``MAGIC`` (8 bytes), the payload length (8 bytes,
+little endian), the SHA-256 of the payload (32 bytes), then the payload (a ``torch.save`` of a dict
+holding the state, the job configuration and its hash). It is written to a temporary file, fsynced
+and renamed over the old one, so a kill at any moment leaves either the old or the new checkpoint;
+a torn or truncated file fails the length or checksum test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+from .jobs import Partial, add_partials
+
+MAGIC = b"HSNCKPT1"
+_HEADER = struct.Struct("<8sQ32s")
+DEFAULT_EVERY = "120s"
+"""Default ``--checkpoint_every``: at most about two minutes of work is lost on a kill."""
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of a job configuration."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def parse_every(text: str) -> tuple[int, float]:
+    """``--checkpoint_every``: ``"N"`` -> every N units, ``"120s"``/``"10m"``/``"1h"`` -> every so long; ``"0"`` -> never.
+
+    Returns ``(every_units, every_s)``, one of them 0.
+    """
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
+    if m is None or (not m.group(2) and "." in m.group(1)):
+        raise UserError(f"--checkpoint_every {text!r} is neither a number of units (e.g. 10) nor a duration (e.g. 120s, 10m, 1h)")
+    value, unit = float(m.group(1)), m.group(2)
+    if not unit:
+        return int(value), 0.0
+    return 0, value * {"s": 1, "m": 60, "h": 3600}[unit]
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and how often to checkpoint. ``every_units`` and ``every_s`` both 0: never write."""
+
+    path: Path
+    every_units: int = 0
+    every_s: float = 120.0
+    resume: bool = False
+    keep: bool = False
+
+    @property
+    def writes(self) -> bool:
+        return self.every_units > 0 or self.every_s > 0
+
+
+@dataclass
+class RunState:
+    """Finished work of a run of ``num_units`` units: ``prefix_sum`` = units ``0..prefix-1`` summed in order, ``pending`` = later finished units."""
+
+    num_units: int
+    prefix: int = 0
+    prefix_sum: Partial | None = None
+    pending: dict[int, Partial] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    """Compute time of earlier sessions (wall seconds)."""
+
+    def add(self, k: int, partial: Partial) -> None:
+        """Record unit ``k``; fold every unit that is now next in order into the prefix sum."""
+        if not 0 <= k < self.num_units or k < self.prefix or k in self.pending:
+            raise ValueError(f"unit {k} is out of range or already finished")
+        self.pending[k] = {name: v.detach().cpu() for name, v in partial.items()}
+        while self.prefix in self.pending:
+            self.prefix_sum = add_partials(self.prefix_sum, self.pending.pop(self.prefix))
+            self.prefix += 1
+
+    @property
+    def n_done(self) -> int:
+        return self.prefix + len(self.pending)
+
+    @property
+    def complete(self) -> bool:
+        return self.prefix == self.num_units
+
+    def remaining(self) -> list[int]:
+        """Unfinished unit indices, ascending."""
+        return [k for k in range(self.prefix, self.num_units) if k not in self.pending]
+
+    def total(self) -> Partial:
+        """The sum of all units (the run must be complete)."""
+        if not self.complete or self.prefix_sum is None:
+            raise ValueError(f"the run is not complete: {self.n_done} of {self.num_units} units finished")
+        return self.prefix_sum
+
+
+def _encode(state: RunState, config: dict[str, Any]) -> bytes:
+    buf = io.BytesIO()
+    torch.save(
+        {
+            "format": 1,
+            "config_json": json.dumps(config, sort_keys=True, default=str),
+            "config_sha256": config_hash(config),
+            "num_units": state.num_units,
+            "prefix": state.prefix,
+            "prefix_sum": state.prefix_sum,
+            "pending": state.pending,
+            "elapsed_s": state.elapsed_s,
+            "written_at": time.time(),
+        },
+        buf,
+    )
+    payload = buf.getvalue()
+    return _HEADER.pack(MAGIC, len(payload), hashlib.sha256(payload).digest()) + payload
+
+
+def save(path: str | Path, state: RunState, config: dict[str, Any]) -> None:
+    """Write the checkpoint atomically: temporary file, fsync, rename, fsync of the directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = _encode(state, config)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # pragma: no cover -- platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two configurations."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def read(path: str | Path) -> dict[str, Any]:
+    """The raw content of a checkpoint file, after checking its length and checksum (:class:`UserError` if torn)."""
+    path = Path(path)
+    data = path.read_bytes()
+    hint = f"checkpoint {path} is truncated or corrupt ({{}}); delete it to start over"
+    if len(data) < _HEADER.size:
+        raise UserError(hint.format(f"{len(data)} bytes, shorter than its header"))
+    magic, length, digest = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise UserError(hint.format("not a checkpoint of this program"))
+    payload = data[_HEADER.size :]
+    if len(payload) != length:
+        raise UserError(hint.format(f"{len(payload)} of {length} payload bytes"))
+    if hashlib.sha256(payload).digest() != digest:
+        raise UserError(hint.format("checksum mismatch"))
+    return torch.load(io.BytesIO(payload), weights_only=True)
+
+
+def load(path: str | Path, config: dict[str, Any], num_units: int) -> RunState:
+    """The run state stored at ``path``; refuses (:class:`UserError`) a torn file or one written for another configuration."""
+    raw = read(path)
+    if raw["config_sha256"] != config_hash(config) or raw["num_units"] != num_units:
+        diff = _differences(json.loads(raw["config_json"]), json.loads(json.dumps(config, sort_keys=True, default=str)))
+        raise UserError(
+            f"checkpoint {path} was written by a run with a different configuration "
+            f"(differs in: {', '.join(diff) or 'num_units'}); rerun with the original flags, or delete it to start over"
+        )
+    return RunState(raw["num_units"], raw["prefix"], raw["prefix_sum"], dict(raw["pending"]), raw["elapsed_s"])
+
+
+class Writer:
+    """Decides when to write the checkpoint of a run (every N units, or every so many seconds) and writes it."""
+
+    def __init__(self, cfg: CheckpointConfig | None, config: dict[str, Any], state: RunState):
+        self.cfg, self.config, self.state = cfg, config, state
+        self._saved_done = state.n_done
+        self._saved_at = time.monotonic()
+        self._t0 = time.monotonic()
+        self._elapsed0 = state.elapsed_s
+        self.written = False
+
+    @property
+    def dirty(self) -> bool:
+        """Units finished since the last write."""
+        return self.state.n_done != self._saved_done
+
+    def save(self) -> None:
+        """Write now (if checkpointing is on)."""
+        if self.cfg is None or not self.cfg.writes:
+            return
+        self.state.elapsed_s = self._elapsed0 + time.monotonic() - self._t0
+        save(self.cfg.path, self.state, self.config)
+        self._saved_done, self._saved_at, self.written = self.state.n_done, time.monotonic(), True
+
+    def maybe_save(self) -> None:
+        """Write if the unit count or the time since the last write calls for it."""
+        if self.cfg is None or not self.dirty:
+            return
+        by_units = self.cfg.every_units > 0 and self.state.n_done - self._saved_done >= self.cfg.every_units
+        by_time = self.cfg.every_s > 0 and time.monotonic() - self._saved_at >= self.cfg.every_s
+        if by_units or by_time:
+            self.save()
+
+    def save_if_dirty(self) -> None:
+        """On a failure or an interrupt: keep every finished unit."""
+        if self.dirty:
+            self.save()
+
+
+def finish(cfg: CheckpointConfig | None) -> None:
+    """After the results are saved: remove the checkpoint unless ``keep``."""
+    if cfg is not None and not cfg.keep:
+        try:
+            Path(cfg.path).unlink()
+        except FileNotFoundError:
+            pass

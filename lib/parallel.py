@@ -1,0 +1,519 @@
+"""Running an additive job (:mod:`lib.jobs`) on one device, on several worker processes, or under torchrun, with checkpoints.
+
+API::
+
+    sums = run_job(job, RunSettings(devices=[torch.device("cuda:0"), torch.device("cuda:1")],
+                                    checkpoint=CheckpointConfig(Path("results/x.ckpt"), every_s=120),
+                                    progress=True, desc="Hessian columns"))
+    ...save the result built from sums...
+    lib.checkpoint.finish(settings.checkpoint)   # removes the checkpoint unless keep=True
+
+``run_job(job, settings) -> dict[str, Tensor] | None`` returns the float64 sums of all units, or
+``None`` on torchrun ranks other than 0. It picks one of three ways to run:
+
+* **one device, no torchrun**: in this process (``job.setup(device)``, which reuses a model the job
+  already holds);
+* **several devices**: one worker process per device, started with ``torch.multiprocessing``
+  (spawn); each unpickles the job, calls ``setup(device)`` once (loading its own model) and takes the
+  next unfinished unit from the parent until none is left;
+* **torchrun** (``WORLD_SIZE > 1``): ``torch.distributed`` (NCCL on GPUs, gloo on CPU); each rank
+  computes, in round ``r``, unit ``remaining[r * world + rank]``, and rank 0 gathers the round's
+  partials, sums and checkpoints them.
+
+In every case the parent (rank 0) adds the unit partials in unit-index order with
+:func:`lib.jobs.add_partials`, buffering units that finish early, so the result does not depend on
+the number of workers: it is bitwise the result of :func:`lib.jobs.run_serial` when each unit is
+computed bitwise the same (same device kind, same number of CPU threads: every worker uses the
+parent's ``torch.get_num_threads()``).
+
+Failures: a worker that raises, runs out of memory or is killed stops the run with a
+:class:`~lib.errors.RunError` naming the worker and the samples; a unit whose partials contain NaN or
+Inf stops it likewise. Finished units are then written to the checkpoint (if checkpointing is on),
+as on Ctrl-C and SIGTERM.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Callable, Iterator
+
+import torch
+
+from . import checkpoint as ckpt
+from .errors import RunError, UserError
+from .jobs import AdditiveJob, Partial
+
+DIST_TIMEOUT = timedelta(hours=2)
+"""How long a torchrun rank waits for the others (a round lasts as long as its slowest unit)."""
+
+
+@dataclass
+class RunSettings:
+    """How to run a job: ``devices`` (one worker per entry; one entry = in this process, or this rank's device under torchrun)."""
+
+    devices: list[torch.device]
+    checkpoint: ckpt.CheckpointConfig | None = None
+    progress: bool = False
+    desc: str = "work"
+    stats: dict[str, Any] = field(default_factory=dict)
+    """Filled by :func:`run_job`: ``mode``, ``workers``, ``units_run``, ``setup_s`` (until every worker is ready), ``compute_s``."""
+
+
+def distributed_env() -> tuple[int, int, int] | None:
+    """``(rank, local_rank, world_size)`` when launched by torchrun with more than one rank, else ``None``."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1 or "RANK" not in os.environ:
+        return None
+    return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world
+
+
+def unit_label(job: AdditiveJob, k: int) -> str:
+    """``samples i..j`` for unit ``k`` when the job has ``model_input_bs``, else ``unit k``."""
+    describe = getattr(job, "describe_unit", None)
+    if callable(describe):
+        return describe(k)
+    bs = getattr(job, "model_input_bs", None)
+    if isinstance(bs, int) and bs > 0:
+        return f"sample {k}" if bs == 1 else f"samples {k * bs}..{(k + 1) * bs - 1}"
+    return f"unit {k}"
+
+
+def check_finite(job: AdditiveJob, k: int, partial: Partial) -> None:
+    """Raise :class:`RunError` if unit ``k``'s partial sums contain NaN or Inf."""
+    bad = [name for name, v in partial.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise RunError(f"{unit_label(job, k)} (unit {k}) gave NaN or Inf in {', '.join(bad)}")
+
+
+def initial_state(job: AdditiveJob, cfg: ckpt.CheckpointConfig | None, config: dict[str, Any]) -> ckpt.RunState:
+    """The state to start from: the checkpoint's with ``cfg.resume``, else empty.
+
+    Refuses to overwrite an existing checkpoint without ``resume``; with ``resume`` and no file, starts
+    from the beginning (so that a job script can always pass ``--resume``).
+    """
+    n = job.num_units()
+    if cfg is None:
+        return ckpt.RunState(n)
+    path = cfg.path
+    if path.exists():
+        if cfg.resume:
+            state = ckpt.load(path, config, n)
+            print(f"resuming from {path}: {state.n_done} of {n} units done", file=sys.stderr)
+            return state
+        if cfg.writes:
+            raise UserError(f"checkpoint {path} exists from an earlier run; pass --resume to continue it, or delete it to start over")
+    elif cfg.resume:
+        print(f"no checkpoint at {path}; starting from the beginning", file=sys.stderr)
+    return ckpt.RunState(n)
+
+
+def _dumps(partial: Partial) -> bytes:
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in partial.items()}, buf)
+    return buf.getvalue()
+
+
+def _loads(data: bytes) -> Partial:
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+def _summary(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+class _Bar:
+    """One tqdm bar over all steps of the run (or nothing)."""
+
+    def __init__(self, enabled: bool, total: int, initial: int, desc: str):
+        self.bar, self.started = None, False
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            if not self.started:  # the ETA counts from the first finished step, not from model loading
+                self.bar.unpause()
+                self.started = True
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into ``SystemExit(143)`` so that finished work is checkpointed (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+class _Sink:
+    """The parent's side of a run: checks and adds unit partials in order, checkpoints, shows progress."""
+
+    def __init__(self, job: AdditiveJob, settings: RunSettings, state: ckpt.RunState, config: dict[str, Any]):
+        self.job, self.state = job, state
+        self.writer = ckpt.Writer(settings.checkpoint, config, state)
+        steps = job.steps_per_unit()
+        self.bar = _Bar(settings.progress, state.num_units * steps, state.n_done * steps, settings.desc)
+        self.cfg = settings.checkpoint
+
+    def accept(self, k: int, partial: Partial) -> None:
+        check_finite(self.job, k, partial)
+        self.state.add(k, partial)
+        self.writer.maybe_save()
+
+    def kept(self) -> str:
+        """What happened to the finished work, for error messages."""
+        if self.cfg is not None and self.cfg.writes and self.state.n_done:
+            return f"; the {self.state.n_done} finished units of {self.state.num_units} are saved in {self.cfg.path} (rerun with --resume)"
+        return ""
+
+    def fail(self) -> None:
+        """Save the finished work after an error or interrupt."""
+        try:
+            self.writer.save_if_dirty()
+        except Exception as e:  # noqa: BLE001 -- never hide the original error
+            print(f"warning: could not write the checkpoint: {_summary(e)}", file=sys.stderr)
+
+    def done(self) -> Partial:
+        """The total; with checkpointing on, the complete state is written first if a checkpoint was (or is to be) kept."""
+        cfg = self.cfg
+        if cfg is not None and cfg.writes and (cfg.keep or self.writer.written or cfg.path.exists()):
+            self.writer.save()
+        return self.state.total()
+
+
+def run_job(job: AdditiveJob, settings: RunSettings) -> Partial | None:
+    """Sum all units of ``job`` (float64, unit-index order) as ``settings`` says; ``None`` on torchrun ranks > 0."""
+    if not settings.devices:
+        raise ValueError("no devices")
+    dist_env = distributed_env()
+    with _sigterm_raises():
+        if dist_env is not None:
+            return _run_distributed(job, settings, dist_env)
+        config = job.config()
+        state = initial_state(job, settings.checkpoint, config)
+        sink = _Sink(job, settings, state, config)
+        try:
+            if len(settings.devices) == 1:
+                _run_here(job, settings, sink)
+            else:
+                _run_workers(job, settings, sink)
+            return sink.done()
+        except RunError as e:
+            sink.fail()
+            raise RunError(f"{e}{sink.kept()}") from None
+        except BaseException:
+            sink.fail()
+            if sink.kept():
+                print(f"stopped{sink.kept()}", file=sys.stderr)
+            raise
+        finally:
+            sink.bar.close()
+
+
+def _run_here(job: AdditiveJob, settings: RunSettings, sink: _Sink) -> None:
+    """One process: set up on the device and run the remaining units in order."""
+    t0 = time.perf_counter()
+    job.setup(settings.devices[0])
+    t1 = time.perf_counter()
+    remaining = sink.state.remaining()
+    for k in remaining:
+        sink.accept(k, job.run_unit(k, sink.bar.update))
+    settings.stats.update(mode="serial", workers=1, units_run=len(remaining), setup_s=t1 - t0, compute_s=time.perf_counter() - t1)
+
+
+# ----------------------------------------------------------------------------- worker processes
+
+
+class _Throttled:
+    """Progress callback of a worker: sends accumulated step counts to the parent at most every 0.2 s."""
+
+    def __init__(self, conn, period: float = 0.2):
+        self.conn, self.period, self.n, self.last = conn, period, 0, time.monotonic()
+
+    def __call__(self, n: int) -> None:
+        self.n += n
+        if time.monotonic() - self.last >= self.period:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.n:
+            self.conn.send(("progress", self.n))
+            self.n, self.last = 0, time.monotonic()
+
+
+def _worker_main(index: int, device: str, job_bytes: bytes, conn, threads: int) -> None:
+    """A worker process: set the job up on ``device``, then run the units the parent sends until it sends ``None``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the workers
+    torch.set_num_threads(threads)
+    k = None
+    try:
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        job = pickle.loads(job_bytes)
+        job.setup(dev)
+        conn.send(("ready",))
+        while (k := conn.recv()) is not None:
+            progress = _Throttled(conn)
+            partial = job.run_unit(k, progress)
+            progress.flush()
+            conn.send(("done", k, _dumps(partial)))
+            k = None
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        return  # the parent is gone or stopped us
+    except BaseException as e:  # noqa: BLE001 -- everything goes back to the parent
+        try:
+            conn.send(("error", k, _summary(e), traceback.format_exc(), isinstance(e, UserError)))
+        except OSError:
+            pass
+        raise SystemExit(1) from None
+
+
+@dataclass
+class _Worker:
+    index: int
+    device: torch.device
+    proc: Any
+    conn: Any
+    unit: int | None = None
+    stopping: bool = False
+    ready: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"worker {self.index} ({self.device})"
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "stopped responding"
+    if code < 0:
+        try:
+            sig = signal.Signals(-code).name
+        except ValueError:
+            sig = f"signal {-code}"
+        return f"was killed by {sig}" + (" (out of memory?)" if sig == "SIGKILL" else "")
+    return f"exited with status {code}"
+
+
+def _run_workers(job: AdditiveJob, settings: RunSettings, sink: _Sink) -> None:
+    """Spawn one worker per device, hand out the remaining units one at a time, add their partials in order."""
+    import torch.multiprocessing as mp
+    from multiprocessing.connection import wait
+
+    ctx = mp.get_context("spawn")
+    job_bytes = pickle.dumps(job)
+    todo = deque(sink.state.remaining())
+    threads = torch.get_num_threads()
+    t0 = time.perf_counter()
+    t_ready: float | None = None
+    workers: list[_Worker] = []
+    try:
+        for i, dev in enumerate(settings.devices):
+            parent_conn, child_conn = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main, args=(i, str(dev), job_bytes, child_conn, threads), name=f"hessian-worker-{i}", daemon=True)
+            proc.start()
+            child_conn.close()
+            workers.append(_Worker(i, dev, proc, parent_conn))
+        live = list(workers)
+
+        def assign(w: _Worker) -> None:
+            if todo:
+                w.unit = todo.popleft()
+            else:
+                w.unit, w.stopping = None, True
+            try:
+                w.conn.send(w.unit)
+            except OSError:
+                if not w.stopping:
+                    raise died(w) from None
+
+        def handle(w: _Worker, msg: tuple) -> None:
+            nonlocal t_ready
+            kind = msg[0]
+            if kind == "progress":
+                sink.bar.update(msg[1])
+            elif kind == "ready":
+                w.ready = True
+                if t_ready is None and all(x.ready for x in workers):
+                    t_ready = time.perf_counter()
+                assign(w)
+            elif kind == "done":
+                k = msg[1]
+                w.unit = None
+                sink.accept(k, _loads(msg[2]))
+                assign(w)
+            elif kind == "error":
+                k, summary, tb, user = msg[1:]
+                where = f" on {unit_label(job, k)} (unit {k})" if k is not None else " while setting up"
+                if not user:
+                    print(f"--- traceback of {w.name} ---\n{tb.rstrip()}", file=sys.stderr)
+                raise RunError(f"{w.name} failed{where}: {summary}")
+
+        def died(w: _Worker) -> RunError:
+            w.proc.join(timeout=5)
+            where = f" while computing {unit_label(job, w.unit)} (unit {w.unit})" if w.unit is not None else ("" if w.ready else " while setting up")
+            return RunError(f"{w.name} {_exit_text(w.proc.exitcode)}{where}")
+
+        while not sink.state.complete:
+            if not live:  # pragma: no cover -- every worker stopped with units left
+                raise RunError(f"the workers stopped with {sink.state.num_units - sink.state.n_done} units left")
+            ready = wait([w.conn for w in live] + [w.proc.sentinel for w in live], timeout=1.0)
+            for w in list(live):
+                if w.conn in ready or w.proc.sentinel in ready:
+                    try:
+                        while w.conn.poll():
+                            handle(w, w.conn.recv())
+                    except (EOFError, OSError):
+                        if not w.stopping:
+                            raise died(w) from None
+                    if not w.proc.is_alive():
+                        w.proc.join()
+                        if not w.stopping or w.proc.exitcode != 0:
+                            raise died(w)
+                        live.remove(w)
+    finally:
+        end = time.perf_counter()
+        _stop(workers)
+    settings.stats.update(mode="workers", workers=len(workers), units_run=sink.state.num_units, setup_s=(t_ready or end) - t0, compute_s=end - (t_ready or end))
+
+
+def _stop(workers: list[_Worker], grace_s: float = 1.0) -> None:
+    """Close the pipes (idle workers then exit), give them ``grace_s`` to exit, terminate the rest.
+
+    Every unit is in (or the run failed), so nothing is lost by not waiting for a slow interpreter shutdown.
+    """
+    for w in workers:
+        try:
+            w.conn.close()
+        except OSError:
+            pass
+    deadline = time.monotonic() + grace_s
+    for w in workers:
+        w.proc.join(timeout=max(0.0, deadline - time.monotonic()))
+    for w in workers:
+        if w.proc.is_alive():
+            w.proc.terminate()
+    for w in workers:
+        w.proc.join(timeout=10)
+        if w.proc.is_alive():  # pragma: no cover
+            w.proc.kill()
+            w.proc.join()
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+
+def _run_distributed(job: AdditiveJob, settings: RunSettings, env: tuple[int, int, int]) -> Partial | None:
+    """One rank of a torchrun job: rounds of ``world`` units, gathered and summed in order on rank 0."""
+    import torch.distributed as dist
+
+    rank, _, world = env
+    device = settings.devices[0]
+    own = not dist.is_initialized()
+    if own:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
+    sink: _Sink | None = None
+    try:
+        # rank 0 reads the checkpoint; every rank learns what is left (or the error)
+        start: list[Any] = [None, None]
+        if rank == 0:
+            try:
+                config = job.config()
+                sink = _Sink(job, settings, initial_state(job, settings.checkpoint, config), config)
+                start = [sink.state.remaining(), None]
+            except UserError as e:
+                start = [None, str(e)]
+        dist.broadcast_object_list(start, src=0)
+        if start[1] is not None:
+            raise UserError(start[1])
+        remaining: list[int] = start[0]
+
+        def agree(payload: Any, decide: Callable[[list[Any]], str | None]) -> None:
+            """Gather ``payload`` on rank 0, which ``decide``s on an error message; every rank raises it."""
+            gathered = [None] * world if rank == 0 else None
+            dist.gather_object(payload, gathered, dst=0)
+            verdict: list[str | None] = [decide(gathered) if rank == 0 else None]
+            dist.broadcast_object_list(verdict, src=0)
+            if verdict[0] is not None:
+                raise RunError(verdict[0])
+
+        def first_error(payloads: list[Any]) -> str | None:
+            errors = [p for p in payloads if p is not None and p[0] == "error"]
+            return errors[0][1] if errors else None
+
+        t0 = time.perf_counter()
+        try:
+            job.setup(device)
+            setup_error = None
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            setup_error = ("error", f"rank {rank} ({device}) failed while setting up: {_summary(e)}")
+        agree(setup_error, first_error)
+        t1 = time.perf_counter()
+
+        for r0 in range(0, len(remaining), world):
+            round_units = remaining[r0 : r0 + world]
+            k = round_units[rank] if rank < len(round_units) else None
+            payload = None
+            if k is not None:
+                scale = len(round_units)
+                update = (lambda n: sink.bar.update(n * scale)) if sink is not None else None
+                try:
+                    payload = ("done", k, _dumps(job.run_unit(k, update)))
+                except Exception as e:  # noqa: BLE001 -- reported to rank 0, which stops every rank
+                    traceback.print_exc()
+                    payload = ("error", f"rank {rank} ({device}) failed on {unit_label(job, k)} (unit {k}): {_summary(e)}")
+
+            def add_round(payloads: list[Any]) -> str | None:
+                msg = first_error(payloads)
+                if msg is not None:
+                    return f"{msg}{sink.kept()}"
+                try:
+                    for p in sorted((p for p in payloads if p is not None), key=lambda p: p[1]):
+                        sink.accept(p[1], _loads(p[2]))
+                except RunError as e:
+                    return f"{e}{sink.kept()}"
+                return None
+
+            agree(payload, add_round)
+        settings.stats.update(mode="torchrun", workers=world, units_run=len(remaining), setup_s=t1 - t0, compute_s=time.perf_counter() - t1)
+        return sink.done() if sink is not None else None
+    except BaseException:
+        if sink is not None:
+            sink.fail()
+        raise
+    finally:
+        if sink is not None:
+            sink.bar.close()
+        if own:
+            dist.destroy_process_group()

@@ -1,0 +1,247 @@
+"""Data-parallel runs (worker processes, torchrun) and checkpoint/resume: the result never depends on how it was run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT
+import single_layer_single_block
+from lib import checkpoint as ckpt
+from lib import cli, parallel
+from lib.errors import RunError, UserError
+from lib.hessian import ExactHessianJob
+from lib.jobs import add_partials
+
+ARGS = ["--t", "3", "--seqlen", "16", "--b", "4", "--dtype", "float64", "--no_progress", "--name", "h"]
+"""Four units (samples) of a float64 exact Hessian on the embedded model: tiny, and bit-exact comparisons are meaningful."""
+
+
+def _env() -> dict[str, str]:
+    """Subprocesses use this process's thread count, so that their units are bitwise this process's."""
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "MKL_NUM_THREADS": str(torch.get_num_threads()), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def _run(tmp, *extra) -> torch.Tensor:
+    single_layer_single_block.run([*ARGS, "--output_dir", str(tmp), *extra])
+    return torch.load(tmp / "h.pt")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> torch.Tensor:
+    """The uninterrupted single-process result."""
+    return _run(tmp_path_factory.mktemp("ref"))
+
+
+# ----------------------------------------------------------------------------- pure checkpoint logic
+
+
+def _partials(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"h": torch.randn(5, 5, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-8, 8, (5, 5), generator=g), "v": torch.randn((), generator=g, dtype=torch.float32)} for _ in range(n)]
+
+
+def test_run_state_sums_in_unit_order_whatever_the_arrival_order():
+    parts = _partials(7)
+    serial = None
+    for p in parts:
+        serial = add_partials(serial, p)
+    state = ckpt.RunState(7)
+    for k in [3, 1, 0, 6, 2, 5, 4]:
+        state.add(k, parts[k])
+        assert state.n_done == len(state.pending) + state.prefix
+    assert state.complete and state.remaining() == []
+    for name in serial:
+        assert torch.equal(state.total()[name], serial[name])
+    with pytest.raises(ValueError):
+        state.add(3, parts[3])
+
+
+def test_checkpoint_round_trip_refuses_torn_files_and_other_configurations(tmp_path):
+    parts, config = _partials(5), {"kind": "x", "model": {"dtype": "float64"}, "method": "rev-rev"}
+    state = ckpt.RunState(5)
+    for k in [0, 1, 3]:
+        state.add(k, parts[k])
+    path = tmp_path / "x.ckpt"
+    ckpt.save(path, state, config)
+    back = ckpt.load(path, config, 5)
+    assert (back.prefix, sorted(back.pending), back.remaining()) == (2, [3], [2, 4])
+    assert all(torch.equal(back.prefix_sum[n], state.prefix_sum[n]) for n in parts[0])
+    with pytest.raises(UserError, match=r"different configuration \(differs in: method, model.dtype\)"):
+        ckpt.load(path, {**config, "method": "autograd", "model": {"dtype": "float32"}}, 5)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        ckpt.load(path, config, 5)
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(UserError, match="checksum mismatch"):
+        ckpt.load(path, config, 5)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.ckpt"]  # no temporary files left
+
+
+@pytest.mark.parametrize("text,expected", [("0", (0, 0.0)), ("7", (7, 0.0)), ("120s", (0, 120.0)), ("10m", (0, 600.0)), ("1.5h", (0, 5400.0))])
+def test_parse_every(text, expected):
+    assert ckpt.parse_every(text) == expected
+
+
+# ----------------------------------------------------------------------------- jobs that fail (picklable: run in spawned workers)
+
+
+class ToyJob:
+    """An additive job without a model: unit ``k`` is ``{"s": k * ones(3)}``; ``fail`` maps a unit to what goes wrong there."""
+
+    model_input_bs = 1
+
+    def __init__(self, n: int, fail: dict[int, str] | None = None):
+        self.n, self.fail = n, fail or {}
+
+    def setup(self, device):
+        pass
+
+    def num_units(self):
+        return self.n
+
+    def steps_per_unit(self):
+        return 1
+
+    def run_unit(self, k, progress=None):
+        what = self.fail.get(k)
+        if what == "raise":
+            raise RuntimeError(f"boom in unit {k}")
+        if what == "kill":
+            time.sleep(1.0)  # let the other worker finish its unit first
+            os.kill(os.getpid(), signal.SIGKILL)
+        if what == "nan":
+            return {"s": torch.full((3,), float("nan"))}
+        if progress:
+            progress(1)
+        return {"s": torch.full((3,), float(k), dtype=torch.float64)}
+
+    def config(self):
+        return {"kind": "toy", "n": self.n}
+
+
+def test_non_finite_unit_stops_with_its_sample_and_keeps_earlier_units(tmp_path):
+    cfg = ckpt.CheckpointConfig(tmp_path / "t.ckpt", every_units=100)
+    with pytest.raises(RunError, match=r"sample 2 \(unit 2\) gave NaN or Inf in s; the 2 finished units of 4 are saved in"):
+        parallel.run_job(ToyJob(4, {2: "nan"}), parallel.RunSettings([torch.device("cpu")], cfg))
+    state = ckpt.load(cfg.path, ToyJob(4).config(), 4)
+    assert state.prefix == 2 and not state.pending
+    # resuming with the cause fixed finishes the run
+    cfg.resume = True
+    total = parallel.run_job(ToyJob(4), parallel.RunSettings([torch.device("cpu")], cfg))
+    assert torch.equal(total["s"], torch.full((3,), 6.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("what,message", [("raise", r"worker \d \(cpu\) failed on sample 2 \(unit 2\): RuntimeError: boom in unit 2"), ("kill", r"worker \d \(cpu\) was killed by SIGKILL \(out of memory\?\) while computing sample 2 \(unit 2\)")], ids=["raise", "sigkill"])
+def test_a_failing_worker_stops_the_run_with_its_error_and_finished_units_are_kept(what, message, tmp_path):
+    cfg = ckpt.CheckpointConfig(tmp_path / "t.ckpt", every_units=100)
+    job = ToyJob(4, {2: what})
+    with pytest.raises(RunError, match=message + r"; the \d finished units of 4 are saved in"):
+        parallel.run_job(job, parallel.RunSettings([torch.device("cpu"), torch.device("cpu")], cfg))
+    state = ckpt.load(cfg.path, job.config(), 4)
+    assert state.prefix >= 2 and 2 in state.remaining()
+
+
+# ----------------------------------------------------------------------------- the exact Hessian, run in every way
+
+
+def test_two_cpu_workers_equal_one_process_bitwise(reference, tmp_path):
+    meta = single_layer_single_block.run([*ARGS, "--output_dir", str(tmp_path), "--devices", "cpu,cpu"])
+    assert meta["run"]["mode"] == "workers" and meta["run"]["workers"] == 2
+    assert torch.equal(torch.load(tmp_path / "h.pt"), reference)
+
+
+def test_torchrun_with_two_gloo_ranks_equals_one_process_bitwise(reference, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "single_layer_single_block.py"), *ARGS, "--output_dir", str(tmp_path), "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "h.pt"), reference)
+    assert not (tmp_path / "h.ckpt").exists()
+
+
+HANG_AT_UNIT_2 = """
+import sys, time
+sys.path.insert(0, {root!r})
+import lib.hessian as h
+run_unit = h.ExactHessianJob.run_unit
+def hanging(self, k, progress=None):
+    if k == 2:
+        time.sleep(600)
+    return run_unit(self, k, progress)
+h.ExactHessianJob.run_unit = hanging
+import single_layer_single_block
+from lib import cli
+cli.main(single_layer_single_block.run, sys.argv[1:])
+"""
+
+
+def test_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(reference, tmp_path, monkeypatch):
+    script = tmp_path / "hang.py"
+    script.write_text(HANG_AT_UNIT_2.format(root=str(ROOT)))
+    path = tmp_path / "h.ckpt"
+    proc = subprocess.Popen([sys.executable, str(script), *ARGS, "--output_dir", str(tmp_path), "--checkpoint_every", "1"], env=_env(), cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (path.exists() and ckpt.read(path)["prefix"] == 2):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "no checkpoint after 2 units"
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (tmp_path / "h.pt").exists()
+
+    calls = []
+    run_unit = ExactHessianJob.run_unit
+    monkeypatch.setattr(ExactHessianJob, "run_unit", lambda self, k, progress=None: calls.append(k) or run_unit(self, k, progress))
+    with pytest.raises(SystemExit) as exc:  # not resuming would overwrite the checkpoint: refused
+        cli.main(single_layer_single_block.run, [*ARGS, "--output_dir", str(tmp_path)])
+    assert exc.value.code == 2 and calls == []
+    assert torch.equal(_run(tmp_path, "--resume"), reference)
+    assert calls == [2, 3]  # nothing finished is recomputed
+    assert not path.exists()  # removed once the results are saved
+
+
+def test_resume_refuses_a_changed_flag_and_a_truncated_checkpoint(reference, tmp_path, capsys):
+    assert torch.equal(_run(tmp_path, "--keep_checkpoint", "--checkpoint_every", "1"), reference)
+    path = tmp_path / "h.ckpt"
+    assert ckpt.read(path)["prefix"] == 4  # the complete run, kept
+    assert torch.equal(_run(tmp_path, "--resume", "--keep_checkpoint"), reference)  # complete: nothing to compute
+
+    def error(*extra) -> str:
+        with pytest.raises(SystemExit) as exc:
+            cli.main(single_layer_single_block.run, [*ARGS, "--output_dir", str(tmp_path), *extra])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        return err[-1]
+
+    assert error("--resume", "--method", "autograd") == f"error: checkpoint {path} was written by a run with a different configuration (differs in: method); rerun with the original flags, or delete it to start over"
+    assert "differs in: samples_sha256, samples_shape" in error("--resume", "--seqlen", "17")
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])
+    assert error("--resume") == f"error: checkpoint {path} is truncated or corrupt ({len(data) - 100 - 48} of {len(data) - 48} payload bytes); delete it to start over"
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--devices", "cpu,"], "--devices 'cpu,' has an empty entry"),
+        (["--devices", "cpu,tpu:9"], "invalid --device 'tpu:9'"),
+        (["--checkpoint_every", "1.5"], "--checkpoint_every '1.5' is neither a number of units"),
+        (["--devices", "cpu,cpu", "--device_map", "auto"], "--device_map"),
+    ],
+)
+def test_run_flag_errors(extra, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(single_layer_single_block.run, [*ARGS, "--output_dir", str(tmp_path), *extra])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and message in err, err
+    assert not list(tmp_path.iterdir())
