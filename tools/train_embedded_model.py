@@ -236,7 +236,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--seq_len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=6e-3)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)")
     p.add_argument("--weight_decay", type=float, default=0.01)
     p.add_argument("--vocab_size", type=int, default=4096)
