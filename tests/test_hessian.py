@@ -62,6 +62,17 @@ def test_default_method_equals_autograd_reference(arch, chunk):
     assert rel(h, h.T) < (1e-12 if arch == "gpt2" else 1e-5)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_other_llama_family_models(arch):
+    """Qwen2 (q/k/v biases) and Mistral are found and differentiated like Llama."""
+    model = tiny_model(arch)
+    subset = subsets.several_layers_several_blocks(model, 7, 2, 2)
+    assert [s.param_name.split(".")[-2] for s in subset.slices[:7]] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    ids = tiny_ids()
+    h, _ = batch_hessian(SubsetLoss(model, subset), ids)
+    assert rel(h, reference_hessian(model, subset, ids)) < 1e-9
+
+
 def test_gpt2_equals_finite_differences_of_the_loss():
     """GPT-2 stays float64 end to end, so second differences of the loss are accurate to ~1e-6."""
     model = tiny_model("gpt2")
