@@ -10,6 +10,9 @@ products and every diagonal estimate built from them. A job exposes that structu
 * ``config()`` is the JSON-able configuration that identifies the job (for checkpoint validation).
 
 :func:`run_serial` is the reference runner: it sums the units in index order.
+:func:`lib.parallel.run_job` runs a job on several worker processes or torchrun ranks, with
+checkpoints (:mod:`lib.checkpoint`), and gives bitwise the same sums. Jobs run by worker processes
+must be picklable (load the model in ``setup``, not in ``__init__``).
 """
 
 from __future__ import annotations

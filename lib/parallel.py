@@ -66,6 +66,8 @@ class RunSettings:
     checkpoint: ckpt.CheckpointConfig | None = None
     progress: bool = False
     desc: str = "work"
+    force_workers: bool = False
+    """Run a single device in a spawned worker too (benchmarks; isolation from the parent)."""
     stats: dict[str, Any] = field(default_factory=dict)
     """Filled by :func:`run_job`: ``mode``, ``workers``, ``units_run``, ``setup_s`` (until every worker is ready), ``compute_s``."""
 
@@ -220,7 +222,7 @@ def run_job(job: AdditiveJob, settings: RunSettings) -> Partial | None:
         state = initial_state(job, settings.checkpoint, config)
         sink = _Sink(job, settings, state, config)
         try:
-            if len(settings.devices) == 1:
+            if len(settings.devices) == 1 and not settings.force_workers:
                 _run_here(job, settings, sink)
             else:
                 _run_workers(job, settings, sink)
