@@ -29,7 +29,8 @@ parent's ``torch.get_num_threads()``).
 Failures: a worker that raises, runs out of memory or is killed stops the run with a
 :class:`~lib.errors.RunError` naming the worker and the samples; a unit whose partials contain NaN or
 Inf stops it likewise. Finished units are then written to the checkpoint (if checkpointing is on),
-as on Ctrl-C and SIGTERM.
+as on Ctrl-C and SIGTERM (which are deferred while a unit is being added, so a checkpoint never holds
+half a unit); SIGKILL loses at most the units since the last checkpoint.
 """
 
 from __future__ import annotations
@@ -157,21 +158,52 @@ class _Bar:
             self.bar.close()
 
 
-@contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into ``SystemExit(143)`` so that finished work is checkpointed (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class _Signals:
+    """During a run, SIGINT raises ``KeyboardInterrupt`` and SIGTERM ``SystemExit(143)`` so that finished work is
+    checkpointed -- but never inside a :meth:`critical` section (adding a unit to the state), where they
+    are deferred to its end, so that a checkpoint never holds a half-added unit."""
 
-    def handler(signum, frame):  # noqa: ARG001
+    def __init__(self) -> None:
+        self.depth, self.pending = 0, None
+
+    @staticmethod
+    def _raise(signum: int) -> None:
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise SystemExit(128 + signum)
 
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
+    def _handler(self, signum, frame) -> None:  # noqa: ARG002
+        if self.depth:
+            self.pending = signum
+        else:
+            self._raise(signum)
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """Install the handlers for the duration of a run (main thread only; elsewhere a no-op)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    @contextmanager
+    def critical(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if not self.depth and self.pending is not None:
+                signum, self.pending = self.pending, None
+                self._raise(signum)
+
+
+_SIGNALS = _Signals()
 
 
 class _Sink:
@@ -186,7 +218,8 @@ class _Sink:
 
     def accept(self, k: int, partial: Partial) -> None:
         check_finite(self.job, k, partial)
-        self.state.add(k, partial)
+        with _SIGNALS.critical():
+            self.state.add(k, partial)
         self.writer.maybe_save()
 
     def kept(self) -> str:
@@ -215,7 +248,7 @@ def run_job(job: AdditiveJob, settings: RunSettings) -> Partial | None:
     if not settings.devices:
         raise ValueError("no devices")
     dist_env = distributed_env()
-    with _sigterm_raises():
+    with _SIGNALS.installed():
         if dist_env is not None:
             return _run_distributed(job, settings, dist_env)
         config = job.config()
@@ -333,6 +366,7 @@ def _run_workers(job: AdditiveJob, settings: RunSettings, sink: _Sink) -> None:
     ctx = mp.get_context("spawn")
     job_bytes = pickle.dumps(job)
     todo = deque(sink.state.remaining())
+    n_todo = len(todo)
     threads = torch.get_num_threads()
     t0 = time.perf_counter()
     t_ready: float | None = None
@@ -404,7 +438,7 @@ def _run_workers(job: AdditiveJob, settings: RunSettings, sink: _Sink) -> None:
     finally:
         end = time.perf_counter()
         _stop(workers)
-    settings.stats.update(mode="workers", workers=len(workers), units_run=sink.state.num_units, setup_s=(t_ready or end) - t0, compute_s=end - (t_ready or end))
+    settings.stats.update(mode="workers", workers=len(workers), units_run=n_todo, setup_s=(t_ready or end) - t0, compute_s=end - (t_ready or end))
 
 
 def _stop(workers: list[_Worker], grace_s: float = 1.0) -> None:

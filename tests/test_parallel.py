@@ -85,6 +85,17 @@ def test_checkpoint_round_trip_refuses_torn_files_and_other_configurations(tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ["x.ckpt"]  # no temporary files left
 
 
+def test_sigterm_is_deferred_while_a_unit_is_added():
+    steps = []
+    with pytest.raises(SystemExit) as exc, parallel._SIGNALS.installed():
+        with parallel._SIGNALS.critical():
+            os.kill(os.getpid(), signal.SIGTERM)
+            steps.append("after the signal")
+        steps.append("after the critical section")  # not reached
+    assert exc.value.code == 128 + signal.SIGTERM and steps == ["after the signal"]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 @pytest.mark.parametrize("text,expected", [("0", (0, 0.0)), ("7", (7, 0.0)), ("120s", (0, 120.0)), ("10m", (0, 600.0)), ("1.5h", (0, 5400.0))])
 def test_parse_every(text, expected):
     assert ckpt.parse_every(text) == expected
