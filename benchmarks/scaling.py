@@ -6,8 +6,10 @@ The exact Hessian (``rev-rev``) of the embedded model for the first ``t`` weight
 device list, one spawned worker per entry). For each it prints the start-up time (spawn, imports and
 model load, until every worker is ready), the compute time, samples per second over the compute time
 and over the whole wall time, the speed-up of the compute rate over the in-process run, and whether
-the Hessian is bitwise the in-process one. Every worker uses this process's number of CPU threads,
-so on a 2-core CPU run it with ``OMP_NUM_THREADS=1``:
+the Hessian is bitwise the in-process one. ``CPU s/sample`` is the process CPU time spent in the
+units: when it stays flat while the speed-up does not grow, the cores were busy with other work.
+Every worker uses this process's number of CPU threads, so on a 2-core CPU run it with
+``OMP_NUM_THREADS=1``:
 
     OMP_NUM_THREADS=1 python benchmarks/scaling.py                       # cpu and cpu,cpu
     python benchmarks/scaling.py --configs cuda:0 cuda:0,cuda:1 --model facebook/opt-125m --seqlen 2048 --t 128
@@ -59,9 +61,9 @@ def main() -> None:
         rate = args.b / st["compute_s"]
         if reference is None:
             reference, base_rate = sums["hessian_sum"], rate
-        rows.append([label, str(st["workers"]), f"{st['setup_s']:.1f}", f"{st['compute_s']:.1f}", f"{rate:.2f}", f"{args.b / wall:.2f}", f"{rate / base_rate:.2f}x", "yes" if torch.equal(sums["hessian_sum"], reference) else "NO"])
+        rows.append([label, str(st["workers"]), f"{st['setup_s']:.1f}", f"{st['compute_s']:.1f}", f"{rate:.2f}", f"{args.b / wall:.2f}", f"{rate / base_rate:.2f}x", f"{st['unit_cpu_s'] / args.b:.2f}", "yes" if torch.equal(sums["hessian_sum"], reference) else "NO"])
 
-    head = ["devices", "workers", "start-up s", "compute s", "samples/s", "samples/s (wall)", "speed-up", "bitwise equal"]
+    head = ["devices", "workers", "start-up s", "compute s", "samples/s", "samples/s (wall)", "speed-up", "CPU s/sample", "bitwise equal"]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, ["-" * w for w in widths], *rows]:
         print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))

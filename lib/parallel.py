@@ -70,7 +70,8 @@ class RunSettings:
     force_workers: bool = False
     """Run a single device in a spawned worker too (benchmarks; isolation from the parent)."""
     stats: dict[str, Any] = field(default_factory=dict)
-    """Filled by :func:`run_job`: ``mode``, ``workers``, ``units_run``, ``setup_s`` (until every worker is ready), ``compute_s``."""
+    """Filled by :func:`run_job`: ``mode``, ``workers``, ``units_run``, ``setup_s`` (until every worker is ready),
+    ``compute_s`` (wall, after setup), ``unit_cpu_s`` (process CPU time spent in ``run_unit``, summed over workers)."""
 
 
 def distributed_env() -> tuple[int, int, int] | None:
@@ -277,10 +278,13 @@ def _run_here(job: AdditiveJob, settings: RunSettings, sink: _Sink) -> None:
     t0 = time.perf_counter()
     job.setup(settings.devices[0])
     t1 = time.perf_counter()
-    remaining = sink.state.remaining()
+    remaining, cpu_s = sink.state.remaining(), 0.0
     for k in remaining:
-        sink.accept(k, job.run_unit(k, sink.bar.update))
-    settings.stats.update(mode="serial", workers=1, units_run=len(remaining), setup_s=t1 - t0, compute_s=time.perf_counter() - t1)
+        c0 = time.process_time()
+        partial = job.run_unit(k, sink.bar.update)
+        cpu_s += time.process_time() - c0
+        sink.accept(k, partial)
+    settings.stats.update(mode="serial", workers=1, units_run=len(remaining), setup_s=t1 - t0, compute_s=time.perf_counter() - t1, unit_cpu_s=cpu_s)
 
 
 # ----------------------------------------------------------------------------- worker processes
@@ -317,9 +321,11 @@ def _worker_main(index: int, device: str, job_bytes: bytes, conn, threads: int) 
         conn.send(("ready",))
         while (k := conn.recv()) is not None:
             progress = _Throttled(conn)
+            c0 = time.process_time()
             partial = job.run_unit(k, progress)
+            cpu_s = time.process_time() - c0
             progress.flush()
-            conn.send(("done", k, _dumps(partial)))
+            conn.send(("done", k, _dumps(partial), cpu_s))
             k = None
     except (EOFError, BrokenPipeError, ConnectionResetError):
         return  # the parent is gone or stopped us
@@ -367,6 +373,7 @@ def _run_workers(job: AdditiveJob, settings: RunSettings, sink: _Sink) -> None:
     job_bytes = pickle.dumps(job)
     todo = deque(sink.state.remaining())
     n_todo = len(todo)
+    cpu_s = [0.0]
     threads = torch.get_num_threads()
     t0 = time.perf_counter()
     t_ready: float | None = None
@@ -404,6 +411,7 @@ def _run_workers(job: AdditiveJob, settings: RunSettings, sink: _Sink) -> None:
             elif kind == "done":
                 k = msg[1]
                 w.unit = None
+                cpu_s[0] += msg[3]
                 sink.accept(k, _loads(msg[2]))
                 assign(w)
             elif kind == "error":
@@ -438,7 +446,7 @@ def _run_workers(job: AdditiveJob, settings: RunSettings, sink: _Sink) -> None:
     finally:
         end = time.perf_counter()
         _stop(workers)
-    settings.stats.update(mode="workers", workers=len(workers), units_run=n_todo, setup_s=(t_ready or end) - t0, compute_s=end - (t_ready or end))
+    settings.stats.update(mode="workers", workers=len(workers), units_run=n_todo, setup_s=(t_ready or end) - t0, compute_s=end - (t_ready or end), unit_cpu_s=cpu_s[0])
 
 
 def _stop(workers: list[_Worker], grace_s: float = 1.0) -> None:
