@@ -188,6 +188,25 @@ def test_two_cpu_workers_equal_one_process_bitwise(reference, tmp_path):
     assert torch.equal(torch.load(tmp_path / "h.pt"), reference)
 
 
+def test_diagonal_job_on_two_cpu_workers_equals_one_process_bitwise():
+    diagonal = pytest.importorskip("lib.diagonal")
+    from lib.data import load_samples
+    from lib.jobs import run_serial
+    from lib.models import ModelSpec
+
+    spec = ModelSpec(dtype="float64")
+    model = spec.load("cpu")
+    name = "model.decoder.layers.1.self_attn.q_proj.bias"
+    target = diagonal.Target(name, tuple(model.get_parameter(name).shape))
+    plans = diagonal.plan_phase1([target], ("hutchinson", "xdiag", "fisher"), 4, seed=0)
+    samples = load_samples("embedded", 16, 4)
+    serial = run_serial(diagonal.DiagonalJob(plans, samples, spec=spec, model=model), torch.device("cpu"))
+    settings = parallel.RunSettings([torch.device("cpu"), torch.device("cpu")])
+    sums = parallel.run_job(diagonal.DiagonalJob(plans, samples, spec=spec, model=model), settings)
+    assert settings.stats["workers"] == 2 and sums.keys() == serial.keys()
+    assert all(torch.equal(sums[k], serial[k]) for k in serial)
+
+
 def test_torchrun_with_two_gloo_ranks_equals_one_process_bitwise(reference, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "single_layer_single_block.py"), *ARGS, "--output_dir", str(tmp_path), "--device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
