@@ -42,21 +42,66 @@ def heatmap(matrix: torch.Tensor, path_stem: str | Path, title: str, boundaries:
     return paths
 
 
-def convergence(curves: dict[str, dict[str, Sequence[float]]], path_stem: str | Path, title: str) -> list[Path]:
-    """Log-log curves against the probe count ``k``: ``curves[estimator][metric] = values for k = 1..K``."""
+def convergence(curves: dict[str, dict[str, Sequence[float]]], path_stem: str | Path, title: str, references: dict[str, dict[str, float]] | None = None) -> list[Path]:
+    """Log-log curves against the probe count ``k``: ``curves[estimator][metric] = values``.
+
+    The values are for ``k = 1..K`` unless ``curves[estimator]["k"]`` gives the ``k`` of each value.
+    ``references[label][metric]``: a ``k``-independent value drawn as a dashed horizontal line. NaN or
+    non-positive values are left out (log axes).
+    """
     plt = _pyplot()
-    metrics = sorted({m for c in curves.values() for m in c})
+    from matplotlib.ticker import NullFormatter
+
+    metrics = list(dict.fromkeys([m for c in curves.values() for m in c if m != "k"] + [m for r in (references or {}).values() for m in r]))
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for est, c in curves.items():
-            if metric in c and len(c[metric]):
-                ks = range(1, len(c[metric]) + 1)
-                ax.loglog(ks, [max(v, 1e-300) for v in c[metric]], label=est)
-        ax.set_xlabel("k (Hessian-vector products)")
+            values = list(c.get(metric, []))
+            ks = list(c["k"]) if "k" in c else list(range(1, len(values) + 1))
+            pts = [(k, v) for k, v in zip(ks, values) if v == v and v > 0]
+            if pts:
+                ax.loglog(*zip(*pts), label=est)
+        for j, (label, ref) in enumerate((references or {}).items()):
+            if metric in ref and ref[metric] == ref[metric] and ref[metric] > 0:
+                ax.axhline(ref[metric], ls="--", lw=1, color=f"C{len(curves) + j}", label=f"{label} (no probes)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # less than a decade would label every minor tick
+        ax.set_xlabel("k (Hessian-vector products per sample)")
         ax.set_ylabel(metric)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    paths = [Path(f"{path_stem}.pdf"), Path(f"{path_stem}.png")]
+    for p in paths:
+        fig.savefig(p, dpi=150)
+    plt.close(fig)
+    return paths
+
+
+def heatmap_grid(panels: Sequence[tuple[str, torch.Tensor]], path_stem: str | Path, title: str, ncols: int = 6, clip_percentile: float = 98.0) -> list[Path]:
+    """Several ``|matrix|`` heatmaps (viridis, each clipped at its own ``clip_percentile``) in one figure.
+
+    ``panels``: ``(title, matrix)`` pairs, laid out row-major in ``ncols`` columns. Writes
+    ``<path_stem>.pdf`` and ``<path_stem>.png``; returns their paths.
+    """
+    plt = _pyplot()
+    ncols = max(1, min(ncols, len(panels)))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.0 * nrows + 0.6), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (label, matrix) in zip(axes.flat, panels):
+        a = matrix.detach().abs().to(torch.float64).cpu()
+        a = a if a.ndim == 2 else a.reshape(1, -1)
+        vmax = float(torch.quantile(a.flatten()[: 2**24], clip_percentile / 100)) if a.numel() else 1.0
+        vmax = vmax if vmax > 0 else float(a.max()) or 1.0
+        im = ax.imshow(a.numpy(), cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest", aspect="auto")
+        ax.set_title(label, fontsize=7)
+        ax.tick_params(labelsize=6)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+    fig.suptitle(f"{title}\n(each panel clipped at its {clip_percentile:g}th percentile)", fontsize=9)
     fig.tight_layout()
     paths = [Path(f"{path_stem}.pdf"), Path(f"{path_stem}.png")]
     for p in paths:

@@ -73,13 +73,18 @@ def _check_block(model: nn.Module, block_index: int) -> tuple[str, nn.Module]:
     return f"{prefix}.{block_index}", blocks[block_index]
 
 
-def row0_slice(model: nn.Module, block_index: int, layer_name: str, t: int) -> ParamSlice:
-    """The first ``t`` weights of output unit 0 of ``layer_name`` in block ``block_index``."""
+def layer_module(model: nn.Module, block_index: int, layer_name: str) -> tuple[str, nn.Module]:
+    """``(qualified weight name, module)`` of linear layer ``layer_name`` in block ``block_index``; validated."""
     block_name, block = _check_block(model, block_index)
     layers = dict(linear_layers(block))
     if layer_name not in layers:
         raise UserError(f"unknown --layer_name {layer_name!r}; the linear layers of a block are: {', '.join(layers)}")
-    module = layers[layer_name]
+    return f"{block_name}.{layer_name}.weight", layers[layer_name]
+
+
+def row0_slice(model: nn.Module, block_index: int, layer_name: str, t: int) -> ParamSlice:
+    """The first ``t`` weights of output unit 0 of ``layer_name`` in block ``block_index``."""
+    param_name, module = layer_module(model, block_index, layer_name)
     weight = module.weight
     conv1d = type(module).__name__ == "Conv1D"
     row_len = weight.shape[0] if conv1d else weight.shape[1]
@@ -89,7 +94,32 @@ def row0_slice(model: nn.Module, block_index: int, layer_name: str, t: int) -> P
         raise UserError(f"--t {t} is larger than a row of {layer_name} ({row_len} entries)")
     n_out = weight.shape[1] if conv1d else weight.shape[0]
     flat = torch.arange(t) * n_out if conv1d else torch.arange(t)
-    return ParamSlice(f"{block_name}.{layer_name}.weight", flat)
+    return ParamSlice(param_name, flat)
+
+
+def output_units_index(module: nn.Module, units: int) -> torch.Tensor:
+    """Flat indices into ``module.weight`` of all weights of output units ``0..units-1``, in storage order.
+
+    ``weight[:units, :]`` for ``nn.Linear`` (stored ``(out, in)``); ``weight[:, :units]`` for GPT-2's
+    ``Conv1D`` (stored ``(in, out)``).
+    """
+    weight = module.weight
+    if type(module).__name__ == "Conv1D":
+        n_in, n_out = weight.shape
+        return (torch.arange(n_in)[:, None] * n_out + torch.arange(units)[None, :]).reshape(-1)
+    return torch.arange(units * weight.shape[1])
+
+
+def num_output_units(module: nn.Module) -> int:
+    """Output units of a linear layer (rows of ``nn.Linear.weight``, columns of ``Conv1D.weight``)."""
+    w = module.weight
+    return w.shape[1] if type(module).__name__ == "Conv1D" else w.shape[0]
+
+
+def whole_parameter(model: nn.Module, param_name: str, description: str = "") -> Subset:
+    """All entries of one parameter in storage (flat) order, so ``x`` is ``param.reshape(-1)``."""
+    numel = model.get_parameter(param_name).numel()
+    return Subset((ParamSlice(param_name, torch.arange(numel)),), description or f"all {numel} entries of {param_name}")
 
 
 def num_blocks(model: nn.Module) -> int:
