@@ -236,10 +236,9 @@ class DiagonalJob:
             raise ValueError("give a model or a ModelSpec")
         self.plans, self.samples, self.model_input_bs, self.seed = list(plans), samples, model_input_bs, seed
         self.probe_batch, self.fused_head, self.spec, self.model, self.phase = probe_batch, fused_head, spec, model, phase
-        self._objectives: dict[str, SubsetLoss] = {}
 
     def __getstate__(self) -> dict:
-        state = dict(self.__dict__, _objectives={})
+        state = dict(self.__dict__)
         if self.spec is not None:
             state["model"] = None  # workers load their own copy
         return state
@@ -247,9 +246,11 @@ class DiagonalJob:
     def setup(self, device: torch.device) -> None:
         if self.model is None:
             self.model = self.spec.load(device)
-        self._objectives = {p.param_name: SubsetLoss(self.model, whole_parameter(self.model, p.param_name), fused_head=self.fused_head) for p in self.plans}
-        self._device = self.model.get_parameter(self.plans[0].param_name).device
-        self._batch = self.probe_batch or default_probe_batch(self._device)
+        self._batch = self.probe_batch or default_probe_batch(self.model.get_parameter(self.plans[0].param_name).device)
+
+    def _objective(self, param_name: str) -> SubsetLoss:
+        """The summed NLL as a function of ``x = W.reshape(-1)`` (built per use: it holds an index of ``n`` entries)."""
+        return SubsetLoss(self.model, whole_parameter(self.model, param_name), fused_head=self.fused_head)
 
     def num_units(self) -> int:
         return -(-self.samples.shape[0] // self.model_input_bs)
@@ -281,86 +282,98 @@ class DiagonalJob:
                 progress(stop - start)
             start = stop
 
-    def _fisher(self, objective: SubsetLoss, x0: torch.Tensor, batch: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
-        """Sum over the batch's samples of the squared per-sample gradient."""
-        if g is not None and batch.shape[0] == 1:
-            return g.detach() ** 2
-        out = torch.zeros_like(x0)
+    def _fisher(self, objective: SubsetLoss, x0: torch.Tensor, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sum over the batch's samples of the squared per-sample gradient, summed NLL of the batch)``."""
+        out, nll = torch.zeros_like(x0), torch.zeros((), dtype=x0.dtype, device=x0.device)
         for row in batch:
             x = x0.clone().requires_grad_(True)
-            (gs,) = torch.autograd.grad(objective(x, row[None]), x)
-            out += gs**2
+            value = objective(x, row[None])
+            (g,) = torch.autograd.grad(value, x)
+            out += g**2
+            nll += value.detach()
+        return out, nll
+
+    def _exact(self, g: torch.Tensor, x: torch.Tensor, entries: torch.Tensor, progress: Progress | None) -> torch.Tensor:
+        """``(H e_i)_i`` for the flat ``entries`` ``i``."""
+        idx, n = entries.to(x.device), x.numel()
+        res = torch.empty(len(idx), dtype=x.dtype, device=x.device)
+
+        def unit_rows(a: int, b: int) -> torch.Tensor:
+            e = torch.zeros(b - a, n, dtype=x.dtype, device=x.device)
+            e[torch.arange(b - a, device=x.device), idx[a:b]] = 1
+            return e
+
+        def take(a: int, v: torch.Tensor, hv: torch.Tensor) -> None:
+            res[a : a + len(hv)] = hv[torch.arange(len(hv), device=x.device), idx[a : a + len(hv)]]
+
+        self._products(g, x, unit_rows, len(idx), take, progress)
+        return res
+
+    def _probes(self, g: torch.Tensor, x: torch.Tensor, plan: ParamPlan, progress: Progress | None) -> Partial:
+        """Hutchinson sums ``zhz``, kept products ``hz`` (XDiag's sketch) and per-probe ``record`` of one parameter."""
+        n, name = x.numel(), plan.param_name
+        zhz = torch.zeros(n, dtype=x.dtype, device=x.device)
+        kept = torch.empty(plan.keep, n, dtype=x.dtype, device=x.device) if plan.keep else None
+        rec_idx = None if plan.record is None else plan.record.to(x.device)
+        rec = None if rec_idx is None else torch.empty(plan.probes, len(rec_idx), dtype=x.dtype, device=x.device)
+
+        def take(a: int, v: torch.Tensor, hv: torch.Tensor) -> None:
+            c = v * hv
+            zhz.add_(c.sum(0))
+            if rec is not None:
+                rec[a : a + len(c)] = c[:, rec_idx]
+            if kept is not None and a < plan.keep:
+                m = min(len(hv), plan.keep - a)
+                kept[a : a + m] = hv[:m]
+
+        self._products(g, x, lambda a, b: rademacher_probes(n, self.seed, name, a, b, x.dtype), plan.probes, take, progress)
+        out = {key(name, "zhz"): zhz.cpu()}
+        if kept is not None:
+            out[key(name, "hz")] = kept.cpu()
+        if rec is not None:
+            out[key(name, "record")] = rec.cpu()
         return out
+
+    def _basis(self, g: torch.Tensor, x: torch.Tensor, basis: torch.Tensor, progress: Progress | None) -> torch.Tensor:
+        """``H v`` for the rows ``v`` of ``basis`` (``(s, n)``)."""
+        hq = torch.empty(basis.shape[0], x.numel(), dtype=x.dtype, device=x.device)
+
+        def take(a: int, v: torch.Tensor, hv: torch.Tensor) -> None:
+            hq[a : a + len(hv)] = hv
+
+        self._products(g, x, lambda a, b: basis[a:b], basis.shape[0], take, progress)
+        return hq
 
     def run_unit(self, k: int, progress: Progress | None = None) -> Partial:
         out: Partial = {}
         nll = None
         for plan in self.plans:
-            objective = self._objectives[plan.param_name]
+            objective = self._objective(plan.param_name)
             x0 = objective.x0()
             batch = self.samples[k * self.model_input_bs : (k + 1) * self.model_input_bs].to(x0.device)
-            name, n = plan.param_name, plan.numel
-            if not plan.second_order:
-                out[key(name, "fisher")] = self._fisher(objective, x0, batch, None).cpu()
-                if nll is None:
-                    with torch.no_grad():
-                        nll = objective(x0, batch).detach()
-                if progress is not None:
-                    progress(1)
-                continue
+            name = plan.param_name
+            if not plan.second_order or (plan.fisher and batch.shape[0] > 1):
+                out[key(name, "fisher")], value = self._fisher(objective, x0, batch)
+                nll = value if nll is None else nll
+                if not plan.second_order:
+                    if progress is not None:
+                        progress(1)
+                    continue
             x = x0.detach().clone().requires_grad_(True)
             value = objective(x, batch)
             (g,) = torch.autograd.grad(value, x, create_graph=True)
             nll = value.detach() if nll is None else nll
-            if plan.fisher:
-                out[key(name, "fisher")] = self._fisher(objective, x0, batch, g).cpu()
+            if plan.fisher and batch.shape[0] == 1:
+                out[key(name, "fisher")] = g.detach() ** 2  # one sample: its gradient is the graph's
             if plan.exact is not None:
-                idx = plan.exact.to(x.device)
-                res = torch.empty(len(idx), dtype=x.dtype, device=x.device)
-
-                def unit_rows(a: int, b: int) -> torch.Tensor:
-                    e = torch.zeros(b - a, n, dtype=x.dtype, device=x.device)
-                    e[torch.arange(b - a, device=x.device), idx[a:b]] = 1
-                    return e
-
-                def take_exact(a: int, v: torch.Tensor, hv: torch.Tensor) -> None:
-                    res[a : a + len(hv)] = hv[torch.arange(len(hv), device=x.device), idx[a : a + len(hv)]]
-
-                self._products(g, x, unit_rows, len(idx), take_exact, progress)
-                out[key(name, "exact")] = res.cpu()
+                out[key(name, "exact")] = self._exact(g, x, plan.exact, progress)
             if plan.probes:
-                zhz = torch.zeros(n, dtype=x.dtype, device=x.device)
-                kept = torch.empty(plan.keep, n, dtype=x.dtype, device=x.device) if plan.keep else None
-                rec_idx = None if plan.record is None else plan.record.to(x.device)
-                rec = None if rec_idx is None else torch.empty(plan.probes, len(rec_idx), dtype=x.dtype, device=x.device)
-
-                def take_probe(a: int, v: torch.Tensor, hv: torch.Tensor) -> None:
-                    c = v * hv
-                    zhz.add_(c.sum(0))
-                    if rec is not None:
-                        rec[a : a + len(c)] = c[:, rec_idx]
-                    if kept is not None and a < plan.keep:
-                        m = min(len(hv), plan.keep - a)
-                        kept[a : a + m] = hv[:m]
-
-                probes = lambda a, b: rademacher_probes(n, self.seed, name, a, b, x.dtype)  # noqa: E731
-                self._products(g, x, probes, plan.probes, take_probe, progress)
-                out[key(name, "zhz")] = zhz.cpu()
-                if kept is not None:
-                    out[key(name, "hz")] = kept.cpu()
-                if rec is not None:
-                    out[key(name, "record")] = rec.cpu()
+                out.update(self._probes(g, x, plan, progress))
             if plan.basis is not None:
-                hq = torch.empty(plan.basis.shape[0], n, dtype=x.dtype, device=x.device)
-
-                def take_basis(a: int, v: torch.Tensor, hv: torch.Tensor) -> None:
-                    hq[a : a + len(hv)] = hv
-
-                self._products(g, x, lambda a, b: plan.basis[a:b], plan.basis.shape[0], take_basis, progress)
-                out[key(name, "hq")] = hq.cpu()
+                out[key(name, "hq")] = self._basis(g, x, plan.basis, progress)
             del g, value, x
-        out["nll_sum"] = nll.cpu()
-        return out
+        out["nll_sum"] = nll
+        return {name: v.detach().cpu() for name, v in out.items()}
 
     def config(self) -> dict[str, Any]:
         return {
@@ -433,7 +446,7 @@ class DiagonalResult:
         return math.exp(self.nll_sum / self.n_tokens)
 
 
-Runner = Callable[[DiagonalJob, str], Partial]
+Runner = Callable[[DiagonalJob, str], "Partial | None"]
 """Runs an additive job to its float64 sums; the second argument names the phase (``"1"``, ``"2"``)."""
 
 
@@ -483,12 +496,14 @@ def hessian_diagonal(
     spec: ModelSpec | None = None,
     runner: Runner | None = None,
     progress: bool = False,
-) -> DiagonalResult:
+) -> DiagonalResult | None:
     """Diagonal of the Hessian of the mean next-token NLL over ``samples`` (``(b, seqlen)``) for each target weight.
 
     ``vhp_samples`` = HVPs per sample and weight for ``hutchinson`` and ``xdiag``. ``runner(job, phase)``
     runs each additive job (default: :func:`lib.jobs.run_serial` on the model's device). Targets with
-    tracked entries also get convergence curves (and the exact diagonal there).
+    tracked entries also get convergence curves (and the exact diagonal there). Returns ``None`` when the
+    runner returns ``None`` (torchrun ranks other than 0; with ``xdiag`` the runner must give every rank
+    the phase-1 sums, which phase 2 needs).
     """
     for e in estimators:
         if e not in ESTIMATORS:
@@ -503,8 +518,8 @@ def hessian_diagonal(
     sums = runner(DiagonalJob(plans, samples, phase="1", **common), "1")
     phase_s = {"1": time.perf_counter() - t0}
     bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    sums2: Partial = {}
-    if "xdiag" in estimators:
+    sums2: Partial | None = {}
+    if "xdiag" in estimators and sums is not None:
         t1 = time.perf_counter()
         dtype = next(model.parameters()).dtype
         plans2 = []
@@ -513,6 +528,8 @@ def hessian_diagonal(
             plans2.append(ParamPlan(p.param_name, p.numel, basis=bases[p.param_name][0].T.to(dtype).contiguous()))
         sums2 = runner(DiagonalJob(plans2, samples, phase="2", **common), "2")
         phase_s["2"] = time.perf_counter() - t1
+    if sums is None or ("xdiag" in estimators and sums2 is None):
+        return None  # a torchrun rank other than 0: rank 0 holds the sums
     n_tokens = samples.shape[0] * (samples.shape[1] - 1)
     hvps = {e: sum(hvps_per_sample(e, t.numel, k) for t in targets) for e in estimators}
     result = DiagonalResult({e: {} for e in estimators}, list(targets), k, hvps, float(sums["nll_sum"]), samples.shape[0], n_tokens, 0.0, phase_s=phase_s)

@@ -221,8 +221,7 @@ def run(argv: list[str] | None = None, description: str = "") -> dict[str, Any]:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-    dist_env = parallel.distributed_env()
-    if dist_env is not None and dist_env[0] != 0:
+    if result is None:  # torchrun rank > 0
         return {}
     meta = save(args, prep, found, result, name, out, t_start, runner)
     runner.finish()
@@ -270,7 +269,7 @@ def save(args: argparse.Namespace, prep: cli.Prepared, found: list[tuple[Target,
         errors_vs_exact = {e: {t.param_name: rel_l2(result.diagonals[e][t.param_name], result.diagonals["exact"][t.param_name]) for t in targets} for e in estimators if e != "exact"}
     meta = {
         "script": "hessian_diagonal",
-        "config": vars(args),
+        "config": {k: v for k, v in vars(args).items() if k not in ("t", "method", "chunk")},  # the exact-Hessian flags do not apply
         "estimators": estimators,
         "vhp_samples": args.vhp_samples,
         "parameter": targets[0].param_name if len(targets) == 1 else None,
