@@ -53,7 +53,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .jobs import Partial, run_serial
+from .jobs import ModelJob, Partial, run_serial
 from .loss import SubsetLoss
 from .models import ModelSpec
 from .subsets import whole_parameter
@@ -221,7 +221,7 @@ def _hvp_rows(g: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return hv
 
 
-class DiagonalJob:
+class DiagonalJob(ModelJob):
     """Hessian-diagonal products of whole weights as an additive job (:mod:`lib.jobs`): unit ``k`` = batch ``k``.
 
     For each :class:`ParamPlan` the batch's forward and ``create_graph`` backward are done once (the
@@ -237,15 +237,8 @@ class DiagonalJob:
         self.plans, self.samples, self.model_input_bs, self.seed = list(plans), samples, model_input_bs, seed
         self.probe_batch, self.fused_head, self.spec, self.model, self.phase = probe_batch, fused_head, spec, model, phase
 
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        if self.spec is not None:
-            state["model"] = None  # workers load their own copy
-        return state
-
     def setup(self, device: torch.device) -> None:
-        if self.model is None:
-            self.model = self.spec.load(device)
+        self.ensure_model(device)
         self._batch = self.probe_batch or default_probe_batch(self.model.get_parameter(self.plans[0].param_name).device)
 
     def _objective(self, param_name: str) -> SubsetLoss:

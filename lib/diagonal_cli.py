@@ -16,7 +16,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import cli, parallel
-from .diagonal import ESTIMATORS, EXACT_MAX_ENTRIES, SECOND_ORDER, DiagonalJob, DiagonalResult, Target, hessian_diagonal, rel_l2
+from .diagonal import ESTIMATORS, EXACT_MAX_ENTRIES, DiagonalJob, DiagonalResult, Target, hessian_diagonal, rel_l2
 from .errors import UserError
 from .models import iter_named_linear
 from .plots import convergence, heatmap, heatmap_grid

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .jobs import run_serial
+from .jobs import ModelJob, run_serial
 from .loss import SubsetLoss
 from .models import ModelSpec
 from .subsets import Subset
@@ -134,7 +134,7 @@ def batches(samples: torch.Tensor, model_input_bs: int) -> list[tuple[int, torch
     return [(i, samples[i : i + model_input_bs]) for i in range(0, samples.shape[0], model_input_bs)]
 
 
-class ExactHessianJob:
+class ExactHessianJob(ModelJob):
     """The exact Hessian as an additive job (:mod:`lib.jobs`): unit ``k`` is batch ``k`` of the samples.
 
     ``run_unit`` returns ``{"hessian_sum": (n, n), "nll_sum": ()}`` for its batch. The model is either
@@ -149,17 +149,9 @@ class ExactHessianJob:
         self.subset, self.samples, self.model_input_bs = subset, samples, model_input_bs
         self.method, self.chunk, self.fused_head, self.spec = method, chunk, fused_head, spec
         self.model = model
-        self._objective: SubsetLoss | None = None
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__, _objective=None)
-        if self.spec is not None:
-            state["model"] = None  # workers load their own copy
-        return state
 
     def setup(self, device: torch.device) -> None:
-        if self.model is None:
-            self.model = self.spec.load(device)
+        self.ensure_model(device)
         self._objective = SubsetLoss(self.model, self.subset, fused_head=self.fused_head)
         self._x0 = self._objective.x0()
         self._chunk = self.chunk or default_chunk(self._x0.device)

@@ -36,6 +36,29 @@ class AdditiveJob(Protocol):
     def config(self) -> dict[str, Any]: ...
 
 
+class ModelJob:
+    """Base of jobs that evaluate a model: ``model`` (used as is) or ``spec`` (loaded in each process).
+
+    Pickles without the model when a spec can reload it, and without per-process state (attributes
+    starting with ``_``, rebuilt by ``setup``), so spawned workers load their own copy.
+    """
+
+    spec: Any = None
+    model: Any = None
+
+    def __getstate__(self) -> dict:
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        if self.spec is not None:
+            state["model"] = None
+        return state
+
+    def ensure_model(self, device: torch.device):
+        """The job's model, loaded from ``spec`` on ``device`` the first time if none was given."""
+        if self.model is None:
+            self.model = self.spec.load(device)
+        return self.model
+
+
 def add_partials(total: Partial | None, part: Partial) -> Partial:
     """``total + part`` key by key (``total=None`` starts a sum); accumulates in float64."""
     if total is None:

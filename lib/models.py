@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-import os
 from pathlib import Path
 from typing import Iterator
 
@@ -161,10 +160,6 @@ def iter_named_linear(model: nn.Module) -> Iterator[tuple[int, str, str, nn.Modu
         for lname, m in linear_layers(block):
             yield b, lname, f"{prefix}.{b}.{lname}", m
 
-
-def offline_mode() -> bool:
-    """Whether the user asked Hugging Face libraries to stay offline."""
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
 @dataclass

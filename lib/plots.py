@@ -17,6 +17,21 @@ def _pyplot():
     return plt
 
 
+def _clipped_max(a: torch.Tensor, clip_percentile: float) -> float:
+    """The colour-scale maximum: the ``clip_percentile`` percentile of ``a`` (its max if that is 0)."""
+    vmax = float(torch.quantile(a.flatten()[: 2**24], clip_percentile / 100)) if a.numel() else 1.0
+    return vmax if vmax > 0 else float(a.max()) or 1.0
+
+
+def _save(fig, path_stem: str | Path) -> list[Path]:
+    """Write ``fig`` to ``<path_stem>.pdf`` and ``.png``, close it, return the paths."""
+    paths = [Path(f"{path_stem}.pdf"), Path(f"{path_stem}.png")]
+    for p in paths:
+        fig.savefig(p, dpi=150)
+    _pyplot().close(fig)
+    return paths
+
+
 def heatmap(matrix: torch.Tensor, path_stem: str | Path, title: str, boundaries: Sequence[int] = (), clip_percentile: float = 98.0) -> list[Path]:
     """Save ``|matrix|`` with viridis, the colour scale clipped at ``clip_percentile`` of ``|matrix|``.
 
@@ -25,8 +40,7 @@ def heatmap(matrix: torch.Tensor, path_stem: str | Path, title: str, boundaries:
     """
     plt = _pyplot()
     a = matrix.detach().abs().to(torch.float64).cpu()
-    vmax = float(torch.quantile(a.flatten()[: 2**24], clip_percentile / 100)) if a.numel() else 1.0
-    vmax = vmax if vmax > 0 else float(a.max()) or 1.0
+    vmax = _clipped_max(a, clip_percentile)
     fig, ax = plt.subplots(figsize=(6.4, 5.4) if a.ndim == 2 and a.shape[0] == a.shape[-1] else (8, 4))
     im = ax.imshow(a.numpy(), cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest", aspect="auto" if a.shape[0] != a.shape[-1] else "equal")
     for b in boundaries:
@@ -35,11 +49,7 @@ def heatmap(matrix: torch.Tensor, path_stem: str | Path, title: str, boundaries:
     fig.colorbar(im, ax=ax, label=f"|value| (clipped at {clip_percentile:g}th percentile)")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    paths = [Path(f"{path_stem}.pdf"), Path(f"{path_stem}.png")]
-    for p in paths:
-        fig.savefig(p, dpi=150)
-    plt.close(fig)
-    return paths
+    return _save(fig, path_stem)
 
 
 def convergence(curves: dict[str, dict[str, Sequence[float]]], path_stem: str | Path, title: str, references: dict[str, dict[str, float]] | None = None) -> list[Path]:
@@ -73,11 +83,7 @@ def convergence(curves: dict[str, dict[str, Sequence[float]]], path_stem: str | 
         ax.legend()
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    paths = [Path(f"{path_stem}.pdf"), Path(f"{path_stem}.png")]
-    for p in paths:
-        fig.savefig(p, dpi=150)
-    plt.close(fig)
-    return paths
+    return _save(fig, path_stem)
 
 
 def heatmap_grid(panels: Sequence[tuple[str, torch.Tensor]], path_stem: str | Path, title: str, ncols: int = 6, clip_percentile: float = 98.0) -> list[Path]:
@@ -95,16 +101,11 @@ def heatmap_grid(panels: Sequence[tuple[str, torch.Tensor]], path_stem: str | Pa
     for ax, (label, matrix) in zip(axes.flat, panels):
         a = matrix.detach().abs().to(torch.float64).cpu()
         a = a if a.ndim == 2 else a.reshape(1, -1)
-        vmax = float(torch.quantile(a.flatten()[: 2**24], clip_percentile / 100)) if a.numel() else 1.0
-        vmax = vmax if vmax > 0 else float(a.max()) or 1.0
+        vmax = _clipped_max(a, clip_percentile)
         im = ax.imshow(a.numpy(), cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest", aspect="auto")
         ax.set_title(label, fontsize=7)
         ax.tick_params(labelsize=6)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
     fig.suptitle(f"{title}\n(each panel clipped at its {clip_percentile:g}th percentile)", fontsize=9)
     fig.tight_layout()
-    paths = [Path(f"{path_stem}.pdf"), Path(f"{path_stem}.png")]
-    for p in paths:
-        fig.savefig(p, dpi=150)
-    plt.close(fig)
-    return paths
+    return _save(fig, path_stem)
