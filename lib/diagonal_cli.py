@@ -5,7 +5,6 @@ outputs (``.pt``, ``.json``, heatmap, convergence figure)."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from .diagonal import ESTIMATORS, EXACT_MAX_ENTRIES, DiagonalJob, DiagonalResult
 from .errors import UserError
 from .models import iter_named_linear
 from .plots import convergence, heatmap, heatmap_grid
-from .results import atomic_write_bytes, save_tensor_and_json, versions
+from .results import save_tensor_and_json
 from .subsets import layer_module, num_blocks, num_output_units, output_units_index, whole_parameter
 
 T_DEFAULT = (0, 0)
@@ -109,17 +108,6 @@ def default_name(args: argparse.Namespace, estimators: list[str]) -> str:
     return f"hessian_diagonal_{model}_{tag}_{'+'.join(estimators)}{k}{track}_b{args.b}_s{args.seqlen}".replace("/", "-")
 
 
-def _save(out: Path, name: str, obj: Any, meta: dict[str, Any]) -> dict[str, Any]:
-    """:func:`lib.results.save_tensor_and_json`, also for a nested dict of tensors."""
-    if isinstance(obj, torch.Tensor):
-        return save_tensor_and_json(out, name, obj, meta)
-    pt, js = out / f"{name}.pt", out / f"{name}.json"
-    atomic_write_bytes(pt, lambda p: torch.save(obj, p))
-    meta = {**meta, "versions": versions(), "files": {"tensor": pt.name, "json": js.name}}
-    atomic_write_bytes(js, lambda p: p.write_text(json.dumps(meta, indent=1, default=str) + "\n"))
-    return meta
-
-
 def _finite(x: Any) -> Any:
     """NaN/inf -> None, recursively (strict JSON)."""
     if isinstance(x, float) and not math.isfinite(x):
@@ -165,16 +153,7 @@ class _Runner:
 
 def _init_distributed(device: torch.device) -> bool:
     """Under torchrun, start the process group here (so it outlives phase 1); returns whether we did."""
-    if parallel.distributed_env() is None:
-        return False
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return False
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=parallel.DIST_TIMEOUT)
-    return True
+    return parallel.distributed_env() is not None and parallel.init_process_group(device)
 
 
 def run(argv: list[str] | None = None, description: str = "") -> dict[str, Any]:
@@ -296,7 +275,7 @@ def save(args: argparse.Namespace, prep: cli.Prepared, found: list[tuple[Target,
         "convergence": convergence_meta,
         "figures": [p.name for p in figures],
     }
-    meta = _save(out, name, tensor, _finite(meta))
+    meta = save_tensor_and_json(out, name, tensor, _finite(meta))
     print(f"perplexity {result.perplexity:.3f} over {result.n_samples} samples; {', '.join(estimators)} diagonal of {len(targets)} weight(s) in {result.elapsed_s:.1f}s")
     for e, errs in errors_vs_exact.items():
         print(f"  {e}: relative l2 error vs exact " + ", ".join(f"{v:.3g}" for v in errs.values()))

@@ -475,17 +475,25 @@ def _stop(workers: list[_Worker], grace_s: float = 1.0) -> None:
 # ----------------------------------------------------------------------------- torchrun
 
 
+def init_process_group(device: torch.device) -> bool:
+    """Start the torchrun process group (NCCL on CUDA, gloo otherwise) unless it exists; returns whether it started it."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
+    return True
+
+
 def _run_distributed(job: AdditiveJob, settings: RunSettings, env: tuple[int, int, int]) -> Partial | None:
     """One rank of a torchrun job: rounds of ``world`` units, gathered and summed in order on rank 0."""
     import torch.distributed as dist
 
     rank, _, world = env
     device = settings.devices[0]
-    own = not dist.is_initialized()
-    if own:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
+    own = init_process_group(device)
     sink: _Sink | None = None
     try:
         # rank 0 reads the checkpoint; every rank learns what is left (or the error)

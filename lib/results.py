@@ -36,15 +36,17 @@ def atomic_write_bytes(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save_tensor_and_json(output_dir: str | Path, name: str, tensor: torch.Tensor, meta: dict[str, Any]) -> dict[str, Any]:
-    """Write ``<output_dir>/<name>.pt`` and ``<output_dir>/<name>.json`` atomically.
+def save_tensor_and_json(output_dir: str | Path, name: str, tensor: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    """Write ``<output_dir>/<name>.pt`` (a tensor, or any object ``torch.save`` takes, e.g. a nested dict of
+    tensors) and ``<output_dir>/<name>.json`` atomically.
 
     Returns the metadata as written (``meta`` plus ``versions`` and ``files``, names relative to ``output_dir``).
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     pt, js = out / f"{name}.pt", out / f"{name}.json"
-    atomic_write_bytes(pt, lambda p: torch.save(tensor.detach().cpu(), p))
+    obj = tensor.detach().cpu() if isinstance(tensor, torch.Tensor) else tensor
+    atomic_write_bytes(pt, lambda p: torch.save(obj, p))
     meta = {**meta, "versions": versions(), "files": {"tensor": pt.name, "json": js.name}}
     atomic_write_bytes(js, lambda p: p.write_text(json.dumps(meta, indent=1, default=str) + "\n"))
     return meta
