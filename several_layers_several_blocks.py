@@ -15,8 +15,8 @@ def run(argv: list[str] | None = None) -> dict:
     cli.resolve_defaults(args, T_DEFAULT)
 
     def build(model):
-        args.num_blocks = args.num_blocks or subsets.num_blocks(model)
-        args.num_layers = args.num_layers or len(subsets.layer_names(model, 0))
+        args.num_blocks = subsets.num_blocks(model) if args.num_blocks is None else args.num_blocks
+        args.num_layers = len(subsets.layer_names(model, 0)) if args.num_layers is None else args.num_layers
         return subsets.several_layers_several_blocks(model, args.num_layers, args.num_blocks, args.t)
 
     return cli.run_exact("several_layers_several_blocks", args, build, lambda: f"layers{args.num_layers}_blocks{args.num_blocks}")

@@ -15,7 +15,7 @@ def run(argv: list[str] | None = None) -> dict:
     cli.resolve_defaults(args, T_DEFAULT)
 
     def build(model):
-        n = args.num_blocks = args.num_blocks or subsets.num_blocks(model)
+        n = args.num_blocks = subsets.num_blocks(model) if args.num_blocks is None else args.num_blocks
         return subsets.single_layer_several_blocks(model, args.layer_name, n, args.t)
 
     return cli.run_exact("single_layer_several_blocks", args, build, lambda: f"{args.layer_name}_blocks{args.num_blocks}")

@@ -164,6 +164,21 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return out
 
 
+CONTENT_KEYS = {"model.fingerprint": "the model's weights", "model.tokenizer_fingerprint": "the tokenizer"}
+"""Configuration keys that fingerprint input files (:mod:`lib.inputs`): a difference there means a file changed."""
+
+
+def _describe_change(key: str, old: dict[str, Any], new: dict[str, Any]) -> str:
+    """``"the model's weights changed (fingerprint abc.. -> def..)"`` for a dotted key of :data:`CONTENT_KEYS`."""
+
+    def get(cfg: dict[str, Any]) -> str:
+        for part in key.split("."):
+            cfg = cfg.get(part) if isinstance(cfg, dict) else None
+        return f"{cfg[:12]}.." if isinstance(cfg, str) else "none"
+
+    return f"{CONTENT_KEYS[key]} changed (fingerprint {get(old)} -> {get(new)})"
+
+
 def read(path: str | Path) -> dict[str, Any]:
     """The raw content of a checkpoint file, after checking its length and checksum (:class:`UserError` if torn)."""
     path = Path(path)
@@ -186,7 +201,14 @@ def load(path: str | Path, config: dict[str, Any], num_units: int) -> RunState:
     """The run state stored at ``path``; refuses (:class:`UserError`) a torn file or one written for another configuration."""
     raw = read(path)
     if raw["config_sha256"] != config_hash(config) or raw["num_units"] != num_units:
-        diff = _differences(json.loads(raw["config_json"]), json.loads(json.dumps(config, sort_keys=True, default=str)))
+        old = json.loads(raw["config_json"])
+        new = json.loads(json.dumps(config, sort_keys=True, default=str))
+        diff = _differences(old, new)
+        changed = [_describe_change(key, old, new) for key in diff if key in CONTENT_KEYS]
+        if changed:
+            rest = [key for key in diff if key not in CONTENT_KEYS]
+            also = f"; the configuration also differs in: {', '.join(rest)}" if rest else ""
+            raise UserError(f"checkpoint {path} was written for other inputs: {'; '.join(changed)}{also}; restore the original files, or delete it to start over")
         raise UserError(
             f"checkpoint {path} was written by a run with a different configuration "
             f"(differs in: {', '.join(diff) or 'num_units'}); rerun with the original flags, or delete it to start over"

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,12 +19,18 @@ from . import parallel
 from .data import default_dataset, load_text, load_tokenizer, make_samples, tokenize, check_seqlen
 from .errors import RunError, UserError
 from .hessian import METHODS, ExactHessianJob
+from .inputs import model_fingerprint, tokenizer_fingerprint, warn
 from .models import EMBEDDED, ModelSpec, load_model, max_positions, resolve_device
 from .plots import heatmap
 from .results import save_tensor_and_json
 from .subsets import Subset
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+LOW_PRECISION = ("bfloat16", "float16")
+LOW_PRECISION_NOTE = "PLACEHOLDER"
+SEED_RANGE = (-(2**63), 2**64 - 1)
+"""Seeds ``torch.manual_seed`` accepts."""
 
 EMBEDDED_DEFAULTS = {"seqlen": 128, "b": 16}
 """Sized so that each script finishes in about a minute on a 2-core CPU with the embedded model."""
@@ -89,16 +96,44 @@ def check_cheap(args: argparse.Namespace) -> None:
         raise UserError(f"--model_input_bs {args.model_input_bs} does not divide --b {args.b}")
     if args.chunk < 0:
         raise UserError(f"--chunk must be >= 0, got {args.chunk}")
+    for flag in ("num_blocks", "num_layers"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag} must be at least 1, got {value} (leave it out to use all)")
+    if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
+        raise UserError(f"--seed {args.seed} is out of range: use an integer from -2**63 to 2**64-1")
+    check_cache_dir(args.cache_dir)
     run_devices(args)
     ckpt.parse_every(getattr(args, "checkpoint_every", "0"))
     if getattr(args, "device_map", None) is not None and importlib.util.find_spec("accelerate") is None:
         raise UserError(f"--device_map {args.device_map} needs the accelerate package: pip install accelerate")
 
 
+def check_cache_dir(cache_dir: str | None) -> None:
+    """Refuse a ``--cache_dir`` that is not a writable directory (created if missing)."""
+    if not cache_dir:
+        return
+    path = Path(cache_dir)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--cache_dir {cache_dir} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --cache_dir {cache_dir}: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"--cache_dir {cache_dir} is not writable")
+
+
+def warn_low_precision(dtype: str) -> None:
+    """One line when the model runs in a 16-bit dtype (its Hessians are far less accurate)."""
+    if dtype in LOW_PRECISION:
+        warn(f"--dtype {dtype}: {LOW_PRECISION_NOTE}")
+
+
 def run_devices(args: argparse.Namespace) -> list[torch.device]:
     """The run's devices, one per worker process (``--devices``, else ``--device``); under torchrun, this rank's device."""
     text = getattr(args, "devices", None)
-    entries = [d.strip() for d in text.split(",")] if text else None
+    entries = [d.strip() for d in text.split(",")] if text is not None else None
     if entries is not None and not all(entries):
         raise UserError(f"--devices {text!r} has an empty entry; give e.g. cuda:0,cuda:1 or cpu,cpu")
     dist_env = parallel.distributed_env()
@@ -116,9 +151,9 @@ def run_devices(args: argparse.Namespace) -> list[torch.device]:
     return devices
 
 
-def model_spec(args: argparse.Namespace) -> ModelSpec:
-    """How worker processes load the model of this run."""
-    return ModelSpec(args.model, args.cache_dir, args.dtype, args.attn_implementation, getattr(args, "device_map", None))
+def model_spec(args: argparse.Namespace, prep: Prepared) -> ModelSpec:
+    """How worker processes load the model of this run (and check that it is the parent's, by fingerprint)."""
+    return ModelSpec(args.model, args.cache_dir, args.dtype, args.attn_implementation, getattr(args, "device_map", None), prep.fingerprints.get("model"), prep.fingerprints.get("tokenizer"))
 
 
 def run_settings(args: argparse.Namespace, prep: Prepared, checkpoint_path: str | Path, desc: str) -> parallel.RunSettings:
@@ -138,11 +173,14 @@ class Prepared:
     """Where ``model`` is (the CPU when several worker processes load their own copies)."""
     devices: list[torch.device] | None = None
     """The run's devices, one per worker (:func:`run_devices`)."""
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    """Content fingerprints of the ``model`` and ``tokenizer`` (:mod:`lib.inputs`), checked by workers and ``--resume``."""
 
 
 def prepare(args: argparse.Namespace, build_subset: Callable[[nn.Module], Subset]) -> tuple[Prepared, Subset]:
     """Load the model, build and validate the subset, load and validate the samples -- all before heavy work."""
     check_cheap(args)
+    warn_low_precision(args.dtype)
     torch.manual_seed(args.seed)
     devices = run_devices(args)
     device = devices[0] if len(devices) == 1 else torch.device("cpu")
@@ -152,12 +190,16 @@ def prepare(args: argparse.Namespace, build_subset: Callable[[nn.Module], Subset
     if args.seqlen is None:
         args.seqlen = min(2048, limit or 2048)
     check_seqlen(args.seqlen, limit)
-    tokens = tokenize(load_tokenizer(args.model, args.cache_dir), load_text(args.dataset, args.cache_dir), args.cache_dir)
+    tokenizer = load_tokenizer(args.model, args.cache_dir)
+    fingerprints = {"model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(tokenizer)}
+    tokens = tokenize(tokenizer, load_text(args.dataset, args.cache_dir), args.cache_dir)
+    if not tokens.numel():
+        raise UserError(f"the text of --dataset {args.dataset} gives no tokens")
     if args.b is None:
         args.b = (tokens.numel() // args.seqlen) // args.model_input_bs * args.model_input_bs
         check_cheap(args)
     samples = make_samples(tokens, args.seqlen, args.b)
-    return Prepared(model, samples, device, devices), subset
+    return Prepared(model, samples, device, devices, fingerprints), subset
 
 
 def default_name(script: str, args: argparse.Namespace, tag: str) -> str:
@@ -192,7 +234,7 @@ def run_exact(script: str, args: argparse.Namespace, build_subset: Callable[[nn.
         method=args.method,
         chunk=args.chunk or None,
         fused_head=False if args.no_fused_head else None,
-        spec=model_spec(args),
+        spec=model_spec(args, prep),
         model=prep.model,
     )
     settings = run_settings(args, prep, out / f"{name}.ckpt", "Hessian columns")
@@ -216,6 +258,7 @@ def run_exact(script: str, args: argparse.Namespace, build_subset: Callable[[nn.
         "method": result.method,
         "hessian_elapsed_s": result.elapsed_s,
         "elapsed_s": time.perf_counter() - t_start,
+        "fingerprints": prep.fingerprints,
         "run": {"devices": [str(d) for d in settings.devices], **settings.stats},
         "figures": [p.name for p in figures],
         "entries": subset.entries(prep.model),

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .inputs import hub_offline_if_unreachable, tokenizer_fingerprint, warn
 from .models import EMBEDDED, ROOT, resolve_model_path
 
 EMBEDDED_TEXT = ROOT / "assets" / "shakespeare-heldout.txt"
@@ -27,6 +28,7 @@ def load_text(dataset: str, cache_dir: str | None = None) -> str:
     if dataset == EMBEDDED:
         return EMBEDDED_TEXT.read_text(encoding="utf-8")
     if dataset == WIKITEXT2:
+        hub_offline_if_unreachable()
         try:
             from datasets import load_dataset
 
@@ -48,37 +50,62 @@ def load_text(dataset: str, cache_dir: str | None = None) -> str:
         raise UserError(f"--dataset {dataset} is not UTF-8 text: {e}") from None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+"""Files of which a local model directory needs at least one to have a tokenizer."""
+
+
 def load_tokenizer(model_name: str, cache_dir: str | None = None):
-    """``AutoTokenizer.from_pretrained`` for the model (the embedded model ships its own)."""
+    """``AutoTokenizer.from_pretrained`` for the model (the embedded model ships its own); refuses a model
+    directory without tokenizer files and a tokenizer with an empty vocabulary."""
     from transformers import AutoTokenizer
 
+    path = resolve_model_path(model_name)
+    if Path(path).is_dir() and not any(Path(path, f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"model directory {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer next to the model (tokenizer.save_pretrained)")
+    if not Path(path).is_dir():
+        hub_offline_if_unreachable()
     try:
-        return AutoTokenizer.from_pretrained(resolve_model_path(model_name), cache_dir=cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir)
     except (OSError, ValueError) as e:
         raise UserError(
             f"cannot load the tokenizer of {model_name!r} ({type(e).__name__}); without internet pass "
             "--model PATH to a local model directory or set HF_HUB_OFFLINE=1 with a filled --cache_dir"
         ) from None
+    if len(tokenizer) < 2:
+        raise UserError(f"the tokenizer of {model_name!r} has an empty vocabulary ({len(tokenizer)} tokens); its tokenizer files are missing or broken")
+    return tokenizer
 
 
-def _tokenizer_fingerprint(tokenizer) -> str:
-    h = hashlib.sha256(f"{type(tokenizer).__name__}:{tokenizer.name_or_path}:{len(tokenizer)}".encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        h.update(backend.to_str().encode())
-    return h.hexdigest()[:16]
+def _ids_checksum(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.numpy().tobytes()).hexdigest()
+
+
+def _read_token_cache(path: Path) -> torch.Tensor | None:
+    """The cached ids, or ``None`` when the file is unreadable or fails its checksum (it is then rebuilt)."""
+    try:
+        entry = torch.load(path, weights_only=True)
+        ids = entry["ids"]
+        if entry["sha256"] == _ids_checksum(ids) and ids.dtype == torch.long and ids.dim() == 1:
+            return ids
+    except Exception:  # noqa: BLE001 -- any damage means: tokenize again
+        pass
+    warn(f"the tokenized-text cache {path} is corrupt; tokenizing again")
+    return None
 
 
 def tokenize(tokenizer, text: str, cache_dir: str | None = None) -> torch.Tensor:
     """``tokenizer(text).input_ids`` as a 1-D int64 tensor (the tokenizer's default call, as the paper).
 
     With ``cache_dir`` the ids are cached in ``<cache_dir>/tokenized/`` keyed by the text and the
-    tokenizer, so a second run does not re-tokenize.
+    tokenizer's content, with their SHA-256, so a second run does not re-tokenize and a damaged cache
+    file is detected and rebuilt.
     """
-    key = hashlib.sha256(text.encode()).hexdigest()[:16] + "-" + _tokenizer_fingerprint(tokenizer)
+    key = hashlib.sha256(text.encode()).hexdigest()[:16] + "-" + tokenizer_fingerprint(tokenizer)
     cache = Path(cache_dir, "tokenized", f"{key}.pt") if cache_dir else None
     if cache is not None and cache.is_file():
-        return torch.load(cache)
+        ids = _read_token_cache(cache)
+        if ids is not None:
+            return ids
     import transformers
 
     verbosity = transformers.logging.get_verbosity()
@@ -88,10 +115,13 @@ def tokenize(tokenizer, text: str, cache_dir: str | None = None) -> torch.Tensor
     finally:
         transformers.logging.set_verbosity(verbosity)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        torch.save(ids, tmp)
-        os.replace(tmp, cache)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".tmp{os.getpid()}")
+            torch.save({"ids": ids, "sha256": _ids_checksum(ids)}, tmp)
+            os.replace(tmp, cache)
+        except OSError as e:
+            raise UserError(f"cannot write the tokenized-text cache in --cache_dir {cache_dir}: {e.strerror or e}") from None
     return ids
 
 

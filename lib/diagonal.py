@@ -379,7 +379,7 @@ class DiagonalJob(ModelJob):
             "seed": self.seed,
             "probes": "rademacher, generator seeded by sha256(f'{seed}/{param}/{j}')",
             "fused_head": self.fused_head,
-            "model": None if self.spec is None else vars(self.spec),
+            "model": None if self.spec is None else self.spec.identity(),
         }
 
 

@@ -188,7 +188,7 @@ def run(argv: list[str] | None = None, description: str = "") -> dict[str, Any]:
             model_input_bs=args.model_input_bs,
             probe_batch=args.probe_batch or None,
             fused_head=False if args.no_fused_head else None,
-            spec=cli.model_spec(args),
+            spec=cli.model_spec(args, prep),
             runner=runner,
         )
     except ValueError as e:
@@ -270,6 +270,7 @@ def save(args: argparse.Namespace, prep: cli.Prepared, found: list[tuple[Target,
         "estimate_elapsed_s": result.elapsed_s,
         "phase_elapsed_s": result.phase_s,
         "elapsed_s": time.perf_counter() - t_start,
+        "fingerprints": prep.fingerprints,
         "run": [{"devices": [str(d) for d in s.devices], **s.stats} for s in runner.settings],
         "rel_error_vs_exact": errors_vs_exact,
         "convergence": convergence_meta,

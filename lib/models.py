@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .inputs import check_causal_lm, check_finite_weights, check_loading_info, hub_offline_if_unreachable, model_fingerprint, read_local_config
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL_DIR = ROOT / "assets" / "tiny-opt-shakespeare"
@@ -72,16 +73,30 @@ def load_model(
     path = resolve_model_path(name)
     if name == EMBEDDED and not Path(path, "config.json").is_file():
         raise UserError(f"the embedded model is missing at {path}; rebuild it with tools/train_embedded_model.py")
-    kwargs = dict(cache_dir=cache_dir, dtype=dtype, attn_implementation=attn_implementation)
+    local = Path(path).is_dir()
+    if local:
+        read_local_config(Path(path))
+    else:
+        hub_offline_if_unreachable()
+    kwargs = dict(cache_dir=cache_dir, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True, ignore_mismatched_sizes=True)
     if device_map is not None:
         kwargs["device_map"] = device_map
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the load report: we check it ourselves and say what matters in one line
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:  # hub unreachable, not cached, bad path, unsupported attention
+        model, info = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as e:  # hub unreachable, not cached, bad path, unknown or unsupported architecture
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "attn" in msg.lower() or "attention" in msg.lower():
             raise UserError(f"model {name!r} cannot use {attn_implementation} attention: {msg}") from None
+        if local:
+            raise UserError(f"cannot load model directory {path} ({type(e).__name__}: {msg})") from None
         raise UserError(f"{_offline_hint(name)} ({type(e).__name__}: {msg})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    check_loading_info(name, {**info, "model_class": type(model).__name__})
+    check_causal_lm(name, model)
+    check_finite_weights(model)
     if device_map is None:
         model.to(device)
     return prepare_model(model)
@@ -172,9 +187,24 @@ class ModelSpec:
     attn_implementation: str = "eager"
     device_map: str | None = None
 
-    def identity(self) -> dict[str, str]:
+    fingerprint: str | None = None
+    """:func:`lib.inputs.model_fingerprint` of the model the run uses; every process checks its copy against it."""
+    tokenizer_fingerprint: str | None = None
+    """:func:`lib.inputs.tokenizer_fingerprint` of the tokenizer that made the samples."""
+
+    def identity(self) -> dict[str, str | None]:
         """What determines the numbers (for checkpoint validation): not where the weights are cached or placed."""
-        return {"name": self.name, "dtype": self.dtype, "attn_implementation": self.attn_implementation}
+        keys = ("name", "dtype", "attn_implementation", "fingerprint", "tokenizer_fingerprint")
+        return {k: getattr(self, k) for k in keys}
 
     def load(self, device: torch.device | str = "cpu") -> nn.Module:
-        return load_model(self.name, self.cache_dir, getattr(torch, self.dtype), device, self.attn_implementation, self.device_map)
+        """Load the model; with a ``fingerprint``, refuse a copy whose content differs from it."""
+        model = load_model(self.name, self.cache_dir, getattr(torch, self.dtype), device, self.attn_implementation, self.device_map)
+        if self.fingerprint is not None:
+            got = model_fingerprint(model)
+            if got != self.fingerprint:
+                raise UserError(
+                    f"this process loaded a different model {self.name!r} than the run started with "
+                    f"(fingerprint {self.fingerprint[:12]} -> {got[:12]}): its files changed during the run; rerun"
+                )
+        return model

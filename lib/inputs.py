@@ -1,0 +1,206 @@
+"""Guarantees on inputs: what the run computes on is the model and tokenizer it claims, checked once.
+
+* :func:`model_fingerprint` -- SHA-256 over ``(name, dtype, shape, bytes)`` of every parameter and buffer
+  in ``state_dict`` order (one digest per tensor, combined); :func:`check_finite_weights` names a NaN/Inf weight;
+* :func:`tokenizer_fingerprint` -- SHA-256 of the tokenizer's content (vocabulary, merges, special
+  tokens, pre/post-processing), independent of where it was loaded from;
+* :func:`check_loading_info` / :func:`check_causal_lm` -- refuse models with missing or mismatched
+  weights and models that are not causal LMs with a trained output layer (no randomly initialised
+  weight may enter a computation);
+* :func:`hub_offline_if_unreachable` -- probe the Hugging Face hub once with a short timeout and switch
+  the hub libraries to offline mode when it cannot be reached (no retries, one-line errors).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+FIRST = 5
+"""How many offending names a one-line message lists."""
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def _first(names: Iterable[str]) -> str:
+    names = sorted(str(n) for n in names)
+    more = f" and {len(names) - FIRST} more" if len(names) > FIRST else ""
+    return ", ".join(names[:FIRST]) + more
+
+
+def warn(message: str) -> None:
+    """One line ``warning: ...`` on stderr."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def tensor_digest(name: str, t: torch.Tensor) -> bytes:
+    """SHA-256 of ``name``, dtype, shape and the raw bytes of ``t`` (copied to the CPU, contiguous)."""
+    h = hashlib.sha256(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+    if t.device.type == "meta":  # offloaded by a device_map: no data here
+        h.update(b"meta")
+    elif t.numel():
+        data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        h.update(memoryview(data.numpy()))
+    return h.digest()
+
+
+def first_non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, int, int] | None:
+    """``(name, non-finite count, numel)`` of the first floating-point tensor holding NaN or Inf, or ``None``."""
+    for name, t in tensors:
+        if t.is_floating_point() and t.device.type != "meta":
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                return name, bad, t.numel()
+    return None
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse (:class:`UserError`) a model with a NaN or Inf in a parameter or buffer, naming it."""
+    bad = first_non_finite(model.state_dict(keep_vars=True).items())
+    if bad is not None:
+        name, count, numel = bad
+        raise UserError(f"the model's weight {name} has {count} non-finite (NaN or Inf) values out of {numel}; the checkpoint is corrupt")
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Content fingerprint of a model (64 hex digits): SHA-256 over the per-tensor digests
+    (:func:`tensor_digest`) of every parameter and buffer, in ``state_dict`` order; a tensor shared under
+    several names (tied embeddings) is read once."""
+    tensors = model.state_dict(keep_vars=True).items()
+    total, seen = hashlib.sha256(), {}
+    for name, t in tensors:
+        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.device.type != "meta" else None
+        digest = seen.get(key) if key is not None else None
+        if digest is None:
+            digest = tensor_digest("", t)
+            if key is not None:
+                seen[key] = digest
+        total.update(name.encode() + b"\0" + digest)
+    return total.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Content fingerprint of a tokenizer (16 hex digits): its class, vocabulary, special tokens and, for
+    fast tokenizers, the whole ``tokenizer.json`` (normalizer, pre-tokenizer, model, post-processor)."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    for flag in ("add_bos_token", "add_eos_token", "add_prefix_space", "do_lower_case"):
+        h.update(f"{flag}={getattr(tokenizer, flag, None)}".encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def check_loading_info(name: str, info: dict[str, Any]) -> None:
+    """Refuse missing or mismatched weights (they would be randomly initialised); warn about unused ones.
+
+    ``info`` is what ``from_pretrained(..., output_loading_info=True)`` reports.
+    """
+    missing = info.get("missing_keys") or ()
+    if missing:
+        raise UserError(f"model {name!r} lacks {len(missing)} weight(s) that would be randomly initialised: {_first(missing)}; use a complete checkpoint")
+    mismatched = info.get("mismatched_keys") or ()
+    if mismatched:
+        names = [m[0] if isinstance(m, (tuple, list)) else m for m in mismatched]
+        raise UserError(f"model {name!r} has {len(names)} weight(s) whose shape does not match its config.json: {_first(names)}; use a checkpoint that matches its config")
+    unexpected = info.get("unexpected_keys") or ()
+    if unexpected:
+        warn(f"model {name!r}: {len(unexpected)} weight(s) of the checkpoint are not used by {info.get('model_class', 'the model')} and are ignored: {_first(unexpected)}")
+
+
+def causal_lm_classes() -> set[str]:
+    """Class names ``AutoModelForCausalLM`` builds (values of its mapping)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    out: set[str] = set()
+    for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        out.update([v] if isinstance(v, str) else v)
+    return out
+
+
+def check_causal_lm(name: str, model: nn.Module) -> None:
+    """Refuse a model that is not a causal LM with an output layer: its ``config.json`` must list a causal-LM
+    architecture (when it lists any), and the model must have output embeddings (loaded or tied, which
+    :func:`check_loading_info` ensures)."""
+    archs = list(getattr(model.config, "architectures", None) or [])
+    if archs and not set(archs) & (causal_lm_classes() | {type(model).__name__}):
+        raise UserError(
+            f"model {name!r} is not a causal language model: its config.json lists {', '.join(archs)}; "
+            f"loading it as {type(model).__name__} would use an untrained or wrong output layer. Use a causal LM (e.g. *ForCausalLM)"
+        )
+    if model.get_output_embeddings() is None:
+        raise UserError(f"model {name!r} ({type(model).__name__}) has no output layer (LM head)")
+
+
+def read_local_config(path: Path) -> None:
+    """Refuse a local model directory whose ``config.json`` is missing or not valid JSON, with the reason."""
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise UserError(f"model directory {path} has no config.json; pass a directory saved with save_pretrained (config.json and the weights)")
+    try:
+        json.loads(cfg.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{cfg} is corrupt: not valid JSON ({e})") from None
+
+
+# ----------------------------------------------------------------------------- the hub
+
+
+_HUB_CHECKED = False
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether the hub endpoint (``HF_ENDPOINT``) answers an HTTP request within ``timeout`` seconds (any status)."""
+    import urllib.error
+    import urllib.request
+
+    url = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/") + "/api/whoami-v2"
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def set_hub_offline() -> None:
+    """Offline mode for ``huggingface_hub``, ``transformers`` and ``datasets`` (already imported or not)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    if "huggingface_hub.constants" in sys.modules:
+        sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
+    if "datasets.config" in sys.modules:
+        cfg = sys.modules["datasets.config"]
+        cfg.HF_HUB_OFFLINE = cfg.HF_DATASETS_OFFLINE = True
+
+
+def hub_offline_if_unreachable() -> None:
+    """Once per process, unless offline mode is already on: probe the hub and, if it cannot be reached, switch
+    to offline mode, so that loading from the hub fails at once (or uses the cache) instead of retrying."""
+    global _HUB_CHECKED
+    if _HUB_CHECKED or _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE")):
+        return
+    _HUB_CHECKED = True
+    if not hub_reachable():
+        set_hub_offline()
