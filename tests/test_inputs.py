@@ -287,6 +287,6 @@ def test_unreachable_hub_fails_fast_in_one_line(tmp_path, extra, message):
 def test_low_precision_dtype_warns_in_one_line(tiny_dir, tmp_path, capsys):
     single_layer_single_block.run(["--model", str(tiny_dir), *FAST, "--dtype", "bfloat16", "--output_dir", str(tmp_path / "out")])
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-    assert warnings == [f"warning: --dtype bfloat16: {cli.LOW_PRECISION_NOTE}"]
+    assert warnings == [f"warning: --dtype bfloat16: {cli.LOW_PRECISION_NOTE['bfloat16']}"]
     single_layer_single_block.run(["--model", str(tiny_dir), *FAST, "--dtype", "float32", "--output_dir", str(tmp_path / "out32")])
     assert "warning:" not in capsys.readouterr().err
