@@ -2,9 +2,9 @@
 
 For the embedded model and for the OPT-125M architecture with random weights (built from
 ``OPTConfig()`` and saved with ``save_pretrained`` to a temporary directory; no download), prints
-the fastest of ``--repeat`` wall times of: ``load_model`` (which already includes the weight checks),
-:func:`lib.inputs.model_fingerprint` (SHA-256 of every parameter and buffer), and
-:func:`lib.inputs.check_finite_weights`, plus the hashed size and throughput.
+the fastest of ``--repeat`` wall times of: ``load_model`` (which includes the finiteness check),
+:func:`lib.inputs.model_fingerprint` (SHA-256 of every parameter and buffer) on one thread and on its
+default number of threads, and :func:`lib.inputs.check_finite_weights`.
 
     python benchmarks/fingerprint.py --repeat 3
 """
@@ -12,6 +12,7 @@ the fastest of ``--repeat`` wall times of: ``load_model`` (which already include
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -38,16 +39,17 @@ def measure(label: str, path: str, repeat: int) -> None:
     model = load_model(path)
     size = sum(t.numel() * t.element_size() for t in {id(t): t for t in model.state_dict().values()}.values())
     load_s = fastest(lambda: load_model(path), repeat)
+    fp1_s = fastest(lambda: model_fingerprint(model, threads=1), repeat)
     fp_s = fastest(lambda: model_fingerprint(model), repeat)
     fin_s = fastest(lambda: check_finite_weights(model), repeat)
-    print(f"| {label} | {size / 2**20:.1f} | {load_s:.3f} | {fp_s:.3f} | {size / 2**20 / fp_s:.0f} | {fin_s:.3f} |")
+    print(f"| {label} | {size / 2**20:.1f} | {load_s:.3f} | {fp1_s:.3f} ({size / 2**20 / fp1_s:.0f} MiB/s) | {fp_s:.3f} | {fin_s:.3f} |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
-    print("| model | weights MiB | load_model (s) | fingerprint (s) | fingerprint MiB/s | finiteness check (s) |")
+    print(f"| model | weights MiB | load_model (s) | fingerprint, 1 thread (s) | fingerprint, {min(8, os.cpu_count() or 1)} threads (s) | finiteness check (s) |")
     print("|---|---|---|---|---|---|")
     measure("embedded", "embedded", args.repeat)
     from transformers import OPTConfig, OPTForCausalLM

@@ -58,10 +58,15 @@ def tensor_digest(name: str, t: torch.Tensor) -> bytes:
 def first_non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, int, int] | None:
     """``(name, non-finite count, numel)`` of the first floating-point tensor holding NaN or Inf, or ``None``."""
     for name, t in tensors:
-        if t.is_floating_point() and t.device.type != "meta":
-            bad = int((~torch.isfinite(t)).sum())
-            if bad:
-                return name, bad, t.numel()
+        if not t.is_floating_point() or t.device.type == "meta":
+            continue
+        # fast path: a NaN or Inf makes the sum non-finite, so a finite sum proves every entry finite
+        total = t.detach().sum(dtype=torch.float32 if t.element_size() < 4 else None)
+        if torch.isfinite(total):
+            continue
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            return name, bad, t.numel()
     return None
 
 
@@ -73,20 +78,26 @@ def check_finite_weights(model: nn.Module) -> None:
         raise UserError(f"the model's weight {name} has {count} non-finite (NaN or Inf) values out of {numel}; the checkpoint is corrupt")
 
 
-def model_fingerprint(model: nn.Module) -> str:
+def model_fingerprint(model: nn.Module, threads: int | None = None) -> str:
     """Content fingerprint of a model (64 hex digits): SHA-256 over the per-tensor digests
     (:func:`tensor_digest`) of every parameter and buffer, in ``state_dict`` order; a tensor shared under
-    several names (tied embeddings) is read once."""
-    tensors = model.state_dict(keep_vars=True).items()
-    total, seen = hashlib.sha256(), {}
+    several names (tied embeddings) is read once. Tensors are hashed on ``threads`` threads (default: up to
+    8, one per CPU; ``hashlib`` releases the GIL), so the cost is about one read of the weights."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tensors = list(model.state_dict(keep_vars=True).items())
+    unique: dict[Any, torch.Tensor] = {}
+    keys = []
     for name, t in tensors:
-        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.device.type != "meta" else None
-        digest = seen.get(key) if key is not None else None
-        if digest is None:
-            digest = tensor_digest("", t)
-            if key is not None:
-                seen[key] = digest
-        total.update(name.encode() + b"\0" + digest)
+        key = (str(t.device), t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.device.type != "meta" else ("meta", name)
+        unique.setdefault(key, t)
+        keys.append(key)
+    workers = threads or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        digests = dict(zip(unique, pool.map(lambda t: tensor_digest("", t), unique.values())))
+    total = hashlib.sha256()
+    for (name, _), key in zip(tensors, keys):
+        total.update(name.encode() + b"\0" + digests[key])
     return total.hexdigest()
 
 
