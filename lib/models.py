@@ -85,7 +85,9 @@ def load_model(
     hf_logging.set_verbosity_error()  # the load report: we check it ourselves and say what matters in one line
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError) as e:  # hub unreachable, not cached, bad path, unknown or unsupported architecture
+    except Exception as e:  # hub unreachable, not cached, bad path, unknown architecture, corrupt weight file
+        if not local and not isinstance(e, (OSError, ValueError, KeyError)):
+            raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "attn" in msg.lower() or "attention" in msg.lower():
             raise UserError(f"model {name!r} cannot use {attn_implementation} attention: {msg}") from None

@@ -209,11 +209,14 @@ def test_model_directory_without_tokenizer_is_named(tmp_path, capsys):
     assert err.startswith(f"error: model directory {model_dir} has no tokenizer (none of tokenizer.json, ")
 
 
-def test_corrupt_config_json_is_named_without_the_offline_hint(tiny_dir, tmp_path, capsys):
+@pytest.mark.parametrize("damaged", ["config.json", "model.safetensors"])
+def test_corrupt_model_files_are_named_without_the_offline_hint(tiny_dir, tmp_path, capsys, damaged):
     model_dir = _copy(tiny_dir, tmp_path / "m")
-    (model_dir / "config.json").write_text('{"model_type": "opt", "hidden_size": 16,')
+    data = (model_dir / damaged).read_bytes()
+    (model_dir / damaged).write_bytes(data[: len(data) // 3])  # truncated
     err = _fail(["--model", str(model_dir), *FAST, "--output_dir", str(tmp_path / "out")], capsys)
-    assert err.startswith(f"error: {model_dir / 'config.json'} is corrupt: not valid JSON (") and "HF_HUB_OFFLINE" not in err
+    expected = f"error: {model_dir / 'config.json'} is corrupt: not valid JSON (" if damaged == "config.json" else f"error: cannot load model directory {model_dir} (SafetensorError: "
+    assert err.startswith(expected) and "HF_HUB_OFFLINE" not in err, err
 
 
 @pytest.mark.parametrize("kind", ["file", "unwritable"])
