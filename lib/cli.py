@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import outputs, parallel
+from . import outputs, parallel, preflight
 from .data import default_dataset, load_text, load_tokenizer, make_samples, tokenize, check_seqlen
 from .errors import Interrupted, RunError, UserError
 from .hessian import METHODS, ExactHessianJob
@@ -177,6 +177,14 @@ def claim_outputs(args: argparse.Namespace, name: str, checkpoints: list[Path]) 
     outputs.claim(args.output_dir, name, checkpoints, args.overwrite, args.resume, rank0=env is None or env[0] == 0)
 
 
+def check_resources(args: argparse.Namespace, prep: Prepared, est: preflight.Estimate, alternatives: str) -> None:
+    """Refuse before the computation when ``est`` does not fit in free host / GPU memory or disk (:func:`lib.preflight.check`)."""
+    env = parallel.distributed_env()
+    if env is None or env[0] == 0:
+        writes = any(ckpt.parse_every(args.checkpoint_every))
+        preflight.check(est, prep.devices or [prep.device], args.output_dir, writes, alternatives)
+
+
 def slice_boundaries(subset: Subset) -> list[int]:
     """Flat offsets where each slice after the first starts."""
     out, pos = [], 0
@@ -200,6 +208,7 @@ def run_exact(script: str, args: argparse.Namespace, build_subset: Callable[[nn.
     out = Path(args.output_dir)
     claim_outputs(args, name, [out / f"{name}.ckpt"])
     prep, subset = prepare(args, build_subset)
+    check_resources(args, prep, preflight.exact_estimate(subset.size, DTYPES[args.dtype].itemsize), "a smaller --t (or fewer blocks or layers), or --checkpoint_every 0 (no checkpoint file)")
     job = ExactHessianJob(
         subset,
         prep.samples,

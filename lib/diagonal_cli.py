@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import cli, outputs, parallel
-from .diagonal import ESTIMATORS, EXACT_MAX_ENTRIES, DiagonalJob, DiagonalResult, Target, hessian_diagonal, rel_l2
+from . import cli, outputs, parallel, preflight
+from .diagonal import ESTIMATORS, EXACT_MAX_ENTRIES, DiagonalJob, DiagonalResult, Target, hessian_diagonal, plan_phase1, rel_l2
 from .errors import UserError
 from .models import iter_named_linear
 from .plots import convergence, heatmap, heatmap_grid
@@ -182,6 +182,8 @@ def run(argv: list[str] | None = None, description: str = "") -> dict[str, Any]:
     prep, _ = cli.prepare(args, build)
     targets = [t for t, _, _ in found]
     estimators = args.estimator
+    est = preflight.diagonal_estimate(plan_phase1(targets, estimators, args.vhp_samples, args.seed), cli.DTYPES[args.dtype].itemsize, len(prep.devices or [1]))
+    cli.check_resources(args, prep, est, "--estimator hutchinson (no stored vectors), fewer weights (one --layer_name, or --block_index with --all_layers), a smaller --vhp_samples, or --checkpoint_every 0 (no checkpoint files)")
     runner = _Runner(args, prep, out, name, two_phase="xdiag" in estimators)
     own_group = _init_distributed(prep.devices[0]) if prep.devices else False
     try:
