@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-from .errors import RunError, UserError
+from .errors import Interrupted, RunError, UserError, signal_name
 
 OPERATIONAL_FLAGS = frozenset(
     {"output_dir", "name", "no_progress", "devices", "device", "device_map", "checkpoint_every", "resume", "keep_checkpoint", "overwrite", "unit_timeout", "cache_dir", "chunk", "probe_batch"}
@@ -153,13 +153,17 @@ def saving_results(checkpoints: Sequence[Any]) -> None:
         _CURRENT[-1].saving = True
 
 
-def _save_failure(e: Exception, c: Claim) -> RunError:
+def _kept(c: Claim) -> str:
+    """Where the complete sums are, and how to write the outputs from them."""
     written = [cfg for cfg in c.checkpoints if cfg.writes and Path(cfg.path).exists()]
-    what = f"{type(e).__name__}: {e}"
     if written:
         paths = ", ".join(str(cfg.path) for cfg in written)
-        return RunError(f"could not write the results ({what}); every unit is computed and saved in {paths}: fix the cause and rerun with --resume (and the same flags) to write the outputs without recomputing")
-    return RunError(f"could not write the results ({what}); checkpointing was off (--checkpoint_every 0), so the computed sums are lost")
+        return f"every unit is computed and saved in {paths}: fix the cause and rerun with --resume (and the same flags) to write the outputs without recomputing"
+    return "checkpointing was off (--checkpoint_every 0), so the computed sums are lost"
+
+
+def _save_failure(e: Exception, c: Claim) -> RunError:
+    return RunError(f"could not write the results ({type(e).__name__}: {e}); {_kept(c)}")
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -174,6 +178,11 @@ def guarded(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except (RunError, UserError):
+            raise
+        except (Interrupted, KeyboardInterrupt) as e:
+            if len(_CURRENT) > depth and _CURRENT[-1].saving:
+                signum = e.signum if isinstance(e, Interrupted) else 2
+                raise Interrupted(signum, f"interrupted by {signal_name(signum)} while writing the results; {_kept(_CURRENT[-1])}") from None
             raise
         except Exception as e:  # noqa: BLE001 -- a disk full or a permission change while writing the outputs
             if len(_CURRENT) > depth and _CURRENT[-1].saving:

@@ -600,6 +600,11 @@ def _run_distributed(job: AdditiveJob, settings: RunSettings, env: tuple[int, in
             agree(payload, add_round)
         settings.stats.update(mode="torchrun", workers=world, units_run=len(remaining), setup_s=t1 - t0, compute_s=time.perf_counter() - t1)
         return sink.done() if sink is not None else None
+    except (Interrupted, KeyboardInterrupt) as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        if sink is not None:
+            sink.fail()
+        raise Interrupted(signum, f"rank {rank}: interrupted by {signal_name(signum)}{sink.kept() if sink is not None else ''}") from None
     except BaseException:
         if sink is not None:
             sink.fail()

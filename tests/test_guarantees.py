@@ -257,6 +257,17 @@ def test_a_failed_save_keeps_the_finished_sums_and_resume_writes_without_recompu
     assert not list(tmp_path.glob("*.ckpt")) and not list(tmp_path.glob("*.lock"))
 
 
+def test_ctrl_c_while_writing_the_results_says_they_are_in_the_checkpoint(tmp_path, monkeypatch):
+    import lib.results
+
+    def interrupted(path, fn):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lib.results, "atomic_write_bytes", interrupted)
+    code, err = _main(single_layer_single_block, [*ARGS, "--output_dir", str(tmp_path)])
+    assert code == 130 and err == f"error: interrupted by SIGINT while writing the results; every unit is computed and saved in {tmp_path / 'h.ckpt'}: fix the cause and rerun with --resume (and the same flags) to write the outputs without recomputing"
+
+
 # ----------------------------------------------------------------------------- 8: the result pair
 
 
