@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from test_parallel import ToyJob
 import hessian_diagonal
 import single_layer_single_block
 from lib import checkpoint as ckpt
@@ -290,43 +291,17 @@ def test_a_kill_between_tensor_and_json_never_leaves_a_mismatched_pair(tmp_path,
 # ----------------------------------------------------------------------------- 10: a hung worker
 
 
-class StallJob:
-    """Unit ``k`` is ``{"s": k * ones(3)}``; the worker computing unit ``stop`` stops itself with SIGSTOP (picklable)."""
-
-    model_input_bs = 1
-
-    def __init__(self, n: int, stop: int | None = None):
-        self.n, self.stop = n, stop
-
-    def setup(self, device):
-        pass
-
-    def num_units(self):
-        return self.n
-
-    def steps_per_unit(self):
-        return 1
-
-    def run_unit(self, k, progress=None):
-        if k == self.stop:
-            os.kill(os.getpid(), signal.SIGSTOP)
-        return {"s": torch.full((3,), float(k), dtype=torch.float64)}
-
-    def config(self):
-        return {"kind": "stall", "n": self.n}
-
-
 def test_a_stopped_worker_is_detected_named_and_finished_units_are_kept(tmp_path):
     cfg = ckpt.CheckpointConfig(tmp_path / "t.ckpt", every_units=100)
     settings = parallel.RunSettings([torch.device("cpu"), torch.device("cpu")], cfg, unit_timeout=2.0)
     t0 = time.monotonic()
     with pytest.raises(RunError, match=r"^worker \d \(cpu\) has computed sample 2 \(unit 2\) for \ds, over --unit_timeout 2s; it was stopped as hung; the 3 finished units of 4 are saved in .*t\.ckpt \(rerun with --resume\)$"):
-        parallel.run_job(StallJob(4, stop=2), settings)
+        parallel.run_job(ToyJob(4, {2: "stop"}), settings)
     assert time.monotonic() - t0 < 60
-    state = ckpt.load(cfg.path, StallJob(4).config(), 4)
+    state = ckpt.load(cfg.path, ToyJob(4).config(), 4)
     assert state.remaining() == [2]
     cfg.resume = True
-    assert torch.equal(parallel.run_job(StallJob(4), parallel.RunSettings([torch.device("cpu")], cfg))["s"], torch.full((3,), 6.0, dtype=torch.float64))
+    assert torch.equal(parallel.run_job(ToyJob(4), parallel.RunSettings([torch.device("cpu")], cfg))["s"], torch.full((3,), 6.0, dtype=torch.float64))
 
 
 def test_automatic_hung_limit_is_ten_medians_and_at_least_five_minutes():

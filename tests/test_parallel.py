@@ -128,6 +128,8 @@ class ToyJob:
         if what == "kill":
             time.sleep(1.0)  # let the other worker finish its unit first
             os.kill(os.getpid(), signal.SIGKILL)
+        if what == "stop":  # a hung worker
+            os.kill(os.getpid(), signal.SIGSTOP)
         if what == "nan":
             return {"s": torch.full((3,), float("nan"))}
         if progress:
