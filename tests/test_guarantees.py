@@ -51,6 +51,8 @@ def _main(script, argv: list[str]) -> tuple[int, str]:
             code = 0
         except SystemExit as e:
             code = e.code
+        except BaseException as e:  # noqa: BLE001 -- e.g. a KeyboardInterrupt that escaped: report it, do not stop pytest
+            return -1, repr(e)
     lines = err.getvalue().strip().splitlines()
     return code, lines[-1] if lines else ""
 
