@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import struct
 import time
@@ -29,6 +28,7 @@ import torch
 
 from .errors import UserError
 from .jobs import Partial, add_partials
+from .results import atomic_write_bytes
 
 MAGIC = b"HSNCKPT1"
 _HEADER = struct.Struct("<8sQ32s")
@@ -64,6 +64,8 @@ class CheckpointConfig:
     every_s: float = 120.0
     resume: bool = False
     keep: bool = False
+    owned: bool = False
+    """Set once this run wrote or resumed from ``path``: only then may :func:`finish` remove it."""
 
     @property
     def writes(self) -> bool:
@@ -134,22 +136,7 @@ def save(path: str | Path, state: RunState, config: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = _encode(state, config)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # pragma: no cover -- platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
+    atomic_write_bytes(path, lambda p: p.write_bytes(data))
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -238,6 +225,7 @@ class Writer:
             return
         self.state.elapsed_s = self._elapsed0 + time.monotonic() - self._t0
         save(self.cfg.path, self.state, self.config)
+        self.cfg.owned = True
         self._saved_done, self._saved_at, self.written = self.state.n_done, time.monotonic(), True
 
     def maybe_save(self) -> None:
@@ -256,8 +244,8 @@ class Writer:
 
 
 def finish(cfg: CheckpointConfig | None) -> None:
-    """After the results are saved: remove the checkpoint unless ``keep``."""
-    if cfg is not None and not cfg.keep:
+    """After the results are durably saved: remove the checkpoint unless ``keep`` -- never one this run did not write or resume from."""
+    if cfg is not None and not cfg.keep and cfg.owned:
         try:
             Path(cfg.path).unlink()
         except FileNotFoundError:

@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +16,9 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import parallel
+from . import outputs, parallel, preflight
 from .data import default_dataset, load_text, load_tokenizer, make_samples, tokenize, check_seqlen
-from .errors import RunError, UserError
+from .errors import Interrupted, RunError, UserError
 from .hessian import METHODS, ExactHessianJob
 from .inputs import model_fingerprint, tokenizer_fingerprint, warn
 from .models import EMBEDDED, ModelSpec, load_model, max_positions, resolve_device
@@ -63,6 +64,7 @@ def base_parser(description: str, t_default: tuple[int, int]) -> argparse.Argume
     o = p.add_argument_group("output")
     o.add_argument("--output_dir", default="results", help="where <name>.pt, <name>.json and the figures go")
     o.add_argument("--name", default=None, help="output file stem (default: derived from the configuration)")
+    o.add_argument("--overwrite", action="store_true", help="replace a finished result of the same --name (refused otherwise)")
     o.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     add_run_flags(p)
     return p
@@ -76,6 +78,7 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--checkpoint_every", default=ckpt.DEFAULT_EVERY, help="write <output_dir>/<name>.ckpt every N units (batches of --model_input_bs samples), or every DURATION such as 120s, 10m; 0 = never")
     r.add_argument("--resume", action="store_true", help="continue from <output_dir>/<name>.ckpt, recomputing nothing finished (the configuration must be the same); starts afresh if there is none")
     r.add_argument("--keep_checkpoint", action="store_true", help="keep the checkpoint when the run completes (it is removed by default)")
+    r.add_argument("--unit_timeout", type=float, default=0.0, help="with --devices: stop the run when one unit runs longer than this many seconds (a hung worker); 0 = auto: 10x the median unit time and at least 5 minutes")
 
 
 def resolve_defaults(args: argparse.Namespace, t_default: tuple[int, int]) -> None:
@@ -106,6 +109,8 @@ def check_cheap(args: argparse.Namespace) -> None:
     if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
         raise UserError(f"--seed {args.seed} is out of range: use an integer from -2**63 to 2**64-1")
     check_cache_dir(args.cache_dir)
+    if getattr(args, "unit_timeout", 0) < 0:
+        raise UserError(f"--unit_timeout must be >= 0 seconds, got {args.unit_timeout}")
     run_devices(args)
     ckpt.parse_every(getattr(args, "checkpoint_every", "0"))
     if getattr(args, "device_map", None) is not None and importlib.util.find_spec("accelerate") is None:
@@ -163,7 +168,7 @@ def run_settings(args: argparse.Namespace, prep: Prepared, checkpoint_path: str 
     """:class:`lib.parallel.RunSettings` from the run flags, checkpointing to ``checkpoint_path``."""
     every_units, every_s = ckpt.parse_every(args.checkpoint_every)
     cfg = ckpt.CheckpointConfig(Path(checkpoint_path), every_units, every_s, resume=args.resume, keep=args.keep_checkpoint)
-    return parallel.RunSettings(devices=prep.devices or [prep.device], checkpoint=cfg, progress=not args.no_progress, desc=desc)
+    return parallel.RunSettings(devices=prep.devices or [prep.device], checkpoint=cfg, progress=not args.no_progress, desc=desc, unit_timeout=args.unit_timeout)
 
 
 @dataclass
@@ -206,8 +211,23 @@ def prepare(args: argparse.Namespace, build_subset: Callable[[nn.Module], Subset
 
 
 def default_name(script: str, args: argparse.Namespace, tag: str) -> str:
+    """Readable stem plus a hash of the result-defining flags (the exact Hessian uses no random numbers: not ``seed``)."""
     model = Path(args.model.rstrip("/")).name
-    return f"{script}_{model}_{tag}_t{args.t}_b{args.b}_s{args.seqlen}".replace("/", "-")
+    return outputs.default_name(f"{script}_{model}_{tag}_t{args.t}_b{args.b}_s{args.seqlen}", args, ignore=("seed",))
+
+
+def claim_outputs(args: argparse.Namespace, name: str, checkpoints: list[Path]) -> None:
+    """Check and lock the run's outputs before the model is loaded (:func:`lib.outputs.claim`; released by :func:`lib.outputs.guarded`)."""
+    env = parallel.distributed_env()
+    outputs.claim(args.output_dir, name, checkpoints, args.overwrite, args.resume, rank0=env is None or env[0] == 0)
+
+
+def check_resources(args: argparse.Namespace, prep: Prepared, est: preflight.Estimate, alternatives: str) -> None:
+    """Refuse before the computation when ``est`` does not fit in free host / GPU memory or disk (:func:`lib.preflight.check`)."""
+    env = parallel.distributed_env()
+    if env is None or env[0] == 0:
+        writes = any(ckpt.parse_every(args.checkpoint_every))
+        preflight.check(est, prep.devices or [prep.device], args.output_dir, writes, alternatives)
 
 
 def slice_boundaries(subset: Subset) -> list[int]:
@@ -219,17 +239,21 @@ def slice_boundaries(subset: Subset) -> list[int]:
     return out
 
 
+@outputs.guarded
 def run_exact(script: str, args: argparse.Namespace, build_subset: Callable[[nn.Module], Subset], tag: Callable[[], str]) -> dict[str, Any]:
     """The whole exact-Hessian job of a script: prepare, compute (in this process, on worker processes
     or under torchrun, with checkpoints), save ``.pt`` / ``.json`` / figures.
 
-    ``tag()`` names the subset in the default output name; it is called after the subset is built.
+    ``tag()`` names the subset in the default output name (from the flags; called before the model is loaded).
     Returns the saved metadata (``{}`` on torchrun ranks other than 0, which save nothing).
     """
     t_start = time.perf_counter()
-    prep, subset = prepare(args, build_subset)
+    check_cheap(args)
     name = args.name or default_name(script, args, tag())
     out = Path(args.output_dir)
+    claim_outputs(args, name, [out / f"{name}.ckpt"])
+    prep, subset = prepare(args, build_subset)
+    check_resources(args, prep, preflight.exact_estimate(subset.size, DTYPES[args.dtype].itemsize), "a smaller --t (or fewer blocks or layers), or --checkpoint_every 0 (no checkpoint file)")
     job = ExactHessianJob(
         subset,
         prep.samples,
@@ -246,7 +270,7 @@ def run_exact(script: str, args: argparse.Namespace, build_subset: Callable[[nn.
     if sums is None:
         return {}
     result = job.result(sums, time.perf_counter() - t0)
-    out.mkdir(parents=True, exist_ok=True)
+    outputs.saving_results([settings.checkpoint])
     figures = heatmap(result.hessian, out / name, f"|H| {subset.description}\n{args.model}, b={args.b}, seqlen={args.seqlen}", slice_boundaries(subset))
     meta = {
         "script": script,
@@ -275,12 +299,25 @@ def run_exact(script: str, args: argparse.Namespace, build_subset: Callable[[nn.
 
 def main(fn: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> Any:
     """Run a script's ``fn(argv)``, turning :class:`UserError` into one line on stderr and exit status 2
-    (:class:`RunError`, a run stopped while computing: exit status 1)."""
+    (:class:`RunError`, a run stopped while computing: exit status 1; SIGINT / SIGTERM: 130 / 143, one line, no traceback)."""
+    import signal
+
+    def terminate(signum, frame):  # noqa: ARG001 -- SIGTERM before or after the computation (lib.parallel handles it during)
+        raise Interrupted(signum)
+
+    old = signal.signal(signal.SIGTERM, terminate) if threading.current_thread() is threading.main_thread() else None
     try:
         return fn(argv)
+    except (Interrupted, KeyboardInterrupt) as e:
+        e = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
+        print(f"error: {e.message}", file=sys.stderr)
+        raise SystemExit(e.code) from None
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)

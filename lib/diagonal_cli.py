@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import cli, parallel
-from .diagonal import ESTIMATORS, EXACT_MAX_ENTRIES, DiagonalJob, DiagonalResult, Target, hessian_diagonal, rel_l2
+from . import cli, outputs, parallel, preflight
+from .diagonal import ESTIMATORS, EXACT_MAX_ENTRIES, DiagonalJob, DiagonalResult, Target, hessian_diagonal, plan_phase1, rel_l2
 from .errors import UserError
 from .models import iter_named_linear
 from .plots import convergence, heatmap, heatmap_grid
@@ -105,7 +105,7 @@ def default_name(args: argparse.Namespace, estimators: list[str]) -> str:
         tag = f"{args.layer_name}_block{args.block_index or 0}"
     k = "" if set(estimators) <= {"fisher", "exact"} else f"_K{args.vhp_samples}"
     track = f"_track{args.track_rows}" if args.track_rows else ""
-    return f"hessian_diagonal_{model}_{tag}_{'+'.join(estimators)}{k}{track}_b{args.b}_s{args.seqlen}".replace("/", "-")
+    return outputs.default_name(f"hessian_diagonal_{model}_{tag}_{'+'.join(estimators)}{k}{track}_b{args.b}_s{args.seqlen}", args)
 
 
 def _finite(x: Any) -> Any:
@@ -127,8 +127,12 @@ class _Runner:
         self.settings: list[parallel.RunSettings] = []
         self.keep = args.keep_checkpoint
 
+    @staticmethod
+    def checkpoint_path(out: Path, name: str, phase: str) -> Path:
+        return out / (f"{name}.ckpt" if phase == "1" else f"{name}.phase{phase}.ckpt")
+
     def path(self, phase: str) -> Path:
-        return self.out / (f"{self.name}.ckpt" if phase == "1" else f"{self.name}.phase{phase}.ckpt")
+        return self.checkpoint_path(self.out, self.name, phase)
 
     def __call__(self, job: DiagonalJob, phase: str) -> dict[str, torch.Tensor] | None:
         settings = cli.run_settings(self.args, self.prep, self.path(phase), f"HVPs, phase {phase}" if self.two_phase else "HVPs")
@@ -156,6 +160,7 @@ def _init_distributed(device: torch.device) -> bool:
     return parallel.distributed_env() is not None and parallel.init_process_group(device)
 
 
+@outputs.guarded
 def run(argv: list[str] | None = None, description: str = "") -> dict[str, Any]:
     """Parse, validate, compute and save; returns the saved metadata (``{}`` on torchrun ranks > 0)."""
     args = build_parser(description).parse_args(argv)
@@ -163,7 +168,11 @@ def run(argv: list[str] | None = None, description: str = "") -> dict[str, Any]:
     args.t = None
     args.estimator = resolve_estimators(args)
     check_flags(args)
+    cli.check_cheap(args)
     t_start = time.perf_counter()
+    name = args.name or default_name(args, args.estimator)
+    out = Path(args.output_dir)
+    cli.claim_outputs(args, name, [_Runner.checkpoint_path(out, name, p) for p in "12"])
     found: list[tuple[Target, int, str]] = []
 
     def build(model: nn.Module):
@@ -173,8 +182,8 @@ def run(argv: list[str] | None = None, description: str = "") -> dict[str, Any]:
     prep, _ = cli.prepare(args, build)
     targets = [t for t, _, _ in found]
     estimators = args.estimator
-    name = args.name or default_name(args, estimators)
-    out = Path(args.output_dir)
+    est = preflight.diagonal_estimate(plan_phase1(targets, estimators, args.vhp_samples, args.seed), cli.DTYPES[args.dtype].itemsize, len(prep.devices or [1]))
+    cli.check_resources(args, prep, est, "--estimator hutchinson (no stored vectors), fewer weights (one --layer_name, or --block_index with --all_layers), a smaller --vhp_samples, or --checkpoint_every 0 (no checkpoint files)")
     runner = _Runner(args, prep, out, name, two_phase="xdiag" in estimators)
     own_group = _init_distributed(prep.devices[0]) if prep.devices else False
     try:
@@ -202,6 +211,7 @@ def run(argv: list[str] | None = None, description: str = "") -> dict[str, Any]:
             dist.destroy_process_group()
     if result is None:  # torchrun rank > 0
         return {}
+    outputs.saving_results([s.checkpoint for s in runner.settings])
     meta = save(args, prep, found, result, name, out, t_start, runner)
     runner.finish()
     return meta
@@ -217,7 +227,6 @@ def save(args: argparse.Namespace, prep: cli.Prepared, found: list[tuple[Target,
         tensor: Any = result.diagonals[estimators[0]][targets[0].param_name].to(dtype)
     else:
         tensor = {e: {t.param_name: result.diagonals[e][t.param_name].to(dtype) for t in targets} for e in estimators}
-    out.mkdir(parents=True, exist_ok=True)
     model_desc = f"{args.model}, b={args.b}, seqlen={args.seqlen}"
     k_desc = lambda e: f", K={args.vhp_samples}" if e in ("hutchinson", "xdiag") else ""  # noqa: E731
     if single:

@@ -14,3 +14,24 @@ class RunError(Exception):
     Finished work is kept in the checkpoint; scripts print ``error: <message>`` on one line and exit with
     status 1.
     """
+
+
+class Interrupted(SystemExit):
+    """The run was stopped by SIGINT (Ctrl-C) or SIGTERM; exit status ``128 + signum`` (130, 143).
+
+    ``message`` says what was kept. Scripts print ``error: <message>`` on one line, without a traceback.
+    """
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(128 + signum)
+        self.signum = signum
+        self.message = message or f"interrupted by {signal_name(signum)}"
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"

@@ -30,7 +30,11 @@ Failures: a worker that raises, runs out of memory or is killed stops the run wi
 :class:`~lib.errors.RunError` naming the worker and the samples; a unit whose partials contain NaN or
 Inf stops it likewise. Finished units are then written to the checkpoint (if checkpointing is on),
 as on Ctrl-C and SIGTERM (which are deferred while a unit is being added, so a checkpoint never holds
-half a unit); SIGKILL loses at most the units since the last checkpoint.
+half a unit, and raise :class:`~lib.errors.Interrupted`, exit status 130 / 143); SIGKILL loses at most
+the units since the last checkpoint. A worker whose unit runs longer than ``RunSettings.unit_timeout``
+(default: 10x the median finished unit and at least 5 minutes) is killed and named, as hung.
+With checkpointing on, the complete sums are written to the checkpoint before ``run_job`` returns,
+and a run resumed from a complete checkpoint returns them without setting anything up.
 """
 
 from __future__ import annotations
@@ -52,9 +56,12 @@ from typing import Any, Callable, Iterator
 import torch
 
 from . import checkpoint as ckpt
-from .errors import RunError, UserError
+from .errors import Interrupted, RunError, UserError, signal_name
 from .jobs import AdditiveJob, Partial
 
+HUNG_FACTOR = 10.0
+HUNG_MIN_S = 300.0
+"""Automatic hung-unit limit: ``max(HUNG_MIN_S, HUNG_FACTOR * median finished unit time)`` (none before a unit finishes)."""
 DIST_TIMEOUT = timedelta(hours=2)
 """How long a torchrun rank waits for the others (a round lasts as long as its slowest unit)."""
 
@@ -67,6 +74,9 @@ class RunSettings:
     checkpoint: ckpt.CheckpointConfig | None = None
     progress: bool = False
     desc: str = "work"
+    unit_timeout: float = 0.0
+    """Worker processes: stop the run when a unit runs longer than this many seconds (0 = auto: more than
+    :data:`HUNG_FACTOR` times the median finished unit and at least :data:`HUNG_MIN_S`)."""
     force_workers: bool = False
     """Run a single device in a spawned worker too (benchmarks; isolation from the parent)."""
     stats: dict[str, Any] = field(default_factory=dict)
@@ -113,10 +123,10 @@ def initial_state(job: AdditiveJob, cfg: ckpt.CheckpointConfig | None, config: d
     if path.exists():
         if cfg.resume:
             state = ckpt.load(path, config, n)
+            cfg.owned = True
             print(f"resuming from {path}: {state.n_done} of {n} units done", file=sys.stderr)
             return state
-        if cfg.writes:
-            raise UserError(f"checkpoint {path} exists from an earlier run; pass --resume to continue it, or delete it to start over")
+        raise UserError(f"checkpoint {path} exists from an earlier run; pass --resume to continue it, or delete it to start over")
     elif cfg.resume:
         print(f"no checkpoint at {path}; starting from the beginning", file=sys.stderr)
     return ckpt.RunState(n)
@@ -160,7 +170,7 @@ class _Bar:
 
 
 class _Signals:
-    """During a run, SIGINT raises ``KeyboardInterrupt`` and SIGTERM ``SystemExit(143)`` so that finished work is
+    """During a run, SIGINT and SIGTERM raise :class:`~lib.errors.Interrupted` (exit status 130, 143) so that finished work is
     checkpointed -- but never inside a :meth:`critical` section (adding a unit to the state), where they
     are deferred to its end, so that a checkpoint never holds a half-added unit."""
 
@@ -169,9 +179,7 @@ class _Signals:
 
     @staticmethod
     def _raise(signum: int) -> None:
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        raise SystemExit(128 + signum)
+        raise Interrupted(signum)
 
     def _handler(self, signum, frame) -> None:  # noqa: ARG002
         if self.depth:
@@ -237,10 +245,10 @@ class _Sink:
             print(f"warning: could not write the checkpoint: {_summary(e)}", file=sys.stderr)
 
     def done(self) -> Partial:
-        """The total; with checkpointing on, the complete state is written first if a checkpoint was (or is to be) kept."""
+        """The total; with checkpointing on, the complete state is written first (``--resume`` then only writes the outputs)."""
         cfg = self.cfg
-        if cfg is not None and cfg.writes and (cfg.keep or self.writer.written or cfg.path.exists()):
-            self.writer.save()
+        if cfg is not None and cfg.writes and (self.writer.dirty or not cfg.path.exists()):
+            self.writer.save()  # the complete sums, before any output is written: a failed save loses nothing
         return self.state.total()
 
 
@@ -256,7 +264,9 @@ def run_job(job: AdditiveJob, settings: RunSettings) -> Partial | None:
         state = initial_state(job, settings.checkpoint, config)
         sink = _Sink(job, settings, state, config)
         try:
-            if len(settings.devices) == 1 and not settings.force_workers:
+            if state.complete:  # resumed from a complete checkpoint: nothing to compute or set up
+                settings.stats.update(mode="resumed complete", workers=0, units_run=0)
+            elif len(settings.devices) == 1 and not settings.force_workers:
                 _run_here(job, settings, sink)
             else:
                 _run_workers(job, settings, sink)
@@ -264,6 +274,10 @@ def run_job(job: AdditiveJob, settings: RunSettings) -> Partial | None:
         except RunError as e:
             sink.fail()
             raise RunError(f"{e}{sink.kept()}") from None
+        except (Interrupted, KeyboardInterrupt) as e:
+            sink.fail()
+            signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+            raise Interrupted(signum, f"interrupted by {signal_name(signum)}{sink.kept() or '; no unit was finished'}") from None
         except BaseException:
             sink.fail()
             if sink.kept():
@@ -346,6 +360,8 @@ class _Worker:
     unit: int | None = None
     stopping: bool = False
     ready: bool = False
+    started: float = 0.0
+    """``time.monotonic()`` when ``unit`` was handed out."""
 
     @property
     def name(self) -> str:
@@ -374,6 +390,7 @@ def _run_workers(job: AdditiveJob, settings: RunSettings, sink: _Sink) -> None:
     todo = deque(sink.state.remaining())
     n_todo = len(todo)
     cpu_s = [0.0]
+    unit_s: list[float] = []
     threads = torch.get_num_threads()
     t0 = time.perf_counter()
     t_ready: float | None = None
@@ -389,7 +406,7 @@ def _run_workers(job: AdditiveJob, settings: RunSettings, sink: _Sink) -> None:
 
         def assign(w: _Worker) -> None:
             if todo:
-                w.unit = todo.popleft()
+                w.unit, w.started = todo.popleft(), time.monotonic()
             else:
                 w.unit, w.stopping = None, True
             try:
@@ -410,6 +427,7 @@ def _run_workers(job: AdditiveJob, settings: RunSettings, sink: _Sink) -> None:
                 assign(w)
             elif kind == "done":
                 k = msg[1]
+                unit_s.append(time.monotonic() - w.started)
                 w.unit = None
                 cpu_s[0] += msg[3]
                 sink.accept(k, _loads(msg[2]))
@@ -443,10 +461,32 @@ def _run_workers(job: AdditiveJob, settings: RunSettings, sink: _Sink) -> None:
                         if not w.stopping or w.proc.exitcode != 0:
                             raise died(w)
                         live.remove(w)
+            hung = _hung_worker(live, unit_s, settings.unit_timeout)
+            if hung is not None:
+                w, why = hung
+                w.proc.kill()  # a stopped (SIGSTOP) or deadlocked process ignores gentler signals
+                raise RunError(f"{w.name} has computed {unit_label(job, w.unit)} (unit {w.unit}) for {time.monotonic() - w.started:.0f}s, over {why}; it was stopped as hung")
     finally:
         end = time.perf_counter()
         _stop(workers)
     settings.stats.update(mode="workers", workers=len(workers), units_run=n_todo, setup_s=(t_ready or end) - t0, compute_s=end - (t_ready or end), unit_cpu_s=cpu_s[0])
+
+
+def _hung_worker(live: list[_Worker], unit_s: list[float], timeout: float) -> tuple[_Worker, str] | None:
+    """A worker whose current unit runs past the limit (``timeout``, or the automatic one), and the limit in words."""
+    if timeout > 0:
+        limit, why = timeout, f"--unit_timeout {timeout:g}s"
+    elif unit_s:
+        median = sorted(unit_s)[len(unit_s) // 2]
+        limit = max(HUNG_MIN_S, HUNG_FACTOR * median)
+        why = f"the limit of {limit:.0f}s (more than {HUNG_FACTOR:g}x the median unit time {median:.1f}s and at least {HUNG_MIN_S:.0f}s; set it with --unit_timeout)"
+    else:
+        return None
+    now = time.monotonic()
+    for w in live:
+        if w.unit is not None and now - w.started > limit:
+            return w, why
+    return None
 
 
 def _stop(workers: list[_Worker], grace_s: float = 1.0) -> None:
@@ -560,6 +600,11 @@ def _run_distributed(job: AdditiveJob, settings: RunSettings, env: tuple[int, in
             agree(payload, add_round)
         settings.stats.update(mode="torchrun", workers=world, units_run=len(remaining), setup_s=t1 - t0, compute_s=time.perf_counter() - t1)
         return sink.done() if sink is not None else None
+    except (Interrupted, KeyboardInterrupt) as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        if sink is not None:
+            sink.fail()
+        raise Interrupted(signum, f"rank {rank}: interrupted by {signal_name(signum)}{sink.kept() if sink is not None else ''}") from None
     except BaseException:
         if sink is not None:
             sink.fail()

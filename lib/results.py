@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -29,24 +30,60 @@ def versions() -> dict[str, str]:
     return out
 
 
+def fsync_dir(path: Path) -> None:
+    """Make the directory entries of ``path`` (renames, removals) durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover -- platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: Path, write) -> None:
-    """Write through ``write(tmp_path)`` to a temporary file, then rename it over ``path``."""
+    """Write through ``write(tmp_path)`` to a temporary file, fsync it, rename it over ``path``, fsync the directory."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_tensor_and_json(output_dir: str | Path, name: str, tensor: Any, meta: dict[str, Any]) -> dict[str, Any]:
     """Write ``<output_dir>/<name>.pt`` (a tensor, or any object ``torch.save`` takes, e.g. a nested dict of
-    tensors) and ``<output_dir>/<name>.json`` atomically.
+    tensors) and ``<output_dir>/<name>.json`` durably, as a pair.
 
+    Order: an old ``.json`` is removed first, then the ``.pt`` and last the ``.json`` (which records the
+    ``.pt``'s SHA-256) are each written to a temporary file, fsynced, renamed and the directory fsynced.
+    So a ``.json`` always describes the ``.pt`` beside it, whenever the process is killed.
     Returns the metadata as written (``meta`` plus ``versions`` and ``files``, names relative to ``output_dir``).
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     pt, js = out / f"{name}.pt", out / f"{name}.json"
     obj = tensor.detach().cpu() if isinstance(tensor, torch.Tensor) else tensor
+    if js.exists():
+        js.unlink()
+        fsync_dir(out)
     atomic_write_bytes(pt, lambda p: torch.save(obj, p))
-    meta = {**meta, "versions": versions(), "files": {"tensor": pt.name, "json": js.name}}
+    meta = {**meta, "versions": versions(), "files": {"tensor": pt.name, "json": js.name}, "tensor_sha256": sha256_file(pt)}
     atomic_write_bytes(js, lambda p: p.write_text(json.dumps(meta, indent=1, default=str) + "\n"))
     return meta

@@ -128,6 +128,8 @@ class ToyJob:
         if what == "kill":
             time.sleep(1.0)  # let the other worker finish its unit first
             os.kill(os.getpid(), signal.SIGKILL)
+        if what == "stop":  # a hung worker
+            os.kill(os.getpid(), signal.SIGSTOP)
         if what == "nan":
             return {"s": torch.full((3,), float("nan"))}
         if progress:
@@ -262,11 +264,11 @@ def test_resume_refuses_a_changed_flag_and_a_truncated_checkpoint(reference, tmp
     assert torch.equal(_run(tmp_path, "--keep_checkpoint", "--checkpoint_every", "1"), reference)
     path = tmp_path / "h.ckpt"
     assert ckpt.read(path)["prefix"] == 4  # the complete run, kept
-    assert torch.equal(_run(tmp_path, "--resume", "--keep_checkpoint"), reference)  # complete: nothing to compute
+    assert torch.equal(_run(tmp_path, "--resume", "--keep_checkpoint", "--overwrite"), reference)  # complete: nothing to compute
 
     def error(*extra) -> str:
         with pytest.raises(SystemExit) as exc:
-            cli.main(single_layer_single_block.run, [*ARGS, "--output_dir", str(tmp_path), *extra])
+            cli.main(single_layer_single_block.run, [*ARGS, "--output_dir", str(tmp_path), "--overwrite", *extra])
         assert exc.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         return err[-1]

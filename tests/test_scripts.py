@@ -71,7 +71,7 @@ def test_local_text_dataset_and_token_cache(tmp_path):
     single_layer_single_block.run(args)
     cached = list((tmp_path / "cache" / "tokenized").glob("*.pt"))
     assert len(cached) == 1
-    single_layer_single_block.run(args)  # second run reads the cache
+    single_layer_single_block.run([*args, "--overwrite"])  # second run reads the cache
     assert list((tmp_path / "cache" / "tokenized").glob("*.pt")) == cached
 
 
