@@ -92,12 +92,12 @@ def check_cheap(args: argparse.Namespace) -> None:
         raise UserError(f"--model_input_bs {args.model_input_bs} does not divide --b {args.b}")
     if args.chunk < 0:
         raise UserError(f"--chunk must be >= 0, got {args.chunk}")
-    if getattr(args, "unit_timeout", 0) < 0:
-        raise UserError(f"--unit_timeout must be >= 0 seconds, got {args.unit_timeout}")
     run_devices(args)
     ckpt.parse_every(getattr(args, "checkpoint_every", "0"))
     if getattr(args, "device_map", None) is not None and importlib.util.find_spec("accelerate") is None:
         raise UserError(f"--device_map {args.device_map} needs the accelerate package: pip install accelerate")
+    if getattr(args, "unit_timeout", 0) < 0:
+        raise UserError(f"--unit_timeout must be >= 0 seconds, got {args.unit_timeout}")
 
 
 def run_devices(args: argparse.Namespace) -> list[torch.device]:
