@@ -109,12 +109,12 @@ def check_cheap(args: argparse.Namespace) -> None:
     if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
         raise UserError(f"--seed {args.seed} is out of range: use an integer from -2**63 to 2**64-1")
     check_cache_dir(args.cache_dir)
-    if getattr(args, "unit_timeout", 0) < 0:
-        raise UserError(f"--unit_timeout must be >= 0 seconds, got {args.unit_timeout}")
     run_devices(args)
     ckpt.parse_every(getattr(args, "checkpoint_every", "0"))
     if getattr(args, "device_map", None) is not None and importlib.util.find_spec("accelerate") is None:
         raise UserError(f"--device_map {args.device_map} needs the accelerate package: pip install accelerate")
+    if getattr(args, "unit_timeout", 0) < 0:
+        raise UserError(f"--unit_timeout must be >= 0 seconds, got {args.unit_timeout}")
 
 
 def check_cache_dir(cache_dir: str | None) -> None:

@@ -50,8 +50,15 @@ def check_name(name: str) -> None:
         raise UserError(f"--name {name!r} is not a plain file name (no '/', not '.', '..' or a hidden name); use --output_dir for the folder")
 
 
-def _probe_dir(out: Path) -> None:
-    """Create ``out`` and write, fsync and remove a probe file there (:class:`UserError` if impossible)."""
+def _probe_dir(out: Path) -> Path | None:
+    """Create ``out`` and write, fsync and remove a probe file there (:class:`UserError` if impossible).
+
+    Returns the topmost directory it created (``None`` if ``out`` existed)."""
+    created = None
+    for d in [out, *out.parents]:
+        if d.exists():
+            break
+        created = d
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-probe-{os.getpid()}"
@@ -61,7 +68,22 @@ def _probe_dir(out: Path) -> None:
             os.fsync(f.fileno())
         probe.unlink()
     except OSError as e:
+        _remove_empty(out, created)
         raise UserError(f"--output_dir {str(out)!r} is not a writable directory ({e.strerror or e}); choose another --output_dir") from None
+    return created
+
+
+def _remove_empty(out: Path, top: Path | None) -> None:
+    """Remove ``out`` and its parents up to ``top`` (directories this run created) while they are empty."""
+    if top is None:
+        return
+    for d in [out, *out.parents]:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+        if d == top:
+            return
 
 
 @dataclass
@@ -70,6 +92,8 @@ class Claim:
 
     lock_path: Path
     fd: int | None
+    created: Path | None = None
+    """The topmost output directory this run created: removed again if the run leaves it empty."""
     checkpoints: list[Any] = field(default_factory=list)
     """:class:`lib.checkpoint.CheckpointConfig` of the run, set by :func:`saving_results`."""
     saving: bool = False
@@ -83,6 +107,7 @@ class Claim:
             pass
         os.close(self.fd)
         self.fd = None
+        _remove_empty(self.lock_path.parent, self.created)
 
 
 _CURRENT: list[Claim] = []
@@ -126,10 +151,14 @@ def claim(output_dir: str | Path, name: str, checkpoints: Sequence[Path], overwr
         return Claim(out / f"{name}.lock", None)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {str(out)!r} is a file, not a directory; choose another --output_dir")
-    _probe_dir(out)
+    created = _probe_dir(out)
     lock_path = out / f"{name}.lock"
-    fd = _lock(lock_path)
-    c = Claim(lock_path, fd)
+    try:
+        fd = _lock(lock_path)
+    except UserError:
+        _remove_empty(out, created)
+        raise
+    c = Claim(lock_path, fd, created=created)
     try:
         finished = out / f"{name}.json"
         if finished.exists() and not overwrite:

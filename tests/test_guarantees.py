@@ -362,3 +362,10 @@ def test_all_layers_xdiag_estimate_on_the_embedded_model():
         with pytest.MonkeyPatch.context() as m:
             m.setattr(preflight, "available_host_bytes", lambda: 10**9)
             preflight.check(est, [torch.device("cpu")], ".", False, "fewer weights")
+
+
+def test_a_refused_run_leaves_no_output_directory_behind(tmp_path, monkeypatch):
+    monkeypatch.setattr(preflight, "available_host_bytes", lambda: 10)  # refused after the claim, before computing
+    out = tmp_path / "new" / "dir"
+    code, _ = _main(single_layer_single_block, [*ARGS, "--output_dir", str(out)])
+    assert code == 2 and not (tmp_path / "new").exists()
