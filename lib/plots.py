@@ -127,14 +127,7 @@ def batch_study_figure(block: dict, kept: dict[int, torch.Tensor], path_stem: st
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     for ax, (bk, h) in zip(axes[0][1:], kept.items()):
-        a = h.detach().abs().to(torch.float64).cpu()
-        vmax = _clipped_max(a, clip_percentile)
-        im = ax.imshow(a.numpy(), cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
-        ax.set_title(f"|H^b|, b = {bk}" + (" (full batch)" if bk == b[-1] else ""), fontsize=8)
-        ax.set_xlabel("entry index j", fontsize=7)
-        ax.set_ylabel("entry index i", fontsize=7)
-        ax.tick_params(labelsize=6)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=6)
+        _panel(fig, ax, h, f"|H^b|, b = {bk}" + (" (full batch)" if bk == b[-1] else ""), ("entry index j", "entry index i"), clip_percentile)
     fig.suptitle(f"{title}\n(heatmaps: linear scale from 0, each clipped at its {clip_percentile:g}th percentile)", fontsize=9)
     fig.tight_layout()
     return _save(fig, path_stem)
@@ -174,6 +167,18 @@ def convergence(curves: dict[str, dict[str, Sequence[float]]], path_stem: str | 
     return _save(fig, path_stem)
 
 
+def _panel(fig, ax, matrix: torch.Tensor, title: str, axis_labels: tuple[str, str], clip_percentile: float) -> None:
+    """One small ``|matrix|`` heatmap (viridis, linear from 0, clipped at its ``clip_percentile``) with its own colour bar."""
+    a = matrix.detach().abs().to(torch.float64).cpu()
+    a = a if a.ndim == 2 else a.reshape(1, -1)
+    im = ax.imshow(a.numpy(), cmap="viridis", vmin=0, vmax=_clipped_max(a, clip_percentile), interpolation="nearest", aspect="auto")
+    ax.set_title(title, fontsize=7)
+    ax.set_xlabel(axis_labels[0], fontsize=6)
+    ax.set_ylabel(axis_labels[1], fontsize=6)
+    ax.tick_params(labelsize=6)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=6)
+
+
 def heatmap_grid(panels: Sequence[tuple[str, torch.Tensor]], path_stem: str | Path, title: str, ncols: int = 6, clip_percentile: float = 98.0) -> list[Path]:
     """Several ``|matrix|`` heatmaps (viridis, each clipped at its own ``clip_percentile``) in one figure.
 
@@ -187,15 +192,7 @@ def heatmap_grid(panels: Sequence[tuple[str, torch.Tensor]], path_stem: str | Pa
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     for ax, (label, matrix) in zip(axes.flat, panels):
-        a = matrix.detach().abs().to(torch.float64).cpu()
-        a = a if a.ndim == 2 else a.reshape(1, -1)
-        vmax = _clipped_max(a, clip_percentile)
-        im = ax.imshow(a.numpy(), cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest", aspect="auto")
-        ax.set_title(label, fontsize=7)
-        ax.set_xlabel("column", fontsize=6)
-        ax.set_ylabel("row", fontsize=6)
-        ax.tick_params(labelsize=6)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+        _panel(fig, ax, matrix, label, ("column", "row"), clip_percentile)
     fig.suptitle(f"{title}\n(|value|, linear scale from 0, each panel clipped at its {clip_percentile:g}th percentile)", fontsize=9)
     fig.tight_layout()
     return _save(fig, path_stem)

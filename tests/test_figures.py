@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
-
 import pytest
 import torch
 
@@ -95,7 +93,7 @@ def test_run_state_snapshots_are_prefix_sums_whatever_the_arrival_order_and_surv
         assert torch.equal(snap["h"], _prefix_sums(parts, u)["h"])
 
 
-def test_snapshots_with_two_workers_torchrun_and_resume_equal_one_process(tmp_path, monkeypatch):
+def test_snapshots_with_two_workers_torchrun_and_resume_equal_one_process(tmp_path, one_rank_env):
     units = (1, 2, 3, 5)
     serial = parallel.RunSettings([torch.device("cpu")], snapshot_units=units)
     parallel.run_job(ToyJob(5), serial)
@@ -107,11 +105,6 @@ def test_snapshots_with_two_workers_torchrun_and_resume_equal_one_process(tmp_pa
     assert all(torch.equal(workers.snapshots[u]["s"], serial.snapshots[u]["s"]) for u in units)
 
     # torchrun (one gloo rank) stops at unit 3 with units 0..2 (and their snapshots) checkpointed; --resume finishes
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
-        monkeypatch.setenv(key, value)
     cfg = ckpt.CheckpointConfig(tmp_path / "t.ckpt", every_units=100)
     dist = parallel.RunSettings([torch.device("cpu")], cfg, snapshot_units=units)
     with pytest.raises(RunError, match="boom in unit 3"):
