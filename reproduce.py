@@ -82,12 +82,15 @@ def shrink(run: Run) -> Run:
         if "--vhp_samples" in argv:
             k = int(argv[argv.index("--vhp_samples") + 1])
             quick["--vhp_samples"] = str(k if k <= 2 else 4)
+    suffix = run.suffix
+    if "--vhp_samples" in quick and suffix:
+        suffix = suffix.replace(f"_k{argv[argv.index('--vhp_samples') + 1]}", f"_k{quick['--vhp_samples']}")
     for flag, value in quick.items():
         if flag in argv:
             argv[argv.index(flag) + 1] = value
         else:
             argv += [flag, value]
-    return Run(run.script, tuple(argv), run.suffix)
+    return Run(run.script, tuple(argv), suffix)
 
 
 def stem(figure: str, model: str) -> str:
@@ -127,7 +130,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     figures = FIGURES if args.figure == "all" else (args.figure,)
     done: dict[str, Any] = {}
     for fig in figures:
-        plan = [shrink(r) if args.quick else r for r in runs(fig, args.model)]
+        plan = list(dict.fromkeys(shrink(r) if args.quick else r for r in runs(fig, args.model)))  # shrinking may merge runs
         commands = [f"python {r.script}.py " + shlex.join(argv_of(r, fig, args.model, args.output_dir, extra)) for r in plan]
         print(f"# Figure {fig}\n" + "\n".join(commands), flush=True)
         if args.dry_run:
