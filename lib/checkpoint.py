@@ -82,6 +82,9 @@ class RunState:
     pending: dict[int, Partial] = field(default_factory=dict)
     elapsed_s: float = 0.0
     """Compute time of earlier sessions (wall seconds)."""
+    record: frozenset[int] = frozenset()
+    """Prefix lengths at which a copy of ``prefix_sum`` is kept in ``snapshots`` (the batch-size study, :mod:`lib.batch_study`)."""
+    snapshots: dict[int, Partial] = field(default_factory=dict)
 
     def add(self, k: int, partial: Partial) -> None:
         """Record unit ``k``; fold every unit that is now next in order into the prefix sum."""
@@ -91,6 +94,8 @@ class RunState:
         while self.prefix in self.pending:
             self.prefix_sum = add_partials(self.prefix_sum, self.pending.pop(self.prefix))
             self.prefix += 1
+            if self.prefix in self.record:
+                self.snapshots[self.prefix] = {name: v.clone() for name, v in self.prefix_sum.items()}
 
     @property
     def n_done(self) -> int:
@@ -123,6 +128,7 @@ def _encode(state: RunState, config: dict[str, Any]) -> bytes:
             "prefix_sum": state.prefix_sum,
             "pending": state.pending,
             "elapsed_s": state.elapsed_s,
+            "snapshots": state.snapshots,
             "written_at": time.time(),
         },
         buf,
@@ -200,7 +206,7 @@ def load(path: str | Path, config: dict[str, Any], num_units: int) -> RunState:
             f"checkpoint {path} was written by a run with a different configuration "
             f"(differs in: {', '.join(diff) or 'num_units'}); rerun with the original flags, or delete it to start over"
         )
-    return RunState(raw["num_units"], raw["prefix"], raw["prefix_sum"], dict(raw["pending"]), raw["elapsed_s"])
+    return RunState(raw["num_units"], raw["prefix"], raw["prefix_sum"], dict(raw["pending"]), raw["elapsed_s"], snapshots=dict(raw.get("snapshots", {})))
 
 
 class Writer:

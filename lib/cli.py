@@ -15,14 +15,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import batch_study
 from . import checkpoint as ckpt
-from . import outputs, parallel, preflight
+from . import diagonality, outputs, parallel, preflight
 from .data import default_dataset, load_text, load_tokenizer, make_samples, tokenize, check_seqlen
 from .errors import Interrupted, RunError, UserError
 from .hessian import METHODS, ExactHessianJob
 from .inputs import model_fingerprint, tokenizer_fingerprint, warn
 from .models import EMBEDDED, ModelSpec, load_model, max_positions, resolve_device
-from .plots import heatmap
+from .plots import heatmap, slice_label
 from .results import save_tensor_and_json
 from .subsets import Subset
 
@@ -265,13 +266,17 @@ def run_exact(script: str, args: argparse.Namespace, build_subset: Callable[[nn.
         model=prep.model,
     )
     settings = run_settings(args, prep, out / f"{name}.ckpt", "Hessian columns")
+    settings.snapshot_units = tuple(batch_study.snapshot_units(args.b, args.model_input_bs)) if getattr(args, "batch_study", False) else ()
     t0 = time.perf_counter()
     sums = parallel.run_job(job, settings)
     if sums is None:
         return {}
     result = job.result(sums, time.perf_counter() - t0)
     outputs.saving_results([settings.checkpoint])
-    figures = heatmap(result.hessian, out / name, f"|H| {subset.description}\n{args.model}, b={args.b}, seqlen={args.seqlen}", slice_boundaries(subset))
+    where = f"{args.model}, b={args.b}, seqlen={args.seqlen}"
+    figures = heatmap(result.hessian, out / name, f"|H|: {subset.description}\n{where}", slice_boundaries(subset), slice_labels=[slice_label(s.param_name) for s in subset.slices])
+    diag, diag_figures = diagonality.report(result.hessian, subset.slices, out / name, f"{subset.description}; {where}")
+    study = batch_study.finish(settings.snapshots, args.model_input_bs, args.seqlen, out, name, f"{subset.description}; {where}", result.hessian.dtype) if settings.snapshot_units else {}
     meta = {
         "script": script,
         "config": vars(args),
@@ -287,13 +292,18 @@ def run_exact(script: str, args: argparse.Namespace, build_subset: Callable[[nn.
         "elapsed_s": time.perf_counter() - t_start,
         "fingerprints": prep.fingerprints,
         "run": {"devices": [str(d) for d in settings.devices], **settings.stats},
-        "figures": [p.name for p in figures],
+        "figures": [p.name for p in [*figures, *diag_figures]],
+        "diagonality": diag,
+        **({"batch_study": study["batch_study"], "batch_study_files": study["files"]} if study else {}),
         "entries": subset.entries(prep.model),
     }
     meta = save_tensor_and_json(out, name, result.hessian, meta)
     ckpt.finish(settings.checkpoint)
     print(f"perplexity {result.perplexity:.3f} over {result.n_samples} samples; Hessian {tuple(result.hessian.shape)} in {result.elapsed_s:.1f}s")
-    print("wrote " + ", ".join(str(out / f) for f in [*meta["files"].values(), *meta["figures"]]))
+    print("wrote " + ", ".join(str(out / f) for f in [*meta["files"].values(), *meta["figures"], *meta.get("batch_study_files", [])]))
+    if study:
+        print(batch_study.summary_line(study["batch_study"]))
+    print(diagonality.one_line(diag))
     return meta
 
 

@@ -79,6 +79,10 @@ class RunSettings:
     :data:`HUNG_FACTOR` times the median finished unit and at least :data:`HUNG_MIN_S`)."""
     force_workers: bool = False
     """Run a single device in a spawned worker too (benchmarks; isolation from the parent)."""
+    snapshot_units: tuple[int, ...] = ()
+    """Keep the running sum after these many units (prefix lengths) in ``snapshots`` (:mod:`lib.batch_study`); part of the checkpoint's configuration."""
+    snapshots: dict[int, Partial] = field(default_factory=dict)
+    """Filled by :func:`run_job` on the process that sums (rank 0): ``{units: running sum}``."""
     stats: dict[str, Any] = field(default_factory=dict)
     """Filled by :func:`run_job`: ``mode``, ``workers``, ``units_run``, ``setup_s`` (until every worker is ready),
     ``compute_s`` (wall, after setup), ``unit_cpu_s`` (process CPU time spent in ``run_unit``, summed over workers)."""
@@ -130,6 +134,12 @@ def initial_state(job: AdditiveJob, cfg: ckpt.CheckpointConfig | None, config: d
     elif cfg.resume:
         print(f"no checkpoint at {path}; starting from the beginning", file=sys.stderr)
     return ckpt.RunState(n)
+
+
+def job_config(job: AdditiveJob, settings: RunSettings) -> dict[str, Any]:
+    """The configuration a checkpoint is validated against: the job's, plus the snapshot units if any."""
+    config = job.config()
+    return {**config, "snapshot_units": list(settings.snapshot_units)} if settings.snapshot_units else config
 
 
 def _dumps(partial: Partial) -> bytes:
@@ -219,7 +229,8 @@ class _Sink:
     """The parent's side of a run: checks and adds unit partials in order, checkpoints, shows progress."""
 
     def __init__(self, job: AdditiveJob, settings: RunSettings, state: ckpt.RunState, config: dict[str, Any]):
-        self.job, self.state = job, state
+        self.job, self.state, self.settings = job, state, settings
+        state.record = frozenset(settings.snapshot_units)
         self.writer = ckpt.Writer(settings.checkpoint, config, state)
         steps = job.steps_per_unit()
         self.bar = _Bar(settings.progress, state.num_units * steps, state.n_done * steps, settings.desc)
@@ -249,6 +260,7 @@ class _Sink:
         cfg = self.cfg
         if cfg is not None and cfg.writes and (self.writer.dirty or not cfg.path.exists()):
             self.writer.save()  # the complete sums, before any output is written: a failed save loses nothing
+        self.settings.snapshots = self.state.snapshots
         return self.state.total()
 
 
@@ -260,7 +272,7 @@ def run_job(job: AdditiveJob, settings: RunSettings) -> Partial | None:
     with _SIGNALS.installed():
         if dist_env is not None:
             return _run_distributed(job, settings, dist_env)
-        config = job.config()
+        config = job_config(job, settings)
         state = initial_state(job, settings.checkpoint, config)
         sink = _Sink(job, settings, state, config)
         try:
@@ -540,7 +552,7 @@ def _run_distributed(job: AdditiveJob, settings: RunSettings, env: tuple[int, in
         start: list[Any] = [None, None]
         if rank == 0:
             try:
-                config = job.config()
+                config = job_config(job, settings)
                 sink = _Sink(job, settings, initial_state(job, settings.checkpoint, config), config)
                 start = [sink.state.remaining(), None]
             except UserError as e:

@@ -32,22 +32,103 @@ def _save(fig, path_stem: str | Path) -> list[Path]:
     return paths
 
 
-def heatmap(matrix: torch.Tensor, path_stem: str | Path, title: str, boundaries: Sequence[int] = (), clip_percentile: float = 98.0) -> list[Path]:
-    """Save ``|matrix|`` with viridis, the colour scale clipped at ``clip_percentile`` of ``|matrix|``.
+def slice_label(param_name: str) -> str:
+    """Short label of a parameter slice: ``model.decoder.layers.3.self_attn.q_proj.weight`` -> ``b3 q_proj``."""
+    parts = [p for p in param_name.split(".") if p not in ("weight", "bias")]
+    blocks = [i for i, p in enumerate(parts) if p.isdigit()]
+    if not blocks:
+        return parts[-1] if parts else param_name
+    i = blocks[-1]
+    return f"b{parts[i]} {parts[-1]}" if i < len(parts) - 1 else f"b{parts[i]}"
 
-    ``boundaries``: flat offsets where a new parameter slice starts (drawn as thin lines).
+
+def _colour_text(value: str, vmax: float, clip_percentile: float) -> str:
+    return f"{value}, linear scale, 0 to {vmax:.3g} (clipped at the {clip_percentile:g}th percentile)"
+
+
+def _label_slices(ax, boundaries: Sequence[int], n: int, labels: Sequence[str]) -> None:
+    """Slice labels at the slice centres on the top and right axes (entry indices stay on the bottom and left)."""
+    edges = [0, *boundaries, n]
+    centres = [(a + b) / 2 - 0.5 for a, b in zip(edges[:-1], edges[1:])]
+    size = max(3.5, min(7.0, 160 / max(1, len(labels))))
+    top = ax.secondary_xaxis("top")
+    top.set_xticks(centres, labels=list(labels), rotation=90, fontsize=size)
+    right = ax.secondary_yaxis("right")
+    right.set_yticks(centres, labels=list(labels), fontsize=size)
+    for axis in (top, right):
+        axis.tick_params(length=0)
+
+
+def heatmap(matrix: torch.Tensor, path_stem: str | Path, title: str, boundaries: Sequence[int] = (), clip_percentile: float = 98.0, slice_labels: Sequence[str] = (), axis_labels: tuple[str, str] = ("entry index j", "entry index i"), value: str = "|H_ij|") -> list[Path]:
+    """Save ``|matrix|`` with viridis on a linear scale from 0, clipped at ``clip_percentile`` of ``|matrix|``.
+
+    Axes: ``axis_labels`` (x, y; default the Hessian's entry indices); the colour bar names ``value``. ``boundaries``: flat offsets where a new parameter slice starts
+    (thin lines); ``slice_labels`` (one per slice): drawn at the slice centres on the top and right axes.
     Writes ``<path_stem>.pdf`` and ``<path_stem>.png``; returns their paths.
     """
     plt = _pyplot()
     a = matrix.detach().abs().to(torch.float64).cpu()
     vmax = _clipped_max(a, clip_percentile)
-    fig, ax = plt.subplots(figsize=(6.4, 5.4) if a.ndim == 2 and a.shape[0] == a.shape[-1] else (8, 4))
-    im = ax.imshow(a.numpy(), cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest", aspect="auto" if a.shape[0] != a.shape[-1] else "equal")
+    square = a.ndim == 2 and a.shape[0] == a.shape[-1]
+    labelled = square and len(slice_labels) == len(boundaries) + 1 and len(slice_labels) > 1
+    fig, ax = plt.subplots(figsize=(7.0, 6.2) if labelled else (6.4, 5.6) if square else (8, 4))
+    im = ax.imshow(a.numpy(), cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest", aspect="equal" if square else "auto")
     for b in boundaries:
         ax.axhline(b - 0.5, color="white", lw=0.4, alpha=0.6)
         ax.axvline(b - 0.5, color="white", lw=0.4, alpha=0.6)
-    fig.colorbar(im, ax=ax, label=f"|value| (clipped at {clip_percentile:g}th percentile)")
+    ax.set_xlabel(axis_labels[0])
+    ax.set_ylabel(axis_labels[1])
+    if labelled:
+        _label_slices(ax, boundaries, a.shape[0], slice_labels)
+    cb = fig.colorbar(im, ax=ax, pad=0.12 if labelled else 0.04, shrink=0.9)
+    cb.set_label(_colour_text(value, vmax, clip_percentile), fontsize=8)
     ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path_stem)
+
+
+def slice_mass(mass: torch.Tensor, labels: Sequence[str], path_stem: str | Path, title: str) -> list[Path]:
+    """The ``(P, P)`` matrix of shares of ``||H||_F^2`` per slice pair (:func:`lib.diagonality.slice_mass`), log colour scale, values written in small cells."""
+    plt = _pyplot()
+    from matplotlib.colors import LogNorm
+
+    m = mass.detach().to(torch.float64).cpu()
+    p = m.shape[0]
+    positive = m[m > 0]
+    lo = float(positive.min()) if positive.numel() else 1e-12
+    fig, ax = plt.subplots(figsize=(min(9.0, 2.5 + 0.3 * p), min(8.0, 2.0 + 0.28 * p)))
+    im = ax.imshow(m.clamp_min(lo).numpy(), cmap="magma", norm=LogNorm(vmin=max(lo, float(m.max()) * 1e-8), vmax=float(m.max())), interpolation="nearest")
+    size = max(3.5, min(8.0, 160 / p))
+    ax.set_xticks(range(p), labels=list(labels), rotation=90, fontsize=size)
+    ax.set_yticks(range(p), labels=list(labels), fontsize=size)
+    if p <= 12:
+        for i in range(p):
+            for j in range(p):
+                ax.text(j, i, f"{float(m[i, j]):.2g}", ha="center", va="center", fontsize=6, color="white" if m[i, j] < m.max() / 10 else "black")
+    fig.colorbar(im, ax=ax, label="share of ||H||_F^2 (log scale)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path_stem)
+
+
+def batch_study_figure(block: dict, kept: dict[int, torch.Tensor], path_stem: str | Path, title: str, clip_percentile: float = 98.0) -> list[Path]:
+    """The batch-size study (report Fig. 2): both relative errors against ``b`` (log-log), then ``|H^b|`` at the kept ``b``, each panel on its own linear colour scale."""
+    plt = _pyplot()
+    n = 1 + len(kept)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.0), squeeze=False)
+    ax = axes[0][0]
+    b = block["b"]
+    for key, label in (("rel_to_full", "||H^b - H^B|| / ||H^B||"), ("rel_consecutive", "||H^b_i - H^b_(i-1)|| / ||H^b_i||")):
+        pts = [(x, v) for x, v in zip(b, block[key]) if v is not None and v == v and v > 0]
+        if pts:
+            ax.loglog(*zip(*pts), marker=".", ms=3, label=label)
+    ax.set_xlabel("b (samples)")
+    ax.set_ylabel("relative Frobenius norm")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    for ax, (bk, h) in zip(axes[0][1:], kept.items()):
+        _panel(fig, ax, h, f"|H^b|, b = {bk}" + (" (full batch)" if bk == b[-1] else ""), ("entry index j", "entry index i"), clip_percentile)
+    fig.suptitle(f"{title}\n(heatmaps: linear scale from 0, each clipped at its {clip_percentile:g}th percentile)", fontsize=9)
     fig.tight_layout()
     return _save(fig, path_stem)
 
@@ -86,6 +167,18 @@ def convergence(curves: dict[str, dict[str, Sequence[float]]], path_stem: str | 
     return _save(fig, path_stem)
 
 
+def _panel(fig, ax, matrix: torch.Tensor, title: str, axis_labels: tuple[str, str], clip_percentile: float) -> None:
+    """One small ``|matrix|`` heatmap (viridis, linear from 0, clipped at its ``clip_percentile``) with its own colour bar."""
+    a = matrix.detach().abs().to(torch.float64).cpu()
+    a = a if a.ndim == 2 else a.reshape(1, -1)
+    im = ax.imshow(a.numpy(), cmap="viridis", vmin=0, vmax=_clipped_max(a, clip_percentile), interpolation="nearest", aspect="auto")
+    ax.set_title(title, fontsize=7)
+    ax.set_xlabel(axis_labels[0], fontsize=6)
+    ax.set_ylabel(axis_labels[1], fontsize=6)
+    ax.tick_params(labelsize=6)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=6)
+
+
 def heatmap_grid(panels: Sequence[tuple[str, torch.Tensor]], path_stem: str | Path, title: str, ncols: int = 6, clip_percentile: float = 98.0) -> list[Path]:
     """Several ``|matrix|`` heatmaps (viridis, each clipped at its own ``clip_percentile``) in one figure.
 
@@ -99,13 +192,7 @@ def heatmap_grid(panels: Sequence[tuple[str, torch.Tensor]], path_stem: str | Pa
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     for ax, (label, matrix) in zip(axes.flat, panels):
-        a = matrix.detach().abs().to(torch.float64).cpu()
-        a = a if a.ndim == 2 else a.reshape(1, -1)
-        vmax = _clipped_max(a, clip_percentile)
-        im = ax.imshow(a.numpy(), cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest", aspect="auto")
-        ax.set_title(label, fontsize=7)
-        ax.tick_params(labelsize=6)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
-    fig.suptitle(f"{title}\n(each panel clipped at its {clip_percentile:g}th percentile)", fontsize=9)
+        _panel(fig, ax, matrix, label, ("column", "row"), clip_percentile)
+    fig.suptitle(f"{title}\n(|value|, linear scale from 0, each panel clipped at its {clip_percentile:g}th percentile)", fontsize=9)
     fig.tight_layout()
     return _save(fig, path_stem)

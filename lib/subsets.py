@@ -132,6 +132,11 @@ def layer_names(model: nn.Module, block_index: int) -> list[str]:
     return [name for name, _ in linear_layers(_check_block(model, block_index)[1])]
 
 
+def blocks_text(n_blocks: int) -> str:
+    """``block 0`` for one block, else ``blocks 0..N-1``."""
+    return "block 0" if n_blocks == 1 else f"blocks 0..{n_blocks - 1}"
+
+
 def _check_num_blocks(model: nn.Module, n: int) -> None:
     total = num_blocks(model)
     if not 1 <= n <= total:
@@ -148,7 +153,7 @@ def single_layer_several_blocks(model: nn.Module, layer_name: str, n_blocks: int
     """Paper Sec. 4.3: the same layer in blocks ``0..n_blocks-1``, block-major."""
     _check_num_blocks(model, n_blocks)
     slices = tuple(row0_slice(model, b, layer_name, t) for b in range(n_blocks))
-    return Subset(slices, f"first {t} weights of row 0 of {layer_name} in blocks 0..{n_blocks - 1}")
+    return Subset(slices, f"first {t} weights of row 0 of {layer_name} in {blocks_text(n_blocks)}")
 
 
 def several_layers_several_blocks(model: nn.Module, n_layers: int, n_blocks: int, t: int) -> Subset:
@@ -160,7 +165,7 @@ def several_layers_several_blocks(model: nn.Module, n_layers: int, n_blocks: int
         if not 1 <= n_layers <= len(names):
             raise UserError(f"--num_layers {n_layers} is out of range: block {b} has {len(names)} linear layers ({', '.join(names)})")
         slices.extend(row0_slice(model, b, name, t) for name in names[:n_layers])
-    return Subset(tuple(slices), f"first {t} weights of row 0 of the first {n_layers} linear layers in blocks 0..{n_blocks - 1}")
+    return Subset(tuple(slices), f"first {t} weights of row 0 of the first {n_layers} linear layers in {blocks_text(n_blocks)}")
 
 
 def from_indices(model: nn.Module, param_name: str, indices: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor) -> ParamSlice:

@@ -56,3 +56,15 @@ def tiny_ids(b: int = 2, seqlen: int = 8, seed: int = 0) -> torch.Tensor:
 @pytest.fixture(params=ARCHS)
 def arch(request) -> str:
     return request.param
+
+
+@pytest.fixture
+def one_rank_env(monkeypatch) -> None:
+    """The environment of a one-rank torchrun job (gloo on a free local port)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)

@@ -162,15 +162,8 @@ def test_a_failing_worker_stops_the_run_with_its_error_and_finished_units_are_ke
     assert state.prefix >= 2 and 2 in state.remaining()
 
 
-def test_distributed_rank_zero_stops_on_a_failed_unit_and_resumes(tmp_path, monkeypatch):
+def test_distributed_rank_zero_stops_on_a_failed_unit_and_resumes(tmp_path, one_rank_env):
     """The torchrun path in one gloo rank: a failing unit stops every rank with its error; the checkpoint keeps the rest."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
-        monkeypatch.setenv(key, value)
     cfg = ckpt.CheckpointConfig(tmp_path / "t.ckpt", every_units=100)
     settings = parallel.RunSettings([torch.device("cpu")], cfg)
     with pytest.raises(RunError, match=r"rank 0 \(cpu\) failed on sample 3 \(unit 3\): RuntimeError: boom in unit 3; the 3 finished units of 5 are saved"):
