@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import parallel
+from . import curvature, parallel
 from .data import default_dataset, load_text, load_tokenizer, make_samples, tokenize, check_seqlen
 from .errors import RunError, UserError
 from .hessian import METHODS, ExactHessianJob
@@ -55,6 +55,7 @@ def base_parser(description: str, t_default: tuple[int, int]) -> argparse.Argume
     o.add_argument("--name", default=None, help="output file stem (default: derived from the configuration)")
     o.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     add_run_flags(p)
+    curvature.add_flags(p)
     return p
 
 
@@ -195,6 +196,8 @@ def run_exact(script: str, args: argparse.Namespace, build_subset: Callable[[nn.
         spec=model_spec(args),
         model=prep.model,
     )
+    if getattr(args, "compare", None):
+        job = curvature.make_job(args, job)
     settings = run_settings(args, prep, out / f"{name}.ckpt", "Hessian columns")
     t0 = time.perf_counter()
     sums = parallel.run_job(job, settings)
@@ -220,6 +223,8 @@ def run_exact(script: str, args: argparse.Namespace, build_subset: Callable[[nn.
         "figures": [p.name for p in figures],
         "entries": subset.entries(prep.model),
     }
+    if getattr(args, "compare", None):
+        meta.update(curvature.write_comparison(out, name, job, sums, result, f"{subset.description}\n{args.model}, b={args.b}, seqlen={args.seqlen}", args.compare_top_k))
     meta = save_tensor_and_json(out, name, result.hessian, meta)
     ckpt.finish(settings.checkpoint)
     print(f"perplexity {result.perplexity:.3f} over {result.n_samples} samples; Hessian {tuple(result.hessian.shape)} in {result.elapsed_s:.1f}s")
