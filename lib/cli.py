@@ -31,8 +31,8 @@ PAPER_DEFAULTS = {"seqlen": 2048, "b": None}
 """The paper: seqlen 2048 and all samples of the WikiText-2 test split (``b=None``)."""
 
 
-def base_parser(description: str, t_default: tuple[int, int]) -> argparse.ArgumentParser:
-    """Flags shared by all scripts. ``t_default``: (embedded model, paper models)."""
+def base_parser(description: str, t_default: tuple[int, int], compare: bool = True) -> argparse.ArgumentParser:
+    """Flags shared by all scripts. ``t_default``: (embedded model, paper models); ``compare``: the ``--compare`` flags (exact scripts)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=EMBEDDED, help="HF model id or local directory; 'embedded' = the bundled tiny trained OPT")
@@ -55,7 +55,8 @@ def base_parser(description: str, t_default: tuple[int, int]) -> argparse.Argume
     o.add_argument("--name", default=None, help="output file stem (default: derived from the configuration)")
     o.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     add_run_flags(p)
-    curvature.add_flags(p)
+    if compare:
+        curvature.add_flags(p)
     return p
 
 

@@ -300,6 +300,36 @@ def logit_jacobian_chunks(jac: torch.Tensor, weight: torch.Tensor | None, max_el
         yield slice(a, a + step), (j if weight is None else torch.einsum("vm,tmn->tvn", weight.to(torch.float64), j))
 
 
+class GGNOperator:
+    """``v -> G v`` with ``G = sum_t J_t^T (diag p_t - p_t p_t^T) J_t`` the GGN of ``objective``'s summed NLL on one batch at ``x0``.
+
+    Built once per batch (one forward and one ``create_graph`` VJP ``J^T u`` for a dummy ``u``); each product is
+    one JVP ``J v`` (double backward, see the module doc), the softmax Hessian through the head, and one VJP:
+    no Hessian of the network is formed. ``J`` is the Jacobian of the softmax's inputs (the head's inputs
+    with the fused head). :attr:`nll` is the batch's summed NLL.
+    """
+
+    def __init__(self, objective: SubsetLoss, x0: torch.Tensor, input_ids: torch.Tensor):
+        self.x = x0.detach().clone().requires_grad_(True)
+        self.feats, self.weight, bias = objective.features(self.x, input_ids)
+        f = self.feats.detach()
+        logits = f if self.weight is None else f @ self.weight.detach().T + (0 if bias is None else bias.detach())
+        self.p = torch.softmax(logits, -1)
+        labels = input_ids[:, 1:].reshape(-1).to(logits.device)
+        self.nll = F.cross_entropy(logits, labels, reduction="sum")
+        self.u = torch.zeros_like(self.feats, requires_grad=True)
+        (self.jt_u,) = torch.autograd.grad(self.feats, self.x, grad_outputs=self.u, create_graph=True)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``G v`` for ``v``: ``(n,)``."""
+        (jv,) = torch.autograd.grad(self.jt_u, self.u, grad_outputs=v.to(self.x), retain_graph=True)
+        w = self.weight.detach() if self.weight is not None else None
+        a = jv if w is None else jv @ w.T
+        k = self.p * (a - (self.p * a).sum(-1, keepdim=True))
+        (gv,) = torch.autograd.grad(self.feats, self.x, grad_outputs=k if w is None else k @ w, retain_graph=True)
+        return gv
+
+
 # ----------------------------------------------------------------------------- the additive job
 
 

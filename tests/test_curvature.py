@@ -301,3 +301,27 @@ def test_compare_on_two_workers_and_resumed_equals_one_process(compare_reference
     with pytest.raises(SystemExit) as exc:
         cli.main(single_layer_single_block.run, [*ARGS, "--output_dir", str(tmp_path), "--fisher_samples", "0"])
     assert exc.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == "error: --fisher_samples must be at least 1, got 0"
+
+
+# ----------------------------------------------------------------------------- the GGN diagonal of whole weights
+
+
+@pytest.mark.parametrize("arch", ["opt", "gpt2"])
+def test_ggn_diagonal_estimator_is_hutchinson_on_the_dense_ggn(arch):
+    from lib import diagonal
+
+    model = tiny_model(arch)
+    name = "model.decoder.layers.1.self_attn.q_proj.bias" if arch == "opt" else "transformer.h.1.attn.c_attn.bias"
+    sub = subsets.whole_parameter(model, name)
+    ids = tiny_ids(b=2, seqlen=6)
+    g = run_serial(_job(model, sub, ids, ["ggn"], model_input_bs=2), CPU)["ggn_sum"] / (2 * 5)
+    k = 3
+    target = diagonal.Target(name, tuple(model.get_parameter(name).shape))
+    res = diagonal.hessian_diagonal(model, [target], ids, estimators=("ggn", "hutchinson"), vhp_samples=k, seed=5, model_input_bs=1)
+    z = diagonal.rademacher_probes(sub.size, 5, name, 0, k)
+    expect = (z * (z @ g)).mean(0)  # G symmetric: (G z)_i = (z G)_i
+    assert torch.allclose(res.diagonals["ggn"][name].reshape(-1), expect, rtol=1e-9, atol=1e-14)
+    assert not torch.allclose(res.diagonals["ggn"][name], res.diagonals["hutchinson"][name], rtol=1e-3)  # G is not H
+    op = cv.GGNOperator(SubsetLoss(model, sub), sub.gather(model), ids)
+    v = torch.randn(sub.size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.allclose(op.matvec(v), g @ v * (2 * 5), rtol=1e-9, atol=1e-13)
