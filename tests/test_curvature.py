@@ -325,3 +325,12 @@ def test_ggn_diagonal_estimator_is_hutchinson_on_the_dense_ggn(arch):
     op = cv.GGNOperator(SubsetLoss(model, sub), sub.gather(model), ids)
     v = torch.randn(sub.size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert torch.allclose(op.matvec(v), g @ v * (2 * 5), rtol=1e-9, atol=1e-13)
+
+
+def test_layer_based_approximations_refuse_weights_that_are_not_linear_layers():
+    from lib.errors import UserError
+
+    model = tiny_model("opt")
+    sub = subsets.whole_parameter(model, "model.decoder.layers.0.self_attn.q_proj.bias")
+    with pytest.raises(UserError, match="need weights of linear layers; model.decoder.layers.0.self_attn.q_proj.bias is not one"):
+        cv.entry_layout(model, sub)
