@@ -94,13 +94,14 @@ def sample_labels(probs: torch.Tensor, seed: int, sample: int, draw: int) -> tor
 
 def ggn_sum(c: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """``sum_t C_t^T (diag p_t - p_t p_t^T) C_t`` for logit Jacobians ``c`` (``(T, V, n)``) and ``p`` (``(T, V)``); ``(n, n)``."""
-    u = torch.einsum("tv,tvn->tn", p, c)
-    return torch.einsum("tvn,tv,tvm->nm", c, p, c) - u.T @ u
+    u = torch.bmm(p.unsqueeze(1), c).squeeze(1)
+    flat = c.reshape(-1, c.shape[-1])
+    return (flat * p.reshape(-1, 1)).T @ flat - u.T @ u
 
 
 def label_gradients(c: torch.Tensor, p: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token gradients ``g_t = C_t^T (p_t - e_{y_t})`` (``(T, n)``) of ``l_t`` at labels ``labels`` (``(T,)``)."""
-    u = torch.einsum("tv,tvn->tn", p, c)
+    u = torch.bmm(p.unsqueeze(1), c).squeeze(1)
     return u - c[torch.arange(c.shape[0], device=c.device), labels.to(c.device)]
 
 
@@ -297,7 +298,7 @@ def logit_jacobian_chunks(jac: torch.Tensor, weight: torch.Tensor | None, max_el
     step = max(1, max_elements // max(1, v * n))
     for a in range(0, t, step):
         j = jac[a : a + step].to(torch.float64)
-        yield slice(a, a + step), (j if weight is None else torch.einsum("vm,tmn->tvn", weight.to(torch.float64), j))
+        yield slice(a, a + step), (j if weight is None else torch.matmul(weight.to(torch.float64), j))
 
 
 class GGNOperator:
