@@ -37,10 +37,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -351,21 +350,21 @@ class CurvatureJob(ExactHessianJob):
         self.approximations, self.fisher_samples, self.seed = list(approximations), fisher_samples, seed
         self.perturbations = torch.zeros(0, subset.size, dtype=torch.float64) if perturbations is None else perturbations.to(torch.float64)
 
-    def _wants(self, group: tuple[str, ...]) -> bool:
+    def wants(self, group: tuple[str, ...]) -> bool:
         return any(a in group for a in self.approximations)
 
     def setup(self, device: torch.device) -> None:
         super().setup(device)
-        self._layout = entry_layout(self.model, self.subset) if self._wants(LAYER_BASED) else None
+        self._layout = entry_layout(self.model, self.subset) if self.wants(LAYER_BASED) else None
 
     def steps_per_unit(self) -> int:
-        return super().steps_per_unit() + (self.subset.size if self._wants(JACOBIAN_BASED) else 0)
+        return super().steps_per_unit() + (self.subset.size if self.wants(JACOBIAN_BASED) else 0)
 
     def run_unit(self, k: int, progress: Progress | None = None) -> dict[str, torch.Tensor]:
         out = super().run_unit(k, progress)
         batch = self.samples[k * self.model_input_bs : (k + 1) * self.model_input_bs].to(self._x0.device)
         first = k * self.model_input_bs
-        if self._wants(JACOBIAN_BASED):
+        if self.wants(JACOBIAN_BASED):
             out.update(self._jacobian_sums(batch, first, progress))
         if self._layout is not None:
             out.update(self._layer_sums(batch, first))
@@ -506,7 +505,7 @@ def write_comparison(out_dir: Path, name: str, job: CurvatureJob, sums: dict[str
     from .plots import comparison_figure
     from .results import atomic_write_bytes
 
-    layout = entry_layout(job.model, job.subset) if job._wants(LAYER_BASED) else None
+    layout = entry_layout(job.model, job.subset) if job.wants(LAYER_BASED) else None
     mats = approximation_matrices(sums, result, job.approximations, job.fisher_samples, layout, job.samples.shape[1])
     d = job.perturbations
     measured = None
