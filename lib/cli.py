@@ -17,7 +17,7 @@ from torch import nn
 
 from . import batch_study
 from . import checkpoint as ckpt
-from . import diagonality, outputs, parallel, preflight
+from . import curvature, diagonality, outputs, parallel, preflight
 from .data import default_dataset, load_text, load_tokenizer, make_samples, tokenize, check_seqlen
 from .errors import Interrupted, RunError, UserError
 from .hessian import METHODS, ExactHessianJob
@@ -43,8 +43,8 @@ PAPER_DEFAULTS = {"seqlen": 2048, "b": None}
 """The paper: seqlen 2048 and all samples of the WikiText-2 test split (``b=None``)."""
 
 
-def base_parser(description: str, t_default: tuple[int, int]) -> argparse.ArgumentParser:
-    """Flags shared by all scripts. ``t_default``: (embedded model, paper models)."""
+def base_parser(description: str, t_default: tuple[int, int], compare: bool = True) -> argparse.ArgumentParser:
+    """Flags shared by all scripts. ``t_default``: (embedded model, paper models); ``compare``: the ``--compare`` flags (exact scripts)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=EMBEDDED, help="HF model id or local directory; 'embedded' = the bundled tiny trained OPT")
@@ -68,6 +68,8 @@ def base_parser(description: str, t_default: tuple[int, int]) -> argparse.Argume
     o.add_argument("--overwrite", action="store_true", help="replace a finished result of the same --name (refused otherwise)")
     o.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     add_run_flags(p)
+    if compare:
+        curvature.add_flags(p)
     return p
 
 
@@ -265,6 +267,8 @@ def run_exact(script: str, args: argparse.Namespace, build_subset: Callable[[nn.
         spec=model_spec(args, prep),
         model=prep.model,
     )
+    if getattr(args, "compare", None):
+        job = curvature.make_job(args, job)
     settings = run_settings(args, prep, out / f"{name}.ckpt", "Hessian columns")
     settings.snapshot_units = tuple(batch_study.snapshot_units(args.b, args.model_input_bs)) if getattr(args, "batch_study", False) else ()
     t0 = time.perf_counter()
@@ -297,6 +301,8 @@ def run_exact(script: str, args: argparse.Namespace, build_subset: Callable[[nn.
         **({"batch_study": study["batch_study"], "batch_study_files": study["files"]} if study else {}),
         "entries": subset.entries(prep.model),
     }
+    if getattr(args, "compare", None):
+        meta.update(curvature.write_comparison(out, name, job, sums, result, f"{subset.description}\n{args.model}, b={args.b}, seqlen={args.seqlen}", args.compare_top_k))
     meta = save_tensor_and_json(out, name, result.hessian, meta)
     ckpt.finish(settings.checkpoint)
     print(f"perplexity {result.perplexity:.3f} over {result.n_samples} samples; Hessian {tuple(result.hessian.shape)} in {result.elapsed_s:.1f}s")

@@ -26,6 +26,11 @@ Estimators (``ESTIMATORS``); ``K`` = ``--vhp_samples`` = HVPs per sample:
   per-sample gradients (what the original calls 'Fisher'): not an estimate of ``diag(H)``, a baseline;
   it equals the Fisher information (hence the Hessian's expectation) only for a model that generated
   the data. Its cost is one gradient per sample.
+* ``ggn`` -- Hutchinson on the generalized Gauss-Newton matrix ``G = sum_t J_t^T (diag p_t - p_t p_t^T) J_t``
+  (:class:`lib.curvature.GGNOperator`): ``(1/K) sum_j z_j * (G z_j)`` with the Hutchinson probes, an unbiased
+  estimate of ``diag(G)`` (not of ``diag(H)``: ``H = G +`` the terms with the network's second derivatives).
+  Each product is one Jacobian-vector and one vector-Jacobian product of the network, no second backward
+  through it.
 * ``exact`` -- ``(H e_i)_i`` for every unit vector ``e_i``: ``n`` HVPs per sample, for small layers and
   as ground truth (refused above ``EXACT_MAX_ENTRIES``).
 
@@ -58,7 +63,7 @@ from .loss import SubsetLoss
 from .models import ModelSpec
 from .subsets import whole_parameter
 
-ESTIMATORS = ("xdiag", "hutchinson", "fisher", "exact")
+ESTIMATORS = ("xdiag", "hutchinson", "fisher", "ggn", "exact")
 SECOND_ORDER = ("xdiag", "hutchinson", "exact")
 EXACT_MAX_ENTRIES = 16384
 """Largest number of entries the ``exact`` method (one HVP per entry and sample) and ``--track_rows`` accept."""
@@ -164,7 +169,8 @@ class ParamPlan:
     * ``record``: flat entries at which each probe's ``z * (H z)`` is kept, ``record`` (``(probes, m)``);
     * ``exact``: flat entries ``i`` whose ``(H e_i)_i`` is computed exactly, ``exact`` (``(len,)``);
     * ``basis``: ``(s, n)`` vectors ``v`` whose ``H v`` is returned as ``hq`` (XDiag's ``Z^T``, phase 2);
-    * ``fisher``: the squared per-sample gradient, summed, ``fisher`` (``(n,)``).
+    * ``fisher``: the squared per-sample gradient, summed, ``fisher`` (``(n,)``);
+    * ``ggn_probes``: Hutchinson probes ``0..ggn_probes-1`` on the GGN; sums ``z * (G z)`` into ``ggn`` (``(n,)``).
     """
 
     param_name: str
@@ -175,6 +181,7 @@ class ParamPlan:
     exact: torch.Tensor | None = None
     basis: torch.Tensor | None = None
     fisher: bool = False
+    ggn_probes: int = 0
 
     @property
     def second_order(self) -> bool:
@@ -183,7 +190,7 @@ class ParamPlan:
     def steps(self) -> int:
         """HVPs per sample batch (a gradient counts as one step when there are none)."""
         n = self.probes + (0 if self.exact is None else len(self.exact)) + (0 if self.basis is None else self.basis.shape[0])
-        return n or 1
+        return n + self.ggn_probes or 1
 
     def config(self) -> dict[str, Any]:
         def digest(t: torch.Tensor | None) -> str | None:
@@ -199,6 +206,7 @@ class ParamPlan:
             "basis": digest(self.basis),
             "basis_shape": None if self.basis is None else list(self.basis.shape),
             "fisher": self.fisher,
+            "ggn_probes": self.ggn_probes,
         }
 
 
@@ -337,6 +345,20 @@ class DiagonalJob(ModelJob):
         self._products(g, x, lambda a, b: basis[a:b], basis.shape[0], take, progress)
         return hq
 
+    def _ggn_probes(self, objective: SubsetLoss, x0: torch.Tensor, batch: torch.Tensor, probes: int, progress: Progress | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sum_j z_j * (G z_j) over the Hutchinson probes j < probes, summed NLL of the batch)``, ``G`` the batch's GGN."""
+        from .curvature import GGNOperator
+
+        op = GGNOperator(objective, x0, batch)
+        n, name = x0.numel(), objective.subset.slices[0].param_name
+        out = torch.zeros_like(x0)
+        for j in range(probes):
+            z = rademacher_probes(n, self.seed, name, j, j + 1, x0.dtype)[0].to(x0.device)
+            out += z * op.matvec(z)
+            if progress is not None:
+                progress(1)
+        return out, op.nll.detach()
+
     def run_unit(self, k: int, progress: Progress | None = None) -> Partial:
         out: Partial = {}
         nll = None
@@ -345,6 +367,11 @@ class DiagonalJob(ModelJob):
             x0 = objective.x0()
             batch = self.samples[k * self.model_input_bs : (k + 1) * self.model_input_bs].to(x0.device)
             name = plan.param_name
+            if plan.ggn_probes:
+                out[key(name, "ggn")], value = self._ggn_probes(objective, x0, batch, plan.ggn_probes, progress)
+                nll = value if nll is None else nll
+                if not plan.second_order and not plan.fisher:
+                    continue
             if not plan.second_order or (plan.fisher and batch.shape[0] > 1):
                 out[key(name, "fisher")], value = self._fisher(objective, x0, batch)
                 nll = value if nll is None else nll
@@ -401,7 +428,7 @@ class Target:
 
 def hvps_per_sample(estimator: str, numel: int, k: int) -> int:
     """HVPs each sample costs for one weight: ``k`` (hutchinson, xdiag), ``numel`` (exact), 0 (fisher: one gradient)."""
-    return {"hutchinson": k, "xdiag": 2 * (k // 2), "exact": numel, "fisher": 0}[estimator]
+    return {"hutchinson": k, "xdiag": 2 * (k // 2), "exact": numel, "fisher": 0, "ggn": k}[estimator]
 
 
 def monitor_entries(numel: int, probes: int, seed: int, budget: int = MONITOR_BUDGET) -> torch.Tensor:
@@ -457,7 +484,7 @@ def plan_phase1(targets: Sequence[Target], estimators: Sequence[str], k: int, se
         record = None
         if len(t.tracked) and "hutchinson" in estimators:
             record = torch.cat([t.tracked, monitor_entries(n, probes, seed)]).unique()
-        plans.append(ParamPlan(t.param_name, n, probes=probes, keep=keep, record=record, exact=exact, fisher="fisher" in estimators))
+        plans.append(ParamPlan(t.param_name, n, probes=probes, keep=keep, record=record, exact=exact, fisher="fisher" in estimators, ggn_probes=k if "ggn" in estimators else 0))
     return plans
 
 
@@ -532,6 +559,8 @@ def hessian_diagonal(
         for e in estimators:
             if e == "hutchinson":
                 d = sums[key(name, "zhz")] / k
+            elif e == "ggn":
+                d = sums[key(name, "ggn")] / k
             elif e == "xdiag":
                 q, r = bases[name]
                 d = xdiag_estimate(omega, q, sums2[key(name, "hq")].T, r)
@@ -568,7 +597,7 @@ def _track(result: DiagonalResult, t: Target, p: ParamPlan, sums: Partial, sums2
         result.monitor_size.setdefault(name, len(monitor))
     for e, c in curves.items():
         c["final_tracked_rel_error"] = c["tracked_rel_error"][-1]
-    for e in ("fisher", "exact"):
+    for e in ("fisher", "ggn", "exact"):
         if e in estimators:
             d = result.diagonals[e][name].reshape(-1)[t.tracked]
             curves[e] = {"k": [], "tracked_rel_error": [], "consecutive_rel_diff": [], "final_tracked_rel_error": rel_l2(d, exact)}

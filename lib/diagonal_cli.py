@@ -29,12 +29,12 @@ VHP_DEFAULT = 100
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
-    p = cli.base_parser(description, T_DEFAULT)
+    p = cli.base_parser(description, T_DEFAULT, compare=False)
     d = p.add_argument_group("Hessian diagonal")
     d.add_argument("--layer_name", default="self_attn.q_proj", help="linear layer inside a block, e.g. self_attn.q_proj (OPT/Llama), attn.c_attn (GPT-2)")
     d.add_argument("--block_index", type=int, default=None, help="which block (default 0; with --all_layers: every block unless given)")
     d.add_argument("--all_layers", action="store_true", help="every linear layer of every block (or of --block_index), in one run that loads the model and data once")
-    d.add_argument("--estimator", nargs="+", choices=ESTIMATORS, default=None, help="one or more of: xdiag (variance-reduced, unbiased; default), hutchinson (Rademacher, unbiased), fisher (empirical Fisher diagonal, a baseline), exact (one HVP per entry; small layers); default xdiag, or hutchinson xdiag with --track_rows")
+    d.add_argument("--estimator", nargs="+", choices=ESTIMATORS, default=None, help="one or more of: xdiag (variance-reduced, unbiased; default), hutchinson (Rademacher, unbiased), fisher (empirical Fisher diagonal, a baseline), ggn (Hutchinson on the Gauss-Newton matrix: K probes of one JVP + one VJP each, no second backward), exact (one HVP per entry; small layers); default xdiag, or hutchinson xdiag with --track_rows")
     d.add_argument("--vhp_samples", type=int, default=VHP_DEFAULT, help="K: Hessian-vector products per sample and weight for hutchinson (K probes) and xdiag (K/2 probes + K/2 basis vectors; K even)")
     d.add_argument("--track_rows", type=int, default=0, help="convergence study (paper Fig. 3): exact diagonal of the weights of the first R output units, and the estimators' error and consecutive difference after each probe")
     d.add_argument("--probe_batch", type=int, default=0, help="HVPs per batched backward (0 = auto: 1 on CPU, 8 on GPU, halved on OOM)")
@@ -51,7 +51,7 @@ def check_flags(args: argparse.Namespace) -> None:
     """Validate the diagonal's own flags (no model needed)."""
     k = args.vhp_samples
     est = args.estimator
-    if any(e in est for e in ("hutchinson", "xdiag")) and k < 1:
+    if any(e in est for e in ("hutchinson", "xdiag", "ggn")) and k < 1:
         raise UserError(f"--vhp_samples must be at least 1, got {k}")
     if "xdiag" in est and (k < 2 or k % 2):
         raise UserError(f"--estimator xdiag uses K/2 probes and K/2 basis vectors: --vhp_samples must be even and at least 2, got {k}")
@@ -228,7 +228,7 @@ def save(args: argparse.Namespace, prep: cli.Prepared, found: list[tuple[Target,
     else:
         tensor = {e: {t.param_name: result.diagonals[e][t.param_name].to(dtype) for t in targets} for e in estimators}
     model_desc = f"{args.model}, b={args.b}, seqlen={args.seqlen}"
-    k_desc = lambda e: f", K={args.vhp_samples}" if e in ("hutchinson", "xdiag") else ""  # noqa: E731
+    k_desc = lambda e: f", K={args.vhp_samples}" if e in ("hutchinson", "xdiag", "ggn") else ""  # noqa: E731
     if single:
         e, t = estimators[0], targets[0]
         figures = heatmap(result.diagonals[e][t.param_name], out / name, f"|diag H| of {t.param_name} ({e}{k_desc(e)})\n{model_desc}", axis_labels=("input index (column of the weight)", "output unit (row of the weight)"), value="|H_ii| of each weight")
@@ -269,9 +269,10 @@ def save(args: argparse.Namespace, prep: cli.Prepared, found: list[tuple[Target,
             "xdiag": "K HVPs per sample and weight: K/2 probes (phase 1), K/2 basis vectors (phase 2)",
             "exact": "one HVP per entry and sample",
             "fisher": "one gradient per sample",
+            "ggn": "K Gauss-Newton-vector products per sample and weight (one JVP + one VJP each)",
         },
         "probes": "Rademacher (i.i.d. +-1 entries); probe j of parameter p from a generator seeded with sha256(f'{seed}/{p}/{j}'), shared by all samples; xdiag's probes are the first K/2 hutchinson probes",
-        "normalization": f"diagonal of the Hessian of the mean next-token NLL over b*(seqlen-1) = {n_tokens} predicted tokens (the additive summed-NLL Hessian divided by {n_tokens}); fisher: (sum over samples of the squared per-sample gradient of the summed NLL) / {n_tokens}",
+        "normalization": f"diagonal of the Hessian of the mean next-token NLL over b*(seqlen-1) = {n_tokens} predicted tokens (the additive summed-NLL Hessian divided by {n_tokens}); fisher: (sum over samples of the squared per-sample gradient of the summed NLL) / {n_tokens}; ggn: the diagonal of the Gauss-Newton matrix sum_t J_t^T (diag p_t - p_t p_t^T) J_t / {n_tokens}",
         "n_samples": result.n_samples,
         "n_tokens": n_tokens,
         "nll_mean": result.nll_sum / n_tokens,

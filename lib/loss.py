@@ -150,17 +150,28 @@ class SubsetLoss(nn.Module):
             pieces[name].append((idx, x[a:b]))
         return {name: _rebuild(self.model.get_parameter(name), p) for name, p in pieces.items()}
 
-    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """Scalar summed NLL of ``input_ids`` (``(B, s)``) at subset values ``x`` (``(n,)``)."""
+    def features(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """What the loss's softmax reads, at the ``N = B * (s-1)`` predicted positions of ``input_ids`` (``(B, s)``).
+
+        Returns ``(feats, head_weight, head_bias)``: with the fused head, ``feats`` are the LM head's inputs
+        ``(N, d)`` and the logits are ``feats @ head_weight.T + head_bias`` (``head_weight``: ``(V, d)``);
+        otherwise ``feats`` are the logits ``(N, V)`` and the head is ``(None, None)``.
+        """
         weights = self.weights(x)
         with attention_context(self.model):
             if not self.fused_head:
                 logits = functional_call(self.model, weights, args=(), kwargs={"input_ids": input_ids, "use_cache": False}, tie_weights=False)[0]
-                return summed_nll(logits, input_ids)
+                return logits[:, :-1].reshape(-1, logits.shape[-1]), None, None
             base = self.model.base_model
             k = len(self.model.base_model_prefix) + 1
             hidden = functional_call(base, {n[k:]: w for n, w in weights.items()}, args=(), kwargs={"input_ids": input_ids, "use_cache": False})[0]
         head = self.model.get_output_embeddings()
-        labels = input_ids[:, 1:].reshape(-1).to(head.weight.device)
-        h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).to(head.weight.device)
-        return head_nll(h, head.weight, head.bias, labels)
+        return hidden[:, :-1].reshape(-1, hidden.shape[-1]).to(head.weight.device), head.weight, head.bias
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Scalar summed NLL of ``input_ids`` (``(B, s)``) at subset values ``x`` (``(n,)``)."""
+        feats, weight, bias = self.features(x, input_ids)
+        labels = input_ids[:, 1:].reshape(-1).to(feats.device)
+        if weight is None:
+            return F.cross_entropy(feats, labels, reduction="sum")
+        return head_nll(feats, weight, bias, labels)

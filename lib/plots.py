@@ -196,3 +196,44 @@ def heatmap_grid(panels: Sequence[tuple[str, torch.Tensor]], path_stem: str | Pa
     fig.suptitle(f"{title}\n(|value|, linear scale from 0, each panel clipped at its {clip_percentile:g}th percentile)", fontsize=9)
     fig.tight_layout()
     return _save(fig, path_stem)
+
+
+def comparison_figure(matrices: dict[str, torch.Tensor], metrics: dict[str, dict[str, float]], path_stem: str | Path, title: str, clip_percentile: float = 98.0) -> list[Path]:
+    """Exact Hessian and its approximations side by side, and a bar chart of the comparison metrics.
+
+    ``matrices``: ``{"exact": H, approx: A}``; each ``A`` is shown as ``|best_scale * A|`` (the proxies are defined
+    up to a scale) on the exact Hessian's colour scale (clipped at ``clip_percentile`` of ``|H|``).
+    ``metrics[approx]``: :func:`lib.curvature.compare_matrices`. Writes ``<path_stem>.pdf`` / ``.png``.
+    """
+    plt = _pyplot()
+    import numpy as np
+
+    names = list(matrices)
+    h = matrices["exact"].detach().abs().to(torch.float64).cpu()
+    vmax = _clipped_max(h, clip_percentile)
+    fig = plt.figure(figsize=(3.0 * len(names) + 1.0, 6.6))
+    grid = fig.add_gridspec(2, len(names), height_ratios=[1.1, 1.0])
+    im = None
+    for j, name in enumerate(names):
+        ax = fig.add_subplot(grid[0, j])
+        scale = 1.0 if name == "exact" else metrics[name]["best_scale"]
+        a = (scale * matrices[name].detach().to(torch.float64).cpu()).abs()
+        im = ax.imshow(a.numpy(), cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
+        ax.set_title(name if name == "exact" else f"{name} x {scale:.3g}", fontsize=8)
+        ax.tick_params(labelsize=6)
+    fig.colorbar(im, ax=fig.axes, fraction=0.015, pad=0.01).ax.tick_params(labelsize=6)
+    keys = [("rel_frobenius_scaled", "rel. Frobenius error\n(best scale)"), ("cosine", "cosine"), ("top_k_overlap", "top-k eigvec overlap"), ("pred_vs_exact_corr", "corr(dAd, dHd)"), ("pred_vs_measured_even_corr", "corr(dAd, measured\nsecond-order part)")]
+    keys = [(k, label) for k, label in keys if any(k in m for m in metrics.values())]
+    bars = [n for n in metrics]
+    ax = fig.add_subplot(grid[1, :])
+    width = 0.8 / max(1, len(bars))
+    x = np.arange(len(keys))
+    for i, name in enumerate(bars):
+        vals = [metrics[name].get(k, float("nan")) for k, _ in keys]
+        ax.bar(x + (i - (len(bars) - 1) / 2) * width, vals, width, label=name, color=f"C{i}")
+    ax.set_xticks(x, [label for _, label in keys], fontsize=8)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.legend(fontsize=7, ncol=min(len(bars), 7))
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(f"{title}\n|H| and |best_scale * A| on one colour scale (clipped at the {clip_percentile:g}th percentile of |H|)", fontsize=9)
+    return _save(fig, path_stem)
