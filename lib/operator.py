@@ -118,11 +118,24 @@ class HVPJob(ModelJob):
         self.subset, self.samples, self.vt, self.model_input_bs = subset, samples, vt, model_input_bs
         self.chunk, self.fused_head, self.spec, self.model, self.tag = chunk, fused_head, spec, model, tag
 
+    _graphs: dict | None = None
+    """Per-process cache ``{unit: (x, g, value)}`` of gradient graphs shared by the jobs of one operator (not pickled)."""
+
     def setup(self, device: torch.device) -> None:
         self.ensure_model(device)
         self._objective = SubsetLoss(self.model, self.subset, fused_head=self.fused_head)
         self._x0 = self._objective.x0()
         self._chunk = self.chunk or default_chunk(self._x0.device, "probes")
+
+    def _graph(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batch ``k``'s ``(x, g = grad f, f)`` with the graph of ``g`` kept, from the cache when there is one."""
+        if self._graphs is not None and k in self._graphs:
+            return self._graphs[k]
+        batch = self.samples[k * self.model_input_bs : (k + 1) * self.model_input_bs].to(self._x0.device)
+        out = gradient_graph(lambda z: self._objective(z, batch), self._x0)
+        if self._graphs is not None:
+            self._graphs[k] = out
+        return out
 
     def num_units(self) -> int:
         return -(-self.samples.shape[0] // self.model_input_bs)
@@ -131,8 +144,7 @@ class HVPJob(ModelJob):
         return self.vt.shape[0]
 
     def run_unit(self, k: int, progress: Progress | None = None) -> Partial:
-        batch = self.samples[k * self.model_input_bs : (k + 1) * self.model_input_bs].to(self._x0.device)
-        x, g, value = gradient_graph(lambda z: self._objective(z, batch), self._x0)
+        x, g, value = self._graph(k)
         vt = self.vt.to(device=x.device, dtype=x.dtype)
         hv, self._chunk = block_products(g, x, vt, self._chunk, progress)
         return {"hv_sum": hv.detach().cpu(), "nll_sum": value.detach().cpu()}
@@ -162,9 +174,12 @@ class HessianOperator:
     ``run(job)`` (default: in this process, :func:`lib.jobs.run_serial`) runs each pass's
     :class:`HVPJob`; pass e.g. ``lambda job: lib.parallel.run_job(job, settings)`` for several devices.
     ``hvps`` (products ``H v`` of the whole operator) and ``passes`` count the work done.
+    ``keep_graphs``: keep every batch's gradient graph in this process's memory between passes, so a
+    pass costs only the HVPs (no forward or first backward; for models and ``b`` small enough that
+    ``b / model_input_bs`` graphs fit; worker processes always rebuild them).
     """
 
-    def __init__(self, model: nn.Module, subset: Subset, samples: torch.Tensor, model_input_bs: int = 1, chunk: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, run: Callable[[HVPJob], Partial | None] | None = None):
+    def __init__(self, model: nn.Module, subset: Subset, samples: torch.Tensor, model_input_bs: int = 1, chunk: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, run: Callable[[HVPJob], Partial | None] | None = None, keep_graphs: bool = False):
         self.model, self.subset, self.samples, self.model_input_bs = model, subset, samples, model_input_bs
         self.chunk, self.fused_head, self.spec = chunk, fused_head, spec
         self.run = run
@@ -174,10 +189,13 @@ class HessianOperator:
         self.hvps = 0
         self.passes = 0
         self.nll_sum: float | None = None
+        self.graphs: dict | None = {} if keep_graphs else None
 
     def job(self, vt: torch.Tensor, tag: str = "") -> HVPJob:
         """The additive job of one pass computing ``H`` applied to the rows of ``vt`` (``(p, n)``)."""
-        return HVPJob(self.subset, self.samples, vt.detach().to("cpu", torch.float64).contiguous(), self.model_input_bs, self.chunk, self.fused_head, spec=self.spec, model=self.model, tag=tag)
+        job = HVPJob(self.subset, self.samples, vt.detach().to("cpu", torch.float64).contiguous(), self.model_input_bs, self.chunk, self.fused_head, spec=self.spec, model=self.model, tag=tag)
+        job._graphs = self.graphs
+        return job
 
     def _run(self, job: HVPJob) -> Partial | None:
         if self.run is not None:

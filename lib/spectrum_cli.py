@@ -56,6 +56,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     e.add_argument("--slq_probes", type=int, default=4, help="SLQ probes (advanced together, one pass per step)")
     e.add_argument("--lanczos_steps", type=int, default=30, help="SLQ Lanczos steps per probe")
     e.add_argument("--density_points", type=int, default=1000, help="grid points of the density")
+    e.add_argument("--keep_graphs", action="store_true", help="keep each batch's gradient graph in memory between passes (b/model_input_bs graphs): a pass then costs only its HVPs (small models; one device or torchrun)")
     e.add_argument("--exact_below", type=int, default=EXACT_BELOW, help="form H exactly and use eigvalsh when the subset has at most this many entries (0 = always iterative)")
     return p
 
@@ -203,7 +204,7 @@ def run(argv: list[str] | None, description: str) -> dict[str, Any]:
     out = Path(args.output_dir)
     rank0 = parallel.distributed_env() is None or parallel.distributed_env()[0] == 0
     fused = False if args.no_fused_head else None
-    op = HessianOperator(prep.model, subset, prep.samples, args.model_input_bs, args.chunk or None, fused, spec=cli.model_spec(args))
+    op = HessianOperator(prep.model, subset, prep.samples, args.model_input_bs, args.chunk or None, fused, spec=cli.model_spec(args), keep_graphs=args.keep_graphs)
     meta: dict[str, Any] = {"script": "hessian_spectrum", "config": vars(args), "subset": subset.description, "n": n, "n_samples": int(prep.samples.shape[0]), "n_tokens": op.n_tokens}
     saved: dict[str, torch.Tensor] = {}
     t0 = time.perf_counter()

@@ -114,6 +114,10 @@ def test_operator_eigenvalues_equal_eigvalsh(arch):
     true_res = (h @ r.eigenvectors - r.eigenvectors * r.eigenvalues).norm(dim=0)
     torch.testing.assert_close(r.residuals, true_res, rtol=0, atol=tol * norm)
     assert op.passes == r.passes + 1 and op.hvps == r.hvps + 2
+    kept = lib.HessianOperator(model, subset, ids, keep_graphs=True)
+    for _ in range(2):  # the second product reuses the graphs: bitwise the same products
+        assert torch.equal(kept @ v, op @ v)
+    assert len(kept.graphs) == 2
 
 
 def test_operator_views_and_params_equal_paper_flags():
@@ -163,7 +167,7 @@ def test_script_exact_and_iterative_paths_agree(tmp_path):
 def test_script_resume_is_bitwise_and_two_workers_equal_one(tmp_path):
     """A run stopped after its first pass (computed by 2 worker processes) and resumed in one process equals
     the uninterrupted one-process run bit for bit: the recorded pass is replayed, the rest computed."""
-    full, _ = _pt(tmp_path / "full", "--exact_below", "0", "--max_iter", "10", "--density", "--lanczos_steps", "3", "--slq_probes", "2")
+    full, _ = _pt(tmp_path / "full", "--exact_below", "0", "--max_iter", "10", "--density", "--lanczos_steps", "3", "--slq_probes", "2", "--keep_graphs")
     # a run stopped after 1 pass leaves its pass log (kept here by --keep_checkpoint)
     _pt(tmp_path / "cut", "--exact_below", "0", "--max_iter", "1", "--keep_checkpoint", "--devices", "cpu,cpu")
     assert len(list((tmp_path / "cut" / "s.passes").glob("pass_*.pt"))) == 1
