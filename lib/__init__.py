@@ -14,6 +14,7 @@ from .data import load_samples, load_text, load_tokenizer, make_samples, tokeniz
 from .errors import UserError
 from .hessian import HessianResult, batch_hessian, exact_hessian, hessian_rev_rev
 from .loss import SubsetLoss, head_nll, summed_nll
+from . import spectrum
 from .operator import HessianOperator
 from .models import find_blocks, linear_layers, load_model, prepare_model
 from .subsets import (
