@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import textwrap
 import sys
 import time
 from pathlib import Path
@@ -187,7 +188,7 @@ def density_figure(d: spectrum.SLQResult, top: list[float], path_stem: Path, tit
     ax.set_ylim(bottom=max(floor, 1e-300))
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path_stem)
@@ -261,7 +262,7 @@ def run(argv: list[str] | None, description: str) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     figures: list[Path] = []
     if "density" in meta:
-        title = f"Hessian spectral density, {subset.description}\n{args.model}, b={args.b}, seqlen={args.seqlen} ({meta['path']})"
+        title = f"Hessian spectral density, {subset.description}; {args.model}, b={args.b}, seqlen={args.seqlen} ({meta['path']} path)"
         figures = density_figure(dens, meta["eigenvalues"][: args.top_k], out / f"{name}_density", title)
     meta["figures"] = [p.name for p in figures]
     meta = save_tensor_and_json(out, name, saved, meta)

@@ -143,7 +143,7 @@ def test_params_glob_matching_nothing_is_one_line(capsys, tmp_path):
 
 # ----------------------------------------------------------------------------- the script (embedded model, float64)
 
-ARGS = ["--seqlen", "16", "--b", "2", "--dtype", "float64", "--no_progress", "--name", "s", "--t", "48", "--top_k", "2", "--tol", "1e-9", "--seed", "1"]
+ARGS = ["--seqlen", "16", "--b", "2", "--dtype", "float64", "--no_progress", "--name", "s", "--t", "32", "--top_k", "2", "--tol", "1e-9", "--seed", "1"]
 
 
 def _pt(tmp, *extra) -> tuple[dict, dict]:
@@ -153,7 +153,7 @@ def _pt(tmp, *extra) -> tuple[dict, dict]:
 
 def test_script_exact_and_iterative_paths_agree(tmp_path):
     exact, je = _pt(tmp_path / "e", "--which", "both", "--density")
-    it, ji = _pt(tmp_path / "i", "--which", "both", "--exact_below", "0", "--max_iter", "48", "--trace", "--density", "--lanczos_steps", "8", "--slq_probes", "2")
+    it, ji = _pt(tmp_path / "i", "--which", "both", "--exact_below", "0", "--max_iter", "32", "--trace", "--density", "--lanczos_steps", "8", "--slq_probes", "2")
     assert je["path"] == "exact" and ji["path"] == "iterative"
     norm = float(exact["all_eigenvalues"].abs().max())
     torch.testing.assert_close(it["eigenvalues"], exact["eigenvalues"], rtol=0, atol=1e-6 * norm)  # OPT: float32 attention softmax
