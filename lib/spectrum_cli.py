@@ -147,6 +147,8 @@ def make_run_pass(args: argparse.Namespace, prep: cli.Prepared, op: HessianOpera
         cfg = ckpt.CheckpointConfig(path, every_units, every_s, resume=args.resume and path.exists(), keep=False)
         settings = parallel.RunSettings(devices=prep.devices or [prep.device], checkpoint=cfg, progress=False)
         sums = parallel.run_job(op.job(v.T, tag=f"pass {i}"), settings)
+        if sums is not None:
+            ckpt.finish(cfg)  # this pass is done: the next one starts its own checkpoint
         if distributed:
             import torch.distributed as dist
 
@@ -155,7 +157,6 @@ def make_run_pass(args: argparse.Namespace, prep: cli.Prepared, op: HessianOpera
             hv_sum = box[0]
         else:
             hv_sum = sums["hv_sum"]
-            ckpt.finish(cfg)
         return (hv_sum / op.n_tokens).T.contiguous()
 
     return run_pass
