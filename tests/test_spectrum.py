@@ -179,3 +179,31 @@ def test_script_resume_is_bitwise_and_two_workers_equal_one(tmp_path):
     with pytest.raises(lib.UserError, match="--resume"):  # an old pass log is never silently reused
         _pt(tmp_path / "cut", "--exact_below", "0", "--max_iter", "2", "--keep_checkpoint")
         _pt(tmp_path / "cut", "--exact_below", "0", "--max_iter", "2")
+
+
+def test_script_killed_mid_lanczos_resumes_bitwise(tmp_path):
+    """SIGKILL while Lanczos runs (after its 4th pass is recorded), then --resume: bitwise the uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    flags = [*ARGS, "--exact_below", "0", "--tol", "1e-15", "--max_iter", "32", "--seqlen", "24"]  # runs until an invariant subspace
+    full, jf = _pt(tmp_path / "full", *flags)
+    threads = str(torch.get_num_threads())
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "hessian_spectrum.py"), *flags, "--output_dir", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / "s.passes" / "pass_00004.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (out / "s.pt").exists(), "the run finished before it could be killed"
+    resumed, j = _pt(out, *flags, "--resume")
+    assert j["replayed_passes"] >= 4 and j["passes"] == jf["passes"] > j["replayed_passes"]
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
