@@ -34,6 +34,8 @@ from .subsets import Subset, num_blocks, params_subset, several_layers_several_b
 T_DEFAULT = (128, 768)
 """``--t`` for the paper-style subsets (embedded model, paper models), as in single_layer_single_block.py."""
 EXACT_BELOW = 2048
+ENTRIES_MAX = 65536
+"""Largest subset whose per-entry ``[param, *index]`` list goes into the JSON (``slices`` always does)."""
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -80,6 +82,17 @@ def build_subset(model: nn.Module, args: argparse.Namespace) -> Subset:
     if args.num_blocks is not None:
         return single_layer_several_blocks(model, args.layer_name, args.num_blocks, args.t)
     return single_layer_single_block(model, args.layer_name, args.block_index, args.t)
+
+
+def slice_table(model: nn.Module, subset: Subset) -> list[dict[str, Any]]:
+    """Where each slice's entries sit in ``x`` (eigenvectors' rows): ``{param, shape, offset, size, whole}``."""
+    out, offset = [], 0
+    for sl in subset.slices:
+        shape = list(model.get_parameter(sl.param_name).shape)
+        whole = len(sl) == model.get_parameter(sl.param_name).numel() and bool((sl.flat_index == torch.arange(len(sl))).all())
+        out.append({"param": sl.param_name, "shape": shape, "offset": offset, "size": len(sl), "whole_in_storage_order": whole})
+        offset += len(sl)
+    return out
 
 
 def subset_tag(args: argparse.Namespace) -> str:
@@ -259,7 +272,9 @@ def run(argv: list[str] | None, description: str) -> dict[str, Any]:
     if args.density:
         meta["density"] = density_json(dens)
         saved.update(ritz_values_slq=dens.ritz_values, ritz_weights_slq=dens.ritz_weights, density_grid=dens.grid, density=dens.values)
-    meta.update(spectrum_elapsed_s=time.perf_counter() - t0, elapsed_s=time.perf_counter() - t_start, entries=subset.entries(prep.model))
+    meta.update(spectrum_elapsed_s=time.perf_counter() - t0, elapsed_s=time.perf_counter() - t_start, slices=slice_table(prep.model, subset))
+    if n <= ENTRIES_MAX:
+        meta["entries"] = subset.entries(prep.model)
     out.mkdir(parents=True, exist_ok=True)
     figures: list[Path] = []
     if "density" in meta:
