@@ -51,6 +51,16 @@ def test_lanczos_reports_unconverged_pairs_honestly():
     torch.testing.assert_close(r.residuals, true_res, rtol=1e-8, atol=1e-12)
 
 
+def test_full_reorthogonalization_leaves_no_ghost_eigenvalues():
+    """Many steps past convergence of an outlier: plain Lanczos would repeat it ("ghosts"); here it appears once."""
+    ev = torch.cat([torch.tensor([100.0], dtype=F64), torch.linspace(0, 1, 399, dtype=F64)])
+    h = _dense(ev, seed=5)
+    r = spectrum.lanczos(lambda v: h @ v, 400, 3, tol=1e-12, max_iter=120, seed=0)  # the bulk keeps it running
+    assert r.passes == 120
+    assert int((r.ritz_values > 2).sum()) == 1
+    assert float(r.ritz_values[-1]) == pytest.approx(100.0, rel=1e-12)
+
+
 def test_trace_estimators_are_unbiased_over_seeds():
     h = _dense(torch.randn(40, generator=torch.Generator().manual_seed(2), dtype=F64) + 0.5)
     h = h + 0.3 * torch.ones(40, 40, dtype=F64)  # off-diagonal mass, so Hutchinson has variance
