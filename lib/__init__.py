@@ -7,12 +7,15 @@ Typical use from Python::
     subset = lib.single_layer_single_block(model, "self_attn.q_proj", block_index=0, t=32)
     samples = lib.load_samples("embedded", seqlen=128, b=4)  # (b, seqlen) token ids
     result = lib.exact_hessian(model, subset, samples)      # result.hessian: (32, 32)
+    H = lib.HessianOperator(model, subset, samples)          # H @ V: (32, p) -> (32, p), one pass per call
 """
 
 from .data import load_samples, load_text, load_tokenizer, make_samples, tokenize
 from .errors import UserError
 from .hessian import HessianResult, batch_hessian, exact_hessian, hessian_rev_rev
 from .loss import SubsetLoss, head_nll, summed_nll
+from . import spectrum
+from .operator import HessianOperator
 from .models import find_blocks, linear_layers, load_model, prepare_model
 from .subsets import (
     ParamSlice,
@@ -26,6 +29,7 @@ from .subsets import (
 )
 
 __all__ = [
+    "HessianOperator",
     "HessianResult",
     "ParamSlice",
     "Subset",

@@ -61,6 +61,7 @@ from torch import nn
 from .jobs import ModelJob, Partial, run_serial
 from .loss import SubsetLoss
 from .models import ModelSpec
+from .operator import block_products, default_chunk, gradient_graph, hvp_products
 from .subsets import whole_parameter
 
 ESTIMATORS = ("xdiag", "hutchinson", "fisher", "ggn", "exact")
@@ -215,20 +216,6 @@ def key(param_name: str, what: str) -> str:
     return f"{param_name}|{what}"
 
 
-def default_probe_batch(device: torch.device) -> int:
-    """HVPs per batched backward: 1 on CPU (batching does not pay there), 8 on GPU (halved on OOM)."""
-    return 1 if device.type == "cpu" else 8
-
-
-def _hvp_rows(g: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``H v_r`` for the rows of ``v`` (``(m, n)``) on the retained graph of ``g = grad f(x)``; returns ``(m, n)``."""
-    if v.shape[0] == 1:
-        (hv,) = torch.autograd.grad(g, x, grad_outputs=v[0], retain_graph=True)
-        return hv.unsqueeze(0)
-    (hv,) = torch.autograd.grad(g, x, grad_outputs=v, retain_graph=True, is_grads_batched=True)
-    return hv
-
-
 class DiagonalJob(ModelJob):
     """Hessian-diagonal products of whole weights as an additive job (:mod:`lib.jobs`): unit ``k`` = batch ``k``.
 
@@ -247,7 +234,7 @@ class DiagonalJob(ModelJob):
 
     def setup(self, device: torch.device) -> None:
         self.ensure_model(device)
-        self._batch = self.probe_batch or default_probe_batch(self.model.get_parameter(self.plans[0].param_name).device)
+        self._batch = self.probe_batch or default_chunk(self.model.get_parameter(self.plans[0].param_name).device, "probes")
 
     def _objective(self, param_name: str) -> SubsetLoss:
         """The summed NLL as a function of ``x = W.reshape(-1)`` (built per use: it holds an index of ``n`` entries)."""
@@ -264,24 +251,8 @@ class DiagonalJob(ModelJob):
         return f"sample {k}" if bs == 1 else f"samples {k * bs}..{(k + 1) * bs - 1}"
 
     def _products(self, g: torch.Tensor, x: torch.Tensor, rows: Callable[[int, int], torch.Tensor], count: int, sink: Callable[[int, torch.Tensor, torch.Tensor], None], progress: Progress | None) -> None:
-        """For ``start..stop`` chunks of ``count`` vectors ``v = rows(start, stop)``: ``sink(start, v, H v)``."""
-        start = 0
-        while start < count:
-            stop = min(count, start + self._batch)
-            v = rows(start, stop).to(device=x.device, dtype=x.dtype)
-            try:
-                hv = _hvp_rows(g, x, v)
-            except torch.OutOfMemoryError:
-                if self._batch == 1:
-                    raise
-                self._batch = max(1, self._batch // 2)
-                if x.is_cuda:
-                    torch.cuda.empty_cache()
-                continue
-            sink(start, v, hv)
-            if progress is not None:
-                progress(stop - start)
-            start = stop
+        """For ``start..stop`` chunks of ``count`` vectors ``v = rows(start, stop)``: ``sink(start, v, H v)`` (:func:`lib.operator.hvp_products`)."""
+        self._batch = hvp_products(g, x, rows, count, sink, self._batch, progress)
 
     def _fisher(self, objective: SubsetLoss, x0: torch.Tensor, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sum over the batch's samples of the squared per-sample gradient, summed NLL of the batch)``."""
@@ -337,12 +308,7 @@ class DiagonalJob(ModelJob):
 
     def _basis(self, g: torch.Tensor, x: torch.Tensor, basis: torch.Tensor, progress: Progress | None) -> torch.Tensor:
         """``H v`` for the rows ``v`` of ``basis`` (``(s, n)``)."""
-        hq = torch.empty(basis.shape[0], x.numel(), dtype=x.dtype, device=x.device)
-
-        def take(a: int, v: torch.Tensor, hv: torch.Tensor) -> None:
-            hq[a : a + len(hv)] = hv
-
-        self._products(g, x, lambda a, b: basis[a:b], basis.shape[0], take, progress)
+        hq, self._batch = block_products(g, x, basis, self._batch, progress)
         return hq
 
     def _ggn_probes(self, objective: SubsetLoss, x0: torch.Tensor, batch: torch.Tensor, probes: int, progress: Progress | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -379,9 +345,7 @@ class DiagonalJob(ModelJob):
                     if progress is not None:
                         progress(1)
                     continue
-            x = x0.detach().clone().requires_grad_(True)
-            value = objective(x, batch)
-            (g,) = torch.autograd.grad(value, x, create_graph=True)
+            x, g, value = gradient_graph(lambda z: objective(z, batch), x0)
             nll = value.detach() if nll is None else nll
             if plan.fisher and batch.shape[0] == 1:
                 out[key(name, "fisher")] = g.detach() ** 2  # one sample: its gradient is the graph's

@@ -10,7 +10,8 @@ Methods (all exact up to floating point):
 * ``autograd`` -- the paper's reference, :func:`torch.autograd.functional.hessian` per batch.
 * ``rev-rev`` (default) -- reverse-over-reverse: one forward and one ``create_graph`` backward per
   batch give ``g = grad f``; then row ``i`` of ``H`` is the vector-Jacobian product ``e_i^T dg/dx``,
-  computed for ``chunk`` unit vectors at a time (``is_grads_batched``) on the retained graph. The
+  computed for ``chunk`` unit vectors at a time (``is_grads_batched``) on the retained graph by
+  :func:`lib.operator.hvp_products`. The
   frozen part of the network (everything that does not depend on ``x``) is evaluated once per batch
   and never differentiated, and the LM head + softmax use the fused kernel of :mod:`lib.loss`.
 """
@@ -28,6 +29,7 @@ from torch import nn
 from .jobs import ModelJob, run_serial
 from .loss import SubsetLoss
 from .models import ModelSpec
+from .operator import default_chunk, gradient_graph, hvp_products
 from .subsets import Subset
 
 METHODS = ("rev-rev", "autograd")
@@ -43,42 +45,21 @@ def _unit_rows(n: int, start: int, stop: int, like: torch.Tensor) -> torch.Tenso
     return e
 
 
-def default_chunk(device: torch.device) -> int:
-    """Columns per batched backward: 1 on CPU (batching does not pay there), 64 on GPU (halved on OOM)."""
-    return 1 if device.type == "cpu" else 64
-
-
 def hessian_rev_rev(fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, chunk: int = 1, progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact Hessian of scalar ``fn`` at ``x0`` (shape ``(n,)``) by reverse-over-reverse; returns ``(H (n, n), fn(x0))``.
 
-    Row ``i`` is ``d/dx (e_i . grad fn(x))``; ``chunk`` rows share one batched backward. On a CUDA
-    out-of-memory error the chunk is halved and the rows are redone.
+    Row ``i`` is ``H e_i = d/dx (e_i . grad fn(x))``: the unit vectors go through the library's one
+    Hessian-vector primitive :func:`lib.operator.hvp_products` (``chunk`` rows per batched backward,
+    halved on CUDA out-of-memory).
     """
-    x = x0.detach().clone().requires_grad_(True)
-    value = fn(x)
-    (g,) = torch.autograd.grad(value, x, create_graph=True)
+    x, g, value = gradient_graph(fn, x0)
     n = x.numel()
     rows = torch.empty(n, n, dtype=x.dtype, device=x.device)
-    start = 0
-    while start < n:
-        stop = min(n, start + chunk)
-        try:
-            if stop - start == 1:
-                (row,) = torch.autograd.grad(g, x, grad_outputs=_unit_rows(n, start, stop, x)[0], retain_graph=True)
-                rows[start] = row
-            else:
-                (block,) = torch.autograd.grad(g, x, grad_outputs=_unit_rows(n, start, stop, x), retain_graph=True, is_grads_batched=True)
-                rows[start:stop] = block
-        except torch.OutOfMemoryError:
-            if chunk == 1:
-                raise
-            chunk = max(1, chunk // 2)
-            if x.is_cuda:
-                torch.cuda.empty_cache()
-            continue
-        if progress is not None:
-            progress(stop - start)
-        start = stop
+
+    def take(a: int, v: torch.Tensor, hv: torch.Tensor) -> None:
+        rows[a : a + len(hv)] = hv
+
+    hvp_products(g, x, lambda a, b: _unit_rows(n, a, b, x), n, take, chunk, progress)
     return rows, value.detach()
 
 

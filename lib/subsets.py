@@ -11,6 +11,7 @@ weights feeding output unit 0: ``weight[0, :t]`` for ``nn.Linear`` (stored ``(ou
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -210,3 +211,20 @@ def make_subset(*slices: ParamSlice, description: str = "") -> Subset:
             raise UserError(f"slices of {s.param_name} overlap")
         prev |= cur
     return Subset(tuple(slices), description)
+
+
+def params_subset(model: nn.Module, globs: Sequence[str]) -> Subset:
+    """Every entry of each parameter whose name matches a shell-style glob (``'*'``: all), in the model's parameter order.
+
+    A glob that matches nothing is refused (:class:`UserError`) with a few real names.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    chosen: set[str] = set()
+    for pattern in globs:
+        hits = fnmatch.filter(names, pattern)
+        if not hits:
+            raise UserError(f"--params {pattern!r} matches no parameter; names look like: {', '.join(names[:2] + names[-2:])}")
+        chosen.update(hits)
+    slices = tuple(whole_parameter(model, n).slices[0] for n in names if n in chosen)
+    total = sum(len(s) for s in slices)
+    return Subset(slices, f"all {total} entries of {len(slices)} parameter(s) matching {' '.join(globs)}")
