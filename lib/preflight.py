@@ -116,3 +116,10 @@ def check(est: Estimate, devices: Sequence[torch.device], output_dir: str | Path
             problems.append(f"up to {gb(2 * est.checkpoint)} of disk for checkpoints ({gb(disk)} free in {output_dir})")
     if problems:
         raise UserError(f"this run needs {' and '.join(problems)}: {est.what}; use {alternatives}")
+
+
+def spectrum_estimate(n: int, block_size: int, max_iter: int, lanczos_vectors: int, dtype_bytes: int) -> Estimate:
+    """The iterative spectrum path: the float64 Krylov basis (``n x lanczos_vectors``: Lanczos' ``block_size x
+    max_iter``, or SLQ's probes x steps) and its products in the pass log (one ``n x block`` float64 file per pass)."""
+    basis = n * lanczos_vectors * F64
+    return Estimate(host=3 * basis + 4 * n * block_size * F64, device=3 * n * block_size * dtype_bytes, checkpoint=basis, what=f"the Krylov basis holds {lanczos_vectors} vectors of {n:,} entries")

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import cli, parallel, spectrum
+from . import cli, outputs, parallel, preflight, spectrum
 from .errors import RunError, UserError
 from .hessian import ExactHessianJob
 from .operator import HessianOperator, digest
@@ -39,7 +39,7 @@ ENTRIES_MAX = 65536
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
-    p = cli.base_parser(description, T_DEFAULT)
+    p = cli.base_parser(description, T_DEFAULT, compare=False)
     s = p.add_argument_group("subset (the exact scripts' flags, or --params)")
     s.add_argument("--params", nargs="+", default=None, metavar="GLOB", help="whole parameters whose names match these shell-style globs, e.g. 'model.decoder.layers.0.self_attn.q_proj.weight'; '*' = every parameter (overrides the flags below)")
     s.add_argument("--layer_name", default="self_attn.q_proj", help="linear layer inside a block (first --t weights of row 0)")
@@ -103,6 +103,12 @@ def subset_tag(args: argparse.Namespace) -> str:
     if args.num_blocks is not None:
         return f"{args.layer_name}_blocks{args.num_blocks}"
     return f"{args.layer_name}_block{args.block_index}"
+
+
+def default_name(args: argparse.Namespace) -> str:
+    """Readable stem plus a hash of every result-defining flag, the seed included (random start vectors and probes)."""
+    model = Path(args.model.rstrip("/")).name
+    return outputs.default_name(f"hessian_spectrum_{model}_{subset_tag(args)}_b{args.b}_s{args.seqlen}".replace("/", "-"), args)
 
 
 class PassLog:
@@ -208,23 +214,34 @@ def density_figure(d: spectrum.SLQResult, top: list[float], path_stem: Path, tit
     return _save(fig, path_stem)
 
 
+@outputs.guarded
 def run(argv: list[str] | None, description: str) -> dict[str, Any]:
     t_start = time.perf_counter()
     args = build_parser(description).parse_args(argv)
     cli.resolve_defaults(args, T_DEFAULT)
     check_flags(args)
+    cli.check_cheap(args)
+    name = args.name or default_name(args)
+    out = Path(args.output_dir)
+    cli.claim_outputs(args, name, [out / f"{name}.ckpt", out / f"{name}.passes"])
     prep, subset = cli.prepare(args, lambda m: build_subset(m, args))
     n = subset.size
-    name = args.name or cli.default_name("hessian_spectrum", args, subset_tag(args))
-    out = Path(args.output_dir)
+    dtype_bytes = cli.DTYPES[args.dtype].itemsize
+    if args.exact_below and n <= args.exact_below:
+        est = preflight.exact_estimate(n, dtype_bytes)
+    else:
+        est = preflight.spectrum_estimate(n, args.block_size, args.max_iter, max(args.block_size * args.max_iter, args.slq_probes * args.lanczos_steps if args.density else 0), dtype_bytes)
+    cli.check_resources(args, prep, est, "a smaller subset, fewer --max_iter or --lanczos_steps, a smaller --block_size, or --exact_below 0 for large subsets")
+    spec = cli.model_spec(args, prep)
     rank0 = parallel.distributed_env() is None or parallel.distributed_env()[0] == 0
     fused = False if args.no_fused_head else None
-    op = HessianOperator(prep.model, subset, prep.samples, args.model_input_bs, args.chunk or None, fused, spec=cli.model_spec(args), keep_graphs=args.keep_graphs)
+    op = HessianOperator(prep.model, subset, prep.samples, args.model_input_bs, args.chunk or None, fused, spec=spec, keep_graphs=args.keep_graphs)
     meta: dict[str, Any] = {"script": "hessian_spectrum", "config": vars(args), "subset": subset.description, "n": n, "n_samples": int(prep.samples.shape[0]), "n_tokens": op.n_tokens}
     saved: dict[str, torch.Tensor] = {}
+    kept: list[ckpt.CheckpointConfig | None] = [ckpt.CheckpointConfig(out / f"{name}.passes", every_units=1)]  # where finished passes are
     t0 = time.perf_counter()
     if args.exact_below and n <= args.exact_below:
-        job = ExactHessianJob(subset, prep.samples, args.model_input_bs, args.method, args.chunk or None, fused, spec=cli.model_spec(args), model=prep.model)
+        job = ExactHessianJob(subset, prep.samples, args.model_input_bs, args.method, args.chunk or None, fused, spec=spec, model=prep.model)
         settings = cli.run_settings(args, prep, out / f"{name}.ckpt", "Hessian columns")
         sums = parallel.run_job(job, settings)
         if sums is None:
@@ -238,7 +255,7 @@ def run(argv: list[str] | None, description: str) -> dict[str, Any]:
         saved.update(hessian=h, eigenvalues=ev[idx], all_eigenvalues=ev)
         if args.eigenvectors:
             saved["eigenvectors"] = vecs[:, idx]
-        ckpt.finish(settings.checkpoint)
+        kept = [settings.checkpoint]
     else:
         total = args.max_iter + (3 if args.trace else 0) + (args.lanczos_steps if args.density else 0)
         bar = None
@@ -246,7 +263,7 @@ def run(argv: list[str] | None, description: str) -> dict[str, Any]:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total, desc="passes over the samples", dynamic_ncols=True)
-        log_cfg = {"subset": digest(torch.cat([s.flat_index for s in subset.slices])), "params": subset.param_names, "samples": digest(prep.samples), "model": cli.model_spec(args).identity(), "model_input_bs": args.model_input_bs, "seed": args.seed, "fused_head": fused}
+        log_cfg = {"subset": digest(torch.cat([s.flat_index for s in subset.slices])), "params": subset.param_names, "samples": digest(prep.samples), "model": spec.identity(), "model_input_bs": args.model_input_bs, "seed": args.seed, "fused_head": fused}
         log = PassLog(out / f"{name}.passes" if rank0 else None, log_cfg, args.resume, make_run_pass(args, prep, op, out, name), bar)
         try:
             eig = spectrum.lanczos(log, n, args.top_k, args.which, args.block_size, args.tol, args.max_iter, seed=args.seed)
@@ -275,13 +292,16 @@ def run(argv: list[str] | None, description: str) -> dict[str, Any]:
     meta.update(spectrum_elapsed_s=time.perf_counter() - t0, elapsed_s=time.perf_counter() - t_start, slices=slice_table(prep.model, subset))
     if n <= ENTRIES_MAX:
         meta["entries"] = subset.entries(prep.model)
-    out.mkdir(parents=True, exist_ok=True)
+    outputs.saving_results(kept)
+    meta["fingerprints"] = prep.fingerprints
     figures: list[Path] = []
     if "density" in meta:
         title = f"Hessian spectral density, {subset.description}; {args.model}, b={args.b}, seqlen={args.seqlen} ({meta['path']} path)"
         figures = density_figure(dens, meta["eigenvalues"][: args.top_k], out / f"{name}_density", title)
     meta["figures"] = [p.name for p in figures]
     meta = save_tensor_and_json(out, name, saved, meta)
+    if meta["path"] == "exact":
+        ckpt.finish(kept[0])
     if meta["path"] == "iterative" and not args.keep_checkpoint:
         shutil.rmtree(out / f"{name}.passes", ignore_errors=True)
     top = ", ".join(f"{v:.6g}" for v in meta["eigenvalues"])

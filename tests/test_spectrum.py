@@ -181,14 +181,14 @@ def test_script_resume_is_bitwise_and_two_workers_equal_one(tmp_path):
     # a run stopped after 1 pass leaves its pass log (kept here by --keep_checkpoint)
     _pt(tmp_path / "cut", "--exact_below", "0", "--max_iter", "1", "--keep_checkpoint", "--devices", "cpu,cpu")
     assert len(list((tmp_path / "cut" / "s.passes").glob("pass_*.pt"))) == 1
-    resumed, jr = _pt(tmp_path / "cut", "--exact_below", "0", "--max_iter", "10", "--density", "--lanczos_steps", "3", "--slq_probes", "2", "--resume")
+    resumed, jr = _pt(tmp_path / "cut", "--exact_below", "0", "--max_iter", "10", "--density", "--lanczos_steps", "3", "--slq_probes", "2", "--resume", "--overwrite")
     assert jr["replayed_passes"] == 1 and jr["passes"] == 13 and not (tmp_path / "cut" / "s.passes").exists()
     assert set(full) == set(resumed)
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
     with pytest.raises(lib.UserError, match="--resume"):  # an old pass log is never silently reused
-        _pt(tmp_path / "cut", "--exact_below", "0", "--max_iter", "2", "--keep_checkpoint")
-        _pt(tmp_path / "cut", "--exact_below", "0", "--max_iter", "2")
+        _pt(tmp_path / "cut", "--exact_below", "0", "--max_iter", "2", "--keep_checkpoint", "--overwrite")
+        _pt(tmp_path / "cut", "--exact_below", "0", "--max_iter", "2", "--overwrite")
 
 
 def test_script_killed_mid_lanczos_resumes_bitwise(tmp_path):
@@ -217,3 +217,22 @@ def test_script_killed_mid_lanczos_resumes_bitwise(tmp_path):
     assert j["replayed_passes"] >= 4 and j["passes"] == jf["passes"] > j["replayed_passes"]
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
+
+
+def test_script_keeps_the_output_guarantees(tmp_path, monkeypatch):
+    """Like the other scripts: a finished result is not replaced without --overwrite (refused before the model
+    is loaded), the JSON carries the input fingerprints, and the seed (random start vectors and probes) is
+    part of the default name."""
+    from lib import cli
+
+    _, js = _pt(tmp_path, "--max_iter", "4")
+    assert set(js["fingerprints"]) == {"model", "tokenizer"} and len(js["tensor_sha256"]) == 64
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was loaded")))
+    with pytest.raises(lib.UserError, match="holds a finished result; pass --overwrite"):
+        _pt(tmp_path, "--max_iter", "4")
+    names = set()
+    for seed in ("1", "2"):
+        args = hessian_spectrum.spectrum_cli.build_parser("").parse_args(["--seed", seed])
+        cli.resolve_defaults(args, hessian_spectrum.spectrum_cli.T_DEFAULT)
+        names.add(hessian_spectrum.spectrum_cli.default_name(args))
+    assert len(names) == 2
