@@ -45,7 +45,7 @@ def base_parser(description: str, t_default: tuple[int, int]) -> argparse.Argume
     g.add_argument("--t", type=int, default=None, help=f"entries per selected row (default {t_default[0]} for the embedded model, {t_default[1]} otherwise)")
     c = p.add_argument_group("computation")
     c.add_argument("--method", choices=METHODS, default="rev-rev", help="rev-rev: fast exact (default); autograd: the paper's torch.autograd.functional.hessian")
-    c.add_argument("--chunk", type=int, default=0, help="Hessian columns per batched backward (0 = auto: 1 on CPU, 64 on GPU, halved on OOM)")
+    c.add_argument("--chunk", type=int, default=0, help="Hessian columns per batched backward; 0 = auto: the fastest of 1, 2, 4, ... timed on the first batch's first columns (recorded in the JSON); halved on CUDA OOM")
     c.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (float64 for validation)")
     c.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto = cuda if available else cpu)")
     c.add_argument("--attn_implementation", default="eager", help="eager (default) or sdpa (run with its math kernel); flash attention has no double backward")
@@ -214,6 +214,7 @@ def run_exact(script: str, args: argparse.Namespace, build_subset: Callable[[nn.
         "nll_mean": result.nll_sum / result.n_tokens,
         "perplexity": result.perplexity,
         "method": result.method,
+        "chunk": job.chunk_report(),
         "hessian_elapsed_s": result.elapsed_s,
         "elapsed_s": time.perf_counter() - t_start,
         "run": {"devices": [str(d) for d in settings.devices], **settings.stats},

@@ -37,7 +37,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     d.add_argument("--estimator", nargs="+", choices=ESTIMATORS, default=None, help="one or more of: xdiag (variance-reduced, unbiased; default), hutchinson (Rademacher, unbiased), fisher (empirical Fisher diagonal, a baseline), exact (one HVP per entry; small layers); default xdiag, or hutchinson xdiag with --track_rows")
     d.add_argument("--vhp_samples", type=int, default=VHP_DEFAULT, help="K: Hessian-vector products per sample and weight for hutchinson (K probes) and xdiag (K/2 probes + K/2 basis vectors; K even)")
     d.add_argument("--track_rows", type=int, default=0, help="convergence study (paper Fig. 3): exact diagonal of the weights of the first R output units, and the estimators' error and consecutive difference after each probe")
-    d.add_argument("--probe_batch", type=int, default=0, help="HVPs per batched backward (0 = auto: 1 on CPU, 8 on GPU, halved on OOM)")
+    d.add_argument("--probe_batch", type=int, default=0, help="HVPs per batched backward; 0 = auto: the fastest of 1, 2, 4, ... timed on the first batch's first products (recorded in the JSON); halved on CUDA OOM")
     return p
 
 
@@ -269,6 +269,7 @@ def save(args: argparse.Namespace, prep: cli.Prepared, found: list[tuple[Target,
         "perplexity": result.perplexity,
         "estimate_elapsed_s": result.elapsed_s,
         "phase_elapsed_s": result.phase_s,
+        "probe_batch": result.probe_batch,
         "elapsed_s": time.perf_counter() - t_start,
         "run": [{"devices": [str(d) for d in s.devices], **s.stats} for s in runner.settings],
         "rel_error_vs_exact": errors_vs_exact,

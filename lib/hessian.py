@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .autotune import Tuning, memory_limit, tune_chunk
 from .jobs import ModelJob, run_serial
 from .loss import SubsetLoss
 from .models import ModelSpec
@@ -43,32 +44,20 @@ def _unit_rows(n: int, start: int, stop: int, like: torch.Tensor) -> torch.Tenso
     return e
 
 
-def default_chunk(device: torch.device) -> int:
-    """Columns per batched backward: 1 on CPU (batching does not pay there), 64 on GPU (halved on OOM)."""
-    return 1 if device.type == "cpu" else 64
-
-
-def hessian_rev_rev(fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, chunk: int = 1, progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact Hessian of scalar ``fn`` at ``x0`` (shape ``(n,)``) by reverse-over-reverse; returns ``(H (n, n), fn(x0))``.
-
-    Row ``i`` is ``d/dx (e_i . grad fn(x))``; ``chunk`` rows share one batched backward. On a CUDA
-    out-of-memory error the chunk is halved and the rows are redone.
-    """
-    x = x0.detach().clone().requires_grad_(True)
-    value = fn(x)
-    (g,) = torch.autograd.grad(value, x, create_graph=True)
+def _rows_into(rows: torch.Tensor, g: torch.Tensor, x: torch.Tensor, start: int, stop: int, chunk: int, progress: Progress | None) -> int:
+    """Rows ``start..stop-1`` of ``H`` into ``rows``, ``chunk`` unit vectors per batched backward on the
+    retained graph of ``g = grad fn(x)``; on CUDA out-of-memory the chunk is halved and the rows redone.
+    Returns the chunk last used."""
     n = x.numel()
-    rows = torch.empty(n, n, dtype=x.dtype, device=x.device)
-    start = 0
-    while start < n:
-        stop = min(n, start + chunk)
+    while start < stop:
+        end = min(stop, start + chunk)
         try:
-            if stop - start == 1:
-                (row,) = torch.autograd.grad(g, x, grad_outputs=_unit_rows(n, start, stop, x)[0], retain_graph=True)
+            if end - start == 1:
+                (row,) = torch.autograd.grad(g, x, grad_outputs=_unit_rows(n, start, end, x)[0], retain_graph=True)
                 rows[start] = row
             else:
-                (block,) = torch.autograd.grad(g, x, grad_outputs=_unit_rows(n, start, stop, x), retain_graph=True, is_grads_batched=True)
-                rows[start:stop] = block
+                (block,) = torch.autograd.grad(g, x, grad_outputs=_unit_rows(n, start, end, x), retain_graph=True, is_grads_batched=True)
+                rows[start:end] = block
         except torch.OutOfMemoryError:
             if chunk == 1:
                 raise
@@ -77,8 +66,32 @@ def hessian_rev_rev(fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor
                 torch.cuda.empty_cache()
             continue
         if progress is not None:
-            progress(stop - start)
-        start = stop
+            progress(end - start)
+        start = end
+    return chunk
+
+
+Tuner = Callable[[Callable[[int, int, int], int], int], Tuning]
+"""``tuner(compute, n)``: picks the chunk by running ``compute(start, stop, chunk)`` on the first columns
+(:func:`lib.autotune.tune_chunk`); the columns it computed are kept."""
+
+
+def hessian_rev_rev(fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, chunk: int = 1, progress: Progress | None = None, tuner: Tuner | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact Hessian of scalar ``fn`` at ``x0`` (shape ``(n,)``) by reverse-over-reverse; returns ``(H (n, n), fn(x0))``.
+
+    Row ``i`` is ``d/dx (e_i . grad fn(x))``; ``chunk`` rows share one batched backward (halved on CUDA
+    out-of-memory). With ``tuner`` the chunk is measured on the first rows instead (those rows are kept).
+    """
+    x = x0.detach().clone().requires_grad_(True)
+    value = fn(x)
+    (g,) = torch.autograd.grad(value, x, create_graph=True)
+    n = x.numel()
+    rows = torch.empty(n, n, dtype=x.dtype, device=x.device)
+    done = 0
+    if tuner is not None:
+        tuning = tuner(lambda start, stop, c: _rows_into(rows, g, x, start, stop, c, progress), n)
+        done, chunk = tuning.done, tuning.chunk
+    _rows_into(rows, g, x, done, n, chunk, progress)
     return rows, value.detach()
 
 
@@ -92,15 +105,15 @@ def hessian_reference(fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tens
     return h, value
 
 
-def batch_hessian(objective: SubsetLoss, input_ids: torch.Tensor, method: str = "rev-rev", chunk: int = 1, progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_hessian(objective: SubsetLoss, input_ids: torch.Tensor, method: str = "rev-rev", chunk: int = 1, progress: Progress | None = None, tuner: Tuner | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Hessian of the summed NLL of one batch ``input_ids`` (``(B, s)``) w.r.t. the subset, at ``x0``.
 
-    Returns ``(H (n, n), summed NLL)``.
+    Returns ``(H (n, n), summed NLL)``. ``tuner``: measure the chunk (``rev-rev`` only, see :func:`hessian_rev_rev`).
     """
     fn = lambda x: objective(x, input_ids)  # noqa: E731
     x0 = objective.x0()
     if method == "rev-rev":
-        return hessian_rev_rev(fn, x0, chunk=chunk, progress=progress)
+        return hessian_rev_rev(fn, x0, chunk=chunk, progress=progress, tuner=tuner)
     if method == "autograd":
         return hessian_reference(fn, x0, progress=progress)
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -154,7 +167,7 @@ class ExactHessianJob(ModelJob):
         self.ensure_model(device)
         self._objective = SubsetLoss(self.model, self.subset, fused_head=self.fused_head)
         self._x0 = self._objective.x0()
-        self._chunk = self.chunk or default_chunk(self._x0.device)
+        self._chunk, self._tuning = self.chunk, None  # chunk None = measured on the first batch
 
     def num_units(self) -> int:
         return -(-self.samples.shape[0] // self.model_input_bs)
@@ -164,8 +177,20 @@ class ExactHessianJob(ModelJob):
 
     def run_unit(self, k: int, progress: Progress | None = None) -> dict[str, torch.Tensor]:
         batch = self.samples[k * self.model_input_bs : (k + 1) * self.model_input_bs].to(self._x0.device)
-        h, value = batch_hessian(self._objective, batch, method=self.method, chunk=self._chunk, progress=progress)
+        h, value = batch_hessian(self._objective, batch, method=self.method, chunk=self._chunk or 1, progress=progress, tuner=None if self._chunk else lambda compute, n: self._tune(compute, n, batch))
         return {"hessian_sum": h, "nll_sum": value}
+
+    def _tune(self, compute, n: int, batch: torch.Tensor) -> Tuning:
+        """Measure the chunk on this batch's first columns (:func:`lib.autotune.tune_chunk`); kept for the rest of the run."""
+        self._tuning = tune_chunk(compute, n, min(n, memory_limit(self.model, batch.numel(), self._x0)))
+        self._chunk = self._tuning.chunk
+        return self._tuning
+
+    def chunk_report(self) -> dict[str, Any]:
+        """For the JSON: the chunk given, or the measured choice and timings (``None`` if measured in worker processes)."""
+        if self.chunk:
+            return {"chunk": self.chunk, "measured": False}
+        return {"chunk": "auto", "measured": getattr(self, "_tuning", None) and self._tuning.to_json()}
 
     def config(self) -> dict[str, Any]:
         return {

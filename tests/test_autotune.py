@@ -1,0 +1,83 @@
+"""Chunk by measurement (lib.autotune): the choice on synthetic timers, and that auto equals chunk 1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_ids, tiny_model
+from lib import subsets
+from lib.autotune import candidates, tune_chunk
+from lib.diagonal import DiagonalJob, plan_phase1, Target
+from lib.hessian import ExactHessianJob
+from lib.jobs import run_serial
+
+
+class FakeDevice:
+    """``compute`` that costs ``cost(chunk)`` seconds per column on an injected clock and records its columns."""
+
+    def __init__(self, cost, shrink_above: int | None = None):
+        self.now, self.cost, self.shrink_above, self.calls = 0.0, cost, shrink_above, []
+
+    def clock(self) -> float:
+        return self.now
+
+    def compute(self, start: int, stop: int, chunk: int) -> int:
+        if self.shrink_above is not None and chunk > self.shrink_above:
+            chunk = self.shrink_above  # as after a CUDA out-of-memory halving
+        self.calls.append((start, stop, chunk))
+        self.now += self.cost(chunk) * (stop - start)
+        return chunk
+
+
+def test_candidates_are_powers_of_two_up_to_the_limit():
+    assert candidates(0) == [1] and candidates(1) == [1] and candidates(20) == [1, 2, 4, 8, 16]
+
+
+def test_picks_the_fastest_and_stops_once_slower():
+    dev = FakeDevice(lambda c: {1: 1.0, 2: 0.6, 4: 0.4, 8: 0.3, 16: 0.5, 32: 0.2}[c])
+    t = tune_chunk(dev.compute, 400, 64, clock=dev.clock)
+    assert t.chunk == 8 and sorted(t.seconds_per_column) == [1, 2, 4, 8, 16]  # 16 is slower: 32 never tried
+    assert t.seconds_per_column[2] == pytest.approx(0.6)
+    # the measured columns are consecutive from 0, each computed once; the caller continues at t.done
+    assert [(a, b) for a, b, _ in dev.calls] == [(0, 4), (4, 8), (8, 12), (12, 20), (20, 36)] and t.done == 36
+
+
+def test_respects_the_limit_and_the_columns_available():
+    dev = FakeDevice(lambda c: 1.0 / c)
+    assert tune_chunk(dev.compute, 1000, 8, clock=dev.clock).chunk == 8  # memory bound
+    dev = FakeDevice(lambda c: 1.0 / c)
+    t = tune_chunk(dev.compute, 40, 1024, clock=dev.clock)
+    assert t.chunk == 16 and t.done == 36 and t.done <= 40  # 32 more columns do not fit in 40
+    dev = FakeDevice(lambda c: 1.0)
+    t = tune_chunk(dev.compute, 3, 1024, clock=dev.clock)
+    assert (t.chunk, t.done) == (1, 3)
+
+
+def test_stops_when_the_computation_had_to_shrink_its_chunk():
+    dev = FakeDevice(lambda c: 1.0 / c, shrink_above=4)
+    t = tune_chunk(dev.compute, 1000, 1024, clock=dev.clock)
+    assert max(t.seconds_per_column) == 8 and dev.calls[-1][2] == 4
+
+
+def test_auto_chunk_equals_chunk_one_on_a_tiny_model():
+    model = tiny_model("opt")
+    subset = subsets.random_subset(model, ["model.decoder.layers.0.fc1.weight"], 40, seed=0)
+    ids = tiny_ids(b=2)
+    auto = ExactHessianJob(subset, ids, model=model)
+    one = ExactHessianJob(subset, ids, model=model, chunk=1)
+    h_auto, h_one = run_serial(auto, torch.device("cpu"))["hessian_sum"], run_serial(one, torch.device("cpu"))["hessian_sum"]
+    measured = auto.chunk_report()["measured"]
+    assert measured["measured_columns"] >= 4 and len(measured["seconds_per_column"]) >= 2
+    assert float((h_auto - h_one).abs().max() / h_one.abs().max()) < 1e-13
+
+
+def test_auto_probe_batch_equals_probe_batch_one():
+    model = tiny_model("llama")
+    name = "model.layers.0.mlp.up_proj.weight"
+    plans = plan_phase1([Target(name, tuple(model.get_parameter(name).shape))], ("hutchinson",), 24, seed=0)
+    auto = DiagonalJob(plans, tiny_ids(), model=model)
+    one = DiagonalJob(plans, tiny_ids(), model=model, probe_batch=1)
+    a, b = run_serial(auto, torch.device("cpu")), run_serial(one, torch.device("cpu"))
+    assert auto.probe_batch_report()["measured"]["512"]["measured_columns"] >= 4
+    assert torch.allclose(a[f"{name}|zhz"], b[f"{name}|zhz"], rtol=1e-12, atol=1e-15)
