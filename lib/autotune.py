@@ -11,7 +11,6 @@ unbatched products sum in a different order). The choice and the timings go into
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -49,29 +48,48 @@ def candidates(limit: int) -> list[int]:
     return out
 
 
-def tune_chunk(compute: Compute, n: int, limit: int, clock: Callable[[], float] = time.perf_counter, min_columns: int = 4, give_up: float = 1.15) -> Tuning:
+def tune_chunk(compute: Compute, n: int, limit: int, total: int | None = None, clock: Callable[[], float] = time.perf_counter, repeats: int = 3, give_up: float = 1.15, budget: float = 0.03) -> Tuning:
     """Time ``compute`` on columns ``0, 1, ...`` of ``n`` with chunks ``1, 2, 4, ... <= limit``; the fastest per column wins.
 
-    Candidate ``c`` computes the next ``max(c, min_columns)`` columns (rounded up to a multiple of ``c``)
-    in one timed call; the ladder stops when those columns would not fit in ``n``, once a candidate is
-    slower per column than ``give_up`` times the best so far (time per column is about convex in ``c``),
-    or when ``compute`` had to shrink its chunk (memory). Returns the choice and how many columns are done.
+    Candidate ``c`` makes ``repeats`` timed calls of ``c`` columns (one call for ``c > 8``, or if only one
+    fits) and keeps its fastest call per column ``t_c`` (robust to load and to the first batched call's
+    one-time cost). Per-column time is not convex in ``c`` (batching overheads amortize only from some
+    size on), so the ladder goes on while candidates improve and past one slower candidate; it stops when
+    a call would not fit in ``n``, when ``compute`` had to shrink its chunk (memory), or at a candidate
+    that is not the best so far once two consecutive ones were slower than ``give_up * t_best`` or the time
+    lost to slower candidates, ``sum_c columns_c * (t_c - t_best)`` plus the next candidate's if it were as
+    slow as this one, would exceed ``budget * total * t_best`` (``total``: columns of the whole run, default ``n``). Returns the choice and how many columns
+    (``0..done-1``) are done.
     """
-    done, timings = 0, {}
+    done, timings, columns, slower = 0, {}, {}, 0
     for c in candidates(limit):
-        m = -(-max(c, min_columns) // c) * c
-        if done + m > n and timings:
+        calls = repeats if c <= 8 and done + repeats * c <= n else 1
+        if done + c > n and timings:
             break
-        m = min(m, n - done)
-        t0 = clock()
-        used = compute(done, done + m, c)
-        timings[c] = (clock() - t0) / m
-        done += m
-        best = min(timings, key=timings.get)
-        if used < c or timings[c] > give_up * timings[best] or done >= n:
+        per_column, used, start = [], c, done
+        for _ in range(calls):
+            stop = min(n, done + c)
+            t0 = clock()
+            used = compute(done, stop, c)
+            per_column.append((clock() - t0) / (stop - done))
+            done = stop
+            if used < c or done >= n:
+                break
+        timings[c], columns[c] = min(per_column), done - start
+        best = timings[min(timings, key=timings.get)]
+        slower = slower + 1 if timings[c] > give_up * best else 0
+        lost = sum(columns[k] * (timings[k] - best) for k in timings) + 2 * c * (timings[c] - best)  # + the next one, if as slow
+        if used < c or done >= n or (timings[c] > best and (slower >= 2 or lost > budget * (total or n) * best)):
             break
-    best = min(timings, key=timings.get)
-    return Tuning(best, done, timings)
+    return Tuning(min(timings, key=timings.get), done, timings)
+
+
+def device_clock(device: torch.device) -> Callable[[], float]:
+    """The clock candidates are timed with: this thread's CPU time when torch computes on one CPU thread
+    (blind to other processes sharing the cores), else wall-clock time (after a CUDA synchronize)."""
+    if device.type == "cuda":
+        return lambda: (torch.cuda.synchronize(device), time.perf_counter())[1]
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 
 
 def free_memory(device: torch.device) -> int:
@@ -79,8 +97,9 @@ def free_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
         return 2**32
 
 
@@ -96,6 +115,12 @@ def column_bytes(model: torch.nn.Module, tokens: int, itemsize: int) -> int:
     layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 12)
     vocab = getattr(cfg, "vocab_size", 50272)
     return tokens * (vocab + 16 * hidden * layers) * itemsize
+
+
+def tune(compute: Compute, n: int, model: torch.nn.Module, tokens: int, x: torch.Tensor, total: int) -> Tuning:
+    """:func:`tune_chunk` for products w.r.t. ``x`` (``(n,)`` columns) through ``model`` on ``tokens`` tokens:
+    candidates up to ``min(n, memory_limit)``, timed with :func:`device_clock` of ``x``'s device."""
+    return tune_chunk(compute, n, min(n, memory_limit(model, tokens, x)), total=total, clock=device_clock(x.device))
 
 
 def memory_limit(model: torch.nn.Module, tokens: int, x: torch.Tensor) -> int:

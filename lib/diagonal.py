@@ -53,7 +53,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .autotune import Tuning, memory_limit, tune_chunk
+from .autotune import Tuning, tune
 from .jobs import ModelJob, Partial, run_serial
 from .loss import SubsetLoss
 from .models import ModelSpec
@@ -264,7 +264,7 @@ class DiagonalJob(ModelJob):
     def _products(self, g: torch.Tensor, x: torch.Tensor, rows: Callable[[int, int], torch.Tensor], count: int, sink: Callable[[int, torch.Tensor, torch.Tensor], None], progress: Progress | None) -> None:
         """For ``start..stop`` chunks of ``count`` vectors ``v = rows(start, stop)``: ``sink(start, v, H v)``.
 
-        The chunk is ``probe_batch``, else measured (:func:`lib.autotune.tune_chunk`) the first time a weight
+        The chunk is ``probe_batch``, else measured (:func:`lib.autotune.tune`) the first time a weight
         of ``x.numel()`` entries has at least ``TUNE_MIN_PRODUCTS`` products; the measured products are kept.
         """
 
@@ -290,7 +290,7 @@ class DiagonalJob(ModelJob):
         n, done = x.numel(), 0
         batch = self._batch or (self._tunings[n].chunk if n in self._tunings else None)
         if batch is None and count >= TUNE_MIN_PRODUCTS:
-            self._tunings[n] = tune_chunk(compute, count, min(count, memory_limit(self.model, self._tokens, x)))
+            self._tunings[n] = tune(compute, count, self.model, self._tokens, x, total=count * self.num_units())
             batch, done = self._tunings[n].chunk, self._tunings[n].done
         used = compute(done, count, batch or 1)  # smaller than batch after a CUDA out-of-memory halving
         if self._batch:

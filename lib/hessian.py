@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .autotune import Tuning, memory_limit, tune_chunk
+from .autotune import Tuning, tune
 from .jobs import ModelJob, run_serial
 from .loss import SubsetLoss
 from .models import ModelSpec
@@ -182,7 +182,7 @@ class ExactHessianJob(ModelJob):
 
     def _tune(self, compute, n: int, batch: torch.Tensor) -> Tuning:
         """Measure the chunk on this batch's first columns (:func:`lib.autotune.tune_chunk`); kept for the rest of the run."""
-        self._tuning = tune_chunk(compute, n, min(n, memory_limit(self.model, batch.numel(), self._x0)))
+        self._tuning = tune(compute, n, self.model, batch.numel(), self._x0, total=n * self.num_units())
         self._chunk = self._tuning.chunk
         return self._tuning
 

@@ -34,13 +34,31 @@ def test_candidates_are_powers_of_two_up_to_the_limit():
     assert candidates(0) == [1] and candidates(1) == [1] and candidates(20) == [1, 2, 4, 8, 16]
 
 
-def test_picks_the_fastest_and_stops_once_slower():
-    dev = FakeDevice(lambda c: {1: 1.0, 2: 0.6, 4: 0.4, 8: 0.3, 16: 0.5, 32: 0.2}[c])
-    t = tune_chunk(dev.compute, 400, 64, clock=dev.clock)
-    assert t.chunk == 8 and sorted(t.seconds_per_column) == [1, 2, 4, 8, 16]  # 16 is slower: 32 never tried
-    assert t.seconds_per_column[2] == pytest.approx(0.6)
-    # the measured columns are consecutive from 0, each computed once; the caller continues at t.done
-    assert [(a, b) for a, b, _ in dev.calls] == [(0, 4), (4, 8), (8, 12), (12, 20), (20, 36)] and t.done == 36
+COST = {1: 1.0, 2: 1.1, 4: 0.5, 8: 0.3, 16: 0.32, 32: 0.4, 64: 0.5, 128: 0.2}
+"""Seconds per column: slower at 2 (batching overhead), fastest at 8, slower from 16 on (then 128, never reached)."""
+
+
+def test_goes_past_a_slower_candidate_and_stops_on_the_time_budget():
+    dev = FakeDevice(COST.get)
+    t = tune_chunk(dev.compute, 400, 1024, clock=dev.clock)
+    assert t.chunk == 8 and sorted(t.seconds_per_column) == [1, 2, 4, 8, 16]
+    assert t.seconds_per_column[2] == pytest.approx(1.1)
+    # consecutive columns from 0, each computed once (3 calls per candidate up to 8); the caller continues at t.done
+    assert [(a, b) for a, b, _ in dev.calls] == [(0, 1), (1, 2), (2, 3), (3, 5), (5, 7), (7, 9), (9, 13), (13, 17), (17, 21), (21, 29), (29, 37), (37, 45), (45, 61)]
+    assert t.done == 61
+
+
+def test_a_longer_run_affords_more_candidates_until_two_are_slower():
+    dev = FakeDevice(COST.get)
+    t = tune_chunk(dev.compute, 400, 1024, total=4000, clock=dev.clock)
+    assert t.chunk == 8 and sorted(t.seconds_per_column) == [1, 2, 4, 8, 16, 32, 64]  # 32 and 64 both > 1.15x: stop
+
+
+def test_the_fastest_per_call_counts_and_the_clock_is_injected():
+    slow_first = iter([5.0] + [1.0] * 100)  # one slow call (load, a one-time cost) does not disqualify chunk 1
+    dev = FakeDevice(lambda c: next(slow_first) if c == 1 else 1.5)
+    t = tune_chunk(dev.compute, 400, 1024, clock=dev.clock)
+    assert t.chunk == 1 and t.seconds_per_column[1] == 1.0 and sorted(t.seconds_per_column) == [1, 2, 4]
 
 
 def test_respects_the_limit_and_the_columns_available():
@@ -48,7 +66,7 @@ def test_respects_the_limit_and_the_columns_available():
     assert tune_chunk(dev.compute, 1000, 8, clock=dev.clock).chunk == 8  # memory bound
     dev = FakeDevice(lambda c: 1.0 / c)
     t = tune_chunk(dev.compute, 40, 1024, clock=dev.clock)
-    assert t.chunk == 16 and t.done == 36 and t.done <= 40  # 32 more columns do not fit in 40
+    assert (t.chunk, t.done) == (8, 29)  # 8 measured once (three calls do not fit), 16 does not fit at all
     dev = FakeDevice(lambda c: 1.0)
     t = tune_chunk(dev.compute, 3, 1024, clock=dev.clock)
     assert (t.chunk, t.done) == (1, 3)
@@ -57,7 +75,7 @@ def test_respects_the_limit_and_the_columns_available():
 def test_stops_when_the_computation_had_to_shrink_its_chunk():
     dev = FakeDevice(lambda c: 1.0 / c, shrink_above=4)
     t = tune_chunk(dev.compute, 1000, 1024, clock=dev.clock)
-    assert max(t.seconds_per_column) == 8 and dev.calls[-1][2] == 4
+    assert max(t.seconds_per_column) == 8 and dev.calls[-1][2] == 4 and len(dev.calls) == 10
 
 
 def test_auto_chunk_equals_chunk_one_on_a_tiny_model():
