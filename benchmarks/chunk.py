@@ -2,7 +2,8 @@
 
 Each case runs the whole exact-Hessian job (:class:`lib.hessian.ExactHessianJob`, serial) with the chunk
 measured on the first batch (the measurement included in the time) and with chunk 1, alternating the two
-``--repeat`` times in one process; prints the fastest and the median of each, their ratio, the chosen
+``--repeat`` times in one process; prints the fastest and the median wall time of each, their ratios, the
+ratio of median process CPU times (less disturbed by other processes on a shared machine), the chosen
 chunk and the max relative difference of the two Hessians. Cases:
 
 * ``tiny``: all 400 entries of block-0 ``q_proj`` of a tiny random OPT (hidden 20, 2 blocks, vocab 64), b 2, seqlen 32;
@@ -62,11 +63,12 @@ def case(name: str):
     raise SystemExit(f"unknown case {name!r}")
 
 
-def timed(model, subset, samples, kwargs) -> tuple[float, torch.Tensor, dict]:
+def timed(model, subset, samples, kwargs) -> tuple[float, float, torch.Tensor, dict]:
+    """``(wall s, process CPU s, summed Hessian, chunk report)`` of one whole job."""
     job = ExactHessianJob(subset, samples, model=model, **kwargs)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     h = run_serial(job, torch.device("cpu"))["hessian_sum"]
-    return time.perf_counter() - t0, h, job.chunk_report()
+    return time.perf_counter() - t0, time.process_time() - c0, h, job.chunk_report()
 
 
 def main() -> None:
@@ -75,23 +77,26 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="alternate the two settings this many times")
     args = p.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print("| case | n | A | B | A best (s) | B best (s) | A median | B median | B/A (best) | B/A (median) | chunks chosen by A | max rel diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| case | n | A | B | A wall best / median (s) | B wall best / median (s) | B/A wall best | B/A wall median | B/A CPU median | chunks chosen by A | max rel diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.cases.split(","):
         model, subset, samples, settings = case(name)
         timed(model, subset, samples[:1], {"chunk": 1})  # warm-up
         times: dict[str, list[float]] = {label: [] for label, _ in settings}
+        cpu: dict[str, list[float]] = {label: [] for label, _ in settings}
         chosen, hs = [], {}
         for _ in range(args.repeat):
             for label, kwargs in settings:
-                dt, hs[label], report = timed(model, subset, samples, kwargs)
+                dt, dc, hs[label], report = timed(model, subset, samples, kwargs)
                 times[label].append(dt)
+                cpu[label].append(dc)
                 if label == settings[0][0] and isinstance(report.get("measured"), dict):
                     chosen.append(report["measured"]["chunk"])
         (a, ta), (b, tb) = times.items()
         ha, hb = hs[a], hs[b]
         diff = float((ha - hb).abs().max() / hb.abs().max())
-        print(f"| {name} | {subset.size} | {a} | {b} | {min(ta):.2f} | {min(tb):.2f} | {statistics.median(ta):.2f} | {statistics.median(tb):.2f} | {min(tb) / min(ta):.2f}x | {statistics.median(tb) / statistics.median(ta):.2f}x | {chosen} | {diff:.1e} |", flush=True)
+        med = statistics.median
+        print(f"| {name} | {subset.size} | {a} | {b} | {min(ta):.2f} / {med(ta):.2f} | {min(tb):.2f} / {med(tb):.2f} | {min(tb) / min(ta):.2f}x | {med(tb) / med(ta):.2f}x | {med(cpu[b]) / med(cpu[a]):.2f}x | {chosen} | {diff:.1e} |", flush=True)
 
 
 if __name__ == "__main__":
