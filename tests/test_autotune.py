@@ -99,3 +99,20 @@ def test_auto_probe_batch_equals_probe_batch_one():
     a, b = run_serial(auto, torch.device("cpu")), run_serial(one, torch.device("cpu"))
     assert auto.probe_batch_report()["measured"]["512"]["measured_columns"] >= 4
     assert torch.allclose(a[f"{name}|zhz"], b[f"{name}|zhz"], rtol=1e-12, atol=1e-15)
+
+
+def test_the_scripts_record_the_measured_chunk_in_their_json(tmp_path):
+    import json
+
+    import hessian_diagonal
+    import single_layer_single_block
+
+    fast = ["--seqlen", "16", "--b", "2", "--no_progress", "--output_dir", str(tmp_path)]
+    meta = single_layer_single_block.run(["--t", "24", "--name", "h", *fast])
+    chunk = json.loads((tmp_path / "h.json").read_text())["chunk"]
+    assert chunk == meta["chunk"] and chunk["chunk"] == "auto" and chunk["measured"]["chunk"] in (1, 2, 4, 8)
+    assert sum(1 for _ in chunk["measured"]["seconds_per_column"]) >= 2
+    assert single_layer_single_block.run(["--t", "24", "--name", "g", "--chunk", "3", *fast])["chunk"] == {"chunk": 3, "measured": False}
+    meta = hessian_diagonal.run(["--vhp_samples", "32", "--layer_name", "fc2", "--name", "d", *fast])
+    measured = meta["probe_batch"]["1"]["measured"]
+    assert list(measured) == ["65536"] and measured["65536"]["measured_columns"] >= 4
