@@ -39,6 +39,24 @@ class Tuning:
         return {"chunk": self.chunk, "measured_columns": self.done, "seconds_per_column": {str(c): t for c, t in self.seconds_per_column.items()}}
 
 
+def run_chunks(step: Callable[[int, int], None], start: int, stop: int, chunk: int, device: torch.device) -> int:
+    """``step(a, b)`` for consecutive blocks ``[a, b)`` of at most ``chunk`` columns covering ``start..stop-1``;
+    on out-of-memory the chunk is halved and the block redone. Returns the chunk last used."""
+    while start < stop:
+        end = min(stop, start + chunk)
+        try:
+            step(start, end)
+        except torch.OutOfMemoryError:
+            if chunk == 1:
+                raise
+            chunk = max(1, chunk // 2)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        start = end
+    return chunk
+
+
 def candidates(limit: int) -> list[int]:
     """``1, 2, 4, ...`` up to ``min(limit, MAX_CHUNK)`` (at least ``[1]``)."""
     out, c = [], 1

@@ -53,7 +53,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .autotune import Tuning, tune
+from .autotune import Tuning, run_chunks, tune
 from .jobs import ModelJob, Partial, run_serial
 from .loss import SubsetLoss
 from .models import ModelSpec
@@ -268,25 +268,13 @@ class DiagonalJob(ModelJob):
         of ``x.numel()`` entries has at least ``TUNE_MIN_PRODUCTS`` products; the measured products are kept.
         """
 
-        def compute(start: int, count: int, batch: int) -> int:
-            while start < count:
-                stop = min(count, start + batch)
-                v = rows(start, stop).to(device=x.device, dtype=x.dtype)
-                try:
-                    hv = _hvp_rows(g, x, v)
-                except torch.OutOfMemoryError:
-                    if batch == 1:
-                        raise
-                    batch = max(1, batch // 2)
-                    if x.is_cuda:
-                        torch.cuda.empty_cache()
-                    continue
-                sink(start, v, hv)
-                if progress is not None:
-                    progress(stop - start)
-                start = stop
-            return batch
+        def step(a: int, b: int) -> None:
+            v = rows(a, b).to(device=x.device, dtype=x.dtype)
+            sink(a, v, _hvp_rows(g, x, v))
+            if progress is not None:
+                progress(b - a)
 
+        compute = lambda start, stop, batch: run_chunks(step, start, stop, batch, x.device)  # noqa: E731
         n, done = x.numel(), 0
         batch = self._batch or (self._tunings[n].chunk if n in self._tunings else None)
         if batch is None and count >= TUNE_MIN_PRODUCTS:

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .autotune import Tuning, tune
+from .autotune import Tuning, run_chunks, tune
 from .jobs import ModelJob, run_serial
 from .loss import SubsetLoss
 from .models import ModelSpec
@@ -46,29 +46,19 @@ def _unit_rows(n: int, start: int, stop: int, like: torch.Tensor) -> torch.Tenso
 
 def _rows_into(rows: torch.Tensor, g: torch.Tensor, x: torch.Tensor, start: int, stop: int, chunk: int, progress: Progress | None) -> int:
     """Rows ``start..stop-1`` of ``H`` into ``rows``, ``chunk`` unit vectors per batched backward on the
-    retained graph of ``g = grad fn(x)``; on CUDA out-of-memory the chunk is halved and the rows redone.
+    retained graph of ``g = grad fn(x)`` (halved on out-of-memory, :func:`lib.autotune.run_chunks`).
     Returns the chunk last used."""
     n = x.numel()
-    while start < stop:
-        end = min(stop, start + chunk)
-        try:
-            if end - start == 1:
-                (row,) = torch.autograd.grad(g, x, grad_outputs=_unit_rows(n, start, end, x)[0], retain_graph=True)
-                rows[start] = row
-            else:
-                (block,) = torch.autograd.grad(g, x, grad_outputs=_unit_rows(n, start, end, x), retain_graph=True, is_grads_batched=True)
-                rows[start:end] = block
-        except torch.OutOfMemoryError:
-            if chunk == 1:
-                raise
-            chunk = max(1, chunk // 2)
-            if x.is_cuda:
-                torch.cuda.empty_cache()
-            continue
+
+    def step(a: int, b: int) -> None:
+        if b - a == 1:
+            (rows[a],) = torch.autograd.grad(g, x, grad_outputs=_unit_rows(n, a, b, x)[0], retain_graph=True)
+        else:
+            (rows[a:b],) = torch.autograd.grad(g, x, grad_outputs=_unit_rows(n, a, b, x), retain_graph=True, is_grads_batched=True)
         if progress is not None:
-            progress(end - start)
-        start = end
-    return chunk
+            progress(b - a)
+
+    return run_chunks(step, start, stop, chunk, x.device)
 
 
 Tuner = Callable[[Callable[[int, int, int], int], int], Tuning]

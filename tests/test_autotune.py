@@ -116,3 +116,19 @@ def test_the_scripts_record_the_measured_chunk_in_their_json(tmp_path):
     meta = hessian_diagonal.run(["--vhp_samples", "32", "--layer_name", "fc2", "--name", "d", *fast])
     measured = meta["probe_batch"]["1"]["measured"]
     assert list(measured) == ["65536"] and measured["65536"]["measured_columns"] >= 4
+
+
+def test_run_chunks_covers_the_range_and_halves_on_out_of_memory():
+    from lib.autotune import run_chunks
+
+    done = []
+
+    def step(a: int, b: int) -> None:
+        if b - a > 3:
+            raise torch.OutOfMemoryError("fake")
+        done.append((a, b))
+
+    assert run_chunks(step, 2, 13, 8, torch.device("cpu")) == 2  # 8 -> 4 -> 2 fits
+    assert done == [(2, 4), (4, 6), (6, 8), (8, 10), (10, 12), (12, 13)]
+    with pytest.raises(torch.OutOfMemoryError):
+        run_chunks(lambda a, b: step(a, a + 5), 0, 4, 1, torch.device("cpu"))
