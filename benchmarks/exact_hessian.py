@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib import subsets  # noqa: E402
+from lib.autotune import tune  # noqa: E402
 from lib.hessian import batch_hessian  # noqa: E402
 from lib.loss import SubsetLoss  # noqa: E402
 from lib.models import prepare_model, resolve_device  # noqa: E402
@@ -67,10 +68,13 @@ class PeakMemory:
 
 
 def run(method: str, fused: bool, model, subset, ids, chunk: int, device) -> tuple[torch.Tensor, float, int]:
+    """Time one Hessian; ``chunk`` 0 = measured as ``--chunk 0`` does (:func:`lib.autotune.tune`, included in the time)."""
     objective = SubsetLoss(model, subset, fused_head=fused)
+    x0 = objective.x0()
+    tuner = (lambda compute, n: tune(compute, n, model, ids.numel(), x0, total=n)) if chunk == 0 else None  # noqa: E731
     with PeakMemory(device) as mem:
         t0 = time.perf_counter()
-        h, _ = batch_hessian(objective, ids, method=method, chunk=chunk)
+        h, _ = batch_hessian(objective, ids, method=method, chunk=chunk or 1, tuner=tuner)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
@@ -82,7 +86,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--t", type=int, default=32)
-    p.add_argument("--chunk", type=int, default=0, help="0 = auto (1 on CPU, 64 on GPU)")
+    p.add_argument("--chunk", type=int, default=0, help="0 = auto: measured on the first columns, as the scripts' --chunk 0")
     p.add_argument("--cases", default="block0,block6,blocks12")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeat", type=int, default=2, help="alternate the two methods this many times; report the fastest of each")
@@ -95,7 +99,7 @@ def main() -> None:
     config._attn_implementation = "eager"
     model = prepare_model(OPTForCausalLM(config).to(getattr(torch, args.dtype)).to(device))
     ids = torch.randint(3, config.vocab_size, (1, args.seqlen), generator=torch.Generator().manual_seed(0)).to(device)
-    chunk = args.chunk or (1 if device.type == "cpu" else 64)
+    chunk = args.chunk
     cases = {
         "block0": subsets.single_layer_single_block(model, "self_attn.q_proj", 0, args.t),
         "block6": subsets.single_layer_single_block(model, "self_attn.q_proj", 6, args.t),

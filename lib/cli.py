@@ -43,9 +43,21 @@ PAPER_DEFAULTS = {"seqlen": 2048, "b": None}
 """The paper: seqlen 2048 and all samples of the WikiText-2 test split (``b=None``)."""
 
 
-def base_parser(description: str, t_default: tuple[int, int], compare: bool = True) -> argparse.ArgumentParser:
-    """Flags shared by all scripts. ``t_default``: (embedded model, paper models); ``compare``: the ``--compare`` flags (exact scripts)."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` only where the help text does not already say the default and X is informative."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
+def base_parser(description: str, t_default: tuple[int, int] | None, compare: bool = True) -> argparse.ArgumentParser:
+    """Flags shared by all scripts. ``t_default``: (embedded model, paper models); ``None``: no exact-Hessian
+    flags (``--t``, ``--method``, ``--chunk``), for scripts they do not apply to; ``compare``: the
+    ``--compare`` flags (exact scripts)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)  # --t must not mean --track_rows
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=EMBEDDED, help="HF model id or local directory; 'embedded' = the bundled tiny trained OPT")
     g.add_argument("--cache_dir", default="llm_weights", help="where HF weights, datasets and tokenized text are cached")
@@ -54,11 +66,12 @@ def base_parser(description: str, t_default: tuple[int, int], compare: bool = Tr
     g.add_argument("--b", type=int, default=None, help=f"number of samples (default {EMBEDDED_DEFAULTS['b']} for the embedded model, else all samples of the text)")
     g.add_argument("--model_input_bs", type=int, default=1, help="samples per forward/backward; must divide --b")
     g.add_argument("--seed", type=int, default=0, help="random seed")
-    g.add_argument("--t", type=int, default=None, help=f"entries per selected row (default {t_default[0]} for the embedded model, {t_default[1]} otherwise)")
     c = p.add_argument_group("computation")
-    c.add_argument("--method", choices=METHODS, default="rev-rev", help="rev-rev: fast exact (default); autograd: the paper's torch.autograd.functional.hessian")
-    c.add_argument("--chunk", type=int, default=0, help="Hessian columns per batched backward (0 = auto: 1 on CPU, 64 on GPU, halved on OOM)")
-    c.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (float64 for validation)")
+    if t_default is not None:
+        g.add_argument("--t", type=int, default=None, help=f"entries per selected row (default {t_default[0]} for the embedded model, {t_default[1]} otherwise)")
+        c.add_argument("--method", choices=METHODS, default="rev-rev", help="rev-rev: fast exact (default); autograd: the paper's torch.autograd.functional.hessian")
+        c.add_argument("--chunk", type=int, default=0, help="Hessian columns per batched backward; 0 = auto: the fastest of 1, 2, 4, ... timed on the first batch's first columns (recorded in the JSON); halved on CUDA OOM")
+    c.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype; float64 (validation) computes every step in float64 for OPT, GPT-2, Llama, Qwen2, Mistral")
     c.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto = cuda if available else cpu)")
     c.add_argument("--attn_implementation", default="eager", help="eager (default) or sdpa (run with its math kernel); flash attention has no double backward")
     c.add_argument("--no_fused_head", action="store_true", help="differentiate the LM head + softmax with plain autograd instead of the fused kernel")
@@ -84,10 +97,10 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--unit_timeout", type=float, default=0.0, help="with --devices: stop the run when one unit runs longer than this many seconds (a hung worker); 0 = auto: 10x the median unit time and at least 5 minutes")
 
 
-def resolve_defaults(args: argparse.Namespace, t_default: tuple[int, int]) -> None:
+def resolve_defaults(args: argparse.Namespace, t_default: tuple[int, int] | None) -> None:
     """Fill model-dependent defaults in place (``seqlen``, ``b`` resolved later from the text, ``t``, ``dataset``)."""
     embedded = args.model == EMBEDDED
-    if args.t is None:
+    if t_default is not None and args.t is None:
         args.t = t_default[0] if embedded else t_default[1]
     if args.dataset == "auto":
         args.dataset = default_dataset(args.model)
@@ -103,7 +116,7 @@ def check_cheap(args: argparse.Namespace) -> None:
         raise UserError(f"--model_input_bs must be at least 1, got {args.model_input_bs}")
     if args.b is not None and args.b % args.model_input_bs:
         raise UserError(f"--model_input_bs {args.model_input_bs} does not divide --b {args.b}")
-    if args.chunk < 0:
+    if getattr(args, "chunk", 0) < 0:
         raise UserError(f"--chunk must be >= 0, got {args.chunk}")
     for flag in ("num_blocks", "num_layers"):
         value = getattr(args, flag, None)
@@ -292,6 +305,7 @@ def run_exact(script: str, args: argparse.Namespace, build_subset: Callable[[nn.
         "nll_mean": result.nll_sum / result.n_tokens,
         "perplexity": result.perplexity,
         "method": result.method,
+        "chunk": job.chunk_report(),
         "hessian_elapsed_s": result.elapsed_s,
         "elapsed_s": time.perf_counter() - t_start,
         "fingerprints": prep.fingerprints,

@@ -58,16 +58,19 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .autotune import Tuning, tune
 from .jobs import ModelJob, Partial, run_serial
 from .loss import SubsetLoss
 from .models import ModelSpec
-from .operator import block_products, default_chunk, gradient_graph, hvp_products
+from .operator import gradient_graph, hvp_products
 from .subsets import whole_parameter
 
 ESTIMATORS = ("xdiag", "hutchinson", "fisher", "ggn", "exact")
 SECOND_ORDER = ("xdiag", "hutchinson", "exact")
 EXACT_MAX_ENTRIES = 16384
 """Largest number of entries the ``exact`` method (one HVP per entry and sample) and ``--track_rows`` accept."""
+TUNE_MIN_PRODUCTS = 16
+"""Fewest products of one weight on which ``probe_batch`` auto is measured (fewer: one at a time, not measured)."""
 MONITOR_BUDGET = 2**25
 """Most per-probe contributions (probes x entries) recorded for the consecutive-difference metric."""
 
@@ -234,7 +237,15 @@ class DiagonalJob(ModelJob):
 
     def setup(self, device: torch.device) -> None:
         self.ensure_model(device)
-        self._batch = self.probe_batch or default_chunk(self.model.get_parameter(self.plans[0].param_name).device, "probes")
+        self._batch = self.probe_batch  # None = measured per weight size on the first batch (lib.autotune)
+        self._tunings: dict[int, Tuning] = {}
+        self._tokens = self.model_input_bs * self.samples.shape[1]
+
+    def probe_batch_report(self) -> dict[str, Any]:
+        """For the JSON: the given ``probe_batch``, or per weight size (entries) the measured choice and timings."""
+        if self.probe_batch:
+            return {"probe_batch": self.probe_batch, "measured": False}
+        return {"probe_batch": "auto", "measured": {str(n): t.to_json() for n, t in getattr(self, "_tunings", {}).items()} or None}
 
     def _objective(self, param_name: str) -> SubsetLoss:
         """The summed NLL as a function of ``x = W.reshape(-1)`` (built per use: it holds an index of ``n`` entries)."""
@@ -251,8 +262,23 @@ class DiagonalJob(ModelJob):
         return f"sample {k}" if bs == 1 else f"samples {k * bs}..{(k + 1) * bs - 1}"
 
     def _products(self, g: torch.Tensor, x: torch.Tensor, rows: Callable[[int, int], torch.Tensor], count: int, sink: Callable[[int, torch.Tensor, torch.Tensor], None], progress: Progress | None) -> None:
-        """For ``start..stop`` chunks of ``count`` vectors ``v = rows(start, stop)``: ``sink(start, v, H v)`` (:func:`lib.operator.hvp_products`)."""
-        self._batch = hvp_products(g, x, rows, count, sink, self._batch, progress)
+        """For ``start..stop`` chunks of ``count`` vectors ``v = rows(start, stop)``: ``sink(start, v, H v)``
+        (:func:`lib.operator.hvp_products`).
+
+        The chunk is ``probe_batch``, else measured (:func:`lib.autotune.tune`) the first time a weight
+        of ``x.numel()`` entries has at least ``TUNE_MIN_PRODUCTS`` products; the measured products are kept.
+        """
+        compute = lambda start, stop, batch: hvp_products(g, x, rows, stop, sink, batch, progress, start=start)  # noqa: E731
+        n, done = x.numel(), 0
+        batch = self._batch or (self._tunings[n].chunk if n in self._tunings else None)
+        if batch is None and count >= TUNE_MIN_PRODUCTS:
+            self._tunings[n] = tune(compute, count, self.model, self._tokens, x, total=count * self.num_units())
+            batch, done = self._tunings[n].chunk, self._tunings[n].done
+        used = compute(done, count, batch or 1)  # smaller than batch after a CUDA out-of-memory halving
+        if self._batch:
+            self._batch = used
+        elif n in self._tunings:
+            self._tunings[n].chunk = used
 
     def _fisher(self, objective: SubsetLoss, x0: torch.Tensor, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sum over the batch's samples of the squared per-sample gradient, summed NLL of the batch)``."""
@@ -308,7 +334,12 @@ class DiagonalJob(ModelJob):
 
     def _basis(self, g: torch.Tensor, x: torch.Tensor, basis: torch.Tensor, progress: Progress | None) -> torch.Tensor:
         """``H v`` for the rows ``v`` of ``basis`` (``(s, n)``)."""
-        hq, self._batch = block_products(g, x, basis, self._batch, progress)
+        hq = torch.empty(basis.shape[0], x.numel(), dtype=x.dtype, device=x.device)
+
+        def take(a: int, v: torch.Tensor, hv: torch.Tensor) -> None:
+            hq[a : a + len(hv)] = hv
+
+        self._products(g, x, lambda a, b: basis[a:b], basis.shape[0], take, progress)
         return hq
 
     def _ggn_probes(self, objective: SubsetLoss, x0: torch.Tensor, batch: torch.Tensor, probes: int, progress: Progress | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -424,6 +455,8 @@ class DiagonalResult:
     curves: dict[str, dict[str, dict[str, list]]] = field(default_factory=dict)
     monitor_size: dict[str, int] = field(default_factory=dict)
     phase_s: dict[str, float] = field(default_factory=dict)
+    probe_batch: dict[str, Any] = field(default_factory=dict)
+    """Per phase: the given ``probe_batch``, or the measured choice (:meth:`DiagonalJob.probe_batch_report`)."""
 
     @property
     def perplexity(self) -> float:
@@ -499,7 +532,8 @@ def hessian_diagonal(
     t0 = time.perf_counter()
     plans = plan_phase1(targets, estimators, k, seed)
     common = dict(model_input_bs=model_input_bs, seed=seed, probe_batch=probe_batch, fused_head=fused_head, spec=spec, model=model)
-    sums = runner(DiagonalJob(plans, samples, phase="1", **common), "1")
+    jobs = {"1": DiagonalJob(plans, samples, phase="1", **common)}
+    sums = runner(jobs["1"], "1")
     phase_s = {"1": time.perf_counter() - t0}
     bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     sums2: Partial | None = {}
@@ -510,13 +544,15 @@ def hessian_diagonal(
         for p in plans:
             bases[p.param_name] = xdiag_basis(sums[key(p.param_name, "hz")])
             plans2.append(ParamPlan(p.param_name, p.numel, basis=bases[p.param_name][0].T.to(dtype).contiguous()))
-        sums2 = runner(DiagonalJob(plans2, samples, phase="2", **common), "2")
+        jobs["2"] = DiagonalJob(plans2, samples, phase="2", **common)
+        sums2 = runner(jobs["2"], "2")
         phase_s["2"] = time.perf_counter() - t1
     if sums is None or ("xdiag" in estimators and sums2 is None):
         return None  # a torchrun rank other than 0: rank 0 holds the sums
     n_tokens = samples.shape[0] * (samples.shape[1] - 1)
     hvps = {e: sum(hvps_per_sample(e, t.numel, k) for t in targets) for e in estimators}
     result = DiagonalResult({e: {} for e in estimators}, list(targets), k, hvps, float(sums["nll_sum"]), samples.shape[0], n_tokens, 0.0, phase_s=phase_s)
+    result.probe_batch = {phase: job.probe_batch_report() for phase, job in jobs.items()}
     for t, p in zip(targets, plans):
         name = t.param_name
         omega = rademacher_probes(t.numel, seed, name, 0, p.keep).T if p.keep else None

@@ -22,22 +22,20 @@ from .plots import convergence, heatmap, heatmap_grid
 from .results import save_tensor_and_json
 from .subsets import layer_module, num_blocks, num_output_units, output_units_index, whole_parameter
 
-T_DEFAULT = (0, 0)
-"""``--t`` of the shared parser does not apply to whole-weight diagonals."""
 VHP_DEFAULT = 100
 """HVPs per sample: about a minute on a 2-core CPU for the embedded model's q_proj with 16 samples."""
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
-    p = cli.base_parser(description, T_DEFAULT, compare=False)
+    p = cli.base_parser(description, None, compare=False)  # --t, --method, --chunk and --compare do not apply to whole weights
     d = p.add_argument_group("Hessian diagonal")
     d.add_argument("--layer_name", default="self_attn.q_proj", help="linear layer inside a block, e.g. self_attn.q_proj (OPT/Llama), attn.c_attn (GPT-2)")
     d.add_argument("--block_index", type=int, default=None, help="which block (default 0; with --all_layers: every block unless given)")
     d.add_argument("--all_layers", action="store_true", help="every linear layer of every block (or of --block_index), in one run that loads the model and data once")
-    d.add_argument("--estimator", nargs="+", choices=ESTIMATORS, default=None, help="one or more of: xdiag (variance-reduced, unbiased; default), hutchinson (Rademacher, unbiased), fisher (empirical Fisher diagonal, a baseline), ggn (Hutchinson on the Gauss-Newton matrix: K probes of one JVP + one VJP each, no second backward), exact (one HVP per entry; small layers); default xdiag, or hutchinson xdiag with --track_rows")
+    d.add_argument("--estimator", nargs="+", choices=ESTIMATORS, default=None, help="one or more of: xdiag (variance-reduced, unbiased), hutchinson (Rademacher, unbiased), fisher (empirical Fisher diagonal, a baseline), ggn (Hutchinson on the Gauss-Newton matrix: K probes of one JVP + one VJP each, no second backward), exact (one HVP per entry; small layers); default xdiag, or hutchinson xdiag with --track_rows")
     d.add_argument("--vhp_samples", type=int, default=VHP_DEFAULT, help="K: Hessian-vector products per sample and weight for hutchinson (K probes) and xdiag (K/2 probes + K/2 basis vectors; K even)")
     d.add_argument("--track_rows", type=int, default=0, help="convergence study (paper Fig. 3): exact diagonal of the weights of the first R output units, and the estimators' error and consecutive difference after each probe")
-    d.add_argument("--probe_batch", type=int, default=0, help="HVPs per batched backward (0 = auto: 1 on CPU, 8 on GPU, halved on OOM)")
+    d.add_argument("--probe_batch", type=int, default=0, help="HVPs per batched backward; 0 = auto: the fastest of 1, 2, 4, ... timed on the first batch's first products (recorded in the JSON); halved on CUDA OOM")
     return p
 
 
@@ -164,8 +162,7 @@ def _init_distributed(device: torch.device) -> bool:
 def run(argv: list[str] | None = None, description: str = "") -> dict[str, Any]:
     """Parse, validate, compute and save; returns the saved metadata (``{}`` on torchrun ranks > 0)."""
     args = build_parser(description).parse_args(argv)
-    cli.resolve_defaults(args, T_DEFAULT)
-    args.t = None
+    cli.resolve_defaults(args, None)
     args.estimator = resolve_estimators(args)
     check_flags(args)
     cli.check_cheap(args)
@@ -257,7 +254,7 @@ def save(args: argparse.Namespace, prep: cli.Prepared, found: list[tuple[Target,
         errors_vs_exact = {e: {t.param_name: rel_l2(result.diagonals[e][t.param_name], result.diagonals["exact"][t.param_name]) for t in targets} for e in estimators if e != "exact"}
     meta = {
         "script": "hessian_diagonal",
-        "config": {k: v for k, v in vars(args).items() if k not in ("t", "method", "chunk")},  # the exact-Hessian flags do not apply
+        "config": vars(args),
         "estimators": estimators,
         "vhp_samples": args.vhp_samples,
         "parameter": targets[0].param_name if len(targets) == 1 else None,
@@ -279,6 +276,7 @@ def save(args: argparse.Namespace, prep: cli.Prepared, found: list[tuple[Target,
         "perplexity": result.perplexity,
         "estimate_elapsed_s": result.elapsed_s,
         "phase_elapsed_s": result.phase_s,
+        "probe_batch": result.probe_batch,
         "elapsed_s": time.perf_counter() - t_start,
         "fingerprints": prep.fingerprints,
         "run": [{"devices": [str(d) for d in s.devices], **s.stats} for s in runner.settings],

@@ -12,6 +12,7 @@ from torch import nn
 
 from .errors import UserError
 from .inputs import check_causal_lm, check_finite_weights, check_loading_info, hub_offline_if_unreachable, model_fingerprint, read_local_config
+from .precision import KEEP_DTYPE_ATTENTION, keep_float64
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL_DIR = ROOT / "assets" / "tiny-opt-shakespeare"
@@ -105,16 +106,19 @@ def load_model(
 
 
 def prepare_model(model: nn.Module) -> nn.Module:
-    """Put ``model`` in eval mode, freeze its parameters and check its attention kernel; returns it."""
+    """Put ``model`` in eval mode, freeze its parameters and check its attention kernel; returns it.
+
+    A float64 model is made float64 in every step (:func:`lib.precision.keep_float64`).
+    """
     model.eval()
     model.requires_grad_(False)
     impl = getattr(model.config, "_attn_implementation", "eager")
-    if impl not in ATTENTION_WITH_DOUBLE_BACKWARD:
+    if impl not in (*ATTENTION_WITH_DOUBLE_BACKWARD, KEEP_DTYPE_ATTENTION):
         raise UserError(
             f"the model uses {impl!r} attention, which has no double backward; load it with "
             "attn_implementation='eager'"
         )
-    return model
+    return keep_float64(model)
 
 
 def attention_context(model: nn.Module) -> contextlib.AbstractContextManager:

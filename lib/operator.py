@@ -36,9 +36,10 @@ Sink = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 def default_chunk(device: torch.device, purpose: str = "exact") -> int:
-    """Vectors per batched backward: 1 on CPU (batching does not pay there); on GPU 64 for the exact
-    Hessian's unit vectors (``purpose="exact"``), 8 for dense vectors (``"probes"``: diagonal probes,
-    Krylov blocks). Halved on out-of-memory by :func:`hvp_products`."""
+    """Vectors per batched backward when none is given or measured (the spectrum's Krylov blocks): 1 on
+    CPU; on GPU 64 for unit vectors (``purpose="exact"``), 8 for dense vectors (``"probes"``). The exact
+    Hessian's columns and the diagonal's probes measure theirs (:mod:`lib.autotune`). Halved on
+    out-of-memory by :func:`hvp_products`."""
     if device.type == "cpu":
         return 1
     return 64 if purpose == "exact" else 8
@@ -53,14 +54,14 @@ def hvp_rows(g: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return hv
 
 
-def hvp_products(g: torch.Tensor, x: torch.Tensor, rows: Rows, count: int, sink: Sink, chunk: int, progress: Progress | None = None) -> int:
-    """``sink(start, v, H v)`` for consecutive chunks ``v = rows(start, stop)`` of ``count`` vectors.
+def hvp_products(g: torch.Tensor, x: torch.Tensor, rows: Rows, count: int, sink: Sink, chunk: int, progress: Progress | None = None, start: int = 0) -> int:
+    """``sink(start, v, H v)`` for consecutive chunks ``v = rows(start, stop)`` of vectors ``start..count-1``.
 
     ``chunk`` vectors share one batched backward; on a CUDA out-of-memory error the chunk is halved
-    and redone (an error at ``chunk == 1`` is raised). Returns the chunk size that worked, for the
-    caller to keep for later blocks.
+    and redone (an error at ``chunk == 1`` is raised): the library's one out-of-memory policy. Returns
+    the chunk size that worked, for the caller to keep for later blocks. ``start > 0`` continues a
+    block whose first vectors were done already (e.g. while :func:`lib.autotune.tune_chunk` measured).
     """
-    start = 0
     while start < count:
         stop = min(count, start + chunk)
         v = rows(start, stop).to(device=x.device, dtype=x.dtype)

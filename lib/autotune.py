@@ -1,0 +1,128 @@
+"""How many Hessian columns (or probes) share one batched backward, chosen by measurement.
+
+A batched vector-Jacobian product over ``c`` vectors (``is_grads_batched``) amortizes the graph walk
+but materializes ``c`` copies of every intermediate; whether that pays depends on the model, the
+subset size, the device and its memory bandwidth, not on the device type alone. :func:`tune_chunk`
+times the candidates ``c = 1, 2, 4, ...`` up to a memory bound on the first columns of the first
+batch, through a callable that *computes and keeps* those columns, so the measurement costs only the
+difference in speed of the slower candidates and changes results only by float round-off (batched and
+unbatched products sum in a different order). The choice and the timings go into the run's JSON.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+MAX_CHUNK = 1024
+"""Largest candidate, whatever the memory allows."""
+MEMORY_FRACTION = 0.25
+"""Share of the device's free memory the batched intermediates may take."""
+
+Compute = Callable[[int, int, int], int]
+"""``compute(start, stop, chunk)`` computes and stores columns ``start..stop-1``, ``chunk`` per batched
+backward; returns the chunk it ended with (smaller after a CUDA out-of-memory halving)."""
+
+
+@dataclass
+class Tuning:
+    """The chosen ``chunk``; ``done`` columns (``0..done-1``) were computed while measuring and are kept."""
+
+    chunk: int
+    done: int
+    seconds_per_column: dict[int, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"chunk": self.chunk, "measured_columns": self.done, "seconds_per_column": {str(c): t for c, t in self.seconds_per_column.items()}}
+
+
+def candidates(limit: int) -> list[int]:
+    """``1, 2, 4, ...`` up to ``min(limit, MAX_CHUNK)`` (at least ``[1]``)."""
+    out, c = [], 1
+    while c <= max(1, min(limit, MAX_CHUNK)):
+        out.append(c)
+        c *= 2
+    return out
+
+
+def tune_chunk(compute: Compute, n: int, limit: int, total: int | None = None, clock: Callable[[], float] = time.perf_counter, repeats: int = 3, give_up: float = 1.15, budget: float = 0.03) -> Tuning:
+    """Time ``compute`` on columns ``0, 1, ...`` of ``n`` with chunks ``1, 2, 4, ... <= limit``; the fastest per column wins.
+
+    Candidate ``c`` makes ``repeats`` timed calls of ``c`` columns (one call for ``c > 8``, or if only one
+    fits) and keeps its fastest call per column ``t_c`` (robust to load and to the first batched call's
+    one-time cost). Per-column time is not convex in ``c`` (batching overheads amortize only from some
+    size on), so the ladder goes on while candidates improve and past one slower candidate; it stops when
+    a call would not fit in ``n``, when ``compute`` had to shrink its chunk (memory), or at a candidate
+    that is not the best so far once two consecutive ones were slower than ``give_up * t_best`` or the time
+    lost to slower candidates, ``sum_c columns_c * (t_c - t_best)`` plus the next candidate's if it were as
+    slow as this one, would exceed ``budget * total * t_best`` (``total``: columns of the whole run, default ``n``). Returns the choice and how many columns
+    (``0..done-1``) are done.
+    """
+    done, timings, columns, slower = 0, {}, {}, 0
+    for c in candidates(limit):
+        calls = repeats if c <= 8 and done + repeats * c <= n else 1
+        if done + c > n and timings:
+            break
+        per_column, used, start = [], c, done
+        for _ in range(calls):
+            stop = min(n, done + c)
+            t0 = clock()
+            used = compute(done, stop, c)
+            per_column.append((clock() - t0) / (stop - done))
+            done = stop
+            if used < c or done >= n:
+                break
+        timings[c], columns[c] = min(per_column), done - start
+        best = timings[min(timings, key=timings.get)]
+        slower = slower + 1 if timings[c] > give_up * best else 0
+        lost = sum(columns[k] * (timings[k] - best) for k in timings) + 2 * c * (timings[c] - best)  # + the next one, if as slow
+        if used < c or done >= n or (timings[c] > best and (slower >= 2 or lost > budget * (total or n) * best)):
+            break
+    return Tuning(min(timings, key=timings.get), done, timings)
+
+
+def device_clock(device: torch.device) -> Callable[[], float]:
+    """The clock candidates are timed with: this thread's CPU time when torch computes on one CPU thread
+    (blind to other processes sharing the cores), else wall-clock time (after a CUDA synchronize)."""
+    if device.type == "cuda":
+        return lambda: (torch.cuda.synchronize(device), time.perf_counter())[1]
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
+def free_memory(device: torch.device) -> int:
+    """Free bytes on ``device``: CUDA's ``mem_get_info``, else the host's available physical memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 2**32
+
+
+def column_bytes(model: torch.nn.Module, tokens: int, itemsize: int) -> int:
+    """Rough bytes one more column of a batched product adds: ``tokens * (vocab + 16 * hidden * layers) * itemsize``.
+
+    (The fused head's ``(tokens, vocab)`` product and about 16 hidden-sized intermediates per block.)
+    """
+    from .models import text_config
+
+    cfg = text_config(model)
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 1024)
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 12)
+    vocab = getattr(cfg, "vocab_size", 50272)
+    return tokens * (vocab + 16 * hidden * layers) * itemsize
+
+
+def tune(compute: Compute, n: int, model: torch.nn.Module, tokens: int, x: torch.Tensor, total: int) -> Tuning:
+    """:func:`tune_chunk` for products w.r.t. ``x`` (``(n,)`` columns) through ``model`` on ``tokens`` tokens:
+    candidates up to ``min(n, memory_limit)``, timed with :func:`device_clock` of ``x``'s device."""
+    return tune_chunk(compute, n, min(n, memory_limit(model, tokens, x)), total=total, clock=device_clock(x.device))
+
+
+def memory_limit(model: torch.nn.Module, tokens: int, x: torch.Tensor) -> int:
+    """Largest chunk whose batched intermediates fit in ``MEMORY_FRACTION`` of the free memory of ``x``'s device."""
+    return max(1, int(MEMORY_FRACTION * free_memory(x.device)) // column_bytes(model, tokens, x.element_size()))
