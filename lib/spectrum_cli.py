@@ -37,7 +37,8 @@ EXACT_BELOW = 2048
 KEEP_GRAPHS = {"auto": "auto", "on": True, "off": False}
 """``--keep_graphs`` -> :class:`lib.operator.HessianOperator`'s ``keep_graphs``."""
 ENTRIES_MAX = 65536
-"""Largest subset whose per-entry ``[param, *index]`` list goes into the JSON (``slices`` always does)."""
+"""Largest subset whose per-entry ``[param, *index]`` list goes into the JSON (``slices`` always does; not
+when every slice is a whole parameter in storage order, which ``slices`` describes already)."""
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -197,7 +198,7 @@ def density_json(d: spectrum.SLQResult) -> dict[str, Any]:
 
 
 def density_figure(d: spectrum.SLQResult, top: list[float], path_stem: Path, title: str) -> list[Path]:
-    """The density on a log axis with the top eigenvalues marked (``<path_stem>.pdf/.png``)."""
+    """The density on a log axis with the computed extreme eigenvalues ``top`` marked (``<path_stem>.pdf/.png``)."""
     from .plots import _pyplot, _save
 
     plt = _pyplot()
@@ -205,7 +206,7 @@ def density_figure(d: spectrum.SLQResult, top: list[float], path_stem: Path, tit
     vals = d.values.clamp_min(1e-300)
     ax.semilogy(d.grid.numpy(), vals.numpy(), lw=1.2, label="SLQ density" if d.passes else "density of the exact eigenvalues")
     for j, lam in enumerate(top):
-        ax.axvline(lam, color="C3", ls="--", lw=0.8, label="top eigenvalues" if j == 0 else None)
+        ax.axvline(lam, color="C3", ls="--", lw=0.8, label="extreme eigenvalues (--top_k, --which)" if j == 0 else None)
     floor = float(d.values.max()) * 1e-8
     ax.set_ylim(bottom=max(floor, 1e-300))
     ax.set_xlabel("eigenvalue")
@@ -292,14 +293,14 @@ def run(argv: list[str] | None, description: str) -> dict[str, Any]:
         meta["density"] = density_json(dens)
         saved.update(ritz_values_slq=dens.ritz_values, ritz_weights_slq=dens.ritz_weights, density_grid=dens.grid, density=dens.values)
     meta.update(spectrum_elapsed_s=time.perf_counter() - t0, elapsed_s=time.perf_counter() - t_start, slices=slice_table(prep.model, subset))
-    if n <= ENTRIES_MAX:
+    if n <= ENTRIES_MAX and not all(sl["whole_in_storage_order"] for sl in meta["slices"]):
         meta["entries"] = subset.entries(prep.model)
     outputs.saving_results(kept)
     meta["fingerprints"] = prep.fingerprints
     figures: list[Path] = []
     if "density" in meta:
         title = f"Hessian spectral density, {subset.description}; {args.model}, b={args.b}, seqlen={args.seqlen} ({meta['path']} path)"
-        figures = density_figure(dens, meta["eigenvalues"][: args.top_k], out / f"{name}_density", title)
+        figures = density_figure(dens, meta["eigenvalues"], out / f"{name}_density", title)
     meta["figures"] = [p.name for p in figures]
     meta = save_tensor_and_json(out, name, saved, meta)
     if meta["path"] == "exact":
