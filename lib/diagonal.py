@@ -58,19 +58,16 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .autotune import Tuning, tune
 from .jobs import ModelJob, Partial, run_serial
 from .loss import SubsetLoss
 from .models import ModelSpec
-from .operator import gradient_graph, hvp_products
+from .operator import ChunkPolicy, gradient_graph
 from .subsets import whole_parameter
 
 ESTIMATORS = ("xdiag", "hutchinson", "fisher", "ggn", "exact")
 SECOND_ORDER = ("xdiag", "hutchinson", "exact")
 EXACT_MAX_ENTRIES = 16384
 """Largest number of entries the ``exact`` method (one HVP per entry and sample) and ``--track_rows`` accept."""
-TUNE_MIN_PRODUCTS = 16
-"""Fewest products of one weight on which ``probe_batch`` auto is measured (fewer: one at a time, not measured)."""
 MONITOR_BUDGET = 2**25
 """Most per-probe contributions (probes x entries) recorded for the consecutive-difference metric."""
 
@@ -237,15 +234,12 @@ class DiagonalJob(ModelJob):
 
     def setup(self, device: torch.device) -> None:
         self.ensure_model(device)
-        self._batch = self.probe_batch  # None = measured per weight size on the first batch (lib.autotune)
-        self._tunings: dict[int, Tuning] = {}
+        self._policy = ChunkPolicy(self.probe_batch)  # None = measured per weight size on the first batch (lib.autotune)
         self._tokens = self.model_input_bs * self.samples.shape[1]
 
     def probe_batch_report(self) -> dict[str, Any]:
         """For the JSON: the given ``probe_batch``, or per weight size (entries) the measured choice and timings."""
-        if self.probe_batch:
-            return {"probe_batch": self.probe_batch, "measured": False}
-        return {"probe_batch": "auto", "measured": {str(n): t.to_json() for n, t in getattr(self, "_tunings", {}).items()} or None}
+        return getattr(self, "_policy", ChunkPolicy()).report(self.probe_batch, "probe_batch")
 
     def _objective(self, param_name: str) -> SubsetLoss:
         """The summed NLL as a function of ``x = W.reshape(-1)`` (built per use: it holds an index of ``n`` entries)."""
@@ -265,20 +259,10 @@ class DiagonalJob(ModelJob):
         """For ``start..stop`` chunks of ``count`` vectors ``v = rows(start, stop)``: ``sink(start, v, H v)``
         (:func:`lib.operator.hvp_products`).
 
-        The chunk is ``probe_batch``, else measured (:func:`lib.autotune.tune`) the first time a weight
+        The chunk is ``probe_batch``, else measured (:class:`lib.operator.ChunkPolicy`) the first time a weight
         of ``x.numel()`` entries has at least ``TUNE_MIN_PRODUCTS`` products; the measured products are kept.
         """
-        compute = lambda start, stop, batch: hvp_products(g, x, rows, stop, sink, batch, progress, start=start)  # noqa: E731
-        n, done = x.numel(), 0
-        batch = self._batch or (self._tunings[n].chunk if n in self._tunings else None)
-        if batch is None and count >= TUNE_MIN_PRODUCTS:
-            self._tunings[n] = tune(compute, count, self.model, self._tokens, x, total=count * self.num_units())
-            batch, done = self._tunings[n].chunk, self._tunings[n].done
-        used = compute(done, count, batch or 1)  # smaller than batch after a CUDA out-of-memory halving
-        if self._batch:
-            self._batch = used
-        elif n in self._tunings:
-            self._tunings[n].chunk = used
+        self._policy.products(g, x, rows, count, sink, self.model, self._tokens, count * self.num_units(), progress)
 
     def _fisher(self, objective: SubsetLoss, x0: torch.Tensor, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sum over the batch's samples of the squared per-sample gradient, summed NLL of the batch)``."""

@@ -5,7 +5,8 @@ Low level: on the retained graph of ``g = grad f(x)`` (one forward and one ``cre
 ``chunk`` at a time in batched backwards (``is_grads_batched``), halving ``chunk`` on CUDA
 out-of-memory. The exact Hessian (:mod:`lib.hessian`: ``V`` = unit vectors), the diagonal estimators
 (:mod:`lib.diagonal`: probes, exact entries, XDiag's basis) and the spectrum (:mod:`lib.spectrum`:
-Krylov blocks) all go through it; :func:`default_chunk` is the one place where the chunk is chosen.
+Krylov blocks) all go through it; :class:`ChunkPolicy` is the one place where the chunk is chosen (given,
+else measured by :func:`lib.autotune.tune` on blocks of at least ``TUNE_MIN_PRODUCTS`` vectors, else 1).
 
 High level: :class:`HessianOperator` is ``H``, the Hessian of the *mean* next-token NLL over ``b``
 samples w.r.t. a flat subset (``H = sum_s H_s / (b (seqlen - 1))``, ``H_s`` per batch of
@@ -18,11 +19,13 @@ processes or under torchrun, with checkpoints (:func:`lib.parallel.run_job`).
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from .autotune import Tuning, free_memory, tune
 from .jobs import ModelJob, Partial, run_serial
 from .loss import SubsetLoss
 from .models import ModelSpec
@@ -33,16 +36,6 @@ Rows = Callable[[int, int], torch.Tensor]
 """``rows(start, stop)``: the vectors ``start..stop-1`` of a block, shape ``(stop - start, n)``."""
 Sink = Callable[[int, torch.Tensor, torch.Tensor], None]
 """``sink(start, v, hv)``: receives the chunk of vectors starting at ``start`` and their products."""
-
-
-def default_chunk(device: torch.device, purpose: str = "exact") -> int:
-    """Vectors per batched backward when none is given or measured (the spectrum's Krylov blocks): 1 on
-    CPU; on GPU 64 for unit vectors (``purpose="exact"``), 8 for dense vectors (``"probes"``). The exact
-    Hessian's columns and the diagonal's probes measure theirs (:mod:`lib.autotune`). Halved on
-    out-of-memory by :func:`hvp_products`."""
-    if device.type == "cpu":
-        return 1
-    return 64 if purpose == "exact" else 8
 
 
 def hvp_rows(g: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -81,6 +74,44 @@ def hvp_products(g: torch.Tensor, x: torch.Tensor, rows: Rows, count: int, sink:
     return chunk
 
 
+TUNE_MIN_PRODUCTS = 16
+"""Fewest vectors of one block on which the chunk is measured (fewer: one at a time, not measured)."""
+
+
+@dataclass
+class ChunkPolicy:
+    """How many vectors share one batched backward, for every product of one job (per process).
+
+    ``given`` (``--chunk`` / ``--probe_batch``): that many, halved on out-of-memory. Else, per size ``n`` of ``x``:
+    measured by :func:`lib.autotune.tune` the first time a block has at least ``TUNE_MIN_PRODUCTS`` vectors (the
+    measured products are kept), then that chunk for every later block of that size; before that, one at a time.
+    """
+
+    given: int | None = None
+    tunings: dict[int, Tuning] = field(default_factory=dict)
+
+    def products(self, g: torch.Tensor, x: torch.Tensor, rows: Rows, count: int, sink: Sink, model: nn.Module, tokens: int, total: int, progress: Progress | None = None) -> None:
+        """``sink(start, v, H v)`` for the ``count`` vectors of ``rows`` (:func:`hvp_products`) with the chosen chunk;
+        ``tokens``: of the batch (memory bound), ``total``: products of the whole job (measurement budget)."""
+        compute = lambda start, stop, chunk: hvp_products(g, x, rows, stop, sink, chunk, progress, start=start)  # noqa: E731
+        n, done = x.numel(), 0
+        chunk = self.given or (self.tunings[n].chunk if n in self.tunings else None)
+        if chunk is None and count >= TUNE_MIN_PRODUCTS:
+            self.tunings[n] = tune(compute, count, model, tokens, x, total=total)
+            chunk, done = self.tunings[n].chunk, self.tunings[n].done
+        used = compute(done, count, chunk or 1)  # smaller than chunk after a CUDA out-of-memory halving
+        if self.given:
+            self.given = used
+        elif n in self.tunings:
+            self.tunings[n].chunk = used
+
+    def report(self, given: int | None, flag: str) -> dict[str, Any]:
+        """For the JSON: ``{flag: given, "measured": False}``, or ``{flag: "auto", "measured": {n: timings} or None}``."""
+        if given:
+            return {flag: given, "measured": False}
+        return {flag: "auto", "measured": {str(n): t.to_json() for n, t in self.tunings.items()} or None}
+
+
 def gradient_graph(fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x, g, value)``: a leaf copy ``x`` of ``x0``, ``g = grad fn(x)`` with its graph kept (``create_graph``), ``fn(x)``."""
     x = x0.detach().clone().requires_grad_(True)
@@ -89,15 +120,90 @@ def gradient_graph(fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor)
     return x, g, value
 
 
-def block_products(g: torch.Tensor, x: torch.Tensor, vt: torch.Tensor, chunk: int, progress: Progress | None = None) -> tuple[torch.Tensor, int]:
-    """``(H V)^T`` for the rows of ``vt = V^T`` (``(p, n)``) on the graph of ``g``; returns it and the chunk that worked."""
-    out = torch.empty(vt.shape[0], x.numel(), dtype=x.dtype, device=x.device)
+GRAPH_MEMORY_FRACTION = 0.25
+"""Share of the free memory (host for CPU, device for GPU) that the kept gradient graphs may take, by their
+measured bytes: a quarter, as the CPU count (saved tensors only) saw ~70% of the resident-memory growth per
+kept graph on the embedded model (8.4 of 12 MB), and the products' own intermediates need room too."""
 
-    def take(a: int, v: torch.Tensor, hv: torch.Tensor) -> None:
-        out[a : a + len(hv)] = hv
 
-    chunk = hvp_products(g, x, lambda a, b: vt[a:b], vt.shape[0], take, chunk, progress)
-    return out, chunk
+def keep_all_graphs(mode: bool | str, batches: int, graph_bytes: int, free_bytes: int, fraction: float = GRAPH_MEMORY_FRACTION) -> bool:
+    """Keep every batch's gradient graph between passes? ``mode`` True / False force it; ``"auto"``: when the
+    ``batches - 1`` graphs still to build, ``graph_bytes`` each (the first one's, measured), fit in ``fraction``
+    of ``free_bytes`` (measured after the first graph was built)."""
+    if mode in (True, False):
+        return bool(mode)
+    if mode != "auto":
+        raise ValueError(f"keep_graphs must be True, False or 'auto', got {mode!r}")
+    return (batches - 1) * graph_bytes <= fraction * free_bytes
+
+
+def graph_bytes_measured(build: Callable[[], Any], device: torch.device, exclude: set[int]) -> tuple[Any, int]:
+    """``(build(), bytes)``: the bytes the result's autograd graph holds. CUDA: the allocated-memory delta;
+    otherwise the unique storages of the tensors the graph saves (``saved_tensors_hooks``), except those
+    whose ``data_ptr`` is in ``exclude`` (the model's parameters), plus the returned tensors."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        out = build()
+        torch.cuda.synchronize(device)
+        return out, torch.cuda.memory_allocated(device) - before
+    seen: dict[int, int] = {}
+
+    def count(t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        if st.data_ptr() not in exclude:
+            seen[st.data_ptr()] = st.nbytes()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        count(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = build()
+    for t in out if isinstance(out, tuple) else (out,):
+        if isinstance(t, torch.Tensor):
+            count(t)
+    return out, sum(seen.values())
+
+
+@dataclass
+class GraphCache:
+    """Per-process gradient graphs ``{unit: (x, g, value)}`` shared by the passes (jobs) of one operator.
+
+    ``mode``: True / False / ``"auto"`` (:func:`keep_all_graphs`, decided on the first graph built in this
+    process); ``keep``: the decision (None before it), ``graph_bytes``: the first graph's measured bytes,
+    ``free_bytes``: the free memory it was compared with. Not pickled: worker processes rebuild every pass.
+    """
+
+    mode: bool | str = "auto"
+    keep: bool | None = None
+    graph_bytes: int | None = None
+    free_bytes: int | None = None
+    graphs: dict = field(default_factory=dict)
+
+    def get(self, k: int, batches: int, build: Callable[[], Any], device: torch.device, exclude: set[int]) -> Any:
+        """Unit ``k``'s graph: kept, or built (measured and decided on the first one)."""
+        if k in self.graphs:
+            return self.graphs[k]
+        if self.keep is None:
+            if self.mode == "auto":
+                out, self.graph_bytes = graph_bytes_measured(build, device, exclude)
+                self.free_bytes = free_memory(device)
+            else:
+                out = build()
+            self.keep = keep_all_graphs(self.mode, batches, self.graph_bytes or 0, self.free_bytes or 0)
+        else:
+            out = build()
+        if self.keep:
+            self.graphs[k] = out
+        return out
+
+    def report(self) -> dict[str, Any]:
+        """For the JSON: mode, decision, the measured bytes and the free memory they were compared with."""
+        out = {"mode": self.mode, "kept": bool(self.keep), "graph_bytes": self.graph_bytes, "free_bytes": self.free_bytes, "graphs_kept": len(self.graphs), "memory_fraction": GRAPH_MEMORY_FRACTION}
+        if self.keep is None:
+            out["note"] = "no pass ran in this process: worker processes (--devices) rebuild the graphs every pass"
+        return out
 
 
 def digest(t: torch.Tensor) -> str:
@@ -119,24 +225,26 @@ class HVPJob(ModelJob):
         self.subset, self.samples, self.vt, self.model_input_bs = subset, samples, vt, model_input_bs
         self.chunk, self.fused_head, self.spec, self.model, self.tag = chunk, fused_head, spec, model, tag
 
-    _graphs: dict | None = None
-    """Per-process cache ``{unit: (x, g, value)}`` of gradient graphs shared by the jobs of one operator (not pickled)."""
+    _graphs: GraphCache | None = None
+    """Per-process gradient graphs shared by the jobs of one operator (not pickled: workers rebuild them)."""
+    _policy: ChunkPolicy | None = None
+    """Per-process chunk choice shared by the jobs of one operator (not pickled: workers measure their own)."""
 
     def setup(self, device: torch.device) -> None:
         self.ensure_model(device)
         self._objective = SubsetLoss(self.model, self.subset, fused_head=self.fused_head)
         self._x0 = self._objective.x0()
-        self._chunk = self.chunk or default_chunk(self._x0.device, "probes")
+        if self._policy is None:
+            self._policy = ChunkPolicy(self.chunk)
 
     def _graph(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Batch ``k``'s ``(x, g = grad f, f)`` with the graph of ``g`` kept, from the cache when there is one."""
-        if self._graphs is not None and k in self._graphs:
-            return self._graphs[k]
         batch = self.samples[k * self.model_input_bs : (k + 1) * self.model_input_bs].to(self._x0.device)
-        out = gradient_graph(lambda z: self._objective(z, batch), self._x0)
-        if self._graphs is not None:
-            self._graphs[k] = out
-        return out
+        build = lambda: gradient_graph(lambda z: self._objective(z, batch), self._x0)  # noqa: E731
+        if self._graphs is None:
+            return build()
+        params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        return self._graphs.get(k, self.num_units(), build, self._x0.device, params)
 
     def num_units(self) -> int:
         return -(-self.samples.shape[0] // self.model_input_bs)
@@ -147,7 +255,13 @@ class HVPJob(ModelJob):
     def run_unit(self, k: int, progress: Progress | None = None) -> Partial:
         x, g, value = self._graph(k)
         vt = self.vt.to(device=x.device, dtype=x.dtype)
-        hv, self._chunk = block_products(g, x, vt, self._chunk, progress)
+        hv = torch.empty_like(vt)
+
+        def take(a: int, v: torch.Tensor, out: torch.Tensor) -> None:
+            hv[a : a + len(out)] = out
+
+        tokens = self.model_input_bs * self.samples.shape[1]
+        self._policy.products(g, x, lambda a, b: vt[a:b], len(vt), take, self.model, tokens, len(vt) * self.num_units(), progress)
         return {"hv_sum": hv.detach().cpu(), "nll_sum": value.detach().cpu()}
 
     def config(self) -> dict[str, Any]:
@@ -176,11 +290,14 @@ class HessianOperator:
     :class:`HVPJob`; pass e.g. ``lambda job: lib.parallel.run_job(job, settings)`` for several devices.
     ``hvps`` (products ``H v`` of the whole operator) and ``passes`` count the work done.
     ``keep_graphs``: keep every batch's gradient graph in this process's memory between passes, so a
-    pass costs only the HVPs (no forward or first backward; for models and ``b`` small enough that
-    ``b / model_input_bs`` graphs fit; worker processes always rebuild them).
+    pass costs only the HVPs (no forward or first backward): True, False, or ``"auto"`` (default): measure
+    the first graph's bytes and keep all ``b / model_input_bs`` graphs when they fit in a quarter of the free host
+    (CPU) or device (GPU) memory (:func:`keep_all_graphs`); worker processes always rebuild them. Products
+    are bitwise the same either way. ``chunk``: vectors per batched backward, else :class:`ChunkPolicy`
+    (measured on blocks of at least ``TUNE_MIN_PRODUCTS`` vectors). :meth:`report` gives both choices.
     """
 
-    def __init__(self, model: nn.Module, subset: Subset, samples: torch.Tensor, model_input_bs: int = 1, chunk: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, run: Callable[[HVPJob], Partial | None] | None = None, keep_graphs: bool = False):
+    def __init__(self, model: nn.Module, subset: Subset, samples: torch.Tensor, model_input_bs: int = 1, chunk: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, run: Callable[[HVPJob], Partial | None] | None = None, keep_graphs: bool | str = "auto"):
         self.model, self.subset, self.samples, self.model_input_bs = model, subset, samples, model_input_bs
         self.chunk, self.fused_head, self.spec = chunk, fused_head, spec
         self.run = run
@@ -190,13 +307,19 @@ class HessianOperator:
         self.hvps = 0
         self.passes = 0
         self.nll_sum: float | None = None
-        self.graphs: dict | None = {} if keep_graphs else None
+        keep_all_graphs(keep_graphs, 1, 0, 0)  # validates the mode
+        self.graphs = GraphCache(keep_graphs)
+        self.policy = ChunkPolicy(chunk)
 
     def job(self, vt: torch.Tensor, tag: str = "") -> HVPJob:
         """The additive job of one pass computing ``H`` applied to the rows of ``vt`` (``(p, n)``)."""
         job = HVPJob(self.subset, self.samples, vt.detach().to("cpu", torch.float64).contiguous(), self.model_input_bs, self.chunk, self.fused_head, spec=self.spec, model=self.model, tag=tag)
-        job._graphs = self.graphs
+        job._graphs, job._policy = self.graphs, self.policy
         return job
+
+    def report(self) -> dict[str, Any]:
+        """For the JSON: ``{"keep_graphs": GraphCache.report(), "chunk": ChunkPolicy.report()}`` of this process."""
+        return {"keep_graphs": self.graphs.report(), "chunk": self.policy.report(self.chunk, "chunk")}
 
     def _run(self, job: HVPJob) -> Partial | None:
         if self.run is not None:

@@ -34,8 +34,11 @@ from .subsets import Subset, num_blocks, params_subset, several_layers_several_b
 T_DEFAULT = (128, 768)
 """``--t`` for the paper-style subsets (embedded model, paper models), as in single_layer_single_block.py."""
 EXACT_BELOW = 2048
+KEEP_GRAPHS = {"auto": "auto", "on": True, "off": False}
+"""``--keep_graphs`` -> :class:`lib.operator.HessianOperator`'s ``keep_graphs``."""
 ENTRIES_MAX = 65536
-"""Largest subset whose per-entry ``[param, *index]`` list goes into the JSON (``slices`` always does)."""
+"""Largest subset whose per-entry ``[param, *index]`` list goes into the JSON (``slices`` always does; not
+when every slice is a whole parameter in storage order, which ``slices`` describes already)."""
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -59,7 +62,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     e.add_argument("--slq_probes", type=int, default=4, help="SLQ probes (advanced together, one pass per step)")
     e.add_argument("--lanczos_steps", type=int, default=30, help="SLQ Lanczos steps per probe")
     e.add_argument("--density_points", type=int, default=1000, help="grid points of the density")
-    e.add_argument("--keep_graphs", action="store_true", help="keep each batch's gradient graph in memory between passes (b/model_input_bs graphs): a pass then costs only its HVPs (small models; one device or torchrun)")
+    e.add_argument("--keep_graphs", choices=tuple(KEEP_GRAPHS), default="auto", help="keep each batch's gradient graph in memory between passes (b/model_input_bs graphs), so a pass costs only its HVPs; auto: when they fit in a quarter of the free host (CPU) or GPU memory, measured on the first graph (recorded in the JSON); worker processes (--devices) always rebuild them")
     e.add_argument("--exact_below", type=int, default=EXACT_BELOW, help="form H exactly and use eigvalsh when the subset has at most this many entries (0 = always iterative)")
     return p
 
@@ -195,7 +198,7 @@ def density_json(d: spectrum.SLQResult) -> dict[str, Any]:
 
 
 def density_figure(d: spectrum.SLQResult, top: list[float], path_stem: Path, title: str) -> list[Path]:
-    """The density on a log axis with the top eigenvalues marked (``<path_stem>.pdf/.png``)."""
+    """The density on a log axis with the computed extreme eigenvalues ``top`` marked (``<path_stem>.pdf/.png``)."""
     from .plots import _pyplot, _save
 
     plt = _pyplot()
@@ -203,7 +206,7 @@ def density_figure(d: spectrum.SLQResult, top: list[float], path_stem: Path, tit
     vals = d.values.clamp_min(1e-300)
     ax.semilogy(d.grid.numpy(), vals.numpy(), lw=1.2, label="SLQ density" if d.passes else "density of the exact eigenvalues")
     for j, lam in enumerate(top):
-        ax.axvline(lam, color="C3", ls="--", lw=0.8, label="top eigenvalues" if j == 0 else None)
+        ax.axvline(lam, color="C3", ls="--", lw=0.8, label="extreme eigenvalues (--top_k, --which)" if j == 0 else None)
     floor = float(d.values.max()) * 1e-8
     ax.set_ylim(bottom=max(floor, 1e-300))
     ax.set_xlabel("eigenvalue")
@@ -235,7 +238,7 @@ def run(argv: list[str] | None, description: str) -> dict[str, Any]:
     spec = cli.model_spec(args, prep)
     rank0 = parallel.distributed_env() is None or parallel.distributed_env()[0] == 0
     fused = False if args.no_fused_head else None
-    op = HessianOperator(prep.model, subset, prep.samples, args.model_input_bs, args.chunk or None, fused, spec=spec, keep_graphs=args.keep_graphs)
+    op = HessianOperator(prep.model, subset, prep.samples, args.model_input_bs, args.chunk or None, fused, spec=spec, keep_graphs=KEEP_GRAPHS[args.keep_graphs])
     meta: dict[str, Any] = {"script": "hessian_spectrum", "config": vars(args), "subset": subset.description, "n": n, "n_samples": int(prep.samples.shape[0]), "n_tokens": op.n_tokens}
     saved: dict[str, torch.Tensor] = {}
     kept: list[ckpt.CheckpointConfig | None] = [ckpt.CheckpointConfig(out / f"{name}.passes", every_units=1)]  # where finished passes are
@@ -283,21 +286,21 @@ def run(argv: list[str] | None, description: str) -> dict[str, Any]:
         finally:
             if bar is not None:
                 bar.close()
-        meta.update(hvps=log.hvps, passes=log.calls, replayed_passes=log.replayed)
+        meta.update(hvps=log.hvps, passes=log.calls, replayed_passes=log.replayed, **op.report())
     if not rank0:
         return {}
     if args.density:
         meta["density"] = density_json(dens)
         saved.update(ritz_values_slq=dens.ritz_values, ritz_weights_slq=dens.ritz_weights, density_grid=dens.grid, density=dens.values)
     meta.update(spectrum_elapsed_s=time.perf_counter() - t0, elapsed_s=time.perf_counter() - t_start, slices=slice_table(prep.model, subset))
-    if n <= ENTRIES_MAX:
+    if n <= ENTRIES_MAX and not all(sl["whole_in_storage_order"] for sl in meta["slices"]):
         meta["entries"] = subset.entries(prep.model)
     outputs.saving_results(kept)
     meta["fingerprints"] = prep.fingerprints
     figures: list[Path] = []
     if "density" in meta:
         title = f"Hessian spectral density, {subset.description}; {args.model}, b={args.b}, seqlen={args.seqlen} ({meta['path']} path)"
-        figures = density_figure(dens, meta["eigenvalues"][: args.top_k], out / f"{name}_density", title)
+        figures = density_figure(dens, meta["eigenvalues"], out / f"{name}_density", title)
     meta["figures"] = [p.name for p in figures]
     meta = save_tensor_and_json(out, name, saved, meta)
     if meta["path"] == "exact":

@@ -112,7 +112,7 @@ def test_operator_eigenvalues_equal_eigvalsh(arch):
     model, ids = tiny_model(arch), tiny_ids(2, 8)
     subset = params_subset(model, [PARAM[arch]])
     h = lib.exact_hessian(model, subset, ids).hessian
-    op = lib.HessianOperator(model, subset, ids)
+    op = lib.HessianOperator(model, subset, ids, keep_graphs=False)
     v = torch.randn(subset.size, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
     tol = 1e-8 if arch == "gpt2" else 1e-6  # OPT and Llama run their attention softmax in float32
     hv = h @ v
@@ -124,10 +124,55 @@ def test_operator_eigenvalues_equal_eigvalsh(arch):
     true_res = (h @ r.eigenvectors - r.eigenvectors * r.eigenvalues).norm(dim=0)
     torch.testing.assert_close(r.residuals, true_res, rtol=0, atol=tol * norm)
     assert op.passes == r.passes + 1 and op.hvps == r.hvps + 2
-    kept = lib.HessianOperator(model, subset, ids, keep_graphs=True)
-    for _ in range(2):  # the second product reuses the graphs: bitwise the same products
-        assert torch.equal(kept @ v, op @ v)
-    assert len(kept.graphs) == 2
+    for mode in (True, "auto"):  # the second product reuses the graphs: bitwise the same products
+        kept = lib.HessianOperator(model, subset, ids, keep_graphs=mode)
+        for _ in range(2):
+            assert torch.equal(kept @ v, op @ v)
+        assert len(kept.graphs.graphs) == 2 and kept.report()["keep_graphs"]["kept"]
+    assert op.report()["keep_graphs"]["kept"] is False and not op.graphs.graphs
+
+
+def test_keep_graphs_decision_on_numbers():
+    """auto keeps the graphs when the ones still to build fit in the fraction of the free memory; on/off force it."""
+    from lib.operator import keep_all_graphs
+
+    assert keep_all_graphs("auto", 5, 100, 1600, fraction=0.25)  # 4 more x 100 <= 400
+    assert not keep_all_graphs("auto", 6, 100, 1600, fraction=0.25)  # 500 > 400
+    assert keep_all_graphs("auto", 1, 10**12, 0)  # the one graph is built already
+    assert keep_all_graphs(True, 10**6, 10**12, 0) and not keep_all_graphs(False, 1, 0, 10**12)
+    with pytest.raises(ValueError):
+        keep_all_graphs("yes", 1, 0, 0)
+
+
+def test_graph_bytes_count_saved_storages_once():
+    """The CPU measurement sums the unique storages a graph saves (a parameter's excluded), plus the outputs."""
+    from lib.operator import graph_bytes_measured
+
+    w = torch.randn(50, 40, dtype=F64)
+    x = torch.randn(40, dtype=F64, requires_grad=True)
+
+    def build():
+        y = (w @ x).exp()
+        return (y * y).sum()
+
+    out, nbytes = graph_bytes_measured(build, torch.device("cpu"), {w.untyped_storage().data_ptr()})
+    # saved: w by mv (excluded), y by exp and twice by mul (once: 50 float64); output: the scalar sum
+    assert nbytes == (50 + 1) * 8 and out.requires_grad
+    assert graph_bytes_measured(build, torch.device("cpu"), set())[1] == (50 * 40 + 50 + 1) * 8
+
+
+def test_operator_block_products_measure_the_chunk():
+    """A block of >= TUNE_MIN_PRODUCTS vectors measures the chunk (recorded); the products stay those of chunk 1."""
+    from lib.operator import TUNE_MIN_PRODUCTS
+
+    model, ids = tiny_model("gpt2"), tiny_ids(2, 8)
+    subset = params_subset(model, [PARAM["gpt2"]])
+    v = torch.randn(subset.size, TUNE_MIN_PRODUCTS + 2, generator=torch.Generator().manual_seed(2), dtype=F64)
+    auto, one = lib.HessianOperator(model, subset, ids), lib.HessianOperator(model, subset, ids, chunk=1)
+    torch.testing.assert_close(auto @ v, one @ v, rtol=1e-12, atol=1e-14)
+    measured = auto.report()["chunk"]["measured"][str(subset.size)]
+    assert measured["measured_columns"] >= 3 and measured["chunk"] >= 1
+    assert one.report()["chunk"] == {"chunk": 1, "measured": False}
 
 
 def test_operator_views_and_params_equal_paper_flags():
@@ -177,12 +222,13 @@ def test_script_exact_and_iterative_paths_agree(tmp_path):
 def test_script_resume_is_bitwise_and_two_workers_equal_one(tmp_path):
     """A run stopped after its first pass (computed by 2 worker processes) and resumed in one process equals
     the uninterrupted one-process run bit for bit: the recorded pass is replayed, the rest computed."""
-    full, _ = _pt(tmp_path / "full", "--exact_below", "0", "--max_iter", "10", "--density", "--lanczos_steps", "3", "--slq_probes", "2", "--keep_graphs")
+    full, _ = _pt(tmp_path / "full", "--exact_below", "0", "--max_iter", "10", "--density", "--lanczos_steps", "3", "--slq_probes", "2", "--keep_graphs", "on")
     # a run stopped after 1 pass leaves its pass log (kept here by --keep_checkpoint)
     _pt(tmp_path / "cut", "--exact_below", "0", "--max_iter", "1", "--keep_checkpoint", "--devices", "cpu,cpu")
     assert len(list((tmp_path / "cut" / "s.passes").glob("pass_*.pt"))) == 1
     resumed, jr = _pt(tmp_path / "cut", "--exact_below", "0", "--max_iter", "10", "--density", "--lanczos_steps", "3", "--slq_probes", "2", "--resume", "--overwrite")
     assert jr["replayed_passes"] == 1 and jr["passes"] == 13 and not (tmp_path / "cut" / "s.passes").exists()
+    assert jr["keep_graphs"]["kept"] and jr["keep_graphs"]["graph_bytes"] > 0  # auto: the 2 tiny graphs fit
     assert set(full) == set(resumed)
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
