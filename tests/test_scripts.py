@@ -118,3 +118,36 @@ def test_errors_from_the_command_line_have_no_traceback(script, extra, message, 
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "script,argv,message",
+    [
+        ("single_layer_single_block", ["--chunkk", "2"], "unrecognized arguments: --chunkk 2"),
+        ("single_layer_several_blocks", ["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
+        ("hessian_diagonal", ["--t", "4"], "unrecognized arguments: --t 4"),
+        ("hessian_spectrum", ["--which", "top"], "argument --which: invalid choice: 'top'"),
+        ("reproduce", ["--figure", "5"], "argument --figure: invalid choice: '5'"),
+        ("reproduce", [], "the following arguments are required: --figure"),
+    ],
+)
+def test_misspelt_or_malformed_flags_are_one_line(script, argv, message, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(importlib.import_module(script).run, argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err and "--help" in err, err
+
+
+def test_reproduce_checks_passed_on_flags_before_any_run(capsys, tmp_path):
+    import reproduce
+
+    # --t is a flag of the exact scripts (figures 1a-2) but not of hessian_diagonal.py (figures 3a, 3b)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(reproduce.run, ["--figure", "all", "--quick", "--output_dir", str(tmp_path), "--t", "3"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: unrecognized arguments: --t 3 (see hessian_diagonal.py --help)", err
+    assert not list(tmp_path.iterdir())  # no figure was computed
