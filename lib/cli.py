@@ -174,10 +174,10 @@ def run_devices(args: argparse.Namespace) -> list[torch.device]:
         if entries:
             if local >= len(entries):
                 raise UserError(f"--devices lists {len(entries)} devices but this node runs local rank {local}: give one per local rank")
-            return [resolve_device(entries[local])]
+            return [resolve_device(entries[local], "--devices")]
         dev = resolve_device(args.device)
         return [torch.device("cuda", local) if dev.type == "cuda" and dev.index is None else dev]
-    devices = [resolve_device(e) for e in entries] if entries else [resolve_device(args.device)]
+    devices = [resolve_device(e, "--devices") for e in entries] if entries else [resolve_device(args.device)]
     if len(devices) > 1 and getattr(args, "device_map", None) is not None:
         raise UserError("--device_map splits one model over the GPUs of a single worker; it cannot be combined with several --devices (use torchrun with one rank per node instead)")
     return devices

@@ -85,6 +85,7 @@ ERRORS = [
     (["--attn_implementation", "flash_attention_2"], r"attention 'flash_attention_2' has no double backward"),
     (["--dataset", "/nonexistent/file.txt"], r"--dataset '/nonexistent/file.txt' is neither"),
     (["--model", "/nonexistent/model"], r"cannot load model '/nonexistent/model'.*--model PATH"),
+    (["--device", "gpu"], r"invalid --device 'gpu': give a torch device such as cpu, cuda"),
 ]
 
 
@@ -151,3 +152,15 @@ def test_reproduce_checks_passed_on_flags_before_any_run(capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert err == "error: unrecognized arguments: --t 3 (see hessian_diagonal.py --help)", err
     assert not list(tmp_path.iterdir())  # no figure was computed
+
+
+def test_spectrum_says_when_eigenvalues_did_not_converge(capsys, tmp_path):
+    import hessian_spectrum
+
+    q0 = "model.decoder.layers.0.self_attn.q_proj.weight"
+    common = ["--params", q0, "--exact_below", "0", "--top_k", "2", "--output_dir", str(tmp_path), *FAST]
+    meta = hessian_spectrum.run([*common, "--max_iter", "3", "--name", "short"])
+    assert meta["converged"] == [False, False]  # 3 Lanczos passes cannot converge 2 pairs on 16,384 entries
+    assert "warning: 2 of 2 eigenvalues did not converge within --max_iter 3 passes" in capsys.readouterr().err
+    meta = hessian_spectrum.run([*common, "--tol", "1e-2", "--name", "long"])
+    assert all(meta["converged"]) and "did not converge" not in capsys.readouterr().err
