@@ -164,3 +164,14 @@ def test_spectrum_says_when_eigenvalues_did_not_converge(capsys, tmp_path):
     assert "warning: 2 of 2 eigenvalues did not converge within --max_iter 3 passes" in capsys.readouterr().err
     meta = hessian_spectrum.run([*common, "--tol", "1e-2", "--name", "long"])
     assert all(meta["converged"]) and "did not converge" not in capsys.readouterr().err
+
+
+def test_hessian_diagonal_refuses_layer_name_with_all_layers(capsys, tmp_path):
+    import hessian_diagonal
+
+    with pytest.raises(SystemExit) as exc:  # it used to be ignored silently: every layer was estimated
+        cli.main(hessian_diagonal.run, ["--all_layers", "--layer_name", "fc1", "--output_dir", str(tmp_path), *FAST])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --layer_name fc1 picks one layer but --all_layers takes every linear layer: give one or the other", err
+    assert not list(tmp_path.iterdir())
