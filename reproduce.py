@@ -1,7 +1,7 @@
 """Every figure of the report from one command: ``python reproduce.py --figure 1a|1b|1c|1d|2|3a|3b|all [--model ...]``.
 
 Runs the scripts' ``run(argv)`` with preset flags: for ``--model embedded`` (default) configurations
-scaled to the bundled model (28-44 s of single-thread compute per figure, README "Results"); for any
+scaled to the bundled model (about 30-60 s per figure on a 2-core CPU, README "Results"); for any
 other model the report's configurations for OPT-125M (seqlen 2048, every sample of the WikiText-2 test
 split). Flags this script does not know (``--devices cuda:0,cuda:1``, ``--resume``, ``--dtype``, ...) are
 checked against every run's script first, then passed on to every run.
