@@ -1,9 +1,10 @@
 """Every figure of the report from one command: ``python reproduce.py --figure 1a|1b|1c|1d|2|3a|3b|all [--model ...]``.
 
 Runs the scripts' ``run(argv)`` with preset flags: for ``--model embedded`` (default) configurations
-scaled to the bundled model (each about a minute on a 2-core CPU); for any other model the report's
-configurations for OPT-125M (seqlen 2048, every sample of the WikiText-2 test split). Flags this script
-does not know (``--devices cuda:0,cuda:1``, ``--resume``, ``--dtype``, ...) are passed on to every run.
+scaled to the bundled model (about 30-60 s per figure on a 2-core CPU, README "Results"); for any
+other model the report's configurations for OPT-125M (seqlen 2048, every sample of the WikiText-2 test
+split). Flags this script does not know (``--devices cuda:0,cuda:1``, ``--resume``, ``--dtype``, ...) are
+checked against every run's script first, then passed on to every run.
 """
 
 from __future__ import annotations
@@ -101,6 +102,13 @@ def argv_of(run: Run, figure: str, model: str, output_dir: str, extra: list[str]
     return [*run.argv, "--model", model, "--output_dir", output_dir, "--name", stem(figure, model) + run.suffix, *extra]
 
 
+def check_flags(run: Run, argv: list[str]) -> None:
+    """Parse ``argv`` with ``run.script``'s own parser: an unknown or malformed flag exits with one line (status 2)."""
+    p = importlib.import_module(run.script).parser()
+    p.prog = f"{run.script}.py"
+    p.parse_args(argv)
+
+
 def compose_3b(metas: list[dict[str, Any]], out: Path, name: str) -> list[Path]:
     """Fig. 3b: the diagonals of the k sweep side by side (one heatmap per run)."""
     from lib.plots import heatmap_grid
@@ -115,10 +123,10 @@ def compose_3b(metas: list[dict[str, Any]], out: Path, name: str) -> list[Path]:
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--figure", required=True, choices=[*FIGURES, "all"], help="which figure of the report")
-    p.add_argument("--model", default=EMBEDDED, help="embedded (scaled presets) or a HF model id / directory (the report's configurations)")
-    p.add_argument("--output_dir", default="results", help="where every run writes <fig...>.pt/.json/.pdf/.png")
+    p.add_argument("--model", default=EMBEDDED, help="embedded (default: scaled presets) or a HF model id / directory (the report's configurations)")
+    p.add_argument("--output_dir", default="results", help="where every run writes <fig...>.pt/.json/.pdf/.png (default: results)")
     p.add_argument("--quick", action="store_true", help="tiny configurations (t=2, seqlen 16, b=2): checks that every command runs end to end")
     p.add_argument("--dry_run", action="store_true", help="print the script commands and exit")
     return p.parse_known_args(argv)
@@ -128,9 +136,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the figure(s); returns ``{figure: {"commands", "elapsed_s", "files"}}`` and records it in ``<output_dir>/reproduce_<model>.json``."""
     args, extra = parse(argv)
     figures = FIGURES if args.figure == "all" else (args.figure,)
+    plans = {fig: list(dict.fromkeys(shrink(r) if args.quick else r for r in runs(fig, args.model))) for fig in figures}  # shrinking may merge runs
+    for fig, plan in plans.items():  # a flag passed on that some run does not take fails now, not after the earlier figures
+        for r in plan:
+            check_flags(r, argv_of(r, fig, args.model, args.output_dir, extra))
     done: dict[str, Any] = {}
-    for fig in figures:
-        plan = list(dict.fromkeys(shrink(r) if args.quick else r for r in runs(fig, args.model)))  # shrinking may merge runs
+    for fig, plan in plans.items():
         commands = [f"python {r.script}.py " + shlex.join(argv_of(r, fig, args.model, args.output_dir, extra)) for r in plan]
         print(f"# Figure {fig}\n" + "\n".join(commands), flush=True)
         if args.dry_run:

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
+
 from lib import batch_study, cli, subsets
 
 T_DEFAULT = (8, 25)  # (embedded model, paper's OPT-125M: 25 per layer x 6 layers x 12 blocks)
 
 
-def run(argv: list[str] | None = None) -> dict:
+def parser() -> argparse.ArgumentParser:
+    """This script's flags (also used by ``reproduce.py`` to check flags before any run)."""
     p = cli.base_parser(__doc__, T_DEFAULT)
     p.add_argument("--num_layers", type=int, default=None, help="first K linear layers of each block, in module order (default: all)")
     p.add_argument("--num_blocks", type=int, default=None, help="use blocks 0..num_blocks-1 (default: all blocks)")
     batch_study.add_flags(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def run(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
     cli.resolve_defaults(args, T_DEFAULT)
 
     def build(model):

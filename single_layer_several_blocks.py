@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
+
 from lib import batch_study, cli, subsets
 
 T_DEFAULT = (32, 150)  # (embedded model, paper's OPT-125M: 150 per block x 12 blocks)
 
 
-def run(argv: list[str] | None = None) -> dict:
+def parser() -> argparse.ArgumentParser:
+    """This script's flags (also used by ``reproduce.py`` to check flags before any run)."""
     p = cli.base_parser(__doc__, T_DEFAULT)
     p.add_argument("--layer_name", default="self_attn.q_proj", help="linear layer inside a block")
     p.add_argument("--num_blocks", type=int, default=None, help="use blocks 0..num_blocks-1 (default: all blocks)")
     batch_study.add_flags(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def run(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
     cli.resolve_defaults(args, T_DEFAULT)
 
     def build(model):

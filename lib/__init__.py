@@ -11,7 +11,7 @@ Typical use from Python::
 
     name = "model.decoder.layers.0.self_attn.q_proj.weight"  # a whole weight's Hessian diagonal
     target = lib.Target(name, tuple(model.get_parameter(name).shape))
-    diag = lib.hessian_diagonal(model, [target], samples, estimators=("xdiag",), vhp_samples=100)
+    diag = lib.hessian_diagonal(model, [target], samples, estimators=("xdiag",), vhp_samples=10)
     diag.diagonals["xdiag"][name]                          # float64, the weight's shape
 
 Main entry points:
@@ -33,7 +33,9 @@ Main entry points:
   reorthogonalization, Hutchinson and Hutch++ traces, stochastic Lanczos quadrature over any ``matmat``);
 * curvature approximations next to the exact Hessian (GGN, Fisher, GPTQ, K-FAC): :mod:`lib.curvature`;
 * chunk by measurement: :func:`tune_chunk` (:mod:`lib.autotune`); runs on several devices with checkpoints:
-  :mod:`lib.parallel`, :mod:`lib.checkpoint`; command-line pipeline: :mod:`lib.cli`, :mod:`lib.diagonal_cli`.
+  :mod:`lib.parallel`, :mod:`lib.checkpoint`; command-line pipelines: :mod:`lib.cli`, :mod:`lib.diagonal_cli`,
+  :mod:`lib.spectrum_cli`. Modules that ``import lib`` does not load (``curvature``, ``parallel``,
+  ``checkpoint``, the ``*_cli``) are imported by name, e.g. ``import lib.curvature``.
 """
 
 from .autotune import tune_chunk

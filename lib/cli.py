@@ -38,7 +38,7 @@ SEED_RANGE = (-(2**63), 2**64 - 1)
 """Seeds ``torch.manual_seed`` accepts."""
 
 EMBEDDED_DEFAULTS = {"seqlen": 128, "b": 16}
-"""Sized so that each script finishes in about a minute on a 2-core CPU with the embedded model."""
+"""Sized so that each script's default run takes under a minute of compute on one CPU core with the embedded model."""
 PAPER_DEFAULTS = {"seqlen": 2048, "b": None}
 """The paper: seqlen 2048 and all samples of the WikiText-2 test split (``b=None``)."""
 
@@ -53,11 +53,19 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors (unknown or misspelt flag, bad value) are one line ``error: ...`` and
+    exit status 2, like every other bad input, instead of the full usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def base_parser(description: str, t_default: tuple[int, int] | None, compare: bool = True) -> argparse.ArgumentParser:
     """Flags shared by all scripts. ``t_default``: (embedded model, paper models); ``None``: no exact-Hessian
     flags (``--t``, ``--method``, ``--chunk``), for scripts they do not apply to; ``compare``: the
     ``--compare`` flags (exact scripts)."""
-    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)  # --t must not mean --track_rows
+    p = Parser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)  # --t must not mean --track_rows
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=EMBEDDED, help="HF model id or local directory; 'embedded' = the bundled tiny trained OPT")
     g.add_argument("--cache_dir", default="llm_weights", help="where HF weights, datasets and tokenized text are cached")
@@ -94,7 +102,7 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--checkpoint_every", default=ckpt.DEFAULT_EVERY, help="write <output_dir>/<name>.ckpt every N units (batches of --model_input_bs samples), or every DURATION such as 120s, 10m; 0 = never")
     r.add_argument("--resume", action="store_true", help="continue from <output_dir>/<name>.ckpt, recomputing nothing finished (the configuration must be the same); starts afresh if there is none")
     r.add_argument("--keep_checkpoint", action="store_true", help="keep the checkpoint when the run completes (it is removed by default)")
-    r.add_argument("--unit_timeout", type=float, default=0.0, help="with --devices: stop the run when one unit runs longer than this many seconds (a hung worker); 0 = auto: 10x the median unit time and at least 5 minutes")
+    r.add_argument("--unit_timeout", type=float, default=0.0, help="with --devices: stop the run when one unit runs longer than this many seconds (a hung worker); default 0 = auto: 10x the median unit time and at least 5 minutes")
 
 
 def resolve_defaults(args: argparse.Namespace, t_default: tuple[int, int] | None) -> None:
@@ -166,10 +174,10 @@ def run_devices(args: argparse.Namespace) -> list[torch.device]:
         if entries:
             if local >= len(entries):
                 raise UserError(f"--devices lists {len(entries)} devices but this node runs local rank {local}: give one per local rank")
-            return [resolve_device(entries[local])]
+            return [resolve_device(entries[local], "--devices")]
         dev = resolve_device(args.device)
         return [torch.device("cuda", local) if dev.type == "cuda" and dev.index is None else dev]
-    devices = [resolve_device(e) for e in entries] if entries else [resolve_device(args.device)]
+    devices = [resolve_device(e, "--devices") for e in entries] if entries else [resolve_device(args.device)]
     if len(devices) > 1 and getattr(args, "device_map", None) is not None:
         raise UserError("--device_map splits one model over the GPUs of a single worker; it cannot be combined with several --devices (use torchrun with one rank per node instead)")
     return devices

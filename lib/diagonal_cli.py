@@ -26,10 +26,13 @@ VHP_DEFAULT = 100
 """HVPs per sample: about a minute on a 2-core CPU for the embedded model's q_proj with 16 samples."""
 
 
+DEFAULT_LAYER = "self_attn.q_proj"
+
+
 def build_parser(description: str) -> argparse.ArgumentParser:
     p = cli.base_parser(description, None, compare=False)  # --t, --method, --chunk and --compare do not apply to whole weights
     d = p.add_argument_group("Hessian diagonal")
-    d.add_argument("--layer_name", default="self_attn.q_proj", help="linear layer inside a block, e.g. self_attn.q_proj (OPT/Llama), attn.c_attn (GPT-2)")
+    d.add_argument("--layer_name", default=None, help=f"linear layer inside a block, e.g. self_attn.q_proj (OPT/Llama), attn.c_attn (GPT-2) (default {DEFAULT_LAYER}; not with --all_layers)")
     d.add_argument("--block_index", type=int, default=None, help="which block (default 0; with --all_layers: every block unless given)")
     d.add_argument("--all_layers", action="store_true", help="every linear layer of every block (or of --block_index), in one run that loads the model and data once")
     d.add_argument("--estimator", nargs="+", choices=ESTIMATORS, default=None, help="one or more of: xdiag (variance-reduced, unbiased), hutchinson (Rademacher, unbiased), fisher (empirical Fisher diagonal, a baseline), ggn (Hutchinson on the Gauss-Newton matrix: K probes of one JVP + one VJP each, no second backward), exact (one HVP per entry; small layers); default xdiag, or hutchinson xdiag with --track_rows")
@@ -55,6 +58,9 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UserError(f"--estimator xdiag uses K/2 probes and K/2 basis vectors: --vhp_samples must be even and at least 2, got {k}")
     if args.track_rows < 0:
         raise UserError(f"--track_rows must be >= 0, got {args.track_rows}")
+    if args.layer_name is not None and args.all_layers:
+        raise UserError(f"--layer_name {args.layer_name} picks one layer but --all_layers takes every linear layer: give one or the other")
+    args.layer_name = args.layer_name or DEFAULT_LAYER  # after the check: default names (hashes) as before
     if args.track_rows and args.all_layers:
         raise UserError("--track_rows studies the convergence on one layer; it cannot be combined with --all_layers")
     if args.track_rows and not any(e in est for e in ("hutchinson", "xdiag")):

@@ -28,16 +28,17 @@ def resolve_model_path(name: str) -> str:
     return str(EMBEDDED_MODEL_DIR) if name == EMBEDDED else name
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> the current CUDA device if there is one, else the CPU; otherwise ``torch.device(device)``."""
+def resolve_device(device: str, flag: str = "--device") -> torch.device:
+    """``auto`` -> the current CUDA device if there is one, else the CPU; otherwise ``torch.device(device)``.
+    ``flag``: the command-line flag the value came from, named in the error."""
     if device == "auto":
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError as e:
-        raise UserError(f"invalid --device {device!r}: {e}") from None
+    except RuntimeError:
+        raise UserError(f"invalid {flag}{' entry' if flag == '--devices' else ''} {device!r}: give a torch device such as cpu, cuda, cuda:1 or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device} requested but CUDA is not available; use --device cpu")
+        raise UserError(f"{flag} {device} requested but CUDA is not available; use " + ("--device cpu" if flag == "--device" else "cpu or cpu,cpu"))
     return dev
 
 

@@ -27,6 +27,7 @@ from . import checkpoint as ckpt
 from . import cli, outputs, parallel, preflight, spectrum
 from .errors import RunError, UserError
 from .hessian import ExactHessianJob
+from .inputs import warn
 from .operator import HessianOperator, digest
 from .results import atomic_write_bytes, save_tensor_and_json
 from .subsets import Subset, num_blocks, params_subset, several_layers_several_blocks, single_layer_several_blocks, single_layer_single_block
@@ -309,5 +310,7 @@ def run(argv: list[str] | None, description: str) -> dict[str, Any]:
         shutil.rmtree(out / f"{name}.passes", ignore_errors=True)
     top = ", ".join(f"{v:.6g}" for v in meta["eigenvalues"])
     print(f"{meta['path']} path, n={n}: eigenvalues [{top}] with {meta['hvps']} HVPs in {meta['passes']} passes ({meta['spectrum_elapsed_s']:.1f}s)")
+    if not all(meta["converged"]):
+        warn(f"{meta['converged'].count(False)} of {len(meta['converged'])} eigenvalues did not converge within --max_iter {args.max_iter} passes (residuals in the JSON); raise --max_iter or --tol")
     print("wrote " + ", ".join(str(out / f) for f in [*meta["files"].values(), *meta["figures"]]), file=sys.stderr)
     return meta

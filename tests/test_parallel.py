@@ -277,7 +277,7 @@ def test_resume_refuses_a_changed_flag_and_a_truncated_checkpoint(reference, tmp
     "extra,message",
     [
         (["--devices", "cpu,"], "--devices 'cpu,' has an empty entry"),
-        (["--devices", "cpu,tpu:9"], "invalid --device 'tpu:9'"),
+        (["--devices", "cpu,tpu:9"], "invalid --devices entry 'tpu:9'"),
         (["--checkpoint_every", "1.5"], "--checkpoint_every '1.5' is neither a number of units"),
         (["--devices", "cpu,cpu", "--device_map", "auto"], "--device_map"),
     ],

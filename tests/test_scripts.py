@@ -85,6 +85,7 @@ ERRORS = [
     (["--attn_implementation", "flash_attention_2"], r"attention 'flash_attention_2' has no double backward"),
     (["--dataset", "/nonexistent/file.txt"], r"--dataset '/nonexistent/file.txt' is neither"),
     (["--model", "/nonexistent/model"], r"cannot load model '/nonexistent/model'.*--model PATH"),
+    (["--device", "gpu"], r"invalid --device 'gpu': give a torch device such as cpu, cuda"),
 ]
 
 
@@ -118,3 +119,59 @@ def test_errors_from_the_command_line_have_no_traceback(script, extra, message, 
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "script,argv,message",
+    [
+        ("single_layer_single_block", ["--chunkk", "2"], "unrecognized arguments: --chunkk 2"),
+        ("single_layer_several_blocks", ["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
+        ("hessian_diagonal", ["--t", "4"], "unrecognized arguments: --t 4"),
+        ("hessian_spectrum", ["--which", "top"], "argument --which: invalid choice: 'top'"),
+        ("reproduce", ["--figure", "5"], "argument --figure: invalid choice: '5'"),
+        ("reproduce", [], "the following arguments are required: --figure"),
+    ],
+)
+def test_misspelt_or_malformed_flags_are_one_line(script, argv, message, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(importlib.import_module(script).run, argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err and "--help" in err, err
+
+
+def test_reproduce_checks_passed_on_flags_before_any_run(capsys, tmp_path):
+    import reproduce
+
+    # --t is a flag of the exact scripts (figures 1a-2) but not of hessian_diagonal.py (figures 3a, 3b)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(reproduce.run, ["--figure", "all", "--quick", "--output_dir", str(tmp_path), "--t", "3"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: unrecognized arguments: --t 3 (see hessian_diagonal.py --help)", err
+    assert not list(tmp_path.iterdir())  # no figure was computed
+
+
+def test_spectrum_says_when_eigenvalues_did_not_converge(capsys, tmp_path):
+    import hessian_spectrum
+
+    q0 = "model.decoder.layers.0.self_attn.q_proj.weight"
+    common = ["--params", q0, "--exact_below", "0", "--top_k", "2", "--output_dir", str(tmp_path), *FAST]
+    meta = hessian_spectrum.run([*common, "--max_iter", "3", "--name", "short"])
+    assert meta["converged"] == [False, False]  # 3 Lanczos passes cannot converge 2 pairs on 16,384 entries
+    assert "warning: 2 of 2 eigenvalues did not converge within --max_iter 3 passes" in capsys.readouterr().err
+    meta = hessian_spectrum.run([*common, "--tol", "1e-2", "--name", "long"])
+    assert all(meta["converged"]) and "did not converge" not in capsys.readouterr().err
+
+
+def test_hessian_diagonal_refuses_layer_name_with_all_layers(capsys, tmp_path):
+    import hessian_diagonal
+
+    with pytest.raises(SystemExit) as exc:  # it used to be ignored silently: every layer was estimated
+        cli.main(hessian_diagonal.run, ["--all_layers", "--layer_name", "fc1", "--output_dir", str(tmp_path), *FAST])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --layer_name fc1 picks one layer but --all_layers takes every linear layer: give one or the other", err
+    assert not list(tmp_path.iterdir())
