@@ -126,6 +126,8 @@ def check_cheap(args: argparse.Namespace) -> None:
         raise UserError(f"--model_input_bs {args.model_input_bs} does not divide --b {args.b}")
     if getattr(args, "chunk", 0) < 0:
         raise UserError(f"--chunk must be >= 0, got {args.chunk}")
+    if hasattr(args, "fisher_samples"):
+        curvature.check_flags(args)
     for flag in ("num_blocks", "num_layers"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:

@@ -69,14 +69,24 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     """``--compare`` and its settings (the exact scripts)."""
     g = p.add_argument_group("curvature approximations (compared with the exact Hessian)")
     g.add_argument("--compare", nargs="+", choices=APPROXIMATIONS, default=None, help="also compute these approximations on the same subset and samples, compare them with the exact Hessian, write <name>_compare.pt/.pdf/.png and a 'comparison' section in the JSON")
-    g.add_argument("--fisher_samples", type=int, default=4, help="labels drawn from the model per token position for fisher and kfac")
-    g.add_argument("--perturbations", type=int, default=64, help="random rounding-noise perturbations d for the predicted vs measured loss change (0 = none)")
-    g.add_argument("--perturbation_bits", type=int, default=4, help="the perturbations are uniform in [-s/2, s/2], s the min-max round-to-nearest step with this many bits of the entry's weight row")
-    g.add_argument("--compare_top_k", type=int, default=8, help="k of the top-k eigenvector subspace overlap")
+    g.add_argument("--fisher_samples", type=int, default=SETTINGS["fisher_samples"], help="labels drawn from the model per token position for fisher and kfac")
+    g.add_argument("--perturbations", type=int, default=SETTINGS["perturbations"], help="random rounding-noise perturbations d for the predicted vs measured loss change (0 = none)")
+    g.add_argument("--perturbation_bits", type=int, default=SETTINGS["perturbation_bits"], help="the perturbations are uniform in [-s/2, s/2], s the min-max round-to-nearest step with this many bits of the entry's weight row")
+    g.add_argument("--compare_top_k", type=int, default=SETTINGS["compare_top_k"], help="k of the top-k eigenvector subspace overlap")
+
+
+SETTINGS = {"fisher_samples": 4, "perturbations": 64, "perturbation_bits": 4, "compare_top_k": 8}
+"""The comparison's settings and their defaults (they apply only with ``--compare``)."""
 
 
 def check_flags(args: argparse.Namespace) -> None:
-    """Validate the comparison flags (no model needed)."""
+    """Validate the comparison flags (no model needed): a setting changed without ``--compare`` is refused
+    rather than silently ignored."""
+    if getattr(args, "compare", None) is None:
+        changed = [f"--{flag}" for flag, default in SETTINGS.items() if getattr(args, flag, default) != default]
+        if changed:
+            raise UserError(f"{', '.join(changed)} only apply with --compare APPROX [APPROX ...]")
+        return
     for flag, low in (("fisher_samples", 1), ("perturbations", 0), ("perturbation_bits", 1), ("compare_top_k", 1)):
         if getattr(args, flag) < low:
             raise UserError(f"--{flag} must be at least {low}, got {getattr(args, flag)}")

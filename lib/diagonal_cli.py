@@ -23,7 +23,7 @@ from .results import save_tensor_and_json
 from .subsets import layer_module, num_blocks, num_output_units, output_units_index, whole_parameter
 
 VHP_DEFAULT = 100
-"""HVPs per sample: about a minute on a 2-core CPU for the embedded model's q_proj with 16 samples."""
+"""HVPs per sample and weight (the default ``--vhp_samples``)."""
 
 
 DEFAULT_LAYER = "self_attn.q_proj"

@@ -77,6 +77,13 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UserError(f"--tol must be positive, got {args.tol}")
 
 
+def check_top_k(args: argparse.Namespace, n: int) -> None:
+    """``--top_k`` per end (``--which both``: twice) must not exceed the subset's ``n`` entries."""
+    want = args.top_k * (2 if args.which == "both" else 1)
+    if want > n:
+        raise UserError(f"--top_k {args.top_k} with --which {args.which} asks for {want} eigenvalues but the subset has only {n} entries")
+
+
 def build_subset(model: nn.Module, args: argparse.Namespace) -> Subset:
     """``--params`` globs, else the exact scripts' subsets (several layers / several blocks / one block)."""
     if args.params:
@@ -230,6 +237,7 @@ def run(argv: list[str] | None, description: str) -> dict[str, Any]:
     cli.claim_outputs(args, name, [out / f"{name}.ckpt", out / f"{name}.passes"])
     prep, subset = cli.prepare(args, lambda m: build_subset(m, args))
     n = subset.size
+    check_top_k(args, n)
     dtype_bytes = cli.DTYPES[args.dtype].itemsize
     if args.exact_below and n <= args.exact_below:
         est = preflight.exact_estimate(n, dtype_bytes)

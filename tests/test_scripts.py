@@ -175,3 +175,19 @@ def test_hessian_diagonal_refuses_layer_name_with_all_layers(capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert err == "error: --layer_name fc1 picks one layer but --all_layers takes every linear layer: give one or the other", err
     assert not list(tmp_path.iterdir())
+
+
+def test_settings_that_would_be_ignored_are_refused(capsys, tmp_path):
+    """A --compare setting without --compare, and more eigenvalues than the subset has, are one line and exit 2."""
+    import hessian_spectrum
+
+    argv = ["--t", "4", "--seqlen", "16", "--b", "2", "--no_progress", "--output_dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exc:
+        cli.main(single_layer_single_block.run, [*argv, "--fisher_samples", "8", "--compare_top_k", "2"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: --fisher_samples, --compare_top_k only apply with --compare APPROX [APPROX ...]"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(hessian_spectrum.run, [*argv, "--top_k", "3", "--which", "both"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("--top_k 3 with --which both asks for 6 eigenvalues but the subset has only 4 entries")
+    assert not list(tmp_path.glob("*.json"))
