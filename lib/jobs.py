@@ -23,6 +23,24 @@ import torch
 
 Partial = dict[str, torch.Tensor]
 
+_MODEL_CACHE: dict[str, Any] | None = None
+"""``{key: model}`` of this process, at most one entry; ``None`` (the default, e.g. in the parent) = no caching.
+Worker processes of a :class:`lib.parallel.WorkerPool` turn it on, so that the jobs they run one after another
+(e.g. the passes of a spectrum) reuse the model loaded by the first."""
+
+
+def keep_models() -> None:
+    """Turn on this process's model cache (:meth:`ModelJob.ensure_model` then loads each spec once per device)."""
+    global _MODEL_CACHE
+    if _MODEL_CACHE is None:
+        _MODEL_CACHE = {}
+
+
+def model_key(spec: Any, device: torch.device) -> str:
+    """The cache key of ``spec`` on ``device``: every field of the spec (its identity and fingerprint included) and the device."""
+    fields = spec.__dict__ if hasattr(spec, "__dict__") else {"spec": spec}
+    return repr((sorted((k, repr(v)) for k, v in fields.items()), str(device)))
+
 
 class AdditiveJob(Protocol):
     def setup(self, device: torch.device) -> None: ...
@@ -53,9 +71,18 @@ class ModelJob:
         return state
 
     def ensure_model(self, device: torch.device):
-        """The job's model, loaded from ``spec`` on ``device`` the first time if none was given."""
+        """The job's model, loaded from ``spec`` on ``device`` the first time if none was given; with the
+        process's model cache on (:func:`keep_models`), the cached copy for the same spec and device, if any
+        (the cache holds one model: loading another spec drops the previous one first)."""
         if self.model is None:
-            self.model = self.spec.load(device)
+            if _MODEL_CACHE is None:
+                self.model = self.spec.load(device)
+            else:
+                key = model_key(self.spec, device)
+                if key not in _MODEL_CACHE:
+                    _MODEL_CACHE.clear()  # free the old model before loading the new one
+                    _MODEL_CACHE[key] = self.spec.load(device)
+                self.model = _MODEL_CACHE[key]
         return self.model
 
 

@@ -287,7 +287,8 @@ class HessianOperator:
     dtype on its device and summed over batches in float64, sample order. Each call is one pass over
     the samples (one forward + ``create_graph`` backward per batch, then ``p`` HVPs on its graph).
     ``run(job)`` (default: in this process, :func:`lib.jobs.run_serial`) runs each pass's
-    :class:`HVPJob`; pass e.g. ``lambda job: lib.parallel.run_job(job, settings)`` for several devices.
+    :class:`HVPJob`; pass e.g. ``lambda job: lib.parallel.run_job(job, settings)`` for several devices, with a
+    :class:`lib.parallel.WorkerPool` in ``settings.pool`` so that every pass reuses the same workers and their models.
     ``hvps`` (products ``H v`` of the whole operator) and ``passes`` count the work done.
     ``keep_graphs``: keep every batch's gradient graph in this process's memory between passes, so a
     pass costs only the HVPs (no forward or first backward): True, False, or ``"auto"`` (default): measure

@@ -15,7 +15,9 @@ API::
   already holds);
 * **several devices**: one worker process per device, started with ``torch.multiprocessing``
   (spawn); each unpickles the job, calls ``setup(device)`` once (loading its own model) and takes the
-  next unfinished unit from the parent until none is left;
+  next unfinished unit from the parent until none is left. With a :class:`WorkerPool` in
+  ``RunSettings.pool``, the workers and their loaded models outlive the job: the next job run with the
+  pool reuses them (the passes of a spectrum); without one, each job spawns and stops its own;
 * **torchrun** (``WORLD_SIZE > 1``): ``torch.distributed`` (NCCL on GPUs, gloo on CPU); each rank
   computes, in round ``r``, unit ``remaining[r * world + rank]``, and rank 0 gathers the round's
   partials, sums and checkpoints them.
@@ -57,7 +59,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .errors import Interrupted, RunError, UserError, signal_name
-from .jobs import AdditiveJob, Partial
+from .jobs import AdditiveJob, Partial, keep_models
 
 HUNG_FACTOR = 10.0
 HUNG_MIN_S = 300.0
@@ -79,6 +81,8 @@ class RunSettings:
     :data:`HUNG_FACTOR` times the median finished unit and at least :data:`HUNG_MIN_S`)."""
     force_workers: bool = False
     """Run a single device in a spawned worker too (benchmarks; isolation from the parent)."""
+    pool: "WorkerPool | None" = None
+    """Worker processes kept between jobs (:class:`WorkerPool`, on ``devices``); ``None``: each job spawns and stops its own."""
     snapshot_units: tuple[int, ...] = ()
     """Keep the running sum after these many units (prefix lengths) in ``snapshots`` (:mod:`lib.batch_study`); part of the checkpoint's configuration."""
     snapshots: dict[int, Partial] = field(default_factory=dict)
@@ -317,10 +321,10 @@ def _run_here(job: AdditiveJob, settings: RunSettings, sink: _Sink) -> None:
 
 
 class _Throttled:
-    """Progress callback of a worker: sends accumulated step counts to the parent at most every 0.2 s."""
+    """Progress callback of a worker: sends accumulated step counts of job ``seq`` to the parent at most every 0.2 s."""
 
-    def __init__(self, conn, period: float = 0.2):
-        self.conn, self.period, self.n, self.last = conn, period, 0, time.monotonic()
+    def __init__(self, conn, seq: int, period: float = 0.2):
+        self.conn, self.seq, self.period, self.n, self.last = conn, seq, period, 0, time.monotonic()
 
     def __call__(self, n: int) -> None:
         self.n += n
@@ -329,35 +333,43 @@ class _Throttled:
 
     def flush(self) -> None:
         if self.n:
-            self.conn.send(("progress", self.n))
+            self.conn.send(("progress", self.seq, self.n))
             self.n, self.last = 0, time.monotonic()
 
 
-def _worker_main(index: int, device: str, job_bytes: bytes, conn, threads: int) -> None:
-    """A worker process: set the job up on ``device``, then run the units the parent sends until it sends ``None``."""
+def _worker_main(index: int, device: str, conn, threads: int) -> None:
+    """A pool's worker process: for each job the parent sends (``("job", seq, pickled job)``), set it up on ``device``
+    and run the units the parent sends until it sends ``None``; exit when the parent closes the pipe.
+
+    Models stay loaded between jobs (:func:`lib.jobs.keep_models`). Every message back names its job ``seq``,
+    so the parent can tell a late message about an earlier job (a worker still setting up when that job ended)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the workers
     torch.set_num_threads(threads)
-    k = None
+    keep_models()
+    seq, k = None, None
     try:
         dev = torch.device(device)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        job = pickle.loads(job_bytes)
-        job.setup(dev)
-        conn.send(("ready",))
-        while (k := conn.recv()) is not None:
-            progress = _Throttled(conn)
-            c0 = time.process_time()
-            partial = job.run_unit(k, progress)
-            cpu_s = time.process_time() - c0
-            progress.flush()
-            conn.send(("done", k, _dumps(partial), cpu_s))
-            k = None
+        while True:
+            _, seq, job_bytes = conn.recv()
+            job = pickle.loads(job_bytes)
+            job.setup(dev)
+            conn.send(("ready", seq))
+            while (k := conn.recv()) is not None:
+                progress = _Throttled(conn, seq)
+                c0 = time.process_time()
+                partial = job.run_unit(k, progress)
+                cpu_s = time.process_time() - c0
+                progress.flush()
+                conn.send(("done", seq, k, _dumps(partial), cpu_s))
+                k = None
+            del job, job_bytes  # the job's data goes; its model stays in the cache
     except (EOFError, BrokenPipeError, ConnectionResetError):
         return  # the parent is gone or stopped us
     except BaseException as e:  # noqa: BLE001 -- everything goes back to the parent
         try:
-            conn.send(("error", k, _summary(e), traceback.format_exc(), isinstance(e, UserError)))
+            conn.send(("error", seq, k, _summary(e), traceback.format_exc(), isinstance(e, UserError)))
         except OSError:
             pass
         raise SystemExit(1) from None
@@ -371,6 +383,7 @@ class _Worker:
     conn: Any
     unit: int | None = None
     stopping: bool = False
+    """The current job was ended on this worker (it was sent ``None``)."""
     ready: bool = False
     started: float = 0.0
     """``time.monotonic()`` when ``unit`` was handed out."""
@@ -392,96 +405,164 @@ def _exit_text(code: int | None) -> str:
     return f"exited with status {code}"
 
 
+class WorkerPool:
+    """Worker processes, one per device, that stay alive between :func:`run_job` calls and keep their loaded models.
+
+    Use as a context manager and pass it in :attr:`RunSettings.pool`: every job run with those settings (e.g. each
+    pass of a spectrum) is sent, pickled without its model, to the same workers, which reuse the model they
+    loaded for the first job (:func:`lib.jobs.keep_models`: one cached model per worker, keyed by every field of
+    the job's ``ModelSpec``, fingerprint included, and the device). The workers are spawned by the first job
+    that needs them; a job that fails or is interrupted stops them all (the next job spawns fresh ones), and
+    leaving the ``with`` block stops them for good. ``started`` counts the processes spawned, ``jobs`` the jobs run.
+    """
+
+    def __init__(self, devices: list[torch.device]):
+        self.devices = list(devices)
+        self.workers: list[_Worker] = []
+        self.closed = False
+        self.started = 0
+        self.jobs = 0
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def start(self) -> list[_Worker]:
+        """The live workers, spawned (with this process's thread count) if there are none."""
+        if self.closed:
+            raise ValueError("this worker pool is closed")
+        if not self.workers:
+            import torch.multiprocessing as mp
+
+            ctx = mp.get_context("spawn")
+            threads = torch.get_num_threads()
+            try:
+                for i, dev in enumerate(self.devices):
+                    parent_conn, child_conn = ctx.Pipe()
+                    proc = ctx.Process(target=_worker_main, args=(i, str(dev), child_conn, threads), name=f"hessian-worker-{i}", daemon=True)
+                    proc.start()
+                    child_conn.close()
+                    self.workers.append(_Worker(i, dev, proc, parent_conn))
+                    self.started += 1
+            except BaseException:
+                self.shutdown()
+                raise
+        return self.workers
+
+    def shutdown(self) -> None:
+        """Stop every worker (after an error or interrupt: their state is unknown); a later job spawns new ones."""
+        workers, self.workers = self.workers, []
+        _stop(workers)
+
+    def close(self) -> None:
+        """Stop the workers for good."""
+        self.shutdown()
+        self.closed = True
+
+
 def _run_workers(job: AdditiveJob, settings: RunSettings, sink: _Sink) -> None:
-    """Spawn one worker per device, hand out the remaining units one at a time, add their partials in order."""
-    import torch.multiprocessing as mp
+    """Run the job on ``settings.pool`` (stopped on any error or interrupt), or on a pool of its own, stopped after it."""
+    pool = settings.pool
+    if pool is None:
+        with WorkerPool(settings.devices) as own:
+            _run_on_pool(job, settings, sink, own)
+        return
+    if pool.devices != list(settings.devices):
+        raise ValueError(f"the worker pool runs on {pool.devices}, the settings ask for {settings.devices}")
+    try:
+        _run_on_pool(job, settings, sink, pool)
+    except BaseException:
+        pool.shutdown()
+        raise
+
+
+def _run_on_pool(job: AdditiveJob, settings: RunSettings, sink: _Sink, pool: WorkerPool) -> None:
+    """Send the job to the pool's workers, hand out the remaining units one at a time, add their partials in order."""
     from multiprocessing.connection import wait
 
-    ctx = mp.get_context("spawn")
+    t0 = time.perf_counter()
+    started = pool.started
+    workers = pool.start()
+    pool.jobs += 1
+    seq = pool.jobs
     job_bytes = pickle.dumps(job)
     todo = deque(sink.state.remaining())
     n_todo = len(todo)
     cpu_s = [0.0]
     unit_s: list[float] = []
-    threads = torch.get_num_threads()
-    t0 = time.perf_counter()
     t_ready: float | None = None
-    workers: list[_Worker] = []
-    try:
-        for i, dev in enumerate(settings.devices):
-            parent_conn, child_conn = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(i, str(dev), job_bytes, child_conn, threads), name=f"hessian-worker-{i}", daemon=True)
-            proc.start()
-            child_conn.close()
-            workers.append(_Worker(i, dev, proc, parent_conn))
-        live = list(workers)
 
-        def assign(w: _Worker) -> None:
-            if todo:
-                w.unit, w.started = todo.popleft(), time.monotonic()
-            else:
-                w.unit, w.stopping = None, True
-            try:
-                w.conn.send(w.unit)
-            except OSError:
-                if not w.stopping:
+    def died(w: _Worker) -> RunError:
+        w.proc.join(timeout=5)
+        where = f" while computing {unit_label(job, w.unit)} (unit {w.unit})" if w.unit is not None else ("" if w.ready else " while setting up")
+        return RunError(f"{w.name} {_exit_text(w.proc.exitcode)}{where}")
+
+    def send(w: _Worker, msg: Any) -> None:
+        try:
+            w.conn.send(msg)
+        except OSError:
+            raise died(w) from None
+
+    def assign(w: _Worker) -> None:
+        if todo:
+            w.unit, w.started = todo.popleft(), time.monotonic()
+        else:
+            w.unit, w.stopping = None, True
+        send(w, w.unit)
+
+    def handle(w: _Worker, msg: tuple) -> None:
+        nonlocal t_ready
+        kind, about = msg[0], msg[1]
+        if kind == "error":  # about any job: the worker is gone
+            k, summary, tb, user = msg[2:]
+            where = f" on {unit_label(job, k)} (unit {k})" if k is not None else " while setting up"
+            if not user:
+                print(f"--- traceback of {w.name} ---\n{tb.rstrip()}", file=sys.stderr)
+            raise RunError(f"{w.name} failed{where}: {summary}")
+        if about != seq:
+            return  # late news of an earlier job (this worker was still setting it up when it ended)
+        if kind == "progress":
+            sink.bar.update(msg[2])
+        elif kind == "ready":
+            w.ready = True
+            if t_ready is None and all(x.ready for x in workers):
+                t_ready = time.perf_counter()
+            assign(w)
+        elif kind == "done":
+            k = msg[2]
+            unit_s.append(time.monotonic() - w.started)
+            w.unit = None
+            cpu_s[0] += msg[4]
+            sink.accept(k, _loads(msg[3]))
+            assign(w)
+
+    for w in workers:
+        w.unit, w.stopping, w.ready = None, False, False
+        send(w, ("job", seq, job_bytes))
+    while not sink.state.complete:
+        ready = wait([w.conn for w in workers] + [w.proc.sentinel for w in workers], timeout=1.0)
+        for w in workers:
+            if w.conn in ready or w.proc.sentinel in ready:
+                try:
+                    while w.conn.poll():
+                        handle(w, w.conn.recv())
+                except (EOFError, OSError):
                     raise died(w) from None
-
-        def handle(w: _Worker, msg: tuple) -> None:
-            nonlocal t_ready
-            kind = msg[0]
-            if kind == "progress":
-                sink.bar.update(msg[1])
-            elif kind == "ready":
-                w.ready = True
-                if t_ready is None and all(x.ready for x in workers):
-                    t_ready = time.perf_counter()
-                assign(w)
-            elif kind == "done":
-                k = msg[1]
-                unit_s.append(time.monotonic() - w.started)
-                w.unit = None
-                cpu_s[0] += msg[3]
-                sink.accept(k, _loads(msg[2]))
-                assign(w)
-            elif kind == "error":
-                k, summary, tb, user = msg[1:]
-                where = f" on {unit_label(job, k)} (unit {k})" if k is not None else " while setting up"
-                if not user:
-                    print(f"--- traceback of {w.name} ---\n{tb.rstrip()}", file=sys.stderr)
-                raise RunError(f"{w.name} failed{where}: {summary}")
-
-        def died(w: _Worker) -> RunError:
-            w.proc.join(timeout=5)
-            where = f" while computing {unit_label(job, w.unit)} (unit {w.unit})" if w.unit is not None else ("" if w.ready else " while setting up")
-            return RunError(f"{w.name} {_exit_text(w.proc.exitcode)}{where}")
-
-        while not sink.state.complete:
-            if not live:  # pragma: no cover -- every worker stopped with units left
-                raise RunError(f"the workers stopped with {sink.state.num_units - sink.state.n_done} units left")
-            ready = wait([w.conn for w in live] + [w.proc.sentinel for w in live], timeout=1.0)
-            for w in list(live):
-                if w.conn in ready or w.proc.sentinel in ready:
-                    try:
-                        while w.conn.poll():
-                            handle(w, w.conn.recv())
-                    except (EOFError, OSError):
-                        if not w.stopping:
-                            raise died(w) from None
-                    if not w.proc.is_alive():
-                        w.proc.join()
-                        if not w.stopping or w.proc.exitcode != 0:
-                            raise died(w)
-                        live.remove(w)
-            hung = _hung_worker(live, unit_s, settings.unit_timeout)
-            if hung is not None:
-                w, why = hung
-                w.proc.kill()  # a stopped (SIGSTOP) or deadlocked process ignores gentler signals
-                raise RunError(f"{w.name} has computed {unit_label(job, w.unit)} (unit {w.unit}) for {time.monotonic() - w.started:.0f}s, over {why}; it was stopped as hung")
-    finally:
-        end = time.perf_counter()
-        _stop(workers)
-    settings.stats.update(mode="workers", workers=len(workers), units_run=n_todo, setup_s=(t_ready or end) - t0, compute_s=end - (t_ready or end), unit_cpu_s=cpu_s[0])
+                if not w.proc.is_alive():  # pool workers never exit on their own
+                    raise died(w)
+        hung = _hung_worker(workers, unit_s, settings.unit_timeout)
+        if hung is not None:
+            w, why = hung
+            w.proc.kill()  # a stopped (SIGSTOP) or deadlocked process ignores gentler signals
+            raise RunError(f"{w.name} has computed {unit_label(job, w.unit)} (unit {w.unit}) for {time.monotonic() - w.started:.0f}s, over {why}; it was stopped as hung")
+    for w in workers:  # every unit is in: end the job on the workers still setting it up
+        if not w.stopping:
+            w.stopping = True
+            send(w, None)
+    end = time.perf_counter()
+    settings.stats.update(mode="workers", workers=len(workers), workers_spawned=pool.started - started, pool_job=seq, units_run=n_todo, setup_s=(t_ready or end) - t0, compute_s=end - (t_ready or end), unit_cpu_s=cpu_s[0])
 
 
 def _hung_worker(live: list[_Worker], unit_s: list[float], timeout: float) -> tuple[_Worker, str] | None:

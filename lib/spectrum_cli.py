@@ -164,9 +164,10 @@ class PassLog:
         return out
 
 
-def make_run_pass(args: argparse.Namespace, prep: cli.Prepared, op: HessianOperator, out: Path, name: str):
+def make_run_pass(args: argparse.Namespace, prep: cli.Prepared, op: HessianOperator, out: Path, name: str, pool: parallel.WorkerPool | None = None):
     """``run_pass(V, i)``: ``H V`` by one :class:`HVPJob` through :func:`lib.parallel.run_job` (checkpointed inside the pass);
-    under torchrun every rank receives rank 0's result."""
+    with several devices, every pass runs on ``pool`` (workers and their models kept between passes); under
+    torchrun every rank receives rank 0's result."""
     every_units, every_s = ckpt.parse_every(args.checkpoint_every)
     distributed = parallel.distributed_env() is not None
     if distributed:
@@ -175,7 +176,7 @@ def make_run_pass(args: argparse.Namespace, prep: cli.Prepared, op: HessianOpera
     def run_pass(v: torch.Tensor, i: int) -> torch.Tensor:
         path = out / f"{name}.ckpt"
         cfg = ckpt.CheckpointConfig(path, every_units, every_s, resume=args.resume and path.exists(), keep=False)
-        settings = parallel.RunSettings(devices=prep.devices or [prep.device], checkpoint=cfg, progress=False)
+        settings = parallel.RunSettings(devices=prep.devices or [prep.device], checkpoint=cfg, progress=False, unit_timeout=args.unit_timeout, pool=pool)
         sums = parallel.run_job(op.job(v.T, tag=f"pass {i}"), settings)
         if sums is not None:
             ckpt.finish(cfg)  # this pass is done: the next one starts its own checkpoint
@@ -276,7 +277,8 @@ def run(argv: list[str] | None, description: str) -> dict[str, Any]:
 
             bar = tqdm(total=total, desc="passes over the samples", dynamic_ncols=True)
         log_cfg = {"subset": digest(torch.cat([s.flat_index for s in subset.slices])), "params": subset.param_names, "samples": digest(prep.samples), "model": spec.identity(), "model_input_bs": args.model_input_bs, "seed": args.seed, "fused_head": fused}
-        log = PassLog(out / f"{name}.passes" if rank0 else None, log_cfg, args.resume, make_run_pass(args, prep, op, out, name), bar)
+        pool = parallel.WorkerPool(prep.devices or [prep.device])  # spawns workers only for several devices
+        log = PassLog(out / f"{name}.passes" if rank0 else None, log_cfg, args.resume, make_run_pass(args, prep, op, out, name, pool), bar)
         try:
             eig = spectrum.lanczos(log, n, args.top_k, args.which, args.block_size, args.tol, args.max_iter, seed=args.seed)
             if bar is not None:
@@ -293,9 +295,10 @@ def run(argv: list[str] | None, description: str) -> dict[str, Any]:
             if args.density:
                 dens = spectrum.slq(log, n, args.slq_probes, args.lanczos_steps, seed=args.seed + 3, grid_points=args.density_points)
         finally:
+            pool.close()
             if bar is not None:
                 bar.close()
-        meta.update(hvps=log.hvps, passes=log.calls, replayed_passes=log.replayed, **op.report())
+        meta.update(hvps=log.hvps, passes=log.calls, replayed_passes=log.replayed, workers={"spawned": pool.started, "passes_run": pool.jobs}, **op.report())
     if not rank0:
         return {}
     if args.density:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ from lib import checkpoint as ckpt
 from lib import cli, parallel
 from lib.errors import RunError, UserError
 from lib.hessian import ExactHessianJob
-from lib.jobs import add_partials
+from lib.jobs import ModelJob, add_partials, run_serial
+from lib.models import ModelSpec
 
 ARGS = ["--t", "3", "--seqlen", "16", "--b", "4", "--dtype", "float64", "--no_progress", "--name", "h"]
 """Four units (samples) of a float64 exact Hessian on the embedded model: tiny, and bit-exact comparisons are meaningful."""
@@ -172,6 +174,98 @@ def test_distributed_rank_zero_stops_on_a_failed_unit_and_resumes(tmp_path, one_
     total = parallel._run_distributed(ToyJob(5), settings, (0, 0, 1))
     assert torch.equal(total["s"], torch.full((3,), 10.0, dtype=torch.float64))
     assert settings.stats["mode"] == "torchrun" and settings.stats["units_run"] == 2
+
+
+# ----------------------------------------------------------------------------- a pool of workers kept between jobs
+
+LOADS = [0]
+"""Models loaded by this process through :class:`CountingSpec` (in a worker: by that worker)."""
+
+
+@dataclass
+class CountingSpec(ModelSpec):
+    """A ModelSpec whose "model" is a seeded float64 ``Linear(4, 3)``, counting its loads in :data:`LOADS`."""
+
+    def load(self, device="cpu"):
+        LOADS[0] += 1
+        torch.manual_seed(int(self.fingerprint))
+        return torch.nn.Linear(4, 3, dtype=torch.float64).to(device)
+
+
+class LinearJob(ModelJob):
+    """Unit ``k`` = ``{"y": model(x_k) * scale, "loads": e_k * loads, "pid": e_k * pid}`` for the rows ``x_k`` of ``x``:
+    the sums are ``model`` applied to all rows plus, per unit, the load count and pid of the process that ran it."""
+
+    model_input_bs = 1
+
+    def __init__(self, x, scale, spec):
+        self.x, self.scale, self.spec = x, scale, spec
+
+    def setup(self, device):
+        self.ensure_model(device)
+
+    def num_units(self):
+        return self.x.shape[0]
+
+    def steps_per_unit(self):
+        return 1
+
+    def run_unit(self, k, progress=None):
+        e = torch.zeros(self.num_units(), dtype=torch.float64)
+        e[k] = 1.0
+        with torch.no_grad():
+            y = self.model(self.x[k]) * self.scale
+        time.sleep(0.05)  # both workers get units
+        return {"y": y, "loads": e * LOADS[0], "pid": e * os.getpid()}
+
+    def config(self):
+        return {"kind": "linear", "scale": self.scale}
+
+
+def _two_jobs():
+    g = torch.Generator().manual_seed(1)
+    spec = CountingSpec(fingerprint="7")
+    return [LinearJob(torch.randn(6, 4, generator=g, dtype=torch.float64), 1.0, spec), LinearJob(torch.randn(5, 4, generator=g, dtype=torch.float64), -3.5, spec)]
+
+
+def _settings(pool, **kw):
+    return parallel.RunSettings([torch.device("cpu"), torch.device("cpu")], pool=pool, **kw)
+
+
+def test_a_pool_runs_two_jobs_on_the_same_workers_loading_the_model_once_each():
+    serial = [run_serial(job, torch.device("cpu"))["y"] for job in _two_jobs()]
+    pids = set()
+    with parallel.WorkerPool([torch.device("cpu")] * 2) as pool:
+        for job, ref in zip(_two_jobs(), serial):
+            settings = _settings(pool)
+            sums = parallel.run_job(job, settings)
+            assert torch.equal(sums["y"], ref)  # bitwise the in-process result
+            assert torch.equal(sums["loads"], torch.ones_like(sums["loads"]))  # no worker loaded the model twice
+            pids |= set(sums["pid"].tolist())
+        procs = [w.proc for w in pool.workers]
+        assert pool.started == 2 and pool.jobs == 2 and len(pids) == 2 and pids == {p.pid for p in procs}
+        assert settings.stats["workers_spawned"] == 0 and settings.stats["pool_job"] == 2
+    assert not any(p.is_alive() for p in procs) and pool.workers == []
+    with pytest.raises(ValueError, match="closed"):
+        parallel.run_job(_two_jobs()[0], _settings(pool))
+
+
+def test_a_pool_worker_killed_between_or_during_jobs_is_one_line_and_leaves_no_process(tmp_path):
+    with parallel.WorkerPool([torch.device("cpu")] * 2) as pool:
+        parallel.run_job(_two_jobs()[0], _settings(pool))
+        procs = [w.proc for w in pool.workers]
+        os.kill(procs[1].pid, signal.SIGKILL)
+        procs[1].join()
+        with pytest.raises(RunError, match=r"^worker 1 \(cpu\) was killed by SIGKILL \(out of memory\?\) while setting up$"):
+            parallel.run_job(_two_jobs()[1], _settings(pool))
+        assert pool.workers == [] and not any(p.is_alive() for p in procs)
+        # the next job spawns fresh workers; one killed during it is named with its sample, the finished units kept
+        assert torch.equal(parallel.run_job(_two_jobs()[1], _settings(pool))["loads"], torch.ones(5, dtype=torch.float64))
+        procs = [w.proc for w in pool.workers]
+        cfg = ckpt.CheckpointConfig(tmp_path / "t.ckpt", every_units=100)
+        with pytest.raises(RunError, match=r"^worker \d \(cpu\) was killed by SIGKILL \(out of memory\?\) while computing sample 2 \(unit 2\); the \d finished units of 4 are saved in"):
+            parallel.run_job(ToyJob(4, {2: "kill"}), _settings(pool, checkpoint=cfg))
+        assert pool.started == 4 and pool.workers == [] and not any(p.is_alive() for p in procs)
 
 
 # ----------------------------------------------------------------------------- the exact Hessian, run in every way

@@ -232,6 +232,10 @@ def test_script_resume_is_bitwise_and_two_workers_equal_one(tmp_path):
     assert set(full) == set(resumed)
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
+    # all 13 passes on one pool of 2 workers (spawned once, models kept): bitwise the one-process run
+    two, j2 = _pt(tmp_path / "two", "--exact_below", "0", "--max_iter", "10", "--density", "--lanczos_steps", "3", "--slq_probes", "2", "--devices", "cpu,cpu")
+    assert j2["workers"] == {"spawned": 2, "passes_run": 13} and jr["workers"] == {"spawned": 0, "passes_run": 0}
+    assert set(two) == set(full) and all(torch.equal(full[k], two[k]) for k in full)
     with pytest.raises(lib.UserError, match="--resume"):  # an old pass log is never silently reused
         _pt(tmp_path / "cut", "--exact_below", "0", "--max_iter", "2", "--keep_checkpoint", "--overwrite")
         _pt(tmp_path / "cut", "--exact_below", "0", "--max_iter", "2", "--overwrite")
@@ -282,3 +286,62 @@ def test_script_keeps_the_output_guarantees(tmp_path, monkeypatch):
         cli.resolve_defaults(args, hessian_spectrum.spectrum_cli.T_DEFAULT)
         names.add(hessian_spectrum.spectrum_cli.default_name(args))
     assert len(names) == 2
+
+
+def _state(pid: int) -> str | None:
+    """The process state letter of ``pid`` (``"Z"``: a zombie), ``None`` when there is no such process (Linux ``/proc``)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def _children(pid: int) -> set[int]:
+    """Pids of the live processes whose parent is ``pid``."""
+    from pathlib import Path
+
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.add(int(stat.parent.name))
+    return out
+
+
+def test_script_interrupted_during_pooled_passes_stops_every_worker(tmp_path):
+    """SIGTERM while a --devices cpu,cpu run is between or inside its passes: exit 143 in one line, and the pool's
+    worker processes (spawned once, alive across passes) are all gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    threads = str(torch.get_num_threads())
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    out = tmp_path / "run"
+    flags = [*ARGS, "--exact_below", "0", "--tol", "1e-15", "--max_iter", "32", "--seqlen", "24", "--devices", "cpu,cpu"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "hessian_spectrum.py"), *flags, "--output_dir", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "s.passes" / "pass_00002.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        workers = _children(proc.pid)
+        assert proc.poll() is None and len(workers) >= 2, "the run finished before it could be interrupted"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("error: interrupted by SIGTERM"), err
+    deadline = time.monotonic() + 10
+    while [p for p in workers if _state(p) not in (None, "Z")] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in workers if _state(p) not in (None, "Z")], f"worker processes left behind: {workers}"
