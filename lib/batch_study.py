@@ -103,5 +103,5 @@ def summary_line(block: dict[str, Any]) -> str:
     """One printed line: the error against the full batch at ``b`` = 1 and 16 (if recorded, below ``B``), and the first ``b`` where it is below 0.1."""
     b, err = block["b"], block["rel_to_full"]
     below = next((x for x, e in zip(b, err) if e < 0.1), None)
-    at = [f"{err[b.index(x)]:.3f} at b={x}" for x in (1, 16) if x in b[:-1]]
-    return f"batch study (B={b[-1]}): ||H^b - H^B||/||H^B|| = {', '.join(at) or 'n/a'}; below 0.1 from b={below}"
+    at = [f"{err[b.index(x)]:.3f} at b={x}" for x in (1, 16) if x in b[:-1]] or [f"{err[0]:.3f} at b={b[0]}"]
+    return f"batch study (B={b[-1]}): ||H^b - H^B||/||H^B|| = {', '.join(at)}; below 0.1 from b={below}"

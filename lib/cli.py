@@ -100,7 +100,7 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--devices", default=None, help="comma-separated devices, one worker process per entry, e.g. cuda:0,cuda:1,cuda:2,cuda:3 (cpu,cpu for tests); overrides --device; under torchrun, entry LOCAL_RANK is the rank's device")
     r.add_argument("--device_map", default=None, help="split one model over the GPUs of its worker with this Hugging Face device_map (e.g. auto); needs accelerate; one worker (or one torchrun rank per node)")
     r.add_argument("--checkpoint_every", default=ckpt.DEFAULT_EVERY, help="write <output_dir>/<name>.ckpt every N units (batches of --model_input_bs samples), or every DURATION such as 120s, 10m; 0 = never")
-    r.add_argument("--resume", action="store_true", help="continue from <output_dir>/<name>.ckpt, recomputing nothing finished (the configuration must be the same); starts afresh if there is none")
+    r.add_argument("--resume", action="store_true", help="continue from the checkpoint <output_dir>/<name>.ckpt (hessian_diagonal.py: also <name>.phase2.ckpt; hessian_spectrum.py: the pass log <name>.passes/), recomputing nothing finished (the configuration must be the same); starts afresh if there is none")
     r.add_argument("--keep_checkpoint", action="store_true", help="keep the checkpoint when the run completes (it is removed by default)")
     r.add_argument("--unit_timeout", type=float, default=0.0, help="with --devices: stop the run when one unit runs longer than this many seconds (a hung worker); default 0 = auto: 10x the median unit time and at least 5 minutes")
 
