@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lib import subsets  # noqa: E402
 from lib.autotune import tune  # noqa: E402
 from lib.hessian import batch_hessian  # noqa: E402
+from lib.operator import ChunkPolicy  # noqa: E402
 from lib.loss import SubsetLoss  # noqa: E402
 from lib.models import prepare_model, resolve_device  # noqa: E402
 
@@ -71,10 +72,11 @@ def run(method: str, fused: bool, model, subset, ids, chunk: int, device) -> tup
     """Time one Hessian; ``chunk`` 0 = measured as ``--chunk 0`` does (:func:`lib.autotune.tune`, included in the time)."""
     objective = SubsetLoss(model, subset, fused_head=fused)
     x0 = objective.x0()
-    tuner = (lambda compute, n: tune(compute, n, model, ids.numel(), x0, total=n)) if chunk == 0 else None  # noqa: E731
+    policy = ChunkPolicy(chunk or None, min_products=1)
+    schedule = lambda compute, n: policy.run(compute, n, n, lambda c, k: tune(c, k, model, ids.numel(), x0, total=n))  # noqa: E731
     with PeakMemory(device) as mem:
         t0 = time.perf_counter()
-        h, _ = batch_hessian(objective, ids, method=method, chunk=chunk or 1, tuner=tuner)
+        h, _ = batch_hessian(objective, ids, method=method, schedule=schedule)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0

@@ -26,11 +26,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .autotune import Tuning, tune
+from .autotune import Compute, tune
 from .jobs import ModelJob, run_serial
 from .loss import SubsetLoss
 from .models import ModelSpec
-from .operator import gradient_graph, hvp_products
+from .operator import ChunkPolicy, gradient_graph, hvp_products
 from .subsets import Subset
 
 METHODS = ("rev-rev", "autograd")
@@ -46,18 +46,17 @@ def _unit_rows(n: int, start: int, stop: int, like: torch.Tensor) -> torch.Tenso
     return e
 
 
-Tuner = Callable[[Callable[[int, int, int], int], int], Tuning]
-"""``tuner(compute, n)``: picks the chunk by running ``compute(start, stop, chunk)`` on the first columns
-(:func:`lib.autotune.tune_chunk`); the columns it computed are kept."""
+Schedule = Callable[[Compute, int], None]
+"""``schedule(compute, n)``: computes rows ``0..n-1`` through ``compute(start, stop, chunk)``, choosing the chunk
+(e.g. :meth:`lib.operator.ChunkPolicy.run`, which measures it on the first rows and keeps them)."""
 
 
-def hessian_rev_rev(fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, chunk: int = 1, progress: Progress | None = None, tuner: Tuner | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def hessian_rev_rev(fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, chunk: int = 1, progress: Progress | None = None, schedule: Schedule | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact Hessian of scalar ``fn`` at ``x0`` (shape ``(n,)``) by reverse-over-reverse; returns ``(H (n, n), fn(x0))``.
 
     Row ``i`` is ``H e_i = d/dx (e_i . grad fn(x))``: the unit vectors go through the library's one
     Hessian-vector primitive :func:`lib.operator.hvp_products` (``chunk`` rows per batched backward,
-    halved on CUDA out-of-memory). With ``tuner`` the chunk is measured on the first rows instead
-    (those rows are kept).
+    halved on CUDA out-of-memory). With ``schedule`` the chunk is chosen by it instead.
     """
     x, g, value = gradient_graph(fn, x0)
     n = x.numel()
@@ -69,11 +68,10 @@ def hessian_rev_rev(fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor
     def compute(start: int, stop: int, c: int) -> int:  # rows start..stop-1, c per batched backward
         return hvp_products(g, x, lambda a, b: _unit_rows(n, a, b, x), stop, take, c, progress, start=start)
 
-    done = 0
-    if tuner is not None:
-        tuning = tuner(compute, n)
-        done, chunk = tuning.done, tuning.chunk
-    compute(done, n, chunk)
+    if schedule is None:
+        compute(0, n, chunk)
+    else:
+        schedule(compute, n)
     return rows, value.detach()
 
 
@@ -87,15 +85,15 @@ def hessian_reference(fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tens
     return h, value
 
 
-def batch_hessian(objective: SubsetLoss, input_ids: torch.Tensor, method: str = "rev-rev", chunk: int = 1, progress: Progress | None = None, tuner: Tuner | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_hessian(objective: SubsetLoss, input_ids: torch.Tensor, method: str = "rev-rev", chunk: int = 1, progress: Progress | None = None, schedule: Schedule | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Hessian of the summed NLL of one batch ``input_ids`` (``(B, s)``) w.r.t. the subset, at ``x0``.
 
-    Returns ``(H (n, n), summed NLL)``. ``tuner``: measure the chunk (``rev-rev`` only, see :func:`hessian_rev_rev`).
+    Returns ``(H (n, n), summed NLL)``. ``schedule``: chooses the chunk (``rev-rev`` only, see :func:`hessian_rev_rev`).
     """
     fn = lambda x: objective(x, input_ids)  # noqa: E731
     x0 = objective.x0()
     if method == "rev-rev":
-        return hessian_rev_rev(fn, x0, chunk=chunk, progress=progress, tuner=tuner)
+        return hessian_rev_rev(fn, x0, chunk=chunk, progress=progress, schedule=schedule)
     if method == "autograd":
         return hessian_reference(fn, x0, progress=progress)
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -149,7 +147,7 @@ class ExactHessianJob(ModelJob):
         self.ensure_model(device)
         self._objective = SubsetLoss(self.model, self.subset, fused_head=self.fused_head)
         self._x0 = self._objective.x0()
-        self._chunk, self._tuning = self.chunk, None  # chunk None = measured on the first batch
+        self._policy = ChunkPolicy(self.chunk, min_products=1)  # chunk None = measured on the first batch
 
     def num_units(self) -> int:
         return -(-self.samples.shape[0] // self.model_input_bs)
@@ -159,20 +157,17 @@ class ExactHessianJob(ModelJob):
 
     def run_unit(self, k: int, progress: Progress | None = None) -> dict[str, torch.Tensor]:
         batch = self.samples[k * self.model_input_bs : (k + 1) * self.model_input_bs].to(self._x0.device)
-        h, value = batch_hessian(self._objective, batch, method=self.method, chunk=self._chunk or 1, progress=progress, tuner=None if self._chunk else lambda compute, n: self._tune(compute, n, batch))
+        measure = lambda compute, n: tune(compute, n, self.model, batch.numel(), self._x0, total=n * self.num_units())  # noqa: E731
+        schedule = lambda compute, n: self._policy.run(compute, n, n, measure)  # noqa: E731
+        h, value = batch_hessian(self._objective, batch, method=self.method, progress=progress, schedule=schedule)
         return {"hessian_sum": h, "nll_sum": value}
-
-    def _tune(self, compute, n: int, batch: torch.Tensor) -> Tuning:
-        """Measure the chunk on this batch's first columns (:func:`lib.autotune.tune_chunk`); kept for the rest of the run."""
-        self._tuning = tune(compute, n, self.model, batch.numel(), self._x0, total=n * self.num_units())
-        self._chunk = self._tuning.chunk
-        return self._tuning
 
     def chunk_report(self) -> dict[str, Any]:
         """For the JSON: the chunk given, or the measured choice and timings (``None`` if measured in worker processes)."""
         if self.chunk:
             return {"chunk": self.chunk, "measured": False}
-        return {"chunk": "auto", "measured": getattr(self, "_tuning", None) and self._tuning.to_json()}
+        tuning = getattr(self, "_policy", ChunkPolicy()).tunings.get(self.subset.size)
+        return {"chunk": "auto", "measured": tuning and tuning.to_json()}
 
     def config(self) -> dict[str, Any]:
         return {

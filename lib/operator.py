@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .autotune import Tuning, free_memory, tune
+from .autotune import Compute, Tuning, free_memory, tune
 from .jobs import ModelJob, Partial, run_serial
 from .loss import SubsetLoss
 from .models import ModelSpec
@@ -83,27 +83,33 @@ class ChunkPolicy:
     """How many vectors share one batched backward, for every product of one job (per process).
 
     ``given`` (``--chunk`` / ``--probe_batch``): that many, halved on out-of-memory. Else, per size ``n`` of ``x``:
-    measured by :func:`lib.autotune.tune` the first time a block has at least ``TUNE_MIN_PRODUCTS`` vectors (the
+    measured by :func:`lib.autotune.tune` the first time a block has at least ``min_products`` vectors (the
     measured products are kept), then that chunk for every later block of that size; before that, one at a time.
     """
 
     given: int | None = None
     tunings: dict[int, Tuning] = field(default_factory=dict)
+    min_products: int = TUNE_MIN_PRODUCTS
+
+    def run(self, compute: Compute, count: int, size: int, measure: Callable[[Compute, int], Tuning]) -> None:
+        """Vectors ``0..count-1`` of a block through ``compute(start, stop, chunk)`` (see :data:`lib.autotune.Compute`)
+        with the chosen chunk, ``measure(compute, count)`` choosing it the first time for this ``size``."""
+        done = 0
+        chunk = self.given or (self.tunings[size].chunk if size in self.tunings else None)
+        if chunk is None and count >= self.min_products:
+            self.tunings[size] = measure(compute, count)
+            chunk, done = self.tunings[size].chunk, self.tunings[size].done
+        used = compute(done, count, chunk or 1)  # smaller than chunk after a CUDA out-of-memory halving
+        if self.given:
+            self.given = used
+        elif size in self.tunings:
+            self.tunings[size].chunk = used
 
     def products(self, g: torch.Tensor, x: torch.Tensor, rows: Rows, count: int, sink: Sink, model: nn.Module, tokens: int, total: int, progress: Progress | None = None) -> None:
         """``sink(start, v, H v)`` for the ``count`` vectors of ``rows`` (:func:`hvp_products`) with the chosen chunk;
         ``tokens``: of the batch (memory bound), ``total``: products of the whole job (measurement budget)."""
         compute = lambda start, stop, chunk: hvp_products(g, x, rows, stop, sink, chunk, progress, start=start)  # noqa: E731
-        n, done = x.numel(), 0
-        chunk = self.given or (self.tunings[n].chunk if n in self.tunings else None)
-        if chunk is None and count >= TUNE_MIN_PRODUCTS:
-            self.tunings[n] = tune(compute, count, model, tokens, x, total=total)
-            chunk, done = self.tunings[n].chunk, self.tunings[n].done
-        used = compute(done, count, chunk or 1)  # smaller than chunk after a CUDA out-of-memory halving
-        if self.given:
-            self.given = used
-        elif n in self.tunings:
-            self.tunings[n].chunk = used
+        self.run(compute, count, x.numel(), lambda c, k: tune(c, k, model, tokens, x, total=total))
 
     def report(self, given: int | None, flag: str) -> dict[str, Any]:
         """For the JSON: ``{flag: given, "measured": False}``, or ``{flag: "auto", "measured": {n: timings} or None}``."""
