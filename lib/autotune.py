@@ -93,14 +93,11 @@ def device_clock(device: torch.device) -> Callable[[], float]:
 
 
 def free_memory(device: torch.device) -> int:
-    """Free bytes on ``device``: CUDA's ``mem_get_info``, else the host's available physical memory."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return 2**32
+    """Free bytes on ``device``: CUDA's free memory, else the host's available memory (:mod:`lib.preflight`)."""
+    from .preflight import available_host_bytes, free_device_bytes
+
+    free = free_device_bytes(device)
+    return available_host_bytes() if free is None else free
 
 
 def column_bytes(model: torch.nn.Module, tokens: int, itemsize: int) -> int:
