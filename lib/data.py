@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
@@ -11,6 +10,7 @@ import torch
 from .errors import UserError
 from .inputs import hub_offline_if_unreachable, tokenizer_fingerprint, warn
 from .models import EMBEDDED, ROOT, resolve_model_path
+from .results import atomic_write_bytes
 
 EMBEDDED_TEXT = ROOT / "assets" / "shakespeare-heldout.txt"
 WIKITEXT2 = "wikitext2"
@@ -117,9 +117,7 @@ def tokenize(tokenizer, text: str, cache_dir: str | None = None) -> torch.Tensor
     if cache is not None:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".tmp{os.getpid()}")
-            torch.save({"ids": ids, "sha256": _ids_checksum(ids)}, tmp)
-            os.replace(tmp, cache)
+            atomic_write_bytes(cache, lambda p: torch.save({"ids": ids, "sha256": _ids_checksum(ids)}, p))
         except OSError as e:
             raise UserError(f"cannot write the tokenized-text cache in --cache_dir {cache_dir}: {e.strerror or e}") from None
     return ids
