@@ -47,6 +47,7 @@ from torch import nn
 
 from .errors import UserError
 from .hessian import ExactHessianJob, HessianResult, Progress
+from .jobs import derived_seed
 from .loss import SubsetLoss
 from .subsets import Subset
 
@@ -56,10 +57,6 @@ LAYER_BASED = ("gptq", "kfac")
 SAMPLED = ("fisher", "kfac")
 LOGIT_CHUNK_ELEMENTS = 2**23
 """Most elements of one chunk of logit-space Jacobians ``(tokens, V, n)`` held at a time."""
-
-
-def _seed(*parts: Any) -> int:
-    return int.from_bytes(hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()[:8], "little") >> 1
 
 
 # ----------------------------------------------------------------------------- flags
@@ -97,7 +94,7 @@ def check_flags(args: argparse.Namespace) -> None:
 
 def sample_labels(probs: torch.Tensor, seed: int, sample: int, draw: int) -> torch.Tensor:
     """Labels ``y_t ~ probs[t]`` (``probs``: ``(T, V)``) for sample index ``sample``, draw ``draw``; ``(T,)`` on the CPU."""
-    g = torch.Generator().manual_seed(_seed(seed, "labels", sample, draw))
+    g = torch.Generator().manual_seed(derived_seed(seed, "labels", sample, draw))
     return torch.multinomial(probs.detach().to("cpu", torch.float64), 1, generator=g).squeeze(-1)
 
 
@@ -472,7 +469,7 @@ def rounding_perturbations(model: nn.Module, subset: Subset, count: int, bits: i
         else:
             steps.append(torch.full((len(sl),), float(w.max() - w.min()) / (2**bits - 1), dtype=torch.float64))
     s = torch.cat(steps)
-    g = torch.Generator().manual_seed(_seed(seed, "perturbations"))
+    g = torch.Generator().manual_seed(derived_seed(seed, "perturbations"))
     return (torch.rand(count, subset.size, generator=g, dtype=torch.float64) - 0.5) * s, s
 
 

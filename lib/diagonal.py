@@ -58,7 +58,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .jobs import ModelJob, Partial, run_serial
+from .jobs import ModelJob, Partial, derived_seed, run_serial
 from .loss import SubsetLoss
 from .models import ModelSpec
 from .operator import ChunkPolicy, gradient_graph
@@ -79,7 +79,7 @@ Progress = Callable[[int], None]
 
 def probe_seed(seed: int, param_name: str, j: int) -> int:
     """Seed of probe ``j`` of parameter ``param_name``: 63 bits of ``sha256(f"{seed}/{param_name}/{j}")``."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/{param_name}/{j}".encode()).digest()[:8], "little") >> 1
+    return derived_seed(seed, param_name, j)
 
 
 def rademacher_probes(n: int, seed: int, param_name: str, start: int, stop: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -17,6 +17,8 @@ must be picklable (load the model in ``setup``, not in ``__init__``).
 
 from __future__ import annotations
 
+import hashlib
+
 from typing import Any, Callable, Protocol
 
 import torch
@@ -40,6 +42,12 @@ def model_key(spec: Any, device: torch.device) -> str:
     """The cache key of ``spec`` on ``device``: every field of the spec (its identity and fingerprint included) and the device."""
     fields = spec.__dict__ if hasattr(spec, "__dict__") else {"spec": spec}
     return repr((sorted((k, repr(v)) for k, v in fields.items()), str(device)))
+
+
+def derived_seed(*parts: Any) -> int:
+    """A seed from its parts, e.g. ``(seed, parameter, probe)``: 63 bits of ``sha256("/".join(parts))``. Random
+    numbers drawn from it depend only on what they are for, never on the worker, device or batch order."""
+    return int.from_bytes(hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()[:8], "little") >> 1
 
 
 class AdditiveJob(Protocol):
