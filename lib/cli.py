@@ -212,8 +212,9 @@ class Prepared:
 
 
 def prepare(args: argparse.Namespace, build_subset: Callable[[nn.Module], Subset]) -> tuple[Prepared, Subset]:
-    """Load the model, build and validate the subset, load and validate the samples -- all before heavy work."""
-    check_cheap(args)
+    """Load the model, build and validate the subset, load and validate the samples -- all before heavy work.
+
+    The caller has run :func:`check_cheap` (before claiming the outputs, so before the model is loaded)."""
     warn_low_precision(args.dtype)
     torch.manual_seed(args.seed)
     devices = run_devices(args)
@@ -326,7 +327,7 @@ def run_exact(script: str, args: argparse.Namespace, build_subset: Callable[[nn.
         "entries": subset.entries(prep.model),
     }
     if getattr(args, "compare", None):
-        meta.update(curvature.write_comparison(out, name, job, sums, result, f"{subset.description}\n{args.model}, b={args.b}, seqlen={args.seqlen}", args.compare_top_k))
+        meta.update(curvature.write_comparison(out, name, job, sums, result, f"{subset.description}\n{where}", args.compare_top_k))
     meta = save_tensor_and_json(out, name, result.hessian, meta)
     ckpt.finish(settings.checkpoint)
     print(f"perplexity {result.perplexity:.3f} over {result.n_samples} samples; Hessian {tuple(result.hessian.shape)} in {result.elapsed_s:.1f}s")
