@@ -187,13 +187,14 @@ class GraphCache:
     free_bytes: int | None = None
     graphs: dict = field(default_factory=dict)
 
-    def get(self, k: int, batches: int, build: Callable[[], Any], device: torch.device, exclude: set[int]) -> Any:
-        """Unit ``k``'s graph: kept, or built (measured and decided on the first one)."""
+    def get(self, k: int, batches: int, build: Callable[[], Any], device: torch.device, exclude: Callable[[], set[int]]) -> Any:
+        """Unit ``k``'s graph: kept, or built (measured and decided on the first one; ``exclude()``: the storages not
+        to count, e.g. the model's parameters, asked for only then)."""
         if k in self.graphs:
             return self.graphs[k]
         if self.keep is None:
             if self.mode == "auto":
-                out, self.graph_bytes = graph_bytes_measured(build, device, exclude)
+                out, self.graph_bytes = graph_bytes_measured(build, device, exclude())
                 self.free_bytes = free_memory(device)
             else:
                 out = build()
@@ -249,7 +250,7 @@ class HVPJob(ModelJob):
         build = lambda: gradient_graph(lambda z: self._objective(z, batch), self._x0)  # noqa: E731
         if self._graphs is None:
             return build()
-        params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        params = lambda: {p.untyped_storage().data_ptr() for p in self.model.parameters()}  # noqa: E731
         return self._graphs.get(k, self.num_units(), build, self._x0.device, params)
 
     def num_units(self) -> int:
