@@ -15,7 +15,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import cli, outputs, parallel, preflight
-from .diagonal import ESTIMATORS, EXACT_MAX_ENTRIES, REGISTRY, RENAMED, DiagonalJob, DiagonalResult, Target, hessian_diagonal, plan_phase1, rel_l2
+from .diagonal import EXACT_MAX_ENTRIES, REGISTRY, RENAMED, DiagonalJob, DiagonalResult, Target, hessian_diagonal, plan_phase1, rel_l2
 from .errors import UserError
 from .inputs import warn
 from .models import iter_named_linear
@@ -37,7 +37,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     d.add_argument("--block_index", type=int, default=None, help="which block (default 0; with --all_layers: every block unless given)")
     d.add_argument("--all_layers", action="store_true", help="every linear layer of every block (or of --block_index), in one run that loads the model and data once")
     listed = ", ".join(f"{e.name} ({e.summary})" for e in REGISTRY)
-    d.add_argument("--estimator", nargs="+", choices=[*ESTIMATORS, *RENAMED], default=None, help=f"one or more of: {listed}; default xdiag, or hutchinson xdiag with --track_rows")
+    d.add_argument("--estimator", nargs="+", choices=[*REGISTRY.names(), *RENAMED], default=None, help=f"one or more of: {listed}; default xdiag, or hutchinson xdiag with --track_rows")
     d.add_argument("--vhp_samples", type=int, default=VHP_DEFAULT, help="K: Hessian-vector products per sample and weight for hutchinson (K probes) and xdiag (K/2 probes + K/2 basis vectors; K even)")
     d.add_argument("--track_rows", type=int, default=0, help="convergence study (paper Fig. 3): exact diagonal of the weights of the first R output units, and the estimators' error and consecutive difference after each probe")
     d.add_argument("--probe_batch", type=int, default=0, help="HVPs per batched backward; 0 = auto: the fastest of 1, 2, 4, ... timed on the first batch's first products (recorded in the JSON); halved on CUDA OOM")

@@ -14,12 +14,23 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_ids, tiny_model
 from torch.func import functional_call
 
-from conftest import tiny_ids, tiny_model
 from lib import subsets
-from lib.curvature import APPROXIMATIONS, CurvatureJob, approximation_matrices, entry_layout
-from lib.diagonal import ESTIMATORS, REGISTRY, Target, hessian_diagonal, rademacher_probes
+from lib.curvature import (
+    APPROXIMATIONS,
+    CurvatureJob,
+    approximation_matrices,
+    entry_layout,
+)
+from lib.diagonal import (
+    ESTIMATORS,
+    REGISTRY,
+    Target,
+    hessian_diagonal,
+    rademacher_probes,
+)
 from lib.estimators.approximations import REGISTRY as APPROX_REGISTRY
 from lib.estimators.approximations.base import sample_labels
 from lib.estimators.diagonal import diagonal_of

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import LAYER, tiny_ids, tiny_model
+
 from lib import subsets
 from lib.curvature import CurvatureJob
 from lib.diagonal import DiagonalJob, Target, hessian_diagonal, plan_phase1
 from lib.hessian import ExactHessianJob, hessian_rev_rev
 from lib.jobs import run_serial
 from lib.loss import SubsetLoss
-from lib.operator import REVERSE_OVER_REVERSE, BatchGraph, HessianOperator, HVPJob, ProductJob, digest
+from lib.operator import (
+    REVERSE_OVER_REVERSE,
+    BatchGraph,
+    HessianOperator,
+    HVPJob,
+    ProductJob,
+    digest,
+)
 
 CPU = torch.device("cpu")
 

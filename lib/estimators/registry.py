@@ -24,12 +24,16 @@ class Registry(Generic[T]):
 
     def register(self, cls: type[T]) -> type[T]:
         """Class decorator: register one instance of ``cls`` under ``cls.name``."""
-        name = getattr(cls, "name")
+        name = cls.name  # type: ignore[attr-defined]
         if name in self._items:
             raise ValueError(f"two {self.kind}s are named {name!r}")
         self._items[name] = cls()
         self._items = dict(sorted(self._items.items(), key=lambda item: (getattr(item[1], "order", 100), item[0])))
         return cls
+
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (tests that register an example estimator clean up with it)."""
+        del self._items[name]
 
     def discover(self, package: str, path: Iterable[str]) -> None:
         """Import every module of ``package`` (folder ``path``) but ``base`` and ``_*``; their decorators register them."""

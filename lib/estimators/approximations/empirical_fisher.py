@@ -14,7 +14,14 @@ from __future__ import annotations
 import torch
 
 from ...jobs import Partial
-from .base import LOGIT_JACOBIAN, Approximation, JacobianUnit, MatrixContext, label_gradients, register
+from .base import (
+    LOGIT_JACOBIAN,
+    Approximation,
+    JacobianUnit,
+    MatrixContext,
+    label_gradients,
+    register,
+)
 
 
 class _Sum:

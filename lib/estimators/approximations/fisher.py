@@ -14,7 +14,15 @@ from __future__ import annotations
 import torch
 
 from ...jobs import Partial
-from .base import LOGIT_JACOBIAN, Approximation, JacobianUnit, MatrixContext, label_gradients, register, sample_labels
+from .base import (
+    LOGIT_JACOBIAN,
+    Approximation,
+    JacobianUnit,
+    MatrixContext,
+    label_gradients,
+    register,
+    sample_labels,
+)
 
 
 class _Sum:

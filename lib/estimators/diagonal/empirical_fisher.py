@@ -17,7 +17,16 @@ from typing import ClassVar
 import torch
 
 from ...jobs import Partial
-from .base import DiagonalEstimator, Finish, ParamPlan, Progress, Target, Unit, Work, register
+from .base import (
+    DiagonalEstimator,
+    Finish,
+    ParamPlan,
+    Progress,
+    Target,
+    Unit,
+    Work,
+    register,
+)
 
 
 @dataclass

@@ -21,7 +21,17 @@ import torch.nn.functional as F
 
 from ...jobs import Partial
 from ...loss import SubsetLoss
-from .base import DiagonalEstimator, Finish, ParamPlan, Progress, Target, Unit, Work, rademacher_probes, register
+from .base import (
+    DiagonalEstimator,
+    Finish,
+    ParamPlan,
+    Progress,
+    Target,
+    Unit,
+    Work,
+    rademacher_probes,
+    register,
+)
 
 
 class GGNOperator:

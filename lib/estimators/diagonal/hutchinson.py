@@ -15,7 +15,16 @@ import math
 
 import torch
 
-from .base import DiagonalEstimator, Finish, ParamPlan, Probes, Target, convergence_curve, monitor_entries, register
+from .base import (
+    DiagonalEstimator,
+    Finish,
+    ParamPlan,
+    Probes,
+    Target,
+    convergence_curve,
+    monitor_entries,
+    register,
+)
 
 
 def hutchinson_running(contributions: torch.Tensor) -> torch.Tensor:

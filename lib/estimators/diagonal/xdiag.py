@@ -17,7 +17,19 @@ from __future__ import annotations
 
 import torch
 
-from .base import DiagonalEstimator, Finish, ParamPlan, Probes, Rows, Target, convergence_curve, log_grid, monitor_entries, rademacher_probes, register
+from .base import (
+    DiagonalEstimator,
+    Finish,
+    ParamPlan,
+    Probes,
+    Rows,
+    Target,
+    convergence_curve,
+    log_grid,
+    monitor_entries,
+    rademacher_probes,
+    register,
+)
 
 
 def xdiag_basis(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
