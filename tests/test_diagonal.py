@@ -361,3 +361,26 @@ def test_summed_nll_matches_the_jobs_perplexity():
     ids = tiny_ids()
     res = estimate(model, [layer(model, "opt")], ids, estimators=("empirical_fisher",))
     assert res.nll_sum == pytest.approx(float(summed_nll(model(input_ids=ids).logits, ids)), rel=1e-10)
+
+
+def test_the_old_name_fisher_is_a_deprecated_alias_of_empirical_fisher(tmp_path, capsys):
+    meta = hessian_diagonal.run(["--estimator", "fisher", "hutchinson", "--vhp_samples", "2", "--name", "old", "--output_dir", str(tmp_path), *FAST])
+    err = capsys.readouterr().err
+    assert "warning: --estimator fisher is deprecated: it is the empirical Fisher, now called empirical_fisher" in err
+    assert meta["estimators"] == ["empirical_fisher", "hutchinson"] and meta["config"]["estimator"] == ["empirical_fisher", "hutchinson"]
+    new = hessian_diagonal.run(["--estimator", "empirical_fisher", "hutchinson", "--vhp_samples", "2", "--name", "new", "--output_dir", str(tmp_path), *FAST])
+    a, b = torch.load(tmp_path / "old.pt"), torch.load(tmp_path / "new.pt")
+    assert all(torch.equal(a[e][p], b[e][p]) for e in b for p in b[e]) and new["estimators"] == meta["estimators"]
+    with pytest.raises(ValueError, match=r"unknown estimator 'fisher'.*now called 'empirical_fisher'"):
+        estimate(tiny_model("opt"), [], tiny_ids(), estimators=("fisher",))  # the library speaks the new names only
+
+
+def test_xdiag_in_bfloat16_runs_end_to_end(tmp_path):
+    """The phase-2 basis is bfloat16 (the model's dtype): its digest for the checkpoint identity works (NumPy has no bfloat16)."""
+    meta = hessian_diagonal.run(["--dtype", "bfloat16", "--estimator", "xdiag", "--vhp_samples", "4", "--name", "bf", "--output_dir", str(tmp_path), *FAST])
+    d = torch.load(tmp_path / "bf.pt")
+    assert d.dtype == torch.bfloat16 and d.shape == (128, 128) and bool(torch.isfinite(d.float()).all()) and meta["perplexity"] > 1
+    from lib.operator import digest
+
+    basis = torch.randn(3, 5).to(torch.bfloat16)
+    assert digest(basis) == digest(basis.clone()) != digest(basis + 1)
