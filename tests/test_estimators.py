@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_ids, tiny_model
+from test_diagonal import xdiag_by_definition
 from torch.func import functional_call
 
 from lib import subsets
@@ -86,18 +87,6 @@ def test_hutchinson_is_the_mean_of_its_probe_products_and_unbiased():
     assert 0.8 < float(((many - d) ** 2).sum(1).mean()) / off2 < 1.2  # E||est - d||^2 = sum_{i != j} H_ij^2
     biased = many + 0.5  # the statistic detects a bias of this size
     assert bias_statistic(biased, d) > 4
-
-
-def xdiag_by_definition(h: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
-    """Epperly-Tropp-Webber's XDiag written out: mean_i diag(Q_i Q_i^T H) + w_i * (I - Q_i Q_i^T) H w_i."""
-    s = omega.shape[1]
-    y = h @ omega
-    out = []
-    for i in range(s):
-        qi, _ = torch.linalg.qr(y[:, [j for j in range(s) if j != i]])
-        p = qi @ qi.T
-        out.append((p @ h).diagonal() + omega[:, i] * (y[:, i] - p @ y[:, i]))
-    return torch.stack(out).mean(0)
 
 
 def test_xdiag_equals_its_definition_and_is_unbiased():

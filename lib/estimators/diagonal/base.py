@@ -35,7 +35,7 @@ from ...operator import digest, store_rows, unit_rows
 from ..registry import Registry
 
 Progress = Callable[[int], None]
-Rows_ = Callable[[int, int], torch.Tensor]
+RowFn = Callable[[int, int], torch.Tensor]
 Sink = Callable[[int, torch.Tensor, torch.Tensor], None]
 MONITOR_BUDGET = 2**25
 """Most per-probe contributions (probes x entries) recorded for the consecutive-difference metric."""
@@ -136,7 +136,7 @@ class Unit:
     x0: torch.Tensor | None = None
     nll: torch.Tensor | None = None
 
-    def multiply(self, rows: Rows_, count: int, sink: Sink, progress: Progress | None = None) -> None:
+    def multiply(self, rows: RowFn, count: int, sink: Sink, progress: Progress | None = None) -> None:
         """``sink(start, v, H v)`` for chunks ``v = rows(start, stop)`` of the vectors ``0..count-1``."""
         raise NotImplementedError
 
@@ -164,7 +164,7 @@ class LinearUnit(Unit):
     def __post_init__(self):
         self.like = torch.zeros(0, dtype=self.dtype)
 
-    def multiply(self, rows: Rows_, count: int, sink: Sink, progress: Progress | None = None) -> None:
+    def multiply(self, rows: RowFn, count: int, sink: Sink, progress: Progress | None = None) -> None:
         for start in range(0, count, self.chunk):
             stop = min(count, start + self.chunk)
             v = rows(start, stop).to(self.dtype)
