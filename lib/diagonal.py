@@ -34,8 +34,22 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .estimators.diagonal import REGISTRY, DiagonalEstimator, Entries, ParamPlan, Probes, Rows, Target, Unit, estimate, plan_phase1, run_plan
-from .estimators.diagonal.base import (
+from .estimators.diagonal import (
+    REGISTRY,
+    DiagonalEstimator,
+    Entries,
+    ParamPlan,
+    Probes,
+    Rows,
+    Target,
+    Unit,
+    estimate,
+    plan_phase1,
+    run_plan,
+)
+from .estimators.diagonal.exact import MAX_ENTRIES as EXACT_MAX_ENTRIES
+from .estimators.diagonal.hutchinson import hutchinson_running, offdiagonal_error
+from .estimators.diagonal.work import (
     MONITOR_BUDGET,
     key,
     log_grid,
@@ -44,8 +58,6 @@ from .estimators.diagonal.base import (
     rademacher_probes,
     rel_l2,
 )
-from .estimators.diagonal.exact import MAX_ENTRIES as EXACT_MAX_ENTRIES
-from .estimators.diagonal.hutchinson import hutchinson_running, offdiagonal_error
 from .estimators.diagonal.xdiag import xdiag_basis, xdiag_estimate
 from .jobs import Partial, run_serial
 from .loss import SubsetLoss
@@ -129,7 +141,7 @@ class DiagonalJob(ProductJob):
     For each :class:`ParamPlan` (one weight) the batch's pieces of work run in order (:func:`run_plan`); those that
     multiply by ``H`` share one forward and ``create_graph`` backward, then take their products ``probe_batch``
     at a time (given, else measured per weight size; halved on CUDA out-of-memory). ``run_unit`` returns
-    ``{key(param, what): tensor}`` (see the work kinds of :mod:`lib.estimators.diagonal.base`) and ``nll_sum``.
+    ``{key(param, what): tensor}`` (see the work kinds of :mod:`lib.estimators.diagonal.work`) and ``nll_sum``.
     The model is either given (``model``) or loaded from ``spec`` in :meth:`setup` (worker processes).
     """
 

@@ -13,7 +13,7 @@ class Registry(Generic[T]):
     """``name -> estimator`` (one instance of each registered class), ordered by the classes' ``(order, name)``.
 
     Each estimator module decorates its class with :meth:`register`; :meth:`discover` imports every module of the
-    family's package except its infrastructure (``base`` and names starting with ``_``), so that adding an
+    family's package except its infrastructure (e.g. ``base``, and names starting with ``_``), so that adding an
     estimator is adding its file. ``renamed``: old names, for the error message when one is asked for.
     """
 
@@ -35,10 +35,12 @@ class Registry(Generic[T]):
         """Remove ``name`` (tests that register an example estimator clean up with it)."""
         del self._items[name]
 
-    def discover(self, package: str, path: Iterable[str]) -> None:
-        """Import every module of ``package`` (folder ``path``) but ``base`` and ``_*``; their decorators register them."""
+    def discover(self, package: str, path: Iterable[str], infrastructure: Iterable[str] = ("base",)) -> None:
+        """Import every module of ``package`` (folder ``path``) but its ``infrastructure`` and ``_*``; their
+        decorators register them."""
+        skip = set(infrastructure)
         for info in pkgutil.iter_modules(list(path)):
-            if info.name != "base" and not info.name.startswith("_"):
+            if info.name not in skip and not info.name.startswith("_"):
                 importlib.import_module(f"{package}.{info.name}")
 
     def names(self) -> tuple[str, ...]:

@@ -1,14 +1,14 @@
-"""Estimators of a whole weight's Hessian diagonal, one module each (see :mod:`.base` for what they are made of).
+"""Estimators of a whole weight's Hessian diagonal, one module each.
 
-Importing this package imports every module in its folder, whose ``@register`` fills :data:`REGISTRY`.
+What they are made of: :mod:`.base` (the estimator interface and registry), :mod:`.work` (per-batch work and
+plans), :mod:`.driver` (running them). Importing this package imports every other module in its folder, whose
+``@register`` fills :data:`REGISTRY`.
 """
 
-from .base import (
-    REGISTRY,
-    DiagonalEstimator,
+from .base import REGISTRY, DiagonalEstimator, Finish, register
+from .driver import Estimates, diagonal_of, estimate, plan_phase1
+from .work import (
     Entries,
-    Estimates,
-    Finish,
     LinearUnit,
     ParamPlan,
     Probes,
@@ -16,14 +16,10 @@ from .base import (
     Target,
     Unit,
     Work,
-    diagonal_of,
-    estimate,
-    plan_phase1,
-    register,
     run_plan,
 )
 
-REGISTRY.discover(__name__, __path__)
+REGISTRY.discover(__name__, __path__, infrastructure=("base", "driver", "work"))
 
 __all__ = [
     "REGISTRY",
