@@ -13,7 +13,7 @@
    ``hutchinson`` (measured up to ``--k_max`` and, beyond, the exact expectation
    ``E err^2 = sum_{i!=j} H_ij^2 / (k ||diag H||^2)``, checked against the measurement), ``xdiag``
    (measured; root-mean-square over ``--seeds`` seeds), the original's balanced-block probes (their
-   bias is an error floor), ``fisher`` (one number) and ``exact`` (n HVPs).
+   bias is an error floor), ``empirical_fisher`` (one number) and ``exact`` (n HVPs).
 
     OMP_NUM_THREADS=1 python benchmarks/hessian_diagonal.py   # b=2, seqlen 128: ~25 min the first time (20 for H), ~4 min from the cache
 """
@@ -228,7 +228,7 @@ def main() -> None:
     blk = h.view(n // 32, 32, n // 32, 32).diagonal(dim1=0, dim2=2).permute(2, 0, 1).double()  # (blocks, 32, 32)
     bias = -(blk.sum(-1) - blk.diagonal(dim1=1, dim2=2)) / 31
     floor = float(bias.reshape(-1).norm() / d.norm())
-    fisher = hessian_diagonal(model, [Target(name, shape)], samples, estimators=("fisher",)).diagonals["fisher"][name].reshape(-1)
+    fisher = hessian_diagonal(model, [Target(name, shape)], samples, estimators=("empirical_fisher",)).diagonals["empirical_fisher"][name].reshape(-1)
     fisher_err = rel_l2(fisher, d / (args.b * (args.seqlen - 1)))
     table = {}
     for target in args.targets:

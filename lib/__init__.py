@@ -25,13 +25,14 @@ Main entry points:
 * exact Hessians: :func:`exact_hessian` (-> :class:`HessianResult`), :func:`batch_hessian` (one batch),
   :func:`hessian_rev_rev` (any scalar function of a flat tensor);
 * Hessian diagonals of whole weights: :func:`hessian_diagonal` (-> :class:`DiagonalResult`) with the
-  estimators in :data:`ESTIMATORS` (``xdiag``, ``hutchinson``, ``fisher``, ``ggn``, ``exact``) for :class:`Target`
-  weights; the estimator math on dense data: :func:`xdiag_basis`, :func:`xdiag_estimate`,
-  :func:`hutchinson_running`, :func:`rademacher_probes`;
+  estimators in :data:`ESTIMATORS` (``hutchinson``, ``xdiag``, ``empirical_fisher``, ``ggn``, ``exact``; one module
+  each in :mod:`lib.estimators`) for :class:`Target` weights; the estimator math on dense data: :func:`xdiag_basis`,
+  :func:`xdiag_estimate`, :func:`hutchinson_running`, :func:`rademacher_probes`;
 * Hessian spectra: :class:`HessianOperator` (``H @ V``, ``matvec``, ``matmat``, ``to_scipy()``; the one
   Hessian-product primitive, :mod:`lib.operator`) and :mod:`lib.spectrum` (Lanczos with full
   reorthogonalization, Hutchinson and Hutch++ traces, stochastic Lanczos quadrature over any ``matmat``);
-* curvature approximations next to the exact Hessian (GGN, Fisher, GPTQ, K-FAC): :mod:`lib.curvature`;
+* curvature approximations next to the exact Hessian (GGN, sampled and empirical Fisher, GPTQ, K-FAC):
+  :mod:`lib.curvature`, one module each in :mod:`lib.estimators.approximations`;
 * chunk by measurement: :func:`tune_chunk` (:mod:`lib.autotune`); runs on several devices with checkpoints:
   :mod:`lib.parallel`, :mod:`lib.checkpoint`; command-line pipelines: :mod:`lib.cli`, :mod:`lib.diagonal_cli`,
   :mod:`lib.spectrum_cli`. Modules that ``import lib`` does not load (``curvature``, ``parallel``,

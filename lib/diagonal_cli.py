@@ -15,8 +15,9 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import cli, outputs, parallel, preflight
-from .diagonal import ESTIMATORS, EXACT_MAX_ENTRIES, DiagonalJob, DiagonalResult, Target, hessian_diagonal, plan_phase1, rel_l2
+from .diagonal import EXACT_MAX_ENTRIES, REGISTRY, RENAMED, DiagonalJob, DiagonalResult, Target, hessian_diagonal, plan_phase1, rel_l2
 from .errors import UserError
+from .inputs import warn
 from .models import iter_named_linear
 from .plots import convergence, heatmap, heatmap_grid
 from .results import save_tensor_and_json
@@ -35,7 +36,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     d.add_argument("--layer_name", default=None, help=f"linear layer inside a block, e.g. self_attn.q_proj (OPT/Llama), attn.c_attn (GPT-2) (default {DEFAULT_LAYER}; not with --all_layers)")
     d.add_argument("--block_index", type=int, default=None, help="which block (default 0; with --all_layers: every block unless given)")
     d.add_argument("--all_layers", action="store_true", help="every linear layer of every block (or of --block_index), in one run that loads the model and data once")
-    d.add_argument("--estimator", nargs="+", choices=ESTIMATORS, default=None, help="one or more of: xdiag (variance-reduced, unbiased), hutchinson (Rademacher, unbiased), fisher (empirical Fisher diagonal, a baseline), ggn (Hutchinson on the Gauss-Newton matrix: K probes of one JVP + one VJP each, no second backward), exact (one HVP per entry; small layers); default xdiag, or hutchinson xdiag with --track_rows")
+    listed = ", ".join(f"{e.name} ({e.summary})" for e in REGISTRY)
+    d.add_argument("--estimator", nargs="+", choices=[*REGISTRY.names(), *RENAMED], default=None, help=f"one or more of: {listed}; default xdiag, or hutchinson xdiag with --track_rows")
     d.add_argument("--vhp_samples", type=int, default=VHP_DEFAULT, help="K: Hessian-vector products per sample and weight for hutchinson (K probes) and xdiag (K/2 probes + K/2 basis vectors; K even)")
     d.add_argument("--track_rows", type=int, default=0, help="convergence study (paper Fig. 3): exact diagonal of the weights of the first R output units, and the estimators' error and consecutive difference after each probe")
     d.add_argument("--probe_batch", type=int, default=0, help="HVPs per batched backward; 0 = auto: the fastest of 1, 2, 4, ... timed on the first batch's first products (recorded in the JSON); halved on CUDA OOM")
@@ -45,17 +47,21 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 def resolve_estimators(args: argparse.Namespace) -> list[str]:
     if args.estimator is None:
         return ["hutchinson", "xdiag"] if args.track_rows else ["xdiag"]
-    return list(dict.fromkeys(args.estimator))
+    for old in dict.fromkeys(e for e in args.estimator if e in RENAMED):
+        warn(f"--estimator {old} is deprecated: it is the empirical Fisher, now called {RENAMED[old]} ('fisher' is the sampled Fisher of --compare)")
+    return list(dict.fromkeys(RENAMED.get(e, e) for e in args.estimator))
 
 
 def check_flags(args: argparse.Namespace) -> None:
     """Validate the diagonal's own flags (no model needed)."""
     k = args.vhp_samples
-    est = args.estimator
-    if any(e in est for e in ("hutchinson", "xdiag", "ggn")) and k < 1:
+    est = REGISTRY.lookup(args.estimator)
+    if any(e.uses_k for e in est) and k < 1:
         raise UserError(f"--vhp_samples must be at least 1, got {k}")
-    if "xdiag" in est and (k < 2 or k % 2):
-        raise UserError(f"--estimator xdiag uses K/2 probes and K/2 basis vectors: --vhp_samples must be even and at least 2, got {k}")
+    for e in est:
+        if e.uses_k and (k < e.min_k or k % e.k_multiple):
+            multiple = {1: "", 2: "even and "}.get(e.k_multiple, f"a multiple of {e.k_multiple} and ")
+            raise UserError(f"--estimator {e.name} {e.k_reason}: --vhp_samples must be {multiple}at least {e.min_k}, got {k}")
     if args.track_rows < 0:
         raise UserError(f"--track_rows must be >= 0, got {args.track_rows}")
     if args.layer_name is not None and args.all_layers:
@@ -63,8 +69,9 @@ def check_flags(args: argparse.Namespace) -> None:
     args.layer_name = args.layer_name or DEFAULT_LAYER  # after the check: default names (hashes) as before
     if args.track_rows and args.all_layers:
         raise UserError("--track_rows studies the convergence on one layer; it cannot be combined with --all_layers")
-    if args.track_rows and not any(e in est for e in ("hutchinson", "xdiag")):
-        raise UserError("--track_rows records the error after each probe: use it with --estimator hutchinson and/or xdiag")
+    if args.track_rows and not any(e.curve for e in est):
+        curves = " and/or ".join(e.name for e in REGISTRY if e.curve)
+        raise UserError(f"--track_rows records the error after each probe: use it with --estimator {curves}")
     if args.probe_batch < 0:
         raise UserError(f"--probe_batch must be >= 0, got {args.probe_batch}")
     if args.block_index is not None and args.block_index < 0:
@@ -85,10 +92,14 @@ def build_targets(model: nn.Module, args: argparse.Namespace) -> list[tuple[Targ
         name, module = layer_module(model, b, lname)
         shape = tuple(model.get_parameter(name).shape)
         numel = math.prod(shape)
-        if "exact" in args.estimator and numel > EXACT_MAX_ENTRIES:
-            raise UserError(f"--estimator exact needs one Hessian-vector product per entry and sample: {name} has {numel} entries, over the limit of {EXACT_MAX_ENTRIES}; use --estimator xdiag or hutchinson")
-        if "xdiag" in args.estimator and args.vhp_samples // 2 > numel:
-            raise UserError(f"--vhp_samples {args.vhp_samples} is more than twice the {numel} entries of {name}; use --estimator exact")
+        for e in REGISTRY.lookup(args.estimator):
+            if e.max_entries is not None and numel > e.max_entries:
+                others = " or ".join(o.name for o in REGISTRY if o.estimates_hessian and o.max_entries is None)
+                raise UserError(f"--estimator {e.name} needs {e.entry_cost}: {name} has {numel} entries, over the limit of {e.max_entries}; use --estimator {others}")
+            if e.max_k_per_entry is not None and args.vhp_samples // e.max_k_per_entry > numel:
+                times = {2: "twice"}.get(e.max_k_per_entry, f"{e.max_k_per_entry} times")
+                exact = " or ".join(o.name for o in REGISTRY if o.max_entries is not None)
+                raise UserError(f"--vhp_samples {args.vhp_samples} is more than {times} the {numel} entries of {name}; use --estimator {exact}")
         tracked = torch.zeros(0, dtype=torch.long)
         if args.track_rows:
             units = num_output_units(module)
@@ -107,7 +118,7 @@ def default_name(args: argparse.Namespace, estimators: list[str]) -> str:
         tag = "all_layers" if args.block_index is None else f"all_layers_block{args.block_index}"
     else:
         tag = f"{args.layer_name}_block{args.block_index or 0}"
-    k = "" if set(estimators) <= {"fisher", "exact"} else f"_K{args.vhp_samples}"
+    k = "" if not any(e.uses_k for e in REGISTRY.lookup(estimators)) else f"_K{args.vhp_samples}"
     track = f"_track{args.track_rows}" if args.track_rows else ""
     return outputs.default_name(f"hessian_diagonal_{model}_{tag}_{'+'.join(estimators)}{k}{track}_b{args.b}_s{args.seqlen}", args)
 
@@ -187,7 +198,7 @@ def run(argv: list[str] | None = None, description: str = "") -> dict[str, Any]:
     estimators = args.estimator
     est = preflight.diagonal_estimate(plan_phase1(targets, estimators, args.vhp_samples, args.seed), cli.DTYPES[args.dtype].itemsize, len(prep.devices or [1]))
     cli.check_resources(args, prep, est, "--estimator hutchinson (no stored vectors), fewer weights (one --layer_name, or --block_index with --all_layers), a smaller --vhp_samples, or --checkpoint_every 0 (no checkpoint files)")
-    runner = _Runner(args, prep, out, name, two_phase="xdiag" in estimators)
+    runner = _Runner(args, prep, out, name, two_phase=any(e.phases > 1 for e in REGISTRY.lookup(estimators)))
     own_group = _init_distributed(prep.devices[0]) if prep.devices else False
     try:
         result = hessian_diagonal(
@@ -231,7 +242,7 @@ def save(args: argparse.Namespace, prep: cli.Prepared, found: list[tuple[Target,
     else:
         tensor = {e: {t.param_name: result.diagonals[e][t.param_name].to(dtype) for t in targets} for e in estimators}
     model_desc = f"{args.model}, b={args.b}, seqlen={args.seqlen}"
-    k_desc = lambda e: f", K={args.vhp_samples}" if e in ("hutchinson", "xdiag", "ggn") else ""  # noqa: E731
+    k_desc = lambda e: f", K={args.vhp_samples}" if REGISTRY[e].uses_k else ""  # noqa: E731
     if single:
         e, t = estimators[0], targets[0]
         figures = heatmap(result.diagonals[e][t.param_name], out / name, f"|diag H| of {t.param_name} ({e}{k_desc(e)})\n{model_desc}", axis_labels=("input index (column of the weight)", "output unit (row of the weight)"), value="|H_ii| of each weight")
@@ -267,15 +278,9 @@ def save(args: argparse.Namespace, prep: cli.Prepared, found: list[tuple[Target,
         "parameters": [{"name": t.param_name, "block": b, "layer": lname, "shape": list(t.shape)} for t, b, lname in found],
         "tensor_layout": "the diagonal, with the parameter's shape" if single else "{estimator: {parameter name: diagonal with the parameter's shape}}",
         "hvps_per_sample": result.hvps,
-        "cost": {
-            "hutchinson": "K HVPs per sample and weight (K probes)",
-            "xdiag": "K HVPs per sample and weight: K/2 probes (phase 1), K/2 basis vectors (phase 2)",
-            "exact": "one HVP per entry and sample",
-            "fisher": "one gradient per sample",
-            "ggn": "K Gauss-Newton-vector products per sample and weight (one JVP + one VJP each)",
-        },
+        "cost": {e.name: e.cost for e in REGISTRY},
         "probes": "Rademacher (i.i.d. +-1 entries); probe j of parameter p from a generator seeded with sha256(f'{seed}/{p}/{j}'), shared by all samples; xdiag's probes are the first K/2 hutchinson probes",
-        "normalization": f"diagonal of the Hessian of the mean next-token NLL over b*(seqlen-1) = {n_tokens} predicted tokens (the additive summed-NLL Hessian divided by {n_tokens}); fisher: (sum over samples of the squared per-sample gradient of the summed NLL) / {n_tokens}; ggn: the diagonal of the Gauss-Newton matrix sum_t J_t^T (diag p_t - p_t p_t^T) J_t / {n_tokens}",
+        "normalization": f"diagonal of the Hessian of the mean next-token NLL over b*(seqlen-1) = {n_tokens} predicted tokens (the additive summed-NLL Hessian divided by {n_tokens})" + "".join(f"; {e.name}: {e.normalization.format(n=n_tokens)}" for e in REGISTRY if e.normalization),
         "n_samples": result.n_samples,
         "n_tokens": n_tokens,
         "nll_mean": result.nll_sum / n_tokens,

@@ -18,7 +18,6 @@ Methods (all exact up to floating point):
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -26,11 +25,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .autotune import Compute, tune
-from .jobs import ModelJob, run_serial
+from .autotune import Compute
+from .jobs import run_serial
 from .loss import SubsetLoss
 from .models import ModelSpec
-from .operator import ChunkPolicy, gradient_graph, hvp_products
+from .operator import ChunkPolicy, ProductJob, Products, gradient_graph, hvp_products, store_rows, unit_rows
 from .subsets import Subset
 
 METHODS = ("rev-rev", "autograd")
@@ -127,58 +126,65 @@ def batches(samples: torch.Tensor, model_input_bs: int) -> list[tuple[int, torch
     return [(i, samples[i : i + model_input_bs]) for i in range(0, samples.shape[0], model_input_bs)]
 
 
-class ExactHessianJob(ModelJob):
-    """The exact Hessian as an additive job (:mod:`lib.jobs`): unit ``k`` is batch ``k`` of the samples.
+class ExactHessianJob(ProductJob):
+    """The exact Hessian as an additive job (:class:`lib.operator.ProductJob`): unit ``k`` is batch ``k`` of the samples.
 
-    ``run_unit`` returns ``{"hessian_sum": (n, n), "nll_sum": ()}`` for its batch. The model is either
-    given (``model``, used as is) or loaded by each process from ``spec`` in :meth:`setup`.
+    ``run_unit`` returns ``{"hessian_sum": (n, n), "nll_sum": ()}`` for its batch: with ``rev-rev`` row ``i`` is
+    ``H e_i``, the unit vectors going through :meth:`ProductJob.multiply` (chunk given, or measured on the first
+    batch); with ``autograd`` the paper's :func:`hessian_reference`. The model is either given (``model``, used
+    as is) or loaded by each process from ``spec`` in :meth:`setup`.
     """
 
-    def __init__(self, subset: Subset, samples: torch.Tensor, model_input_bs: int = 1, method: str = "rev-rev", chunk: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, model: nn.Module | None = None):
+    min_products = 1  # the chunk is measured on any block (a block is the whole Hessian)
+
+    def __init__(self, subset: Subset, samples: torch.Tensor, model_input_bs: int = 1, method: str = "rev-rev", chunk: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, model: nn.Module | None = None, products: Products | None = None):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-        if model is None and spec is None:
-            raise ValueError("give a model or a ModelSpec")
-        self.subset, self.samples, self.model_input_bs = subset, samples, model_input_bs
-        self.method, self.chunk, self.fused_head, self.spec = method, chunk, fused_head, spec
-        self.model = model
+        super().__init__(samples, model_input_bs, chunk, fused_head, spec, model, products)
+        self.subset, self.method = subset, method
 
     def setup(self, device: torch.device) -> None:
-        self.ensure_model(device)
+        super().setup(device)
         self._objective = SubsetLoss(self.model, self.subset, fused_head=self.fused_head)
         self._x0 = self._objective.x0()
-        self._policy = ChunkPolicy(self.chunk, min_products=1)  # chunk None = measured on the first batch
 
-    def num_units(self) -> int:
-        return -(-self.samples.shape[0] // self.model_input_bs)
+    @property
+    def objective(self) -> SubsetLoss:
+        """The summed NLL as a function of the subset (after :meth:`setup`, in this process)."""
+        return self._objective
+
+    @property
+    def x0(self) -> torch.Tensor:
+        """The subset's values in the model (after :meth:`setup`)."""
+        return self._x0
 
     def steps_per_unit(self) -> int:
         return self.subset.size
 
     def run_unit(self, k: int, progress: Progress | None = None) -> dict[str, torch.Tensor]:
-        batch = self.samples[k * self.model_input_bs : (k + 1) * self.model_input_bs].to(self._x0.device)
-        measure = lambda compute, n: tune(compute, n, self.model, batch.numel(), self._x0, total=n * self.num_units())  # noqa: E731
-        schedule = lambda compute, n: self._policy.run(compute, n, n, measure)  # noqa: E731
-        h, value = batch_hessian(self._objective, batch, method=self.method, progress=progress, schedule=schedule)
-        return {"hessian_sum": h, "nll_sum": value}
+        batch = self.batch(k, self._x0.device)
+        if self.method == "autograd":
+            h, value = hessian_reference(lambda x: self._objective(x, batch), self._x0, progress=progress)
+            return {"hessian_sum": h, "nll_sum": value}
+        graph = self.batch_graph(self._objective, batch, self._x0)
+        n = graph.x.numel()
+        h = torch.empty(n, n, dtype=graph.x.dtype, device=graph.x.device)
+        self.multiply(graph, lambda a, b: unit_rows(n, a, b, graph.x), n, store_rows(h), progress)
+        return {"hessian_sum": h, "nll_sum": graph.value.detach()}
 
-    def chunk_report(self) -> dict[str, Any]:
+    def chunk_report(self, flag: str = "chunk") -> dict[str, Any]:
         """For the JSON: the chunk given, or the measured choice and timings (``None`` if measured in worker processes)."""
         if self.chunk:
-            return {"chunk": self.chunk, "measured": False}
-        tuning = getattr(self, "_policy", ChunkPolicy()).tunings.get(self.subset.size)
-        return {"chunk": "auto", "measured": tuning and tuning.to_json()}
+            return {flag: self.chunk, "measured": False}
+        tuning = (self._policy or ChunkPolicy()).tunings.get(self.subset.size)
+        return {flag: "auto", "measured": tuning and tuning.to_json()}
 
     def config(self) -> dict[str, Any]:
         return {
             "kind": "exact_hessian",
             "subset": [[s.param_name, s.flat_index.tolist()] for s in self.subset.slices],
-            "samples_sha256": hashlib.sha256(self.samples.numpy().tobytes()).hexdigest(),
-            "samples_shape": list(self.samples.shape),
-            "model_input_bs": self.model_input_bs,
+            **self.base_config(),
             "method": self.method,
-            "fused_head": self.fused_head,
-            "model": None if self.spec is None else self.spec.identity(),
         }
 
     def result(self, sums: dict[str, torch.Tensor], elapsed_s: float) -> HessianResult:

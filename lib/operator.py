@@ -8,6 +8,11 @@ out-of-memory. The exact Hessian (:mod:`lib.hessian`: ``V`` = unit vectors), the
 Krylov blocks) all go through it; :class:`ChunkPolicy` is the one place where the chunk is chosen (given,
 else measured by :func:`lib.autotune.tune` on blocks of at least ``TUNE_MIN_PRODUCTS`` vectors, else 1).
 
+Middle level: :class:`ProductJob` is the one base of the jobs made of such products (batching, digests, model
+loading, chunking, the product method as a :class:`Products` strategy); :class:`lib.hessian.ExactHessianJob`
+(unit rows), :class:`lib.diagonal.DiagonalJob` (probe rows with reducing sinks) and :class:`HVPJob` (Krylov
+blocks) are thin users of it, and the ``--compare`` job (:class:`lib.curvature.CurvatureJob`) holds an exact one.
+
 High level: :class:`HessianOperator` is ``H``, the Hessian of the *mean* next-token NLL over ``b``
 samples w.r.t. a flat subset (``H = sum_s H_s / (b (seqlen - 1))``, ``H_s`` per batch of
 ``model_input_bs`` samples, on the sample's own gradient graph), as a linear operator: ``H @ V``,
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -104,12 +109,6 @@ class ChunkPolicy:
             self.given = used
         elif size in self.tunings:
             self.tunings[size].chunk = used
-
-    def products(self, g: torch.Tensor, x: torch.Tensor, rows: Rows, count: int, sink: Sink, model: nn.Module, tokens: int, total: int, progress: Progress | None = None) -> None:
-        """``sink(start, v, H v)`` for the ``count`` vectors of ``rows`` (:func:`hvp_products`) with the chosen chunk;
-        ``tokens``: of the batch (memory bound), ``total``: products of the whole job (measurement budget)."""
-        compute = lambda start, stop, chunk: hvp_products(g, x, rows, stop, sink, chunk, progress, start=start)  # noqa: E731
-        self.run(compute, count, x.numel(), lambda c, k: tune(c, k, model, tokens, x, total=total))
 
     def report(self, given: int | None, flag: str) -> dict[str, Any]:
         """For the JSON: ``{flag: given, "measured": False}``, or ``{flag: "auto", "measured": {n: timings} or None}``."""
@@ -214,75 +213,203 @@ class GraphCache:
 
 
 def digest(t: torch.Tensor) -> str:
-    """SHA-256 of a tensor's bytes (CPU, contiguous)."""
-    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    """SHA-256 of a tensor's bytes (CPU, contiguous); dtypes NumPy lacks (bfloat16, float8) are hashed as float64
+    (which holds them exactly)."""
+    t = t.detach().cpu().contiguous()
+    if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
+        t = t.to(torch.float64)
+    return hashlib.sha256(t.numpy().tobytes()).hexdigest()
 
 
-class HVPJob(ModelJob):
-    """One pass of ``H V`` over the samples as an additive job (:mod:`lib.jobs`): unit ``k`` = batch ``k``.
+class BatchGraph(NamedTuple):
+    """What one batch's Hessian-vector products start from: the point ``x`` (a leaf copy of ``x0``), the gradient
+    ``g = grad f(x)`` there (reverse-over-reverse: with its graph kept) and the batch's summed loss ``value = f(x)``."""
+
+    x: torch.Tensor
+    g: torch.Tensor
+    value: torch.Tensor
+
+
+class Products(Protocol):
+    """How a :class:`ProductJob` computes ``H v`` on one batch: the hook for other product methods (e.g. finite
+    differences of gradients). ``name`` goes into the job's configuration (checkpoints never mix methods)."""
+
+    name: str
+
+    def graph(self, fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor) -> BatchGraph:
+        """Once per batch: what the products of ``fn`` at ``x0`` start from."""
+        ...
+
+    def __call__(self, graph: BatchGraph, rows: Rows, count: int, sink: Sink, chunk: int, progress: Progress | None = None, start: int = 0) -> int:
+        """:func:`hvp_products`' contract: ``sink(a, v, H v)`` for vectors ``start..count-1``; returns the chunk that worked."""
+        ...
+
+
+@dataclass(frozen=True)
+class ReverseOverReverse:
+    """The default :class:`Products`: exact products ``H v = d/dx (v . g)`` on the retained gradient graph
+    (:func:`gradient_graph`, :func:`hvp_products`)."""
+
+    name: str = "exact"
+
+    def graph(self, fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor) -> BatchGraph:
+        return BatchGraph(*gradient_graph(fn, x0))
+
+    def __call__(self, graph: BatchGraph, rows: Rows, count: int, sink: Sink, chunk: int, progress: Progress | None = None, start: int = 0) -> int:
+        return hvp_products(graph.g, graph.x, rows, count, sink, chunk, progress, start=start)
+
+
+REVERSE_OVER_REVERSE = ReverseOverReverse()
+
+
+def unit_rows(n: int, start: int, stop: int, like: torch.Tensor, entries: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``start..stop-1`` of the ``n x n`` identity (``entries`` given: the unit vectors ``e_i`` of
+    ``entries[start:stop]``), shape ``(stop - start, n)``, with ``like``'s dtype and device."""
+    cols = torch.arange(start, stop, device=like.device) if entries is None else entries[start:stop].to(like.device)
+    e = torch.zeros(stop - start, n, dtype=like.dtype, device=like.device)
+    e[torch.arange(stop - start, device=like.device), cols] = 1
+    return e
+
+
+def store_rows(out: torch.Tensor) -> Sink:
+    """A sink writing each chunk's products into the rows of ``out`` (``(count, n)``)."""
+
+    def sink(start: int, v: torch.Tensor, hv: torch.Tensor) -> None:
+        out[start : start + len(hv)] = hv
+
+    return sink
+
+
+class ProductJob(ModelJob):
+    """Base of the additive jobs (:mod:`lib.jobs`) made of Hessian-vector products: unit ``k`` is batch ``k`` of
+    ``samples`` (``(b, seqlen)``), ``model_input_bs`` rows each. It owns what every such job shares:
+
+    * batching: :meth:`num_units`, :meth:`batch`, :meth:`first_sample`, :meth:`describe_unit`, :attr:`tokens`;
+    * the model: ``model`` as given, or loaded from ``spec`` in each process (:meth:`ModelJob.ensure_model`, in
+      :meth:`setup`);
+    * the identity for checkpoints: :meth:`base_config` (sample digest and shape, batching, model, product method);
+    * the products: :meth:`batch_graph` once per batch, then :meth:`multiply` -- ``H v`` for a block of vectors
+      through ``products`` (a :class:`Products`, default :data:`REVERSE_OVER_REVERSE`), ``chunk`` vectors per call,
+      the chunk given or chosen by :class:`ChunkPolicy` (measured on the first block of each size with at least
+      ``min_products`` vectors); :meth:`chunk_report` says which.
+
+    Subclasses add their own inputs and implement ``steps_per_unit``, ``run_unit`` and ``config``. Sums stay
+    per unit (the runners add them in float64 in unit order), so every runner gives the same bits.
+    """
+
+    min_products: int = TUNE_MIN_PRODUCTS
+    _policy: ChunkPolicy | None = None
+    """Per-process chunk choice (not pickled: each worker measures its own); a job may be handed a shared one."""
+
+    def __init__(self, samples: torch.Tensor, model_input_bs: int = 1, chunk: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, model: nn.Module | None = None, products: Products | None = None):
+        if model is None and spec is None:
+            raise ValueError("give a model or a ModelSpec")
+        self.samples, self.model_input_bs, self.chunk, self.fused_head = samples, model_input_bs, chunk, fused_head
+        self.spec, self.model = spec, model
+        self.products = REVERSE_OVER_REVERSE if products is None else products
+
+    def setup(self, device: torch.device) -> None:
+        self.ensure_model(device)
+        if self._policy is None:
+            self._policy = ChunkPolicy(self.chunk, min_products=self.min_products)
+
+    def num_units(self) -> int:
+        return -(-self.samples.shape[0] // self.model_input_bs)
+
+    def first_sample(self, k: int) -> int:
+        """Index of unit ``k``'s first sample."""
+        return k * self.model_input_bs
+
+    def batch(self, k: int, device: torch.device | None = None) -> torch.Tensor:
+        """Unit ``k``'s samples, ``(<= model_input_bs, seqlen)``, on ``device`` if given."""
+        rows = self.samples[self.first_sample(k) : self.first_sample(k + 1)]
+        return rows if device is None else rows.to(device)
+
+    def describe_unit(self, k: int) -> str:
+        bs = self.model_input_bs
+        return f"sample {k}" if bs == 1 else f"samples {k * bs}..{(k + 1) * bs - 1}"
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of a full batch (the memory bound of :func:`lib.autotune.tune`)."""
+        return self.model_input_bs * self.samples.shape[1]
+
+    def batch_graph(self, objective: SubsetLoss, batch: torch.Tensor, x0: torch.Tensor | None = None) -> BatchGraph:
+        """What the products of ``objective`` on ``batch`` at ``x0`` (default ``objective.x0()``) start from."""
+        return self.products.graph(lambda z: objective(z, batch), objective.x0() if x0 is None else x0)
+
+    def multiply(self, graph: BatchGraph, rows: Rows, count: int, sink: Sink, progress: Progress | None = None) -> None:
+        """``sink(start, v, H v)`` for the ``count`` vectors of ``rows`` in chunks: the given ``chunk``, else the one
+        measured (:func:`lib.autotune.tune`, budget: ``count`` products in each unit) the first time a block of
+        this size of ``x`` has at least ``min_products`` vectors (the measured products are kept), else 1."""
+        x = graph.x
+        compute = lambda start, stop, chunk: self.products(graph, rows, stop, sink, chunk, progress, start=start)  # noqa: E731
+        measure = lambda c, m: tune(c, m, self.model, self.tokens, x, total=count * self.num_units())  # noqa: E731
+        self._policy.run(compute, count, x.numel(), measure)
+
+    def chunk_report(self, flag: str = "chunk") -> dict[str, Any]:
+        """For the JSON: the given chunk, or per size of ``x`` the measured choice (:meth:`ChunkPolicy.report`)."""
+        return (self._policy or ChunkPolicy()).report(self.chunk, flag)
+
+    def base_config(self) -> dict[str, Any]:
+        """The shared part of :meth:`config`: samples (SHA-256 and shape), batching, head, model identity, product method."""
+        return {
+            "samples_sha256": digest(self.samples),
+            "samples_shape": list(self.samples.shape),
+            "model_input_bs": self.model_input_bs,
+            "fused_head": self.fused_head,
+            "model": None if self.spec is None else self.spec.identity(),
+            "products": self.products.name,
+        }
+
+
+class HVPJob(ProductJob):
+    """One pass of ``H V`` over the samples as an additive job (:class:`ProductJob`): unit ``k`` = batch ``k``.
 
     ``vt = V^T`` (``(p, n)``, float64 on the CPU). ``run_unit`` returns ``{"hv_sum": (p, n), "nll_sum": ()}``:
     the batch's summed-NLL Hessian applied to the block (not normalized). ``tag`` (e.g. a pass index)
     goes into :meth:`config`, so checkpoints of different passes are never mixed up.
     """
 
-    def __init__(self, subset: Subset, samples: torch.Tensor, vt: torch.Tensor, model_input_bs: int = 1, chunk: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, model: nn.Module | None = None, tag: str = ""):
-        if model is None and spec is None:
-            raise ValueError("give a model or a ModelSpec")
-        self.subset, self.samples, self.vt, self.model_input_bs = subset, samples, vt, model_input_bs
-        self.chunk, self.fused_head, self.spec, self.model, self.tag = chunk, fused_head, spec, model, tag
+    def __init__(self, subset: Subset, samples: torch.Tensor, vt: torch.Tensor, model_input_bs: int = 1, chunk: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, model: nn.Module | None = None, tag: str = "", products: Products | None = None):
+        super().__init__(samples, model_input_bs, chunk, fused_head, spec, model, products)
+        self.subset, self.vt, self.tag = subset, vt, tag
 
     _graphs: GraphCache | None = None
     """Per-process gradient graphs shared by the jobs of one operator (not pickled: workers rebuild them)."""
-    _policy: ChunkPolicy | None = None
-    """Per-process chunk choice shared by the jobs of one operator (not pickled: workers measure their own)."""
 
     def setup(self, device: torch.device) -> None:
-        self.ensure_model(device)
+        super().setup(device)
         self._objective = SubsetLoss(self.model, self.subset, fused_head=self.fused_head)
         self._x0 = self._objective.x0()
-        if self._policy is None:
-            self._policy = ChunkPolicy(self.chunk)
 
-    def _graph(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Batch ``k``'s ``(x, g = grad f, f)`` with the graph of ``g`` kept, from the cache when there is one."""
-        batch = self.samples[k * self.model_input_bs : (k + 1) * self.model_input_bs].to(self._x0.device)
-        build = lambda: gradient_graph(lambda z: self._objective(z, batch), self._x0)  # noqa: E731
+    def _graph(self, k: int) -> BatchGraph:
+        """Batch ``k``'s :class:`BatchGraph`, from the cache when there is one."""
+        batch = self.batch(k, self._x0.device)
+        build = lambda: self.batch_graph(self._objective, batch, self._x0)  # noqa: E731
         if self._graphs is None:
             return build()
         params = lambda: {p.untyped_storage().data_ptr() for p in self.model.parameters()}  # noqa: E731
         return self._graphs.get(k, self.num_units(), build, self._x0.device, params)
 
-    def num_units(self) -> int:
-        return -(-self.samples.shape[0] // self.model_input_bs)
-
     def steps_per_unit(self) -> int:
         return self.vt.shape[0]
 
     def run_unit(self, k: int, progress: Progress | None = None) -> Partial:
-        x, g, value = self._graph(k)
-        vt = self.vt.to(device=x.device, dtype=x.dtype)
+        graph = self._graph(k)
+        vt = self.vt.to(device=graph.x.device, dtype=graph.x.dtype)
         hv = torch.empty_like(vt)
-
-        def take(a: int, v: torch.Tensor, out: torch.Tensor) -> None:
-            hv[a : a + len(out)] = out
-
-        tokens = self.model_input_bs * self.samples.shape[1]
-        self._policy.products(g, x, lambda a, b: vt[a:b], len(vt), take, self.model, tokens, len(vt) * self.num_units(), progress)
-        return {"hv_sum": hv.detach().cpu(), "nll_sum": value.detach().cpu()}
+        self.multiply(graph, lambda a, b: vt[a:b], len(vt), store_rows(hv), progress)
+        return {"hv_sum": hv.detach().cpu(), "nll_sum": graph.value.detach().cpu()}
 
     def config(self) -> dict[str, Any]:
         return {
             "kind": "hessian_vector_products",
             "tag": self.tag,
             "subset": hashlib.sha256(repr([[s.param_name, s.flat_index.tolist()] for s in self.subset.slices]).encode()).hexdigest(),
-            "samples_sha256": digest(self.samples),
-            "samples_shape": list(self.samples.shape),
+            **self.base_config(),
             "block_sha256": digest(self.vt),
             "block_shape": list(self.vt.shape),
-            "model_input_bs": self.model_input_bs,
-            "fused_head": self.fused_head,
-            "model": None if self.spec is None else self.spec.identity(),
         }
 
 
@@ -303,11 +430,12 @@ class HessianOperator:
     (CPU) or device (GPU) memory (:func:`keep_all_graphs`); worker processes always rebuild them. Products
     are bitwise the same either way. ``chunk``: vectors per batched backward, else :class:`ChunkPolicy`
     (measured on blocks of at least ``TUNE_MIN_PRODUCTS`` vectors). :meth:`report` gives both choices.
+    ``products``: how each ``H v`` is computed (a :class:`Products`; default exact reverse-over-reverse).
     """
 
-    def __init__(self, model: nn.Module, subset: Subset, samples: torch.Tensor, model_input_bs: int = 1, chunk: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, run: Callable[[HVPJob], Partial | None] | None = None, keep_graphs: bool | str = "auto"):
+    def __init__(self, model: nn.Module, subset: Subset, samples: torch.Tensor, model_input_bs: int = 1, chunk: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, run: Callable[[HVPJob], Partial | None] | None = None, keep_graphs: bool | str = "auto", products: Products | None = None):
         self.model, self.subset, self.samples, self.model_input_bs = model, subset, samples, model_input_bs
-        self.chunk, self.fused_head, self.spec = chunk, fused_head, spec
+        self.chunk, self.fused_head, self.spec, self.products = chunk, fused_head, spec, products
         self.run = run
         n = subset.size
         self.shape = (n, n)
@@ -321,7 +449,7 @@ class HessianOperator:
 
     def job(self, vt: torch.Tensor, tag: str = "") -> HVPJob:
         """The additive job of one pass computing ``H`` applied to the rows of ``vt`` (``(p, n)``)."""
-        job = HVPJob(self.subset, self.samples, vt.detach().to("cpu", torch.float64).contiguous(), self.model_input_bs, self.chunk, self.fused_head, spec=self.spec, model=self.model, tag=tag)
+        job = HVPJob(self.subset, self.samples, vt.detach().to("cpu", torch.float64).contiguous(), self.model_input_bs, self.chunk, self.fused_head, spec=self.spec, model=self.model, tag=tag, products=self.products)
         job._graphs, job._policy = self.graphs, self.policy
         return job
 

@@ -49,14 +49,7 @@ def exact_estimate(n: int, dtype_bytes: int) -> Estimate:
 
 def phase1_entries(plans: Sequence) -> int:
     """Float64 entries of the phase-1 sums of :class:`lib.diagonal.ParamPlan` s (``nll_sum`` excluded)."""
-    total = 0
-    for p in plans:
-        total += p.numel if p.probes else 0
-        total += p.keep * p.numel
-        total += 0 if p.record is None else p.probes * len(p.record)
-        total += 0 if p.exact is None else len(p.exact)
-        total += p.numel if p.fisher else 0
-    return total
+    return sum(p.entries() for p in plans)
 
 
 def diagonal_estimate(plans: Sequence, dtype_bytes: int, workers: int = 1) -> Estimate:

@@ -19,6 +19,7 @@ from lib import cli, subsets
 from lib.diagonal import (
     DiagonalJob,
     ParamPlan,
+    Probes,
     Target,
     hessian_diagonal as estimate,
     hutchinson_running,
@@ -57,7 +58,8 @@ def full_hessian(arch: str) -> torch.Tensor:
 
 def probe_contributions(model, target: Target, k: int, seed: int = 0) -> torch.Tensor:
     """``z_j * (H z_j)`` for probes ``j < k`` at every entry, ``(k, n)``, from the real job (summed-NLL scale)."""
-    plan = ParamPlan(target.param_name, target.numel, probes=k, record=torch.arange(target.numel))
+    plan = ParamPlan(target.param_name, target.numel)
+    plan.add(Probes(k, record=torch.arange(target.numel)))
     sums = run_serial(DiagonalJob([plan], tiny_ids(), seed=seed, model=model), torch.device("cpu"))
     return sums[key(target.param_name, "record")]
 
@@ -89,7 +91,7 @@ def test_results_do_not_depend_on_probe_batch_or_model_input_bs():
         assert torch.allclose(ref.diagonals[e][t.param_name], other.diagonals[e][t.param_name], rtol=1e-6, atol=1e-12)
 
 
-# ----------------------------------------------------------------------------- exact and fisher
+# ----------------------------------------------------------------------------- exact and empirical fisher
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -107,11 +109,11 @@ def test_exact_equals_diagonal_of_the_full_exact_hessian(arch):
 
 
 @pytest.mark.parametrize("model_input_bs", [1, 2])
-def test_fisher_equals_the_squared_per_sample_gradients_by_hand(model_input_bs):
+def test_empirical_fisher_equals_the_squared_per_sample_gradients_by_hand(model_input_bs):
     model = tiny_model("gpt2")
     t = layer(model, "gpt2", block=1)
     ids = tiny_ids(b=4)
-    res = estimate(model, [t], ids, estimators=("fisher",), model_input_bs=model_input_bs)
+    res = estimate(model, [t], ids, estimators=("empirical_fisher",), model_input_bs=model_input_bs)
     weight = model.get_parameter(t.param_name)
     by_hand = torch.zeros_like(weight)
     weight.requires_grad_(True)
@@ -125,8 +127,8 @@ def test_fisher_equals_the_squared_per_sample_gradients_by_hand(model_input_bs):
         weight.requires_grad_(False)
     by_hand /= 4 * 7
     assert float(by_hand.abs().max()) > 0
-    assert torch.allclose(res.diagonals["fisher"][t.param_name], by_hand, rtol=1e-10, atol=0)
-    assert res.hvps["fisher"] == 0
+    assert torch.allclose(res.diagonals["empirical_fisher"][t.param_name], by_hand, rtol=1e-10, atol=0)
+    assert res.hvps["empirical_fisher"] == 0
 
 
 # ----------------------------------------------------------------------------- hutchinson
@@ -271,7 +273,7 @@ def test_tracked_rows_give_curves_that_end_at_the_final_estimates():
     name, module = subsets.layer_module(model, 0, LAYER["gpt2"])
     tracked = subsets.output_units_index(module, 3)  # Conv1D: weight[:, :3]
     t = Target(name, tuple(model.get_parameter(name).shape), tracked)
-    res = estimate(model, [t], tiny_ids(), estimators=("hutchinson", "xdiag", "fisher"), vhp_samples=10)
+    res = estimate(model, [t], tiny_ids(), estimators=("hutchinson", "xdiag", "empirical_fisher"), vhp_samples=10)
     d = full_hessian("gpt2").diagonal() / (2 * 7)
     assert torch.allclose(res.tracked_exact[name], d[tracked], rtol=1e-10)
     assert torch.equal(tracked, (torch.arange(16)[:, None] * 48 + torch.arange(3)).reshape(-1))  # GPT-2 Conv1D stores (in, out)
@@ -283,7 +285,7 @@ def test_tracked_rows_give_curves_that_end_at_the_final_estimates():
         final = res.diagonals[e][name].reshape(-1)
         assert c["tracked_rel_error"][-1] == pytest.approx(rel_l2(final[tracked], d[tracked]), rel=1e-9)
         assert math.isnan(c["consecutive_rel_diff"][0]) and all(v > 0 for v in c["consecutive_rel_diff"][1:])
-    assert curves["fisher"]["final_tracked_rel_error"] == pytest.approx(rel_l2(res.diagonals["fisher"][name].reshape(-1)[tracked], d[tracked]))
+    assert curves["empirical_fisher"]["final_tracked_rel_error"] == pytest.approx(rel_l2(res.diagonals["empirical_fisher"][name].reshape(-1)[tracked], d[tracked]))
 
 
 def test_log_grid():
@@ -301,12 +303,12 @@ def _outputs(tmp_path, meta):
 
 
 def test_script_end_to_end_with_a_convergence_study(tmp_path):
-    meta = hessian_diagonal.run(["--track_rows", "1", "--vhp_samples", "6", "--estimator", "hutchinson", "xdiag", "fisher", "--output_dir", str(tmp_path), *FAST])
+    meta = hessian_diagonal.run(["--track_rows", "1", "--vhp_samples", "6", "--estimator", "hutchinson", "xdiag", "empirical_fisher", "--output_dir", str(tmp_path), *FAST])
     diags, js = _outputs(tmp_path, meta)
     name = "model.decoder.layers.0.self_attn.q_proj.weight"
-    assert set(diags) == {"hutchinson", "xdiag", "fisher"} and diags["xdiag"][name].shape == (128, 128)
-    assert js["parameter"] == name and js["vhp_samples"] == 6 and js["estimators"] == ["hutchinson", "xdiag", "fisher"]
-    assert js["hvps_per_sample"] == {"hutchinson": 6, "xdiag": 6, "fisher": 0}
+    assert set(diags) == {"hutchinson", "xdiag", "empirical_fisher"} and diags["xdiag"][name].shape == (128, 128)
+    assert js["parameter"] == name and js["vhp_samples"] == 6 and js["estimators"] == ["hutchinson", "xdiag", "empirical_fisher"]
+    assert js["hvps_per_sample"] == {"hutchinson": 6, "xdiag": 6, "empirical_fisher": 0}
     assert js["n_tokens"] == 2 * 7 and js["estimate_elapsed_s"] > 0 and "mean next-token NLL" in js["normalization"]
     conv = js["convergence"]
     assert conv["tracked_entries"] == 128 and conv["consecutive_diff_entries"] == 128 * 128
@@ -339,7 +341,7 @@ ERRORS = [
     (["--track_rows", "1", "--all_layers"], r"--track_rows studies the convergence on one layer; it cannot be combined with --all_layers"),
     (["--all_layers", "--block_index", "4"], r"--block_index 4 is out of range: the model has 4 blocks"),
     (["--block_index", "4"], r"--block_index 4 is out of range: the model has 4 blocks"),
-    (["--track_rows", "1", "--estimator", "fisher"], r"--track_rows records the error after each probe"),
+    (["--track_rows", "1", "--estimator", "empirical_fisher"], r"--track_rows records the error after each probe"),
 ]
 
 
@@ -357,5 +359,28 @@ def test_errors_are_one_clear_line(extra, message, capsys, tmp_path):
 def test_summed_nll_matches_the_jobs_perplexity():
     model = tiny_model("opt")
     ids = tiny_ids()
-    res = estimate(model, [layer(model, "opt")], ids, estimators=("fisher",))
+    res = estimate(model, [layer(model, "opt")], ids, estimators=("empirical_fisher",))
     assert res.nll_sum == pytest.approx(float(summed_nll(model(input_ids=ids).logits, ids)), rel=1e-10)
+
+
+def test_the_old_name_fisher_is_a_deprecated_alias_of_empirical_fisher(tmp_path, capsys):
+    meta = hessian_diagonal.run(["--estimator", "fisher", "hutchinson", "--vhp_samples", "2", "--name", "old", "--output_dir", str(tmp_path), *FAST])
+    err = capsys.readouterr().err
+    assert "warning: --estimator fisher is deprecated: it is the empirical Fisher, now called empirical_fisher" in err
+    assert meta["estimators"] == ["empirical_fisher", "hutchinson"] and meta["config"]["estimator"] == ["empirical_fisher", "hutchinson"]
+    new = hessian_diagonal.run(["--estimator", "empirical_fisher", "hutchinson", "--vhp_samples", "2", "--name", "new", "--output_dir", str(tmp_path), *FAST])
+    a, b = torch.load(tmp_path / "old.pt"), torch.load(tmp_path / "new.pt")
+    assert all(torch.equal(a[e][p], b[e][p]) for e in b for p in b[e]) and new["estimators"] == meta["estimators"]
+    with pytest.raises(ValueError, match=r"unknown estimator 'fisher'.*now called 'empirical_fisher'"):
+        estimate(tiny_model("opt"), [], tiny_ids(), estimators=("fisher",))  # the library speaks the new names only
+
+
+def test_xdiag_in_bfloat16_runs_end_to_end(tmp_path):
+    """The phase-2 basis is bfloat16 (the model's dtype): its digest for the checkpoint identity works (NumPy has no bfloat16)."""
+    meta = hessian_diagonal.run(["--dtype", "bfloat16", "--estimator", "xdiag", "--vhp_samples", "4", "--name", "bf", "--output_dir", str(tmp_path), *FAST])
+    d = torch.load(tmp_path / "bf.pt")
+    assert d.dtype == torch.bfloat16 and d.shape == (128, 128) and bool(torch.isfinite(d.float()).all()) and meta["perplexity"] > 1
+    from lib.operator import digest
+
+    basis = torch.randn(3, 5).to(torch.bfloat16)
+    assert digest(basis) == digest(basis.clone()) != digest(basis + 1)

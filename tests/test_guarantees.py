@@ -325,7 +325,7 @@ def test_unit_timeout_flag_is_validated(tmp_path):
 
 
 def test_checkpoint_size_estimate_matches_the_files(tmp_path):
-    argv = ["--vhp_samples", "6", "--estimator", "hutchinson", "xdiag", "fisher", "--track_rows", "1", "--seqlen", "16", "--b", "2", "--no_progress", "--name", "e", "--output_dir", str(tmp_path), "--keep_checkpoint"]
+    argv = ["--vhp_samples", "6", "--estimator", "hutchinson", "xdiag", "empirical_fisher", "--track_rows", "1", "--seqlen", "16", "--b", "2", "--no_progress", "--name", "e", "--output_dir", str(tmp_path), "--keep_checkpoint"]
     seen = []
     orig = preflight.check
     with pytest.MonkeyPatch.context() as m:

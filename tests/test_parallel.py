@@ -287,7 +287,7 @@ def test_diagonal_job_on_two_cpu_workers_equals_one_process_bitwise():
     model = spec.load("cpu")
     name = "model.decoder.layers.1.self_attn.q_proj.bias"
     target = diagonal.Target(name, tuple(model.get_parameter(name).shape))
-    plans = diagonal.plan_phase1([target], ("hutchinson", "xdiag", "fisher"), 4, seed=0)
+    plans = diagonal.plan_phase1([target], ("hutchinson", "xdiag", "empirical_fisher"), 4, seed=0)
     samples = load_samples("embedded", 16, 4)
     serial = run_serial(diagonal.DiagonalJob(plans, samples, spec=spec, model=model), torch.device("cpu"))
     settings = parallel.RunSettings([torch.device("cpu"), torch.device("cpu")])

@@ -1,0 +1,118 @@
+"""Hutchinson on the generalized Gauss-Newton matrix: ``diag(G) ~ (1/K) sum_j z_j * (G z_j)``.
+
+``G = sum_t J_t^T (diag p_t - p_t p_t^T) J_t`` with ``J_t`` the Jacobian of position ``t``'s logits (the softmax's
+inputs) w.r.t. ``x`` and ``p_t`` their softmax; the probes are Hutchinson's (the same ``z_j``). An unbiased estimate
+of ``diag(G)``, not of ``diag(H)``: ``H = G +`` the terms with the network's second derivatives. References:
+Schraudolph 2002, "Fast curvature matrix-vector products for second-order gradient descent"; Martens 2020, "New
+insights and perspectives on the natural gradient method", JMLR 21.
+
+Cost: ``K`` Gauss-Newton-vector products per sample and weight, each one Jacobian-vector product (a double backward,
+see :mod:`lib.curvature`) and one vector-Jacobian product of the network: no second backward through it. Plan:
+:class:`GGNProbes` (its own work: it needs the model, not the Hessian's products). Finish: ``ggn / K``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ...jobs import Partial
+from ...loss import SubsetLoss
+from .base import (
+    DiagonalEstimator,
+    Finish,
+    ParamPlan,
+    Progress,
+    Target,
+    Unit,
+    Work,
+    rademacher_probes,
+    register,
+)
+
+
+class GGNOperator:
+    """``v -> G v`` with ``G = sum_t J_t^T (diag p_t - p_t p_t^T) J_t`` the GGN of ``objective``'s summed NLL on one batch at ``x0``.
+
+    Built once per batch (one forward and one ``create_graph`` VJP ``J^T u`` for a dummy ``u``); each product is
+    one JVP ``J v`` (double backward, see :mod:`lib.curvature`), the softmax Hessian through the head, and one VJP:
+    no Hessian of the network is formed. ``J`` is the Jacobian of the softmax's inputs (the head's inputs
+    with the fused head). :attr:`nll` is the batch's summed NLL.
+    """
+
+    def __init__(self, objective: SubsetLoss, x0: torch.Tensor, input_ids: torch.Tensor):
+        self.x = x0.detach().clone().requires_grad_(True)
+        self.feats, self.weight, bias = objective.features(self.x, input_ids)
+        f = self.feats.detach()
+        logits = f if self.weight is None else f @ self.weight.detach().T + (0 if bias is None else bias.detach())
+        self.p = torch.softmax(logits, -1)
+        labels = input_ids[:, 1:].reshape(-1).to(logits.device)
+        self.nll = F.cross_entropy(logits, labels, reduction="sum")
+        self.u = torch.zeros_like(self.feats, requires_grad=True)
+        (self.jt_u,) = torch.autograd.grad(self.feats, self.x, grad_outputs=self.u, create_graph=True)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``G v`` for ``v``: ``(n,)``."""
+        (jv,) = torch.autograd.grad(self.jt_u, self.u, grad_outputs=v.to(self.x), retain_graph=True)
+        w = self.weight.detach() if self.weight is not None else None
+        a = jv if w is None else jv @ w.T
+        k = self.p * (a - (self.p * a).sum(-1, keepdim=True))
+        (gv,) = torch.autograd.grad(self.feats, self.x, grad_outputs=k if w is None else k @ w, retain_graph=True)
+        return gv
+
+
+@dataclass
+class GGNProbes(Work):
+    """Hutchinson probes ``z_0..z_{count-1}`` on the batch's GGN: ``sum_j z_j * (G z_j)`` as ``ggn`` (``(n,)``)."""
+
+    count: int
+    order: ClassVar[int] = 0  # first: its forward gives the batch's NLL
+
+    def merge(self, other: Work) -> None:
+        self.count = max(self.count, other.count)
+
+    def steps(self) -> int:
+        return self.count
+
+    def entries(self, numel: int) -> int:
+        return numel
+
+    def config(self) -> dict[str, Any]:
+        return {"count": self.count}
+
+    def run(self, unit: Unit, progress: Progress | None) -> Partial:
+        if unit.objective is None:
+            raise ValueError("the GGN estimator needs a model (its Jacobians), not only Hessian-vector products")
+        op = GGNOperator(unit.objective, unit.x0, unit.batch)
+        x0 = unit.x0
+        out = torch.zeros_like(x0)
+        for j in range(self.count):
+            z = rademacher_probes(unit.numel, unit.seed, unit.param_name, j, j + 1, x0.dtype)[0].to(x0.device)
+            out += z * op.matvec(z)
+            if progress is not None:
+                progress(1)
+        unit.offer_nll(op.nll)
+        return {"ggn": out}
+
+
+@register
+class GGNDiagonal(DiagonalEstimator):
+    name = "ggn"
+    order = 40
+    summary = "Hutchinson on the Gauss-Newton matrix: K probes of one JVP + one VJP each, no second backward"
+    cost = "K Gauss-Newton-vector products per sample and weight (one JVP + one VJP each)"
+    normalization = "the diagonal of the Gauss-Newton matrix sum_t J_t^T (diag p_t - p_t p_t^T) J_t / {n}"
+    estimates_hessian = False
+    min_k = 1
+
+    def hvps_per_sample(self, numel: int, k: int) -> int:
+        return k
+
+    def plan(self, plan: ParamPlan, target: Target, k: int, seed: int) -> None:
+        plan.add(GGNProbes(k))
+
+    def finish(self, fin: Finish) -> torch.Tensor:
+        return fin.get("ggn") / fin.k
