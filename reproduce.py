@@ -118,7 +118,7 @@ def compose_3b(metas: list[dict[str, Any]], out: Path, name: str) -> list[Path]:
         est = m["estimators"][0]
         panels.append((f"{est}, k = {m['vhp_samples']}", torch.load(out / m["files"]["tensor"])))
     c = metas[0]["config"]
-    title = f"|diag H| of {metas[0]['parameter']} along k (HVPs per sample); {c['model']}, b={c['b']}, seqlen={c['seqlen']}\nx: input index (column), y: output unit (row)"
+    title = f"diag H of {metas[0]['parameter']} along k (HVPs per sample); {c['model']}, b={c['b']}, seqlen={c['seqlen']}\nx: input index (column), y: output unit (row)"
     return heatmap_grid(panels, out / name, title, ncols=len(panels))
 
 

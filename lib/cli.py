@@ -58,7 +58,10 @@ class Parser(argparse.ArgumentParser):
     exit status 2, like every other bad input, instead of the full usage block."""
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        from .suggest import unknown_flags_hint
+
+        hint = unknown_flags_hint(message, self._option_string_actions)
+        self.exit(2, f"error: {message}{hint} (see {self.prog} --help)\n")
 
 
 def base_parser(description: str, t_default: tuple[int, int] | None, compare: bool = True) -> argparse.ArgumentParser:
@@ -88,6 +91,7 @@ def base_parser(description: str, t_default: tuple[int, int] | None, compare: bo
     o.add_argument("--name", default=None, help="output file stem (default: derived from the configuration)")
     o.add_argument("--overwrite", action="store_true", help="replace a finished result of the same --name (refused otherwise)")
     o.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    o.add_argument("--abs", action="store_true", help="heatmaps of |H| (viridis from 0, the report's view) instead of the signed H (diverging colours centred at 0)")
     add_run_flags(p)
     if compare:
         curvature.add_flags(p)
@@ -302,7 +306,7 @@ def run_exact(script: str, args: argparse.Namespace, build_subset: Callable[[nn.
     result = job.result(sums, time.perf_counter() - t0)
     outputs.saving_results([settings.checkpoint])
     where = f"{args.model}, b={args.b}, seqlen={args.seqlen}"
-    figures = heatmap(result.hessian, out / name, f"|H|: {subset.description}\n{where}", slice_boundaries(subset), slice_labels=[slice_label(s.param_name) for s in subset.slices])
+    figures = heatmap(result.hessian, out / name, f"{'|H|' if args.abs else 'H'}: {subset.description}\n{where}", slice_boundaries(subset), slice_labels=[slice_label(s.param_name) for s in subset.slices], signed=not args.abs)
     diag, diag_figures = diagonality.report(result.hessian, subset.slices, out / name, f"{subset.description}; {where}")
     study = batch_study.finish(settings.snapshots, args.model_input_bs, args.seqlen, out, name, f"{subset.description}; {where}", result.hessian.dtype) if settings.snapshot_units else {}
     meta = {

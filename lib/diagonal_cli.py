@@ -242,13 +242,14 @@ def save(args: argparse.Namespace, prep: cli.Prepared, found: list[tuple[Target,
     else:
         tensor = {e: {t.param_name: result.diagonals[e][t.param_name].to(dtype) for t in targets} for e in estimators}
     model_desc = f"{args.model}, b={args.b}, seqlen={args.seqlen}"
+    bars = lambda text: f"|{text}|" if args.abs else text  # noqa: E731
     k_desc = lambda e: f", K={args.vhp_samples}" if REGISTRY[e].uses_k else ""  # noqa: E731
     if single:
         e, t = estimators[0], targets[0]
-        figures = heatmap(result.diagonals[e][t.param_name], out / name, f"|diag H| of {t.param_name} ({e}{k_desc(e)})\n{model_desc}", axis_labels=("input index (column of the weight)", "output unit (row of the weight)"), value="|H_ii| of each weight")
+        figures = heatmap(result.diagonals[e][t.param_name], out / name, f"{bars('diag H')} of {t.param_name} ({e}{k_desc(e)})\n{model_desc}", axis_labels=("input index (column of the weight)", "output unit (row of the weight)"), value="H_ii", signed=not args.abs)
     else:
         panels = [(f"{e}: {'' if len(targets) == 1 else f'block {b} '}{lname}", result.diagonals[e][t.param_name]) for e in estimators for t, b, lname in found]
-        figures = heatmap_grid(panels, out / name, f"|diag H| ({', '.join(e + k_desc(e) for e in estimators)}), {model_desc}", ncols=min(6, len(found)) if len(found) > 1 else len(estimators))
+        figures = heatmap_grid(panels, out / name, f"{bars('diag H')} ({', '.join(e + k_desc(e) for e in estimators)}), {model_desc}", ncols=min(6, len(found)) if len(found) > 1 else len(estimators), signed=not args.abs)
     convergence_meta = {}
     if result.curves:
         t = targets[0]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import textwrap
 import sys
 import time
 from pathlib import Path
@@ -208,22 +207,9 @@ def density_json(d: spectrum.SLQResult) -> dict[str, Any]:
 
 def density_figure(d: spectrum.SLQResult, top: list[float], path_stem: Path, title: str) -> list[Path]:
     """The density on a log axis with the computed extreme eigenvalues ``top`` marked (``<path_stem>.pdf/.png``)."""
-    from .plots import _pyplot, _save
+    from .plots import spectral_density
 
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    vals = d.values.clamp_min(1e-300)
-    ax.semilogy(d.grid.numpy(), vals.numpy(), lw=1.2, label="SLQ density" if d.passes else "density of the exact eigenvalues")
-    for j, lam in enumerate(top):
-        ax.axvline(lam, color="C3", ls="--", lw=0.8, label="extreme eigenvalues (--top_k, --which)" if j == 0 else None)
-    floor = float(d.values.max()) * 1e-8
-    ax.set_ylim(bottom=max(floor, 1e-300))
-    ax.set_xlabel("eigenvalue")
-    ax.set_ylabel("density")
-    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return _save(fig, path_stem)
+    return spectral_density(d.grid, d.values, top, path_stem, title, exact=not d.passes)
 
 
 @outputs.guarded
@@ -311,7 +297,7 @@ def run(argv: list[str] | None, description: str) -> dict[str, Any]:
     meta["fingerprints"] = prep.fingerprints
     figures: list[Path] = []
     if "density" in meta:
-        title = f"Hessian spectral density, {subset.description}; {args.model}, b={args.b}, seqlen={args.seqlen} ({meta['path']} path)"
+        title = f"Hessian spectral density: {subset.description}\n{args.model}, b={args.b}, seqlen={args.seqlen}"
         figures = density_figure(dens, meta["eigenvalues"], out / f"{name}_density", title)
     meta["figures"] = [p.name for p in figures]
     meta = save_tensor_and_json(out, name, saved, meta)

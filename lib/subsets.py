@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .suggest import did_you_mean, glob_suggestion
 from .models import find_blocks, linear_layers
 
 
@@ -79,7 +80,7 @@ def layer_module(model: nn.Module, block_index: int, layer_name: str) -> tuple[s
     block_name, block = _check_block(model, block_index)
     layers = dict(linear_layers(block))
     if layer_name not in layers:
-        raise UserError(f"unknown --layer_name {layer_name!r}; the linear layers of a block are: {', '.join(layers)}")
+        raise UserError(f"unknown --layer_name {layer_name!r}{did_you_mean(layer_name, layers)}; the linear layers of a block are: {', '.join(layers)}")
     return f"{block_name}.{layer_name}.weight", layers[layer_name]
 
 
@@ -223,7 +224,7 @@ def params_subset(model: nn.Module, globs: Sequence[str]) -> Subset:
     for pattern in globs:
         hits = fnmatch.filter(names, pattern)
         if not hits:
-            raise UserError(f"--params {pattern!r} matches no parameter; names look like: {', '.join(names[:2] + names[-2:])}")
+            raise UserError(f"--params {pattern!r} matches no parameter{glob_suggestion(pattern, names)}; names look like: {', '.join(names[:2] + names[-2:])}")
         chosen.update(hits)
     slices = tuple(whole_parameter(model, n).slices[0] for n in names if n in chosen)
     total = sum(len(s) for s in slices)

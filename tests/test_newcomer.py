@@ -1,0 +1,53 @@
+"""What a newcomer hits (issue 18): typo suggestions, and diagonality shares per block and per layer type."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import single_layer_several_blocks
+from lib import diagonality, subsets
+from lib.errors import UserError
+from lib.models import load_model
+from lib.suggest import did_you_mean, glob_suggestion, unknown_flags_hint
+
+
+def test_misspelt_flag_gets_a_suggestion(capsys):
+    with pytest.raises(SystemExit) as e:
+        single_layer_several_blocks.parser().parse_args(["--num_block", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "unrecognized arguments: --num_block 2" in err and "did you mean --num_blocks?" in err
+
+
+def test_suggestions_are_close_matches_only():
+    assert did_you_mean("self_attn.qproj", ["self_attn.q_proj", "self_attn.k_proj", "fc1"]) == " (did you mean 'self_attn.q_proj'?)"
+    assert did_you_mean("zzz", ["self_attn.q_proj"]) == ""
+    names = ["model.decoder.layers.0.self_attn.q_proj.weight", "model.decoder.layers.0.fc1.weight"]
+    assert "layers.0.self_attn.q_proj.weight" in glob_suggestion("model.decoder.layers.0.self_attn.qproj*", names)
+    assert unknown_flags_hint("unrecognized arguments: --sedd=3", ["--seed", "--b"]) == " (did you mean --seed?)"
+    assert unknown_flags_hint("argument --b: invalid int value", ["--seed"]) == ""
+
+
+def test_layer_name_and_params_typos_get_suggestions():
+    model = load_model("embedded")
+    with pytest.raises(UserError, match=r"did you mean 'self_attn.q_proj'\?"):
+        subsets.single_layer_single_block(model, "self_attn.qproj", 0, 4)
+    with pytest.raises(UserError, match=r"did you mean 'model.decoder.layers.0.self_attn.q_proj.weight'"):
+        subsets.params_subset(model, ["model.decoder.layers.0.self_attn.qproj.weight"])
+
+
+def test_block_and_layer_type_shares_on_a_hand_made_matrix():
+    # slices: b0 q, b0 k, b1 q, b1 k, one entry each; H's squared entries give the slice-pair mass directly
+    h = torch.tensor([[1.0, 2.0, 0.0, 0.0], [2.0, 1.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]], dtype=torch.float64)
+    names = [f"model.decoder.layers.{b}.self_attn.{t}_proj.weight" for b in (0, 1) for t in ("q", "k")]
+    d = diagonality.summary(h, [1, 1, 1, 1], ["b0 q_proj", "b0 k_proj", "b1 q_proj", "b1 k_proj"], names)
+    total = 4 + 4 * 2 + 1 * 2  # diagonal 4, the (q0, k0) pair 4 each side, the (k0, k1) pair 1 each side
+    assert d["block_diag_share_fro2"] == pytest.approx(4 / total)
+    assert d["same_block_share_fro2"] == pytest.approx((4 + 8) / total)
+    assert d["same_layer_type_share_fro2"] == pytest.approx((4 + 2) / total)
+    assert d["layer_type_pair_share_fro2"] == pytest.approx({"k_proj x q_proj": 8 / total, "k_proj x k_proj": 4 / total, "q_proj x q_proj": 2 / total})
+    line = diagonality.one_line(d)
+    assert "same-block squares 0.857" in line and "k_proj x q_proj 0.571" in line
+    assert diagonality.slice_keys("lm_head.weight") == (None, "lm_head")
+    assert diagonality.slice_keys("transformer.h.11.attn.c_attn.weight") == ("11", "c_attn")
