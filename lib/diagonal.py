@@ -58,6 +58,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .errors import ParamError
 from .jobs import ModelJob, Partial, derived_seed, run_serial
 from .loss import SubsetLoss
 from .models import ModelSpec
@@ -108,7 +109,7 @@ def xdiag_basis(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q, r = torch.linalg.qr(y.to(torch.float64).T)
     d = r.diagonal().abs()
     if not bool(torch.isfinite(r).all()) or (d.numel() > 0 and bool((d <= 1e-12 * d.max()).any())):
-        raise ValueError(f"the XDiag sketch H*Omega has rank below {y.shape[0]}: the Hessian's rank is smaller than --vhp_samples/2; use --estimator exact or fewer HVPs")
+        raise ParamError("vhp_samples", f"the XDiag sketch H*Omega has rank below {y.shape[0]}: the Hessian's rank is smaller than vhp_samples/2; use the exact estimator or fewer HVPs")
     return q, r
 
 

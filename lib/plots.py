@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -236,4 +237,22 @@ def comparison_figure(matrices: dict[str, torch.Tensor], metrics: dict[str, dict
     ax.legend(fontsize=7, ncol=min(len(bars), 7))
     ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle(f"{title}\n|H| and |best_scale * A| on one colour scale (clipped at the {clip_percentile:g}th percentile of |H|)", fontsize=9)
+    return _save(fig, path_stem)
+
+
+def density_figure(grid: torch.Tensor, values: torch.Tensor, marks: Sequence[float], path_stem: str | Path, title: str, label: str = "SLQ density", marks_label: str = "extreme eigenvalues") -> list[Path]:
+    """A spectral density (``values`` on ``grid``) on a log axis, with the eigenvalues ``marks`` as dashed lines
+    (``<path_stem>.pdf/.png``)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.semilogy(grid.numpy(), values.clamp_min(1e-300).numpy(), lw=1.2, label=label)
+    for j, lam in enumerate(marks):
+        ax.axvline(lam, color="C3", ls="--", lw=0.8, label=marks_label if j == 0 else None)
+    floor = float(values.max()) * 1e-8
+    ax.set_ylim(bottom=max(floor, 1e-300))
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density")
+    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
     return _save(fig, path_stem)
