@@ -301,7 +301,7 @@ def _outputs(tmp_path, meta):
 
 
 def test_script_end_to_end_with_a_convergence_study(tmp_path):
-    meta = hessian_diagonal.run(["--track_rows", "1", "--vhp_samples", "6", "--estimator", "hutchinson", "xdiag", "fisher", "--output_dir", str(tmp_path), *FAST])
+    meta = hessian_diagonal.run(["--track_rows", "1", "--hvps", "6", "--estimator", "hutchinson", "xdiag", "fisher", "--output_dir", str(tmp_path), *FAST])
     diags, js = _outputs(tmp_path, meta)
     name = "model.decoder.layers.0.self_attn.q_proj.weight"
     assert set(diags) == {"hutchinson", "xdiag", "fisher"} and diags["xdiag"][name].shape == (128, 128)
@@ -318,7 +318,7 @@ def test_script_end_to_end_with_a_convergence_study(tmp_path):
 
 
 def test_all_layers_equals_separate_runs(tmp_path):
-    common = ["--vhp_samples", "2", "--estimator", "xdiag", "--block_index", "3", "--output_dir", str(tmp_path), *FAST]
+    common = ["--hvps", "2", "--estimator", "xdiag", "--block_index", "3", "--output_dir", str(tmp_path), *FAST]
     meta = hessian_diagonal.run(["--all_layers", "--name", "all", *common])
     diags, js = _outputs(tmp_path, meta)
     names = [p["name"] for p in js["parameters"]]
@@ -334,7 +334,7 @@ def test_all_layers_equals_separate_runs(tmp_path):
 ERRORS = [
     (["--layer_name", "q_proj"], r"unknown --layer_name 'q_proj'; the linear layers of a block are: self_attn.k_proj, self_attn.v_proj, self_attn.q_proj, self_attn.out_proj, fc1, fc2"),
     (["--estimator", "exact", "--layer_name", "fc1"], r"--estimator exact needs one Hessian-vector product per entry and sample: model.decoder.layers.0.fc1.weight has 65536 entries, over the limit of 16384"),
-    (["--vhp_samples", "5"], r"--vhp_samples must be even and at least 2, got 5"),
+    (["--hvps", "5"], r"--hvps must be even and at least 2, got 5"),
     (["--track_rows", "129"], r"--track_rows 129 is larger than the 128 output units of self_attn.q_proj"),
     (["--track_rows", "1", "--all_layers"], r"--track_rows studies the convergence on one layer; it cannot be combined with --all_layers"),
     (["--all_layers", "--block_index", "4"], r"--block_index 4 is out of range: the model has 4 blocks"),

@@ -163,7 +163,7 @@ def test_reproduce_presets_are_the_reports_configurations():
     assert t == {"1a": "768", "1b": "300", "1c": "150", "1d": "25", "2": "768"}
     assert "--batch_study" in flags["2"][0] and flags["1b"][0][:2] == ["--num_blocks", "1"]
     assert not any("--b" in a or "--seqlen" in a for runs in flags.values() for a in runs)  # seqlen 2048, every sample
-    assert [a[a.index("--vhp_samples") + 1] for a in flags["3b"]] == ["1", "10", "100", "1000", "1000"]
+    assert [a[a.index("--hvps") + 1] for a in flags["3b"]] == ["1", "10", "100", "1000", "1000"]
     embedded = {f: [list(r.argv) for r in reproduce.runs(f, "embedded")] for f in reproduce.FIGURES}
     assert embedded["1a"] == [["--t", "128"]] and "--batch_study" in embedded["2"][0]
 
@@ -178,7 +178,7 @@ def test_every_figure_command_runs_end_to_end_on_a_tiny_configuration(tmp_path, 
     assert "fig2_embedded_batch_study.png" in done["2"]["files"]
     assert "fig3b_embedded.png" in done["3b"]["files"] and "fig3a_embedded_convergence.png" in done["3a"]["files"]
     js = json.loads((tmp_path / "fig2_embedded.json").read_text())
-    assert js["config"]["batch_study"] and js["batch_study"]["b"] == [1, 2, 3, 4, 5]
+    assert js["config"]["compute"]["batch_study"] and js["batch_study"]["b"] == [1, 2, 3, 4, 5]
     record = json.loads((tmp_path / "reproduce_embedded.json").read_text())
     assert set(record) == set(reproduce.FIGURES) and record["1a"]["elapsed_s"] > 0
     out = capsys.readouterr().out

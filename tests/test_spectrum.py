@@ -273,18 +273,17 @@ def test_script_keeps_the_output_guarantees(tmp_path, monkeypatch):
     """Like the other scripts: a finished result is not replaced without --overwrite (refused before the model
     is loaded), the JSON carries the input fingerprints, and the seed (random start vectors and probes) is
     part of the default name."""
-    from lib import cli
+    from lib import pipeline
+    from lib.spectrum_cli import FAMILY
 
     _, js = _pt(tmp_path, "--max_iter", "4")
     assert set(js["fingerprints"]) == {"model", "tokenizer"} and len(js["tensor_sha256"]) == 64
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was loaded")))
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was loaded")))
     with pytest.raises(lib.UserError, match="holds a finished result; pass --overwrite"):
         _pt(tmp_path, "--max_iter", "4")
     names = set()
     for seed in ("1", "2"):
-        args = hessian_spectrum.spectrum_cli.build_parser("").parse_args(["--seed", seed])
-        cli.resolve_defaults(args, hessian_spectrum.spectrum_cli.T_DEFAULT)
-        names.add(hessian_spectrum.spectrum_cli.default_name(args))
+        names.add(FAMILY.default_name(hessian_spectrum.command.spec(["--seed", seed])))
     assert len(names) == 2
 
 
