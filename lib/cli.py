@@ -111,7 +111,9 @@ def _new_parser(description: str) -> Parser:
 
 
 def _model_and_data(p: argparse.ArgumentParser, spec: RunSpec, t_default: tuple[int, int] | None) -> tuple[Any, Any]:
-    """The flags of the ``model`` and ``data`` sections (and ``--t``); returns the (model and data, computation) groups."""
+    """The flags of the ``model`` and ``data`` sections (and ``--t``); returns the (model and data, computation) groups.
+
+    ``spec``: the fields' own defaults (``type(spec)()``), before the model-dependent ones are resolved."""
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=spec.model.model, help="HF model id or local directory; 'embedded' = the bundled tiny trained OPT")
     g.add_argument("--cache_dir", default=spec.model.cache_dir, help="where HF weights, datasets and tokenized text are cached")
@@ -186,12 +188,12 @@ EXACT_SUBSET_HELP = {
 
 def exact_parser(script: str, description: str) -> Parser:
     """The flags of an exact-Hessian script (``single_layer_single_block`` etc.)."""
-    spec = ExactSpec.build(script)
+    raw, spec = ExactSpec(script=script), ExactSpec.build(script)
     p = _new_parser(description)
-    _, c = _model_and_data(p, spec, T_DEFAULTS[script])
+    _, c = _model_and_data(p, raw, T_DEFAULTS[script])
     _chunk(c, "Hessian columns")
-    _output_and_run(p, spec)
-    _compare(p, spec)
+    _output_and_run(p, raw)
+    _compare(p, raw)
     for name, text in EXACT_SUBSET_HELP[script].items():
         p.add_argument(f"--{name}", type=str if name == "layer_name" else int, default=spec.get(name), help=text)
     _batch_study(p)
@@ -220,7 +222,7 @@ def resolve_estimators(names: Sequence[str] | None, known: Sequence[str]) -> lis
 
 def diagonal_parser(description: str) -> Parser:
     """The flags of ``hessian_diagonal.py`` (no ``--t``, ``--method`` or ``--compare``: whole weights)."""
-    spec = DiagonalSpec.build()
+    spec = DiagonalSpec()
     p = _new_parser(description)
     _, c = _model_and_data(p, spec, None)
     _output_and_run(p, spec)
@@ -239,12 +241,12 @@ def diagonal_parser(description: str) -> Parser:
 
 def spectrum_parser(description: str) -> Parser:
     """The flags of ``hessian_spectrum.py``."""
-    spec = SpectrumSpec.build("hessian_spectrum")
-    c = spec.compute
+    raw, spec = SpectrumSpec(script="hessian_spectrum"), SpectrumSpec.build("hessian_spectrum")
+    c = raw.compute
     p = _new_parser(description)
-    _, comp = _model_and_data(p, spec, T_DEFAULTS["hessian_spectrum"])
+    _, comp = _model_and_data(p, raw, T_DEFAULTS["hessian_spectrum"])
     _chunk(comp, "Hessian columns (products)")
-    _output_and_run(p, spec)
+    _output_and_run(p, raw)
     s = p.add_argument_group("subset (the exact scripts' flags, or --params)")
     s.add_argument("--params", nargs="+", default=None, metavar="GLOB", help="whole parameters whose names match these shell-style globs, e.g. 'model.decoder.layers.0.self_attn.q_proj.weight'; '*' = every parameter (overrides the flags below)")
     s.add_argument("--layer_name", default=spec.subset.layer_name, help="linear layer inside a block (first --t weights of row 0)")

@@ -37,7 +37,7 @@ from .errors import ParamError, UserError
 from .inputs import model_fingerprint, tokenizer_fingerprint, warn
 from .models import ModelSpec, load_model, max_positions, model_skeleton, resolve_device
 from .results import save_tensor_and_json
-from .spec import PAPER_SEQLEN, RunSpec
+from .spec import PAPER_SEQLEN, SECTIONS, RunSpec
 
 
 # ----------------------------------------------------------------------------- the family interface
@@ -48,6 +48,9 @@ class Family:
     :meth:`default_name`, :meth:`compute`, :meth:`save` and :meth:`report`."""
 
     name = ""
+    identity_sections: tuple[str, ...] = SECTIONS
+    """The spec sections whose result-changing fields identify the run's checkpoints (beside each job's own
+    configuration): a resume that changes one of them is refused."""
 
     def default_name(self, spec: RunSpec) -> str:
         """The output stem when ``--name`` is not given: readable, plus ``spec.digest()``."""
@@ -104,6 +107,7 @@ class Run:
     fingerprints: dict[str, str]
     structure: Any
     t_start: float
+    identity_sections: tuple[str, ...] = SECTIONS
     settings: list[parallel.RunSettings] = field(default_factory=list)
     """Every :func:`run_settings` made for this run's jobs."""
     kept: list[ckpt.CheckpointConfig | None] = field(default_factory=list)
@@ -128,9 +132,10 @@ class Run:
         env = parallel.distributed_env()
         return env is None or env[0] == 0
 
-    def identity(self) -> dict[str, str]:
-        """What every checkpoint of the run is validated against beside its job's configuration."""
-        return {"run_spec": self.spec.digest(64)}
+    def identity(self) -> dict[str, Any]:
+        """What every checkpoint of the run is validated against beside its job's configuration: the spec's
+        result-changing fields of the family's :attr:`Family.identity_sections`."""
+        return self.spec.result_values(self.identity_sections)
 
     def model_spec(self) -> ModelSpec:
         """How worker processes load the model of this run (and check that it is the parent's, by fingerprint)."""
@@ -279,7 +284,7 @@ def load(spec: RunSpec, family: Family, name: str, devices: list[torch.device], 
     model = found.model if found.loaded else _load_weights(found.spec, device)
     structure = family.structure(model, found.spec)
     fingerprints = {"model": model_fingerprint(model), "tokenizer": found.tokenizer_fingerprint}
-    return Run(found.spec, name, model, found.samples, device, devices, fingerprints, structure, t_start)
+    return Run(found.spec, name, model, found.samples, device, devices, fingerprints, structure, t_start, family.identity_sections)
 
 
 # ----------------------------------------------------------------------------- the pipeline

@@ -323,6 +323,15 @@ class RunSpec:
                 out.setdefault(sname, {})[f.name] = _jsonable(value)
         return out
 
+    def result_values(self, sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
+        """The result-changing fields of ``sections``, flat by field name (``family`` and ``script`` included)."""
+        nested = self.result_fields()
+        out = {"family": nested.pop("family"), "script": nested.pop("script")}
+        for sname, values in nested.items():
+            if sname in sections:
+                out.update(values)
+        return out
+
     def digest(self, length: int = 8) -> str:
         """Hex SHA-256 of :meth:`result_fields` (first ``length`` digits; the default name uses 8)."""
         text = json.dumps(self.result_fields(), sort_keys=True, default=str)

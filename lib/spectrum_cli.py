@@ -170,6 +170,10 @@ def density_json(d: spectrum.SLQResult) -> dict[str, Any]:
 
 class SpectrumFamily(Family):
     name = "spectrum"
+    identity_sections = ("model", "data", "subset")
+    """The checkpoints and the pass log hold products of ``H``, which the model, the data and the subset define;
+    the algorithm's settings (``--max_iter``, ``--density``, ...) may change on ``--resume``: recorded passes are
+    replayed by the digest of their input block."""
 
     def default_name(self, spec: SpectrumSpec) -> str:
         """Readable stem plus the hash of every result-defining field, the seed included (random start vectors and probes)."""
@@ -230,7 +234,8 @@ class SpectrumFamily(Family):
                 from tqdm.auto import tqdm
 
                 bar = tqdm(total=total, desc="passes over the samples", dynamic_ncols=True)
-            log_cfg = {"subset": digest(torch.cat([s.flat_index for s in subset.slices])), "params": subset.param_names, "samples": digest(run.samples), "model": mspec.identity(), "model_input_bs": mbs, "seed": c.seed, "fused_head": fused, **run.identity()}
+            log_cfg = {"subset": digest(torch.cat([s.flat_index for s in subset.slices])), "params": subset.param_names, "samples": digest(run.samples), "model": mspec.identity(), "model_input_bs": mbs, "seed": c.seed, "fused_head": fused}
+            log_cfg = {**run.identity(), **log_cfg}
             pool = parallel.WorkerPool(run.devices)  # spawns workers only for several devices
             log = PassLog(run.out / f"{run.name}.passes" if run.rank0 else None, log_cfg, spec.run.resume, make_run_pass(run, op, pool), bar)
             try:
