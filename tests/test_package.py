@@ -5,6 +5,7 @@ entry points for the scripts."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -59,7 +60,13 @@ def test_pip_install_then_import_and_run_from_another_directory(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     site = next(venv.glob("lib/python*/site-packages"))
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", str(ROOT)], capture_output=True, text=True, timeout=600)
+    src = tmp_path / "src"  # a copy: an in-tree build would leave build/ and *.egg-info in the checkout
+    src.mkdir()
+    for d in ("lib", "assets"):
+        shutil.copytree(ROOT / d, src / d, ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / f, src / f)
+    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", str(src)], capture_output=True, text=True, timeout=600)
     assert pip.returncode == 0, pip.stderr
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
