@@ -101,6 +101,7 @@ def test_auto_probe_batch_equals_probe_batch_one():
     assert torch.allclose(a[f"{name}|zhz"], b[f"{name}|zhz"], rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.slow
 def test_the_scripts_record_the_measured_chunk_in_their_json(tmp_path):
     import json
 

@@ -317,6 +317,7 @@ def test_script_end_to_end_with_a_convergence_study(tmp_path):
     assert not list(tmp_path.glob("*.ckpt"))  # both phases' checkpoints are removed at the end
 
 
+@pytest.mark.slow
 def test_all_layers_equals_separate_runs(tmp_path):
     common = ["--hvps", "2", "--estimator", "xdiag", "--block_index", "3", "--output_dir", str(tmp_path), *FAST]
     meta = hessian_diagonal.run(["--all_layers", "--name", "all", *common])

@@ -170,6 +170,7 @@ def _wait_for(proc: subprocess.Popen, marker: str, timeout: float = 180) -> str:
     return seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupt_is_one_line_with_its_exit_status_and_a_concurrent_run_is_refused(sig, tmp_path, no_model_load):
     proc = _start(tmp_path, "hang", "--checkpoint_every", "1")
@@ -278,6 +279,7 @@ def test_ctrl_c_while_writing_the_results_says_they_are_in_the_checkpoint(tmp_pa
 # ----------------------------------------------------------------------------- 8: the result pair
 
 
+@pytest.mark.slow
 def test_a_kill_between_tensor_and_json_never_leaves_a_mismatched_pair(tmp_path, reference, count_units):
     (tmp_path / "h.pt").write_bytes(b"an older result")  # of the same name, replaced with --overwrite
     (tmp_path / "h.json").write_text("{}")
@@ -297,6 +299,7 @@ def test_a_kill_between_tensor_and_json_never_leaves_a_mismatched_pair(tmp_path,
 # ----------------------------------------------------------------------------- 10: a hung worker
 
 
+@pytest.mark.slow
 def test_a_stopped_worker_is_detected_named_and_finished_units_are_kept(tmp_path):
     cfg = ckpt.CheckpointConfig(tmp_path / "t.ckpt", every_units=100)
     settings = parallel.RunSettings([torch.device("cpu"), torch.device("cpu")], cfg, unit_timeout=2.0)
@@ -328,6 +331,7 @@ def test_unit_timeout_flag_is_validated(tmp_path):
 # ----------------------------------------------------------------------------- 15: resources
 
 
+@pytest.mark.slow
 def test_checkpoint_size_estimate_matches_the_files(tmp_path):
     argv = ["--hvps", "6", "--estimator", "hutchinson", "xdiag", "fisher", "--track_rows", "1", "--seqlen", "16", "--b", "2", "--no_progress", "--name", "e", "--output_dir", str(tmp_path), "--keep_checkpoint"]
     seen = []

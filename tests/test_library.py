@@ -52,6 +52,7 @@ def test_lib_exports_and_documents_its_entry_points():
     assert "f.x0()" in lib.__doc__
 
 
+@pytest.mark.slow
 def test_readme_library_snippet_runs_as_written():
     """The README's "Library use" code block, executed verbatim (about 10 s on one core)."""
     text = (ROOT / "README.md").read_text()

@@ -103,6 +103,7 @@ def test_errors_are_one_clear_line(extra, message, capsys, tmp_path):
     assert not list(tmp_path.iterdir())  # nothing computed or written
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "script,extra,message",
     [

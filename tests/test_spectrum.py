@@ -206,6 +206,7 @@ def _pt(tmp, *extra) -> tuple[dict, dict]:
     return torch.load(tmp / "s.pt"), json.loads((tmp / "s.json").read_text())
 
 
+@pytest.mark.slow
 def test_script_exact_and_iterative_paths_agree(tmp_path):
     exact, je = _pt(tmp_path / "e", "--which", "both", "--density")
     it, ji = _pt(tmp_path / "i", "--which", "both", "--exact_below", "0", "--max_iter", "32", "--trace", "--density", "--lanczos_steps", "8", "--slq_probes", "2")
@@ -219,6 +220,7 @@ def test_script_exact_and_iterative_paths_agree(tmp_path):
     assert ji["passes"] == ji["lanczos"]["passes"] + 3 + 8 and ji["figures"]
 
 
+@pytest.mark.slow
 def test_script_resume_is_bitwise_and_two_workers_equal_one(tmp_path):
     """A run stopped after its first pass (computed by 2 worker processes) and resumed in one process equals
     the uninterrupted one-process run bit for bit: the recorded pass is replayed, the rest computed."""
@@ -241,6 +243,7 @@ def test_script_resume_is_bitwise_and_two_workers_equal_one(tmp_path):
         _pt(tmp_path / "cut", "--exact_below", "0", "--max_iter", "2", "--overwrite")
 
 
+@pytest.mark.slow
 def test_script_killed_mid_lanczos_resumes_bitwise(tmp_path):
     """SIGKILL while Lanczos runs (after its 4th pass is recorded), then --resume: bitwise the uninterrupted run."""
     import os
@@ -310,6 +313,7 @@ def _children(pid: int) -> set[int]:
     return out
 
 
+@pytest.mark.slow
 def test_script_interrupted_during_pooled_passes_stops_every_worker(tmp_path):
     """SIGTERM while a --devices cpu,cpu run is between or inside its passes: exit 143 in one line, and the pool's
     worker processes (spawned once, alive across passes) are all gone."""
