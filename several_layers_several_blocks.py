@@ -1,4 +1,5 @@
-"""The ``several_layers_several_blocks`` command (see ``--help``, or :data:`lib.commands.several_layers_several_blocks`)."""
+"""The ``several_layers_several_blocks`` command (see ``--help``, or
+:data:`lib.commands.several_layers_several_blocks`)."""
 
 from __future__ import annotations
 

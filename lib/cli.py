@@ -13,7 +13,8 @@ import argparse
 import re
 import sys
 import threading
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .errors import Interrupted, ParamError, RunError, UserError
 from .spec import (
@@ -31,8 +32,16 @@ from .spec import (
 )
 
 LOW_PRECISION_NOTE = {
-    "bfloat16": "Hessians computed in bfloat16 carry about 2% relative error (1.3-2.1% in Frobenius norm against float64 on the embedded model, benchmarks/low_precision.py); use --dtype float32 (about 6e-7) for exact values",
-    "float16": "Hessians computed in float16 carry about 0.3% relative error (0.23-0.29% in Frobenius norm against float64 on the embedded model, benchmarks/low_precision.py) and can overflow on large models; use --dtype float32 (about 6e-7) for exact values",
+    "bfloat16": (
+        "Hessians computed in bfloat16 carry about 2% relative error (1.3-2.1% in Frobenius norm against "
+        "float64 on the embedded model, benchmarks/low_precision.py); use --dtype float32 (about 6e-7) "
+        "for exact values"
+    ),
+    "float16": (
+        "Hessians computed in float16 carry about 0.3% relative error (0.23-0.29% in Frobenius norm against "
+        "float64 on the embedded model, benchmarks/low_precision.py) and can overflow on large models; "
+        "use --dtype float32 (about 6e-7) for exact values"
+    ),
 }
 """The one-line warning for a 16-bit ``--dtype``, with the measured error of the exact Hessian."""
 
@@ -103,70 +112,248 @@ class DeprecatedAlias(argparse.Action):
 
 
 def _alias(group, old: str, new: str, dest: str, **kwargs) -> None:
-    group.add_argument(old, dest=dest, action=DeprecatedAlias, new=new, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs)
+    group.add_argument(
+        old,
+        dest=dest,
+        action=DeprecatedAlias,
+        new=new,
+        help=argparse.SUPPRESS,
+        default=argparse.SUPPRESS,
+        **kwargs,
+    )
 
 
 def _new_parser(description: str) -> Parser:
-    return Parser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)  # --t must not mean --track_rows
+    return Parser(
+        description=description, formatter_class=HelpFormatter, allow_abbrev=False
+    )  # --t must not mean --track_rows
 
 
-def _model_and_data(p: argparse.ArgumentParser, spec: RunSpec, t_default: tuple[int, int] | None) -> tuple[Any, Any]:
+def _model_and_data(
+    p: argparse.ArgumentParser, spec: RunSpec, t_default: tuple[int, int] | None
+) -> tuple[Any, Any]:
     """The flags of the ``model`` and ``data`` sections (and ``--t``); returns the (model and data, computation) groups.
 
     ``spec``: the fields' own defaults (``type(spec)()``), before the model-dependent ones are resolved."""
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=spec.model.model, help="HF model id or local directory; 'embedded' = the bundled tiny trained OPT")
-    g.add_argument("--cache_dir", default=spec.model.cache_dir, help="where HF weights, datasets and tokenized text are cached")
-    g.add_argument("--dataset", default=spec.data.dataset, help="'embedded' (bundled held-out Shakespeare), 'wikitext2' (test split), or a path to a UTF-8 text file; auto = embedded for the embedded model, else wikitext2")
-    g.add_argument("--seqlen", type=int, default=None, help=f"tokens per sample (default {EMBEDDED_DEFAULTS['seqlen']} for the embedded model, else min(2048, model limit))")
-    g.add_argument("--b", type=int, default=None, help=f"number of samples (default {EMBEDDED_DEFAULTS['b']} for the embedded model, else all samples of the text)")
-    g.add_argument("--model_input_bs", type=int, default=spec.data.model_input_bs, help="samples per forward/backward; must divide --b")
+    g.add_argument(
+        "--model",
+        default=spec.model.model,
+        help="HF model id or local directory; 'embedded' = the bundled tiny trained OPT",
+    )
+    g.add_argument(
+        "--cache_dir",
+        default=spec.model.cache_dir,
+        help="where HF weights, datasets and tokenized text are cached",
+    )
+    g.add_argument(
+        "--dataset",
+        default=spec.data.dataset,
+        help=(
+            "'embedded' (bundled held-out Shakespeare), 'wikitext2' (test split), or a path to a UTF-8 "
+            "text file; auto = embedded for the embedded model, else wikitext2"
+        ),
+    )
+    g.add_argument(
+        "--seqlen",
+        type=int,
+        default=None,
+        help=(
+            f"tokens per sample (default {EMBEDDED_DEFAULTS['seqlen']} for the embedded model, else min(2048, "
+            f"model limit))"
+        ),
+    )
+    g.add_argument(
+        "--b",
+        type=int,
+        default=None,
+        help=(
+            f"number of samples (default {EMBEDDED_DEFAULTS['b']} for the embedded model, else all samples "
+            f"of the text)"
+        ),
+    )
+    g.add_argument(
+        "--model_input_bs",
+        type=int,
+        default=spec.data.model_input_bs,
+        help="samples per forward/backward; must divide --b",
+    )
     g.add_argument("--seed", type=int, default=spec.get("seed"), help="random seed")
     c = p.add_argument_group("computation")
     if t_default is not None:
-        g.add_argument("--t", type=int, default=None, help=f"entries per selected row (default {t_default[0]} for the embedded model, {t_default[1]} otherwise)")
-        c.add_argument("--method", choices=library_constant("hessian", "METHODS"), default=spec.get("method"), help="rev-rev: fast exact (default); autograd: the paper's torch.autograd.functional.hessian")
-    c.add_argument("--dtype", choices=DTYPES, default=spec.model.dtype, help="model dtype; float64 (validation) computes every step in float64 for OPT, GPT-2, Llama, Qwen2, Mistral")
-    c.add_argument("--device", default=spec.run.device, help="cpu, cuda, cuda:1, ... (auto = cuda if available else cpu)")
-    c.add_argument("--attn_implementation", default=spec.model.attn_implementation, help="eager (default) or sdpa (run with its math kernel); flash attention has no double backward")
-    c.add_argument("--no_fused_head", action="store_true", help="differentiate the LM head + softmax with plain autograd instead of the fused kernel")
+        g.add_argument(
+            "--t",
+            type=int,
+            default=None,
+            help=f"entries per selected row (default {t_default[0]} for the embedded model, {t_default[1]} otherwise)",
+        )
+        c.add_argument(
+            "--method",
+            choices=library_constant("hessian", "METHODS"),
+            default=spec.get("method"),
+            help="rev-rev: fast exact (default); autograd: the paper's torch.autograd.functional.hessian",
+        )
+    c.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=spec.model.dtype,
+        help="model dtype; float64 (validation) computes every step in float64 for OPT, GPT-2, Llama, Qwen2, Mistral",
+    )
+    c.add_argument(
+        "--device",
+        default=spec.run.device,
+        help="cpu, cuda, cuda:1, ... (auto = cuda if available else cpu)",
+    )
+    c.add_argument(
+        "--attn_implementation",
+        default=spec.model.attn_implementation,
+        help="eager (default) or sdpa (run with its math kernel); flash attention has no double backward",
+    )
+    c.add_argument(
+        "--no_fused_head",
+        action="store_true",
+        help="differentiate the LM head + softmax with plain autograd instead of the fused kernel",
+    )
     return g, c
 
 
 def _chunk(c, products: str) -> None:
     """``--chunk``: the one name of the product batch in every script."""
-    c.add_argument("--chunk", type=int, default=0, help=f"{products} per batched backward; 0 = auto: the fastest of 1, 2, 4, ... timed on the first batch's first products (recorded in the JSON); halved on CUDA OOM")
+    c.add_argument(
+        "--chunk",
+        type=int,
+        default=0,
+        help=(
+            f"{products} per batched backward; 0 = auto: the fastest of 1, 2, 4, ... timed on the first "
+            f"batch's first products (recorded in the JSON); halved on CUDA OOM"
+        ),
+    )
 
 
 def _output_and_run(p: argparse.ArgumentParser, spec: RunSpec) -> None:
     o = p.add_argument_group("output")
-    o.add_argument("--output_dir", default=spec.output.output_dir, help="where <name>.pt, <name>.json and the figures go")
-    o.add_argument("--name", default=None, help="output file stem (default: derived from the configuration)")
-    o.add_argument("--overwrite", action="store_true", help="replace a finished result of the same --name (refused otherwise)")
+    o.add_argument(
+        "--output_dir",
+        default=spec.output.output_dir,
+        help="where <name>.pt, <name>.json and the figures go",
+    )
+    o.add_argument(
+        "--name", default=None, help="output file stem (default: derived from the configuration)"
+    )
+    o.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a finished result of the same --name (refused otherwise)",
+    )
     o.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     r = p.add_argument_group("parallel runs and checkpoints")
-    r.add_argument("--devices", default=None, help="comma-separated devices, one worker process per entry, e.g. cuda:0,cuda:1,cuda:2,cuda:3 (cpu,cpu for tests); overrides --device; under torchrun, entry LOCAL_RANK is the rank's device")
-    r.add_argument("--device_map", default=None, help="split one model over the GPUs of its worker with this Hugging Face device_map (e.g. auto); needs accelerate; one worker (or one torchrun rank per node)")
-    r.add_argument("--checkpoint_every", default=spec.run.checkpoint_every, help="write <output_dir>/<name>.ckpt every N units (batches of --model_input_bs samples), or every DURATION such as 120s, 10m; 0 = never")
-    r.add_argument("--resume", action="store_true", help="continue from the checkpoint <output_dir>/<name>.ckpt (hessian_diagonal.py: also <name>.phase2.ckpt; hessian_spectrum.py: the pass log <name>.passes/), recomputing nothing finished (the configuration must be the same); starts afresh if there is none")
-    r.add_argument("--keep_checkpoint", action="store_true", help="keep the checkpoint when the run completes (it is removed by default)")
-    r.add_argument("--unit_timeout", type=float, default=spec.run.unit_timeout, help="with --devices: stop the run when one unit runs longer than this many seconds (a hung worker); default 0 = auto: 10x the median unit time and at least 5 minutes")
+    r.add_argument(
+        "--devices",
+        default=None,
+        help=(
+            "comma-separated devices, one worker process per entry, e.g. cuda:0,cuda:1,cuda:2,cuda:3 "
+            "(cpu,cpu for tests); overrides --device; under torchrun, entry LOCAL_RANK is the rank's "
+            "device"
+        ),
+    )
+    r.add_argument(
+        "--device_map",
+        default=None,
+        help=(
+            "split one model over the GPUs of its worker with this Hugging Face device_map (e.g. auto); "
+            "needs accelerate; one worker (or one torchrun rank per node)"
+        ),
+    )
+    r.add_argument(
+        "--checkpoint_every",
+        default=spec.run.checkpoint_every,
+        help=(
+            "write <output_dir>/<name>.ckpt every N units (batches of --model_input_bs samples), or every "
+            "DURATION such as 120s, 10m; 0 = never"
+        ),
+    )
+    r.add_argument(
+        "--resume",
+        action="store_true",
+        help=(
+            "continue from the checkpoint <output_dir>/<name>.ckpt (hessian_diagonal.py: also <name>.phase2.ckpt; "
+            "hessian_spectrum.py: the pass log <name>.passes/), recomputing nothing finished (the configuration "
+            "must be the same); starts afresh if there is none"
+        ),
+    )
+    r.add_argument(
+        "--keep_checkpoint",
+        action="store_true",
+        help="keep the checkpoint when the run completes (it is removed by default)",
+    )
+    r.add_argument(
+        "--unit_timeout",
+        type=float,
+        default=spec.run.unit_timeout,
+        help=(
+            "with --devices: stop the run when one unit runs longer than this many seconds (a hung worker); "
+            "default 0 = auto: 10x the median unit time and at least 5 minutes"
+        ),
+    )
 
 
 def _compare(p: argparse.ArgumentParser, spec: ExactSpec) -> None:
     """``--compare`` and its settings (the exact scripts; :mod:`lib.curvature`)."""
     c = spec.compute
     g = p.add_argument_group("curvature approximations (compared with the exact Hessian)")
-    g.add_argument("--compare", nargs="+", choices=library_constant("curvature", "APPROXIMATIONS"), default=None, help="also compute these approximations on the same subset and samples, compare them with the exact Hessian, write <name>_compare.pt/.pdf/.png and a 'comparison' section in the JSON")
-    g.add_argument("--fisher_samples", type=int, default=c.fisher_samples, help="labels drawn from the model per token position for fisher and kfac")
-    g.add_argument("--perturbations", type=int, default=c.perturbations, help="random rounding-noise perturbations d for the predicted vs measured loss change (0 = none)")
-    g.add_argument("--perturbation_bits", type=int, default=c.perturbation_bits, help="the perturbations are uniform in [-s/2, s/2], s the min-max round-to-nearest step with this many bits of the entry's weight row")
-    g.add_argument("--compare_top_k", type=int, default=c.compare_top_k, help="k of the top-k eigenvector subspace overlap")
+    g.add_argument(
+        "--compare",
+        nargs="+",
+        choices=library_constant("curvature", "APPROXIMATIONS"),
+        default=None,
+        help=(
+            "also compute these approximations on the same subset and samples, compare them with the "
+            "exact Hessian, write <name>_compare.pt/.pdf/.png and a 'comparison' section in the JSON"
+        ),
+    )
+    g.add_argument(
+        "--fisher_samples",
+        type=int,
+        default=c.fisher_samples,
+        help="labels drawn from the model per token position for fisher and kfac",
+    )
+    g.add_argument(
+        "--perturbations",
+        type=int,
+        default=c.perturbations,
+        help="random rounding-noise perturbations d for the predicted vs measured loss change (0 = none)",
+    )
+    g.add_argument(
+        "--perturbation_bits",
+        type=int,
+        default=c.perturbation_bits,
+        help=(
+            "the perturbations are uniform in [-s/2, s/2], s the min-max round-to-nearest step with this "
+            "many bits of the entry's weight row"
+        ),
+    )
+    g.add_argument(
+        "--compare_top_k",
+        type=int,
+        default=c.compare_top_k,
+        help="k of the top-k eigenvector subspace overlap",
+    )
 
 
 def _batch_study(p: argparse.ArgumentParser) -> None:
-    dense, n_log = library_constant("batch_study", "DENSE_UPTO"), library_constant("batch_study", "N_LOG")
-    p.add_argument("--batch_study", action="store_true", help=f"batch-size study (report Fig. 2): keep the running Hessian at every b <= {dense} and ~{n_log} log-spaced b beyond, report ||H^b - H^B||/||H^B|| and consecutive differences; one pass, memory n^2 x 8 bytes per recorded b")
+    dense, n_log = (
+        library_constant("batch_study", "DENSE_UPTO"),
+        library_constant("batch_study", "N_LOG"),
+    )
+    p.add_argument(
+        "--batch_study",
+        action="store_true",
+        help=(
+            f"batch-size study (report Fig. 2): keep the running Hessian at every b <= {dense} and ~{n_log} "
+            f"log-spaced b beyond, report ||H^b - H^B||/||H^B|| and consecutive differences; one pass, "
+            f"memory n^2 x 8 bytes per recorded b"
+        ),
+    )
 
 
 EXACT_SUBSET_HELP = {
@@ -195,7 +382,12 @@ def exact_parser(script: str, description: str) -> Parser:
     _output_and_run(p, raw)
     _compare(p, raw)
     for name, text in EXACT_SUBSET_HELP[script].items():
-        p.add_argument(f"--{name}", type=str if name == "layer_name" else int, default=spec.get(name), help=text)
+        p.add_argument(
+            f"--{name}",
+            type=str if name == "layer_name" else int,
+            default=spec.get(name),
+            help=text,
+        )
     _batch_study(p)
     return p
 
@@ -203,7 +395,9 @@ def exact_parser(script: str, description: str) -> Parser:
 def estimator_choices() -> list[str]:
     """``lib.diagonal.ESTIMATORS`` and the deprecated names that stand for one of them."""
     known = list(library_constant("diagonal", "ESTIMATORS"))
-    return known + [old for old, new in ESTIMATOR_ALIASES.items() if old not in known and new in known]
+    return known + [
+        old for old, new in ESTIMATOR_ALIASES.items() if old not in known and new in known
+    ]
 
 
 def resolve_estimators(names: Sequence[str] | None, known: Sequence[str]) -> list[str] | None:
@@ -227,13 +421,58 @@ def diagonal_parser(description: str) -> Parser:
     _, c = _model_and_data(p, spec, None)
     _output_and_run(p, spec)
     d = p.add_argument_group("Hessian diagonal")
-    d.add_argument("--layer_name", default=None, help=f"linear layer inside a block, e.g. self_attn.q_proj (OPT/Llama), attn.c_attn (GPT-2) (default {DEFAULT_LAYER}; not with --all_layers)")
-    d.add_argument("--block_index", type=int, default=None, help="which block (default 0; with --all_layers: every block unless given)")
-    d.add_argument("--all_layers", action="store_true", help="every linear layer of every block (or of --block_index), in one run that loads the model and data once")
-    d.add_argument("--estimator", nargs="+", choices=estimator_choices(), default=None, metavar="ESTIMATOR", help=f"one or more of {', '.join(library_constant('diagonal', 'ESTIMATORS'))}: xdiag (variance-reduced, unbiased), hutchinson (Rademacher, unbiased), the empirical Fisher diagonal (a baseline), ggn (Hutchinson on the Gauss-Newton matrix: K probes of one JVP + one VJP each, no second backward), exact (one HVP per entry; small layers); default xdiag, or hutchinson xdiag with --track_rows")
-    d.add_argument("--hvps", type=int, default=spec.compute.hvps, help="K: Hessian-vector products per sample and weight for hutchinson (K probes) and xdiag (K/2 probes + K/2 basis vectors; K even)")
+    d.add_argument(
+        "--layer_name",
+        default=None,
+        help=(
+            f"linear layer inside a block, e.g. self_attn.q_proj (OPT/Llama), attn.c_attn (GPT-2) (default "
+            f"{DEFAULT_LAYER}; not with --all_layers)"
+        ),
+    )
+    d.add_argument(
+        "--block_index",
+        type=int,
+        default=None,
+        help="which block (default 0; with --all_layers: every block unless given)",
+    )
+    d.add_argument(
+        "--all_layers",
+        action="store_true",
+        help="every linear layer of every block (or of --block_index), in one run that loads the model and data once",
+    )
+    d.add_argument(
+        "--estimator",
+        nargs="+",
+        choices=estimator_choices(),
+        default=None,
+        metavar="ESTIMATOR",
+        help=(
+            f"one or more of {', '.join(library_constant('diagonal', 'ESTIMATORS'))}: xdiag (variance-reduced, "
+            f"unbiased), hutchinson (Rademacher, unbiased), the empirical Fisher diagonal (a baseline), "
+            f"ggn (Hutchinson on the Gauss-Newton matrix: K probes of one JVP + one VJP each, no second "
+            f"backward), exact (one HVP per entry; small layers); default xdiag, or hutchinson xdiag with "
+            f"--track_rows"
+        ),
+    )
+    d.add_argument(
+        "--hvps",
+        type=int,
+        default=spec.compute.hvps,
+        help=(
+            "K: Hessian-vector products per sample and weight for hutchinson (K probes) and xdiag (K/2 "
+            "probes + K/2 basis vectors; K even)"
+        ),
+    )
     _alias(d, "--vhp_samples", "--hvps", "hvps", type=int)
-    d.add_argument("--track_rows", type=int, default=spec.compute.track_rows, help="convergence study (paper Fig. 3): exact diagonal of the weights of the first R output units, and the estimators' error and consecutive difference after each probe")
+    d.add_argument(
+        "--track_rows",
+        type=int,
+        default=spec.compute.track_rows,
+        help=(
+            "convergence study (paper Fig. 3): exact diagonal of the weights of the first R output units, "
+            "and the estimators' error and consecutive difference after each probe"
+        ),
+    )
     _chunk(d, "HVPs")
     _alias(d, "--probe_batch", "--chunk", "chunk", type=int)
     return p
@@ -248,26 +487,106 @@ def spectrum_parser(description: str) -> Parser:
     _chunk(comp, "Hessian columns (products)")
     _output_and_run(p, raw)
     s = p.add_argument_group("subset (the exact scripts' flags, or --params)")
-    s.add_argument("--params", nargs="+", default=None, metavar="GLOB", help="whole parameters whose names match these shell-style globs, e.g. 'model.decoder.layers.0.self_attn.q_proj.weight'; '*' = every parameter (overrides the flags below)")
-    s.add_argument("--layer_name", default=spec.subset.layer_name, help="linear layer inside a block (first --t weights of row 0)")
-    s.add_argument("--block_index", type=int, default=spec.subset.block_index, help="which block (single layer, single block)")
-    s.add_argument("--num_blocks", type=int, default=None, help="blocks 0..N-1 (as single_layer_several_blocks.py; with --num_layers as several_layers_several_blocks.py)")
-    s.add_argument("--num_layers", type=int, default=None, help="the first K linear layers of each block (as several_layers_several_blocks.py)")
+    s.add_argument(
+        "--params",
+        nargs="+",
+        default=None,
+        metavar="GLOB",
+        help=(
+            "whole parameters whose names match these shell-style globs, e.g. "
+            "'model.decoder.layers.0.self_attn.q_proj.weight'; "
+            "'*' = every parameter (overrides the flags below)"
+        ),
+    )
+    s.add_argument(
+        "--layer_name",
+        default=spec.subset.layer_name,
+        help="linear layer inside a block (first --t weights of row 0)",
+    )
+    s.add_argument(
+        "--block_index",
+        type=int,
+        default=spec.subset.block_index,
+        help="which block (single layer, single block)",
+    )
+    s.add_argument(
+        "--num_blocks",
+        type=int,
+        default=None,
+        help="blocks 0..N-1 (as single_layer_several_blocks.py; with --num_layers as several_layers_several_blocks.py)",
+    )
+    s.add_argument(
+        "--num_layers",
+        type=int,
+        default=None,
+        help="the first K linear layers of each block (as several_layers_several_blocks.py)",
+    )
     e = p.add_argument_group("spectrum")
-    e.add_argument("--top_k", type=int, default=c.top_k, help="eigenvalues wanted (per end with --which both)")
-    e.add_argument("--which", choices=library_constant("spectrum", "WHICH"), default=c.which, help="largest or smallest by value, or both ends")
-    e.add_argument("--block_size", type=int, default=c.block_size, help="Lanczos block size: vectors per pass over the samples")
-    e.add_argument("--tol", type=float, default=c.tol, help="converged when ||Hv - lambda v|| <= tol * max|Ritz value|")
+    e.add_argument(
+        "--top_k", type=int, default=c.top_k, help="eigenvalues wanted (per end with --which both)"
+    )
+    e.add_argument(
+        "--which",
+        choices=library_constant("spectrum", "WHICH"),
+        default=c.which,
+        help="largest or smallest by value, or both ends",
+    )
+    e.add_argument(
+        "--block_size",
+        type=int,
+        default=c.block_size,
+        help="Lanczos block size: vectors per pass over the samples",
+    )
+    e.add_argument(
+        "--tol",
+        type=float,
+        default=c.tol,
+        help="converged when ||Hv - lambda v|| <= tol * max|Ritz value|",
+    )
     e.add_argument("--max_iter", type=int, default=c.max_iter, help="most Lanczos passes")
-    e.add_argument("--eigenvectors", action="store_true", help="save the eigenvectors (columns in the subset's entry order) in the .pt")
-    e.add_argument("--trace", action="store_true", help="Hutchinson and Hutch++ trace estimates with standard errors")
+    e.add_argument(
+        "--eigenvectors",
+        action="store_true",
+        help="save the eigenvectors (columns in the subset's entry order) in the .pt",
+    )
+    e.add_argument(
+        "--trace",
+        action="store_true",
+        help="Hutchinson and Hutch++ trace estimates with standard errors",
+    )
     e.add_argument("--trace_hvps", type=int, default=c.trace_hvps, help="HVPs per trace estimator")
-    e.add_argument("--density", action="store_true", help="spectral density by stochastic Lanczos quadrature")
-    e.add_argument("--slq_probes", type=int, default=c.slq_probes, help="SLQ probes (advanced together, one pass per step)")
-    e.add_argument("--lanczos_steps", type=int, default=c.lanczos_steps, help="SLQ Lanczos steps per probe")
-    e.add_argument("--density_points", type=int, default=c.density_points, help="grid points of the density")
-    e.add_argument("--keep_graphs", choices=("auto", "on", "off"), default=c.keep_graphs, help="keep each batch's gradient graph in memory between passes (b/model_input_bs graphs), so a pass costs only its HVPs; auto: when they fit in a quarter of the free host (CPU) or GPU memory, measured on the first graph (recorded in the JSON); worker processes (--devices) always rebuild them")
-    e.add_argument("--exact_below", type=int, default=c.exact_below, help="form H exactly and use eigvalsh when the subset has at most this many entries (0 = always iterative)")
+    e.add_argument(
+        "--density", action="store_true", help="spectral density by stochastic Lanczos quadrature"
+    )
+    e.add_argument(
+        "--slq_probes",
+        type=int,
+        default=c.slq_probes,
+        help="SLQ probes (advanced together, one pass per step)",
+    )
+    e.add_argument(
+        "--lanczos_steps", type=int, default=c.lanczos_steps, help="SLQ Lanczos steps per probe"
+    )
+    e.add_argument(
+        "--density_points", type=int, default=c.density_points, help="grid points of the density"
+    )
+    e.add_argument(
+        "--keep_graphs",
+        choices=("auto", "on", "off"),
+        default=c.keep_graphs,
+        help=(
+            "keep each batch's gradient graph in memory between passes (b/model_input_bs graphs), so "
+            "a pass costs only its HVPs; auto: when they fit in a quarter of the free host (CPU) or GPU "
+            "memory, measured on the first graph (recorded in the JSON); worker processes (--devices) "
+            "always rebuild them"
+        ),
+    )
+    e.add_argument(
+        "--exact_below",
+        type=int,
+        default=c.exact_below,
+        help="form H exactly and use eigvalsh when the subset has at most this many entries (0 = always iterative)",
+    )
     return p
 
 
@@ -294,13 +613,17 @@ def spec_from_args(script: str, args: argparse.Namespace) -> RunSpec:
     cls = spec_class(script)
     values = dict(vars(args))
     if cls is DiagonalSpec:
-        values["estimator"] = resolve_estimators(values.get("estimator"), library_constant("diagonal", "ESTIMATORS"))
+        values["estimator"] = resolve_estimators(
+            values.get("estimator"), library_constant("diagonal", "ESTIMATORS")
+        )
     spec = cls.build(script, **values)
     spec.validate()
     return spec
 
 
-def parse(script: str, argv: Sequence[str] | None, description: str, presets: dict[str, Any] | None = None) -> RunSpec:
+def parse(
+    script: str, argv: Sequence[str] | None, description: str, presets: dict[str, Any] | None = None
+) -> RunSpec:
     """Parse ``argv`` (``None``: ``sys.argv[1:]``) into the validated spec of ``script``; ``presets``: defaults
     that the flags in ``argv`` override (``reproduce.py``'s figure configurations)."""
     p = build_parser(script, description)
@@ -312,7 +635,11 @@ def parse(script: str, argv: Sequence[str] | None, description: str, presets: di
 def argv_of(parser: argparse.ArgumentParser, values: dict[str, Any]) -> list[str]:
     """The flags that set ``values`` (``{dest: value}``) with ``parser``: ``--flag v``, ``--flag a b`` or a bare
     ``--flag`` for store-true flags (``False`` values are left out)."""
-    by_dest = {a.dest: a for a in parser._actions if a.option_strings and not isinstance(a, DeprecatedAlias)}
+    by_dest = {
+        a.dest: a
+        for a in parser._actions
+        if a.option_strings and not isinstance(a, DeprecatedAlias)
+    }
     out: list[str] = []
     for dest, value in values.items():
         action = by_dest[dest]
@@ -331,13 +658,19 @@ def argv_of(parser: argparse.ArgumentParser, values: dict[str, Any]) -> list[str
 
 def main(fn: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> Any:
     """Run a script's ``fn(argv)``, turning :class:`UserError` into one line on stderr and exit status 2
-    (:class:`RunError`, a run stopped while computing: exit status 1; SIGINT / SIGTERM: 130 / 143, one line, no traceback)."""
+    (:class:`RunError`, a run stopped while computing: exit status 1; SIGINT / SIGTERM: 130 / 143, one line,
+    no traceback)."""
     import signal
 
-    def terminate(signum, frame):  # noqa: ARG001 -- SIGTERM before or after the computation (lib.parallel handles it during)
+    # SIGTERM before or after the computation (lib.parallel handles it during)
+    def terminate(signum, frame):  # noqa: ARG001
         raise Interrupted(signum)
 
-    old = signal.signal(signal.SIGTERM, terminate) if threading.current_thread() is threading.main_thread() else None
+    old = (
+        signal.signal(signal.SIGTERM, terminate)
+        if threading.current_thread() is threading.main_thread()
+        else None
+    )
     try:
         return fn(argv)
     except (Interrupted, KeyboardInterrupt) as e:
@@ -355,4 +688,14 @@ def main(fn: Callable[[list[str] | None], Any], argv: list[str] | None = None) -
             signal.signal(signal.SIGTERM, old)
 
 
-__all__ = ["EMBEDDED", "LOW_PRECISION_NOTE", "Parser", "argv_of", "build_parser", "flag_message", "main", "parse", "spec_from_args"]
+__all__ = [
+    "EMBEDDED",
+    "LOW_PRECISION_NOTE",
+    "Parser",
+    "argv_of",
+    "build_parser",
+    "flag_message",
+    "main",
+    "parse",
+    "spec_from_args",
+]

@@ -5,7 +5,6 @@ the outputs (``.pt``, ``.json``, heatmap, convergence figure)."""
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,15 @@ import torch
 from torch import nn
 
 from . import parallel, preflight
-from .diagonal import EXACT_MAX_ENTRIES, DiagonalJob, DiagonalResult, Target, hessian_diagonal, plan_phase1, rel_l2
+from .diagonal import (
+    EXACT_MAX_ENTRIES,
+    DiagonalJob,
+    DiagonalResult,
+    Target,
+    hessian_diagonal,
+    plan_phase1,
+    rel_l2,
+)
 from .errors import UserError
 from .models import iter_named_linear
 from .outputs import default_name as output_name
@@ -32,8 +39,14 @@ def build_targets(model: nn.Module, spec: DiagonalSpec) -> Found:
     if s.all_layers:
         total = num_blocks(model)
         if s.block_index is not None and s.block_index >= total:
-            raise UserError(f"--block_index {s.block_index} is out of range: the model has {total} blocks (0..{total - 1})")
-        items = [(b, lname) for b, lname, _, _ in iter_named_linear(model) if s.block_index is None or b == s.block_index]
+            raise UserError(
+                f"--block_index {s.block_index} is out of range: the model has {total} blocks (0..{total - 1})"
+            )
+        items = [
+            (b, lname)
+            for b, lname, _, _ in iter_named_linear(model)
+            if s.block_index is None or b == s.block_index
+        ]
     else:
         items = [(0 if s.block_index is None else s.block_index, s.layer_name)]
     out = []
@@ -42,17 +55,28 @@ def build_targets(model: nn.Module, spec: DiagonalSpec) -> Found:
         shape = tuple(model.get_parameter(name).shape)
         numel = math.prod(shape)
         if "exact" in c.estimator and numel > EXACT_MAX_ENTRIES:
-            raise UserError(f"--estimator exact needs one Hessian-vector product per entry and sample: {name} has {numel} entries, over the limit of {EXACT_MAX_ENTRIES}; use --estimator xdiag or hutchinson")
+            raise UserError(
+                f"--estimator exact needs one Hessian-vector product per entry and sample: {name} "
+                f"has {numel} entries, over the limit of {EXACT_MAX_ENTRIES}; use --estimator xdiag "
+                f"or hutchinson"
+            )
         if "xdiag" in c.estimator and c.hvps // 2 > numel:
-            raise UserError(f"--hvps {c.hvps} is more than twice the {numel} entries of {name}; use --estimator exact")
+            raise UserError(
+                f"--hvps {c.hvps} is more than twice the {numel} entries of {name}; use --estimator exact"
+            )
         tracked = torch.zeros(0, dtype=torch.long)
         if c.track_rows:
             units = num_output_units(module)
             if c.track_rows > units:
-                raise UserError(f"--track_rows {c.track_rows} is larger than the {units} output units of {lname}")
+                raise UserError(
+                    f"--track_rows {c.track_rows} is larger than the {units} output units of {lname}"
+                )
             tracked = output_units_index(module, c.track_rows)
             if len(tracked) > EXACT_MAX_ENTRIES:
-                raise UserError(f"--track_rows {c.track_rows} tracks {len(tracked)} entries exactly (one Hessian-vector product each per sample), over the limit of {EXACT_MAX_ENTRIES}")
+                raise UserError(
+                    f"--track_rows {c.track_rows} tracks {len(tracked)} entries exactly (one Hessian-vector "
+                    f"product each per sample), over the limit of {EXACT_MAX_ENTRIES}"
+                )
         out.append((Target(name, shape, tracked), b, lname))
     return out
 
@@ -69,7 +93,8 @@ def _finite(x: Any) -> Any:
 
 
 def _g(value: float | None) -> str:
-    """``value`` with 3 significant digits (``nan`` for the ``None`` that stands for a non-finite number in the JSON)."""
+    """``value`` with 3 significant digits (``nan`` for the ``None`` that stands for a non-finite
+    number in the JSON)."""
     return "nan" if value is None else f"{value:.3g}"
 
 
@@ -79,15 +104,21 @@ def checkpoint_path(out: Path, name: str, phase: str) -> Path:
 
 
 class _Runner:
-    """Runs each phase with :func:`lib.parallel.run_job` (devices, checkpoints); under torchrun, shares phase-1 sums with every rank."""
+    """Runs each phase with :func:`lib.parallel.run_job` (devices, checkpoints); under torchrun,
+    shares phase-1 sums with every rank."""
 
     def __init__(self, run: Run, two_phase: bool):
         self.run, self.two_phase = run, two_phase
 
     def __call__(self, job: DiagonalJob, phase: str) -> dict[str, torch.Tensor] | None:
-        settings = self.run.run_settings(checkpoint_path(self.run.out, self.run.name, phase), f"HVPs, phase {phase}" if self.two_phase else "HVPs")
+        settings = self.run.run_settings(
+            checkpoint_path(self.run.out, self.run.name, phase),
+            f"HVPs, phase {phase}" if self.two_phase else "HVPs",
+        )
         if self.two_phase and phase == "1" and settings.checkpoint is not None:
-            settings.checkpoint.keep = True  # until phase 2 is done, so that --resume never redoes phase 1
+            settings.checkpoint.keep = (
+                True  # until phase 2 is done, so that --resume never redoes phase 1
+            )
         sums = parallel.run_job(job, settings)
         if self.two_phase and phase == "1" and parallel.distributed_env() is not None:
             import torch.distributed as dist
@@ -119,7 +150,10 @@ class DiagonalFamily(Family):
             tag = f"{s.layer_name}_block{s.block_index or 0}"
         k = f"_K{c.hvps}" if any(e in K_ESTIMATORS for e in c.estimator) else ""
         track = f"_track{c.track_rows}" if c.track_rows else ""
-        return output_name(f"hessian_diagonal_{model}_{tag}_{'+'.join(c.estimator)}{k}{track}_b{d.b}_s{d.seqlen}", spec.digest())
+        return output_name(
+            f"hessian_diagonal_{model}_{tag}_{'+'.join(c.estimator)}{k}{track}_b{d.b}_s{d.seqlen}",
+            spec.digest(),
+        )
 
     def checkpoints(self, spec: DiagonalSpec, out: Path, name: str) -> list[Path]:
         return [checkpoint_path(out, name, p) for p in "12"]
@@ -131,9 +165,19 @@ class DiagonalFamily(Family):
         spec, found = run.spec, run.structure
         c = spec.compute
         targets = [t for t, _, _ in found]
-        est = preflight.diagonal_estimate(plan_phase1(targets, c.estimator, c.hvps, c.seed), run.dtype.itemsize, len(run.devices))
-        run.check_resources(est, "--estimator hutchinson (no stored vectors), fewer weights (one --layer_name, or --block_index with --all_layers), a smaller --hvps, or --checkpoint_every 0 (no checkpoint files)")
-        own_group = parallel.distributed_env() is not None and parallel.init_process_group(run.devices[0])  # outlives phase 1
+        est = preflight.diagonal_estimate(
+            plan_phase1(targets, c.estimator, c.hvps, c.seed), run.dtype.itemsize, len(run.devices)
+        )
+        run.check_resources(
+            est,
+            (
+                "--estimator hutchinson (no stored vectors), fewer weights (one --layer_name, or --block_index "
+                "with --all_layers), a smaller --hvps, or --checkpoint_every 0 (no checkpoint files)"
+            ),
+        )
+        own_group = parallel.distributed_env() is not None and parallel.init_process_group(
+            run.devices[0]
+        )  # outlives phase 1
         try:
             return hessian_diagonal(
                 run.model,
@@ -155,7 +199,8 @@ class DiagonalFamily(Family):
                 dist.destroy_process_group()
 
     def save(self, run: Run, result: DiagonalResult) -> tuple[Any, dict[str, Any]]:
-        """``<name>.pt`` holds the diagonal, or ``{estimator: {param: diagonal}}``; the heatmap and the convergence figure."""
+        """``<name>.pt`` holds the diagonal, or ``{estimator: {param: diagonal}}``; the heatmap and the
+        convergence figure."""
         spec, found, out, name = run.spec, run.structure, run.out, run.name
         hvps, track_rows = spec.compute.hvps, spec.compute.track_rows
         estimators = list(result.diagonals)
@@ -164,44 +209,114 @@ class DiagonalFamily(Family):
         if single:
             tensor: Any = result.diagonals[estimators[0]][targets[0].param_name].to(run.dtype)
         else:
-            tensor = {e: {t.param_name: result.diagonals[e][t.param_name].to(run.dtype) for t in targets} for e in estimators}
+            tensor = {
+                e: {t.param_name: result.diagonals[e][t.param_name].to(run.dtype) for t in targets}
+                for e in estimators
+            }
         k_desc = lambda e: f", K={hvps}" if e in K_ESTIMATORS else ""  # noqa: E731
         if single:
             e, t = estimators[0], targets[0]
-            figures = heatmap(result.diagonals[e][t.param_name], out / name, f"|diag H| of {t.param_name} ({e}{k_desc(e)})\n{run.where}", axis_labels=("input index (column of the weight)", "output unit (row of the weight)"), value="|H_ii| of each weight")
+            figures = heatmap(
+                result.diagonals[e][t.param_name],
+                out / name,
+                f"|diag H| of {t.param_name} ({e}{k_desc(e)})\n{run.where}",
+                axis_labels=(
+                    "input index (column of the weight)",
+                    "output unit (row of the weight)",
+                ),
+                value="|H_ii| of each weight",
+            )
         else:
-            panels = [(f"{e}: {'' if len(targets) == 1 else f'block {b} '}{lname}", result.diagonals[e][t.param_name]) for e in estimators for t, b, lname in found]
-            figures = heatmap_grid(panels, out / name, f"|diag H| ({', '.join(e + k_desc(e) for e in estimators)}), {run.where}", ncols=min(6, len(found)) if len(found) > 1 else len(estimators))
+            panels = [
+                (
+                    f"{e}: {'' if len(targets) == 1 else f'block {b} '}{lname}",
+                    result.diagonals[e][t.param_name],
+                )
+                for e in estimators
+                for t, b, lname in found
+            ]
+            figures = heatmap_grid(
+                panels,
+                out / name,
+                f"|diag H| ({', '.join(e + k_desc(e) for e in estimators)}), {run.where}",
+                ncols=min(6, len(found)) if len(found) > 1 else len(estimators),
+            )
         convergence_meta = {}
         if result.curves:
             t = targets[0]
             curves = result.curves[t.param_name]
-            plot = {e: {"k": c["k"], "tracked relative l2 error": c["tracked_rel_error"], "consecutive relative l2 difference": c["consecutive_rel_diff"]} for e, c in curves.items() if c["k"]}
-            refs = {e: {"tracked relative l2 error": c["final_tracked_rel_error"]} for e, c in curves.items() if not c["k"]}
-            figures += convergence(plot, out / f"{name}_convergence", f"Convergence on the first {track_rows} output units of {t.param_name}\n{run.where}", refs)
+            plot = {
+                e: {
+                    "k": c["k"],
+                    "tracked relative l2 error": c["tracked_rel_error"],
+                    "consecutive relative l2 difference": c["consecutive_rel_diff"],
+                }
+                for e, c in curves.items()
+                if c["k"]
+            }
+            refs = {
+                e: {"tracked relative l2 error": c["final_tracked_rel_error"]}
+                for e, c in curves.items()
+                if not c["k"]
+            }
+            figures += convergence(
+                plot,
+                out / f"{name}_convergence",
+                f"Convergence on the first {track_rows} output units of {t.param_name}\n{run.where}",
+                refs,
+            )
             convergence_meta = {
                 "tracked_rows": track_rows,
                 "tracked_entries": len(t.tracked),
                 "tracked_exact_hvps_per_sample": len(t.tracked),
                 "consecutive_diff_entries": result.monitor_size.get(t.param_name),
-                "tracked_rel_error": "||est[T] - exact[T]|| / ||exact[T]|| over the tracked entries T (the first R output units: weight[:R] for nn.Linear, weight[:, :R] for Conv1D)",
-                "consecutive_rel_diff": "||est(k) - est(k_prev)|| / ||est(k)|| over all entries (or the stated random subset), k_prev the previous k of the curve",
+                "tracked_rel_error": (
+                    "||est[T] - exact[T]|| / ||exact[T]|| over the tracked entries T (the first R output "
+                    "units: weight[:R] for nn.Linear, weight[:, :R] for Conv1D)"
+                ),
+                "consecutive_rel_diff": (
+                    "||est(k) - est(k_prev)|| / ||est(k)|| over all entries (or the stated random subset), "
+                    "k_prev the previous k of the curve"
+                ),
                 "curves": curves,
             }
         n_tokens = result.n_tokens
         errors_vs_exact = {}
         if "exact" in estimators:
-            errors_vs_exact = {e: {t.param_name: rel_l2(result.diagonals[e][t.param_name], result.diagonals["exact"][t.param_name]) for t in targets} for e in estimators if e != "exact"}
+            errors_vs_exact = {
+                e: {
+                    t.param_name: rel_l2(
+                        result.diagonals[e][t.param_name], result.diagonals["exact"][t.param_name]
+                    )
+                    for t in targets
+                }
+                for e in estimators
+                if e != "exact"
+            }
         meta = {
             "estimators": estimators,
             "vhp_samples": hvps,
             "parameter": targets[0].param_name if len(targets) == 1 else None,
-            "parameters": [{"name": t.param_name, "block": b, "layer": lname, "shape": list(t.shape)} for t, b, lname in found],
-            "tensor_layout": "the diagonal, with the parameter's shape" if single else "{estimator: {parameter name: diagonal with the parameter's shape}}",
+            "parameters": [
+                {"name": t.param_name, "block": b, "layer": lname, "shape": list(t.shape)}
+                for t, b, lname in found
+            ],
+            "tensor_layout": "the diagonal, with the parameter's shape"
+            if single
+            else "{estimator: {parameter name: diagonal with the parameter's shape}}",
             "hvps_per_sample": result.hvps,
             "cost": COST,
-            "probes": "Rademacher (i.i.d. +-1 entries); probe j of parameter p from a generator seeded with sha256(f'{seed}/{p}/{j}'), shared by all samples; xdiag's probes are the first K/2 hutchinson probes",
-            "normalization": f"diagonal of the Hessian of the mean next-token NLL over b*(seqlen-1) = {n_tokens} predicted tokens (the additive summed-NLL Hessian divided by {n_tokens}); fisher: (sum over samples of the squared per-sample gradient of the summed NLL) / {n_tokens}; ggn: the diagonal of the Gauss-Newton matrix sum_t J_t^T (diag p_t - p_t p_t^T) J_t / {n_tokens}",
+            "probes": (
+                "Rademacher (i.i.d. +-1 entries); probe j of parameter p from a generator seeded with "
+                "sha256(f'{seed}/{p}/{j}'), shared by all samples; xdiag's probes are the first K/2 hutchinson "
+                "probes"
+            ),
+            "normalization": (
+                f"diagonal of the Hessian of the mean next-token NLL over b*(seqlen-1) = {n_tokens} predicted "
+                f"tokens (the additive summed-NLL Hessian divided by {n_tokens}); fisher: (sum over samples "
+                f"of the squared per-sample gradient of the summed NLL) / {n_tokens}; ggn: the diagonal "
+                f"of the Gauss-Newton matrix sum_t J_t^T (diag p_t - p_t p_t^T) J_t / {n_tokens}"
+            ),
             "n_samples": result.n_samples,
             "n_tokens": n_tokens,
             "nll_mean": result.nll_sum / n_tokens,
@@ -217,11 +332,25 @@ class DiagonalFamily(Family):
         return tensor, _finite(meta)
 
     def report(self, run: Run, meta: dict[str, Any]) -> list[str]:
-        lines = [f"perplexity {meta['perplexity']:.3f} over {meta['n_samples']} samples; {', '.join(meta['estimators'])} diagonal of {len(meta['parameters'])} weight(s) in {meta['estimate_elapsed_s']:.1f}s"]
+        lines = [
+            (
+                f"perplexity {meta['perplexity']:.3f} over {meta['n_samples']} samples; "
+                f"{', '.join(meta['estimators'])} "
+                f"diagonal of {len(meta['parameters'])} weight(s) in {meta['estimate_elapsed_s']:.1f}s"
+            )
+        ]
         for e, errs in meta["rel_error_vs_exact"].items():
-            lines.append(f"  {e}: relative l2 error vs exact " + ", ".join(_g(v) for v in errs.values()))
+            lines.append(
+                f"  {e}: relative l2 error vs exact " + ", ".join(_g(v) for v in errs.values())
+            )
         if meta["convergence"]:
-            lines.append("  tracked relative l2 error: " + ", ".join(f"{e} {_g(c['final_tracked_rel_error'])}" for e, c in meta["convergence"]["curves"].items()))
+            lines.append(
+                "  tracked relative l2 error: "
+                + ", ".join(
+                    f"{e} {_g(c['final_tracked_rel_error'])}"
+                    for e, c in meta["convergence"]["curves"].items()
+                )
+            )
         return lines
 
 

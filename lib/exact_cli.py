@@ -59,7 +59,10 @@ class ExactFamily(Family):
     def default_name(self, spec: ExactSpec) -> str:
         model = Path(spec.model.model.rstrip("/")).name
         d = spec.data
-        return output_name(f"{spec.script}_{model}_{subset_tag(spec)}_t{spec.subset.t}_b{d.b}_s{d.seqlen}", spec.digest())
+        return output_name(
+            f"{spec.script}_{model}_{subset_tag(spec)}_t{spec.subset.t}_b{d.b}_s{d.seqlen}",
+            spec.digest(),
+        )
 
     def resolve(self, spec: ExactSpec, model: nn.Module) -> ExactSpec:
         s, changes = spec.subset, {}
@@ -75,7 +78,10 @@ class ExactFamily(Family):
     def compute(self, run: Run) -> tuple[ExactHessianJob, dict, Any] | None:
         spec, subset = run.spec, run.structure
         c = spec.compute
-        run.check_resources(preflight.exact_estimate(subset.size, run.dtype.itemsize), "a smaller --t (or fewer blocks or layers), or --checkpoint_every 0 (no checkpoint file)")
+        run.check_resources(
+            preflight.exact_estimate(subset.size, run.dtype.itemsize),
+            "a smaller --t (or fewer blocks or layers), or --checkpoint_every 0 (no checkpoint file)",
+        )
         job = ExactHessianJob(
             subset,
             run.samples,
@@ -87,26 +93,57 @@ class ExactFamily(Family):
             model=run.model,
         )
         if c.compare:
-            job = curvature.make_job(job, c.compare, c.fisher_samples, c.perturbations, c.perturbation_bits, c.seed)
+            job = curvature.make_job(
+                job, c.compare, c.fisher_samples, c.perturbations, c.perturbation_bits, c.seed
+            )
         settings = run.run_settings(run.out / f"{run.name}.ckpt", "Hessian columns")
-        settings.snapshot_units = tuple(batch_study.snapshot_units(spec.data.b, spec.data.model_input_bs)) if c.batch_study else ()
+        settings.snapshot_units = (
+            tuple(batch_study.snapshot_units(spec.data.b, spec.data.model_input_bs))
+            if c.batch_study
+            else ()
+        )
         t0 = time.perf_counter()
         sums = parallel.run_job(job, settings)
         if sums is None:
             return None
         return job, sums, job.result(sums, time.perf_counter() - t0)
 
-    def save(self, run: Run, result: tuple[ExactHessianJob, dict, Any]) -> tuple[Any, dict[str, Any]]:
+    def save(
+        self, run: Run, result: tuple[ExactHessianJob, dict, Any]
+    ) -> tuple[Any, dict[str, Any]]:
         job, sums, res = result
         spec, subset, out, name = run.spec, run.structure, run.out, run.name
         settings = run.settings[0]
-        figures = heatmap(res.hessian, out / name, f"|H|: {subset.description}\n{run.where}", slice_boundaries(subset), slice_labels=[slice_label(s.param_name) for s in subset.slices])
-        diag, diag_figures = diagonality.report(res.hessian, subset.slices, out / name, f"{subset.description}; {run.where}")
-        study = batch_study.finish(settings.snapshots, spec.data.model_input_bs, spec.data.seqlen, out, name, f"{subset.description}; {run.where}", res.hessian.dtype) if settings.snapshot_units else {}
+        figures = heatmap(
+            res.hessian,
+            out / name,
+            f"|H|: {subset.description}\n{run.where}",
+            slice_boundaries(subset),
+            slice_labels=[slice_label(s.param_name) for s in subset.slices],
+        )
+        diag, diag_figures = diagonality.report(
+            res.hessian, subset.slices, out / name, f"{subset.description}; {run.where}"
+        )
+        study = (
+            batch_study.finish(
+                settings.snapshots,
+                spec.data.model_input_bs,
+                spec.data.seqlen,
+                out,
+                name,
+                f"{subset.description}; {run.where}",
+                res.hessian.dtype,
+            )
+            if settings.snapshot_units
+            else {}
+        )
         meta = {
             "subset": subset.description,
             "shape": list(res.hessian.shape),
-            "normalization": f"Hessian of the mean next-token NLL over b*(seqlen-1) = {res.n_tokens} predicted tokens (the additive summed-NLL Hessian divided by {res.n_tokens})",
+            "normalization": (
+                f"Hessian of the mean next-token NLL over b*(seqlen-1) = {res.n_tokens} predicted tokens "
+                f"(the additive summed-NLL Hessian divided by {res.n_tokens})"
+            ),
             "n_samples": res.n_samples,
             "n_tokens": res.n_tokens,
             "nll_mean": res.nll_sum / res.n_tokens,
@@ -117,15 +154,34 @@ class ExactFamily(Family):
             "run": {"devices": [str(d) for d in settings.devices], **settings.stats},
             "figures": [p.name for p in [*figures, *diag_figures]],
             "diagonality": diag,
-            **({"batch_study": study["batch_study"], "batch_study_files": study["files"]} if study else {}),
+            **(
+                {"batch_study": study["batch_study"], "batch_study_files": study["files"]}
+                if study
+                else {}
+            ),
             "entries": subset.entries(run.model),
         }
         if spec.compute.compare:
-            meta.update(curvature.write_comparison(out, name, job, sums, res, f"{subset.description}\n{run.where}", spec.compute.compare_top_k))
+            meta.update(
+                curvature.write_comparison(
+                    out,
+                    name,
+                    job,
+                    sums,
+                    res,
+                    f"{subset.description}\n{run.where}",
+                    spec.compute.compare_top_k,
+                )
+            )
         return res.hessian, meta
 
     def report(self, run: Run, meta: dict[str, Any]) -> list[str]:
-        lines = [f"perplexity {meta['perplexity']:.3f} over {meta['n_samples']} samples; Hessian {tuple(meta['shape'])} in {meta['hessian_elapsed_s']:.1f}s"]
+        lines = [
+            (
+                f"perplexity {meta['perplexity']:.3f} over {meta['n_samples']} samples; Hessian {tuple(meta['shape'])} "
+                f"in {meta['hessian_elapsed_s']:.1f}s"
+            )
+        ]
         if "batch_study" in meta:
             lines.append(batch_study.summary_line(meta["batch_study"]))
         return [*lines, diagonality.one_line(meta["diagonality"])]

@@ -39,7 +39,6 @@ from .models import ModelSpec, load_model, max_positions, model_skeleton, resolv
 from .results import save_tensor_and_json
 from .spec import PAPER_SEQLEN, SECTIONS, RunSpec
 
-
 # ----------------------------------------------------------------------------- the family interface
 
 
@@ -140,20 +139,39 @@ class Run:
     def model_spec(self) -> ModelSpec:
         """How worker processes load the model of this run (and check that it is the parent's, by fingerprint)."""
         m = self.spec.model
-        return ModelSpec(m.model, m.cache_dir, m.dtype, m.attn_implementation, self.spec.run.device_map, self.fingerprints.get("model"), self.fingerprints.get("tokenizer"))
+        return ModelSpec(
+            m.model,
+            m.cache_dir,
+            m.dtype,
+            m.attn_implementation,
+            self.spec.run.device_map,
+            self.fingerprints.get("model"),
+            self.fingerprints.get("tokenizer"),
+        )
 
     def run_settings(self, checkpoint_path: Path, desc: str) -> parallel.RunSettings:
-        """:class:`lib.parallel.RunSettings` from the run flags, checkpointing to ``checkpoint_path`` (recorded in :attr:`settings`)."""
+        """:class:`lib.parallel.RunSettings` from the run flags, checkpointing to ``checkpoint_path``
+        (recorded in :attr:`settings`)."""
         r = self.spec.run
         every_units, every_s = ckpt.parse_every(r.checkpoint_every)
-        cfg = ckpt.CheckpointConfig(Path(checkpoint_path), every_units, every_s, resume=r.resume, keep=r.keep_checkpoint)
-        settings = parallel.RunSettings(devices=self.devices, checkpoint=cfg, progress=not self.spec.output.no_progress, desc=desc, unit_timeout=r.unit_timeout, identity=self.identity())
+        cfg = ckpt.CheckpointConfig(
+            Path(checkpoint_path), every_units, every_s, resume=r.resume, keep=r.keep_checkpoint
+        )
+        settings = parallel.RunSettings(
+            devices=self.devices,
+            checkpoint=cfg,
+            progress=not self.spec.output.no_progress,
+            desc=desc,
+            unit_timeout=r.unit_timeout,
+            identity=self.identity(),
+        )
         self.settings.append(settings)
         self.kept.append(cfg)
         return settings
 
     def check_resources(self, est: preflight.Estimate, alternatives: str) -> None:
-        """Refuse before the computation when ``est`` does not fit in free host / GPU memory or disk (:func:`lib.preflight.check`)."""
+        """Refuse before the computation when ``est`` does not fit in free host / GPU memory or disk
+        (:func:`lib.preflight.check`)."""
         if self.rank0:
             writes = any(ckpt.parse_every(self.spec.run.checkpoint_every))
             preflight.check(est, self.devices, self.spec.output.output_dir, writes, alternatives)
@@ -185,23 +203,36 @@ def _device(text: str, flag: str) -> torch.device:
 
 
 def run_devices(spec: RunSpec) -> list[torch.device]:
-    """The run's devices, one per worker process (``--devices``, else ``--device``); under torchrun, this rank's device."""
+    """The run's devices, one per worker process (``--devices``, else ``--device``); under torchrun,
+    this rank's device."""
     text = spec.run.devices
     entries = [d.strip() for d in text.split(",")] if text is not None else None
     if entries is not None and not all(entries):
-        raise UserError(f"--devices {text!r} has an empty entry; give e.g. cuda:0,cuda:1 or cpu,cpu")
+        raise UserError(
+            f"--devices {text!r} has an empty entry; give e.g. cuda:0,cuda:1 or cpu,cpu"
+        )
     dist_env = parallel.distributed_env()
     if dist_env is not None:
         local = dist_env[1]
         if entries:
             if local >= len(entries):
-                raise UserError(f"--devices lists {len(entries)} devices but this node runs local rank {local}: give one per local rank")
+                raise UserError(
+                    f"--devices lists {len(entries)} devices but this node runs local rank {local}: "
+                    f"give one per local rank"
+                )
             return [_device(entries[local], "--devices entry")]
         dev = _device(spec.run.device, "--device")
         return [torch.device("cuda", local) if dev.type == "cuda" and dev.index is None else dev]
-    devices = [_device(e, "--devices entry") for e in entries] if entries else [_device(spec.run.device, "--device")]
+    devices = (
+        [_device(e, "--devices entry") for e in entries]
+        if entries
+        else [_device(spec.run.device, "--device")]
+    )
     if len(devices) > 1 and spec.run.device_map is not None:
-        raise UserError("--device_map splits one model over the GPUs of a single worker; it cannot be combined with several --devices (use torchrun with one rank per node instead)")
+        raise UserError(
+            "--device_map splits one model over the GPUs of a single worker; it cannot be combined "
+            "with several --devices (use torchrun with one rank per node instead)"
+        )
     return devices
 
 
@@ -212,7 +243,9 @@ def check_environment(spec: RunSpec) -> list[torch.device]:
     devices = run_devices(spec)
     ckpt.parse_every(spec.run.checkpoint_every)
     if spec.run.device_map is not None and importlib.util.find_spec("accelerate") is None:
-        raise UserError(f"--device_map {spec.run.device_map} needs the accelerate package: pip install accelerate")
+        raise UserError(
+            f"--device_map {spec.run.device_map} needs the accelerate package: pip install accelerate"
+        )
     return devices
 
 
@@ -227,7 +260,14 @@ def warn_low_precision(dtype: str) -> None:
 
 def _load_weights(spec: RunSpec, device: torch.device) -> nn.Module:
     m = spec.model
-    return load_model(m.model, cache_dir=m.cache_dir, dtype=getattr(torch, m.dtype), device=device, attn_implementation=m.attn_implementation, device_map=spec.run.device_map)
+    return load_model(
+        m.model,
+        cache_dir=m.cache_dir,
+        dtype=getattr(torch, m.dtype),
+        device=device,
+        attn_implementation=m.attn_implementation,
+        device_map=spec.run.device_map,
+    )
 
 
 def check_vocabulary(tokens: torch.Tensor, model: nn.Module, model_name: str) -> None:
@@ -235,7 +275,10 @@ def check_vocabulary(tokens: torch.Tensor, model: nn.Module, model_name: str) ->
     emb = model.get_input_embeddings()
     vocab = getattr(emb, "num_embeddings", None)
     if vocab is not None and tokens.numel() and int(tokens.max()) >= vocab:
-        raise UserError(f"the tokenizer of {model_name!r} gives token id {int(tokens.max())} but the model's vocabulary has {vocab} entries: the tokenizer does not belong to the model")
+        raise UserError(
+            f"the tokenizer of {model_name!r} gives token id {int(tokens.max())} but the model's vocabulary "
+            f"has {vocab} entries: the tokenizer does not belong to the model"
+        )
 
 
 @dataclass
@@ -276,7 +319,9 @@ def inspect(spec: RunSpec, family: Family, device: torch.device) -> Inspected:
     return Inspected(spec, samples, tokenizer_fingerprint(tokenizer), model, loaded)
 
 
-def load(spec: RunSpec, family: Family, name: str, devices: list[torch.device], t_start: float) -> Run:
+def load(
+    spec: RunSpec, family: Family, name: str, devices: list[torch.device], t_start: float
+) -> Run:
     """Inspect, then load the weights (once, on the single device, or on the CPU when workers load their own)."""
     torch.manual_seed(spec.get("seed"))
     device = devices[0] if len(devices) == 1 else torch.device("cpu")
@@ -284,7 +329,18 @@ def load(spec: RunSpec, family: Family, name: str, devices: list[torch.device], 
     model = found.model if found.loaded else _load_weights(found.spec, device)
     structure = family.structure(model, found.spec)
     fingerprints = {"model": model_fingerprint(model), "tokenizer": found.tokenizer_fingerprint}
-    return Run(found.spec, name, model, found.samples, device, devices, fingerprints, structure, t_start, family.identity_sections)
+    return Run(
+        found.spec,
+        name,
+        model,
+        found.samples,
+        device,
+        devices,
+        fingerprints,
+        structure,
+        t_start,
+        family.identity_sections,
+    )
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -310,7 +366,14 @@ def _execute(spec: RunSpec, family: Family) -> dict[str, Any]:
     devices = check_environment(spec)
     name = spec.output.name or family.default_name(spec)
     out = Path(spec.output.output_dir)
-    outputs.claim(out, name, family.checkpoints(spec, out, name), spec.output.overwrite, spec.run.resume, rank0=parallel.distributed_env() is None or parallel.distributed_env()[0] == 0)
+    outputs.claim(
+        out,
+        name,
+        family.checkpoints(spec, out, name),
+        spec.output.overwrite,
+        spec.run.resume,
+        rank0=parallel.distributed_env() is None or parallel.distributed_env()[0] == 0,
+    )
     warn_low_precision(spec.model.dtype)
     run = load(spec, family, name, devices, t_start)
     result = family.compute(run)
@@ -318,7 +381,13 @@ def _execute(spec: RunSpec, family: Family) -> dict[str, Any]:
         return {}
     outputs.saving_results(run.kept)
     tensor, fields = family.save(run, result)
-    meta = {"script": run.spec.script, "config": run.spec.as_dict(), **fields, "fingerprints": run.fingerprints, "elapsed_s": time.perf_counter() - t_start}
+    meta = {
+        "script": run.spec.script,
+        "config": run.spec.as_dict(),
+        **fields,
+        "fingerprints": run.fingerprints,
+        "elapsed_s": time.perf_counter() - t_start,
+    }
     meta = save_tensor_and_json(out, name, tensor, meta)
     family.finish(run, meta)
     for line in family.report(run, meta):

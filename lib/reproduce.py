@@ -52,7 +52,12 @@ def _exact(figure: str, kind: str) -> list[Run]:
         "1b": Run("several_layers_several_blocks", (("num_blocks", 1), ("t", 16 if e else 300))),
         "1c": Run("single_layer_several_blocks", (("t", 32 if e else 150),)),
         "1d": Run("several_layers_several_blocks", (("t", 8), ("b", 6)) if e else (("t", 25),)),
-        "2": Run("single_layer_single_block", (("t", 16), ("b", 160), ("batch_study", True)) if e else (("t", 768), ("batch_study", True))),
+        "2": Run(
+            "single_layer_single_block",
+            (("t", 16), ("b", 160), ("batch_study", True))
+            if e
+            else (("t", 768), ("batch_study", True)),
+        ),
     }
     return [table[figure]]
 
@@ -67,11 +72,34 @@ def _diagonal(figure: str, kind: str) -> list[Run]:
     """Fig. 3a (convergence on row 0 of block-0 q_proj) and 3b (diagonal heatmaps along a k sweep)."""
     e = kind == "embedded"
     if figure == "3a":
-        return [Run("hessian_diagonal", (("track_rows", 1), ("estimator", ("hutchinson", "xdiag", empirical_fisher())), ("hvps", 200 if e else 1000), *((("b", 4),) if e else ())))]
+        return [
+            Run(
+                "hessian_diagonal",
+                (
+                    ("track_rows", 1),
+                    ("estimator", ("hutchinson", "xdiag", empirical_fisher())),
+                    ("hvps", 200 if e else 1000),
+                    *((("b", 4),) if e else ()),
+                ),
+            )
+        ]
     ks = K_SWEEP[kind]
     b = (("b", 8),) if e else ()
-    runs = [Run("hessian_diagonal", (("estimator", ("hutchinson",)), ("hvps", k), *b), f"_hutchinson_k{k}") for k in ks]
-    return runs + [Run("hessian_diagonal", (("estimator", ("xdiag",)), ("hvps", ks[-1]), *b), f"_xdiag_k{ks[-1]}")]
+    runs = [
+        Run(
+            "hessian_diagonal",
+            (("estimator", ("hutchinson",)), ("hvps", k), *b),
+            f"_hutchinson_k{k}",
+        )
+        for k in ks
+    ]
+    return runs + [
+        Run(
+            "hessian_diagonal",
+            (("estimator", ("xdiag",)), ("hvps", ks[-1]), *b),
+            f"_xdiag_k{ks[-1]}",
+        )
+    ]
 
 
 def runs(figure: str, model: str) -> list[Run]:
@@ -104,18 +132,26 @@ def stem(figure: str, model: str) -> str:
 
 def placement(run: Run, figure: str, args: argparse.Namespace) -> dict[str, str]:
     """Model, output directory and output name of ``run`` (fields beside its preset)."""
-    return {"model": args.model, "output_dir": args.output_dir, "name": stem(figure, args.model) + run.suffix}
+    return {
+        "model": args.model,
+        "output_dir": args.output_dir,
+        "name": stem(figure, args.model) + run.suffix,
+    }
 
 
 def spec_of(run: Run, figure: str, args: argparse.Namespace, extra: list[str]) -> RunSpec:
     """``run``'s spec: its preset and placement, overridden by the passed-on flags ``extra`` (checked by the
     script's own parser: an unknown or malformed flag exits with one line, status 2)."""
-    return COMMANDS[run.script].spec(extra, presets={**dict(run.preset), **placement(run, figure, args)})
+    return COMMANDS[run.script].spec(
+        extra, presets={**dict(run.preset), **placement(run, figure, args)}
+    )
 
 
 def command_line(run: Run, figure: str, args: argparse.Namespace, extra: list[str]) -> str:
     """The equivalent shell command."""
-    argv = run.argv + cli.argv_of(COMMANDS[run.script].parser(), placement(run, figure, args)) + extra
+    argv = (
+        run.argv + cli.argv_of(COMMANDS[run.script].parser(), placement(run, figure, args)) + extra
+    )
     return f"python {run.script}.py " + shlex.join(argv)
 
 
@@ -130,26 +166,54 @@ def compose_3b(metas: list[dict[str, Any]], out: Path, name: str) -> list[Path]:
         est = m["estimators"][0]
         panels.append((f"{est}, k = {m['vhp_samples']}", torch.load(out / m["files"]["tensor"])))
     c = metas[0]["config"]
-    title = f"|diag H| of {metas[0]['parameter']} along k (HVPs per sample); {c['model']['model']}, b={c['data']['b']}, seqlen={c['data']['seqlen']}\nx: input index (column), y: output unit (row)"
+    title = (
+        f"|diag H| of {metas[0]['parameter']} along k (HVPs per sample); {c['model']['model']}, b={c['data']['b']}, "
+        f"seqlen={c['data']['seqlen']}\nx: input index (column), y: output unit (row)"
+    )
     return heatmap_grid(panels, out / name, title, ncols=len(panels))
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    p = cli.Parser(prog="reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("--figure", required=True, choices=[*FIGURES, "all"], help="which figure of the report")
-    p.add_argument("--model", default=EMBEDDED, help="embedded (default: scaled presets) or a HF model id / directory (the report's configurations)")
-    p.add_argument("--output_dir", default="results", help="where every run writes <fig...>.pt/.json/.pdf/.png (default: results)")
-    p.add_argument("--quick", action="store_true", help="tiny configurations (t=2, seqlen 16, b=2): checks that every command runs end to end")
+    p = cli.Parser(
+        prog="reproduce.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    p.add_argument(
+        "--figure", required=True, choices=[*FIGURES, "all"], help="which figure of the report"
+    )
+    p.add_argument(
+        "--model",
+        default=EMBEDDED,
+        help="embedded (default: scaled presets) or a HF model id / directory (the report's configurations)",
+    )
+    p.add_argument(
+        "--output_dir",
+        default="results",
+        help="where every run writes <fig...>.pt/.json/.pdf/.png (default: results)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny configurations (t=2, seqlen 16, b=2): checks that every command runs end to end",
+    )
     p.add_argument("--dry_run", action="store_true", help="print the script commands and exit")
     return p.parse_known_args(argv)
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the figure(s); returns ``{figure: {"commands", "elapsed_s", "files"}}`` and records it in ``<output_dir>/reproduce_<model>.json``."""
+    """Run the figure(s); returns ``{figure: {"commands", "elapsed_s", "files"}}`` and records it in
+    ``<output_dir>/reproduce_<model>.json``."""
     args, extra = parse(argv)
     figures = FIGURES if args.figure == "all" else (args.figure,)
-    plans = {fig: list(dict.fromkeys(shrink(r) if args.quick else r for r in runs(fig, args.model))) for fig in figures}  # shrinking may merge runs
-    specs = {(fig, r): spec_of(r, fig, args, extra) for fig, plan in plans.items() for r in plan}  # a bad passed-on flag fails now, not after the earlier figures
+    plans = {
+        fig: list(dict.fromkeys(shrink(r) if args.quick else r for r in runs(fig, args.model)))
+        for fig in figures
+    }  # shrinking may merge runs
+    specs = {
+        (fig, r): spec_of(r, fig, args, extra) for fig, plan in plans.items() for r in plan
+    }  # a bad passed-on flag fails now, not after the earlier figures
     done: dict[str, Any] = {}
     for fig, plan in plans.items():
         commands = [command_line(r, fig, args, extra) for r in plan]
@@ -161,9 +225,15 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         metas = [execute(specs[fig, r]) for r in plan]
         if not all(metas):  # torchrun ranks > 0 save nothing
             continue
-        files = [f for m in metas for f in [*m["files"].values(), *m["figures"], *m.get("batch_study_files", [])]]
+        files = [
+            f
+            for m in metas
+            for f in [*m["files"].values(), *m["figures"], *m.get("batch_study_files", [])]
+        ]
         if fig == "3b":
-            files += [p.name for p in compose_3b(metas, Path(args.output_dir), stem(fig, args.model))]
+            files += [
+                p.name for p in compose_3b(metas, Path(args.output_dir), stem(fig, args.model))
+            ]
         done[fig] = {"commands": commands, "elapsed_s": time.perf_counter() - t0, "files": files}
         print(f"# Figure {fig}: {done[fig]['elapsed_s']:.1f}s", flush=True)
     if not args.dry_run and done:
@@ -176,7 +246,12 @@ def record(path: Path, done: dict[str, Any]) -> None:
     import torch
 
     old = json.loads(path.read_text()) if path.exists() else {}
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     old.update({fig: {**v, "machine": machine, "finished": when} for fig, v in done.items()})
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -30,9 +30,10 @@ import hashlib
 import importlib
 import json
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from .errors import UserError
 
@@ -47,7 +48,7 @@ SECTIONS = ("model", "data", "subset", "compute", "output", "run")
 # ----------------------------------------------------------------------------- library constants without torch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _literals(module: str) -> dict[str, Any]:
     """Top-level ``NAME = <literal>`` assignments of ``lib/<module>.py``, read from its source."""
     out: dict[str, Any] = {}
@@ -56,7 +57,13 @@ def _literals(module: str) -> dict[str, Any]:
     except (OSError, SyntaxError):
         return out
     for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        targets = (
+            node.targets
+            if isinstance(node, ast.Assign)
+            else [node.target]
+            if isinstance(node, ast.AnnAssign)
+            else []
+        )
         for t in targets:
             if isinstance(t, ast.Name) and node.value is not None:
                 try:
@@ -319,7 +326,9 @@ class RunSpec:
         """The result-changing fields only (their ``when`` evaluated), nested like :meth:`as_dict`."""
         out: dict[str, Any] = {"family": self.family, "script": self.script}
         for sname, f, value in self.entries():
-            if f.metadata.get(ROLE) == RESULT and (f.metadata.get(WHEN) is None or f.metadata[WHEN](self)):
+            if f.metadata.get(ROLE) == RESULT and (
+                f.metadata.get(WHEN) is None or f.metadata[WHEN](self)
+            ):
                 out.setdefault(sname, {})[f.name] = _jsonable(value)
         return out
 
@@ -351,7 +360,11 @@ class RunSpec:
         if unknown:
             raise TypeError(f"{cls.__name__} has no field {', '.join(sorted(unknown))}")
         spec = cls(script=script)
-        given = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if v is not None or spec.get(k) is None}
+        given = {
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in values.items()
+            if v is not None or spec.get(k) is None
+        }
         return spec.replace(**given)._resolved()
 
     def _resolved(self: S) -> S:
@@ -438,11 +451,22 @@ class ExactSpec(RunSpec):
         c = self.compute
         if c.compare is None:
             defaults = ExactCompute()
-            changed = [f"--{k}" for k in ("fisher_samples", "perturbations", "perturbation_bits", "compare_top_k") if getattr(c, k) != getattr(defaults, k)]
+            changed = [
+                f"--{k}"
+                for k in ("fisher_samples", "perturbations", "perturbation_bits", "compare_top_k")
+                if getattr(c, k) != getattr(defaults, k)
+            ]
             if changed:
-                raise UserError(f"{', '.join(changed)} only apply with --compare APPROX [APPROX ...]")
+                raise UserError(
+                    f"{', '.join(changed)} only apply with --compare APPROX [APPROX ...]"
+                )
         else:
-            for name, low in (("fisher_samples", 1), ("perturbations", 0), ("perturbation_bits", 1), ("compare_top_k", 1)):
+            for name, low in (
+                ("fisher_samples", 1),
+                ("perturbations", 0),
+                ("perturbation_bits", 1),
+                ("compare_top_k", 1),
+            ):
                 _at_least(name, getattr(c, name), low)
 
 
@@ -457,12 +481,25 @@ class SpectrumSpec(RunSpec):
 
     def _resolved(self) -> SpectrumSpec:
         spec = _resolve_t(super()._resolved())
-        defaults = {k: v for k, v in {"layer_name": DEFAULT_LAYER, "block_index": 0}.items() if spec.get(k) is None}
+        defaults = {
+            k: v
+            for k, v in {"layer_name": DEFAULT_LAYER, "block_index": 0}.items()
+            if spec.get(k) is None
+        }
         return spec.replace(**defaults) if defaults else spec
 
     def _check(self) -> None:
         c = self.compute
-        for name, low in (("top_k", 1), ("block_size", 1), ("max_iter", 1), ("trace_hvps", 3), ("slq_probes", 1), ("lanczos_steps", 1), ("density_points", 2), ("exact_below", 0)):
+        for name, low in (
+            ("top_k", 1),
+            ("block_size", 1),
+            ("max_iter", 1),
+            ("trace_hvps", 3),
+            ("slq_probes", 1),
+            ("lanczos_steps", 1),
+            ("density_points", 2),
+            ("exact_below", 0),
+        ):
             _at_least(name, getattr(c, name), low)
         if not c.tol > 0:
             raise UserError(f"--tol must be positive, got {c.tol}")
@@ -502,24 +539,41 @@ class DiagonalSpec(RunSpec):
         est = c.estimator
         unknown = [e for e in est if e not in library_constant("diagonal", "ESTIMATORS")]
         if unknown:
-            raise UserError(f"--estimator {unknown[0]} is unknown; choose from {', '.join(library_constant('diagonal', 'ESTIMATORS'))}")
+            raise UserError(
+                f"--estimator {unknown[0]} is unknown; choose from "
+                f"{', '.join(library_constant('diagonal', 'ESTIMATORS'))}"
+            )
         if any(e in est for e in K_ESTIMATORS) and c.hvps < 1:
             raise UserError(f"--hvps must be at least 1, got {c.hvps}")
         if "xdiag" in est and (c.hvps < 2 or c.hvps % 2):
-            raise UserError(f"--estimator xdiag uses K/2 probes and K/2 basis vectors: --hvps must be even and at least 2, got {c.hvps}")
+            raise UserError(
+                f"--estimator xdiag uses K/2 probes and K/2 basis vectors: --hvps must be even and "
+                f"at least 2, got {c.hvps}"
+            )
         if c.track_rows < 0:
             raise UserError(f"--track_rows must be >= 0, got {c.track_rows}")
         if s.layer_name is not None and s.all_layers:
-            raise UserError(f"--layer_name {s.layer_name} picks one layer but --all_layers takes every linear layer: give one or the other")
+            raise UserError(
+                f"--layer_name {s.layer_name} picks one layer but --all_layers takes every linear "
+                f"layer: give one or the other"
+            )
         if c.track_rows and s.all_layers:
-            raise UserError("--track_rows studies the convergence on one layer; it cannot be combined with --all_layers")
+            raise UserError(
+                "--track_rows studies the convergence on one layer; it cannot be combined with --all_layers"
+            )
         if c.track_rows and not any(e in est for e in PROBE_ESTIMATORS):
-            raise UserError("--track_rows records the error after each probe: use it with --estimator hutchinson and/or xdiag")
+            raise UserError(
+                "--track_rows records the error after each probe: use it with --estimator hutchinson and/or xdiag"
+            )
         if s.block_index is not None and s.block_index < 0:
             raise UserError(f"--block_index {s.block_index} is out of range: it must be >= 0")
 
 
-SPECS: dict[str, type[RunSpec]] = {"exact": ExactSpec, "diagonal": DiagonalSpec, "spectrum": SpectrumSpec}
+SPECS: dict[str, type[RunSpec]] = {
+    "exact": ExactSpec,
+    "diagonal": DiagonalSpec,
+    "spectrum": SpectrumSpec,
+}
 """The spec class of each family."""
 
 

@@ -32,7 +32,14 @@ from .pipeline import Family, Run
 from .plots import density_figure
 from .results import atomic_write_bytes
 from .spec import SpectrumSpec
-from .subsets import Subset, num_blocks, params_subset, several_layers_several_blocks, single_layer_several_blocks, single_layer_single_block
+from .subsets import (
+    Subset,
+    num_blocks,
+    params_subset,
+    several_layers_several_blocks,
+    single_layer_several_blocks,
+    single_layer_single_block,
+)
 
 KEEP_GRAPHS = {"auto": "auto", "on": True, "off": False}
 """``--keep_graphs`` -> :class:`lib.operator.HessianOperator`'s ``keep_graphs``."""
@@ -46,7 +53,9 @@ def check_top_k(spec: SpectrumSpec, n: int) -> None:
     c = spec.compute
     want = c.top_k * (2 if c.which == "both" else 1)
     if want > n:
-        raise UserError(f"--top_k {c.top_k} with --which {c.which} asks for {want} eigenvalues but the subset has only {n} entries")
+        raise UserError(
+            f"--top_k {c.top_k} with --which {c.which} asks for {want} eigenvalues but the subset has only {n} entries"
+        )
 
 
 def build_subset(model: nn.Module, spec: SpectrumSpec) -> Subset:
@@ -55,7 +64,9 @@ def build_subset(model: nn.Module, spec: SpectrumSpec) -> Subset:
     if s.params:
         return params_subset(model, s.params)
     if s.num_layers is not None:
-        return several_layers_several_blocks(model, s.num_layers, s.num_blocks or num_blocks(model), s.t)
+        return several_layers_several_blocks(
+            model, s.num_layers, s.num_blocks or num_blocks(model), s.t
+        )
     if s.num_blocks is not None:
         return single_layer_several_blocks(model, s.layer_name, s.num_blocks, s.t)
     return single_layer_single_block(model, s.layer_name, s.block_index, s.t)
@@ -66,8 +77,18 @@ def slice_table(model: nn.Module, subset: Subset) -> list[dict[str, Any]]:
     out, offset = [], 0
     for sl in subset.slices:
         shape = list(model.get_parameter(sl.param_name).shape)
-        whole = len(sl) == model.get_parameter(sl.param_name).numel() and bool((sl.flat_index == torch.arange(len(sl))).all())
-        out.append({"param": sl.param_name, "shape": shape, "offset": offset, "size": len(sl), "whole_in_storage_order": whole})
+        whole = len(sl) == model.get_parameter(sl.param_name).numel() and bool(
+            (sl.flat_index == torch.arange(len(sl))).all()
+        )
+        out.append(
+            {
+                "param": sl.param_name,
+                "shape": shape,
+                "offset": offset,
+                "size": len(sl),
+                "whole_in_storage_order": whole,
+            }
+        )
         offset += len(sl)
     return out
 
@@ -90,7 +111,9 @@ class PassLog:
     that the algorithm asks for the same ``V``) and computes, records and returns the others.
     """
 
-    def __init__(self, directory: Path | None, config: dict[str, Any], resume: bool, run_pass, bar=None):
+    def __init__(
+        self, directory: Path | None, config: dict[str, Any], resume: bool, run_pass, bar=None
+    ):
         self.dir, self.run_pass, self.bar = directory, run_pass, bar
         self.calls = self.replayed = self.hvps = 0
         if directory is None:
@@ -98,9 +121,14 @@ class PassLog:
         cfg_file = directory / "config.json"
         text = json.dumps(config, sort_keys=True, default=str)
         if directory.exists() and not resume and any(directory.glob("pass_*.pt")):
-            raise UserError(f"pass log {directory} exists from an earlier run; pass --resume to continue it, or delete it to start over")
+            raise UserError(
+                f"pass log {directory} exists from an earlier run; pass --resume to continue it, or "
+                f"delete it to start over"
+            )
         if resume and cfg_file.exists() and cfg_file.read_text() != text:
-            raise UserError(f"pass log {directory} is from a different configuration; delete it to start over")
+            raise UserError(
+                f"pass log {directory} is from a different configuration; delete it to start over"
+            )
         directory.mkdir(parents=True, exist_ok=True)
         cfg_file.write_text(text)
 
@@ -113,7 +141,10 @@ class PassLog:
         if f is not None and f.exists():
             rec = torch.load(f, weights_only=True)
             if rec["input"] != d:
-                raise RunError(f"{f} was recorded for a different block than the resumed run asks for; delete {self.dir} to start over")
+                raise RunError(
+                    f"{f} was recorded for a different block than the resumed run asks for; delete "
+                    f"{self.dir} to start over"
+                )
             self.replayed += 1
             out = rec["output"]
         else:
@@ -126,7 +157,8 @@ class PassLog:
 
 
 def make_run_pass(run: Run, op: HessianOperator, pool: parallel.WorkerPool | None = None):
-    """``run_pass(V, i)``: ``H V`` by one :class:`HVPJob` through :func:`lib.parallel.run_job` (checkpointed inside the pass);
+    """``run_pass(V, i)``: ``H V`` by one :class:`HVPJob` through :func:`lib.parallel.run_job`
+    (checkpointed inside the pass);
     with several devices, every pass runs on ``pool`` (workers and their models kept between passes); under
     torchrun every rank receives rank 0's result."""
     r = run.spec.run
@@ -137,8 +169,17 @@ def make_run_pass(run: Run, op: HessianOperator, pool: parallel.WorkerPool | Non
 
     def run_pass(v: torch.Tensor, i: int) -> torch.Tensor:
         path = run.out / f"{run.name}.ckpt"
-        cfg = ckpt.CheckpointConfig(path, every_units, every_s, resume=r.resume and path.exists(), keep=False)
-        settings = parallel.RunSettings(devices=run.devices, checkpoint=cfg, progress=False, unit_timeout=r.unit_timeout, pool=pool, identity=run.identity())
+        cfg = ckpt.CheckpointConfig(
+            path, every_units, every_s, resume=r.resume and path.exists(), keep=False
+        )
+        settings = parallel.RunSettings(
+            devices=run.devices,
+            checkpoint=cfg,
+            progress=False,
+            unit_timeout=r.unit_timeout,
+            pool=pool,
+            identity=run.identity(),
+        )
         sums = parallel.run_job(op.job(v.T, tag=f"pass {i}"), settings)
         if sums is not None:
             ckpt.finish(cfg)  # this pass is done: the next one starts its own checkpoint
@@ -162,7 +203,9 @@ def density_json(d: spectrum.SLQResult) -> dict[str, Any]:
         "sigma": d.sigma,
         "ritz_values": [[x for x in row if x == x] for row in d.ritz_values.tolist()],
         "ritz_weights": [[x for x in row if x == x] for row in d.ritz_weights.tolist()],
-        "moments": {str(m): dict(zip(("estimate", "stderr"), d.moment(m))) for m in range(3)},
+        "moments": {
+            str(m): dict(zip(("estimate", "stderr"), d.moment(m), strict=True)) for m in range(3)
+        },
         "hvps": d.hvps,
         "passes": d.passes,
     }
@@ -176,9 +219,15 @@ class SpectrumFamily(Family):
     replayed by the digest of their input block."""
 
     def default_name(self, spec: SpectrumSpec) -> str:
-        """Readable stem plus the hash of every result-defining field, the seed included (random start vectors and probes)."""
+        """Readable stem plus the hash of every result-defining field, the seed included (random start vectors
+        and probes)."""
         model = Path(spec.model.model.rstrip("/")).name
-        return output_name(f"hessian_spectrum_{model}_{subset_tag(spec)}_b{spec.data.b}_s{spec.data.seqlen}".replace("/", "-"), spec.digest())
+        return output_name(
+            f"hessian_spectrum_{model}_{subset_tag(spec)}_b{spec.data.b}_s{spec.data.seqlen}".replace(
+                "/", "-"
+            ),
+            spec.digest(),
+        )
 
     def checkpoints(self, spec: SpectrumSpec, out: Path, name: str) -> list[Path]:
         return [out / f"{name}.ckpt", out / f"{name}.passes"]
@@ -201,18 +250,53 @@ class SpectrumFamily(Family):
         if self.exact_path(spec, n):
             est = preflight.exact_estimate(n, run.dtype.itemsize)
         else:
-            est = preflight.spectrum_estimate(n, c.block_size, c.max_iter, max(c.block_size * c.max_iter, c.slq_probes * c.lanczos_steps if c.density else 0), run.dtype.itemsize)
-        run.check_resources(est, "a smaller subset, fewer --max_iter or --lanczos_steps, a smaller --block_size, or --exact_below 0 for large subsets")
+            est = preflight.spectrum_estimate(
+                n,
+                c.block_size,
+                c.max_iter,
+                max(c.block_size * c.max_iter, c.slq_probes * c.lanczos_steps if c.density else 0),
+                run.dtype.itemsize,
+            )
+        run.check_resources(
+            est,
+            (
+                "a smaller subset, fewer --max_iter or --lanczos_steps, a smaller --block_size, or --exact_below "
+                "0 for large subsets"
+            ),
+        )
         mspec = run.model_spec()
         fused = False if spec.model.no_fused_head else None
         mbs = spec.data.model_input_bs
-        op = HessianOperator(run.model, subset, run.samples, mbs, c.chunk or None, fused, spec=mspec, keep_graphs=KEEP_GRAPHS[c.keep_graphs])
-        meta: dict[str, Any] = {"subset": subset.description, "n": n, "n_samples": int(run.samples.shape[0]), "n_tokens": op.n_tokens}
+        op = HessianOperator(
+            run.model,
+            subset,
+            run.samples,
+            mbs,
+            c.chunk or None,
+            fused,
+            spec=mspec,
+            keep_graphs=KEEP_GRAPHS[c.keep_graphs],
+        )
+        meta: dict[str, Any] = {
+            "subset": subset.description,
+            "n": n,
+            "n_samples": int(run.samples.shape[0]),
+            "n_tokens": op.n_tokens,
+        }
         saved: dict[str, torch.Tensor] = {}
         dens = None
         t0 = time.perf_counter()
         if self.exact_path(spec, n):
-            job = ExactHessianJob(subset, run.samples, mbs, c.method, c.chunk or None, fused, spec=mspec, model=run.model)
+            job = ExactHessianJob(
+                subset,
+                run.samples,
+                mbs,
+                c.method,
+                c.chunk or None,
+                fused,
+                spec=mspec,
+                model=run.model,
+            )
             settings = run.run_settings(run.out / f"{run.name}.ckpt", "Hessian columns")
             sums = parallel.run_job(job, settings)
             if sums is None:
@@ -222,29 +306,72 @@ class SpectrumFamily(Family):
             idx = spectrum.wanted(ev, c.top_k, c.which)
             resid = (h @ vecs[:, idx] - vecs[:, idx] * ev[idx]).norm(dim=0)
             dens = spectrum.exact_density(ev, c.density_points)
-            meta.update(path="exact", eigenvalues=ev[idx].tolist(), residuals=resid.tolist(), converged=[True] * len(idx), all_eigenvalues=ev.tolist(), trace={"exact": float(h.trace())}, density=density_json(dens), hvps=n, passes=1)
+            meta.update(
+                path="exact",
+                eigenvalues=ev[idx].tolist(),
+                residuals=resid.tolist(),
+                converged=[True] * len(idx),
+                all_eigenvalues=ev.tolist(),
+                trace={"exact": float(h.trace())},
+                density=density_json(dens),
+                hvps=n,
+                passes=1,
+            )
             saved.update(hessian=h, eigenvalues=ev[idx], all_eigenvalues=ev)
             if c.eigenvectors:
                 saved["eigenvectors"] = vecs[:, idx]
         else:
-            run.kept.append(ckpt.CheckpointConfig(run.out / f"{run.name}.passes", every_units=1))  # where finished passes are
+            run.kept.append(
+                ckpt.CheckpointConfig(run.out / f"{run.name}.passes", every_units=1)
+            )  # where finished passes are
             total = c.max_iter + (3 if c.trace else 0) + (c.lanczos_steps if c.density else 0)
             bar = None
             if run.rank0 and not spec.output.no_progress:
                 from tqdm.auto import tqdm
 
                 bar = tqdm(total=total, desc="passes over the samples", dynamic_ncols=True)
-            log_cfg = {"subset": digest(torch.cat([s.flat_index for s in subset.slices])), "params": subset.param_names, "samples": digest(run.samples), "model": mspec.identity(), "model_input_bs": mbs, "seed": c.seed, "fused_head": fused}
+            log_cfg = {
+                "subset": digest(torch.cat([s.flat_index for s in subset.slices])),
+                "params": subset.param_names,
+                "samples": digest(run.samples),
+                "model": mspec.identity(),
+                "model_input_bs": mbs,
+                "seed": c.seed,
+                "fused_head": fused,
+            }
             log_cfg = {**run.identity(), **log_cfg}
             pool = parallel.WorkerPool(run.devices)  # spawns workers only for several devices
-            log = PassLog(run.out / f"{run.name}.passes" if run.rank0 else None, log_cfg, spec.run.resume, make_run_pass(run, op, pool), bar)
+            log = PassLog(
+                run.out / f"{run.name}.passes" if run.rank0 else None,
+                log_cfg,
+                spec.run.resume,
+                make_run_pass(run, op, pool),
+                bar,
+            )
             try:
-                eig = spectrum.lanczos(log, n, c.top_k, c.which, c.block_size, c.tol, c.max_iter, seed=c.seed)
+                eig = spectrum.lanczos(
+                    log, n, c.top_k, c.which, c.block_size, c.tol, c.max_iter, seed=c.seed
+                )
                 if bar is not None:
                     bar.total -= c.max_iter - eig.passes
                     bar.refresh()
-                meta.update(path="iterative", eigenvalues=eig.eigenvalues.tolist(), residuals=eig.residuals.tolist(), converged=eig.converged.tolist(), lanczos={"hvps": eig.hvps, "passes": eig.passes, "ritz_values": eig.ritz_values.tolist(), "invariant_subspace": eig.breakdown})
-                saved.update(eigenvalues=eig.eigenvalues, residuals=eig.residuals, ritz_values=eig.ritz_values)
+                meta.update(
+                    path="iterative",
+                    eigenvalues=eig.eigenvalues.tolist(),
+                    residuals=eig.residuals.tolist(),
+                    converged=eig.converged.tolist(),
+                    lanczos={
+                        "hvps": eig.hvps,
+                        "passes": eig.passes,
+                        "ritz_values": eig.ritz_values.tolist(),
+                        "invariant_subspace": eig.breakdown,
+                    },
+                )
+                saved.update(
+                    eigenvalues=eig.eigenvalues,
+                    residuals=eig.residuals,
+                    ritz_values=eig.ritz_values,
+                )
                 if c.eigenvectors:
                     saved["eigenvectors"] = eig.eigenvectors
                 if c.trace:
@@ -252,18 +379,38 @@ class SpectrumFamily(Family):
                     hpp = spectrum.hutchpp_trace(log, n, c.trace_hvps, seed=c.seed + 2)
                     meta["trace"] = {"hutchinson": hutch.as_dict(), "hutch++": hpp.as_dict()}
                 if c.density:
-                    dens = spectrum.slq(log, n, c.slq_probes, c.lanczos_steps, seed=c.seed + 3, grid_points=c.density_points)
+                    dens = spectrum.slq(
+                        log,
+                        n,
+                        c.slq_probes,
+                        c.lanczos_steps,
+                        seed=c.seed + 3,
+                        grid_points=c.density_points,
+                    )
             finally:
                 pool.close()
                 if bar is not None:
                     bar.close()
-            meta.update(hvps=log.hvps, passes=log.calls, replayed_passes=log.replayed, workers={"spawned": pool.started, "passes_run": pool.jobs}, **op.report())
+            meta.update(
+                hvps=log.hvps,
+                passes=log.calls,
+                replayed_passes=log.replayed,
+                workers={"spawned": pool.started, "passes_run": pool.jobs},
+                **op.report(),
+            )
         if not run.rank0:
             return None
         if c.density:
             meta["density"] = density_json(dens)
-            saved.update(ritz_values_slq=dens.ritz_values, ritz_weights_slq=dens.ritz_weights, density_grid=dens.grid, density=dens.values)
-        meta.update(spectrum_elapsed_s=time.perf_counter() - t0, slices=slice_table(run.model, subset))
+            saved.update(
+                ritz_values_slq=dens.ritz_values,
+                ritz_weights_slq=dens.ritz_weights,
+                density_grid=dens.grid,
+                density=dens.values,
+            )
+        meta.update(
+            spectrum_elapsed_s=time.perf_counter() - t0, slices=slice_table(run.model, subset)
+        )
         if n <= ENTRIES_MAX and not all(sl["whole_in_storage_order"] for sl in meta["slices"]):
             meta["entries"] = subset.entries(run.model)
         return {"meta": meta, "saved": saved, "density": dens}
@@ -274,7 +421,15 @@ class SpectrumFamily(Family):
         if dens is not None:
             title = f"Hessian spectral density, {run.structure.description}; {run.where} ({meta['path']} path)"
             label = "SLQ density" if dens.passes else "density of the exact eigenvalues"
-            figures = density_figure(dens.grid, dens.values, meta["eigenvalues"], run.out / f"{run.name}_density", title, label, "extreme eigenvalues (--top_k, --which)")
+            figures = density_figure(
+                dens.grid,
+                dens.values,
+                meta["eigenvalues"],
+                run.out / f"{run.name}_density",
+                title,
+                label,
+                "extreme eigenvalues (--top_k, --which)",
+            )
         return result["saved"], {**meta, "figures": [p.name for p in figures]}
 
     def finish(self, run: Run, meta: dict[str, Any]) -> None:
@@ -285,8 +440,17 @@ class SpectrumFamily(Family):
     def report(self, run: Run, meta: dict[str, Any]) -> list[str]:
         top = ", ".join(f"{v:.6g}" for v in meta["eigenvalues"])
         if not all(meta["converged"]):
-            warn(f"{meta['converged'].count(False)} of {len(meta['converged'])} eigenvalues did not converge within --max_iter {run.spec.compute.max_iter} passes (residuals in the JSON); raise --max_iter or --tol")
-        return [f"{meta['path']} path, n={meta['n']}: eigenvalues [{top}] with {meta['hvps']} HVPs in {meta['passes']} passes ({meta['spectrum_elapsed_s']:.1f}s)"]
+            warn(
+                f"{meta['converged'].count(False)} of {len(meta['converged'])} eigenvalues did not "
+                f"converge within --max_iter {run.spec.compute.max_iter} passes (residuals in the "
+                f"JSON); raise --max_iter or --tol"
+            )
+        return [
+            (
+                f"{meta['path']} path, n={meta['n']}: eigenvalues [{top}] with {meta['hvps']} HVPs in "
+                f"{meta['passes']} passes ({meta['spectrum_elapsed_s']:.1f}s)"
+            )
+        ]
 
 
 FAMILY = SpectrumFamily()
