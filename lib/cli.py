@@ -129,92 +129,90 @@ def _new_parser(description: str) -> Parser:
     )  # --t must not mean --track_rows
 
 
+def _add_fields(
+    group: Any,
+    spec: RunSpec,
+    helps: dict[str, str],
+    choices: dict[str, Sequence[str]] | None = None,
+    types: dict[str, type] | None = None,
+) -> None:
+    """One flag per field of ``spec`` named in ``helps`` (in that order), with the field's default and type (a
+    ``bool`` field is a switch; ``types``: the type of a field whose default is ``None``, else ``str``);
+    ``choices``: the allowed values of some of them."""
+    for name, text in helps.items():
+        default = spec.get(name)
+        if isinstance(default, bool):
+            group.add_argument(f"--{name}", action="store_true", help=text)
+            continue
+        kind = (types or {}).get(name) or (str if default is None else type(default))
+        group.add_argument(
+            f"--{name}", type=kind, default=default, choices=(choices or {}).get(name), help=text
+        )
+
+
+MODEL_AND_DATA_HELP = {
+    "model": "HF model id or local directory; 'embedded' = the bundled tiny trained OPT",
+    "cache_dir": "where HF weights, datasets and tokenized text are cached",
+    "dataset": "'embedded' (bundled held-out Shakespeare), 'wikitext2' (test split), or a path to a UTF-8 text "
+    "file; auto = embedded for the embedded model, else wikitext2",
+    "seqlen": f"tokens per sample (default {EMBEDDED_DEFAULTS['seqlen']} for the embedded model, else "
+    "min(2048, model limit))",
+    "b": f"number of samples (default {EMBEDDED_DEFAULTS['b']} for the embedded model, else all samples of the "
+    "text)",
+    "model_input_bs": "samples per forward/backward; must divide --b",
+    "seed": "random seed",
+}
+COMPUTATION_HELP = {
+    "dtype": "model dtype; float64 (validation) computes every step in float64 for OPT, GPT-2, Llama, Qwen2, "
+    "Mistral",
+    "device": "cpu, cuda, cuda:1, ... (auto = cuda if available else cpu)",
+    "attn_implementation": "eager (default) or sdpa (run with its math kernel); flash attention has no double "
+    "backward",
+    "no_fused_head": "differentiate the LM head + softmax with plain autograd instead of the fused kernel",
+}
+OUTPUT_HELP = {
+    "output_dir": "where <name>.pt, <name>.json and the figures go",
+    "name": "output file stem (default: derived from the configuration)",
+    "overwrite": "replace a finished result of the same --name (refused otherwise)",
+    "no_progress": "hide the progress bar",
+}
+RUN_HELP = {
+    "devices": "comma-separated devices, one worker process per entry, e.g. cuda:0,cuda:1,cuda:2,cuda:3 (cpu,cpu "
+    "for tests); overrides --device; under torchrun, entry LOCAL_RANK is the rank's device",
+    "device_map": "split one model over the GPUs of its worker with this Hugging Face device_map (e.g. auto); "
+    "needs accelerate; one worker (or one torchrun rank per node)",
+    "checkpoint_every": "write <output_dir>/<name>.ckpt every N units (batches of --model_input_bs samples), or "
+    "every DURATION such as 120s, 10m; 0 = never",
+    "resume": "continue from the checkpoint <output_dir>/<name>.ckpt (hessian_diagonal.py: also "
+    "<name>.phase2.ckpt; hessian_spectrum.py: the pass log <name>.passes/), recomputing nothing finished (the "
+    "configuration must be the same); starts afresh if there is none",
+    "keep_checkpoint": "keep the checkpoint when the run completes (it is removed by default)",
+    "unit_timeout": "with --devices: stop the run when one unit runs longer than this many seconds (a hung "
+    "worker); default 0 = auto: 10x the median unit time and at least 5 minutes",
+}
+"""Help of the flags every script has, by field (defaults and types come from the spec's fields)."""
+
+
 def _model_and_data(
     p: argparse.ArgumentParser, spec: RunSpec, t_default: tuple[int, int] | None
-) -> tuple[Any, Any]:
-    """The flags of the ``model`` and ``data`` sections (and ``--t``); returns the (model and data, computation) groups.
+) -> Any:
+    """The model, data and computation flags (and ``--t``, ``--method``); returns the computation group.
 
     ``spec``: the fields' own defaults (``type(spec)()``), before the model-dependent ones are resolved."""
     g = p.add_argument_group("model and data")
-    g.add_argument(
-        "--model",
-        default=spec.model.model,
-        help="HF model id or local directory; 'embedded' = the bundled tiny trained OPT",
-    )
-    g.add_argument(
-        "--cache_dir",
-        default=spec.model.cache_dir,
-        help="where HF weights, datasets and tokenized text are cached",
-    )
-    g.add_argument(
-        "--dataset",
-        default=spec.data.dataset,
-        help=(
-            "'embedded' (bundled held-out Shakespeare), 'wikitext2' (test split), or a path to a UTF-8 "
-            "text file; auto = embedded for the embedded model, else wikitext2"
-        ),
-    )
-    g.add_argument(
-        "--seqlen",
-        type=int,
-        default=None,
-        help=(
-            f"tokens per sample (default {EMBEDDED_DEFAULTS['seqlen']} for the embedded model, else min(2048, "
-            f"model limit))"
-        ),
-    )
-    g.add_argument(
-        "--b",
-        type=int,
-        default=None,
-        help=(
-            f"number of samples (default {EMBEDDED_DEFAULTS['b']} for the embedded model, else all samples "
-            f"of the text)"
-        ),
-    )
-    g.add_argument(
-        "--model_input_bs",
-        type=int,
-        default=spec.data.model_input_bs,
-        help="samples per forward/backward; must divide --b",
-    )
-    g.add_argument("--seed", type=int, default=spec.get("seed"), help="random seed")
+    _add_fields(g, spec, MODEL_AND_DATA_HELP, types={"seqlen": int, "b": int})
     c = p.add_argument_group("computation")
     if t_default is not None:
-        g.add_argument(
-            "--t",
-            type=int,
-            default=None,
-            help=f"entries per selected row (default {t_default[0]} for the embedded model, {t_default[1]} otherwise)",
+        t_help = f"entries per selected row (default {t_default[0]} for the embedded model, {t_default[1]} otherwise)"
+        method_help = (
+            "rev-rev: fast exact (default); autograd: the paper's torch.autograd.functional.hessian"
         )
-        c.add_argument(
-            "--method",
-            choices=library_constant("hessian", "METHODS"),
-            default=spec.get("method"),
-            help="rev-rev: fast exact (default); autograd: the paper's torch.autograd.functional.hessian",
+        _add_fields(g, spec, {"t": t_help}, types={"t": int})
+        _add_fields(
+            c, spec, {"method": method_help}, {"method": library_constant("hessian", "METHODS")}
         )
-    c.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        default=spec.model.dtype,
-        help="model dtype; float64 (validation) computes every step in float64 for OPT, GPT-2, Llama, Qwen2, Mistral",
-    )
-    c.add_argument(
-        "--device",
-        default=spec.run.device,
-        help="cpu, cuda, cuda:1, ... (auto = cuda if available else cpu)",
-    )
-    c.add_argument(
-        "--attn_implementation",
-        default=spec.model.attn_implementation,
-        help="eager (default) or sdpa (run with its math kernel); flash attention has no double backward",
-    )
-    c.add_argument(
-        "--no_fused_head",
-        action="store_true",
-        help="differentiate the LM head + softmax with plain autograd instead of the fused kernel",
-    )
-    return g, c
+    _add_fields(c, spec, COMPUTATION_HELP, {"dtype": DTYPES})
+    return c
 
 
 def _chunk(c, products: str) -> None:
@@ -224,82 +222,48 @@ def _chunk(c, products: str) -> None:
         type=int,
         default=0,
         help=(
-            f"{products} per batched backward; 0 = auto: the fastest of 1, 2, 4, ... timed on the first "
-            f"batch's first products (recorded in the JSON); halved on CUDA OOM"
+            f"{products} per batched backward; 0 = auto: the fastest of 1, 2, 4, ... timed on the first batch's "
+            "first products (recorded in the JSON); halved on CUDA OOM"
         ),
     )
 
 
 def _output_and_run(p: argparse.ArgumentParser, spec: RunSpec) -> None:
-    o = p.add_argument_group("output")
-    o.add_argument(
-        "--output_dir",
-        default=spec.output.output_dir,
-        help="where <name>.pt, <name>.json and the figures go",
-    )
-    o.add_argument(
-        "--name", default=None, help="output file stem (default: derived from the configuration)"
-    )
-    o.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace a finished result of the same --name (refused otherwise)",
-    )
-    o.add_argument("--no_progress", action="store_true", help="hide the progress bar")
-    r = p.add_argument_group("parallel runs and checkpoints")
-    r.add_argument(
-        "--devices",
-        default=None,
-        help=(
-            "comma-separated devices, one worker process per entry, e.g. cuda:0,cuda:1,cuda:2,cuda:3 "
-            "(cpu,cpu for tests); overrides --device; under torchrun, entry LOCAL_RANK is the rank's "
-            "device"
-        ),
-    )
-    r.add_argument(
-        "--device_map",
-        default=None,
-        help=(
-            "split one model over the GPUs of its worker with this Hugging Face device_map (e.g. auto); "
-            "needs accelerate; one worker (or one torchrun rank per node)"
-        ),
-    )
-    r.add_argument(
-        "--checkpoint_every",
-        default=spec.run.checkpoint_every,
-        help=(
-            "write <output_dir>/<name>.ckpt every N units (batches of --model_input_bs samples), or every "
-            "DURATION such as 120s, 10m; 0 = never"
-        ),
-    )
-    r.add_argument(
-        "--resume",
-        action="store_true",
-        help=(
-            "continue from the checkpoint <output_dir>/<name>.ckpt (hessian_diagonal.py: also <name>.phase2.ckpt; "
-            "hessian_spectrum.py: the pass log <name>.passes/), recomputing nothing finished (the configuration "
-            "must be the same); starts afresh if there is none"
-        ),
-    )
-    r.add_argument(
-        "--keep_checkpoint",
-        action="store_true",
-        help="keep the checkpoint when the run completes (it is removed by default)",
-    )
-    r.add_argument(
-        "--unit_timeout",
-        type=float,
-        default=spec.run.unit_timeout,
-        help=(
-            "with --devices: stop the run when one unit runs longer than this many seconds (a hung worker); "
-            "default 0 = auto: 10x the median unit time and at least 5 minutes"
-        ),
-    )
+    _add_fields(p.add_argument_group("output"), spec, OUTPUT_HELP)
+    _add_fields(p.add_argument_group("parallel runs and checkpoints"), spec, RUN_HELP)
+
+
+COMPARE_HELP = {
+    "fisher_samples": "labels drawn from the model per token position for fisher and kfac",
+    "perturbations": "random rounding-noise perturbations d for the predicted vs measured loss change (0 = none)",
+    "perturbation_bits": "the perturbations are uniform in [-s/2, s/2], s the min-max round-to-nearest step with "
+    "this many bits of the entry's weight row",
+    "compare_top_k": "k of the top-k eigenvector subspace overlap",
+}
+SPECTRUM_HELP = {
+    "top_k": "eigenvalues wanted (per end with --which both)",
+    "which": "largest or smallest by value, or both ends",
+    "block_size": "Lanczos block size: vectors per pass over the samples",
+    "tol": "converged when ||Hv - lambda v|| <= tol * max|Ritz value|",
+    "max_iter": "most Lanczos passes",
+    "eigenvectors": "save the eigenvectors (columns in the subset's entry order) in the .pt",
+    "trace": "Hutchinson and Hutch++ trace estimates with standard errors",
+    "trace_hvps": "HVPs per trace estimator",
+    "density": "spectral density by stochastic Lanczos quadrature",
+    "slq_probes": "SLQ probes (advanced together, one pass per step)",
+    "lanczos_steps": "SLQ Lanczos steps per probe",
+    "density_points": "grid points of the density",
+    "keep_graphs": "keep each batch's gradient graph in memory between passes (b/model_input_bs graphs), so a "
+    "pass costs only its HVPs; auto: when they fit in a quarter of the free host (CPU) or GPU memory, measured "
+    "on the first graph (recorded in the JSON); worker processes (--devices) always rebuild them",
+    "exact_below": "form H exactly and use eigvalsh when the subset has at most this many entries (0 = always "
+    "iterative)",
+}
+"""The flags of the ``compare`` settings and of the spectrum, from their fields, with their help."""
 
 
 def _compare(p: argparse.ArgumentParser, spec: ExactSpec) -> None:
     """``--compare`` and its settings (the exact scripts; :mod:`lib.curvature`)."""
-    c = spec.compute
     g = p.add_argument_group("curvature approximations (compared with the exact Hessian)")
     g.add_argument(
         "--compare",
@@ -311,33 +275,7 @@ def _compare(p: argparse.ArgumentParser, spec: ExactSpec) -> None:
             "exact Hessian, write <name>_compare.pt/.pdf/.png and a 'comparison' section in the JSON"
         ),
     )
-    g.add_argument(
-        "--fisher_samples",
-        type=int,
-        default=c.fisher_samples,
-        help="labels drawn from the model per token position for fisher and kfac",
-    )
-    g.add_argument(
-        "--perturbations",
-        type=int,
-        default=c.perturbations,
-        help="random rounding-noise perturbations d for the predicted vs measured loss change (0 = none)",
-    )
-    g.add_argument(
-        "--perturbation_bits",
-        type=int,
-        default=c.perturbation_bits,
-        help=(
-            "the perturbations are uniform in [-s/2, s/2], s the min-max round-to-nearest step with this "
-            "many bits of the entry's weight row"
-        ),
-    )
-    g.add_argument(
-        "--compare_top_k",
-        type=int,
-        default=c.compare_top_k,
-        help="k of the top-k eigenvector subspace overlap",
-    )
+    _add_fields(g, spec, COMPARE_HELP)
 
 
 def _batch_study(p: argparse.ArgumentParser) -> None:
@@ -377,7 +315,7 @@ def exact_parser(script: str, description: str) -> Parser:
     """The flags of an exact-Hessian script (``single_layer_single_block`` etc.)."""
     raw, spec = ExactSpec(script=script), ExactSpec.build(script)
     p = _new_parser(description)
-    _, c = _model_and_data(p, raw, T_DEFAULTS[script])
+    c = _model_and_data(p, raw, T_DEFAULTS[script])
     _chunk(c, "Hessian columns")
     _output_and_run(p, raw)
     _compare(p, raw)
@@ -418,7 +356,7 @@ def diagonal_parser(description: str) -> Parser:
     """The flags of ``hessian_diagonal.py`` (no ``--t``, ``--method`` or ``--compare``: whole weights)."""
     spec = DiagonalSpec()
     p = _new_parser(description)
-    _, c = _model_and_data(p, spec, None)
+    _model_and_data(p, spec, None)
     _output_and_run(p, spec)
     d = p.add_argument_group("Hessian diagonal")
     d.add_argument(
@@ -481,9 +419,8 @@ def diagonal_parser(description: str) -> Parser:
 def spectrum_parser(description: str) -> Parser:
     """The flags of ``hessian_spectrum.py``."""
     raw, spec = SpectrumSpec(script="hessian_spectrum"), SpectrumSpec.build("hessian_spectrum")
-    c = raw.compute
     p = _new_parser(description)
-    _, comp = _model_and_data(p, raw, T_DEFAULTS["hessian_spectrum"])
+    comp = _model_and_data(p, raw, T_DEFAULTS["hessian_spectrum"])
     _chunk(comp, "Hessian columns (products)")
     _output_and_run(p, raw)
     s = p.add_argument_group("subset (the exact scripts' flags, or --params)")
@@ -522,70 +459,11 @@ def spectrum_parser(description: str) -> Parser:
         help="the first K linear layers of each block (as several_layers_several_blocks.py)",
     )
     e = p.add_argument_group("spectrum")
-    e.add_argument(
-        "--top_k", type=int, default=c.top_k, help="eigenvalues wanted (per end with --which both)"
-    )
-    e.add_argument(
-        "--which",
-        choices=library_constant("spectrum", "WHICH"),
-        default=c.which,
-        help="largest or smallest by value, or both ends",
-    )
-    e.add_argument(
-        "--block_size",
-        type=int,
-        default=c.block_size,
-        help="Lanczos block size: vectors per pass over the samples",
-    )
-    e.add_argument(
-        "--tol",
-        type=float,
-        default=c.tol,
-        help="converged when ||Hv - lambda v|| <= tol * max|Ritz value|",
-    )
-    e.add_argument("--max_iter", type=int, default=c.max_iter, help="most Lanczos passes")
-    e.add_argument(
-        "--eigenvectors",
-        action="store_true",
-        help="save the eigenvectors (columns in the subset's entry order) in the .pt",
-    )
-    e.add_argument(
-        "--trace",
-        action="store_true",
-        help="Hutchinson and Hutch++ trace estimates with standard errors",
-    )
-    e.add_argument("--trace_hvps", type=int, default=c.trace_hvps, help="HVPs per trace estimator")
-    e.add_argument(
-        "--density", action="store_true", help="spectral density by stochastic Lanczos quadrature"
-    )
-    e.add_argument(
-        "--slq_probes",
-        type=int,
-        default=c.slq_probes,
-        help="SLQ probes (advanced together, one pass per step)",
-    )
-    e.add_argument(
-        "--lanczos_steps", type=int, default=c.lanczos_steps, help="SLQ Lanczos steps per probe"
-    )
-    e.add_argument(
-        "--density_points", type=int, default=c.density_points, help="grid points of the density"
-    )
-    e.add_argument(
-        "--keep_graphs",
-        choices=("auto", "on", "off"),
-        default=c.keep_graphs,
-        help=(
-            "keep each batch's gradient graph in memory between passes (b/model_input_bs graphs), so "
-            "a pass costs only its HVPs; auto: when they fit in a quarter of the free host (CPU) or GPU "
-            "memory, measured on the first graph (recorded in the JSON); worker processes (--devices) "
-            "always rebuild them"
-        ),
-    )
-    e.add_argument(
-        "--exact_below",
-        type=int,
-        default=c.exact_below,
-        help="form H exactly and use eigvalsh when the subset has at most this many entries (0 = always iterative)",
+    _add_fields(
+        e,
+        raw,
+        SPECTRUM_HELP,
+        {"which": library_constant("spectrum", "WHICH"), "keep_graphs": ("auto", "on", "off")},
     )
     return p
 

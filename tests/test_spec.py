@@ -342,6 +342,21 @@ REFUSED_BEFORE_THE_WEIGHTS = [
 ]
 
 
+def _on(model_dir, tmp_path, script=single_layer_single_block) -> list[str]:
+    """Flags of a small run of ``script`` on ``model_dir`` (the diagonal script has no ``--t``)."""
+    t = [] if script is hessian_diagonal else ["--t", "4"]
+    return [
+        "--model",
+        str(model_dir),
+        "--dataset",
+        "embedded",
+        *t,
+        *FAST,
+        "--output_dir",
+        str(tmp_path),
+    ]
+
+
 @pytest.mark.parametrize(
     "script,extra,message",
     REFUSED_BEFORE_THE_WEIGHTS,
@@ -351,32 +366,7 @@ def test_checks_that_need_only_config_tokenizer_and_text_come_before_the_weights
     script, extra, message, no_weights_dir, tmp_path, capsys
 ):
     with pytest.raises(SystemExit) as exc:
-        cli.main(
-            script.run,
-            [
-                "--model",
-                str(no_weights_dir),
-                "--dataset",
-                "embedded",
-                "--t",
-                "4",
-                *FAST,
-                "--output_dir",
-                str(tmp_path),
-                *extra,
-            ]
-            if script is not hessian_diagonal
-            else [
-                "--model",
-                str(no_weights_dir),
-                "--dataset",
-                "embedded",
-                *FAST,
-                "--output_dir",
-                str(tmp_path),
-                *extra,
-            ],
-        )
+        cli.main(script.run, [*_on(no_weights_dir, tmp_path, script), *extra])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert (
@@ -388,20 +378,7 @@ def test_checks_that_need_only_config_tokenizer_and_text_come_before_the_weights
 def test_the_weights_are_read_after_those_checks(no_weights_dir, tmp_path, capsys):
     """The same directory with valid flags: the corrupt weight file is what stops the run."""
     with pytest.raises(SystemExit):
-        cli.main(
-            single_layer_single_block.run,
-            [
-                "--model",
-                str(no_weights_dir),
-                "--dataset",
-                "embedded",
-                "--t",
-                "4",
-                *FAST,
-                "--output_dir",
-                str(tmp_path),
-            ],
-        )
+        cli.main(single_layer_single_block.run, _on(no_weights_dir, tmp_path))
     assert f"error: cannot load model directory {no_weights_dir} (" in capsys.readouterr().err
 
 
@@ -421,20 +398,7 @@ def test_token_ids_beyond_the_vocabulary_are_refused_before_the_weights(tmp_path
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(EMBEDDED_MODEL_DIR / f, path / f)
     with pytest.raises(SystemExit):
-        cli.main(
-            single_layer_single_block.run,
-            [
-                "--model",
-                str(path),
-                "--dataset",
-                "embedded",
-                "--t",
-                "4",
-                *FAST,
-                "--output_dir",
-                str(tmp_path / "o"),
-            ],
-        )
+        cli.main(single_layer_single_block.run, _on(path, tmp_path / "o"))
     err = capsys.readouterr().err.strip()
     assert err.startswith(
         f"error: the tokenizer of {str(path)!r} gives token id "
