@@ -215,12 +215,12 @@ def _model_and_data(
     return c
 
 
-def _chunk(c, products: str) -> None:
+def _chunk(group: Any, spec: RunSpec, products: str) -> None:
     """``--chunk``: the one name of the product batch in every script."""
-    c.add_argument(
+    group.add_argument(
         "--chunk",
         type=int,
-        default=0,
+        default=spec.get("chunk"),
         help=(
             f"{products} per batched backward; 0 = auto: the fastest of 1, 2, 4, ... timed on the first batch's "
             "first products (recorded in the JSON); halved on CUDA OOM"
@@ -316,7 +316,7 @@ def exact_parser(script: str, description: str) -> Parser:
     raw, spec = ExactSpec(script=script), ExactSpec.build(script)
     p = _new_parser(description)
     c = _model_and_data(p, raw, T_DEFAULTS[script])
-    _chunk(c, "Hessian columns")
+    _chunk(c, raw, "Hessian columns")
     _output_and_run(p, raw)
     _compare(p, raw)
     for name, text in EXACT_SUBSET_HELP[script].items():
@@ -411,7 +411,7 @@ def diagonal_parser(description: str) -> Parser:
             "and the estimators' error and consecutive difference after each probe"
         ),
     )
-    _chunk(d, "HVPs")
+    _chunk(d, spec, "HVPs")
     _alias(d, "--probe_batch", "--chunk", "chunk", type=int)
     return p
 
@@ -421,7 +421,7 @@ def spectrum_parser(description: str) -> Parser:
     raw, spec = SpectrumSpec(script="hessian_spectrum"), SpectrumSpec.build("hessian_spectrum")
     p = _new_parser(description)
     comp = _model_and_data(p, raw, T_DEFAULTS["hessian_spectrum"])
-    _chunk(comp, "Hessian columns (products)")
+    _chunk(comp, raw, "Hessian columns (products)")
     _output_and_run(p, raw)
     s = p.add_argument_group("subset (the exact scripts' flags, or --params)")
     s.add_argument(
