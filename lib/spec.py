@@ -375,7 +375,7 @@ class RunSpec:
             changes["dataset"] = EMBEDDED if embedded else "wikitext2"
         if embedded:
             for key, value in EMBEDDED_DEFAULTS.items():
-                if self.data.__getattribute__(key) is None:
+                if getattr(self.data, key) is None:
                     changes[key] = value
         return self.replace(**changes) if changes else self
 
