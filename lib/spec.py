@@ -372,7 +372,7 @@ class RunSpec:
         changes: dict[str, Any] = {}
         embedded = self.model.model == EMBEDDED
         if self.data.dataset == "auto":
-            changes["dataset"] = EMBEDDED if embedded else "wikitext2"
+            changes["dataset"] = EMBEDDED if embedded else library_constant("data", "WIKITEXT2")
         if embedded:
             for key, value in EMBEDDED_DEFAULTS.items():
                 if getattr(self.data, key) is None:
