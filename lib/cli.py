@@ -522,7 +522,7 @@ def argv_of(parser: argparse.ArgumentParser, values: dict[str, Any]) -> list[str
     for dest, value in values.items():
         action = by_dest[dest]
         flag = action.option_strings[0]
-        if isinstance(action, argparse._StoreTrueAction):
+        if action.nargs == 0:  # a switch (store_true)
             out += [flag] if value else []
         elif isinstance(value, (list, tuple)):
             out += [flag, *map(str, value)]
