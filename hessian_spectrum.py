@@ -1,13 +1,10 @@
-"""Hessian spectrum of perplexity for any weight subset: top eigenvalues (Lanczos), trace (Hutchinson, Hutch++) and spectral density (SLQ), or exact eigvalsh for small subsets."""
+"""The ``hessian_spectrum`` command (see ``--help``, or :data:`lib.commands.hessian_spectrum`)."""
 
 from __future__ import annotations
 
-from lib import cli, spectrum_cli
+from lib.commands import hessian_spectrum as command
 
-
-def run(argv: list[str] | None = None) -> dict:
-    return spectrum_cli.run(argv, __doc__)
-
+parser, run = command.parser, command.run
 
 if __name__ == "__main__":
-    cli.main(run)
+    command.main()

@@ -34,65 +34,73 @@ Main entry points:
 * curvature approximations next to the exact Hessian (GGN, sampled and empirical Fisher, GPTQ, K-FAC):
   :mod:`lib.curvature`, one module each in :mod:`lib.estimators.approximations`;
 * chunk by measurement: :func:`tune_chunk` (:mod:`lib.autotune`); runs on several devices with checkpoints:
-  :mod:`lib.parallel`, :mod:`lib.checkpoint`; command-line pipelines: :mod:`lib.cli`, :mod:`lib.diagonal_cli`,
-  :mod:`lib.spectrum_cli`. Modules that ``import lib`` does not load (``curvature``, ``parallel``,
-  ``checkpoint``, the ``*_cli``) are imported by name, e.g. ``import lib.curvature``.
+  :mod:`lib.parallel`, :mod:`lib.checkpoint`; the scripts: :mod:`lib.commands` (their flags :mod:`lib.cli`,
+  their run specs :mod:`lib.spec`, the one pipeline :mod:`lib.pipeline` and its families
+  :mod:`lib.exact_cli`, :mod:`lib.diagonal_cli`, :mod:`lib.spectrum_cli`). Modules that are not listed above
+  (``curvature``, ``parallel``, ``checkpoint``, ...) are imported by name, e.g. ``import lib.curvature``.
+
+``import lib`` loads nothing heavy: each name is imported on first use. Installed with ``pip install .``, the
+same package is ``llm_hessian`` (``import llm_hessian as lib``).
 """
 
-from .autotune import tune_chunk
-from .data import load_samples, load_text, load_tokenizer, make_samples, tokenize
-from .diagonal import ESTIMATORS, DiagonalResult, Target, hessian_diagonal, hutchinson_running, rademacher_probes, xdiag_basis, xdiag_estimate
-from .errors import UserError
-from .hessian import HessianResult, batch_hessian, exact_hessian, hessian_rev_rev
-from .loss import SubsetLoss, head_nll, summed_nll
-from . import spectrum
-from .operator import HessianOperator
-from .models import find_blocks, linear_layers, load_model, prepare_model
-from .subsets import (
-    ParamSlice,
-    Subset,
-    from_indices,
-    make_subset,
-    random_subset,
-    several_layers_several_blocks,
-    single_layer_several_blocks,
-    single_layer_single_block,
-)
+from __future__ import annotations
 
-__all__ = [
-    "ESTIMATORS",
-    "DiagonalResult",
-    "HessianOperator",
-    "HessianResult",
-    "ParamSlice",
-    "Subset",
-    "SubsetLoss",
-    "Target",
-    "UserError",
-    "batch_hessian",
-    "exact_hessian",
-    "find_blocks",
-    "from_indices",
-    "head_nll",
-    "hessian_diagonal",
-    "hessian_rev_rev",
-    "hutchinson_running",
-    "linear_layers",
-    "load_model",
-    "load_samples",
-    "load_text",
-    "load_tokenizer",
-    "make_samples",
-    "make_subset",
-    "prepare_model",
-    "rademacher_probes",
-    "random_subset",
-    "several_layers_several_blocks",
-    "single_layer_several_blocks",
-    "single_layer_single_block",
-    "summed_nll",
-    "tokenize",
-    "tune_chunk",
-    "xdiag_basis",
-    "xdiag_estimate",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "tune_chunk": "autotune",
+    "load_samples": "data",
+    "load_text": "data",
+    "load_tokenizer": "data",
+    "make_samples": "data",
+    "tokenize": "data",
+    "ESTIMATORS": "diagonal",
+    "DiagonalResult": "diagonal",
+    "Target": "diagonal",
+    "hessian_diagonal": "diagonal",
+    "hutchinson_running": "diagonal",
+    "rademacher_probes": "diagonal",
+    "xdiag_basis": "diagonal",
+    "xdiag_estimate": "diagonal",
+    "ParamError": "errors",
+    "UserError": "errors",
+    "HessianResult": "hessian",
+    "batch_hessian": "hessian",
+    "exact_hessian": "hessian",
+    "hessian_rev_rev": "hessian",
+    "SubsetLoss": "loss",
+    "head_nll": "loss",
+    "summed_nll": "loss",
+    "HessianOperator": "operator",
+    "find_blocks": "models",
+    "linear_layers": "models",
+    "load_model": "models",
+    "prepare_model": "models",
+    "ParamSlice": "subsets",
+    "Subset": "subsets",
+    "from_indices": "subsets",
+    "make_subset": "subsets",
+    "random_subset": "subsets",
+    "several_layers_several_blocks": "subsets",
+    "single_layer_several_blocks": "subsets",
+    "single_layer_single_block": "subsets",
+}
+"""Each exported name and the module that defines it; loaded on first use (PEP 562), so that ``import lib``
+and the command-line parsers do not import torch."""
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name == "spectrum":
+        return importlib.import_module(".spectrum", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__, "spectrum"})

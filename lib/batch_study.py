@@ -15,7 +15,6 @@ Metrics (Frobenius norms), for recorded ``b_0 < b_1 < ... < b_m = B``:
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,10 +27,6 @@ N_LOG = 32
 """About this many log-spaced ``b`` are recorded beyond ``DENSE_UPTO``."""
 HEATMAP_B = (1, 4, 16)
 """Running Hessians kept in ``<name>_batch_study.pt`` (and drawn), besides the full batch."""
-
-
-def add_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch_study", action="store_true", help=f"batch-size study (report Fig. 2): keep the running Hessian at every b <= {DENSE_UPTO} and ~{N_LOG} log-spaced b beyond, report ||H^b - H^B||/||H^B|| and consecutive differences; one pass, memory n^2 x 8 bytes per recorded b")
 
 
 def wanted_sizes(total: int, dense_upto: int = DENSE_UPTO, n_log: int = N_LOG) -> list[int]:

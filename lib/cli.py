@@ -1,46 +1,85 @@
-"""Shared command-line flags, validation and the run/save pipeline used by the top-level scripts."""
+"""The command line: the scripts' flags, their deprecated aliases, the run spec built from them, and ``main``.
+
+Only this layer speaks of flags: it turns the parsed flags into a frozen :class:`lib.spec.RunSpec` (never
+changing the ``argparse.Namespace``), and a library error naming a parameter (:class:`lib.errors.ParamError`)
+into the same message naming the flag (:func:`flag_message`). Each flag takes its default from its spec field,
+so the defaults live in :mod:`lib.spec` only. Neither torch, transformers nor matplotlib is imported here:
+``--help`` and refusing a malformed flag take a fraction of a second.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
+from pathlib import Path
+import re
 import sys
 import threading
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
-import torch
-from torch import nn
-
-from . import batch_study
-from . import checkpoint as ckpt
-from . import curvature, diagonality, outputs, parallel, preflight
-from .data import default_dataset, load_text, load_tokenizer, make_samples, tokenize, check_seqlen
-from .errors import Interrupted, RunError, UserError
-from .hessian import METHODS, ExactHessianJob
-from .inputs import model_fingerprint, tokenizer_fingerprint, warn
-from .models import EMBEDDED, ModelSpec, load_model, max_positions, resolve_device
-from .plots import heatmap, slice_label
-from .results import save_tensor_and_json
-from .subsets import Subset
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .errors import Interrupted, ParamError, RunError, UserError
+from .spec import (
+    DEFAULT_LAYER,
+    DTYPES,
+    EMBEDDED,
+    EMBEDDED_DEFAULTS,
+    T_DEFAULTS,
+    DiagonalSpec,
+    ExactSpec,
+    RunSpec,
+    SpectrumSpec,
+    library_constant,
+    spec_class,
+)
 
 LOW_PRECISION_NOTE = {
-    "bfloat16": "Hessians computed in bfloat16 carry about 2% relative error (1.3-2.1% in Frobenius norm against float64 on the embedded model, benchmarks/low_precision.py); use --dtype float32 (about 6e-7) for exact values",
-    "float16": "Hessians computed in float16 carry about 0.3% relative error (0.23-0.29% in Frobenius norm against float64 on the embedded model, benchmarks/low_precision.py) and can overflow on large models; use --dtype float32 (about 6e-7) for exact values",
+    "bfloat16": (
+        "Hessians computed in bfloat16 carry about 2% relative error (1.3-2.1% in Frobenius norm against "
+        "float64 on the embedded model, benchmarks/low_precision.py); use --dtype float32 (about 6e-7) "
+        "for exact values"
+    ),
+    "float16": (
+        "Hessians computed in float16 carry about 0.3% relative error (0.23-0.29% in Frobenius norm against "
+        "float64 on the embedded model, benchmarks/low_precision.py) and can overflow on large models; "
+        "use --dtype float32 (about 6e-7) for exact values"
+    ),
 }
 """The one-line warning for a 16-bit ``--dtype``, with the measured error of the exact Hessian."""
-SEED_RANGE = (-(2**63), 2**64 - 1)
-"""Seeds ``torch.manual_seed`` accepts."""
 
-EMBEDDED_DEFAULTS = {"seqlen": 128, "b": 16}
-"""Sized so that each script's default run takes under a minute of compute on one CPU core with the embedded model."""
-PAPER_DEFAULTS = {"seqlen": 2048, "b": None}
-"""The paper: seqlen 2048 and all samples of the WikiText-2 test split (``b=None``)."""
+PARAM_FLAGS = {
+    "layer_name": "--layer_name",
+    "block_index": "--block_index",
+    "t": "--t",
+    "n_blocks": "--num_blocks",
+    "n_layers": "--num_layers",
+    "globs": "--params",
+    "seqlen": "--seqlen",
+    "b": "--b",
+    "dataset": "--dataset",
+    "device": "--device",
+    "vhp_samples": "--hvps",
+    "track_rows": "--track_rows",
+    "estimators": "--estimator",
+}
+"""The flag that sets each library parameter named by a :class:`ParamError`."""
+
+ESTIMATOR_ALIASES = {"fisher": "empirical_fisher"}
+"""Deprecated ``--estimator`` names, accepted (with a warning) when the library knows only the new name."""
+
+
+def flag_message(e: ParamError, flags: dict[str, str] = PARAM_FLAGS) -> str:
+    """``e``'s message with its parameter's name (its first whole-word occurrence) replaced by the flag."""
+    flag = flags.get(e.param)
+    if flag is None:
+        return e.message
+    return re.sub(rf"(?<![\w-]){re.escape(e.param)}(?!\w)", flag, e.message, count=1)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- parser
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -64,293 +103,470 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}{hint} (see {self.prog} --help)\n")
 
 
-def base_parser(description: str, t_default: tuple[int, int] | None, compare: bool = True) -> argparse.ArgumentParser:
-    """Flags shared by all scripts. ``t_default``: (embedded model, paper models); ``None``: no exact-Hessian
-    flags (``--t``, ``--method``, ``--chunk``), for scripts they do not apply to; ``compare``: the
-    ``--compare`` flags (exact scripts)."""
-    p = Parser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)  # --t must not mean --track_rows
+class DeprecatedAlias(argparse.Action):
+    """An old flag name: stores into the new flag's ``dest`` and says once, on stderr, to use the new name."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        _warn(f"{option_string} is deprecated; use {self.new} (same meaning)")
+        setattr(namespace, self.dest, values)
+
+
+def _alias(group, old: str, new: str, dest: str, **kwargs) -> None:
+    group.add_argument(
+        old,
+        dest=dest,
+        action=DeprecatedAlias,
+        new=new,
+        help=argparse.SUPPRESS,
+        default=argparse.SUPPRESS,
+        **kwargs,
+    )
+
+
+def _new_parser(description: str) -> Parser:
+    return Parser(
+        description=description, formatter_class=HelpFormatter, allow_abbrev=False
+    )  # --t must not mean --track_rows
+
+
+def _add_fields(
+    group: Any,
+    spec: RunSpec,
+    helps: dict[str, str],
+    choices: dict[str, Sequence[str]] | None = None,
+    types: dict[str, type] | None = None,
+) -> None:
+    """One flag per field of ``spec`` named in ``helps`` (in that order), with the field's default and type (a
+    ``bool`` field is a switch; ``types``: the type of a field whose default is ``None``, else ``str``);
+    ``choices``: the allowed values of some of them."""
+    for name, text in helps.items():
+        default = spec.get(name)
+        if isinstance(default, bool):
+            group.add_argument(f"--{name}", action="store_true", help=text)
+            continue
+        kind = (types or {}).get(name) or (str if default is None else type(default))
+        group.add_argument(
+            f"--{name}", type=kind, default=default, choices=(choices or {}).get(name), help=text
+        )
+
+
+MODEL_AND_DATA_HELP = {
+    "model": "HF model id or local directory; 'embedded' = the bundled tiny trained OPT",
+    "cache_dir": "where HF weights, datasets and tokenized text are cached",
+    "dataset": "'embedded' (bundled held-out Shakespeare), 'wikitext2' (test split), or a path to a UTF-8 text "
+    "file; auto = embedded for the embedded model, else wikitext2",
+    "seqlen": f"tokens per sample (default {EMBEDDED_DEFAULTS['seqlen']} for the embedded model, else "
+    "min(2048, model limit))",
+    "b": f"number of samples (default {EMBEDDED_DEFAULTS['b']} for the embedded model, else all samples of the "
+    "text)",
+    "model_input_bs": "samples per forward/backward; must divide --b",
+    "seed": "random seed",
+}
+COMPUTATION_HELP = {
+    "dtype": "model dtype; float64 (validation) computes every step in float64 for OPT, GPT-2, Llama, Qwen2, "
+    "Mistral",
+    "device": "cpu, cuda, cuda:1, ... (auto = cuda if available else cpu)",
+    "attn_implementation": "eager (default) or sdpa (run with its math kernel); flash attention has no double "
+    "backward",
+    "no_fused_head": "differentiate the LM head + softmax with plain autograd instead of the fused kernel",
+}
+OUTPUT_HELP = {
+    "output_dir": "where <name>.pt, <name>.json and the figures go",
+    "name": "output file stem (default: derived from the configuration)",
+    "overwrite": "replace a finished result of the same --name (refused otherwise)",
+    "no_progress": "hide the progress bar",
+    "abs": "heatmaps of |H| (viridis from 0, the report's view) instead of the signed H (diverging colours centred at 0)",
+}
+RUN_HELP = {
+    "devices": "comma-separated devices, one worker process per entry, e.g. cuda:0,cuda:1,cuda:2,cuda:3 (cpu,cpu "
+    "for tests); overrides --device; under torchrun, entry LOCAL_RANK is the rank's device",
+    "device_map": "split one model over the GPUs of its worker with this Hugging Face device_map (e.g. auto); "
+    "needs accelerate; one worker (or one torchrun rank per node)",
+    "checkpoint_every": "write <output_dir>/<name>.ckpt every N units (batches of --model_input_bs samples), or "
+    "every DURATION such as 120s, 10m; 0 = never",
+    "resume": "continue from the checkpoint <output_dir>/<name>.ckpt (hessian_diagonal.py: also "
+    "<name>.phase2.ckpt; hessian_spectrum.py: the pass log <name>.passes/), recomputing nothing finished (the "
+    "configuration must be the same); starts afresh if there is none",
+    "keep_checkpoint": "keep the checkpoint when the run completes (it is removed by default)",
+    "unit_timeout": "with --devices: stop the run when one unit runs longer than this many seconds (a hung "
+    "worker); default 0 = auto: 10x the median unit time and at least 5 minutes",
+}
+"""Help of the flags every script has, by field (defaults and types come from the spec's fields)."""
+
+
+def _model_and_data(
+    p: argparse.ArgumentParser, spec: RunSpec, t_default: tuple[int, int] | None
+) -> Any:
+    """The model, data and computation flags (and ``--t``, ``--method``); returns the computation group.
+
+    ``spec``: the fields' own defaults (``type(spec)()``), before the model-dependent ones are resolved."""
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=EMBEDDED, help="HF model id or local directory; 'embedded' = the bundled tiny trained OPT")
-    g.add_argument("--cache_dir", default="llm_weights", help="where HF weights, datasets and tokenized text are cached")
-    g.add_argument("--dataset", default="auto", help="'embedded' (bundled held-out Shakespeare), 'wikitext2' (test split), or a path to a UTF-8 text file; auto = embedded for the embedded model, else wikitext2")
-    g.add_argument("--seqlen", type=int, default=None, help=f"tokens per sample (default {EMBEDDED_DEFAULTS['seqlen']} for the embedded model, else min(2048, model limit))")
-    g.add_argument("--b", type=int, default=None, help=f"number of samples (default {EMBEDDED_DEFAULTS['b']} for the embedded model, else all samples of the text)")
-    g.add_argument("--model_input_bs", type=int, default=1, help="samples per forward/backward; must divide --b")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
+    _add_fields(g, spec, MODEL_AND_DATA_HELP, types={"seqlen": int, "b": int})
     c = p.add_argument_group("computation")
     if t_default is not None:
-        g.add_argument("--t", type=int, default=None, help=f"entries per selected row (default {t_default[0]} for the embedded model, {t_default[1]} otherwise)")
-        c.add_argument("--method", choices=METHODS, default="rev-rev", help="rev-rev: fast exact (default); autograd: the paper's torch.autograd.functional.hessian")
-        c.add_argument("--chunk", type=int, default=0, help="Hessian columns per batched backward; 0 = auto: the fastest of 1, 2, 4, ... timed on the first batch's first columns (recorded in the JSON); halved on CUDA OOM")
-    c.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype; float64 (validation) computes every step in float64 for OPT, GPT-2, Llama, Qwen2, Mistral")
-    c.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto = cuda if available else cpu)")
-    c.add_argument("--attn_implementation", default="eager", help="eager (default) or sdpa (run with its math kernel); flash attention has no double backward")
-    c.add_argument("--no_fused_head", action="store_true", help="differentiate the LM head + softmax with plain autograd instead of the fused kernel")
-    o = p.add_argument_group("output")
-    o.add_argument("--output_dir", default="results", help="where <name>.pt, <name>.json and the figures go")
-    o.add_argument("--name", default=None, help="output file stem (default: derived from the configuration)")
-    o.add_argument("--overwrite", action="store_true", help="replace a finished result of the same --name (refused otherwise)")
-    o.add_argument("--no_progress", action="store_true", help="hide the progress bar")
-    o.add_argument("--abs", action="store_true", help="heatmaps of |H| (viridis from 0, the report's view) instead of the signed H (diverging colours centred at 0)")
-    add_run_flags(p)
-    if compare:
-        curvature.add_flags(p)
+        t_help = f"entries per selected row (default {t_default[0]} for the embedded model, {t_default[1]} otherwise)"
+        method_help = (
+            "rev-rev: fast exact (default); autograd: the paper's torch.autograd.functional.hessian"
+        )
+        _add_fields(g, spec, {"t": t_help}, types={"t": int})
+        _add_fields(
+            c, spec, {"method": method_help}, {"method": library_constant("hessian", "METHODS")}
+        )
+    _add_fields(c, spec, COMPUTATION_HELP, {"dtype": DTYPES})
+    return c
+
+
+def _chunk(group: Any, spec: RunSpec, products: str) -> None:
+    """``--chunk``: the one name of the product batch in every script."""
+    group.add_argument(
+        "--chunk",
+        type=int,
+        default=spec.get("chunk"),
+        help=(
+            f"{products} per batched backward; 0 = auto: the fastest of 1, 2, 4, ... timed on the first batch's "
+            "first products (recorded in the JSON); halved on CUDA OOM"
+        ),
+    )
+
+
+def _output_and_run(p: argparse.ArgumentParser, spec: RunSpec) -> None:
+    _add_fields(p.add_argument_group("output"), spec, OUTPUT_HELP)
+    _add_fields(p.add_argument_group("parallel runs and checkpoints"), spec, RUN_HELP)
+
+
+COMPARE_HELP = {
+    "fisher_samples": "labels drawn from the model per token position for fisher and kfac",
+    "perturbations": "random rounding-noise perturbations d for the predicted vs measured loss change (0 = none)",
+    "perturbation_bits": "the perturbations are uniform in [-s/2, s/2], s the min-max round-to-nearest step with "
+    "this many bits of the entry's weight row",
+    "compare_top_k": "k of the top-k eigenvector subspace overlap",
+}
+SPECTRUM_HELP = {
+    "top_k": "eigenvalues wanted (per end with --which both)",
+    "which": "largest or smallest by value, or both ends",
+    "block_size": "Lanczos block size: vectors per pass over the samples",
+    "tol": "converged when ||Hv - lambda v|| <= tol * max|Ritz value|",
+    "max_iter": "most Lanczos passes",
+    "eigenvectors": "save the eigenvectors (columns in the subset's entry order) in the .pt",
+    "trace": "Hutchinson and Hutch++ trace estimates with standard errors",
+    "trace_hvps": "HVPs per trace estimator",
+    "density": "spectral density by stochastic Lanczos quadrature",
+    "slq_probes": "SLQ probes (advanced together, one pass per step)",
+    "lanczos_steps": "SLQ Lanczos steps per probe",
+    "density_points": "grid points of the density",
+    "keep_graphs": "keep each batch's gradient graph in memory between passes (b/model_input_bs graphs), so a "
+    "pass costs only its HVPs; auto: when they fit in a quarter of the free host (CPU) or GPU memory, measured "
+    "on the first graph (recorded in the JSON); worker processes (--devices) always rebuild them",
+    "exact_below": "form H exactly and use eigvalsh when the subset has at most this many entries (0 = always "
+    "iterative)",
+}
+"""The flags of the ``compare`` settings and of the spectrum, from their fields, with their help."""
+
+
+def _compare(p: argparse.ArgumentParser, spec: ExactSpec) -> None:
+    """``--compare`` and its settings (the exact scripts; :mod:`lib.curvature`)."""
+    g = p.add_argument_group("curvature approximations (compared with the exact Hessian)")
+    g.add_argument(
+        "--compare",
+        nargs="+",
+        choices=approximation_choices(),
+        default=None,
+        help=(
+            "also compute these approximations on the same subset and samples, compare them with the "
+            "exact Hessian, write <name>_compare.pt/.pdf/.png and a 'comparison' section in the JSON"
+        ),
+    )
+    _add_fields(g, spec, COMPARE_HELP)
+
+
+def _batch_study(p: argparse.ArgumentParser) -> None:
+    dense, n_log = (
+        library_constant("batch_study", "DENSE_UPTO"),
+        library_constant("batch_study", "N_LOG"),
+    )
+    p.add_argument(
+        "--batch_study",
+        action="store_true",
+        help=(
+            f"batch-size study (report Fig. 2): keep the running Hessian at every b <= {dense} and ~{n_log} "
+            f"log-spaced b beyond, report ||H^b - H^B||/||H^B|| and consecutive differences; one pass, "
+            f"memory n^2 x 8 bytes per recorded b"
+        ),
+    )
+
+
+EXACT_SUBSET_HELP = {
+    "single_layer_single_block": {
+        "layer_name": "linear layer inside a block, e.g. self_attn.q_proj (OPT/Llama), attn.c_attn (GPT-2)",
+        "block_index": "which block",
+    },
+    "single_layer_several_blocks": {
+        "layer_name": "linear layer inside a block",
+        "num_blocks": "use blocks 0..num_blocks-1 (default: all blocks)",
+    },
+    "several_layers_several_blocks": {
+        "num_layers": "first K linear layers of each block, in module order (default: all)",
+        "num_blocks": "use blocks 0..num_blocks-1 (default: all blocks)",
+    },
+}
+"""Each exact script's subset flags (in its --help order) and their help."""
+
+
+def exact_parser(script: str, description: str) -> Parser:
+    """The flags of an exact-Hessian script (``single_layer_single_block`` etc.)."""
+    raw, spec = ExactSpec(script=script), ExactSpec.build(script)
+    p = _new_parser(description)
+    c = _model_and_data(p, raw, T_DEFAULTS[script])
+    _chunk(c, raw, "Hessian columns")
+    _output_and_run(p, raw)
+    _compare(p, raw)
+    for name, text in EXACT_SUBSET_HELP[script].items():
+        p.add_argument(
+            f"--{name}",
+            type=str if name == "layer_name" else int,
+            default=spec.get(name),
+            help=text,
+        )
+    _batch_study(p)
     return p
 
 
-def add_run_flags(p: argparse.ArgumentParser) -> None:
-    """Flags for data-parallel runs and checkpoints (see :mod:`lib.parallel`, :mod:`lib.checkpoint`)."""
-    r = p.add_argument_group("parallel runs and checkpoints")
-    r.add_argument("--devices", default=None, help="comma-separated devices, one worker process per entry, e.g. cuda:0,cuda:1,cuda:2,cuda:3 (cpu,cpu for tests); overrides --device; under torchrun, entry LOCAL_RANK is the rank's device")
-    r.add_argument("--device_map", default=None, help="split one model over the GPUs of its worker with this Hugging Face device_map (e.g. auto); needs accelerate; one worker (or one torchrun rank per node)")
-    r.add_argument("--checkpoint_every", default=ckpt.DEFAULT_EVERY, help="write <output_dir>/<name>.ckpt every N units (batches of --model_input_bs samples), or every DURATION such as 120s, 10m; 0 = never")
-    r.add_argument("--resume", action="store_true", help="continue from the checkpoint <output_dir>/<name>.ckpt (hessian_diagonal.py: also <name>.phase2.ckpt; hessian_spectrum.py: the pass log <name>.passes/), recomputing nothing finished (the configuration must be the same); starts afresh if there is none")
-    r.add_argument("--keep_checkpoint", action="store_true", help="keep the checkpoint when the run completes (it is removed by default)")
-    r.add_argument("--unit_timeout", type=float, default=0.0, help="with --devices: stop the run when one unit runs longer than this many seconds (a hung worker); default 0 = auto: 10x the median unit time and at least 5 minutes")
+def _declared(family: str) -> dict[str, dict[str, Any]]:
+    """The estimators of ``lib/estimators/<family>/`` as declared in their source (no import: no torch)."""
+    from .estimators.registry import INFRASTRUCTURE, declared
+
+    return declared(Path(__file__).with_name("estimators") / family, INFRASTRUCTURE[family])
 
 
-def resolve_defaults(args: argparse.Namespace, t_default: tuple[int, int] | None) -> None:
-    """Fill model-dependent defaults in place (``seqlen``, ``b`` resolved later from the text, ``t``, ``dataset``)."""
-    embedded = args.model == EMBEDDED
-    if t_default is not None and args.t is None:
-        args.t = t_default[0] if embedded else t_default[1]
-    if args.dataset == "auto":
-        args.dataset = default_dataset(args.model)
-    if args.seqlen is None and embedded:
-        args.seqlen = EMBEDDED_DEFAULTS["seqlen"]
-    if args.b is None and embedded:
-        args.b = EMBEDDED_DEFAULTS["b"]
+def estimator_summaries() -> dict[str, str]:
+    """``{name: summary}`` of the diagonal estimators, in registry order."""
+    return {name: attrs.get("summary", "") for name, attrs in _declared("diagonal").items()}
 
 
-def check_cheap(args: argparse.Namespace) -> None:
-    """Validate flags that need neither the model nor the data."""
-    if args.model_input_bs < 1:
-        raise UserError(f"--model_input_bs must be at least 1, got {args.model_input_bs}")
-    if args.b is not None and args.b % args.model_input_bs:
-        raise UserError(f"--model_input_bs {args.model_input_bs} does not divide --b {args.b}")
-    if getattr(args, "chunk", 0) < 0:
-        raise UserError(f"--chunk must be >= 0, got {args.chunk}")
-    if hasattr(args, "fisher_samples"):
-        curvature.check_flags(args)
-    for flag in ("num_blocks", "num_layers"):
-        value = getattr(args, flag, None)
-        if value is not None and value < 1:
-            raise UserError(f"--{flag} must be at least 1, got {value} (leave it out to use all)")
-    if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
-        raise UserError(f"--seed {args.seed} is out of range: use an integer from -2**63 to 2**64-1")
-    check_cache_dir(args.cache_dir)
-    run_devices(args)
-    ckpt.parse_every(getattr(args, "checkpoint_every", "0"))
-    if getattr(args, "device_map", None) is not None and importlib.util.find_spec("accelerate") is None:
-        raise UserError(f"--device_map {args.device_map} needs the accelerate package: pip install accelerate")
-    if getattr(args, "unit_timeout", 0) < 0:
-        raise UserError(f"--unit_timeout must be >= 0 seconds, got {args.unit_timeout}")
+def approximation_choices() -> list[str]:
+    """The ``--compare`` approximations, in registry order."""
+    return list(_declared("approximations"))
 
 
-def check_cache_dir(cache_dir: str | None) -> None:
-    """Refuse a ``--cache_dir`` that is not a writable directory (created if missing)."""
-    if not cache_dir:
-        return
-    path = Path(cache_dir)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--cache_dir {cache_dir} is a file, not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --cache_dir {cache_dir}: {e.strerror or e}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(f"--cache_dir {cache_dir} is not writable")
+def estimator_choices() -> list[str]:
+    """The diagonal estimators (:func:`estimator_summaries`) and the deprecated names that stand for one of them."""
+    known = list(estimator_summaries())
+    return known + [old for old, new in ESTIMATOR_ALIASES.items() if old not in known and new in known]
 
 
-def warn_low_precision(dtype: str) -> None:
-    """One line when the model runs in a 16-bit dtype (its Hessians are far less accurate)."""
-    if dtype in LOW_PRECISION_NOTE:
-        warn(f"--dtype {dtype}: {LOW_PRECISION_NOTE[dtype]}")
-
-
-def run_devices(args: argparse.Namespace) -> list[torch.device]:
-    """The run's devices, one per worker process (``--devices``, else ``--device``); under torchrun, this rank's device."""
-    text = getattr(args, "devices", None)
-    entries = [d.strip() for d in text.split(",")] if text is not None else None
-    if entries is not None and not all(entries):
-        raise UserError(f"--devices {text!r} has an empty entry; give e.g. cuda:0,cuda:1 or cpu,cpu")
-    dist_env = parallel.distributed_env()
-    if dist_env is not None:
-        local = dist_env[1]
-        if entries:
-            if local >= len(entries):
-                raise UserError(f"--devices lists {len(entries)} devices but this node runs local rank {local}: give one per local rank")
-            return [resolve_device(entries[local], "--devices")]
-        dev = resolve_device(args.device)
-        return [torch.device("cuda", local) if dev.type == "cuda" and dev.index is None else dev]
-    devices = [resolve_device(e, "--devices") for e in entries] if entries else [resolve_device(args.device)]
-    if len(devices) > 1 and getattr(args, "device_map", None) is not None:
-        raise UserError("--device_map splits one model over the GPUs of a single worker; it cannot be combined with several --devices (use torchrun with one rank per node instead)")
-    return devices
-
-
-def model_spec(args: argparse.Namespace, prep: Prepared) -> ModelSpec:
-    """How worker processes load the model of this run (and check that it is the parent's, by fingerprint)."""
-    return ModelSpec(args.model, args.cache_dir, args.dtype, args.attn_implementation, getattr(args, "device_map", None), prep.fingerprints.get("model"), prep.fingerprints.get("tokenizer"))
-
-
-def run_settings(args: argparse.Namespace, prep: Prepared, checkpoint_path: str | Path, desc: str) -> parallel.RunSettings:
-    """:class:`lib.parallel.RunSettings` from the run flags, checkpointing to ``checkpoint_path``."""
-    every_units, every_s = ckpt.parse_every(args.checkpoint_every)
-    cfg = ckpt.CheckpointConfig(Path(checkpoint_path), every_units, every_s, resume=args.resume, keep=args.keep_checkpoint)
-    return parallel.RunSettings(devices=prep.devices or [prep.device], checkpoint=cfg, progress=not args.no_progress, desc=desc, unit_timeout=args.unit_timeout)
-
-
-@dataclass
-class Prepared:
-    """A loaded model, its samples (``(b, seqlen)``) and the resolved flags."""
-
-    model: nn.Module
-    samples: torch.Tensor
-    device: torch.device
-    """Where ``model`` is (the CPU when several worker processes load their own copies)."""
-    devices: list[torch.device] | None = None
-    """The run's devices, one per worker (:func:`run_devices`)."""
-    fingerprints: dict[str, str] = field(default_factory=dict)
-    """Content fingerprints of the ``model`` and ``tokenizer`` (:mod:`lib.inputs`), checked by workers and ``--resume``."""
-
-
-def prepare(args: argparse.Namespace, build_subset: Callable[[nn.Module], Subset]) -> tuple[Prepared, Subset]:
-    """Load the model, build and validate the subset, load and validate the samples -- all before heavy work.
-
-    The caller has run :func:`check_cheap` (before claiming the outputs, so before the model is loaded)."""
-    warn_low_precision(args.dtype)
-    torch.manual_seed(args.seed)
-    devices = run_devices(args)
-    device = devices[0] if len(devices) == 1 else torch.device("cpu")
-    model = load_model(args.model, cache_dir=args.cache_dir, dtype=DTYPES[args.dtype], device=device, attn_implementation=args.attn_implementation, device_map=getattr(args, "device_map", None))
-    subset = build_subset(model)
-    limit = max_positions(model)
-    if args.seqlen is None:
-        args.seqlen = min(2048, limit or 2048)
-    check_seqlen(args.seqlen, limit)
-    tokenizer = load_tokenizer(args.model, args.cache_dir)
-    fingerprints = {"model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(tokenizer)}
-    tokens = tokenize(tokenizer, load_text(args.dataset, args.cache_dir), args.cache_dir)
-    if not tokens.numel():
-        raise UserError(f"the text of --dataset {args.dataset} gives no tokens")
-    if args.b is None:
-        args.b = (tokens.numel() // args.seqlen) // args.model_input_bs * args.model_input_bs
-        check_cheap(args)
-    samples = make_samples(tokens, args.seqlen, args.b)
-    return Prepared(model, samples, device, devices, fingerprints), subset
-
-
-def default_name(script: str, args: argparse.Namespace, tag: str) -> str:
-    """Readable stem plus a hash of the result-defining flags (the exact Hessian uses no random numbers: not ``seed``)."""
-    model = Path(args.model.rstrip("/")).name
-    return outputs.default_name(f"{script}_{model}_{tag}_t{args.t}_b{args.b}_s{args.seqlen}", args, ignore=("seed",))
-
-
-def claim_outputs(args: argparse.Namespace, name: str, checkpoints: list[Path]) -> None:
-    """Check and lock the run's outputs before the model is loaded (:func:`lib.outputs.claim`; released by :func:`lib.outputs.guarded`)."""
-    env = parallel.distributed_env()
-    outputs.claim(args.output_dir, name, checkpoints, args.overwrite, args.resume, rank0=env is None or env[0] == 0)
-
-
-def check_resources(args: argparse.Namespace, prep: Prepared, est: preflight.Estimate, alternatives: str) -> None:
-    """Refuse before the computation when ``est`` does not fit in free host / GPU memory or disk (:func:`lib.preflight.check`)."""
-    env = parallel.distributed_env()
-    if env is None or env[0] == 0:
-        writes = any(ckpt.parse_every(args.checkpoint_every))
-        preflight.check(est, prep.devices or [prep.device], args.output_dir, writes, alternatives)
-
-
-def slice_boundaries(subset: Subset) -> list[int]:
-    """Flat offsets where each slice after the first starts."""
-    out, pos = [], 0
-    for s in subset.slices[:-1]:
-        pos += len(s)
-        out.append(pos)
+def resolve_estimators(names: Sequence[str] | None, known: Sequence[str]) -> list[str] | None:
+    """``--estimator`` names with deprecated aliases replaced (one warning each) by the names in ``known``."""
+    if names is None:
+        return None
+    out = []
+    for name in names:
+        new = ESTIMATOR_ALIASES.get(name)
+        if name not in known and new in known:
+            _warn(
+                f"--estimator {name} is deprecated: it is the empirical Fisher, now called {new} ('fisher' is the "
+                f"sampled Fisher of --compare)"
+            )
+            name = new
+        out.append(name)
     return out
 
 
-@outputs.guarded
-def run_exact(script: str, args: argparse.Namespace, build_subset: Callable[[nn.Module], Subset], tag: Callable[[], str]) -> dict[str, Any]:
-    """The whole exact-Hessian job of a script: prepare, compute (in this process, on worker processes
-    or under torchrun, with checkpoints), save ``.pt`` / ``.json`` / figures.
-
-    ``tag()`` names the subset in the default output name (from the flags; called before the model is loaded).
-    Returns the saved metadata (``{}`` on torchrun ranks other than 0, which save nothing).
-    """
-    t_start = time.perf_counter()
-    check_cheap(args)
-    name = args.name or default_name(script, args, tag())
-    out = Path(args.output_dir)
-    claim_outputs(args, name, [out / f"{name}.ckpt"])
-    prep, subset = prepare(args, build_subset)
-    check_resources(args, prep, preflight.exact_estimate(subset.size, DTYPES[args.dtype].itemsize), "a smaller --t (or fewer blocks or layers), or --checkpoint_every 0 (no checkpoint file)")
-    job = ExactHessianJob(
-        subset,
-        prep.samples,
-        model_input_bs=args.model_input_bs,
-        method=args.method,
-        chunk=args.chunk or None,
-        fused_head=False if args.no_fused_head else None,
-        spec=model_spec(args, prep),
-        model=prep.model,
+def diagonal_parser(description: str) -> Parser:
+    """The flags of ``hessian_diagonal.py`` (no ``--t``, ``--method`` or ``--compare``: whole weights)."""
+    spec = DiagonalSpec()
+    p = _new_parser(description)
+    _model_and_data(p, spec, None)
+    _output_and_run(p, spec)
+    d = p.add_argument_group("Hessian diagonal")
+    d.add_argument(
+        "--layer_name",
+        default=None,
+        help=(
+            f"linear layer inside a block, e.g. self_attn.q_proj (OPT/Llama), attn.c_attn (GPT-2) (default "
+            f"{DEFAULT_LAYER}; not with --all_layers)"
+        ),
     )
-    if getattr(args, "compare", None):
-        job = curvature.make_job(args, job)
-    settings = run_settings(args, prep, out / f"{name}.ckpt", "Hessian columns")
-    settings.snapshot_units = tuple(batch_study.snapshot_units(args.b, args.model_input_bs)) if getattr(args, "batch_study", False) else ()
-    t0 = time.perf_counter()
-    sums = parallel.run_job(job, settings)
-    if sums is None:
-        return {}
-    result = job.result(sums, time.perf_counter() - t0)
-    outputs.saving_results([settings.checkpoint])
-    where = f"{args.model}, b={args.b}, seqlen={args.seqlen}"
-    figures = heatmap(result.hessian, out / name, f"{'|H|' if args.abs else 'H'}: {subset.description}\n{where}", slice_boundaries(subset), slice_labels=[slice_label(s.param_name) for s in subset.slices], signed=not args.abs)
-    diag, diag_figures = diagonality.report(result.hessian, subset.slices, out / name, f"{subset.description}; {where}")
-    study = batch_study.finish(settings.snapshots, args.model_input_bs, args.seqlen, out, name, f"{subset.description}; {where}", result.hessian.dtype) if settings.snapshot_units else {}
-    meta = {
-        "script": script,
-        "config": vars(args),
-        "subset": subset.description,
-        "shape": list(result.hessian.shape),
-        "normalization": f"Hessian of the mean next-token NLL over b*(seqlen-1) = {result.n_tokens} predicted tokens (the additive summed-NLL Hessian divided by {result.n_tokens})",
-        "n_samples": result.n_samples,
-        "n_tokens": result.n_tokens,
-        "nll_mean": result.nll_sum / result.n_tokens,
-        "perplexity": result.perplexity,
-        "method": result.method,
-        "chunk": job.chunk_report(),
-        "hessian_elapsed_s": result.elapsed_s,
-        "elapsed_s": time.perf_counter() - t_start,
-        "fingerprints": prep.fingerprints,
-        "run": {"devices": [str(d) for d in settings.devices], **settings.stats},
-        "figures": [p.name for p in [*figures, *diag_figures]],
-        "diagonality": diag,
-        **({"batch_study": study["batch_study"], "batch_study_files": study["files"]} if study else {}),
-        "entries": subset.entries(prep.model),
+    d.add_argument(
+        "--block_index",
+        type=int,
+        default=None,
+        help="which block (default 0; with --all_layers: every block unless given)",
+    )
+    d.add_argument(
+        "--all_layers",
+        action="store_true",
+        help="every linear layer of every block (or of --block_index), in one run that loads the model and data once",
+    )
+    d.add_argument(
+        "--estimator",
+        nargs="+",
+        default=None,
+        metavar="ESTIMATOR",
+        help=(
+            "one or more of: "
+            + "; ".join(f"{n} ({summary})" for n, summary in estimator_summaries().items())
+            + "; default xdiag, or hutchinson xdiag with --track_rows"
+        ),
+    )
+    d.add_argument(
+        "--hvps",
+        type=int,
+        default=spec.compute.hvps,
+        help=(
+            "K: Hessian-vector products per sample and weight for hutchinson (K probes) and xdiag (K/2 "
+            "probes + K/2 basis vectors; K even)"
+        ),
+    )
+    _alias(d, "--vhp_samples", "--hvps", "hvps", type=int)
+    d.add_argument(
+        "--track_rows",
+        type=int,
+        default=spec.compute.track_rows,
+        help=(
+            "convergence study (paper Fig. 3): exact diagonal of the weights of the first R output units, "
+            "and the estimators' error and consecutive difference after each probe"
+        ),
+    )
+    _chunk(d, spec, "HVPs")
+    _alias(d, "--probe_batch", "--chunk", "chunk", type=int)
+    return p
+
+
+def spectrum_parser(description: str) -> Parser:
+    """The flags of ``hessian_spectrum.py``."""
+    raw, spec = SpectrumSpec(script="hessian_spectrum"), SpectrumSpec.build("hessian_spectrum")
+    p = _new_parser(description)
+    comp = _model_and_data(p, raw, T_DEFAULTS["hessian_spectrum"])
+    _chunk(comp, raw, "Hessian columns (products)")
+    _output_and_run(p, raw)
+    s = p.add_argument_group("subset (the exact scripts' flags, or --params)")
+    s.add_argument(
+        "--params",
+        nargs="+",
+        default=None,
+        metavar="GLOB",
+        help=(
+            "whole parameters whose names match these shell-style globs, e.g. "
+            "'model.decoder.layers.0.self_attn.q_proj.weight'; "
+            "'*' = every parameter (overrides the flags below)"
+        ),
+    )
+    s.add_argument(
+        "--layer_name",
+        default=spec.subset.layer_name,
+        help="linear layer inside a block (first --t weights of row 0)",
+    )
+    s.add_argument(
+        "--block_index",
+        type=int,
+        default=spec.subset.block_index,
+        help="which block (single layer, single block)",
+    )
+    s.add_argument(
+        "--num_blocks",
+        type=int,
+        default=None,
+        help="blocks 0..N-1 (as single_layer_several_blocks.py; with --num_layers as several_layers_several_blocks.py)",
+    )
+    s.add_argument(
+        "--num_layers",
+        type=int,
+        default=None,
+        help="the first K linear layers of each block (as several_layers_several_blocks.py)",
+    )
+    e = p.add_argument_group("spectrum")
+    _add_fields(
+        e,
+        raw,
+        SPECTRUM_HELP,
+        {"which": library_constant("spectrum", "WHICH"), "keep_graphs": ("auto", "on", "off")},
+    )
+    return p
+
+
+def build_parser(script: str, description: str) -> Parser:
+    """The parser of ``script`` (a top-level script's name without ``.py``)."""
+    cls = spec_class(script)
+    if cls is DiagonalSpec:
+        p = diagonal_parser(description)
+    elif cls is SpectrumSpec:
+        p = spectrum_parser(description)
+    else:
+        p = exact_parser(script, description)
+    p.prog = f"{script}.py"
+    return p
+
+
+# ----------------------------------------------------------------------------- spec
+
+
+def spec_from_args(script: str, args: argparse.Namespace) -> RunSpec:
+    """The frozen, validated run spec of ``script`` from its parsed flags (``args`` is only read).
+
+    A parsed value that is not a field of the spec is an error of this module (every flag has its field)."""
+    cls = spec_class(script)
+    values = dict(vars(args))
+    if cls is DiagonalSpec:
+        values["estimator"] = resolve_estimators(values.get("estimator"), list(estimator_summaries()))
+    spec = cls.build(script, **values)
+    spec.validate()
+    return spec
+
+
+def parse(
+    script: str, argv: Sequence[str] | None, description: str, presets: dict[str, Any] | None = None
+) -> RunSpec:
+    """Parse ``argv`` (``None``: ``sys.argv[1:]``) into the validated spec of ``script``; ``presets``: defaults
+    that the flags in ``argv`` override (``reproduce.py``'s figure configurations)."""
+    p = build_parser(script, description)
+    if presets:
+        p.set_defaults(**presets)
+    return spec_from_args(script, p.parse_args(argv))
+
+
+def argv_of(parser: argparse.ArgumentParser, values: dict[str, Any]) -> list[str]:
+    """The flags that set ``values`` (``{dest: value}``) with ``parser``: ``--flag v``, ``--flag a b`` or a bare
+    ``--flag`` for store-true flags (``False`` values are left out)."""
+    by_dest = {
+        a.dest: a
+        for a in parser._actions
+        if a.option_strings and not isinstance(a, DeprecatedAlias)
     }
-    if getattr(args, "compare", None):
-        meta.update(curvature.write_comparison(out, name, job, sums, result, f"{subset.description}\n{where}", args.compare_top_k))
-    meta = save_tensor_and_json(out, name, result.hessian, meta)
-    ckpt.finish(settings.checkpoint)
-    print(f"perplexity {result.perplexity:.3f} over {result.n_samples} samples; Hessian {tuple(result.hessian.shape)} in {result.elapsed_s:.1f}s")
-    print("wrote " + ", ".join(str(out / f) for f in [*meta["files"].values(), *meta["figures"], *meta.get("batch_study_files", [])]))
-    if study:
-        print(batch_study.summary_line(study["batch_study"]))
-    print(diagonality.one_line(diag))
-    return meta
+    out: list[str] = []
+    for dest, value in values.items():
+        action = by_dest[dest]
+        flag = action.option_strings[0]
+        if action.nargs == 0:  # a switch (store_true)
+            out += [flag] if value else []
+        elif isinstance(value, (list, tuple)):
+            out += [flag, *map(str, value)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+# ----------------------------------------------------------------------------- main
 
 
 def main(fn: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> Any:
     """Run a script's ``fn(argv)``, turning :class:`UserError` into one line on stderr and exit status 2
-    (:class:`RunError`, a run stopped while computing: exit status 1; SIGINT / SIGTERM: 130 / 143, one line, no traceback)."""
+    (:class:`RunError`, a run stopped while computing: exit status 1; SIGINT / SIGTERM: 130 / 143, one line,
+    no traceback)."""
     import signal
 
-    def terminate(signum, frame):  # noqa: ARG001 -- SIGTERM before or after the computation (lib.parallel handles it during)
+    # SIGTERM before or after the computation (lib.parallel handles it during)
+    def terminate(signum, frame):  # noqa: ARG001
         raise Interrupted(signum)
 
-    old = signal.signal(signal.SIGTERM, terminate) if threading.current_thread() is threading.main_thread() else None
+    old = (
+        signal.signal(signal.SIGTERM, terminate)
+        if threading.current_thread() is threading.main_thread()
+        else None
+    )
     try:
         return fn(argv)
     except (Interrupted, KeyboardInterrupt) as e:
@@ -358,7 +574,7 @@ def main(fn: Callable[[list[str] | None], Any], argv: list[str] | None = None) -
         print(f"error: {e.message}", file=sys.stderr)
         raise SystemExit(e.code) from None
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {flag_message(e) if isinstance(e, ParamError) else e}", file=sys.stderr)
         raise SystemExit(2) from None
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -366,3 +582,16 @@ def main(fn: Callable[[list[str] | None], Any], argv: list[str] | None = None) -
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
+
+
+__all__ = [
+    "EMBEDDED",
+    "LOW_PRECISION_NOTE",
+    "Parser",
+    "argv_of",
+    "build_parser",
+    "flag_message",
+    "main",
+    "parse",
+    "spec_from_args",
+]

@@ -28,14 +28,13 @@ Sampled labels of sample ``i``, draw ``j`` come from a generator seeded by ``sha
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import ParamError
 from .estimators.approximations import REGISTRY, MatrixContext, sources
 from .estimators.approximations.base import (
     LAYER_STATISTICS,
@@ -82,36 +81,6 @@ __all__ = [
     "sample_labels",
     "write_comparison",
 ]
-
-
-# ----------------------------------------------------------------------------- flags
-
-
-def add_flags(p: argparse.ArgumentParser) -> None:
-    """``--compare`` and its settings (the exact scripts)."""
-    g = p.add_argument_group("curvature approximations (compared with the exact Hessian)")
-    g.add_argument("--compare", nargs="+", choices=APPROXIMATIONS, default=None, help="also compute these approximations on the same subset and samples, compare them with the exact Hessian, write <name>_compare.pt/.pdf/.png and a 'comparison' section in the JSON")
-    g.add_argument("--fisher_samples", type=int, default=SETTINGS["fisher_samples"], help="labels drawn from the model per token position for fisher and kfac")
-    g.add_argument("--perturbations", type=int, default=SETTINGS["perturbations"], help="random rounding-noise perturbations d for the predicted vs measured loss change (0 = none)")
-    g.add_argument("--perturbation_bits", type=int, default=SETTINGS["perturbation_bits"], help="the perturbations are uniform in [-s/2, s/2], s the min-max round-to-nearest step with this many bits of the entry's weight row")
-    g.add_argument("--compare_top_k", type=int, default=SETTINGS["compare_top_k"], help="k of the top-k eigenvector subspace overlap")
-
-
-SETTINGS = {"fisher_samples": 4, "perturbations": 64, "perturbation_bits": 4, "compare_top_k": 8}
-"""The comparison's settings and their defaults (they apply only with ``--compare``)."""
-
-
-def check_flags(args: argparse.Namespace) -> None:
-    """Validate the comparison flags (no model needed): a setting changed without ``--compare`` is refused
-    rather than silently ignored."""
-    if getattr(args, "compare", None) is None:
-        changed = [f"--{flag}" for flag, default in SETTINGS.items() if getattr(args, flag, default) != default]
-        if changed:
-            raise UserError(f"{', '.join(changed)} only apply with --compare APPROX [APPROX ...]")
-        return
-    for flag, low in (("fisher_samples", 1), ("perturbations", 0), ("perturbation_bits", 1), ("compare_top_k", 1)):
-        if getattr(args, flag) < low:
-            raise UserError(f"--{flag} must be at least {low}, got {getattr(args, flag)}")
 
 
 # ----------------------------------------------------------------------------- pure math
@@ -299,14 +268,21 @@ def approximation_matrices(sums: dict[str, torch.Tensor], result: HessianResult,
     return {"exact": h, **{a.name: a.matrix(sums, ctx) for a in REGISTRY.lookup(approximations)}}
 
 
-def make_job(args: argparse.Namespace, exact: ExactHessianJob) -> CurvatureJob:
-    """The comparison job of a run: ``args.compare`` beside ``exact`` (validated before any heavy work)."""
-    check_flags(args)
-    approximations = list(dict.fromkeys(args.compare))
+def make_job(exact: ExactHessianJob, approximations: Sequence[str], fisher_samples: int = 4, perturbations: int = 64, perturbation_bits: int = 4, seed: int = 0) -> CurvatureJob:
+    """The comparison job of a run: ``approximations`` (:data:`APPROXIMATIONS`) beside ``exact``, with
+    ``fisher_samples`` sampled labels per position and ``perturbations`` rounding-noise perturbations of
+    ``perturbation_bits`` bits (:func:`rounding_perturbations`) drawn from ``seed``."""
+    unknown = [a for a in approximations if a not in APPROXIMATIONS]
+    if unknown:
+        raise ParamError("approximations", f"approximations {unknown[0]!r} is unknown; choose from {', '.join(APPROXIMATIONS)}")
+    for name, value, low in (("fisher_samples", fisher_samples, 1), ("perturbations", perturbations, 0), ("perturbation_bits", perturbation_bits, 1)):
+        if value < low:
+            raise ParamError(name, f"{name} must be at least {low}, got {value}")
+    approximations = list(dict.fromkeys(approximations))
     if any(a in LAYER_BASED for a in approximations):
         entry_layout(exact.model, exact.subset)
-    d, _ = rounding_perturbations(exact.model, exact.subset, args.perturbations, args.perturbation_bits, args.seed)
-    return CurvatureJob.beside(exact, approximations, args.fisher_samples, d, args.seed)
+    d, _ = rounding_perturbations(exact.model, exact.subset, perturbations, perturbation_bits, seed)
+    return CurvatureJob.beside(exact, approximations, fisher_samples, d, seed)
 
 
 def write_comparison(out_dir: Path, name: str, job: CurvatureJob, sums: dict[str, torch.Tensor], result: HessianResult, title: str, top_k: int = 8) -> dict[str, Any]:

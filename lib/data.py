@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import ParamError, UserError
 from .inputs import hub_offline_if_unreachable, tokenizer_fingerprint, warn
-from .models import EMBEDDED, ROOT, resolve_model_path
+from .models import EMBEDDED, assets_dir, resolve_model_path
 from .results import atomic_write_bytes
 
-EMBEDDED_TEXT = ROOT / "assets" / "shakespeare-heldout.txt"
+EMBEDDED_TEXT = assets_dir() / "shakespeare-heldout.txt"
 WIKITEXT2 = "wikitext2"
 DATASETS = ("auto", EMBEDDED, WIKITEXT2, "PATH")
 
@@ -43,11 +43,11 @@ def load_text(dataset: str, cache_dir: str | None = None) -> str:
         return "\n\n".join(ds["text"])
     path = Path(dataset)
     if not path.is_file():
-        raise UserError(f"--dataset {dataset!r} is neither 'embedded', 'wikitext2' nor an existing text file")
+        raise ParamError("dataset", f"dataset {dataset!r} is neither 'embedded', 'wikitext2' nor an existing text file")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"--dataset {dataset} is not UTF-8 text: {e}") from None
+        raise ParamError("dataset", f"dataset {dataset} is not UTF-8 text: {e}") from None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
@@ -126,19 +126,19 @@ def tokenize(tokenizer, text: str, cache_dir: str | None = None) -> torch.Tensor
 def make_samples(tokens: torch.Tensor, seqlen: int, b: int) -> torch.Tensor:
     """The first ``b`` samples, sample ``i`` = ``tokens[i*seqlen:(i+1)*seqlen]``; shape ``(b, seqlen)``."""
     if seqlen < 2:
-        raise UserError(f"--seqlen must be at least 2 (one predicted token), got {seqlen}")
+        raise ParamError("seqlen", f"seqlen must be at least 2 (one predicted token), got {seqlen}")
     if b < 1:
-        raise UserError(f"--b must be at least 1, got {b}")
+        raise ParamError("b", f"b must be at least 1, got {b}")
     available = tokens.numel() // seqlen
     if available < b:
-        raise UserError(f"--b {b} needs {b * seqlen} tokens but the text has {tokens.numel()}: only {available} samples of seqlen {seqlen} exist")
+        raise ParamError("b", f"b {b} needs {b * seqlen} tokens but the text has {tokens.numel()}: only {available} samples of seqlen {seqlen} exist")
     return tokens[: b * seqlen].view(b, seqlen).clone()
 
 
 def check_seqlen(seqlen: int, limit: int | None) -> None:
     """Refuse sequences longer than the model's position limit."""
     if limit is not None and seqlen > limit:
-        raise UserError(f"--seqlen {seqlen} exceeds the model's maximum sequence length {limit}")
+        raise ParamError("seqlen", f"seqlen {seqlen} exceeds the model's maximum sequence length {limit}")
 
 
 def load_samples(model_name: str, seqlen: int, b: int, dataset: str = "auto", cache_dir: str | None = None) -> torch.Tensor:

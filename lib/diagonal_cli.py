@@ -1,126 +1,88 @@
-"""The ``hessian_diagonal.py`` pipeline: flags, validation before heavy work, the run (phases of
-:mod:`lib.diagonal` through :func:`lib.parallel.run_job`, so ``--devices``/``--resume`` apply), and the
-outputs (``.pt``, ``.json``, heatmap, convergence figure)."""
+"""``hessian_diagonal.py``'s family of the pipeline (:mod:`lib.pipeline`): the weights to estimate, the run
+(phases of :mod:`lib.diagonal` through :func:`lib.parallel.run_job`, so ``--devices``/``--resume`` apply) and
+the outputs (``.pt``, ``.json``, heatmap, convergence figure)."""
 
 from __future__ import annotations
 
-import argparse
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import checkpoint as ckpt
-from . import cli, outputs, parallel, preflight
-from .diagonal import EXACT_MAX_ENTRIES, REGISTRY, RENAMED, DiagonalJob, DiagonalResult, Target, hessian_diagonal, plan_phase1, rel_l2
+from . import parallel, preflight
+from .diagonal import (
+    EXACT_MAX_ENTRIES,
+    REGISTRY,
+    DiagonalJob,
+    DiagonalResult,
+    Target,
+    hessian_diagonal,
+    plan_phase1,
+    rel_l2,
+)
 from .errors import UserError
-from .inputs import warn
 from .models import iter_named_linear
+from .outputs import default_name as output_name
+from .pipeline import Family, Run
 from .plots import convergence, heatmap, heatmap_grid
-from .results import save_tensor_and_json
-from .subsets import layer_module, num_blocks, num_output_units, output_units_index, whole_parameter
+from .spec import DiagonalSpec
+from .subsets import layer_module, num_blocks, num_output_units, output_units_index
 
-VHP_DEFAULT = 100
-"""HVPs per sample and weight (the default ``--vhp_samples``)."""
-
-
-DEFAULT_LAYER = "self_attn.q_proj"
+Found = list[tuple[Target, int, str]]
+"""``(target, block, layer name)`` of each weight to estimate."""
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
-    p = cli.base_parser(description, None, compare=False)  # --t, --method, --chunk and --compare do not apply to whole weights
-    d = p.add_argument_group("Hessian diagonal")
-    d.add_argument("--layer_name", default=None, help=f"linear layer inside a block, e.g. self_attn.q_proj (OPT/Llama), attn.c_attn (GPT-2) (default {DEFAULT_LAYER}; not with --all_layers)")
-    d.add_argument("--block_index", type=int, default=None, help="which block (default 0; with --all_layers: every block unless given)")
-    d.add_argument("--all_layers", action="store_true", help="every linear layer of every block (or of --block_index), in one run that loads the model and data once")
-    listed = ", ".join(f"{e.name} ({e.summary})" for e in REGISTRY)
-    d.add_argument("--estimator", nargs="+", choices=[*REGISTRY.names(), *RENAMED], default=None, help=f"one or more of: {listed}; default xdiag, or hutchinson xdiag with --track_rows")
-    d.add_argument("--vhp_samples", type=int, default=VHP_DEFAULT, help="K: Hessian-vector products per sample and weight for hutchinson (K probes) and xdiag (K/2 probes + K/2 basis vectors; K even)")
-    d.add_argument("--track_rows", type=int, default=0, help="convergence study (paper Fig. 3): exact diagonal of the weights of the first R output units, and the estimators' error and consecutive difference after each probe")
-    d.add_argument("--probe_batch", type=int, default=0, help="HVPs per batched backward; 0 = auto: the fastest of 1, 2, 4, ... timed on the first batch's first products (recorded in the JSON); halved on CUDA OOM")
-    return p
-
-
-def resolve_estimators(args: argparse.Namespace) -> list[str]:
-    if args.estimator is None:
-        return ["hutchinson", "xdiag"] if args.track_rows else ["xdiag"]
-    for old in dict.fromkeys(e for e in args.estimator if e in RENAMED):
-        warn(f"--estimator {old} is deprecated: it is the empirical Fisher, now called {RENAMED[old]} ('fisher' is the sampled Fisher of --compare)")
-    return list(dict.fromkeys(RENAMED.get(e, e) for e in args.estimator))
-
-
-def check_flags(args: argparse.Namespace) -> None:
-    """Validate the diagonal's own flags (no model needed)."""
-    k = args.vhp_samples
-    est = REGISTRY.lookup(args.estimator)
-    if any(e.uses_k for e in est) and k < 1:
-        raise UserError(f"--vhp_samples must be at least 1, got {k}")
-    for e in est:
-        if e.uses_k and (k < e.min_k or k % e.k_multiple):
-            multiple = {1: "", 2: "even and "}.get(e.k_multiple, f"a multiple of {e.k_multiple} and ")
-            raise UserError(f"--estimator {e.name} {e.k_reason}: --vhp_samples must be {multiple}at least {e.min_k}, got {k}")
-    if args.track_rows < 0:
-        raise UserError(f"--track_rows must be >= 0, got {args.track_rows}")
-    if args.layer_name is not None and args.all_layers:
-        raise UserError(f"--layer_name {args.layer_name} picks one layer but --all_layers takes every linear layer: give one or the other")
-    args.layer_name = args.layer_name or DEFAULT_LAYER  # after the check: default names (hashes) as before
-    if args.track_rows and args.all_layers:
-        raise UserError("--track_rows studies the convergence on one layer; it cannot be combined with --all_layers")
-    if args.track_rows and not any(e.curve for e in est):
-        curves = " and/or ".join(e.name for e in REGISTRY if e.curve)
-        raise UserError(f"--track_rows records the error after each probe: use it with --estimator {curves}")
-    if args.probe_batch < 0:
-        raise UserError(f"--probe_batch must be >= 0, got {args.probe_batch}")
-    if args.block_index is not None and args.block_index < 0:
-        raise UserError(f"--block_index {args.block_index} is out of range: it must be >= 0")
-
-
-def build_targets(model: nn.Module, args: argparse.Namespace) -> list[tuple[Target, int, str]]:
+def build_targets(model: nn.Module, spec: DiagonalSpec) -> Found:
     """``(target, block, layer name)`` for each weight to estimate, validated against the model and the estimators."""
-    if args.all_layers:
+    s, c = spec.subset, spec.compute
+    if s.all_layers:
         total = num_blocks(model)
-        if args.block_index is not None and args.block_index >= total:
-            raise UserError(f"--block_index {args.block_index} is out of range: the model has {total} blocks (0..{total - 1})")
-        items = [(b, lname) for b, lname, _, _ in iter_named_linear(model) if args.block_index is None or b == args.block_index]
+        if s.block_index is not None and s.block_index >= total:
+            raise UserError(
+                f"--block_index {s.block_index} is out of range: the model has {total} blocks (0..{total - 1})"
+            )
+        items = [
+            (b, lname)
+            for b, lname, _, _ in iter_named_linear(model)
+            if s.block_index is None or b == s.block_index
+        ]
     else:
-        items = [(0 if args.block_index is None else args.block_index, args.layer_name)]
+        items = [(0 if s.block_index is None else s.block_index, s.layer_name)]
     out = []
     for b, lname in items:
         name, module = layer_module(model, b, lname)
         shape = tuple(model.get_parameter(name).shape)
         numel = math.prod(shape)
-        for e in REGISTRY.lookup(args.estimator):
+        for e in REGISTRY.lookup(c.estimator):
             if e.max_entries is not None and numel > e.max_entries:
                 others = " or ".join(o.name for o in REGISTRY if o.estimates_hessian and o.max_entries is None)
-                raise UserError(f"--estimator {e.name} needs {e.entry_cost}: {name} has {numel} entries, over the limit of {e.max_entries}; use --estimator {others}")
-            if e.max_k_per_entry is not None and args.vhp_samples // e.max_k_per_entry > numel:
+                raise UserError(
+                    f"--estimator {e.name} needs {e.entry_cost}: {name} has {numel} entries, over the limit "
+                    f"of {e.max_entries}; use --estimator {others}"
+                )
+            if e.max_k_per_entry is not None and c.hvps // e.max_k_per_entry > numel:
                 times = {2: "twice"}.get(e.max_k_per_entry, f"{e.max_k_per_entry} times")
                 exact = " or ".join(o.name for o in REGISTRY if o.max_entries is not None)
-                raise UserError(f"--vhp_samples {args.vhp_samples} is more than {times} the {numel} entries of {name}; use --estimator {exact}")
+                raise UserError(
+                    f"--hvps {c.hvps} is more than {times} the {numel} entries of {name}; use --estimator {exact}"
+                )
         tracked = torch.zeros(0, dtype=torch.long)
-        if args.track_rows:
+        if c.track_rows:
             units = num_output_units(module)
-            if args.track_rows > units:
-                raise UserError(f"--track_rows {args.track_rows} is larger than the {units} output units of {lname}")
-            tracked = output_units_index(module, args.track_rows)
+            if c.track_rows > units:
+                raise UserError(
+                    f"--track_rows {c.track_rows} is larger than the {units} output units of {lname}"
+                )
+            tracked = output_units_index(module, c.track_rows)
             if len(tracked) > EXACT_MAX_ENTRIES:
-                raise UserError(f"--track_rows {args.track_rows} tracks {len(tracked)} entries exactly (one Hessian-vector product each per sample), over the limit of {EXACT_MAX_ENTRIES}")
+                raise UserError(
+                    f"--track_rows {c.track_rows} tracks {len(tracked)} entries exactly (one Hessian-vector "
+                    f"product each per sample), over the limit of {EXACT_MAX_ENTRIES}"
+                )
         out.append((Target(name, shape, tracked), b, lname))
     return out
-
-
-def default_name(args: argparse.Namespace, estimators: list[str]) -> str:
-    model = Path(args.model.rstrip("/")).name
-    if args.all_layers:
-        tag = "all_layers" if args.block_index is None else f"all_layers_block{args.block_index}"
-    else:
-        tag = f"{args.layer_name}_block{args.block_index or 0}"
-    k = "" if not any(e.uses_k for e in REGISTRY.lookup(estimators)) else f"_K{args.vhp_samples}"
-    track = f"_track{args.track_rows}" if args.track_rows else ""
-    return outputs.default_name(f"hessian_diagonal_{model}_{tag}_{'+'.join(estimators)}{k}{track}_b{args.b}_s{args.seqlen}", args)
 
 
 def _finite(x: Any) -> Any:
@@ -134,26 +96,33 @@ def _finite(x: Any) -> Any:
     return x
 
 
+def _g(value: float | None) -> str:
+    """``value`` with 3 significant digits (``nan`` for the ``None`` that stands for a non-finite
+    number in the JSON)."""
+    return "nan" if value is None else f"{value:.3g}"
+
+
+def checkpoint_path(out: Path, name: str, phase: str) -> Path:
+    """Phase 1's checkpoint is ``<name>.ckpt``, phase 2's ``<name>.phase2.ckpt``."""
+    return out / (f"{name}.ckpt" if phase == "1" else f"{name}.phase{phase}.ckpt")
+
+
 class _Runner:
-    """Runs each phase with :func:`lib.parallel.run_job` (devices, checkpoints); under torchrun, shares phase-1 sums with every rank."""
+    """Runs each phase with :func:`lib.parallel.run_job` (devices, checkpoints); under torchrun,
+    shares phase-1 sums with every rank."""
 
-    def __init__(self, args: argparse.Namespace, prep: cli.Prepared, out: Path, name: str, two_phase: bool):
-        self.args, self.prep, self.out, self.name, self.two_phase = args, prep, out, name, two_phase
-        self.settings: list[parallel.RunSettings] = []
-        self.keep = args.keep_checkpoint
-
-    @staticmethod
-    def checkpoint_path(out: Path, name: str, phase: str) -> Path:
-        return out / (f"{name}.ckpt" if phase == "1" else f"{name}.phase{phase}.ckpt")
-
-    def path(self, phase: str) -> Path:
-        return self.checkpoint_path(self.out, self.name, phase)
+    def __init__(self, run: Run, two_phase: bool):
+        self.run, self.two_phase = run, two_phase
 
     def __call__(self, job: DiagonalJob, phase: str) -> dict[str, torch.Tensor] | None:
-        settings = cli.run_settings(self.args, self.prep, self.path(phase), f"HVPs, phase {phase}" if self.two_phase else "HVPs")
+        settings = self.run.run_settings(
+            checkpoint_path(self.run.out, self.run.name, phase),
+            f"HVPs, phase {phase}" if self.two_phase else "HVPs",
+        )
         if self.two_phase and phase == "1" and settings.checkpoint is not None:
-            settings.checkpoint.keep = True  # until phase 2 is done, so that --resume never redoes phase 1
-        self.settings.append(settings)
+            settings.checkpoint.keep = (
+                True  # until phase 2 is done, so that --resume never redoes phase 1
+            )
         sums = parallel.run_job(job, settings)
         if self.two_phase and phase == "1" and parallel.distributed_env() is not None:
             import torch.distributed as dist
@@ -163,144 +132,223 @@ class _Runner:
             sums = box[0]
         return sums
 
-    def finish(self) -> None:
-        for s in self.settings:
-            if s.checkpoint is not None:
-                s.checkpoint.keep = self.keep
-            ckpt.finish(s.checkpoint)
 
+class DiagonalFamily(Family):
+    name = "diagonal"
 
-def _init_distributed(device: torch.device) -> bool:
-    """Under torchrun, start the process group here (so it outlives phase 1); returns whether we did."""
-    return parallel.distributed_env() is not None and parallel.init_process_group(device)
-
-
-@outputs.guarded
-def run(argv: list[str] | None = None, description: str = "") -> dict[str, Any]:
-    """Parse, validate, compute and save; returns the saved metadata (``{}`` on torchrun ranks > 0)."""
-    args = build_parser(description).parse_args(argv)
-    cli.resolve_defaults(args, None)
-    args.estimator = resolve_estimators(args)
-    check_flags(args)
-    cli.check_cheap(args)
-    t_start = time.perf_counter()
-    name = args.name or default_name(args, args.estimator)
-    out = Path(args.output_dir)
-    cli.claim_outputs(args, name, [_Runner.checkpoint_path(out, name, p) for p in "12"])
-    found: list[tuple[Target, int, str]] = []
-
-    def build(model: nn.Module):
-        found.extend(build_targets(model, args))
-        return whole_parameter(model, found[0][0].param_name)
-
-    prep, _ = cli.prepare(args, build)
-    targets = [t for t, _, _ in found]
-    estimators = args.estimator
-    est = preflight.diagonal_estimate(plan_phase1(targets, estimators, args.vhp_samples, args.seed), cli.DTYPES[args.dtype].itemsize, len(prep.devices or [1]))
-    cli.check_resources(args, prep, est, "--estimator hutchinson (no stored vectors), fewer weights (one --layer_name, or --block_index with --all_layers), a smaller --vhp_samples, or --checkpoint_every 0 (no checkpoint files)")
-    runner = _Runner(args, prep, out, name, two_phase=any(e.phases > 1 for e in REGISTRY.lookup(estimators)))
-    own_group = _init_distributed(prep.devices[0]) if prep.devices else False
-    try:
-        result = hessian_diagonal(
-            prep.model,
-            targets,
-            prep.samples,
-            estimators=estimators,
-            vhp_samples=args.vhp_samples,
-            seed=args.seed,
-            model_input_bs=args.model_input_bs,
-            probe_batch=args.probe_batch or None,
-            fused_head=False if args.no_fused_head else None,
-            spec=cli.model_spec(args, prep),
-            runner=runner,
+    def default_name(self, spec: DiagonalSpec) -> str:
+        model = Path(spec.model.model.rstrip("/")).name
+        s, c, d = spec.subset, spec.compute, spec.data
+        if s.all_layers:
+            tag = "all_layers" if s.block_index is None else f"all_layers_block{s.block_index}"
+        else:
+            tag = f"{s.layer_name}_block{s.block_index or 0}"
+        k = f"_K{c.hvps}" if any(e.uses_k for e in REGISTRY.lookup(c.estimator)) else ""
+        track = f"_track{c.track_rows}" if c.track_rows else ""
+        return output_name(
+            f"hessian_diagonal_{model}_{tag}_{'+'.join(c.estimator)}{k}{track}_b{d.b}_s{d.seqlen}",
+            spec.digest(),
         )
-    except ValueError as e:
-        if "rank below" in str(e):
-            raise UserError(str(e)) from None
-        raise
-    finally:
-        if own_group:
-            import torch.distributed as dist
 
-            dist.destroy_process_group()
-    if result is None:  # torchrun rank > 0
-        return {}
-    outputs.saving_results([s.checkpoint for s in runner.settings])
-    meta = save(args, prep, found, result, name, out, t_start, runner)
-    runner.finish()
-    return meta
+    def checkpoints(self, spec: DiagonalSpec, out: Path, name: str) -> list[Path]:
+        return [checkpoint_path(out, name, p) for p in "12"]
 
+    def structure(self, model: nn.Module, spec: DiagonalSpec) -> Found:
+        return build_targets(model, spec)
 
-def save(args: argparse.Namespace, prep: cli.Prepared, found: list[tuple[Target, int, str]], result: DiagonalResult, name: str, out: Path, t_start: float, runner: _Runner) -> dict[str, Any]:
-    """Write ``<name>.pt`` (tensor, or ``{estimator: {param: tensor}}``), ``<name>.json``, the heatmap and the convergence figure."""
-    dtype = cli.DTYPES[args.dtype]
-    estimators = list(result.diagonals)
-    targets = [t for t, _, _ in found]
-    single = len(targets) == 1 and len(estimators) == 1
-    if single:
-        tensor: Any = result.diagonals[estimators[0]][targets[0].param_name].to(dtype)
-    else:
-        tensor = {e: {t.param_name: result.diagonals[e][t.param_name].to(dtype) for t in targets} for e in estimators}
-    model_desc = f"{args.model}, b={args.b}, seqlen={args.seqlen}"
-    bars = lambda text: f"|{text}|" if args.abs else text  # noqa: E731
-    k_desc = lambda e: f", K={args.vhp_samples}" if REGISTRY[e].uses_k else ""  # noqa: E731
-    if single:
-        e, t = estimators[0], targets[0]
-        figures = heatmap(result.diagonals[e][t.param_name], out / name, f"{bars('diag H')} of {t.param_name} ({e}{k_desc(e)})\n{model_desc}", axis_labels=("input index (column of the weight)", "output unit (row of the weight)"), value="H_ii", signed=not args.abs)
-    else:
-        panels = [(f"{e}: {'' if len(targets) == 1 else f'block {b} '}{lname}", result.diagonals[e][t.param_name]) for e in estimators for t, b, lname in found]
-        figures = heatmap_grid(panels, out / name, f"{bars('diag H')} ({', '.join(e + k_desc(e) for e in estimators)}), {model_desc}", ncols=min(6, len(found)) if len(found) > 1 else len(estimators), signed=not args.abs)
-    convergence_meta = {}
-    if result.curves:
-        t = targets[0]
-        curves = result.curves[t.param_name]
-        plot = {e: {"k": c["k"], "tracked relative l2 error": c["tracked_rel_error"], "consecutive relative l2 difference": c["consecutive_rel_diff"]} for e, c in curves.items() if c["k"]}
-        refs = {e: {"tracked relative l2 error": c["final_tracked_rel_error"]} for e, c in curves.items() if not c["k"]}
-        figures += convergence(plot, out / f"{name}_convergence", f"Convergence on the first {args.track_rows} output units of {t.param_name}\n{model_desc}", refs)
-        convergence_meta = {
-            "tracked_rows": args.track_rows,
-            "tracked_entries": len(t.tracked),
-            "tracked_exact_hvps_per_sample": len(t.tracked),
-            "consecutive_diff_entries": result.monitor_size.get(t.param_name),
-            "tracked_rel_error": "||est[T] - exact[T]|| / ||exact[T]|| over the tracked entries T (the first R output units: weight[:R] for nn.Linear, weight[:, :R] for Conv1D)",
-            "consecutive_rel_diff": "||est(k) - est(k_prev)|| / ||est(k)|| over all entries (or the stated random subset), k_prev the previous k of the curve",
-            "curves": curves,
+    def compute(self, run: Run) -> DiagonalResult | None:
+        spec, found = run.spec, run.structure
+        c = spec.compute
+        targets = [t for t, _, _ in found]
+        est = preflight.diagonal_estimate(
+            plan_phase1(targets, c.estimator, c.hvps, c.seed), run.dtype.itemsize, len(run.devices)
+        )
+        run.check_resources(
+            est,
+            (
+                "--estimator hutchinson (no stored vectors), fewer weights (one --layer_name, or --block_index "
+                "with --all_layers), a smaller --hvps, or --checkpoint_every 0 (no checkpoint files)"
+            ),
+        )
+        own_group = parallel.distributed_env() is not None and parallel.init_process_group(
+            run.devices[0]
+        )  # outlives phase 1
+        try:
+            return hessian_diagonal(
+                run.model,
+                targets,
+                run.samples,
+                estimators=c.estimator,
+                vhp_samples=c.hvps,
+                seed=c.seed,
+                model_input_bs=spec.data.model_input_bs,
+                probe_batch=c.chunk or None,
+                fused_head=False if spec.model.no_fused_head else None,
+                spec=run.model_spec(),
+                runner=_Runner(run, two_phase=any(e.phases > 1 for e in REGISTRY.lookup(c.estimator))),
+            )
+        finally:
+            if own_group:
+                import torch.distributed as dist
+
+                dist.destroy_process_group()
+
+    def save(self, run: Run, result: DiagonalResult) -> tuple[Any, dict[str, Any]]:
+        """``<name>.pt`` holds the diagonal, or ``{estimator: {param: diagonal}}``; the heatmap and the
+        convergence figure."""
+        spec, found, out, name = run.spec, run.structure, run.out, run.name
+        hvps, track_rows = spec.compute.hvps, spec.compute.track_rows
+        estimators = list(result.diagonals)
+        targets = [t for t, _, _ in found]
+        single = len(targets) == 1 and len(estimators) == 1
+        if single:
+            tensor: Any = result.diagonals[estimators[0]][targets[0].param_name].to(run.dtype)
+        else:
+            tensor = {
+                e: {t.param_name: result.diagonals[e][t.param_name].to(run.dtype) for t in targets}
+                for e in estimators
+            }
+        k_desc = lambda e: f", K={hvps}" if REGISTRY[e].uses_k else ""  # noqa: E731
+        bars = lambda text: f"|{text}|" if run.spec.output.abs else text  # noqa: E731
+        if single:
+            e, t = estimators[0], targets[0]
+            figures = heatmap(
+                result.diagonals[e][t.param_name],
+                out / name,
+                f"{bars('diag H')} of {t.param_name} ({e}{k_desc(e)})\n{run.where}",
+                axis_labels=(
+                    "input index (column of the weight)",
+                    "output unit (row of the weight)",
+                ),
+                value="H_ii",
+                signed=not run.spec.output.abs,
+            )
+        else:
+            panels = [
+                (
+                    f"{e}: {'' if len(targets) == 1 else f'block {b} '}{lname}",
+                    result.diagonals[e][t.param_name],
+                )
+                for e in estimators
+                for t, b, lname in found
+            ]
+            figures = heatmap_grid(
+                panels,
+                out / name,
+                f"{bars('diag H')} ({', '.join(e + k_desc(e) for e in estimators)}), {run.where}",
+                ncols=min(6, len(found)) if len(found) > 1 else len(estimators),
+                signed=not run.spec.output.abs,
+            )
+        convergence_meta = {}
+        if result.curves:
+            t = targets[0]
+            curves = result.curves[t.param_name]
+            plot = {
+                e: {
+                    "k": c["k"],
+                    "tracked relative l2 error": c["tracked_rel_error"],
+                    "consecutive relative l2 difference": c["consecutive_rel_diff"],
+                }
+                for e, c in curves.items()
+                if c["k"]
+            }
+            refs = {
+                e: {"tracked relative l2 error": c["final_tracked_rel_error"]}
+                for e, c in curves.items()
+                if not c["k"]
+            }
+            figures += convergence(
+                plot,
+                out / f"{name}_convergence",
+                f"Convergence on the first {track_rows} output units of {t.param_name}\n{run.where}",
+                refs,
+            )
+            convergence_meta = {
+                "tracked_rows": track_rows,
+                "tracked_entries": len(t.tracked),
+                "tracked_exact_hvps_per_sample": len(t.tracked),
+                "consecutive_diff_entries": result.monitor_size.get(t.param_name),
+                "tracked_rel_error": (
+                    "||est[T] - exact[T]|| / ||exact[T]|| over the tracked entries T (the first R output "
+                    "units: weight[:R] for nn.Linear, weight[:, :R] for Conv1D)"
+                ),
+                "consecutive_rel_diff": (
+                    "||est(k) - est(k_prev)|| / ||est(k)|| over all entries (or the stated random subset), "
+                    "k_prev the previous k of the curve"
+                ),
+                "curves": curves,
+            }
+        n_tokens = result.n_tokens
+        errors_vs_exact = {}
+        if "exact" in estimators:
+            errors_vs_exact = {
+                e: {
+                    t.param_name: rel_l2(
+                        result.diagonals[e][t.param_name], result.diagonals["exact"][t.param_name]
+                    )
+                    for t in targets
+                }
+                for e in estimators
+                if e != "exact"
+            }
+        meta = {
+            "estimators": estimators,
+            "vhp_samples": hvps,
+            "parameter": targets[0].param_name if len(targets) == 1 else None,
+            "parameters": [
+                {"name": t.param_name, "block": b, "layer": lname, "shape": list(t.shape)}
+                for t, b, lname in found
+            ],
+            "tensor_layout": "the diagonal, with the parameter's shape"
+            if single
+            else "{estimator: {parameter name: diagonal with the parameter's shape}}",
+            "hvps_per_sample": result.hvps,
+            "cost": {e.name: e.cost for e in REGISTRY},
+            "probes": (
+                "Rademacher (i.i.d. +-1 entries); probe j of parameter p from a generator seeded with "
+                "sha256(f'{seed}/{p}/{j}'), shared by all samples; xdiag's probes are the first K/2 hutchinson "
+                "probes"
+            ),
+            "normalization": (
+                f"diagonal of the Hessian of the mean next-token NLL over b*(seqlen-1) = {n_tokens} predicted "
+                f"tokens (the additive summed-NLL Hessian divided by {n_tokens})"
+                + "".join(f"; {e.name}: {e.normalization.format(n=n_tokens)}" for e in REGISTRY if e.normalization)
+            ),
+            "n_samples": result.n_samples,
+            "n_tokens": n_tokens,
+            "nll_mean": result.nll_sum / n_tokens,
+            "perplexity": result.perplexity,
+            "estimate_elapsed_s": result.elapsed_s,
+            "phase_elapsed_s": result.phase_s,
+            "probe_batch": result.probe_batch,
+            "run": [{"devices": [str(d) for d in s.devices], **s.stats} for s in run.settings],
+            "rel_error_vs_exact": errors_vs_exact,
+            "convergence": convergence_meta,
+            "figures": [p.name for p in figures],
         }
-    n_tokens = result.n_tokens
-    errors_vs_exact = {}
-    if "exact" in estimators:
-        errors_vs_exact = {e: {t.param_name: rel_l2(result.diagonals[e][t.param_name], result.diagonals["exact"][t.param_name]) for t in targets} for e in estimators if e != "exact"}
-    meta = {
-        "script": "hessian_diagonal",
-        "config": vars(args),
-        "estimators": estimators,
-        "vhp_samples": args.vhp_samples,
-        "parameter": targets[0].param_name if len(targets) == 1 else None,
-        "parameters": [{"name": t.param_name, "block": b, "layer": lname, "shape": list(t.shape)} for t, b, lname in found],
-        "tensor_layout": "the diagonal, with the parameter's shape" if single else "{estimator: {parameter name: diagonal with the parameter's shape}}",
-        "hvps_per_sample": result.hvps,
-        "cost": {e.name: e.cost for e in REGISTRY},
-        "probes": "Rademacher (i.i.d. +-1 entries); probe j of parameter p from a generator seeded with sha256(f'{seed}/{p}/{j}'), shared by all samples; xdiag's probes are the first K/2 hutchinson probes",
-        "normalization": f"diagonal of the Hessian of the mean next-token NLL over b*(seqlen-1) = {n_tokens} predicted tokens (the additive summed-NLL Hessian divided by {n_tokens})" + "".join(f"; {e.name}: {e.normalization.format(n=n_tokens)}" for e in REGISTRY if e.normalization),
-        "n_samples": result.n_samples,
-        "n_tokens": n_tokens,
-        "nll_mean": result.nll_sum / n_tokens,
-        "perplexity": result.perplexity,
-        "estimate_elapsed_s": result.elapsed_s,
-        "phase_elapsed_s": result.phase_s,
-        "probe_batch": result.probe_batch,
-        "elapsed_s": time.perf_counter() - t_start,
-        "fingerprints": prep.fingerprints,
-        "run": [{"devices": [str(d) for d in s.devices], **s.stats} for s in runner.settings],
-        "rel_error_vs_exact": errors_vs_exact,
-        "convergence": convergence_meta,
-        "figures": [p.name for p in figures],
-    }
-    meta = save_tensor_and_json(out, name, tensor, _finite(meta))
-    print(f"perplexity {result.perplexity:.3f} over {result.n_samples} samples; {', '.join(estimators)} diagonal of {len(targets)} weight(s) in {result.elapsed_s:.1f}s")
-    for e, errs in errors_vs_exact.items():
-        print(f"  {e}: relative l2 error vs exact " + ", ".join(f"{v:.3g}" for v in errs.values()))
-    if convergence_meta:
-        print("  tracked relative l2 error: " + ", ".join(f"{e} {c['final_tracked_rel_error']:.3g}" for e, c in convergence_meta["curves"].items()))
-    print("wrote " + ", ".join(str(out / f) for f in [*meta["files"].values(), *meta["figures"]]))
-    return meta
+        return tensor, _finite(meta)
+
+    def report(self, run: Run, meta: dict[str, Any]) -> list[str]:
+        lines = [
+            (
+                f"perplexity {meta['perplexity']:.3f} over {meta['n_samples']} samples; "
+                f"{', '.join(meta['estimators'])} "
+                f"diagonal of {len(meta['parameters'])} weight(s) in {meta['estimate_elapsed_s']:.1f}s"
+            )
+        ]
+        for e, errs in meta["rel_error_vs_exact"].items():
+            lines.append(
+                f"  {e}: relative l2 error vs exact " + ", ".join(_g(v) for v in errs.values())
+            )
+        if meta["convergence"]:
+            lines.append(
+                "  tracked relative l2 error: "
+                + ", ".join(
+                    f"{e} {_g(c['final_tracked_rel_error'])}"
+                    for e, c in meta["convergence"]["curves"].items()
+                )
+            )
+        return lines
+
+
+FAMILY = DiagonalFamily()

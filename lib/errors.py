@@ -8,6 +8,21 @@ class UserError(Exception):
     """
 
 
+class ParamError(UserError, ValueError):
+    """A library function's argument is out of range or does not fit the model or data.
+
+    ``param`` is the name of the function's parameter; the message names it as written (``block_index 4 is
+    out of range ...``). The command line shows the same message with the flag that set the parameter in
+    its place (:func:`lib.cli.flag_message`). A :class:`ValueError` for library callers, a
+    :class:`UserError` (one line, exit status 2) for the scripts.
+    """
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+
 class RunError(Exception):
     """A run stopped while computing (a worker failed or died, a non-finite value appeared).
 

@@ -10,12 +10,21 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import ParamError, UserError
 from .inputs import check_causal_lm, check_finite_weights, check_loading_info, hub_offline_if_unreachable, model_fingerprint, read_local_config
 from .precision import KEEP_DTYPE_ATTENTION, keep_float64
 
+
+def assets_dir() -> Path:
+    """The bundled assets: ``assets/`` inside the installed package (``pip install .``), else the source tree's."""
+    here = Path(__file__).resolve().parent
+    installed = here / "assets"
+    return installed if installed.is_dir() else here.parent / "assets"
+
+
 ROOT = Path(__file__).resolve().parent.parent
-EMBEDDED_MODEL_DIR = ROOT / "assets" / "tiny-opt-shakespeare"
+"""The source tree (the repository root when run from a checkout)."""
+EMBEDDED_MODEL_DIR = assets_dir() / "tiny-opt-shakespeare"
 EMBEDDED = "embedded"
 """Name of the project's own small trained OPT-architecture model (the default ``--model``)."""
 
@@ -28,17 +37,18 @@ def resolve_model_path(name: str) -> str:
     return str(EMBEDDED_MODEL_DIR) if name == EMBEDDED else name
 
 
-def resolve_device(device: str, flag: str = "--device") -> torch.device:
+def resolve_device(device: str) -> torch.device:
     """``auto`` -> the current CUDA device if there is one, else the CPU; otherwise ``torch.device(device)``.
-    ``flag``: the command-line flag the value came from, named in the error."""
+
+    Raises :class:`ParamError` (``device``) for a string that is not a device, or CUDA without CUDA."""
     if device == "auto":
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise UserError(f"invalid {flag}{' entry' if flag == '--devices' else ''} {device!r}: give a torch device such as cpu, cuda, cuda:1 or mps") from None
+        raise ParamError("device", f"invalid device {device!r}: give a torch device such as cpu, cuda, cuda:1 or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"{flag} {device} requested but CUDA is not available; use " + ("--device cpu" if flag == "--device" else "cpu or cpu,cpu"))
+        raise ParamError("device", f"device {device} requested but CUDA is not available; use cpu")
     return dev
 
 
@@ -48,6 +58,74 @@ def _offline_hint(name: str) -> str:
         "not in --cache_dir: download it once on a machine with internet, then run with HF_HUB_OFFLINE=1, "
         "or pass a local directory with --model PATH (a folder holding config.json and the weights)."
     )
+
+
+def _check_attention(attn_implementation: str) -> None:
+    if attn_implementation not in ATTENTION_WITH_DOUBLE_BACKWARD:
+        raise UserError(
+            f"attention {attn_implementation!r} has no double backward, which exact Hessians need; "
+            f"use one of {', '.join(ATTENTION_WITH_DOUBLE_BACKWARD)} (eager is the default)"
+        )
+
+
+def _model_path(name: str) -> tuple[str, bool]:
+    """``(path or hub id, whether it is a local directory)``, the local ``config.json`` checked, the hub probed."""
+    path = resolve_model_path(name)
+    if name == EMBEDDED and not Path(path, "config.json").is_file():
+        raise UserError(f"the embedded model is missing at {path}; rebuild it with tools/train_embedded_model.py")
+    local = Path(path).is_dir()
+    if local:
+        read_local_config(Path(path))
+    else:
+        hub_offline_if_unreachable()
+    return path, local
+
+
+def _load_failure(name: str, path: str, local: bool, attn_implementation: str, e: Exception) -> UserError:
+    """One line for a model that cannot be loaded (hub unreachable, not cached, bad path, unknown architecture, corrupt file)."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "attn" in msg.lower() or "attention" in msg.lower():
+        return UserError(f"model {name!r} cannot use {attn_implementation} attention: {msg}")
+    if local:
+        return UserError(f"cannot load model directory {path} ({type(e).__name__}: {msg})")
+    return UserError(f"{_offline_hint(name)} ({type(e).__name__}: {msg})")
+
+
+def model_skeleton(name: str, cache_dir: str | None = None, dtype: torch.dtype = torch.float32, attn_implementation: str = "eager") -> nn.Module | None:
+    """The model's module tree on the ``meta`` device, built from its config alone: every module, parameter name
+    and shape, no weight read or allocated (milliseconds, where loading a large model takes seconds).
+
+    Refuses (:class:`UserError`) what :func:`load_model` would refuse before reading weights: a missing or
+    corrupt config, an unknown model, attention without a double backward, a model that is not a causal LM.
+    Returns ``None`` when the architecture cannot be built on the meta device (the checks then wait for the weights).
+    """
+    _check_attention(attn_implementation)
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    path, local = _model_path(name)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        try:
+            config = AutoConfig.from_pretrained(path, cache_dir=cache_dir)
+        except Exception as e:  # noqa: BLE001 -- unreachable, not cached, bad path, unknown architecture
+            if not local and not isinstance(e, (OSError, ValueError, KeyError)):
+                raise
+            raise _load_failure(name, path, local, attn_implementation, e) from None
+        try:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+        except ValueError as e:
+            if "attn" in str(e).lower() or "attention" in str(e).lower():
+                raise _load_failure(name, path, local, attn_implementation, e) from None
+            return None
+        except Exception:  # noqa: BLE001 -- an architecture that needs real tensors to build: check after loading
+            return None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    check_causal_lm(name, model)
+    return model
 
 
 def load_model(
@@ -63,23 +141,12 @@ def load_model(
     Attention must have a double backward: ``eager`` (default) or ``sdpa`` (evaluated with the math
     backend, see :func:`attention_context`); flash attention is refused.
     """
-    if attn_implementation not in ATTENTION_WITH_DOUBLE_BACKWARD:
-        raise UserError(
-            f"attention {attn_implementation!r} has no double backward, which exact Hessians need; "
-            f"use one of {', '.join(ATTENTION_WITH_DOUBLE_BACKWARD)} (eager is the default)"
-        )
+    _check_attention(attn_implementation)
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # keep stderr for our own progress bar and one-line errors
-    path = resolve_model_path(name)
-    if name == EMBEDDED and not Path(path, "config.json").is_file():
-        raise UserError(f"the embedded model is missing at {path}; rebuild it with tools/train_embedded_model.py")
-    local = Path(path).is_dir()
-    if local:
-        read_local_config(Path(path))
-    else:
-        hub_offline_if_unreachable()
+    path, local = _model_path(name)
     kwargs = dict(cache_dir=cache_dir, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True, ignore_mismatched_sizes=True)
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -90,12 +157,7 @@ def load_model(
     except Exception as e:  # hub unreachable, not cached, bad path, unknown architecture, corrupt weight file
         if not local and not isinstance(e, (OSError, ValueError, KeyError)):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "attn" in msg.lower() or "attention" in msg.lower():
-            raise UserError(f"model {name!r} cannot use {attn_implementation} attention: {msg}") from None
-        if local:
-            raise UserError(f"cannot load model directory {path} ({type(e).__name__}: {msg})") from None
-        raise UserError(f"{_offline_hint(name)} ({type(e).__name__}: {msg})") from None
+        raise _load_failure(name, path, local, attn_implementation, e) from None
     finally:
         hf_logging.set_verbosity(verbosity)
     check_loading_info(name, {**info, "model_class": type(model).__name__})

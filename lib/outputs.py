@@ -1,7 +1,7 @@
 """Output pre-flight and guarantees of a run: checked before the model is loaded, held until it ends.
 
-* :func:`default_name`: a readable stem plus a short hash of the result-defining configuration, so
-  runs that would give different results never share a name.
+* :func:`default_name`: a readable stem plus a short hash of the result-defining configuration (the run
+  spec's result-changing fields), so runs that would give different results never share a name.
 * :func:`claim`: the output directory is created and a probe file written and removed; ``--name`` must
   be a plain file stem; an exclusive ``fcntl`` lock on ``<name>.lock`` is taken for the whole run (a
   second run with the same name refuses at once); a finished result (``<name>.json``) is never replaced
@@ -14,11 +14,8 @@
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import functools
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,22 +23,12 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from .errors import Interrupted, RunError, UserError, signal_name
 
-OPERATIONAL_FLAGS = frozenset(
-    {"output_dir", "name", "no_progress", "devices", "device", "device_map", "checkpoint_every", "resume", "keep_checkpoint", "overwrite", "unit_timeout", "cache_dir", "chunk", "probe_batch"}
-)
-"""Flags that change how or where a run computes, not its result (left out of the default name's hash)."""
 
-
-def config_digest(args: argparse.Namespace, ignore: Sequence[str] = ()) -> str:
-    """8 hex digits of the SHA-256 of the result-defining flags (all but :data:`OPERATIONAL_FLAGS` and ``ignore``)."""
-    cfg = {k: v for k, v in sorted(vars(args).items()) if k not in OPERATIONAL_FLAGS and k not in ignore}
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:8]
-
-
-def default_name(prefix: str, args: argparse.Namespace, ignore: Sequence[str] = ()) -> str:
-    """``<prefix>_<hash>`` with path separators and ``None`` (= all / the model's maximum) made readable."""
+def default_name(prefix: str, digest: str) -> str:
+    """``<prefix>_<digest>`` with path separators and ``None`` (= all / the model's maximum) made readable;
+    ``digest``: the run spec's hash of its result-changing fields (:meth:`lib.spec.RunSpec.digest`)."""
     stem = prefix.replace("/", "-").replace("None", "all")
-    return f"{stem}_{config_digest(args, ignore)}"
+    return f"{stem}_{digest}"
 
 
 def check_name(name: str) -> None:

@@ -87,6 +87,9 @@ class RunSettings:
     """Keep the running sum after these many units (prefix lengths) in ``snapshots`` (:mod:`lib.batch_study`); part of the checkpoint's configuration."""
     snapshots: dict[int, Partial] = field(default_factory=dict)
     """Filled by :func:`run_job` on the process that sums (rank 0): ``{units: running sum}``."""
+    identity: dict[str, Any] = field(default_factory=dict)
+    """More of the checkpoint's configuration: the run spec's result-changing fields (:mod:`lib.spec`); a key the
+    job's own configuration holds is the job's."""
     stats: dict[str, Any] = field(default_factory=dict)
     """Filled by :func:`run_job`: ``mode``, ``workers``, ``units_run``, ``setup_s`` (until every worker is ready),
     ``compute_s`` (wall, after setup), ``unit_cpu_s`` (process CPU time spent in ``run_unit``, summed over workers)."""
@@ -141,8 +144,8 @@ def initial_state(job: AdditiveJob, cfg: ckpt.CheckpointConfig | None, config: d
 
 
 def job_config(job: AdditiveJob, settings: RunSettings) -> dict[str, Any]:
-    """The configuration a checkpoint is validated against: the job's, plus the snapshot units if any."""
-    config = job.config()
+    """The configuration a checkpoint is validated against: ``settings.identity`` overridden by the job's, plus the snapshot units if any."""
+    config = {**settings.identity, **job.config()}
     return {**config, "snapshot_units": list(settings.snapshot_units)} if settings.snapshot_units else config
 
 

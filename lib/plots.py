@@ -351,16 +351,15 @@ def comparison_figure(matrices: dict[str, torch.Tensor], metrics: dict[str, dict
     return _save(fig, path_stem)
 
 
-def spectral_density(grid: torch.Tensor, values: torch.Tensor, extremes: Sequence[float], path_stem: str | Path, title: str,
-                     exact: bool = False) -> list[Path]:
-    """A spectral density on a log axis (``values`` over ``grid``), the computed extreme eigenvalues marked by
-    dashed lines. ``exact``: the density of exactly computed eigenvalues (else SLQ). Writes ``.pdf`` / ``.png``."""
+def density_figure(grid: torch.Tensor, values: torch.Tensor, marks: Sequence[float], path_stem: str | Path, title: str,
+                   label: str = "SLQ density", marks_label: str = "extreme eigenvalues") -> list[Path]:
+    """A spectral density (``values`` on ``grid``) on a log axis, with the eigenvalues ``marks`` as dashed lines
+    (``<path_stem>.pdf/.png``)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.4), layout="constrained")
-    vals = values.to(torch.float64).clamp_min(1e-300)
-    ax.semilogy(grid.numpy(), vals.numpy(), lw=1.2, label="density of the exact eigenvalues" if exact else "SLQ density")
-    for j, lam in enumerate(extremes):
-        ax.axvline(lam, color="C3", ls="--", lw=0.8, label="extreme eigenvalues (Lanczos)" if j == 0 else None)
+    ax.semilogy(grid.numpy(), values.to(torch.float64).clamp_min(1e-300).numpy(), lw=1.2, label=label)
+    for j, lam in enumerate(marks):
+        ax.axvline(lam, color="C3", ls="--", lw=0.8, label=marks_label if j == 0 else None)
     floor = float(values.max()) * 1e-8
     ax.set_ylim(bottom=max(floor, 1e-300))
     ax.set_xlabel("eigenvalue")

@@ -63,7 +63,7 @@ class EigResult:
     breakdown: bool = False
 
 
-def _wanted(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
+def wanted(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
     """Indices into ascending ``theta`` of the wanted Ritz values, in the order of :class:`EigResult`."""
     m = theta.numel()
     top = torch.arange(m - 1, max(m - k, 0) - 1, -1)
@@ -123,7 +123,7 @@ def lanczos(matmat: MatMat, n: int, k: int, which: str = "largest", block_size: 
         q_next, b = torch.linalg.qr(r)
         theta, s = torch.linalg.eigh(_block_tridiagonal(alphas, betas))
         res = (b @ s[-p:, :]).norm(dim=0)
-        idx = _wanted(theta, k, which)
+        idx = wanted(theta, k, which)
         scale = float(theta.abs().max()) if theta.numel() else 0.0
         conv = res[idx] <= tol * scale
         if on_pass is not None:

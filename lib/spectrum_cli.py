@@ -1,4 +1,5 @@
-"""The ``hessian_spectrum.py`` pipeline: flags, subset, the exact or iterative path, resumable passes, outputs.
+"""``hessian_spectrum.py``'s family of the pipeline (:mod:`lib.pipeline`): the subset, the exact or iterative
+path, resumable passes, outputs.
 
 Iterative path: every product of :mod:`lib.spectrum`'s algorithms is one pass over the samples, an
 additive :class:`lib.operator.HVPJob` run by :func:`lib.parallel.run_job` (``--devices``, torchrun,
@@ -11,10 +12,8 @@ Exact path (``n <= --exact_below``): the exact Hessian job and ``eigvalsh``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,17 +22,25 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import cli, outputs, parallel, preflight, spectrum
+from . import parallel, preflight, spectrum
 from .errors import RunError, UserError
 from .hessian import ExactHessianJob
 from .inputs import warn
 from .operator import HessianOperator, digest
-from .results import atomic_write_bytes, save_tensor_and_json
-from .subsets import Subset, num_blocks, params_subset, several_layers_several_blocks, single_layer_several_blocks, single_layer_single_block
+from .outputs import default_name as output_name
+from .pipeline import Family, Run
+from .plots import density_figure
+from .results import atomic_write_bytes
+from .spec import SpectrumSpec
+from .subsets import (
+    Subset,
+    num_blocks,
+    params_subset,
+    several_layers_several_blocks,
+    single_layer_several_blocks,
+    single_layer_single_block,
+)
 
-T_DEFAULT = (128, 768)
-"""``--t`` for the paper-style subsets (embedded model, paper models), as in single_layer_single_block.py."""
-EXACT_BELOW = 2048
 KEEP_GRAPHS = {"auto": "auto", "on": True, "off": False}
 """``--keep_graphs`` -> :class:`lib.operator.HessianOperator`'s ``keep_graphs``."""
 ENTRIES_MAX = 65536
@@ -41,57 +48,28 @@ ENTRIES_MAX = 65536
 when every slice is a whole parameter in storage order, which ``slices`` describes already)."""
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
-    p = cli.base_parser(description, T_DEFAULT, compare=False)
-    s = p.add_argument_group("subset (the exact scripts' flags, or --params)")
-    s.add_argument("--params", nargs="+", default=None, metavar="GLOB", help="whole parameters whose names match these shell-style globs, e.g. 'model.decoder.layers.0.self_attn.q_proj.weight'; '*' = every parameter (overrides the flags below)")
-    s.add_argument("--layer_name", default="self_attn.q_proj", help="linear layer inside a block (first --t weights of row 0)")
-    s.add_argument("--block_index", type=int, default=0, help="which block (single layer, single block)")
-    s.add_argument("--num_blocks", type=int, default=None, help="blocks 0..N-1 (as single_layer_several_blocks.py; with --num_layers as several_layers_several_blocks.py)")
-    s.add_argument("--num_layers", type=int, default=None, help="the first K linear layers of each block (as several_layers_several_blocks.py)")
-    e = p.add_argument_group("spectrum")
-    e.add_argument("--top_k", type=int, default=5, help="eigenvalues wanted (per end with --which both)")
-    e.add_argument("--which", choices=spectrum.WHICH, default="largest", help="largest or smallest by value, or both ends")
-    e.add_argument("--block_size", type=int, default=1, help="Lanczos block size: vectors per pass over the samples")
-    e.add_argument("--tol", type=float, default=1e-6, help="converged when ||Hv - lambda v|| <= tol * max|Ritz value|")
-    e.add_argument("--max_iter", type=int, default=100, help="most Lanczos passes")
-    e.add_argument("--eigenvectors", action="store_true", help="save the eigenvectors (columns in the subset's entry order) in the .pt")
-    e.add_argument("--trace", action="store_true", help="Hutchinson and Hutch++ trace estimates with standard errors")
-    e.add_argument("--trace_hvps", type=int, default=30, help="HVPs per trace estimator")
-    e.add_argument("--density", action="store_true", help="spectral density by stochastic Lanczos quadrature")
-    e.add_argument("--slq_probes", type=int, default=4, help="SLQ probes (advanced together, one pass per step)")
-    e.add_argument("--lanczos_steps", type=int, default=30, help="SLQ Lanczos steps per probe")
-    e.add_argument("--density_points", type=int, default=1000, help="grid points of the density")
-    e.add_argument("--keep_graphs", choices=tuple(KEEP_GRAPHS), default="auto", help="keep each batch's gradient graph in memory between passes (b/model_input_bs graphs), so a pass costs only its HVPs; auto: when they fit in a quarter of the free host (CPU) or GPU memory, measured on the first graph (recorded in the JSON); worker processes (--devices) always rebuild them")
-    e.add_argument("--exact_below", type=int, default=EXACT_BELOW, help="form H exactly and use eigvalsh when the subset has at most this many entries (0 = always iterative)")
-    return p
-
-
-def check_flags(args: argparse.Namespace) -> None:
-    """Validate the spectrum's own flags (no model needed)."""
-    for flag, low in (("top_k", 1), ("block_size", 1), ("max_iter", 1), ("trace_hvps", 3), ("slq_probes", 1), ("lanczos_steps", 1), ("density_points", 2), ("exact_below", 0)):
-        if getattr(args, flag) < low:
-            raise UserError(f"--{flag} must be at least {low}, got {getattr(args, flag)}")
-    if not args.tol > 0:
-        raise UserError(f"--tol must be positive, got {args.tol}")
-
-
-def check_top_k(args: argparse.Namespace, n: int) -> None:
+def check_top_k(spec: SpectrumSpec, n: int) -> None:
     """``--top_k`` per end (``--which both``: twice) must not exceed the subset's ``n`` entries."""
-    want = args.top_k * (2 if args.which == "both" else 1)
+    c = spec.compute
+    want = c.top_k * (2 if c.which == "both" else 1)
     if want > n:
-        raise UserError(f"--top_k {args.top_k} with --which {args.which} asks for {want} eigenvalues but the subset has only {n} entries")
+        raise UserError(
+            f"--top_k {c.top_k} with --which {c.which} asks for {want} eigenvalues but the subset has only {n} entries"
+        )
 
 
-def build_subset(model: nn.Module, args: argparse.Namespace) -> Subset:
+def build_subset(model: nn.Module, spec: SpectrumSpec) -> Subset:
     """``--params`` globs, else the exact scripts' subsets (several layers / several blocks / one block)."""
-    if args.params:
-        return params_subset(model, args.params)
-    if args.num_layers is not None:
-        return several_layers_several_blocks(model, args.num_layers, args.num_blocks or num_blocks(model), args.t)
-    if args.num_blocks is not None:
-        return single_layer_several_blocks(model, args.layer_name, args.num_blocks, args.t)
-    return single_layer_single_block(model, args.layer_name, args.block_index, args.t)
+    s = spec.subset
+    if s.params:
+        return params_subset(model, s.params)
+    if s.num_layers is not None:
+        return several_layers_several_blocks(
+            model, s.num_layers, s.num_blocks or num_blocks(model), s.t
+        )
+    if s.num_blocks is not None:
+        return single_layer_several_blocks(model, s.layer_name, s.num_blocks, s.t)
+    return single_layer_single_block(model, s.layer_name, s.block_index, s.t)
 
 
 def slice_table(model: nn.Module, subset: Subset) -> list[dict[str, Any]]:
@@ -99,26 +77,31 @@ def slice_table(model: nn.Module, subset: Subset) -> list[dict[str, Any]]:
     out, offset = [], 0
     for sl in subset.slices:
         shape = list(model.get_parameter(sl.param_name).shape)
-        whole = len(sl) == model.get_parameter(sl.param_name).numel() and bool((sl.flat_index == torch.arange(len(sl))).all())
-        out.append({"param": sl.param_name, "shape": shape, "offset": offset, "size": len(sl), "whole_in_storage_order": whole})
+        whole = len(sl) == model.get_parameter(sl.param_name).numel() and bool(
+            (sl.flat_index == torch.arange(len(sl))).all()
+        )
+        out.append(
+            {
+                "param": sl.param_name,
+                "shape": shape,
+                "offset": offset,
+                "size": len(sl),
+                "whole_in_storage_order": whole,
+            }
+        )
         offset += len(sl)
     return out
 
 
-def subset_tag(args: argparse.Namespace) -> str:
-    if args.params:
-        return "params-" + "+".join(args.params).replace("*", "x").replace("/", "-")[:80]
-    if args.num_layers is not None:
-        return f"layers{args.num_layers}_blocks{args.num_blocks}"
-    if args.num_blocks is not None:
-        return f"{args.layer_name}_blocks{args.num_blocks}"
-    return f"{args.layer_name}_block{args.block_index}"
-
-
-def default_name(args: argparse.Namespace) -> str:
-    """Readable stem plus a hash of every result-defining flag, the seed included (random start vectors and probes)."""
-    model = Path(args.model.rstrip("/")).name
-    return outputs.default_name(f"hessian_spectrum_{model}_{subset_tag(args)}_b{args.b}_s{args.seqlen}".replace("/", "-"), args)
+def subset_tag(spec: SpectrumSpec) -> str:
+    s = spec.subset
+    if s.params:
+        return "params-" + "+".join(s.params).replace("*", "x").replace("/", "-")[:80]
+    if s.num_layers is not None:
+        return f"layers{s.num_layers}_blocks{s.num_blocks}"
+    if s.num_blocks is not None:
+        return f"{s.layer_name}_blocks{s.num_blocks}"
+    return f"{s.layer_name}_block{s.block_index}"
 
 
 class PassLog:
@@ -128,7 +111,9 @@ class PassLog:
     that the algorithm asks for the same ``V``) and computes, records and returns the others.
     """
 
-    def __init__(self, directory: Path | None, config: dict[str, Any], resume: bool, run_pass, bar=None):
+    def __init__(
+        self, directory: Path | None, config: dict[str, Any], resume: bool, run_pass, bar=None
+    ):
         self.dir, self.run_pass, self.bar = directory, run_pass, bar
         self.calls = self.replayed = self.hvps = 0
         if directory is None:
@@ -136,9 +121,14 @@ class PassLog:
         cfg_file = directory / "config.json"
         text = json.dumps(config, sort_keys=True, default=str)
         if directory.exists() and not resume and any(directory.glob("pass_*.pt")):
-            raise UserError(f"pass log {directory} exists from an earlier run; pass --resume to continue it, or delete it to start over")
+            raise UserError(
+                f"pass log {directory} exists from an earlier run; pass --resume to continue it, or "
+                f"delete it to start over"
+            )
         if resume and cfg_file.exists() and cfg_file.read_text() != text:
-            raise UserError(f"pass log {directory} is from a different configuration; delete it to start over")
+            raise UserError(
+                f"pass log {directory} is from a different configuration; delete it to start over"
+            )
         directory.mkdir(parents=True, exist_ok=True)
         cfg_file.write_text(text)
 
@@ -151,7 +141,10 @@ class PassLog:
         if f is not None and f.exists():
             rec = torch.load(f, weights_only=True)
             if rec["input"] != d:
-                raise RunError(f"{f} was recorded for a different block than the resumed run asks for; delete {self.dir} to start over")
+                raise RunError(
+                    f"{f} was recorded for a different block than the resumed run asks for; delete "
+                    f"{self.dir} to start over"
+                )
             self.replayed += 1
             out = rec["output"]
         else:
@@ -163,19 +156,30 @@ class PassLog:
         return out
 
 
-def make_run_pass(args: argparse.Namespace, prep: cli.Prepared, op: HessianOperator, out: Path, name: str, pool: parallel.WorkerPool | None = None):
-    """``run_pass(V, i)``: ``H V`` by one :class:`HVPJob` through :func:`lib.parallel.run_job` (checkpointed inside the pass);
+def make_run_pass(run: Run, op: HessianOperator, pool: parallel.WorkerPool | None = None):
+    """``run_pass(V, i)``: ``H V`` by one :class:`HVPJob` through :func:`lib.parallel.run_job`
+    (checkpointed inside the pass);
     with several devices, every pass runs on ``pool`` (workers and their models kept between passes); under
     torchrun every rank receives rank 0's result."""
-    every_units, every_s = ckpt.parse_every(args.checkpoint_every)
+    r = run.spec.run
+    every_units, every_s = ckpt.parse_every(r.checkpoint_every)
     distributed = parallel.distributed_env() is not None
     if distributed:
-        parallel.init_process_group(prep.devices[0])
+        parallel.init_process_group(run.devices[0])
 
     def run_pass(v: torch.Tensor, i: int) -> torch.Tensor:
-        path = out / f"{name}.ckpt"
-        cfg = ckpt.CheckpointConfig(path, every_units, every_s, resume=args.resume and path.exists(), keep=False)
-        settings = parallel.RunSettings(devices=prep.devices or [prep.device], checkpoint=cfg, progress=False, unit_timeout=args.unit_timeout, pool=pool)
+        path = run.out / f"{run.name}.ckpt"
+        cfg = ckpt.CheckpointConfig(
+            path, every_units, every_s, resume=r.resume and path.exists(), keep=False
+        )
+        settings = parallel.RunSettings(
+            devices=run.devices,
+            checkpoint=cfg,
+            progress=False,
+            unit_timeout=r.unit_timeout,
+            pool=pool,
+            identity=run.identity(),
+        )
         sums = parallel.run_job(op.job(v.T, tag=f"pass {i}"), settings)
         if sums is not None:
             ckpt.finish(cfg)  # this pass is done: the next one starts its own checkpoint
@@ -199,115 +203,254 @@ def density_json(d: spectrum.SLQResult) -> dict[str, Any]:
         "sigma": d.sigma,
         "ritz_values": [[x for x in row if x == x] for row in d.ritz_values.tolist()],
         "ritz_weights": [[x for x in row if x == x] for row in d.ritz_weights.tolist()],
-        "moments": {str(m): dict(zip(("estimate", "stderr"), d.moment(m))) for m in range(3)},
+        "moments": {
+            str(m): dict(zip(("estimate", "stderr"), d.moment(m), strict=True)) for m in range(3)
+        },
         "hvps": d.hvps,
         "passes": d.passes,
     }
 
 
-def density_figure(d: spectrum.SLQResult, top: list[float], path_stem: Path, title: str) -> list[Path]:
-    """The density on a log axis with the computed extreme eigenvalues ``top`` marked (``<path_stem>.pdf/.png``)."""
-    from .plots import spectral_density
+class SpectrumFamily(Family):
+    name = "spectrum"
+    identity_sections = ("model", "data", "subset")
+    """The checkpoints and the pass log hold products of ``H``, which the model, the data and the subset define;
+    the algorithm's settings (``--max_iter``, ``--density``, ...) may change on ``--resume``: recorded passes are
+    replayed by the digest of their input block."""
 
-    return spectral_density(d.grid, d.values, top, path_stem, title, exact=not d.passes)
+    def default_name(self, spec: SpectrumSpec) -> str:
+        """Readable stem plus the hash of every result-defining field, the seed included (random start vectors
+        and probes)."""
+        model = Path(spec.model.model.rstrip("/")).name
+        return output_name(
+            f"hessian_spectrum_{model}_{subset_tag(spec)}_b{spec.data.b}_s{spec.data.seqlen}".replace(
+                "/", "-"
+            ),
+            spec.digest(),
+        )
+
+    def checkpoints(self, spec: SpectrumSpec, out: Path, name: str) -> list[Path]:
+        return [out / f"{name}.ckpt", out / f"{name}.passes"]
+
+    def structure(self, model: nn.Module, spec: SpectrumSpec) -> Subset:
+        subset = build_subset(model, spec)
+        check_top_k(spec, subset.size)
+        return subset
+
+    @staticmethod
+    def exact_path(spec: SpectrumSpec, n: int) -> bool:
+        return bool(spec.compute.exact_below) and n <= spec.compute.exact_below
+
+    def compute(self, run: Run) -> dict[str, Any] | None:
+        """``{"meta": JSON fields, "saved": tensors for the .pt, "density": the density to draw or None}`` (the
+        exact path always draws the density of its eigenvalues; the iterative one with ``--density``)."""
+        spec, subset = run.spec, run.structure
+        c = spec.compute
+        n = subset.size
+        if self.exact_path(spec, n):
+            est = preflight.exact_estimate(n, run.dtype.itemsize)
+        else:
+            est = preflight.spectrum_estimate(
+                n,
+                c.block_size,
+                c.max_iter,
+                max(c.block_size * c.max_iter, c.slq_probes * c.lanczos_steps if c.density else 0),
+                run.dtype.itemsize,
+            )
+        run.check_resources(
+            est,
+            (
+                "a smaller subset, fewer --max_iter or --lanczos_steps, a smaller --block_size, or --exact_below "
+                "0 for large subsets"
+            ),
+        )
+        mspec = run.model_spec()
+        fused = False if spec.model.no_fused_head else None
+        mbs = spec.data.model_input_bs
+        op = HessianOperator(
+            run.model,
+            subset,
+            run.samples,
+            mbs,
+            c.chunk or None,
+            fused,
+            spec=mspec,
+            keep_graphs=KEEP_GRAPHS[c.keep_graphs],
+        )
+        meta: dict[str, Any] = {
+            "subset": subset.description,
+            "n": n,
+            "n_samples": int(run.samples.shape[0]),
+            "n_tokens": op.n_tokens,
+        }
+        saved: dict[str, torch.Tensor] = {}
+        dens = None
+        t0 = time.perf_counter()
+        if self.exact_path(spec, n):
+            job = ExactHessianJob(
+                subset,
+                run.samples,
+                mbs,
+                c.method,
+                c.chunk or None,
+                fused,
+                spec=mspec,
+                model=run.model,
+            )
+            settings = run.run_settings(run.out / f"{run.name}.ckpt", "Hessian columns")
+            sums = parallel.run_job(job, settings)
+            if sums is None:
+                return None
+            h = job.result(sums, time.perf_counter() - t0).hessian.to(torch.float64)
+            ev, vecs = torch.linalg.eigh(h)
+            idx = spectrum.wanted(ev, c.top_k, c.which)
+            resid = (h @ vecs[:, idx] - vecs[:, idx] * ev[idx]).norm(dim=0)
+            dens = spectrum.exact_density(ev, c.density_points)
+            meta.update(
+                path="exact",
+                eigenvalues=ev[idx].tolist(),
+                residuals=resid.tolist(),
+                converged=[True] * len(idx),
+                all_eigenvalues=ev.tolist(),
+                trace={"exact": float(h.trace())},
+                density=density_json(dens),
+                hvps=n,
+                passes=1,
+            )
+            saved.update(hessian=h, eigenvalues=ev[idx], all_eigenvalues=ev)
+            if c.eigenvectors:
+                saved["eigenvectors"] = vecs[:, idx]
+        else:
+            run.kept.append(
+                ckpt.CheckpointConfig(run.out / f"{run.name}.passes", every_units=1)
+            )  # where finished passes are
+            total = c.max_iter + (3 if c.trace else 0) + (c.lanczos_steps if c.density else 0)
+            bar = None
+            if run.rank0 and not spec.output.no_progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=total, desc="passes over the samples", dynamic_ncols=True)
+            log_cfg = {
+                "subset": digest(torch.cat([s.flat_index for s in subset.slices])),
+                "params": subset.param_names,
+                "samples": digest(run.samples),
+                "model": mspec.identity(),
+                "model_input_bs": mbs,
+                "seed": c.seed,
+                "fused_head": fused,
+            }
+            log_cfg = {**run.identity(), **log_cfg}
+            pool = parallel.WorkerPool(run.devices)  # spawns workers only for several devices
+            log = PassLog(
+                run.out / f"{run.name}.passes" if run.rank0 else None,
+                log_cfg,
+                spec.run.resume,
+                make_run_pass(run, op, pool),
+                bar,
+            )
+            try:
+                eig = spectrum.lanczos(
+                    log, n, c.top_k, c.which, c.block_size, c.tol, c.max_iter, seed=c.seed
+                )
+                if bar is not None:
+                    bar.total -= c.max_iter - eig.passes
+                    bar.refresh()
+                meta.update(
+                    path="iterative",
+                    eigenvalues=eig.eigenvalues.tolist(),
+                    residuals=eig.residuals.tolist(),
+                    converged=eig.converged.tolist(),
+                    lanczos={
+                        "hvps": eig.hvps,
+                        "passes": eig.passes,
+                        "ritz_values": eig.ritz_values.tolist(),
+                        "invariant_subspace": eig.breakdown,
+                    },
+                )
+                saved.update(
+                    eigenvalues=eig.eigenvalues,
+                    residuals=eig.residuals,
+                    ritz_values=eig.ritz_values,
+                )
+                if c.eigenvectors:
+                    saved["eigenvectors"] = eig.eigenvectors
+                if c.trace:
+                    hutch = spectrum.hutchinson_trace(log, n, c.trace_hvps, seed=c.seed + 1)
+                    hpp = spectrum.hutchpp_trace(log, n, c.trace_hvps, seed=c.seed + 2)
+                    meta["trace"] = {"hutchinson": hutch.as_dict(), "hutch++": hpp.as_dict()}
+                if c.density:
+                    dens = spectrum.slq(
+                        log,
+                        n,
+                        c.slq_probes,
+                        c.lanczos_steps,
+                        seed=c.seed + 3,
+                        grid_points=c.density_points,
+                    )
+            finally:
+                pool.close()
+                if bar is not None:
+                    bar.close()
+            meta.update(
+                hvps=log.hvps,
+                passes=log.calls,
+                replayed_passes=log.replayed,
+                workers={"spawned": pool.started, "passes_run": pool.jobs},
+                **op.report(),
+            )
+        if not run.rank0:
+            return None
+        if c.density:
+            meta["density"] = density_json(dens)
+            saved.update(
+                ritz_values_slq=dens.ritz_values,
+                ritz_weights_slq=dens.ritz_weights,
+                density_grid=dens.grid,
+                density=dens.values,
+            )
+        meta.update(
+            spectrum_elapsed_s=time.perf_counter() - t0, slices=slice_table(run.model, subset)
+        )
+        if n <= ENTRIES_MAX and not all(sl["whole_in_storage_order"] for sl in meta["slices"]):
+            meta["entries"] = subset.entries(run.model)
+        return {"meta": meta, "saved": saved, "density": dens}
+
+    def save(self, run: Run, result: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        meta, dens = result["meta"], result["density"]
+        figures: list[Path] = []
+        if dens is not None:
+            title = f"Hessian spectral density: {run.structure.description}\n{run.where}"
+            label = "SLQ density" if dens.passes else "density of the exact eigenvalues"
+            figures = density_figure(
+                dens.grid,
+                dens.values,
+                meta["eigenvalues"],
+                run.out / f"{run.name}_density",
+                title,
+                label,
+                "extreme eigenvalues (Lanczos)" if dens.passes else "extreme eigenvalues",
+            )
+        return result["saved"], {**meta, "figures": [p.name for p in figures]}
+
+    def finish(self, run: Run, meta: dict[str, Any]) -> None:
+        super().finish(run, meta)
+        if meta["path"] == "iterative" and not run.spec.run.keep_checkpoint:
+            shutil.rmtree(run.out / f"{run.name}.passes", ignore_errors=True)
+
+    def report(self, run: Run, meta: dict[str, Any]) -> list[str]:
+        top = ", ".join(f"{v:.6g}" for v in meta["eigenvalues"])
+        if not all(meta["converged"]):
+            warn(
+                f"{meta['converged'].count(False)} of {len(meta['converged'])} eigenvalues did not "
+                f"converge within --max_iter {run.spec.compute.max_iter} passes (residuals in the "
+                f"JSON); raise --max_iter or --tol"
+            )
+        return [
+            (
+                f"{meta['path']} path, n={meta['n']}: eigenvalues [{top}] with {meta['hvps']} HVPs in "
+                f"{meta['passes']} passes ({meta['spectrum_elapsed_s']:.1f}s)"
+            )
+        ]
 
 
-@outputs.guarded
-def run(argv: list[str] | None, description: str) -> dict[str, Any]:
-    t_start = time.perf_counter()
-    args = build_parser(description).parse_args(argv)
-    cli.resolve_defaults(args, T_DEFAULT)
-    check_flags(args)
-    cli.check_cheap(args)
-    name = args.name or default_name(args)
-    out = Path(args.output_dir)
-    cli.claim_outputs(args, name, [out / f"{name}.ckpt", out / f"{name}.passes"])
-    prep, subset = cli.prepare(args, lambda m: build_subset(m, args))
-    n = subset.size
-    check_top_k(args, n)
-    dtype_bytes = cli.DTYPES[args.dtype].itemsize
-    if args.exact_below and n <= args.exact_below:
-        est = preflight.exact_estimate(n, dtype_bytes)
-    else:
-        est = preflight.spectrum_estimate(n, args.block_size, args.max_iter, max(args.block_size * args.max_iter, args.slq_probes * args.lanczos_steps if args.density else 0), dtype_bytes)
-    cli.check_resources(args, prep, est, "a smaller subset, fewer --max_iter or --lanczos_steps, a smaller --block_size, or --exact_below 0 for large subsets")
-    spec = cli.model_spec(args, prep)
-    rank0 = parallel.distributed_env() is None or parallel.distributed_env()[0] == 0
-    fused = False if args.no_fused_head else None
-    op = HessianOperator(prep.model, subset, prep.samples, args.model_input_bs, args.chunk or None, fused, spec=spec, keep_graphs=KEEP_GRAPHS[args.keep_graphs])
-    meta: dict[str, Any] = {"script": "hessian_spectrum", "config": vars(args), "subset": subset.description, "n": n, "n_samples": int(prep.samples.shape[0]), "n_tokens": op.n_tokens}
-    saved: dict[str, torch.Tensor] = {}
-    kept: list[ckpt.CheckpointConfig | None] = [ckpt.CheckpointConfig(out / f"{name}.passes", every_units=1)]  # where finished passes are
-    t0 = time.perf_counter()
-    if args.exact_below and n <= args.exact_below:
-        job = ExactHessianJob(subset, prep.samples, args.model_input_bs, args.method, args.chunk or None, fused, spec=spec, model=prep.model)
-        settings = cli.run_settings(args, prep, out / f"{name}.ckpt", "Hessian columns")
-        sums = parallel.run_job(job, settings)
-        if sums is None:
-            return {}
-        h = job.result(sums, time.perf_counter() - t0).hessian.to(torch.float64)
-        ev, vecs = torch.linalg.eigh(h)
-        idx = spectrum._wanted(ev, args.top_k, args.which)
-        resid = (h @ vecs[:, idx] - vecs[:, idx] * ev[idx]).norm(dim=0)
-        dens = spectrum.exact_density(ev, args.density_points)
-        meta.update(path="exact", eigenvalues=ev[idx].tolist(), residuals=resid.tolist(), converged=[True] * len(idx), all_eigenvalues=ev.tolist(), trace={"exact": float(h.trace())}, density=density_json(dens), hvps=n, passes=1)
-        saved.update(hessian=h, eigenvalues=ev[idx], all_eigenvalues=ev)
-        if args.eigenvectors:
-            saved["eigenvectors"] = vecs[:, idx]
-        kept = [settings.checkpoint]
-    else:
-        total = args.max_iter + (3 if args.trace else 0) + (args.lanczos_steps if args.density else 0)
-        bar = None
-        if rank0 and not args.no_progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total, desc="passes over the samples", dynamic_ncols=True)
-        log_cfg = {"subset": digest(torch.cat([s.flat_index for s in subset.slices])), "params": subset.param_names, "samples": digest(prep.samples), "model": spec.identity(), "model_input_bs": args.model_input_bs, "seed": args.seed, "fused_head": fused}
-        pool = parallel.WorkerPool(prep.devices or [prep.device])  # spawns workers only for several devices
-        log = PassLog(out / f"{name}.passes" if rank0 else None, log_cfg, args.resume, make_run_pass(args, prep, op, out, name, pool), bar)
-        try:
-            eig = spectrum.lanczos(log, n, args.top_k, args.which, args.block_size, args.tol, args.max_iter, seed=args.seed)
-            if bar is not None:
-                bar.total -= args.max_iter - eig.passes
-                bar.refresh()
-            meta.update(path="iterative", eigenvalues=eig.eigenvalues.tolist(), residuals=eig.residuals.tolist(), converged=eig.converged.tolist(), lanczos={"hvps": eig.hvps, "passes": eig.passes, "ritz_values": eig.ritz_values.tolist(), "invariant_subspace": eig.breakdown})
-            saved.update(eigenvalues=eig.eigenvalues, residuals=eig.residuals, ritz_values=eig.ritz_values)
-            if args.eigenvectors:
-                saved["eigenvectors"] = eig.eigenvectors
-            if args.trace:
-                hutch = spectrum.hutchinson_trace(log, n, args.trace_hvps, seed=args.seed + 1)
-                hpp = spectrum.hutchpp_trace(log, n, args.trace_hvps, seed=args.seed + 2)
-                meta["trace"] = {"hutchinson": hutch.as_dict(), "hutch++": hpp.as_dict()}
-            if args.density:
-                dens = spectrum.slq(log, n, args.slq_probes, args.lanczos_steps, seed=args.seed + 3, grid_points=args.density_points)
-        finally:
-            pool.close()
-            if bar is not None:
-                bar.close()
-        meta.update(hvps=log.hvps, passes=log.calls, replayed_passes=log.replayed, workers={"spawned": pool.started, "passes_run": pool.jobs}, **op.report())
-    if not rank0:
-        return {}
-    if args.density:
-        meta["density"] = density_json(dens)
-        saved.update(ritz_values_slq=dens.ritz_values, ritz_weights_slq=dens.ritz_weights, density_grid=dens.grid, density=dens.values)
-    meta.update(spectrum_elapsed_s=time.perf_counter() - t0, elapsed_s=time.perf_counter() - t_start, slices=slice_table(prep.model, subset))
-    if n <= ENTRIES_MAX and not all(sl["whole_in_storage_order"] for sl in meta["slices"]):
-        meta["entries"] = subset.entries(prep.model)
-    outputs.saving_results(kept)
-    meta["fingerprints"] = prep.fingerprints
-    figures: list[Path] = []
-    if "density" in meta:
-        title = f"Hessian spectral density: {subset.description}\n{args.model}, b={args.b}, seqlen={args.seqlen}"
-        figures = density_figure(dens, meta["eigenvalues"], out / f"{name}_density", title)
-    meta["figures"] = [p.name for p in figures]
-    meta = save_tensor_and_json(out, name, saved, meta)
-    if meta["path"] == "exact":
-        ckpt.finish(kept[0])
-    if meta["path"] == "iterative" and not args.keep_checkpoint:
-        shutil.rmtree(out / f"{name}.passes", ignore_errors=True)
-    top = ", ".join(f"{v:.6g}" for v in meta["eigenvalues"])
-    print(f"{meta['path']} path, n={n}: eigenvalues [{top}] with {meta['hvps']} HVPs in {meta['passes']} passes ({meta['spectrum_elapsed_s']:.1f}s)")
-    if not all(meta["converged"]):
-        warn(f"{meta['converged'].count(False)} of {len(meta['converged'])} eigenvalues did not converge within --max_iter {args.max_iter} passes (residuals in the JSON); raise --max_iter or --tol")
-    print("wrote " + ", ".join(str(out / f) for f in [*meta["files"].values(), *meta["figures"]]), file=sys.stderr)
-    return meta
+FAMILY = SpectrumFamily()

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import ParamError
 from .suggest import did_you_mean, glob_suggestion
 from .models import find_blocks, linear_layers
 
@@ -71,7 +71,7 @@ class Subset:
 def _check_block(model: nn.Module, block_index: int) -> tuple[str, nn.Module]:
     prefix, blocks = find_blocks(model)
     if not 0 <= block_index < len(blocks):
-        raise UserError(f"--block_index {block_index} is out of range: the model has {len(blocks)} blocks (0..{len(blocks) - 1})")
+        raise ParamError("block_index", f"block_index {block_index} is out of range: the model has {len(blocks)} blocks (0..{len(blocks) - 1})")
     return f"{prefix}.{block_index}", blocks[block_index]
 
 
@@ -80,7 +80,7 @@ def layer_module(model: nn.Module, block_index: int, layer_name: str) -> tuple[s
     block_name, block = _check_block(model, block_index)
     layers = dict(linear_layers(block))
     if layer_name not in layers:
-        raise UserError(f"unknown --layer_name {layer_name!r}{did_you_mean(layer_name, layers)}; the linear layers of a block are: {', '.join(layers)}")
+        raise ParamError("layer_name", f"unknown layer_name {layer_name!r}{did_you_mean(layer_name, layers)}; the linear layers of a block are: {', '.join(layers)}")
     return f"{block_name}.{layer_name}.weight", layers[layer_name]
 
 
@@ -91,9 +91,9 @@ def row0_slice(model: nn.Module, block_index: int, layer_name: str, t: int) -> P
     conv1d = type(module).__name__ == "Conv1D"
     row_len = weight.shape[0] if conv1d else weight.shape[1]
     if t < 1:
-        raise UserError(f"--t must be at least 1, got {t}")
+        raise ParamError("t", f"t must be at least 1, got {t}")
     if t > row_len:
-        raise UserError(f"--t {t} is larger than a row of {layer_name} ({row_len} entries)")
+        raise ParamError("t", f"t {t} is larger than a row of {layer_name} ({row_len} entries)")
     n_out = weight.shape[1] if conv1d else weight.shape[0]
     flat = torch.arange(t) * n_out if conv1d else torch.arange(t)
     return ParamSlice(param_name, flat)
@@ -142,7 +142,7 @@ def blocks_text(n_blocks: int) -> str:
 def _check_num_blocks(model: nn.Module, n: int) -> None:
     total = num_blocks(model)
     if not 1 <= n <= total:
-        raise UserError(f"--num_blocks {n} is out of range: the model has {total} blocks (use 1..{total})")
+        raise ParamError("n_blocks", f"n_blocks {n} is out of range: the model has {total} blocks (use 1..{total})")
 
 
 def single_layer_single_block(model: nn.Module, layer_name: str, block_index: int, t: int) -> Subset:
@@ -165,7 +165,7 @@ def several_layers_several_blocks(model: nn.Module, n_layers: int, n_blocks: int
     for b in range(n_blocks):
         names = layer_names(model, b)
         if not 1 <= n_layers <= len(names):
-            raise UserError(f"--num_layers {n_layers} is out of range: block {b} has {len(names)} linear layers ({', '.join(names)})")
+            raise ParamError("n_layers", f"n_layers {n_layers} is out of range: block {b} has {len(names)} linear layers ({', '.join(names)})")
         slices.extend(row0_slice(model, b, name, t) for name in names[:n_layers])
     return Subset(tuple(slices), f"first {t} weights of row 0 of the first {n_layers} linear layers in {blocks_text(n_blocks)}")
 
@@ -175,17 +175,17 @@ def from_indices(model: nn.Module, param_name: str, indices: Sequence[int] | Seq
     try:
         param = model.get_parameter(param_name)
     except AttributeError:
-        raise UserError(f"unknown parameter {param_name!r}") from None
+        raise ParamError("param_name", f"unknown parameter param_name {param_name!r}") from None
     idx = torch.as_tensor(indices, dtype=torch.long)
     if idx.ndim == 2:
         strides = torch.tensor(param.stride(), dtype=torch.long) if param.is_contiguous() else None
         if strides is None or idx.shape[1] != param.ndim:
-            raise UserError(f"multi-indices for {param_name} must have {param.ndim} columns")
+            raise ParamError("indices", f"indices: multi-indices for {param_name} must have {param.ndim} columns")
         idx = (idx * strides).sum(1)
     if idx.numel() and (idx.min() < 0 or idx.max() >= param.numel()):
-        raise UserError(f"indices out of range for {param_name} with {param.numel()} entries")
+        raise ParamError("indices", f"indices out of range for {param_name} with {param.numel()} entries")
     if torch.unique(idx).numel() != idx.numel():
-        raise UserError(f"indices for {param_name} contain duplicates")
+        raise ParamError("indices", f"indices for {param_name} contain duplicates")
     return ParamSlice(param_name, idx.reshape(-1))
 
 
@@ -196,7 +196,7 @@ def random_subset(model: nn.Module, param_names: Sequence[str], size_per_param: 
     for name in param_names:
         numel = model.get_parameter(name).numel()
         if size_per_param > numel:
-            raise UserError(f"cannot pick {size_per_param} entries of {name}, which has {numel}")
+            raise ParamError("size_per_param", f"size_per_param {size_per_param}: cannot pick so many entries of {name}, which has {numel}")
         idx = torch.randperm(numel, generator=gen)[:size_per_param].sort().values
         slices.append(ParamSlice(name, idx))
     return Subset(tuple(slices), f"{size_per_param} random entries of each of {len(slices)} parameters (seed {seed})")
@@ -209,7 +209,7 @@ def make_subset(*slices: ParamSlice, description: str = "") -> Subset:
         prev = seen.setdefault(s.param_name, set())
         cur = set(s.flat_index.tolist())
         if prev & cur:
-            raise UserError(f"slices of {s.param_name} overlap")
+            raise ParamError("slices", f"slices of {s.param_name} overlap")
         prev |= cur
     return Subset(tuple(slices), description)
 
@@ -217,14 +217,14 @@ def make_subset(*slices: ParamSlice, description: str = "") -> Subset:
 def params_subset(model: nn.Module, globs: Sequence[str]) -> Subset:
     """Every entry of each parameter whose name matches a shell-style glob (``'*'``: all), in the model's parameter order.
 
-    A glob that matches nothing is refused (:class:`UserError`) with a few real names.
+    A glob that matches nothing is refused (:class:`~lib.errors.ParamError`) with a few real names.
     """
     names = [n for n, _ in model.named_parameters()]
     chosen: set[str] = set()
     for pattern in globs:
         hits = fnmatch.filter(names, pattern)
         if not hits:
-            raise UserError(f"--params {pattern!r} matches no parameter{glob_suggestion(pattern, names)}; names look like: {', '.join(names[:2] + names[-2:])}")
+            raise ParamError("globs", f"globs {pattern!r} matches no parameter{glob_suggestion(pattern, names)}; names look like: {', '.join(names[:2] + names[-2:])}")
         chosen.update(hits)
     slices = tuple(whole_parameter(model, n).slices[0] for n in names if n in chosen)
     total = sum(len(s) for s in slices)

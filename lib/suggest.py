@@ -35,7 +35,7 @@ def unknown_flags_hint(message: str, options: Iterable[str]) -> str:
     hints = []
     for w in words:
         if w.startswith("--"):
-            hits = closest(w.split("=", 1)[0], options)
+            hits = closest(w.split("=", 1)[0], options, cutoff=0.8)  # short flags: --t is not --b
             if hits:
                 hints.append(f"{w.split('=', 1)[0]} -> {hits[0]}")
     return f" (did you mean {', '.join(h.split(' -> ')[1] for h in hints)}?)" if hints else ""

@@ -101,6 +101,7 @@ def test_auto_probe_batch_equals_probe_batch_one():
     assert torch.allclose(a[f"{name}|zhz"], b[f"{name}|zhz"], rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.slow
 def test_the_scripts_record_the_measured_chunk_in_their_json(tmp_path):
     import json
 
@@ -113,7 +114,7 @@ def test_the_scripts_record_the_measured_chunk_in_their_json(tmp_path):
     assert chunk == meta["chunk"] and chunk["chunk"] == "auto" and chunk["measured"]["chunk"] in (1, 2, 4, 8)
     assert sum(1 for _ in chunk["measured"]["seconds_per_column"]) >= 2
     assert single_layer_single_block.run(["--t", "24", "--name", "g", "--chunk", "3", *fast])["chunk"] == {"chunk": 3, "measured": False}
-    meta = hessian_diagonal.run(["--vhp_samples", "32", "--layer_name", "fc2", "--name", "d", *fast])
+    meta = hessian_diagonal.run(["--hvps", "32", "--layer_name", "fc2", "--name", "d", *fast])
     measured = meta["probe_batch"]["1"]["measured"]
     assert list(measured) == ["65536"] and measured["65536"]["measured_columns"] >= 4
 

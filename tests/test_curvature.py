@@ -269,6 +269,7 @@ def test_compare_writes_matrices_metrics_and_figure(compare_reference):
         assert (tmp / f).stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_compare_on_two_workers_and_resumed_equals_one_process(compare_reference, tmp_path, monkeypatch, capsys):
     import single_layer_single_block
     from lib import cli

@@ -303,7 +303,7 @@ def _outputs(tmp_path, meta):
 
 
 def test_script_end_to_end_with_a_convergence_study(tmp_path):
-    meta = hessian_diagonal.run(["--track_rows", "1", "--vhp_samples", "6", "--estimator", "hutchinson", "xdiag", "empirical_fisher", "--output_dir", str(tmp_path), *FAST])
+    meta = hessian_diagonal.run(["--track_rows", "1", "--hvps", "6", "--estimator", "hutchinson", "xdiag", "empirical_fisher", "--output_dir", str(tmp_path), *FAST])
     diags, js = _outputs(tmp_path, meta)
     name = "model.decoder.layers.0.self_attn.q_proj.weight"
     assert set(diags) == {"hutchinson", "xdiag", "empirical_fisher"} and diags["xdiag"][name].shape == (128, 128)
@@ -319,8 +319,9 @@ def test_script_end_to_end_with_a_convergence_study(tmp_path):
     assert not list(tmp_path.glob("*.ckpt"))  # both phases' checkpoints are removed at the end
 
 
+@pytest.mark.slow
 def test_all_layers_equals_separate_runs(tmp_path):
-    common = ["--vhp_samples", "2", "--estimator", "xdiag", "--block_index", "3", "--output_dir", str(tmp_path), *FAST]
+    common = ["--hvps", "2", "--estimator", "xdiag", "--block_index", "3", "--output_dir", str(tmp_path), *FAST]
     meta = hessian_diagonal.run(["--all_layers", "--name", "all", *common])
     diags, js = _outputs(tmp_path, meta)
     names = [p["name"] for p in js["parameters"]]
@@ -336,7 +337,7 @@ def test_all_layers_equals_separate_runs(tmp_path):
 ERRORS = [
     (["--layer_name", "q_proj"], r"unknown --layer_name 'q_proj'; the linear layers of a block are: self_attn.k_proj, self_attn.v_proj, self_attn.q_proj, self_attn.out_proj, fc1, fc2"),
     (["--estimator", "exact", "--layer_name", "fc1"], r"--estimator exact needs one Hessian-vector product per entry and sample: model.decoder.layers.0.fc1.weight has 65536 entries, over the limit of 16384"),
-    (["--vhp_samples", "5"], r"--vhp_samples must be even and at least 2, got 5"),
+    (["--hvps", "5"], r"--hvps must be even and at least 2, got 5"),
     (["--track_rows", "129"], r"--track_rows 129 is larger than the 128 output units of self_attn.q_proj"),
     (["--track_rows", "1", "--all_layers"], r"--track_rows studies the convergence on one layer; it cannot be combined with --all_layers"),
     (["--all_layers", "--block_index", "4"], r"--block_index 4 is out of range: the model has 4 blocks"),
@@ -367,7 +368,7 @@ def test_the_old_name_fisher_is_a_deprecated_alias_of_empirical_fisher(tmp_path,
     meta = hessian_diagonal.run(["--estimator", "fisher", "hutchinson", "--vhp_samples", "2", "--name", "old", "--output_dir", str(tmp_path), *FAST])
     err = capsys.readouterr().err
     assert "warning: --estimator fisher is deprecated: it is the empirical Fisher, now called empirical_fisher" in err
-    assert meta["estimators"] == ["empirical_fisher", "hutchinson"] and meta["config"]["estimator"] == ["empirical_fisher", "hutchinson"]
+    assert meta["estimators"] == ["empirical_fisher", "hutchinson"] and meta["config"]["compute"]["estimator"] == ["empirical_fisher", "hutchinson"]
     new = hessian_diagonal.run(["--estimator", "empirical_fisher", "hutchinson", "--vhp_samples", "2", "--name", "new", "--output_dir", str(tmp_path), *FAST])
     a, b = torch.load(tmp_path / "old.pt"), torch.load(tmp_path / "new.pt")
     assert all(torch.equal(a[e][p], b[e][p]) for e in b for p in b[e]) and new["estimators"] == meta["estimators"]

@@ -297,3 +297,14 @@ def test_the_sampled_fisher_approaches_the_ggn():
     sums = run_serial(CurvatureJob(sub, ids, ["ggn", "fisher"], 300, model=model, model_input_bs=2), CPU)
     err = float((sums["fisher_sum"] / 300 - sums["ggn_sum"]).norm() / sums["ggn_sum"].norm())
     assert err < 0.2 and not math.isnan(err)
+
+
+def test_the_torch_free_help_lists_exactly_the_registered_estimators():
+    from lib import cli
+
+    summaries = cli.estimator_summaries()
+    assert set(summaries) == set(REGISTRY.names())
+    assert all(summaries[e.name] == e.summary for e in REGISTRY)
+    assert list(summaries) == list(REGISTRY.names())  # and in registry order
+    assert cli.estimator_choices()[-1] == "fisher"  # the deprecated name, mapped to empirical_fisher
+    assert tuple(cli.approximation_choices()) == APPROXIMATIONS

@@ -53,7 +53,7 @@ def test_every_figure_kind_fits_its_canvas(tmp_path, drawn):
                    "pred_vs_measured_even_corr": 0.93} for n in names}
     metrics["exact"] = {"pred_vs_measured_even_corr": 0.94}
     plots.comparison_figure({"exact": h, **{n: h for n in names}}, metrics, tmp_path / "compare", LONG)
-    plots.spectral_density(torch.linspace(-1, 1, 200), torch.rand(200) + 1e-3, [0.5, 0.4, -0.06], tmp_path / "density",
+    plots.density_figure(torch.linspace(-1, 1, 200), torch.rand(200) + 1e-3, [0.5, 0.4, -0.06], tmp_path / "density",
                            f"Hessian spectral density: {LONG}\nembedded, b=16, seqlen=128")
     assert len(drawn) == 10
     assert {k: v for k, v in drawn.items() if v} == {}

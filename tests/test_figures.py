@@ -93,6 +93,7 @@ def test_run_state_snapshots_are_prefix_sums_whatever_the_arrival_order_and_surv
         assert torch.equal(snap["h"], _prefix_sums(parts, u)["h"])
 
 
+@pytest.mark.slow
 def test_snapshots_with_two_workers_torchrun_and_resume_equal_one_process(tmp_path, one_rank_env):
     units = (1, 2, 3, 5)
     serial = parallel.RunSettings([torch.device("cpu")], snapshot_units=units)
@@ -123,7 +124,7 @@ def test_snapshots_with_two_workers_torchrun_and_resume_equal_one_process(tmp_pa
 STUDY = ["--t", "3", "--seqlen", "16", "--dtype", "float64", "--no_progress", "--batch_study", "--name", "s"]
 
 
-@pytest.mark.parametrize("b,bs", [(5, 1), (6, 2)], ids=["bs1", "bs2"])
+@pytest.mark.parametrize("b,bs", [(5, 1), pytest.param(6, 2, marks=pytest.mark.slow)], ids=["bs1", "bs2"])
 def test_batch_study_equals_hessians_computed_separately_for_each_b(b, bs, tmp_path):
     meta = single_layer_single_block.run([*STUDY, "--b", str(b), "--model_input_bs", str(bs), "--output_dir", str(tmp_path)])
     study = meta["batch_study"]
@@ -146,6 +147,7 @@ def test_batch_study_equals_hessians_computed_separately_for_each_b(b, bs, tmp_p
         assert (tmp_path / f).stat().st_size > 500
 
 
+@pytest.mark.slow
 def test_batch_study_on_two_workers_equals_one_process(tmp_path):
     one = single_layer_single_block.run([*STUDY, "--b", "4", "--output_dir", str(tmp_path / "one")])
     two = single_layer_single_block.run([*STUDY, "--b", "4", "--output_dir", str(tmp_path / "two"), "--devices", "cpu,cpu"])
@@ -163,11 +165,12 @@ def test_reproduce_presets_are_the_reports_configurations():
     assert t == {"1a": "768", "1b": "300", "1c": "150", "1d": "25", "2": "768"}
     assert "--batch_study" in flags["2"][0] and flags["1b"][0][:2] == ["--num_blocks", "1"]
     assert not any("--b" in a or "--seqlen" in a for runs in flags.values() for a in runs)  # seqlen 2048, every sample
-    assert [a[a.index("--vhp_samples") + 1] for a in flags["3b"]] == ["1", "10", "100", "1000", "1000"]
+    assert [a[a.index("--hvps") + 1] for a in flags["3b"]] == ["1", "10", "100", "1000", "1000"]
     embedded = {f: [list(r.argv) for r in reproduce.runs(f, "embedded")] for f in reproduce.FIGURES}
     assert embedded["1a"] == [["--t", "128"]] and "--batch_study" in embedded["2"][0]
 
 
+@pytest.mark.slow
 def test_every_figure_command_runs_end_to_end_on_a_tiny_configuration(tmp_path, capsys):
     done = reproduce.run(["--figure", "all", "--quick", "--output_dir", str(tmp_path), "--no_progress"])
     assert list(done) == list(reproduce.FIGURES)
@@ -178,7 +181,7 @@ def test_every_figure_command_runs_end_to_end_on_a_tiny_configuration(tmp_path, 
     assert "fig2_embedded_batch_study.png" in done["2"]["files"]
     assert "fig3b_embedded.png" in done["3b"]["files"] and "fig3a_embedded_convergence.png" in done["3a"]["files"]
     js = json.loads((tmp_path / "fig2_embedded.json").read_text())
-    assert js["config"]["batch_study"] and js["batch_study"]["b"] == [1, 2, 3, 4, 5]
+    assert js["config"]["compute"]["batch_study"] and js["batch_study"]["b"] == [1, 2, 3, 4, 5]
     record = json.loads((tmp_path / "reproduce_embedded.json").read_text())
     assert set(record) == set(reproduce.FIGURES) and record["1a"]["elapsed_s"] > 0
     out = capsys.readouterr().out

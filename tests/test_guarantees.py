@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from argparse import Namespace
 
 import pytest
 import torch
@@ -23,14 +22,17 @@ from test_parallel import ToyJob
 import hessian_diagonal
 import single_layer_single_block
 from lib import checkpoint as ckpt
-from lib import cli, diagonal_cli, outputs, parallel, preflight
+from lib import cli, outputs, parallel, pipeline, preflight
+from lib.diagonal_cli import DiagonalFamily
+from lib.exact_cli import ExactFamily
+from lib.spec import DiagonalSpec, ExactSpec
 from lib.diagonal import DiagonalJob
 from lib.errors import RunError
 from lib.hessian import ExactHessianJob
 from lib.results import sha256_file
 
 ARGS = ["--t", "3", "--seqlen", "16", "--b", "4", "--dtype", "float64", "--no_progress", "--name", "h"]
-DIAG = ["--vhp_samples", "4", "--layer_name", "self_attn.v_proj", "--seqlen", "16", "--b", "2", "--dtype", "float64", "--no_progress", "--name", "d"]
+DIAG = ["--hvps", "4", "--layer_name", "self_attn.v_proj", "--seqlen", "16", "--b", "2", "--dtype", "float64", "--no_progress", "--name", "d"]
 SCRIPTS = {"exact": (single_layer_single_block, ARGS, ExactHessianJob), "diagonal": (hessian_diagonal, DIAG, DiagonalJob)}
 
 
@@ -75,7 +77,7 @@ def no_model_load(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(cli, "load_model", boom)
+    monkeypatch.setattr(pipeline, "load_model", boom)
 
 
 @pytest.fixture
@@ -97,7 +99,7 @@ def test_a_finished_result_is_never_overwritten_without_overwrite(kind, tmp_path
     out = [*args, "--output_dir", str(tmp_path)]
     script.run(out)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was loaded")))
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was loaded")))
     code, err = _main(script, out)
     assert code == 2 and err == f"error: {tmp_path / ('h' if kind == 'exact' else 'd')}.json holds a finished result; pass --overwrite to replace it, or choose another --name"
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # untouched, and no lock left behind
@@ -108,14 +110,16 @@ def test_a_finished_result_is_never_overwritten_without_overwrite(kind, tmp_path
 
 def test_default_names_differ_for_every_result_defining_flag():
     base = dict(model="embedded", t=8, b=16, seqlen=128, dataset="embedded", dtype="float32", method="rev-rev", seed=0, layer_name="self_attn.q_proj", block_index=0, output_dir="results", devices=None, no_progress=False)
-    name = lambda **kw: cli.default_name("single_layer_single_block", Namespace(**{**base, **kw}), "q_block0")  # noqa: E731
+    name = lambda **kw: ExactFamily().default_name(ExactSpec.build("single_layer_single_block", **{**base, **kw}))  # noqa: E731
     ref = name()
-    assert ref.startswith("single_layer_single_block_embedded_q_block0_t8_b16_s128_") and ref == name()
+    assert ref.startswith("single_layer_single_block_embedded_self_attn.q_proj_block0_t8_b16_s128_") and ref == name()
     for change in ({"dtype": "float64"}, {"dataset": "other.txt"}, {"method": "autograd"}, {"model": "x/embedded"}):
         assert name(**change) != ref, change
     for same in ({"seed": 5}, {"output_dir": "elsewhere"}, {"devices": "cpu,cpu"}, {"no_progress": True}):
         assert name(**same) == ref, same  # exact Hessians use no random numbers; where and how do not matter
-    diag = lambda **kw: diagonal_cli.default_name(Namespace(**{**base, "all_layers": False, "vhp_samples": 10, "track_rows": 0, "estimator": ["xdiag"], **kw}), ["xdiag"])  # noqa: E731
+    assert name(compare=("ggn",), seed=5) != name(compare=("ggn",))  # --compare draws labels and perturbations
+    whole = {k: v for k, v in base.items() if k not in ("t", "method")}  # no --t, --method for whole weights
+    diag = lambda **kw: DiagonalFamily().default_name(DiagonalSpec.build(**{**whole, "hvps": 10, "estimator": ["xdiag"], **kw}))  # noqa: E731
     assert diag(seed=1) != diag(seed=0)  # random probes
 
 
@@ -166,6 +170,7 @@ def _wait_for(proc: subprocess.Popen, marker: str, timeout: float = 180) -> str:
     return seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupt_is_one_line_with_its_exit_status_and_a_concurrent_run_is_refused(sig, tmp_path, no_model_load):
     proc = _start(tmp_path, "hang", "--checkpoint_every", "1")
@@ -274,6 +279,7 @@ def test_ctrl_c_while_writing_the_results_says_they_are_in_the_checkpoint(tmp_pa
 # ----------------------------------------------------------------------------- 8: the result pair
 
 
+@pytest.mark.slow
 def test_a_kill_between_tensor_and_json_never_leaves_a_mismatched_pair(tmp_path, reference, count_units):
     (tmp_path / "h.pt").write_bytes(b"an older result")  # of the same name, replaced with --overwrite
     (tmp_path / "h.json").write_text("{}")
@@ -293,6 +299,7 @@ def test_a_kill_between_tensor_and_json_never_leaves_a_mismatched_pair(tmp_path,
 # ----------------------------------------------------------------------------- 10: a hung worker
 
 
+@pytest.mark.slow
 def test_a_stopped_worker_is_detected_named_and_finished_units_are_kept(tmp_path):
     cfg = ckpt.CheckpointConfig(tmp_path / "t.ckpt", every_units=100)
     settings = parallel.RunSettings([torch.device("cpu"), torch.device("cpu")], cfg, unit_timeout=2.0)
@@ -324,8 +331,9 @@ def test_unit_timeout_flag_is_validated(tmp_path):
 # ----------------------------------------------------------------------------- 15: resources
 
 
+@pytest.mark.slow
 def test_checkpoint_size_estimate_matches_the_files(tmp_path):
-    argv = ["--vhp_samples", "6", "--estimator", "hutchinson", "xdiag", "empirical_fisher", "--track_rows", "1", "--seqlen", "16", "--b", "2", "--no_progress", "--name", "e", "--output_dir", str(tmp_path), "--keep_checkpoint"]
+    argv = ["--hvps", "6", "--estimator", "hutchinson", "xdiag", "empirical_fisher", "--track_rows", "1", "--seqlen", "16", "--b", "2", "--no_progress", "--name", "e", "--output_dir", str(tmp_path), "--keep_checkpoint"]
     seen = []
     orig = preflight.check
     with pytest.MonkeyPatch.context() as m:
@@ -344,7 +352,7 @@ def test_a_run_that_does_not_fit_in_memory_is_refused_before_computing(kind, tmp
     if kind == "exact":
         assert err == "error: this run needs about 0.4 kB of host memory (0.0 kB available): the exact Hessian has 3^2 = 9 entries; use a smaller --t (or fewer blocks or layers), or --checkpoint_every 0 (no checkpoint file)"
     else:
-        assert re.fullmatch(r"error: this run needs about [\d.]+ MB of host memory \(0\.0 kB available\): XDiag keeps K/2 = 2 vectors of each weight's size \(16,384 entries in 1 weight\(s\)\); use --estimator hutchinson .*--vhp_samples.*", err), err
+        assert re.fullmatch(r"error: this run needs about [\d.]+ MB of host memory \(0\.0 kB available\): XDiag keeps K/2 = 2 vectors of each weight's size \(16,384 entries in 1 weight\(s\)\); use --estimator hutchinson .*--hvps.*", err), err
     assert not list(tmp_path.iterdir())
 
 

@@ -93,6 +93,7 @@ def test_fingerprint_is_content_based(tiny_dir, tmp_path):
     assert tokenizer_fingerprint(tok) != tokenizer_fingerprint(load_tokenizer("embedded"))
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_model_changed_after_a_kill(tiny_dir, tmp_path):
     model_dir = _copy(tiny_dir, tmp_path / "m")
     argv = ["--model", str(model_dir), *FAST, "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "c"), "--name", "r", "--checkpoint_every", "1"]
@@ -260,6 +261,7 @@ finally:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra,message", [(["--model", "no-such-org/no-such-model"], "cannot load model 'no-such-org/no-such-model'"), (["--dataset", "wikitext2"], "cannot load WikiText-2")], ids=["hub-model", "wikitext2"])
 def test_unreachable_hub_fails_fast_in_one_line(tmp_path, extra, message):
     """Without HF_HUB_OFFLINE, and no route to the hub (as on this machine): no retries (about 25 s of them

@@ -7,6 +7,7 @@ import torch
 
 from conftest import ARCHS, LAYER, tiny_ids, tiny_model
 from lib import subsets
+from lib.cli import flag_message
 from lib.errors import UserError
 from lib.loss import SubsetLoss, head_nll, summed_nll
 
@@ -100,15 +101,18 @@ def test_arbitrary_and_random_subsets():
         subsets.make_subset(a, subsets.from_indices(model, name, [1]))
 
 
-def test_subset_errors():
+def test_subset_errors_name_the_parameters():
+    """The library names its own parameters (a ValueError); the scripts show the flag instead (lib.cli.flag_message)."""
     model = tiny_model("opt")
-    with pytest.raises(UserError, match=r"unknown --layer_name 'q_proj'.*self_attn\.q_proj.*fc2"):
-        subsets.single_layer_single_block(model, "q_proj", 0, 4)
-    with pytest.raises(UserError, match=r"--t 17 is larger than a row of self_attn.q_proj \(16 entries\)"):
-        subsets.single_layer_single_block(model, "self_attn.q_proj", 0, 17)
-    with pytest.raises(UserError, match=r"--block_index 2 is out of range: the model has 2 blocks"):
-        subsets.single_layer_single_block(model, "fc1", 2, 4)
-    with pytest.raises(UserError, match=r"--num_blocks 3 is out of range"):
-        subsets.single_layer_several_blocks(model, "fc1", 3, 4)
-    with pytest.raises(UserError, match=r"--num_layers 7 is out of range: block 0 has 6 linear layers"):
-        subsets.several_layers_several_blocks(model, 7, 1, 4)
+    cases = [
+        (lambda: subsets.single_layer_single_block(model, "q_proj", 0, 4), r"unknown layer_name 'q_proj'.*self_attn\.q_proj.*fc2", "--layer_name"),
+        (lambda: subsets.single_layer_single_block(model, "self_attn.q_proj", 0, 17), r"t 17 is larger than a row of self_attn.q_proj \(16 entries\)", "--t"),
+        (lambda: subsets.single_layer_single_block(model, "fc1", 2, 4), r"block_index 2 is out of range: the model has 2 blocks", "--block_index"),
+        (lambda: subsets.single_layer_several_blocks(model, "fc1", 3, 4), r"n_blocks 3 is out of range", "--num_blocks"),
+        (lambda: subsets.several_layers_several_blocks(model, 7, 1, 4), r"n_layers 7 is out of range: block 0 has 6 linear layers", "--num_layers"),
+    ]
+    for call, message, flag in cases:
+        with pytest.raises(ValueError, match=message) as exc:
+            call()
+        assert isinstance(exc.value, UserError) and "--" not in str(exc.value)
+        assert flag_message(exc.value).startswith(str(exc.value).split(exc.value.param)[0] + flag), flag_message(exc.value)

@@ -154,6 +154,7 @@ def test_non_finite_unit_stops_with_its_sample_and_keeps_earlier_units(tmp_path)
     assert torch.equal(total["s"], torch.full((3,), 6.0, dtype=torch.float64))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what,message", [("raise", r"worker \d \(cpu\) failed on sample 2 \(unit 2\): RuntimeError: boom in unit 2"), ("kill", r"worker \d \(cpu\) was killed by SIGKILL \(out of memory\?\) while computing sample 2 \(unit 2\)")], ids=["raise", "sigkill"])
 def test_a_failing_worker_stops_the_run_with_its_error_and_finished_units_are_kept(what, message, tmp_path):
     cfg = ckpt.CheckpointConfig(tmp_path / "t.ckpt", every_units=100)
@@ -232,6 +233,7 @@ def _settings(pool, **kw):
     return parallel.RunSettings([torch.device("cpu"), torch.device("cpu")], pool=pool, **kw)
 
 
+@pytest.mark.slow
 def test_a_pool_runs_two_jobs_on_the_same_workers_loading_the_model_once_each():
     serial = [run_serial(job, torch.device("cpu"))["y"] for job in _two_jobs()]
     pids = set()
@@ -250,6 +252,7 @@ def test_a_pool_runs_two_jobs_on_the_same_workers_loading_the_model_once_each():
         parallel.run_job(_two_jobs()[0], _settings(pool))
 
 
+@pytest.mark.slow
 def test_a_pool_worker_killed_between_or_during_jobs_is_one_line_and_leaves_no_process(tmp_path):
     with parallel.WorkerPool([torch.device("cpu")] * 2) as pool:
         parallel.run_job(_two_jobs()[0], _settings(pool))
@@ -271,12 +274,14 @@ def test_a_pool_worker_killed_between_or_during_jobs_is_one_line_and_leaves_no_p
 # ----------------------------------------------------------------------------- the exact Hessian, run in every way
 
 
+@pytest.mark.slow
 def test_two_cpu_workers_equal_one_process_bitwise(reference, tmp_path):
     meta = single_layer_single_block.run([*ARGS, "--output_dir", str(tmp_path), "--devices", "cpu,cpu"])
     assert meta["run"]["mode"] == "workers" and meta["run"]["workers"] == 2
     assert torch.equal(torch.load(tmp_path / "h.pt"), reference)
 
 
+@pytest.mark.slow
 def test_diagonal_job_on_two_cpu_workers_equals_one_process_bitwise():
     diagonal = pytest.importorskip("lib.diagonal")
     from lib.data import load_samples
@@ -296,6 +301,7 @@ def test_diagonal_job_on_two_cpu_workers_equals_one_process_bitwise():
     assert all(torch.equal(sums[k], serial[k]) for k in serial)
 
 
+@pytest.mark.slow
 def test_torchrun_with_two_gloo_ranks_equals_one_process_bitwise(reference, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "single_layer_single_block.py"), *ARGS, "--output_dir", str(tmp_path), "--device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
@@ -320,6 +326,7 @@ cli.main(single_layer_single_block.run, sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(reference, tmp_path, monkeypatch):
     script = tmp_path / "hang.py"
     script.write_text(HANG_AT_UNIT_2.format(root=str(ROOT)))

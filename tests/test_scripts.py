@@ -32,7 +32,7 @@ def test_single_layer_single_block_end_to_end(tmp_path):
     h, js = _outputs(tmp_path, meta)
     assert h.shape == (6, 6) and h.dtype == torch.float32
     assert js["entries"] == [["model.decoder.layers.1.self_attn.q_proj.weight", 0, j] for j in range(6)]
-    assert js["config"]["b"] == 2 and js["n_tokens"] == 2 * 15
+    assert js["config"]["data"]["b"] == 2 and js["n_tokens"] == 2 * 15
     assert "mean next-token NLL" in js["normalization"]
     assert 1 < js["perplexity"] < 4096
     for f in js["figures"]:
@@ -60,7 +60,7 @@ def test_several_layers_several_blocks_end_to_end(tmp_path):
     meta = several_layers_several_blocks.run(["--t", "2", "--num_layers", "3", "--num_blocks", "2", "--output_dir", str(tmp_path), "--name", "x", *FAST])
     h, js = _outputs(tmp_path, meta)
     assert h.shape == (12, 12)
-    assert (tmp_path / "x.pt").exists() and js["config"]["num_layers"] == 3
+    assert (tmp_path / "x.pt").exists() and js["config"]["subset"]["num_layers"] == 3
     assert js["entries"][2][0] == "model.decoder.layers.0.self_attn.v_proj.weight"
 
 
@@ -103,6 +103,7 @@ def test_errors_are_one_clear_line(extra, message, capsys, tmp_path):
     assert not list(tmp_path.iterdir())  # nothing computed or written
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "script,extra,message",
     [

@@ -206,6 +206,7 @@ def _pt(tmp, *extra) -> tuple[dict, dict]:
     return torch.load(tmp / "s.pt"), json.loads((tmp / "s.json").read_text())
 
 
+@pytest.mark.slow
 def test_script_exact_and_iterative_paths_agree(tmp_path):
     exact, je = _pt(tmp_path / "e", "--which", "both", "--density")
     it, ji = _pt(tmp_path / "i", "--which", "both", "--exact_below", "0", "--max_iter", "32", "--trace", "--density", "--lanczos_steps", "8", "--slq_probes", "2")
@@ -219,6 +220,7 @@ def test_script_exact_and_iterative_paths_agree(tmp_path):
     assert ji["passes"] == ji["lanczos"]["passes"] + 3 + 8 and ji["figures"]
 
 
+@pytest.mark.slow
 def test_script_resume_is_bitwise_and_two_workers_equal_one(tmp_path):
     """A run stopped after its first pass (computed by 2 worker processes) and resumed in one process equals
     the uninterrupted one-process run bit for bit: the recorded pass is replayed, the rest computed."""
@@ -241,6 +243,7 @@ def test_script_resume_is_bitwise_and_two_workers_equal_one(tmp_path):
         _pt(tmp_path / "cut", "--exact_below", "0", "--max_iter", "2", "--overwrite")
 
 
+@pytest.mark.slow
 def test_script_killed_mid_lanczos_resumes_bitwise(tmp_path):
     """SIGKILL while Lanczos runs (after its 4th pass is recorded), then --resume: bitwise the uninterrupted run."""
     import os
@@ -273,18 +276,17 @@ def test_script_keeps_the_output_guarantees(tmp_path, monkeypatch):
     """Like the other scripts: a finished result is not replaced without --overwrite (refused before the model
     is loaded), the JSON carries the input fingerprints, and the seed (random start vectors and probes) is
     part of the default name."""
-    from lib import cli
+    from lib import pipeline
+    from lib.spectrum_cli import FAMILY
 
     _, js = _pt(tmp_path, "--max_iter", "4")
     assert set(js["fingerprints"]) == {"model", "tokenizer"} and len(js["tensor_sha256"]) == 64
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was loaded")))
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was loaded")))
     with pytest.raises(lib.UserError, match="holds a finished result; pass --overwrite"):
         _pt(tmp_path, "--max_iter", "4")
     names = set()
     for seed in ("1", "2"):
-        args = hessian_spectrum.spectrum_cli.build_parser("").parse_args(["--seed", seed])
-        cli.resolve_defaults(args, hessian_spectrum.spectrum_cli.T_DEFAULT)
-        names.add(hessian_spectrum.spectrum_cli.default_name(args))
+        names.add(FAMILY.default_name(hessian_spectrum.command.spec(["--seed", seed])))
     assert len(names) == 2
 
 
@@ -311,6 +313,7 @@ def _children(pid: int) -> set[int]:
     return out
 
 
+@pytest.mark.slow
 def test_script_interrupted_during_pooled_passes_stops_every_worker(tmp_path):
     """SIGTERM while a --devices cpu,cpu run is between or inside its passes: exit 143 in one line, and the pool's
     worker processes (spawned once, alive across passes) are all gone."""

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import pkgutil
+from pathlib import Path
 from typing import Any, Generic, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
+
+INFRASTRUCTURE = {"diagonal": ("base", "driver", "work"), "approximations": ("base",)}
+"""The modules of each estimator family's folder that hold no estimator (shared machinery)."""
 
 
 class Registry(Generic[T]):
@@ -68,3 +73,24 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def declared(folder: str | Path, infrastructure: Iterable[str] = ("base",)) -> dict[str, dict[str, Any]]:
+    """``{name: {attribute: value}}`` of the estimator classes in ``folder``'s modules (but its ``infrastructure``
+    and ``_*``), read from their source without importing them (no torch: ``--help`` stays fast): the literal class
+    attributes of every class that sets ``name``, in registry order (``(order, name)``, as :class:`Registry`)."""
+    skip = set(infrastructure)
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(Path(folder).glob("*.py")):
+        if path.stem in skip or path.stem.startswith("_"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            attrs = {}
+            for a in node.body:
+                if isinstance(a, ast.Assign) and isinstance(a.value, ast.Constant):
+                    attrs.update({t.id: a.value.value for t in a.targets if isinstance(t, ast.Name)})
+            if isinstance(attrs.get("name"), str):
+                out[attrs["name"]] = attrs
+    return dict(sorted(out.items(), key=lambda item: (item[1].get("order", 100), item[0])))

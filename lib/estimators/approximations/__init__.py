@@ -3,8 +3,9 @@
 Importing this package imports every module in its folder, whose ``@register`` fills :data:`REGISTRY`.
 """
 
+from ..registry import INFRASTRUCTURE
 from .base import REGISTRY, Approximation, MatrixContext, Source, register, sources
 
-REGISTRY.discover(__name__, __path__)
+REGISTRY.discover(__name__, __path__, infrastructure=INFRASTRUCTURE["approximations"])
 
 __all__ = ["REGISTRY", "Approximation", "MatrixContext", "Source", "register", "sources"]

@@ -5,6 +5,7 @@ plans), :mod:`.driver` (running them). Importing this package imports every othe
 ``@register`` fills :data:`REGISTRY`.
 """
 
+from ..registry import INFRASTRUCTURE
 from .base import REGISTRY, DiagonalEstimator, Finish, register
 from .driver import Estimates, diagonal_of, estimate, plan_phase1
 from .work import (
@@ -19,7 +20,7 @@ from .work import (
     run_plan,
 )
 
-REGISTRY.discover(__name__, __path__, infrastructure=("base", "driver", "work"))
+REGISTRY.discover(__name__, __path__, infrastructure=INFRASTRUCTURE["diagonal"])
 
 __all__ = [
     "REGISTRY",

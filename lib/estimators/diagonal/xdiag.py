@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from ...errors import ParamError
+
 from .base import (
     DiagonalEstimator,
     Finish,
@@ -35,12 +37,12 @@ from .base import (
 def xdiag_basis(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``Q, R`` (reduced QR, float64) of the sketch ``Y = H Omega`` given as rows ``y = Y^T`` (``(s, n)``).
 
-    Raises ``ValueError`` if ``Y`` is numerically rank deficient (``H`` of rank below ``s``).
+    Raises :class:`~lib.errors.ParamError` (a ``ValueError``) if ``Y`` is numerically rank deficient (``H`` of rank below ``s``).
     """
     q, r = torch.linalg.qr(y.to(torch.float64).T)
     d = r.diagonal().abs()
     if not bool(torch.isfinite(r).all()) or (d.numel() > 0 and bool((d <= 1e-12 * d.max()).any())):
-        raise ValueError(f"the XDiag sketch H*Omega has rank below {y.shape[0]}: the Hessian's rank is smaller than --vhp_samples/2; use --estimator exact or fewer HVPs")
+        raise ParamError("vhp_samples", f"the XDiag sketch H*Omega has rank below {y.shape[0]}: the Hessian's rank is smaller than vhp_samples/2; use the exact estimator or fewer HVPs")
     return q, r
 
 

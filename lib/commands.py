@@ -1,0 +1,104 @@
+"""The scripts as commands: each top-level script (and each console entry point of the installed package) is a
+:class:`Command` -- its flags (:mod:`lib.cli`), its run spec (:mod:`lib.spec`) and its family of the pipeline
+(:mod:`lib.pipeline`).
+
+Parsing imports neither torch nor transformers; :func:`execute` imports the pipeline (and so torch) only
+once the flags are parsed and checked.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import cli
+from .spec import RunSpec
+
+FAMILY_MODULES = {"exact": "exact_cli", "diagonal": "diagonal_cli", "spectrum": "spectrum_cli"}
+"""The module holding each family's ``FAMILY`` (a :class:`lib.pipeline.Family`)."""
+
+
+def execute(spec: RunSpec) -> dict[str, Any]:
+    """Run ``spec`` through the pipeline; returns the saved metadata (``{}`` on torchrun ranks other than 0)."""
+    from .pipeline import execute as run_pipeline
+
+    family = importlib.import_module(f"{__package__}.{FAMILY_MODULES[spec.family]}").FAMILY
+    return run_pipeline(spec, family)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One script: ``script`` (its file name without ``.py``) and ``description`` (its ``--help`` text)."""
+
+    script: str
+    description: str
+
+    def parser(self) -> cli.Parser:
+        """Its flags (also used by ``reproduce.py`` to check passed-on flags before any run)."""
+        return cli.build_parser(self.script, self.description)
+
+    def spec(
+        self, argv: Sequence[str] | None = None, presets: dict[str, Any] | None = None
+    ) -> RunSpec:
+        """The validated run spec of ``argv`` (``None``: the process's arguments); ``presets``: defaults
+        that ``argv`` overrides."""
+        return cli.parse(self.script, argv, self.description, presets)
+
+    def run(self, argv: Sequence[str] | None = None) -> dict[str, Any]:
+        """Parse, check, compute, save; returns the saved metadata."""
+        return execute(self.spec(argv))
+
+    def main(self) -> None:
+        """The console entry point: one-line errors and exit statuses (:func:`lib.cli.main`)."""
+        cli.main(self.run)
+
+
+single_layer_single_block = Command(
+    "single_layer_single_block",
+    (
+        "Exact Hessian of perplexity for the first t weights of row 0 of one linear layer in one block "
+        "(paper Sec. 4.1, Fig. 1a)."
+    ),
+)
+single_layer_several_blocks = Command(
+    "single_layer_several_blocks",
+    (
+        "Exact Hessian of perplexity for the first t weights of row 0 of one linear layer in each of "
+        "blocks 0..N-1 (paper Sec. 4.3, Fig. 1c)."
+    ),
+)
+several_layers_several_blocks = Command(
+    "several_layers_several_blocks",
+    (
+        "Exact Hessian of perplexity for the first t weights of row 0 of the first K linear layers of "
+        "each of blocks 0..N-1 (paper Sec. 4.2/4.4, Figs. 1b, 1d)."
+    ),
+)
+hessian_diagonal = Command(
+    "hessian_diagonal",
+    (
+        "Diagonal of the Hessian of perplexity for all entries of a weight (paper Sec. 5, Fig. 3): XDiag, "
+        "Hutchinson, GGN, empirical Fisher or exact."
+    ),
+)
+hessian_spectrum = Command(
+    "hessian_spectrum",
+    (
+        "Hessian spectrum of perplexity for any weight subset: top eigenvalues (Lanczos), trace (Hutchinson, "
+        "Hutch++) and spectral density (SLQ), or exact eigvalsh for small subsets."
+    ),
+)
+
+COMMANDS = {
+    c.script: c
+    for c in (
+        single_layer_single_block,
+        single_layer_several_blocks,
+        several_layers_several_blocks,
+        hessian_diagonal,
+        hessian_spectrum,
+    )
+}
+"""Every script by name."""

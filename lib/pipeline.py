@@ -1,0 +1,396 @@
+"""The one pipeline of every script: check -> claim -> inspect -> load -> compute -> save -> report.
+
+* check: the spec's values (:meth:`lib.spec.RunSpec.validate`) and the environment (devices, cache directory,
+  checkpoint interval, packages), before anything is read;
+* claim: the outputs are checked and locked (:func:`lib.outputs.claim`) before the model is read;
+* inspect: the model's config and module tree on the ``meta`` device (:func:`lib.models.model_skeleton`), the
+  tokenizer and the text: the family's subset or weights (layer names, block indices, ``t`` against the row
+  length, ...), ``seqlen`` against the position limit, the samples available and the token ids against the
+  vocabulary are all checked before a weight is read; the spec's open defaults (``seqlen``, ``b``,
+  ``num_blocks``, ``num_layers``) are fixed here, in a new spec;
+* load: the weights, their fingerprints (:mod:`lib.inputs`), the family's structure on the real model;
+* compute and save: the family's (:class:`Family`); the pipeline adds the spec (``config``), the
+  fingerprints and the elapsed time to the JSON;
+* report: results and the files written go to stdout; progress and warnings go to stderr.
+
+A library error naming a parameter (:class:`lib.errors.ParamError`) leaves as a :class:`UserError` naming the
+flag (:func:`lib.cli.flag_message`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from . import outputs, parallel, preflight
+from .cli import LOW_PRECISION_NOTE, flag_message
+from .data import check_seqlen, load_text, load_tokenizer, make_samples, tokenize
+from .errors import ParamError, UserError
+from .inputs import model_fingerprint, tokenizer_fingerprint, warn
+from .models import ModelSpec, load_model, max_positions, model_skeleton, resolve_device
+from .results import save_tensor_and_json
+from .spec import PAPER_SEQLEN, SECTIONS, RunSpec
+
+# ----------------------------------------------------------------------------- the family interface
+
+
+class Family:
+    """What a script family adds to the pipeline. Subclasses set :attr:`name` and implement :meth:`structure`,
+    :meth:`default_name`, :meth:`compute`, :meth:`save` and :meth:`report`."""
+
+    name = ""
+    identity_sections: tuple[str, ...] = SECTIONS
+    """The spec sections whose result-changing fields identify the run's checkpoints (beside each job's own
+    configuration): a resume that changes one of them is refused."""
+
+    def default_name(self, spec: RunSpec) -> str:
+        """The output stem when ``--name`` is not given: readable, plus ``spec.digest()``."""
+        raise NotImplementedError
+
+    def checkpoints(self, spec: RunSpec, out: Path, name: str) -> list[Path]:
+        """Every checkpoint file or directory the run may write (claimed before the model loads)."""
+        return [out / f"{name}.ckpt"]
+
+    def resolve(self, spec: RunSpec, model: nn.Module) -> RunSpec:
+        """``spec`` with the defaults that need the module tree fixed (``model`` may be on the meta device)."""
+        return spec
+
+    def structure(self, model: nn.Module, spec: RunSpec) -> Any:
+        """What the family computes on, from ``model`` (called on the meta skeleton first, to refuse bad flags
+        before the weights load, then on the loaded model)."""
+        raise NotImplementedError
+
+    def compute(self, run: Run) -> Any:
+        """The computation (through :func:`lib.parallel.run_job`); ``None`` on torchrun ranks other than 0."""
+        raise NotImplementedError
+
+    def save(self, run: Run, result: Any) -> tuple[Any, dict[str, Any]]:
+        """Write the figures and side files; returns ``(tensor for <name>.pt, the family's JSON fields)``."""
+        raise NotImplementedError
+
+    def report(self, run: Run, meta: dict[str, Any]) -> list[str]:
+        """The result lines printed on stdout (warnings go to stderr through :func:`lib.inputs.warn`)."""
+        return []
+
+    def finish(self, run: Run, meta: dict[str, Any]) -> None:
+        """After the outputs are written: remove the run's checkpoints (unless ``--keep_checkpoint``)."""
+        for s in run.settings:
+            if s.checkpoint is not None:
+                s.checkpoint.keep = run.spec.run.keep_checkpoint
+            ckpt.finish(s.checkpoint)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Run:
+    """One run in progress: its final spec, output stem, model, samples and the settings of its jobs."""
+
+    spec: RunSpec
+    name: str
+    model: nn.Module
+    samples: torch.Tensor
+    device: torch.device
+    """Where ``model`` is (the CPU when several worker processes load their own copies)."""
+    devices: list[torch.device]
+    """The run's devices, one per worker (:func:`run_devices`)."""
+    fingerprints: dict[str, str]
+    structure: Any
+    t_start: float
+    identity_sections: tuple[str, ...] = SECTIONS
+    settings: list[parallel.RunSettings] = field(default_factory=list)
+    """Every :func:`run_settings` made for this run's jobs."""
+    kept: list[ckpt.CheckpointConfig | None] = field(default_factory=list)
+    """Where the finished work is kept if writing the outputs fails (:func:`lib.outputs.saving_results`)."""
+
+    @property
+    def out(self) -> Path:
+        return Path(self.spec.output.output_dir)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.spec.model.dtype)
+
+    @property
+    def where(self) -> str:
+        """``model, b=.., seqlen=..`` for figure titles."""
+        d = self.spec.data
+        return f"{self.spec.model.model}, b={d.b}, seqlen={d.seqlen}"
+
+    @property
+    def rank0(self) -> bool:
+        env = parallel.distributed_env()
+        return env is None or env[0] == 0
+
+    def identity(self) -> dict[str, Any]:
+        """What every checkpoint of the run is validated against beside its job's configuration: the spec's
+        result-changing fields of the family's :attr:`Family.identity_sections`."""
+        return self.spec.result_values(self.identity_sections)
+
+    def model_spec(self) -> ModelSpec:
+        """How worker processes load the model of this run (and check that it is the parent's, by fingerprint)."""
+        m = self.spec.model
+        return ModelSpec(
+            m.model,
+            m.cache_dir,
+            m.dtype,
+            m.attn_implementation,
+            self.spec.run.device_map,
+            self.fingerprints.get("model"),
+            self.fingerprints.get("tokenizer"),
+        )
+
+    def run_settings(self, checkpoint_path: Path, desc: str) -> parallel.RunSettings:
+        """:class:`lib.parallel.RunSettings` from the run flags, checkpointing to ``checkpoint_path``
+        (recorded in :attr:`settings`)."""
+        r = self.spec.run
+        every_units, every_s = ckpt.parse_every(r.checkpoint_every)
+        cfg = ckpt.CheckpointConfig(
+            Path(checkpoint_path), every_units, every_s, resume=r.resume, keep=r.keep_checkpoint
+        )
+        settings = parallel.RunSettings(
+            devices=self.devices,
+            checkpoint=cfg,
+            progress=not self.spec.output.no_progress,
+            desc=desc,
+            unit_timeout=r.unit_timeout,
+            identity=self.identity(),
+        )
+        self.settings.append(settings)
+        self.kept.append(cfg)
+        return settings
+
+    def check_resources(self, est: preflight.Estimate, alternatives: str) -> None:
+        """Refuse before the computation when ``est`` does not fit in free host / GPU memory or disk
+        (:func:`lib.preflight.check`)."""
+        if self.rank0:
+            writes = any(ckpt.parse_every(self.spec.run.checkpoint_every))
+            preflight.check(est, self.devices, self.spec.output.output_dir, writes, alternatives)
+
+
+# ----------------------------------------------------------------------------- check
+
+
+def check_cache_dir(cache_dir: str | None) -> None:
+    """Refuse a ``--cache_dir`` that is not a writable directory (created if missing)."""
+    if not cache_dir:
+        return
+    path = Path(cache_dir)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--cache_dir {cache_dir} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --cache_dir {cache_dir}: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"--cache_dir {cache_dir} is not writable")
+
+
+def _device(text: str, flag: str) -> torch.device:
+    try:
+        return resolve_device(text)
+    except ParamError as e:
+        raise UserError(flag_message(e, {"device": flag})) from None
+
+
+def run_devices(spec: RunSpec) -> list[torch.device]:
+    """The run's devices, one per worker process (``--devices``, else ``--device``); under torchrun,
+    this rank's device."""
+    text = spec.run.devices
+    entries = [d.strip() for d in text.split(",")] if text is not None else None
+    if entries is not None and not all(entries):
+        raise UserError(
+            f"--devices {text!r} has an empty entry; give e.g. cuda:0,cuda:1 or cpu,cpu"
+        )
+    dist_env = parallel.distributed_env()
+    if dist_env is not None:
+        local = dist_env[1]
+        if entries:
+            if local >= len(entries):
+                raise UserError(
+                    f"--devices lists {len(entries)} devices but this node runs local rank {local}: "
+                    f"give one per local rank"
+                )
+            return [_device(entries[local], "--devices entry")]
+        dev = _device(spec.run.device, "--device")
+        return [torch.device("cuda", local) if dev.type == "cuda" and dev.index is None else dev]
+    devices = (
+        [_device(e, "--devices entry") for e in entries]
+        if entries
+        else [_device(spec.run.device, "--device")]
+    )
+    if len(devices) > 1 and spec.run.device_map is not None:
+        raise UserError(
+            "--device_map splits one model over the GPUs of a single worker; it cannot be combined "
+            "with several --devices (use torchrun with one rank per node instead)"
+        )
+    return devices
+
+
+def check_environment(spec: RunSpec) -> list[torch.device]:
+    """What the flags need from this machine: a writable cache directory, the devices, a valid checkpoint
+    interval, accelerate for ``--device_map``. Returns the run's devices."""
+    check_cache_dir(spec.model.cache_dir)
+    devices = run_devices(spec)
+    ckpt.parse_every(spec.run.checkpoint_every)
+    if spec.run.device_map is not None and importlib.util.find_spec("accelerate") is None:
+        raise UserError(
+            f"--device_map {spec.run.device_map} needs the accelerate package: pip install accelerate"
+        )
+    return devices
+
+
+def warn_low_precision(dtype: str) -> None:
+    """One line when the model runs in a 16-bit dtype (its Hessians are far less accurate)."""
+    if dtype in LOW_PRECISION_NOTE:
+        warn(f"--dtype {dtype}: {LOW_PRECISION_NOTE[dtype]}")
+
+
+# ----------------------------------------------------------------------------- inspect and load
+
+
+def _load_weights(spec: RunSpec, device: torch.device) -> nn.Module:
+    m = spec.model
+    return load_model(
+        m.model,
+        cache_dir=m.cache_dir,
+        dtype=getattr(torch, m.dtype),
+        device=device,
+        attn_implementation=m.attn_implementation,
+        device_map=spec.run.device_map,
+    )
+
+
+def check_vocabulary(tokens: torch.Tensor, model: nn.Module, model_name: str) -> None:
+    """Refuse token ids the model's input embedding has no row for (a tokenizer of another model)."""
+    emb = model.get_input_embeddings()
+    vocab = getattr(emb, "num_embeddings", None)
+    if vocab is not None and tokens.numel() and int(tokens.max()) >= vocab:
+        raise UserError(
+            f"the tokenizer of {model_name!r} gives token id {int(tokens.max())} but the model's vocabulary "
+            f"has {vocab} entries: the tokenizer does not belong to the model"
+        )
+
+
+@dataclass
+class Inspected:
+    """What :func:`inspect` found: the spec with every default fixed, the samples, and the module tree."""
+
+    spec: RunSpec
+    samples: torch.Tensor
+    tokenizer_fingerprint: str
+    model: nn.Module
+    """The meta-device skeleton, or the loaded model when no skeleton could be built."""
+    loaded: bool
+
+
+def inspect(spec: RunSpec, family: Family, device: torch.device) -> Inspected:
+    """Every check that needs only the config, the tokenizer and the text, before a weight is read."""
+    m = spec.model
+    model = model_skeleton(m.model, m.cache_dir, getattr(torch, m.dtype), m.attn_implementation)
+    loaded = model is None
+    if loaded:  # an architecture that cannot be built on the meta device: check on the real model
+        model = _load_weights(spec, device)
+    spec = family.resolve(spec, model)
+    family.structure(model, spec)
+    limit = max_positions(model)
+    if spec.data.seqlen is None:
+        spec = spec.replace(seqlen=min(PAPER_SEQLEN, limit or PAPER_SEQLEN))
+    check_seqlen(spec.data.seqlen, limit)
+    tokenizer = load_tokenizer(m.model, m.cache_dir)
+    tokens = tokenize(tokenizer, load_text(spec.data.dataset, m.cache_dir), m.cache_dir)
+    if not tokens.numel():
+        raise UserError(f"the text of --dataset {spec.data.dataset} gives no tokens")
+    d = spec.data
+    if d.b is None:
+        spec = spec.replace(b=(tokens.numel() // d.seqlen) // d.model_input_bs * d.model_input_bs)
+        spec.validate()
+    samples = make_samples(tokens, spec.data.seqlen, spec.data.b)
+    check_vocabulary(samples, model, m.model)
+    return Inspected(spec, samples, tokenizer_fingerprint(tokenizer), model, loaded)
+
+
+def load(
+    spec: RunSpec, family: Family, name: str, devices: list[torch.device], t_start: float
+) -> Run:
+    """Inspect, then load the weights (once, on the single device, or on the CPU when workers load their own)."""
+    torch.manual_seed(spec.get("seed"))
+    device = devices[0] if len(devices) == 1 else torch.device("cpu")
+    found = inspect(spec, family, device)
+    model = found.model if found.loaded else _load_weights(found.spec, device)
+    structure = family.structure(model, found.spec)
+    fingerprints = {"model": model_fingerprint(model), "tokenizer": found.tokenizer_fingerprint}
+    return Run(
+        found.spec,
+        name,
+        model,
+        found.samples,
+        device,
+        devices,
+        fingerprints,
+        structure,
+        t_start,
+        family.identity_sections,
+    )
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+def written_files(meta: dict[str, Any]) -> list[str]:
+    """Every file of ``meta`` (the .pt and .json, the figures, the side files), in that order."""
+    return [*meta["files"].values(), *meta.get("figures", []), *meta.get("batch_study_files", [])]
+
+
+@outputs.guarded
+def execute(spec: RunSpec, family: Family) -> dict[str, Any]:
+    """Run ``spec`` through the pipeline; returns the saved metadata (``{}`` on torchrun ranks other than 0)."""
+    try:
+        return _execute(spec, family)
+    except ParamError as e:
+        raise UserError(flag_message(e)) from None
+
+
+def _execute(spec: RunSpec, family: Family) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    spec.validate()
+    devices = check_environment(spec)
+    name = spec.output.name or family.default_name(spec)
+    out = Path(spec.output.output_dir)
+    outputs.claim(
+        out,
+        name,
+        family.checkpoints(spec, out, name),
+        spec.output.overwrite,
+        spec.run.resume,
+        rank0=parallel.distributed_env() is None or parallel.distributed_env()[0] == 0,
+    )
+    warn_low_precision(spec.model.dtype)
+    run = load(spec, family, name, devices, t_start)
+    result = family.compute(run)
+    if result is None:  # torchrun rank > 0: rank 0 saves
+        return {}
+    outputs.saving_results(run.kept)
+    tensor, fields = family.save(run, result)
+    meta = {
+        "script": run.spec.script,
+        "config": run.spec.as_dict(),
+        **fields,
+        "fingerprints": run.fingerprints,
+        "elapsed_s": time.perf_counter() - t_start,
+    }
+    meta = save_tensor_and_json(out, name, tensor, meta)
+    family.finish(run, meta)
+    for line in family.report(run, meta):
+        print(line)
+    print("wrote " + ", ".join(str(out / f) for f in written_files(meta)), flush=True)
+    return meta

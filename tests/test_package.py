@@ -1,0 +1,124 @@
+"""The installable package (issue 17 item 4): the source folder ``lib/`` is the package ``llm_hessian`` once
+installed (pyproject.toml), importable from any directory, with the bundled model and text, and with console
+entry points for the scripts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+from conftest import ROOT
+
+CHECK = """
+import importlib, pkgutil, sys
+import llm_hessian as lib
+for m in pkgutil.iter_modules(lib.__path__):  # every module, so every relative import, under the new name
+    importlib.import_module(f"llm_hessian.{m.name}")
+from llm_hessian.data import EMBEDDED_TEXT
+from llm_hessian.models import EMBEDDED_MODEL_DIR
+assert (EMBEDDED_MODEL_DIR / "model.safetensors").is_file() and EMBEDDED_TEXT.is_file()
+assert "lib" not in sys.modules, "the package imported itself as lib"
+assert lib.single_layer_single_block.__module__ == "llm_hessian.subsets"
+print(lib.__file__)
+"""
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": "", **extra}
+
+
+def test_the_package_mapping_imports_as_llm_hessian_from_another_directory(tmp_path):
+    """``package-dir = {llm_hessian = "lib"}`` without an install: a folder ``llm_hessian`` that is ``lib/``."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "llm_hessian").symlink_to(ROOT / "lib", target_is_directory=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHECK],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=_env(PYTHONPATH=str(tmp_path / "site")),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(tmp_path / "site" / "llm_hessian" / "__init__.py")
+
+
+def test_pyproject_maps_the_package_and_ships_the_assets():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    st = cfg["tool"]["setuptools"]
+    assert st["package-dir"] == {"llm_hessian": "lib", "llm_hessian.assets": "assets"}
+    shipped = st["package-data"]["llm_hessian.assets"]
+    assert "*.txt" in shipped and "tiny-opt-shakespeare/*" in shipped
+    assert (ROOT / "assets" / "shakespeare-heldout.txt").is_file() and (
+        ROOT / "assets" / "tiny-opt-shakespeare" / "config.json"
+    ).is_file()
+    assert "slow" in " ".join(cfg["tool"]["pytest"]["ini_options"]["markers"])
+
+
+@pytest.mark.slow
+def test_pip_install_then_import_and_run_from_another_directory(tmp_path):
+    """``pip install .`` into a fresh venv (the dependencies: this interpreter's, through a .pth file), then the
+    package and an entry point from another directory."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    site = next(venv.glob("lib/python*/site-packages"))
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    src = (
+        tmp_path / "src"
+    )  # a copy: an in-tree build would leave build/ and *.egg-info in the checkout
+    src.mkdir()
+    for d in ("lib", "assets"):
+        shutil.copytree(ROOT / d, src / d, ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / f, src / f)
+    pip = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", str(src)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert pip.returncode == 0, pip.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", CHECK],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        env=_env(),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(site / "llm_hessian" / "__init__.py")
+    run = subprocess.run(
+        [
+            str(venv / "bin" / "llm-hessian-single-layer-single-block"),
+            "--t",
+            "2",
+            "--seqlen",
+            "16",
+            "--b",
+            "2",
+            "--no_progress",
+            "--output_dir",
+            "out",
+            "--cache_dir",
+            "c",
+            "--name",
+            "h",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        env=_env(),
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    assert (elsewhere / "out" / "h.pt").is_file() and run.stdout.splitlines()[-1].startswith(
+        "wrote "
+    )
