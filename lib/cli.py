@@ -179,6 +179,7 @@ OUTPUT_HELP = {
     "name": "output file stem (default: derived from the configuration)",
     "overwrite": "replace a finished result of the same --name (refused otherwise)",
     "no_progress": "hide the progress bar",
+    "label": "a word added to the figure titles and the JSON's computed_on, e.g. a sweep's tag",
     "abs": "heatmaps of |H| (viridis from 0, the report's view) instead of the signed H (diverging colours centred at 0)",
 }
 RUN_HELP = {

@@ -50,6 +50,21 @@ def load_text(dataset: str, cache_dir: str | None = None) -> str:
         raise ParamError("dataset", f"dataset {dataset} is not UTF-8 text: {e}") from None
 
 
+def dataset_label(dataset: str) -> str:
+    """A short name of ``dataset`` for titles: the file name of the bundled text or of a local file, or
+    ``wikitext-2-raw-v1 test``."""
+    if dataset == EMBEDDED:
+        return EMBEDDED_TEXT.name
+    if dataset == WIKITEXT2:
+        return "wikitext-2-raw-v1 test"
+    return Path(dataset).name
+
+
+def text_sha256(text: str) -> str:
+    """SHA-256 (hex) of the UTF-8 bytes of ``text``: which text a result was computed on."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 """Files of which a local model directory needs at least one to have a tokenizer."""
 

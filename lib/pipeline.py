@@ -32,7 +32,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import outputs, parallel, preflight
 from .cli import LOW_PRECISION_NOTE, flag_message
-from .data import check_seqlen, load_text, load_tokenizer, make_samples, tokenize
+from .data import check_seqlen, dataset_label, load_text, load_tokenizer, make_samples, text_sha256, tokenize
 from .errors import ParamError, UserError
 from .inputs import model_fingerprint, tokenizer_fingerprint, warn
 from .models import ModelSpec, load_model, max_positions, model_skeleton, resolve_device
@@ -111,6 +111,8 @@ class Run:
     """Every :func:`run_settings` made for this run's jobs."""
     kept: list[ckpt.CheckpointConfig | None] = field(default_factory=list)
     """Where the finished work is kept if writing the outputs fails (:func:`lib.outputs.saving_results`)."""
+    dataset_sha256: str = ""
+    """SHA-256 of the text the samples were cut from."""
 
     @property
     def out(self) -> Path:
@@ -122,9 +124,28 @@ class Run:
 
     @property
     def where(self) -> str:
-        """``model, b=.., seqlen=..`` for figure titles."""
-        d = self.spec.data
-        return f"{self.spec.model.model}, b={d.b}, seqlen={d.seqlen}"
+        """What the run computed on, for titles and the printed summary: model, text (file name and the first
+        digits of its SHA-256), dtype, b, seqlen, and the ``--label`` if any."""
+        c = self.computed_on()
+        label = f" [{c['label']}]" if c.get("label") else ""
+        return (
+            f"{c['model']}, data {c['dataset']} ({c['dataset_sha256'][:8]}), {c['dtype']}, b={c['b']}, "
+            f"seqlen={c['seqlen']}{label}"
+        )
+
+    def computed_on(self) -> dict[str, Any]:
+        """The JSON's top-level ``computed_on``: model, dataset (label, flag value, SHA-256), dtype, b, seqlen."""
+        m, d = self.spec.model, self.spec.data
+        out = {
+            "model": m.model,
+            "dataset": dataset_label(d.dataset),
+            "dataset_flag": d.dataset,
+            "dataset_sha256": self.dataset_sha256,
+            "dtype": m.dtype,
+            "b": d.b,
+            "seqlen": d.seqlen,
+        }
+        return {**out, "label": self.spec.output.label} if self.spec.output.label else out
 
     @property
     def rank0(self) -> bool:
@@ -288,6 +309,7 @@ class Inspected:
     spec: RunSpec
     samples: torch.Tensor
     tokenizer_fingerprint: str
+    dataset_sha256: str
     model: nn.Module
     """The meta-device skeleton, or the loaded model when no skeleton could be built."""
     loaded: bool
@@ -307,7 +329,8 @@ def inspect(spec: RunSpec, family: Family, device: torch.device) -> Inspected:
         spec = spec.replace(seqlen=min(PAPER_SEQLEN, limit or PAPER_SEQLEN))
     check_seqlen(spec.data.seqlen, limit)
     tokenizer = load_tokenizer(m.model, m.cache_dir)
-    tokens = tokenize(tokenizer, load_text(spec.data.dataset, m.cache_dir), m.cache_dir)
+    text = load_text(spec.data.dataset, m.cache_dir)
+    tokens = tokenize(tokenizer, text, m.cache_dir)
     if not tokens.numel():
         raise UserError(f"the text of --dataset {spec.data.dataset} gives no tokens")
     d = spec.data
@@ -316,7 +339,7 @@ def inspect(spec: RunSpec, family: Family, device: torch.device) -> Inspected:
         spec.validate()
     samples = make_samples(tokens, spec.data.seqlen, spec.data.b)
     check_vocabulary(samples, model, m.model)
-    return Inspected(spec, samples, tokenizer_fingerprint(tokenizer), model, loaded)
+    return Inspected(spec, samples, tokenizer_fingerprint(tokenizer), text_sha256(text), model, loaded)
 
 
 def load(
@@ -340,6 +363,7 @@ def load(
         structure,
         t_start,
         family.identity_sections,
+        dataset_sha256=found.dataset_sha256,
     )
 
 
@@ -383,6 +407,7 @@ def _execute(spec: RunSpec, family: Family) -> dict[str, Any]:
     tensor, fields = family.save(run, result)
     meta = {
         "script": run.spec.script,
+        "computed_on": run.computed_on(),
         "config": run.spec.as_dict(),
         **fields,
         "fingerprints": run.fingerprints,
@@ -390,6 +415,7 @@ def _execute(spec: RunSpec, family: Family) -> dict[str, Any]:
     }
     meta = save_tensor_and_json(out, name, tensor, meta)
     family.finish(run, meta)
+    print(f"computed on {run.where}", flush=True)
     for line in family.report(run, meta):
         print(line)
     print("wrote " + ", ".join(str(out / f) for f in written_files(meta)), flush=True)

@@ -148,6 +148,14 @@ def _label_slices(ax, boundaries: Sequence[int], n: int, labels: Sequence[str]) 
         axis.tick_params(length=0)
 
 
+def _integer_ticks(ax) -> None:
+    """Entry indices: integer ticks only (a 4 x 4 matrix gets 0..3, not 0.5 steps)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def heatmap(matrix: torch.Tensor, path_stem: str | Path, title: str, boundaries: Sequence[int] = (), clip_percentile: float = 98.0,
             slice_labels: Sequence[str] = (), axis_labels: tuple[str, str] = ("entry index j", "entry index i"), value: str = "H_ij",
             signed: bool = True) -> list[Path]:
@@ -169,6 +177,7 @@ def heatmap(matrix: torch.Tensor, path_stem: str | Path, title: str, boundaries:
         ax.axvline(b - 0.5, color="0.4", lw=0.4, alpha=0.7)
     ax.set_xlabel(axis_labels[0])
     ax.set_ylabel(axis_labels[1])
+    _integer_ticks(ax)
     if labelled:
         _label_slices(ax, boundaries, a.shape[0], slice_labels)
     cb = fig.colorbar(im, ax=ax, pad=0.02, shrink=0.9)
@@ -273,6 +282,7 @@ def _panel(fig, ax, matrix: torch.Tensor, title: str, axis_labels: tuple[str, st
     ax.set_xlabel(axis_labels[0], fontsize=8)
     ax.set_ylabel(axis_labels[1], fontsize=8)
     ax.tick_params(labelsize=7)
+    _integer_ticks(ax)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=7)
 
 

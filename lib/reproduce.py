@@ -102,8 +102,9 @@ def runs(figure: str, model: str) -> list[Run]:
     return _diagonal(figure, kind) if figure.startswith("3") else _exact(figure, kind)
 
 
-QUICK = {"t": 2, "seqlen": 16, "b": 2}
-"""``--quick``: tiny versions of every run (tests)."""
+QUICK = {"t": 2, "seqlen": 16, "b": 2, "label": "quick"}
+"""``--quick``: tiny versions of every run (tests), labelled ``quick`` in their titles and JSON and written under
+names ending in ``_quick`` (:func:`stem`), so that they never take or block the real figures' names."""
 
 
 def shrink(run: Run) -> Run:
@@ -120,8 +121,9 @@ def shrink(run: Run) -> Run:
     return Run(run.script, tuple({**preset, **quick}.items()), suffix)
 
 
-def stem(figure: str, model: str) -> str:
-    return f"fig{figure}_{Path(model.rstrip('/')).name}".replace("/", "-")
+def stem(figure: str, model: str, quick: bool = False) -> str:
+    """The output stem of ``figure``'s runs: ``fig<figure>_<model>``, ``..._quick`` for ``--quick``."""
+    return f"fig{figure}_{Path(model.rstrip('/')).name}{'_quick' if quick else ''}".replace("/", "-")
 
 
 def placement(run: Run, figure: str, args: argparse.Namespace) -> dict[str, str]:
@@ -129,7 +131,7 @@ def placement(run: Run, figure: str, args: argparse.Namespace) -> dict[str, str]
     return {
         "model": args.model,
         "output_dir": args.output_dir,
-        "name": stem(figure, args.model) + run.suffix,
+        "name": stem(figure, args.model, args.quick) + run.suffix,
     }
 
 
@@ -159,10 +161,11 @@ def compose_3b(metas: list[dict[str, Any]], out: Path, name: str) -> list[Path]:
     for m in metas:
         est = m["estimators"][0]
         panels.append((f"{est}, k = {m['vhp_samples']}", torch.load(out / m["files"]["tensor"])))
-    c = metas[0]["config"]
+    c = metas[0]["computed_on"]
+    label = f" [{c['label']}]" if c.get("label") else ""
     title = (
-        f"diag H of {metas[0]['parameter']} along k (HVPs per sample); {c['model']['model']}, b={c['data']['b']}, "
-        f"seqlen={c['data']['seqlen']}\nx: input index (column), y: output unit (row)"
+        f"diag H of {metas[0]['parameter']} along k (HVPs per sample); {c['model']}, data {c['dataset']}, "
+        f"{c['dtype']}, b={c['b']}, seqlen={c['seqlen']}{label}\nx: input index (column), y: output unit (row)"
     )
     return heatmap_grid(panels, out / name, title, ncols=len(panels))
 
@@ -226,12 +229,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         ]
         if fig == "3b":
             files += [
-                p.name for p in compose_3b(metas, Path(args.output_dir), stem(fig, args.model))
+                p.name for p in compose_3b(metas, Path(args.output_dir), stem(fig, args.model, args.quick))
             ]
         done[fig] = {"commands": commands, "elapsed_s": time.perf_counter() - t0, "files": files}
         print(f"# Figure {fig}: {done[fig]['elapsed_s']:.1f}s", flush=True)
     if not args.dry_run and done:
-        record(Path(args.output_dir) / f"reproduce_{Path(args.model.rstrip('/')).name}.json", done)
+        model = Path(args.model.rstrip("/")).name.replace("/", "-")
+        record(Path(args.output_dir) / f"reproduce_{model}{'_quick' if args.quick else ''}.json", done)
     return done
 
 

@@ -234,6 +234,9 @@ class OutputSection:
     no_progress: bool = operational(False)
     abs: bool = result(False)
     """Heatmaps of ``|H|`` instead of the signed ``H`` (only the figures change)."""
+    label: str | None = result(None)
+    """A word added to figure titles and the JSON (``reproduce.py --quick`` sets ``quick``)."""
+    """Heatmaps of ``|H|`` instead of the signed ``H`` (only the figures change)."""
 
 
 @dataclass(frozen=True)

@@ -177,12 +177,15 @@ def test_every_figure_command_runs_end_to_end_on_a_tiny_configuration(tmp_path, 
     for fig, d in done.items():
         assert d["commands"] and all((tmp_path / f).exists() for f in d["files"]), fig
         assert any(f.endswith(".png") for f in d["files"])
-    assert "fig1b_embedded_slice_mass.png" in done["1b"]["files"]
-    assert "fig2_embedded_batch_study.png" in done["2"]["files"]
-    assert "fig3b_embedded.png" in done["3b"]["files"] and "fig3a_embedded_convergence.png" in done["3a"]["files"]
-    js = json.loads((tmp_path / "fig2_embedded.json").read_text())
+    assert "fig1b_embedded_quick_slice_mass.png" in done["1b"]["files"]
+    assert "fig2_embedded_quick_batch_study.png" in done["2"]["files"]
+    assert "fig3b_embedded_quick.png" in done["3b"]["files"] and "fig3a_embedded_quick_convergence.png" in done["3a"]["files"]
+    js = json.loads((tmp_path / "fig2_embedded_quick.json").read_text())
     assert js["config"]["compute"]["batch_study"] and js["batch_study"]["b"] == [1, 2, 3, 4, 5]
-    record = json.loads((tmp_path / "reproduce_embedded.json").read_text())
+    assert js["computed_on"]["label"] == "quick" and js["computed_on"]["b"] == 5
+    # a quick run neither takes nor blocks the real figures' names
+    assert not list(tmp_path.glob("fig1a_embedded.*")) and not (tmp_path / "reproduce_embedded.json").exists()
+    record = json.loads((tmp_path / "reproduce_embedded_quick.json").read_text())
     assert set(record) == set(reproduce.FIGURES) and record["1a"]["elapsed_s"] > 0
     out = capsys.readouterr().out
     assert "python single_layer_single_block.py --t 2" in out and "diagonality: ||offdiag||_F/||H||_F" in out

@@ -51,3 +51,38 @@ def test_block_and_layer_type_shares_on_a_hand_made_matrix():
     assert "same-block squares 0.857" in line and "k_proj x q_proj 0.571" in line
     assert diagonality.slice_keys("lm_head.weight") == (None, "lm_head")
     assert diagonality.slice_keys("transformer.h.11.attn.c_attn.weight") == ("11", "c_attn")
+
+
+def test_titles_summary_and_json_name_what_was_computed_on(tmp_path, monkeypatch, capsys):
+    import hashlib
+    import json
+
+    import single_layer_single_block
+    from lib import plots
+
+    titles = []
+    save = plots._save
+
+    def grab(fig, path_stem):
+        titles.append(fig._suptitle.get_text())
+        return save(fig, path_stem)
+
+    monkeypatch.setattr(plots, "_save", grab)
+    text = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 20
+    data = tmp_path / "my_text.txt"
+    data.write_text(text, encoding="utf-8")
+    fast = ["--t", "2", "--b", "1", "--seqlen", "8", "--no_progress", "--output_dir", str(tmp_path)]
+    own = single_layer_single_block.run([*fast, "--dataset", str(data), "--name", "own"])
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    assert own["computed_on"] == {"model": "embedded", "dataset": "my_text.txt", "dataset_flag": str(data), "dataset_sha256": digest,
+                                  "dtype": "float32", "b": 1, "seqlen": 8}
+    low = single_layer_single_block.run([*fast, "--dtype", "bfloat16", "--name", "low", "--label", "sweep-3"])
+    assert low["computed_on"]["dataset"] == "shakespeare-heldout.txt" and low["computed_on"]["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "low.json").read_text())["computed_on"]["label"] == "sweep-3"
+    out = capsys.readouterr().out
+    assert f"computed on embedded, data my_text.txt ({digest[:8]}), float32, b=1, seqlen=8" in out
+    assert "bfloat16" in out and "[sweep-3]" in out
+    own_title, low_title = titles[0].replace("\n", " "), titles[-1].replace("\n", " ")
+    assert "my_text.txt" in own_title and digest[:8] in own_title and "float32" in own_title and "b=1" in own_title
+    assert "bfloat16" in low_title and "shakespeare-heldout.txt" in low_title and "sweep-3" in low_title
+    assert own_title != low_title
