@@ -195,7 +195,7 @@ class ParamPlan:
 
     def config(self) -> dict[str, Any]:
         def digest(t: torch.Tensor | None) -> str | None:
-            return None if t is None else hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+            return None if t is None else hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()  # raw bytes: any dtype, bfloat16 included
 
         return {
             "param": self.param_name,
