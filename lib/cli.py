@@ -139,8 +139,7 @@ def check_cheap(args: argparse.Namespace) -> None:
     ckpt.parse_every(getattr(args, "checkpoint_every", "0"))
     if getattr(args, "device_map", None) is not None and importlib.util.find_spec("accelerate") is None:
         raise UserError(f"--device_map {args.device_map} needs the accelerate package: pip install accelerate")
-    if getattr(args, "unit_timeout", 0) < 0:
-        raise UserError(f"--unit_timeout must be >= 0 seconds, got {args.unit_timeout}")
+    parallel.check_timeout("--unit_timeout", getattr(args, "unit_timeout", 0.0))
 
 
 def check_cache_dir(cache_dir: str | None) -> None:

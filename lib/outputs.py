@@ -59,14 +59,16 @@ def _probe_dir(out: Path) -> Path | None:
         if d.exists():
             break
         created = d
+    probe = out / f".write-probe-{os.getpid()}"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-probe-{os.getpid()}"
-        with open(probe, "wb") as f:
-            f.write(b"probe")
-            f.flush()
-            os.fsync(f.fileno())
-        probe.unlink()
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"probe")
+                f.flush()
+                os.fsync(f.fileno())
+        finally:  # also when the write fails (a full disk): never leave the probe behind
+            probe.unlink(missing_ok=True)
     except OSError as e:
         _remove_empty(out, created)
         raise UserError(f"--output_dir {str(out)!r} is not a writable directory ({e.strerror or e}); choose another --output_dir") from None

@@ -42,6 +42,7 @@ and a run resumed from a complete checkpoint returns them without setting anythi
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import signal
@@ -90,6 +91,14 @@ class RunSettings:
     stats: dict[str, Any] = field(default_factory=dict)
     """Filled by :func:`run_job`: ``mode``, ``workers``, ``units_run``, ``setup_s`` (until every worker is ready),
     ``compute_s`` (wall, after setup), ``unit_cpu_s`` (process CPU time spent in ``run_unit``, summed over workers)."""
+
+
+def check_timeout(flag: str, value: float) -> None:
+    """A time limit flag (``--unit_timeout``, ``--setup_timeout``): a finite number of seconds >= 0 (0 = automatic)."""
+    if not math.isfinite(value):
+        raise UserError(f"{flag} must be a finite number of seconds (0 = automatic), got {value}")
+    if value < 0:
+        raise UserError(f"{flag} must be >= 0 seconds, got {value}")
 
 
 def distributed_env() -> tuple[int, int, int] | None:

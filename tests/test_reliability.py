@@ -20,7 +20,7 @@ import hessian_diagonal
 import single_layer_single_block
 from lib import checkpoint as ckpt
 from lib import parallel
-from test_guarantees import _env, _main
+from test_guarantees import ARGS, _env, _main, no_model_load  # noqa: F401 -- a fixture
 
 DIAG_BF16 = ["--vhp_samples", "4", "--layer_name", "self_attn.v_proj", "--seqlen", "16", "--b", "2", "--dtype", "bfloat16", "--probe_batch", "1", "--no_progress", "--name", "d"]
 
@@ -49,3 +49,39 @@ def test_bfloat16_diagonal_runs_and_resumes_after_phase_one(tmp_path, monkeypatc
     assert ckpt.read(out / "d.ckpt")["prefix"] == 2  # phase 1 is complete and kept
     meta = hessian_diagonal.run([*DIAG_BF16, "--output_dir", str(out), "--resume"])
     assert torch.equal(torch.load(out / meta["files"]["tensor"]), reference)
+
+
+# ----------------------------------------------------------------------------- 10: the write probe on a full disk; non-finite timeouts
+
+
+def _file_size_limit(limit: int):
+    """A context in which this process may write files of at most ``limit`` bytes (``RLIMIT_FSIZE``, soft limit,
+    SIGXFSZ ignored): a write past it fails with ``EFBIG`` like a write to a full disk. Restored on exit."""
+    import contextlib
+    import resource
+
+    @contextlib.contextmanager
+    def ctx():
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, old)
+
+    return ctx()
+
+
+def test_a_full_output_disk_is_refused_without_leaving_the_write_probe(tmp_path, no_model_load):
+    with _file_size_limit(1):
+        code, err = _main(single_layer_single_block, [*ARGS, "--output_dir", str(tmp_path)])
+    assert code == 2 and err == f"error: --output_dir {str(tmp_path)!r} is not a writable directory (File too large); choose another --output_dir"
+    assert list(tmp_path.iterdir()) == []  # no .write-probe-<pid>
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_unit_timeout_is_refused(value, tmp_path, no_model_load):
+    code, err = _main(single_layer_single_block, [*ARGS, "--output_dir", str(tmp_path), "--unit_timeout", value])
+    assert code == 2 and err == f"error: --unit_timeout must be a finite number of seconds (0 = automatic), got {float(value)}"
