@@ -21,7 +21,7 @@ from . import curvature, diagonality, outputs, parallel, preflight
 from .data import default_dataset, load_text, load_tokenizer, make_samples, tokenize, check_seqlen
 from .errors import Interrupted, RunError, UserError
 from .hessian import METHODS, ExactHessianJob
-from .inputs import model_fingerprint, tokenizer_fingerprint, warn
+from .inputs import check_token_ids, model_fingerprint, tokenizer_fingerprint, warn
 from .models import EMBEDDED, ModelSpec, load_model, max_positions, resolve_device
 from .plots import heatmap, slice_label
 from .results import save_tensor_and_json
@@ -233,6 +233,7 @@ def prepare(args: argparse.Namespace, build_subset: Callable[[nn.Module], Subset
         args.b = (tokens.numel() // args.seqlen) // args.model_input_bs * args.model_input_bs
         check_cheap(args)
     samples = make_samples(tokens, args.seqlen, args.b)
+    check_token_ids(samples, model, args.model)
     return Prepared(model, samples, device, devices, fingerprints), subset
 
 

@@ -115,6 +115,23 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
+# ----------------------------------------------------------------------------- samples
+
+
+def check_token_ids(samples: torch.Tensor, model: nn.Module, tokenizer_name: str) -> None:
+    """Refuse (:class:`UserError`) samples holding a token id the model's input embedding has no row for
+    (``id >= num_embeddings`` or negative): a tokenizer that does not belong to the model."""
+    emb = model.get_input_embeddings()
+    rows = getattr(emb, "num_embeddings", None) or emb.weight.shape[0]
+    if samples.numel() and (int(samples.max()) >= rows or int(samples.min()) < 0):
+        bad = int(samples.max()) if int(samples.max()) >= rows else int(samples.min())
+        count = int(((samples >= rows) | (samples < 0)).sum())
+        raise UserError(
+            f"the tokenizer of {tokenizer_name!r} gives token id {bad} ({count} of the {samples.numel()} sample tokens out of range) "
+            f"but the model's vocabulary has {rows} entries (ids 0..{rows - 1}): the tokenizer does not belong to the model"
+        )
+
+
 # ----------------------------------------------------------------------------- weights
 
 

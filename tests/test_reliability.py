@@ -85,3 +85,17 @@ def test_a_full_output_disk_is_refused_without_leaving_the_write_probe(tmp_path,
 def test_non_finite_unit_timeout_is_refused(value, tmp_path, no_model_load):
     code, err = _main(single_layer_single_block, [*ARGS, "--output_dir", str(tmp_path), "--unit_timeout", value])
     assert code == 2 and err == f"error: --unit_timeout must be a finite number of seconds (0 = automatic), got {float(value)}"
+
+
+# ----------------------------------------------------------------------------- 6: token ids beyond the model's vocabulary
+
+
+@pytest.mark.parametrize("devices", [[], ["--devices", "cpu,cpu"]], ids=["in-process", "workers"])
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_computing(devices, tmp_path, monkeypatch):
+    from test_inputs import FAST, _tiny_opt
+
+    model_dir = _tiny_opt(tmp_path / "m", vocab=64)  # the embedded 4096-token tokenizer
+    monkeypatch.setattr(parallel, "_run_on_pool", lambda *a: (_ for _ in ()).throw(AssertionError("workers were started")))
+    code, err = _main(single_layer_single_block, ["--model", str(model_dir), *FAST, "--output_dir", str(tmp_path / "out"), *devices])
+    assert code == 2 and re.fullmatch(rf"error: the tokenizer of '{re.escape(str(model_dir))}' gives token id \d+ \(\d+ of the 32 sample tokens out of range\) but the model's vocabulary has 64 entries \(ids 0\.\.63\): the tokenizer does not belong to the model", err), err
+    assert not (tmp_path / "out").exists()  # nothing written (the directory the run created is removed again)
