@@ -157,19 +157,28 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return out
 
 
-CONTENT_KEYS = {"model.fingerprint": "the model's weights", "model.tokenizer_fingerprint": "the tokenizer"}
-"""Configuration keys that fingerprint input files (:mod:`lib.inputs`): a difference there means a file changed."""
+CONTENT_KEYS = {
+    "model.fingerprint": "the model's weights",
+    "model.config_fingerprint": "the model's configuration (config.json)",
+    "model.code": "the code that runs the model",
+    "model.tokenizer_fingerprint": "the tokenizer",
+}
+"""Configuration keys that identify the inputs (:mod:`lib.inputs`): a difference there means a file or the installed code changed."""
 
 
 def _describe_change(key: str, old: dict[str, Any], new: dict[str, Any]) -> str:
-    """``"the model's weights changed (fingerprint abc.. -> def..)"`` for a dotted key of :data:`CONTENT_KEYS`."""
+    """``"the model's weights changed (fingerprint abc.. -> def..)"`` for a dotted key of :data:`CONTENT_KEYS`
+    (the code path in full: ``(transformers 5.1.0, ... -> transformers 5.2.0, ...)``)."""
 
     def get(cfg: dict[str, Any]) -> str:
         for part in key.split("."):
             cfg = cfg.get(part) if isinstance(cfg, dict) else None
-        return f"{cfg[:12]}.." if isinstance(cfg, str) else "none"
+        if not isinstance(cfg, str):
+            return "none"
+        return cfg if key == "model.code" else f"{cfg[:12]}.."
 
-    return f"{CONTENT_KEYS[key]} changed (fingerprint {get(old)} -> {get(new)})"
+    what = "" if key == "model.code" else "fingerprint "
+    return f"{CONTENT_KEYS[key]} changed ({what}{get(old)} -> {get(new)})"
 
 
 def read(path: str | Path) -> dict[str, Any]:

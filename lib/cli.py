@@ -21,7 +21,8 @@ from . import curvature, diagonality, outputs, parallel, preflight
 from .data import default_dataset, load_text, load_tokenizer, make_samples, tokenize, check_seqlen
 from .errors import Interrupted, RunError, UserError
 from .hessian import METHODS, ExactHessianJob
-from .inputs import check_token_ids, model_fingerprint, tokenizer_fingerprint, warn
+from .inputs import check_token_ids, warn
+from .inputs import fingerprints as input_fingerprints
 from .models import EMBEDDED, ModelSpec, load_model, max_positions, resolve_device
 from .plots import heatmap, slice_label
 from .results import save_tensor_and_json
@@ -186,7 +187,8 @@ def run_devices(args: argparse.Namespace) -> list[torch.device]:
 
 def model_spec(args: argparse.Namespace, prep: Prepared) -> ModelSpec:
     """How worker processes load the model of this run (and check that it is the parent's, by fingerprint)."""
-    return ModelSpec(args.model, args.cache_dir, args.dtype, args.attn_implementation, getattr(args, "device_map", None), prep.fingerprints.get("model"), prep.fingerprints.get("tokenizer"))
+    f = prep.fingerprints
+    return ModelSpec(args.model, args.cache_dir, args.dtype, args.attn_implementation, getattr(args, "device_map", None), f.get("model"), f.get("tokenizer"), f.get("model_config"), f.get("code"))
 
 
 def run_settings(args: argparse.Namespace, prep: Prepared, checkpoint_path: str | Path, desc: str) -> parallel.RunSettings:
@@ -225,7 +227,7 @@ def prepare(args: argparse.Namespace, build_subset: Callable[[nn.Module], Subset
         args.seqlen = min(2048, limit or 2048)
     check_seqlen(args.seqlen, limit)
     tokenizer = load_tokenizer(args.model, args.cache_dir)
-    fingerprints = {"model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(tokenizer)}
+    fingerprints = input_fingerprints(model, tokenizer)
     tokens = tokenize(tokenizer, load_text(args.dataset, args.cache_dir), args.cache_dir)
     if not tokens.numel():
         raise UserError(f"the text of --dataset {args.dataset} gives no tokens")

@@ -99,3 +99,48 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_computing(devi
     code, err = _main(single_layer_single_block, ["--model", str(model_dir), *FAST, "--output_dir", str(tmp_path / "out"), *devices])
     assert code == 2 and re.fullmatch(rf"error: the tokenizer of '{re.escape(str(model_dir))}' gives token id \d+ \(\d+ of the 32 sample tokens out of range\) but the model's vocabulary has 64 entries \(ids 0\.\.63\): the tokenizer does not belong to the model", err), err
     assert not (tmp_path / "out").exists()  # nothing written (the directory the run created is removed again)
+
+
+# ----------------------------------------------------------------------------- 1: the model's configuration and code are part of its identity
+
+
+def test_resume_refuses_a_model_whose_configuration_changed_after_a_kill(tmp_path, capsys):
+    import shutil
+
+    from test_inputs import FAST, _fail, _tiny_opt
+    from lib.models import load_model
+
+    model_dir = _tiny_opt(tmp_path / "m")
+    assert json.loads((model_dir / "config.json").read_text())["activation_function"] == "relu"
+    argv = ["--model", str(model_dir), *FAST, "--output_dir", str(tmp_path / "out"), "--name", "r", "--checkpoint_every", "1"]
+    meta = single_layer_single_block.run([*argv, "--keep_checkpoint"])
+    for f in ("r.pt", "r.json"):  # as if killed before the results were written
+        (tmp_path / "out" / f).unlink()
+    cfg = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**cfg, "activation_function": "gelu", "_name_or_path": "elsewhere"}))
+    capsys.readouterr()
+    err = _fail([*argv, "--resume"], capsys)  # exit 0 before: 2 relu units mixed with 2 gelu units
+    assert not (tmp_path / "out" / "r.pt").exists()
+    from lib.inputs import code_path, config_fingerprint
+
+    old, new = meta["fingerprints"]["model_config"], config_fingerprint(load_model(str(model_dir)))
+    assert err == f"error: checkpoint {tmp_path / 'out' / 'r.ckpt'} was written for other inputs: the model's configuration (config.json) changed (fingerprint {old[:12]}.. -> {new[:12]}..); restore the original files, or delete it to start over"
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    model = load_model(str(model_dir))
+    assert old == config_fingerprint(model) == config_fingerprint(load_model(str(shutil.copytree(model_dir, tmp_path / "moved"))))
+    assert meta["fingerprints"]["code"] == code_path(model) and code_path(model).startswith("transformers ")
+
+
+def test_a_worker_refuses_a_model_whose_configuration_or_code_differs(tmp_path):
+    from test_inputs import _tiny_opt
+    from lib.errors import UserError
+    from lib.inputs import code_path, config_fingerprint
+    from lib.models import ModelSpec, load_model
+
+    model_dir = _tiny_opt(tmp_path / "m")
+    model = load_model(str(model_dir))
+    ModelSpec(str(model_dir), config_fingerprint=config_fingerprint(model), code=code_path(model)).load()  # the same: accepted
+    with pytest.raises(UserError, match=r"\(configuration 000000000000 -> [0-9a-f]{12}\): its files changed during the run"):
+        ModelSpec(str(model_dir), config_fingerprint="0" * 16).load()
+    with pytest.raises(UserError, match=r"\(code transformers 0\.0 -> transformers .*, attention eager\)"):
+        ModelSpec(str(model_dir), code="transformers 0.0").load()
