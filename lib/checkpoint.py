@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
+from .errors import RunError, UserError
 from .jobs import Partial, add_partials
 from .results import atomic_write_bytes
 
@@ -218,44 +218,73 @@ def load(path: str | Path, config: dict[str, Any], num_units: int) -> RunState:
     return RunState(raw["num_units"], raw["prefix"], raw["prefix_sum"], dict(raw["pending"]), raw["elapsed_s"], snapshots=dict(raw.get("snapshots", {})))
 
 
+class CheckpointWriteError(RunError):
+    """The checkpoint could not be written (disk full, permissions): the run stops; the file keeps what it held."""
+
+
 class Writer:
-    """Decides when to write the checkpoint of a run (every N units, or every so many seconds) and writes it."""
+    """Decides when to write the checkpoint of a run (every N units, or every so many seconds) and writes it.
+
+    ``saved_done``: the finished units the checkpoint file durably holds (written by this run, or resumed
+    from); every message that says what is saved reports this count, never the units merely finished."""
 
     def __init__(self, cfg: CheckpointConfig | None, config: dict[str, Any], state: RunState):
         self.cfg, self.config, self.state = cfg, config, state
-        self._saved_done = state.n_done
+        self.saved_done = state.n_done if cfg is not None and cfg.owned else 0
         self._saved_at = time.monotonic()
         self._t0 = time.monotonic()
         self._elapsed0 = state.elapsed_s
         self.written = False
+        self.failed: OSError | None = None
+        """The error of the last write, if it failed."""
 
     @property
     def dirty(self) -> bool:
         """Units finished since the last write."""
-        return self.state.n_done != self._saved_done
+        return self.state.n_done != self.saved_done
 
     def save(self) -> None:
-        """Write now (if checkpointing is on)."""
+        """Write now (if checkpointing is on); :class:`CheckpointWriteError` if the file cannot be written."""
         if self.cfg is None or not self.cfg.writes:
             return
         self.state.elapsed_s = self._elapsed0 + time.monotonic() - self._t0
-        save(self.cfg.path, self.state, self.config)
+        try:
+            save(self.cfg.path, self.state, self.config)
+        except OSError as e:
+            self.failed = e
+            raise CheckpointWriteError(f"could not write the checkpoint {self.cfg.path} ({type(e).__name__}: {e})") from None
         self.cfg.owned = True
-        self._saved_done, self._saved_at, self.written = self.state.n_done, time.monotonic(), True
+        self.failed = None
+        self.saved_done, self._saved_at, self.written = self.state.n_done, time.monotonic(), True
 
     def maybe_save(self) -> None:
         """Write if the unit count or the time since the last write calls for it."""
         if self.cfg is None or not self.dirty:
             return
-        by_units = self.cfg.every_units > 0 and self.state.n_done - self._saved_done >= self.cfg.every_units
+        by_units = self.cfg.every_units > 0 and self.state.n_done - self.saved_done >= self.cfg.every_units
         by_time = self.cfg.every_s > 0 and time.monotonic() - self._saved_at >= self.cfg.every_s
         if by_units or by_time:
             self.save()
 
     def save_if_dirty(self) -> None:
-        """On a failure or an interrupt: keep every finished unit."""
-        if self.dirty:
+        """On a failure or an interrupt: keep every finished unit (unless the last write failed: the disk is full)."""
+        if self.dirty and self.failed is None:
             self.save()
+
+    def kept(self) -> str:
+        """``"; the 3 finished units of 8 are saved in <path> (rerun with --resume)"``: what the file durably holds
+        (``""`` when checkpointing is off or nothing was finished)."""
+        cfg, state = self.cfg, self.state
+        if cfg is None or not cfg.writes or not state.n_done:
+            return ""
+        if not self.saved_done:
+            return f"; none of the {state.n_done} finished unit{_s(state.n_done)} could be saved"
+        unit = f"unit{_s(self.saved_done)} of {state.num_units} {'is' if self.saved_done == 1 else 'are'}"
+        return f"; the {self.saved_done} finished {unit} saved in {cfg.path} (rerun with --resume)"
+
+
+def _s(n: int) -> str:
+    return "" if n == 1 else "s"
 
 
 def finish(cfg: CheckpointConfig | None) -> None:

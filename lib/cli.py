@@ -342,7 +342,8 @@ def run_exact(script: str, args: argparse.Namespace, build_subset: Callable[[nn.
 
 def main(fn: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> Any:
     """Run a script's ``fn(argv)``, turning :class:`UserError` into one line on stderr and exit status 2
-    (:class:`RunError`, a run stopped while computing: exit status 1; SIGINT / SIGTERM: 130 / 143, one line, no traceback)."""
+    (:class:`RunError`, a run stopped while computing, or an ``OSError``: exit status 1; SIGINT / SIGTERM: 130 / 143,
+    one line, no traceback)."""
     import signal
 
     def terminate(signum, frame):  # noqa: ARG001 -- SIGTERM before or after the computation (lib.parallel handles it during)
@@ -360,6 +361,9 @@ def main(fn: Callable[[list[str] | None], Any], argv: list[str] | None = None) -
         raise SystemExit(2) from None
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except OSError as e:  # a file that could not be read or written, not caught closer to its cause
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     finally:
         if old is not None:

@@ -256,17 +256,15 @@ class _Sink:
         self.writer.maybe_save()
 
     def kept(self) -> str:
-        """What happened to the finished work, for error messages."""
-        if self.cfg is not None and self.cfg.writes and self.state.n_done:
-            return f"; the {self.state.n_done} finished units of {self.state.num_units} are saved in {self.cfg.path} (rerun with --resume)"
-        return ""
+        """What the checkpoint durably holds of the finished work, for error messages (:meth:`lib.checkpoint.Writer.kept`)."""
+        return self.writer.kept()
 
     def fail(self) -> None:
-        """Save the finished work after an error or interrupt."""
+        """Save the finished work after an error or interrupt (a failed write shows in :meth:`kept`)."""
         try:
             self.writer.save_if_dirty()
-        except Exception as e:  # noqa: BLE001 -- never hide the original error
-            print(f"warning: could not write the checkpoint: {_summary(e)}", file=sys.stderr)
+        except ckpt.CheckpointWriteError:
+            pass  # never hide the original error; kept() says what the file holds
 
     def done(self) -> Partial:
         """The total; with checkpointing on, the complete state is written first (``--resume`` then only writes the outputs)."""

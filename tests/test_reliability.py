@@ -22,6 +22,14 @@ from lib import checkpoint as ckpt
 from lib import parallel
 from test_guarantees import ARGS, _env, _main, no_model_load  # noqa: F401 -- a fixture
 
+@pytest.fixture(scope="module")
+def reference_exact(tmp_path_factory) -> torch.Tensor:
+    """The uninterrupted result of ``single_layer_single_block.py`` with :data:`test_guarantees.ARGS`."""
+    tmp = tmp_path_factory.mktemp("reference")
+    meta = single_layer_single_block.run([*ARGS, "--output_dir", str(tmp)])
+    return torch.load(tmp / meta["files"]["tensor"])
+
+
 DIAG_BF16 = ["--vhp_samples", "4", "--layer_name", "self_attn.v_proj", "--seqlen", "16", "--b", "2", "--dtype", "bfloat16", "--probe_batch", "1", "--no_progress", "--name", "d"]
 
 
@@ -144,3 +152,47 @@ def test_a_worker_refuses_a_model_whose_configuration_or_code_differs(tmp_path):
         ModelSpec(str(model_dir), config_fingerprint="0" * 16).load()
     with pytest.raises(UserError, match=r"\(code transformers 0\.0 -> transformers .*, attention eager\)"):
         ModelSpec(str(model_dir), code="transformers 0.0").load()
+
+
+# ----------------------------------------------------------------------------- 2: a full disk between two checkpoints
+
+
+def _stderr_of(script, argv: list[str]) -> tuple[int, list[str]]:
+    """Run a script through :func:`lib.cli.main` in this process: ``(exit status, every stderr line)``."""
+    import contextlib
+    import io
+
+    from lib import cli
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            cli.main(script.run, argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    return code, err.getvalue().strip().splitlines()
+
+
+def test_a_disk_full_after_the_first_checkpoint_is_one_line_that_counts_what_the_file_holds(tmp_path, monkeypatch, reference_exact):
+    save = ckpt.save
+    limited = []
+
+    def fill_the_disk_after_the_first(path, state, config):
+        save(path, state, config)
+        if not limited:  # from now on every file write past 64 bytes fails (EFBIG), like a full disk
+            limited.append(_file_size_limit(64))
+            limited[0].__enter__()
+
+    monkeypatch.setattr(ckpt, "save", fill_the_disk_after_the_first)
+    try:
+        code, lines = _stderr_of(single_layer_single_block, [*ARGS, "--output_dir", str(tmp_path), "--checkpoint_every", "1"])
+    finally:
+        if limited:
+            limited[0].__exit__(None, None, None)
+    path = tmp_path / "h.ckpt"
+    assert code == 1 and lines == [f"error: could not write the checkpoint {path} (OSError: [Errno 27] File too large); the 1 finished unit of 4 is saved in {path} (rerun with --resume)"]
+    assert ckpt.read(path)["prefix"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["h.ckpt"]  # no temporary file, no lock
+    monkeypatch.undo()
+    meta = single_layer_single_block.run([*ARGS, "--output_dir", str(tmp_path), "--resume"])
+    assert torch.equal(torch.load(tmp_path / meta["files"]["tensor"]), reference_exact)
