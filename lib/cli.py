@@ -245,10 +245,19 @@ def default_name(script: str, args: argparse.Namespace, tag: str) -> str:
     return outputs.default_name(f"{script}_{model}_{tag}_t{args.t}_b{args.b}_s{args.seqlen}", args, ignore=("seed",))
 
 
-def claim_outputs(args: argparse.Namespace, name: str, checkpoints: list[Path]) -> None:
-    """Check and lock the run's outputs before the model is loaded (:func:`lib.outputs.claim`; released by :func:`lib.outputs.guarded`)."""
+def claim_outputs(args: argparse.Namespace, name: str, checkpoints: list[Path], files: list[str] | None = None) -> None:
+    """Check and lock the run's outputs before the model is loaded (:func:`lib.outputs.claim`; released by :func:`lib.outputs.guarded`).
+    ``files``: every result file the run writes (:func:`lib.outputs.planned_files`)."""
     env = parallel.distributed_env()
-    outputs.claim(args.output_dir, name, checkpoints, args.overwrite, args.resume, rank0=env is None or env[0] == 0)
+    outputs.claim(args.output_dir, name, checkpoints, args.overwrite, args.resume, rank0=env is None or env[0] == 0, files=files)
+
+
+def exact_files(script: str, args: argparse.Namespace, name: str) -> list[str]:
+    """The result files of an exact run: tensor, JSON, heatmap; the slice-mass figure (scripts with several slices);
+    the batch study's and the comparison's tensor and figure when asked for."""
+    extra = [stem for stem, on in (("_batch_study", getattr(args, "batch_study", False)), ("_compare", getattr(args, "compare", None))) if on]
+    several = script != "single_layer_single_block"
+    return outputs.planned_files(name, ["", *(["_slice_mass"] if several else []), *extra], extra)
 
 
 def check_resources(args: argparse.Namespace, prep: Prepared, est: preflight.Estimate, alternatives: str) -> None:
@@ -280,7 +289,7 @@ def run_exact(script: str, args: argparse.Namespace, build_subset: Callable[[nn.
     check_cheap(args)
     name = args.name or default_name(script, args, tag())
     out = Path(args.output_dir)
-    claim_outputs(args, name, [out / f"{name}.ckpt"])
+    claim_outputs(args, name, [out / f"{name}.ckpt"], exact_files(script, args, name))
     prep, subset = prepare(args, build_subset)
     check_resources(args, prep, preflight.exact_estimate(subset.size, DTYPES[args.dtype].itemsize), "a smaller --t (or fewer blocks or layers), or --checkpoint_every 0 (no checkpoint file)")
     job = ExactHessianJob(
