@@ -110,13 +110,15 @@ def check_flags(run: Run, argv: list[str]) -> None:
 
 
 def compose_3b(metas: list[dict[str, Any]], out: Path, name: str) -> list[Path]:
-    """Fig. 3b: the diagonals of the k sweep side by side (one heatmap per run)."""
+    """Fig. 3b: the diagonals of the k sweep side by side (one heatmap per run), each read after checking its files'
+    recorded SHA-256 (:func:`lib.results.load_result`)."""
     from lib.plots import heatmap_grid
+    from lib.results import load_result
 
     panels = []
     for m in metas:
         est = m["estimators"][0]
-        panels.append((f"{est}, k = {m['vhp_samples']}", torch.load(out / m["files"]["tensor"])))
+        panels.append((f"{est}, k = {m['vhp_samples']}", load_result(out / m["files"]["json"])[1]))
     c = metas[0]["config"]
     title = f"|diag H| of {metas[0]['parameter']} along k (HVPs per sample); {c['model']}, b={c['b']}, seqlen={c['seqlen']}\nx: input index (column), y: output unit (row)"
     return heatmap_grid(panels, out / name, title, ncols=len(panels))

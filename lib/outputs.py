@@ -72,10 +72,9 @@ def figure_files(stem: str) -> list[str]:
 def planned_files(name: str, figures: Iterable[str] = ("",), tensors: Iterable[str] = ()) -> list[str]:
     """The result files a run writes besides its checkpoints: ``<name>.pt``, ``<name>.json``, ``<name><f>.pdf/.png`` for
     each figure stem ``f`` (``""``: the main figure; ``"_slice_mass"``, ...) and ``<name><t>.pt`` for each extra tensor stem."""
-    out = [f"{name}.pt", f"{name}.json"]
+    out = [f"{name}.pt", f"{name}.json", *(f"{name}{t}.pt" for t in tensors)]
     for f in figures:
         out += figure_files(name + f)
-    out += [f"{name}{t}.pt" for t in tensors]
     return list(dict.fromkeys(out))
 
 

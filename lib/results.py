@@ -171,10 +171,10 @@ def save_tensor_and_json(output_dir: str | Path, name: str, tensor: Any, meta: d
     open :class:`OutputSet` of ``output_dir``: figures, extra tensors) with them, as one set.
 
     Order: the ``.pt`` is staged (temporary file, fsynced) like the others and each staged file's SHA-256 taken;
-    the old ``.json`` is removed (directory fsynced); every staged file is renamed into place (directory
-    fsynced); last the ``.json``, recording ``tensor_sha256`` and the manifest ``outputs`` (file name -> SHA-256
-    of every file but itself), is written to a temporary file, fsynced and renamed. Files the old result listed
-    and the new one does not are removed after. So a ``.json`` always describes exactly the files beside it,
+    the old ``.json`` is removed (directory fsynced), then the files it listed that the new result does not have;
+    every staged file is renamed into place (directory fsynced); last the ``.json``, recording ``tensor_sha256``
+    and the manifest ``outputs`` (file name -> SHA-256 of every file but itself), is written to a temporary
+    file, fsynced and renamed. So a ``.json`` always describes exactly the files beside it,
     whenever the process is killed. Returns the metadata as written (``meta`` plus ``versions``, ``files``
     (names relative to ``output_dir``), ``tensor_sha256`` and ``outputs``).
     """
@@ -190,6 +190,8 @@ def save_tensor_and_json(output_dir: str | Path, name: str, tensor: Any, meta: d
         if js.exists():
             js.unlink()
             fsync_dir(out)
+        for stale in sorted(old - set(digests) - {js.name}):  # an --overwrite that no longer writes e.g. the batch study
+            (out / stale).unlink(missing_ok=True)
         for n, tmp in list(own.staged.items()):
             os.replace(tmp, out / n)
             del own.staged[n]
@@ -200,8 +202,6 @@ def save_tensor_and_json(output_dir: str | Path, name: str, tensor: Any, meta: d
     close_output_set(own)
     meta = {**meta, "versions": versions(), "files": {"tensor": pt.name, "json": js.name}, "tensor_sha256": digests[pt.name], "outputs": dict(sorted(digests.items()))}
     atomic_write_bytes(js, lambda p: p.write_text(json.dumps(meta, indent=1, default=str) + "\n"))
-    for stale in sorted(old - set(digests) - {js.name}):  # an --overwrite that no longer writes e.g. the batch study
-        (out / stale).unlink(missing_ok=True)
     return meta
 
 

@@ -196,3 +196,188 @@ def test_a_disk_full_after_the_first_checkpoint_is_one_line_that_counts_what_the
     monkeypatch.undo()
     meta = single_layer_single_block.run([*ARGS, "--output_dir", str(tmp_path), "--resume"])
     assert torch.equal(torch.load(tmp_path / meta["files"]["tensor"]), reference_exact)
+
+
+# ----------------------------------------------------------------------------- 3: names too long for the files derived from them
+
+
+@pytest.mark.parametrize("name", ["x" * 245, "漢" * 130], ids=["245-ascii", "130-cjk"])
+def test_a_name_too_long_for_its_derived_files_is_refused_before_any_work(name, tmp_path, no_model_load):
+    """The longest file a run derives from its name is a temporary ``.<name>.ckpt.tmp<pid>``: 17 bytes more than
+    the name (7 digits for the pid), so 238 bytes is the longest name on a file system with 255-byte names."""
+    code, err = _main(single_layer_single_block, [*ARGS, "--output_dir", str(tmp_path), "--name", name])
+    size = len(name.encode())
+    assert code == 2 and err == (
+        f"error: --name is {size} bytes long (UTF-8): with the suffixes and temporary-file markers this run adds (up to 17 bytes, "
+        f"as in '.<name>.json.tmp<pid>') its file names would exceed the 255-byte limit of {tmp_path}; use a --name of at most 238 bytes"
+    )
+    assert list(tmp_path.iterdir()) == []
+    code, err = _main(single_layer_single_block, [*ARGS, "--output_dir", str(tmp_path), "--name", "y" * 238])
+    assert code == -1 and "the model was loaded" in err  # the longest name passes every check
+
+
+# ----------------------------------------------------------------------------- 4: one result's files never overwrite another's
+
+
+TINY = ["--t", "2", "--seqlen", "16", "--b", "2", "--dtype", "float64", "--no_progress"]
+
+
+@pytest.mark.parametrize(
+    "first,second,taken",
+    [
+        (["--name", "r_batch_study"], ["--name", "r", "--batch_study"], "r_batch_study.pt"),
+        (["--name", "r", "--batch_study"], ["--name", "r_batch_study"], "r_batch_study.pt"),
+        (["--name", "q_compare"], ["--name", "q", "--compare", "diag"], "q_compare.pt"),
+        (["--name", "q", "--compare", "diag"], ["--name", "q_compare", "--overwrite"], "q_compare.pt"),
+    ],
+    ids=["study-after-name", "name-after-study", "compare-after-name", "name-after-compare"],
+)
+def test_a_run_never_writes_a_file_of_another_result(first, second, taken, tmp_path, monkeypatch):
+    single_layer_single_block.run([*TINY, "--output_dir", str(tmp_path), *first])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    owner = first[1]
+    monkeypatch.setattr("lib.cli.load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was loaded")))
+    code, err = _main(single_layer_single_block, [*TINY, "--output_dir", str(tmp_path), *second])
+    assert code == 2 and err == f"error: this run would write {tmp_path / taken}, which belongs to the result {tmp_path / owner}.json; choose another --name (--overwrite replaces only a result of the same name)"
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # untouched, no lock left
+
+
+def test_a_run_never_writes_a_file_a_running_or_unfinished_run_will_write(tmp_path, monkeypatch):
+    from lib import outputs
+
+    monkeypatch.setattr("lib.cli.load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was loaded")))
+    other = outputs.claim(tmp_path, "r", [tmp_path / "r.ckpt"], False, False, files=outputs.planned_files("r", ["", "_batch_study"], ["_batch_study"]))
+    try:  # a run named r with --batch_study in progress
+        code, err = _main(single_layer_single_block, [*TINY, "--output_dir", str(tmp_path), "--name", "r_batch_study"])
+        assert code == 2 and err == f"error: this run would write {tmp_path / 'r_batch_study.pt'}, which belongs to a run in progress (pid {os.getpid()}) named r; choose another --name (--overwrite replaces only a result of the same name)"
+    finally:
+        other.release()
+        outputs._CURRENT.remove(other)
+    (tmp_path / "q_compare.ckpt").write_bytes(b"an unfinished run named q_compare")
+    code, err = _main(single_layer_single_block, [*TINY, "--output_dir", str(tmp_path), "--name", "q", "--compare", "diag"])
+    assert code == 2 and err == f"error: this run would write {tmp_path / 'q_compare.pt'}, which belongs to the unfinished run q_compare (checkpoint {tmp_path / 'q_compare.ckpt'}); choose another --name (--overwrite replaces only a result of the same name)"
+
+
+# ----------------------------------------------------------------------------- 5: all outputs of a result are replaced as a unit
+
+
+WRAPPER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+what = {what!r}
+if what == "kill_at_png":  # SIGKILL as the result's first .png is written (its .pdf is written just before)
+    import matplotlib.figure
+    savefig = matplotlib.figure.Figure.savefig
+    def killing(self, fname, *a, **k):
+        if str(fname).endswith(".png") or k.get("format") == "png":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return savefig(self, fname, *a, **k)
+    matplotlib.figure.Figure.savefig = killing
+import single_layer_single_block
+from lib import cli
+if __name__ == "__main__":
+    cli.main(single_layer_single_block.run, sys.argv[1:])
+"""
+
+
+def _wrapped(tmp_path, what: str, argv: list[str], **kw) -> subprocess.Popen:
+    script = tmp_path / f"{what}.py"
+    script.write_text(WRAPPER.format(root=str(ROOT), what=what))
+    return subprocess.Popen([sys.executable, str(script), *argv], env=_env(), cwd=tmp_path, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _visible(d) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in d.iterdir() if not p.name.startswith(".") and p.is_file()}
+
+
+@pytest.mark.slow
+def test_an_overwrite_killed_between_its_figures_leaves_the_old_result_whole(tmp_path, reference_exact):
+    from lib.results import verify_result
+
+    out = tmp_path / "out"
+    single_layer_single_block.run([*ARGS, "--output_dir", str(out), "--b", "2"])  # the old result of the same name
+    old = _visible(out)
+    assert sorted(old) == ["h.json", "h.pdf", "h.png", "h.pt"]
+    proc = _wrapped(tmp_path, "kill_at_png", [*ARGS, "--output_dir", str(out), "--overwrite"])
+    proc.communicate(timeout=600)
+    assert proc.returncode == -signal.SIGKILL
+    now = _visible(out)
+    assert {k: v for k, v in now.items() if k not in ("h.ckpt", "h.lock")} == old  # no new .pdf beside the old JSON: nothing of the new set is visible
+    assert ckpt.read(out / "h.ckpt")["prefix"] == 4
+    meta = single_layer_single_block.run([*ARGS, "--output_dir", str(out), "--overwrite", "--resume"])
+    assert verify_result(out / "h.json")["outputs"] == meta["outputs"] and sorted(meta["outputs"]) == ["h.pdf", "h.png", "h.pt"]
+    assert torch.equal(torch.load(out / "h.pt"), reference_exact)
+    assert sorted(p.name for p in out.iterdir()) == ["h.json", "h.pdf", "h.png", "h.pt"]  # no temporary file left
+
+
+def test_an_overwrite_stopped_while_renaming_its_files_leaves_no_json(tmp_path, monkeypatch, reference_exact):
+    import lib.results
+    from lib.results import verify_result
+
+    single_layer_single_block.run([*ARGS, "--output_dir", str(tmp_path), "--b", "2", "--batch_study"])
+    replace = os.replace
+
+    def stop_at_the_png(src, dst):
+        if str(dst).endswith("h.png") and ".tmp" in str(src):
+            raise KeyboardInterrupt
+        return replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(lib.results.os, "replace", stop_at_the_png)
+        code, err = _main(single_layer_single_block, [*ARGS, "--output_dir", str(tmp_path), "--overwrite"])
+    assert code == 130 and err == f"error: interrupted by SIGINT while writing the results; every unit is computed and saved in {tmp_path / 'h.ckpt'}: fix the cause and rerun with --resume (and the same flags) to write the outputs without recomputing"
+    assert not (tmp_path / "h.json").exists()  # the old JSON went first: a mixed set is never described by a JSON
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the staged files not yet renamed are removed
+    meta = single_layer_single_block.run([*ARGS, "--output_dir", str(tmp_path), "--overwrite", "--resume"])
+    verify_result(tmp_path / "h.json")
+    assert torch.equal(torch.load(tmp_path / "h.pt"), reference_exact)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["h.json", *meta["outputs"]])  # the old batch study's files are gone
+
+
+# ----------------------------------------------------------------------------- 12: tensor_sha256 (and every file's digest) checked when results are read
+
+
+def test_verify_result_names_a_replaced_damaged_or_missing_file(tmp_path):
+    from lib.results import ResultMismatch, load_result, verify_result
+
+    for name, b in (("a", "2"), ("b", "3")):
+        single_layer_single_block.run([*TINY, "--output_dir", str(tmp_path), "--name", name, "--b", b, "--batch_study"])
+    meta, tensor = load_result(tmp_path / "a.json")
+    assert torch.equal(tensor, torch.load(tmp_path / "a.pt")) and sorted(meta["outputs"]) == ["a.pdf", "a.png", "a.pt", "a_batch_study.pdf", "a_batch_study.png", "a_batch_study.pt"]
+    (tmp_path / "a.pt").write_bytes((tmp_path / "b.pt").read_bytes())  # another run's tensor
+    with pytest.raises(ResultMismatch, match=rf"^{re.escape(str(tmp_path / 'a.pt'))} does not match the SHA-256 recorded in {re.escape(str(tmp_path / 'a.json'))} \([0-9a-f]{{12}}\.\. recorded, [0-9a-f]{{12}}\.\. found\): it was replaced or damaged; rerun with --overwrite to rebuild the result$"):
+        verify_result(tmp_path / "a.json")
+    data = (tmp_path / "b_batch_study.png").read_bytes()
+    (tmp_path / "b_batch_study.png").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(ResultMismatch, match=r"b_batch_study\.png does not match"):
+        verify_result(tmp_path / "b.json")
+    (tmp_path / "b_batch_study.png").write_bytes(data)
+    verify_result(tmp_path / "b.json")
+    (tmp_path / "b.pdf").unlink()
+    with pytest.raises(ResultMismatch, match=r"b\.pdf, a file of the result .*b\.json, is missing"):
+        verify_result(tmp_path / "b.json")
+
+
+@pytest.mark.slow
+def test_reproduce_refuses_a_result_whose_tensor_was_swapped(tmp_path, monkeypatch, capsys):
+    import hessian_diagonal as hd
+    import reproduce
+
+    run = hd.run
+    done = []
+
+    def swap_after_the_second(argv):
+        meta = run(argv)
+        done.append(meta)
+        if len(done) == 2:  # another run's tensor in place of this one's, its JSON untouched
+            (tmp_path / meta["files"]["tensor"]).write_bytes((tmp_path / done[0]["files"]["tensor"]).read_bytes())
+        return meta
+
+    monkeypatch.setattr(hd, "run", swap_after_the_second)
+    with pytest.raises(SystemExit) as e:
+        from lib import cli
+
+        cli.main(reproduce.run, ["--figure", "3b", "--quick", "--output_dir", str(tmp_path), "--no_progress"])
+    swapped = tmp_path / done[1]["files"]["tensor"]
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {swapped} does not match the SHA-256 recorded in ")
+    assert not (tmp_path / "fig3b_embedded.png").exists()
