@@ -292,8 +292,6 @@ def _visible(d) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_an_overwrite_killed_between_its_figures_leaves_the_old_result_whole(tmp_path, reference_exact):
-    from lib.results import verify_result
-
     out = tmp_path / "out"
     single_layer_single_block.run([*ARGS, "--output_dir", str(out), "--b", "2"])  # the old result of the same name
     old = _visible(out)
@@ -305,6 +303,8 @@ def test_an_overwrite_killed_between_its_figures_leaves_the_old_result_whole(tmp
     assert {k: v for k, v in now.items() if k not in ("h.ckpt", "h.lock")} == old  # no new .pdf beside the old JSON: nothing of the new set is visible
     assert ckpt.read(out / "h.ckpt")["prefix"] == 4
     meta = single_layer_single_block.run([*ARGS, "--output_dir", str(out), "--overwrite", "--resume"])
+    from lib.results import verify_result
+
     assert verify_result(out / "h.json")["outputs"] == meta["outputs"] and sorted(meta["outputs"]) == ["h.pdf", "h.png", "h.pt"]
     assert torch.equal(torch.load(out / "h.pt"), reference_exact)
     assert sorted(p.name for p in out.iterdir()) == ["h.json", "h.pdf", "h.png", "h.pt"]  # no temporary file left
