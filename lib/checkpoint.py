@@ -116,6 +116,26 @@ class RunState:
         return self.prefix_sum
 
 
+def frame(payload: bytes, magic: bytes = MAGIC) -> bytes:
+    """``magic`` (8 bytes), the payload's length (8 bytes, little endian), its SHA-256 (32 bytes), the payload."""
+    return _HEADER.pack(magic, len(payload), hashlib.sha256(payload).digest()) + payload
+
+
+def unframe(data: bytes, magic: bytes = MAGIC) -> bytes:
+    """The payload of :func:`frame`'s ``data``; ``ValueError`` naming what is wrong (too short, other magic, truncated, checksum)."""
+    if len(data) < _HEADER.size:
+        raise ValueError(f"{len(data)} bytes, shorter than its header")
+    got, length, digest = _HEADER.unpack_from(data)
+    if got != magic:
+        raise ValueError("not a checkpoint of this program" if magic == MAGIC else "not a file of this program")
+    payload = data[_HEADER.size :]
+    if len(payload) != length:
+        raise ValueError(f"{len(payload)} of {length} payload bytes")
+    if hashlib.sha256(payload).digest() != digest:
+        raise ValueError("checksum mismatch")
+    return payload
+
+
 def _encode(state: RunState, config: dict[str, Any]) -> bytes:
     buf = io.BytesIO()
     torch.save(
@@ -133,8 +153,7 @@ def _encode(state: RunState, config: dict[str, Any]) -> bytes:
         },
         buf,
     )
-    payload = buf.getvalue()
-    return _HEADER.pack(MAGIC, len(payload), hashlib.sha256(payload).digest()) + payload
+    return frame(buf.getvalue())
 
 
 def save(path: str | Path, state: RunState, config: dict[str, Any]) -> None:
@@ -184,18 +203,10 @@ def _describe_change(key: str, old: dict[str, Any], new: dict[str, Any]) -> str:
 def read(path: str | Path) -> dict[str, Any]:
     """The raw content of a checkpoint file, after checking its length and checksum (:class:`UserError` if torn)."""
     path = Path(path)
-    data = path.read_bytes()
-    hint = f"checkpoint {path} is truncated or corrupt ({{}}); delete it to start over"
-    if len(data) < _HEADER.size:
-        raise UserError(hint.format(f"{len(data)} bytes, shorter than its header"))
-    magic, length, digest = _HEADER.unpack_from(data)
-    if magic != MAGIC:
-        raise UserError(hint.format("not a checkpoint of this program"))
-    payload = data[_HEADER.size :]
-    if len(payload) != length:
-        raise UserError(hint.format(f"{len(payload)} of {length} payload bytes"))
-    if hashlib.sha256(payload).digest() != digest:
-        raise UserError(hint.format("checksum mismatch"))
+    try:
+        payload = unframe(path.read_bytes())
+    except ValueError as e:
+        raise UserError(f"checkpoint {path} is truncated or corrupt ({e}); delete it to start over") from None
     return torch.load(io.BytesIO(payload), weights_only=True)
 
 

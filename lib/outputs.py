@@ -26,9 +26,10 @@ import functools
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from . import results
 from .errors import Interrupted, RunError, UserError, signal_name

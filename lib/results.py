@@ -15,8 +15,9 @@ import hashlib
 import json
 import os
 import platform
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 

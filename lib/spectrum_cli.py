@@ -12,7 +12,6 @@ Exact path (``n <= --exact_below``): the exact Hessian job and ``eigvalsh``.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import textwrap
 import sys
@@ -25,11 +24,12 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import cli, outputs, parallel, preflight, spectrum
-from .errors import RunError, UserError
+from .errors import UserError
 from .hessian import ExactHessianJob
 from .inputs import warn
 from .operator import HessianOperator, digest
-from .results import atomic_write_bytes, save_tensor_and_json
+from .passlog import PassLog
+from .results import save_tensor_and_json
 from .subsets import Subset, num_blocks, params_subset, several_layers_several_blocks, single_layer_several_blocks, single_layer_single_block
 
 T_DEFAULT = (128, 768)
@@ -120,48 +120,6 @@ def default_name(args: argparse.Namespace) -> str:
     """Readable stem plus a hash of every result-defining flag, the seed included (random start vectors and probes)."""
     model = Path(args.model.rstrip("/")).name
     return outputs.default_name(f"hessian_spectrum_{model}_{subset_tag(args)}_b{args.b}_s{args.seqlen}".replace("/", "-"), args)
-
-
-class PassLog:
-    """The finished passes of a run, one file each: ``<dir>/pass_NNNNN.pt = {"input": sha256 of V, "output": H V}``.
-
-    :meth:`__call__` is the ``matmat`` given to :mod:`lib.spectrum`: it replays recorded passes (checking
-    that the algorithm asks for the same ``V``) and computes, records and returns the others.
-    """
-
-    def __init__(self, directory: Path | None, config: dict[str, Any], resume: bool, run_pass, bar=None):
-        self.dir, self.run_pass, self.bar = directory, run_pass, bar
-        self.calls = self.replayed = self.hvps = 0
-        if directory is None:
-            return
-        cfg_file = directory / "config.json"
-        text = json.dumps(config, sort_keys=True, default=str)
-        if directory.exists() and not resume and any(directory.glob("pass_*.pt")):
-            raise UserError(f"pass log {directory} exists from an earlier run; pass --resume to continue it, or delete it to start over")
-        if resume and cfg_file.exists() and cfg_file.read_text() != text:
-            raise UserError(f"pass log {directory} is from a different configuration; delete it to start over")
-        directory.mkdir(parents=True, exist_ok=True)
-        cfg_file.write_text(text)
-
-    def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        i = self.calls
-        self.calls += 1
-        self.hvps += v.shape[1]
-        d = digest(v)
-        f = None if self.dir is None else self.dir / f"pass_{i:05d}.pt"
-        if f is not None and f.exists():
-            rec = torch.load(f, weights_only=True)
-            if rec["input"] != d:
-                raise RunError(f"{f} was recorded for a different block than the resumed run asks for; delete {self.dir} to start over")
-            self.replayed += 1
-            out = rec["output"]
-        else:
-            out = self.run_pass(v, i)
-            if f is not None:
-                atomic_write_bytes(f, lambda p: torch.save({"input": d, "output": out}, p))
-        if self.bar is not None:
-            self.bar.update(1)
-        return out
 
 
 def make_run_pass(args: argparse.Namespace, prep: cli.Prepared, op: HessianOperator, out: Path, name: str, pool: parallel.WorkerPool | None = None):

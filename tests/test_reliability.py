@@ -381,3 +381,73 @@ def test_reproduce_refuses_a_result_whose_tensor_was_swapped(tmp_path, monkeypat
     swapped = tmp_path / done[1]["files"]["tensor"]
     assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {swapped} does not match the SHA-256 recorded in ")
     assert not (tmp_path / "fig3b_embedded.png").exists()
+
+
+# ----------------------------------------------------------------------------- 8: the spectrum's pass files
+
+
+def _scale_first_output_entry(path) -> None:
+    """Edit a pass file as a person would: multiply the first entry of the stored ``H V`` by 1.5 in place (the tensor's
+    bytes are stored raw inside the ``torch.save`` zip archive, whatever surrounds it)."""
+    import io
+    import zipfile
+
+    data = bytearray(path.read_bytes())
+    start = data.find(b"PK\x03\x04")
+    with zipfile.ZipFile(io.BytesIO(bytes(data[start:]))) as z:
+        (entry,) = [n for n in z.namelist() if n.rsplit("/", 2)[-2:-1] == ["data"]]
+        raw = z.read(entry)
+    at = data.find(raw)
+    value = torch.frombuffer(bytearray(raw[:8]), dtype=torch.float64) * 1.5
+    data[at : at + 8] = value.numpy().tobytes()
+    path.write_bytes(bytes(data))
+
+
+SPECTRUM = ["--seqlen", "16", "--b", "2", "--dtype", "float64", "--no_progress", "--name", "s", "--t", "16", "--top_k", "1", "--seed", "1", "--exact_below", "0", "--max_iter", "3", "--tol", "1e-15"]
+
+
+@pytest.fixture(scope="module")
+def pass_log(tmp_path_factory):
+    """The pass log of a spectrum run (3 passes), as a run killed before writing its results leaves it."""
+    import hessian_spectrum
+
+    out = tmp_path_factory.mktemp("spectrum")
+    hessian_spectrum.run([*SPECTRUM, "--output_dir", str(out), "--keep_checkpoint"])
+    log = out / "s.passes"
+    assert sorted(p.name for p in log.iterdir()) == ["config.json", "pass_00000.pt", "pass_00001.pt", "pass_00002.pt"]
+    return log
+
+
+@pytest.mark.parametrize("what", ["junk", "truncated", "edited", "no config, other --b"])
+def test_damaged_edited_or_unbound_pass_files_are_refused_on_resume(what, pass_log, tmp_path):
+    import shutil
+
+    import hessian_spectrum
+
+    log = tmp_path / "s.passes"
+    shutil.copytree(pass_log, log)
+    last = log / "pass_00002.pt"
+    damaged = rf"pass file {re.escape(str(last))} is truncated, damaged or edited \({{}}\); delete {re.escape(str(log))} to start over"
+    damage, message = {
+        "junk": (lambda: last.write_bytes(b"junk"), damaged.format("4 bytes, shorter than its header")),
+        "truncated": (lambda: last.write_bytes(last.read_bytes()[:-100]), damaged.format(r"\d+ of \d+ payload bytes")),
+        "edited": (lambda: _scale_first_output_entry(last), damaged.format("checksum mismatch")),  # silently other eigenvalues before
+        "no config, other --b": (lambda: (log / "config.json").unlink(), rf"pass log {re.escape(str(log))} has 3 pass files but no config\.json: it cannot be checked against this run; delete it to start over"),
+    }[what]
+    damage()
+    extra = ["--b", "3"] if "--b" in what else []  # replayed the b=2 passes for b=3 before
+    code, lines = _stderr_of(hessian_spectrum, [*SPECTRUM, "--output_dir", str(tmp_path), "--resume", *extra])
+    assert code == 2 and len(lines) == 1 and re.fullmatch("error: " + message, lines[0]), lines
+    assert not (tmp_path / "s.pt").exists()
+
+
+def test_a_pass_file_is_bound_to_its_configuration_and_index(tmp_path):
+    from lib.errors import UserError
+    from lib.passlog import encode_pass, read_pass
+
+    f = tmp_path / "pass_00000.pt"
+    f.write_bytes(encode_pass("a" * 64, 0, "digest", torch.ones(3, 2, dtype=torch.float64)))
+    assert torch.equal(read_pass(f, "a" * 64, 0)["output"], torch.ones(3, 2, dtype=torch.float64))
+    for config, index in (("b" * 64, 0), ("a" * 64, 1)):
+        with pytest.raises(UserError, match="was written by a run with a different configuration"):
+            read_pass(f, config, index)
