@@ -193,7 +193,7 @@ def run(argv: list[str] | None, description: str) -> dict[str, Any]:
     cli.check_cheap(args)
     name = args.name or default_name(args)
     out = Path(args.output_dir)
-    cli.claim_outputs(args, name, [out / f"{name}.ckpt", out / f"{name}.passes"], outputs.planned_files(name, ["_density"] if args.density else []))
+    cli.claim_outputs(args, name, [out / f"{name}.ckpt", out / f"{name}.passes"], outputs.planned_files(name, ["_density"]))  # the exact path always draws the density
     prep, subset = cli.prepare(args, lambda m: build_subset(m, args))
     n = subset.size
     check_top_k(args, n)
