@@ -104,6 +104,7 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--resume", action="store_true", help="continue from the checkpoint <output_dir>/<name>.ckpt (hessian_diagonal.py: also <name>.phase2.ckpt; hessian_spectrum.py: the pass log <name>.passes/), recomputing nothing finished (the configuration must be the same); starts afresh if there is none")
     r.add_argument("--keep_checkpoint", action="store_true", help="keep the checkpoint when the run completes (it is removed by default)")
     r.add_argument("--unit_timeout", type=float, default=0.0, help="with --devices: stop the run when one unit runs longer than this many seconds (a hung worker); default 0 = auto: 10x the median unit time and at least 5 minutes")
+    r.add_argument("--setup_timeout", type=float, default=0.0, help="with --devices: stop the run when a worker takes longer than this many seconds to load its model and set up (a hung worker); default 0 = auto: 15 minutes, or 10x the fastest worker's set-up if longer")
 
 
 def resolve_defaults(args: argparse.Namespace, t_default: tuple[int, int] | None) -> None:
@@ -141,6 +142,7 @@ def check_cheap(args: argparse.Namespace) -> None:
     if getattr(args, "device_map", None) is not None and importlib.util.find_spec("accelerate") is None:
         raise UserError(f"--device_map {args.device_map} needs the accelerate package: pip install accelerate")
     parallel.check_timeout("--unit_timeout", getattr(args, "unit_timeout", 0.0))
+    parallel.check_timeout("--setup_timeout", getattr(args, "setup_timeout", 0.0))
 
 
 def check_cache_dir(cache_dir: str | None) -> None:
@@ -195,7 +197,7 @@ def run_settings(args: argparse.Namespace, prep: Prepared, checkpoint_path: str 
     """:class:`lib.parallel.RunSettings` from the run flags, checkpointing to ``checkpoint_path``."""
     every_units, every_s = ckpt.parse_every(args.checkpoint_every)
     cfg = ckpt.CheckpointConfig(Path(checkpoint_path), every_units, every_s, resume=args.resume, keep=args.keep_checkpoint)
-    return parallel.RunSettings(devices=prep.devices or [prep.device], checkpoint=cfg, progress=not args.no_progress, desc=desc, unit_timeout=args.unit_timeout)
+    return parallel.RunSettings(devices=prep.devices or [prep.device], checkpoint=cfg, progress=not args.no_progress, desc=desc, unit_timeout=args.unit_timeout, setup_timeout=args.setup_timeout)
 
 
 @dataclass

@@ -34,7 +34,9 @@ Inf stops it likewise. Finished units are then written to the checkpoint (if che
 as on Ctrl-C and SIGTERM (which are deferred while a unit is being added, so a checkpoint never holds
 half a unit, and raise :class:`~lib.errors.Interrupted`, exit status 130 / 143); SIGKILL loses at most
 the units since the last checkpoint. A worker whose unit runs longer than ``RunSettings.unit_timeout``
-(default: 10x the median finished unit and at least 5 minutes) is killed and named, as hung.
+(default: 10x the median finished unit and at least 5 minutes), or whose set-up of a job (loading the model)
+takes longer than ``RunSettings.setup_timeout`` (default: 15 minutes, or 10x the fastest worker's set-up if
+that is longer), is killed and named, as hung.
 With checkpointing on, the complete sums are written to the checkpoint before ``run_job`` returns,
 and a run resumed from a complete checkpoint returns them without setting anything up.
 """
@@ -65,6 +67,9 @@ from .jobs import AdditiveJob, Partial, keep_models
 HUNG_FACTOR = 10.0
 HUNG_MIN_S = 300.0
 """Automatic hung-unit limit: ``max(HUNG_MIN_S, HUNG_FACTOR * median finished unit time)`` (none before a unit finishes)."""
+SETUP_MIN_S = 900.0
+"""Automatic set-up limit of a worker (from receiving a job to being ready: loading the model, the job's set-up):
+``max(SETUP_MIN_S, HUNG_FACTOR * the fastest finished set-up of the job's workers)``."""
 DIST_TIMEOUT = timedelta(hours=2)
 """How long a torchrun rank waits for the others (a round lasts as long as its slowest unit)."""
 
@@ -80,6 +85,9 @@ class RunSettings:
     unit_timeout: float = 0.0
     """Worker processes: stop the run when a unit runs longer than this many seconds (0 = auto: more than
     :data:`HUNG_FACTOR` times the median finished unit and at least :data:`HUNG_MIN_S`)."""
+    setup_timeout: float = 0.0
+    """Worker processes: stop the run when a worker takes longer than this many seconds to set a job up (load its
+    model, the job's set-up) (0 = auto: :data:`SETUP_MIN_S`, or more than :data:`HUNG_FACTOR` times the fastest set-up)."""
     force_workers: bool = False
     """Run a single device in a spawned worker too (benchmarks; isolation from the parent)."""
     pool: "WorkerPool | None" = None
@@ -394,6 +402,8 @@ class _Worker:
     ready: bool = False
     started: float = 0.0
     """``time.monotonic()`` when ``unit`` was handed out."""
+    sent: float = 0.0
+    """``time.monotonic()`` when the current job was sent (its set-up began)."""
 
     @property
     def name(self) -> str:
@@ -499,6 +509,7 @@ def _run_on_pool(job: AdditiveJob, settings: RunSettings, sink: _Sink, pool: Wor
     n_todo = len(todo)
     cpu_s = [0.0]
     unit_s: list[float] = []
+    setup_s: list[float] = []
     t_ready: float | None = None
 
     def died(w: _Worker) -> RunError:
@@ -534,6 +545,7 @@ def _run_on_pool(job: AdditiveJob, settings: RunSettings, sink: _Sink, pool: Wor
             sink.bar.update(msg[2])
         elif kind == "ready":
             w.ready = True
+            setup_s.append(time.monotonic() - w.sent)
             if t_ready is None and all(x.ready for x in workers):
                 t_ready = time.perf_counter()
             assign(w)
@@ -546,7 +558,7 @@ def _run_on_pool(job: AdditiveJob, settings: RunSettings, sink: _Sink, pool: Wor
             assign(w)
 
     for w in workers:
-        w.unit, w.stopping, w.ready = None, False, False
+        w.unit, w.stopping, w.ready, w.sent = None, False, False, time.monotonic()
         send(w, ("job", seq, job_bytes))
     while not sink.state.complete:
         ready = wait([w.conn for w in workers] + [w.proc.sentinel for w in workers], timeout=1.0)
@@ -564,6 +576,11 @@ def _run_on_pool(job: AdditiveJob, settings: RunSettings, sink: _Sink, pool: Wor
             w, why = hung
             w.proc.kill()  # a stopped (SIGSTOP) or deadlocked process ignores gentler signals
             raise RunError(f"{w.name} has computed {unit_label(job, w.unit)} (unit {w.unit}) for {time.monotonic() - w.started:.0f}s, over {why}; it was stopped as hung")
+        stuck = _stuck_in_setup(workers, setup_s, settings.setup_timeout)
+        if stuck is not None:
+            w, why = stuck
+            w.proc.kill()
+            raise RunError(f"{w.name} has been setting up (loading the model, preparing the job) for {time.monotonic() - w.sent:.0f}s, over {why}; it was stopped as hung")
     for w in workers:  # every unit is in: end the job on the workers still setting it up
         if not w.stopping:
             w.stopping = True
@@ -589,6 +606,20 @@ def _hung_worker(live: list[_Worker], unit_s: list[float], timeout: float) -> tu
     return None
 
 
+def _stuck_in_setup(live: list[_Worker], setup_s: list[float], timeout: float) -> tuple[_Worker, str] | None:
+    """A worker still setting up the current job past the limit (``timeout``, or the automatic one), and the limit in words."""
+    if timeout > 0:
+        limit, why = timeout, f"--setup_timeout {timeout:g}s"
+    else:
+        limit = max(SETUP_MIN_S, HUNG_FACTOR * min(setup_s)) if setup_s else SETUP_MIN_S
+        why = f"the limit of {limit:.0f}s (at least {SETUP_MIN_S:.0f}s and {HUNG_FACTOR:g}x the fastest worker's set-up; set it with --setup_timeout)"
+    now = time.monotonic()
+    for w in live:
+        if not w.ready and not w.stopping and now - w.sent > limit:
+            return w, why
+    return None
+
+
 def _stop(workers: list[_Worker], grace_s: float = 1.0) -> None:
     """Close the pipes (idle workers then exit), give them ``grace_s`` to exit, terminate the rest.
 
@@ -605,6 +636,10 @@ def _stop(workers: list[_Worker], grace_s: float = 1.0) -> None:
     for w in workers:
         if w.proc.is_alive():
             w.proc.terminate()
+            try:
+                os.kill(w.proc.pid, signal.SIGCONT)  # a stopped (SIGSTOP) worker acts on the SIGTERM only once continued
+            except OSError:
+                pass
     for w in workers:
         w.proc.join(timeout=10)
         if w.proc.is_alive():  # pragma: no cover

@@ -134,7 +134,7 @@ def make_run_pass(args: argparse.Namespace, prep: cli.Prepared, op: HessianOpera
     def run_pass(v: torch.Tensor, i: int) -> torch.Tensor:
         path = out / f"{name}.ckpt"
         cfg = ckpt.CheckpointConfig(path, every_units, every_s, resume=args.resume and path.exists(), keep=False)
-        settings = parallel.RunSettings(devices=prep.devices or [prep.device], checkpoint=cfg, progress=False, unit_timeout=args.unit_timeout, pool=pool)
+        settings = parallel.RunSettings(devices=prep.devices or [prep.device], checkpoint=cfg, progress=False, unit_timeout=args.unit_timeout, setup_timeout=args.setup_timeout, pool=pool)
         sums = parallel.run_job(op.job(v.T, tag=f"pass {i}"), settings)
         if sums is not None:
             ckpt.finish(cfg)  # this pass is done: the next one starts its own checkpoint

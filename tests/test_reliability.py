@@ -273,6 +273,15 @@ if what == "kill_at_png":  # SIGKILL as the result's first .png is written (its 
             os.kill(os.getpid(), signal.SIGKILL)
         return savefig(self, fname, *a, **k)
     matplotlib.figure.Figure.savefig = killing
+elif what == "stop_in_setup":  # every worker process stops itself (SIGSTOP) while it loads the model
+    import multiprocessing
+    import lib.models
+    if multiprocessing.parent_process() is not None:
+        load = lib.models.ModelSpec.load
+        def stopping(self, *a, **k):
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return load(self, *a, **k)
+        lib.models.ModelSpec.load = stopping
 import single_layer_single_block
 from lib import cli
 if __name__ == "__main__":
@@ -281,9 +290,27 @@ if __name__ == "__main__":
 
 
 def _wrapped(tmp_path, what: str, argv: list[str], **kw) -> subprocess.Popen:
+    """The script run through :data:`WRAPPER` with fault ``what``; it and every process it starts carry the
+    environment variable ``HESSIAN_TEST_MARK=<tmp_path>`` (see :func:`_marked`)."""
     script = tmp_path / f"{what}.py"
     script.write_text(WRAPPER.format(root=str(ROOT), what=what))
-    return subprocess.Popen([sys.executable, str(script), *argv], env=_env(), cwd=tmp_path, stderr=subprocess.PIPE, text=True, **kw)
+    env = {**_env(), "HESSIAN_TEST_MARK": str(tmp_path)}
+    return subprocess.Popen([sys.executable, str(script), *argv], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _marked(tmp_path) -> set[int]:
+    """Pids of the live (not zombie) processes started by :func:`_wrapped` for ``tmp_path``, workers included (Linux ``/proc``)."""
+    from pathlib import Path
+
+    mark = f"HESSIAN_TEST_MARK={tmp_path}".encode()
+    out = set()
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if mark in (d / "environ").read_bytes().split(b"\0") and (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                out.add(int(d.name))
+        except OSError:
+            continue
+    return out
 
 
 def _visible(d) -> dict[str, bytes]:
@@ -451,3 +478,30 @@ def test_a_pass_file_is_bound_to_its_configuration_and_index(tmp_path):
     for config, index in (("b" * 64, 0), ("a" * 64, 1)):
         with pytest.raises(UserError, match="was written by a run with a different configuration"):
             read_pass(f, config, index)
+
+
+# ----------------------------------------------------------------------------- 9: a worker stuck while setting up
+
+
+@pytest.mark.slow
+def test_a_worker_stuck_while_loading_its_model_is_stopped_as_hung(tmp_path):
+    proc = _wrapped(tmp_path, "stop_in_setup", [*ARGS, "--output_dir", str(tmp_path), "--devices", "cpu,cpu", "--unit_timeout", "5", "--setup_timeout", "3"])
+    try:
+        _, err = proc.communicate(timeout=240)  # it hung forever before
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = err.strip().splitlines()
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert re.fullmatch(r"error: worker \d \(cpu\) has been setting up \(loading the model, preparing the job\) for \ds, over --setup_timeout 3s; it was stopped as hung", lines[-1]), err
+    assert _marked(tmp_path) == set()  # both workers are gone, the stopped one too
+
+
+def test_automatic_setup_limit_is_fifteen_minutes_or_ten_fastest_setups():
+    w = parallel._Worker(0, torch.device("cpu"), None, None, sent=time.monotonic() - 1000)
+    assert parallel._stuck_in_setup([w], [], 0) is not None  # 1000 s > 900 s
+    assert parallel._stuck_in_setup([w], [120.0], 0) is None  # 1000 s < 10 * 120 s
+    w.ready = True
+    assert parallel._stuck_in_setup([w], [], 0) is None
+    w.ready, w.sent = False, time.monotonic() - 4
+    assert parallel._stuck_in_setup([w], [], 3.0)[1] == "--setup_timeout 3s"
