@@ -352,13 +352,42 @@ class _Throttled:
             self.n, self.last = 0, time.monotonic()
 
 
-def _worker_main(index: int, device: str, conn, threads: int) -> None:
+PARENT_POLL_S = 0.25
+"""How often a worker checks that its parent is alive (besides the parent-death signal on Linux)."""
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this worker when the parent process ``parent`` dies, even by SIGKILL (which runs no clean-up): on Linux
+    the kernel sends SIGKILL at the parent's death (``prctl(PR_SET_PDEATHSIG)``); everywhere, a daemon thread checks
+    ``os.getppid()`` every :data:`PARENT_POLL_S` and exits (the worker is re-parented when its parent dies).
+    The death signal follows the parent *thread* that started the worker: start pools from a thread that outlives them."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # pragma: no cover -- no libc prctl: the thread below suffices
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    if os.getppid() != parent:  # died before the signal was set up
+        os._exit(1)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _worker_main(index: int, device: str, conn, threads: int, parent: int | None = None) -> None:
     """A pool's worker process: for each job the parent sends (``("job", seq, pickled job)``), set it up on ``device``
     and run the units the parent sends until it sends ``None``; exit when the parent closes the pipe.
 
     Models stay loaded between jobs (:func:`lib.jobs.keep_models`). Every message back names its job ``seq``,
     so the parent can tell a late message about an earlier job (a worker still setting up when that job ended)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the workers
+    if parent is not None:
+        _die_with_parent(parent)
     torch.set_num_threads(threads)
     keep_models()
     seq, k = None, None
@@ -458,7 +487,7 @@ class WorkerPool:
             try:
                 for i, dev in enumerate(self.devices):
                     parent_conn, child_conn = ctx.Pipe()
-                    proc = ctx.Process(target=_worker_main, args=(i, str(dev), child_conn, threads), name=f"hessian-worker-{i}", daemon=True)
+                    proc = ctx.Process(target=_worker_main, args=(i, str(dev), child_conn, threads, os.getpid()), name=f"hessian-worker-{i}", daemon=True)
                     proc.start()
                     child_conn.close()
                     self.workers.append(_Worker(i, dev, proc, parent_conn))

@@ -262,7 +262,7 @@ def test_a_run_never_writes_a_file_a_running_or_unfinished_run_will_write(tmp_pa
 
 
 WRAPPER = """
-import os, signal, sys
+import os, signal, sys, time
 sys.path.insert(0, {root!r})
 what = {what!r}
 if what == "kill_at_png":  # SIGKILL as the result's first .png is written (its .pdf is written just before)
@@ -273,10 +273,16 @@ if what == "kill_at_png":  # SIGKILL as the result's first .png is written (its 
             os.kill(os.getpid(), signal.SIGKILL)
         return savefig(self, fname, *a, **k)
     matplotlib.figure.Figure.savefig = killing
+elif what == "hang_in_workers":  # every unit of a worker process hangs
+    import lib.hessian
+    if __name__ == "__mp_main__":  # this file, run again in each spawned worker
+        def hanging(self, k, progress=None):
+            print("HANGING", file=sys.stderr, flush=True)
+            time.sleep(600)
+        lib.hessian.ExactHessianJob.run_unit = hanging
 elif what == "stop_in_setup":  # every worker process stops itself (SIGSTOP) while it loads the model
-    import multiprocessing
     import lib.models
-    if multiprocessing.parent_process() is not None:
+    if __name__ == "__mp_main__":
         load = lib.models.ModelSpec.load
         def stopping(self, *a, **k):
             os.kill(os.getpid(), signal.SIGSTOP)
@@ -485,7 +491,7 @@ def test_a_pass_file_is_bound_to_its_configuration_and_index(tmp_path):
 
 @pytest.mark.slow
 def test_a_worker_stuck_while_loading_its_model_is_stopped_as_hung(tmp_path):
-    proc = _wrapped(tmp_path, "stop_in_setup", [*ARGS, "--output_dir", str(tmp_path), "--devices", "cpu,cpu", "--unit_timeout", "5", "--setup_timeout", "3"])
+    proc = _wrapped(tmp_path, "stop_in_setup", [*ARGS, "--output_dir", str(tmp_path), "--devices", "cpu,cpu", "--unit_timeout", "5", "--setup_timeout", "20"])
     try:
         _, err = proc.communicate(timeout=240)  # it hung forever before
     finally:
@@ -493,7 +499,7 @@ def test_a_worker_stuck_while_loading_its_model_is_stopped_as_hung(tmp_path):
             proc.kill()
     lines = err.strip().splitlines()
     assert proc.returncode == 1 and "Traceback" not in err, err
-    assert re.fullmatch(r"error: worker \d \(cpu\) has been setting up \(loading the model, preparing the job\) for \ds, over --setup_timeout 3s; it was stopped as hung", lines[-1]), err
+    assert re.fullmatch(r"error: worker \d \(cpu\) has been setting up \(loading the model, preparing the job\) for \d+s, over --setup_timeout 20s; it was stopped as hung", lines[-1]), err
     assert _marked(tmp_path) == set()  # both workers are gone, the stopped one too
 
 
@@ -505,3 +511,40 @@ def test_automatic_setup_limit_is_fifteen_minutes_or_ten_fastest_setups():
     assert parallel._stuck_in_setup([w], [], 0) is None
     w.ready, w.sent = False, time.monotonic() - 4
     assert parallel._stuck_in_setup([w], [], 3.0)[1] == "--setup_timeout 3s"
+
+
+# ----------------------------------------------------------------------------- 13: workers end with their parent
+
+
+def _workers(tmp_path) -> set[int]:
+    """The worker processes among :func:`_marked` (spawned interpreters)."""
+    out = set()
+    for pid in _marked(tmp_path):
+        try:
+            if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read():
+                out.add(pid)
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.slow
+def test_workers_exit_within_a_second_or_two_of_a_sigkilled_parent(tmp_path):
+    proc = _wrapped(tmp_path, "hang_in_workers", [*ARGS, "--output_dir", str(tmp_path), "--devices", "cpu,cpu"])
+    try:
+        seen, deadline = "", time.monotonic() + 240
+        while seen.count("HANGING") < 2:  # both workers are inside a unit
+            assert time.monotonic() < deadline and proc.poll() is None, seen
+            seen += proc.stderr.readline()
+        workers = _workers(tmp_path)
+        assert len(workers) == 2
+        proc.kill()  # SIGKILL: the parent runs no clean-up
+        proc.wait()
+        deadline = time.monotonic() + 2.0
+        while _workers(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = _workers(tmp_path)
+    finally:
+        for pid in _marked(tmp_path):
+            os.kill(pid, signal.SIGKILL)
+    assert left == set(), "workers still computing after their parent was killed"
