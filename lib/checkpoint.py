@@ -85,6 +85,18 @@ class RunState:
     record: frozenset[int] = frozenset()
     """Prefix lengths at which a copy of ``prefix_sum`` is kept in ``snapshots`` (the batch-size study, :mod:`lib.batch_study`)."""
     snapshots: dict[int, Partial] = field(default_factory=dict)
+    chunks: dict[str, dict[int, int]] = field(default_factory=dict)
+    """``{process: {n: chunk}}``: the chunks each process (``worker 0 (cuda:0)``, ...) used, as it reported with its
+    units (:meth:`lib.jobs.ModelJob.chunks_used`); ``--resume`` reuses them so that the remaining units are computed
+    as the interrupted session would have."""
+
+    def reused_chunks(self) -> dict[int, int]:
+        """One chunk per size from :attr:`chunks`: the first process's that reported it."""
+        out: dict[int, int] = {}
+        for per_size in self.chunks.values():
+            for n, c in per_size.items():
+                out.setdefault(int(n), int(c))
+        return out
 
     def add(self, k: int, partial: Partial) -> None:
         """Record unit ``k``; fold every unit that is now next in order into the prefix sum."""
@@ -149,6 +161,7 @@ def _encode(state: RunState, config: dict[str, Any]) -> bytes:
             "pending": state.pending,
             "elapsed_s": state.elapsed_s,
             "snapshots": state.snapshots,
+            "chunks": state.chunks,
             "written_at": time.time(),
         },
         buf,
@@ -226,7 +239,7 @@ def load(path: str | Path, config: dict[str, Any], num_units: int) -> RunState:
             f"checkpoint {path} was written by a run with a different configuration "
             f"(differs in: {', '.join(diff) or 'num_units'}); rerun with the original flags, or delete it to start over"
         )
-    return RunState(raw["num_units"], raw["prefix"], raw["prefix_sum"], dict(raw["pending"]), raw["elapsed_s"], snapshots=dict(raw.get("snapshots", {})))
+    return RunState(raw["num_units"], raw["prefix"], raw["prefix_sum"], dict(raw["pending"]), raw["elapsed_s"], snapshots=dict(raw.get("snapshots", {})), chunks=dict(raw.get("chunks", {})))
 
 
 class CheckpointWriteError(RunError):

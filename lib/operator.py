@@ -105,6 +105,17 @@ class ChunkPolicy:
         elif size in self.tunings:
             self.tunings[size].chunk = used
 
+    def chosen(self) -> dict[int, int]:
+        """The chunk used so far for each size ``n`` (measured or reused); ``{}`` with a given chunk (nothing to record)."""
+        return {} if self.given else {n: t.chunk for n, t in self.tunings.items()}
+
+    def reuse(self, chunks: dict[int, int]) -> None:
+        """Use ``chunks`` (``{n: chunk}``, recorded by an earlier session of the run) as given, for sizes not chosen yet:
+        the later blocks of size ``n`` are then computed exactly as in the session that chose them."""
+        if not self.given:
+            for n, c in chunks.items():
+                self.tunings.setdefault(int(n), Tuning(int(c), 0))
+
     def products(self, g: torch.Tensor, x: torch.Tensor, rows: Rows, count: int, sink: Sink, model: nn.Module, tokens: int, total: int, progress: Progress | None = None) -> None:
         """``sink(start, v, H v)`` for the ``count`` vectors of ``rows`` (:func:`hvp_products`) with the chosen chunk;
         ``tokens``: of the batch (memory bound), ``total``: products of the whole job (measurement budget)."""

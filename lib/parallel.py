@@ -157,6 +157,19 @@ def initial_state(job: AdditiveJob, cfg: ckpt.CheckpointConfig | None, config: d
     return ckpt.RunState(n)
 
 
+def _chunks_used(job: AdditiveJob) -> dict[int, int]:
+    """The chunks this process's copy of ``job`` used (:meth:`lib.jobs.ModelJob.chunks_used`; ``{}`` for other jobs)."""
+    used = getattr(job, "chunks_used", None)
+    return dict(used()) if callable(used) else {}
+
+
+def _reuse_chunks(job: AdditiveJob, chunks: dict[int, int] | None = None) -> None:
+    """Have ``job`` use ``chunks`` (default: those it carries, ``job.reused_chunks``) instead of measuring."""
+    chunks = chunks if chunks is not None else getattr(job, "reused_chunks", None)
+    if chunks and callable(getattr(job, "reuse_chunks", None)):
+        job.reuse_chunks(chunks)
+
+
 def job_config(job: AdditiveJob, settings: RunSettings) -> dict[str, Any]:
     """The configuration a checkpoint is validated against: the job's, plus the snapshot units if any."""
     config = job.config()
@@ -257,10 +270,13 @@ class _Sink:
         self.bar = _Bar(settings.progress, state.num_units * steps, state.n_done * steps, settings.desc)
         self.cfg = settings.checkpoint
 
-    def accept(self, k: int, partial: Partial) -> None:
+    def accept(self, k: int, partial: Partial, who: str | None = None, chunks: dict[int, int] | None = None) -> None:
+        """Add unit ``k``'s ``partial``, computed by process ``who`` with ``chunks`` (recorded in the state and the checkpoint)."""
         check_finite(self.job, k, partial)
         with _SIGNALS.critical():
             self.state.add(k, partial)
+            if who is not None and chunks:
+                self.state.chunks[who] = {int(n): int(c) for n, c in chunks.items()}
         self.writer.maybe_save()
 
     def kept(self) -> str:
@@ -280,6 +296,8 @@ class _Sink:
         if cfg is not None and cfg.writes and (self.writer.dirty or not cfg.path.exists()):
             self.writer.save()  # the complete sums, before any output is written: a failed save loses nothing
         self.settings.snapshots = self.state.snapshots
+        if self.state.chunks:
+            self.settings.stats["chunks"] = {who: {str(n): c for n, c in per.items()} for who, per in self.state.chunks.items()}
         return self.state.total()
 
 
@@ -294,6 +312,9 @@ def run_job(job: AdditiveJob, settings: RunSettings) -> Partial | None:
         config = job_config(job, settings)
         state = initial_state(job, settings.checkpoint, config)
         sink = _Sink(job, settings, state, config)
+        if state.chunks and not state.complete:  # resumed: compute the rest with the chunks the first session used
+            _reuse_chunks(job, state.reused_chunks())
+            settings.stats["reused_chunks"] = {str(n): c for n, c in state.reused_chunks().items()}
         try:
             if state.complete:  # resumed from a complete checkpoint: nothing to compute or set up
                 settings.stats.update(mode="resumed complete", workers=0, units_run=0)
@@ -322,13 +343,15 @@ def _run_here(job: AdditiveJob, settings: RunSettings, sink: _Sink) -> None:
     """One process: set up on the device and run the remaining units in order."""
     t0 = time.perf_counter()
     job.setup(settings.devices[0])
+    _reuse_chunks(job)
     t1 = time.perf_counter()
     remaining, cpu_s = sink.state.remaining(), 0.0
+    who = f"this process ({settings.devices[0]})"
     for k in remaining:
         c0 = time.process_time()
         partial = job.run_unit(k, sink.bar.update)
         cpu_s += time.process_time() - c0
-        sink.accept(k, partial)
+        sink.accept(k, partial, who, _chunks_used(job))
     settings.stats.update(mode="serial", workers=1, units_run=len(remaining), setup_s=t1 - t0, compute_s=time.perf_counter() - t1, unit_cpu_s=cpu_s)
 
 
@@ -399,6 +422,7 @@ def _worker_main(index: int, device: str, conn, threads: int, parent: int | None
             _, seq, job_bytes = conn.recv()
             job = pickle.loads(job_bytes)
             job.setup(dev)
+            _reuse_chunks(job)
             conn.send(("ready", seq))
             while (k := conn.recv()) is not None:
                 progress = _Throttled(conn, seq)
@@ -406,7 +430,7 @@ def _worker_main(index: int, device: str, conn, threads: int, parent: int | None
                 partial = job.run_unit(k, progress)
                 cpu_s = time.process_time() - c0
                 progress.flush()
-                conn.send(("done", seq, k, _dumps(partial), cpu_s))
+                conn.send(("done", seq, k, _dumps(partial), cpu_s, _chunks_used(job)))
                 k = None
             del job, job_bytes  # the job's data goes; its model stays in the cache
     except (EOFError, BrokenPipeError, ConnectionResetError):
@@ -583,7 +607,7 @@ def _run_on_pool(job: AdditiveJob, settings: RunSettings, sink: _Sink, pool: Wor
             unit_s.append(time.monotonic() - w.started)
             w.unit = None
             cpu_s[0] += msg[4]
-            sink.accept(k, _loads(msg[3]))
+            sink.accept(k, _loads(msg[3]), w.name, msg[5])
             assign(w)
 
     for w in workers:
@@ -701,18 +725,20 @@ def _run_distributed(job: AdditiveJob, settings: RunSettings, env: tuple[int, in
     sink: _Sink | None = None
     try:
         # rank 0 reads the checkpoint; every rank learns what is left (or the error)
-        start: list[Any] = [None, None]
+        start: list[Any] = [None, None, None]
         if rank == 0:
             try:
                 config = job_config(job, settings)
                 sink = _Sink(job, settings, initial_state(job, settings.checkpoint, config), config)
-                start = [sink.state.remaining(), None]
+                start = [sink.state.remaining(), None, sink.state.reused_chunks()]
             except UserError as e:
-                start = [None, str(e)]
+                start = [None, str(e), None]
         dist.broadcast_object_list(start, src=0)
         if start[1] is not None:
             raise UserError(start[1])
         remaining: list[int] = start[0]
+        if start[2]:  # resumed: every rank computes the rest with the recorded chunks
+            _reuse_chunks(job, start[2])
 
         def agree(payload: Any, decide: Callable[[list[Any]], str | None]) -> None:
             """Gather ``payload`` on rank 0, which ``decide``s on an error message; every rank raises it."""
@@ -730,6 +756,7 @@ def _run_distributed(job: AdditiveJob, settings: RunSettings, env: tuple[int, in
         t0 = time.perf_counter()
         try:
             job.setup(device)
+            _reuse_chunks(job)
             setup_error = None
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
@@ -745,7 +772,7 @@ def _run_distributed(job: AdditiveJob, settings: RunSettings, env: tuple[int, in
                 scale = len(round_units)
                 update = (lambda n: sink.bar.update(n * scale)) if sink is not None else None
                 try:
-                    payload = ("done", k, _dumps(job.run_unit(k, update)))
+                    payload = ("done", k, _dumps(job.run_unit(k, update)), _chunks_used(job))
                 except Exception as e:  # noqa: BLE001 -- reported to rank 0, which stops every rank
                     traceback.print_exc()
                     payload = ("error", f"rank {rank} ({device}) failed on {unit_label(job, k)} (unit {k}): {_summary(e)}")
@@ -755,8 +782,8 @@ def _run_distributed(job: AdditiveJob, settings: RunSettings, env: tuple[int, in
                 if msg is not None:
                     return f"{msg}{sink.kept()}"
                 try:
-                    for p in sorted((p for p in payloads if p is not None), key=lambda p: p[1]):
-                        sink.accept(p[1], _loads(p[2]))
+                    for r, p in sorted(((r, p) for r, p in enumerate(payloads) if p is not None), key=lambda rp: rp[1][1]):
+                        sink.accept(p[1], _loads(p[2]), f"rank {r}", p[3])
                 except RunError as e:
                     return f"{e}{sink.kept()}"
                 return None

@@ -548,3 +548,50 @@ def test_workers_exit_within_a_second_or_two_of_a_sigkilled_parent(tmp_path):
         for pid in _marked(tmp_path):
             os.kill(pid, signal.SIGKILL)
     assert left == set(), "workers still computing after their parent was killed"
+
+
+# ----------------------------------------------------------------------------- 11: the chunk every process used is recorded and reused on --resume
+
+
+CHUNKED = ["--t", "32", "--seqlen", "16", "--b", "4", "--dtype", "float64", "--no_progress", "--name", "c"]
+
+
+def _counting_clock(monkeypatch) -> None:
+    """Candidates timed on a clock that ticks once per call: every call looks as long, so larger chunks always win
+    and the choice (chunk 8 of 1, 2, 4, 8 on 32 columns) does not depend on the machine's load."""
+    import itertools
+
+    import lib.autotune
+
+    ticks = itertools.count()
+    monkeypatch.setattr(lib.autotune, "device_clock", lambda device: lambda: float(next(ticks)))
+
+
+def test_float64_resume_with_the_automatic_chunk_is_bitwise(tmp_path, monkeypatch):
+    _counting_clock(monkeypatch)
+    meta = single_layer_single_block.run([*CHUNKED, "--output_dir", str(tmp_path / "ref")])
+    reference = torch.load(tmp_path / "ref" / "c.pt")
+    assert meta["chunk"]["chunk"] == "auto" and meta["chunk"]["measured"]["chunk"] == 8
+    save = ckpt.save
+
+    def interrupt_after_two_units(path, state, config):
+        save(path, state, config)
+        if state.n_done == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(ckpt, "save", interrupt_after_two_units)
+        code, _ = _main(single_layer_single_block, [*CHUNKED, "--output_dir", str(tmp_path), "--checkpoint_every", "1"])
+    assert code == 130 and ckpt.read(tmp_path / "c.ckpt")["prefix"] == 2
+    meta = single_layer_single_block.run([*CHUNKED, "--output_dir", str(tmp_path), "--resume"])  # measured again on unit 2 before
+    assert torch.equal(torch.load(tmp_path / "c.pt"), reference)
+    assert meta["run"]["reused_chunks"] == {"32": 8}
+
+
+@pytest.mark.slow
+def test_workers_record_the_chunk_each_used(tmp_path):
+    meta = single_layer_single_block.run([*ARGS, "--output_dir", str(tmp_path), "--devices", "cpu,cpu"])
+    used = meta["chunk"]["used"]  # "auto" and "measured": null said nothing before
+    assert used and set(used) <= {"worker 0 (cpu)", "worker 1 (cpu)"}  # each worker that computed a unit
+    assert all(set(u) == {"3"} and u["3"] in (1, 2) for u in used.values())
+    assert json.loads((tmp_path / "h.json").read_text())["run"]["chunks"] == used
