@@ -36,10 +36,10 @@ def pass_file(directory: Path, i: int) -> Path:
     return directory / f"pass_{i:05d}.pt"
 
 
-def encode_pass(config_sha256: str, i: int, input_digest: str, output: torch.Tensor) -> bytes:
-    """The bytes of pass file ``i``."""
+def encode_pass(config_sha256: str, i: int, input_digest: str, output: torch.Tensor, chunks: dict[int, int] | None = None) -> bytes:
+    """The bytes of pass file ``i`` (``chunks``: what the operator's chunk policy had chosen after the pass)."""
     buf = io.BytesIO()
-    torch.save({"config_sha256": config_sha256, "index": i, "input": input_digest, "output": output.detach().cpu()}, buf)
+    torch.save({"config_sha256": config_sha256, "index": i, "input": input_digest, "output": output.detach().cpu(), "chunks": dict(chunks or {})}, buf)
     return frame(buf.getvalue(), MAGIC)
 
 
@@ -61,10 +61,13 @@ class PassLog:
 
     :meth:`__call__` is the ``matmat`` given to :mod:`lib.spectrum`: it replays recorded passes (checking that the
     algorithm asks for the same ``V``) and computes (``run_pass(V, i)``), records and returns the others.
+    ``policy`` (the operator's :class:`lib.operator.ChunkPolicy`, optional): the chunks it chose are recorded
+    with each pass and reused when the pass is replayed, so that the passes computed after a resume use the
+    chunks the interrupted session chose (bitwise the uninterrupted run).
     """
 
-    def __init__(self, directory: Path | None, config: dict[str, Any], resume: bool, run_pass: Callable[[torch.Tensor, int], torch.Tensor], bar=None):
-        self.dir, self.run_pass, self.bar = directory, run_pass, bar
+    def __init__(self, directory: Path | None, config: dict[str, Any], resume: bool, run_pass: Callable[[torch.Tensor, int], torch.Tensor], bar=None, policy: Any = None):
+        self.dir, self.run_pass, self.bar, self.policy = directory, run_pass, bar, policy
         self.calls = self.replayed = self.hvps = 0
         text = json.dumps(config, sort_keys=True, default=str)
         self.config_sha256 = hashlib.sha256(text.encode()).hexdigest()
@@ -98,10 +101,12 @@ class PassLog:
                 raise RunError(f"{f} was recorded for a different block than the resumed run asks for; delete {self.dir} to start over")
             self.replayed += 1
             out = rec["output"]
+            if self.policy is not None and rec.get("chunks"):
+                self.policy.reuse(rec["chunks"])
         else:
             out = self.run_pass(v, i)
             if f is not None:
-                data = encode_pass(self.config_sha256, i, d, out)
+                data = encode_pass(self.config_sha256, i, d, out, self.policy.chosen() if self.policy is not None else None)
                 try:
                     atomic_write_bytes(f, lambda p: p.write_bytes(data))
                 except OSError as e:

@@ -236,7 +236,7 @@ def run(argv: list[str] | None, description: str) -> dict[str, Any]:
             bar = tqdm(total=total, desc="passes over the samples", dynamic_ncols=True)
         log_cfg = {"subset": digest(torch.cat([s.flat_index for s in subset.slices])), "params": subset.param_names, "samples": digest(prep.samples), "model": spec.identity(), "model_input_bs": args.model_input_bs, "seed": args.seed, "fused_head": fused}
         pool = parallel.WorkerPool(prep.devices or [prep.device])  # spawns workers only for several devices
-        log = PassLog(out / f"{name}.passes" if rank0 else None, log_cfg, args.resume, make_run_pass(args, prep, op, out, name, pool), bar)
+        log = PassLog(out / f"{name}.passes" if rank0 else None, log_cfg, args.resume, make_run_pass(args, prep, op, out, name, pool), bar, policy=op.policy)
         try:
             eig = spectrum.lanczos(log, n, args.top_k, args.which, args.block_size, args.tol, args.max_iter, seed=args.seed)
             if bar is not None:

@@ -595,3 +595,32 @@ def test_workers_record_the_chunk_each_used(tmp_path):
     assert used and set(used) <= {"worker 0 (cpu)", "worker 1 (cpu)"}  # each worker that computed a unit
     assert all(set(u) == {"3"} and u["3"] in (1, 2) for u in used.values())
     assert json.loads((tmp_path / "h.json").read_text())["run"]["chunks"] == used
+
+
+@pytest.mark.slow
+def test_spectrum_resume_with_the_automatic_chunk_is_bitwise(tmp_path, monkeypatch):
+    """The trace's 30-vector pass measures the chunk and the Hutch++ passes reuse it; a run stopped after the
+    Hutchinson pass replays the recorded passes on --resume and computes the Hutch++ passes with the recorded chunk."""
+    import hessian_spectrum
+    import lib.passlog
+
+    flags = [*SPECTRUM, "--trace", "--t", "32"]
+    _counting_clock(monkeypatch)
+    ref_meta = hessian_spectrum.run([*flags, "--output_dir", str(tmp_path / "ref")])
+    reference = torch.load(tmp_path / "ref" / "s.pt")
+    encode = lib.passlog.encode_pass
+
+    def stop_after_the_hutchinson_pass(config_sha256, i, *a, **k):
+        if i == 4:
+            raise KeyboardInterrupt
+        return encode(config_sha256, i, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(lib.passlog, "encode_pass", stop_after_the_hutchinson_pass)
+        code, _ = _main(hessian_spectrum, [*flags, "--output_dir", str(tmp_path)])
+    assert code == 130 and len(list((tmp_path / "s.passes").glob("pass_*.pt"))) == 4
+    meta = hessian_spectrum.run([*flags, "--output_dir", str(tmp_path), "--resume"])
+    assert meta["replayed_passes"] == 4
+    assert meta["trace"] == ref_meta["trace"]  # the Hutch++ passes: measured again (other chunks) before
+    resumed = torch.load(tmp_path / "s.pt")
+    assert set(resumed) == set(reference) and all(torch.equal(resumed[k], reference[k]) for k in reference)
