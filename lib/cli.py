@@ -329,7 +329,7 @@ def run_exact(script: str, args: argparse.Namespace, build_subset: Callable[[nn.
         "nll_mean": result.nll_sum / result.n_tokens,
         "perplexity": result.perplexity,
         "method": result.method,
-        "chunk": {**job.chunk_report(), "used": settings.stats.get("chunks")},  # what every process used (--resume reuses it)
+        "chunk": {**job.chunk_report(), **({"used": settings.stats["chunks"]} if settings.stats.get("chunks") else {})},  # auto: what each process used
         "hessian_elapsed_s": result.elapsed_s,
         "elapsed_s": time.perf_counter() - t_start,
         "fingerprints": prep.fingerprints,

@@ -780,11 +780,13 @@ def _run_distributed(job: AdditiveJob, settings: RunSettings, env: tuple[int, in
             def add_round(payloads: list[Any]) -> str | None:
                 msg = first_error(payloads)
                 if msg is not None:
+                    sink.fail()  # the finished units first, so that the message counts what the file holds
                     return f"{msg}{sink.kept()}"
                 try:
                     for r, p in sorted(((r, p) for r, p in enumerate(payloads) if p is not None), key=lambda rp: rp[1][1]):
                         sink.accept(p[1], _loads(p[2]), f"rank {r}", p[3])
                 except RunError as e:
+                    sink.fail()
                     return f"{e}{sink.kept()}"
                 return None
 

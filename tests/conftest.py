@@ -63,6 +63,17 @@ def arch(request) -> str:
 
 
 @pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a model is loaded (refusals must come before)."""
+    from lib import cli
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli, "load_model", boom)
+
+
+@pytest.fixture
 def one_rank_env(monkeypatch) -> None:
     """The environment of a one-rank torchrun job (gloo on a free local port)."""
     import socket

@@ -14,13 +14,14 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT
+from test_guarantees import ARGS, _env, _main, _stderr_of
+
 import hessian_diagonal
 import single_layer_single_block
 from lib import checkpoint as ckpt
 from lib import parallel
-from test_guarantees import ARGS, _env, _main, no_model_load  # noqa: F401 -- a fixture
+
 
 @pytest.fixture(scope="module")
 def reference_exact(tmp_path_factory) -> torch.Tensor:
@@ -116,6 +117,7 @@ def test_resume_refuses_a_model_whose_configuration_changed_after_a_kill(tmp_pat
     import shutil
 
     from test_inputs import FAST, _fail, _tiny_opt
+
     from lib.models import load_model
 
     model_dir = _tiny_opt(tmp_path / "m")
@@ -141,6 +143,7 @@ def test_resume_refuses_a_model_whose_configuration_changed_after_a_kill(tmp_pat
 
 def test_a_worker_refuses_a_model_whose_configuration_or_code_differs(tmp_path):
     from test_inputs import _tiny_opt
+
     from lib.errors import UserError
     from lib.inputs import code_path, config_fingerprint
     from lib.models import ModelSpec, load_model
@@ -155,23 +158,6 @@ def test_a_worker_refuses_a_model_whose_configuration_or_code_differs(tmp_path):
 
 
 # ----------------------------------------------------------------------------- 2: a full disk between two checkpoints
-
-
-def _stderr_of(script, argv: list[str]) -> tuple[int, list[str]]:
-    """Run a script through :func:`lib.cli.main` in this process: ``(exit status, every stderr line)``."""
-    import contextlib
-    import io
-
-    from lib import cli
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            cli.main(script.run, argv)
-            code = 0
-        except SystemExit as e:
-            code = e.code
-    return code, err.getvalue().strip().splitlines()
 
 
 def test_a_disk_full_after_the_first_checkpoint_is_one_line_that_counts_what_the_file_holds(tmp_path, monkeypatch, reference_exact):
@@ -518,10 +504,12 @@ def test_automatic_setup_limit_is_fifteen_minutes_or_ten_fastest_setups():
 
 def _workers(tmp_path) -> set[int]:
     """The worker processes among :func:`_marked` (spawned interpreters)."""
+    from pathlib import Path
+
     out = set()
     for pid in _marked(tmp_path):
         try:
-            if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read():
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 out.add(pid)
         except OSError:
             pass
