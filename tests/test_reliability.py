@@ -259,21 +259,6 @@ if what == "kill_at_png":  # SIGKILL as the result's first .png is written (its 
             os.kill(os.getpid(), signal.SIGKILL)
         return savefig(self, fname, *a, **k)
     matplotlib.figure.Figure.savefig = killing
-elif what == "hang_in_workers":  # every unit of a worker process hangs
-    import lib.hessian
-    if __name__ == "__mp_main__":  # this file, run again in each spawned worker
-        def hanging(self, k, progress=None):
-            print("HANGING", file=sys.stderr, flush=True)
-            time.sleep(600)
-        lib.hessian.ExactHessianJob.run_unit = hanging
-elif what == "stop_in_setup":  # every worker process stops itself (SIGSTOP) while it loads the model
-    import lib.models
-    if __name__ == "__mp_main__":
-        load = lib.models.ModelSpec.load
-        def stopping(self, *a, **k):
-            os.kill(os.getpid(), signal.SIGSTOP)
-            return load(self, *a, **k)
-        lib.models.ModelSpec.load = stopping
 import single_layer_single_block
 from lib import cli
 if __name__ == "__main__":
@@ -475,18 +460,76 @@ def test_a_pass_file_is_bound_to_its_configuration_and_index(tmp_path):
 # ----------------------------------------------------------------------------- 9: a worker stuck while setting up
 
 
+LIGHT = """
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+import torch
+from lib import cli, parallel
+
+
+class Job:
+    \"\"\"An additive job without a model whose worker processes stop (SIGSTOP) in set-up or hang in their units.\"\"\"
+
+    model_input_bs = 1
+
+    def __init__(self, what):
+        self.what = what
+
+    def setup(self, device):
+        if self.what == "stop_in_setup":
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+    def num_units(self):
+        return 4
+
+    def steps_per_unit(self):
+        return 1
+
+    def run_unit(self, k, progress=None):
+        if self.what == "hang_in_units":
+            print("HANGING", file=sys.stderr, flush=True)
+            time.sleep(600)
+        return {{"s": torch.full((3,), float(k), dtype=torch.float64)}}
+
+    def config(self):
+        return {{"kind": "light"}}
+
+
+if __name__ == "__main__":
+    settings = parallel.RunSettings([torch.device("cpu")] * 2, setup_timeout=float(sys.argv[2]))
+    cli.main(lambda argv: parallel.run_job(Job(sys.argv[1]), settings), [])
+"""
+
+
+def _light(tmp_path, what: str, setup_timeout: float = 0.0) -> subprocess.Popen:
+    """:data:`LIGHT` (torch and :mod:`lib.parallel` only, two CPU workers) with fault ``what``, marked like :func:`_wrapped`."""
+    script = tmp_path / "light.py"
+    script.write_text(LIGHT.format(root=str(ROOT)))
+    env = {**_env(), "HESSIAN_TEST_MARK": str(tmp_path)}
+    return subprocess.Popen([sys.executable, str(script), what, str(setup_timeout)], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+
+
 @pytest.mark.slow
-def test_a_worker_stuck_while_loading_its_model_is_stopped_as_hung(tmp_path):
-    proc = _wrapped(tmp_path, "stop_in_setup", [*ARGS, "--output_dir", str(tmp_path), "--devices", "cpu,cpu", "--unit_timeout", "5", "--setup_timeout", "20"])
+def test_a_worker_stuck_while_setting_up_is_stopped_as_hung(tmp_path):
+    proc = _light(tmp_path, "stop_in_setup", setup_timeout=3)
     try:
-        _, err = proc.communicate(timeout=240)  # it hung forever before
+        _, err = proc.communicate(timeout=240)  # it hung forever before: the watchdog watched units only
     finally:
         if proc.poll() is None:
             proc.kill()
-    lines = err.strip().splitlines()
     assert proc.returncode == 1 and "Traceback" not in err, err
-    assert re.fullmatch(r"error: worker \d \(cpu\) has been setting up \(loading the model, preparing the job\) for \d+s, over --setup_timeout 20s; it was stopped as hung", lines[-1]), err
+    assert re.fullmatch(r"error: worker \d \(cpu\) has been setting up \(loading the model, preparing the job\) for \d+s, over --setup_timeout 3s; it was stopped as hung", err.strip().splitlines()[-1]), err
     assert _marked(tmp_path) == set()  # both workers are gone, the stopped one too
+
+
+def test_setup_timeout_flag_reaches_the_run_and_is_validated(tmp_path, no_model_load):
+    from lib import cli
+
+    args = single_layer_single_block.parser().parse_args([*ARGS, "--setup_timeout", "7"])
+    prep = cli.Prepared(model=None, samples=None, device=torch.device("cpu"), devices=[torch.device("cpu")] * 2)
+    assert cli.run_settings(args, prep, tmp_path / "x.ckpt", "x").setup_timeout == 7.0
+    code, err = _main(single_layer_single_block, [*ARGS, "--output_dir", str(tmp_path), "--setup_timeout", "nan"])
+    assert code == 2 and err == "error: --setup_timeout must be a finite number of seconds (0 = automatic), got nan"
 
 
 def test_automatic_setup_limit_is_fifteen_minutes_or_ten_fastest_setups():
@@ -518,7 +561,7 @@ def _workers(tmp_path) -> set[int]:
 
 @pytest.mark.slow
 def test_workers_exit_within_a_second_or_two_of_a_sigkilled_parent(tmp_path):
-    proc = _wrapped(tmp_path, "hang_in_workers", [*ARGS, "--output_dir", str(tmp_path), "--devices", "cpu,cpu"])
+    proc = _light(tmp_path, "hang_in_units")
     try:
         seen, deadline = "", time.monotonic() + 240
         while seen.count("HANGING") < 2:  # both workers are inside a unit
@@ -574,15 +617,6 @@ def test_float64_resume_with_the_automatic_chunk_is_bitwise(tmp_path, monkeypatc
     meta = single_layer_single_block.run([*CHUNKED, "--output_dir", str(tmp_path), "--resume"])  # measured again on unit 2 before
     assert torch.equal(torch.load(tmp_path / "c.pt"), reference)
     assert meta["run"]["reused_chunks"] == {"32": 8}
-
-
-@pytest.mark.slow
-def test_workers_record_the_chunk_each_used(tmp_path):
-    meta = single_layer_single_block.run([*ARGS, "--output_dir", str(tmp_path), "--devices", "cpu,cpu"])
-    used = meta["chunk"]["used"]  # "auto" and "measured": null said nothing before
-    assert used and set(used) <= {"worker 0 (cpu)", "worker 1 (cpu)"}  # each worker that computed a unit
-    assert all(set(u) == {"3"} and u["3"] in (1, 2) for u in used.values())
-    assert json.loads((tmp_path / "h.json").read_text())["run"]["chunks"] == used
 
 
 @pytest.mark.slow
