@@ -37,27 +37,19 @@ DIAG_BF16 = ["--vhp_samples", "4", "--layer_name", "self_attn.v_proj", "--seqlen
 # ----------------------------------------------------------------------------- 7: bfloat16 diagonal
 
 
-def test_bfloat16_diagonal_runs_and_resumes_after_phase_one(tmp_path, monkeypatch):
-    """XDiag in bfloat16: phase 2 hashes the bfloat16 basis (crashed at ``.numpy()``); a run stopped after phase 1
-    resumes from the phase-1 checkpoint and gives the uninterrupted result bitwise."""
-    meta = hessian_diagonal.run([*DIAG_BF16, "--output_dir", str(tmp_path / "ref")])
-    reference = torch.load(tmp_path / "ref" / meta["files"]["tensor"])
+def test_bfloat16_diagonal_runs_and_resumes_after_phase_one(tmp_path):
+    """XDiag in bfloat16: phase 2 hashes the bfloat16 basis (it crashed there at ``.numpy()``, and again on every
+    --resume); a run stopped after phase 1 (its phase-1 checkpoint complete, no phase 2) resumes and gives the
+    uninterrupted result bitwise."""
+    meta = hessian_diagonal.run([*DIAG_BF16, "--output_dir", str(tmp_path), "--keep_checkpoint"])
+    reference = torch.load(tmp_path / meta["files"]["tensor"])
     assert reference.dtype == torch.bfloat16 and bool(torch.isfinite(reference.float()).all())
-    run_job = parallel.run_job
-
-    def stop_in_phase_two(job, settings):
-        if getattr(job, "phase", None) == "2":
-            raise KeyboardInterrupt
-        return run_job(job, settings)
-
-    out = tmp_path / "out"
-    with monkeypatch.context() as m:
-        m.setattr(parallel, "run_job", stop_in_phase_two)
-        code, err = _main(hessian_diagonal, [*DIAG_BF16, "--output_dir", str(out)])
-    assert code == 130 and err.startswith("error: interrupted by SIGINT"), err
-    assert ckpt.read(out / "d.ckpt")["prefix"] == 2  # phase 1 is complete and kept
-    meta = hessian_diagonal.run([*DIAG_BF16, "--output_dir", str(out), "--resume"])
-    assert torch.equal(torch.load(out / meta["files"]["tensor"]), reference)
+    for f in ("d.phase2.ckpt", "d.pt", "d.json"):  # as if stopped right after phase 1
+        (tmp_path / f).unlink()
+    assert ckpt.read(tmp_path / "d.ckpt")["prefix"] == 2  # phase 1 is complete and kept
+    meta = hessian_diagonal.run([*DIAG_BF16, "--output_dir", str(tmp_path), "--resume", "--overwrite"])
+    assert meta["run"][0]["mode"] == "resumed complete" and meta["run"][1]["units_run"] == 2
+    assert torch.equal(torch.load(tmp_path / meta["files"]["tensor"]), reference)
 
 
 # ----------------------------------------------------------------------------- 10: the write probe on a full disk; non-finite timeouts
@@ -344,22 +336,23 @@ def test_an_overwrite_stopped_while_renaming_its_files_leaves_no_json(tmp_path, 
 def test_verify_result_names_a_replaced_damaged_or_missing_file(tmp_path):
     from lib.results import ResultMismatch, load_result, verify_result
 
-    for name, b in (("a", "2"), ("b", "3")):
-        single_layer_single_block.run([*TINY, "--output_dir", str(tmp_path), "--name", name, "--b", b, "--batch_study"])
+    single_layer_single_block.run([*TINY, "--output_dir", str(tmp_path), "--name", "a", "--batch_study"])
     meta, tensor = load_result(tmp_path / "a.json")
     assert torch.equal(tensor, torch.load(tmp_path / "a.pt")) and sorted(meta["outputs"]) == ["a.pdf", "a.png", "a.pt", "a_batch_study.pdf", "a_batch_study.png", "a_batch_study.pt"]
-    (tmp_path / "a.pt").write_bytes((tmp_path / "b.pt").read_bytes())  # another run's tensor
+    pt = (tmp_path / "a.pt").read_bytes()
+    torch.save(tensor * 2, tmp_path / "a.pt")  # another run's tensor
     with pytest.raises(ResultMismatch, match=rf"^{re.escape(str(tmp_path / 'a.pt'))} does not match the SHA-256 recorded in {re.escape(str(tmp_path / 'a.json'))} \([0-9a-f]{{12}}\.\. recorded, [0-9a-f]{{12}}\.\. found\): it was replaced or damaged; rerun with --overwrite to rebuild the result$"):
         verify_result(tmp_path / "a.json")
-    data = (tmp_path / "b_batch_study.png").read_bytes()
-    (tmp_path / "b_batch_study.png").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
-    with pytest.raises(ResultMismatch, match=r"b_batch_study\.png does not match"):
-        verify_result(tmp_path / "b.json")
-    (tmp_path / "b_batch_study.png").write_bytes(data)
-    verify_result(tmp_path / "b.json")
-    (tmp_path / "b.pdf").unlink()
-    with pytest.raises(ResultMismatch, match=r"b\.pdf, a file of the result .*b\.json, is missing"):
-        verify_result(tmp_path / "b.json")
+    (tmp_path / "a.pt").write_bytes(pt)
+    data = (tmp_path / "a_batch_study.png").read_bytes()
+    (tmp_path / "a_batch_study.png").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(ResultMismatch, match=r"a_batch_study\.png does not match"):
+        verify_result(tmp_path / "a.json")
+    (tmp_path / "a_batch_study.png").write_bytes(data)
+    verify_result(tmp_path / "a.json")
+    (tmp_path / "a.pdf").unlink()
+    with pytest.raises(ResultMismatch, match=r"a\.pdf, a file of the result .*a\.json, is missing"):
+        verify_result(tmp_path / "a.json")
 
 
 @pytest.mark.slow
