@@ -134,7 +134,8 @@ def frame(payload: bytes, magic: bytes = MAGIC) -> bytes:
 
 
 def unframe(data: bytes, magic: bytes = MAGIC) -> bytes:
-    """The payload of :func:`frame`'s ``data``; ``ValueError`` naming what is wrong (too short, other magic, truncated, checksum)."""
+    """The payload of :func:`frame`'s ``data``; ``ValueError`` naming what is wrong (too short, other magic,
+    truncated, checksum)."""
     if len(data) < _HEADER.size:
         raise ValueError(f"{len(data)} bytes, shorter than its header")
     got, length, digest = _HEADER.unpack_from(data)
@@ -195,7 +196,8 @@ CONTENT_KEYS = {
     "model.code": "the code that runs the model",
     "model.tokenizer_fingerprint": "the tokenizer",
 }
-"""Configuration keys that identify the inputs (:mod:`lib.inputs`): a difference there means a file or the installed code changed."""
+"""Configuration keys that identify the inputs (:mod:`lib.inputs`): a difference there means a file or the
+installed code changed."""
 
 
 def _describe_change(key: str, old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -239,7 +241,10 @@ def load(path: str | Path, config: dict[str, Any], num_units: int) -> RunState:
             f"checkpoint {path} was written by a run with a different configuration "
             f"(differs in: {', '.join(diff) or 'num_units'}); rerun with the original flags, or delete it to start over"
         )
-    return RunState(raw["num_units"], raw["prefix"], raw["prefix_sum"], dict(raw["pending"]), raw["elapsed_s"], snapshots=dict(raw.get("snapshots", {})), chunks=dict(raw.get("chunks", {})))
+    return RunState(
+        raw["num_units"], raw["prefix"], raw["prefix_sum"], dict(raw["pending"]), raw["elapsed_s"],
+        snapshots=dict(raw.get("snapshots", {})), chunks=dict(raw.get("chunks", {})),
+    )
 
 
 class CheckpointWriteError(RunError):
@@ -276,7 +281,8 @@ class Writer:
             save(self.cfg.path, self.state, self.config)
         except OSError as e:
             self.failed = e
-            raise CheckpointWriteError(f"could not write the checkpoint {self.cfg.path} ({type(e).__name__}: {e})") from None
+            where = self.cfg.path
+            raise CheckpointWriteError(f"could not write the checkpoint {where} ({type(e).__name__}: {e})") from None
         self.cfg.owned = True
         self.failed = None
         self.saved_done, self._saved_at, self.written = self.state.n_done, time.monotonic(), True

@@ -104,7 +104,11 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--resume", action="store_true", help="continue from the checkpoint <output_dir>/<name>.ckpt (hessian_diagonal.py: also <name>.phase2.ckpt; hessian_spectrum.py: the pass log <name>.passes/), recomputing nothing finished (the configuration must be the same); starts afresh if there is none")
     r.add_argument("--keep_checkpoint", action="store_true", help="keep the checkpoint when the run completes (it is removed by default)")
     r.add_argument("--unit_timeout", type=float, default=0.0, help="with --devices: stop the run when one unit runs longer than this many seconds (a hung worker); default 0 = auto: 10x the median unit time and at least 5 minutes")
-    r.add_argument("--setup_timeout", type=float, default=0.0, help="with --devices: stop the run when a worker takes longer than this many seconds to load its model and set up (a hung worker); default 0 = auto: 15 minutes, or 10x the fastest worker's set-up if longer")
+    r.add_argument(
+        "--setup_timeout", type=float, default=0.0,
+        help="with --devices: stop the run when a worker takes longer than this many seconds to load its model and "
+        "set up (a hung worker); default 0 = auto: 15 minutes, or 10x the fastest worker's set-up if longer",
+    )
 
 
 def resolve_defaults(args: argparse.Namespace, t_default: tuple[int, int] | None) -> None:
@@ -190,14 +194,20 @@ def run_devices(args: argparse.Namespace) -> list[torch.device]:
 def model_spec(args: argparse.Namespace, prep: Prepared) -> ModelSpec:
     """How worker processes load the model of this run (and check that it is the parent's, by fingerprint)."""
     f = prep.fingerprints
-    return ModelSpec(args.model, args.cache_dir, args.dtype, args.attn_implementation, getattr(args, "device_map", None), f.get("model"), f.get("tokenizer"), f.get("model_config"), f.get("code"))
+    return ModelSpec(
+        args.model, args.cache_dir, args.dtype, args.attn_implementation, getattr(args, "device_map", None),
+        f.get("model"), f.get("tokenizer"), f.get("model_config"), f.get("code"),
+    )
 
 
 def run_settings(args: argparse.Namespace, prep: Prepared, checkpoint_path: str | Path, desc: str) -> parallel.RunSettings:
     """:class:`lib.parallel.RunSettings` from the run flags, checkpointing to ``checkpoint_path``."""
     every_units, every_s = ckpt.parse_every(args.checkpoint_every)
     cfg = ckpt.CheckpointConfig(Path(checkpoint_path), every_units, every_s, resume=args.resume, keep=args.keep_checkpoint)
-    return parallel.RunSettings(devices=prep.devices or [prep.device], checkpoint=cfg, progress=not args.no_progress, desc=desc, unit_timeout=args.unit_timeout, setup_timeout=args.setup_timeout)
+    return parallel.RunSettings(
+        devices=prep.devices or [prep.device], checkpoint=cfg, progress=not args.no_progress, desc=desc,
+        unit_timeout=args.unit_timeout, setup_timeout=args.setup_timeout,
+    )
 
 
 @dataclass
@@ -248,16 +258,18 @@ def default_name(script: str, args: argparse.Namespace, tag: str) -> str:
 
 
 def claim_outputs(args: argparse.Namespace, name: str, checkpoints: list[Path], files: list[str] | None = None) -> None:
-    """Check and lock the run's outputs before the model is loaded (:func:`lib.outputs.claim`; released by :func:`lib.outputs.guarded`).
-    ``files``: every result file the run writes (:func:`lib.outputs.planned_files`)."""
+    """Check and lock the run's outputs before the model is loaded (:func:`lib.outputs.claim`; released by
+    :func:`lib.outputs.guarded`). ``files``: every result file the run writes (:func:`lib.outputs.planned_files`)."""
     env = parallel.distributed_env()
-    outputs.claim(args.output_dir, name, checkpoints, args.overwrite, args.resume, rank0=env is None or env[0] == 0, files=files)
+    rank0 = env is None or env[0] == 0
+    outputs.claim(args.output_dir, name, checkpoints, args.overwrite, args.resume, rank0=rank0, files=files)
 
 
 def exact_files(script: str, args: argparse.Namespace, name: str) -> list[str]:
     """The result files of an exact run: tensor, JSON, heatmap; the slice-mass figure (scripts with several slices);
     the batch study's and the comparison's tensor and figure when asked for."""
-    extra = [stem for stem, on in (("_batch_study", getattr(args, "batch_study", False)), ("_compare", getattr(args, "compare", None))) if on]
+    wanted = (("_batch_study", getattr(args, "batch_study", False)), ("_compare", getattr(args, "compare", None)))
+    extra = [stem for stem, on in wanted if on]
     several = script != "single_layer_single_block"
     return outputs.planned_files(name, ["", *(["_slice_mass"] if several else []), *extra], extra)
 
@@ -329,7 +341,7 @@ def run_exact(script: str, args: argparse.Namespace, build_subset: Callable[[nn.
         "nll_mean": result.nll_sum / result.n_tokens,
         "perplexity": result.perplexity,
         "method": result.method,
-        "chunk": {**job.chunk_report(), **({"used": settings.stats["chunks"]} if settings.stats.get("chunks") else {})},  # auto: what each process used
+        "chunk": {**job.chunk_report(), **({"used": used} if (used := settings.stats.get("chunks")) else {})},
         "hessian_elapsed_s": result.elapsed_s,
         "elapsed_s": time.perf_counter() - t_start,
         "fingerprints": prep.fingerprints,

@@ -195,7 +195,10 @@ class ParamPlan:
 
     def config(self) -> dict[str, Any]:
         def digest(t: torch.Tensor | None) -> str | None:
-            return None if t is None else hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()  # raw bytes: any dtype, bfloat16 included
+            if t is None:
+                return None
+            raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # the bytes: any dtype, bfloat16 included
+            return hashlib.sha256(raw.numpy().tobytes()).hexdigest()
 
         return {
             "param": self.param_name,

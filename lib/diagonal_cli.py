@@ -175,7 +175,8 @@ def run(argv: list[str] | None = None, description: str = "") -> dict[str, Any]:
     t_start = time.perf_counter()
     name = args.name or default_name(args, args.estimator)
     out = Path(args.output_dir)
-    cli.claim_outputs(args, name, [_Runner.checkpoint_path(out, name, p) for p in "12"], outputs.planned_files(name, ["", *(["_convergence"] if args.track_rows else [])]))
+    files = outputs.planned_files(name, ["", *(["_convergence"] if args.track_rows else [])])
+    cli.claim_outputs(args, name, [_Runner.checkpoint_path(out, name, p) for p in "12"], files)
     found: list[tuple[Target, int, str]] = []
 
     def build(model: nn.Module):

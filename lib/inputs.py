@@ -117,7 +117,8 @@ dtype (fingerprinted with the tensors). Every other field is part of the model's
 
 
 def forward_config(model: nn.Module) -> dict[str, Any]:
-    """The model's configuration as a dict (``config.to_dict()``) without :data:`CONFIG_FIELDS_OUTSIDE_THE_FORWARD`, at every nesting level."""
+    """The model's configuration as a dict (``config.to_dict()``) without :data:`CONFIG_FIELDS_OUTSIDE_THE_FORWARD`,
+    at every nesting level."""
 
     def strip(d: Any) -> Any:
         if isinstance(d, dict):
@@ -139,13 +140,19 @@ def code_path(model: nn.Module) -> str:
     import transformers
 
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
-    return f"transformers {transformers.__version__}, torch {torch.__version__}, {type(model).__name__}, attention {impl}"
+    versions = f"transformers {transformers.__version__}, torch {torch.__version__}"
+    return f"{versions}, {type(model).__name__}, attention {impl}"
 
 
 def fingerprints(model: nn.Module, tokenizer) -> dict[str, str]:
     """The run's input identity: ``model`` (:func:`model_fingerprint`, the tensors), ``model_config``
     (:func:`config_fingerprint`), ``code`` (:func:`code_path`) and ``tokenizer`` (:func:`tokenizer_fingerprint`)."""
-    return {"model": model_fingerprint(model), "model_config": config_fingerprint(model), "code": code_path(model), "tokenizer": tokenizer_fingerprint(tokenizer)}
+    return {
+        "model": model_fingerprint(model),
+        "model_config": config_fingerprint(model),
+        "code": code_path(model),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -174,8 +181,9 @@ def check_token_ids(samples: torch.Tensor, model: nn.Module, tokenizer_name: str
         bad = int(samples.max()) if int(samples.max()) >= rows else int(samples.min())
         count = int(((samples >= rows) | (samples < 0)).sum())
         raise UserError(
-            f"the tokenizer of {tokenizer_name!r} gives token id {bad} ({count} of the {samples.numel()} sample tokens out of range) "
-            f"but the model's vocabulary has {rows} entries (ids 0..{rows - 1}): the tokenizer does not belong to the model"
+            f"the tokenizer of {tokenizer_name!r} gives token id {bad} ({count} of the {samples.numel()} sample tokens "
+            f"out of range) but the model's vocabulary has {rows} entries (ids 0..{rows - 1}): "
+            "the tokenizer does not belong to the model"
         )
 
 

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .inputs import check_causal_lm, check_finite_weights, check_loading_info, code_path, config_fingerprint, hub_offline_if_unreachable, model_fingerprint, read_local_config
+from .inputs import check_causal_lm, check_finite_weights, check_loading_info, code_path, config_fingerprint
+from .inputs import hub_offline_if_unreachable, model_fingerprint, read_local_config
 from .precision import KEEP_DTYPE_ATTENTION, keep_float64
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,13 +206,18 @@ class ModelSpec:
 
     def identity(self) -> dict[str, str | None]:
         """What determines the numbers (for checkpoint validation): not where the weights are cached or placed."""
-        keys = ("name", "dtype", "attn_implementation", "fingerprint", "tokenizer_fingerprint", "config_fingerprint", "code")
+        keys = ("name", "dtype", "attn_implementation", "fingerprint", "tokenizer_fingerprint")
+        keys += ("config_fingerprint", "code")
         return {k: getattr(self, k) for k in keys}
 
     def load(self, device: torch.device | str = "cpu") -> nn.Module:
         """Load the model; with a ``fingerprint``, refuse a copy whose content differs from it."""
         model = load_model(self.name, self.cache_dir, getattr(torch, self.dtype), device, self.attn_implementation, self.device_map)
-        checks = (("fingerprint", model_fingerprint, "fingerprint"), ("config_fingerprint", config_fingerprint, "configuration"), ("code", code_path, "code"))
+        checks = (
+            ("fingerprint", model_fingerprint, "fingerprint"),
+            ("config_fingerprint", config_fingerprint, "configuration"),
+            ("code", code_path, "code"),
+        )
         for attr, measure, what in checks:
             want = getattr(self, attr)
             if want is None:

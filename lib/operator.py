@@ -106,12 +106,13 @@ class ChunkPolicy:
             self.tunings[size].chunk = used
 
     def chosen(self) -> dict[int, int]:
-        """The chunk used so far for each size ``n`` (measured or reused); ``{}`` with a given chunk (nothing to record)."""
+        """The chunk used so far for each size ``n`` (measured or reused); ``{}`` with a given chunk (nothing to
+        record)."""
         return {} if self.given else {n: t.chunk for n, t in self.tunings.items()}
 
     def reuse(self, chunks: dict[int, int]) -> None:
-        """Use ``chunks`` (``{n: chunk}``, recorded by an earlier session of the run) as given, for sizes not chosen yet:
-        the later blocks of size ``n`` are then computed exactly as in the session that chose them."""
+        """Use ``chunks`` (``{n: chunk}``, recorded by an earlier session of the run) as given, for sizes not chosen
+        yet: the later blocks of size ``n`` are then computed exactly as in the session that chose them."""
         if not self.given:
             for n, c in chunks.items():
                 self.tunings.setdefault(int(n), Tuning(int(c), 0))

@@ -71,8 +71,9 @@ def figure_files(stem: str) -> list[str]:
 
 
 def planned_files(name: str, figures: Iterable[str] = ("",), tensors: Iterable[str] = ()) -> list[str]:
-    """The result files a run writes besides its checkpoints: ``<name>.pt``, ``<name>.json``, ``<name><f>.pdf/.png`` for
-    each figure stem ``f`` (``""``: the main figure; ``"_slice_mass"``, ...) and ``<name><t>.pt`` for each extra tensor stem."""
+    """The result files a run writes besides its checkpoints: ``<name>.pt``, ``<name>.json``, ``<name><t>.pt`` for
+    each extra tensor stem ``t`` and ``<name><f>.pdf/.png`` for each figure stem ``f`` (``""``: the main figure;
+    ``"_slice_mass"``, ...)."""
     out = [f"{name}.pt", f"{name}.json", *(f"{name}{t}.pt" for t in tensors)]
     for f in figures:
         out += figure_files(name + f)
@@ -110,8 +111,9 @@ def check_name_length(out: Path, name: str, files: Iterable[str]) -> None:
         extra = total - size
         example = "." + longest.replace(name, "<name>", 1) + f"{results.TEMP_MARK}<pid>"
         raise UserError(
-            f"--name is {size} bytes long (UTF-8): with the suffixes and temporary-file markers this run adds (up to {extra} bytes, "
-            f"as in {example!r}) its file names would exceed the {limit}-byte limit of {out}; use a --name of at most {limit - extra} bytes"
+            f"--name is {size} bytes long (UTF-8): with the suffixes and temporary-file markers this run adds "
+            f"(up to {extra} bytes, as in {example!r}) its file names would exceed the {limit}-byte limit of {out}; "
+            f"use a --name of at most {limit - extra} bytes"
         )
 
 
@@ -240,11 +242,15 @@ def check_foreign(out: Path, name: str, files: Iterable[str]) -> None:
                 owners[stem] = _owner(out, stem, own)
             found = owners[stem]
             if found is not None and f in found[0]:
-                raise UserError(f"this run would write {out / f}, which belongs to {found[1]}; choose another --name (--overwrite replaces only a result of the same name)")
+                raise UserError(
+                    f"this run would write {out / f}, which belongs to {found[1]}; "
+                    "choose another --name (--overwrite replaces only a result of the same name)"
+                )
 
 
 def _remove_stale_temps(out: Path, files: Iterable[str]) -> None:
-    """Remove temporary files ``.<file>.tmp<pid>`` of ``files`` left by a killed run of the same name (we hold its lock)."""
+    """Remove temporary files ``.<file>.tmp<pid>`` of ``files`` left by a killed run of the same name (we hold its
+    lock)."""
     prefixes = tuple(f".{f}{results.TEMP_MARK}" for f in files)
     try:
         entries = os.listdir(out)
@@ -285,7 +291,15 @@ def _lock(path: Path, files: Sequence[str] = ()) -> int:
     raise UserError(f"could not lock {path}: it keeps being replaced by another run")
 
 
-def claim(output_dir: str | Path, name: str, checkpoints: Sequence[Path], overwrite: bool, resume: bool, rank0: bool = True, files: Sequence[str] | None = None) -> Claim:
+def claim(
+    output_dir: str | Path,
+    name: str,
+    checkpoints: Sequence[Path],
+    overwrite: bool,
+    resume: bool,
+    rank0: bool = True,
+    files: Sequence[str] | None = None,
+) -> Claim:
     """Check and lock the outputs of a run before any heavy work (:class:`UserError` on any problem).
 
     ``checkpoints``: every checkpoint file the run may write; ``files``: every result file it writes
@@ -294,7 +308,8 @@ def claim(output_dir: str | Path, name: str, checkpoints: Sequence[Path], overwr
     """
     check_name(name)
     out = Path(output_dir)
-    planned = list(dict.fromkeys([*(planned_files(name) if files is None else files), *(Path(p).name for p in checkpoints), f"{name}.lock"]))
+    results_files = planned_files(name) if files is None else files
+    planned = list(dict.fromkeys([*results_files, *(Path(p).name for p in checkpoints), f"{name}.lock"]))
     check_name_length(out, name, planned)
     if not rank0:
         return Claim(out / f"{name}.lock", None)

@@ -87,7 +87,8 @@ class RunSettings:
     :data:`HUNG_FACTOR` times the median finished unit and at least :data:`HUNG_MIN_S`)."""
     setup_timeout: float = 0.0
     """Worker processes: stop the run when a worker takes longer than this many seconds to set a job up (load its
-    model, the job's set-up) (0 = auto: :data:`SETUP_MIN_S`, or more than :data:`HUNG_FACTOR` times the fastest set-up)."""
+    model, the job's set-up) (0 = auto: :data:`SETUP_MIN_S`, or more than :data:`HUNG_FACTOR` times the fastest
+    set-up)."""
     force_workers: bool = False
     """Run a single device in a spawned worker too (benchmarks; isolation from the parent)."""
     pool: "WorkerPool | None" = None
@@ -271,7 +272,8 @@ class _Sink:
         self.cfg = settings.checkpoint
 
     def accept(self, k: int, partial: Partial, who: str | None = None, chunks: dict[int, int] | None = None) -> None:
-        """Add unit ``k``'s ``partial``, computed by process ``who`` with ``chunks`` (recorded in the state and the checkpoint)."""
+        """Add unit ``k``'s ``partial``, computed by process ``who`` with ``chunks`` (recorded in the state and the
+        checkpoint)."""
         check_finite(self.job, k, partial)
         with _SIGNALS.critical():
             self.state.add(k, partial)
@@ -280,7 +282,7 @@ class _Sink:
         self.writer.maybe_save()
 
     def kept(self) -> str:
-        """What the checkpoint durably holds of the finished work, for error messages (:meth:`lib.checkpoint.Writer.kept`)."""
+        """What the checkpoint durably holds of the finished work, for messages (:meth:`lib.checkpoint.Writer.kept`)."""
         return self.writer.kept()
 
     def fail(self) -> None:
@@ -297,7 +299,8 @@ class _Sink:
             self.writer.save()  # the complete sums, before any output is written: a failed save loses nothing
         self.settings.snapshots = self.state.snapshots
         if self.state.chunks:
-            self.settings.stats["chunks"] = {who: {str(n): c for n, c in per.items()} for who, per in self.state.chunks.items()}
+            chunks = self.state.chunks.items()
+            self.settings.stats["chunks"] = {who: {str(n): c for n, c in per.items()} for who, per in chunks}
         return self.state.total()
 
 
@@ -383,7 +386,8 @@ def _die_with_parent(parent: int) -> None:
     """End this worker when the parent process ``parent`` dies, even by SIGKILL (which runs no clean-up): on Linux
     the kernel sends SIGKILL at the parent's death (``prctl(PR_SET_PDEATHSIG)``); everywhere, a daemon thread checks
     ``os.getppid()`` every :data:`PARENT_POLL_S` and exits (the worker is re-parented when its parent dies).
-    The death signal follows the parent *thread* that started the worker: start pools from a thread that outlives them."""
+    The death signal follows the parent *thread* that started the worker: start pools from a thread that outlives
+    them."""
     if sys.platform.startswith("linux"):
         try:
             import ctypes
@@ -511,7 +515,8 @@ class WorkerPool:
             try:
                 for i, dev in enumerate(self.devices):
                     parent_conn, child_conn = ctx.Pipe()
-                    proc = ctx.Process(target=_worker_main, args=(i, str(dev), child_conn, threads, os.getpid()), name=f"hessian-worker-{i}", daemon=True)
+                    args = (i, str(dev), child_conn, threads, os.getpid())
+                    proc = ctx.Process(target=_worker_main, args=args, name=f"hessian-worker-{i}", daemon=True)
                     proc.start()
                     child_conn.close()
                     self.workers.append(_Worker(i, dev, proc, parent_conn))
@@ -633,7 +638,9 @@ def _run_on_pool(job: AdditiveJob, settings: RunSettings, sink: _Sink, pool: Wor
         if stuck is not None:
             w, why = stuck
             w.proc.kill()
-            raise RunError(f"{w.name} has been setting up (loading the model, preparing the job) for {time.monotonic() - w.sent:.0f}s, over {why}; it was stopped as hung")
+            took = time.monotonic() - w.sent
+            what = "has been setting up (loading the model, preparing the job)"
+            raise RunError(f"{w.name} {what} for {took:.0f}s, over {why}; it was stopped as hung")
     for w in workers:  # every unit is in: end the job on the workers still setting it up
         if not w.stopping:
             w.stopping = True
@@ -660,12 +667,16 @@ def _hung_worker(live: list[_Worker], unit_s: list[float], timeout: float) -> tu
 
 
 def _stuck_in_setup(live: list[_Worker], setup_s: list[float], timeout: float) -> tuple[_Worker, str] | None:
-    """A worker still setting up the current job past the limit (``timeout``, or the automatic one), and the limit in words."""
+    """A worker still setting up the current job past the limit (``timeout``, or the automatic one), and the limit
+    in words."""
     if timeout > 0:
         limit, why = timeout, f"--setup_timeout {timeout:g}s"
     else:
         limit = max(SETUP_MIN_S, HUNG_FACTOR * min(setup_s)) if setup_s else SETUP_MIN_S
-        why = f"the limit of {limit:.0f}s (at least {SETUP_MIN_S:.0f}s and {HUNG_FACTOR:g}x the fastest worker's set-up; set it with --setup_timeout)"
+        why = (
+            f"the limit of {limit:.0f}s (at least {SETUP_MIN_S:.0f}s and {HUNG_FACTOR:g}x the fastest worker's set-up; "
+            "set it with --setup_timeout)"
+        )
     now = time.monotonic()
     for w in live:
         if not w.ready and not w.stopping and now - w.sent > limit:
@@ -690,7 +701,7 @@ def _stop(workers: list[_Worker], grace_s: float = 1.0) -> None:
         if w.proc.is_alive():
             w.proc.terminate()
             try:
-                os.kill(w.proc.pid, signal.SIGCONT)  # a stopped (SIGSTOP) worker acts on the SIGTERM only once continued
+                os.kill(w.proc.pid, signal.SIGCONT)  # a stopped (SIGSTOP) worker acts on SIGTERM once continued
             except OSError:
                 pass
     for w in workers:
@@ -783,7 +794,8 @@ def _run_distributed(job: AdditiveJob, settings: RunSettings, env: tuple[int, in
                     sink.fail()  # the finished units first, so that the message counts what the file holds
                     return f"{msg}{sink.kept()}"
                 try:
-                    for r, p in sorted(((r, p) for r, p in enumerate(payloads) if p is not None), key=lambda rp: rp[1][1]):
+                    done = sorted(((r, p) for r, p in enumerate(payloads) if p is not None), key=lambda rp: rp[1][1])
+                    for r, p in done:
                         sink.accept(p[1], _loads(p[2]), f"rank {r}", p[3])
                 except RunError as e:
                     sink.fail()

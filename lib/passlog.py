@@ -36,10 +36,21 @@ def pass_file(directory: Path, i: int) -> Path:
     return directory / f"pass_{i:05d}.pt"
 
 
-def encode_pass(config_sha256: str, i: int, input_digest: str, output: torch.Tensor, chunks: dict[int, int] | None = None) -> bytes:
+def encode_pass(
+    config_sha256: str, i: int, input_digest: str, output: torch.Tensor, chunks: dict[int, int] | None = None
+) -> bytes:
     """The bytes of pass file ``i`` (``chunks``: what the operator's chunk policy had chosen after the pass)."""
     buf = io.BytesIO()
-    torch.save({"config_sha256": config_sha256, "index": i, "input": input_digest, "output": output.detach().cpu(), "chunks": dict(chunks or {})}, buf)
+    torch.save(
+        {
+            "config_sha256": config_sha256,
+            "index": i,
+            "input": input_digest,
+            "output": output.detach().cpu(),
+            "chunks": dict(chunks or {}),
+        },
+        buf,
+    )
     return frame(buf.getvalue(), MAGIC)
 
 
@@ -66,7 +77,15 @@ class PassLog:
     chunks the interrupted session chose (bitwise the uninterrupted run).
     """
 
-    def __init__(self, directory: Path | None, config: dict[str, Any], resume: bool, run_pass: Callable[[torch.Tensor, int], torch.Tensor], bar=None, policy: Any = None):
+    def __init__(
+        self,
+        directory: Path | None,
+        config: dict[str, Any],
+        resume: bool,
+        run_pass: Callable[[torch.Tensor, int], torch.Tensor],
+        bar=None,
+        policy: Any = None,
+    ):
         self.dir, self.run_pass, self.bar, self.policy = directory, run_pass, bar, policy
         self.calls = self.replayed = self.hvps = 0
         text = json.dumps(config, sort_keys=True, default=str)
@@ -76,14 +95,22 @@ class PassLog:
         cfg_file = directory / CONFIG
         passes = sorted(directory.glob("pass_*.pt")) if directory.is_dir() else []
         if passes and not resume:
-            raise UserError(f"pass log {directory} exists from an earlier run; pass --resume to continue it, or delete it to start over")
+            raise UserError(
+                f"pass log {directory} exists from an earlier run; pass --resume to continue it, "
+                "or delete it to start over"
+            )
         if passes and not cfg_file.is_file():
-            raise UserError(f"pass log {directory} has {len(passes)} pass files but no {CONFIG}: it cannot be checked against this run; delete it to start over")
+            raise UserError(
+                f"pass log {directory} has {len(passes)} pass files but no {CONFIG}: "
+                "it cannot be checked against this run; delete it to start over"
+            )
         if cfg_file.is_file() and resume and cfg_file.read_text() != text:
             raise UserError(f"pass log {directory} is from a different configuration; delete it to start over")
         for i, f in enumerate(passes):  # every file is checked before any is replayed (exit status 2, nothing computed)
             if f != pass_file(directory, i):
-                raise UserError(f"pass log {directory} has {f.name} but not {pass_file(directory, i).name}; delete it to start over")
+                raise UserError(
+                    f"pass log {directory} has {f.name} but not {pass_file(directory, i).name}; delete it to start over"
+                )
             read_pass(f, self.config_sha256, i)
         directory.mkdir(parents=True, exist_ok=True)
         if not cfg_file.is_file() or cfg_file.read_text() != text:
@@ -98,7 +125,10 @@ class PassLog:
         if f is not None and f.exists():
             rec = read_pass(f, self.config_sha256, i)
             if rec["input"] != d:
-                raise RunError(f"{f} was recorded for a different block than the resumed run asks for; delete {self.dir} to start over")
+                raise RunError(
+                    f"{f} was recorded for a different block than the resumed run asks for; "
+                    f"delete {self.dir} to start over"
+                )
             self.replayed += 1
             out = rec["output"]
             if self.policy is not None and rec.get("chunks"):
@@ -106,11 +136,16 @@ class PassLog:
         else:
             out = self.run_pass(v, i)
             if f is not None:
-                data = encode_pass(self.config_sha256, i, d, out, self.policy.chosen() if self.policy is not None else None)
+                data = encode_pass(
+                    self.config_sha256, i, d, out, self.policy.chosen() if self.policy is not None else None
+                )
                 try:
                     atomic_write_bytes(f, lambda p: p.write_bytes(data))
                 except OSError as e:
-                    raise RunError(f"could not write the pass file {f} ({type(e).__name__}: {e}); the {i} finished passes before it are saved in {self.dir} (rerun with --resume)") from None
+                    raise RunError(
+                        f"could not write the pass file {f} ({type(e).__name__}: {e}); "
+                        f"the {i} finished passes before it are saved in {self.dir} (rerun with --resume)"
+                    ) from None
         if self.bar is not None:
             self.bar.update(1)
         return out

@@ -126,7 +126,8 @@ class OutputSet:
 
     def stage(self, path: Path, write) -> None:
         if path.name not in self.names:
-            raise ValueError(f"{path} is not among the files this run claimed ({', '.join(sorted(self.names))}); add it to the run's claim")
+            claimed = ", ".join(sorted(self.names))
+            raise ValueError(f"{path} is not among the files this run claimed ({claimed}); add it to the run's claim")
         earlier = self.staged.pop(path.name, None)
         if earlier is not None:
             earlier.unlink(missing_ok=True)
@@ -145,7 +146,8 @@ _OPEN: list[OutputSet] = []
 
 
 def open_output_set(directory: str | Path, names: Iterable[str]) -> OutputSet:
-    """Stage every following :func:`atomic_write_bytes` into ``directory`` until :func:`save_tensor_and_json` commits."""
+    """Stage every following :func:`atomic_write_bytes` into ``directory`` until :func:`save_tensor_and_json`
+    commits."""
     s = OutputSet(directory, names)
     _OPEN.append(s)
     return s
@@ -191,7 +193,7 @@ def save_tensor_and_json(output_dir: str | Path, name: str, tensor: Any, meta: d
         if js.exists():
             js.unlink()
             fsync_dir(out)
-        for stale in sorted(old - set(digests) - {js.name}):  # an --overwrite that no longer writes e.g. the batch study
+        for stale in sorted(old - set(digests) - {js.name}):  # e.g. an --overwrite without the batch study
             (out / stale).unlink(missing_ok=True)
         for n, tmp in list(own.staged.items()):
             os.replace(tmp, out / n)
@@ -201,7 +203,13 @@ def save_tensor_and_json(output_dir: str | Path, name: str, tensor: Any, meta: d
         own.abort()
         raise
     close_output_set(own)
-    meta = {**meta, "versions": versions(), "files": {"tensor": pt.name, "json": js.name}, "tensor_sha256": digests[pt.name], "outputs": dict(sorted(digests.items()))}
+    meta = {
+        **meta,
+        "versions": versions(),
+        "files": {"tensor": pt.name, "json": js.name},
+        "tensor_sha256": digests[pt.name],
+        "outputs": dict(sorted(digests.items())),
+    }
     atomic_write_bytes(js, lambda p: p.write_text(json.dumps(meta, indent=1, default=str) + "\n"))
     return meta
 
@@ -212,6 +220,9 @@ def _old_files(js: Path) -> set[str]:
         return listed_files(json.loads(js.read_text()))
     except (OSError, ValueError, AttributeError):
         return set()
+
+
+_REBUILD = "rerun with --overwrite to rebuild the result"
 
 
 class ResultMismatch(UserError):
@@ -235,10 +246,13 @@ def verify_result(json_path: str | Path) -> dict[str, Any]:
     for n, want in recorded.items():
         f = js.parent / n
         if not f.is_file():
-            raise ResultMismatch(f"{f}, a file of the result {js}, is missing; rerun with --overwrite to rebuild the result")
+            raise ResultMismatch(f"{f}, a file of the result {js}, is missing; {_REBUILD}")
         got = sha256_file(f)
         if got != want:
-            raise ResultMismatch(f"{f} does not match the SHA-256 recorded in {js} ({str(want)[:12]}.. recorded, {got[:12]}.. found): it was replaced or damaged; rerun with --overwrite to rebuild the result")
+            raise ResultMismatch(
+                f"{f} does not match the SHA-256 recorded in {js} ({str(want)[:12]}.. recorded, {got[:12]}.. found): "
+                f"it was replaced or damaged; {_REBUILD}"
+            )
     return meta
 
 

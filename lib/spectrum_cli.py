@@ -134,7 +134,10 @@ def make_run_pass(args: argparse.Namespace, prep: cli.Prepared, op: HessianOpera
     def run_pass(v: torch.Tensor, i: int) -> torch.Tensor:
         path = out / f"{name}.ckpt"
         cfg = ckpt.CheckpointConfig(path, every_units, every_s, resume=args.resume and path.exists(), keep=False)
-        settings = parallel.RunSettings(devices=prep.devices or [prep.device], checkpoint=cfg, progress=False, unit_timeout=args.unit_timeout, setup_timeout=args.setup_timeout, pool=pool)
+        settings = parallel.RunSettings(
+            devices=prep.devices or [prep.device], checkpoint=cfg, progress=False, unit_timeout=args.unit_timeout,
+            setup_timeout=args.setup_timeout, pool=pool,
+        )
         sums = parallel.run_job(op.job(v.T, tag=f"pass {i}"), settings)
         if sums is not None:
             ckpt.finish(cfg)  # this pass is done: the next one starts its own checkpoint
@@ -193,7 +196,8 @@ def run(argv: list[str] | None, description: str) -> dict[str, Any]:
     cli.check_cheap(args)
     name = args.name or default_name(args)
     out = Path(args.output_dir)
-    cli.claim_outputs(args, name, [out / f"{name}.ckpt", out / f"{name}.passes"], outputs.planned_files(name, ["_density"]))  # the exact path always draws the density
+    files = outputs.planned_files(name, ["_density"])  # the exact path always draws the density
+    cli.claim_outputs(args, name, [out / f"{name}.ckpt", out / f"{name}.passes"], files)
     prep, subset = cli.prepare(args, lambda m: build_subset(m, args))
     n = subset.size
     check_top_k(args, n)
@@ -236,7 +240,8 @@ def run(argv: list[str] | None, description: str) -> dict[str, Any]:
             bar = tqdm(total=total, desc="passes over the samples", dynamic_ncols=True)
         log_cfg = {"subset": digest(torch.cat([s.flat_index for s in subset.slices])), "params": subset.param_names, "samples": digest(prep.samples), "model": spec.identity(), "model_input_bs": args.model_input_bs, "seed": args.seed, "fused_head": fused}
         pool = parallel.WorkerPool(prep.devices or [prep.device])  # spawns workers only for several devices
-        log = PassLog(out / f"{name}.passes" if rank0 else None, log_cfg, args.resume, make_run_pass(args, prep, op, out, name, pool), bar, policy=op.policy)
+        run_pass = make_run_pass(args, prep, op, out, name, pool)
+        log = PassLog(out / f"{name}.passes" if rank0 else None, log_cfg, args.resume, run_pass, bar, policy=op.policy)
         try:
             eig = spectrum.lanczos(log, n, args.top_k, args.which, args.block_size, args.tol, args.max_iter, seed=args.seed)
             if bar is not None:

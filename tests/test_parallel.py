@@ -277,7 +277,8 @@ def test_two_cpu_workers_equal_one_process_bitwise(reference, tmp_path):
     assert torch.equal(torch.load(tmp_path / "h.pt"), reference)
     # issue 19, item 11: the JSON records the chunk each worker used ("auto" and "measured": null said nothing before)
     used = meta["chunk"]["used"]
-    assert used == meta["run"]["chunks"] and used and set(used) <= {"worker 0 (cpu)", "worker 1 (cpu)"}  # each worker that computed a unit
+    workers = {"worker 0 (cpu)", "worker 1 (cpu)"}
+    assert used == meta["run"]["chunks"] and used and set(used) <= workers  # each worker that computed a unit
     assert all(set(u) == {"3"} and u["3"] in (1, 2) for u in used.values())
 
 

@@ -31,7 +31,23 @@ def reference_exact(tmp_path_factory) -> torch.Tensor:
     return torch.load(tmp / meta["files"]["tensor"])
 
 
-DIAG_BF16 = ["--vhp_samples", "4", "--layer_name", "self_attn.v_proj", "--seqlen", "16", "--b", "2", "--dtype", "bfloat16", "--probe_batch", "1", "--no_progress", "--name", "d"]
+DIAG_BF16 = [
+    "--vhp_samples",
+    "4",
+    "--layer_name",
+    "self_attn.v_proj",
+    "--seqlen",
+    "16",
+    "--b",
+    "2",
+    "--dtype",
+    "bfloat16",
+    "--probe_batch",
+    "1",
+    "--no_progress",
+    "--name",
+    "d",
+]
 
 
 # ----------------------------------------------------------------------------- 7: bfloat16 diagonal
@@ -78,14 +94,21 @@ def _file_size_limit(limit: int):
 def test_a_full_output_disk_is_refused_without_leaving_the_write_probe(tmp_path, no_model_load):
     with _file_size_limit(1):
         code, err = _main(single_layer_single_block, [*ARGS, "--output_dir", str(tmp_path)])
-    assert code == 2 and err == f"error: --output_dir {str(tmp_path)!r} is not a writable directory (File too large); choose another --output_dir"
+    assert (
+        code == 2
+        and err
+        == f"error: --output_dir {str(tmp_path)!r} is not a writable directory (File too large); choose another --output_dir"
+    )
     assert list(tmp_path.iterdir()) == []  # no .write-probe-<pid>
 
 
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_non_finite_unit_timeout_is_refused(value, tmp_path, no_model_load):
     code, err = _main(single_layer_single_block, [*ARGS, "--output_dir", str(tmp_path), "--unit_timeout", value])
-    assert code == 2 and err == f"error: --unit_timeout must be a finite number of seconds (0 = automatic), got {float(value)}"
+    assert (
+        code == 2
+        and err == f"error: --unit_timeout must be a finite number of seconds (0 = automatic), got {float(value)}"
+    )
 
 
 # ----------------------------------------------------------------------------- 6: token ids beyond the model's vocabulary
@@ -96,9 +119,16 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_computing(devi
     from test_inputs import FAST, _tiny_opt
 
     model_dir = _tiny_opt(tmp_path / "m", vocab=64)  # the embedded 4096-token tokenizer
-    monkeypatch.setattr(parallel, "_run_on_pool", lambda *a: (_ for _ in ()).throw(AssertionError("workers were started")))
-    code, err = _main(single_layer_single_block, ["--model", str(model_dir), *FAST, "--output_dir", str(tmp_path / "out"), *devices])
-    assert code == 2 and re.fullmatch(rf"error: the tokenizer of '{re.escape(str(model_dir))}' gives token id \d+ \(\d+ of the 32 sample tokens out of range\) but the model's vocabulary has 64 entries \(ids 0\.\.63\): the tokenizer does not belong to the model", err), err
+    monkeypatch.setattr(
+        parallel, "_run_on_pool", lambda *a: (_ for _ in ()).throw(AssertionError("workers were started"))
+    )
+    code, err = _main(
+        single_layer_single_block, ["--model", str(model_dir), *FAST, "--output_dir", str(tmp_path / "out"), *devices]
+    )
+    assert code == 2 and re.fullmatch(
+        rf"error: the tokenizer of '{re.escape(str(model_dir))}' gives token id \d+ \(\d+ of the 32 sample tokens out of range\) but the model's vocabulary has 64 entries \(ids 0\.\.63\): the tokenizer does not belong to the model",
+        err,
+    ), err
     assert not (tmp_path / "out").exists()  # nothing written (the directory the run created is removed again)
 
 
@@ -114,22 +144,41 @@ def test_resume_refuses_a_model_whose_configuration_changed_after_a_kill(tmp_pat
 
     model_dir = _tiny_opt(tmp_path / "m")
     assert json.loads((model_dir / "config.json").read_text())["activation_function"] == "relu"
-    argv = ["--model", str(model_dir), *FAST, "--output_dir", str(tmp_path / "out"), "--name", "r", "--checkpoint_every", "1"]
+    argv = [
+        "--model",
+        str(model_dir),
+        *FAST,
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--name",
+        "r",
+        "--checkpoint_every",
+        "1",
+    ]
     meta = single_layer_single_block.run([*argv, "--keep_checkpoint"])
     for f in ("r.pt", "r.json"):  # as if killed before the results were written
         (tmp_path / "out" / f).unlink()
     cfg = json.loads((model_dir / "config.json").read_text())
-    (model_dir / "config.json").write_text(json.dumps({**cfg, "activation_function": "gelu", "_name_or_path": "elsewhere"}))
+    (model_dir / "config.json").write_text(
+        json.dumps({**cfg, "activation_function": "gelu", "_name_or_path": "elsewhere"})
+    )
     capsys.readouterr()
     err = _fail([*argv, "--resume"], capsys)  # exit 0 before: 2 relu units mixed with 2 gelu units
     assert not (tmp_path / "out" / "r.pt").exists()
     from lib.inputs import code_path, config_fingerprint
 
     old, new = meta["fingerprints"]["model_config"], config_fingerprint(load_model(str(model_dir)))
-    assert err == f"error: checkpoint {tmp_path / 'out' / 'r.ckpt'} was written for other inputs: the model's configuration (config.json) changed (fingerprint {old[:12]}.. -> {new[:12]}..); restore the original files, or delete it to start over"
+    assert (
+        err
+        == f"error: checkpoint {tmp_path / 'out' / 'r.ckpt'} was written for other inputs: the model's configuration (config.json) changed (fingerprint {old[:12]}.. -> {new[:12]}..); restore the original files, or delete it to start over"
+    )
     (model_dir / "config.json").write_text(json.dumps(cfg))
     model = load_model(str(model_dir))
-    assert old == config_fingerprint(model) == config_fingerprint(load_model(str(shutil.copytree(model_dir, tmp_path / "moved"))))
+    assert (
+        old
+        == config_fingerprint(model)
+        == config_fingerprint(load_model(str(shutil.copytree(model_dir, tmp_path / "moved"))))
+    )
     assert meta["fingerprints"]["code"] == code_path(model) and code_path(model).startswith("transformers ")
 
 
@@ -142,8 +191,12 @@ def test_a_worker_refuses_a_model_whose_configuration_or_code_differs(tmp_path):
 
     model_dir = _tiny_opt(tmp_path / "m")
     model = load_model(str(model_dir))
-    ModelSpec(str(model_dir), config_fingerprint=config_fingerprint(model), code=code_path(model)).load()  # the same: accepted
-    with pytest.raises(UserError, match=r"\(configuration 000000000000 -> [0-9a-f]{12}\): its files changed during the run"):
+    ModelSpec(
+        str(model_dir), config_fingerprint=config_fingerprint(model), code=code_path(model)
+    ).load()  # the same: accepted
+    with pytest.raises(
+        UserError, match=r"\(configuration 000000000000 -> [0-9a-f]{12}\): its files changed during the run"
+    ):
         ModelSpec(str(model_dir), config_fingerprint="0" * 16).load()
     with pytest.raises(UserError, match=r"\(code transformers 0\.0 -> transformers .*, attention eager\)"):
         ModelSpec(str(model_dir), code="transformers 0.0").load()
@@ -152,7 +205,9 @@ def test_a_worker_refuses_a_model_whose_configuration_or_code_differs(tmp_path):
 # ----------------------------------------------------------------------------- 2: a full disk between two checkpoints
 
 
-def test_a_disk_full_after_the_first_checkpoint_is_one_line_that_counts_what_the_file_holds(tmp_path, monkeypatch, reference_exact):
+def test_a_disk_full_after_the_first_checkpoint_is_one_line_that_counts_what_the_file_holds(
+    tmp_path, monkeypatch, reference_exact
+):
     save = ckpt.save
     limited = []
 
@@ -164,13 +219,19 @@ def test_a_disk_full_after_the_first_checkpoint_is_one_line_that_counts_what_the
 
     monkeypatch.setattr(ckpt, "save", fill_the_disk_after_the_first)
     try:
-        code, lines = _stderr_of(single_layer_single_block, [*ARGS, "--output_dir", str(tmp_path), "--checkpoint_every", "1"])
+        code, lines = _stderr_of(
+            single_layer_single_block, [*ARGS, "--output_dir", str(tmp_path), "--checkpoint_every", "1"]
+        )
     finally:
         if limited:
             limited[0].__exit__(None, None, None)
     path = tmp_path / "h.ckpt"
-    assert code == 1 and lines == [f"error: could not write the checkpoint {path} (OSError: [Errno 27] File too large); the 1 finished unit of 4 is saved in {path} (rerun with --resume)"]
-    assert ckpt.read(path)["prefix"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["h.ckpt"]  # no temporary file, no lock
+    assert code == 1 and lines == [
+        f"error: could not write the checkpoint {path} (OSError: [Errno 27] File too large); the 1 finished unit of 4 is saved in {path} (rerun with --resume)"
+    ]
+    assert ckpt.read(path)["prefix"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "h.ckpt"
+    ]  # no temporary file, no lock
     monkeypatch.undo()
     meta = single_layer_single_block.run([*ARGS, "--output_dir", str(tmp_path), "--resume"])
     assert torch.equal(torch.load(tmp_path / meta["files"]["tensor"]), reference_exact)
@@ -214,26 +275,51 @@ def test_a_run_never_writes_a_file_of_another_result(first, second, taken, tmp_p
     single_layer_single_block.run([*TINY, "--output_dir", str(tmp_path), *first])
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     owner = first[1]
-    monkeypatch.setattr("lib.cli.load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was loaded")))
+    monkeypatch.setattr(
+        "lib.cli.load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was loaded"))
+    )
     code, err = _main(single_layer_single_block, [*TINY, "--output_dir", str(tmp_path), *second])
-    assert code == 2 and err == f"error: this run would write {tmp_path / taken}, which belongs to the result {tmp_path / owner}.json; choose another --name (--overwrite replaces only a result of the same name)"
+    assert (
+        code == 2
+        and err
+        == f"error: this run would write {tmp_path / taken}, which belongs to the result {tmp_path / owner}.json; choose another --name (--overwrite replaces only a result of the same name)"
+    )
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # untouched, no lock left
 
 
 def test_a_run_never_writes_a_file_a_running_or_unfinished_run_will_write(tmp_path, monkeypatch):
     from lib import outputs
 
-    monkeypatch.setattr("lib.cli.load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was loaded")))
-    other = outputs.claim(tmp_path, "r", [tmp_path / "r.ckpt"], False, False, files=outputs.planned_files("r", ["", "_batch_study"], ["_batch_study"]))
+    monkeypatch.setattr(
+        "lib.cli.load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was loaded"))
+    )
+    other = outputs.claim(
+        tmp_path,
+        "r",
+        [tmp_path / "r.ckpt"],
+        False,
+        False,
+        files=outputs.planned_files("r", ["", "_batch_study"], ["_batch_study"]),
+    )
     try:  # a run named r with --batch_study in progress
         code, err = _main(single_layer_single_block, [*TINY, "--output_dir", str(tmp_path), "--name", "r_batch_study"])
-        assert code == 2 and err == f"error: this run would write {tmp_path / 'r_batch_study.pt'}, which belongs to a run in progress (pid {os.getpid()}) named r; choose another --name (--overwrite replaces only a result of the same name)"
+        assert (
+            code == 2
+            and err
+            == f"error: this run would write {tmp_path / 'r_batch_study.pt'}, which belongs to a run in progress (pid {os.getpid()}) named r; choose another --name (--overwrite replaces only a result of the same name)"
+        )
     finally:
         other.release()
         outputs._CURRENT.remove(other)
     (tmp_path / "q_compare.ckpt").write_bytes(b"an unfinished run named q_compare")
-    code, err = _main(single_layer_single_block, [*TINY, "--output_dir", str(tmp_path), "--name", "q", "--compare", "diag"])
-    assert code == 2 and err == f"error: this run would write {tmp_path / 'q_compare.pt'}, which belongs to the unfinished run q_compare (checkpoint {tmp_path / 'q_compare.ckpt'}); choose another --name (--overwrite replaces only a result of the same name)"
+    code, err = _main(
+        single_layer_single_block, [*TINY, "--output_dir", str(tmp_path), "--name", "q", "--compare", "diag"]
+    )
+    assert (
+        code == 2
+        and err
+        == f"error: this run would write {tmp_path / 'q_compare.pt'}, which belongs to the unfinished run q_compare (checkpoint {tmp_path / 'q_compare.ckpt'}); choose another --name (--overwrite replaces only a result of the same name)"
+    )
 
 
 # ----------------------------------------------------------------------------- 5: all outputs of a result are replaced as a unit
@@ -264,7 +350,9 @@ def _wrapped(tmp_path, what: str, argv: list[str], **kw) -> subprocess.Popen:
     script = tmp_path / f"{what}.py"
     script.write_text(WRAPPER.format(root=str(ROOT), what=what))
     env = {**_env(), "HESSIAN_TEST_MARK": str(tmp_path)}
-    return subprocess.Popen([sys.executable, str(script), *argv], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, str(script), *argv], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True, **kw
+    )
 
 
 def _marked(tmp_path) -> set[int]:
@@ -275,7 +363,10 @@ def _marked(tmp_path) -> set[int]:
     out = set()
     for d in Path("/proc").glob("[0-9]*"):
         try:
-            if mark in (d / "environ").read_bytes().split(b"\0") and (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            if (
+                mark in (d / "environ").read_bytes().split(b"\0")
+                and (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            ):
                 out.add(int(d.name))
         except OSError:
             continue
@@ -296,12 +387,18 @@ def test_an_overwrite_killed_between_its_figures_leaves_the_old_result_whole(tmp
     proc.communicate(timeout=600)
     assert proc.returncode == -signal.SIGKILL
     now = _visible(out)
-    assert {k: v for k, v in now.items() if k not in ("h.ckpt", "h.lock")} == old  # no new .pdf beside the old JSON: nothing of the new set is visible
+    assert {
+        k: v for k, v in now.items() if k not in ("h.ckpt", "h.lock")
+    } == old  # no new .pdf beside the old JSON: nothing of the new set is visible
     assert ckpt.read(out / "h.ckpt")["prefix"] == 4
     meta = single_layer_single_block.run([*ARGS, "--output_dir", str(out), "--overwrite", "--resume"])
     from lib.results import verify_result
 
-    assert verify_result(out / "h.json")["outputs"] == meta["outputs"] and sorted(meta["outputs"]) == ["h.pdf", "h.png", "h.pt"]
+    assert verify_result(out / "h.json")["outputs"] == meta["outputs"] and sorted(meta["outputs"]) == [
+        "h.pdf",
+        "h.png",
+        "h.pt",
+    ]
     assert torch.equal(torch.load(out / "h.pt"), reference_exact)
     assert sorted(p.name for p in out.iterdir()) == ["h.json", "h.pdf", "h.png", "h.pt"]  # no temporary file left
 
@@ -321,13 +418,19 @@ def test_an_overwrite_stopped_while_renaming_its_files_leaves_no_json(tmp_path, 
     with monkeypatch.context() as m:
         m.setattr(lib.results.os, "replace", stop_at_the_png)
         code, err = _main(single_layer_single_block, [*ARGS, "--output_dir", str(tmp_path), "--overwrite"])
-    assert code == 130 and err == f"error: interrupted by SIGINT while writing the results; every unit is computed and saved in {tmp_path / 'h.ckpt'}: fix the cause and rerun with --resume (and the same flags) to write the outputs without recomputing"
+    assert (
+        code == 130
+        and err
+        == f"error: interrupted by SIGINT while writing the results; every unit is computed and saved in {tmp_path / 'h.ckpt'}: fix the cause and rerun with --resume (and the same flags) to write the outputs without recomputing"
+    )
     assert not (tmp_path / "h.json").exists()  # the old JSON went first: a mixed set is never described by a JSON
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the staged files not yet renamed are removed
     meta = single_layer_single_block.run([*ARGS, "--output_dir", str(tmp_path), "--overwrite", "--resume"])
     verify_result(tmp_path / "h.json")
     assert torch.equal(torch.load(tmp_path / "h.pt"), reference_exact)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["h.json", *meta["outputs"]])  # the old batch study's files are gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["h.json", *meta["outputs"]]
+    )  # the old batch study's files are gone
 
 
 # ----------------------------------------------------------------------------- 12: tensor_sha256 (and every file's digest) checked when results are read
@@ -338,10 +441,20 @@ def test_verify_result_names_a_replaced_damaged_or_missing_file(tmp_path):
 
     single_layer_single_block.run([*TINY, "--output_dir", str(tmp_path), "--name", "a", "--batch_study"])
     meta, tensor = load_result(tmp_path / "a.json")
-    assert torch.equal(tensor, torch.load(tmp_path / "a.pt")) and sorted(meta["outputs"]) == ["a.pdf", "a.png", "a.pt", "a_batch_study.pdf", "a_batch_study.png", "a_batch_study.pt"]
+    assert torch.equal(tensor, torch.load(tmp_path / "a.pt")) and sorted(meta["outputs"]) == [
+        "a.pdf",
+        "a.png",
+        "a.pt",
+        "a_batch_study.pdf",
+        "a_batch_study.png",
+        "a_batch_study.pt",
+    ]
     pt = (tmp_path / "a.pt").read_bytes()
     torch.save(tensor * 2, tmp_path / "a.pt")  # another run's tensor
-    with pytest.raises(ResultMismatch, match=rf"^{re.escape(str(tmp_path / 'a.pt'))} does not match the SHA-256 recorded in {re.escape(str(tmp_path / 'a.json'))} \([0-9a-f]{{12}}\.\. recorded, [0-9a-f]{{12}}\.\. found\): it was replaced or damaged; rerun with --overwrite to rebuild the result$"):
+    with pytest.raises(
+        ResultMismatch,
+        match=rf"^{re.escape(str(tmp_path / 'a.pt'))} does not match the SHA-256 recorded in {re.escape(str(tmp_path / 'a.json'))} \([0-9a-f]{{12}}\.\. recorded, [0-9a-f]{{12}}\.\. found\): it was replaced or damaged; rerun with --overwrite to rebuild the result$",
+    ):
         verify_result(tmp_path / "a.json")
     (tmp_path / "a.pt").write_bytes(pt)
     data = (tmp_path / "a_batch_study.png").read_bytes()
@@ -376,7 +489,9 @@ def test_reproduce_refuses_a_result_whose_tensor_was_swapped(tmp_path, monkeypat
 
         cli.main(reproduce.run, ["--figure", "3b", "--quick", "--output_dir", str(tmp_path), "--no_progress"])
     swapped = tmp_path / done[1]["files"]["tensor"]
-    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {swapped} does not match the SHA-256 recorded in ")
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"error: {swapped} does not match the SHA-256 recorded in "
+    )
     assert not (tmp_path / "fig3b_embedded.png").exists()
 
 
@@ -400,7 +515,29 @@ def _scale_first_output_entry(path) -> None:
     path.write_bytes(bytes(data))
 
 
-SPECTRUM = ["--seqlen", "16", "--b", "2", "--dtype", "float64", "--no_progress", "--name", "s", "--t", "16", "--top_k", "1", "--seed", "1", "--exact_below", "0", "--max_iter", "3", "--tol", "1e-15"]
+SPECTRUM = [
+    "--seqlen",
+    "16",
+    "--b",
+    "2",
+    "--dtype",
+    "float64",
+    "--no_progress",
+    "--name",
+    "s",
+    "--t",
+    "16",
+    "--top_k",
+    "1",
+    "--seed",
+    "1",
+    "--exact_below",
+    "0",
+    "--max_iter",
+    "3",
+    "--tol",
+    "1e-15",
+]
 
 
 @pytest.fixture(scope="module")
@@ -428,8 +565,14 @@ def test_damaged_edited_or_unbound_pass_files_are_refused_on_resume(what, pass_l
     damage, message = {
         "junk": (lambda: last.write_bytes(b"junk"), damaged.format("4 bytes, shorter than its header")),
         "truncated": (lambda: last.write_bytes(last.read_bytes()[:-100]), damaged.format(r"\d+ of \d+ payload bytes")),
-        "edited": (lambda: _scale_first_output_entry(last), damaged.format("checksum mismatch")),  # silently other eigenvalues before
-        "no config, other --b": (lambda: (log / "config.json").unlink(), rf"pass log {re.escape(str(log))} has 3 pass files but no config\.json: it cannot be checked against this run; delete it to start over"),
+        "edited": (
+            lambda: _scale_first_output_entry(last),
+            damaged.format("checksum mismatch"),
+        ),  # silently other eigenvalues before
+        "no config, other --b": (
+            lambda: (log / "config.json").unlink(),
+            rf"pass log {re.escape(str(log))} has 3 pass files but no config\.json: it cannot be checked against this run; delete it to start over",
+        ),
     }[what]
     damage()
     extra = ["--b", "3"] if "--b" in what else []  # replayed the b=2 passes for b=3 before
@@ -499,7 +642,13 @@ def _light(tmp_path, what: str, setup_timeout: float = 0.0) -> subprocess.Popen:
     script = tmp_path / "light.py"
     script.write_text(LIGHT.format(root=str(ROOT)))
     env = {**_env(), "HESSIAN_TEST_MARK": str(tmp_path)}
-    return subprocess.Popen([sys.executable, str(script), what, str(setup_timeout)], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(script), what, str(setup_timeout)],
+        env=env,
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.slow
@@ -511,7 +660,10 @@ def test_a_worker_stuck_while_setting_up_is_stopped_as_hung(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 1 and "Traceback" not in err, err
-    assert re.fullmatch(r"error: worker \d \(cpu\) has been setting up \(loading the model, preparing the job\) for \d+s, over --setup_timeout 3s; it was stopped as hung", err.strip().splitlines()[-1]), err
+    assert re.fullmatch(
+        r"error: worker \d \(cpu\) has been setting up \(loading the model, preparing the job\) for \d+s, over --setup_timeout 3s; it was stopped as hung",
+        err.strip().splitlines()[-1],
+    ), err
     assert _marked(tmp_path) == set()  # both workers are gone, the stopped one too
 
 
@@ -607,7 +759,9 @@ def test_float64_resume_with_the_automatic_chunk_is_bitwise(tmp_path, monkeypatc
         m.setattr(ckpt, "save", interrupt_after_two_units)
         code, _ = _main(single_layer_single_block, [*CHUNKED, "--output_dir", str(tmp_path), "--checkpoint_every", "1"])
     assert code == 130 and ckpt.read(tmp_path / "c.ckpt")["prefix"] == 2
-    meta = single_layer_single_block.run([*CHUNKED, "--output_dir", str(tmp_path), "--resume"])  # measured again on unit 2 before
+    meta = single_layer_single_block.run(
+        [*CHUNKED, "--output_dir", str(tmp_path), "--resume"]
+    )  # measured again on unit 2 before
     assert torch.equal(torch.load(tmp_path / "c.pt"), reference)
     assert meta["run"]["reused_chunks"] == {"32": 8}
 
