@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
+from .errors import RunError, UserError
 from .jobs import Partial, add_partials
 from .results import atomic_write_bytes
 
@@ -85,6 +85,18 @@ class RunState:
     record: frozenset[int] = frozenset()
     """Prefix lengths at which a copy of ``prefix_sum`` is kept in ``snapshots`` (the batch-size study, :mod:`lib.batch_study`)."""
     snapshots: dict[int, Partial] = field(default_factory=dict)
+    chunks: dict[str, dict[int, int]] = field(default_factory=dict)
+    """``{process: {n: chunk}}``: the chunks each process (``worker 0 (cuda:0)``, ...) used, as it reported with its
+    units (:meth:`lib.jobs.ModelJob.chunks_used`); ``--resume`` reuses them so that the remaining units are computed
+    as the interrupted session would have."""
+
+    def reused_chunks(self) -> dict[int, int]:
+        """One chunk per size from :attr:`chunks`: the first process's that reported it."""
+        out: dict[int, int] = {}
+        for per_size in self.chunks.values():
+            for n, c in per_size.items():
+                out.setdefault(int(n), int(c))
+        return out
 
     def add(self, k: int, partial: Partial) -> None:
         """Record unit ``k``; fold every unit that is now next in order into the prefix sum."""
@@ -116,6 +128,27 @@ class RunState:
         return self.prefix_sum
 
 
+def frame(payload: bytes, magic: bytes = MAGIC) -> bytes:
+    """``magic`` (8 bytes), the payload's length (8 bytes, little endian), its SHA-256 (32 bytes), the payload."""
+    return _HEADER.pack(magic, len(payload), hashlib.sha256(payload).digest()) + payload
+
+
+def unframe(data: bytes, magic: bytes = MAGIC) -> bytes:
+    """The payload of :func:`frame`'s ``data``; ``ValueError`` naming what is wrong (too short, other magic,
+    truncated, checksum)."""
+    if len(data) < _HEADER.size:
+        raise ValueError(f"{len(data)} bytes, shorter than its header")
+    got, length, digest = _HEADER.unpack_from(data)
+    if got != magic:
+        raise ValueError("not a checkpoint of this program" if magic == MAGIC else "not a file of this program")
+    payload = data[_HEADER.size :]
+    if len(payload) != length:
+        raise ValueError(f"{len(payload)} of {length} payload bytes")
+    if hashlib.sha256(payload).digest() != digest:
+        raise ValueError("checksum mismatch")
+    return payload
+
+
 def _encode(state: RunState, config: dict[str, Any]) -> bytes:
     buf = io.BytesIO()
     torch.save(
@@ -129,12 +162,12 @@ def _encode(state: RunState, config: dict[str, Any]) -> bytes:
             "pending": state.pending,
             "elapsed_s": state.elapsed_s,
             "snapshots": state.snapshots,
+            "chunks": state.chunks,
             "written_at": time.time(),
         },
         buf,
     )
-    payload = buf.getvalue()
-    return _HEADER.pack(MAGIC, len(payload), hashlib.sha256(payload).digest()) + payload
+    return frame(buf.getvalue())
 
 
 def save(path: str | Path, state: RunState, config: dict[str, Any]) -> None:
@@ -157,36 +190,38 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return out
 
 
-CONTENT_KEYS = {"model.fingerprint": "the model's weights", "model.tokenizer_fingerprint": "the tokenizer"}
-"""Configuration keys that fingerprint input files (:mod:`lib.inputs`): a difference there means a file changed."""
+CONTENT_KEYS = {
+    "model.fingerprint": "the model's weights",
+    "model.config_fingerprint": "the model's configuration (config.json)",
+    "model.code": "the code that runs the model",
+    "model.tokenizer_fingerprint": "the tokenizer",
+}
+"""Configuration keys that identify the inputs (:mod:`lib.inputs`): a difference there means a file or the
+installed code changed."""
 
 
 def _describe_change(key: str, old: dict[str, Any], new: dict[str, Any]) -> str:
-    """``"the model's weights changed (fingerprint abc.. -> def..)"`` for a dotted key of :data:`CONTENT_KEYS`."""
+    """``"the model's weights changed (fingerprint abc.. -> def..)"`` for a dotted key of :data:`CONTENT_KEYS`
+    (the code path in full: ``(transformers 5.1.0, ... -> transformers 5.2.0, ...)``)."""
 
     def get(cfg: dict[str, Any]) -> str:
         for part in key.split("."):
             cfg = cfg.get(part) if isinstance(cfg, dict) else None
-        return f"{cfg[:12]}.." if isinstance(cfg, str) else "none"
+        if not isinstance(cfg, str):
+            return "none"
+        return cfg if key == "model.code" else f"{cfg[:12]}.."
 
-    return f"{CONTENT_KEYS[key]} changed (fingerprint {get(old)} -> {get(new)})"
+    what = "" if key == "model.code" else "fingerprint "
+    return f"{CONTENT_KEYS[key]} changed ({what}{get(old)} -> {get(new)})"
 
 
 def read(path: str | Path) -> dict[str, Any]:
     """The raw content of a checkpoint file, after checking its length and checksum (:class:`UserError` if torn)."""
     path = Path(path)
-    data = path.read_bytes()
-    hint = f"checkpoint {path} is truncated or corrupt ({{}}); delete it to start over"
-    if len(data) < _HEADER.size:
-        raise UserError(hint.format(f"{len(data)} bytes, shorter than its header"))
-    magic, length, digest = _HEADER.unpack_from(data)
-    if magic != MAGIC:
-        raise UserError(hint.format("not a checkpoint of this program"))
-    payload = data[_HEADER.size :]
-    if len(payload) != length:
-        raise UserError(hint.format(f"{len(payload)} of {length} payload bytes"))
-    if hashlib.sha256(payload).digest() != digest:
-        raise UserError(hint.format("checksum mismatch"))
+    try:
+        payload = unframe(path.read_bytes())
+    except ValueError as e:
+        raise UserError(f"checkpoint {path} is truncated or corrupt ({e}); delete it to start over") from None
     return torch.load(io.BytesIO(payload), weights_only=True)
 
 
@@ -206,47 +241,80 @@ def load(path: str | Path, config: dict[str, Any], num_units: int) -> RunState:
             f"checkpoint {path} was written by a run with a different configuration "
             f"(differs in: {', '.join(diff) or 'num_units'}); rerun with the original flags, or delete it to start over"
         )
-    return RunState(raw["num_units"], raw["prefix"], raw["prefix_sum"], dict(raw["pending"]), raw["elapsed_s"], snapshots=dict(raw.get("snapshots", {})))
+    return RunState(
+        raw["num_units"], raw["prefix"], raw["prefix_sum"], dict(raw["pending"]), raw["elapsed_s"],
+        snapshots=dict(raw.get("snapshots", {})), chunks=dict(raw.get("chunks", {})),
+    )
+
+
+class CheckpointWriteError(RunError):
+    """The checkpoint could not be written (disk full, permissions): the run stops; the file keeps what it held."""
 
 
 class Writer:
-    """Decides when to write the checkpoint of a run (every N units, or every so many seconds) and writes it."""
+    """Decides when to write the checkpoint of a run (every N units, or every so many seconds) and writes it.
+
+    ``saved_done``: the finished units the checkpoint file durably holds (written by this run, or resumed
+    from); every message that says what is saved reports this count, never the units merely finished."""
 
     def __init__(self, cfg: CheckpointConfig | None, config: dict[str, Any], state: RunState):
         self.cfg, self.config, self.state = cfg, config, state
-        self._saved_done = state.n_done
+        self.saved_done = state.n_done if cfg is not None and cfg.owned else 0
         self._saved_at = time.monotonic()
         self._t0 = time.monotonic()
         self._elapsed0 = state.elapsed_s
         self.written = False
+        self.failed: OSError | None = None
+        """The error of the last write, if it failed."""
 
     @property
     def dirty(self) -> bool:
         """Units finished since the last write."""
-        return self.state.n_done != self._saved_done
+        return self.state.n_done != self.saved_done
 
     def save(self) -> None:
-        """Write now (if checkpointing is on)."""
+        """Write now (if checkpointing is on); :class:`CheckpointWriteError` if the file cannot be written."""
         if self.cfg is None or not self.cfg.writes:
             return
         self.state.elapsed_s = self._elapsed0 + time.monotonic() - self._t0
-        save(self.cfg.path, self.state, self.config)
+        try:
+            save(self.cfg.path, self.state, self.config)
+        except OSError as e:
+            self.failed = e
+            where = self.cfg.path
+            raise CheckpointWriteError(f"could not write the checkpoint {where} ({type(e).__name__}: {e})") from None
         self.cfg.owned = True
-        self._saved_done, self._saved_at, self.written = self.state.n_done, time.monotonic(), True
+        self.failed = None
+        self.saved_done, self._saved_at, self.written = self.state.n_done, time.monotonic(), True
 
     def maybe_save(self) -> None:
         """Write if the unit count or the time since the last write calls for it."""
         if self.cfg is None or not self.dirty:
             return
-        by_units = self.cfg.every_units > 0 and self.state.n_done - self._saved_done >= self.cfg.every_units
+        by_units = self.cfg.every_units > 0 and self.state.n_done - self.saved_done >= self.cfg.every_units
         by_time = self.cfg.every_s > 0 and time.monotonic() - self._saved_at >= self.cfg.every_s
         if by_units or by_time:
             self.save()
 
     def save_if_dirty(self) -> None:
-        """On a failure or an interrupt: keep every finished unit."""
-        if self.dirty:
+        """On a failure or an interrupt: keep every finished unit (unless the last write failed: the disk is full)."""
+        if self.dirty and self.failed is None:
             self.save()
+
+    def kept(self) -> str:
+        """``"; the 3 finished units of 8 are saved in <path> (rerun with --resume)"``: what the file durably holds
+        (``""`` when checkpointing is off or nothing was finished)."""
+        cfg, state = self.cfg, self.state
+        if cfg is None or not cfg.writes or not state.n_done:
+            return ""
+        if not self.saved_done:
+            return f"; none of the {state.n_done} finished unit{_s(state.n_done)} could be saved"
+        unit = f"unit{_s(self.saved_done)} of {state.num_units} {'is' if self.saved_done == 1 else 'are'}"
+        return f"; the {self.saved_done} finished {unit} saved in {cfg.path} (rerun with --resume)"
+
+
+def _s(n: int) -> str:
+    return "" if n == 1 else "s"
 
 
 def finish(cfg: CheckpointConfig | None) -> None:

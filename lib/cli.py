@@ -195,6 +195,8 @@ RUN_HELP = {
     "keep_checkpoint": "keep the checkpoint when the run completes (it is removed by default)",
     "unit_timeout": "with --devices: stop the run when one unit runs longer than this many seconds (a hung "
     "worker); default 0 = auto: 10x the median unit time and at least 5 minutes",
+    "setup_timeout": "with --devices: stop the run when a worker takes longer than this many seconds to load its "
+    "model and set up (a hung worker); default 0 = auto: 15 minutes, or 10x the fastest worker's set-up if longer",
 }
 """Help of the flags every script has, by field (defaults and types come from the spec's fields)."""
 
@@ -579,6 +581,9 @@ def main(fn: Callable[[list[str] | None], Any], argv: list[str] | None = None) -
         raise SystemExit(2) from None
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except OSError as e:  # a file that could not be read or written, not caught closer to its cause
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     finally:
         if old is not None:

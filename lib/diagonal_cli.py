@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import parallel, preflight
+from . import outputs, parallel, preflight
 from .diagonal import (
     EXACT_MAX_ENTRIES,
     REGISTRY,
@@ -152,6 +152,9 @@ class DiagonalFamily(Family):
 
     def checkpoints(self, spec: DiagonalSpec, out: Path, name: str) -> list[Path]:
         return [checkpoint_path(out, name, p) for p in "12"]
+
+    def files(self, spec: DiagonalSpec, name: str) -> list[str]:
+        return outputs.planned_files(name, ["", *(["_convergence"] if spec.compute.track_rows else [])])
 
     def structure(self, model: nn.Module, spec: DiagonalSpec) -> Found:
         return build_targets(model, spec)

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from . import batch_study, curvature, diagonality, parallel, preflight, subsets
+from . import batch_study, curvature, diagonality, outputs, parallel, preflight, subsets
 from .hessian import ExactHessianJob
 from .outputs import default_name as output_name
 from .pipeline import Family, Run
@@ -63,6 +63,14 @@ class ExactFamily(Family):
             f"{spec.script}_{model}_{subset_tag(spec)}_t{spec.subset.t}_b{d.b}_s{d.seqlen}",
             spec.digest(),
         )
+
+    def files(self, spec: ExactSpec, name: str) -> list[str]:
+        """Tensor, JSON and heatmap; the slice-mass figure (scripts with several slices); the batch study's and the
+        comparison's tensor and figure when asked for."""
+        c = spec.compute
+        extra = [stem for stem, on in (("_batch_study", c.batch_study), ("_compare", c.compare)) if on]
+        several = spec.script != "single_layer_single_block"
+        return outputs.planned_files(name, ["", *(["_slice_mass"] if several else []), *extra], extra)
 
     def resolve(self, spec: ExactSpec, model: nn.Module) -> ExactSpec:
         s, changes = spec.subset, {}
@@ -150,7 +158,7 @@ class ExactFamily(Family):
             "nll_mean": res.nll_sum / res.n_tokens,
             "perplexity": res.perplexity,
             "method": res.method,
-            "chunk": job.chunk_report(),
+            "chunk": {**job.chunk_report(), **({"used": used} if (used := settings.stats.get("chunks")) else {})},
             "hessian_elapsed_s": res.elapsed_s,
             "run": {"devices": [str(d) for d in settings.devices], **settings.stats},
             "figures": [p.name for p in [*figures, *diag_figures]],

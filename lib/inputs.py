@@ -2,6 +2,8 @@
 
 * :func:`model_fingerprint` -- SHA-256 over ``(name, dtype, shape, bytes)`` of every parameter and buffer
   in ``state_dict`` order (one digest per tensor, combined); :func:`check_finite_weights` names a NaN/Inf weight;
+* :func:`config_fingerprint` / :func:`code_path` -- the configuration that changes the forward (``config.json``
+  without its metadata) and the code that runs it (transformers and torch versions, class, attention);
 * :func:`tokenizer_fingerprint` -- SHA-256 of the tokenizer's content (vocabulary, merges, special
   tokens, pre/post-processing), independent of where it was loaded from;
 * :func:`check_loading_info` / :func:`check_causal_lm` -- refuse models with missing or mismatched
@@ -101,6 +103,58 @@ def model_fingerprint(model: nn.Module, threads: int | None = None) -> str:
     return total.hexdigest()
 
 
+CONFIG_FIELDS_OUTSIDE_THE_FORWARD = frozenset(
+    {
+        "_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "_commit_hash",
+        "use_cache", "return_dict", "output_attentions", "output_hidden_states", "id2label", "label2id",
+        "problem_type", "finetuning_task", "task_specific_params", "tokenizer_class", "prefix",
+        "initializer_range", "init_std",
+    }
+)
+"""``config.json`` fields that do not change the model's forward on given weights: where it was loaded from,
+the writer's version, output switches, label names, initialisation scales (the weights are loaded), and the
+dtype (fingerprinted with the tensors). Every other field is part of the model's identity."""
+
+
+def forward_config(model: nn.Module) -> dict[str, Any]:
+    """The model's configuration as a dict (``config.to_dict()``) without :data:`CONFIG_FIELDS_OUTSIDE_THE_FORWARD`,
+    at every nesting level."""
+
+    def strip(d: Any) -> Any:
+        if isinstance(d, dict):
+            return {k: strip(v) for k, v in d.items() if k not in CONFIG_FIELDS_OUTSIDE_THE_FORWARD}
+        return d
+
+    return strip(model.config.to_dict())
+
+
+def config_fingerprint(model: nn.Module) -> str:
+    """SHA-256 (16 hex digits) of the canonical JSON of :func:`forward_config`: e.g. the activation function,
+    the norm placement, the RoPE settings. Independent of where the files are."""
+    return hashlib.sha256(json.dumps(forward_config(model), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def code_path(model: nn.Module) -> str:
+    """The code that evaluates the model: the installed transformers and torch versions, the model class and its
+    attention implementation (e.g. ``transformers 5.24.0, torch 2.13.0, OPTForCausalLM, attention eager``)."""
+    import transformers
+
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    versions = f"transformers {transformers.__version__}, torch {torch.__version__}"
+    return f"{versions}, {type(model).__name__}, attention {impl}"
+
+
+def fingerprints(model: nn.Module, tokenizer) -> dict[str, str]:
+    """The run's input identity: ``model`` (:func:`model_fingerprint`, the tensors), ``model_config``
+    (:func:`config_fingerprint`), ``code`` (:func:`code_path`) and ``tokenizer`` (:func:`tokenizer_fingerprint`)."""
+    return {
+        "model": model_fingerprint(model),
+        "model_config": config_fingerprint(model),
+        "code": code_path(model),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """Content fingerprint of a tokenizer (16 hex digits): its class, vocabulary, special tokens and, for
     fast tokenizers, the whole ``tokenizer.json`` (normalizer, pre-tokenizer, model, post-processor)."""
@@ -113,6 +167,24 @@ def tokenizer_fingerprint(tokenizer) -> str:
     if backend is not None:
         h.update(backend.to_str().encode())
     return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def check_token_ids(samples: torch.Tensor, model: nn.Module, tokenizer_name: str) -> None:
+    """Refuse (:class:`UserError`) samples holding a token id the model's input embedding has no row for
+    (``id >= num_embeddings`` or negative): a tokenizer that does not belong to the model."""
+    emb = model.get_input_embeddings()
+    rows = getattr(emb, "num_embeddings", None) or emb.weight.shape[0]
+    if samples.numel() and (int(samples.max()) >= rows or int(samples.min()) < 0):
+        bad = int(samples.max()) if int(samples.max()) >= rows else int(samples.min())
+        count = int(((samples >= rows) | (samples < 0)).sum())
+        raise UserError(
+            f"the tokenizer of {tokenizer_name!r} gives token id {bad} ({count} of the {samples.numel()} sample tokens "
+            f"out of range) but the model's vocabulary has {rows} entries (ids 0..{rows - 1}): "
+            "the tokenizer does not belong to the model"
+        )
 
 
 # ----------------------------------------------------------------------------- weights

@@ -71,12 +71,28 @@ class ModelJob:
 
     spec: Any = None
     model: Any = None
+    reused_chunks: dict[int, int] | None = None
+    """Chunks recorded by an earlier session of the run, used as given (:meth:`reuse_chunks`; pickled to workers)."""
 
     def __getstate__(self) -> dict:
         state = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
         if self.spec is not None:
             state["model"] = None
         return state
+
+    def chunks_used(self) -> dict[int, int]:
+        """``{n: chunk}`` this process used so far (:meth:`lib.operator.ChunkPolicy.chosen` of the job's ``_policy``):
+        recorded with each unit (:func:`lib.parallel.run_job`), in the checkpoint and the JSON."""
+        policy = getattr(self, "_policy", None)
+        return policy.chosen() if policy is not None else {}
+
+    def reuse_chunks(self, chunks: dict[int, int]) -> None:
+        """Use ``chunks`` instead of measuring (on ``--resume``: the chunks the interrupted session used), now if the
+        job is set up, and again after :meth:`setup` in each worker (:func:`lib.parallel.run_job` calls it)."""
+        self.reused_chunks = {int(n): int(c) for n, c in chunks.items()}
+        policy = getattr(self, "_policy", None)
+        if policy is not None:
+            policy.reuse(self.reused_chunks)
 
     def ensure_model(self, device: torch.device):
         """The job's model, loaded from ``spec`` on ``device`` the first time if none was given; with the

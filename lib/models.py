@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from .errors import ParamError, UserError
-from .inputs import check_causal_lm, check_finite_weights, check_loading_info, hub_offline_if_unreachable, model_fingerprint, read_local_config
+from .inputs import check_causal_lm, check_finite_weights, check_loading_info, code_path, config_fingerprint
+from .inputs import hub_offline_if_unreachable, model_fingerprint, read_local_config
 from .precision import KEEP_DTYPE_ATTENTION, keep_float64
 
 
@@ -260,20 +261,34 @@ class ModelSpec:
     """:func:`lib.inputs.model_fingerprint` of the model the run uses; every process checks its copy against it."""
     tokenizer_fingerprint: str | None = None
     """:func:`lib.inputs.tokenizer_fingerprint` of the tokenizer that made the samples."""
+    config_fingerprint: str | None = None
+    """:func:`lib.inputs.config_fingerprint`: the configuration that changes the forward."""
+    code: str | None = None
+    """:func:`lib.inputs.code_path`: transformers and torch versions, model class, attention implementation."""
 
     def identity(self) -> dict[str, str | None]:
         """What determines the numbers (for checkpoint validation): not where the weights are cached or placed."""
         keys = ("name", "dtype", "attn_implementation", "fingerprint", "tokenizer_fingerprint")
+        keys += ("config_fingerprint", "code")
         return {k: getattr(self, k) for k in keys}
 
     def load(self, device: torch.device | str = "cpu") -> nn.Module:
         """Load the model; with a ``fingerprint``, refuse a copy whose content differs from it."""
         model = load_model(self.name, self.cache_dir, getattr(torch, self.dtype), device, self.attn_implementation, self.device_map)
-        if self.fingerprint is not None:
-            got = model_fingerprint(model)
-            if got != self.fingerprint:
+        checks = (
+            ("fingerprint", model_fingerprint, "fingerprint"),
+            ("config_fingerprint", config_fingerprint, "configuration"),
+            ("code", code_path, "code"),
+        )
+        for attr, measure, what in checks:
+            want = getattr(self, attr)
+            if want is None:
+                continue
+            got = measure(model)
+            if got != want:
+                shown = (want, got) if attr == "code" else (want[:12], got[:12])
                 raise UserError(
                     f"this process loaded a different model {self.name!r} than the run started with "
-                    f"(fingerprint {self.fingerprint[:12]} -> {got[:12]}): its files changed during the run; rerun"
+                    f"({what} {shown[0]} -> {shown[1]}): its files changed during the run; rerun"
                 )
         return model

@@ -110,6 +110,18 @@ class ChunkPolicy:
         elif size in self.tunings:
             self.tunings[size].chunk = used
 
+    def chosen(self) -> dict[int, int]:
+        """The chunk used so far for each size ``n`` (measured or reused); ``{}`` with a given chunk (nothing to
+        record)."""
+        return {} if self.given else {n: t.chunk for n, t in self.tunings.items()}
+
+    def reuse(self, chunks: dict[int, int]) -> None:
+        """Use ``chunks`` (``{n: chunk}``, recorded by an earlier session of the run) as given, for sizes not chosen
+        yet: the later blocks of size ``n`` are then computed exactly as in the session that chose them."""
+        if not self.given:
+            for n, c in chunks.items():
+                self.tunings.setdefault(int(n), Tuning(int(c), 0))
+
     def report(self, given: int | None, flag: str) -> dict[str, Any]:
         """For the JSON: ``{flag: given, "measured": False}``, or ``{flag: "auto", "measured": {n: timings} or None}``."""
         if given:

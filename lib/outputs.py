@@ -3,9 +3,15 @@
 * :func:`default_name`: a readable stem plus a short hash of the result-defining configuration (the run
   spec's result-changing fields), so runs that would give different results never share a name.
 * :func:`claim`: the output directory is created and a probe file written and removed; ``--name`` must
-  be a plain file stem; an exclusive ``fcntl`` lock on ``<name>.lock`` is taken for the whole run (a
-  second run with the same name refuses at once); a finished result (``<name>.json``) is never replaced
-  without ``--overwrite``; an existing checkpoint is never ignored or replaced without ``--resume``.
+  be a plain file stem short enough for every file name the run derives from it (temporary files
+  included); an exclusive ``fcntl`` lock on ``<name>.lock`` is taken for the whole run (a second run with
+  the same name refuses at once); a finished result (``<name>.json``) is never replaced without
+  ``--overwrite``; an existing checkpoint is never ignored or replaced without ``--resume``; no file the
+  run will write (every suffix: :func:`planned_files`) may belong to another result, finished, unfinished
+  or running (e.g. ``--name r --batch_study`` would write ``r_batch_study.pt``, the tensor of a result
+  ``--name r_batch_study``).
+* :func:`saving_results`: from here on the run's outputs are staged and committed as one set
+  (:class:`lib.results.OutputSet`).
 * :func:`guarded` (decorator of a script's run function): releases the claim however the run ends, and
   turns an error while the outputs are written (after :func:`saving_results`) into a
   :class:`~lib.errors.RunError` saying that the finished sums are in the checkpoint and that
@@ -16,11 +22,14 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import json
 import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
+from . import results
 from .errors import Interrupted, RunError, UserError, signal_name
 
 
@@ -37,6 +46,65 @@ def check_name(name: str) -> None:
         raise UserError(f"--name {name!r} is not a plain file name (no '/', not '.', '..' or a hidden name); use --output_dir for the folder")
 
 
+FIGURE_FORMATS = (".pdf", ".png")
+CHECKPOINT_SUFFIXES = (".ckpt", ".phase2.ckpt", ".passes")
+"""Checkpoint files of the scripts (the spectrum's pass log ``.passes`` is a directory)."""
+DERIVED_STEMS = ("_slice_mass", "_batch_study", "_compare", "_convergence", "_density")
+"""Stems of the extra files a result may have: ``<name><stem>.pdf/.png`` and, for some, ``<name><stem>.pt``."""
+
+
+def figure_files(stem: str) -> list[str]:
+    """``<stem>.pdf``, ``<stem>.png``."""
+    return [stem + ext for ext in FIGURE_FORMATS]
+
+
+def planned_files(name: str, figures: Iterable[str] = ("",), tensors: Iterable[str] = ()) -> list[str]:
+    """The result files a run writes besides its checkpoints: ``<name>.pt``, ``<name>.json``, ``<name><t>.pt`` for
+    each extra tensor stem ``t`` and ``<name><f>.pdf/.png`` for each figure stem ``f`` (``""``: the main figure;
+    ``"_slice_mass"``, ...)."""
+    out = [f"{name}.pt", f"{name}.json", *(f"{name}{t}.pt" for t in tensors)]
+    for f in figures:
+        out += figure_files(name + f)
+    return list(dict.fromkeys(out))
+
+
+def _fixed_files(stem: str) -> set[str]:
+    """Files any result or run named ``stem`` may have whatever its flags."""
+    return {f"{stem}.pt", f"{stem}.json", f"{stem}.lock", *figure_files(stem), *(stem + c for c in CHECKPOINT_SUFFIXES)}
+
+
+PID_DIGITS = len(str(2**22))
+"""Digits of the largest process id on Linux (``pid_max`` at most 2^22), in temporary file names."""
+
+
+def _name_max(out: Path) -> int:
+    """The longest file name, in bytes, the file system of ``out`` (or of its nearest existing parent) allows."""
+    for d in [out, *out.parents]:
+        if d.is_dir():
+            try:
+                return os.pathconf(d, "PC_NAME_MAX")
+            except (OSError, ValueError):
+                break
+    return 255
+
+
+def check_name_length(out: Path, name: str, files: Iterable[str]) -> None:
+    """Refuse (:class:`UserError`) a ``name`` whose longest derived file name, a temporary
+    ``.<file>.tmp<pid>`` of any of ``files``, would exceed the file system's limit (255 bytes on most), in bytes."""
+    limit = _name_max(out)
+    longest = max(files, key=lambda f: len(f.encode()))
+    total = len(f".{longest}{results.TEMP_MARK}".encode()) + PID_DIGITS
+    if total > limit:
+        size = len(name.encode())
+        extra = total - size
+        example = "." + longest.replace(name, "<name>", 1) + f"{results.TEMP_MARK}<pid>"
+        raise UserError(
+            f"--name is {size} bytes long (UTF-8): with the suffixes and temporary-file markers this run adds "
+            f"(up to {extra} bytes, as in {example!r}) its file names would exceed the {limit}-byte limit of {out}; "
+            f"use a --name of at most {limit - extra} bytes"
+        )
+
+
 def _probe_dir(out: Path) -> Path | None:
     """Create ``out`` and write, fsync and remove a probe file there (:class:`UserError` if impossible).
 
@@ -46,14 +114,16 @@ def _probe_dir(out: Path) -> Path | None:
         if d.exists():
             break
         created = d
+    probe = out / f".write-probe-{os.getpid()}"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-probe-{os.getpid()}"
-        with open(probe, "wb") as f:
-            f.write(b"probe")
-            f.flush()
-            os.fsync(f.fileno())
-        probe.unlink()
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"probe")
+                f.flush()
+                os.fsync(f.fileno())
+        finally:  # also when the write fails (a full disk): never leave the probe behind
+            probe.unlink(missing_ok=True)
     except OSError as e:
         _remove_empty(out, created)
         raise UserError(f"--output_dir {str(out)!r} is not a writable directory ({e.strerror or e}); choose another --output_dir") from None
@@ -84,8 +154,15 @@ class Claim:
     checkpoints: list[Any] = field(default_factory=list)
     """:class:`lib.checkpoint.CheckpointConfig` of the run, set by :func:`saving_results`."""
     saving: bool = False
+    files: list[str] = field(default_factory=list)
+    """Every file name the run may write in its output directory (result files, checkpoints, lock)."""
+    staging: Any = None
+    """The run's :class:`lib.results.OutputSet` once it writes its outputs."""
 
     def release(self) -> None:
+        if self.staging is not None:
+            self.staging.abort()  # committed sets are empty: this removes only what a failed save left staged
+            self.staging = None
         if self.fd is None:
             return
         try:
@@ -101,8 +178,84 @@ _CURRENT: list[Claim] = []
 """Claims held by this process (one per running script call)."""
 
 
-def _lock(path: Path) -> int:
-    """An exclusive non-blocking ``flock`` on ``path`` (created if needed); :class:`UserError` if another run holds it."""
+def _held(path: Path) -> bool:
+    """Whether another process holds the ``flock`` of the lock file ``path`` (a run in progress)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # fails while a run holds its exclusive lock
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _owner(out: Path, stem: str, own: set[str]) -> tuple[set[str], str] | None:
+    """The files of the result or run named ``stem`` in ``out`` and what it is, or ``None`` if there is none
+    (a checkpoint among ``own``, this run's files, e.g. ``<name>.phase2.ckpt``, is not another run's)."""
+    js, lock, ckpt = out / f"{stem}.json", out / f"{stem}.lock", out / f"{stem}.ckpt"
+    if js.is_file():
+        try:
+            listed = results.listed_files(json.loads(js.read_text()))
+        except (OSError, ValueError, AttributeError):
+            listed = set()
+        return _fixed_files(stem) | listed, f"the result {js}"
+    if lock.is_file() and _held(lock):
+        try:
+            lines = lock.read_text().splitlines()
+        except OSError:
+            lines = []
+        return _fixed_files(stem) | set(lines[1:]), f"a run in progress (pid {lines[0] if lines else '?'}) named {stem}"
+    if ckpt.exists() and ckpt.name not in own:
+        return _fixed_files(stem), f"the unfinished run {stem} (checkpoint {ckpt})"
+    return None
+
+
+def check_foreign(out: Path, name: str, files: Iterable[str]) -> None:
+    """Refuse (:class:`UserError`) when one of ``files`` belongs to a result other than ``name``: it is listed by
+    the JSON of a finished result, planned by a run in progress (its lock file), or one of the fixed files of an
+    unfinished run (its checkpoint). Each file can only be derived from a stem that is a prefix of its name."""
+    owners: dict[str, tuple[set[str], str] | None] = {}
+    files = list(dict.fromkeys(files))
+    own = set(files)
+    for f in files:
+        for i in range(1, len(f) + 1):
+            stem = f[:i]
+            if stem == name:
+                continue
+            if stem not in owners:
+                owners[stem] = _owner(out, stem, own)
+            found = owners[stem]
+            if found is not None and f in found[0]:
+                raise UserError(
+                    f"this run would write {out / f}, which belongs to {found[1]}; "
+                    "choose another --name (--overwrite replaces only a result of the same name)"
+                )
+
+
+def _remove_stale_temps(out: Path, files: Iterable[str]) -> None:
+    """Remove temporary files ``.<file>.tmp<pid>`` of ``files`` left by a killed run of the same name (we hold its
+    lock)."""
+    prefixes = tuple(f".{f}{results.TEMP_MARK}" for f in files)
+    try:
+        entries = os.listdir(out)
+    except OSError:
+        return
+    for e in entries:
+        if e.startswith(prefixes) and e.rsplit(results.TEMP_MARK, 1)[-1].isdigit():
+            try:
+                os.unlink(out / e)
+            except OSError:
+                pass
+
+
+def _lock(path: Path, files: Sequence[str] = ()) -> int:
+    """An exclusive non-blocking ``flock`` on ``path`` (created if needed); :class:`UserError` if another run holds it.
+
+    The file holds the holder's pid, then the names of the files it will write (one a line), for other runs' checks."""
     for _ in range(10):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -110,7 +263,7 @@ def _lock(path: Path) -> int:
         except OSError:
             os.close(fd)
             try:
-                pid = path.read_text().strip() or "?"
+                pid = (path.read_text().splitlines() or ["?"])[0].strip() or "?"
             except OSError:
                 pid = "?"
             raise UserError(f"another run (pid {pid}) is writing {path.with_suffix('')}.*; wait for it to finish or choose another --name") from None
@@ -120,20 +273,32 @@ def _lock(path: Path) -> int:
             same = False
         if same:  # not a file that its holder removed between our open and our lock
             os.ftruncate(fd, 0)
-            os.write(fd, str(os.getpid()).encode())
+            os.write(fd, "\n".join([str(os.getpid()), *files]).encode())
             return fd
         os.close(fd)
     raise UserError(f"could not lock {path}: it keeps being replaced by another run")
 
 
-def claim(output_dir: str | Path, name: str, checkpoints: Sequence[Path], overwrite: bool, resume: bool, rank0: bool = True) -> Claim:
+def claim(
+    output_dir: str | Path,
+    name: str,
+    checkpoints: Sequence[Path],
+    overwrite: bool,
+    resume: bool,
+    rank0: bool = True,
+    files: Sequence[str] | None = None,
+) -> Claim:
     """Check and lock the outputs of a run before any heavy work (:class:`UserError` on any problem).
 
-    ``checkpoints``: every checkpoint file the run may write. On torchrun ranks other than 0
+    ``checkpoints``: every checkpoint file the run may write; ``files``: every result file it writes
+    (:func:`planned_files`; default ``<name>.pt``, ``.json`` and its figure). On torchrun ranks other than 0
     (``rank0=False``), which write nothing, only ``name`` is checked.
     """
     check_name(name)
     out = Path(output_dir)
+    results_files = planned_files(name) if files is None else files
+    planned = list(dict.fromkeys([*results_files, *(Path(p).name for p in checkpoints), f"{name}.lock"]))
+    check_name_length(out, name, planned)
     if not rank0:
         return Claim(out / f"{name}.lock", None)
     if out.exists() and not out.is_dir():
@@ -141,11 +306,11 @@ def claim(output_dir: str | Path, name: str, checkpoints: Sequence[Path], overwr
     created = _probe_dir(out)
     lock_path = out / f"{name}.lock"
     try:
-        fd = _lock(lock_path)
+        fd = _lock(lock_path, planned)
     except UserError:
         _remove_empty(out, created)
         raise
-    c = Claim(lock_path, fd, created=created)
+    c = Claim(lock_path, fd, created=created, files=planned)
     try:
         finished = out / f"{name}.json"
         if finished.exists() and not overwrite:
@@ -154,6 +319,8 @@ def claim(output_dir: str | Path, name: str, checkpoints: Sequence[Path], overwr
             for p in checkpoints:
                 if Path(p).exists():
                     raise UserError(f"checkpoint {p} exists from an earlier run; pass --resume to continue it, or delete it to start over")
+        check_foreign(out, name, planned)
+        _remove_stale_temps(out, planned)
     except BaseException:
         c.release()
         raise
@@ -163,10 +330,14 @@ def claim(output_dir: str | Path, name: str, checkpoints: Sequence[Path], overwr
 
 def saving_results(checkpoints: Sequence[Any]) -> None:
     """Mark the start of writing the outputs of the current run (every unit is computed and, with
-    checkpointing on, in ``checkpoints``)."""
+    checkpointing on, in ``checkpoints``): from here on its files are staged and committed as one set by
+    :func:`lib.results.save_tensor_and_json` (:class:`lib.results.OutputSet`)."""
     if _CURRENT:
-        _CURRENT[-1].checkpoints = [c for c in checkpoints if c is not None]
-        _CURRENT[-1].saving = True
+        c = _CURRENT[-1]
+        c.checkpoints = [x for x in checkpoints if x is not None]
+        c.saving = True
+        if c.staging is None and c.fd is not None:
+            c.staging = results.open_output_set(c.lock_path.parent, c.files)
 
 
 def _kept(c: Claim) -> str:

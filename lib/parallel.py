@@ -34,7 +34,9 @@ Inf stops it likewise. Finished units are then written to the checkpoint (if che
 as on Ctrl-C and SIGTERM (which are deferred while a unit is being added, so a checkpoint never holds
 half a unit, and raise :class:`~lib.errors.Interrupted`, exit status 130 / 143); SIGKILL loses at most
 the units since the last checkpoint. A worker whose unit runs longer than ``RunSettings.unit_timeout``
-(default: 10x the median finished unit and at least 5 minutes) is killed and named, as hung.
+(default: 10x the median finished unit and at least 5 minutes), or whose set-up of a job (loading the model)
+takes longer than ``RunSettings.setup_timeout`` (default: 15 minutes, or 10x the fastest worker's set-up if
+that is longer), is killed and named, as hung.
 With checkpointing on, the complete sums are written to the checkpoint before ``run_job`` returns,
 and a run resumed from a complete checkpoint returns them without setting anything up.
 """
@@ -64,6 +66,9 @@ from .jobs import AdditiveJob, Partial, keep_models
 HUNG_FACTOR = 10.0
 HUNG_MIN_S = 300.0
 """Automatic hung-unit limit: ``max(HUNG_MIN_S, HUNG_FACTOR * median finished unit time)`` (none before a unit finishes)."""
+SETUP_MIN_S = 900.0
+"""Automatic set-up limit of a worker (from receiving a job to being ready: loading the model, the job's set-up):
+``max(SETUP_MIN_S, HUNG_FACTOR * the fastest finished set-up of the job's workers)``."""
 DIST_TIMEOUT = timedelta(hours=2)
 """How long a torchrun rank waits for the others (a round lasts as long as its slowest unit)."""
 
@@ -79,6 +84,10 @@ class RunSettings:
     unit_timeout: float = 0.0
     """Worker processes: stop the run when a unit runs longer than this many seconds (0 = auto: more than
     :data:`HUNG_FACTOR` times the median finished unit and at least :data:`HUNG_MIN_S`)."""
+    setup_timeout: float = 0.0
+    """Worker processes: stop the run when a worker takes longer than this many seconds to set a job up (load its
+    model, the job's set-up) (0 = auto: :data:`SETUP_MIN_S`, or more than :data:`HUNG_FACTOR` times the fastest
+    set-up)."""
     force_workers: bool = False
     """Run a single device in a spawned worker too (benchmarks; isolation from the parent)."""
     pool: "WorkerPool | None" = None
@@ -141,6 +150,19 @@ def initial_state(job: AdditiveJob, cfg: ckpt.CheckpointConfig | None, config: d
     elif cfg.resume:
         print(f"no checkpoint at {path}; starting from the beginning", file=sys.stderr)
     return ckpt.RunState(n)
+
+
+def _chunks_used(job: AdditiveJob) -> dict[int, int]:
+    """The chunks this process's copy of ``job`` used (:meth:`lib.jobs.ModelJob.chunks_used`; ``{}`` for other jobs)."""
+    used = getattr(job, "chunks_used", None)
+    return dict(used()) if callable(used) else {}
+
+
+def _reuse_chunks(job: AdditiveJob, chunks: dict[int, int] | None = None) -> None:
+    """Have ``job`` use ``chunks`` (default: those it carries, ``job.reused_chunks``) instead of measuring."""
+    chunks = chunks if chunks is not None else getattr(job, "reused_chunks", None)
+    if chunks and callable(getattr(job, "reuse_chunks", None)):
+        job.reuse_chunks(chunks)
 
 
 def job_config(job: AdditiveJob, settings: RunSettings) -> dict[str, Any]:
@@ -243,24 +265,26 @@ class _Sink:
         self.bar = _Bar(settings.progress, state.num_units * steps, state.n_done * steps, settings.desc)
         self.cfg = settings.checkpoint
 
-    def accept(self, k: int, partial: Partial) -> None:
+    def accept(self, k: int, partial: Partial, who: str | None = None, chunks: dict[int, int] | None = None) -> None:
+        """Add unit ``k``'s ``partial``, computed by process ``who`` with ``chunks`` (recorded in the state and the
+        checkpoint)."""
         check_finite(self.job, k, partial)
         with _SIGNALS.critical():
             self.state.add(k, partial)
+            if who is not None and chunks:
+                self.state.chunks[who] = {int(n): int(c) for n, c in chunks.items()}
         self.writer.maybe_save()
 
     def kept(self) -> str:
-        """What happened to the finished work, for error messages."""
-        if self.cfg is not None and self.cfg.writes and self.state.n_done:
-            return f"; the {self.state.n_done} finished units of {self.state.num_units} are saved in {self.cfg.path} (rerun with --resume)"
-        return ""
+        """What the checkpoint durably holds of the finished work, for messages (:meth:`lib.checkpoint.Writer.kept`)."""
+        return self.writer.kept()
 
     def fail(self) -> None:
-        """Save the finished work after an error or interrupt."""
+        """Save the finished work after an error or interrupt (a failed write shows in :meth:`kept`)."""
         try:
             self.writer.save_if_dirty()
-        except Exception as e:  # noqa: BLE001 -- never hide the original error
-            print(f"warning: could not write the checkpoint: {_summary(e)}", file=sys.stderr)
+        except ckpt.CheckpointWriteError:
+            pass  # never hide the original error; kept() says what the file holds
 
     def done(self) -> Partial:
         """The total; with checkpointing on, the complete state is written first (``--resume`` then only writes the outputs)."""
@@ -268,6 +292,9 @@ class _Sink:
         if cfg is not None and cfg.writes and (self.writer.dirty or not cfg.path.exists()):
             self.writer.save()  # the complete sums, before any output is written: a failed save loses nothing
         self.settings.snapshots = self.state.snapshots
+        if self.state.chunks:
+            chunks = self.state.chunks.items()
+            self.settings.stats["chunks"] = {who: {str(n): c for n, c in per.items()} for who, per in chunks}
         return self.state.total()
 
 
@@ -282,6 +309,9 @@ def run_job(job: AdditiveJob, settings: RunSettings) -> Partial | None:
         config = job_config(job, settings)
         state = initial_state(job, settings.checkpoint, config)
         sink = _Sink(job, settings, state, config)
+        if state.chunks and not state.complete:  # resumed: compute the rest with the chunks the first session used
+            _reuse_chunks(job, state.reused_chunks())
+            settings.stats["reused_chunks"] = {str(n): c for n, c in state.reused_chunks().items()}
         try:
             if state.complete:  # resumed from a complete checkpoint: nothing to compute or set up
                 settings.stats.update(mode="resumed complete", workers=0, units_run=0)
@@ -310,13 +340,15 @@ def _run_here(job: AdditiveJob, settings: RunSettings, sink: _Sink) -> None:
     """One process: set up on the device and run the remaining units in order."""
     t0 = time.perf_counter()
     job.setup(settings.devices[0])
+    _reuse_chunks(job)
     t1 = time.perf_counter()
     remaining, cpu_s = sink.state.remaining(), 0.0
+    who = f"this process ({settings.devices[0]})"
     for k in remaining:
         c0 = time.process_time()
         partial = job.run_unit(k, sink.bar.update)
         cpu_s += time.process_time() - c0
-        sink.accept(k, partial)
+        sink.accept(k, partial, who, _chunks_used(job))
     settings.stats.update(mode="serial", workers=1, units_run=len(remaining), setup_s=t1 - t0, compute_s=time.perf_counter() - t1, unit_cpu_s=cpu_s)
 
 
@@ -340,13 +372,43 @@ class _Throttled:
             self.n, self.last = 0, time.monotonic()
 
 
-def _worker_main(index: int, device: str, conn, threads: int) -> None:
+PARENT_POLL_S = 0.25
+"""How often a worker checks that its parent is alive (besides the parent-death signal on Linux)."""
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this worker when the parent process ``parent`` dies, even by SIGKILL (which runs no clean-up): on Linux
+    the kernel sends SIGKILL at the parent's death (``prctl(PR_SET_PDEATHSIG)``); everywhere, a daemon thread checks
+    ``os.getppid()`` every :data:`PARENT_POLL_S` and exits (the worker is re-parented when its parent dies).
+    The death signal follows the parent *thread* that started the worker: start pools from a thread that outlives
+    them."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # pragma: no cover -- no libc prctl: the thread below suffices
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    if os.getppid() != parent:  # died before the signal was set up
+        os._exit(1)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _worker_main(index: int, device: str, conn, threads: int, parent: int | None = None) -> None:
     """A pool's worker process: for each job the parent sends (``("job", seq, pickled job)``), set it up on ``device``
     and run the units the parent sends until it sends ``None``; exit when the parent closes the pipe.
 
     Models stay loaded between jobs (:func:`lib.jobs.keep_models`). Every message back names its job ``seq``,
     so the parent can tell a late message about an earlier job (a worker still setting up when that job ended)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the workers
+    if parent is not None:
+        _die_with_parent(parent)
     torch.set_num_threads(threads)
     keep_models()
     seq, k = None, None
@@ -358,6 +420,7 @@ def _worker_main(index: int, device: str, conn, threads: int) -> None:
             _, seq, job_bytes = conn.recv()
             job = pickle.loads(job_bytes)
             job.setup(dev)
+            _reuse_chunks(job)
             conn.send(("ready", seq))
             while (k := conn.recv()) is not None:
                 progress = _Throttled(conn, seq)
@@ -365,7 +428,7 @@ def _worker_main(index: int, device: str, conn, threads: int) -> None:
                 partial = job.run_unit(k, progress)
                 cpu_s = time.process_time() - c0
                 progress.flush()
-                conn.send(("done", seq, k, _dumps(partial), cpu_s))
+                conn.send(("done", seq, k, _dumps(partial), cpu_s, _chunks_used(job)))
                 k = None
             del job, job_bytes  # the job's data goes; its model stays in the cache
     except (EOFError, BrokenPipeError, ConnectionResetError):
@@ -390,6 +453,8 @@ class _Worker:
     ready: bool = False
     started: float = 0.0
     """``time.monotonic()`` when ``unit`` was handed out."""
+    sent: float = 0.0
+    """``time.monotonic()`` when the current job was sent (its set-up began)."""
 
     @property
     def name(self) -> str:
@@ -444,7 +509,8 @@ class WorkerPool:
             try:
                 for i, dev in enumerate(self.devices):
                     parent_conn, child_conn = ctx.Pipe()
-                    proc = ctx.Process(target=_worker_main, args=(i, str(dev), child_conn, threads), name=f"hessian-worker-{i}", daemon=True)
+                    args = (i, str(dev), child_conn, threads, os.getpid())
+                    proc = ctx.Process(target=_worker_main, args=args, name=f"hessian-worker-{i}", daemon=True)
                     proc.start()
                     child_conn.close()
                     self.workers.append(_Worker(i, dev, proc, parent_conn))
@@ -495,6 +561,7 @@ def _run_on_pool(job: AdditiveJob, settings: RunSettings, sink: _Sink, pool: Wor
     n_todo = len(todo)
     cpu_s = [0.0]
     unit_s: list[float] = []
+    setup_s: list[float] = []
     t_ready: float | None = None
 
     def died(w: _Worker) -> RunError:
@@ -530,6 +597,7 @@ def _run_on_pool(job: AdditiveJob, settings: RunSettings, sink: _Sink, pool: Wor
             sink.bar.update(msg[2])
         elif kind == "ready":
             w.ready = True
+            setup_s.append(time.monotonic() - w.sent)
             if t_ready is None and all(x.ready for x in workers):
                 t_ready = time.perf_counter()
             assign(w)
@@ -538,11 +606,11 @@ def _run_on_pool(job: AdditiveJob, settings: RunSettings, sink: _Sink, pool: Wor
             unit_s.append(time.monotonic() - w.started)
             w.unit = None
             cpu_s[0] += msg[4]
-            sink.accept(k, _loads(msg[3]))
+            sink.accept(k, _loads(msg[3]), w.name, msg[5])
             assign(w)
 
     for w in workers:
-        w.unit, w.stopping, w.ready = None, False, False
+        w.unit, w.stopping, w.ready, w.sent = None, False, False, time.monotonic()
         send(w, ("job", seq, job_bytes))
     while not sink.state.complete:
         ready = wait([w.conn for w in workers] + [w.proc.sentinel for w in workers], timeout=1.0)
@@ -560,6 +628,13 @@ def _run_on_pool(job: AdditiveJob, settings: RunSettings, sink: _Sink, pool: Wor
             w, why = hung
             w.proc.kill()  # a stopped (SIGSTOP) or deadlocked process ignores gentler signals
             raise RunError(f"{w.name} has computed {unit_label(job, w.unit)} (unit {w.unit}) for {time.monotonic() - w.started:.0f}s, over {why}; it was stopped as hung")
+        stuck = _stuck_in_setup(workers, setup_s, settings.setup_timeout)
+        if stuck is not None:
+            w, why = stuck
+            w.proc.kill()
+            took = time.monotonic() - w.sent
+            what = "has been setting up (loading the model, preparing the job)"
+            raise RunError(f"{w.name} {what} for {took:.0f}s, over {why}; it was stopped as hung")
     for w in workers:  # every unit is in: end the job on the workers still setting it up
         if not w.stopping:
             w.stopping = True
@@ -585,6 +660,24 @@ def _hung_worker(live: list[_Worker], unit_s: list[float], timeout: float) -> tu
     return None
 
 
+def _stuck_in_setup(live: list[_Worker], setup_s: list[float], timeout: float) -> tuple[_Worker, str] | None:
+    """A worker still setting up the current job past the limit (``timeout``, or the automatic one), and the limit
+    in words."""
+    if timeout > 0:
+        limit, why = timeout, f"--setup_timeout {timeout:g}s"
+    else:
+        limit = max(SETUP_MIN_S, HUNG_FACTOR * min(setup_s)) if setup_s else SETUP_MIN_S
+        why = (
+            f"the limit of {limit:.0f}s (at least {SETUP_MIN_S:.0f}s and {HUNG_FACTOR:g}x the fastest worker's set-up; "
+            "set it with --setup_timeout)"
+        )
+    now = time.monotonic()
+    for w in live:
+        if not w.ready and not w.stopping and now - w.sent > limit:
+            return w, why
+    return None
+
+
 def _stop(workers: list[_Worker], grace_s: float = 1.0) -> None:
     """Close the pipes (idle workers then exit), give them ``grace_s`` to exit, terminate the rest.
 
@@ -601,6 +694,10 @@ def _stop(workers: list[_Worker], grace_s: float = 1.0) -> None:
     for w in workers:
         if w.proc.is_alive():
             w.proc.terminate()
+            try:
+                os.kill(w.proc.pid, signal.SIGCONT)  # a stopped (SIGSTOP) worker acts on SIGTERM once continued
+            except OSError:
+                pass
     for w in workers:
         w.proc.join(timeout=10)
         if w.proc.is_alive():  # pragma: no cover
@@ -633,18 +730,20 @@ def _run_distributed(job: AdditiveJob, settings: RunSettings, env: tuple[int, in
     sink: _Sink | None = None
     try:
         # rank 0 reads the checkpoint; every rank learns what is left (or the error)
-        start: list[Any] = [None, None]
+        start: list[Any] = [None, None, None]
         if rank == 0:
             try:
                 config = job_config(job, settings)
                 sink = _Sink(job, settings, initial_state(job, settings.checkpoint, config), config)
-                start = [sink.state.remaining(), None]
+                start = [sink.state.remaining(), None, sink.state.reused_chunks()]
             except UserError as e:
-                start = [None, str(e)]
+                start = [None, str(e), None]
         dist.broadcast_object_list(start, src=0)
         if start[1] is not None:
             raise UserError(start[1])
         remaining: list[int] = start[0]
+        if start[2]:  # resumed: every rank computes the rest with the recorded chunks
+            _reuse_chunks(job, start[2])
 
         def agree(payload: Any, decide: Callable[[list[Any]], str | None]) -> None:
             """Gather ``payload`` on rank 0, which ``decide``s on an error message; every rank raises it."""
@@ -662,6 +761,7 @@ def _run_distributed(job: AdditiveJob, settings: RunSettings, env: tuple[int, in
         t0 = time.perf_counter()
         try:
             job.setup(device)
+            _reuse_chunks(job)
             setup_error = None
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
@@ -677,7 +777,7 @@ def _run_distributed(job: AdditiveJob, settings: RunSettings, env: tuple[int, in
                 scale = len(round_units)
                 update = (lambda n: sink.bar.update(n * scale)) if sink is not None else None
                 try:
-                    payload = ("done", k, _dumps(job.run_unit(k, update)))
+                    payload = ("done", k, _dumps(job.run_unit(k, update)), _chunks_used(job))
                 except Exception as e:  # noqa: BLE001 -- reported to rank 0, which stops every rank
                     traceback.print_exc()
                     payload = ("error", f"rank {rank} ({device}) failed on {unit_label(job, k)} (unit {k}): {_summary(e)}")
@@ -685,11 +785,14 @@ def _run_distributed(job: AdditiveJob, settings: RunSettings, env: tuple[int, in
             def add_round(payloads: list[Any]) -> str | None:
                 msg = first_error(payloads)
                 if msg is not None:
+                    sink.fail()  # the finished units first, so that the message counts what the file holds
                     return f"{msg}{sink.kept()}"
                 try:
-                    for p in sorted((p for p in payloads if p is not None), key=lambda p: p[1]):
-                        sink.accept(p[1], _loads(p[2]))
+                    done = sorted(((r, p) for r, p in enumerate(payloads) if p is not None), key=lambda rp: rp[1][1])
+                    for r, p in done:
+                        sink.accept(p[1], _loads(p[2]), f"rank {r}", p[3])
                 except RunError as e:
+                    sink.fail()
                     return f"{e}{sink.kept()}"
                 return None
 

@@ -34,7 +34,7 @@ from . import outputs, parallel, preflight
 from .cli import LOW_PRECISION_NOTE, flag_message
 from .data import check_seqlen, dataset_label, load_text, load_tokenizer, make_samples, text_sha256, tokenize
 from .errors import ParamError, UserError
-from .inputs import model_fingerprint, tokenizer_fingerprint, warn
+from .inputs import check_token_ids, code_path, config_fingerprint, model_fingerprint, tokenizer_fingerprint, warn
 from .models import ModelSpec, load_model, max_positions, model_skeleton, resolve_device
 from .results import save_tensor_and_json
 from .spec import PAPER_SEQLEN, SECTIONS, RunSpec
@@ -58,6 +58,11 @@ class Family:
     def checkpoints(self, spec: RunSpec, out: Path, name: str) -> list[Path]:
         """Every checkpoint file or directory the run may write (claimed before the model loads)."""
         return [out / f"{name}.ckpt"]
+
+    def files(self, spec: RunSpec, name: str) -> list[str]:
+        """Every result file the run may write (:func:`lib.outputs.planned_files`; claimed before the model
+        loads, and no other file may be written)."""
+        return outputs.planned_files(name)
 
     def resolve(self, spec: RunSpec, model: nn.Module) -> RunSpec:
         """``spec`` with the defaults that need the module tree fixed (``model`` may be on the meta device)."""
@@ -168,6 +173,8 @@ class Run:
             self.spec.run.device_map,
             self.fingerprints.get("model"),
             self.fingerprints.get("tokenizer"),
+            self.fingerprints.get("model_config"),
+            self.fingerprints.get("code"),
         )
 
     def run_settings(self, checkpoint_path: Path, desc: str) -> parallel.RunSettings:
@@ -184,6 +191,7 @@ class Run:
             progress=not self.spec.output.no_progress,
             desc=desc,
             unit_timeout=r.unit_timeout,
+            setup_timeout=r.setup_timeout,
             identity=self.identity(),
         )
         self.settings.append(settings)
@@ -291,17 +299,6 @@ def _load_weights(spec: RunSpec, device: torch.device) -> nn.Module:
     )
 
 
-def check_vocabulary(tokens: torch.Tensor, model: nn.Module, model_name: str) -> None:
-    """Refuse token ids the model's input embedding has no row for (a tokenizer of another model)."""
-    emb = model.get_input_embeddings()
-    vocab = getattr(emb, "num_embeddings", None)
-    if vocab is not None and tokens.numel() and int(tokens.max()) >= vocab:
-        raise UserError(
-            f"the tokenizer of {model_name!r} gives token id {int(tokens.max())} but the model's vocabulary "
-            f"has {vocab} entries: the tokenizer does not belong to the model"
-        )
-
-
 @dataclass
 class Inspected:
     """What :func:`inspect` found: the spec with every default fixed, the samples, and the module tree."""
@@ -338,7 +335,7 @@ def inspect(spec: RunSpec, family: Family, device: torch.device) -> Inspected:
         spec = spec.replace(b=(tokens.numel() // d.seqlen) // d.model_input_bs * d.model_input_bs)
         spec.validate()
     samples = make_samples(tokens, spec.data.seqlen, spec.data.b)
-    check_vocabulary(samples, model, m.model)
+    check_token_ids(samples, model, m.model)
     return Inspected(spec, samples, tokenizer_fingerprint(tokenizer), text_sha256(text), model, loaded)
 
 
@@ -351,7 +348,12 @@ def load(
     found = inspect(spec, family, device)
     model = found.model if found.loaded else _load_weights(found.spec, device)
     structure = family.structure(model, found.spec)
-    fingerprints = {"model": model_fingerprint(model), "tokenizer": found.tokenizer_fingerprint}
+    fingerprints = {
+        "model": model_fingerprint(model),
+        "model_config": config_fingerprint(model),
+        "code": code_path(model),
+        "tokenizer": found.tokenizer_fingerprint,
+    }
     return Run(
         found.spec,
         name,
@@ -397,6 +399,7 @@ def _execute(spec: RunSpec, family: Family) -> dict[str, Any]:
         spec.output.overwrite,
         spec.run.resume,
         rank0=parallel.distributed_env() is None or parallel.distributed_env()[0] == 0,
+        files=family.files(spec, name),
     )
     warn_low_precision(spec.model.dtype)
     run = load(spec, family, name, devices, t_start)

@@ -117,11 +117,16 @@ def layout_problems(fig, tolerance_in: float = 0.01) -> list[str]:
 
 
 def _save(fig, path_stem: str | Path) -> list[Path]:
-    """Write ``fig`` to ``<path_stem>.pdf`` and ``.png``, close it, return the paths."""
+    """Write ``fig`` to ``<path_stem>.pdf`` and ``.png`` (each atomically, or staged with the rest of the result:
+    :func:`lib.results.atomic_write_bytes`), close it, return the paths."""
+    from .results import atomic_write_bytes
+
     paths = [Path(f"{path_stem}.pdf"), Path(f"{path_stem}.png")]
-    for p in paths:
-        fig.savefig(p, dpi=150)
-    _pyplot().close(fig)
+    try:
+        for p in paths:
+            atomic_write_bytes(p, lambda tmp, p=p: fig.savefig(tmp, dpi=150, format=p.suffix[1:]))
+    finally:
+        _pyplot().close(fig)
     return paths
 
 

@@ -152,15 +152,15 @@ def command_line(run: Run, figure: str, args: argparse.Namespace, extra: list[st
 
 
 def compose_3b(metas: list[dict[str, Any]], out: Path, name: str) -> list[Path]:
-    """Fig. 3b: the diagonals of the k sweep side by side (one heatmap per run)."""
-    import torch
-
+    """Fig. 3b: the diagonals of the k sweep side by side (one heatmap per run), each read after checking its files'
+    recorded SHA-256 (:func:`lib.results.load_result`)."""
     from .plots import heatmap_grid
+    from .results import load_result
 
     panels = []
     for m in metas:
         est = m["estimators"][0]
-        panels.append((f"{est}, k = {m['vhp_samples']}", torch.load(out / m["files"]["tensor"])))
+        panels.append((f"{est}, k = {m['vhp_samples']}", load_result(out / m["files"]["json"])[1]))
     c = metas[0]["computed_on"]
     label = f" [{c['label']}]" if c.get("label") else ""
     title = (

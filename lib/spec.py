@@ -29,6 +29,7 @@ import functools
 import hashlib
 import importlib
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
@@ -250,6 +251,7 @@ class RunSection:
     resume: bool = operational(False)
     keep_checkpoint: bool = operational(False)
     unit_timeout: float = operational(0.0)
+    setup_timeout: float = operational(0.0)
 
 
 # ----------------------------------------------------------------------------- specs
@@ -410,8 +412,16 @@ class RunSpec:
         seed = self.get("seed")
         if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
             raise UserError(f"--seed {seed} is out of range: use an integer from -2**63 to 2**64-1")
-        if self.run.unit_timeout < 0:
-            raise UserError(f"--unit_timeout must be >= 0 seconds, got {self.run.unit_timeout}")
+        check_timeout("--unit_timeout", self.run.unit_timeout)
+        check_timeout("--setup_timeout", self.run.setup_timeout)
+
+
+def check_timeout(flag: str, value: float) -> None:
+    """A time limit flag (``--unit_timeout``, ``--setup_timeout``): a finite number of seconds >= 0 (0 = automatic)."""
+    if not math.isfinite(value):
+        raise UserError(f"{flag} must be a finite number of seconds (0 = automatic), got {value}")
+    if value < 0:
+        raise UserError(f"{flag} must be >= 0 seconds, got {value}")
 
 
 T_DEFAULTS = {

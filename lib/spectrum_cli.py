@@ -12,7 +12,6 @@ Exact path (``n <= --exact_below``): the exact Hessian job and ``eigvalsh``.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -22,15 +21,15 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import parallel, preflight, spectrum
-from .errors import RunError, UserError
+from . import outputs, parallel, preflight, spectrum
+from .errors import UserError
 from .hessian import ExactHessianJob
 from .inputs import warn
 from .operator import HessianOperator, digest
 from .outputs import default_name as output_name
 from .pipeline import Family, Run
 from .plots import density_figure
-from .results import atomic_write_bytes
+from .passlog import PassLog
 from .spec import SpectrumSpec
 from .subsets import (
     Subset,
@@ -104,58 +103,6 @@ def subset_tag(spec: SpectrumSpec) -> str:
     return f"{s.layer_name}_block{s.block_index}"
 
 
-class PassLog:
-    """The finished passes of a run, one file each: ``<dir>/pass_NNNNN.pt = {"input": sha256 of V, "output": H V}``.
-
-    :meth:`__call__` is the ``matmat`` given to :mod:`lib.spectrum`: it replays recorded passes (checking
-    that the algorithm asks for the same ``V``) and computes, records and returns the others.
-    """
-
-    def __init__(
-        self, directory: Path | None, config: dict[str, Any], resume: bool, run_pass, bar=None
-    ):
-        self.dir, self.run_pass, self.bar = directory, run_pass, bar
-        self.calls = self.replayed = self.hvps = 0
-        if directory is None:
-            return
-        cfg_file = directory / "config.json"
-        text = json.dumps(config, sort_keys=True, default=str)
-        if directory.exists() and not resume and any(directory.glob("pass_*.pt")):
-            raise UserError(
-                f"pass log {directory} exists from an earlier run; pass --resume to continue it, or "
-                f"delete it to start over"
-            )
-        if resume and cfg_file.exists() and cfg_file.read_text() != text:
-            raise UserError(
-                f"pass log {directory} is from a different configuration; delete it to start over"
-            )
-        directory.mkdir(parents=True, exist_ok=True)
-        cfg_file.write_text(text)
-
-    def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        i = self.calls
-        self.calls += 1
-        self.hvps += v.shape[1]
-        d = digest(v)
-        f = None if self.dir is None else self.dir / f"pass_{i:05d}.pt"
-        if f is not None and f.exists():
-            rec = torch.load(f, weights_only=True)
-            if rec["input"] != d:
-                raise RunError(
-                    f"{f} was recorded for a different block than the resumed run asks for; delete "
-                    f"{self.dir} to start over"
-                )
-            self.replayed += 1
-            out = rec["output"]
-        else:
-            out = self.run_pass(v, i)
-            if f is not None:
-                atomic_write_bytes(f, lambda p: torch.save({"input": d, "output": out}, p))
-        if self.bar is not None:
-            self.bar.update(1)
-        return out
-
-
 def make_run_pass(run: Run, op: HessianOperator, pool: parallel.WorkerPool | None = None):
     """``run_pass(V, i)``: ``H V`` by one :class:`HVPJob` through :func:`lib.parallel.run_job`
     (checkpointed inside the pass);
@@ -177,6 +124,7 @@ def make_run_pass(run: Run, op: HessianOperator, pool: parallel.WorkerPool | Non
             checkpoint=cfg,
             progress=False,
             unit_timeout=r.unit_timeout,
+            setup_timeout=r.setup_timeout,
             pool=pool,
             identity=run.identity(),
         )
@@ -231,6 +179,9 @@ class SpectrumFamily(Family):
 
     def checkpoints(self, spec: SpectrumSpec, out: Path, name: str) -> list[Path]:
         return [out / f"{name}.ckpt", out / f"{name}.passes"]
+
+    def files(self, spec: SpectrumSpec, name: str) -> list[str]:
+        return outputs.planned_files(name, ["_density"])  # the exact path always draws the density
 
     def structure(self, model: nn.Module, spec: SpectrumSpec) -> Subset:
         subset = build_subset(model, spec)
@@ -347,6 +298,7 @@ class SpectrumFamily(Family):
                 spec.run.resume,
                 make_run_pass(run, op, pool),
                 bar,
+                policy=op.policy,
             )
             try:
                 eig = spectrum.lanczos(

@@ -23,6 +23,10 @@ LAYER = {"opt": "self_attn.q_proj", "llama": "self_attn.k_proj", "gpt2": "attn.c
 """A layer per architecture (Llama's k_proj is the GQA-shared one; GPT-2's is a transposed Conv1D)."""
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: takes more than about 5 s (subprocesses, several runs)")
+
+
 def tiny_model(arch: str, dtype: torch.dtype = torch.float64, seed: int = 0, attn: str = "eager"):
     """A 2-block causal LM of ``arch`` with random weights (hidden 16, vocab 64, 32 positions)."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
@@ -56,6 +60,17 @@ def tiny_ids(b: int = 2, seqlen: int = 8, seed: int = 0) -> torch.Tensor:
 @pytest.fixture(params=ARCHS)
 def arch(request) -> str:
     return request.param
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a model is loaded (refusals must come before)."""
+    from lib import pipeline
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(pipeline, "load_model", boom)
 
 
 @pytest.fixture

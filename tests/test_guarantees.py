@@ -41,8 +41,9 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
-def _main(script, argv: list[str]) -> tuple[int, str]:
-    """Run a script through :func:`lib.cli.main` in this process: ``(exit status, last stderr line)``."""
+def _stderr_of(script, argv: list[str]) -> tuple[int, list[str]]:
+    """Run a script through :func:`lib.cli.main` in this process: ``(exit status, every stderr line)``; an exception
+    that escaped gives ``(-1, [its repr])``."""
     import contextlib
     import io
 
@@ -54,8 +55,13 @@ def _main(script, argv: list[str]) -> tuple[int, str]:
         except SystemExit as e:
             code = e.code
         except BaseException as e:  # noqa: BLE001 -- e.g. a KeyboardInterrupt that escaped: report it, do not stop pytest
-            return -1, repr(e)
-    lines = err.getvalue().strip().splitlines()
+            return -1, [repr(e)]
+    return code, err.getvalue().strip().splitlines()
+
+
+def _main(script, argv: list[str]) -> tuple[int, str]:
+    """Run a script through :func:`lib.cli.main` in this process: ``(exit status, last stderr line)``."""
+    code, lines = _stderr_of(script, argv)
     return code, lines[-1] if lines else ""
 
 
@@ -68,16 +74,6 @@ def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
         meta = script.run([*args, "--output_dir", str(tmp)])
         out[kind] = torch.load(tmp / meta["files"]["tensor"])
     return out
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if a model is loaded (refusals must come before)."""
-
-    def boom(*a, **k):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(pipeline, "load_model", boom)
 
 
 @pytest.fixture

@@ -279,6 +279,11 @@ def test_two_cpu_workers_equal_one_process_bitwise(reference, tmp_path):
     meta = single_layer_single_block.run([*ARGS, "--output_dir", str(tmp_path), "--devices", "cpu,cpu"])
     assert meta["run"]["mode"] == "workers" and meta["run"]["workers"] == 2
     assert torch.equal(torch.load(tmp_path / "h.pt"), reference)
+    # issue 19, item 11: the JSON records the chunk each worker used ("auto" and "measured": null said nothing before)
+    used = meta["chunk"]["used"]
+    workers = {"worker 0 (cpu)", "worker 1 (cpu)"}
+    assert used == meta["run"]["chunks"] and used and set(used) <= workers  # each worker that computed a unit
+    assert all(set(u) == {"3"} and u["3"] in (1, 2) for u in used.values())
 
 
 @pytest.mark.slow

@@ -402,7 +402,7 @@ def test_token_ids_beyond_the_vocabulary_are_refused_before_the_weights(tmp_path
     assert err.startswith(
         f"error: the tokenizer of {str(path)!r} gives token id "
     ) and err.endswith(
-        "but the model's vocabulary has 64 entries: the tokenizer does not belong to the model"
+        "but the model's vocabulary has 64 entries (ids 0..63): the tokenizer does not belong to the model"
     ), err
 
 

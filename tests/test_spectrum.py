@@ -280,7 +280,7 @@ def test_script_keeps_the_output_guarantees(tmp_path, monkeypatch):
     from lib.spectrum_cli import FAMILY
 
     _, js = _pt(tmp_path, "--max_iter", "4")
-    assert set(js["fingerprints"]) == {"model", "tokenizer"} and len(js["tensor_sha256"]) == 64
+    assert set(js["fingerprints"]) == {"model", "model_config", "code", "tokenizer"} and len(js["tensor_sha256"]) == 64
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was loaded")))
     with pytest.raises(lib.UserError, match="holds a finished result; pass --overwrite"):
         _pt(tmp_path, "--max_iter", "4")

@@ -1,0 +1,151 @@
+"""The spectrum's pass log: every finished pass ``H V`` of a run, one file each, so ``--resume`` replays them.
+
+``<dir>/config.json`` holds the run's configuration (the subset, the samples, the model's identity, the seed,
+...), written atomically; ``<dir>/pass_NNNNN.pt`` holds pass ``N``, framed like a checkpoint
+(:func:`lib.checkpoint.frame`: magic, length, SHA-256 of the payload) around a ``torch.save`` of
+``{"config_sha256", "index", "input", "output"}``: the SHA-256 of the configuration it was computed for, its
+index, the digest of the block ``V`` and ``H V``.
+
+On ``--resume`` every pass file is checked before any pass is replayed: a truncated or junk file, an edited
+one (checksum), one written for another configuration (even with ``config.json`` deleted) or a pass log
+without its ``config.json`` are refused in one line (:class:`~lib.errors.UserError`, exit status 2). A pass
+file that cannot be written stops the run in one line (:class:`~lib.errors.RunError`) saying which passes are saved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import frame, unframe
+from .errors import RunError, UserError
+from .operator import digest
+from .results import atomic_write_bytes
+
+MAGIC = b"HSNPASS1"
+CONFIG = "config.json"
+
+
+def pass_file(directory: Path, i: int) -> Path:
+    return directory / f"pass_{i:05d}.pt"
+
+
+def encode_pass(
+    config_sha256: str, i: int, input_digest: str, output: torch.Tensor, chunks: dict[int, int] | None = None
+) -> bytes:
+    """The bytes of pass file ``i`` (``chunks``: what the operator's chunk policy had chosen after the pass)."""
+    buf = io.BytesIO()
+    torch.save(
+        {
+            "config_sha256": config_sha256,
+            "index": i,
+            "input": input_digest,
+            "output": output.detach().cpu(),
+            "chunks": dict(chunks or {}),
+        },
+        buf,
+    )
+    return frame(buf.getvalue(), MAGIC)
+
+
+def read_pass(path: Path, config_sha256: str, i: int) -> dict[str, Any]:
+    """The record of pass file ``path`` (pass ``i``), after checking its frame and that it belongs to ``config_sha256``
+    (:class:`UserError` naming the problem otherwise)."""
+    hint = f"delete {path.parent} to start over"
+    try:
+        rec = torch.load(io.BytesIO(unframe(path.read_bytes(), MAGIC)), weights_only=True)
+    except (OSError, ValueError, RuntimeError, EOFError) as e:  # RuntimeError: a payload torch.load cannot read
+        raise UserError(f"pass file {path} is truncated, damaged or edited ({e}); {hint}") from None
+    if not isinstance(rec, dict) or rec.get("config_sha256") != config_sha256 or rec.get("index") != i:
+        raise UserError(f"pass file {path} was written by a run with a different configuration; {hint}")
+    return rec
+
+
+class PassLog:
+    """The finished passes of a run in ``directory`` (``None``: keep none, e.g. torchrun ranks > 0).
+
+    :meth:`__call__` is the ``matmat`` given to :mod:`lib.spectrum`: it replays recorded passes (checking that the
+    algorithm asks for the same ``V``) and computes (``run_pass(V, i)``), records and returns the others.
+    ``policy`` (the operator's :class:`lib.operator.ChunkPolicy`, optional): the chunks it chose are recorded
+    with each pass and reused when the pass is replayed, so that the passes computed after a resume use the
+    chunks the interrupted session chose (bitwise the uninterrupted run).
+    """
+
+    def __init__(
+        self,
+        directory: Path | None,
+        config: dict[str, Any],
+        resume: bool,
+        run_pass: Callable[[torch.Tensor, int], torch.Tensor],
+        bar=None,
+        policy: Any = None,
+    ):
+        self.dir, self.run_pass, self.bar, self.policy = directory, run_pass, bar, policy
+        self.calls = self.replayed = self.hvps = 0
+        text = json.dumps(config, sort_keys=True, default=str)
+        self.config_sha256 = hashlib.sha256(text.encode()).hexdigest()
+        if directory is None:
+            return
+        cfg_file = directory / CONFIG
+        passes = sorted(directory.glob("pass_*.pt")) if directory.is_dir() else []
+        if passes and not resume:
+            raise UserError(
+                f"pass log {directory} exists from an earlier run; pass --resume to continue it, "
+                "or delete it to start over"
+            )
+        if passes and not cfg_file.is_file():
+            raise UserError(
+                f"pass log {directory} has {len(passes)} pass files but no {CONFIG}: "
+                "it cannot be checked against this run; delete it to start over"
+            )
+        if cfg_file.is_file() and resume and cfg_file.read_text() != text:
+            raise UserError(f"pass log {directory} is from a different configuration; delete it to start over")
+        for i, f in enumerate(passes):  # every file is checked before any is replayed (exit status 2, nothing computed)
+            if f != pass_file(directory, i):
+                raise UserError(
+                    f"pass log {directory} has {f.name} but not {pass_file(directory, i).name}; delete it to start over"
+                )
+            read_pass(f, self.config_sha256, i)
+        directory.mkdir(parents=True, exist_ok=True)
+        if not cfg_file.is_file() or cfg_file.read_text() != text:
+            atomic_write_bytes(cfg_file, lambda p: p.write_text(text))
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        i = self.calls
+        self.calls += 1
+        self.hvps += v.shape[1]
+        d = digest(v)
+        f = None if self.dir is None else pass_file(self.dir, i)
+        if f is not None and f.exists():
+            rec = read_pass(f, self.config_sha256, i)
+            if rec["input"] != d:
+                raise RunError(
+                    f"{f} was recorded for a different block than the resumed run asks for; "
+                    f"delete {self.dir} to start over"
+                )
+            self.replayed += 1
+            out = rec["output"]
+            if self.policy is not None and rec.get("chunks"):
+                self.policy.reuse(rec["chunks"])
+        else:
+            out = self.run_pass(v, i)
+            if f is not None:
+                data = encode_pass(
+                    self.config_sha256, i, d, out, self.policy.chosen() if self.policy is not None else None
+                )
+                try:
+                    atomic_write_bytes(f, lambda p: p.write_bytes(data))
+                except OSError as e:
+                    raise RunError(
+                        f"could not write the pass file {f} ({type(e).__name__}: {e}); "
+                        f"the {i} finished passes before it are saved in {self.dir} (rerun with --resume)"
+                    ) from None
+        if self.bar is not None:
+            self.bar.update(1)
+        return out
