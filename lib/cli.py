@@ -178,6 +178,8 @@ OUTPUT_HELP = {
     "output_dir": "where <name>.pt, <name>.json and the figures go",
     "name": "output file stem (default: derived from the configuration)",
     "overwrite": "replace a finished result of the same --name (refused otherwise)",
+    "skip_existing": "if the same configuration's result is already finished under this name, check its files "
+    "against their recorded SHA-256, print one line and exit 0 without computing (for sweeps and Makefiles)",
     "no_progress": "hide the progress bar",
     "label": "a word added to the figure titles and the JSON's computed_on, e.g. a sweep's tag",
     "abs": "heatmaps of |H| (viridis from 0, the report's view) instead of the signed H (diverging colours centred at 0)",

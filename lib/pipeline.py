@@ -36,7 +36,7 @@ from .data import check_seqlen, dataset_label, load_text, load_tokenizer, make_s
 from .errors import ParamError, UserError
 from .inputs import check_token_ids, code_path, config_fingerprint, model_fingerprint, tokenizer_fingerprint, warn
 from .models import ModelSpec, load_model, max_positions, model_skeleton, resolve_device
-from .results import save_tensor_and_json
+from .results import save_tensor_and_json, verify_result
 from .spec import PAPER_SEQLEN, SECTIONS, RunSpec
 
 # ----------------------------------------------------------------------------- the family interface
@@ -377,6 +377,19 @@ def written_files(meta: dict[str, Any]) -> list[str]:
     return [*meta["files"].values(), *meta.get("figures", []), *meta.get("batch_study_files", [])]
 
 
+def finished_result(js: Path, spec: RunSpec) -> dict[str, Any]:
+    """``--skip_existing``: the metadata of the finished result ``js`` after checking that it holds this
+    configuration (its ``spec_digest``) and that its files match their recorded SHA-256; one line on stdout."""
+    meta = verify_result(js)
+    if meta.get("spec_digest") != spec.digest():
+        raise UserError(
+            f"{js} holds the result of another configuration (or of an older version): --skip_existing keeps only "
+            f"a result of the same configuration; choose another --name, or pass --overwrite to replace it"
+        )
+    print(f"skipped: {js} holds this configuration's finished result (its files match their SHA-256)", flush=True)
+    return meta
+
+
 @outputs.guarded
 def execute(spec: RunSpec, family: Family) -> dict[str, Any]:
     """Run ``spec`` through the pipeline; returns the saved metadata (``{}`` on torchrun ranks other than 0)."""
@@ -392,6 +405,8 @@ def _execute(spec: RunSpec, family: Family) -> dict[str, Any]:
     devices = check_environment(spec)
     name = spec.output.name or family.default_name(spec)
     out = Path(spec.output.output_dir)
+    if spec.output.skip_existing and (out / f"{name}.json").exists():
+        return finished_result(out / f"{name}.json", spec)
     outputs.claim(
         out,
         name,
@@ -410,6 +425,7 @@ def _execute(spec: RunSpec, family: Family) -> dict[str, Any]:
     tensor, fields = family.save(run, result)
     meta = {
         "script": run.spec.script,
+        "spec_digest": spec.digest(),
         "computed_on": run.computed_on(),
         "config": run.spec.as_dict(),
         **fields,

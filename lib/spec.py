@@ -232,6 +232,8 @@ class OutputSection:
     output_dir: str = operational("results")
     name: str | None = operational(None)
     overwrite: bool = operational(False)
+    skip_existing: bool = operational(False)
+    """A finished result of this configuration under the run's name (its files verified) ends the run with exit 0."""
     no_progress: bool = operational(False)
     abs: bool = result(False)
     """Heatmaps of ``|H|`` instead of the signed ``H`` (only the figures change)."""
@@ -412,6 +414,8 @@ class RunSpec:
         seed = self.get("seed")
         if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
             raise UserError(f"--seed {seed} is out of range: use an integer from -2**63 to 2**64-1")
+        if self.output.skip_existing and self.output.overwrite:
+            raise UserError("--skip_existing keeps a finished result and --overwrite replaces it: give one or the other")
         check_timeout("--unit_timeout", self.run.unit_timeout)
         check_timeout("--setup_timeout", self.run.setup_timeout)
 

@@ -86,3 +86,31 @@ def test_titles_summary_and_json_name_what_was_computed_on(tmp_path, monkeypatch
     assert "my_text.txt" in own_title and digest[:8] in own_title and "float32" in own_title and "b=1" in own_title
     assert "bfloat16" in low_title and "shakespeare-heldout.txt" in low_title and "sweep-3" in low_title
     assert own_title != low_title
+
+
+def test_skip_existing_exits_0_on_a_verified_finished_result_and_refuses_anything_else(tmp_path, monkeypatch, capsys):
+    import single_layer_single_block
+    from lib import cli, pipeline
+
+    args = ["--t", "2", "--b", "1", "--seqlen", "8", "--no_progress", "--output_dir", str(tmp_path)]
+    first = single_layer_single_block.run([*args, "--name", "a"])
+    single_layer_single_block.run([*args, "--t", "3", "--name", "b"])
+    capsys.readouterr()
+
+    def rerun(*extra):
+        with pytest.raises(SystemExit) as e:
+            cli.main(lambda argv: (single_layer_single_block.run(argv), exit(0))[1], [*args, *extra])
+        return e.value.code, capsys.readouterr()
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was loaded")))
+    code, out = rerun("--name", "a", "--skip_existing")
+    assert code == 0 and out.out == f"skipped: {tmp_path / 'a.json'} holds this configuration's finished result (its files match their SHA-256)\n"
+    code, out = rerun("--name", "a")  # the default still refuses a rerun
+    assert code == 2 and "holds a finished result; pass --overwrite" in out.err
+    code, out = rerun("--name", "a", "--t", "3", "--skip_existing")  # another configuration under the same name
+    assert code == 2 and "holds the result of another configuration" in out.err
+    code, out = rerun("--name", "a", "--skip_existing", "--overwrite")
+    assert code == 2 and "give one or the other" in out.err
+    (tmp_path / first["files"]["tensor"]).write_bytes((tmp_path / "b.pt").read_bytes())  # another run's tensor
+    code, out = rerun("--name", "a", "--skip_existing")
+    assert code == 2 and out.err.startswith(f"error: {tmp_path / 'a.pt'} does not match the SHA-256 recorded in")
