@@ -138,3 +138,108 @@ def test_doctests_of_a_page_can_fail():
     runner = doctest.DocTestRunner()
     runner.run(test, out=lambda s: None)
     assert runner.summarize(verbose=False).failed == 1
+
+
+# ----------------------------------------------------------------------------- quoted numbers are stored numbers
+
+PDF = ROOT / "pdf"
+NUMBER_TABLE = "| quantity | value | file | JSON key |"
+THRESHOLDS = {"0.1"}  # round thresholds the text compares stored values with ("first below 0.1"), not results
+QUOTED_PAGES = {ROOT / "README.md": ("## Figures", True), DOCS / "results.md": ("## ", False)}
+"""Pages whose numbers about the embedded figures are checked: from the first heading that starts with the given
+text to the next heading of its level (True) or to the end (False); what comes before describes conditions."""
+
+
+def number_rows(text: str) -> list[tuple[str, str, str, str]]:
+    """``(quantity, value, file, key)`` of every row of every table headed :data:`NUMBER_TABLE`."""
+    rows, inside = [], False
+    for line in text.splitlines():
+        if line.strip() == NUMBER_TABLE:
+            inside = True
+            continue
+        if inside and line.startswith("|---"):
+            continue
+        if inside and line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            assert len(cells) == 4, f"a number-table row needs 4 cells: {line}"
+            rows.append((cells[0], cells[1], cells[2].strip("`"), cells[3].strip("`")))
+        else:
+            inside = False
+    return rows
+
+
+def lookup(data: Any, key: str) -> Any:
+    """``a.b[k=100]``: ``data["a"]["b"]`` at the index where the sibling list ``k`` is 100; ``a[0]``: an index;
+    a dict key may contain spaces (``layer_type_pair_share_fro2.k_proj x q_proj``)."""
+    node, parent = data, None
+    for part in key.split("."):
+        m = re.fullmatch(r"(.+?)(?:\[(\w+)(?:=([-\d.]+))?\])?", part)
+        name, sel, val = m.group(1), m.group(2), m.group(3)
+        parent, node = node, node[name]
+        if sel is None:
+            continue
+        if val is None:
+            node = node[int(sel)]
+        else:
+            node = node[parent[sel].index(float(val) if "." in val else int(val))]
+    return node
+
+
+def matches(quoted: str, value: float) -> bool:
+    """Whether ``value`` rounds to ``quoted`` as written: ``0.97``, ``6.7 %`` (x100), ``3.0e-4``, ``104``."""
+    q = quoted.replace(" ", "").replace("\u2212", "-")
+    if q.endswith("%"):
+        q, value = q[:-1], value * 100
+    if "e" in q.lower():
+        mantissa = q.lower().split("e")[0]
+        digits = len(mantissa.split(".")[1]) if "." in mantissa else 0
+        return float(f"{value:.{digits}e}") == float(q)
+    digits = len(q.split(".")[1]) if "." in q else 0
+    return f"{value:.{digits}f}" == q
+
+
+def prose_numbers(text: str) -> list[str]:
+    """Decimal numbers and percentages of the text outside code, tables, image tags and links."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("|") and not line.startswith("<img"))
+    text = re.sub(r"`[^`\n]*`", "", text)
+    text = re.sub(r"\]\([^)]*\)", "]", text)
+    return re.findall(r"(?<![\w.])-?\d+\.\d+(?:e-?\d+)?(?:\s?%)?|(?<![\w.])\d+\s?%", text)
+
+
+def _section(path: Path, start: str, one: bool) -> str:
+    text = path.read_text()
+    i = re.search("^" + re.escape(start), text, flags=re.M)
+    assert i, f"{path.name} has no heading starting with {start!r}"
+    text = text[i.start():]
+    end = re.search(r"^## ", text[3:], flags=re.M) if one else None
+    return text[: end.start() + 3] if end else text
+
+
+@pytest.mark.parametrize("page", list(QUOTED_PAGES), ids=lambda p: p.name)
+def test_every_quoted_number_is_a_stored_value(page):
+    """Issue 18 item 4: each number the page states about the embedded figures is in the committed pdf/*.json."""
+    text = _section(page, *QUOTED_PAGES[page])
+    rows = number_rows(text)
+    if page.name == "results.md":
+        assert len(rows) >= 40
+    bad = []
+    for quantity, quoted, file, key in rows:
+        value = lookup(json.loads((PDF / file).read_text()), key)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and matches(quoted, float(value))):
+            bad.append(f"{quantity}: quoted {quoted}, {file} {key} = {value}")
+    assert not bad, "; ".join(bad)
+    values = {q.replace(" ", "").lstrip("-") for _, q, _, _ in number_rows((DOCS / "results.md").read_text()) + rows}
+    loose = [n for n in prose_numbers(text) if n.replace(" ", "").lstrip("-") not in values | THRESHOLDS]
+    assert not loose, f"{page.name} states numbers that no table ties to a JSON key: {loose}"
+
+
+def test_the_number_checks_can_fail():
+    assert matches("0.97", 0.9657) and not matches("0.96", 0.9657)
+    assert matches("98.7 %", 0.98668) and not matches("98.6 %", 0.98668)
+    assert matches("3.0e-4", 3.04e-4) and matches("104", 104.38) and not matches("105", 104.38)
+    data = {"a": {"b": [10, 20, 30], "k": [1, 2, 3], "c d": 5}}
+    assert lookup(data, "a.b[k=2]") == 20 and lookup(data, "a.b[0]") == 10 and lookup(data, "a.c d") == 5
+    text = f"## Figures\n\n{NUMBER_TABLE}\n|---|---|---|---|\n| x | 0.5 | `f.json` | `a.b` |\n\nSee 0.5 and 0.25, `0.3`.\n"
+    assert number_rows(text) == [("x", "0.5", "f.json", "a.b")]
+    assert prose_numbers(text) == ["0.5", "0.25"]
