@@ -243,3 +243,42 @@ def test_the_number_checks_can_fail():
     text = f"## Figures\n\n{NUMBER_TABLE}\n|---|---|---|---|\n| x | 0.5 | `f.json` | `a.b` |\n\nSee 0.5 and 0.25, `0.3`.\n"
     assert number_rows(text) == [("x", "0.5", "f.json", "a.b")]
     assert prose_numbers(text) == ["0.5", "0.25"]
+
+
+# ----------------------------------------------------------------------------- GPU users (issue 18 item 7)
+
+
+def gpu_table(text: str) -> dict[str, tuple[float, float, float]]:
+    """``{run: (PFLOP, hours, graph GiB)}`` of docs/long_runs.md's estimate table."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| Fig.") and len(cells) == 6:
+            rows[cells[0]] = (float(cells[3]), float(cells[4]), float(cells[5]))
+    return rows
+
+
+def test_readme_gives_gpu_users_an_install_line_and_the_estimates():
+    readme = (ROOT / "README.md").read_text()
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu" in readme
+    assert "docs/long_runs.md#gpu-users" in readme
+    page = (DOCS / "long_runs.md").read_text()
+    assert "estimates, not measurements" in page
+    assert len(gpu_table(page)) == 8
+
+
+@pytest.mark.slow
+def test_gpu_estimates_are_what_the_flop_count_gives():
+    """The table's PFLOP, hours and graph memory are benchmarks/gpu_estimate.py's output (about 15 s)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_estimate", ROOT / "benchmarks" / "gpu_estimate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--tflops", "8"])
+    table = list(gpu_table((DOCS / "long_runs.md").read_text()).values())
+    assert len(table) == len(out["runs"])
+    for (pflop, hours, gib), run in zip(table, out["runs"]):
+        assert round(run["flops"] / 1e15) == round(pflop), run["run"]
+        assert f"{run['hours']:.1f}" == f"{hours:.1f}", run["run"]
+        assert f"{run['graph_bytes'] / 2**30:.1f}" == f"{gib:.1f}", run["run"]
