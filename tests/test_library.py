@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 import pytest
 
 from conftest import ROOT
@@ -54,12 +56,12 @@ def test_lib_exports_and_documents_its_entry_points():
 
 @pytest.mark.slow
 def test_readme_library_snippet_runs_as_written():
-    """The README's "Library use" code block, executed verbatim (about 10 s on one core)."""
+    """The README's "Library" code block, executed verbatim; the longer examples (the diagonal, Lanczos, traces)
+    moved to docs/library.md and run as doctests with the former assertions (tests/test_docs.py)."""
     text = (ROOT / "README.md").read_text()
-    snippet = re.search(r"## Library use\n+```python\n(.*?)```", text, re.S).group(1)
+    snippet = re.search(r"## Library\n+```python\n(.*?)```", text, re.S).group(1)
     scope: dict = {}
-    exec(compile(snippet, "README.md (Library use)", "exec"), scope)
+    exec(compile(snippet, "README.md (Library)", "exec"), scope)
     assert scope["result"].hessian.shape == (32, 32) and scope["result"].perplexity > 1
-    assert scope["diag"].diagonals["xdiag"][scope["name"]].shape == (128, 128)
-    assert scope["top"].eigenvalues.shape == (3,) and bool(scope["top"].converged.all())
-    assert scope["nll"].ndim == 0 and scope["s"].size == 2 and scope["r"].size == 16
+    h = scope["result"].hessian
+    assert torch.allclose(h, h.T, rtol=1e-4, atol=1e-6)
