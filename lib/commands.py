@@ -20,8 +20,34 @@ FAMILY_MODULES = {"exact": "exact_cli", "diagonal": "diagonal_cli", "spectrum": 
 """The module holding each family's ``FAMILY`` (a :class:`lib.pipeline.Family`)."""
 
 
+def check_subset_on_disk(spec: RunSpec) -> None:
+    """Refuse a subset that the model's weights on disk rule out (wrong layer, block, counts or ``t``), before
+    torch is imported (:mod:`lib.early_checks`); silent when the model's files cannot tell."""
+    from .early_checks import check_subset, layout
+    from .errors import ParamError, UserError
+
+    s = spec.subset
+    if getattr(s, "params", None):
+        return
+    found = layout(spec.model.model, spec.model.cache_dir)
+    if found is None:
+        return
+    try:
+        check_subset(
+            found,
+            layer_name=s.layer_name,
+            block_index=s.block_index,
+            num_blocks=getattr(s, "num_blocks", None),
+            num_layers=getattr(s, "num_layers", None),
+            t=getattr(s, "t", None),
+        )
+    except ParamError as e:
+        raise UserError(cli.flag_message(e)) from None
+
+
 def execute(spec: RunSpec) -> dict[str, Any]:
     """Run ``spec`` through the pipeline; returns the saved metadata (``{}`` on torchrun ranks other than 0)."""
+    check_subset_on_disk(spec)
     from .pipeline import execute as run_pipeline
 
     family = importlib.import_module(f"{__package__}.{FAMILY_MODULES[spec.family]}").FAMILY

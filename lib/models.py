@@ -16,18 +16,7 @@ from .inputs import hub_offline_if_unreachable, model_fingerprint, read_local_co
 from .precision import KEEP_DTYPE_ATTENTION, keep_float64
 
 
-def assets_dir() -> Path:
-    """The bundled assets: ``assets/`` inside the installed package (``pip install .``), else the source tree's."""
-    here = Path(__file__).resolve().parent
-    installed = here / "assets"
-    return installed if installed.is_dir() else here.parent / "assets"
-
-
-ROOT = Path(__file__).resolve().parent.parent
-"""The source tree (the repository root when run from a checkout)."""
-EMBEDDED_MODEL_DIR = assets_dir() / "tiny-opt-shakespeare"
-EMBEDDED = "embedded"
-"""Name of the project's own small trained OPT-architecture model (the default ``--model``)."""
+from .paths import EMBEDDED, EMBEDDED_MODEL_DIR, ROOT, assets_dir  # noqa: E402,F401  (re-exported)
 
 ATTENTION_WITH_DOUBLE_BACKWARD = ("eager", "sdpa")
 """``eager`` attention, or ``sdpa`` run under the math backend, support second derivatives."""

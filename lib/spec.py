@@ -86,7 +86,7 @@ def library_constant(module: str, name: str) -> Any:
     return getattr(importlib.import_module(f"{__package__}.{module}"), name)
 
 
-EMBEDDED: str = library_constant("models", "EMBEDDED")
+EMBEDDED: str = library_constant("paths", "EMBEDDED")
 """The name of the bundled model (the default ``--model``)."""
 DTYPES = ("bfloat16", "float16", "float32", "float64")
 EMBEDDED_DEFAULTS = {"seqlen": 128, "b": 16}

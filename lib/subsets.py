@@ -18,8 +18,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .early_checks import block_index_error, layer_name_error, num_blocks_error, num_layers_error, row_length_error
 from .errors import ParamError
-from .suggest import did_you_mean, glob_suggestion
+from .suggest import glob_suggestion
 from .models import find_blocks, linear_layers
 
 
@@ -71,7 +72,7 @@ class Subset:
 def _check_block(model: nn.Module, block_index: int) -> tuple[str, nn.Module]:
     prefix, blocks = find_blocks(model)
     if not 0 <= block_index < len(blocks):
-        raise ParamError("block_index", f"block_index {block_index} is out of range: the model has {len(blocks)} blocks (0..{len(blocks) - 1})")
+        raise block_index_error(block_index, len(blocks))
     return f"{prefix}.{block_index}", blocks[block_index]
 
 
@@ -80,7 +81,7 @@ def layer_module(model: nn.Module, block_index: int, layer_name: str) -> tuple[s
     block_name, block = _check_block(model, block_index)
     layers = dict(linear_layers(block))
     if layer_name not in layers:
-        raise ParamError("layer_name", f"unknown layer_name {layer_name!r}{did_you_mean(layer_name, layers)}; the linear layers of a block are: {', '.join(layers)}")
+        raise layer_name_error(layer_name, list(layers))
     return f"{block_name}.{layer_name}.weight", layers[layer_name]
 
 
@@ -93,7 +94,7 @@ def row0_slice(model: nn.Module, block_index: int, layer_name: str, t: int) -> P
     if t < 1:
         raise ParamError("t", f"t must be at least 1, got {t}")
     if t > row_len:
-        raise ParamError("t", f"t {t} is larger than a row of {layer_name} ({row_len} entries)")
+        raise row_length_error(t, layer_name, row_len)
     n_out = weight.shape[1] if conv1d else weight.shape[0]
     flat = torch.arange(t) * n_out if conv1d else torch.arange(t)
     return ParamSlice(param_name, flat)
@@ -142,7 +143,7 @@ def blocks_text(n_blocks: int) -> str:
 def _check_num_blocks(model: nn.Module, n: int) -> None:
     total = num_blocks(model)
     if not 1 <= n <= total:
-        raise ParamError("n_blocks", f"n_blocks {n} is out of range: the model has {total} blocks (use 1..{total})")
+        raise num_blocks_error(n, total)
 
 
 def single_layer_single_block(model: nn.Module, layer_name: str, block_index: int, t: int) -> Subset:
@@ -165,7 +166,7 @@ def several_layers_several_blocks(model: nn.Module, n_layers: int, n_blocks: int
     for b in range(n_blocks):
         names = layer_names(model, b)
         if not 1 <= n_layers <= len(names):
-            raise ParamError("n_layers", f"n_layers {n_layers} is out of range: block {b} has {len(names)} linear layers ({', '.join(names)})")
+            raise num_layers_error(n_layers, b, names)
         slices.extend(row0_slice(model, b, name, t) for name in names[:n_layers])
     return Subset(tuple(slices), f"first {t} weights of row 0 of the first {n_layers} linear layers in {blocks_text(n_blocks)}")
 

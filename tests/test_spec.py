@@ -169,7 +169,7 @@ def test_library_constants_are_read_without_importing_their_modules():
     for module, name in (
         ("hessian", "METHODS"),
         ("spectrum", "WHICH"),
-        ("models", "EMBEDDED"),
+        ("paths", "EMBEDDED"),
         ("checkpoint", "DEFAULT_EVERY"),
     ):
         assert (

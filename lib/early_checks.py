@@ -1,0 +1,197 @@
+"""Checks of a run's subset against the model's weight names and shapes, before torch is imported.
+
+A wrong ``--layer_name``, ``--block_index``, ``--num_blocks``, ``--num_layers`` or ``--t`` is refused from the
+``config.json`` and the safetensors headers of the weights on disk (a JSON header per file: names, shapes), in
+well under a second, instead of after importing torch and transformers and building the model (seconds to
+tens of seconds). Only architectures whose block layout is known here (:data:`LINEAR_LAYERS`) are checked, and
+only when the headers confirm that layout; anything else is left to the checks on the module tree
+(:mod:`lib.subsets`), which use the same messages (the ``*_error`` functions below).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from .errors import ParamError
+from .paths import EMBEDDED, EMBEDDED_MODEL_DIR
+from .suggest import did_you_mean
+
+LINEAR_LAYERS: dict[str, tuple[str, ...]] = {
+    "opt": ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj", "self_attn.out_proj", "fc1", "fc2"),
+    "llama": (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ),
+    "gpt2": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+}
+"""The linear layers of one block in module order (what :func:`lib.models.linear_layers` lists), by the
+config's ``model_type``; a test keeps them equal to the module trees."""
+LINEAR_LAYERS["qwen2"] = LINEAR_LAYERS["mistral"] = LINEAR_LAYERS["llama"]
+BLOCKS = {"opt": "decoder.layers", "llama": "layers", "qwen2": "layers", "mistral": "layers", "gpt2": "h"}
+"""The dotted path of the block list inside the checkpoint's names (after an optional ``model.`` or
+``transformer.`` prefix)."""
+TRANSPOSED = {"gpt2"}
+"""Architectures whose linear weights are stored ``(in, out)`` (GPT-2's ``Conv1D``)."""
+
+
+# ----------------------------------------------------------------------------- messages (shared with lib.subsets)
+
+
+def block_index_error(index: int, n_blocks: int) -> ParamError:
+    return ParamError(
+        "block_index",
+        f"block_index {index} is out of range: the model has {n_blocks} blocks (0..{n_blocks - 1})",
+    )
+
+
+def num_blocks_error(n: int, total: int) -> ParamError:
+    return ParamError(
+        "n_blocks", f"n_blocks {n} is out of range: the model has {total} blocks (use 1..{total})"
+    )
+
+
+def layer_name_error(name: str, layers: list[str]) -> ParamError:
+    return ParamError(
+        "layer_name",
+        f"unknown layer_name {name!r}{did_you_mean(name, layers)}; the linear layers of a block are: "
+        f"{', '.join(layers)}",
+    )
+
+
+def num_layers_error(n: int, block: int, layers: list[str]) -> ParamError:
+    return ParamError(
+        "n_layers",
+        f"n_layers {n} is out of range: block {block} has {len(layers)} linear layers ({', '.join(layers)})",
+    )
+
+
+def row_length_error(t: int, layer: str, row_len: int) -> ParamError:
+    return ParamError("t", f"t {t} is larger than a row of {layer} ({row_len} entries)")
+
+
+# ----------------------------------------------------------------------------- the weights on disk
+
+
+def model_directory(model: str, cache_dir: str | None) -> Path | None:
+    """The folder holding ``model``'s ``config.json`` and weights: the bundled model, a local folder, or the
+    Hugging Face cache's snapshot of a hub id (``<cache_dir>/models--org--name/snapshots/<rev>``, the one
+    ``refs/main`` names); ``None`` when there is none on disk."""
+    if model == EMBEDDED:
+        return EMBEDDED_MODEL_DIR
+    path = Path(model)
+    if path.is_dir():
+        return path
+    if not cache_dir or "/" not in model:
+        return None
+    repo = Path(cache_dir) / ("models--" + model.replace("/", "--"))
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snapshot = repo / "snapshots" / ref.read_text().strip()
+        return snapshot if snapshot.is_dir() else None
+    snapshots = sorted((repo / "snapshots").glob("*")) if (repo / "snapshots").is_dir() else []
+    return snapshots[0] if len(snapshots) == 1 else None
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a ``.safetensors`` file: ``{name: {"dtype", "shape", "data_offsets"}}``."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        if size > 100_000_000:
+            raise ValueError(f"{path}: not a safetensors file")
+        return json.loads(f.read(size))
+
+
+def weight_shapes(directory: Path) -> dict[str, tuple[int, ...]] | None:
+    """``{name: shape}`` of every stored weight (one file or an index of shards); ``None`` without safetensors."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        return None
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in files:
+        for key, info in safetensors_header(directory / name).items():
+            if key != "__metadata__":
+                shapes[key] = tuple(info["shape"])
+    return shapes
+
+
+# ----------------------------------------------------------------------------- the layout
+
+
+class Layout:
+    """Blocks and linear layers of a known architecture, confirmed by the stored weights."""
+
+    def __init__(self, model_type: str, n_blocks: int, shapes: dict[str, tuple[int, ...]]):
+        self.model_type, self.n_blocks, self.layers = model_type, n_blocks, list(LINEAR_LAYERS[model_type])
+        self.shapes = shapes
+
+    def row_length(self, block: int, layer: str) -> int | None:
+        shape = self.shapes.get(f"{BLOCKS[self.model_type]}.{block}.{layer}.weight")
+        if shape is None or len(shape) != 2:
+            return None
+        return shape[0] if self.model_type in TRANSPOSED else shape[1]
+
+
+def layout(model: str, cache_dir: str | None) -> Layout | None:
+    """The layout of ``model`` from its files on disk, or ``None`` when it cannot be read or confirmed: an
+    unknown ``model_type``, no safetensors, a block count or a layer that the stored names do not show."""
+    directory = model_directory(model, cache_dir)
+    if directory is None or not (directory / "config.json").is_file():
+        return None
+    try:
+        config = json.loads((directory / "config.json").read_text())
+        shapes = weight_shapes(directory)
+    except (OSError, ValueError, KeyError):
+        return None
+    model_type, n_blocks = config.get("model_type"), config.get("num_hidden_layers", config.get("n_layer"))
+    if model_type not in LINEAR_LAYERS or not isinstance(n_blocks, int) or not shapes:
+        return None
+    blocks = BLOCKS[model_type]
+    stripped: dict[str, tuple[int, ...]] = {}
+    for key, shape in shapes.items():
+        for prefix in ("model.", "transformer.", ""):
+            if key.startswith(prefix + blocks + "."):
+                stripped[key[len(prefix) :]] = shape
+                break
+    expected = {f"{blocks}.{b}.{layer}.weight" for b in range(n_blocks) for layer in LINEAR_LAYERS[model_type]}
+    if not expected <= set(stripped) or f"{blocks}.{n_blocks}.{LINEAR_LAYERS[model_type][0]}.weight" in stripped:
+        return None
+    return Layout(model_type, n_blocks, stripped)
+
+
+def check_subset(
+    found: Layout,
+    layer_name: str | None = None,
+    block_index: int | None = None,
+    num_blocks: int | None = None,
+    num_layers: int | None = None,
+    t: int | None = None,
+) -> None:
+    """Raise the :class:`ParamError` that :mod:`lib.subsets` would raise for these subset fields (``None``:
+    not given); the same order of checks: the block, the layer, the blocks, the layers, then ``t``."""
+    if block_index is not None and not 0 <= block_index < found.n_blocks:
+        raise block_index_error(block_index, found.n_blocks)
+    if layer_name is not None and layer_name not in found.layers:
+        raise layer_name_error(layer_name, found.layers)
+    if num_blocks is not None and not 1 <= num_blocks <= found.n_blocks:
+        raise num_blocks_error(num_blocks, found.n_blocks)
+    if num_layers is not None and not 1 <= num_layers <= len(found.layers):
+        raise num_layers_error(num_layers, 0, found.layers)
+    if t is None or t < 1:
+        return
+    layers = [layer_name] if layer_name is not None else found.layers[: num_layers or len(found.layers)]
+    for layer in layers:
+        row = found.row_length(block_index or 0, layer)
+        if row is not None and t > row:
+            raise row_length_error(t, layer, row)
