@@ -63,6 +63,7 @@ def test_the_documented_test_fails_for_rademacher_probes(example, monkeypatch):
         namespace["test_gaussian_hutchinson_is_unbiased_with_the_stated_error"]()
 
 
+@pytest.mark.slow
 def test_the_new_estimator_runs_in_the_library_and_the_script_unchanged(example, tmp_path):
     import hessian_diagonal as script
 

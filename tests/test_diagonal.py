@@ -302,6 +302,7 @@ def _outputs(tmp_path, meta):
     return torch.load(f"{stem}.pt"), json.loads(open(f"{stem}.json").read())
 
 
+@pytest.mark.slow
 def test_script_end_to_end_with_a_convergence_study(tmp_path):
     meta = hessian_diagonal.run(["--track_rows", "1", "--hvps", "6", "--estimator", "hutchinson", "xdiag", "empirical_fisher", "--output_dir", str(tmp_path), *FAST])
     diags, js = _outputs(tmp_path, meta)

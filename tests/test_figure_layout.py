@@ -32,6 +32,7 @@ def _sym(n: int, seed: int = 0) -> torch.Tensor:
     return a + a.T
 
 
+@pytest.mark.slow
 def test_every_figure_kind_fits_its_canvas(tmp_path, drawn):
     h = _sym(48)
     plots.heatmap(h, tmp_path / "one", f"H: {LONG}\nembedded, b=16, seqlen=128")
