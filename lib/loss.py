@@ -36,32 +36,33 @@ def summed_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 class _HeadNLLGrad(torch.autograd.Function):
-    """``G(h) = (softmax(h W^T + c) - onehot(y)) W``, the gradient of the head NLL w.r.t. ``h``.
+    """``G(h) = (softmax(h W^T + c) - onehot(y)) W = m - W[y]``, the gradient of the head NLL w.r.t. ``h``,
+    with ``m = P W`` (``(n, d)``) the probability-weighted mean of the head's rows.
 
     Its vector-Jacobian product is the exact softmax Hessian through the head:
-    ``u -> (P * (a - rowsum(P * a))) W`` with ``a = u W^T``, reusing the forward's probabilities
-    ``P`` (so only one extra ``(n, V)`` tensor is materialized per product).
+    ``u -> (P * a) W - (u . m) m`` per row, with ``a = u W^T``, reusing the forward's probabilities ``P``
+    (one extra ``(n, V)`` tensor per product, multiplied in place: no row sums over the vocabulary).
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(h: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        r = probs.clone()
-        r.scatter_add_(-1, labels.unsqueeze(-1), torch.full_like(labels, -1, dtype=r.dtype).unsqueeze(-1))
-        return r @ weight
+    def forward(h: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = probs @ weight
+        return mean - weight[labels], mean
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         _, probs, weight, _ = inputs
-        ctx.save_for_backward(probs, weight)
+        _, mean = output
+        ctx.mark_non_differentiable(mean)
+        ctx.save_for_backward(probs, weight, mean)
 
     @staticmethod
-    def backward(ctx, u: torch.Tensor):
-        probs, weight = ctx.saved_tensors
-        a = u @ weight.T
-        pa = probs * a
-        return pa.sub_(probs * pa.sum(-1, keepdim=True)) @ weight, None, None, None
+    def backward(ctx, u: torch.Tensor, _grad_mean):
+        probs, weight, mean = ctx.saved_tensors
+        s = (u * mean).sum(-1, keepdim=True)
+        return (torch.mm(u, weight.T).mul_(probs) @ weight).sub_(s * mean), None, None, None
 
 
 class _HeadNLL(torch.autograd.Function):
@@ -89,7 +90,7 @@ class _HeadNLL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_probs):
         h, probs, weight, labels = ctx.saved_tensors
-        return grad_loss * _HeadNLLGrad.apply(h, probs, weight, labels), None, None, None
+        return grad_loss * _HeadNLLGrad.apply(h, probs, weight, labels)[0], None, None, None
 
 
 def head_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
