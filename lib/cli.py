@@ -17,7 +17,7 @@ from torch import nn
 
 from . import batch_study
 from . import checkpoint as ckpt
-from . import curvature, diagonality, outputs, parallel, preflight
+from . import curvature, diagonality, outputs, parallel, preflight, threads
 from .data import default_dataset, load_text, load_tokenizer, make_samples, tokenize, check_seqlen
 from .errors import Interrupted, RunError, UserError
 from .hessian import METHODS, ExactHessianJob
@@ -81,6 +81,7 @@ def base_parser(description: str, t_default: tuple[int, int] | None, compare: bo
         c.add_argument("--chunk", type=int, default=0, help="Hessian columns per batched backward; 0 = auto: the fastest of 1, 2, 4, ... timed on the first batch's first columns (recorded in the JSON); halved on CUDA OOM")
     c.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype; float64 (validation) computes every step in float64 for OPT, GPT-2, Llama, Qwen2, Mistral")
     c.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto = cuda if available else cpu)")
+    c.add_argument("--threads", type=int, default=None, help="intra-op CPU threads per process; default: OMP_NUM_THREADS if set, else the CPUs free now (affinity, cgroup quota, load) shared among --devices workers or torchrun's local ranks (recorded in the JSON as threads)")
     c.add_argument("--attn_implementation", default="eager", help="eager (default) or sdpa (run with its math kernel); flash attention has no double backward")
     c.add_argument("--no_fused_head", action="store_true", help="differentiate the LM head + softmax with plain autograd instead of the fused kernel")
     o = p.add_argument_group("output")
@@ -218,6 +219,7 @@ def prepare(args: argparse.Namespace, build_subset: Callable[[nn.Module], Subset
     warn_low_precision(args.dtype)
     torch.manual_seed(args.seed)
     devices = run_devices(args)
+    threads.apply(getattr(args, "threads", None), threads.local_processes(len(devices)))
     device = devices[0] if len(devices) == 1 else torch.device("cpu")
     model = load_model(args.model, cache_dir=args.cache_dir, dtype=DTYPES[args.dtype], device=device, attn_implementation=args.attn_implementation, device_map=getattr(args, "device_map", None))
     subset = build_subset(model)

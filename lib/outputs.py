@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence, TypeVar
 from .errors import Interrupted, RunError, UserError, signal_name
 
 OPERATIONAL_FLAGS = frozenset(
-    {"output_dir", "name", "no_progress", "devices", "device", "device_map", "checkpoint_every", "resume", "keep_checkpoint", "overwrite", "unit_timeout", "cache_dir", "chunk", "probe_batch"}
+    {"output_dir", "name", "no_progress", "devices", "device", "device_map", "checkpoint_every", "resume", "keep_checkpoint", "overwrite", "unit_timeout", "cache_dir", "chunk", "probe_batch", "threads"}
 )
 """Flags that change how or where a run computes, not its result (left out of the default name's hash)."""
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from . import threads
+
 
 def versions() -> dict[str, str]:
     """Versions of the libraries that produced a result, and the machine."""
@@ -74,7 +76,8 @@ def save_tensor_and_json(output_dir: str | Path, name: str, tensor: Any, meta: d
     Order: an old ``.json`` is removed first, then the ``.pt`` and last the ``.json`` (which records the
     ``.pt``'s SHA-256) are each written to a temporary file, fsynced, renamed and the directory fsynced.
     So a ``.json`` always describes the ``.pt`` beside it, whenever the process is killed.
-    Returns the metadata as written (``meta`` plus ``versions`` and ``files``, names relative to ``output_dir``).
+    Returns the metadata as written (``meta`` plus ``versions``, ``files`` (names relative to ``output_dir``) and, when
+    :func:`lib.threads.apply` chose this process's threads, ``threads``).
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,6 +87,7 @@ def save_tensor_and_json(output_dir: str | Path, name: str, tensor: Any, meta: d
         js.unlink()
         fsync_dir(out)
     atomic_write_bytes(pt, lambda p: torch.save(obj, p))
-    meta = {**meta, "versions": versions(), "files": {"tensor": pt.name, "json": js.name}, "tensor_sha256": sha256_file(pt)}
+    chosen = {"threads": threads.report()} if threads.report() is not None and "threads" not in meta else {}
+    meta = {**meta, **chosen, "versions": versions(), "files": {"tensor": pt.name, "json": js.name}, "tensor_sha256": sha256_file(pt)}
     atomic_write_bytes(js, lambda p: p.write_text(json.dumps(meta, indent=1, default=str) + "\n"))
     return meta
