@@ -28,7 +28,7 @@ from torch import nn
 
 from .autotune import Compute, tune
 from .jobs import ModelJob, run_serial
-from .loss import SubsetLoss
+from .loss import LayerOutputs, SubsetLoss
 from .models import ModelSpec
 from .operator import ChunkPolicy, gradient_graph, hvp_products
 from .subsets import Subset
@@ -85,14 +85,92 @@ def hessian_reference(fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tens
     return h, value
 
 
-def batch_hessian(objective: SubsetLoss, input_ids: torch.Tensor, method: str = "rev-rev", chunk: int = 1, progress: Progress | None = None, schedule: Schedule | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def hessian_layer_outputs(objective: SubsetLoss, input_ids: torch.Tensor, layers: LayerOutputs, progress: Progress | None = None, schedule: Schedule | None = None, chunk: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hessian of the summed NLL of ``input_ids`` (``(B, s)``) w.r.t. the subset as ``sum_b J_b^T H_{z,b} J_b`` (:class:`LayerOutputs`).
+
+    ``z`` (the selected units of the layers' outputs, ``s * width`` per sample) gets a leaf perturbation
+    ``delta = 0``; one forward and one ``create_graph`` backward give ``grad_delta f``, and row ``j`` of every sample's
+    ``H_z`` comes from one product with ``e_j`` placed in every sample at once (samples do not interact, so
+    ``H_z`` is block-diagonal over them). Rows go through :func:`lib.operator.hvp_products` like
+    :func:`hessian_rev_rev`'s (``schedule`` chooses the chunk). ``progress`` gets the entries' share of each product.
+    Raises ``ValueError`` when a layer's input depends on the subset (then ``J`` is not constant).
+    """
+    x0 = objective.x0().detach()
+    b, s = input_ids.shape
+    m = layers.products_per_sample(s)
+    delta = torch.zeros(b * m, dtype=x0.dtype, device=x0.device, requires_grad=True)
+    with layers.perturbed(objective.model, delta, b, s) as inputs:
+        value = objective(x0, input_ids)
+    (g,) = torch.autograd.grad(value, delta, create_graph=True)
+    hz = torch.empty(b, m, m, dtype=x0.dtype, device=x0.device)
+
+    def rows(start: int, stop: int) -> torch.Tensor:  # e_j in every sample
+        return _unit_rows(m, start, stop, delta).repeat(1, b)
+
+    done = [0, 0]  # products, entries reported
+
+    def take(a: int, v: torch.Tensor, hv: torch.Tensor) -> None:
+        hz[:, a : a + len(hv)] = hv.view(len(hv), b, m).transpose(0, 1)
+        if progress is not None:
+            done[0] += len(hv)
+            share = done[0] * objective.subset.size // m
+            progress(share - done[1])
+            done[1] = share
+
+    def compute(start: int, stop: int, c: int) -> int:
+        return hvp_products(g, delta, rows, stop, take, c, None, start=start)
+
+    if schedule is None:
+        compute(0, m, chunk)
+    else:
+        schedule(compute, m)
+    h = torch.zeros(x0.numel(), x0.numel(), dtype=torch.float64, device=x0.device)
+    for k in range(b):
+        j = layers.jacobian(inputs, k, torch.float64)
+        h += j.T @ hz[k].to(torch.float64) @ j
+    return h.to(x0.dtype), value.detach()
+
+
+SPACES = ("auto", "entries", "layer-outputs")
+
+
+def products_space(objective: SubsetLoss, input_ids: torch.Tensor, space: str = "auto") -> LayerOutputs | None:
+    """The :class:`LayerOutputs` map when the Hessian is to be computed through the layers' outputs, else ``None``.
+
+    ``"auto"``: when the map exists and needs fewer products per sample (``seqlen * width``) than the subset has
+    entries; ``"layer-outputs"``: whenever it exists; ``"entries"``: never."""
+    if space not in SPACES:
+        raise ValueError(f"unknown space {space!r}; choose from {SPACES}")
+    if space == "entries":
+        return None
+    layers = LayerOutputs.of(objective.model, objective.subset)
+    if layers is None or (space == "auto" and layers.products_per_sample(input_ids.shape[1]) >= objective.subset.size):
+        return None
+    return layers
+
+
+def batch_hessian(objective: SubsetLoss, input_ids: torch.Tensor, method: str = "rev-rev", chunk: int = 1, progress: Progress | None = None, schedule: Schedule | None = None, space: str = "auto", record: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Hessian of the summed NLL of one batch ``input_ids`` (``(B, s)``) w.r.t. the subset, at ``x0``.
 
     Returns ``(H (n, n), summed NLL)``. ``schedule``: chooses the chunk (``rev-rev`` only, see :func:`hessian_rev_rev`).
+    ``space`` (``rev-rev`` only, :func:`products_space`): ``"auto"`` computes through the layers' outputs
+    (:func:`hessian_layer_outputs`) when that takes fewer products, falling back to the entries if a layer's input
+    turns out to depend on the subset. ``record`` (a dict) gets ``space`` and ``products_per_sample`` of the products used.
     """
     fn = lambda x: objective(x, input_ids)  # noqa: E731
     x0 = objective.x0()
+    record = {} if record is None else record
     if method == "rev-rev":
+        layers = products_space(objective, input_ids, space)
+        if layers is not None:
+            try:
+                out = hessian_layer_outputs(objective, input_ids, layers, progress, schedule, chunk)
+                record.update(space="layer-outputs", products_per_sample=layers.products_per_sample(input_ids.shape[1]))
+                return out
+            except ValueError:
+                if space == "layer-outputs":
+                    raise
+        record.update(space="entries", products_per_sample=x0.numel())
         return hessian_rev_rev(fn, x0, chunk=chunk, progress=progress, schedule=schedule)
     if method == "autograd":
         return hessian_reference(fn, x0, progress=progress)
@@ -148,6 +226,7 @@ class ExactHessianJob(ModelJob):
         self._objective = SubsetLoss(self.model, self.subset, fused_head=self.fused_head)
         self._x0 = self._objective.x0()
         self._policy = ChunkPolicy(self.chunk, min_products=1)  # chunk None = measured on the first batch
+        self._products: dict[str, Any] = {}  # the space of the last unit's products (batch_hessian's record)
 
     def num_units(self) -> int:
         return -(-self.samples.shape[0] // self.model_input_bs)
@@ -159,15 +238,17 @@ class ExactHessianJob(ModelJob):
         batch = self.samples[k * self.model_input_bs : (k + 1) * self.model_input_bs].to(self._x0.device)
         measure = lambda compute, n: tune(compute, n, self.model, batch.numel(), self._x0, total=n * self.num_units())  # noqa: E731
         schedule = lambda compute, n: self._policy.run(compute, n, n, measure)  # noqa: E731
-        h, value = batch_hessian(self._objective, batch, method=self.method, progress=progress, schedule=schedule)
+        h, value = batch_hessian(self._objective, batch, method=self.method, progress=progress, schedule=schedule, record=self._products)
         return {"hessian_sum": h, "nll_sum": value}
 
     def chunk_report(self) -> dict[str, Any]:
         """For the JSON: the chunk given, or the measured choice and timings (``None`` if measured in worker processes)."""
+        products = getattr(self, "_products", {})
         if self.chunk:
-            return {"chunk": self.chunk, "measured": False}
-        tuning = getattr(self, "_policy", ChunkPolicy()).tunings.get(self.subset.size)
-        return {"chunk": "auto", "measured": tuning and tuning.to_json()}
+            return {"chunk": self.chunk, "measured": False, **products}
+        tunings = getattr(self, "_policy", ChunkPolicy()).tunings
+        tuning = tunings.get(products.get("products_per_sample", self.subset.size))
+        return {"chunk": "auto", "measured": tuning and tuning.to_json(), **products}
 
     def config(self) -> dict[str, Any]:
         return {
