@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import batch_study
+from . import autotune, batch_study
 from . import checkpoint as ckpt
 from . import curvature, diagonality, outputs, parallel, preflight, threads
 from .data import default_dataset, load_text, load_tokenizer, make_samples, tokenize, check_seqlen
@@ -72,7 +72,7 @@ def base_parser(description: str, t_default: tuple[int, int] | None, compare: bo
     g.add_argument("--dataset", default="auto", help="'embedded' (bundled held-out Shakespeare), 'wikitext2' (test split), or a path to a UTF-8 text file; auto = embedded for the embedded model, else wikitext2")
     g.add_argument("--seqlen", type=int, default=None, help=f"tokens per sample (default {EMBEDDED_DEFAULTS['seqlen']} for the embedded model, else min(2048, model limit))")
     g.add_argument("--b", type=int, default=None, help=f"number of samples (default {EMBEDDED_DEFAULTS['b']} for the embedded model, else all samples of the text)")
-    g.add_argument("--model_input_bs", type=int, default=1, help="samples per forward/backward; must divide --b")
+    g.add_argument("--model_input_bs", type=autotune.model_input_bs_arg, default="auto", help="samples per forward/backward (a work unit); must divide --b; auto: batched when the job is long enough, up to 65536 activation elements per forward on CPU (recorded in the JSON as model_input_bs_choice)")
     g.add_argument("--seed", type=int, default=0, help="random seed")
     c = p.add_argument_group("computation")
     if t_default is not None:
@@ -121,9 +121,9 @@ def resolve_defaults(args: argparse.Namespace, t_default: tuple[int, int] | None
 
 def check_cheap(args: argparse.Namespace) -> None:
     """Validate flags that need neither the model nor the data."""
-    if args.model_input_bs < 1:
+    if args.model_input_bs != "auto" and args.model_input_bs < 1:
         raise UserError(f"--model_input_bs must be at least 1, got {args.model_input_bs}")
-    if args.b is not None and args.b % args.model_input_bs:
+    if args.b is not None and args.model_input_bs != "auto" and args.b % args.model_input_bs:
         raise UserError(f"--model_input_bs {args.model_input_bs} does not divide --b {args.b}")
     if getattr(args, "chunk", 0) < 0:
         raise UserError(f"--chunk must be >= 0, got {args.chunk}")
@@ -233,9 +233,13 @@ def prepare(args: argparse.Namespace, build_subset: Callable[[nn.Module], Subset
     if not tokens.numel():
         raise UserError(f"the text of --dataset {args.dataset} gives no tokens")
     if args.b is None:
-        args.b = (tokens.numel() // args.seqlen) // args.model_input_bs * args.model_input_bs
+        bs = 1 if args.model_input_bs == "auto" else args.model_input_bs
+        args.b = (tokens.numel() // args.seqlen) // bs * bs
         check_cheap(args)
     samples = make_samples(tokens, args.seqlen, args.b)
+    products = subset.size if getattr(args, "t", None) else 1  # per sample: the exact Hessian's columns (spectrum: at most)
+    bs, why = autotune.samples_per_forward(args.model_input_bs, model, args.b, args.seqlen, products, device, per_sample_units=getattr(args, "batch_study", False))
+    args.model_input_bs, args.model_input_bs_choice = bs, {"requested": args.model_input_bs, "chosen": bs, "why": why}
     return Prepared(model, samples, device, devices, fingerprints), subset
 
 
@@ -319,6 +323,7 @@ def run_exact(script: str, args: argparse.Namespace, build_subset: Callable[[nn.
         "perplexity": result.perplexity,
         "method": result.method,
         "chunk": job.chunk_report(),
+        "products": job.products_report(),
         "hessian_elapsed_s": result.elapsed_s,
         "elapsed_s": time.perf_counter() - t_start,
         "fingerprints": prep.fingerprints,

@@ -243,12 +243,16 @@ class ExactHessianJob(ModelJob):
 
     def chunk_report(self) -> dict[str, Any]:
         """For the JSON: the chunk given, or the measured choice and timings (``None`` if measured in worker processes)."""
-        products = getattr(self, "_products", {})
         if self.chunk:
-            return {"chunk": self.chunk, "measured": False, **products}
+            return {"chunk": self.chunk, "measured": False}
         tunings = getattr(self, "_policy", ChunkPolicy()).tunings
-        tuning = tunings.get(products.get("products_per_sample", self.subset.size))
-        return {"chunk": "auto", "measured": tuning and tuning.to_json(), **products}
+        tuning = tunings.get(self.products_report().get("products_per_sample", self.subset.size))
+        return {"chunk": "auto", "measured": tuning and tuning.to_json()}
+
+    def products_report(self) -> dict[str, Any]:
+        """For the JSON: ``{"space": "entries" or "layer-outputs", "products_per_sample": ...}`` of this process's last
+        unit (:func:`batch_hessian`'s record; ``{}`` if computed in worker processes)."""
+        return dict(getattr(self, "_products", {}))
 
     def config(self) -> dict[str, Any]:
         return {
