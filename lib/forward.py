@@ -28,6 +28,8 @@ MODES = ("auto", "forward", "double-backward")
 FORWARD_CHUNK = 16
 """Tangents per vmapped forward-mode pass: on the project's CPU, 16 at a time were as fast per column as double
 backward, all 32 or 128 at once twice as slow (the batched tangents outgrow the caches)."""
+DECIDE_ROWS = 8
+"""Rows of the first block on which ``"auto"`` times both ways (both are computed for them, once)."""
 
 
 def jvp_forward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tangents: torch.Tensor, chunk: int | None = FORWARD_CHUNK) -> torch.Tensor:
@@ -71,9 +73,9 @@ def forward_unsupported(e: BaseException) -> bool:
 class JVPPolicy:
     """How one caller computes ``J v``: ``mode`` ``"forward"``, ``"double-backward"`` or ``"auto"`` (see the module doc).
 
-    In ``"auto"`` the first block decides: forward mode if it runs and is no slower than double backward on that
-    block (both timed on this thread's CPU clock when torch runs one thread, else the wall clock), else double
-    backward; ``chosen`` and ``why`` record it.
+    In ``"auto"`` the first rows decide (:data:`DECIDE_ROWS`): forward mode if it runs and is no slower than double
+    backward on them (both timed on this thread's CPU clock when torch runs one thread, else the wall clock), else
+    double backward; ``chosen`` and ``why`` record it.
     """
 
     mode: str = "auto"
@@ -87,15 +89,24 @@ class JVPPolicy:
         if self.mode != "auto":
             self.chosen, self.why = self.mode, "given"
 
-    def columns(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
-        """``J v`` for the rows of ``tangents`` (``(m, n)``), ``J = d fn / dx`` at ``x``; ``(m, *fn(x).shape)``."""
+    def columns(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tangents: torch.Tensor, backward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """``J v`` for the rows of ``tangents`` (``(m, n)``), ``J = d fn / dx`` at ``x``; ``(m, *fn(x).shape)``.
+
+        ``backward(tangents)``: the caller's double-backward ``J v`` (e.g. on a graph it keeps), used instead of
+        :func:`jvp_double_backward`. Undecided ``"auto"`` decides on the first :data:`DECIDE_ROWS` rows, then goes on
+        with the choice."""
+        back = backward or (lambda v: jvp_double_backward(fn, x, v))
+        if self.chosen is None:
+            k = min(DECIDE_ROWS, tangents.shape[0])
+            head = self._decide(fn, x, tangents[:k], back)
+            if k == tangents.shape[0]:
+                return head
+            return torch.cat([head, self.columns(fn, x, tangents[k:], backward)])
         if self.chosen == "forward":
             return jvp_forward(fn, x, tangents)
-        if self.chosen == "double-backward":
-            return jvp_double_backward(fn, x, tangents)
-        return self._decide(fn, x, tangents)
+        return back(tangents)
 
-    def _decide(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
+    def _decide(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tangents: torch.Tensor, back: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         clock = device_clock(x.device)
         t0 = clock()
         try:
@@ -104,15 +115,15 @@ class JVPPolicy:
             if not forward_unsupported(e):
                 raise
             self.chosen, self.why = "double-backward", f"forward mode unavailable: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            return jvp_double_backward(fn, x, tangents)
+            return back(tangents)
         t1 = clock()
-        back = jvp_double_backward(fn, x, tangents)
+        bwd = back(tangents)
         t2 = clock()
         self.seconds = {"forward": t1 - t0, "double-backward": t2 - t1}
         faster = self.seconds["forward"] <= self.seconds["double-backward"]
         self.chosen = "forward" if faster else "double-backward"
         self.why = f"measured on a block of {tangents.shape[0]}"
-        return fwd if faster else back
+        return fwd if faster else bwd
 
     def report(self) -> dict[str, Any]:
         """For the JSON: ``{"mode", "chosen", "why", "seconds"}``."""

@@ -103,3 +103,20 @@ def test_unrelated_errors_are_not_taken_for_missing_forward_ad():
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
         JVPPolicy().columns(broken, torch.zeros(2), torch.eye(2))
+
+
+def test_auto_decides_on_the_first_rows_with_the_callers_backward():
+    """The caller's double backward (e.g. on a graph it keeps) is the one timed and used; the decision takes the first rows."""
+    fn, x0, _ = _setup("gpt2")
+    tangents = torch.randn(20, x0.numel(), dtype=x0.dtype, generator=torch.Generator().manual_seed(2))
+    seen = []
+
+    def backward(v):
+        seen.append(v.shape[0])
+        return jvp_double_backward(fn, x0, v)
+
+    policy = JVPPolicy()
+    cols = policy.columns(fn, x0, tangents, backward)
+    assert seen[0] == 8 and policy.why == "measured on a block of 8"
+    assert seen[1:] == ([12] if policy.chosen == "double-backward" else [])
+    assert _rel(cols, jvp_double_backward(fn, x0, tangents)) < 1e-12
