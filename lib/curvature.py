@@ -25,10 +25,11 @@ and ``--resume`` apply unchanged. Normalized like the exact Hessian (divided by 
   summed NLL w.r.t. the layer's outputs. For a single output row ``o`` it is ``gptq * G[o, o] / 2``.
 * ``diag`` -- ``diag(H)`` as a matrix.
 
-Jacobian-vector products use the double-backward identity ``J v = d/du <J^T u, v>`` (a backward of the
-VJP graph, linear in ``u``). Forward mode (``torch.func.jvp``) is exact too, through Hugging Face's eager
-attention included (equal to 1e-12 in float64 for OPT, Llama and GPT-2: ``tests/test_forward.py``);
-:mod:`lib.forward` has both.
+Jacobian-vector products ``J v`` come from :class:`lib.forward.JVPPolicy`: forward mode (``torch.func.jvp``,
+vmapped over the vectors; exact through Hugging Face's eager attention, equal to 1e-12 in float64 for OPT, Llama
+and GPT-2: ``tests/test_forward.py``) where it runs and measures faster on the first vectors, else the
+double-backward identity ``J v = d/du <J^T u, v>`` (a backward of the VJP graph, linear in ``u``), which needs
+only reverse mode (kernels without forward AD, e.g. SDPA's fused attention).
 
 Sampled labels of sample ``i``, draw ``j`` come from a generator seeded by ``sha256(f"{seed}/labels/{i}/{j}")``
 (the same for every worker); the perturbations by ``sha256(f"{seed}/perturbations")``.
@@ -47,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
+from .forward import JVPPolicy
 from .hessian import ExactHessianJob, HessianResult, Progress
 from .jobs import derived_seed
 from .loss import SubsetLoss
@@ -295,6 +297,11 @@ def jacobian_columns(out: torch.Tensor, x: torch.Tensor, vectors: torch.Tensor, 
     return cols
 
 
+def jvp_on_graph_kept(jt_u: torch.Tensor, u: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``J v`` for the rows of ``vectors`` (``(m, n)``) on a kept double-backward graph ``jt_u = J^T u`` (kept after)."""
+    return torch.stack([torch.autograd.grad(jt_u, u, grad_outputs=v, retain_graph=True)[0] for v in vectors])
+
+
 def logit_jacobian_chunks(jac: torch.Tensor, weight: torch.Tensor | None, max_elements: int = LOGIT_CHUNK_ELEMENTS):
     """Yield ``(token slice, C)`` with ``C = W J_t`` (``(chunk, V, n)``, float64) from feature Jacobians ``jac`` (``(T, m, n)``).
 
@@ -327,6 +334,18 @@ class GGNOperator:
         self.nll = F.cross_entropy(logits, labels, reduction="sum")
         self.u = torch.zeros_like(self.feats, requires_grad=True)
         (self.jt_u,) = torch.autograd.grad(self.feats, self.x, grad_outputs=self.u, create_graph=True)
+        self._fn = lambda z: objective.features(z, input_ids)[0]  # noqa: E731 -- for forward-mode J v
+
+    def matmat(self, vs: torch.Tensor, jvp: JVPPolicy | None = None) -> torch.Tensor:
+        """``G v`` for the rows ``v`` of ``vs`` (``(m, n)``): the ``J v`` by ``jvp`` (:class:`lib.forward.JVPPolicy`; default
+        double backward on this operator's graph), then one batched VJP; ``(m, n)``."""
+        x = self.x.detach()
+        jv = (jvp or JVPPolicy("double-backward")).columns(self._fn, x, vs.to(x), lambda v: jvp_on_graph_kept(self.jt_u, self.u, v.to(x)))
+        w = self.weight.detach() if self.weight is not None else None
+        a = jv if w is None else jv @ w.T
+        k = self.p * (a - (self.p * a).sum(-1, keepdim=True))
+        (gv,) = torch.autograd.grad(self.feats, self.x, grad_outputs=k if w is None else k @ w, retain_graph=True, is_grads_batched=True)
+        return gv
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``G v`` for ``v``: ``(n,)``."""
@@ -364,6 +383,7 @@ class CurvatureJob(ExactHessianJob):
     def setup(self, device: torch.device) -> None:
         super().setup(device)
         self._layout = entry_layout(self.model, self.subset) if self.wants(LAYER_BASED) else None
+        self._jvp = JVPPolicy()  # J v: forward mode where it runs and measures faster (lib.forward)
 
     def steps_per_unit(self) -> int:
         return super().steps_per_unit() + (self.subset.size if self.wants(JACOBIAN_BASED) else 0)
@@ -386,7 +406,10 @@ class CurvatureJob(ExactHessianJob):
         x = self._x0.detach().clone().requires_grad_(True)
         feats, weight, bias = self._objective.features(x, batch)
         eye = torch.eye(n, dtype=x.dtype, device=x.device)
-        jac = jacobian_columns(feats, x, eye, progress).permute(1, 2, 0)  # (T, m, n)
+        fn = lambda z: self._objective.features(z, batch)[0]  # noqa: E731
+        jac = self._jvp.columns(fn, x, eye, lambda v: jacobian_columns(feats, x, v)).permute(1, 2, 0)  # (T, m, n)
+        if progress is not None:
+            progress(n)
         feats = feats.detach()
         logits = feats if weight is None else feats @ weight.T + (0 if bias is None else bias)
         p = torch.softmax(logits.to(torch.float64), -1)
@@ -534,6 +557,8 @@ def write_comparison(out_dir: Path, name: str, job: CurvatureJob, sums: dict[str
         "metrics": "against the exact Hessian H: rel_frobenius = ||A - H||_F / ||H||_F; rel_frobenius_scaled after the best scalar fit best_scale * A; cosine = <A, H> / (||A|| ||H||); top_k_overlap = ||U_A^T U_H||_F^2 / k (top-k eigenvectors); pred_vs_exact_*: d^T A d / 2 against d^T H d / 2 over the perturbations (corr, rel_error; _scaled after best_scale); pred_vs_measured_*: against the measured f(x0 + d) - f(x0) of the mean NLL (with its first-order term g^T d, which the quadratic proxies ignore); pred_vs_measured_even_*: against (f(x0 + d) + f(x0 - d)) / 2 - f(x0) = d^T H d / 2 + O(d^4), the measured second-order part ('exact': the quadratic model itself)",
         "normalizations": "ggn, fisher, empirical_fisher, kfac's G: divided by b*(seqlen-1) like H; gptq = 2/(b*seqlen) sum x x^T; kfac = A (x) G with A = sum x x^T / (b*seqlen), so on a single row kfac = gptq * G[o, o] / 2",
     }
+    if getattr(job, "_jvp", None) is not None and job.wants(JACOBIAN_BASED):
+        details["jacobian_vector_products"] = job._jvp.report()  # this process's choice (lib.forward)
     if measured is not None:
         details["loss_change_mean"] = {**{k: float(v.mean()) for k, v in measured.items()}, "quadratic_exact": float(quadratic_forms(mats["exact"], d).mean())}
     return {"comparison": metrics, "comparison_details": details}

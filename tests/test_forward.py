@@ -120,3 +120,19 @@ def test_auto_decides_on_the_first_rows_with_the_callers_backward():
     assert seen[0] == 8 and policy.why == "measured on a block of 8"
     assert seen[1:] == ([12] if policy.chosen == "double-backward" else [])
     assert _rel(cols, jvp_double_backward(fn, x0, tangents)) < 1e-12
+
+
+@pytest.mark.parametrize("mode", ["forward", "double-backward", "auto"])
+def test_ggn_products_by_either_mode_equal_the_double_backward_matvec(mode):
+    from lib.curvature import GGNOperator
+
+    model = tiny_model("llama")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    objective = SubsetLoss(model, subsets.whole_parameter(model, name))
+    x0 = objective.x0()
+    op = GGNOperator(objective, x0, tiny_ids())
+    vs = torch.randn(10, x0.numel(), dtype=x0.dtype, generator=torch.Generator().manual_seed(3))
+    ref = torch.stack([op.matvec(v) for v in vs])
+    policy = JVPPolicy(mode)
+    assert _rel(op.matmat(vs, policy), ref) < 1e-12 and float(ref.abs().max()) > 0
+    assert policy.chosen in ("forward", "double-backward")
