@@ -50,6 +50,9 @@ from lib.loss import SubsetLoss  # noqa: E402
 from lib.models import load_model, prepare_model  # noqa: E402
 from lib.operator import gradient_graph  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from spectrum import LogitsOf  # noqa: E402 -- input_ids (1, s) -> next-token logits (s-1, V)
+
 
 def opt(**config) -> nn.Module:
     """An OPT model with random weights from ``OPTConfig(**config)`` (seed 0, eager attention, frozen)."""
@@ -112,7 +115,7 @@ def report_method(case: Case) -> torch.Tensor:
     x0 = plain.x0().detach()
     total = 0
     for i in range(case.samples.shape[0]):
-        fn = lambda x: plain(x, case.samples[i : i + 1])  # noqa: E731
+        fn = lambda x, i=i: plain(x, case.samples[i : i + 1])  # noqa: E731
         if not case.extrapolate:
             total = total + torch.autograd.functional.hessian(fn, x0)
             continue
@@ -121,18 +124,6 @@ def report_method(case: Case) -> torch.Tensor:
         rows = [torch.autograd.grad(g[r], x, retain_graph=True)[0] for r in range(case.extrapolate)]
         total = total + torch.stack(rows)
     return total
-
-
-class LogitsOf(nn.Module):
-    """``input_ids (1, s) -> next-token logits (s-1, V)`` for curvlinops' ``loss(model(X), y)`` interface."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        logits = self.model(input_ids=input_ids, use_cache=False).logits
-        return logits[:, :-1].reshape(-1, logits.shape[-1])
 
 
 def curvlinops_method(case: Case, block: int) -> torch.Tensor:
@@ -182,9 +173,9 @@ def main() -> None:
         case = make_case(name, args.t, args.extrapolate if name == "opt125m768" else 0)
         n = case.subset.size
         scale = n / case.extrapolate if case.extrapolate else 1.0
-        methods: dict[str, Callable[[], torch.Tensor]] = {"report": lambda: report_method(case), "default": lambda: default(case)}
+        methods: dict[str, Callable[[], torch.Tensor]] = {"report": lambda c=case: report_method(c), "default": lambda c=case: default(c)}
         if not args.no_curvlinops:
-            methods["curvlinops"] = lambda: curvlinops_method(case, args.peer_block)
+            methods["curvlinops"] = lambda c=case: curvlinops_method(c, args.peer_block)
         default(case) if n <= 128 else None  # warm-up (allocator, kernels) on the small cases
         times: dict[str, list[float]] = {m: [] for m in methods}
         cpu: dict[str, list[float]] = {m: [] for m in methods}

@@ -28,7 +28,6 @@ import torch
 
 from .errors import UserError
 
-
 SLACK = 0.25
 """Load below a quarter of a CPU per thread counts as none (kernel threads, short bursts)."""
 

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import LAYER, tiny_ids, tiny_model
+
 from lib import subsets
-from lib.forward import JVPPolicy, forward_unsupported, jvp_columns, jvp_double_backward, jvp_forward
+from lib.forward import (
+    JVPPolicy,
+    forward_unsupported,
+    jvp_columns,
+    jvp_double_backward,
+    jvp_forward,
+)
 from lib.loss import SubsetLoss
 
 
