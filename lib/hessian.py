@@ -126,7 +126,7 @@ def hessian_layer_outputs(objective: SubsetLoss, input_ids: torch.Tensor, layers
         schedule(compute, m)
     h = torch.zeros(x0.numel(), x0.numel(), dtype=torch.float64, device=x0.device)
     for k in range(b):
-        j = layers.jacobian(inputs, k, torch.float64)
+        j = layers.jacobian(inputs, k, torch.float64).to(h.device)
         h += j.T @ hz[k].to(torch.float64) @ j
     return h.to(x0.dtype), value.detach()
 
