@@ -24,6 +24,7 @@ and reports the max relative difference of each to the default's Hessian. Cases 
 
     OMP_NUM_THREADS=1 python benchmarks/exact_hessian.py                    # about 30 minutes on a 2-core CPU
     OMP_NUM_THREADS=1 python benchmarks/exact_hessian.py --cases embedded32 --rounds 9
+    python benchmarks/exact_hessian.py --device cuda --rounds 3          # on a GPU machine
 """
 
 from __future__ import annotations
@@ -73,7 +74,15 @@ class Case:
     """Time the peers on this many rows / columns and scale to the subset's size (0: run them in full)."""
 
 
-def make_case(name: str, t: int, extrapolate: int) -> Case:
+def make_case(name: str, t: int, extrapolate: int, device: torch.device) -> Case:
+    """The case's model and samples on ``device``."""
+    case = _make_case(name, t, extrapolate)
+    case.model.to(device)
+    case.samples = case.samples.to(device)
+    return case
+
+
+def _make_case(name: str, t: int, extrapolate: int) -> Case:
     g = torch.Generator().manual_seed(0)
     if name.startswith("embedded"):
         model = load_model("embedded")
@@ -96,7 +105,7 @@ def make_case(name: str, t: int, extrapolate: int) -> Case:
 def default(case: Case) -> torch.Tensor:
     """This project's exact Hessian with its defaults (summed over the samples)."""
     job = ExactHessianJob(case.subset, case.samples, model_input_bs=_auto_bs(case), model=case.model)
-    out = run_serial(job, torch.device("cpu"))["hessian_sum"]
+    out = run_serial(job, case.samples.device)["hessian_sum"]
     default.report = {"chunk": job.chunk_report(), "products": job.products_report(), "model_input_bs": job.model_input_bs}  # type: ignore[attr-defined]
     return out
 
@@ -106,7 +115,7 @@ def _auto_bs(case: Case) -> int:
     from lib.autotune import samples_per_forward
 
     b, s = case.samples.shape
-    return samples_per_forward("auto", case.model, b, s, case.subset.size, torch.device("cpu"))[0]
+    return samples_per_forward("auto", case.model, b, s, case.subset.size, case.samples.device)[0]
 
 
 def report_method(case: Case) -> torch.Tensor:
@@ -142,7 +151,7 @@ def curvlinops_method(case: Case, block: int) -> torch.Tensor:
         cols = flat[: case.extrapolate] if case.extrapolate else flat
         out = []
         for a in range(0, len(cols), block):
-            e = torch.zeros(op.shape[1], len(cols[a : a + block]))
+            e = torch.zeros(op.shape[1], len(cols[a : a + block]), device=case.samples.device)
             e[cols[a : a + block], torch.arange(e.shape[1])] = 1
             out.append((op @ e)[flat].T)
         return torch.cat(out)
@@ -152,9 +161,11 @@ def curvlinops_method(case: Case, block: int) -> torch.Tensor:
 
 
 def timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float, float]:
-    """``(fn(), wall seconds, this thread's CPU seconds)``."""
+    """``(fn(), wall seconds, this thread's CPU seconds)`` (CUDA synchronized)."""
     t0, c0 = time.perf_counter(), time.thread_time()
     out = fn()
+    if out.is_cuda:
+        torch.cuda.synchronize(out.device)
     return out, time.perf_counter() - t0, time.thread_time() - c0
 
 
@@ -166,11 +177,12 @@ def main() -> None:
     p.add_argument("--extrapolate", type=int, default=64, help="opt125m768: time the report's method and curvlinops on this many rows / columns and scale (0: in full)")
     p.add_argument("--peer_block", type=int, default=32, help="curvlinops columns per vmapped product")
     p.add_argument("--no_curvlinops", action="store_true")
+    p.add_argument("--device", default="cpu")
     args = p.parse_args()
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {os.getloadavg()}", flush=True)
     rows = []
     for name in args.cases.split(","):
-        case = make_case(name, args.t, args.extrapolate if name == "opt125m768" else 0)
+        case = make_case(name, args.t, args.extrapolate if name == "opt125m768" else 0, torch.device(args.device))
         n = case.subset.size
         scale = n / case.extrapolate if case.extrapolate else 1.0
         methods: dict[str, Callable[[], torch.Tensor]] = {"report": lambda c=case: report_method(c), "default": lambda c=case: default(c)}
