@@ -26,8 +26,7 @@ In every case the parent (rank 0) adds the unit partials in unit-index order wit
 :func:`lib.jobs.add_partials`, buffering units that finish early, so the result does not depend on
 the number of workers: it is bitwise the result of :func:`lib.jobs.run_serial` when each unit is
 computed bitwise the same (same device kind, same number of CPU threads: every worker uses the
-parent's thread count per process, :func:`lib.threads.worker_threads`; pass ``--threads`` or ``OMP_NUM_THREADS``
-to fix it).
+parent's ``torch.get_num_threads()``).
 
 Failures: a worker that raises, runs out of memory or is killed stops the run with a
 :class:`~lib.errors.RunError` naming the worker and the samples; a unit whose partials contain NaN or
@@ -61,7 +60,6 @@ import torch
 from . import checkpoint as ckpt
 from .errors import Interrupted, RunError, UserError, signal_name
 from .jobs import AdditiveJob, Partial, keep_models
-from .threads import worker_threads
 
 HUNG_FACTOR = 10.0
 HUNG_MIN_S = 300.0
@@ -432,14 +430,14 @@ class WorkerPool:
         self.close()
 
     def start(self) -> list[_Worker]:
-        """The live workers, spawned (with :func:`lib.threads.worker_threads` threads each) if there are none."""
+        """The live workers, spawned (with this process's thread count) if there are none."""
         if self.closed:
             raise ValueError("this worker pool is closed")
         if not self.workers:
             import torch.multiprocessing as mp
 
             ctx = mp.get_context("spawn")
-            threads = worker_threads()
+            threads = torch.get_num_threads()
             try:
                 for i, dev in enumerate(self.devices):
                     parent_conn, child_conn = ctx.Pipe()

@@ -171,7 +171,8 @@ def choose(requested: int | None = None, processes: int = 1) -> Choice:
 
 
 def apply(requested: int | None = None, processes: int = 1) -> Choice:
-    """:func:`choose` and set it (``torch.set_num_threads``) for this process; recorded for :func:`report` and workers.
+    """:func:`choose` and set it (``torch.set_num_threads``) for this process, recorded for :func:`report`. Worker
+    processes (``--devices``) take this process's thread count (:class:`lib.parallel.WorkerPool`), i.e. the share.
     ``requested`` below 1 is refused (:class:`lib.errors.UserError`)."""
     global _CHOICE
     if requested is not None and requested < 1:
@@ -179,11 +180,6 @@ def apply(requested: int | None = None, processes: int = 1) -> Choice:
     _CHOICE = choose(requested, processes)
     torch.set_num_threads(_CHOICE.n)
     return _CHOICE
-
-
-def worker_threads() -> int:
-    """Threads for each worker process: this process's choice per process, else its own thread count (library use)."""
-    return _CHOICE.n if _CHOICE is not None else torch.get_num_threads()
 
 
 def report() -> dict[str, Any] | None:
