@@ -100,13 +100,18 @@ def main() -> None:
             finally:
                 stop(procs)
             results[phase] = runs
-    print("\n| phase | setting | threads chosen | wall median (s) | wall slowest (s) | Hessian median (s) | vs 1 thread (median) | vs torch default (median) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| phase | setting | threads chosen | wall median (s) | wall slowest (s) | Hessian median (s) | wall / 1 thread, same round: median (max) | Hessian / 1 thread, same round: median (max) | wall / torch default (medians) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for phase, runs in results.items():
-        med = {s: statistics.median(r["wall_s"] for r in rs) for s, rs in runs.items()}
+        med = {s: statistics.median(r["wall_s"] for r in rs) for s, rs in runs.items() if rs}
         for s, rs in runs.items():
+            if not rs:
+                continue
             chosen = sorted({r["threads"]["n"] for r in rs if r["threads"]})
-            print(f"| {phase} (+{args.busy if phase == 'busy' else 0} busy loops) | {s} | {chosen} | {med[s]:.1f} | {max(r['wall_s'] for r in rs):.1f} | {statistics.median(r['hessian_s'] for r in rs):.1f} | {med[s] / med['1 thread']:.2f}x | {med[s] / med['torch default']:.2f}x |")
+            wall = [r["wall_s"] / o["wall_s"] for r, o in zip(rs, runs["1 thread"])]
+            hess = [r["hessian_s"] / o["hessian_s"] for r, o in zip(rs, runs["1 thread"])]
+            vs_torch = f"{med[s] / med['torch default']:.2f}x" if "torch default" in med else "-"
+            print(f"| {phase} (+{args.busy if phase == 'busy' else 0} busy loops) | {s} | {chosen} | {med[s]:.1f} | {max(r['wall_s'] for r in rs):.1f} | {statistics.median(r['hessian_s'] for r in rs):.1f} | {statistics.median(wall):.2f}x ({max(wall):.2f}x) | {statistics.median(hess):.2f}x ({max(hess):.2f}x) | {vs_torch} |")
     print(f"load average at the end {os.getloadavg()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
 
 
