@@ -2,7 +2,7 @@
 
 Runs the README's first command as a new user would (``single_layer_single_block.py``, a fresh process per
 run; by default the smaller ``--t 32 --b 4``, seqlen 128, so that the collapsed runs stay within minutes) in
-three thread settings, interleaved run by run (``torch default`` in only the first ``--collapse_rounds`` busy rounds):
+three thread settings, interleaved run by run in alternating order (``torch default`` in only the first ``--collapse_rounds`` busy rounds):
 
 * ``default``: no ``OMP_NUM_THREADS`` and no ``--threads`` (the policy chooses; its choice is read back from the JSON);
 * ``1 thread``: ``OMP_NUM_THREADS=1``;
@@ -91,7 +91,7 @@ def main() -> None:
                 time.sleep(args.settle_s if procs else 0)
                 runs: dict[str, list[dict]] = {s: [] for s in settings}
                 for rnd in range(args.rounds):
-                    for s in settings:
+                    for s in settings if rnd % 2 == 0 else settings[::-1]:  # alternate the order: no setting always first
                         if s == "torch default" and phase == "busy" and rnd >= args.collapse_rounds:
                             continue
                         r = run_once(s, script_args, out, cpus)
