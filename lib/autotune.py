@@ -139,10 +139,11 @@ AUTO_FLOPS = {"cpu": 2e10, "cuda": 1e13}
 def estimated_seconds(model: torch.nn.Module, samples: int, seqlen: int, products: int, device: torch.device, passes: int = 1) -> float:
     """Rough compute time of ``passes`` passes over ``samples`` samples, each building one gradient graph
     (about 3 forwards) and ``products`` Hessian-vector products per sample (about 4 forwards each);
-    a forward costs ``2 * parameters`` operations per token."""
+    a forward costs ``2 * parameters`` operations per token. On one CPU thread whatever the thread count, so that
+    the estimate (and :func:`samples_per_forward`) does not follow the load that :mod:`lib.threads` sees: a resumed
+    run batches its samples as the first session did."""
     flops = 2 * sum(p.numel() for p in model.parameters()) * samples * seqlen * (3 + 4 * products) * passes
-    rate = AUTO_FLOPS["cuda" if device.type == "cuda" else "cpu"] * (1 if device.type == "cuda" else torch.get_num_threads())
-    return flops / rate
+    return flops / AUTO_FLOPS["cuda" if device.type == "cuda" else "cpu"]
 
 
 def samples_per_forward(requested: int | str, model: torch.nn.Module, b: int, seqlen: int, products: int, device: torch.device, passes: int = 1, per_sample_units: bool = False) -> tuple[int, str]:
@@ -167,15 +168,3 @@ def samples_per_forward(requested: int | str, model: torch.nn.Module, b: int, se
     cap = AUTO_ELEMENTS["cuda" if device.type == "cuda" else "cpu"]
     bs = max([d for d in range(1, b + 1) if b % d == 0 and d * seqlen * hidden <= cap] or [1])
     return bs, f"auto: {bs} x {seqlen} tokens x hidden {hidden} <= {cap} activation elements per forward ({device.type}), dividing b={b}"
-
-
-def model_input_bs_arg(text: str) -> int | str:
-    """``--model_input_bs``: ``auto`` or an integer (checked to be at least 1 with the other flags)."""
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        import argparse
-
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give auto or a number of samples") from None

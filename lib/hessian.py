@@ -325,14 +325,13 @@ class ExactHessianJob(ProductJob):
         return {k: v for k, v in getattr(self, "_products", {}).items() if k != "size"}
 
     def chunk_report(self, flag: str = "chunk") -> dict[str, Any]:
-        """For the JSON: the chunk given, or the measured choice and timings (``None`` if measured in worker processes),
-        and where the products were taken (:meth:`products_report`, when known)."""
-        space = {"products": self.products_report()} if self.products_report() else {}
+        """For the JSON: the chunk given, or the measured choice and timings (``None`` if measured in worker processes)
+        for the size of the last unit's products (the entries or the layers' outputs, :meth:`products_report`)."""
         if self.chunk:
-            return {flag: self.chunk, "measured": False, **space}
+            return {flag: self.chunk, "measured": False}
         size = getattr(self, "_products", {}).get("size", self.subset.size)
         tuning = (self._policy or ChunkPolicy()).tunings.get(size)
-        return {flag: "auto", "measured": tuning and tuning.to_json(), **space}
+        return {flag: "auto", "measured": tuning and tuning.to_json()}
 
     def config(self) -> dict[str, Any]:
         return {

@@ -172,10 +172,11 @@ def test_model_input_bs_auto_in_the_scripts(tmp_path, capsys):
     fast = ["--t", "2", "--seqlen", "16", "--b", "2", "--no_progress", "--output_dir", str(tmp_path)]
     meta = single_layer_single_block.run([*fast, "--name", "a"])
     js = json.loads((tmp_path / "a.json").read_text())
-    assert js["config"]["model_input_bs"] == 1 and js["config"]["model_input_bs_choice"]["requested"] == "auto"
-    assert "short job" in js["config"]["model_input_bs_choice"]["why"] and meta["config"]["model_input_bs"] == 1
+    assert js["model_input_bs_choice"]["chosen"] == 1 and js["model_input_bs_choice"]["requested"] == "auto"
+    assert "short job" in js["model_input_bs_choice"]["why"] and meta["model_input_bs_choice"]["chosen"] == 1
+    assert js["config"]["data"]["model_input_bs"] == "auto"  # the config rebuilds the run; the value used: above
     meta = single_layer_single_block.run([*fast, "--name", "b", "--model_input_bs", "2"])
-    assert meta["config"]["model_input_bs_choice"] == {"requested": 2, "chosen": 2, "why": "given"}
+    assert meta["model_input_bs_choice"] == {"requested": 2, "chosen": 2, "why": "given"}
     with pytest.raises(SystemExit) as exc:
         cli.main(single_layer_single_block.run, [*fast, "--model_input_bs", "many"])
     assert exc.value.code == 2 and "invalid value 'many': give auto or a number of samples" in capsys.readouterr().err

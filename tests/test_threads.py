@@ -103,4 +103,4 @@ def test_the_choice_is_in_the_json(tmp_path):
         torch.set_num_threads(before)
     js = json.loads((tmp_path / meta["files"]["json"]).read_text())
     assert js["threads"] == {"n": 1, "why": "--threads", "processes": 1}
-    assert js["config"]["threads"] == 1
+    assert js["config"]["run"]["threads"] == 1
