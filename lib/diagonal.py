@@ -58,8 +58,8 @@ from .estimators.diagonal.work import (
     rademacher_probes,
     rel_l2,
 )
-from .forward import JVPPolicy
 from .estimators.diagonal.xdiag import xdiag_basis, xdiag_estimate
+from .forward import JVPPolicy
 from .jobs import Partial, run_serial
 from .loss import SubsetLoss
 from .models import ModelSpec

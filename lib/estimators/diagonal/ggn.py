@@ -35,7 +35,6 @@ from .base import (
     register,
 )
 
-
 GGN_BLOCK = 16
 """Hutchinson probes of the GGN diagonal per block of Jacobian-vector products."""
 
