@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from conftest import ROOT
 import hessian_diagonal
 import hessian_spectrum
 import lib
@@ -49,3 +50,16 @@ def test_lib_exports_and_documents_its_entry_points():
     for name in ("hessian_diagonal", "Target", "DiagonalResult", "ESTIMATORS", "xdiag_estimate", "exact_hessian", "SubsetLoss", "tune_chunk"):
         assert name in lib.__all__ and f"{name}" in lib.__doc__
     assert "f.x0()" in lib.__doc__
+
+
+@pytest.mark.slow
+def test_readme_library_snippet_runs_as_written():
+    """The README's "Library use" code block, executed verbatim (about 10 s on one core)."""
+    text = (ROOT / "README.md").read_text()
+    snippet = re.search(r"## Library use\n+```python\n(.*?)```", text, re.S).group(1)
+    scope: dict = {}
+    exec(compile(snippet, "README.md (Library use)", "exec"), scope)
+    assert scope["result"].hessian.shape == (32, 32) and scope["result"].perplexity > 1
+    assert scope["diag"].diagonals["xdiag"][scope["name"]].shape == (128, 128)
+    assert scope["top"].eigenvalues.shape == (3,) and bool(scope["top"].converged.all())
+    assert scope["nll"].ndim == 0 and scope["s"].size == 2 and scope["r"].size == 16
