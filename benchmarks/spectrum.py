@@ -65,6 +65,7 @@ def rel_err(values: torch.Tensor, ref: torch.Tensor) -> float:
     return float(((values.to(torch.float64) - ref).abs() / ref.abs()).max())
 
 
+EIGENTHINGS = "hessian-eigenthings 1.0.0a5 lanczos (max_iter)"
 DECISIONS: dict[str, dict] = {}
 """The operators' graph-keeping and chunk choices (``HessianOperator.report()``), by ``keep_graphs`` mode."""
 
@@ -105,6 +106,46 @@ def curvlinops_eigsh(model, samples, tol: float) -> tuple[torch.Tensor, int]:
     return torch.as_tensor(np.sort(vals)[::-1].copy(), dtype=torch.float64), count[0]
 
 
+def cold_hvp_units(model, subset, samples, rounds: int) -> dict:
+    """One HVP without a kept graph, in forward+backward units, interleaved: the unit is the plain Hugging Face
+    forward + backward (w.r.t. the q_proj weight) over the samples; this project's default operator with
+    ``keep_graphs=False`` (its ``model_input_bs`` auto), hessian-eigenthings' HVP and PyHessian's, each over the same samples.
+    Returns the median units, the per-round units and the operator's choices."""
+    import hessian_eigenthings as he
+    import pyhessian
+
+    param = model.get_parameter(PARAM)
+    data = [{"input_ids": s[None], "labels": s[None]} for s in samples]
+    he_op = he.HessianOperator(model, data, he.hf_lm_loss(), param_filter=he.match_names(PARAM))
+    pyh = pyhessian.hessian(LogitsOf(model), nn.CrossEntropyLoss(), dataloader=[(s[None], targets(s)) for s in samples], cuda=False)
+    v = torch.randn(subset.size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    choices = {}
+
+    def unit():
+        for s in samples:
+            torch.autograd.grad(model(input_ids=s[None], labels=s[None]).loss, [param])
+
+    def ours():
+        op = lib.HessianOperator(model, subset, samples, keep_graphs=False)
+        op.matvec(v)
+        choices.update(op.report())
+
+    def pyhessian_hvp():
+        pyh.dataloader_hv_product([v.to(torch.float32).view_as(param)])
+
+    methods = {"unit": unit, "this project": ours, "hessian-eigenthings": lambda: he_op.matvec(v.to(torch.float32)), "PyHessian": pyhessian_hvp}
+    times = {m: [] for m in methods}
+    for _ in range(rounds):
+        for m, fn in methods.items():
+            t0 = time.perf_counter()
+            fn()
+            times[m].append(time.perf_counter() - t0)
+    units = {m: [t / u for t, u in zip(ts, times["unit"])] for m, ts in times.items() if m != "unit"}
+    out = {m: {"median": sorted(u)[len(u) // 2], "per_round": u} for m, u in units.items()}
+    print("cold HVP (forward+backward units): " + ", ".join(f"{m} {r['median']:.2f}" for m, r in out.items()), flush=True)
+    return {"units": out, "unit_s": times["unit"], "operator_choices": choices}
+
+
 def timed(fn, *args):
     t0 = time.perf_counter()
     vals, hvps = fn(*args)
@@ -134,7 +175,7 @@ def main(argv=None) -> dict:
     sweeps = {
         "this project (lanczos, tol), default (keep_graphs auto)": (ours, (model, subset, samples), [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5]),
         "this project (lanczos, tol), graphs rebuilt per pass": (lambda *a: ours(*a[:-1], a[-1], keep_graphs=False), (model, subset, samples), [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5]),
-        "hessian-eigenthings 1.0.0a5 lanczos (max_iter)": (eigenthings, (model, samples), [10, 12, 14, 16, 18, 20, 25, 30, 40, 50, 60, 80, 100]),
+        EIGENTHINGS: (eigenthings, (model, samples), [10, 12, 14, 16, 18, 20, 25, 30, 40, 50, 60, 80, 100]),
         "curvlinops 3.0.1 + scipy eigsh (tol)": (curvlinops_eigsh, (model, samples), [1e-1, 3e-2, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6]),
     }
     # 1. each method's cheapest setting reaching the target (sweep once)
@@ -160,6 +201,11 @@ def main(argv=None) -> dict:
         ts = sorted(row["times_s"])
         row["time_s"] = ts[0] if ts else float("nan")
         row["median_s"] = ts[len(ts) // 2] if ts else float("nan")
+    peer = best[EIGENTHINGS]["times_s"]
+    for row in best.values():  # per round against hessian-eigenthings' run of the same round
+        row["vs_eigenthings_per_round"] = [p / t for p, t in zip(peer, row["times_s"])]
+        row["vs_eigenthings_slowest_round"] = min(row["vs_eigenthings_per_round"], default=float("nan"))
+    cold = cold_hvp_units(model, subset, samples, args.rounds)
 
     # density: time per step and probe
     dens = {}
@@ -191,10 +237,11 @@ def main(argv=None) -> dict:
         "reference": ref.tolist(),
         "top5": best,
         "slq_s_per_step_probe": dens,
+        "cold_hvp_units": cold,
         "operator_choices": DECISIONS,
     }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({"top5": {k: {kk: v[kk] for kk in ("knob", "rel_err", "hvps", "time_s", "median_s")} for k, v in best.items()}, "slq": dens}, indent=1))
+    print(json.dumps({"top5": {k: {kk: v[kk] for kk in ("knob", "rel_err", "hvps", "time_s", "median_s", "vs_eigenthings_slowest_round")} for k, v in best.items()}, "slq": dens, "cold_hvp_units": cold}, indent=1))
     return result
 
 

@@ -123,3 +123,48 @@ def tune(compute: Compute, n: int, model: torch.nn.Module, tokens: int, x: torch
 def memory_limit(model: torch.nn.Module, tokens: int, x: torch.Tensor) -> int:
     """Largest chunk whose batched intermediates fit in ``MEMORY_FRACTION`` of the free memory of ``x``'s device."""
     return max(1, int(MEMORY_FRACTION * free_memory(x.device)) // column_bytes(model, tokens, x.element_size()))
+
+
+AUTO_ELEMENTS = {"cpu": 2**16, "cuda": 2**23}
+"""Most activation elements (``samples * seqlen * hidden``) per forward that ``model_input_bs`` auto batches: on this
+project's CPU, 4 embedded-model samples of 128 tokens (hidden 128) per forward were 12-18 % faster per sample than one,
+larger batches no faster (``benchmarks/README.md``); GPUs (not measured) take far larger batches."""
+AUTO_MIN_SECONDS = 2.0
+"""Below this estimated compute a job keeps one sample per forward: fine-grained units (checkpoints, progress,
+worker balance, per-sample batch study) then cost nothing that batching could save."""
+AUTO_FLOPS = {"cpu": 2e10, "cuda": 1e13}
+"""Rough floating-point operations per second per CPU thread (or per GPU), for the estimate only."""
+
+
+def estimated_seconds(model: torch.nn.Module, samples: int, seqlen: int, products: int, device: torch.device, passes: int = 1) -> float:
+    """Rough compute time of ``passes`` passes over ``samples`` samples, each building one gradient graph
+    (about 3 forwards) and ``products`` Hessian-vector products per sample (about 4 forwards each);
+    a forward costs ``2 * parameters`` operations per token. On one CPU thread whatever the thread count, so that
+    the estimate (and :func:`samples_per_forward`) does not follow the load that :mod:`lib.threads` sees: a resumed
+    run batches its samples as the first session did."""
+    flops = 2 * sum(p.numel() for p in model.parameters()) * samples * seqlen * (3 + 4 * products) * passes
+    return flops / AUTO_FLOPS["cuda" if device.type == "cuda" else "cpu"]
+
+
+def samples_per_forward(requested: int | str, model: torch.nn.Module, b: int, seqlen: int, products: int, device: torch.device, passes: int = 1, per_sample_units: bool = False) -> tuple[int, str]:
+    """``model_input_bs``: ``requested`` if an integer, else (``"auto"``) a deterministic rule; returns ``(bs, why)``.
+
+    Auto: 1 when ``per_sample_units`` (e.g. the batch study) or the job is short (:func:`estimated_seconds` below
+    :data:`AUTO_MIN_SECONDS`), else the largest divisor of ``b`` with ``bs * seqlen * hidden`` at most
+    :data:`AUTO_ELEMENTS` for the device. A rule, not a timing, so that every process, worker and resumed run
+    of the same configuration batches the same samples (bitwise the same results).
+    """
+    if requested != "auto":
+        return int(requested), "given"
+    if per_sample_units:
+        return 1, "auto: one sample per unit (per-sample results)"
+    est = estimated_seconds(model, b, seqlen, products, device, passes)
+    if est < AUTO_MIN_SECONDS:
+        return 1, f"auto: a short job (about {est:.2g} s estimated), one sample per unit"
+    from .models import text_config
+
+    cfg = text_config(model)
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 1024)
+    cap = AUTO_ELEMENTS["cuda" if device.type == "cuda" else "cpu"]
+    bs = max([d for d in range(1, b + 1) if b % d == 0 and d * seqlen * hidden <= cap] or [1])
+    return bs, f"auto: {bs} x {seqlen} tokens x hidden {hidden} <= {cap} activation elements per forward ({device.type}), dividing b={b}"

@@ -29,6 +29,7 @@ from .spec import (
     RunSpec,
     SpectrumSpec,
     library_constant,
+    model_input_bs_arg,
     spec_class,
 )
 
@@ -163,7 +164,8 @@ MODEL_AND_DATA_HELP = {
     "min(2048, model limit))",
     "b": f"number of samples (default {EMBEDDED_DEFAULTS['b']} for the embedded model, else all samples of the "
     "text)",
-    "model_input_bs": "samples per forward/backward; must divide --b",
+    "model_input_bs": "samples per forward/backward (a work unit); must divide --b; auto: batched when the job is "
+    "long enough, up to 65536 activation elements per forward on CPU (recorded in the JSON as model_input_bs_choice)",
     "seed": "random seed",
 }
 COMPUTATION_HELP = {
@@ -199,6 +201,8 @@ RUN_HELP = {
     "worker); default 0 = auto: 10x the median unit time and at least 5 minutes",
     "setup_timeout": "with --devices: stop the run when a worker takes longer than this many seconds to load its "
     "model and set up (a hung worker); default 0 = auto: 15 minutes, or 10x the fastest worker's set-up if longer",
+    "threads": "intra-op CPU threads per process; default: OMP_NUM_THREADS if set, else the CPUs free now (affinity, "
+    "cgroup quota, load) shared among --devices workers or torchrun's local ranks (recorded in the JSON as threads)",
 }
 """Help of the flags every script has, by field (defaults and types come from the spec's fields)."""
 
@@ -210,7 +214,7 @@ def _model_and_data(
 
     ``spec``: the fields' own defaults (``type(spec)()``), before the model-dependent ones are resolved."""
     g = p.add_argument_group("model and data")
-    _add_fields(g, spec, MODEL_AND_DATA_HELP, types={"seqlen": int, "b": int})
+    _add_fields(g, spec, MODEL_AND_DATA_HELP, types={"seqlen": int, "b": int, "model_input_bs": model_input_bs_arg})
     c = p.add_argument_group("computation")
     if t_default is not None:
         t_help = f"entries per selected row (default {t_default[0]} for the embedded model, {t_default[1]} otherwise)"
@@ -240,7 +244,7 @@ def _chunk(group: Any, spec: RunSpec, products: str) -> None:
 
 def _output_and_run(p: argparse.ArgumentParser, spec: RunSpec) -> None:
     _add_fields(p.add_argument_group("output"), spec, OUTPUT_HELP)
-    _add_fields(p.add_argument_group("parallel runs and checkpoints"), spec, RUN_HELP)
+    _add_fields(p.add_argument_group("parallel runs and checkpoints"), spec, RUN_HELP, types={"threads": int})
 
 
 COMPARE_HELP = {

@@ -18,9 +18,11 @@ Hessian (divided by ``N``) unless stated. The approximations (:data:`APPROXIMATI
 * ``kfac`` -- K-FAC ``A (x) G`` restricted to the subset, zero between layers;
 * ``diag`` -- ``diag(H)`` as a matrix.
 
-Jacobian-vector products use the double-backward identity ``J v = d/du <J^T u, v>`` (a backward of the
-VJP graph, linear in ``u``): forward-mode AD (``torch.func.jvp``) through Hugging Face's eager attention gave
-wrong tangents here (torch 2.13: ~15% off finite differences on OPT's and Llama's attention, exact on GPT-2).
+Jacobian-vector products ``J v`` come from :class:`lib.forward.JVPPolicy`: forward mode (``torch.func.jvp``,
+vmapped over the vectors; exact through Hugging Face's eager attention, equal to 1e-12 in float64 for OPT, Llama
+and GPT-2: ``tests/test_forward.py``) where it runs and measures faster on the first vectors, else the
+double-backward identity ``J v = d/du <J^T u, v>`` (a backward of the VJP graph, linear in ``u``), which needs
+only reverse mode (kernels without forward AD, e.g. SDPA's fused attention).
 
 Sampled labels of sample ``i``, draw ``j`` come from a generator seeded by ``sha256(f"{seed}/labels/{i}/{j}")``
 (the same for every worker); the perturbations by ``sha256(f"{seed}/perturbations")``.
@@ -52,6 +54,7 @@ from .estimators.approximations.base import (
 )
 from .estimators.approximations.ggn import ggn_sum
 from .estimators.diagonal.ggn import GGNOperator
+from .forward import JVPPolicy
 from .hessian import ExactHessianJob, HessianResult, Progress
 from .jobs import derived_seed
 from .operator import ProductJob, digest
@@ -197,6 +200,7 @@ class CurvatureJob(ProductJob):
         self.exact.model = self.model  # one model per process, shared with the exact job
         self.exact.setup(device)
         self._layout = self.layout()
+        self._jvp = JVPPolicy()  # the logit Jacobian's J v: forward mode where it runs and measures faster
 
     def steps_per_unit(self) -> int:
         return self.exact.steps_per_unit() + sum(s.steps(self.subset.size) for s, _ in self._sources())
@@ -204,7 +208,7 @@ class CurvatureJob(ProductJob):
     def run_unit(self, k: int, progress: Progress | None = None) -> dict[str, torch.Tensor]:
         out = self.exact.run_unit(k, progress)
         batch = self.batch(k, self.exact.x0.device)
-        inputs = BatchInputs(self.model, self.subset, self.exact.objective, self.exact.x0, batch, self.first_sample(k), self.seed, self.fisher_samples, self._layout)
+        inputs = BatchInputs(self.model, self.subset, self.exact.objective, self.exact.x0, batch, self.first_sample(k), self.seed, self.fisher_samples, self._layout, self._jvp)
         for source, users in self._sources():
             out.update(source.run(inputs, users, progress))
         if len(self.perturbations):
@@ -220,6 +224,16 @@ class CurvatureJob(ProductJob):
 
     def chunk_report(self, flag: str = "chunk") -> dict[str, Any]:
         return self.exact.chunk_report(flag)
+
+    def products_report(self) -> dict[str, Any]:
+        return self.exact.products_report()
+
+    def jvp_report(self) -> dict[str, Any] | None:
+        """For the JSON: this process's :class:`lib.forward.JVPPolicy` choice when the logit Jacobian is computed
+        (``None`` without a Jacobian-based approximation, or before a unit ran here, e.g. with worker processes)."""
+        policy = getattr(self, "_jvp", None)
+        wants = any(s is LOGIT_JACOBIAN for s, _ in self._sources())
+        return policy.report() if wants and policy is not None and policy.chosen is not None else None
 
     def result(self, sums: dict[str, torch.Tensor], elapsed_s: float) -> HessianResult:
         """The exact Hessian's result (:meth:`lib.hessian.ExactHessianJob.result`)."""
@@ -315,6 +329,8 @@ def write_comparison(out_dir: Path, name: str, job: CurvatureJob, sums: dict[str
         "normalizations": "ggn, fisher, empirical_fisher, kfac's G: divided by b*(seqlen-1) like H; gptq = 2/(b*seqlen) sum x x^T; kfac = A (x) G with A = sum x x^T / (b*seqlen), so on a single row kfac = gptq * G[o, o] / 2",
         "cost": {a.name: a.cost for a in REGISTRY.lookup(job.approximations)},
     }
+    if job.jvp_report() is not None:
+        details["jacobian_vector_products"] = job.jvp_report()  # this process's choice (lib.forward)
     if measured is not None:
         details["loss_change_mean"] = {**{k: float(v.mean()) for k, v in measured.items()}, "quadratic_exact": float(quadratic_forms(mats["exact"], d).mean())}
     return {"comparison": metrics, "comparison_details": details}

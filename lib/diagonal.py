@@ -59,6 +59,7 @@ from .estimators.diagonal.work import (
     rel_l2,
 )
 from .estimators.diagonal.xdiag import xdiag_basis, xdiag_estimate
+from .forward import JVPPolicy
 from .jobs import Partial, run_serial
 from .loss import SubsetLoss
 from .models import ModelSpec
@@ -119,6 +120,7 @@ class _ModelUnit(Unit):
         self.objective = SubsetLoss(job.model, whole_parameter(job.model, plan.param_name), fused_head=job.fused_head)
         self.x0 = self.like = self.objective.x0()
         self.batch = job.batch(k, self.x0.device)
+        self.jvp = job.jvp
         self._graph: BatchGraph | None = None
 
     def graph(self) -> BatchGraph:
@@ -148,6 +150,10 @@ class DiagonalJob(ProductJob):
     def __init__(self, plans: Sequence[ParamPlan], samples: torch.Tensor, model_input_bs: int = 1, seed: int = 0, probe_batch: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, model: nn.Module | None = None, phase: str = "1", products: Products | None = None):
         super().__init__(samples, model_input_bs, probe_batch, fused_head, spec, model, products)
         self.plans, self.seed, self.phase = list(plans), seed, phase
+
+    def setup(self, device: torch.device) -> None:
+        super().setup(device)
+        self.jvp = JVPPolicy()  # the GGN's J z: forward mode where it runs and measures faster (per process)
 
     @property
     def probe_batch(self) -> int | None:

@@ -80,6 +80,12 @@ class ExactFamily(Family):
             changes["num_layers"] = len(subsets.layer_names(model, 0))
         return spec.replace(**changes) if changes else spec
 
+    def products_per_sample(self, spec: ExactSpec, structure: Subset) -> int:
+        return structure.size
+
+    def per_sample_units(self, spec: ExactSpec) -> bool:
+        return spec.compute.batch_study
+
     def structure(self, model: nn.Module, spec: ExactSpec) -> Subset:
         return build_subset(model, spec)
 
@@ -159,6 +165,7 @@ class ExactFamily(Family):
             "perplexity": res.perplexity,
             "method": res.method,
             "chunk": {**job.chunk_report(), **({"used": used} if (used := settings.stats.get("chunks")) else {})},
+            "products": job.products_report(),
             "hessian_elapsed_s": res.elapsed_s,
             "run": {"devices": [str(d) for d in settings.devices], **settings.stats},
             "figures": [p.name for p in [*figures, *diag_figures]],

@@ -14,6 +14,9 @@ patched. At ``x = x0`` (the model's own values) ``f`` equals the plain model's s
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -36,32 +39,33 @@ def summed_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 class _HeadNLLGrad(torch.autograd.Function):
-    """``G(h) = (softmax(h W^T + c) - onehot(y)) W``, the gradient of the head NLL w.r.t. ``h``.
+    """``G(h) = (softmax(h W^T + c) - onehot(y)) W = m - W[y]``, the gradient of the head NLL w.r.t. ``h``,
+    with ``m = P W`` (``(n, d)``) the probability-weighted mean of the head's rows.
 
     Its vector-Jacobian product is the exact softmax Hessian through the head:
-    ``u -> (P * (a - rowsum(P * a))) W`` with ``a = u W^T``, reusing the forward's probabilities
-    ``P`` (so only one extra ``(n, V)`` tensor is materialized per product).
+    ``u -> (P * a) W - (u . m) m`` per row, with ``a = u W^T``, reusing the forward's probabilities ``P``
+    (one extra ``(n, V)`` tensor per product, multiplied in place: no row sums over the vocabulary).
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(h: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        r = probs.clone()
-        r.scatter_add_(-1, labels.unsqueeze(-1), torch.full_like(labels, -1, dtype=r.dtype).unsqueeze(-1))
-        return r @ weight
+    def forward(h: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = probs @ weight
+        return mean - weight[labels], mean
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         _, probs, weight, _ = inputs
-        ctx.save_for_backward(probs, weight)
+        _, mean = output
+        ctx.mark_non_differentiable(mean)
+        ctx.save_for_backward(probs, weight, mean)
 
     @staticmethod
-    def backward(ctx, u: torch.Tensor):
-        probs, weight = ctx.saved_tensors
-        a = u @ weight.T
-        pa = probs * a
-        return pa.sub_(probs * pa.sum(-1, keepdim=True)) @ weight, None, None, None
+    def backward(ctx, u: torch.Tensor, _grad_mean):
+        probs, weight, mean = ctx.saved_tensors
+        s = (u * mean).sum(-1, keepdim=True)
+        return (torch.mm(u, weight.T).mul_(probs) @ weight).sub_(s * mean), None, None, None
 
 
 class _HeadNLL(torch.autograd.Function):
@@ -89,7 +93,7 @@ class _HeadNLL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_probs):
         h, probs, weight, labels = ctx.saved_tensors
-        return grad_loss * _HeadNLLGrad.apply(h, probs, weight, labels), None, None, None
+        return grad_loss * _HeadNLLGrad.apply(h, probs, weight, labels)[0], None, None, None
 
 
 def head_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
@@ -175,3 +179,100 @@ class SubsetLoss(nn.Module):
         if weight is None:
             return F.cross_entropy(feats, labels, reduction="sum")
         return head_nll(feats, weight, bias, labels)
+
+
+@dataclass(frozen=True)
+class LayerOutputs:
+    """The subset as a linear map into the outputs of its layers: ``x -> z``, ``z = y[..., units]`` per layer.
+
+    Every entry ``k`` is weight ``(unit o_k, input i_k)`` of a linear layer ``M_k`` (``nn.Linear`` or GPT-2's
+    ``Conv1D``, used once per forward, its weight used by no other module), so ``dz_{M}[p, r] = sum_k h_M[p, i_k] dx_k``
+    over the entries of ``M`` with ``o_k = units_M[r]``, ``h_M`` the layer's input at position ``p``. When no
+    layer's input depends on ``x``, ``z`` is linear in ``x`` with a constant Jacobian ``J`` and, exactly,
+    ``H_x = J^T H_z J``: ``H_z`` needs one Hessian-vector product per (position, unit) instead of one per entry.
+
+    ``modules``: ``(qualified module name, units (R_M,), column offset)``; ``width``: ``sum_M R_M``, the columns of
+    ``z`` per position; ``entry_module``, ``entry_column``, ``entry_input``: per entry ``k``, its layer's index in
+    ``modules``, its column of ``z`` and its input index ``i_k``.
+    """
+
+    modules: tuple[tuple[str, torch.Tensor, int], ...]
+    width: int
+    entry_module: torch.Tensor
+    entry_column: torch.Tensor
+    entry_input: torch.Tensor
+
+    @staticmethod
+    def of(model: nn.Module, subset: Subset) -> LayerOutputs | None:
+        """The map for ``subset``, or ``None`` when an entry is not the weight of a plain, unshared linear layer."""
+        owners: dict[int, int] = defaultdict(int)
+        for m in model.modules():
+            for p in m._parameters.values():
+                if p is not None:
+                    owners[id(p)] += 1
+        per_module: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        start = 0
+        for s in subset.slices:
+            mod_name, _, leaf = s.param_name.rpartition(".")
+            module = model.get_submodule(mod_name) if mod_name else model
+            conv1d = type(module).__name__ == "Conv1D"
+            if leaf != "weight" or not (type(module) is nn.Linear or conv1d) or owners[id(module.weight)] != 1:
+                return None
+            idx = s.flat_index.cpu()
+            n_cols = module.weight.shape[1]
+            row, col = idx // n_cols, idx % n_cols
+            unit, inp = (col, row) if conv1d else (row, col)
+            per_module[mod_name].append((torch.arange(start, start + len(s)), unit, inp))
+            start += len(s)
+        n = start
+        modules, entry_module, entry_column, entry_input = [], torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long)
+        offset = 0
+        for m_index, (name, parts) in enumerate(per_module.items()):
+            pos, unit, inp = (torch.cat(t) for t in zip(*parts))
+            units, column = torch.unique(unit, return_inverse=True)
+            modules.append((name, units, offset))
+            entry_module[pos], entry_column[pos], entry_input[pos] = m_index, offset + column, inp
+            offset += len(units)
+        return LayerOutputs(tuple(modules), offset, entry_module, entry_column, entry_input)
+
+    def products_per_sample(self, seqlen: int) -> int:
+        """Hessian-vector products per sample for ``H_z``: ``seqlen * width``."""
+        return seqlen * self.width
+
+    @contextmanager
+    def perturbed(self, model: nn.Module, delta: torch.Tensor, batch: int, seqlen: int) -> Iterator[list[torch.Tensor | None]]:
+        """Within: each layer's output ``y`` becomes ``y + delta`` on its units (``delta``: flat ``(batch * seqlen * width,)``,
+        laid out ``(batch, seqlen, width)``). Yields the layers' inputs as they are seen (``(batch, seqlen, in)``, one
+        per module, ``None`` until called); raises ``ValueError`` if a layer is called twice or its input depends on ``delta``."""
+        z = delta.view(batch, seqlen, self.width)
+        inputs: list[torch.Tensor | None] = [None] * len(self.modules)
+        handles = []
+
+        def hook(i: int, units: torch.Tensor, offset: int):
+            def add(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+                if inputs[i] is not None or args[0].requires_grad:
+                    raise ValueError("a selected layer is called twice or its input depends on the subset")
+                inputs[i] = args[0].detach()
+                d = z[..., offset : offset + len(units)].to(output.device, output.dtype)
+                return output.index_add(-1, units.to(output.device), d)
+
+            return add
+
+        try:
+            for i, (name, units, offset) in enumerate(self.modules):
+                handles.append(model.get_submodule(name).register_forward_hook(hook(i, units, offset)))
+            yield inputs
+        finally:
+            for h in handles:
+                h.remove()
+
+    def jacobian(self, inputs: list[torch.Tensor], sample: int, dtype: torch.dtype) -> torch.Tensor:
+        """``J`` of one sample: ``(seqlen * width, n)``, ``J[(p, c), k] = h_{M_k}[p, i_k]`` if ``c`` is entry ``k``'s column."""
+        seqlen = inputs[0].shape[1]
+        n = self.entry_input.numel()
+        j = torch.zeros(seqlen, self.width, n, dtype=dtype, device=inputs[0].device)
+        for m in range(len(self.modules)):
+            ks = (self.entry_module == m).nonzero().squeeze(1)
+            h = inputs[m][sample].to(j.device, dtype)  # (seqlen, in)
+            j[:, self.entry_column[ks].to(j.device), ks.to(j.device)] = h[:, self.entry_input[ks].to(j.device)]
+        return j.view(seqlen * self.width, n)

@@ -30,7 +30,7 @@ from typing import Any, Callable, NamedTuple, Protocol
 import torch
 from torch import nn
 
-from .autotune import Compute, Tuning, free_memory, tune
+from .autotune import Compute, Tuning, free_memory, samples_per_forward, tune
 from .jobs import ModelJob, Partial, run_serial
 from .loss import SubsetLoss
 from .models import ModelSpec
@@ -79,6 +79,8 @@ def hvp_products(g: torch.Tensor, x: torch.Tensor, rows: Rows, count: int, sink:
     return chunk
 
 
+OPERATOR_PASSES = 20
+"""Passes an operator is assumed to make when ``model_input_bs`` is ``"auto"`` (Krylov methods make tens)."""
 TUNE_MIN_PRODUCTS = 16
 """Fewest vectors of one block on which the chunk is measured (fewer: one at a time, not measured)."""
 
@@ -441,12 +443,15 @@ class HessianOperator:
     the first graph's bytes and keep all ``b / model_input_bs`` graphs when they fit in a quarter of the free host
     (CPU) or device (GPU) memory (:func:`keep_all_graphs`); worker processes always rebuild them. Products
     are bitwise the same either way. ``chunk``: vectors per batched backward, else :class:`ChunkPolicy`
-    (measured on blocks of at least ``TUNE_MIN_PRODUCTS`` vectors). :meth:`report` gives both choices.
-    ``products``: how each ``H v`` is computed (a :class:`Products`; default exact reverse-over-reverse).
+    (measured on blocks of at least ``TUNE_MIN_PRODUCTS`` vectors). ``model_input_bs``: samples per forward, or
+    ``"auto"`` (default): :func:`lib.autotune.samples_per_forward` for ``OPERATOR_PASSES`` passes of one product.
+    :meth:`report` gives the three choices. ``products``: how each ``H v`` is computed (a :class:`Products`; default exact reverse-over-reverse).
     """
 
-    def __init__(self, model: nn.Module, subset: Subset, samples: torch.Tensor, model_input_bs: int = 1, chunk: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, run: Callable[[HVPJob], Partial | None] | None = None, keep_graphs: bool | str = "auto", products: Products | None = None):
-        self.model, self.subset, self.samples, self.model_input_bs = model, subset, samples, model_input_bs
+    def __init__(self, model: nn.Module, subset: Subset, samples: torch.Tensor, model_input_bs: int | str = "auto", chunk: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, run: Callable[[HVPJob], Partial | None] | None = None, keep_graphs: bool | str = "auto", products: Products | None = None):
+        self.model, self.subset, self.samples = model, subset, samples
+        device = next(model.parameters()).device
+        self.model_input_bs, self.model_input_bs_why = samples_per_forward(model_input_bs, model, samples.shape[0], samples.shape[1], 1, device, passes=OPERATOR_PASSES)
         self.chunk, self.fused_head, self.spec, self.products = chunk, fused_head, spec, products
         self.run = run
         n = subset.size
@@ -466,8 +471,10 @@ class HessianOperator:
         return job
 
     def report(self) -> dict[str, Any]:
-        """For the JSON: ``{"keep_graphs": GraphCache.report(), "chunk": ChunkPolicy.report()}`` of this process."""
-        return {"keep_graphs": self.graphs.report(), "chunk": self.policy.report(self.chunk, "chunk")}
+        """For the JSON: ``{"keep_graphs": GraphCache.report(), "chunk": ChunkPolicy.report(), "model_input_bs": {...}}``
+        of this process."""
+        bs = {"chosen": self.model_input_bs, "why": self.model_input_bs_why}
+        return {"keep_graphs": self.graphs.report(), "chunk": self.policy.report(self.chunk, "chunk"), "model_input_bs": bs}
 
     def _run(self, job: HVPJob) -> Partial | None:
         if self.run is not None:

@@ -8,7 +8,9 @@
   length, ...), ``seqlen`` against the position limit, the samples available and the token ids against the
   vocabulary are all checked before a weight is read; the spec's open defaults (``seqlen``, ``b``,
   ``num_blocks``, ``num_layers``) are fixed here, in a new spec;
-* load: the weights, their fingerprints (:mod:`lib.inputs`), the family's structure on the real model;
+* load: the intra-op threads (:mod:`lib.threads`), the weights, their fingerprints (:mod:`lib.inputs`), the
+  family's structure on the real model, and ``--model_input_bs auto`` fixed by a rule
+  (:func:`lib.autotune.samples_per_forward`; the choice goes into the JSON beside the threads');
 * compute and save: the family's (:class:`Family`); the pipeline adds the spec (``config``), the
   fingerprints and the elapsed time to the JSON;
 * report: results and the files written go to stdout; progress and warnings go to stderr.
@@ -30,7 +32,8 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import outputs, parallel, preflight
+from . import outputs, parallel, preflight, threads
+from .autotune import samples_per_forward
 from .cli import LOW_PRECISION_NOTE, flag_message
 from .data import check_seqlen, dataset_label, load_text, load_tokenizer, make_samples, text_sha256, tokenize
 from .errors import ParamError, UserError
@@ -67,6 +70,14 @@ class Family:
     def resolve(self, spec: RunSpec, model: nn.Module) -> RunSpec:
         """``spec`` with the defaults that need the module tree fixed (``model`` may be on the meta device)."""
         return spec
+
+    def products_per_sample(self, spec: RunSpec, structure: Any) -> int:
+        """Hessian-vector products per sample of the run (at most), for ``--model_input_bs auto``."""
+        return 1
+
+    def per_sample_units(self, spec: RunSpec) -> bool:
+        """Whether the run needs one sample per unit (e.g. the batch study's per-sample snapshots)."""
+        return False
 
     def structure(self, model: nn.Module, spec: RunSpec) -> Any:
         """What the family computes on, from ``model`` (called on the meta skeleton first, to refuse bad flags
@@ -118,6 +129,8 @@ class Run:
     """Where the finished work is kept if writing the outputs fails (:func:`lib.outputs.saving_results`)."""
     dataset_sha256: str = ""
     """SHA-256 of the text the samples were cut from."""
+    model_input_bs_choice: dict[str, Any] = field(default_factory=dict)
+    """``--model_input_bs`` as requested, as chosen, and why (:func:`lib.autotune.samples_per_forward`)."""
 
     @property
     def out(self) -> Path:
@@ -151,6 +164,12 @@ class Run:
             "seqlen": d.seqlen,
         }
         return {**out, "label": self.spec.output.label} if self.spec.output.label else out
+
+    def config(self) -> dict[str, Any]:
+        """The JSON's ``config``: the spec with every default fixed, ``model_input_bs`` as requested (``auto`` stays
+        ``auto``, so the config rebuilds the run; the value used is in ``model_input_bs_choice``)."""
+        requested = self.model_input_bs_choice.get("requested", self.spec.data.model_input_bs)
+        return self.spec.replace(model_input_bs=requested).as_dict()
 
     @property
     def rank0(self) -> bool:
@@ -332,7 +351,8 @@ def inspect(spec: RunSpec, family: Family, device: torch.device) -> Inspected:
         raise UserError(f"the text of --dataset {spec.data.dataset} gives no tokens")
     d = spec.data
     if d.b is None:
-        spec = spec.replace(b=(tokens.numel() // d.seqlen) // d.model_input_bs * d.model_input_bs)
+        bs = 1 if d.model_input_bs == "auto" else d.model_input_bs
+        spec = spec.replace(b=(tokens.numel() // d.seqlen) // bs * bs)
         spec.validate()
     samples = make_samples(tokens, spec.data.seqlen, spec.data.b)
     check_token_ids(samples, model, m.model)
@@ -348,6 +368,18 @@ def load(
     found = inspect(spec, family, device)
     model = found.model if found.loaded else _load_weights(found.spec, device)
     structure = family.structure(model, found.spec)
+    d = found.spec.data
+    bs, why = samples_per_forward(
+        d.model_input_bs,
+        model,
+        d.b,
+        d.seqlen,
+        family.products_per_sample(found.spec, structure),
+        device,
+        per_sample_units=family.per_sample_units(found.spec),
+    )
+    choice = {"requested": d.model_input_bs, "chosen": bs, "why": why}
+    spec = found.spec.replace(model_input_bs=bs)
     fingerprints = {
         "model": model_fingerprint(model),
         "model_config": config_fingerprint(model),
@@ -355,7 +387,7 @@ def load(
         "tokenizer": found.tokenizer_fingerprint,
     }
     return Run(
-        found.spec,
+        spec,
         name,
         model,
         found.samples,
@@ -366,6 +398,7 @@ def load(
         t_start,
         family.identity_sections,
         dataset_sha256=found.dataset_sha256,
+        model_input_bs_choice=choice,
     )
 
 
@@ -417,6 +450,7 @@ def _execute(spec: RunSpec, family: Family) -> dict[str, Any]:
         files=family.files(spec, name),
     )
     warn_low_precision(spec.model.dtype)
+    threads.apply(spec.run.threads, threads.local_processes(len(devices)))
     run = load(spec, family, name, devices, t_start)
     result = family.compute(run)
     if result is None:  # torchrun rank > 0: rank 0 saves
@@ -427,7 +461,9 @@ def _execute(spec: RunSpec, family: Family) -> dict[str, Any]:
         "script": run.spec.script,
         "spec_digest": spec.digest(),
         "computed_on": run.computed_on(),
-        "config": run.spec.as_dict(),
+        "config": run.config(),
+        "model_input_bs_choice": run.model_input_bs_choice,
+        "threads": threads.report(),
         **fields,
         "fingerprints": run.fingerprints,
         "elapsed_s": time.perf_counter() - t_start,

@@ -140,7 +140,8 @@ class DataSection:
     """``None``: ``min(2048, the model's limit)``, fixed when the model's config is read."""
     b: int | None = result(None)
     """``None``: every sample of the text, fixed when the text is tokenized."""
-    model_input_bs: int = result(1)
+    model_input_bs: int | str = result("auto")
+    """``"auto"``: fixed once the model and the samples are known (:func:`lib.autotune.samples_per_forward`)."""
 
 
 @dataclass(frozen=True)
@@ -254,6 +255,20 @@ class RunSection:
     keep_checkpoint: bool = operational(False)
     unit_timeout: float = operational(0.0)
     setup_timeout: float = operational(0.0)
+    threads: int | None = operational(None)
+    """Intra-op CPU threads per process; ``None``: :func:`lib.threads.choose` (``OMP_NUM_THREADS``, else the free CPUs)."""
+
+
+def model_input_bs_arg(text: str) -> int | str:
+    """``--model_input_bs``: ``auto`` or an integer (checked to be at least 1 with the other flags)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give auto or a number of samples") from None
 
 
 # ----------------------------------------------------------------------------- specs
@@ -400,9 +415,11 @@ class RunSpec:
 
     def _check_common(self) -> None:
         d = self.data
-        _at_least("model_input_bs", d.model_input_bs, 1)
-        if d.b is not None and d.b % d.model_input_bs:
-            raise UserError(f"--model_input_bs {d.model_input_bs} does not divide --b {d.b}")
+        if d.model_input_bs != "auto":
+            _at_least("model_input_bs", d.model_input_bs, 1)
+            if d.b is not None and d.b % d.model_input_bs:
+                raise UserError(f"--model_input_bs {d.model_input_bs} does not divide --b {d.b}")
+        _at_least("threads", self.run.threads, 1)
         names = self.field_names()
         if "chunk" in names:
             chunk = self.get("chunk")

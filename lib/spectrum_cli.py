@@ -183,6 +183,9 @@ class SpectrumFamily(Family):
     def files(self, spec: SpectrumSpec, name: str) -> list[str]:
         return outputs.planned_files(name, ["_density"])  # the exact path always draws the density
 
+    def products_per_sample(self, spec: SpectrumSpec, structure: Subset) -> int:
+        return structure.size  # at most: the exact path's columns
+
     def structure(self, model: nn.Module, spec: SpectrumSpec) -> Subset:
         subset = build_subset(model, spec)
         check_top_k(spec, subset.size)

@@ -140,3 +140,43 @@ def test_hvp_products_covers_the_range_and_halves_on_out_of_memory(monkeypatch):
     monkeypatch.setattr(operator, "hvp_rows", lambda g, x, v: (_ for _ in ()).throw(torch.OutOfMemoryError("fake")))
     with pytest.raises(torch.OutOfMemoryError):
         operator.hvp_products(None, x, rows, 4, sink, 1)
+
+
+def test_model_input_bs_auto_rule():
+    """Auto batches samples only for long jobs, up to the activation budget, dividing b; deterministic; given values pass."""
+    from conftest import tiny_model
+
+    from lib.autotune import AUTO_ELEMENTS, samples_per_forward
+
+    model = tiny_model("opt", torch.float32)  # hidden 16, ~10k parameters
+    cpu = torch.device("cpu")
+    assert samples_per_forward(3, model, 12, 8, 10, cpu) == (3, "given")
+    bs, why = samples_per_forward("auto", model, 12, 8, 10, cpu)
+    assert bs == 1 and "short job" in why
+    long_job = dict(products=10**6, device=cpu)
+    bs, why = samples_per_forward("auto", model, 12, 128, **long_job)
+    assert bs == 12 and bs * 128 * 16 <= AUTO_ELEMENTS["cpu"] and "dividing b=12" in why  # 12 * 128 * 16 = 24576
+    assert samples_per_forward("auto", model, 12, 1024, **long_job)[0] == 4  # 4 * 1024 * 16 = 65536; 6 would exceed
+    assert samples_per_forward("auto", model, 7, 1024, **long_job)[0] == 1  # 7 is prime
+    assert samples_per_forward("auto", model, 12, 8192, **long_job)[0] == 1  # one sample is over the budget: still 1
+    assert samples_per_forward("auto", model, 12, 128, per_sample_units=True, **long_job)[0] == 1
+    assert samples_per_forward("auto", model, 12, 128, **long_job) == samples_per_forward("auto", model, 12, 128, **long_job)
+
+
+def test_model_input_bs_auto_in_the_scripts(tmp_path, capsys):
+    import json
+
+    import single_layer_single_block
+    from lib import cli
+
+    fast = ["--t", "2", "--seqlen", "16", "--b", "2", "--no_progress", "--output_dir", str(tmp_path)]
+    meta = single_layer_single_block.run([*fast, "--name", "a"])
+    js = json.loads((tmp_path / "a.json").read_text())
+    assert js["model_input_bs_choice"]["chosen"] == 1 and js["model_input_bs_choice"]["requested"] == "auto"
+    assert "short job" in js["model_input_bs_choice"]["why"] and meta["model_input_bs_choice"]["chosen"] == 1
+    assert js["config"]["data"]["model_input_bs"] == "auto"  # the config rebuilds the run; the value used: above
+    meta = single_layer_single_block.run([*fast, "--name", "b", "--model_input_bs", "2"])
+    assert meta["model_input_bs_choice"] == {"requested": 2, "chosen": 2, "why": "given"}
+    with pytest.raises(SystemExit) as exc:
+        cli.main(single_layer_single_block.run, [*fast, "--model_input_bs", "many"])
+    assert exc.value.code == 2 and "invalid value 'many': give auto or a number of samples" in capsys.readouterr().err

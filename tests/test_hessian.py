@@ -159,3 +159,76 @@ def test_float32_model_agrees_with_float64():
     h32 = exact_hessian(model32, subset, ids).hessian
     assert h32.dtype == torch.float32
     assert rel(h32.double(), h64) < 1e-4
+
+
+def _units_subset(model, arch: str, units: tuple[int, ...] = (0, 3)):
+    """Every input weight of output units ``units`` of block 0's ``LAYER[arch]`` weight (GPT-2's Conv1D stores ``(in, out)``)."""
+    name = next(n for n, _ in model.named_parameters() if LAYER[arch] in n)
+    shape = model.get_parameter(name).shape
+    if arch == "gpt2":
+        idx = [[i, u] for u in units for i in range(shape[0])]
+    else:
+        idx = [[u, i] for u in units for i in range(shape[1])]
+    return subsets.make_subset(subsets.from_indices(model, name, idx))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_layer_outputs_equal_the_entries_and_the_reference(arch):
+    """``H = sum_b J_b^T H_z J_b`` through the layer's outputs (GPT-2: a transposed Conv1D) equals the per-entry
+    rows and torch.autograd.functional.hessian, with 2 samples in one forward (``H_z`` block-diagonal over them)."""
+    from lib.hessian import products_space
+
+    model = tiny_model(arch)
+    subset = _units_subset(model, arch)
+    objective = SubsetLoss(model, subset)
+    ids = tiny_ids(2, 6)
+    assert products_space(objective, ids, "auto") is not None  # 6 positions x 2 units < 32 entries
+    h, value = batch_hessian(objective, ids, space="layer-outputs")
+    h_entries, value_entries = batch_hessian(objective, ids, space="entries")
+    ref = reference_hessian(model, subset, ids)
+    assert rel(h, ref) < 1e-9 and rel(h, h_entries) < 1e-12 and float(ref.abs().max()) > 0
+    assert float(value) == float(value_entries)
+    assert torch.equal(batch_hessian(objective, ids)[0], h)  # auto takes the cheaper space
+
+
+def test_layer_outputs_of_two_layers_fed_by_the_same_input():
+    """q_proj and k_proj of one block read the same input, which does not depend on either: still exact."""
+    model = tiny_model("opt")
+    q, k = (f"model.decoder.layers.0.self_attn.{p}.weight" for p in ("q_proj", "k_proj"))
+    subset = subsets.make_subset(subsets.from_indices(model, q, list(range(0, 64, 3))), subsets.from_indices(model, k, list(range(5, 80, 4))))
+    ids = tiny_ids(2, 4)
+    h, _ = batch_hessian(SubsetLoss(model, subset), ids, space="layer-outputs")
+    assert rel(h, reference_hessian(model, subset, ids)) < 1e-9
+
+
+def test_layer_outputs_refused_where_inputs_depend_on_the_subset_or_weights_are_shared():
+    from lib.loss import LayerOutputs
+
+    model = tiny_model("opt")
+    several = subsets.single_layer_several_blocks(model, "self_attn.q_proj", 2, 16)  # block 1's input depends on block 0's x
+    objective = SubsetLoss(model, several)
+    ids = tiny_ids(2, 4)
+    with pytest.raises(ValueError, match="input depends on the subset"):
+        batch_hessian(objective, ids, space="layer-outputs")
+    assert rel(batch_hessian(objective, ids)[0], reference_hessian(model, several, ids)) < 1e-9  # auto falls back
+    assert LayerOutputs.of(model, subsets.make_subset(subsets.from_indices(model, "lm_head.weight", [0, 1]))) is None  # tied to the embeddings
+    assert LayerOutputs.of(model, subsets.make_subset(subsets.from_indices(model, "model.decoder.layers.0.fc1.bias", [0, 1]))) is None
+    assert LayerOutputs.of(model, subsets.make_subset(subsets.from_indices(model, "model.decoder.layers.0.self_attn_layer_norm.weight", [0]))) is None
+    with pytest.raises(ValueError, match="unknown space"):
+        batch_hessian(objective, ids, space="sideways")
+
+
+def test_layer_outputs_in_the_exact_hessian_job():
+    """The whole job (chunk measured on the first batch) through the layers' outputs equals the entries' path."""
+    model = tiny_model("gpt2")
+    subset = _units_subset(model, "gpt2", (1, 2))
+    ids = tiny_ids(4, 5)
+    from lib.hessian import ExactHessianJob
+    from lib.jobs import run_serial
+
+    job = ExactHessianJob(subset, ids, model_input_bs=2, model=model)
+    sums = run_serial(job, torch.device("cpu"))
+    ref = reference_hessian(model, subset, ids[:2]) + reference_hessian(model, subset, ids[2:])
+    assert rel(sums["hessian_sum"], ref) < 1e-9
+    assert job.products_report() == {"space": "layer-outputs", "products_per_sample": 10}
+    assert job.chunk_report()["measured"]["chunk"] >= 1

@@ -732,7 +732,9 @@ def test_workers_exit_within_a_second_or_two_of_a_sigkilled_parent(tmp_path):
 # ----------------------------------------------------------------------------- 11: the chunk every process used is recorded and reused on --resume
 
 
-CHUNKED = ["--t", "32", "--seqlen", "16", "--b", "4", "--dtype", "float64", "--no_progress", "--name", "c"]
+CHUNKED = ["--t", "32", "--b", "4", "--model_input_bs", "1", "--dtype", "float64", "--no_progress", "--name", "c"]
+"""With ``--seqlen 32`` the products are the 32 entries; with ``--seqlen 16`` the 16 (position, unit) products of the
+layer's output (fewer than the entries: lib.hessian.products_space)."""
 
 
 def _counting_clock(monkeypatch) -> None:
@@ -746,11 +748,14 @@ def _counting_clock(monkeypatch) -> None:
     monkeypatch.setattr(lib.autotune, "device_clock", lambda device: lambda: float(next(ticks)))
 
 
-def test_float64_resume_with_the_automatic_chunk_is_bitwise(tmp_path, monkeypatch):
+@pytest.mark.parametrize("seqlen,space,size,chosen", [(32, "entries", 32, 8), (16, "layer-outputs", 16, 4)])
+def test_float64_resume_with_the_automatic_chunk_is_bitwise(tmp_path, monkeypatch, seqlen, space, size, chosen):
     _counting_clock(monkeypatch)
-    meta = single_layer_single_block.run([*CHUNKED, "--output_dir", str(tmp_path / "ref")])
+    chunked = [*CHUNKED, "--seqlen", str(seqlen)]
+    meta = single_layer_single_block.run([*chunked, "--output_dir", str(tmp_path / "ref")])
     reference = torch.load(tmp_path / "ref" / "c.pt")
-    assert meta["chunk"]["chunk"] == "auto" and meta["chunk"]["measured"]["chunk"] == 8
+    assert meta["chunk"]["chunk"] == "auto" and meta["chunk"]["measured"]["chunk"] == chosen
+    assert meta["products"]["space"] == space
     save = ckpt.save
 
     def interrupt_after_two_units(path, state, config):
@@ -760,13 +765,13 @@ def test_float64_resume_with_the_automatic_chunk_is_bitwise(tmp_path, monkeypatc
 
     with monkeypatch.context() as m:
         m.setattr(ckpt, "save", interrupt_after_two_units)
-        code, _ = _main(single_layer_single_block, [*CHUNKED, "--output_dir", str(tmp_path), "--checkpoint_every", "1"])
+        code, _ = _main(single_layer_single_block, [*chunked, "--output_dir", str(tmp_path), "--checkpoint_every", "1"])
     assert code == 130 and ckpt.read(tmp_path / "c.ckpt")["prefix"] == 2
     meta = single_layer_single_block.run(
-        [*CHUNKED, "--output_dir", str(tmp_path), "--resume"]
+        [*chunked, "--output_dir", str(tmp_path), "--resume"]
     )  # measured again on unit 2 before
     assert torch.equal(torch.load(tmp_path / "c.pt"), reference)
-    assert meta["run"]["reused_chunks"] == {"32": 8}
+    assert meta["run"]["reused_chunks"] == {str(size): chosen}
 
 
 @pytest.mark.slow

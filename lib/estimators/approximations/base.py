@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import UserError
+from ...forward import JVPPolicy
 from ...jobs import Partial, derived_seed
 from ...loss import SubsetLoss
 from ...subsets import Subset
@@ -193,6 +194,9 @@ class BatchInputs:
     seed: int
     fisher_samples: int
     layout: EntryLayout | None
+    jvp: JVPPolicy | None = None
+    """How the logit Jacobian's columns ``J v`` are computed (the job's, decided once per process); ``None``: a
+    fresh :class:`lib.forward.JVPPolicy`."""
 
 
 @dataclass
@@ -290,7 +294,11 @@ class LogitJacobian(Source):
         x = inputs.x0.detach().clone().requires_grad_(True)
         feats, weight, bias = inputs.objective.features(x, batch)
         eye = torch.eye(n, dtype=x.dtype, device=x.device)
-        jac = jacobian_columns(feats, x, eye, progress).permute(1, 2, 0)  # (T, m, n)
+        fn = lambda z: inputs.objective.features(z, batch)[0]  # noqa: E731 -- for forward-mode J v
+        jvp = inputs.jvp if inputs.jvp is not None else JVPPolicy()
+        jac = jvp.columns(fn, x, eye, lambda v: jacobian_columns(feats, x, v)).permute(1, 2, 0)  # (T, m, n)
+        if progress is not None:
+            progress(n)
         feats = feats.detach()
         logits = feats if weight is None else feats @ weight.T + (0 if bias is None else bias)
         p = torch.softmax(logits.to(torch.float64), -1)

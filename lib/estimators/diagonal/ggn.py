@@ -6,8 +6,9 @@ of ``diag(G)``, not of ``diag(H)``: ``H = G +`` the terms with the network's sec
 Schraudolph 2002, "Fast curvature matrix-vector products for second-order gradient descent"; Martens 2020, "New
 insights and perspectives on the natural gradient method", JMLR 21.
 
-Cost: ``K`` Gauss-Newton-vector products per sample and weight, each one Jacobian-vector product (a double backward,
-see :mod:`lib.curvature`) and one vector-Jacobian product of the network: no second backward through it. Plan:
+Cost: ``K`` Gauss-Newton-vector products per sample and weight, each one Jacobian-vector product (forward mode where it
+runs and measures faster, else a double backward: :class:`lib.forward.JVPPolicy`; probes in blocks of
+:data:`GGN_BLOCK`) and one vector-Jacobian product of the network: no second backward through it. Plan:
 :class:`GGNProbes` (its own work: it needs the model, not the Hessian's products). Finish: ``ggn / K``.
 """
 
@@ -19,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from ...forward import JVPPolicy
 from ...jobs import Partial
 from ...loss import SubsetLoss
 from .base import (
@@ -33,12 +35,21 @@ from .base import (
     register,
 )
 
+GGN_BLOCK = 16
+"""Hutchinson probes of the GGN diagonal per block of Jacobian-vector products."""
+
+
+def jvp_on_graph_kept(jt_u: torch.Tensor, u: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``J v`` for the rows of ``vectors`` (``(m, n)``) on a kept double-backward graph ``jt_u = J^T u`` (kept after)."""
+    return torch.stack([torch.autograd.grad(jt_u, u, grad_outputs=v, retain_graph=True)[0] for v in vectors])
+
 
 class GGNOperator:
     """``v -> G v`` with ``G = sum_t J_t^T (diag p_t - p_t p_t^T) J_t`` the GGN of ``objective``'s summed NLL on one batch at ``x0``.
 
     Built once per batch (one forward and one ``create_graph`` VJP ``J^T u`` for a dummy ``u``); each product is
-    one JVP ``J v`` (double backward, see :mod:`lib.curvature`), the softmax Hessian through the head, and one VJP:
+    one JVP ``J v`` (:meth:`matmat`: by a :class:`lib.forward.JVPPolicy`; :meth:`matvec`: double backward), the
+    softmax Hessian through the head, and one VJP:
     no Hessian of the network is formed. ``J`` is the Jacobian of the softmax's inputs (the head's inputs
     with the fused head). :attr:`nll` is the batch's summed NLL.
     """
@@ -53,6 +64,20 @@ class GGNOperator:
         self.nll = F.cross_entropy(logits, labels, reduction="sum")
         self.u = torch.zeros_like(self.feats, requires_grad=True)
         (self.jt_u,) = torch.autograd.grad(self.feats, self.x, grad_outputs=self.u, create_graph=True)
+        self._fn = lambda z: objective.features(z, input_ids)[0]  # noqa: E731 -- for forward-mode J v
+
+    def matmat(self, vs: torch.Tensor, jvp: JVPPolicy | None = None) -> torch.Tensor:
+        """``G v`` for the rows ``v`` of ``vs`` (``(m, n)``): the ``J v`` by ``jvp`` (:class:`lib.forward.JVPPolicy`;
+        default double backward on this operator's graph), then one batched VJP; ``(m, n)``."""
+        x = self.x.detach()
+        back = lambda v: jvp_on_graph_kept(self.jt_u, self.u, v.to(x))  # noqa: E731
+        jv = (jvp or JVPPolicy("double-backward")).columns(self._fn, x, vs.to(x), back)
+        w = self.weight.detach() if self.weight is not None else None
+        a = jv if w is None else jv @ w.T
+        k = self.p * (a - (self.p * a).sum(-1, keepdim=True))
+        grads = k if w is None else k @ w
+        (gv,) = torch.autograd.grad(self.feats, self.x, grad_outputs=grads, retain_graph=True, is_grads_batched=True)
+        return gv
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``G v`` for ``v``: ``(n,)``."""
@@ -88,12 +113,14 @@ class GGNProbes(Work):
             raise ValueError("the GGN estimator needs a model (its Jacobians), not only Hessian-vector products")
         op = GGNOperator(unit.objective, unit.x0, unit.batch)
         x0 = unit.x0
+        jvp = unit.jvp if unit.jvp is not None else JVPPolicy()
         out = torch.zeros_like(x0)
-        for j in range(self.count):
-            z = rademacher_probes(unit.numel, unit.seed, unit.param_name, j, j + 1, x0.dtype)[0].to(x0.device)
-            out += z * op.matvec(z)
+        for a in range(0, self.count, GGN_BLOCK):  # J z by forward mode where it measures faster (lib.forward)
+            z = rademacher_probes(unit.numel, unit.seed, unit.param_name, a, min(self.count, a + GGN_BLOCK), x0.dtype)
+            z = z.to(x0.device)
+            out += (z * op.matmat(z, jvp)).sum(0)
             if progress is not None:
-                progress(1)
+                progress(len(z))
         unit.offer_nll(op.nll)
         return {"ggn": out}
 

@@ -125,6 +125,8 @@ class Unit:
     objective: Any = None
     x0: torch.Tensor | None = None
     nll: torch.Tensor | None = None
+    jvp: Any = None
+    """The job's :class:`lib.forward.JVPPolicy` (decided once per process), ``None``: a work makes its own."""
 
     def multiply(self, rows: RowFn, count: int, sink: Sink, progress: Progress | None = None) -> None:
         """``sink(start, v, H v)`` for chunks ``v = rows(start, stop)`` of the vectors ``0..count-1``."""
