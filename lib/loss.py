@@ -13,6 +13,7 @@ patched. At ``x = x0`` (the model's own values) ``f`` equals the plain model's s
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 
 import torch
@@ -110,11 +111,14 @@ class SubsetLoss(nn.Module):
 
     ``fused_head``: compute the LM head and softmax with the custom twice-differentiable kernel
     :func:`head_nll` (cheaper Hessian-vector products); ``None`` = when the architecture allows it.
+    ``double_backward=False`` (first-order use, e.g. finite-difference HVPs): SDPA attention keeps its fused kernels
+    instead of being forced to the twice-differentiable math kernel.
     """
 
-    def __init__(self, model: nn.Module, subset: Subset, fused_head: bool | None = None):
+    def __init__(self, model: nn.Module, subset: Subset, fused_head: bool | None = None, double_backward: bool = True):
         super().__init__()
         self.model = model
+        self.double_backward = double_backward
         self.subset = subset
         self._offsets: list[tuple[str, torch.Tensor, int, int]] = []
         start = 0
@@ -158,7 +162,7 @@ class SubsetLoss(nn.Module):
         otherwise ``feats`` are the logits ``(N, V)`` and the head is ``(None, None)``.
         """
         weights = self.weights(x)
-        with attention_context(self.model):
+        with attention_context(self.model) if self.double_backward else contextlib.nullcontext():
             if not self.fused_head:
                 logits = functional_call(self.model, weights, args=(), kwargs={"input_ids": input_ids, "use_cache": False}, tie_weights=False)[0]
                 return logits[:, :-1].reshape(-1, logits.shape[-1]), None, None

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .autotune import Compute, Tuning, free_memory, tune
+from .finite_difference import HVP_METHODS, FDSettings, FDStats, subset_fd_products
 from .jobs import ModelJob, Partial, run_serial
 from .loss import SubsetLoss
 from .models import ModelSpec
@@ -226,11 +227,13 @@ class HVPJob(ModelJob):
     goes into :meth:`config`, so checkpoints of different passes are never mixed up.
     """
 
-    def __init__(self, subset: Subset, samples: torch.Tensor, vt: torch.Tensor, model_input_bs: int = 1, chunk: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, model: nn.Module | None = None, tag: str = ""):
+    def __init__(self, subset: Subset, samples: torch.Tensor, vt: torch.Tensor, model_input_bs: int = 1, chunk: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, model: nn.Module | None = None, tag: str = "", fd: FDSettings | None = None):
         if model is None and spec is None:
             raise ValueError("give a model or a ModelSpec")
         self.subset, self.samples, self.vt, self.model_input_bs = subset, samples, vt, model_input_bs
         self.chunk, self.fused_head, self.spec, self.model, self.tag = chunk, fused_head, spec, model, tag
+        self.fd = fd
+        """``None``: exact products (double backward); else finite differences of first-order gradients (:mod:`lib.finite_difference`)."""
 
     _graphs: GraphCache | None = None
     """Per-process gradient graphs shared by the jobs of one operator (not pickled: workers rebuild them)."""
@@ -239,7 +242,7 @@ class HVPJob(ModelJob):
 
     def setup(self, device: torch.device) -> None:
         self.ensure_model(device)
-        self._objective = SubsetLoss(self.model, self.subset, fused_head=self.fused_head)
+        self._objective = SubsetLoss(self.model, self.subset, fused_head=self.fused_head, double_backward=self.fd is None)
         self._x0 = self._objective.x0()
         if self._policy is None:
             self._policy = ChunkPolicy(self.chunk)
@@ -260,6 +263,9 @@ class HVPJob(ModelJob):
         return self.vt.shape[0]
 
     def run_unit(self, k: int, progress: Progress | None = None) -> Partial:
+        if self.fd is not None:
+            batch = self.samples[k * self.model_input_bs : (k + 1) * self.model_input_bs].to(self._x0.device)
+            return subset_fd_products(self._objective, self._x0, batch, self.vt, self.fd, progress)
         x, g, value = self._graph(k)
         vt = self.vt.to(device=x.device, dtype=x.dtype)
         hv = torch.empty_like(vt)
@@ -283,7 +289,11 @@ class HVPJob(ModelJob):
             "model_input_bs": self.model_input_bs,
             "fused_head": self.fused_head,
             "model": None if self.spec is None else self.spec.identity(),
+            **({} if self.fd is None else {"hvp": self.fd.describe(self._dtype())}),
         }
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype if self.model is not None else getattr(torch, self.spec.dtype)
 
 
 class HessianOperator:
@@ -303,12 +313,20 @@ class HessianOperator:
     (CPU) or device (GPU) memory (:func:`keep_all_graphs`); worker processes always rebuild them. Products
     are bitwise the same either way. ``chunk``: vectors per batched backward, else :class:`ChunkPolicy`
     (measured on blocks of at least ``TUNE_MIN_PRODUCTS`` vectors). :meth:`report` gives both choices.
+    ``hvp="finite_difference"``: each product is instead a central difference of two first-order gradients
+    (:mod:`lib.finite_difference`, settings ``fd``): no graph is kept (``keep_graphs`` and ``chunk`` do not apply),
+    SDPA keeps its fused kernels, and the stored weights are never modified (perturbed copies are substituted).
     """
 
-    def __init__(self, model: nn.Module, subset: Subset, samples: torch.Tensor, model_input_bs: int = 1, chunk: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, run: Callable[[HVPJob], Partial | None] | None = None, keep_graphs: bool | str = "auto"):
+    def __init__(self, model: nn.Module, subset: Subset, samples: torch.Tensor, model_input_bs: int = 1, chunk: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, run: Callable[[HVPJob], Partial | None] | None = None, keep_graphs: bool | str = "auto", hvp: str = "exact", fd: FDSettings | None = None):
+        if hvp not in HVP_METHODS:
+            raise ValueError(f"hvp must be one of {HVP_METHODS}, got {hvp!r}")
         self.model, self.subset, self.samples, self.model_input_bs = model, subset, samples, model_input_bs
         self.chunk, self.fused_head, self.spec = chunk, fused_head, spec
         self.run = run
+        self.hvp = hvp
+        self.fd = (fd or FDSettings()) if hvp == "finite_difference" else None
+        self.fd_stats = FDStats()
         n = subset.size
         self.shape = (n, n)
         self.n_tokens = samples.shape[0] * (samples.shape[1] - 1)
@@ -321,13 +339,20 @@ class HessianOperator:
 
     def job(self, vt: torch.Tensor, tag: str = "") -> HVPJob:
         """The additive job of one pass computing ``H`` applied to the rows of ``vt`` (``(p, n)``)."""
-        job = HVPJob(self.subset, self.samples, vt.detach().to("cpu", torch.float64).contiguous(), self.model_input_bs, self.chunk, self.fused_head, spec=self.spec, model=self.model, tag=tag)
+        job = HVPJob(self.subset, self.samples, vt.detach().to("cpu", torch.float64).contiguous(), self.model_input_bs, self.chunk, self.fused_head, spec=self.spec, model=self.model, tag=tag, fd=self.fd)
         job._graphs, job._policy = self.graphs, self.policy
         return job
 
+    def record(self, sums: Partial) -> None:
+        """Count a finished pass's finite-difference statistics (its sums' ``fd_*`` entries; nothing for exact products)."""
+        self.fd_stats.add(FDStats.from_sums(sums))
+
     def report(self) -> dict[str, Any]:
-        """For the JSON: ``{"keep_graphs": GraphCache.report(), "chunk": ChunkPolicy.report()}`` of this process."""
-        return {"keep_graphs": self.graphs.report(), "chunk": self.policy.report(self.chunk, "chunk")}
+        """For the JSON: ``{"keep_graphs": GraphCache.report(), "chunk": ChunkPolicy.report()}`` of this process;
+        with finite differences ``{"hvp": {settings, kink retries...}}`` instead."""
+        if self.fd is not None:
+            return {"hvp": {**self.fd.describe(next(self.model.parameters()).dtype), **self.fd_stats.to_json()}}
+        return {"hvp": {"hvp": "exact"}, "keep_graphs": self.graphs.report(), "chunk": self.policy.report(self.chunk, "chunk")}
 
     def _run(self, job: HVPJob) -> Partial | None:
         if self.run is not None:
@@ -345,6 +370,7 @@ class HessianOperator:
         self.hvps += vt.shape[1]
         if sums is None:  # a torchrun rank other than 0
             return None
+        self.record(sums)
         self.nll_sum = float(sums["nll_sum"])
         out = (sums["hv_sum"] / self.n_tokens).T.contiguous()
         return out.numpy() if is_numpy else out
