@@ -17,7 +17,7 @@ from torch import nn
 
 from . import batch_study
 from . import checkpoint as ckpt
-from . import curvature, diagonality, outputs, parallel, preflight
+from . import curvature, diagonality, finite_difference, outputs, parallel, preflight
 from .data import default_dataset, load_text, load_tokenizer, make_samples, tokenize, check_seqlen
 from .errors import Interrupted, RunError, UserError
 from .hessian import METHODS, ExactHessianJob
@@ -89,6 +89,7 @@ def base_parser(description: str, t_default: tuple[int, int] | None, compare: bo
     o.add_argument("--overwrite", action="store_true", help="replace a finished result of the same --name (refused otherwise)")
     o.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     add_run_flags(p)
+    finite_difference.add_flags(p)
     if compare:
         curvature.add_flags(p)
     return p
@@ -128,6 +129,8 @@ def check_cheap(args: argparse.Namespace) -> None:
         raise UserError(f"--chunk must be >= 0, got {args.chunk}")
     if hasattr(args, "fisher_samples"):
         curvature.check_flags(args)
+    if hasattr(args, "hvp"):
+        finite_difference.check_flags(args, DTYPES[args.dtype])
     for flag in ("num_blocks", "num_layers"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
@@ -290,6 +293,7 @@ def run_exact(script: str, args: argparse.Namespace, build_subset: Callable[[nn.
         fused_head=False if args.no_fused_head else None,
         spec=model_spec(args, prep),
         model=prep.model,
+        fd=finite_difference.settings_from(args),
     )
     if getattr(args, "compare", None):
         job = curvature.make_job(args, job)
@@ -302,7 +306,8 @@ def run_exact(script: str, args: argparse.Namespace, build_subset: Callable[[nn.
     result = job.result(sums, time.perf_counter() - t0)
     outputs.saving_results([settings.checkpoint])
     where = f"{args.model}, b={args.b}, seqlen={args.seqlen}"
-    figures = heatmap(result.hessian, out / name, f"|H|: {subset.description}\n{where}", slice_boundaries(subset), slice_labels=[slice_label(s.param_name) for s in subset.slices])
+    what = "|H|" if job.fd is None else "approximate |H| (finite-difference HVPs)"
+    figures = heatmap(result.hessian, out / name, f"{what}: {subset.description}\n{where}", slice_boundaries(subset), slice_labels=[slice_label(s.param_name) for s in subset.slices])
     diag, diag_figures = diagonality.report(result.hessian, subset.slices, out / name, f"{subset.description}; {where}")
     study = batch_study.finish(settings.snapshots, args.model_input_bs, args.seqlen, out, name, f"{subset.description}; {where}", result.hessian.dtype) if settings.snapshot_units else {}
     meta = {
@@ -316,6 +321,7 @@ def run_exact(script: str, args: argparse.Namespace, build_subset: Callable[[nn.
         "nll_mean": result.nll_sum / result.n_tokens,
         "perplexity": result.perplexity,
         "method": result.method,
+        "hvp": {"hvp": "exact"} if job.fd is None else finite_difference.exact_script_report(job.fd, result.hessian_sum, sums),
         "chunk": job.chunk_report(),
         "hessian_elapsed_s": result.elapsed_s,
         "elapsed_s": time.perf_counter() - t_start,

@@ -61,6 +61,7 @@ from torch import nn
 from .jobs import ModelJob, Partial, derived_seed, run_serial
 from .loss import SubsetLoss
 from .models import ModelSpec
+from .finite_difference import FDSettings, FDStats, KinkMonitor, fd_products, gradient_of
 from .operator import ChunkPolicy, gradient_graph
 from .subsets import whole_parameter
 
@@ -226,11 +227,13 @@ class DiagonalJob(ModelJob):
     (``model``) or loaded from ``spec`` in :meth:`setup` (worker processes).
     """
 
-    def __init__(self, plans: Sequence[ParamPlan], samples: torch.Tensor, model_input_bs: int = 1, seed: int = 0, probe_batch: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, model: nn.Module | None = None, phase: str = "1"):
+    def __init__(self, plans: Sequence[ParamPlan], samples: torch.Tensor, model_input_bs: int = 1, seed: int = 0, probe_batch: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, model: nn.Module | None = None, phase: str = "1", fd: FDSettings | None = None):
         if model is None and spec is None:
             raise ValueError("give a model or a ModelSpec")
         self.plans, self.samples, self.model_input_bs, self.seed = list(plans), samples, model_input_bs, seed
         self.probe_batch, self.fused_head, self.spec, self.model, self.phase = probe_batch, fused_head, spec, model, phase
+        self.fd = fd
+        """``None``: exact HVPs; else finite differences of first-order gradients (:mod:`lib.finite_difference`)."""
 
     def setup(self, device: torch.device) -> None:
         self.ensure_model(device)
@@ -243,7 +246,7 @@ class DiagonalJob(ModelJob):
 
     def _objective(self, param_name: str) -> SubsetLoss:
         """The summed NLL as a function of ``x = W.reshape(-1)`` (built per use: it holds an index of ``n`` entries)."""
-        return SubsetLoss(self.model, whole_parameter(self.model, param_name), fused_head=self.fused_head)
+        return SubsetLoss(self.model, whole_parameter(self.model, param_name), fused_head=self.fused_head, double_backward=self.fd is None)
 
     def num_units(self) -> int:
         return -(-self.samples.shape[0] // self.model_input_bs)
@@ -262,6 +265,14 @@ class DiagonalJob(ModelJob):
         The chunk is ``probe_batch``, else measured (:class:`lib.operator.ChunkPolicy`) the first time a weight
         of ``x.numel()`` entries has at least ``TUNE_MIN_PRODUCTS`` products; the measured products are kept.
         """
+        if self.fd is not None:  # g is None: products from the batch's gradient callable, set by run_unit
+            with KinkMonitor(self.model) as monitor:
+                for a in range(count):
+                    v = rows(a, a + 1).to(device=x.device, dtype=x.dtype)
+                    hv, _, stats = fd_products(self._fd_grad, x, v, self.fd, progress, monitor)
+                    self._fd_stats.add(stats)
+                    sink(a, v, hv.to(x.dtype))
+            return
         self._policy.products(g, x, rows, count, sink, self.model, self._tokens, count * self.num_units(), progress)
 
     def _fisher(self, objective: SubsetLoss, x0: torch.Tensor, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,7 +371,16 @@ class DiagonalJob(ModelJob):
                     if progress is not None:
                         progress(1)
                     continue
-            x, g, value = gradient_graph(lambda z: objective(z, batch), x0)
+            if self.fd is None:
+                x, g, value = gradient_graph(lambda z: objective(z, batch), x0)
+            else:  # finite differences: a plain gradient, and the products from the gradient callable (no graph)
+                self._fd_grad, self._fd_stats = gradient_of(lambda z: objective(z, batch)), FDStats()
+                (x, value), g = (x0, None), None
+                if plan.fisher and batch.shape[0] == 1:
+                    g, value = self._fd_grad(x0)
+                else:
+                    with torch.no_grad():
+                        value = objective(x0, batch)
             nll = value.detach() if nll is None else nll
             if plan.fisher and batch.shape[0] == 1:
                 out[key(name, "fisher")] = g.detach() ** 2  # one sample: its gradient is the graph's
@@ -370,6 +390,9 @@ class DiagonalJob(ModelJob):
                 out.update(self._probes(g, x, plan, progress))
             if plan.basis is not None:
                 out[key(name, "hq")] = self._basis(g, x, plan.basis, progress)
+            if self.fd is not None:
+                for what, t in self._fd_stats.as_tensors().items():
+                    out[what] = out.get(what, 0) + t
             del g, value, x
         out["nll_sum"] = nll
         return {name: v.detach().cpu() for name, v in out.items()}
@@ -386,6 +409,7 @@ class DiagonalJob(ModelJob):
             "probes": "rademacher, generator seeded by sha256(f'{seed}/{param}/{j}')",
             "fused_head": self.fused_head,
             "model": None if self.spec is None else self.spec.identity(),
+            **({} if self.fd is None else {"hvp": self.fd.describe(next(self.model.parameters()).dtype if self.model is not None else getattr(torch, self.spec.dtype))}),
         }
 
 
@@ -441,6 +465,8 @@ class DiagonalResult:
     phase_s: dict[str, float] = field(default_factory=dict)
     probe_batch: dict[str, Any] = field(default_factory=dict)
     """Per phase: the given ``probe_batch``, or the measured choice (:meth:`DiagonalJob.probe_batch_report`)."""
+    hvp: dict[str, Any] = field(default_factory=lambda: {"hvp": "exact"})
+    """How the HVPs were taken: exact, or the finite-difference settings and kink-retry counts (:class:`lib.finite_difference.FDStats`)."""
 
     @property
     def perplexity(self) -> float:
@@ -497,11 +523,13 @@ def hessian_diagonal(
     spec: ModelSpec | None = None,
     runner: Runner | None = None,
     progress: bool = False,
+    fd: FDSettings | None = None,
 ) -> DiagonalResult | None:
     """Diagonal of the Hessian of the mean next-token NLL over ``samples`` (``(b, seqlen)``) for each target weight.
 
     ``vhp_samples`` = HVPs per sample and weight for ``hutchinson`` and ``xdiag``. ``runner(job, phase)``
-    runs each additive job (default: :func:`lib.jobs.run_serial` on the model's device). Targets with
+    runs each additive job (default: :func:`lib.jobs.run_serial` on the model's device); ``fd``: finite-difference HVPs
+    (:mod:`lib.finite_difference`) instead of exact ones. Targets with
     tracked entries also get convergence curves (and the exact diagonal there). Returns ``None`` when the
     runner returns ``None`` (torchrun ranks other than 0; with ``xdiag`` the runner must give every rank
     the phase-1 sums, which phase 2 needs).
@@ -515,7 +543,7 @@ def hessian_diagonal(
     k = vhp_samples
     t0 = time.perf_counter()
     plans = plan_phase1(targets, estimators, k, seed)
-    common = dict(model_input_bs=model_input_bs, seed=seed, probe_batch=probe_batch, fused_head=fused_head, spec=spec, model=model)
+    common = dict(model_input_bs=model_input_bs, seed=seed, probe_batch=probe_batch, fused_head=fused_head, spec=spec, model=model, fd=fd)
     jobs = {"1": DiagonalJob(plans, samples, phase="1", **common)}
     sums = runner(jobs["1"], "1")
     phase_s = {"1": time.perf_counter() - t0}
@@ -537,6 +565,10 @@ def hessian_diagonal(
     hvps = {e: sum(hvps_per_sample(e, t.numel, k) for t in targets) for e in estimators}
     result = DiagonalResult({e: {} for e in estimators}, list(targets), k, hvps, float(sums["nll_sum"]), samples.shape[0], n_tokens, 0.0, phase_s=phase_s)
     result.probe_batch = {phase: job.probe_batch_report() for phase, job in jobs.items()}
+    if fd is not None:
+        stats = FDStats.from_sums(sums)
+        stats.add(FDStats.from_sums(sums2 or {}))
+        result.hvp = {**fd.describe(next(model.parameters()).dtype), **stats.to_json()}
     for t, p in zip(targets, plans):
         name = t.param_name
         omega = rademacher_probes(t.numel, seed, name, 0, p.keep).T if p.keep else None

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import cli, outputs, parallel, preflight
+from . import cli, finite_difference, outputs, parallel, preflight
 from .diagonal import ESTIMATORS, EXACT_MAX_ENTRIES, DiagonalJob, DiagonalResult, Target, hessian_diagonal, plan_phase1, rel_l2
 from .errors import UserError
 from .models import iter_named_linear
@@ -202,6 +202,7 @@ def run(argv: list[str] | None = None, description: str = "") -> dict[str, Any]:
             fused_head=False if args.no_fused_head else None,
             spec=cli.model_spec(args, prep),
             runner=runner,
+            fd=finite_difference.settings_from(args),
         )
     except ValueError as e:
         if "rank below" in str(e):
@@ -283,6 +284,7 @@ def save(args: argparse.Namespace, prep: cli.Prepared, found: list[tuple[Target,
         "estimate_elapsed_s": result.elapsed_s,
         "phase_elapsed_s": result.phase_s,
         "probe_batch": result.probe_batch,
+        "hvp": result.hvp,
         "elapsed_s": time.perf_counter() - t_start,
         "fingerprints": prep.fingerprints,
         "run": [{"devices": [str(d) for d in s.devices], **s.stats} for s in runner.settings],

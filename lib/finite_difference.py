@@ -271,3 +271,49 @@ def subset_fd_products(objective: Callable[[torch.Tensor, torch.Tensor], torch.T
     with KinkMonitor(objective.model) as monitor:
         hv, value, stats = fd_products(grad, x0, vt, settings, progress, monitor)
     return {"hv_sum": hv.detach().cpu(), "nll_sum": value.detach().cpu(), **stats.as_tensors()}
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_flags(p) -> None:
+    """``--hvp``, ``--fd_richardson``, ``--fd_step`` (every script)."""
+    g = p.add_argument_group("Hessian-vector products")
+    g.add_argument("--hvp", choices=HVP_METHODS, default=None, help="exact: double backward (default; needs eager or math-kernel SDPA attention); finite_difference: (g(x+ev) - g(x-ev)) / 2e from two first-order gradients, no graph kept: runs with fused SDPA kernels, in bf16 and sharded (--fsdp, where it is the default); on the exact scripts it gives an approximate Hessian, labelled so")
+    g.add_argument("--fd_richardson", action="store_true", help="with --hvp finite_difference: Richardson extrapolation over steps e and e/2 (error O(e^4) instead of O(e^2), 4 gradients per product instead of 2)")
+    g.add_argument("--fd_step", type=float, default=None, metavar="H", help="with --hvp finite_difference: relative step, the fraction of the subset's norm by which the weights move (default eps^(1/3) of --dtype, eps^(1/5) with --fd_richardson); retried smaller where ReLU inputs change side")
+
+
+def check_flags(args, dtype: torch.dtype) -> None:
+    """Resolve ``--hvp`` (finite differences under ``--fsdp``, else exact) and refuse contradictory or hopeless settings
+    (:class:`lib.errors.UserError`): settings that would be ignored, ``--method autograd`` with finite differences, a
+    step that underflows ``dtype``."""
+    from .errors import UserError
+
+    if args.hvp is None:
+        args.hvp = "finite_difference" if getattr(args, "fsdp", False) else "exact"
+    if args.hvp != "finite_difference":
+        given = [f for f, on in (("--fd_richardson", args.fd_richardson), ("--fd_step", args.fd_step is not None)) if on]
+        if given:
+            raise UserError(f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} finite-difference products; add --hvp finite_difference or drop {'it' if len(given) == 1 else 'them'}")
+        return
+    if getattr(args, "method", None) == "autograd":
+        raise UserError("--hvp finite_difference replaces the double backward, but --method autograd is the paper's torch.autograd.functional.hessian, which has no finite-difference form; use --method rev-rev (the default) or --hvp exact")
+    h = args.fd_step if args.fd_step is not None else default_relative_step(dtype, args.fd_richardson)
+    msg = underflow_message(h, dtype)
+    if msg is not None:
+        raise UserError(f"--fd_step: {msg}")
+
+
+def settings_from(args) -> FDSettings | None:
+    """The run's :class:`FDSettings` (``None`` for exact products); after :func:`check_flags`."""
+    return FDSettings(args.fd_richardson, args.fd_step) if args.hvp == "finite_difference" else None
+
+
+def exact_script_report(settings: FDSettings, hessian: torch.Tensor, sums: dict[str, torch.Tensor]) -> dict:
+    """For the exact scripts' JSON when ``--hvp finite_difference`` made the matrix: the settings, the kink-retry counts,
+    ``approximate: True`` and the relative asymmetry ``||H - H^T||_F / ||H||_F`` of the rows ``H e_i`` (an error indicator:
+    the exact Hessian is symmetric)."""
+    h = hessian.to(torch.float64)
+    asym = float((h - h.T).norm() / h.norm()) if bool(h.norm() > 0) else 0.0
+    return {**settings.describe(hessian.dtype), **FDStats.from_sums(sums).to_json(), "approximate": True, "relative_asymmetry": asym}

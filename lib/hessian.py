@@ -30,6 +30,7 @@ from .autotune import Compute, tune
 from .jobs import ModelJob, run_serial
 from .loss import SubsetLoss
 from .models import ModelSpec
+from .finite_difference import FDSettings, subset_fd_products
 from .operator import ChunkPolicy, gradient_graph, hvp_products
 from .subsets import Subset
 
@@ -134,7 +135,7 @@ class ExactHessianJob(ModelJob):
     given (``model``, used as is) or loaded by each process from ``spec`` in :meth:`setup`.
     """
 
-    def __init__(self, subset: Subset, samples: torch.Tensor, model_input_bs: int = 1, method: str = "rev-rev", chunk: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, model: nn.Module | None = None):
+    def __init__(self, subset: Subset, samples: torch.Tensor, model_input_bs: int = 1, method: str = "rev-rev", chunk: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, model: nn.Module | None = None, fd: FDSettings | None = None):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
         if model is None and spec is None:
@@ -142,10 +143,12 @@ class ExactHessianJob(ModelJob):
         self.subset, self.samples, self.model_input_bs = subset, samples, model_input_bs
         self.method, self.chunk, self.fused_head, self.spec = method, chunk, fused_head, spec
         self.model = model
+        self.fd = fd
+        """``None``: exact; else row ``i`` is the finite-difference ``H e_i`` (:mod:`lib.finite_difference`): an approximate Hessian."""
 
     def setup(self, device: torch.device) -> None:
         self.ensure_model(device)
-        self._objective = SubsetLoss(self.model, self.subset, fused_head=self.fused_head)
+        self._objective = SubsetLoss(self.model, self.subset, fused_head=self.fused_head, double_backward=self.fd is None)
         self._x0 = self._objective.x0()
         self._policy = ChunkPolicy(self.chunk, min_products=1)  # chunk None = measured on the first batch
 
@@ -157,6 +160,10 @@ class ExactHessianJob(ModelJob):
 
     def run_unit(self, k: int, progress: Progress | None = None) -> dict[str, torch.Tensor]:
         batch = self.samples[k * self.model_input_bs : (k + 1) * self.model_input_bs].to(self._x0.device)
+        if self.fd is not None:
+            eye = torch.eye(self._x0.numel(), dtype=self._x0.dtype, device=self._x0.device)
+            part = subset_fd_products(self._objective, self._x0, batch, eye, self.fd, progress)
+            return {"hessian_sum": part.pop("hv_sum"), **part}
         measure = lambda compute, n: tune(compute, n, self.model, batch.numel(), self._x0, total=n * self.num_units())  # noqa: E731
         schedule = lambda compute, n: self._policy.run(compute, n, n, measure)  # noqa: E731
         h, value = batch_hessian(self._objective, batch, method=self.method, progress=progress, schedule=schedule)
@@ -179,11 +186,15 @@ class ExactHessianJob(ModelJob):
             "method": self.method,
             "fused_head": self.fused_head,
             "model": None if self.spec is None else self.spec.identity(),
+            **({} if self.fd is None else {"hvp": self.fd.describe(self._dtype())}),
         }
+
+    def _dtype(self) -> torch.dtype:
+        return next(iter(self.model.parameters())).dtype if self.model is not None else getattr(torch, self.spec.dtype)
 
     def result(self, sums: dict[str, torch.Tensor], elapsed_s: float) -> HessianResult:
         """Package summed partials into a :class:`HessianResult` (normalized by ``b*(seqlen-1)``)."""
-        dtype = next(iter(self.model.parameters())).dtype if self.model is not None else getattr(torch, self.spec.dtype)
+        dtype = self._dtype()
         n_tokens = self.samples.shape[0] * (self.samples.shape[1] - 1)
         total = sums["hessian_sum"]
         return HessianResult(
@@ -192,7 +203,7 @@ class ExactHessianJob(ModelJob):
             nll_sum=float(sums["nll_sum"]),
             n_samples=self.samples.shape[0],
             n_tokens=n_tokens,
-            method=self.method,
+            method=self.method if self.fd is None else "finite_difference",
             elapsed_s=elapsed_s,
             subset=self.subset,
         )

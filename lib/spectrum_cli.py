@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import cli, outputs, parallel, preflight, spectrum
+from . import cli, finite_difference, outputs, parallel, preflight, spectrum
 from .errors import RunError, UserError
 from .hessian import ExactHessianJob
 from .inputs import warn
@@ -179,6 +179,7 @@ def make_run_pass(args: argparse.Namespace, prep: cli.Prepared, op: HessianOpera
         settings = parallel.RunSettings(devices=prep.devices or [prep.device], checkpoint=cfg, progress=False, unit_timeout=args.unit_timeout, pool=pool)
         sums = parallel.run_job(op.job(v.T, tag=f"pass {i}"), settings)
         if sums is not None:
+            op.record(sums)
             ckpt.finish(cfg)  # this pass is done: the next one starts its own checkpoint
         if distributed:
             import torch.distributed as dist
@@ -248,18 +249,22 @@ def run(argv: list[str] | None, description: str) -> dict[str, Any]:
     spec = cli.model_spec(args, prep)
     rank0 = parallel.distributed_env() is None or parallel.distributed_env()[0] == 0
     fused = False if args.no_fused_head else None
-    op = HessianOperator(prep.model, subset, prep.samples, args.model_input_bs, args.chunk or None, fused, spec=spec, keep_graphs=KEEP_GRAPHS[args.keep_graphs])
+    fd = finite_difference.settings_from(args)
+    op = HessianOperator(prep.model, subset, prep.samples, args.model_input_bs, args.chunk or None, fused, spec=spec, keep_graphs=KEEP_GRAPHS[args.keep_graphs], hvp=args.hvp, fd=fd)
     meta: dict[str, Any] = {"script": "hessian_spectrum", "config": vars(args), "subset": subset.description, "n": n, "n_samples": int(prep.samples.shape[0]), "n_tokens": op.n_tokens}
     saved: dict[str, torch.Tensor] = {}
     kept: list[ckpt.CheckpointConfig | None] = [ckpt.CheckpointConfig(out / f"{name}.passes", every_units=1)]  # where finished passes are
     t0 = time.perf_counter()
     if args.exact_below and n <= args.exact_below:
-        job = ExactHessianJob(subset, prep.samples, args.model_input_bs, args.method, args.chunk or None, fused, spec=spec, model=prep.model)
+        job = ExactHessianJob(subset, prep.samples, args.model_input_bs, args.method, args.chunk or None, fused, spec=spec, model=prep.model, fd=fd)
         settings = cli.run_settings(args, prep, out / f"{name}.ckpt", "Hessian columns")
         sums = parallel.run_job(job, settings)
         if sums is None:
             return {}
         h = job.result(sums, time.perf_counter() - t0).hessian.to(torch.float64)
+        if fd is not None:  # rows H e_i by finite differences: report their asymmetry, diagonalize the symmetric part
+            meta["hvp"] = finite_difference.exact_script_report(fd, h, sums)
+            h = (h + h.T) / 2
         ev, vecs = torch.linalg.eigh(h)
         idx = spectrum._wanted(ev, args.top_k, args.which)
         resid = (h @ vecs[:, idx] - vecs[:, idx] * ev[idx]).norm(dim=0)
@@ -311,7 +316,7 @@ def run(argv: list[str] | None, description: str) -> dict[str, Any]:
     meta["fingerprints"] = prep.fingerprints
     figures: list[Path] = []
     if "density" in meta:
-        title = f"Hessian spectral density, {subset.description}; {args.model}, b={args.b}, seqlen={args.seqlen} ({meta['path']} path)"
+        title = f"Hessian spectral density, {subset.description}; {args.model}, b={args.b}, seqlen={args.seqlen} ({meta['path']} path{', finite-difference HVPs' if fd else ''})"
         figures = density_figure(dens, meta["eigenvalues"], out / f"{name}_density", title)
     meta["figures"] = [p.name for p in figures]
     meta = save_tensor_and_json(out, name, saved, meta)
