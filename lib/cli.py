@@ -221,7 +221,7 @@ def prepare(args: argparse.Namespace, build_subset: Callable[[nn.Module], Subset
     warn_low_precision(args.dtype)
     torch.manual_seed(args.seed)
     devices = run_devices(args)
-    device = devices[0] if len(devices) == 1 else torch.device("cpu")
+    device = devices[0] if len(devices) == 1 and not getattr(args, "fsdp", False) else torch.device("cpu")  # FSDP shards it from the host
     model = load_model(args.model, cache_dir=args.cache_dir, dtype=DTYPES[args.dtype], device=device, attn_implementation=args.attn_implementation, device_map=getattr(args, "device_map", None))
     subset = build_subset(model)
     limit = max_positions(model)

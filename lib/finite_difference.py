@@ -33,7 +33,7 @@ saved bits afterwards.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -224,13 +224,14 @@ def fd_hvp(grad: GradFn, x0: torch.Tensor, v: torch.Tensor, e: float, use_richar
         stats.retries += 1
 
 
-def fd_products(grad: GradFn, x0: torch.Tensor, vt: torch.Tensor, settings: FDSettings, progress: Progress | None = None, monitor: KinkMonitor | None = None, x0_norm: float | None = None, reduce: Reduce = int, norm: Callable[[torch.Tensor], float] | None = None) -> tuple[torch.Tensor, torch.Tensor, FDStats]:
+def fd_products(grad: GradFn, x0: torch.Tensor, vt: torch.Tensor, settings: FDSettings, progress: Progress | None = None, monitor: KinkMonitor | None = None, x0_norm: float | None = None, reduce: Reduce = int, norm: Callable[[torch.Tensor], float] | None = None, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor, FDStats]:
     """``(H v_r for each row v_r of vt ((p, n)) -> (p, n), f(x0) + O(e^2), stats)``: one :func:`fd_hvp` per row, each
     starting from the step of :func:`step` (``x0_norm``: given, else ``||x0||``; ``norm(v)``: the norm of a row, given
-    for sharded rows, else ``||v||``). Costs ``2 p`` gradients (``4 p`` with Richardson) plus the kink retries."""
+    for sharded rows, else ``||v||``; ``n``: the global size, given for shards). Costs ``2 p`` gradients (``4 p`` with
+    Richardson) plus the kink retries."""
     acc = accumulation_dtype(x0.dtype)
     h = settings.h(x0.dtype)
-    n = x0.numel()
+    n = x0.numel() if n is None else n
     s = float(x0.to(acc).norm()) if x0_norm is None else x0_norm
     norm = norm or (lambda v: float(v.to(acc).norm()))
     min_h = MIN_STEP_EPS * torch.finfo(x0.dtype).eps

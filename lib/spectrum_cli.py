@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import textwrap
 import sys
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import cli, finite_difference, outputs, parallel, preflight, spectrum
+from . import cli, finite_difference, fsdp, outputs, parallel, preflight, spectrum, vectors
 from .errors import RunError, UserError
 from .hessian import ExactHessianJob
 from .inputs import warn
@@ -65,6 +66,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     e.add_argument("--density_points", type=int, default=1000, help="grid points of the density")
     e.add_argument("--keep_graphs", choices=tuple(KEEP_GRAPHS), default="auto", help="keep each batch's gradient graph in memory between passes (b/model_input_bs graphs), so a pass costs only its HVPs; auto: when they fit in a quarter of the free host (CPU) or GPU memory, measured on the first graph (recorded in the JSON); worker processes (--devices) always rebuild them")
     e.add_argument("--exact_below", type=int, default=EXACT_BELOW, help="form H exactly and use eigvalsh when the subset has at most this many entries (0 = always iterative)")
+    e.add_argument("--reorth", choices=spectrum.REORTH, default="full", help="Lanczos reorthogonalization: full (every step against all stored vectors, O(n m^2) work and m vectors kept), selective (only against converged Ritz vectors; the basis still kept, may be on the host or disk), none (3 vectors, no basis: the scale choice; ghost copies of converged eigenvalues removed by the Cullum-Willoughby test; SLQ then runs without reorthogonalization too); selective and none need --block_size 1")
+    vectors.add_flags(p)
+    fsdp.add_flags(p)
     return p
 
 
@@ -75,6 +79,9 @@ def check_flags(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag} must be at least {low}, got {getattr(args, flag)}")
     if not args.tol > 0:
         raise UserError(f"--tol must be positive, got {args.tol}")
+    if args.reorth != "full" and args.block_size > 1:
+        raise UserError(f"--reorth {args.reorth} runs single-vector Lanczos: use --block_size 1 (or --reorth full)")
+    fsdp.check_flags(args)
 
 
 def check_top_k(args: argparse.Namespace, n: int) -> None:
@@ -129,12 +136,14 @@ class PassLog:
     that the algorithm asks for the same ``V``) and computes, records and returns the others.
     """
 
-    def __init__(self, directory: Path | None, config: dict[str, Any], resume: bool, run_pass, bar=None):
-        self.dir, self.run_pass, self.bar = directory, run_pass, bar
+    def __init__(self, directory: Path | None, config: dict[str, Any], resume: bool, run_pass, bar=None, suffix: str = "", agree=None):
+        self.dir, self.run_pass, self.bar, self.suffix = directory, run_pass, bar, suffix
         self.calls = self.replayed = self.hvps = 0
+        self.replayable = 1 << 62
+        """Passes that may be replayed: under FSDP (each rank logs its shard, ``suffix``), those every rank has (``agree``: a min over ranks)."""
         if directory is None:
             return
-        cfg_file = directory / "config.json"
+        cfg_file = directory / f"config{suffix}.json"
         text = json.dumps(config, sort_keys=True, default=str)
         if directory.exists() and not resume and any(directory.glob("pass_*.pt")):
             raise UserError(f"pass log {directory} exists from an earlier run; pass --resume to continue it, or delete it to start over")
@@ -142,14 +151,19 @@ class PassLog:
             raise UserError(f"pass log {directory} is from a different configuration; delete it to start over")
         directory.mkdir(parents=True, exist_ok=True)
         cfg_file.write_text(text)
+        if agree is not None:
+            have = 0
+            while resume and (directory / f"pass_{have:05d}{suffix}.pt").exists():
+                have += 1
+            self.replayable = agree(have)
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         i = self.calls
         self.calls += 1
         self.hvps += v.shape[1]
         d = digest(v)
-        f = None if self.dir is None else self.dir / f"pass_{i:05d}.pt"
-        if f is not None and f.exists():
+        f = None if self.dir is None else self.dir / f"pass_{i:05d}{self.suffix}.pt"
+        if f is not None and f.exists() and i < self.replayable:
             rec = torch.load(f, weights_only=True)
             if rec["input"] != d:
                 raise RunError(f"{f} was recorded for a different block than the resumed run asks for; delete {self.dir} to start over")
@@ -158,7 +172,7 @@ class PassLog:
         else:
             out = self.run_pass(v, i)
             if f is not None:
-                atomic_write_bytes(f, lambda p: torch.save({"input": d, "output": out}, p))
+                atomic_write_bytes(f, lambda p: torch.save({"input": d, "output": out.cpu()}, p))
         if self.bar is not None:
             self.bar.update(1)
         return out
@@ -241,11 +255,18 @@ def run(argv: list[str] | None, description: str) -> dict[str, Any]:
     n = subset.size
     check_top_k(args, n)
     dtype_bytes = cli.DTYPES[args.dtype].itemsize
-    if args.exact_below and n <= args.exact_below:
+    exact_path = bool(args.exact_below and n <= args.exact_below and not args.fsdp)
+    world = int(os.environ.get("WORLD_SIZE", "1")) if args.fsdp else 1
+    vdtype = torch.float64 if args.vector_dtype == "float64" else cli.DTYPES[args.dtype]
+    if exact_path:
         est = preflight.exact_estimate(n, dtype_bytes)
     else:
-        est = preflight.spectrum_estimate(n, args.block_size, args.max_iter, max(args.block_size * args.max_iter, args.slq_probes * args.lanczos_steps if args.density else 0), dtype_bytes)
-    cli.check_resources(args, prep, est, "a smaller subset, fewer --max_iter or --lanczos_steps, a smaller --block_size, or --exact_below 0 for large subsets")
+        stored = preflight.stored_vectors(args.block_size, args.max_iter, args.reorth, args.eigenvectors, args.top_k, args.trace_hvps if args.trace else 0, args.density, args.slq_probes, args.lanczos_steps)
+        on_gpu = args.fsdp and prep.devices[0].type == "cuda"
+        storage = vectors.choose_storage(args.vector_storage, -(-n // world) * stored * vdtype.itemsize, preflight.free_device_bytes(prep.devices[0]) if on_gpu else None, preflight.available_host_bytes())
+        log_vectors = args.block_size * args.max_iter + (2 * args.trace_hvps if args.trace else 0) + (args.slq_probes * args.lanczos_steps if args.density else 0)
+        est = preflight.spectrum_estimate(n, args.block_size, stored, dtype_bytes, vdtype.itemsize, storage, world, log_vectors, on_gpu)
+    cli.check_resources(args, prep, est, "a smaller subset, fewer --max_iter or --lanczos_steps, a smaller --block_size, --reorth none, --vector_storage disk, --vector_dtype working, or --exact_below 0 for large subsets")
     spec = cli.model_spec(args, prep)
     rank0 = parallel.distributed_env() is None or parallel.distributed_env()[0] == 0
     fused = False if args.no_fused_head else None
@@ -255,7 +276,7 @@ def run(argv: list[str] | None, description: str) -> dict[str, Any]:
     saved: dict[str, torch.Tensor] = {}
     kept: list[ckpt.CheckpointConfig | None] = [ckpt.CheckpointConfig(out / f"{name}.passes", every_units=1)]  # where finished passes are
     t0 = time.perf_counter()
-    if args.exact_below and n <= args.exact_below:
+    if exact_path:
         job = ExactHessianJob(subset, prep.samples, args.model_input_bs, args.method, args.chunk or None, fused, spec=spec, model=prep.model, fd=fd)
         settings = cli.run_settings(args, prep, out / f"{name}.ckpt", "Hessian columns")
         sums = parallel.run_job(job, settings)
@@ -282,28 +303,40 @@ def run(argv: list[str] | None, description: str) -> dict[str, Any]:
 
             bar = tqdm(total=total, desc="passes over the samples", dynamic_ncols=True)
         log_cfg = {"subset": digest(torch.cat([s.flat_index for s in subset.slices])), "params": subset.param_names, "samples": digest(prep.samples), "model": spec.identity(), "model_input_bs": args.model_input_bs, "seed": args.seed, "fused_head": fused}
+        log_cfg.update({} if fd is None else {"hvp": fd.describe(cli.DTYPES[args.dtype])}, **({"vectors": args.vector_dtype} if args.vector_dtype != "float64" else {}))
         pool = parallel.WorkerPool(prep.devices or [prep.device])  # spawns workers only for several devices
-        log = PassLog(out / f"{name}.passes" if rank0 else None, log_cfg, args.resume, make_run_pass(args, prep, op, out, name, pool), bar)
+        if args.fsdp:  # every rank logs its shard of each pass
+            sop = fsdp.sharded_operator(prep, subset, args.model_input_bs, fd, vdtype)
+            space, log_cfg["world_size"] = sop.space, world
+            log = PassLog(out / f"{name}.passes", log_cfg, args.resume, lambda v, i: sop.matmat(v), bar, f".rank{sop.rank}of{world}", fsdp.agree_min)
+        else:
+            space = vectors.local_space(n, dtype=vdtype)
+            log = PassLog(out / f"{name}.passes" if rank0 else None, log_cfg, args.resume, make_run_pass(args, prep, op, out, name, pool), bar)
+        store = dict(space=space, storage=storage, storage_dir=out / f"{name}.vectors")
         try:
-            eig = spectrum.lanczos(log, n, args.top_k, args.which, args.block_size, args.tol, args.max_iter, seed=args.seed)
+            eig = spectrum.lanczos(log, n, args.top_k, args.which, args.block_size, args.tol, args.max_iter, seed=args.seed, reorth=args.reorth, eigenvectors=args.eigenvectors, **store)
             if bar is not None:
                 bar.total -= args.max_iter - eig.passes
                 bar.refresh()
-            meta.update(path="iterative", eigenvalues=eig.eigenvalues.tolist(), residuals=eig.residuals.tolist(), converged=eig.converged.tolist(), lanczos={"hvps": eig.hvps, "passes": eig.passes, "ritz_values": eig.ritz_values.tolist(), "invariant_subspace": eig.breakdown})
+            meta.update(path="iterative", eigenvalues=eig.eigenvalues.tolist(), residuals=eig.residuals.tolist(), converged=eig.converged.tolist(), lanczos={"hvps": eig.hvps, "passes": eig.passes, "ritz_values": eig.ritz_values.tolist(), "invariant_subspace": eig.breakdown, "reorth": eig.reorth, "ghosts_removed": eig.ghosts, "stored_vectors": eig.stored_vectors})
             saved.update(eigenvalues=eig.eigenvalues, residuals=eig.residuals, ritz_values=eig.ritz_values)
             if args.eigenvectors:
                 saved["eigenvectors"] = eig.eigenvectors
             if args.trace:
-                hutch = spectrum.hutchinson_trace(log, n, args.trace_hvps, seed=args.seed + 1)
-                hpp = spectrum.hutchpp_trace(log, n, args.trace_hvps, seed=args.seed + 2)
+                hutch = spectrum.hutchinson_trace(log, n, args.trace_hvps, seed=args.seed + 1, space=space)
+                hpp = spectrum.hutchpp_trace(log, n, args.trace_hvps, seed=args.seed + 2, space=space)
                 meta["trace"] = {"hutchinson": hutch.as_dict(), "hutch++": hpp.as_dict()}
             if args.density:
-                dens = spectrum.slq(log, n, args.slq_probes, args.lanczos_steps, seed=args.seed + 3, grid_points=args.density_points)
+                dens = spectrum.slq(log, n, args.slq_probes, args.lanczos_steps, seed=args.seed + 3, grid_points=args.density_points, reorth=args.reorth, **store)
         finally:
             pool.close()
             if bar is not None:
                 bar.close()
-        meta.update(hvps=log.hvps, passes=log.calls, replayed_passes=log.replayed, workers={"spawned": pool.started, "passes_run": pool.jobs}, **op.report())
+        meta.update(hvps=log.hvps, passes=log.calls, replayed_passes=log.replayed, workers={"spawned": pool.started, "passes_run": pool.jobs}, **(sop.report() if args.fsdp else op.report()))
+        meta["vectors"] = {"dtype": str(vdtype).removeprefix("torch."), "storage": storage, "peak_stored_bytes": space.peak_stored_bytes}
+        meta["memory"] = sop.gather_memory() if args.fsdp else [fsdp.process_memory(prep.model, n * dtype_bytes, space)]
+        if args.fsdp:
+            fsdp.finish()  # every rank has written its pass files before rank 0 removes them
     if not rank0:
         return {}
     if args.density:

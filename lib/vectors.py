@@ -19,13 +19,11 @@ projections ``Q (Q^T w)`` and combinations ``Q s``.
 
 from __future__ import annotations
 
-import math
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
@@ -262,10 +260,8 @@ def choose_storage(wanted: str, bytes_needed: int, device_free: int | None, host
     return "cpu" if bytes_needed <= fraction * host_free else "disk"
 
 
-def sizes_text(segments: Sequence[tuple[int, int]]) -> str:
-    """``a..b`` ranges, for messages."""
-    return ", ".join(f"{a}..{a + n - 1}" for a, n in segments)
-
-
-def _unused() -> None:  # pragma: no cover - keeps linters quiet about imports used only in type hints
-    _ = (math, os)
+def add_flags(p) -> None:
+    """``--vector_storage``, ``--vector_dtype`` (hessian_spectrum.py)."""
+    g = p.add_argument_group("vectors of the iterative path")
+    g.add_argument("--vector_storage", choices=("auto", *STORAGES), default="auto", help="where the Lanczos basis and stored probe vectors live: device (with the products: the GPU under --fsdp, else host memory), cpu (host memory), disk (memory-mapped files in <output_dir>/<name>.vectors/, read back block by block); auto: the device when they fit in half its free memory, else the host, else disk (counted by the memory pre-flight)")
+    g.add_argument("--vector_dtype", choices=("float64", "working"), default="float64", help="dtype of the stored and working vectors: float64, or the model's --dtype (working) to halve or quarter their memory (bf16 keeps Lanczos orthogonal to only ~1e-3)")
