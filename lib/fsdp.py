@@ -208,9 +208,15 @@ class ShardedOperator:
         self.hvps += v.shape[1]
         return (hv.to(F64) / self.n_tokens).T.contiguous()
 
+    def restored(self) -> bool:
+        """Whether every shard holds bitwise the saved original weights (it should after every product)."""
+        return all(torch.equal(t, s) for t, s in zip(self.locals, self.saved))
+
     def report(self) -> dict[str, Any]:
-        """For the JSON (rank 0 after :meth:`gather_memory`): settings, kink retries, world size, memory per rank."""
-        return {"hvp": {**self.fd.describe(self.x0.dtype), **self.stats.to_json()}, "fsdp": {"world_size": self.world, "units": "one per transformer block, then the root", "entries_per_rank": _all_gather(self.space.local)}}
+        """For the JSON (collective): settings, kink retries (counted once per HVP over all samples), world size, entries and
+        whether the weights are bitwise restored, per rank."""
+        hvp = {**self.fd.describe(self.x0.dtype), **self.stats.to_json(), "counted": "per HVP over all samples"}
+        return {"hvp": hvp, "fsdp": {"world_size": self.world, "units": "one per transformer block, then the root", "entries_per_rank": _all_gather(self.space.local), "weights_bitwise_restored": _all_gather(self.restored())}}
 
     def gather_memory(self) -> list[dict[str, int]]:
         """Every rank's :class:`Memory` (collective), with the vectors' peak from :attr:`space`."""

@@ -351,7 +351,7 @@ class HessianOperator:
         """For the JSON: ``{"keep_graphs": GraphCache.report(), "chunk": ChunkPolicy.report()}`` of this process;
         with finite differences ``{"hvp": {settings, kink retries...}}`` instead."""
         if self.fd is not None:
-            return {"hvp": {**self.fd.describe(next(self.model.parameters()).dtype), **self.fd_stats.to_json()}}
+            return {"hvp": {**self.fd.describe(next(self.model.parameters()).dtype), **self.fd_stats.to_json(), "counted": "per batch of model_input_bs samples"}}
         return {"hvp": {"hvp": "exact"}, "keep_graphs": self.graphs.report(), "chunk": self.policy.report(self.chunk, "chunk")}
 
     def _run(self, job: HVPJob) -> Partial | None:
