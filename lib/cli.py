@@ -22,7 +22,7 @@ from .data import default_dataset, load_text, load_tokenizer, make_samples, toke
 from .errors import Interrupted, RunError, UserError
 from .hessian import METHODS, ExactHessianJob
 from .inputs import model_fingerprint, tokenizer_fingerprint, warn
-from .models import EMBEDDED, ModelSpec, load_model, max_positions, resolve_device
+from .models import EMBEDDED, ModelSpec, load_model, max_positions, offloaded_parameters, resolve_device
 from .plots import heatmap, slice_label
 from .results import save_tensor_and_json
 from .subsets import Subset
@@ -99,7 +99,7 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     """Flags for data-parallel runs and checkpoints (see :mod:`lib.parallel`, :mod:`lib.checkpoint`)."""
     r = p.add_argument_group("parallel runs and checkpoints")
     r.add_argument("--devices", default=None, help="comma-separated devices, one worker process per entry, e.g. cuda:0,cuda:1,cuda:2,cuda:3 (cpu,cpu for tests); overrides --device; under torchrun, entry LOCAL_RANK is the rank's device")
-    r.add_argument("--device_map", default=None, help="split one model over the GPUs of its worker with this Hugging Face device_map (e.g. auto); needs accelerate; one worker (or one torchrun rank per node)")
+    r.add_argument("--device_map", default=None, help="split one model over the GPUs of its worker with this Hugging Face device_map: a strategy (e.g. auto) or a JSON object {module: device or \"disk\"} (disk: offloaded by accelerate to <cache_dir>/offload/, the subset must not be there); exact HVPs, one GPU at a time; needs accelerate; one worker (or one torchrun rank per node)")
     r.add_argument("--checkpoint_every", default=ckpt.DEFAULT_EVERY, help="write <output_dir>/<name>.ckpt every N units (batches of --model_input_bs samples), or every DURATION such as 120s, 10m; 0 = never")
     r.add_argument("--resume", action="store_true", help="continue from the checkpoint <output_dir>/<name>.ckpt (hessian_diagonal.py: also <name>.phase2.ckpt; hessian_spectrum.py: the pass log <name>.passes/), recomputing nothing finished (the configuration must be the same); starts afresh if there is none")
     r.add_argument("--keep_checkpoint", action="store_true", help="keep the checkpoint when the run completes (it is removed by default)")
@@ -224,6 +224,9 @@ def prepare(args: argparse.Namespace, build_subset: Callable[[nn.Module], Subset
     device = devices[0] if len(devices) == 1 and not getattr(args, "fsdp", False) else torch.device("cpu")  # FSDP shards it from the host
     model = load_model(args.model, cache_dir=args.cache_dir, dtype=DTYPES[args.dtype], device=device, attn_implementation=args.attn_implementation, device_map=getattr(args, "device_map", None))
     subset = build_subset(model)
+    offloaded = offloaded_parameters(model, subset.param_names)
+    if offloaded:
+        raise UserError(f"--device_map offloads {offloaded[0]} to disk (loaded only inside the forward, so it cannot be differentiated): place the layers of the subset on a device (cpu or cuda) and offload others")
     limit = max_positions(model)
     if args.seqlen is None:
         args.seqlen = min(2048, limit or 2048)
