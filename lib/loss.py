@@ -122,10 +122,15 @@ class SubsetLoss(nn.Module):
         self.subset = subset
         self._offsets: list[tuple[str, torch.Tensor, int, int]] = []
         start = 0
+        self._whole: set[str] = set()
+        """Parameters selected whole in storage order: substituted as a view of ``x`` (no scatter)."""
         for s in subset.slices:
-            device = model.get_parameter(s.param_name).device
-            self._offsets.append((s.param_name, s.flat_index.to(device), start, start + len(s)))
+            param = model.get_parameter(s.param_name)
+            self._offsets.append((s.param_name, s.flat_index.to(param.device), start, start + len(s)))
+            if len(s) == param.numel() and bool((s.flat_index == torch.arange(len(s))).all()):
+                self._whole.add(s.param_name)
             start += len(s)
+        self._whole -= {n for n in self._whole if sum(o[0] == n for o in self._offsets) > 1}
         can_fuse = self._can_fuse_head()
         if fused_head and not can_fuse:
             raise ValueError("the fused head does not apply to this model or subset")
@@ -150,9 +155,15 @@ class SubsetLoss(nn.Module):
     def weights(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The substituted parameters ``{qualified name: tensor}`` built from ``x``."""
         pieces: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
-        for name, idx, a, b in self._offsets:
-            pieces[name].append((idx, x[a:b]))
-        return {name: _rebuild(self.model.get_parameter(name), p) for name, p in pieces.items()}
+        whole: dict[str, torch.Tensor] = {}
+        parts = torch.split(x, [b - a for _, _, a, b in self._offsets])  # one backward concatenation, not a full-size gradient per slice
+        for (name, idx, _, _), part in zip(self._offsets, parts):
+            if name in self._whole:
+                param = self.model.get_parameter(name)
+                whole[name] = part.to(param.device).view(param.shape)
+            else:
+                pieces[name].append((idx, part))
+        return {**whole, **{name: _rebuild(self.model.get_parameter(name), p) for name, p in pieces.items()}}
 
     def features(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """What the loss's softmax reads, at the ``N = B * (s-1)`` predicted positions of ``input_ids`` (``(B, s)``).

@@ -281,7 +281,7 @@ class HVPJob(ModelJob):
         return {
             "kind": "hessian_vector_products",
             "tag": self.tag,
-            "subset": hashlib.sha256(repr([[s.param_name, s.flat_index.tolist()] for s in self.subset.slices]).encode()).hexdigest(),
+            "subset": hashlib.sha256("".join(f"{s.param_name}:{digest(s.flat_index)};" for s in self.subset.slices).encode()).hexdigest(),
             "samples_sha256": digest(self.samples),
             "samples_shape": list(self.samples.shape),
             "block_sha256": digest(self.vt),

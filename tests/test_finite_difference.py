@@ -162,3 +162,14 @@ def test_operator_keeps_sdpa_fused_and_runs_in_bfloat16(monkeypatch):
         HessianOperator(model, subset, ids) @ v
     low = HessianOperator(model.to(torch.bfloat16), subset, ids, hvp="finite_difference") @ v
     assert bool(torch.isfinite(low).all()) and _err(low, exact) < 0.5
+
+
+def test_unavoidable_crossings_keep_the_first_product():
+    """When even the smallest step would still cross (c * min_step / step >= 1; here the count is scaled up as for a
+    huge model), retrying cannot help: the first product is kept and its crossings are reported."""
+    model = _Kinked()
+    x0 = torch.randn(8, dtype=F64, generator=torch.Generator().manual_seed(2))
+    v = torch.randn(8, dtype=F64, generator=torch.Generator().manual_seed(3))
+    with fd.KinkMonitor(model) as monitor:
+        _, _, stats = fd.fd_products(fd.gradient_of(model), x0, v[None], fd.FDSettings(relative_step=0.3), monitor=monitor, reduce=lambda c: c * 10**15)
+    assert stats.retries == 0 and stats.crossings_left >= 10**15 and stats.min_relative_step == pytest.approx(0.3)
