@@ -500,7 +500,7 @@ def make_job(args: argparse.Namespace, exact: ExactHessianJob) -> CurvatureJob:
     if any(a in LAYER_BASED for a in args.compare):
         entry_layout(exact.model, exact.subset)
     d, _ = rounding_perturbations(exact.model, exact.subset, args.perturbations, args.perturbation_bits, args.seed)
-    settings = dict(model_input_bs=exact.model_input_bs, method=exact.method, chunk=exact.chunk, fused_head=exact.fused_head, spec=exact.spec, model=exact.model)
+    settings = dict(model_input_bs=exact.model_input_bs, method=exact.method, chunk=exact.chunk, fused_head=exact.fused_head, spec=exact.spec, model=exact.model, fd=exact.fd)
     return CurvatureJob(exact.subset, exact.samples, list(dict.fromkeys(args.compare)), args.fisher_samples, d, args.seed, **settings)
 
 

@@ -100,6 +100,8 @@ def load_model(
         raise UserError(f"{_offline_hint(name)} ({type(e).__name__}: {msg})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    if getattr(model.config, "_attn_implementation", attn_implementation) != attn_implementation and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(attn_implementation)  # a saved config's "attn_implementation" (the embedded model's) overrides the request
     check_loading_info(name, {**info, "model_class": type(model).__name__})
     check_causal_lm(name, model)
     check_finite_weights(model)

@@ -173,3 +173,11 @@ def test_unavoidable_crossings_keep_the_first_product():
     with fd.KinkMonitor(model) as monitor:
         _, _, stats = fd.fd_products(fd.gradient_of(model), x0, v[None], fd.FDSettings(relative_step=0.3), monitor=monitor, reduce=lambda c: c * 10**15)
     assert stats.retries == 0 and stats.crossings_left >= 10**15 and stats.min_relative_step == pytest.approx(0.3)
+
+
+def test_embedded_model_runs_the_attention_asked_for():
+    """The embedded model's saved config names eager attention; --attn_implementation sdpa must still give SDPA."""
+    from lib.models import load_model
+
+    assert load_model("embedded", attn_implementation="sdpa").config._attn_implementation == "sdpa"
+    assert load_model("embedded").config._attn_implementation == "eager"
