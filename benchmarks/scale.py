@@ -17,6 +17,7 @@ Sections (``--sections``, default all):
   model: this project in one process, hessian-eigenthings' ``lanczos`` on its finite-difference operator.
 * ``fsdp`` -- the same HVP and top-5 under ``torchrun --nproc_per_node 2`` with ``--fsdp``'s operator (gloo),
   per-rank wall and peak resident memory.
+* ``eig_errors`` -- the top-3 eigenvalues of block-0 ``q_proj`` by Lanczos on finite-difference products against exact ones.
 
     OMP_NUM_THREADS=1 python benchmarks/scale.py            # about an hour on the shared 2-core CPU
 
@@ -132,6 +133,28 @@ def errors(b: int) -> dict:
             del model, o
         out[name] = {"n": int(x0.numel()), "rows": rows}
     return out
+
+
+def eigen_errors(b: int, max_iter: int = 60) -> dict:
+    """Top-3 eigenvalues of block-0 ``q_proj``'s Hessian by Lanczos on finite-difference products (float64, float32,
+    bf16; eager and fused SDPA) against exact float64 products, all to ``tol = 1e-6`` or ``max_iter`` passes."""
+    from lib.data import load_samples
+    from lib.models import load_model
+
+    samples = load_samples("embedded", 128, b)
+    rows = []
+    ref = None
+    for dtype, attn, hvp in ((F64, "eager", "exact"), (F64, "eager", "finite_difference"), (torch.float32, "eager", "finite_difference"), (torch.float32, "sdpa", "finite_difference"), (torch.bfloat16, "eager", "finite_difference")):
+        model = load_model("embedded", dtype=dtype, attn_implementation=attn)
+        subset = params_subset(model, [Q_PROJ])
+        op = HessianOperator(model, subset, samples, hvp=hvp)
+        r = spectrum.lanczos(op.matmat, subset.size, 3, tol=1e-6, max_iter=max_iter, seed=0)
+        if ref is None:
+            ref = r.eigenvalues
+        row = {"dtype": str(dtype).removeprefix("torch."), "attention": attn, "hvp": hvp, "eigenvalues": r.eigenvalues.tolist(), "max_relative_error": float(((r.eigenvalues - ref).abs() / ref.abs()).max()), "passes": r.passes}
+        rows.append(row)
+        print(row, flush=True)
+    return {"subset": "q_proj block 0", "rows": rows}
 
 
 # ----------------------------------------------------------------------------- OPT-125M architecture
@@ -302,7 +325,7 @@ def fsdp_section(b: int, rounds: int, max_iter: int, tol: float, ranks: int) -> 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sections", nargs="+", default=["errors", "hvp", "top5", "fsdp"])
+    p.add_argument("--sections", nargs="+", default=["errors", "eig_errors", "hvp", "top5", "fsdp"])
     p.add_argument("--b", type=int, default=2, help="samples for the embedded model's errors")
     p.add_argument("--scale_b", type=int, default=2, help="samples of 128 tokens for the OPT-125M-architecture runs")
     p.add_argument("--rounds", type=int, default=3)
@@ -328,6 +351,8 @@ def main(argv=None) -> dict:
         started = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "loadavg_before": os.getloadavg()}
         if section == "errors":
             res = errors(args.b)
+        elif section == "eig_errors":
+            res = eigen_errors(args.b)
         elif section == "hvp":
             res = hvp_section(args.scale_b, args.rounds)
         elif section == "top5":

@@ -568,7 +568,7 @@ def hessian_diagonal(
     if fd is not None:
         stats = FDStats.from_sums(sums)
         stats.add(FDStats.from_sums(sums2 or {}))
-        result.hvp = {**fd.describe(next(model.parameters()).dtype), **stats.to_json()}
+        result.hvp = {**fd.report(next(model.parameters()).dtype), **stats.to_json()}
     for t, p in zip(targets, plans):
         name = t.param_name
         omega = rademacher_probes(t.numel, seed, name, 0, p.keep).T if p.keep else None

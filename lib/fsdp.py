@@ -215,7 +215,7 @@ class ShardedOperator:
     def report(self) -> dict[str, Any]:
         """For the JSON (collective): settings, kink retries (counted once per HVP over all samples), world size, entries and
         whether the weights are bitwise restored, per rank."""
-        hvp = {**self.fd.describe(self.x0.dtype), **self.stats.to_json(), "counted": "per HVP over all samples"}
+        hvp = {**self.fd.report(self.x0.dtype), **self.stats.to_json(), "counted": "per HVP over all samples"}
         return {"hvp": hvp, "fsdp": {"world_size": self.world, "units": "one per transformer block, then the root", "entries_per_rank": _all_gather(self.space.local), "weights_bitwise_restored": _all_gather(self.restored())}}
 
     def gather_memory(self) -> list[dict[str, int]]:

@@ -240,10 +240,22 @@ class HVPJob(ModelJob):
     _policy: ChunkPolicy | None = None
     """Per-process chunk choice shared by the jobs of one operator (not pickled: workers measure their own)."""
 
+    _prepared: dict | None = None
+    """Per-process ``{(model id, exact?): (objective, x0, ||x0||)}`` shared by the jobs of one operator (not pickled), so that a
+    pass does not rebuild the subset's loss and gather ``x0`` again (seconds for a whole model)."""
+
     def setup(self, device: torch.device) -> None:
         self.ensure_model(device)
-        self._objective = SubsetLoss(self.model, self.subset, fused_head=self.fused_head, double_backward=self.fd is None)
-        self._x0 = self._objective.x0()
+        key = (id(self.model), self.fd is None)
+        if self._prepared is not None and key in self._prepared:
+            self._objective, self._x0, self._x0_norm = self._prepared[key]
+        else:
+            self._objective = SubsetLoss(self.model, self.subset, fused_head=self.fused_head, double_backward=self.fd is None)
+            self._x0 = self._objective.x0()
+            self._x0_norm = float(self._x0.double().norm()) if self.fd is not None else None
+            if self._prepared is not None:
+                self._prepared.clear()
+                self._prepared[key] = (self._objective, self._x0, self._x0_norm)
         if self._policy is None:
             self._policy = ChunkPolicy(self.chunk)
 
@@ -265,7 +277,7 @@ class HVPJob(ModelJob):
     def run_unit(self, k: int, progress: Progress | None = None) -> Partial:
         if self.fd is not None:
             batch = self.samples[k * self.model_input_bs : (k + 1) * self.model_input_bs].to(self._x0.device)
-            return subset_fd_products(self._objective, self._x0, batch, self.vt, self.fd, progress)
+            return subset_fd_products(self._objective, self._x0, batch, self.vt, self.fd, progress, self._x0_norm)
         x, g, value = self._graph(k)
         vt = self.vt.to(device=x.device, dtype=x.dtype)
         hv = torch.empty_like(vt)
@@ -336,11 +348,12 @@ class HessianOperator:
         keep_all_graphs(keep_graphs, 1, 0, 0)  # validates the mode
         self.graphs = GraphCache(keep_graphs)
         self.policy = ChunkPolicy(chunk)
+        self._prepared: dict = {}
 
     def job(self, vt: torch.Tensor, tag: str = "") -> HVPJob:
         """The additive job of one pass computing ``H`` applied to the rows of ``vt`` (``(p, n)``)."""
         job = HVPJob(self.subset, self.samples, vt.detach().to("cpu", torch.float64).contiguous(), self.model_input_bs, self.chunk, self.fused_head, spec=self.spec, model=self.model, tag=tag, fd=self.fd)
-        job._graphs, job._policy = self.graphs, self.policy
+        job._graphs, job._policy, job._prepared = self.graphs, self.policy, self._prepared
         return job
 
     def record(self, sums: Partial) -> None:
@@ -351,7 +364,7 @@ class HessianOperator:
         """For the JSON: ``{"keep_graphs": GraphCache.report(), "chunk": ChunkPolicy.report()}`` of this process;
         with finite differences ``{"hvp": {settings, kink retries...}}`` instead."""
         if self.fd is not None:
-            return {"hvp": {**self.fd.describe(next(self.model.parameters()).dtype), **self.fd_stats.to_json(), "counted": "per batch of model_input_bs samples"}}
+            return {"hvp": {**self.fd.report(next(self.model.parameters()).dtype), **self.fd_stats.to_json(), "counted": "per batch of model_input_bs samples"}}
         return {"hvp": {"hvp": "exact"}, "keep_graphs": self.graphs.report(), "chunk": self.policy.report(self.chunk, "chunk")}
 
     def _run(self, job: HVPJob) -> Partial | None:
