@@ -131,7 +131,7 @@ class Memory:
 class ShardedOperator:
     """``H`` of the mean next-token NLL over ``samples`` (``(b, seqlen)``) w.r.t. the whole parameters of ``subset`` of an
     FSDP-sharded ``model`` (:func:`shard`), on this rank's shards: :meth:`matmat` maps a ``(local, p)`` block of
-    :attr:`space` to ``H V`` (same block, float64), by :func:`lib.finite_difference.fd_products`. Collective: every rank
+    :attr:`space` to ``H V`` (same block and dtype), by :func:`lib.finite_difference.fd_products`. Collective: every rank
     calls it with its own block of the same global vectors."""
 
     def __init__(self, model: nn.Module, subset: Subset, samples: torch.Tensor, model_input_bs: int, fd: FDSettings, device: torch.device, vector_dtype: torch.dtype = F64):
@@ -141,7 +141,9 @@ class ShardedOperator:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.params = [model.get_parameter(name) for name in subset.param_names]
         self.locals = [p.to_local() for p in self.params]  # views of the sharded storage
-        self.saved = [t.detach().clone() for t in self.locals]
+        self.x0 = torch.cat([t.detach().reshape(-1) for t in self.locals]) if self.locals else torch.zeros(0)
+        self.saved = [piece.view_as(t) for piece, t in zip(torch.split(self.x0, [t.numel() for t in self.locals]), self.locals)]
+        """The original bits, as views of the flat ``x0`` (one copy of the shards)."""
         rows = _all_gather([t.shape[0] if t.dim() else 1 for t in self.locals])
         segments, offset = [], 0
         for i, p in enumerate(self.params):
@@ -151,7 +153,6 @@ class ShardedOperator:
             offset += p.numel()
         self.n = offset
         self.space = VectorSpace(self.n, tuple(segments), device, vector_dtype, lambda t: _all_reduce(t, device), self.world, self.rank)
-        self.x0 = torch.cat([t.reshape(-1) for t in self.saved]) if self.saved else torch.zeros(0)
         self.x0_norm = math.sqrt(float(self.space.reduce(self.x0.to(F64).pow(2).sum())))
         self.n_tokens = samples.shape[0] * (samples.shape[1] - 1)
         units = -(-samples.shape[0] // model_input_bs)
@@ -195,7 +196,7 @@ class ShardedOperator:
         return g, self.space.reduce(total)
 
     def matmat(self, v: torch.Tensor) -> torch.Tensor:
-        """``H V`` for this rank's block ``V`` (``(local, p)``): float64 on the device, normalized by ``b (seqlen - 1)``."""
+        """``H V`` for this rank's block ``V`` (``(local, p)``) in the space's dtype on the device, normalized by ``b (seqlen - 1)``."""
         reduce_int = lambda c: int(round(float(self.space.reduce(torch.tensor(float(c))))))  # noqa: E731
         norm = lambda row: math.sqrt(float(self.space.reduce(row.to(F64).pow(2).sum())))  # noqa: E731
         try:
@@ -206,7 +207,7 @@ class ShardedOperator:
         self.stats.add(stats)
         self.passes += 1
         self.hvps += v.shape[1]
-        return (hv.to(F64) / self.n_tokens).T.contiguous()
+        return (hv / self.n_tokens).T.contiguous().to(self.space.dtype)
 
     def restored(self) -> bool:
         """Whether every shard holds bitwise the saved original weights (it should after every product)."""

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .autotune import Compute, Tuning, free_memory, tune
-from .finite_difference import HVP_METHODS, FDSettings, FDStats, subset_fd_products
+from .finite_difference import HVP_METHODS, FDSettings, FDStats, accumulation_dtype, subset_fd_products
 from .jobs import ModelJob, Partial, run_serial
 from .loss import SubsetLoss
 from .models import ModelSpec
@@ -277,7 +277,9 @@ class HVPJob(ModelJob):
     def run_unit(self, k: int, progress: Progress | None = None) -> Partial:
         if self.fd is not None:
             batch = self.samples[k * self.model_input_bs : (k + 1) * self.model_input_bs].to(self._x0.device)
-            return subset_fd_products(self._objective, self._x0, batch, self.vt, self.fd, progress, self._x0_norm)
+            if getattr(self, "_vt_fd", None) is None:  # the block in the differences' dtype, once per pass (not per batch)
+                self._vt_fd = self.vt.to(device=self._x0.device, dtype=accumulation_dtype(self._x0.dtype))
+            return subset_fd_products(self._objective, self._x0, batch, self._vt_fd, self.fd, progress, self._x0_norm)
         x, g, value = self._graph(k)
         vt = self.vt.to(device=x.device, dtype=x.dtype)
         hv = torch.empty_like(vt)
@@ -385,7 +387,7 @@ class HessianOperator:
             return None
         self.record(sums)
         self.nll_sum = float(sums["nll_sum"])
-        out = (sums["hv_sum"] / self.n_tokens).T.contiguous()
+        out = sums["hv_sum"].div_(self.n_tokens).T.contiguous()  # the sums are this call's own: divided in place
         return out.numpy() if is_numpy else out
 
     def matvec(self, v: Any) -> Any:

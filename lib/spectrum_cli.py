@@ -257,7 +257,7 @@ def run(argv: list[str] | None, description: str) -> dict[str, Any]:
     dtype_bytes = cli.DTYPES[args.dtype].itemsize
     exact_path = bool(args.exact_below and n <= args.exact_below and not args.fsdp)
     world = int(os.environ.get("WORLD_SIZE", "1")) if args.fsdp else 1
-    vdtype = torch.float64 if args.vector_dtype == "float64" else cli.DTYPES[args.dtype]
+    vdtype = vectors.vector_dtype(args.vector_dtype, cli.DTYPES[args.dtype])
     if exact_path:
         est = preflight.exact_estimate(n, dtype_bytes)
     else:
@@ -357,6 +357,7 @@ def run(argv: list[str] | None, description: str) -> dict[str, Any]:
         ckpt.finish(kept[0])
     if meta["path"] == "iterative" and not args.keep_checkpoint:
         shutil.rmtree(out / f"{name}.passes", ignore_errors=True)
+    shutil.rmtree(out / f"{name}.vectors", ignore_errors=True)  # --vector_storage disk (every rank's blocks are gone already)
     top = ", ".join(f"{v:.6g}" for v in meta["eigenvalues"])
     print(f"{meta['path']} path, n={n}: eigenvalues [{top}] with {meta['hvps']} HVPs in {meta['passes']} passes ({meta['spectrum_elapsed_s']:.1f}s)")
     if not all(meta["converged"]):

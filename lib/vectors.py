@@ -33,6 +33,13 @@ F64 = torch.float64
 CHUNK = 1 << 20
 """Entries per random-number chunk (each seeded by ``(seed, kind, column, chunk)``)."""
 STORAGES = ("device", "cpu", "disk")
+VECTOR_DTYPES = ("float64", "float32", "working")
+"""``--vector_dtype``: ``working`` = the model's dtype."""
+
+
+def vector_dtype(choice: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of ``--vector_dtype`` for a model in ``model_dtype``."""
+    return model_dtype if choice == "working" else getattr(torch, choice)
 
 
 @dataclass
@@ -264,4 +271,4 @@ def add_flags(p) -> None:
     """``--vector_storage``, ``--vector_dtype`` (hessian_spectrum.py)."""
     g = p.add_argument_group("vectors of the iterative path")
     g.add_argument("--vector_storage", choices=("auto", *STORAGES), default="auto", help="where the Lanczos basis and stored probe vectors live: device (with the products: the GPU under --fsdp, else host memory), cpu (host memory), disk (memory-mapped files in <output_dir>/<name>.vectors/, read back block by block); auto: the device when they fit in half its free memory, else the host, else disk (counted by the memory pre-flight)")
-    g.add_argument("--vector_dtype", choices=("float64", "working"), default="float64", help="dtype of the stored and working vectors: float64, or the model's --dtype (working) to halve or quarter their memory (bf16 keeps Lanczos orthogonal to only ~1e-3)")
+    g.add_argument("--vector_dtype", choices=VECTOR_DTYPES, default="float64", help="dtype of the stored and working vectors: float64, float32 (half the memory; orthogonality to ~1e-7), or the model's --dtype (working: bf16 keeps Lanczos orthogonal to only ~1e-3)")
