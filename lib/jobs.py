@@ -101,7 +101,7 @@ def add_partials(total: Partial | None, part: Partial) -> Partial:
     if total.keys() != part.keys():
         raise ValueError(f"partial sums have different keys: {sorted(total)} vs {sorted(part)}")
     for k, v in part.items():
-        total[k] += v.detach().to("cpu", torch.float64)
+        total[k].add_(v.detach().to("cpu"))  # promoted to float64 element by element, without a float64 copy of v
     return total
 
 

@@ -94,11 +94,26 @@ def _block_tridiagonal(alphas: list[torch.Tensor], betas: list[torch.Tensor]) ->
     return t
 
 
-def cullum_willoughby(t: torch.Tensor, tol: float) -> torch.Tensor:
+def cullum_willoughby(t: torch.Tensor, tol: float, residuals: torch.Tensor | None = None, converged: float = 0.0) -> torch.Tensor:
     """Indices into the ascending eigenvalues of the tridiagonal ``T`` (``(m, m)``) of the genuine Ritz values, by the
     test of Cullum & Willoughby (1985, *Lanczos Algorithms for Large Symmetric Eigenvalue Computations*, Vol. 1, Ch. 4):
     values within ``tol`` of each other are copies of one converged eigenvalue (the first is kept); a *simple* value
-    within ``tol`` of an eigenvalue of ``T`` without its first row and column is spurious (a ghost) and dropped."""
+    within ``tol`` of an eigenvalue of ``T`` without its first row and column is spurious (a ghost) and dropped. With
+    the Ritz ``residuals`` (ascending order too), a value whose interval ``theta +- residual`` reaches a kept *converged*
+    one (residual at most ``converged``) is a copy of it still converging, and dropped as well."""
+    keep = _cullum_willoughby(t, tol)
+    if residuals is None:
+        return keep
+    theta = torch.linalg.eigvalsh(t)
+    kept: list[int] = []
+    for i in sorted(keep.tolist(), key=lambda i: float(residuals[i])):
+        near = [j for j in kept if float(residuals[j]) <= converged and abs(float(theta[i] - theta[j])) <= float(residuals[i] + residuals[j]) + tol]
+        if not near:
+            kept.append(i)
+    return torch.tensor(sorted(kept), dtype=torch.long)
+
+
+def _cullum_willoughby(t: torch.Tensor, tol: float) -> torch.Tensor:
     theta = torch.linalg.eigvalsh(t)
     hat = torch.linalg.eigvalsh(t[1:, 1:]) if t.shape[0] > 1 else torch.zeros(0, dtype=t.dtype)
     keep: list[int] = []
@@ -125,7 +140,7 @@ def lanczos(matmat: MatMat, n: int, k: int, which: str = "largest", block_size: 
     Sec. 10.1 and 10.3; Parlett, *The Symmetric Eigenvalue Problem*, Ch. 13). ``reorth="selective"`` (``p = 1``) instead
     orthogonalizes ``R`` against each Ritz vector once its residual is below ``sqrt(eps) ||T||`` (Parlett & Scott 1979);
     ``"none"`` (``p = 1``) keeps only the recurrence and filters the Ritz values with :func:`cullum_willoughby` (tolerance
-    ``max(tol, 1e-12) * max|theta|``). Stops when the ``k`` wanted pairs (per end for ``which="both"``) satisfy
+    ``100 eps max|theta|``, ``eps`` of the vectors' dtype, and the residual intervals). Stops when the ``k`` wanted pairs (per end for ``which="both"``) satisfy
     ``residual <= tol * max|theta|``, after ``max_iter`` passes, when the Krylov space fills ``R^n`` (full), or on
     breakdown (an invariant subspace: the Ritz values are then exact). ``on_pass(j, theta)`` is called after each pass.
     The basis is kept on ``storage`` (``device``, ``cpu``, ``disk`` under ``storage_dir``) when reorthogonalization or
@@ -149,6 +164,7 @@ def lanczos(matmat: MatMat, n: int, k: int, which: str = "largest", block_size: 
     prev: tuple[torch.Tensor, torch.Tensor] | None = None
     passes = 0
     eps = torch.finfo(F64).eps
+    cw_tol = 100 * torch.finfo(space.dtype).eps  # ghost copies agree to the vectors' rounding
     try:
         while True:
             if basis is not None:
@@ -181,7 +197,7 @@ def lanczos(matmat: MatMat, n: int, k: int, which: str = "largest", block_size: 
             ghosts = 0
             genuine = torch.arange(theta.numel())
             if reorth == "none":
-                genuine = cullum_willoughby(t, max(tol, 1e-12) * max(scale, 1e-300))
+                genuine = cullum_willoughby(t, cw_tol * max(scale, 1e-300), (b @ s[-p:, :]).norm(dim=0), tol * scale)
                 ghosts = theta.numel() - genuine.numel()
             th, sg = theta[genuine], s[:, genuine]
             res = (b @ sg[-p:, :]).norm(dim=0)

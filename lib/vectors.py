@@ -75,12 +75,13 @@ class VectorSpace:
         return torch.zeros(self.local, p, device=self.device, dtype=self.dtype)
 
     def gram(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``A^T B`` (``(pa, pb)``, float64 host), summed over the shards."""
-        return self.reduce(a.to(F64).T @ b.to(F64))
+        """``A^T B`` (``(pa, pb)``, float64 host), summed over the shards; accumulated in float64 (blocks of other dtypes
+        converted :data:`ROWS` rows at a time)."""
+        return self.reduce(_chunked(lambda x, y: x.T @ y, a, b))
 
     def coldot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Column-wise ``<a_j, b_j>`` (``(p,)``, float64 host)."""
-        return self.reduce((a.to(F64) * b.to(F64)).sum(0))
+        """Column-wise ``<a_j, b_j>`` (``(p,)``, float64 host), accumulated in float64."""
+        return self.reduce(_chunked(lambda x, y: (x * y).sum(0), a, b))
 
     def colnorms(self, a: torch.Tensor) -> torch.Tensor:
         return self.coldot(a, a).clamp_min(0).sqrt()
@@ -93,6 +94,9 @@ class VectorSpace:
         """``W = Q R``: ``Q`` orthonormal columns (a block), ``R`` upper triangular (float64 host). One process: Householder
         (:func:`torch.linalg.qr`); sharded: classical Gram-Schmidt twice, column by column, with reduced inner products
         (a column in the span of the previous ones gets ``R_jj ~ 0``, as a breakdown signal)."""
+        if w.shape[1] == 1:  # a single vector: normalize it
+            norm = float(self.colnorms(w)[0])
+            return (w / norm if norm > 0 else w.clone()), torch.tensor([[norm]], dtype=F64)
         if self.world == 1:
             q, r = torch.linalg.qr(w.to(torch.promote_types(w.dtype, torch.float32)))
             return q.to(w.dtype), r.to("cpu", F64)
@@ -120,6 +124,21 @@ class VectorSpace:
         """Count ``delta`` bytes of stored vectors (bases), keeping the peak."""
         self.stored_bytes += delta
         self.peak_stored_bytes = max(self.peak_stored_bytes, self.stored_bytes)
+
+
+ROWS = 1 << 22
+"""Rows per chunk when a block of another dtype is converted to float64 for a reduction."""
+
+
+def _chunked(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum over row chunks of op(a[c], b[c])`` in float64: whole when both are float64, else ``ROWS`` rows converted at a time."""
+    if a.dtype == F64 and b.dtype == F64:
+        return op(a, b)
+    total = None
+    for start in range(0, max(a.shape[0], 1), ROWS):
+        part = op(a[start : start + ROWS].to(F64), b[start : start + ROWS].to(F64))
+        total = part if total is None else total + part
+    return total
 
 
 def local_space(n: int, device: torch.device | str = "cpu", dtype: torch.dtype = F64) -> VectorSpace:

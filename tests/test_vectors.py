@@ -40,7 +40,7 @@ def test_cullum_willoughby_removes_the_ghosts_of_lanczos_without_reorthogonaliza
     torch.testing.assert_close(r.eigenvalues, exact, rtol=1e-12, atol=0)
     top = r.ritz_values[r.ritz_values > 5]
     assert top.numel() == 3  # one copy each
-    monkeypatch.setattr(spectrum, "cullum_willoughby", lambda t, tol: torch.arange(t.shape[0]))
+    monkeypatch.setattr(spectrum, "cullum_willoughby", lambda t, *a: torch.arange(t.shape[0]))
     raw = run()
     assert (raw.ritz_values > 9.5).sum() >= 2  # unfiltered, the converged top eigenvalue comes back as ghost copies
 
@@ -113,3 +113,12 @@ def test_storage_choice_and_preflight_count_the_vectors():
     assert disk.disk == 120 * n * 8 and disk.host < full.host / 10 and disk.checkpoint == 10 * n * 8
     gpu = preflight.spectrum_estimate(n, 1, 120, 4, on_gpu=True)
     assert gpu.device > 120 * n * 8 > gpu.host
+
+
+def test_ghost_filter_keeps_a_dense_bulk_whatever_the_tolerance():
+    """Loose convergence tolerances must not merge distinct Ritz values of a packed bulk: the filter's tolerance is the
+    vectors' rounding, not --tol."""
+    h = _dense(300, top=(3.0, 2.5, 2.0))  # bulk spacing ~3e-3: within --tol 1e-3 of the top value's scale
+    r = spectrum.lanczos(lambda v: h @ v, 300, 3, tol=1e-3, max_iter=60, seed=0, reorth="none", eigenvectors=False)
+    torch.testing.assert_close(r.eigenvalues, torch.linalg.eigvalsh(h).flip(0)[:3], rtol=1e-6, atol=0)
+    assert r.ghosts == 0 and r.ritz_values.numel() == r.passes
