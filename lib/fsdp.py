@@ -96,6 +96,7 @@ def shard(model: nn.Module, subset: Subset, device: torch.device) -> nn.Module:
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM (float32, bf16)
     return model
 
 

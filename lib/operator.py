@@ -216,7 +216,7 @@ class GraphCache:
 
 def digest(t: torch.Tensor) -> str:
     """SHA-256 of a tensor's bytes (CPU, contiguous)."""
-    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()  # raw bytes: any dtype, bf16 too
 
 
 class HVPJob(ModelJob):

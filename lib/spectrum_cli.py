@@ -12,6 +12,7 @@ Exact path (``n <= --exact_below``): the exact Hessian job and ``eigvalsh``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -302,7 +303,7 @@ def run(argv: list[str] | None, description: str) -> dict[str, Any]:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total, desc="passes over the samples", dynamic_ncols=True)
-        log_cfg = {"subset": digest(torch.cat([s.flat_index for s in subset.slices])), "params": subset.param_names, "samples": digest(prep.samples), "model": spec.identity(), "model_input_bs": args.model_input_bs, "seed": args.seed, "fused_head": fused}
+        log_cfg = {"subset": hashlib.sha256("".join(digest(s.flat_index) for s in subset.slices).encode()).hexdigest(), "params": subset.param_names, "samples": digest(prep.samples), "model": spec.identity(), "model_input_bs": args.model_input_bs, "seed": args.seed, "fused_head": fused}
         log_cfg.update({} if fd is None else {"hvp": fd.describe(cli.DTYPES[args.dtype])}, **({"vectors": args.vector_dtype} if args.vector_dtype != "float64" else {}))
         pool = parallel.WorkerPool(prep.devices or [prep.device])  # spawns workers only for several devices
         if args.fsdp:  # every rank logs its shard of each pass
