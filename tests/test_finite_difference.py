@@ -181,3 +181,27 @@ def test_embedded_model_runs_the_attention_asked_for():
 
     assert load_model("embedded", attn_implementation="sdpa").config._attn_implementation == "sdpa"
     assert load_model("embedded").config._attn_implementation == "eager"
+
+
+def test_scripts_label_finite_difference_results_and_match_exact_ones(tmp_path):
+    """The exact script's matrix of finite-difference rows is labelled approximate (JSON and title) with its asymmetry,
+    and, like the diagonal's Hutchinson estimate with the same probes, matches the exact run in float64."""
+    import json
+
+    import hessian_diagonal
+    import single_layer_single_block
+
+    flags = ["--t", "8", "--b", "2", "--seqlen", "16", "--dtype", "float64", "--no_progress", "--dataset", "embedded"]
+    single_layer_single_block.run([*flags, "--output_dir", str(tmp_path), "--name", "exact"])
+    single_layer_single_block.run([*flags, "--output_dir", str(tmp_path), "--name", "fd", "--hvp", "finite_difference"])
+    exact, approx = torch.load(tmp_path / "exact.pt"), torch.load(tmp_path / "fd.pt")
+    assert _err(approx, exact) < 1e-6
+    meta = json.loads((tmp_path / "fd.json").read_text())
+    assert meta["method"] == "finite_difference" and meta["hvp"]["approximate"] is True and 0 < meta["hvp"]["relative_asymmetry"] < 1e-6
+    assert meta["hvp"]["measured_error_embedded"]["hvp_q_proj"] < 1e-8  # float64's measured error, recorded
+    assert json.loads((tmp_path / "exact.json").read_text())["hvp"] == {"hvp": "exact"}
+    dflags = ["--b", "2", "--seqlen", "16", "--dtype", "float64", "--no_progress", "--dataset", "embedded", "--estimator", "hutchinson", "--vhp_samples", "2", "--block_index", "1"]
+    hessian_diagonal.run([*dflags, "--output_dir", str(tmp_path), "--name", "dexact"])
+    hessian_diagonal.run([*dflags, "--output_dir", str(tmp_path), "--name", "dfd", "--hvp", "finite_difference"])
+    assert _err(torch.load(tmp_path / "dfd.pt"), torch.load(tmp_path / "dexact.pt")) < 1e-6
+    assert json.loads((tmp_path / "dfd.json").read_text())["hvp"]["products"] == 2 * 2
