@@ -29,7 +29,7 @@ from .autotune import Compute
 from .jobs import run_serial
 from .loss import SubsetLoss
 from .models import ModelSpec
-from .operator import ChunkPolicy, ProductJob, Products, gradient_graph, hvp_products, store_rows, unit_rows
+from .operator import ChunkPolicy, ProductJob, Products, gradient_graph, graph_sums, hvp_products, store_rows, unit_rows
 from .subsets import Subset
 
 METHODS = ("rev-rev", "autograd")
@@ -145,7 +145,7 @@ class ExactHessianJob(ProductJob):
 
     def setup(self, device: torch.device) -> None:
         super().setup(device)
-        self._objective = SubsetLoss(self.model, self.subset, fused_head=self.fused_head)
+        self._objective = self.subset_loss(self.subset)
         self._x0 = self._objective.x0()
 
     @property
@@ -170,7 +170,7 @@ class ExactHessianJob(ProductJob):
         n = graph.x.numel()
         h = torch.empty(n, n, dtype=graph.x.dtype, device=graph.x.device)
         self.multiply(graph, lambda a, b: unit_rows(n, a, b, graph.x), n, store_rows(h), progress)
-        return {"hessian_sum": h, "nll_sum": graph.value.detach()}
+        return {"hessian_sum": h, "nll_sum": graph.value.detach(), **graph_sums(graph)}
 
     def chunk_report(self, flag: str = "chunk") -> dict[str, Any]:
         """For the JSON: the chunk given, or the measured choice and timings (``None`` if measured in worker processes)."""
@@ -198,7 +198,7 @@ class ExactHessianJob(ProductJob):
             nll_sum=float(sums["nll_sum"]),
             n_samples=self.samples.shape[0],
             n_tokens=n_tokens,
-            method=self.method,
+            method=self.method if self.products.name == "exact" else self.products.name.split("(")[0],
             elapsed_s=elapsed_s,
             subset=self.subset,
         )
