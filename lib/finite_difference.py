@@ -396,10 +396,10 @@ def check(method: str | None, fd_step: float | None, richardson: bool, dtype: st
         raise UserError(f"--fd_step: {msg}")
 
 
-def exact_script_report(settings: FDSettings, hessian: torch.Tensor, sums: dict[str, torch.Tensor]) -> dict:
+def exact_script_report(products: FiniteDifference, hessian: torch.Tensor, sums: dict[str, torch.Tensor]) -> dict:
     """For the exact scripts' JSON when ``--hvp finite_difference`` made the matrix: the settings, the kink-retry counts,
     ``approximate: True`` and the relative asymmetry ``||H - H^T||_F / ||H||_F`` of the rows ``H e_i`` (an error indicator:
     the exact Hessian is symmetric)."""
     h = hessian.to(torch.float64)
     asym = float((h - h.T).norm() / h.norm()) if bool(h.norm() > 0) else 0.0
-    return {**settings.report(hessian.dtype), **FDStats.from_sums(sums).to_json(), "approximate": True, "relative_asymmetry": asym}
+    return {**products.report(hessian.dtype, FDStats.from_sums(sums)), "approximate": True, "relative_asymmetry": asym}
