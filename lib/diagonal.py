@@ -60,7 +60,6 @@ from .estimators.diagonal.work import (
 )
 from .estimators.diagonal.xdiag import xdiag_basis, xdiag_estimate
 from .jobs import Partial, run_serial
-from .loss import SubsetLoss
 from .models import ModelSpec
 from .finite_difference import FDStats, FiniteDifference
 from .operator import BatchGraph, ProductJob, Products, fd_stats, graph_sums

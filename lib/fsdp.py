@@ -21,14 +21,12 @@ each rank and all-reduces the count, so every rank takes the same steps. There i
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import UserError
 from .finite_difference import FDSettings, FDStats, KinkMonitor, fd_products
 from .loss import summed_nll
 from .models import find_blocks
@@ -36,36 +34,6 @@ from .subsets import Subset
 from .vectors import VectorSpace
 
 F64 = torch.float64
-
-
-def add_flags(p) -> None:
-    """``--fsdp`` (hessian_spectrum.py)."""
-    g = p.add_argument_group("sharded models (torchrun)")
-    g.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model over the ranks with FSDP2 (one unit per transformer block), keep every Lanczos / probe vector sharded the same way and take finite-difference HVPs on the shards (implies --hvp finite_difference; whole parameters via --params; always the iterative path); rank 0 writes the outputs")
-
-
-def under_torchrun() -> bool:
-    """Launched by torchrun (its ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``), with any number of ranks."""
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-
-
-def check_flags(args) -> None:
-    """Refuse ``--fsdp`` outside torchrun, with ``--device_map`` / ``--devices`` / exact products / the exact scripts'
-    row subsets / ``--eigenvectors`` (one line, :class:`UserError`, before the model loads)."""
-    if not getattr(args, "fsdp", False):
-        return
-    if not under_torchrun():
-        raise UserError("--fsdp shards the model over torchrun ranks: launch with torchrun --nproc_per_node N hessian_spectrum.py --fsdp ... (without torchrun, drop --fsdp)")
-    if getattr(args, "device_map", None) is not None:
-        raise UserError("--fsdp shards the model over the ranks itself; it cannot be combined with --device_map (one process splitting the model over its GPUs): use one or the other")
-    if getattr(args, "devices", None) is not None:
-        raise UserError("--fsdp runs one rank per device under torchrun; --devices starts its own worker processes: drop --devices (torchrun's rank r uses cuda:LOCAL_RANK, or --device cpu)")
-    if getattr(args, "hvp", None) == "exact":
-        raise UserError("--fsdp has no double backward (FSDP does not support it): use --hvp finite_difference (the default with --fsdp)")
-    if not getattr(args, "params", None):
-        raise UserError("--fsdp shards whole parameters: select them with --params GLOB (e.g. '*'), not the exact scripts' row subsets")
-    if getattr(args, "eigenvectors", False):
-        raise UserError("--eigenvectors with --fsdp would gather model-sized vectors on rank 0; not supported: drop --eigenvectors")
 
 
 def init(device: torch.device) -> tuple[int, int]:
@@ -226,13 +194,13 @@ class ShardedOperator:
         return _all_gather(self.memory.to_json())
 
 
-def sharded_operator(prep, subset: Subset, model_input_bs: int, fd: FDSettings, vector_dtype: torch.dtype) -> ShardedOperator:
-    """Under torchrun: start the process group, shard ``prep.model`` (loaded on the host) onto this rank's device, and
-    wrap it as a :class:`ShardedOperator` over ``prep.samples``."""
-    device = prep.devices[0]
+def sharded_operator(run, subset: Subset, model_input_bs: int, fd: FDSettings, vector_dtype: torch.dtype) -> ShardedOperator:
+    """Under torchrun: start the process group, shard ``run.model`` (loaded on the host) onto this rank's device
+    (``run.devices[0]``), and wrap it as a :class:`ShardedOperator` over ``run.samples`` (a :class:`lib.pipeline.Run`)."""
+    device = run.devices[0]
     init(device)
-    shard(prep.model, subset, device)
-    return ShardedOperator(prep.model, subset, prep.samples, model_input_bs, fd, device, vector_dtype)
+    shard(run.model, subset, device)
+    return ShardedOperator(run.model, subset, run.samples, model_input_bs, fd, device, vector_dtype)
 
 
 def agree_min(value: int) -> int:

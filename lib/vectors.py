@@ -284,10 +284,3 @@ def choose_storage(wanted: str, bytes_needed: int, device_free: int | None, host
     if bytes_needed <= fraction * device_free:
         return "device"
     return "cpu" if bytes_needed <= fraction * host_free else "disk"
-
-
-def add_flags(p) -> None:
-    """``--vector_storage``, ``--vector_dtype`` (hessian_spectrum.py)."""
-    g = p.add_argument_group("vectors of the iterative path")
-    g.add_argument("--vector_storage", choices=("auto", *STORAGES), default="auto", help="where the Lanczos basis and stored probe vectors live: device (with the products: the GPU under --fsdp, else host memory), cpu (host memory), disk (memory-mapped files in <output_dir>/<name>.vectors/, read back block by block); auto: the device when they fit in half its free memory, else the host, else disk (counted by the memory pre-flight)")
-    g.add_argument("--vector_dtype", choices=VECTOR_DTYPES, default="float64", help="dtype of the stored and working vectors: float64, float32 (half the memory; orthogonality to ~1e-7), or the model's --dtype (working: bf16 keeps Lanczos orthogonal to only ~1e-3)")

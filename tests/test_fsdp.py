@@ -18,6 +18,7 @@ from lib import cli, fsdp
 from lib.errors import UserError
 from lib.finite_difference import FDSettings
 from lib.models import EMBEDDED_MODEL_DIR
+from lib.spec import SpectrumSpec
 from lib.operator import HessianOperator
 from lib.subsets import params_subset
 
@@ -120,7 +121,10 @@ def test_two_gloo_ranks_equal_one_process_and_a_dead_rank_resumes(tiny_llama, tm
 
 
 def _refused(argv, capsys, monkeypatch, script=hessian_spectrum) -> str:
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was loaded")))
+    from lib import pipeline
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was loaded")))
+    monkeypatch.setattr(pipeline, "model_skeleton", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was read")))
     with pytest.raises(SystemExit) as e:
         cli.main(script.run, argv)
     assert e.value.code == 2
@@ -147,5 +151,6 @@ def test_bad_scale_flags_are_one_line_before_the_model_loads(tmp_path, capsys, m
     assert "underflows bfloat16" in _refused([*base, "--hvp", "finite_difference", "--dtype", "bfloat16", "--fd_step", "1e-3"], capsys, monkeypatch)
     assert "add --hvp finite_difference" in _refused([*base, "--fd_richardson"], capsys, monkeypatch)
     assert "--block_size 1" in _refused([*base, "--reorth", "none", "--block_size", "2"], capsys, monkeypatch)
-    with pytest.raises(UserError):
-        fsdp.check_flags(type("A", (), {"fsdp": True})())
+    with pytest.raises(UserError, match="launch with torchrun"):
+        SpectrumSpec.build("hessian_spectrum", fsdp=True, params=["*"]).validate()
+    assert SpectrumSpec.build("hessian_spectrum", fsdp=True).compute.hvp == "finite_difference"  # the default under --fsdp
