@@ -341,11 +341,13 @@ class FiniteDifference:
     """The :class:`lib.operator.Products` of finite differences: each ``H v`` from two (Richardson: four) first-order
     gradients of the batch's loss (:func:`fd_products`, kink-aware when the model is given to :meth:`graph`). One vector at
     a time (``batched = False``: no chunk to choose); no double backward (``double_backward = False``: SDPA keeps its
-    fused kernels); vectors in :func:`accumulation_dtype` (``vector_dtype``: float32 for a bf16 model)."""
+    fused kernels); nothing kept between passes (``keeps_graphs = False``); vectors in :func:`accumulation_dtype` (``vector_dtype``: float32 for a bf16 model)."""
 
     settings: FDSettings = FDSettings()
     batched: ClassVar[bool] = False
     double_backward: ClassVar[bool] = False
+    keeps_graphs: ClassVar[bool] = False
+    """Nothing to keep between passes (no graph; a batch's :class:`FDGraph` counts its own products)."""
 
     @property
     def name(self) -> str:

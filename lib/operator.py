@@ -445,7 +445,7 @@ class HVPJob(ProductJob):
         """Batch ``k``'s :class:`BatchGraph`, from the cache when there is one."""
         batch = self.batch(k, self._x0.device)
         build = lambda: self.batch_graph(self._objective, batch, self._x0)  # noqa: E731
-        if self._graphs is None:
+        if self._graphs is None or not getattr(self.products, "keeps_graphs", True):
             return build()
         params = lambda: {p.untyped_storage().data_ptr() for p in self.model.parameters()}  # noqa: E731
         return self._graphs.get(k, self.num_units(), build, self._x0.device, params)

@@ -144,6 +144,8 @@ def test_operator_matches_exact_products_on_tiny_models(arch, richardson):
     assert all(torch.equal(before[k], p) for k, p in model.named_parameters())
     rep = op.report()["hvp"]
     assert rep["hvp"] == "finite_difference" and rep["richardson"] is richardson and rep["products"] == 2 * 3
+    torch.testing.assert_close(op @ v, approx, rtol=0, atol=0)  # a second pass: the same bits, counted once more
+    assert op.report()["hvp"]["products"] == 2 * 2 * 3
 
 
 def test_operator_keeps_sdpa_fused_and_runs_in_bfloat16(monkeypatch):
