@@ -172,15 +172,20 @@ class DiagonalSubset:
     all_layers: bool = result(False)
 
 
+def _finite_differences(spec: Any) -> bool:
+    return spec.compute.hvp not in (None, "exact")
+
+
 @dataclass(frozen=True)
 class ProductMethod:
     """How every Hessian-vector product is taken (:mod:`lib.finite_difference`): ``hvp`` exact (double backward) or
     finite_difference (two first-order gradients), with Richardson extrapolation and a relative step (``None``: the
-    dtype's default). ``hvp=None``: finite differences under ``--fsdp``, else exact (fixed when the spec is built)."""
+    dtype's default). ``hvp=None``: finite differences under ``--fsdp``, else exact (fixed when the spec is built).
+    Hashed only for finite differences, so that exact runs keep the names and digests they had before these flags."""
 
-    hvp: str | None = result(None)
-    fd_richardson: bool = result(False)
-    fd_step: float | None = result(None)
+    hvp: str | None = result(None, when=_finite_differences)
+    fd_richardson: bool = result(False, when=_finite_differences)
+    fd_step: float | None = result(None, when=_finite_differences)
 
 
 HVP_METHODS = ("exact", "finite_difference")
@@ -255,8 +260,8 @@ class SpectrumCompute(ProductMethod):
     density_points: int = result(1000)
     keep_graphs: str = operational("auto")
     exact_below: int = result(2048)
-    reorth: str = result("full")
-    vector_dtype: str = result("float64")
+    reorth: str = result("full", when=lambda spec: spec.compute.reorth != "full")
+    vector_dtype: str = result("float64", when=lambda spec: spec.compute.vector_dtype != "float64")
     vector_storage: str = operational("auto")
     fsdp: bool = operational(False)
 
