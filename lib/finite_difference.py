@@ -363,8 +363,8 @@ class FiniteDifference:
 
     def __call__(self, graph: FDGraph, rows, count: int, sink, chunk: int = 1, progress: Progress | None = None, start: int = 0) -> int:
         x = graph.x
-        if graph.x0_norm is None:
-            graph.x0_norm = float(x.to(accumulation_dtype(x.dtype)).norm())
+        if graph.x0_norm is None:  # in float64, as the sharded operator's (lib.fsdp): the same steps
+            graph.x0_norm = float(x.to(torch.float64).norm())
         with graph.monitor if graph.monitor is not None else contextlib.nullcontext():
             for a in range(start, count):
                 v = rows(a, a + 1)
