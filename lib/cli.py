@@ -208,7 +208,7 @@ RUN_HELP = {
 PRODUCTS_HELP = {
     "hvp": "exact: double backward (default; needs eager or math-kernel SDPA attention); finite_difference: "
     "(g(x+ev) - g(x-ev)) / 2e from two first-order gradients, no graph kept: runs with fused SDPA kernels, in bf16 "
-    "and sharded (--fsdp, where it is the default); on the exact scripts it gives an approximate Hessian, labelled so",
+    "and sharded (implied by --fsdp); on the exact scripts it gives an approximate Hessian, labelled so",
     "fd_richardson": "with --hvp finite_difference: Richardson extrapolation over steps e and e/2 (error O(e^4) "
     "instead of O(e^2), 4 gradients per product instead of 2)",
     "fd_step": "with --hvp finite_difference: relative step, the fraction of the subset's norm by which the weights "

@@ -331,6 +331,10 @@ class FDGraph:
                 self._value = self.fn(self.x).detach()
         return self._value
 
+    def watch(self, model: nn.Module) -> None:
+        """Watch ``model``'s kinked activations (:class:`KinkMonitor`) in the products taken on this graph."""
+        self.monitor = KinkMonitor(model)
+
     def sums(self) -> dict[str, torch.Tensor]:
         """The counts as additive partial sums (:meth:`FDStats.as_tensors`)."""
         return self.stats.as_tensors()
@@ -339,9 +343,10 @@ class FDGraph:
 @dataclass(frozen=True)
 class FiniteDifference:
     """The :class:`lib.operator.Products` of finite differences: each ``H v`` from two (Richardson: four) first-order
-    gradients of the batch's loss (:func:`fd_products`, kink-aware when the model is given to :meth:`graph`). One vector at
-    a time (``batched = False``: no chunk to choose); no double backward (``double_backward = False``: SDPA keeps its
-    fused kernels); nothing kept between passes (``keeps_graphs = False``); vectors in :func:`accumulation_dtype` (``vector_dtype``: float32 for a bf16 model)."""
+    gradients of the batch's loss (:func:`fd_products`, kink-aware once :meth:`FDGraph.watch` names the model). One
+    vector at a time (``batched = False``: no chunk to choose); no double backward (``double_backward = False``: SDPA
+    keeps its fused kernels); nothing kept between passes (``keeps_graphs = False``); vectors in
+    :func:`accumulation_dtype` (``vector_dtype``: float32 for a bf16 model)."""
 
     settings: FDSettings = FDSettings()
     batched: ClassVar[bool] = False
@@ -358,8 +363,8 @@ class FiniteDifference:
     def vector_dtype(dtype: torch.dtype) -> torch.dtype:
         return accumulation_dtype(dtype)
 
-    def graph(self, fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, model: nn.Module | None = None) -> FDGraph:
-        return FDGraph(fn, x0, None if model is None else KinkMonitor(model))
+    def graph(self, fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor) -> FDGraph:
+        return FDGraph(fn, x0)  # the job's model is watched through FDGraph.watch
 
     def __call__(self, graph: FDGraph, rows, count: int, sink, chunk: int = 1, progress: Progress | None = None, start: int = 0) -> int:
         x = graph.x

@@ -249,9 +249,10 @@ class Products(Protocol):
 
     name: str
 
-    def graph(self, fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, model: nn.Module | None = None) -> BatchGraph:
-        """Once per batch: what the products of ``fn`` at ``x0`` start from (``model``: the module ``fn`` runs, for
-        methods that watch it, e.g. the ReLU kinks of :class:`lib.finite_difference.FiniteDifference`)."""
+    def graph(self, fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor) -> BatchGraph:
+        """Once per batch: what the products of ``fn`` at ``x0`` start from. Optional hooks of what it returns:
+        ``watch(model)`` (called with the module ``fn`` runs, e.g. for the ReLU kinks of finite differences) and
+        ``sums()`` (additive counts added to the unit's partial sums, :func:`graph_sums`)."""
         ...
 
     def __call__(self, graph: BatchGraph, rows: Rows, count: int, sink: Sink, chunk: int, progress: Progress | None = None, start: int = 0) -> int:
@@ -266,7 +267,7 @@ class ReverseOverReverse:
 
     name: str = "exact"
 
-    def graph(self, fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, model: nn.Module | None = None) -> BatchGraph:
+    def graph(self, fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor) -> BatchGraph:
         return BatchGraph(*gradient_graph(fn, x0))
 
     def __call__(self, graph: BatchGraph, rows: Rows, count: int, sink: Sink, chunk: int, progress: Progress | None = None, start: int = 0) -> int:
@@ -375,8 +376,11 @@ class ProductJob(ModelJob):
 
     def batch_graph(self, objective: SubsetLoss, batch: torch.Tensor, x0: torch.Tensor | None = None) -> BatchGraph:
         """What the products of ``objective`` on ``batch`` at ``x0`` (default ``objective.x0()``) start from."""
-        fn = lambda z: objective(z, batch)  # noqa: E731
-        return self.products.graph(fn, objective.x0() if x0 is None else x0, model=objective.model)
+        graph = self.products.graph(lambda z: objective(z, batch), objective.x0() if x0 is None else x0)
+        watch = getattr(graph, "watch", None)
+        if watch is not None:  # e.g. finite differences: the model's ReLU kinks
+            watch(objective.model)
+        return graph
 
     def multiply(self, graph: BatchGraph, rows: Rows, count: int, sink: Sink, progress: Progress | None = None) -> None:
         """``sink(start, v, H v)`` for the ``count`` vectors of ``rows`` in chunks: the given ``chunk``, else the one

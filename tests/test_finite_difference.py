@@ -207,3 +207,17 @@ def test_scripts_label_finite_difference_results_and_match_exact_ones(tmp_path):
     hessian_diagonal.run([*dflags, "--output_dir", str(tmp_path), "--name", "dfd", "--hvp", "finite_difference"])
     assert _err(torch.load(tmp_path / "dfd.pt"), torch.load(tmp_path / "dexact.pt")) < 1e-6
     assert json.loads((tmp_path / "dfd.json").read_text())["hvp"]["products"] == 2 * 2
+
+
+def test_the_operator_watches_the_models_relu_kinks():
+    """Through the jobs (HVPJob, ProductJob.batch_graph), the batch graph watches the model's ReLU modules: a step large
+    enough to cross kinks is retried smaller (OPT: ReLU), while Llama (SiLU) has nothing to watch."""
+    ids = tiny_ids(2, 8)
+    for arch, retried in (("opt", True), ("llama", False)):
+        model = tiny_model(arch, F64)
+        subset = params_subset(model, ["*"])
+        v = torch.randn(subset.size, 1, dtype=F64, generator=torch.Generator().manual_seed(0))
+        op = HessianOperator(model, subset, ids, hvp="finite_difference", fd=fd.FDSettings(relative_step=0.05))
+        op @ v
+        rep = op.report()["hvp"]
+        assert (rep["retries"] > 0) is retried and rep["products"] == 2, (arch, rep)
