@@ -36,7 +36,15 @@ from .data import check_seqlen, dataset_label, load_text, load_tokenizer, make_s
 from .errors import ParamError, UserError
 from .inputs import check_token_ids, code_path, config_fingerprint, model_fingerprint, tokenizer_fingerprint, warn
 from .finite_difference import FDSettings
-from .models import ModelSpec, load_model, max_positions, model_skeleton, offloaded_parameters, parse_device_map, resolve_device
+from .models import (
+    ModelSpec,
+    load_model,
+    max_positions,
+    model_skeleton,
+    offloaded_parameters,
+    parse_device_map,
+    resolve_device,
+)
 from .operator import Products, products_for
 from .results import save_tensor_and_json, verify_result
 from .spec import PAPER_SEQLEN, SECTIONS, RunSpec
