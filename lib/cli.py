@@ -212,7 +212,8 @@ PRODUCTS_HELP = {
     "fd_richardson": "with --hvp finite_difference: Richardson extrapolation over steps e and e/2 (error O(e^4) "
     "instead of O(e^2), 4 gradients per product instead of 2)",
     "fd_step": "with --hvp finite_difference: relative step, the fraction of the subset's norm by which the weights "
-    "move (default eps^(1/3) of --dtype, eps^(1/5) with --fd_richardson); retried smaller where ReLU inputs change side",
+    "move (default eps^(1/3) of --dtype, eps^(1/5) with --fd_richardson); retried smaller where ReLU inputs change "
+    "side",
 }
 """How every Hessian-vector product is taken (:class:`lib.spec.ProductMethod`), on every script."""
 
@@ -236,7 +237,8 @@ def _model_and_data(
             c, spec, {"method": method_help}, {"method": library_constant("hessian", "METHODS")}
         )
     _add_fields(c, spec, COMPUTATION_HELP, {"dtype": DTYPES})
-    _add_fields(c, spec, PRODUCTS_HELP, {"hvp": library_constant("finite_difference", "HVP_METHODS")}, {"fd_step": float})
+    hvp = {"hvp": library_constant("finite_difference", "HVP_METHODS")}
+    _add_fields(c, spec, PRODUCTS_HELP, hvp, {"fd_step": float})
     return c
 
 

@@ -282,5 +282,9 @@ def hessian_diagonal(
         monitor_size=est.monitor_size,
         phase_s=est.phase_s,
         probe_batch={phase: job.probe_batch_report() for phase, job in jobs.items()},
-        hvp=products.report(next(model.parameters()).dtype, stats) if isinstance(products, FiniteDifference) else {"hvp": "exact"},
+        hvp=(
+            products.report(next(model.parameters()).dtype, stats)
+            if isinstance(products, FiniteDifference)
+            else {"hvp": "exact"}
+        ),
     )
