@@ -185,6 +185,7 @@ def test_embedded_model_runs_the_attention_asked_for():
     assert load_model("embedded").config._attn_implementation == "eager"
 
 
+@pytest.mark.slow
 def test_scripts_label_finite_difference_results_and_match_exact_ones(tmp_path):
     """The exact script's matrix of finite-difference rows is labelled approximate (JSON and title) with its asymmetry,
     and, like the diagonal's Hutchinson estimate with the same probes, matches the exact run in float64."""
