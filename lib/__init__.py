@@ -29,8 +29,10 @@ Main entry points:
   each in :mod:`lib.estimators`) for :class:`Target` weights; the estimator math on dense data: :func:`xdiag_basis`,
   :func:`xdiag_estimate`, :func:`hutchinson_running`, :func:`rademacher_probes`;
 * Hessian spectra: :class:`HessianOperator` (``H @ V``, ``matvec``, ``matmat``, ``to_scipy()``; the one
-  Hessian-product primitive, :mod:`lib.operator`) and :mod:`lib.spectrum` (Lanczos with full
-  reorthogonalization, Hutchinson and Hutch++ traces, stochastic Lanczos quadrature over any ``matmat``);
+  Hessian-product primitive, :mod:`lib.operator`; exact, or finite differences of gradients:
+  ``hvp="finite_difference"``, :class:`FiniteDifference`, :class:`FDSettings`) and :mod:`lib.spectrum` (Lanczos with
+  full, selective or no reorthogonalization, Hutchinson and Hutch++ traces, stochastic Lanczos quadrature over any
+  ``matmat``; sharded vectors :mod:`lib.vectors`, FSDP :mod:`lib.fsdp`);
 * curvature approximations next to the exact Hessian (GGN, sampled and empirical Fisher, GPTQ, K-FAC):
   :mod:`lib.curvature`, one module each in :mod:`lib.estimators.approximations`;
 * chunk by measurement: :func:`tune_chunk` (:mod:`lib.autotune`); runs on several devices with checkpoints:
@@ -73,6 +75,8 @@ _EXPORTS = {
     "head_nll": "loss",
     "summed_nll": "loss",
     "HessianOperator": "operator",
+    "FDSettings": "finite_difference",
+    "FiniteDifference": "finite_difference",
     "find_blocks": "models",
     "linear_layers": "models",
     "load_model": "models",

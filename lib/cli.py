@@ -189,8 +189,10 @@ OUTPUT_HELP = {
 RUN_HELP = {
     "devices": "comma-separated devices, one worker process per entry, e.g. cuda:0,cuda:1,cuda:2,cuda:3 (cpu,cpu "
     "for tests); overrides --device; under torchrun, entry LOCAL_RANK is the rank's device",
-    "device_map": "split one model over the GPUs of its worker with this Hugging Face device_map (e.g. auto); "
-    "needs accelerate; one worker (or one torchrun rank per node)",
+    "device_map": "split one model over the GPUs of its worker with this Hugging Face device_map: a strategy (e.g. "
+    "auto) or a JSON object {module: device or \"disk\"} (disk: offloaded by accelerate to <cache_dir>/offload/; the "
+    "subset must not be there); exact HVPs, one GPU at a time; needs accelerate; one worker (or one torchrun rank per "
+    "node)",
     "checkpoint_every": "write <output_dir>/<name>.ckpt every N units (batches of --model_input_bs samples), or "
     "every DURATION such as 120s, 10m; 0 = never",
     "resume": "continue from the checkpoint <output_dir>/<name>.ckpt (hessian_diagonal.py: also "
@@ -205,6 +207,19 @@ RUN_HELP = {
     "cgroup quota, load) shared among --devices workers or torchrun's local ranks (recorded in the JSON as threads)",
 }
 """Help of the flags every script has, by field (defaults and types come from the spec's fields)."""
+
+
+PRODUCTS_HELP = {
+    "hvp": "exact: double backward (default; needs eager or math-kernel SDPA attention); finite_difference: "
+    "(g(x+ev) - g(x-ev)) / 2e from two first-order gradients, no graph kept: runs with fused SDPA kernels, in bf16 "
+    "and sharded (implied by --fsdp); on the exact scripts it gives an approximate Hessian, labelled so",
+    "fd_richardson": "with --hvp finite_difference: Richardson extrapolation over steps e and e/2 (error O(e^4) "
+    "instead of O(e^2), 4 gradients per product instead of 2)",
+    "fd_step": "with --hvp finite_difference: relative step, the fraction of the subset's norm by which the weights "
+    "move (default eps^(1/3) of --dtype, eps^(1/5) with --fd_richardson); retried smaller where ReLU inputs change "
+    "side",
+}
+"""How every Hessian-vector product is taken (:class:`lib.spec.ProductMethod`), on every script."""
 
 
 def _model_and_data(
@@ -226,6 +241,8 @@ def _model_and_data(
             c, spec, {"method": method_help}, {"method": library_constant("hessian", "METHODS")}
         )
     _add_fields(c, spec, COMPUTATION_HELP, {"dtype": DTYPES})
+    hvp = {"hvp": library_constant("finite_difference", "HVP_METHODS")}
+    _add_fields(c, spec, PRODUCTS_HELP, hvp, {"fd_step": float})
     return c
 
 
@@ -272,6 +289,19 @@ SPECTRUM_HELP = {
     "on the first graph (recorded in the JSON); worker processes (--devices) always rebuild them",
     "exact_below": "form H exactly and use eigvalsh when the subset has at most this many entries (0 = always "
     "iterative)",
+    "reorth": "Lanczos reorthogonalization: full (every step against all stored vectors, O(n m^2) work and m vectors "
+    "kept), selective (only against converged Ritz vectors; the basis still kept, may be on the host or disk), none "
+    "(3 vectors, no basis: the scale choice; ghost copies of converged eigenvalues removed by the Cullum-Willoughby "
+    "test; SLQ then runs without reorthogonalization too); selective and none need --block_size 1",
+    "vector_dtype": "dtype of the stored and working vectors: float64, float32 (half the memory; orthogonality to "
+    "~1e-7), or the model's --dtype (working: bf16 keeps Lanczos orthogonal to only ~1e-3)",
+    "vector_storage": "where the Lanczos basis and stored probe vectors live: device (with the products: the GPU "
+    "under --fsdp, else host memory), cpu (host memory), disk (memory-mapped files in <output_dir>/<name>.vectors/, "
+    "read back block by block); auto: the device when they fit in half its free memory, else the host, else disk "
+    "(counted by the memory pre-flight)",
+    "fsdp": "under torchrun: shard the model over the ranks with FSDP2 (one unit per transformer block), keep every "
+    "Lanczos / probe vector sharded the same way and take finite-difference HVPs on the shards (implies --hvp "
+    "finite_difference; whole parameters via --params; always the iterative path); rank 0 writes the outputs",
 }
 """The flags of the ``compare`` settings and of the spectrum, from their fields, with their help."""
 
@@ -492,7 +522,13 @@ def spectrum_parser(description: str) -> Parser:
         e,
         raw,
         SPECTRUM_HELP,
-        {"which": library_constant("spectrum", "WHICH"), "keep_graphs": ("auto", "on", "off")},
+        {
+            "which": library_constant("spectrum", "WHICH"),
+            "keep_graphs": ("auto", "on", "off"),
+            "reorth": library_constant("spectrum", "REORTH"),
+            "vector_dtype": library_constant("vectors", "VECTOR_DTYPES"),
+            "vector_storage": ("auto", *library_constant("vectors", "STORAGES")),
+        },
     )
     return p
 

@@ -61,9 +61,9 @@ from .estimators.diagonal.work import (
 from .estimators.diagonal.xdiag import xdiag_basis, xdiag_estimate
 from .forward import JVPPolicy
 from .jobs import Partial, run_serial
-from .loss import SubsetLoss
 from .models import ModelSpec
-from .operator import BatchGraph, ProductJob, Products
+from .finite_difference import FDStats, FiniteDifference
+from .operator import BatchGraph, ProductJob, Products, fd_stats, graph_sums
 from .subsets import whole_parameter
 
 ESTIMATORS = REGISTRY.names()
@@ -117,7 +117,7 @@ class _ModelUnit(Unit):
 
     def __init__(self, job: DiagonalJob, plan: ParamPlan, k: int):
         self.job, self.param_name, self.numel, self.seed = job, plan.param_name, plan.numel, job.seed
-        self.objective = SubsetLoss(job.model, whole_parameter(job.model, plan.param_name), fused_head=job.fused_head)
+        self.objective = job.subset_loss(whole_parameter(job.model, plan.param_name))
         self.x0 = self.like = self.objective.x0()
         self.batch = job.batch(k, self.x0.device)
         self.jvp = job.jvp
@@ -174,6 +174,8 @@ class DiagonalJob(ProductJob):
             unit = _ModelUnit(self, plan, k)
             out.update(run_plan(plan, unit, progress))
             nll = unit.nll if nll is None else nll
+            for what, count in graph_sums(unit._graph).items():  # finite differences: products and kink retries
+                out[what] = out.get(what, 0) + count
             del unit  # frees the weight's gradient graph before the next weight's
         out["nll_sum"] = nll
         return {name: v.detach().cpu() for name, v in out.items()}
@@ -215,6 +217,8 @@ class DiagonalResult:
     phase_s: dict[str, float] = field(default_factory=dict)
     probe_batch: dict[str, Any] = field(default_factory=dict)
     """Per phase: the given ``probe_batch``, or the measured choice (:meth:`DiagonalJob.probe_batch_report`)."""
+    hvp: dict[str, Any] = field(default_factory=lambda: {"hvp": "exact"})
+    """How the HVPs were taken: exact, or the finite-difference settings and kink-retry counts (:class:`FDStats`)."""
 
     @property
     def perplexity(self) -> float:
@@ -255,10 +259,15 @@ def hessian_diagonal(
     t0 = time.perf_counter()
     common = dict(model_input_bs=model_input_bs, seed=seed, probe_batch=probe_batch, fused_head=fused_head, spec=spec, model=model, products=products)
     jobs: dict[str, DiagonalJob] = {}
+    stats = FDStats()
 
     def run(phase: str, plans: list[ParamPlan]) -> Partial | None:
         jobs[phase] = DiagonalJob(plans, samples, phase=phase, **common)
-        return runner(jobs[phase], phase)
+        sums = runner(jobs[phase], phase)
+        counted = fd_stats(jobs[phase].products, sums)
+        if counted is not None:
+            stats.add(counted)
+        return sums
 
     n_tokens = samples.shape[0] * (samples.shape[1] - 1)
     est = estimate(estimators, targets, vhp_samples, seed, run, next(model.parameters()).dtype, n_tokens)
@@ -279,4 +288,9 @@ def hessian_diagonal(
         monitor_size=est.monitor_size,
         phase_s=est.phase_s,
         probe_batch={phase: job.probe_batch_report() for phase, job in jobs.items()},
+        hvp=(
+            products.report(next(model.parameters()).dtype, stats)
+            if isinstance(products, FiniteDifference)
+            else {"hvp": "exact"}
+        ),
     )

@@ -189,6 +189,7 @@ class DiagonalFamily(Family):
                 fused_head=False if spec.model.no_fused_head else None,
                 spec=run.model_spec(),
                 runner=_Runner(run, two_phase=any(e.phases > 1 for e in REGISTRY.lookup(c.estimator))),
+                products=run.products(),
             )
         finally:
             if own_group:
@@ -324,6 +325,7 @@ class DiagonalFamily(Family):
             "estimate_elapsed_s": result.elapsed_s,
             "phase_elapsed_s": result.phase_s,
             "probe_batch": result.probe_batch,
+            "hvp": result.hvp,
             "run": [{"devices": [str(d) for d in s.devices], **s.stats} for s in run.settings],
             "rel_error_vs_exact": errors_vs_exact,
             "convergence": convergence_meta,

@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from . import batch_study, curvature, diagonality, outputs, parallel, preflight, subsets
+from .finite_difference import FiniteDifference, exact_script_report
 from .hessian import ExactHessianJob
 from .outputs import default_name as output_name
 from .pipeline import Family, Run
@@ -105,6 +106,7 @@ class ExactFamily(Family):
             fused_head=False if spec.model.no_fused_head else None,
             spec=run.model_spec(),
             model=run.model,
+            products=run.products(),
         )
         if c.compare:
             job = curvature.make_job(
@@ -128,10 +130,13 @@ class ExactFamily(Family):
         job, sums, res = result
         spec, subset, out, name = run.spec, run.structure, run.out, run.name
         settings = run.settings[0]
+        fd = job.products if isinstance(job.products, FiniteDifference) else None
+        what = "|H|" if spec.output.abs else "H"
+        what = what if fd is None else f"approximate {what} (finite-difference HVPs)"
         figures = heatmap(
             res.hessian,
             out / name,
-            f"{'|H|' if spec.output.abs else 'H'}: {subset.description}\n{run.where}",
+            f"{what}: {subset.description}\n{run.where}",
             slice_boundaries(subset),
             slice_labels=[slice_label(s.param_name) for s in subset.slices],
             signed=not spec.output.abs,
@@ -164,6 +169,7 @@ class ExactFamily(Family):
             "nll_mean": res.nll_sum / res.n_tokens,
             "perplexity": res.perplexity,
             "method": res.method,
+            "hvp": {"hvp": "exact"} if fd is None else exact_script_report(fd, res.hessian_sum, sums),
             "chunk": {**job.chunk_report(), **({"used": used} if (used := settings.stats.get("chunks")) else {})},
             "products": job.products_report(),
             "hessian_elapsed_s": res.elapsed_s,

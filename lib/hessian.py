@@ -42,6 +42,7 @@ from .operator import (
     Products,
     Sink,
     gradient_graph,
+    graph_sums,
     hvp_products,
     store_rows,
     unit_rows,
@@ -266,7 +267,7 @@ class ExactHessianJob(ProductJob):
 
     def setup(self, device: torch.device) -> None:
         super().setup(device)
-        self._objective = SubsetLoss(self.model, self.subset, fused_head=self.fused_head)
+        self._objective = self.subset_loss(self.subset)
         self._x0 = self._objective.x0()
         self._layers: list[LayerOutputs | None] = []  # the subset's LayerOutputs map, found on the first batch
         self._products: dict[str, Any] = {}  # where the last unit's products were taken (for the JSON)
@@ -317,7 +318,7 @@ class ExactHessianJob(ProductJob):
         h = torch.empty(n, n, dtype=graph.x.dtype, device=graph.x.device)
         self.multiply(graph, lambda a, b: unit_rows(n, a, b, graph.x), n, store_rows(h), progress)
         self._products = {"space": "entries", "products_per_sample": n, "size": n}
-        return {"hessian_sum": h, "nll_sum": graph.value.detach()}
+        return {"hessian_sum": h, "nll_sum": graph.value.detach(), **graph_sums(graph)}
 
     def products_report(self) -> dict[str, Any]:
         """For the JSON: ``{"space": "entries" or "layer-outputs", "products_per_sample": ...}`` of this process's last
@@ -352,7 +353,7 @@ class ExactHessianJob(ProductJob):
             nll_sum=float(sums["nll_sum"]),
             n_samples=self.samples.shape[0],
             n_tokens=n_tokens,
-            method=self.method,
+            method=self.method if self.products.name == "exact" else self.products.name.split("(")[0],
             elapsed_s=elapsed_s,
             subset=self.subset,
         )

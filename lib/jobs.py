@@ -113,11 +113,11 @@ class ModelJob:
 def add_partials(total: Partial | None, part: Partial) -> Partial:
     """``total + part`` key by key (``total=None`` starts a sum); accumulates in float64."""
     if total is None:
-        return {k: v.detach().to("cpu", torch.float64).clone() for k, v in part.items()}
+        return {k: v.detach().to("cpu", torch.float64, copy=True) for k, v in part.items()}  # one copy, not a conversion and a clone
     if total.keys() != part.keys():
         raise ValueError(f"partial sums have different keys: {sorted(total)} vs {sorted(part)}")
     for k, v in part.items():
-        total[k] += v.detach().to("cpu", torch.float64)
+        total[k].add_(v.detach().to("cpu"))  # promoted to float64 element by element, without a float64 copy of v
     return total
 
 

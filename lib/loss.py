@@ -13,6 +13,7 @@ patched. At ``x = x0`` (the model's own values) ``f`` equals the plain model's s
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -114,18 +115,26 @@ class SubsetLoss(nn.Module):
 
     ``fused_head``: compute the LM head and softmax with the custom twice-differentiable kernel
     :func:`head_nll` (cheaper Hessian-vector products); ``None`` = when the architecture allows it.
+    ``double_backward=False`` (first-order use, e.g. finite-difference HVPs): SDPA attention keeps its fused kernels
+    instead of being forced to the twice-differentiable math kernel.
     """
 
-    def __init__(self, model: nn.Module, subset: Subset, fused_head: bool | None = None):
+    def __init__(self, model: nn.Module, subset: Subset, fused_head: bool | None = None, double_backward: bool = True):
         super().__init__()
         self.model = model
+        self.double_backward = double_backward
         self.subset = subset
         self._offsets: list[tuple[str, torch.Tensor, int, int]] = []
         start = 0
+        self._whole: set[str] = set()
+        """Parameters selected whole in storage order: substituted as a view of ``x`` (no scatter)."""
         for s in subset.slices:
-            device = model.get_parameter(s.param_name).device
-            self._offsets.append((s.param_name, s.flat_index.to(device), start, start + len(s)))
+            param = model.get_parameter(s.param_name)
+            self._offsets.append((s.param_name, s.flat_index.to(param.device), start, start + len(s)))
+            if len(s) == param.numel() and bool((s.flat_index == torch.arange(len(s))).all()):
+                self._whole.add(s.param_name)
             start += len(s)
+        self._whole -= {n for n in self._whole if sum(o[0] == n for o in self._offsets) > 1}
         can_fuse = self._can_fuse_head()
         if fused_head and not can_fuse:
             raise ValueError("the fused head does not apply to this model or subset")
@@ -150,9 +159,15 @@ class SubsetLoss(nn.Module):
     def weights(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The substituted parameters ``{qualified name: tensor}`` built from ``x``."""
         pieces: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
-        for name, idx, a, b in self._offsets:
-            pieces[name].append((idx, x[a:b]))
-        return {name: _rebuild(self.model.get_parameter(name), p) for name, p in pieces.items()}
+        whole: dict[str, torch.Tensor] = {}
+        parts = torch.split(x, [b - a for _, _, a, b in self._offsets])  # one backward concatenation, not a full-size gradient per slice
+        for (name, idx, _, _), part in zip(self._offsets, parts):
+            if name in self._whole:
+                param = self.model.get_parameter(name)
+                whole[name] = part.to(param.device).view(param.shape)
+            else:
+                pieces[name].append((idx, part))
+        return {**whole, **{name: _rebuild(self.model.get_parameter(name), p) for name, p in pieces.items()}}
 
     def features(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """What the loss's softmax reads, at the ``N = B * (s-1)`` predicted positions of ``input_ids`` (``(B, s)``).
@@ -162,7 +177,7 @@ class SubsetLoss(nn.Module):
         otherwise ``feats`` are the logits ``(N, V)`` and the head is ``(None, None)``.
         """
         weights = self.weights(x)
-        with attention_context(self.model):
+        with attention_context(self.model) if self.double_backward else contextlib.nullcontext():
             if not self.fused_head:
                 logits = functional_call(self.model, weights, args=(), kwargs={"input_ids": input_ids, "use_cache": False}, tie_weights=False)[0]
                 return logits[:, :-1].reshape(-1, logits.shape[-1]), None, None

@@ -124,7 +124,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     attn_implementation: str = "eager",
-    device_map: str | None = None,
+    device_map: str | dict | None = None,
 ) -> nn.Module:
     """Load ``AutoModelForCausalLM`` in eval mode with all parameters frozen (``requires_grad=False``).
 
@@ -139,7 +139,9 @@ def load_model(
     path, local = _model_path(name)
     kwargs = dict(cache_dir=cache_dir, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True, ignore_mismatched_sizes=True)
     if device_map is not None:
-        kwargs["device_map"] = device_map
+        kwargs["device_map"] = parse_device_map(device_map)
+        if isinstance(kwargs["device_map"], dict) and "disk" in kwargs["device_map"].values():
+            kwargs["offload_folder"] = str(offload_folder(name, cache_dir, dtype, kwargs["device_map"]))
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the load report: we check it ourselves and say what matters in one line
     try:
@@ -150,12 +152,44 @@ def load_model(
         raise _load_failure(name, path, local, attn_implementation, e) from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    if getattr(model.config, "_attn_implementation", attn_implementation) != attn_implementation and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(attn_implementation)  # a saved config's "attn_implementation" (the embedded model's) overrides the request
     check_loading_info(name, {**info, "model_class": type(model).__name__})
     check_causal_lm(name, model)
     check_finite_weights(model)
     if device_map is None:
         model.to(device)
     return prepare_model(model)
+
+
+def parse_device_map(device_map: str | dict) -> str | dict:
+    """``--device_map``: a Hugging Face strategy (``auto``, ``balanced``, ...) or a JSON object ``{"module": "cuda:0" | "cpu" |
+    "disk", ...}`` (modules on ``disk`` are offloaded by accelerate and loaded layer by layer during the forward)."""
+    if isinstance(device_map, str) and device_map.lstrip().startswith("{"):
+        import json
+
+        try:
+            parsed = json.loads(device_map)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--device_map {device_map!r} is not a valid JSON object ({e.msg} at character {e.pos})") from None
+        if not isinstance(parsed, dict) or not all(isinstance(v, (str, int)) for v in parsed.values()):
+            raise UserError(f"--device_map {device_map!r} must map module names to devices, e.g. '{{\"model.decoder.layers.1\": \"disk\"}}'")
+        return parsed
+    return device_map
+
+
+def offload_folder(name: str, cache_dir: str | None, dtype: torch.dtype, device_map: dict) -> Path:
+    """Where accelerate keeps the modules a ``device_map`` puts on ``disk``: ``<cache_dir>/offload/<digest of model, dtype and map>``."""
+    import hashlib
+    import json
+
+    key = hashlib.sha256(json.dumps([resolve_model_path(name), str(dtype), device_map], sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir or ".") / "offload" / key
+
+
+def offloaded_parameters(model: nn.Module, names: list[str]) -> list[str]:
+    """The ``names`` whose parameters a ``device_map`` offloaded (kept on the meta device, loaded only inside the forward)."""
+    return [n for n in names if model.get_parameter(n).is_meta]
 
 
 def prepare_model(model: nn.Module) -> nn.Module:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .autotune import Compute, Tuning, free_memory, samples_per_forward, tune
+from .finite_difference import HVP_METHODS, FDSettings, FDStats, FiniteDifference
 from .jobs import ModelJob, Partial, run_serial
 from .loss import SubsetLoss
 from .models import ModelSpec
@@ -251,7 +252,9 @@ class Products(Protocol):
     name: str
 
     def graph(self, fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor) -> BatchGraph:
-        """Once per batch: what the products of ``fn`` at ``x0`` start from."""
+        """Once per batch: what the products of ``fn`` at ``x0`` start from. Optional hooks of what it returns:
+        ``watch(model)`` (called with the module ``fn`` runs, e.g. for the ReLU kinks of finite differences) and
+        ``sums()`` (additive counts added to the unit's partial sums, :func:`graph_sums`)."""
         ...
 
     def __call__(self, graph: BatchGraph, rows: Rows, count: int, sink: Sink, chunk: int, progress: Progress | None = None, start: int = 0) -> int:
@@ -274,6 +277,25 @@ class ReverseOverReverse:
 
 
 REVERSE_OVER_REVERSE = ReverseOverReverse()
+
+
+def products_for(hvp: str = "exact", fd: FDSettings | None = None) -> Products:
+    """The :class:`Products` of ``--hvp``: :data:`REVERSE_OVER_REVERSE` (``exact``) or finite differences with ``fd``."""
+    if hvp not in HVP_METHODS:
+        raise ValueError(f"hvp must be one of {HVP_METHODS}, got {hvp!r}")
+    return REVERSE_OVER_REVERSE if hvp == "exact" else FiniteDifference(fd or FDSettings())
+
+
+def graph_sums(graph: Any) -> dict[str, torch.Tensor]:
+    """Additive counts a product method kept on a batch's graph (finite differences: products and kink retries); none
+    for exact products."""
+    sums = getattr(graph, "sums", None)
+    return {} if sums is None else sums()
+
+
+def fd_stats(products: Products, sums: Partial | None) -> FDStats | None:
+    """The finite-difference counts of summed partials (``None`` for exact products)."""
+    return FDStats.from_sums(sums or {}) if isinstance(products, FiniteDifference) else None
 
 
 def unit_rows(n: int, start: int, stop: int, like: torch.Tensor, entries: torch.Tensor | None = None) -> torch.Tensor:
@@ -348,15 +370,28 @@ class ProductJob(ModelJob):
         """Tokens of a full batch (the memory bound of :func:`lib.autotune.tune`)."""
         return self.model_input_bs * self.samples.shape[1]
 
+    def subset_loss(self, subset: Subset) -> SubsetLoss:
+        """The summed NLL as a function of ``subset`` on the job's model, set up for its product method (no double
+        backward: SDPA keeps its fused kernels)."""
+        double = getattr(self.products, "double_backward", True)
+        return SubsetLoss(self.model, subset, fused_head=self.fused_head, double_backward=double)
+
     def batch_graph(self, objective: SubsetLoss, batch: torch.Tensor, x0: torch.Tensor | None = None) -> BatchGraph:
         """What the products of ``objective`` on ``batch`` at ``x0`` (default ``objective.x0()``) start from."""
-        return self.products.graph(lambda z: objective(z, batch), objective.x0() if x0 is None else x0)
+        graph = self.products.graph(lambda z: objective(z, batch), objective.x0() if x0 is None else x0)
+        watch = getattr(graph, "watch", None)
+        if watch is not None:  # e.g. finite differences: the model's ReLU kinks
+            watch(objective.model)
+        return graph
 
     def multiply(self, graph: BatchGraph, rows: Rows, count: int, sink: Sink, progress: Progress | None = None) -> None:
         """``sink(start, v, H v)`` for the ``count`` vectors of ``rows`` in chunks: the given ``chunk``, else the one
         measured (:func:`lib.autotune.tune`, budget: ``count`` products in each unit) the first time a block of
         this size of ``x`` has at least ``min_products`` vectors (the measured products are kept), else 1."""
         x = graph.x
+        if not getattr(self.products, "batched", True):  # one vector at a time: no chunk to choose
+            self.products(graph, rows, count, sink, 1, progress)
+            return
         compute = lambda start, stop, chunk: self.products(graph, rows, stop, sink, chunk, progress, start=start)  # noqa: E731
         measure = lambda c, m: tune(c, m, self.model, self.tokens, x, total=count * self.num_units())  # noqa: E731
         self._policy.run(compute, count, x.numel(), measure)
@@ -377,6 +412,11 @@ class ProductJob(ModelJob):
         }
 
 
+def subset_digest(subset: Subset) -> str:
+    """SHA-256 of a subset's parameter names and entry digests (no Python list of its entries: whole models too)."""
+    return hashlib.sha256("".join(f"{s.param_name}:{digest(s.flat_index)};" for s in subset.slices).encode()).hexdigest()
+
+
 class HVPJob(ProductJob):
     """One pass of ``H V`` over the samples as an additive job (:class:`ProductJob`): unit ``k`` = batch ``k``.
 
@@ -391,17 +431,27 @@ class HVPJob(ProductJob):
 
     _graphs: GraphCache | None = None
     """Per-process gradient graphs shared by the jobs of one operator (not pickled: workers rebuild them)."""
+    _prepared: dict | None = None
+    """Per-process ``{model id: (objective, x0)}`` shared by the jobs of one operator (not pickled), so that a pass does
+    not rebuild the subset's loss and gather ``x0`` again (seconds for a whole model)."""
 
     def setup(self, device: torch.device) -> None:
         super().setup(device)
-        self._objective = SubsetLoss(self.model, self.subset, fused_head=self.fused_head)
+        key = id(self.model)
+        if self._prepared is not None and key in self._prepared:
+            self._objective, self._x0 = self._prepared[key]
+            return
+        self._objective = self.subset_loss(self.subset)
         self._x0 = self._objective.x0()
+        if self._prepared is not None:
+            self._prepared.clear()
+            self._prepared[key] = (self._objective, self._x0)
 
     def _graph(self, k: int) -> BatchGraph:
         """Batch ``k``'s :class:`BatchGraph`, from the cache when there is one."""
         batch = self.batch(k, self._x0.device)
         build = lambda: self.batch_graph(self._objective, batch, self._x0)  # noqa: E731
-        if self._graphs is None:
+        if self._graphs is None or not getattr(self.products, "keeps_graphs", True):
             return build()
         params = lambda: {p.untyped_storage().data_ptr() for p in self.model.parameters()}  # noqa: E731
         return self._graphs.get(k, self.num_units(), build, self._x0.device, params)
@@ -411,16 +461,19 @@ class HVPJob(ProductJob):
 
     def run_unit(self, k: int, progress: Progress | None = None) -> Partial:
         graph = self._graph(k)
-        vt = self.vt.to(device=graph.x.device, dtype=graph.x.dtype)
+        dtype = getattr(self.products, "vector_dtype", lambda d: d)(graph.x.dtype)  # finite differences: float32 for bf16
+        if getattr(self, "_vt", None) is None or self._vt.device != graph.x.device:  # once per pass, not per batch
+            self._vt = self.vt.to(device=graph.x.device, dtype=dtype)
+        vt = self._vt
         hv = torch.empty_like(vt)
         self.multiply(graph, lambda a, b: vt[a:b], len(vt), store_rows(hv), progress)
-        return {"hv_sum": hv.detach().cpu(), "nll_sum": graph.value.detach().cpu()}
+        return {"hv_sum": hv.detach().cpu(), "nll_sum": graph.value.detach().cpu(), **graph_sums(graph)}
 
     def config(self) -> dict[str, Any]:
         return {
             "kind": "hessian_vector_products",
             "tag": self.tag,
-            "subset": hashlib.sha256(repr([[s.param_name, s.flat_index.tolist()] for s in self.subset.slices]).encode()).hexdigest(),
+            "subset": subset_digest(self.subset),
             **self.base_config(),
             "block_sha256": digest(self.vt),
             "block_shape": list(self.vt.shape),
@@ -445,14 +498,21 @@ class HessianOperator:
     are bitwise the same either way. ``chunk``: vectors per batched backward, else :class:`ChunkPolicy`
     (measured on blocks of at least ``TUNE_MIN_PRODUCTS`` vectors). ``model_input_bs``: samples per forward, or
     ``"auto"`` (default): :func:`lib.autotune.samples_per_forward` for ``OPERATOR_PASSES`` passes of one product.
-    :meth:`report` gives the three choices. ``products``: how each ``H v`` is computed (a :class:`Products`; default exact reverse-over-reverse).
+    :meth:`report` gives the three choices. ``products``: how each ``H v`` is computed (a :class:`Products`;
+    default exact reverse-over-reverse), or ``hvp="finite_difference"`` (settings ``fd``): each product a central
+    difference of two first-order gradients (:class:`lib.finite_difference.FiniteDifference`): no graph is kept
+    (``keep_graphs`` and ``chunk`` do not apply), SDPA keeps its fused kernels, and the stored weights are never
+    modified (perturbed copies are substituted).
     """
 
-    def __init__(self, model: nn.Module, subset: Subset, samples: torch.Tensor, model_input_bs: int | str = "auto", chunk: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, run: Callable[[HVPJob], Partial | None] | None = None, keep_graphs: bool | str = "auto", products: Products | None = None):
+    def __init__(self, model: nn.Module, subset: Subset, samples: torch.Tensor, model_input_bs: int | str = "auto", chunk: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, run: Callable[[HVPJob], Partial | None] | None = None, keep_graphs: bool | str = "auto", products: Products | None = None, hvp: str = "exact", fd: FDSettings | None = None):
+        products = products_for(hvp, fd) if products is None else products
         self.model, self.subset, self.samples = model, subset, samples
         device = next(model.parameters()).device
         self.model_input_bs, self.model_input_bs_why = samples_per_forward(model_input_bs, model, samples.shape[0], samples.shape[1], 1, device, passes=OPERATOR_PASSES)
         self.chunk, self.fused_head, self.spec, self.products = chunk, fused_head, spec, products
+        self.fd_stats = FDStats()
+        self._prepared: dict = {}
         self.run = run
         n = subset.size
         self.shape = (n, n)
@@ -467,14 +527,23 @@ class HessianOperator:
     def job(self, vt: torch.Tensor, tag: str = "") -> HVPJob:
         """The additive job of one pass computing ``H`` applied to the rows of ``vt`` (``(p, n)``)."""
         job = HVPJob(self.subset, self.samples, vt.detach().to("cpu", torch.float64).contiguous(), self.model_input_bs, self.chunk, self.fused_head, spec=self.spec, model=self.model, tag=tag, products=self.products)
-        job._graphs, job._policy = self.graphs, self.policy
+        job._graphs, job._policy, job._prepared = self.graphs, self.policy, self._prepared
         return job
 
+    def record(self, sums: Partial) -> None:
+        """Count a finished pass's finite-difference statistics (its sums' ``fd_*`` entries; nothing for exact products)."""
+        stats = fd_stats(self.products, sums)
+        if stats is not None:
+            self.fd_stats.add(stats)
+
     def report(self) -> dict[str, Any]:
-        """For the JSON: ``{"keep_graphs": GraphCache.report(), "chunk": ChunkPolicy.report(), "model_input_bs": {...}}``
-        of this process."""
+        """For the JSON: ``{"hvp": {"hvp": "exact"}, "keep_graphs": GraphCache.report(), "chunk": ChunkPolicy.report(),
+        "model_input_bs": {...}}`` of this process; with finite differences ``{"hvp": {settings, kink retries...},
+        "model_input_bs": {...}}`` instead."""
         bs = {"chosen": self.model_input_bs, "why": self.model_input_bs_why}
-        return {"keep_graphs": self.graphs.report(), "chunk": self.policy.report(self.chunk, "chunk"), "model_input_bs": bs}
+        if isinstance(self.products, FiniteDifference):
+            return {"hvp": self.products.report(next(self.model.parameters()).dtype, self.fd_stats), "model_input_bs": bs}
+        return {"hvp": {"hvp": "exact"}, "keep_graphs": self.graphs.report(), "chunk": self.policy.report(self.chunk, "chunk"), "model_input_bs": bs}
 
     def _run(self, job: HVPJob) -> Partial | None:
         if self.run is not None:
@@ -492,8 +561,9 @@ class HessianOperator:
         self.hvps += vt.shape[1]
         if sums is None:  # a torchrun rank other than 0
             return None
+        self.record(sums)
         self.nll_sum = float(sums["nll_sum"])
-        out = (sums["hv_sum"] / self.n_tokens).T.contiguous()
+        out = sums["hv_sum"].div_(self.n_tokens).T.contiguous()  # the sums are this call's own: divided in place
         return out.numpy() if is_numpy else out
 
     def matvec(self, v: Any) -> Any:

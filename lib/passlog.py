@@ -32,8 +32,9 @@ MAGIC = b"HSNPASS1"
 CONFIG = "config.json"
 
 
-def pass_file(directory: Path, i: int) -> Path:
-    return directory / f"pass_{i:05d}.pt"
+def pass_file(directory: Path, i: int, suffix: str = "") -> Path:
+    """Pass ``i``'s file (``suffix``: a rank's, e.g. ``.rank0of2`` under FSDP, where each rank logs its shard)."""
+    return directory / f"pass_{i:05d}{suffix}.pt"
 
 
 def encode_pass(
@@ -74,7 +75,9 @@ class PassLog:
     algorithm asks for the same ``V``) and computes (``run_pass(V, i)``), records and returns the others.
     ``policy`` (the operator's :class:`lib.operator.ChunkPolicy`, optional): the chunks it chose are recorded
     with each pass and reused when the pass is replayed, so that the passes computed after a resume use the
-    chunks the interrupted session chose (bitwise the uninterrupted run).
+    chunks the interrupted session chose (bitwise the uninterrupted run). Under FSDP every rank logs its shard of
+    each pass (``suffix``, e.g. ``.rank0of2``, in the pass files' and the configuration's names) and replays only
+    the passes every rank has (``agree``: the minimum over the ranks of the passes found).
     """
 
     def __init__(
@@ -85,15 +88,21 @@ class PassLog:
         run_pass: Callable[[torch.Tensor, int], torch.Tensor],
         bar=None,
         policy: Any = None,
+        suffix: str = "",
+        agree: Callable[[int], int] | None = None,
     ):
-        self.dir, self.run_pass, self.bar, self.policy = directory, run_pass, bar, policy
+        self.dir, self.run_pass, self.bar, self.policy, self.suffix = directory, run_pass, bar, policy, suffix
         self.calls = self.replayed = self.hvps = 0
+        self.replayable = 1 << 62
+        """Passes that may be replayed (under FSDP: those every rank has logged)."""
         text = json.dumps(config, sort_keys=True, default=str)
         self.config_sha256 = hashlib.sha256(text.encode()).hexdigest()
         if directory is None:
             return
-        cfg_file = directory / CONFIG
-        passes = sorted(directory.glob("pass_*.pt")) if directory.is_dir() else []
+        cfg_file = directory / (CONFIG if not suffix else f"config{suffix}.json")
+        passes = sorted(directory.glob(f"pass_*{suffix}.pt")) if directory.is_dir() else []
+        if not suffix:  # a rank's files are not this process's
+            passes = [f for f in passes if ".rank" not in f.name]
         if passes and not resume:
             raise UserError(
                 f"pass log {directory} exists from an earlier run; pass --resume to continue it, "
@@ -107,22 +116,25 @@ class PassLog:
         if cfg_file.is_file() and resume and cfg_file.read_text() != text:
             raise UserError(f"pass log {directory} is from a different configuration; delete it to start over")
         for i, f in enumerate(passes):  # every file is checked before any is replayed (exit status 2, nothing computed)
-            if f != pass_file(directory, i):
+            if f != pass_file(directory, i, suffix):
                 raise UserError(
-                    f"pass log {directory} has {f.name} but not {pass_file(directory, i).name}; delete it to start over"
+                    f"pass log {directory} has {f.name} but not {pass_file(directory, i, suffix).name}; delete it to "
+                    "start over"
                 )
             read_pass(f, self.config_sha256, i)
         directory.mkdir(parents=True, exist_ok=True)
         if not cfg_file.is_file() or cfg_file.read_text() != text:
             atomic_write_bytes(cfg_file, lambda p: p.write_text(text))
+        if agree is not None:
+            self.replayable = agree(len(passes) if resume else 0)
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         i = self.calls
         self.calls += 1
         self.hvps += v.shape[1]
         d = digest(v)
-        f = None if self.dir is None else pass_file(self.dir, i)
-        if f is not None and f.exists():
+        f = None if self.dir is None else pass_file(self.dir, i, self.suffix)
+        if f is not None and f.exists() and i < self.replayable:
             rec = read_pass(f, self.config_sha256, i)
             if rec["input"] != d:
                 raise RunError(

@@ -38,7 +38,17 @@ from .cli import LOW_PRECISION_NOTE, flag_message
 from .data import check_seqlen, dataset_label, load_text, load_tokenizer, make_samples, text_sha256, tokenize
 from .errors import ParamError, UserError
 from .inputs import check_token_ids, code_path, config_fingerprint, model_fingerprint, tokenizer_fingerprint, warn
-from .models import ModelSpec, load_model, max_positions, model_skeleton, resolve_device
+from .finite_difference import FDSettings
+from .models import (
+    ModelSpec,
+    load_model,
+    max_positions,
+    model_skeleton,
+    offloaded_parameters,
+    parse_device_map,
+    resolve_device,
+)
+from .operator import Products, products_for
 from .results import save_tensor_and_json, verify_result
 from .spec import PAPER_SEQLEN, SECTIONS, RunSpec
 
@@ -196,6 +206,11 @@ class Run:
             self.fingerprints.get("code"),
         )
 
+    def products(self) -> Products:
+        """How the run's Hessian-vector products are taken (``--hvp``, ``--fd_richardson``, ``--fd_step``)."""
+        c = self.spec.compute
+        return products_for(c.hvp, FDSettings(c.fd_richardson, c.fd_step))
+
     def run_settings(self, checkpoint_path: Path, desc: str) -> parallel.RunSettings:
         """:class:`lib.parallel.RunSettings` from the run flags, checkpointing to ``checkpoint_path``
         (recorded in :attr:`settings`)."""
@@ -294,6 +309,8 @@ def check_environment(spec: RunSpec) -> list[torch.device]:
         raise UserError(
             f"--device_map {spec.run.device_map} needs the accelerate package: pip install accelerate"
         )
+    if spec.run.device_map is not None:
+        parse_device_map(spec.run.device_map)  # a malformed JSON map: one line before anything loads
     return devices
 
 
@@ -364,10 +381,17 @@ def load(
 ) -> Run:
     """Inspect, then load the weights (once, on the single device, or on the CPU when workers load their own)."""
     torch.manual_seed(spec.get("seed"))
-    device = devices[0] if len(devices) == 1 else torch.device("cpu")
+    fsdp = "fsdp" in spec.field_names() and spec.get("fsdp")
+    device = devices[0] if len(devices) == 1 and not fsdp else torch.device("cpu")  # FSDP shards it from the host
     found = inspect(spec, family, device)
     model = found.model if found.loaded else _load_weights(found.spec, device)
     structure = family.structure(model, found.spec)
+    offloaded = offloaded_parameters(model, getattr(structure, "param_names", []))
+    if offloaded:
+        raise UserError(
+            f"--device_map offloads {offloaded[0]} to disk (loaded only inside the forward, so it cannot be "
+            f"differentiated): place the layers of the subset on a device (cpu or cuda) and offload others"
+        )
     d = found.spec.data
     bs, why = samples_per_forward(
         d.model_input_bs,

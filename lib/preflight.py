@@ -34,6 +34,8 @@ class Estimate:
     checkpoint: int
     what: str
     """What dominates, in words (for the refusal message)."""
+    disk: int = 0
+    """Bytes written to disk besides the checkpoint (e.g. Lanczos vectors kept on disk)."""
 
 
 def gb(n: float) -> str:
@@ -105,14 +107,36 @@ def check(est: Estimate, devices: Sequence[torch.device], output_dir: str | Path
             problems.append(f"about {gb(est.device)} on {d} beyond the model ({gb(free)} free)")
     if writes_checkpoint:
         disk = free_disk_bytes(output_dir)
-        if 2 * est.checkpoint > disk:  # the new file is written beside the old one, then renamed
-            problems.append(f"up to {gb(2 * est.checkpoint)} of disk for checkpoints ({gb(disk)} free in {output_dir})")
+        if 2 * est.checkpoint + est.disk > disk:  # the new file is written beside the old one, then renamed
+            problems.append(f"up to {gb(2 * est.checkpoint + est.disk)} of disk for checkpoints{' and stored vectors' if est.disk else ''} ({gb(disk)} free in {output_dir})")
     if problems:
         raise UserError(f"this run needs {' and '.join(problems)}: {est.what}; use {alternatives}")
 
 
-def spectrum_estimate(n: int, block_size: int, max_iter: int, lanczos_vectors: int, dtype_bytes: int) -> Estimate:
-    """The iterative spectrum path: the float64 Krylov basis (``n x lanczos_vectors``: Lanczos' ``block_size x
-    max_iter``, or SLQ's probes x steps) and its products in the pass log (one ``n x block`` float64 file per pass)."""
-    basis = n * lanczos_vectors * F64
-    return Estimate(host=3 * basis + 4 * n * block_size * F64, device=3 * n * block_size * dtype_bytes, checkpoint=basis, what=f"the Krylov basis holds {lanczos_vectors} vectors of {n:,} entries")
+def stored_vectors(block_size: int, max_iter: int, reorth: str, eigenvectors: bool, top_k: int, trace_hvps: int, density: bool, slq_probes: int, lanczos_steps: int) -> int:
+    """Most ``n``-vectors the spectrum's algorithms keep at once (they run one after another): Lanczos' basis (``block_size x
+    max_iter`` with full or selective reorthogonalization, or for eigenvectors; plus up to ``2 top_k`` converged Ritz
+    vectors with selective; none with ``reorth="none"``), Hutch++'s ``trace_hvps`` (its probes, ``Q`` and products), SLQ's
+    probes x steps (full reorthogonalization only)."""
+    lanczos = block_size * max_iter if reorth in ("full", "selective") or eigenvectors else 0
+    lanczos += 2 * top_k if reorth == "selective" else 0
+    slq = slq_probes * lanczos_steps if density and reorth == "full" else 0
+    return max(lanczos, trace_hvps, slq)
+
+
+def spectrum_estimate(n: int, block_size: int, stored: int, dtype_bytes: int, vector_bytes: int = F64, storage: str = "device", world: int = 1, pass_log_vectors: int = 0, on_gpu: bool = False) -> Estimate:
+    """The iterative spectrum path, per process (``n / world`` entries each under FSDP): the ``stored`` vectors
+    (:func:`stored_vectors`, ``vector_bytes`` each entry) on ``storage`` (``device``: the GPU with ``on_gpu``, else the host;
+    ``cpu``; ``disk``: memory-mapped files, counted as disk), about 8 working blocks of ``block_size`` vectors, the product
+    job's float64 copies of its block (3, on the host) and the model-dtype products (3, on the device); the pass log
+    holds one float64 output per HVP (``pass_log_vectors``)."""
+    local = -(-n // world)
+    basis = local * stored * vector_bytes
+    work = 8 * local * block_size * vector_bytes
+    job = 3 * local * block_size * F64
+    on_host = storage == "cpu" or (storage == "device" and not on_gpu)
+    host = job + (0 if on_gpu else work) + (basis if on_host else 0)
+    device = 3 * local * block_size * dtype_bytes + (work if on_gpu else 0) + (basis if storage == "device" and on_gpu else 0)
+    where = {"device": "on the device" if on_gpu else "in host memory", "cpu": "in host memory", "disk": "on disk"}[storage]
+    what = f"the spectrum keeps {stored} vectors of {local:,} entries ({vector_bytes} bytes each) {where}, and its pass log {pass_log_vectors} more on disk"
+    return Estimate(host=host, device=device, checkpoint=local * pass_log_vectors * F64, what=what, disk=basis if storage == "disk" else 0)

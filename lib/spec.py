@@ -30,6 +30,7 @@ import hashlib
 import importlib
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
@@ -172,12 +173,48 @@ class DiagonalSubset:
     all_layers: bool = result(False)
 
 
+def _finite_differences(spec: Any) -> bool:
+    return spec.compute.hvp not in (None, "exact")
+
+
+@dataclass(frozen=True)
+class ProductMethod:
+    """How every Hessian-vector product is taken (:mod:`lib.finite_difference`): ``hvp`` exact (double backward) or
+    finite_difference (two first-order gradients), with Richardson extrapolation and a relative step (``None``: the
+    dtype's default). ``hvp=None``: finite differences under ``--fsdp``, else exact (fixed when the spec is built).
+    Hashed only for finite differences, so that exact runs keep the names and digests they had before these flags."""
+
+    hvp: str | None = result(None, when=_finite_differences)
+    fd_richardson: bool = result(False, when=_finite_differences)
+    fd_step: float | None = result(None, when=_finite_differences)
+
+
+HVP_METHODS = ("exact", "finite_difference")
+
+
+def _check_products(c: ProductMethod, dtype: str, method: str | None = None) -> None:
+    """Finite-difference settings without ``--hvp finite_difference``, ``--method autograd`` with it, a step that
+    underflows ``dtype``: one line each."""
+    if c.hvp != "finite_difference":
+        given = [f for f, on in (("--fd_richardson", c.fd_richardson), ("--fd_step", c.fd_step is not None)) if on]
+        if given:
+            them = "it" if len(given) == 1 else "them"
+            raise UserError(
+                f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} finite-difference products; add --hvp "
+                f"finite_difference or drop {them}"
+            )
+        return
+    from .finite_difference import check  # torch: only for finite-difference runs
+
+    check(method, c.fd_step, c.fd_richardson, dtype)
+
+
 def _compares(spec: Any) -> bool:
     return spec.compute.compare is not None
 
 
 @dataclass(frozen=True)
-class ExactCompute:
+class ExactCompute(ProductMethod):
     """The exact Hessian, and optionally the curvature approximations beside it and the batch-size study."""
 
     method: str = result("rev-rev")
@@ -193,7 +230,7 @@ class ExactCompute:
 
 
 @dataclass(frozen=True)
-class DiagonalCompute:
+class DiagonalCompute(ProductMethod):
     """Estimators of the Hessian diagonal, ``hvps`` (K) Hessian-vector products per sample and weight."""
 
     estimator: tuple[str, ...] = result(("xdiag",))
@@ -204,7 +241,7 @@ class DiagonalCompute:
 
 
 @dataclass(frozen=True)
-class SpectrumCompute:
+class SpectrumCompute(ProductMethod):
     """Extreme eigenvalues (Lanczos), traces and the spectral density, or the exact path for small subsets."""
 
     method: str = result("rev-rev")
@@ -224,6 +261,10 @@ class SpectrumCompute:
     density_points: int = result(1000)
     keep_graphs: str = operational("auto")
     exact_below: int = result(2048)
+    reorth: str = result("full", when=lambda spec: spec.compute.reorth != "full")
+    vector_dtype: str = result("float64", when=lambda spec: spec.compute.vector_dtype != "float64")
+    vector_storage: str = operational("auto")
+    fsdp: bool = operational(False)
 
 
 @dataclass(frozen=True)
@@ -392,8 +433,11 @@ class RunSpec:
         return spec.replace(**given)._resolved()
 
     def _resolved(self: S) -> S:
-        """Defaults that depend on other fields (the model's name), resolved."""
+        """Defaults that depend on other fields (the model's name, ``--fsdp``), resolved."""
         changes: dict[str, Any] = {}
+        names = self.field_names()
+        if "hvp" in names and self.get("hvp") is None:
+            changes["hvp"] = "finite_difference" if names.get("fsdp") and self.get("fsdp") else "exact"
         embedded = self.model.model == EMBEDDED
         if self.data.dataset == "auto":
             changes["dataset"] = EMBEDDED if embedded else library_constant("data", "WIKITEXT2")
@@ -435,6 +479,11 @@ class RunSpec:
             raise UserError("--skip_existing keeps a finished result and --overwrite replaces it: give one or the other")
         check_timeout("--unit_timeout", self.run.unit_timeout)
         check_timeout("--setup_timeout", self.run.setup_timeout)
+        compute = getattr(self, "compute", None)
+        if isinstance(compute, ProductMethod):
+            if compute.hvp not in HVP_METHODS:
+                raise UserError(f"--hvp must be one of {', '.join(HVP_METHODS)}, got {compute.hvp}")
+            _check_products(compute, self.model.dtype, getattr(compute, "method", None))
 
 
 def check_timeout(flag: str, value: float) -> None:
@@ -539,6 +588,44 @@ class SpectrumSpec(RunSpec):
             _at_least(name, getattr(c, name), low)
         if not c.tol > 0:
             raise UserError(f"--tol must be positive, got {c.tol}")
+        if c.reorth != "full" and c.block_size > 1:
+            raise UserError(f"--reorth {c.reorth} runs single-vector Lanczos: use --block_size 1 (or --reorth full)")
+        if c.fsdp:
+            self._check_fsdp()
+
+    def _check_fsdp(self) -> None:
+        """``--fsdp`` outside torchrun, with ``--device_map`` / ``--devices`` / exact products / the exact scripts' row
+        subsets / ``--eigenvectors``: one line each, before anything loads."""
+        if not all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+            raise UserError(
+                "--fsdp shards the model over torchrun ranks: launch with torchrun --nproc_per_node N "
+                "hessian_spectrum.py --fsdp ... (without torchrun, drop --fsdp)"
+            )
+        if self.run.device_map is not None:
+            raise UserError(
+                "--fsdp shards the model over the ranks itself; it cannot be combined with --device_map (one process "
+                "splitting the model over its GPUs): use one or the other"
+            )
+        if self.run.devices is not None:
+            raise UserError(
+                "--fsdp runs one rank per device under torchrun; --devices starts its own worker processes: drop "
+                "--devices (torchrun's rank r uses cuda:LOCAL_RANK, or --device cpu)"
+            )
+        if self.compute.hvp == "exact":
+            raise UserError(
+                "--fsdp has no double backward (FSDP does not support it): use --hvp finite_difference (the default "
+                "with --fsdp)"
+            )
+        if not self.subset.params:
+            raise UserError(
+                "--fsdp shards whole parameters: select them with --params GLOB (e.g. '*'), not the exact scripts' "
+                "row subsets"
+            )
+        if self.compute.eigenvectors:
+            raise UserError(
+                "--eigenvectors with --fsdp would gather model-sized vectors on rank 0; not supported: drop "
+                "--eigenvectors"
+            )
 
 
 TRACK_DEFAULT = ("hutchinson", "xdiag")

@@ -12,6 +12,7 @@ Exact path (``n <= --exact_below``): the exact Hessian job and ``eigvalsh``.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -21,11 +22,12 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import outputs, parallel, preflight, spectrum
+from . import fsdp, outputs, parallel, preflight, spectrum, vectors
 from .errors import UserError
+from .finite_difference import FiniteDifference, exact_script_report
 from .hessian import ExactHessianJob
 from .inputs import warn
-from .operator import HessianOperator, digest
+from .operator import HessianOperator, digest, subset_digest
 from .outputs import default_name as output_name
 from .pipeline import Family, Run
 from .plots import density_figure
@@ -130,6 +132,7 @@ def make_run_pass(run: Run, op: HessianOperator, pool: parallel.WorkerPool | Non
         )
         sums = parallel.run_job(op.job(v.T, tag=f"pass {i}"), settings)
         if sums is not None:
+            op.record(sums)
             ckpt.finish(cfg)  # this pass is done: the next one starts its own checkpoint
         if distributed:
             import torch.distributed as dist
@@ -178,7 +181,7 @@ class SpectrumFamily(Family):
         )
 
     def checkpoints(self, spec: SpectrumSpec, out: Path, name: str) -> list[Path]:
-        return [out / f"{name}.ckpt", out / f"{name}.passes"]
+        return [out / f"{name}.ckpt", out / f"{name}.passes", out / f"{name}.vectors"]
 
     def files(self, spec: SpectrumSpec, name: str) -> list[str]:
         return outputs.planned_files(name, ["_density"])  # the exact path always draws the density
@@ -193,7 +196,40 @@ class SpectrumFamily(Family):
 
     @staticmethod
     def exact_path(spec: SpectrumSpec, n: int) -> bool:
-        return bool(spec.compute.exact_below) and n <= spec.compute.exact_below
+        c = spec.compute
+        return bool(c.exact_below) and n <= c.exact_below and not c.fsdp
+
+    @staticmethod
+    def estimate(run: Run, n: int, world: int, vdtype: torch.dtype) -> tuple[preflight.Estimate, str]:
+        """The iterative path's memory and disk (per rank under ``--fsdp``) and where its stored vectors go."""
+        c = run.spec.compute
+        stored = preflight.stored_vectors(
+            c.block_size,
+            c.max_iter,
+            c.reorth,
+            c.eigenvectors,
+            c.top_k,
+            c.trace_hvps if c.trace else 0,
+            c.density,
+            c.slq_probes,
+            c.lanczos_steps,
+        )
+        on_gpu = c.fsdp and run.devices[0].type == "cuda"
+        storage = vectors.choose_storage(
+            c.vector_storage,
+            -(-n // world) * stored * vdtype.itemsize,
+            preflight.free_device_bytes(run.devices[0]) if on_gpu else None,
+            preflight.available_host_bytes(),
+        )
+        log_vectors = (
+            c.block_size * c.max_iter
+            + (2 * c.trace_hvps if c.trace else 0)
+            + (c.slq_probes * c.lanczos_steps if c.density else 0)
+        )
+        est = preflight.spectrum_estimate(
+            n, c.block_size, stored, run.dtype.itemsize, vdtype.itemsize, storage, world, log_vectors, on_gpu
+        )
+        return est, storage
 
     def compute(self, run: Run) -> dict[str, Any] | None:
         """``{"meta": JSON fields, "saved": tensors for the .pt, "density": the density to draw or None}`` (the
@@ -201,23 +237,22 @@ class SpectrumFamily(Family):
         spec, subset = run.spec, run.structure
         c = spec.compute
         n = subset.size
+        world = int(os.environ.get("WORLD_SIZE", "1")) if c.fsdp else 1
+        vdtype = vectors.vector_dtype(c.vector_dtype, run.dtype)
+        storage = "device"
         if self.exact_path(spec, n):
             est = preflight.exact_estimate(n, run.dtype.itemsize)
         else:
-            est = preflight.spectrum_estimate(
-                n,
-                c.block_size,
-                c.max_iter,
-                max(c.block_size * c.max_iter, c.slq_probes * c.lanczos_steps if c.density else 0),
-                run.dtype.itemsize,
-            )
+            est, storage = self.estimate(run, n, world, vdtype)
         run.check_resources(
             est,
             (
-                "a smaller subset, fewer --max_iter or --lanczos_steps, a smaller --block_size, or --exact_below "
-                "0 for large subsets"
+                "a smaller subset, fewer --max_iter or --lanczos_steps, a smaller --block_size, --reorth none, "
+                "--vector_storage disk, --vector_dtype working, or --exact_below 0 for large subsets"
             ),
         )
+        products = run.products()
+        fd = products if isinstance(products, FiniteDifference) else None
         mspec = run.model_spec()
         fused = False if spec.model.no_fused_head else None
         mbs = spec.data.model_input_bs
@@ -230,6 +265,7 @@ class SpectrumFamily(Family):
             fused,
             spec=mspec,
             keep_graphs=KEEP_GRAPHS[c.keep_graphs],
+            products=products,
         )
         meta: dict[str, Any] = {
             "subset": subset.description,
@@ -250,12 +286,16 @@ class SpectrumFamily(Family):
                 fused,
                 spec=mspec,
                 model=run.model,
+                products=products,
             )
             settings = run.run_settings(run.out / f"{run.name}.ckpt", "Hessian columns")
             sums = parallel.run_job(job, settings)
             if sums is None:
                 return None
             h = job.result(sums, time.perf_counter() - t0).hessian.to(torch.float64)
+            if fd is not None:  # rows H e_i by finite differences: report their asymmetry, diagonalize the symmetric part
+                meta["hvp"] = exact_script_report(fd, h, sums)
+                h = (h + h.T) / 2
             ev, vecs = torch.linalg.eigh(h)
             idx = spectrum.wanted(ev, c.top_k, c.which)
             resid = (h @ vecs[:, idx] - vecs[:, idx] * ev[idx]).norm(dim=0)
@@ -285,27 +325,55 @@ class SpectrumFamily(Family):
 
                 bar = tqdm(total=total, desc="passes over the samples", dynamic_ncols=True)
             log_cfg = {
-                "subset": digest(torch.cat([s.flat_index for s in subset.slices])),
+                "subset": subset_digest(subset),
                 "params": subset.param_names,
                 "samples": digest(run.samples),
                 "model": mspec.identity(),
                 "model_input_bs": mbs,
                 "seed": c.seed,
                 "fused_head": fused,
+                "products": products.name,
+                **({"vectors": c.vector_dtype} if c.vector_dtype != "float64" else {}),
             }
             log_cfg = {**run.identity(), **log_cfg}
             pool = parallel.WorkerPool(run.devices)  # spawns workers only for several devices
-            log = PassLog(
-                run.out / f"{run.name}.passes" if run.rank0 else None,
-                log_cfg,
-                spec.run.resume,
-                make_run_pass(run, op, pool),
-                bar,
-                policy=op.policy,
-            )
+            sop = None
+            if c.fsdp:  # every rank logs its shard of each pass
+                sop = fsdp.sharded_operator(run, subset, mbs, fd.settings, vdtype)
+                space, log_cfg["world_size"] = sop.space, world
+                log = PassLog(
+                    run.out / f"{run.name}.passes",
+                    log_cfg,
+                    spec.run.resume,
+                    lambda v, i: sop.matmat(v),
+                    bar,
+                    suffix=f".rank{sop.rank}of{world}",
+                    agree=fsdp.agree_min,
+                )
+            else:
+                space = vectors.local_space(n, dtype=vdtype)
+                log = PassLog(
+                    run.out / f"{run.name}.passes" if run.rank0 else None,
+                    log_cfg,
+                    spec.run.resume,
+                    make_run_pass(run, op, pool),
+                    bar,
+                    policy=op.policy,
+                )
+            store = dict(space=space, storage=storage, storage_dir=run.out / f"{run.name}.vectors")
             try:
                 eig = spectrum.lanczos(
-                    log, n, c.top_k, c.which, c.block_size, c.tol, c.max_iter, seed=c.seed
+                    log,
+                    n,
+                    c.top_k,
+                    c.which,
+                    c.block_size,
+                    c.tol,
+                    c.max_iter,
+                    seed=c.seed,
+                    reorth=c.reorth,
+                    eigenvectors=c.eigenvectors,
+                    **store,
                 )
                 if bar is not None:
                     bar.total -= c.max_iter - eig.passes
@@ -320,6 +388,9 @@ class SpectrumFamily(Family):
                         "passes": eig.passes,
                         "ritz_values": eig.ritz_values.tolist(),
                         "invariant_subspace": eig.breakdown,
+                        "reorth": eig.reorth,
+                        "ghosts_removed": eig.ghosts,
+                        "stored_vectors": eig.stored_vectors,
                     },
                 )
                 saved.update(
@@ -330,8 +401,8 @@ class SpectrumFamily(Family):
                 if c.eigenvectors:
                     saved["eigenvectors"] = eig.eigenvectors
                 if c.trace:
-                    hutch = spectrum.hutchinson_trace(log, n, c.trace_hvps, seed=c.seed + 1)
-                    hpp = spectrum.hutchpp_trace(log, n, c.trace_hvps, seed=c.seed + 2)
+                    hutch = spectrum.hutchinson_trace(log, n, c.trace_hvps, seed=c.seed + 1, space=space)
+                    hpp = spectrum.hutchpp_trace(log, n, c.trace_hvps, seed=c.seed + 2, space=space)
                     meta["trace"] = {"hutchinson": hutch.as_dict(), "hutch++": hpp.as_dict()}
                 if c.density:
                     dens = spectrum.slq(
@@ -341,6 +412,8 @@ class SpectrumFamily(Family):
                         c.lanczos_steps,
                         seed=c.seed + 3,
                         grid_points=c.density_points,
+                        reorth=c.reorth,
+                        **store,
                     )
             finally:
                 pool.close()
@@ -351,8 +424,20 @@ class SpectrumFamily(Family):
                 passes=log.calls,
                 replayed_passes=log.replayed,
                 workers={"spawned": pool.started, "passes_run": pool.jobs},
-                **op.report(),
+                **(sop.report() if sop is not None else op.report()),
             )
+            meta["vectors"] = {
+                "dtype": str(vdtype).removeprefix("torch."),
+                "storage": storage,
+                "peak_stored_bytes": space.peak_stored_bytes,
+            }
+            meta["memory"] = (
+                sop.gather_memory()
+                if sop is not None
+                else [fsdp.process_memory(run.model, n * run.dtype.itemsize, space)]
+            )
+            if sop is not None:
+                fsdp.finish()  # every rank has written its pass files before rank 0 removes them
         if not run.rank0:
             return None
         if c.density:
@@ -374,7 +459,8 @@ class SpectrumFamily(Family):
         meta, dens = result["meta"], result["density"]
         figures: list[Path] = []
         if dens is not None:
-            title = f"Hessian spectral density: {run.structure.description}\n{run.where}"
+            fd_note = "" if run.spec.compute.hvp == "exact" else " (finite-difference HVPs)"
+            title = f"Hessian spectral density{fd_note}: {run.structure.description}\n{run.where}"
             label = "SLQ density" if dens.passes else "density of the exact eigenvalues"
             figures = density_figure(
                 dens.grid,
@@ -391,6 +477,7 @@ class SpectrumFamily(Family):
         super().finish(run, meta)
         if meta["path"] == "iterative" and not run.spec.run.keep_checkpoint:
             shutil.rmtree(run.out / f"{run.name}.passes", ignore_errors=True)
+        shutil.rmtree(run.out / f"{run.name}.vectors", ignore_errors=True)  # --vector_storage disk
 
     def report(self, run: Run, meta: dict[str, Any]) -> list[str]:
         top = ", ".join(f"{v:.6g}" for v in meta["eigenvalues"])

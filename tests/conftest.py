@@ -87,3 +87,7 @@ def one_rank_env(monkeypatch) -> None:
         port = sock.getsockname()[1]
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(key, value)
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: launches torchrun or other subprocesses (tens of seconds); part of the default suite")
