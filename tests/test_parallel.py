@@ -245,7 +245,8 @@ def test_a_pool_runs_two_jobs_on_the_same_workers_loading_the_model_once_each():
             assert torch.equal(sums["loads"], torch.ones_like(sums["loads"]))  # no worker loaded the model twice
             pids |= set(sums["pid"].tolist())
         procs = [w.proc for w in pool.workers]
-        assert pool.started == 2 and pool.jobs == 2 and len(pids) == 2 and pids == {p.pid for p in procs}
+        # every unit ran on the pool's two workers (which of them took how many units depends on timing)
+        assert pool.started == 2 and pool.jobs == 2 and pids and pids <= {p.pid for p in procs}
         assert settings.stats["workers_spawned"] == 0 and settings.stats["pool_job"] == 2
     assert not any(p.is_alive() for p in procs) and pool.workers == []
     with pytest.raises(ValueError, match="closed"):
