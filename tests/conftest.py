@@ -31,6 +31,11 @@ def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "slow: takes more than about 5 s (subprocesses, several runs)")
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """The slow tests first (in their order), so that the test processes do not end waiting on one long test."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def tiny_model(arch: str, dtype: torch.dtype = torch.float64, seed: int = 0, attn: str = "eager"):
     """A 2-block causal LM of ``arch`` with random weights (hidden 16, vocab 64, 32 positions)."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
@@ -88,6 +93,3 @@ def one_rank_env(monkeypatch) -> None:
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(key, value)
 
-
-def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", "slow: launches torchrun or other subprocesses (tens of seconds); part of the default suite")
