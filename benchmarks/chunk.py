@@ -46,20 +46,54 @@ def case(name: str):
     """``(model, subset, samples, [(label, job kwargs), (label, job kwargs)])`` of a case."""
     g = torch.Generator().manual_seed(0)
     if name == "tiny":
-        model = opt(vocab_size=64, hidden_size=20, num_hidden_layers=2, num_attention_heads=2, ffn_dim=40, max_position_embeddings=64, word_embed_proj_dim=20)
-        subset = subsets.make_subset(subsets.from_indices(model, "model.decoder.layers.0.self_attn.q_proj.weight", [[i, j] for i in range(20) for j in range(20)]))
-        return model, subset, torch.randint(3, 64, (2, 32), generator=g), [("auto", {}), ("chunk 1", {"chunk": 1})]
+        model = opt(
+            vocab_size=64,
+            hidden_size=20,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            ffn_dim=40,
+            max_position_embeddings=64,
+            word_embed_proj_dim=20,
+        )
+        subset = subsets.make_subset(
+            subsets.from_indices(
+                model,
+                "model.decoder.layers.0.self_attn.q_proj.weight",
+                [[i, j] for i in range(20) for j in range(20)],
+            )
+        )
+        return (
+            model,
+            subset,
+            torch.randint(3, 64, (2, 32), generator=g),
+            [("auto", {}), ("chunk 1", {"chunk": 1})],
+        )
     if name == "opt125m":
         model = opt()
         subset = subsets.single_layer_single_block(model, "self_attn.q_proj", 0, 32)
-        return model, subset, torch.randint(3, model.config.vocab_size, (1, 128), generator=g), [("auto", {}), ("chunk 1", {"chunk": 1})]
+        return (
+            model,
+            subset,
+            torch.randint(3, model.config.vocab_size, (1, 128), generator=g),
+            [("auto", {}), ("chunk 1", {"chunk": 1})],
+        )
     model = load_model("embedded")
     if name == "embedded":
         subset = subsets.single_layer_single_block(model, "self_attn.q_proj", 0, 128)
-        return model, subset, load_samples("embedded", 128, 2), [("auto", {}), ("chunk 1", {"chunk": 1})]
+        return (
+            model,
+            subset,
+            load_samples("embedded", 128, 2),
+            [("auto", {}), ("chunk 1", {"chunk": 1})],
+        )
     if name == "input_bs":
         subset = subsets.single_layer_single_block(model, "self_attn.q_proj", 0, 32)
-        return model, subset, load_samples("embedded", 128, 4), [("model_input_bs 4", {"model_input_bs": 4}), ("model_input_bs 1", {})]
+        return (
+            model,
+            subset,
+            load_samples("embedded", 128, 4),
+            [("model_input_bs 4", {"model_input_bs": 4}), ("model_input_bs 1", {})],
+        )
     raise SystemExit(f"unknown case {name!r}")
 
 
@@ -72,12 +106,20 @@ def timed(model, subset, samples, kwargs) -> tuple[float, float, torch.Tensor, d
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--cases", default="tiny,embedded,opt125m,input_bs")
-    p.add_argument("--repeat", type=int, default=3, help="alternate the two settings this many times")
+    p.add_argument(
+        "--repeat", type=int, default=3, help="alternate the two settings this many times"
+    )
     args = p.parse_args()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print("| case | n | A | B | A wall best / median (s) | B wall best / median (s) | B/A wall best | B/A wall median | B/A CPU median | chunks chosen by A | max rel diff |")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
+    print(
+        "| case | n | A | B | A wall best / median (s) | B wall best / median (s) | B/A wall best | B/A wall median | B/A CPU median | chunks chosen by A | max rel diff |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.cases.split(","):
         model, subset, samples, settings = case(name)
@@ -96,7 +138,10 @@ def main() -> None:
         ha, hb = hs[a], hs[b]
         diff = float((ha - hb).abs().max() / hb.abs().max())
         med = statistics.median
-        print(f"| {name} | {subset.size} | {a} | {b} | {min(ta):.2f} / {med(ta):.2f} | {min(tb):.2f} / {med(tb):.2f} | {min(tb) / min(ta):.2f}x | {med(tb) / med(ta):.2f}x | {med(cpu[b]) / med(cpu[a]):.2f}x | {chosen} | {diff:.1e} |", flush=True)
+        print(
+            f"| {name} | {subset.size} | {a} | {b} | {min(ta):.2f} / {med(ta):.2f} | {min(tb):.2f} / {med(tb):.2f} | {min(tb) / min(ta):.2f}x | {med(tb) / med(ta):.2f}x | {med(cpu[b]) / med(cpu[a]):.2f}x | {chosen} | {diff:.1e} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -39,9 +39,13 @@ def timed(fn) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--seqlen", type=int, default=128)
-    p.add_argument("--reps", type=int, default=5, help="interleaved repetitions; the minimum is reported")
+    p.add_argument(
+        "--reps", type=int, default=5, help="interleaved repetitions; the minimum is reported"
+    )
     p.add_argument("--t", type=int, default=32)
     p.add_argument("--perturbations", type=int, default=64)
     args = p.parse_args()
@@ -52,11 +56,15 @@ def main() -> None:
     x0 = obj.x0()
     z = rademacher_probes(x0.numel(), 0, name, 0, 1, x0.dtype)[0]
 
-    best = {k: math.inf for k in ("hvp_setup", "hvp", "ggn_setup", "ggn", "exact_unit", "compare_unit")}
+    best = {
+        k: math.inf for k in ("hvp_setup", "hvp", "ggn_setup", "ggn", "exact_unit", "compare_unit")
+    }
     sub = subsets.single_layer_single_block(model, "self_attn.q_proj", 0, args.t)
     d, _ = rounding_perturbations(model, sub, args.perturbations, 4, 0)
     exact = ExactHessianJob(sub, ids, model=model)
-    compare = CurvatureJob(sub, ids, ["ggn", "fisher", "empirical_fisher", "gptq", "kfac", "diag"], 4, d, model=model)
+    compare = CurvatureJob(
+        sub, ids, ["ggn", "fisher", "empirical_fisher", "gptq", "kfac", "diag"], 4, d, model=model
+    )
     exact.setup(torch.device("cpu"))
     compare.setup(torch.device("cpu"))
     for _ in range(args.reps):
@@ -68,16 +76,31 @@ def main() -> None:
             state.update(x=x, g=g)
 
         best["hvp_setup"] = min(best["hvp_setup"], timed(hvp_setup))
-        best["hvp"] = min(best["hvp"], timed(lambda: torch.autograd.grad(state["g"], state["x"], grad_outputs=z, retain_graph=True)))
+        best["hvp"] = min(
+            best["hvp"],
+            timed(
+                lambda: torch.autograd.grad(
+                    state["g"], state["x"], grad_outputs=z, retain_graph=True
+                )
+            ),
+        )
         state.clear()
-        best["ggn_setup"] = min(best["ggn_setup"], timed(lambda: state.update(op=GGNOperator(obj, x0, ids))))
+        best["ggn_setup"] = min(
+            best["ggn_setup"], timed(lambda: state.update(op=GGNOperator(obj, x0, ids)))
+        )
         best["ggn"] = min(best["ggn"], timed(lambda: state["op"].matvec(z)))
         state.clear()
         best["exact_unit"] = min(best["exact_unit"], timed(lambda: exact.run_unit(0)))
         best["compare_unit"] = min(best["compare_unit"], timed(lambda: compare.run_unit(0)))
-    print(f"embedded model, seqlen {args.seqlen}, one sample, threads {torch.get_num_threads()}, min of {args.reps} interleaved reps")
-    print(f"whole block-0 q_proj ({x0.numel()} entries): HVP {best['hvp']:.4f} s (graph {best['hvp_setup']:.4f} s); GGN-vector product {best['ggn']:.4f} s (set-up {best['ggn_setup']:.4f} s); ratio GGN/HVP {best['ggn'] / best['hvp']:.2f}")
-    print(f"t={args.t}: exact Hessian unit {best['exact_unit']:.3f} s; with --compare (all, 4 draws, {args.perturbations} perturbations) {best['compare_unit']:.3f} s; ratio {best['compare_unit'] / best['exact_unit']:.2f}")
+    print(
+        f"embedded model, seqlen {args.seqlen}, one sample, threads {torch.get_num_threads()}, min of {args.reps} interleaved reps"
+    )
+    print(
+        f"whole block-0 q_proj ({x0.numel()} entries): HVP {best['hvp']:.4f} s (graph {best['hvp_setup']:.4f} s); GGN-vector product {best['ggn']:.4f} s (set-up {best['ggn_setup']:.4f} s); ratio GGN/HVP {best['ggn'] / best['hvp']:.2f}"
+    )
+    print(
+        f"t={args.t}: exact Hessian unit {best['exact_unit']:.3f} s; with --compare (all, 4 draws, {args.perturbations} perturbations) {best['compare_unit']:.3f} s; ratio {best['compare_unit'] / best['exact_unit']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -34,9 +34,9 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -86,27 +86,64 @@ def _make_case(name: str, t: int, extrapolate: int) -> Case:
     g = torch.Generator().manual_seed(0)
     if name.startswith("embedded"):
         model = load_model("embedded")
-        return Case(model, subsets.single_layer_single_block(model, "self_attn.q_proj", 0, int(name[len("embedded") :])), load_samples("embedded", 128, 4))
+        return Case(
+            model,
+            subsets.single_layer_single_block(
+                model, "self_attn.q_proj", 0, int(name[len("embedded") :])
+            ),
+            load_samples("embedded", 128, 4),
+        )
     if name == "tiny400":
-        model = opt(vocab_size=64, hidden_size=20, num_hidden_layers=2, num_attention_heads=2, ffn_dim=40, max_position_embeddings=64, word_embed_proj_dim=20)
-        subset = subsets.make_subset(subsets.from_indices(model, "model.decoder.layers.0.self_attn.q_proj.weight", [[i, j] for i in range(20) for j in range(20)]))
+        model = opt(
+            vocab_size=64,
+            hidden_size=20,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            ffn_dim=40,
+            max_position_embeddings=64,
+            word_embed_proj_dim=20,
+        )
+        subset = subsets.make_subset(
+            subsets.from_indices(
+                model,
+                "model.decoder.layers.0.self_attn.q_proj.weight",
+                [[i, j] for i in range(20) for j in range(20)],
+            )
+        )
         return Case(model, subset, torch.randint(3, 64, (2, 32), generator=g))
     model = opt()  # the OPT-125M architecture: 12 blocks, hidden 768, vocab 50272
     ids = torch.randint(3, model.config.vocab_size, (1, 128), generator=g)
     if name == "opt125m768":
-        return Case(model, subsets.single_layer_single_block(model, "self_attn.q_proj", 0, 768), ids, extrapolate)
+        return Case(
+            model,
+            subsets.single_layer_single_block(model, "self_attn.q_proj", 0, 768),
+            ids,
+            extrapolate,
+        )
     if name in ("block0", "block6"):
-        return Case(model, subsets.single_layer_single_block(model, "self_attn.q_proj", int(name[5:]), t), ids)
+        return Case(
+            model,
+            subsets.single_layer_single_block(model, "self_attn.q_proj", int(name[5:]), t),
+            ids,
+        )
     if name == "blocks12":
-        return Case(model, subsets.single_layer_several_blocks(model, "self_attn.q_proj", 12, t), ids)
+        return Case(
+            model, subsets.single_layer_several_blocks(model, "self_attn.q_proj", 12, t), ids
+        )
     raise SystemExit(f"unknown case {name!r}")
 
 
 def default(case: Case) -> torch.Tensor:
     """This project's exact Hessian with its defaults (summed over the samples)."""
-    job = ExactHessianJob(case.subset, case.samples, model_input_bs=_auto_bs(case), model=case.model)
+    job = ExactHessianJob(
+        case.subset, case.samples, model_input_bs=_auto_bs(case), model=case.model
+    )
     out = run_serial(job, case.samples.device)["hessian_sum"]
-    default.report = {"chunk": job.chunk_report(), "products": job.products_report(), "model_input_bs": job.model_input_bs}  # type: ignore[attr-defined]
+    default.report = {
+        "chunk": job.chunk_report(),
+        "products": job.products_report(),
+        "model_input_bs": job.model_input_bs,
+    }  # type: ignore[attr-defined]
     return out
 
 
@@ -145,8 +182,16 @@ def curvlinops_method(case: Case, block: int) -> torch.Tensor:
         p.requires_grad_(True)
     try:
         data = [(s[None], s[1:]) for s in case.samples]
-        op = HessianLinearOperator(LogitsOf(case.model), nn.CrossEntropyLoss(reduction="sum"), params, data, check_deterministic=False)
-        offsets = dict(zip(names, [0, *torch.tensor([p.numel() for p in params]).cumsum(0).tolist()]))
+        op = HessianLinearOperator(
+            LogitsOf(case.model),
+            nn.CrossEntropyLoss(reduction="sum"),
+            params,
+            data,
+            check_deterministic=False,
+        )
+        offsets = dict(
+            zip(names, [0, *torch.tensor([p.numel() for p in params]).cumsum(0).tolist()])
+        )
         flat = torch.cat([s.flat_index + offsets[s.param_name] for s in case.subset.slices])
         cols = flat[: case.extrapolate] if case.extrapolate else flat
         out = []
@@ -170,22 +215,44 @@ def timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--cases", default="embedded32,embedded128,tiny400,opt125m768")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--t", type=int, default=32, help="entries per block for the block0 / block6 / blocks12 cases")
-    p.add_argument("--extrapolate", type=int, default=64, help="opt125m768: time the report's method and curvlinops on this many rows / columns and scale (0: in full)")
-    p.add_argument("--peer_block", type=int, default=32, help="curvlinops columns per vmapped product")
+    p.add_argument(
+        "--t",
+        type=int,
+        default=32,
+        help="entries per block for the block0 / block6 / blocks12 cases",
+    )
+    p.add_argument(
+        "--extrapolate",
+        type=int,
+        default=64,
+        help="opt125m768: time the report's method and curvlinops on this many rows / columns and scale (0: in full)",
+    )
+    p.add_argument(
+        "--peer_block", type=int, default=32, help="curvlinops columns per vmapped product"
+    )
     p.add_argument("--no_curvlinops", action="store_true")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
-    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {os.getloadavg()}", flush=True)
+    print(
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {os.getloadavg()}",
+        flush=True,
+    )
     rows = []
     for name in args.cases.split(","):
-        case = make_case(name, args.t, args.extrapolate if name == "opt125m768" else 0, torch.device(args.device))
+        case = make_case(
+            name, args.t, args.extrapolate if name == "opt125m768" else 0, torch.device(args.device)
+        )
         n = case.subset.size
         scale = n / case.extrapolate if case.extrapolate else 1.0
-        methods: dict[str, Callable[[], torch.Tensor]] = {"report": lambda c=case: report_method(c), "default": lambda c=case: default(c)}
+        methods: dict[str, Callable[[], torch.Tensor]] = {
+            "report": lambda c=case: report_method(c),
+            "default": lambda c=case: default(c),
+        }
         if not args.no_curvlinops:
             methods["curvlinops"] = lambda c=case: curvlinops_method(c, args.peer_block)
         default(case) if n <= 128 else None  # warm-up (allocator, kernels) on the small cases
@@ -197,24 +264,51 @@ def main() -> None:
                 out[m], dt, dc = timed(fn)
                 times[m].append(dt * (scale if m != "default" else 1.0))
                 cpu[m].append(dc * (scale if m != "default" else 1.0))
-            print(f"{name} round {rnd}: " + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in methods) + f" (load {os.getloadavg()[0]:.1f})", flush=True)
+            print(
+                f"{name} round {rnd}: "
+                + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in methods)
+                + f" (load {os.getloadavg()[0]:.1f})",
+                flush=True,
+            )
         h = out["default"]
         rows_cmp = h[: len(out["report"])] if case.extrapolate else h
-        diffs = {m: float((out[m].to(h) - rows_cmp).abs().max() / rows_cmp.abs().max()) for m in methods if m != "default"}
+        diffs = {
+            m: float((out[m].to(h) - rows_cmp).abs().max() / rows_cmp.abs().max())
+            for m in methods
+            if m != "default"
+        }
         med = {m: statistics.median(v) for m, v in times.items()}
-        ratio = {m: [a / d for a, d in zip(times[m], times["default"])] for m in methods if m != "default"}
-        cpu_ratio = {m: statistics.median(a / d for a, d in zip(cpu[m], cpu["default"])) for m in methods if m != "default"}
+        ratio = {
+            m: [a / d for a, d in zip(times[m], times["default"])]
+            for m in methods
+            if m != "default"
+        }
+        cpu_ratio = {
+            m: statistics.median(a / d for a, d in zip(cpu[m], cpu["default"]))
+            for m in methods
+            if m != "default"
+        }
         rows.append((name, n, case, med, cpu_ratio, ratio, diffs, dict(default.report)))  # type: ignore[attr-defined]
         print(f"  {name}: default {default.report}; max rel diff {diffs}", flush=True)  # type: ignore[attr-defined]
-    print("\n| case | n | samples x seqlen | report (s, median) | curvlinops (s, median) | default (s, median) | report / default: median (slowest round) | curvlinops / default: median (slowest round) | CPU-time ratios report, curvlinops (median) | max rel diff report, curvlinops |")
+    print(
+        "\n| case | n | samples x seqlen | report (s, median) | curvlinops (s, median) | default (s, median) | report / default: median (slowest round) | curvlinops / default: median (slowest round) | CPU-time ratios report, curvlinops (median) | max rel diff report, curvlinops |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, n, case, med, cpu_ratio, ratio, diffs, rep in rows:
+    for name, n, case, med, cpu_ratio, ratio, diffs, _rep in rows:
         b, s = case.samples.shape
         cl = f"{med['curvlinops']:.2f}" if "curvlinops" in med else "-"
-        rc = f"{statistics.median(ratio['curvlinops']):.2f}x ({min(ratio['curvlinops']):.2f}x)" if "curvlinops" in ratio else "-"
+        rc = (
+            f"{statistics.median(ratio['curvlinops']):.2f}x ({min(ratio['curvlinops']):.2f}x)"
+            if "curvlinops" in ratio
+            else "-"
+        )
         ext = f" (peers: {case.extrapolate} rows, scaled)" if case.extrapolate else ""
-        print(f"| {name}{ext} | {n} | {b} x {s} | {med['report']:.2f} | {cl} | {med['default']:.2f} | {statistics.median(ratio['report']):.2f}x ({min(ratio['report']):.2f}x) | {rc} | {cpu_ratio['report']:.2f}x, {cpu_ratio.get('curvlinops', float('nan')):.2f}x | {diffs.get('report', float('nan')):.1e}, {diffs.get('curvlinops', float('nan')):.1e} |")
-    print(f"\nload average at the end {os.getloadavg()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+        print(
+            f"| {name}{ext} | {n} | {b} x {s} | {med['report']:.2f} | {cl} | {med['default']:.2f} | {statistics.median(ratio['report']):.2f}x ({min(ratio['report']):.2f}x) | {rc} | {cpu_ratio['report']:.2f}x, {cpu_ratio.get('curvlinops', float('nan')):.2f}x | {diffs.get('report', float('nan')):.1e}, {diffs.get('curvlinops', float('nan')):.1e} |"
+        )
+    print(
+        f"\nload average at the end {os.getloadavg()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
 
 
 if __name__ == "__main__":

@@ -37,19 +37,28 @@ def fastest(fn, repeat: int) -> float:
 
 def measure(label: str, path: str, repeat: int) -> None:
     model = load_model(path)
-    size = sum(t.numel() * t.element_size() for t in {id(t): t for t in model.state_dict().values()}.values())
+    size = sum(
+        t.numel() * t.element_size()
+        for t in {id(t): t for t in model.state_dict().values()}.values()
+    )
     load_s = fastest(lambda: load_model(path), repeat)
     fp1_s = fastest(lambda: model_fingerprint(model, threads=1), repeat)
     fp_s = fastest(lambda: model_fingerprint(model), repeat)
     fin_s = fastest(lambda: check_finite_weights(model), repeat)
-    print(f"| {label} | {size / 2**20:.1f} | {load_s:.3f} | {fp1_s:.3f} ({size / 2**20 / fp1_s:.0f} MiB/s) | {fp_s:.3f} | {fin_s:.3f} |")
+    print(
+        f"| {label} | {size / 2**20:.1f} | {load_s:.3f} | {fp1_s:.3f} ({size / 2**20 / fp1_s:.0f} MiB/s) | {fp_s:.3f} | {fin_s:.3f} |"
+    )
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
-    print(f"| model | weights MiB | load_model (s) | fingerprint, 1 thread (s) | fingerprint, {min(8, os.cpu_count() or 1)} threads (s) | finiteness check (s) |")
+    print(
+        f"| model | weights MiB | load_model (s) | fingerprint, 1 thread (s) | fingerprint, {min(8, os.cpu_count() or 1)} threads (s) | finiteness check (s) |"
+    )
     print("|---|---|---|---|---|---|")
     measure("embedded", "embedded", args.repeat)
     from transformers import OPTConfig, OPTForCausalLM

@@ -34,8 +34,13 @@ from lib.estimators.diagonal.driver import plan_phase1  # noqa: E402
 from lib.estimators.diagonal.work import Target  # noqa: E402
 from lib.loss import SubsetLoss  # noqa: E402
 from lib.models import prepare_model  # noqa: E402
-from lib.subsets import make_subset, from_indices, several_layers_several_blocks  # noqa: E402
-from lib.subsets import single_layer_several_blocks, single_layer_single_block  # noqa: E402
+from lib.subsets import (  # noqa: E402  # noqa: E402
+    from_indices,
+    make_subset,
+    several_layers_several_blocks,
+    single_layer_several_blocks,
+    single_layer_single_block,
+)
 
 Q0 = "model.decoder.layers.0.self_attn.q_proj.weight"
 
@@ -75,9 +80,13 @@ def count(model: torch.nn.Module, subset, seqlen: int) -> dict[str, float]:
     x = f.x0().detach().requires_grad_(True)
     ids = torch.zeros(1, seqlen, dtype=torch.long, device="meta")
     seen: dict[int, int] = {}
-    weights = {p.untyped_storage()._cdata for p in model.parameters()} | {b.untyped_storage()._cdata for b in model.buffers()}
+    weights = {p.untyped_storage()._cdata for p in model.parameters()} | {
+        b.untyped_storage()._cdata for b in model.buffers()
+    }
 
-    def pack(t: torch.Tensor) -> torch.Tensor:  # the graph's own tensors: unique storages, the frozen weights excluded
+    def pack(
+        t: torch.Tensor,
+    ) -> torch.Tensor:  # the graph's own tensors: unique storages, the frozen weights excluded
         st = t.untyped_storage()
         if st._cdata not in weights:
             seen[st._cdata] = st.nbytes()
@@ -89,8 +98,13 @@ def count(model: torch.nn.Module, subset, seqlen: int) -> dict[str, float]:
     v = torch.zeros_like(x)
     with Flops() as hvp_flops:
         torch.autograd.grad(g, x, v, retain_graph=True)
-    return {"graph": graph_flops.total, "hvp": hvp_flops.total, "graph_bytes": sum(seen.values()),
-            "graph_ops": graph_flops.ops, "hvp_ops": hvp_flops.ops}
+    return {
+        "graph": graph_flops.total,
+        "hvp": hvp_flops.total,
+        "graph_bytes": sum(seen.values()),
+        "graph_ops": graph_flops.ops,
+        "hvp_ops": hvp_flops.ops,
+    }
 
 
 def whole(model: torch.nn.Module, name: str):
@@ -99,7 +113,9 @@ def whole(model: torch.nn.Module, name: str):
     return make_subset(from_indices(model, name, torch.arange(n)))
 
 
-def diagonal_hvps(numel: int, estimators: tuple[str, ...], k: int, tracked: int = 0) -> tuple[int, int]:
+def diagonal_hvps(
+    numel: int, estimators: tuple[str, ...], k: int, tracked: int = 0
+) -> tuple[int, int]:
     """``(HVPs per sample, passes over the data)`` of ``hessian_diagonal.py`` on one weight (from its plans)."""
     target = Target(Q0, (numel,), torch.arange(tracked))
     steps = sum(p.steps() for p in plan_phase1([target], estimators, k, 0))
@@ -110,12 +126,34 @@ def diagonal_hvps(numel: int, estimators: tuple[str, ...], k: int, tracked: int 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--b", type=int, default=140, help="samples: WikiText-2 test at seqlen 2048, OPT tokenizer (~140)")
-    p.add_argument("--tflops", type=float, default=8.0, help="assumed sustained float32 TFLOP/s of one GPU")
-    p.add_argument("--launch_us", type=float, default=10.0, help="assumed seconds per GPU kernel launch, in us")
-    p.add_argument("--gpu_chunk", type=int, default=16, help="assumed products per batched backward on the GPU (--chunk auto)")
-    p.add_argument("--cpu_seconds", type=float, default=0.0, help="measured CPU seconds of the bundled Fig. 1a run")
-    p.add_argument("--embedded", default=str(Path(__file__).resolve().parent.parent / "assets" / "tiny-opt-shakespeare"))
+    p.add_argument(
+        "--b",
+        type=int,
+        default=140,
+        help="samples: WikiText-2 test at seqlen 2048, OPT tokenizer (~140)",
+    )
+    p.add_argument(
+        "--tflops", type=float, default=8.0, help="assumed sustained float32 TFLOP/s of one GPU"
+    )
+    p.add_argument(
+        "--launch_us", type=float, default=10.0, help="assumed seconds per GPU kernel launch, in us"
+    )
+    p.add_argument(
+        "--gpu_chunk",
+        type=int,
+        default=16,
+        help="assumed products per batched backward on the GPU (--chunk auto)",
+    )
+    p.add_argument(
+        "--cpu_seconds",
+        type=float,
+        default=0.0,
+        help="measured CPU seconds of the bundled Fig. 1a run",
+    )
+    p.add_argument(
+        "--embedded",
+        default=str(Path(__file__).resolve().parent.parent / "assets" / "tiny-opt-shakespeare"),
+    )
     p.add_argument("--json", default="", help="write the table here as JSON")
     args = p.parse_args(argv)
 
@@ -128,7 +166,11 @@ def main(argv: list[str] | None = None) -> dict:
     numel = model.get_parameter(Q0).numel()
     runs = {
         "1a (t=768)": (c_row, 768, 1),
-        "1b (6 layers x t=300)": (count(model, several_layers_several_blocks(model, 6, 1, 300), L), 1800, 1),
+        "1b (6 layers x t=300)": (
+            count(model, several_layers_several_blocks(model, 6, 1, 300), L),
+            1800,
+            1,
+        ),
         "1c (12 blocks x t=150)": (c_blk, 1800, 1),
         "1d (6 x 12 x t=25)": (c_all, 1800, 1),
         "2 (1a + batch study)": (c_row, 768, 1),
@@ -137,7 +179,12 @@ def main(argv: list[str] | None = None) -> dict:
     for name, (c, hvps, passes) in runs.items():
         rows.append((name, c, hvps, passes))
     for name, ests, k, tracked in (
-        ("3a (hutchinson + xdiag + empirical_fisher, K=1000, 1 row tracked)", ("hutchinson", "xdiag", "empirical_fisher"), 1000, 768),
+        (
+            "3a (hutchinson + xdiag + empirical_fisher, K=1000, 1 row tracked)",
+            ("hutchinson", "xdiag", "empirical_fisher"),
+            1000,
+            768,
+        ),
         ("3b hutchinson K=1000", ("hutchinson",), 1000, 0),
         ("3b all five runs (hutchinson K=1, 10, 100, 1000; xdiag K=1000)", None, 0, 0),
     ):
@@ -150,27 +197,57 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append((name, c_w, hv, passes))
     out = {"seqlen": L, "b": b, "tflops": args.tflops, "runs": []}
     for name, c in (("row", c_row), ("1d", c_all), ("1c", c_blk), ("whole q_proj", c_w)):
-        print(f"{name}: graph {c['graph'] / 1e9:.1f} GFLOP, HVP {c['hvp'] / 1e9:.1f} GFLOP, {c['graph_bytes'] / 2**20:.0f} MiB")
-    print(f"OPT-125M, seqlen {L}, b {b}: graph {c_row['graph'] / 1e12:.2f} TFLOP, HVP {c_row['hvp'] / 1e12:.2f} TFLOP "
-          f"per sample; graph memory {c_row['graph_bytes'] / 2**30:.1f} GiB")
-    print("| run | HVPs per sample | passes | PFLOP | est. hours on one GPU at %g TFLOP/s | graph GiB |" % args.tflops)
+        print(
+            f"{name}: graph {c['graph'] / 1e9:.1f} GFLOP, HVP {c['hvp'] / 1e9:.1f} GFLOP, {c['graph_bytes'] / 2**20:.0f} MiB"
+        )
+    print(
+        f"OPT-125M, seqlen {L}, b {b}: graph {c_row['graph'] / 1e12:.2f} TFLOP, HVP {c_row['hvp'] / 1e12:.2f} TFLOP "
+        f"per sample; graph memory {c_row['graph_bytes'] / 2**30:.1f} GiB"
+    )
+    print(
+        f"| run | HVPs per sample | passes | PFLOP | est. hours on one GPU at {args.tflops:g} TFLOP/s | graph GiB |"
+    )
     for name, c, hvps, passes in rows:
         flops = b * (passes * c["graph"] + hvps * c["hvp"])
         hours = flops / (args.tflops * 1e12) / 3600
-        out["runs"].append({"run": name, "hvps_per_sample": hvps, "passes": passes, "flops": flops, "hours": hours,
-                            "graph_bytes": c["graph_bytes"]})
-        print(f"| {name} | {hvps} | {passes} | {flops / 1e15:.1f} | {hours:.1f} | {c['graph_bytes'] / 2**30:.1f} |")
+        out["runs"].append(
+            {
+                "run": name,
+                "hvps_per_sample": hvps,
+                "passes": passes,
+                "flops": flops,
+                "hours": hours,
+                "graph_bytes": c["graph_bytes"],
+            }
+        )
+        print(
+            f"| {name} | {hvps} | {passes} | {flops / 1e15:.1f} | {hours:.1f} | {c['graph_bytes'] / 2**30:.1f} |"
+        )
     emb = meta_model(local=args.embedded)
     q = "model.decoder.layers.0.self_attn.q_proj.weight"
     defaults = {  # the scripts' default commands on the bundled model: b 16, seqlen 128
-        "single_layer_single_block.py (t 128)": (single_layer_single_block(emb, "self_attn.q_proj", 0, 128), 128, 1),
-        "single_layer_several_blocks.py (4 x 32)": (single_layer_several_blocks(emb, "self_attn.q_proj", 4, 32), 128, 1),
-        "several_layers_several_blocks.py (6 x 4 x 8)": (several_layers_several_blocks(emb, 6, 4, 8), 192, 1),
+        "single_layer_single_block.py (t 128)": (
+            single_layer_single_block(emb, "self_attn.q_proj", 0, 128),
+            128,
+            1,
+        ),
+        "single_layer_several_blocks.py (4 x 32)": (
+            single_layer_several_blocks(emb, "self_attn.q_proj", 4, 32),
+            128,
+            1,
+        ),
+        "several_layers_several_blocks.py (6 x 4 x 8)": (
+            several_layers_several_blocks(emb, 6, 4, 8),
+            192,
+            1,
+        ),
         "hessian_diagonal.py (xdiag K 100, whole q_proj)": (whole(emb, q), 100, 2),
     }
     out["embedded"] = {}
-    print(f"bundled model, b 16, seqlen 128; GPU compute at {args.tflops:g} TFLOP/s or {args.launch_us:g} us per kernel "
-          f"with {args.gpu_chunk} products per batched backward), whichever is longer")
+    print(
+        f"bundled model, b 16, seqlen 128; GPU compute at {args.tflops:g} TFLOP/s or {args.launch_us:g} us per kernel "
+        f"with {args.gpu_chunk} products per batched backward), whichever is longer"
+    )
     for name, (subset, hvps, passes) in defaults.items():
         e = count(emb, subset, 128)
         flops = 16 * (passes * e["graph"] + hvps * e["hvp"])
@@ -181,7 +258,9 @@ def main(argv: list[str] | None = None) -> dict:
     flops_1a = out["embedded"]["single_layer_single_block.py (t 128)"]["flops"]
     if args.cpu_seconds:
         out["cpu_gflops"] = flops_1a / args.cpu_seconds / 1e9
-        print(f"Fig. 1a ({flops_1a / 1e12:.2f} TFLOP) in {args.cpu_seconds:g} CPU s: {out['cpu_gflops']:.1f} GFLOP/s on this CPU")
+        print(
+            f"Fig. 1a ({flops_1a / 1e12:.2f} TFLOP) in {args.cpu_seconds:g} CPU s: {out['cpu_gflops']:.1f} GFLOP/s on this CPU"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return out

@@ -33,7 +33,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib import subsets  # noqa: E402
 from lib.data import load_samples  # noqa: E402
-from lib.diagonal import Target, hessian_diagonal, offdiagonal_error, rademacher_probes, rel_l2, xdiag_basis, xdiag_estimate  # noqa: E402
+from lib.diagonal import (
+    Target,
+    hessian_diagonal,
+    offdiagonal_error,
+    rademacher_probes,
+    rel_l2,
+    xdiag_basis,
+    xdiag_estimate,
+)  # noqa: E402
 from lib.loss import SubsetLoss  # noqa: E402
 from lib.models import load_model  # noqa: E402
 
@@ -70,10 +78,22 @@ def probe_costs(model, name: str, samples: torch.Tensor, reps: int) -> dict[str,
     out = {
         "forward_backward_s": best_time(fwd_bwd, reps),
         "graph_s": best_time(graph, reps),
-        "probe_s": best_time(lambda: torch.autograd.grad(g, x, grad_outputs=z[0], retain_graph=True), reps * 3),
-        "probe_batch8_s": best_time(lambda: torch.autograd.grad(g, x, grad_outputs=z, retain_graph=True, is_grads_batched=True), reps) / 8,
-        "original_vhp_s": best_time(lambda: torch.autograd.functional.vhp(lambda v: plain(v, ids), x0, z[0]), reps),
-        "vhp_fused_head_s": best_time(lambda: torch.autograd.functional.vhp(lambda v: fused(v, ids), x0, z[0]), reps),
+        "probe_s": best_time(
+            lambda: torch.autograd.grad(g, x, grad_outputs=z[0], retain_graph=True), reps * 3
+        ),
+        "probe_batch8_s": best_time(
+            lambda: torch.autograd.grad(
+                g, x, grad_outputs=z, retain_graph=True, is_grads_batched=True
+            ),
+            reps,
+        )
+        / 8,
+        "original_vhp_s": best_time(
+            lambda: torch.autograd.functional.vhp(lambda v: plain(v, ids), x0, z[0]), reps
+        ),
+        "vhp_fused_head_s": best_time(
+            lambda: torch.autograd.functional.vhp(lambda v: fused(v, ids), x0, z[0]), reps
+        ),
     }
     return out
 
@@ -95,7 +115,11 @@ def exact_hessian(model, name: str, samples: torch.Tensor) -> torch.Tensor:
             (row,) = torch.autograd.grad(g, x, grad_outputs=e, retain_graph=True)
             h[i] += row.float()
             if i % 2048 == 0:
-                print(f"  exact Hessian: sample {s}, row {i}/{n}, {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+                print(
+                    f"  exact Hessian: sample {s}, row {i}/{n}, {time.perf_counter() - t0:.0f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
         del g, x
     return (h + h.T) / 2
 
@@ -138,7 +162,9 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--layer_name", default="self_attn.q_proj")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--k_max", type=int, default=2048, help="largest HVP budget measured per estimator")
+    p.add_argument(
+        "--k_max", type=int, default=2048, help="largest HVP budget measured per estimator"
+    )
     p.add_argument("--targets", type=float, nargs="+", default=[0.25, 0.1])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--cache", default="results/benchmark_hessian_diagonal_H.pt")
@@ -150,7 +176,14 @@ def main() -> None:
     name, _ = subsets.layer_module(model, 0, args.layer_name)
     shape = tuple(model.get_parameter(name).shape)
     n = math.prod(shape)
-    report: dict = {"model": "embedded", "param": name, "numel": n, "b": args.b, "seqlen": args.seqlen, "threads": torch.get_num_threads()}
+    report: dict = {
+        "model": "embedded",
+        "param": name,
+        "numel": n,
+        "b": args.b,
+        "seqlen": args.seqlen,
+        "threads": torch.get_num_threads(),
+    }
 
     print("1. cost per sample (best of reps)")
     costs = probe_costs(model, name, samples, args.reps)
@@ -160,7 +193,9 @@ def main() -> None:
         print(f"  {k:22s} {v * 1e3:8.1f} ms  = {v / fb:5.2f} x forward+backward")
     for k in (100, 1000):
         ours = costs["graph_s"] + k * costs["probe_s"]
-        print(f"  K={k}: original vhp per probe {k * costs['original_vhp_s']:.1f}s vs graph reuse {ours:.1f}s per sample: {k * costs['original_vhp_s'] / ours:.2f}x faster")
+        print(
+            f"  K={k}: original vhp per probe {k * costs['original_vhp_s']:.1f}s vs graph reuse {ours:.1f}s per sample: {k * costs['original_vhp_s'] / ours:.2f}x faster"
+        )
         report[f"speedup_vs_original_K{k}"] = k * costs["original_vhp_s"] / ours
 
     print("2. exact Hessian of the whole weight")
@@ -182,23 +217,37 @@ def main() -> None:
     d = h.diagonal().double()
     ratio = offdiagonal_error(h)
     report["offdiag_over_diag"] = ratio
-    print(f"  ||offdiag||_F / ||diag|| = {ratio:.2f}  (Hutchinson RMS relative error = {ratio:.2f} / sqrt(k))")
+    print(
+        f"  ||offdiag||_F / ||diag|| = {ratio:.2f}  (Hutchinson RMS relative error = {ratio:.2f} / sqrt(k))"
+    )
     ev = torch.linalg.eigvalsh(h).double()
     e2 = (ev.abs().sort(descending=True).values ** 2).cumsum(0)
     tail = {r: math.sqrt(1 - float(e2[r - 1] / e2[-1])) for r in (1, 16, 128, 512)}
     report["spectrum_tail"] = tail
     report["negative_eigenvalue_mass"] = float((ev[ev < 0] ** 2).sum() / (ev**2).sum())
-    print("  ||H - H_r||_F / ||H||_F for the best rank r: " + ", ".join(f"r={r}: {v:.3f}" for r, v in tail.items()))
+    print(
+        "  ||H - H_r||_F / ||H||_F for the best rank r: "
+        + ", ".join(f"r={r}: {v:.3f}" for r, v in tail.items())
+    )
 
     print("3. the job equals the estimators on the explicit H with the same probes")
     k_check = 16
-    res = hessian_diagonal(model, [Target(name, shape)], samples, estimators=("hutchinson", "xdiag"), vhp_samples=k_check)
+    res = hessian_diagonal(
+        model,
+        [Target(name, shape)],
+        samples,
+        estimators=("hutchinson", "xdiag"),
+        vhp_samples=k_check,
+    )
     om = rademacher_probes(n, 0, name, 0, k_check).float().T
     hz = h @ om
     hut = (om * hz).mean(1).double()
     q, r = xdiag_basis(hz[:, : k_check // 2].T)
     xd = xdiag_estimate(om[:, : k_check // 2], q, (h @ q.float()).double(), r)
-    check = {"hutchinson": rel_l2(res.diagonals["hutchinson"][name].reshape(-1) * res.n_tokens, hut), "xdiag": rel_l2(res.diagonals["xdiag"][name].reshape(-1) * res.n_tokens, xd)}
+    check = {
+        "hutchinson": rel_l2(res.diagonals["hutchinson"][name].reshape(-1) * res.n_tokens, hut),
+        "xdiag": rel_l2(res.diagonals["xdiag"][name].reshape(-1) * res.n_tokens, xd),
+    }
     report["job_vs_matrix_rel_diff"] = check
     print("  relative difference: " + ", ".join(f"{k} {v:.1e}" for k, v in check.items()))
 
@@ -210,7 +259,7 @@ def main() -> None:
         t0 = time.perf_counter()
         om = rademacher_probes(n, 1000 + seed, name, 0, args.k_max).float().T
         hz = h @ om
-        run = ((om * hz).double().cumsum(1) / torch.arange(1, args.k_max + 1, dtype=torch.float64))
+        run = (om * hz).double().cumsum(1) / torch.arange(1, args.k_max + 1, dtype=torch.float64)
         hut_rows.append([rel_l2(run[:, k - 1], d) for k in ks_h])
         s = args.k_max // 2
         q, r = xdiag_basis(hz[:, :s].T)
@@ -218,17 +267,25 @@ def main() -> None:
         omd = om[:, :s].double()
         xd_rows.append([rel_l2(xdiag_estimate(omd, q, z, r, k // 2), d) for k in ks_x])
         bb = balanced_block_probes(n, args.k_max, 32, torch.Generator().manual_seed(seed))
-        run = ((bb * (h @ bb)).double().cumsum(1) / torch.arange(1, args.k_max + 1, dtype=torch.float64))
+        run = (bb * (h @ bb)).double().cumsum(1) / torch.arange(
+            1, args.k_max + 1, dtype=torch.float64
+        )
         bb_rows.append([rel_l2(run[:, k - 1], d) for k in ks_h])
         print(f"  seed {seed}: {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     hut, xd, bb = rms(hut_rows), rms(xd_rows), rms(bb_rows)
     theory = [ratio / math.sqrt(k) for k in ks_h]
     agree = [m / t for m, t in zip(hut, theory)]
     # bias of the original's probes: E[z_i z_j] = -1/(B-1) within a block of B = 32 consecutive entries
-    blk = h.view(n // 32, 32, n // 32, 32).diagonal(dim1=0, dim2=2).permute(2, 0, 1).double()  # (blocks, 32, 32)
+    blk = (
+        h.view(n // 32, 32, n // 32, 32).diagonal(dim1=0, dim2=2).permute(2, 0, 1).double()
+    )  # (blocks, 32, 32)
     bias = -(blk.sum(-1) - blk.diagonal(dim1=1, dim2=2)) / 31
     floor = float(bias.reshape(-1).norm() / d.norm())
-    fisher = hessian_diagonal(model, [Target(name, shape)], samples, estimators=("empirical_fisher",)).diagonals["empirical_fisher"][name].reshape(-1)
+    fisher = (
+        hessian_diagonal(model, [Target(name, shape)], samples, estimators=("empirical_fisher",))
+        .diagonals["empirical_fisher"][name]
+        .reshape(-1)
+    )
     fisher_err = rel_l2(fisher, d / (args.b * (args.seqlen - 1)))
     table = {}
     for target in args.targets:
@@ -245,19 +302,33 @@ def main() -> None:
         hutchinson_rms={"k": ks_h, "err": hut, "theory": theory},
         xdiag_rms={"k": ks_x, "err": xd},
         original_balanced_rms={"k": ks_h, "err": bb, "bias_floor": floor},
-        hutchinson_measured_over_theory={"min": min(agree), "max": max(agree), "at_k_max": agree[-1]},
+        hutchinson_measured_over_theory={
+            "min": min(agree),
+            "max": max(agree),
+            "at_k_max": agree[-1],
+        },
         fisher_rel_error=fisher_err,
         hvps_to_reach=table,
     )
-    print(f"  hutchinson measured / theory over k=1..{args.k_max}: {min(agree):.2f}..{max(agree):.2f}")
+    print(
+        f"  hutchinson measured / theory over k=1..{args.k_max}: {min(agree):.2f}..{max(agree):.2f}"
+    )
     hut_at, bb_at = dict(zip(ks_h, hut)), dict(zip(ks_h, bb))
     for k, e in list(zip(ks_x, xd))[::4] + [(ks_x[-1], xd[-1])]:
-        print(f"  K={k:5d}: hutchinson {hut_at[k]:.3f} (theory {ratio / math.sqrt(k):.3f}), xdiag {e:.3f}, original probes {bb_at[k]:.3f}")
-    print(f"  original's balanced-block probes: bias floor {floor:.3f}; fisher relative error {fisher_err:.3f}")
-    print(f"  {'target':>8s} {'hutchinson':>11s} {'(measured)':>11s} {'xdiag':>8s} {'ratio':>7s} {'original':>9s} {'exact':>7s}")
+        print(
+            f"  K={k:5d}: hutchinson {hut_at[k]:.3f} (theory {ratio / math.sqrt(k):.3f}), xdiag {e:.3f}, original probes {bb_at[k]:.3f}"
+        )
+    print(
+        f"  original's balanced-block probes: bias floor {floor:.3f}; fisher relative error {fisher_err:.3f}"
+    )
+    print(
+        f"  {'target':>8s} {'hutchinson':>11s} {'(measured)':>11s} {'xdiag':>8s} {'ratio':>7s} {'original':>9s} {'exact':>7s}"
+    )
     fmt = lambda v: "never" if v is None else f"{v:.0f}"  # noqa: E731
     for t, row in table.items():
-        print(f"  {t:>8s} {fmt(row['hutchinson']):>11s} {fmt(row['hutchinson_measured']):>11s} {fmt(row['xdiag']):>8s} {row['hutchinson_over_xdiag'] or float('nan'):7.1f} {fmt(row['original_balanced_probes']):>9s} {n:7d}")
+        print(
+            f"  {t:>8s} {fmt(row['hutchinson']):>11s} {fmt(row['hutchinson_measured']):>11s} {fmt(row['xdiag']):>8s} {row['hutchinson_over_xdiag'] or float('nan'):7.1f} {fmt(row['original_balanced_probes']):>9s} {n:7d}"
+        )
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")

@@ -34,22 +34,30 @@ def relative_errors(h: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--b", type=int, default=4)
     p.add_argument("--t", type=int, default=32)
     args = p.parse_args()
     samples = load_samples("embedded", args.seqlen, args.b)
     builders = {
-        "q_proj block 0": lambda m: subsets.single_layer_single_block(m, "self_attn.q_proj", 0, args.t),
-        "fc2 all blocks": lambda m: subsets.single_layer_several_blocks(m, "fc2", subsets.num_blocks(m), args.t),
+        "q_proj block 0": lambda m: subsets.single_layer_single_block(
+            m, "self_attn.q_proj", 0, args.t
+        ),
+        "fc2 all blocks": lambda m: subsets.single_layer_several_blocks(
+            m, "fc2", subsets.num_blocks(m), args.t
+        ),
     }
     hessians: dict[str, dict[str, torch.Tensor]] = {name: {} for name in builders}
     for dtype in DTYPES:
         model = load_model("embedded", dtype=getattr(torch, dtype))
         for name, build in builders.items():
             hessians[name][dtype] = exact_hessian(model, build(model), samples).hessian_sum.double()
-    print(f"embedded model, b={args.b}, seqlen={args.seqlen}, t={args.t}; error vs the float64 Hessian")
+    print(
+        f"embedded model, b={args.b}, seqlen={args.seqlen}, t={args.t}; error vs the float64 Hessian"
+    )
     print("| subset | dtype | rel. Frobenius error | max entry error / max entry |")
     print("|---|---|---|---|")
     for name, by_dtype in hessians.items():

@@ -68,7 +68,7 @@ class PeakRSS:
             self.peak = max(self.peak, self.now())
             time.sleep(self.period)
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         trim()
         self.base = self.peak = self.now()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -115,7 +115,12 @@ def errors(b: int) -> dict:
             ref += hvp_rows(g, x, v[None])[0].detach()
         del m64, obj
         rows = []
-        for dtype, attn in ((F64, "eager"), (torch.float32, "eager"), (torch.float32, "sdpa"), (torch.bfloat16, "eager")):
+        for dtype, attn in (
+            (F64, "eager"),
+            (torch.float32, "eager"),
+            (torch.float32, "sdpa"),
+            (torch.bfloat16, "eager"),
+        ):
             model = load_model("embedded", dtype=dtype, attn_implementation=attn)
             o = SubsetLoss(model, params_subset(model, globs), double_backward=False)
             xd = o.x0()
@@ -124,10 +129,18 @@ def errors(b: int) -> dict:
                 with fd.KinkMonitor(model) as mon:
                     for i in range(b):
                         grad = fd.gradient_of(lambda z: o(z, samples[i : i + 1]))
-                        part, _, st = fd.fd_products(grad, xd, v[None], fd.FDSettings(rich), monitor=mon)
+                        part, _, st = fd.fd_products(
+                            grad, xd, v[None], fd.FDSettings(rich), monitor=mon
+                        )
                         hv += part[0].double()
                         stats.add(st)
-                row = {"dtype": str(dtype).removeprefix("torch."), "attention": attn, "richardson": rich, "relative_error": rel(hv, ref), **stats.to_json()}
+                row = {
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "attention": attn,
+                    "richardson": rich,
+                    "relative_error": rel(hv, ref),
+                    **stats.to_json(),
+                }
                 rows.append(row)
                 print(name, row, flush=True)
             del model, o
@@ -144,14 +157,27 @@ def eigen_errors(b: int, max_iter: int = 60) -> dict:
     samples = load_samples("embedded", 128, b)
     rows = []
     ref = None
-    for dtype, attn, hvp in ((F64, "eager", "exact"), (F64, "eager", "finite_difference"), (torch.float32, "eager", "finite_difference"), (torch.float32, "sdpa", "finite_difference"), (torch.bfloat16, "eager", "finite_difference")):
+    for dtype, attn, hvp in (
+        (F64, "eager", "exact"),
+        (F64, "eager", "finite_difference"),
+        (torch.float32, "eager", "finite_difference"),
+        (torch.float32, "sdpa", "finite_difference"),
+        (torch.bfloat16, "eager", "finite_difference"),
+    ):
         model = load_model("embedded", dtype=dtype, attn_implementation=attn)
         subset = params_subset(model, [Q_PROJ])
         op = HessianOperator(model, subset, samples, hvp=hvp)
         r = spectrum.lanczos(op.matmat, subset.size, 3, tol=1e-6, max_iter=max_iter, seed=0)
         if ref is None:
             ref = r.eigenvalues
-        row = {"dtype": str(dtype).removeprefix("torch."), "attention": attn, "hvp": hvp, "eigenvalues": r.eigenvalues.tolist(), "max_relative_error": float(((r.eigenvalues - ref).abs() / ref.abs()).max()), "passes": r.passes}
+        row = {
+            "dtype": str(dtype).removeprefix("torch."),
+            "attention": attn,
+            "hvp": hvp,
+            "eigenvalues": r.eigenvalues.tolist(),
+            "max_relative_error": float(((r.eigenvalues - ref).abs() / ref.abs()).max()),
+            "passes": r.passes,
+        }
         rows.append(row)
         print(row, flush=True)
     return {"subset": "q_proj block 0", "rows": rows}
@@ -168,7 +194,9 @@ def build(seed: int = 0):
 
     torch.manual_seed(seed)
     model = prepare_model(OPTForCausalLM(OPTConfig(tie_word_embeddings=False)))
-    model.requires_grad_(True)  # hessian-eigenthings differentiates w.r.t. trainable parameters; ours ignores the flag
+    model.requires_grad_(
+        True
+    )  # hessian-eigenthings differentiates w.r.t. trainable parameters; ours ignores the flag
     return model
 
 
@@ -220,15 +248,28 @@ def hvp_section(b: int, rounds: int) -> dict:
     exact = results["exact (double backward)"]
     out = {"n": n, "b": b, "seqlen": 128, "rounds": rounds, "loadavg_after": os.getloadavg()}
     for name in ops:
-        out[name] = {"wall_s": times[name], "median_s": statistics.median(times[name]), "relative_difference_to_exact": rel(results[name], exact)}
+        out[name] = {
+            "wall_s": times[name],
+            "median_s": statistics.median(times[name]),
+            "relative_difference_to_exact": rel(results[name], exact),
+        }
     out["this project, finite difference"]["kink_steps"] = ours.fd_stats.to_json()
-    for name, key in (("exact (double backward)", "exact"), ("this project, finite difference", "ours"), ("hessian-eigenthings, finite difference", "eigenthings")):
+    for name, key in (
+        ("exact (double backward)", "exact"),
+        ("this project, finite difference", "ours"),
+        ("hessian-eigenthings, finite difference", "eigenthings"),
+    ):
         out[name]["memory"] = measure_in_subprocess(key, b)
     return out
 
 
 def measure_in_subprocess(kind: str, b: int) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--measure", kind, "--scale_b", str(b)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    proc = subprocess.run(
+        [sys.executable, __file__, "--measure", kind, "--scale_b", str(b)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
+    )
     if proc.returncode:
         return {"error": proc.stderr[-2000:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -240,14 +281,24 @@ def measure(kind: str, b: int) -> dict:
     samples = samples_for(b)
     n = sum(p.numel() for p in model.parameters())
     ops, _ = operators(model, samples)
-    name = {"exact": "exact (double backward)", "ours": "this project, finite difference", "eigenthings": "hessian-eigenthings, finite difference"}[kind]
+    name = {
+        "exact": "exact (double backward)",
+        "ours": "this project, finite difference",
+        "eigenthings": "hessian-eigenthings, finite difference",
+    }[kind]
     v = probe(n)
     with PeakRSS() as rss:
         t0 = time.perf_counter()
         ops[name](v)
         wall = time.perf_counter() - t0
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"base_rss": rss.base, "peak_rss": rss.peak, "growth": rss.peak - rss.base, "model_bytes": model_bytes, "wall_s": wall}
+    return {
+        "base_rss": rss.base,
+        "peak_rss": rss.peak,
+        "growth": rss.peak - rss.base,
+        "model_bytes": model_bytes,
+        "wall_s": wall,
+    }
 
 
 def top5_section(b: int, max_iter: int, tol: float) -> dict:
@@ -261,17 +312,46 @@ def top5_section(b: int, max_iter: int, tol: float) -> dict:
     out = {}
     with PeakRSS() as rss:
         t0 = time.perf_counter()
-        r = spectrum.lanczos(op.matmat, n, 5, tol=tol, max_iter=max_iter, seed=0, reorth="none", eigenvectors=False, space=vectors.local_space(n, dtype=torch.float32))
+        r = spectrum.lanczos(
+            op.matmat,
+            n,
+            5,
+            tol=tol,
+            max_iter=max_iter,
+            seed=0,
+            reorth="none",
+            eigenvectors=False,
+            space=vectors.local_space(n, dtype=torch.float32),
+        )
         wall = time.perf_counter() - t0
-    out["this project, finite difference, one process"] = {"eigenvalues": r.eigenvalues.tolist(), "passes": r.passes, "converged": r.converged.tolist(), "ghosts_removed": r.ghosts, "wall_s": wall, "per_pass_s": wall / r.passes, "peak_rss": rss.peak, "base_rss": rss.base, "kink_steps": op.fd_stats.to_json()}
+    out["this project, finite difference, one process"] = {
+        "eigenvalues": r.eigenvalues.tolist(),
+        "passes": r.passes,
+        "converged": r.converged.tolist(),
+        "ghosts_removed": r.ghosts,
+        "wall_s": wall,
+        "per_pass_s": wall / r.passes,
+        "peak_rss": rss.peak,
+        "base_rss": rss.base,
+        "kink_steps": op.fd_stats.to_json(),
+    }
     print(out, flush=True)
     theirs = eigenthings_fd(model, samples)
     with PeakRSS() as rss:
         t0 = time.perf_counter()
-        res = he.lanczos(theirs, k=5, which="LA", max_iter=max_iter, tol=tol, reorthogonalize=False, seed=0)
+        res = he.lanczos(
+            theirs, k=5, which="LA", max_iter=max_iter, tol=tol, reorthogonalize=False, seed=0
+        )
         wall = time.perf_counter() - t0
     vals = torch.as_tensor(res.eigenvalues, dtype=F64).sort(descending=True).values
-    out["hessian-eigenthings, finite difference, one process"] = {"eigenvalues": vals.tolist(), "passes": max_iter, "wall_s": wall, "per_pass_s": wall / max_iter, "peak_rss": rss.peak, "base_rss": rss.base}
+    out["hessian-eigenthings, finite difference, one process"] = {
+        "eigenvalues": vals.tolist(),
+        "passes": max_iter,
+        "wall_s": wall,
+        "per_pass_s": wall / max_iter,
+        "peak_rss": rss.peak,
+        "base_rss": rss.base,
+    }
     print(out, flush=True)
     return out
 
@@ -300,23 +380,83 @@ def fsdp_worker(b: int, rounds: int, max_iter: int, tol: float, out_path: str) -
             t0 = time.perf_counter()
             op.matmat(v)
             walls.append(time.perf_counter() - t0)
-    hvp = {"wall_s": walls, "median_s": statistics.median(walls), "base_rss": rss.base, "peak_rss": rss.peak}
+    hvp = {
+        "wall_s": walls,
+        "median_s": statistics.median(walls),
+        "base_rss": rss.base,
+        "peak_rss": rss.peak,
+    }
     with PeakRSS() as rss2:
         t0 = time.perf_counter()
-        r = spectrum.lanczos(op.matmat, op.n, 5, tol=tol, max_iter=max_iter, seed=0, reorth="none", eigenvectors=False, space=op.space)
+        r = spectrum.lanczos(
+            op.matmat,
+            op.n,
+            5,
+            tol=tol,
+            max_iter=max_iter,
+            seed=0,
+            reorth="none",
+            eigenvectors=False,
+            space=op.space,
+        )
         wall = time.perf_counter() - t0
-    top = {"eigenvalues": r.eigenvalues.tolist(), "passes": r.passes, "converged": r.converged.tolist(), "wall_s": wall, "per_pass_s": wall / r.passes, "peak_rss": rss2.peak, "base_rss": rss2.base}
+    top = {
+        "eigenvalues": r.eigenvalues.tolist(),
+        "passes": r.passes,
+        "converged": r.converged.tolist(),
+        "wall_s": wall,
+        "per_pass_s": wall / r.passes,
+        "peak_rss": rss2.peak,
+        "base_rss": rss2.base,
+    }
     per_rank = [None] * dist.get_world_size()
-    dist.all_gather_object(per_rank, {"rank": dist.get_rank(), "hvp": hvp, "top5": top, "memory": op.memory.to_json(), "entries": op.space.local})
+    dist.all_gather_object(
+        per_rank,
+        {
+            "rank": dist.get_rank(),
+            "hvp": hvp,
+            "top5": top,
+            "memory": op.memory.to_json(),
+            "entries": op.space.local,
+        },
+    )
     if dist.get_rank() == 0:
-        Path(out_path).write_text(json.dumps({"world_size": dist.get_world_size(), "ranks": per_rank, "kink_steps": op.stats.to_json()}, indent=1))
+        Path(out_path).write_text(
+            json.dumps(
+                {
+                    "world_size": dist.get_world_size(),
+                    "ranks": per_rank,
+                    "kink_steps": op.stats.to_json(),
+                },
+                indent=1,
+            )
+        )
     dist.barrier()
     dist.destroy_process_group()
 
 
 def fsdp_section(b: int, rounds: int, max_iter: int, tol: float, ranks: int) -> dict:
     out = Path(ROOT / "benchmarks" / f".scale_fsdp_{ranks}.json")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), __file__, "--fsdp_worker", "--scale_b", str(b), "--rounds", str(rounds), "--max_iter", str(max_iter), "--tol", str(tol), "--worker_out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(ranks),
+        __file__,
+        "--fsdp_worker",
+        "--scale_b",
+        str(b),
+        "--rounds",
+        str(rounds),
+        "--max_iter",
+        str(max_iter),
+        "--tol",
+        str(tol),
+        "--worker_out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         return {"error": proc.stderr[-3000:]}
@@ -329,7 +469,12 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sections", nargs="+", default=["errors", "eig_errors", "hvp", "top5", "fsdp"])
     p.add_argument("--b", type=int, default=2, help="samples for the embedded model's errors")
-    p.add_argument("--scale_b", type=int, default=2, help="samples of 128 tokens for the OPT-125M-architecture runs")
+    p.add_argument(
+        "--scale_b",
+        type=int,
+        default=2,
+        help="samples of 128 tokens for the OPT-125M-architecture runs",
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max_iter", type=int, default=30)
     p.add_argument("--tol", type=float, default=1e-3)
@@ -347,10 +492,18 @@ def main(argv=None) -> dict:
         return {}
     path = Path(args.out)
     results = json.loads(path.read_text()) if path.exists() else {}
-    results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    results["machine"] = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
     for section in args.sections:
         t0 = time.perf_counter()
-        started = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "loadavg_before": os.getloadavg()}
+        started = {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "loadavg_before": os.getloadavg(),
+        }
         if section == "errors":
             res = errors(args.b)
         elif section == "eig_errors":
@@ -363,7 +516,12 @@ def main(argv=None) -> dict:
             res = fsdp_section(args.scale_b, args.rounds, args.max_iter, args.tol, args.ranks)
         else:
             raise SystemExit(f"unknown section {section}")
-        results[section] = {**started, "loadavg_after": os.getloadavg(), "section_s": time.perf_counter() - t0, **res}
+        results[section] = {
+            **started,
+            "loadavg_after": os.getloadavg(),
+            "section_s": time.perf_counter() - t0,
+            **res,
+        }
         path.write_text(json.dumps(results, indent=1))
         print(f"{section} done in {time.perf_counter() - t0:.0f}s", flush=True)
     return results

@@ -33,25 +33,38 @@ from lib.models import EMBEDDED, ModelSpec, resolve_device  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--model", default=EMBEDDED)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--b", type=int, default=32)
     p.add_argument("--t", type=int, default=32)
     p.add_argument("--device", default="cpu", help="device of the in-process baseline")
-    p.add_argument("--configs", nargs="+", default=["cpu", "cpu,cpu"], help="device lists, one spawned worker per entry")
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        default=["cpu", "cpu,cpu"],
+        help="device lists, one spawned worker per entry",
+    )
     args = p.parse_args()
 
     spec = ModelSpec(args.model, dtype=args.dtype)
     model = spec.load(resolve_device(args.device))
     subset = subsets.single_layer_single_block(model, "self_attn.q_proj", 0, args.t)
     samples = load_samples(args.model, args.seqlen, args.b)
-    print(f"exact Hessian {args.t}x{args.t}, {args.model} ({args.dtype}), b={args.b}, seqlen={args.seqlen}; {torch.get_num_threads()} CPU thread(s) per process; torch {torch.__version__}")
+    print(
+        f"exact Hessian {args.t}x{args.t}, {args.model} ({args.dtype}), b={args.b}, seqlen={args.seqlen}; {torch.get_num_threads()} CPU thread(s) per process; torch {torch.__version__}"
+    )
 
     rows, reference, base_rate = [], None, None
     for label in ["in-process", *args.configs]:
-        devices = [resolve_device(args.device)] if label == "in-process" else [resolve_device(d) for d in label.split(",")]
+        devices = (
+            [resolve_device(args.device)]
+            if label == "in-process"
+            else [resolve_device(d) for d in label.split(",")]
+        )
         job = ExactHessianJob(subset, samples, spec=spec, model=model)
         settings = parallel.RunSettings(devices, force_workers=label != "in-process")
         t0 = time.perf_counter()
@@ -61,9 +74,31 @@ def main() -> None:
         rate = args.b / st["compute_s"]
         if reference is None:
             reference, base_rate = sums["hessian_sum"], rate
-        rows.append([label, str(st["workers"]), f"{st['setup_s']:.1f}", f"{st['compute_s']:.1f}", f"{rate:.2f}", f"{args.b / wall:.2f}", f"{rate / base_rate:.2f}x", f"{st['unit_cpu_s'] / args.b:.2f}", "yes" if torch.equal(sums["hessian_sum"], reference) else "NO"])
+        rows.append(
+            [
+                label,
+                str(st["workers"]),
+                f"{st['setup_s']:.1f}",
+                f"{st['compute_s']:.1f}",
+                f"{rate:.2f}",
+                f"{args.b / wall:.2f}",
+                f"{rate / base_rate:.2f}x",
+                f"{st['unit_cpu_s'] / args.b:.2f}",
+                "yes" if torch.equal(sums["hessian_sum"], reference) else "NO",
+            ]
+        )
 
-    head = ["devices", "workers", "start-up s", "compute s", "samples/s", "samples/s (wall)", "speed-up", "CPU s/sample", "bitwise equal"]
+    head = [
+        "devices",
+        "workers",
+        "start-up s",
+        "compute s",
+        "samples/s",
+        "samples/s (wall)",
+        "speed-up",
+        "CPU s/sample",
+        "bitwise equal",
+    ]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, ["-" * w for w in widths], *rows]:
         print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))

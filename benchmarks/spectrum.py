@@ -70,7 +70,9 @@ DECISIONS: dict[str, dict] = {}
 """The operators' graph-keeping and chunk choices (``HessianOperator.report()``), by ``keep_graphs`` mode."""
 
 
-def ours(model, subset, samples, tol: float, keep_graphs: bool | str = "auto") -> tuple[torch.Tensor, int]:
+def ours(
+    model, subset, samples, tol: float, keep_graphs: bool | str = "auto"
+) -> tuple[torch.Tensor, int]:
     op = lib.HessianOperator(model, subset, samples, keep_graphs=keep_graphs)
     r = spectrum.lanczos(op.matmat, subset.size, K, "largest", tol=tol, max_iter=400, seed=0)
     DECISIONS[str(keep_graphs)] = op.report()
@@ -94,7 +96,9 @@ def curvlinops_eigsh(model, samples, tol: float) -> tuple[torch.Tensor, int]:
 
     param = model.get_parameter(PARAM)
     data = [(s[None], targets(s)) for s in samples]
-    op = HessianLinearOperator(LogitsOf(model), nn.CrossEntropyLoss(), [param], data, check_deterministic=False).to_scipy()
+    op = HessianLinearOperator(
+        LogitsOf(model), nn.CrossEntropyLoss(), [param], data, check_deterministic=False
+    ).to_scipy()
     count = [0]
 
     def mv(v):
@@ -102,7 +106,14 @@ def curvlinops_eigsh(model, samples, tol: float) -> tuple[torch.Tensor, int]:
         return op @ v
 
     counted = LinearOperator(op.shape, matvec=mv, dtype=np.float32)
-    vals = eigsh(counted, k=K, which="LA", tol=tol, v0=np.ones(op.shape[0], dtype=np.float32), return_eigenvectors=False)
+    vals = eigsh(
+        counted,
+        k=K,
+        which="LA",
+        tol=tol,
+        v0=np.ones(op.shape[0], dtype=np.float32),
+        return_eigenvectors=False,
+    )
     return torch.as_tensor(np.sort(vals)[::-1].copy(), dtype=torch.float64), count[0]
 
 
@@ -117,7 +128,12 @@ def cold_hvp_units(model, subset, samples, rounds: int) -> dict:
     param = model.get_parameter(PARAM)
     data = [{"input_ids": s[None], "labels": s[None]} for s in samples]
     he_op = he.HessianOperator(model, data, he.hf_lm_loss(), param_filter=he.match_names(PARAM))
-    pyh = pyhessian.hessian(LogitsOf(model), nn.CrossEntropyLoss(), dataloader=[(s[None], targets(s)) for s in samples], cuda=False)
+    pyh = pyhessian.hessian(
+        LogitsOf(model),
+        nn.CrossEntropyLoss(),
+        dataloader=[(s[None], targets(s)) for s in samples],
+        cuda=False,
+    )
     v = torch.randn(subset.size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     choices = {}
 
@@ -133,16 +149,27 @@ def cold_hvp_units(model, subset, samples, rounds: int) -> dict:
     def pyhessian_hvp():
         pyh.dataloader_hv_product([v.to(torch.float32).view_as(param)])
 
-    methods = {"unit": unit, "this project": ours, "hessian-eigenthings": lambda: he_op.matvec(v.to(torch.float32)), "PyHessian": pyhessian_hvp}
+    methods = {
+        "unit": unit,
+        "this project": ours,
+        "hessian-eigenthings": lambda: he_op.matvec(v.to(torch.float32)),
+        "PyHessian": pyhessian_hvp,
+    }
     times = {m: [] for m in methods}
     for _ in range(rounds):
         for m, fn in methods.items():
             t0 = time.perf_counter()
             fn()
             times[m].append(time.perf_counter() - t0)
-    units = {m: [t / u for t, u in zip(ts, times["unit"])] for m, ts in times.items() if m != "unit"}
+    units = {
+        m: [t / u for t, u in zip(ts, times["unit"])] for m, ts in times.items() if m != "unit"
+    }
     out = {m: {"median": sorted(u)[len(u) // 2], "per_round": u} for m, u in units.items()}
-    print("cold HVP (forward+backward units): " + ", ".join(f"{m} {r['median']:.2f}" for m, r in out.items()), flush=True)
+    print(
+        "cold HVP (forward+backward units): "
+        + ", ".join(f"{m} {r['median']:.2f}" for m, r in out.items()),
+        flush=True,
+    )
     return {"units": out, "unit_s": times["unit"], "operator_choices": choices}
 
 
@@ -165,18 +192,41 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     model = lib.load_model("embedded")
     samples = lib.load_samples("embedded", args.seqlen, args.b)
-    subset = lib.Subset((lib.ParamSlice(PARAM, torch.arange(model.get_parameter(PARAM).numel())),), "q_proj")
-    model.get_parameter(PARAM).requires_grad_(True)  # the peers differentiate w.r.t. trainable parameters; ours ignores the flag
+    subset = lib.Subset(
+        (lib.ParamSlice(PARAM, torch.arange(model.get_parameter(PARAM).numel())),), "q_proj"
+    )
+    model.get_parameter(PARAM).requires_grad_(
+        True
+    )  # the peers differentiate w.r.t. trainable parameters; ours ignores the flag
 
     t0 = time.perf_counter()
     ref, ref_hvps = ours(model, subset, samples, 1e-9)
-    print(f"reference top-{K}: {ref.tolist()} ({ref_hvps} HVPs, {time.perf_counter() - t0:.1f}s)", flush=True)
+    print(
+        f"reference top-{K}: {ref.tolist()} ({ref_hvps} HVPs, {time.perf_counter() - t0:.1f}s)",
+        flush=True,
+    )
 
     sweeps = {
-        "this project (lanczos, tol), default (keep_graphs auto)": (ours, (model, subset, samples), [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5]),
-        "this project (lanczos, tol), graphs rebuilt per pass": (lambda *a: ours(*a[:-1], a[-1], keep_graphs=False), (model, subset, samples), [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5]),
-        EIGENTHINGS: (eigenthings, (model, samples), [10, 12, 14, 16, 18, 20, 25, 30, 40, 50, 60, 80, 100]),
-        "curvlinops 3.0.1 + scipy eigsh (tol)": (curvlinops_eigsh, (model, samples), [1e-1, 3e-2, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6]),
+        "this project (lanczos, tol), default (keep_graphs auto)": (
+            ours,
+            (model, subset, samples),
+            [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5],
+        ),
+        "this project (lanczos, tol), graphs rebuilt per pass": (
+            lambda *a: ours(*a[:-1], a[-1], keep_graphs=False),
+            (model, subset, samples),
+            [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5],
+        ),
+        EIGENTHINGS: (
+            eigenthings,
+            (model, samples),
+            [10, 12, 14, 16, 18, 20, 25, 30, 40, 50, 60, 80, 100],
+        ),
+        "curvlinops 3.0.1 + scipy eigsh (tol)": (
+            curvlinops_eigsh,
+            (model, samples),
+            [1e-1, 3e-2, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6],
+        ),
     }
     # 1. each method's cheapest setting reaching the target (sweep once)
     best: dict[str, dict] = {}
@@ -186,10 +236,22 @@ def main(argv=None) -> dict:
             err = rel_err(vals, ref)
             print(f"sweep {name} knob={knob}: err {err:.2e}, {hvps} HVPs, {dt:.1f}s", flush=True)
             if err <= args.target:
-                best[name] = {"knob": knob, "rel_err": err, "hvps": hvps, "times_s": [], "values": vals.tolist()}
+                best[name] = {
+                    "knob": knob,
+                    "rel_err": err,
+                    "hvps": hvps,
+                    "times_s": [],
+                    "values": vals.tolist(),
+                }
                 break
         else:
-            best[name] = {"knob": None, "rel_err": err, "hvps": hvps, "times_s": [], "note": "target not reached"}
+            best[name] = {
+                "knob": None,
+                "rel_err": err,
+                "hvps": hvps,
+                "times_s": [],
+                "note": "target not reached",
+            }
     # 2. time those settings, interleaved run by run (the machine is shared)
     for rnd in range(args.rounds):
         for name, (fn, fargs, _) in sweeps.items():
@@ -204,7 +266,9 @@ def main(argv=None) -> dict:
     peer = best[EIGENTHINGS]["times_s"]
     for row in best.values():  # per round against hessian-eigenthings' run of the same round
         row["vs_eigenthings_per_round"] = [p / t for p, t in zip(peer, row["times_s"])]
-        row["vs_eigenthings_slowest_round"] = min(row["vs_eigenthings_per_round"], default=float("nan"))
+        row["vs_eigenthings_slowest_round"] = min(
+            row["vs_eigenthings_per_round"], default=float("nan")
+        )
     cold = cold_hvp_units(model, subset, samples, args.rounds)
 
     # density: time per step and probe
@@ -216,16 +280,26 @@ def main(argv=None) -> dict:
         t = time.perf_counter()
         spectrum.slq(op.matmat, subset.size, args.slq_probes, args.slq_steps, seed=rnd)
         d_ours = (time.perf_counter() - t) / (args.slq_steps * args.slq_probes)
-        hess = pyhessian.hessian(LogitsOf(model), nn.CrossEntropyLoss(), dataloader=[(s[None], targets(s)) for s in samples], cuda=False)
+        hess = pyhessian.hessian(
+            LogitsOf(model),
+            nn.CrossEntropyLoss(),
+            dataloader=[(s[None], targets(s)) for s in samples],
+            cuda=False,
+        )
         t = time.perf_counter()
-        for _ in range(args.slq_probes):  # PyHessian 0.1 calls torch.eig (removed in torch 2) after each probe's Lanczos steps
+        for _ in range(
+            args.slq_probes
+        ):  # PyHessian 0.1 calls torch.eig (removed in torch 2) after each probe's Lanczos steps
             try:
                 hess.density(iter=args.slq_steps, n_v=1)
             except RuntimeError as e:
                 if "torch.linalg.eig" not in str(e):
                     raise
         d_pyh = (time.perf_counter() - t) / (args.slq_steps * args.slq_probes)
-        print(f"round {rnd} SLQ per step and probe: ours {d_ours * 1e3:.0f} ms, PyHessian {d_pyh * 1e3:.0f} ms", flush=True)
+        print(
+            f"round {rnd} SLQ per step and probe: ours {d_ours * 1e3:.0f} ms, PyHessian {d_pyh * 1e3:.0f} ms",
+            flush=True,
+        )
         dens["this project"] = min(dens.get("this project", float("inf")), d_ours)
         dens["PyHessian 0.1 density"] = min(dens.get("PyHessian 0.1 density", float("inf")), d_pyh)
 
@@ -241,7 +315,29 @@ def main(argv=None) -> dict:
         "operator_choices": DECISIONS,
     }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({"top5": {k: {kk: v[kk] for kk in ("knob", "rel_err", "hvps", "time_s", "median_s", "vs_eigenthings_slowest_round")} for k, v in best.items()}, "slq": dens, "cold_hvp_units": cold}, indent=1))
+    print(
+        json.dumps(
+            {
+                "top5": {
+                    k: {
+                        kk: v[kk]
+                        for kk in (
+                            "knob",
+                            "rel_err",
+                            "hvps",
+                            "time_s",
+                            "median_s",
+                            "vs_eigenthings_slowest_round",
+                        )
+                    }
+                    for k, v in best.items()
+                },
+                "slq": dens,
+                "cold_hvp_units": cold,
+            },
+            indent=1,
+        )
+    )
     return result
 
 

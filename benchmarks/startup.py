@@ -47,7 +47,15 @@ def make_model(path: Path) -> None:
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(0)
-    cfg = OPTConfig(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12, vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=768)
+    cfg = OPTConfig(
+        hidden_size=768,
+        num_hidden_layers=12,
+        ffn_dim=3072,
+        num_attention_heads=12,
+        vocab_size=50272,
+        max_position_embeddings=2048,
+        word_embed_proj_dim=768,
+    )
     OPTForCausalLM(cfg).save_pretrained(path)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(ROOT / "assets" / "tiny-opt-shakespeare" / f, path / f)
@@ -57,14 +65,22 @@ def timed(cmd: list[str], cwd: Path) -> tuple[float, float, int]:
     """``(wall s, CPU s, exit status)`` of ``cmd`` in a fresh process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), proc.returncode
+    return (
+        wall,
+        (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+        proc.returncode,
+    )
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model_dir", default="/tmp/opt125m-random")
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
@@ -76,7 +92,18 @@ def main() -> None:
     script = str(ROOT / "single_layer_single_block.py")
     cases = {
         "--help": [sys.executable, script, "--help"],
-        "wrong --layer_name, 125M model": [sys.executable, script, "--model", str(model), "--layer_name", "q_proj", "--output_dir", str(work / "o"), "--cache_dir", str(work / "c")],
+        "wrong --layer_name, 125M model": [
+            sys.executable,
+            script,
+            "--model",
+            str(model),
+            "--layer_name",
+            "q_proj",
+            "--output_dir",
+            str(work / "o"),
+            "--cache_dir",
+            str(work / "c"),
+        ],
     }
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in cases}
     for _ in range(args.rounds):  # interleaved
@@ -84,11 +111,21 @@ def main() -> None:
             wall, cpu, code = timed(cmd, work)
             assert code == (0 if name == "--help" else 2), (name, code)
             results[name].append((wall, cpu))
-    print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, load average {os.getloadavg()[0]:.1f}, {args.rounds} rounds (medians)")
+    print(
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, load average {os.getloadavg()[0]:.1f}, {args.rounds} rounds (medians)"
+    )
     print("| case | wall s | CPU s |\n|---|---|---|")
     for name, runs in results.items():
-        print(f"| {name} | {statistics.median(w for w, _ in runs):.2f} | {statistics.median(c for _, c in runs):.2f} |")
-    out = subprocess.run([sys.executable, "-c", PHASES.format(root=str(ROOT), model=str(model))], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True)
+        print(
+            f"| {name} | {statistics.median(w for w, _ in runs):.2f} | {statistics.median(c for _, c in runs):.2f} |"
+        )
+    out = subprocess.run(
+        [sys.executable, "-c", PHASES.format(root=str(ROOT), model=str(model))],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        check=True,
+    )
     print("\n| phase (one process, in order) | wall s | CPU s |\n|---|---|---|")
     for line in out.stdout.strip().splitlines():
         name, wall, cpu = line.split("\t")

@@ -12,8 +12,9 @@ unbatched products sum in a different order). The choice and the timings go into
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -36,7 +37,11 @@ class Tuning:
     seconds_per_column: dict[int, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"chunk": self.chunk, "measured_columns": self.done, "seconds_per_column": {str(c): t for c, t in self.seconds_per_column.items()}}
+        return {
+            "chunk": self.chunk,
+            "measured_columns": self.done,
+            "seconds_per_column": {str(c): t for c, t in self.seconds_per_column.items()},
+        }
 
 
 def candidates(limit: int) -> list[int]:
@@ -48,7 +53,16 @@ def candidates(limit: int) -> list[int]:
     return out
 
 
-def tune_chunk(compute: Compute, n: int, limit: int, total: int | None = None, clock: Callable[[], float] = time.perf_counter, repeats: int = 3, give_up: float = 1.15, budget: float = 0.03) -> Tuning:
+def tune_chunk(
+    compute: Compute,
+    n: int,
+    limit: int,
+    total: int | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+    repeats: int = 3,
+    give_up: float = 1.15,
+    budget: float = 0.03,
+) -> Tuning:
     """Time ``compute`` on columns ``0, 1, ...`` of ``n`` with chunks ``1, 2, 4, ... <= limit``; the fastest per column wins.
 
     Candidate ``c`` makes ``repeats`` timed calls of ``c`` columns (one call for ``c > 8``, or if only one
@@ -78,8 +92,14 @@ def tune_chunk(compute: Compute, n: int, limit: int, total: int | None = None, c
         timings[c], columns[c] = min(per_column), done - start
         best = timings[min(timings, key=timings.get)]
         slower = slower + 1 if timings[c] > give_up * best else 0
-        lost = sum(columns[k] * (timings[k] - best) for k in timings) + 2 * c * (timings[c] - best)  # + the next one, if as slow
-        if used < c or done >= n or (timings[c] > best and (slower >= 2 or lost > budget * (total or n) * best)):
+        lost = sum(columns[k] * (timings[k] - best) for k in timings) + 2 * c * (
+            timings[c] - best
+        )  # + the next one, if as slow
+        if (
+            used < c
+            or done >= n
+            or (timings[c] > best and (slower >= 2 or lost > budget * (total or n) * best))
+        ):
             break
     return Tuning(min(timings, key=timings.get), done, timings)
 
@@ -114,15 +134,27 @@ def column_bytes(model: torch.nn.Module, tokens: int, itemsize: int) -> int:
     return tokens * (vocab + 16 * hidden * layers) * itemsize
 
 
-def tune(compute: Compute, n: int, model: torch.nn.Module, tokens: int, x: torch.Tensor, total: int) -> Tuning:
+def tune(
+    compute: Compute, n: int, model: torch.nn.Module, tokens: int, x: torch.Tensor, total: int
+) -> Tuning:
     """:func:`tune_chunk` for products w.r.t. ``x`` (``(n,)`` columns) through ``model`` on ``tokens`` tokens:
     candidates up to ``min(n, memory_limit)``, timed with :func:`device_clock` of ``x``'s device."""
-    return tune_chunk(compute, n, min(n, memory_limit(model, tokens, x)), total=total, clock=device_clock(x.device))
+    return tune_chunk(
+        compute,
+        n,
+        min(n, memory_limit(model, tokens, x)),
+        total=total,
+        clock=device_clock(x.device),
+    )
 
 
 def memory_limit(model: torch.nn.Module, tokens: int, x: torch.Tensor) -> int:
     """Largest chunk whose batched intermediates fit in ``MEMORY_FRACTION`` of the free memory of ``x``'s device."""
-    return max(1, int(MEMORY_FRACTION * free_memory(x.device)) // column_bytes(model, tokens, x.element_size()))
+    return max(
+        1,
+        int(MEMORY_FRACTION * free_memory(x.device))
+        // column_bytes(model, tokens, x.element_size()),
+    )
 
 
 AUTO_ELEMENTS = {"cpu": 2**16, "cuda": 2**23}
@@ -136,17 +168,40 @@ AUTO_FLOPS = {"cpu": 2e10, "cuda": 1e13}
 """Rough floating-point operations per second per CPU thread (or per GPU), for the estimate only."""
 
 
-def estimated_seconds(model: torch.nn.Module, samples: int, seqlen: int, products: int, device: torch.device, passes: int = 1) -> float:
+def estimated_seconds(
+    model: torch.nn.Module,
+    samples: int,
+    seqlen: int,
+    products: int,
+    device: torch.device,
+    passes: int = 1,
+) -> float:
     """Rough compute time of ``passes`` passes over ``samples`` samples, each building one gradient graph
     (about 3 forwards) and ``products`` Hessian-vector products per sample (about 4 forwards each);
     a forward costs ``2 * parameters`` operations per token. On one CPU thread whatever the thread count, so that
     the estimate (and :func:`samples_per_forward`) does not follow the load that :mod:`lib.threads` sees: a resumed
     run batches its samples as the first session did."""
-    flops = 2 * sum(p.numel() for p in model.parameters()) * samples * seqlen * (3 + 4 * products) * passes
+    flops = (
+        2
+        * sum(p.numel() for p in model.parameters())
+        * samples
+        * seqlen
+        * (3 + 4 * products)
+        * passes
+    )
     return flops / AUTO_FLOPS["cuda" if device.type == "cuda" else "cpu"]
 
 
-def samples_per_forward(requested: int | str, model: torch.nn.Module, b: int, seqlen: int, products: int, device: torch.device, passes: int = 1, per_sample_units: bool = False) -> tuple[int, str]:
+def samples_per_forward(
+    requested: int | str,
+    model: torch.nn.Module,
+    b: int,
+    seqlen: int,
+    products: int,
+    device: torch.device,
+    passes: int = 1,
+    per_sample_units: bool = False,
+) -> tuple[int, str]:
     """``model_input_bs``: ``requested`` if an integer, else (``"auto"``) a deterministic rule; returns ``(bs, why)``.
 
     Auto: 1 when ``per_sample_units`` (e.g. the batch study) or the job is short (:func:`estimated_seconds` below
@@ -167,4 +222,7 @@ def samples_per_forward(requested: int | str, model: torch.nn.Module, b: int, se
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 1024)
     cap = AUTO_ELEMENTS["cuda" if device.type == "cuda" else "cpu"]
     bs = max([d for d in range(1, b + 1) if b % d == 0 and d * seqlen * hidden <= cap] or [1])
-    return bs, f"auto: {bs} x {seqlen} tokens x hidden {hidden} <= {cap} activation elements per forward ({device.type}), dividing b={b}"
+    return (
+        bs,
+        f"auto: {bs} x {seqlen} tokens x hidden {hidden} <= {cap} activation elements per forward ({device.type}), dividing b={b}",
+    )

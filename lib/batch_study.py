@@ -16,8 +16,9 @@ Metrics (Frobenius norms), for recorded ``b_0 < b_1 < ... < b_m = B``:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -34,7 +35,9 @@ def wanted_sizes(total: int, dense_upto: int = DENSE_UPTO, n_log: int = N_LOG) -
     sizes = set(range(1, min(dense_upto, total) + 1))
     if total > dense_upto:
         ratio = math.log(total / dense_upto)
-        sizes.update(min(total, round(dense_upto * math.exp(ratio * i / n_log))) for i in range(1, n_log + 1))
+        sizes.update(
+            min(total, round(dense_upto * math.exp(ratio * i / n_log))) for i in range(1, n_log + 1)
+        )
     sizes.add(total)
     return sorted(sizes)
 
@@ -59,7 +62,12 @@ def rel_consecutive(hs: Sequence[torch.Tensor]) -> list[float | None]:
     return out
 
 
-def running_hessians(snapshots: dict[int, dict[str, torch.Tensor]], model_input_bs: int, tokens_per_sample: int, key: str = "hessian_sum") -> tuple[list[int], list[torch.Tensor]]:
+def running_hessians(
+    snapshots: dict[int, dict[str, torch.Tensor]],
+    model_input_bs: int,
+    tokens_per_sample: int,
+    key: str = "hessian_sum",
+) -> tuple[list[int], list[torch.Tensor]]:
     """``(b, H^b)`` in increasing ``b`` from the running sums after ``u`` units (``b = u * model_input_bs``)."""
     units = sorted(snapshots)
     bs = [u * model_input_bs for u in units]
@@ -68,7 +76,11 @@ def running_hessians(snapshots: dict[int, dict[str, torch.Tensor]], model_input_
 
 def study(bs: Sequence[int], hs: Sequence[torch.Tensor]) -> dict[str, list]:
     """The JSON block ``batch_study``: ``b``, ``rel_to_full`` (against the last, full batch) and ``rel_consecutive``."""
-    return {"b": list(bs), "rel_to_full": rel_to_full(hs, hs[-1]), "rel_consecutive": rel_consecutive(hs)}
+    return {
+        "b": list(bs),
+        "rel_to_full": rel_to_full(hs, hs[-1]),
+        "rel_consecutive": rel_consecutive(hs),
+    }
 
 
 def kept_sizes(bs: Sequence[int]) -> list[int]:
@@ -77,7 +89,15 @@ def kept_sizes(bs: Sequence[int]) -> list[int]:
     return sorted(picks | {bs[-1]})
 
 
-def finish(snapshots: dict[int, dict[str, torch.Tensor]], model_input_bs: int, seqlen: int, out: Path, name: str, title: str, dtype: torch.dtype) -> dict[str, Any]:
+def finish(
+    snapshots: dict[int, dict[str, torch.Tensor]],
+    model_input_bs: int,
+    seqlen: int,
+    out: Path,
+    name: str,
+    title: str,
+    dtype: torch.dtype,
+) -> dict[str, Any]:
     """Metrics, ``<name>_batch_study.pt`` (``{"b": [...], "hessian": {b: H^b}}`` at :func:`kept_sizes`) and the figures.
 
     Returns ``{"batch_study": {...}, "files": [...]}`` for the run's JSON.
@@ -89,14 +109,29 @@ def finish(snapshots: dict[int, dict[str, torch.Tensor]], model_input_bs: int, s
     block = study(bs, hs)
     kept = {b: hs[bs.index(b)].to(dtype) for b in kept_sizes(bs)}
     pt = out / f"{name}_batch_study.pt"
-    atomic_write_bytes(pt, lambda p: torch.save({"b": list(kept), "hessian": kept, "normalization": "H^b: Hessian of the mean next-token NLL over the first b samples"}, p))
+    atomic_write_bytes(
+        pt,
+        lambda p: torch.save(
+            {
+                "b": list(kept),
+                "hessian": kept,
+                "normalization": "H^b: Hessian of the mean next-token NLL over the first b samples",
+            },
+            p,
+        ),
+    )
     figures = batch_study_figure(block, kept, out / f"{name}_batch_study", title)
-    return {"batch_study": {**block, "kept_b": list(kept)}, "files": [pt.name, *(p.name for p in figures)]}
+    return {
+        "batch_study": {**block, "kept_b": list(kept)},
+        "files": [pt.name, *(p.name for p in figures)],
+    }
 
 
 def summary_line(block: dict[str, Any]) -> str:
     """One printed line: the error against the full batch at ``b`` = 1 and 16 (if recorded, below ``B``), and the first ``b`` where it is below 0.1."""
     b, err = block["b"], block["rel_to_full"]
     below = next((x for x, e in zip(b, err) if e < 0.1), None)
-    at = [f"{err[b.index(x)]:.3f} at b={x}" for x in (1, 16) if x in b[:-1]] or [f"{err[0]:.3f} at b={b[0]}"]
+    at = [f"{err[b.index(x)]:.3f} at b={x}" for x in (1, 16) if x in b[:-1]] or [
+        f"{err[0]:.3f} at b={b[0]}"
+    ]
     return f"batch study (B={b[-1]}): ||H^b - H^B||/||H^B|| = {', '.join(at)}; below 0.1 from b={below}"

@@ -48,7 +48,9 @@ def parse_every(text: str) -> tuple[int, float]:
     """
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
     if m is None or (not m.group(2) and "." in m.group(1)):
-        raise UserError(f"--checkpoint_every {text!r} is neither a number of units (e.g. 10) nor a duration (e.g. 120s, 10m, 1h)")
+        raise UserError(
+            f"--checkpoint_every {text!r} is neither a number of units (e.g. 10) nor a duration (e.g. 120s, 10m, 1h)"
+        )
     value, unit = float(m.group(1)), m.group(2)
     if not unit:
         return int(value), 0.0
@@ -107,7 +109,9 @@ class RunState:
             self.prefix_sum = add_partials(self.prefix_sum, self.pending.pop(self.prefix))
             self.prefix += 1
             if self.prefix in self.record:
-                self.snapshots[self.prefix] = {name: v.clone() for name, v in self.prefix_sum.items()}
+                self.snapshots[self.prefix] = {
+                    name: v.clone() for name, v in self.prefix_sum.items()
+                }
 
     @property
     def n_done(self) -> int:
@@ -124,7 +128,9 @@ class RunState:
     def total(self) -> Partial:
         """The sum of all units (the run must be complete)."""
         if not self.complete or self.prefix_sum is None:
-            raise ValueError(f"the run is not complete: {self.n_done} of {self.num_units} units finished")
+            raise ValueError(
+                f"the run is not complete: {self.n_done} of {self.num_units} units finished"
+            )
         return self.prefix_sum
 
 
@@ -140,7 +146,9 @@ def unframe(data: bytes, magic: bytes = MAGIC) -> bytes:
         raise ValueError(f"{len(data)} bytes, shorter than its header")
     got, length, digest = _HEADER.unpack_from(data)
     if got != magic:
-        raise ValueError("not a checkpoint of this program" if magic == MAGIC else "not a file of this program")
+        raise ValueError(
+            "not a checkpoint of this program" if magic == MAGIC else "not a file of this program"
+        )
     payload = data[_HEADER.size :]
     if len(payload) != length:
         raise ValueError(f"{len(payload)} of {length} payload bytes")
@@ -221,7 +229,9 @@ def read(path: str | Path) -> dict[str, Any]:
     try:
         payload = unframe(path.read_bytes())
     except ValueError as e:
-        raise UserError(f"checkpoint {path} is truncated or corrupt ({e}); delete it to start over") from None
+        raise UserError(
+            f"checkpoint {path} is truncated or corrupt ({e}); delete it to start over"
+        ) from None
     return torch.load(io.BytesIO(payload), weights_only=True)
 
 
@@ -236,14 +246,21 @@ def load(path: str | Path, config: dict[str, Any], num_units: int) -> RunState:
         if changed:
             rest = [key for key in diff if key not in CONTENT_KEYS]
             also = f"; the configuration also differs in: {', '.join(rest)}" if rest else ""
-            raise UserError(f"checkpoint {path} was written for other inputs: {'; '.join(changed)}{also}; restore the original files, or delete it to start over")
+            raise UserError(
+                f"checkpoint {path} was written for other inputs: {'; '.join(changed)}{also}; restore the original files, or delete it to start over"
+            )
         raise UserError(
             f"checkpoint {path} was written by a run with a different configuration "
             f"(differs in: {', '.join(diff) or 'num_units'}); rerun with the original flags, or delete it to start over"
         )
     return RunState(
-        raw["num_units"], raw["prefix"], raw["prefix_sum"], dict(raw["pending"]), raw["elapsed_s"],
-        snapshots=dict(raw.get("snapshots", {})), chunks=dict(raw.get("chunks", {})),
+        raw["num_units"],
+        raw["prefix"],
+        raw["prefix_sum"],
+        dict(raw["pending"]),
+        raw["elapsed_s"],
+        snapshots=dict(raw.get("snapshots", {})),
+        chunks=dict(raw.get("chunks", {})),
     )
 
 
@@ -282,7 +299,9 @@ class Writer:
         except OSError as e:
             self.failed = e
             where = self.cfg.path
-            raise CheckpointWriteError(f"could not write the checkpoint {where} ({type(e).__name__}: {e})") from None
+            raise CheckpointWriteError(
+                f"could not write the checkpoint {where} ({type(e).__name__}: {e})"
+            ) from None
         self.cfg.owned = True
         self.failed = None
         self.saved_done, self._saved_at, self.written = self.state.n_done, time.monotonic(), True
@@ -291,7 +310,9 @@ class Writer:
         """Write if the unit count or the time since the last write calls for it."""
         if self.cfg is None or not self.dirty:
             return
-        by_units = self.cfg.every_units > 0 and self.state.n_done - self.saved_done >= self.cfg.every_units
+        by_units = (
+            self.cfg.every_units > 0 and self.state.n_done - self.saved_done >= self.cfg.every_units
+        )
         by_time = self.cfg.every_s > 0 and time.monotonic() - self._saved_at >= self.cfg.every_s
         if by_units or by_time:
             self.save()

@@ -10,11 +10,11 @@ so the defaults live in :mod:`lib.spec` only. Neither torch, transformers nor ma
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 import re
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from .errors import Interrupted, ParamError, RunError, UserError
@@ -190,7 +190,7 @@ RUN_HELP = {
     "devices": "comma-separated devices, one worker process per entry, e.g. cuda:0,cuda:1,cuda:2,cuda:3 (cpu,cpu "
     "for tests); overrides --device; under torchrun, entry LOCAL_RANK is the rank's device",
     "device_map": "split one model over the GPUs of its worker with this Hugging Face device_map: a strategy (e.g. "
-    "auto) or a JSON object {module: device or \"disk\"} (disk: offloaded by accelerate to <cache_dir>/offload/; the "
+    'auto) or a JSON object {module: device or "disk"} (disk: offloaded by accelerate to <cache_dir>/offload/; the '
     "subset must not be there); exact HVPs, one GPU at a time; needs accelerate; one worker (or one torchrun rank per "
     "node)",
     "checkpoint_every": "write <output_dir>/<name>.ckpt every N units (batches of --model_input_bs samples), or "
@@ -229,7 +229,12 @@ def _model_and_data(
 
     ``spec``: the fields' own defaults (``type(spec)()``), before the model-dependent ones are resolved."""
     g = p.add_argument_group("model and data")
-    _add_fields(g, spec, MODEL_AND_DATA_HELP, types={"seqlen": int, "b": int, "model_input_bs": model_input_bs_arg})
+    _add_fields(
+        g,
+        spec,
+        MODEL_AND_DATA_HELP,
+        types={"seqlen": int, "b": int, "model_input_bs": model_input_bs_arg},
+    )
     c = p.add_argument_group("computation")
     if t_default is not None:
         t_help = f"entries per selected row (default {t_default[0]} for the embedded model, {t_default[1]} otherwise)"
@@ -261,7 +266,12 @@ def _chunk(group: Any, spec: RunSpec, products: str) -> None:
 
 def _output_and_run(p: argparse.ArgumentParser, spec: RunSpec) -> None:
     _add_fields(p.add_argument_group("output"), spec, OUTPUT_HELP)
-    _add_fields(p.add_argument_group("parallel runs and checkpoints"), spec, RUN_HELP, types={"threads": int})
+    _add_fields(
+        p.add_argument_group("parallel runs and checkpoints"),
+        spec,
+        RUN_HELP,
+        types={"threads": int},
+    )
 
 
 COMPARE_HELP = {
@@ -394,7 +404,9 @@ def approximation_choices() -> list[str]:
 def estimator_choices() -> list[str]:
     """The diagonal estimators (:func:`estimator_summaries`) and the deprecated names that stand for one of them."""
     known = list(estimator_summaries())
-    return known + [old for old, new in ESTIMATOR_ALIASES.items() if old not in known and new in known]
+    return known + [
+        old for old, new in ESTIMATOR_ALIASES.items() if old not in known and new in known
+    ]
 
 
 def resolve_estimators(names: Sequence[str] | None, known: Sequence[str]) -> list[str] | None:
@@ -556,7 +568,9 @@ def spec_from_args(script: str, args: argparse.Namespace) -> RunSpec:
     cls = spec_class(script)
     values = dict(vars(args))
     if cls is DiagonalSpec:
-        values["estimator"] = resolve_estimators(values.get("estimator"), list(estimator_summaries()))
+        values["estimator"] = resolve_estimators(
+            values.get("estimator"), list(estimator_summaries())
+        )
     spec = cls.build(script, **values)
     spec.validate()
     return spec

@@ -30,8 +30,9 @@ Sampled labels of sample ``i``, draw ``j`` come from a generator seeded by ``sha
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -128,10 +129,19 @@ def prediction_metrics(pred: torch.Tensor, ref: torch.Tensor) -> dict[str, float
         return {"corr": float("nan"), "rel_error": float("nan")}
     pc, rc = pred - pred.mean(), ref - ref.mean()
     den = float(pc.norm() * rc.norm())
-    return {"corr": float((pc * rc).sum()) / den if den > 0 else float("nan"), "rel_error": float((pred - ref).norm() / ref.norm())}
+    return {
+        "corr": float((pc * rc).sum()) / den if den > 0 else float("nan"),
+        "rel_error": float((pred - ref).norm() / ref.norm()),
+    }
 
 
-def compare_matrices(exact: torch.Tensor, approx: dict[str, torch.Tensor], top_k: int, perturbations: torch.Tensor | None = None, measured: dict[str, torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
+def compare_matrices(
+    exact: torch.Tensor,
+    approx: dict[str, torch.Tensor],
+    top_k: int,
+    perturbations: torch.Tensor | None = None,
+    measured: dict[str, torch.Tensor] | None = None,
+) -> dict[str, dict[str, float]]:
     """All metrics of each approximation against ``exact`` (``(n, n)``).
 
     With ``perturbations`` (``(m, n)``): ``pred_vs_exact_*`` compares ``d^T A d / 2`` with ``d^T H d / 2``; each
@@ -139,19 +149,36 @@ def compare_matrices(exact: torch.Tensor, approx: dict[str, torch.Tensor], top_k
     ``exact`` entry of its own (how well the quadratic model itself predicts it).
     """
     out: dict[str, dict[str, float]] = {}
-    q_exact = quadratic_forms(exact, perturbations) if perturbations is not None and len(perturbations) else None
+    q_exact = (
+        quadratic_forms(exact, perturbations)
+        if perturbations is not None and len(perturbations)
+        else None
+    )
     measured = measured if q_exact is not None else None
     for name, a in approx.items():
-        m = {**frobenius_metrics(a, exact), "top_k": min(top_k, exact.shape[0]), "top_k_overlap": subspace_overlap(a, exact, top_k)}
+        m = {
+            **frobenius_metrics(a, exact),
+            "top_k": min(top_k, exact.shape[0]),
+            "top_k_overlap": subspace_overlap(a, exact, top_k),
+        }
         if q_exact is not None:
             q = quadratic_forms(a, perturbations)
             m.update({f"pred_vs_exact_{k}": v for k, v in prediction_metrics(q, q_exact).items()})
-            m.update({f"pred_vs_exact_scaled_{k}": v for k, v in prediction_metrics(m["best_scale"] * q, q_exact).items()})
+            m.update(
+                {
+                    f"pred_vs_exact_scaled_{k}": v
+                    for k, v in prediction_metrics(m["best_scale"] * q, q_exact).items()
+                }
+            )
             for label, ref in (measured or {}).items():
                 m.update({f"pred_vs_{label}_{k}": v for k, v in prediction_metrics(q, ref).items()})
         out[name] = m
     if measured:
-        out["exact"] = {f"pred_vs_{label}_{k}": v for label, ref in measured.items() for k, v in prediction_metrics(q_exact, ref).items()}
+        out["exact"] = {
+            f"pred_vs_{label}_{k}": v
+            for label, ref in measured.items()
+            for k, v in prediction_metrics(q_exact, ref).items()
+        }
     return out
 
 
@@ -169,22 +196,65 @@ class CurvatureJob(ProductJob):
     ``settings``, the keyword arguments of :class:`lib.hessian.ExactHessianJob`).
     """
 
-    def __init__(self, subset: Subset, samples: torch.Tensor, approximations: list[str], fisher_samples: int = 4, perturbations: torch.Tensor | None = None, seed: int = 0, exact: ExactHessianJob | None = None, **settings: Any):
+    def __init__(
+        self,
+        subset: Subset,
+        samples: torch.Tensor,
+        approximations: list[str],
+        fisher_samples: int = 4,
+        perturbations: torch.Tensor | None = None,
+        seed: int = 0,
+        exact: ExactHessianJob | None = None,
+        **settings: Any,
+    ):
         exact = ExactHessianJob(subset, samples, **settings) if exact is None else exact
-        super().__init__(samples, exact.model_input_bs, exact.chunk, exact.fused_head, exact.spec, exact.model, exact.products)
+        super().__init__(
+            samples,
+            exact.model_input_bs,
+            exact.chunk,
+            exact.fused_head,
+            exact.spec,
+            exact.model,
+            exact.products,
+        )
         try:
             REGISTRY.lookup(approximations)
         except ValueError:
             unknown = sorted(set(approximations) - set(APPROXIMATIONS))
-            raise ValueError(f"unknown approximations {unknown}; choose from {APPROXIMATIONS}") from None
+            raise ValueError(
+                f"unknown approximations {unknown}; choose from {APPROXIMATIONS}"
+            ) from None
         self.exact, self.subset = exact, subset
-        self.approximations, self.fisher_samples, self.seed = list(approximations), fisher_samples, seed
-        self.perturbations = torch.zeros(0, subset.size, dtype=torch.float64) if perturbations is None else perturbations.to(torch.float64)
+        self.approximations, self.fisher_samples, self.seed = (
+            list(approximations),
+            fisher_samples,
+            seed,
+        )
+        self.perturbations = (
+            torch.zeros(0, subset.size, dtype=torch.float64)
+            if perturbations is None
+            else perturbations.to(torch.float64)
+        )
 
     @classmethod
-    def beside(cls, exact: ExactHessianJob, approximations: list[str], fisher_samples: int = 4, perturbations: torch.Tensor | None = None, seed: int = 0) -> CurvatureJob:
+    def beside(
+        cls,
+        exact: ExactHessianJob,
+        approximations: list[str],
+        fisher_samples: int = 4,
+        perturbations: torch.Tensor | None = None,
+        seed: int = 0,
+    ) -> CurvatureJob:
         """The comparison job computing ``approximations`` beside the given exact job (which it runs)."""
-        return cls(exact.subset, exact.samples, approximations, fisher_samples, perturbations, seed, exact=exact)
+        return cls(
+            exact.subset,
+            exact.samples,
+            approximations,
+            fisher_samples,
+            perturbations,
+            seed,
+            exact=exact,
+        )
 
     def _sources(self):
         return sources(self.approximations)
@@ -200,15 +270,30 @@ class CurvatureJob(ProductJob):
         self.exact.model = self.model  # one model per process, shared with the exact job
         self.exact.setup(device)
         self._layout = self.layout()
-        self._jvp = JVPPolicy()  # the logit Jacobian's J v: forward mode where it runs and measures faster
+        self._jvp = (
+            JVPPolicy()
+        )  # the logit Jacobian's J v: forward mode where it runs and measures faster
 
     def steps_per_unit(self) -> int:
-        return self.exact.steps_per_unit() + sum(s.steps(self.subset.size) for s, _ in self._sources())
+        return self.exact.steps_per_unit() + sum(
+            s.steps(self.subset.size) for s, _ in self._sources()
+        )
 
     def run_unit(self, k: int, progress: Progress | None = None) -> dict[str, torch.Tensor]:
         out = self.exact.run_unit(k, progress)
         batch = self.batch(k, self.exact.x0.device)
-        inputs = BatchInputs(self.model, self.subset, self.exact.objective, self.exact.x0, batch, self.first_sample(k), self.seed, self.fisher_samples, self._layout, self._jvp)
+        inputs = BatchInputs(
+            self.model,
+            self.subset,
+            self.exact.objective,
+            self.exact.x0,
+            batch,
+            self.first_sample(k),
+            self.seed,
+            self.fisher_samples,
+            self._layout,
+            self._jvp,
+        )
         for source, users in self._sources():
             out.update(source.run(inputs, users, progress))
         if len(self.perturbations):
@@ -220,7 +305,12 @@ class CurvatureJob(ProductJob):
         """``(m, 2)``: ``f(x0 + d_j; batch) - f(x0; batch)`` and ``f(x0 - d_j; batch) - f(x0; batch)`` for each perturbation ``d_j``."""
         x0, objective = self.exact.x0.detach(), self.exact.objective
         base = objective(x0, batch)
-        return torch.stack([torch.stack([objective(x0 + sign * d.to(x0), batch) - base for sign in (1, -1)]) for d in self.perturbations]).to(torch.float64)
+        return torch.stack(
+            [
+                torch.stack([objective(x0 + sign * d.to(x0), batch) - base for sign in (1, -1)])
+                for d in self.perturbations
+            ]
+        ).to(torch.float64)
 
     def chunk_report(self, flag: str = "chunk") -> dict[str, Any]:
         return self.exact.chunk_report(flag)
@@ -233,7 +323,9 @@ class CurvatureJob(ProductJob):
         (``None`` without a Jacobian-based approximation, or before a unit ran here, e.g. with worker processes)."""
         policy = getattr(self, "_jvp", None)
         wants = any(s is LOGIT_JACOBIAN for s, _ in self._sources())
-        return policy.report() if wants and policy is not None and policy.chosen is not None else None
+        return (
+            policy.report() if wants and policy is not None and policy.chosen is not None else None
+        )
 
     def result(self, sums: dict[str, torch.Tensor], elapsed_s: float) -> HessianResult:
         """The exact Hessian's result (:meth:`lib.hessian.ExactHessianJob.result`)."""
@@ -253,7 +345,9 @@ class CurvatureJob(ProductJob):
 # ----------------------------------------------------------------------------- results
 
 
-def rounding_perturbations(model: nn.Module, subset: Subset, count: int, bits: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rounding_perturbations(
+    model: nn.Module, subset: Subset, count: int, bits: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(d (count, n), s (n,))``: ``d`` uniform in ``[-s/2, s/2]`` per entry, ``s = (max - min) / (2^bits - 1)`` of the
     entry's weight row (output unit; the whole weight for parameters that are not matrices), the step of
     min-max round-to-nearest quantization with ``bits`` bits."""
@@ -268,13 +362,24 @@ def rounding_perturbations(model: nn.Module, subset: Subset, count: int, bits: i
             r, c = sl.flat_index // w.shape[1], sl.flat_index % w.shape[1]
             steps.append(step[r if rows_first else c])
         else:
-            steps.append(torch.full((len(sl),), float(w.max() - w.min()) / (2**bits - 1), dtype=torch.float64))
+            steps.append(
+                torch.full(
+                    (len(sl),), float(w.max() - w.min()) / (2**bits - 1), dtype=torch.float64
+                )
+            )
     s = torch.cat(steps)
     g = torch.Generator().manual_seed(derived_seed(seed, "perturbations"))
     return (torch.rand(count, subset.size, generator=g, dtype=torch.float64) - 0.5) * s, s
 
 
-def approximation_matrices(sums: dict[str, torch.Tensor], result: HessianResult, approximations: list[str], fisher_samples: int, layout: EntryLayout | None, seqlen: int) -> dict[str, torch.Tensor]:
+def approximation_matrices(
+    sums: dict[str, torch.Tensor],
+    result: HessianResult,
+    approximations: list[str],
+    fisher_samples: int,
+    layout: EntryLayout | None,
+    seqlen: int,
+) -> dict[str, torch.Tensor]:
     """``{"exact": H, approx: matrix}`` (float64, ``(n, n)``) from the summed partials, normalized as each
     approximation's module states (:meth:`lib.estimators.approximations.Approximation.matrix`)."""
     h = result.hessian_sum.to(torch.float64) / result.n_tokens
@@ -282,14 +387,28 @@ def approximation_matrices(sums: dict[str, torch.Tensor], result: HessianResult,
     return {"exact": h, **{a.name: a.matrix(sums, ctx) for a in REGISTRY.lookup(approximations)}}
 
 
-def make_job(exact: ExactHessianJob, approximations: Sequence[str], fisher_samples: int = 4, perturbations: int = 64, perturbation_bits: int = 4, seed: int = 0) -> CurvatureJob:
+def make_job(
+    exact: ExactHessianJob,
+    approximations: Sequence[str],
+    fisher_samples: int = 4,
+    perturbations: int = 64,
+    perturbation_bits: int = 4,
+    seed: int = 0,
+) -> CurvatureJob:
     """The comparison job of a run: ``approximations`` (:data:`APPROXIMATIONS`) beside ``exact``, with
     ``fisher_samples`` sampled labels per position and ``perturbations`` rounding-noise perturbations of
     ``perturbation_bits`` bits (:func:`rounding_perturbations`) drawn from ``seed``."""
     unknown = [a for a in approximations if a not in APPROXIMATIONS]
     if unknown:
-        raise ParamError("approximations", f"approximations {unknown[0]!r} is unknown; choose from {', '.join(APPROXIMATIONS)}")
-    for name, value, low in (("fisher_samples", fisher_samples, 1), ("perturbations", perturbations, 0), ("perturbation_bits", perturbation_bits, 1)):
+        raise ParamError(
+            "approximations",
+            f"approximations {unknown[0]!r} is unknown; choose from {', '.join(APPROXIMATIONS)}",
+        )
+    for name, value, low in (
+        ("fisher_samples", fisher_samples, 1),
+        ("perturbations", perturbations, 0),
+        ("perturbation_bits", perturbation_bits, 1),
+    ):
         if value < low:
             raise ParamError(name, f"{name} must be at least {low}, got {value}")
     approximations = list(dict.fromkeys(approximations))
@@ -299,7 +418,15 @@ def make_job(exact: ExactHessianJob, approximations: Sequence[str], fisher_sampl
     return CurvatureJob.beside(exact, approximations, fisher_samples, d, seed)
 
 
-def write_comparison(out_dir: Path, name: str, job: CurvatureJob, sums: dict[str, torch.Tensor], result: HessianResult, title: str, top_k: int = 8) -> dict[str, Any]:
+def write_comparison(
+    out_dir: Path,
+    name: str,
+    job: CurvatureJob,
+    sums: dict[str, torch.Tensor],
+    result: HessianResult,
+    title: str,
+    top_k: int = 8,
+) -> dict[str, Any]:
     """Write ``<name>_compare.pt`` (``{"exact": H, approx: matrix}``) and its figure.
 
     Returns the JSON additions: ``{"comparison": {approx: metrics}, "comparison_details": {...}}``.
@@ -308,16 +435,26 @@ def write_comparison(out_dir: Path, name: str, job: CurvatureJob, sums: dict[str
     from .results import atomic_write_bytes
 
     layout = job.layout()
-    mats = approximation_matrices(sums, result, job.approximations, job.fisher_samples, layout, job.samples.shape[1])
+    mats = approximation_matrices(
+        sums, result, job.approximations, job.fisher_samples, layout, job.samples.shape[1]
+    )
     d = job.perturbations
     measured = None
     if "loss_change_sum" in sums:
         change = sums["loss_change_sum"] / result.n_tokens
         measured = {"measured": change[:, 0], "measured_even": change.mean(1)}
-    metrics = compare_matrices(mats["exact"], {k: v for k, v in mats.items() if k != "exact"}, top_k, d if len(d) else None, measured)
+    metrics = compare_matrices(
+        mats["exact"],
+        {k: v for k, v in mats.items() if k != "exact"},
+        top_k,
+        d if len(d) else None,
+        measured,
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     pt = out_dir / f"{name}_compare.pt"
-    atomic_write_bytes(pt, lambda p: torch.save({k: v.to(result.hessian.dtype) for k, v in mats.items()}, p))
+    atomic_write_bytes(
+        pt, lambda p: torch.save({k: v.to(result.hessian.dtype) for k, v in mats.items()}, p)
+    )
     figures = comparison_figure(mats, metrics, out_dir / f"{name}_compare", title)
     details: dict[str, Any] = {
         "fisher_samples": job.fisher_samples,
@@ -330,7 +467,12 @@ def write_comparison(out_dir: Path, name: str, job: CurvatureJob, sums: dict[str
         "cost": {a.name: a.cost for a in REGISTRY.lookup(job.approximations)},
     }
     if job.jvp_report() is not None:
-        details["jacobian_vector_products"] = job.jvp_report()  # this process's choice (lib.forward)
+        details["jacobian_vector_products"] = (
+            job.jvp_report()
+        )  # this process's choice (lib.forward)
     if measured is not None:
-        details["loss_change_mean"] = {**{k: float(v.mean()) for k, v in measured.items()}, "quadratic_exact": float(quadratic_forms(mats["exact"], d).mean())}
+        details["loss_change_mean"] = {
+            **{k: float(v.mean()) for k, v in measured.items()},
+            "quadratic_exact": float(quadratic_forms(mats["exact"], d).mean()),
+        }
     return {"comparison": metrics, "comparison_details": details}

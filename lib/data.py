@@ -43,7 +43,10 @@ def load_text(dataset: str, cache_dir: str | None = None) -> str:
         return "\n\n".join(ds["text"])
     path = Path(dataset)
     if not path.is_file():
-        raise ParamError("dataset", f"dataset {dataset!r} is neither 'embedded', 'wikitext2' nor an existing text file")
+        raise ParamError(
+            "dataset",
+            f"dataset {dataset!r} is neither 'embedded', 'wikitext2' nor an existing text file",
+        )
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -65,7 +68,14 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
 """Files of which a local model directory needs at least one to have a tokenizer."""
 
 
@@ -76,7 +86,9 @@ def load_tokenizer(model_name: str, cache_dir: str | None = None):
 
     path = resolve_model_path(model_name)
     if Path(path).is_dir() and not any(Path(path, f).is_file() for f in TOKENIZER_FILES):
-        raise UserError(f"model directory {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer next to the model (tokenizer.save_pretrained)")
+        raise UserError(
+            f"model directory {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer next to the model (tokenizer.save_pretrained)"
+        )
     if not Path(path).is_dir():
         hub_offline_if_unreachable()
     try:
@@ -87,7 +99,9 @@ def load_tokenizer(model_name: str, cache_dir: str | None = None):
             "--model PATH to a local model directory or set HF_HUB_OFFLINE=1 with a filled --cache_dir"
         ) from None
     if len(tokenizer) < 2:
-        raise UserError(f"the tokenizer of {model_name!r} has an empty vocabulary ({len(tokenizer)} tokens); its tokenizer files are missing or broken")
+        raise UserError(
+            f"the tokenizer of {model_name!r} has an empty vocabulary ({len(tokenizer)} tokens); its tokenizer files are missing or broken"
+        )
     return tokenizer
 
 
@@ -132,9 +146,13 @@ def tokenize(tokenizer, text: str, cache_dir: str | None = None) -> torch.Tensor
     if cache is not None:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(cache, lambda p: torch.save({"ids": ids, "sha256": _ids_checksum(ids)}, p))
+            atomic_write_bytes(
+                cache, lambda p: torch.save({"ids": ids, "sha256": _ids_checksum(ids)}, p)
+            )
         except OSError as e:
-            raise UserError(f"cannot write the tokenized-text cache in --cache_dir {cache_dir}: {e.strerror or e}") from None
+            raise UserError(
+                f"cannot write the tokenized-text cache in --cache_dir {cache_dir}: {e.strerror or e}"
+            ) from None
     return ids
 
 
@@ -146,19 +164,28 @@ def make_samples(tokens: torch.Tensor, seqlen: int, b: int) -> torch.Tensor:
         raise ParamError("b", f"b must be at least 1, got {b}")
     available = tokens.numel() // seqlen
     if available < b:
-        raise ParamError("b", f"b {b} needs {b * seqlen} tokens but the text has {tokens.numel()}: only {available} samples of seqlen {seqlen} exist")
+        raise ParamError(
+            "b",
+            f"b {b} needs {b * seqlen} tokens but the text has {tokens.numel()}: only {available} samples of seqlen {seqlen} exist",
+        )
     return tokens[: b * seqlen].view(b, seqlen).clone()
 
 
 def check_seqlen(seqlen: int, limit: int | None) -> None:
     """Refuse sequences longer than the model's position limit."""
     if limit is not None and seqlen > limit:
-        raise ParamError("seqlen", f"seqlen {seqlen} exceeds the model's maximum sequence length {limit}")
+        raise ParamError(
+            "seqlen", f"seqlen {seqlen} exceeds the model's maximum sequence length {limit}"
+        )
 
 
-def load_samples(model_name: str, seqlen: int, b: int, dataset: str = "auto", cache_dir: str | None = None) -> torch.Tensor:
+def load_samples(
+    model_name: str, seqlen: int, b: int, dataset: str = "auto", cache_dir: str | None = None
+) -> torch.Tensor:
     """Tokenize ``dataset`` with the model's tokenizer and return the first ``b`` samples, ``(b, seqlen)``."""
     if dataset == "auto":
         dataset = default_dataset(model_name)
-    tokens = tokenize(load_tokenizer(model_name, cache_dir), load_text(dataset, cache_dir), cache_dir)
+    tokens = tokenize(
+        load_tokenizer(model_name, cache_dir), load_text(dataset, cache_dir), cache_dir
+    )
     return make_samples(tokens, seqlen, b)

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,10 +60,10 @@ from .estimators.diagonal.work import (
     rel_l2,
 )
 from .estimators.diagonal.xdiag import xdiag_basis, xdiag_estimate
+from .finite_difference import FDStats, FiniteDifference
 from .forward import JVPPolicy
 from .jobs import Partial, run_serial
 from .models import ModelSpec
-from .finite_difference import FDStats, FiniteDifference
 from .operator import BatchGraph, ProductJob, Products, fd_stats, graph_sums
 from .subsets import whole_parameter
 
@@ -116,7 +117,12 @@ class _ModelUnit(Unit):
     products on the batch's gradient graph (built on first use, shared by every product of the weight)."""
 
     def __init__(self, job: DiagonalJob, plan: ParamPlan, k: int):
-        self.job, self.param_name, self.numel, self.seed = job, plan.param_name, plan.numel, job.seed
+        self.job, self.param_name, self.numel, self.seed = (
+            job,
+            plan.param_name,
+            plan.numel,
+            job.seed,
+        )
         self.objective = job.subset_loss(whole_parameter(job.model, plan.param_name))
         self.x0 = self.like = self.objective.x0()
         self.batch = job.batch(k, self.x0.device)
@@ -147,13 +153,27 @@ class DiagonalJob(ProductJob):
     The model is either given (``model``) or loaded from ``spec`` in :meth:`setup` (worker processes).
     """
 
-    def __init__(self, plans: Sequence[ParamPlan], samples: torch.Tensor, model_input_bs: int = 1, seed: int = 0, probe_batch: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, model: nn.Module | None = None, phase: str = "1", products: Products | None = None):
+    def __init__(
+        self,
+        plans: Sequence[ParamPlan],
+        samples: torch.Tensor,
+        model_input_bs: int = 1,
+        seed: int = 0,
+        probe_batch: int | None = None,
+        fused_head: bool | None = None,
+        spec: ModelSpec | None = None,
+        model: nn.Module | None = None,
+        phase: str = "1",
+        products: Products | None = None,
+    ):
         super().__init__(samples, model_input_bs, probe_batch, fused_head, spec, model, products)
         self.plans, self.seed, self.phase = list(plans), seed, phase
 
     def setup(self, device: torch.device) -> None:
         super().setup(device)
-        self.jvp = JVPPolicy()  # the GGN's J z: forward mode where it runs and measures faster (per process)
+        self.jvp = (
+            JVPPolicy()
+        )  # the GGN's J z: forward mode where it runs and measures faster (per process)
 
     @property
     def probe_batch(self) -> int | None:
@@ -174,7 +194,9 @@ class DiagonalJob(ProductJob):
             unit = _ModelUnit(self, plan, k)
             out.update(run_plan(plan, unit, progress))
             nll = unit.nll if nll is None else nll
-            for what, count in graph_sums(unit._graph).items():  # finite differences: products and kink retries
+            for what, count in graph_sums(
+                unit._graph
+            ).items():  # finite differences: products and kink retries
                 out[what] = out.get(what, 0) + count
             del unit  # frees the weight's gradient graph before the next weight's
         out["nll_sum"] = nll
@@ -255,9 +277,19 @@ def hessian_diagonal(
     REGISTRY.lookup(estimators)  # unknown names: ValueError before any work
     if runner is None:
         device = next(model.parameters()).device
-        runner = lambda job, phase: run_serial(job, device, progress=progress, desc=f"HVPs (phase {phase})")  # noqa: E731
+        runner = lambda job, phase: run_serial(
+            job, device, progress=progress, desc=f"HVPs (phase {phase})"
+        )  # noqa: E731
     t0 = time.perf_counter()
-    common = dict(model_input_bs=model_input_bs, seed=seed, probe_batch=probe_batch, fused_head=fused_head, spec=spec, model=model, products=products)
+    common = dict(
+        model_input_bs=model_input_bs,
+        seed=seed,
+        probe_batch=probe_batch,
+        fused_head=fused_head,
+        spec=spec,
+        model=model,
+        products=products,
+    )
     jobs: dict[str, DiagonalJob] = {}
     stats = FDStats()
 
@@ -270,7 +302,9 @@ def hessian_diagonal(
         return sums
 
     n_tokens = samples.shape[0] * (samples.shape[1] - 1)
-    est = estimate(estimators, targets, vhp_samples, seed, run, next(model.parameters()).dtype, n_tokens)
+    est = estimate(
+        estimators, targets, vhp_samples, seed, run, next(model.parameters()).dtype, n_tokens
+    )
     if est is None:
         return None  # a torchrun rank other than 0: rank 0 holds the sums
     hvps = {e: sum(hvps_per_sample(e, t.numel, vhp_samples) for t in targets) for e in estimators}

@@ -57,7 +57,9 @@ def build_targets(model: nn.Module, spec: DiagonalSpec) -> Found:
         numel = math.prod(shape)
         for e in REGISTRY.lookup(c.estimator):
             if e.max_entries is not None and numel > e.max_entries:
-                others = " or ".join(o.name for o in REGISTRY if o.estimates_hessian and o.max_entries is None)
+                others = " or ".join(
+                    o.name for o in REGISTRY if o.estimates_hessian and o.max_entries is None
+                )
                 raise UserError(
                     f"--estimator {e.name} needs {e.entry_cost}: {name} has {numel} entries, over the limit "
                     f"of {e.max_entries}; use --estimator {others}"
@@ -154,7 +156,9 @@ class DiagonalFamily(Family):
         return [checkpoint_path(out, name, p) for p in "12"]
 
     def files(self, spec: DiagonalSpec, name: str) -> list[str]:
-        return outputs.planned_files(name, ["", *(["_convergence"] if spec.compute.track_rows else [])])
+        return outputs.planned_files(
+            name, ["", *(["_convergence"] if spec.compute.track_rows else [])]
+        )
 
     def structure(self, model: nn.Module, spec: DiagonalSpec) -> Found:
         return build_targets(model, spec)
@@ -188,7 +192,9 @@ class DiagonalFamily(Family):
                 probe_batch=c.chunk or None,
                 fused_head=False if spec.model.no_fused_head else None,
                 spec=run.model_spec(),
-                runner=_Runner(run, two_phase=any(e.phases > 1 for e in REGISTRY.lookup(c.estimator))),
+                runner=_Runner(
+                    run, two_phase=any(e.phases > 1 for e in REGISTRY.lookup(c.estimator))
+                ),
                 products=run.products(),
             )
         finally:
@@ -316,7 +322,11 @@ class DiagonalFamily(Family):
             "normalization": (
                 f"diagonal of the Hessian of the mean next-token NLL over b*(seqlen-1) = {n_tokens} predicted "
                 f"tokens (the additive summed-NLL Hessian divided by {n_tokens})"
-                + "".join(f"; {e.name}: {e.normalization.format(n=n_tokens)}" for e in REGISTRY if e.normalization)
+                + "".join(
+                    f"; {e.name}: {e.normalization.format(n=n_tokens)}"
+                    for e in REGISTRY
+                    if e.normalization
+                )
             ),
             "n_samples": result.n_samples,
             "n_tokens": n_tokens,

@@ -15,7 +15,8 @@ All functions are pure, over a dense symmetric ``H`` of shape ``(n, n)``:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -40,10 +41,18 @@ def diag_share(h: torch.Tensor) -> float:
 def slice_mass(h: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
     """``(P, P)`` float64 matrix of ``||H[S_p, S_q]||_F^2 / ||H||_F^2`` for consecutive slices of ``sizes``."""
     if sum(sizes) != h.shape[0] or h.ndim != 2 or h.shape[0] != h.shape[1]:
-        raise ValueError(f"slice sizes {list(sizes)} do not tile a square matrix of shape {tuple(h.shape)}")
+        raise ValueError(
+            f"slice sizes {list(sizes)} do not tile a square matrix of shape {tuple(h.shape)}"
+        )
     sq = h.detach().to(torch.float64).cpu().pow(2)
     edges = torch.tensor([0, *sizes]).cumsum(0).tolist()
-    m = torch.tensor([[float(sq[a:b, c:d].sum()) for c, d in zip(edges[:-1], edges[1:])] for a, b in zip(edges[:-1], edges[1:])], dtype=torch.float64)
+    m = torch.tensor(
+        [
+            [float(sq[a:b, c:d].sum()) for c, d in zip(edges[:-1], edges[1:])]
+            for a, b in zip(edges[:-1], edges[1:])
+        ],
+        dtype=torch.float64,
+    )
     total = float(m.sum())
     return m / total if total > 0 else m
 
@@ -74,7 +83,12 @@ def pair_shares(mass: torch.Tensor, keys: Sequence[str]) -> dict[str, float]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
-def summary(h: torch.Tensor, sizes: Sequence[int] = (), labels: Sequence[str] = (), names: Sequence[str] = ()) -> dict[str, Any]:
+def summary(
+    h: torch.Tensor,
+    sizes: Sequence[int] = (),
+    labels: Sequence[str] = (),
+    names: Sequence[str] = (),
+) -> dict[str, Any]:
     """The JSON block ``diagonality``: the two diagonal metrics and, for several slices, the slice-pair mass matrix
     with its per-slice share (``block_diag_share_fro2``: the slice-diagonal squares); given the slices' parameter
     ``names``, also the same-block and same-layer-type shares and the share of each layer-type pair."""
@@ -103,11 +117,14 @@ def one_line(d: dict[str, Any]) -> str:
         text += f", same-block squares {d['same_block_share_fro2']:.3f}"
     if "same_layer_type_share_fro2" in d:
         text += f", same-layer-type squares {d['same_layer_type_share_fro2']:.3f}"
-        cross = [(k, v) for k, v in d["layer_type_pair_share_fro2"].items() if len(set(k.split(" x "))) == 2][:2]
+        cross = [
+            (k, v)
+            for k, v in d["layer_type_pair_share_fro2"].items()
+            if len(set(k.split(" x "))) == 2
+        ][:2]
         if cross:
             text += "; largest cross-layer pairs " + ", ".join(f"{k} {v:.3f}" for k, v in cross)
     return text
-
 
 
 def slice_mass_title(d: dict[str, Any], title: str) -> str:
@@ -118,7 +135,9 @@ def slice_mass_title(d: dict[str, Any], title: str) -> str:
     return rf"share of $\|H\|_F^2$ per slice pair: {shares}" + f"\n{title}"
 
 
-def report(h: torch.Tensor, slices: Sequence[Any], path_stem: Any, title: str) -> tuple[dict[str, Any], list]:
+def report(
+    h: torch.Tensor, slices: Sequence[Any], path_stem: Any, title: str
+) -> tuple[dict[str, Any], list]:
     """:func:`summary` of ``H`` over the subset's ``slices`` (each with ``len`` and ``param_name``), plus, for
     several slices, the slice-mass figure ``<path_stem>_slice_mass.pdf/.png``. Returns ``(summary, figure paths)``."""
     from .plots import slice_label
@@ -128,5 +147,7 @@ def report(h: torch.Tensor, slices: Sequence[Any], path_stem: Any, title: str) -
     d = summary(h, [len(s) for s in slices], labels, [s.param_name for s in slices])
     if len(slices) < 2:
         return d, []
-    figs = plot_mass(torch.tensor(d["slice_mass"]), labels, f"{path_stem}_slice_mass", slice_mass_title(d, title))
+    figs = plot_mass(
+        torch.tensor(d["slice_mass"]), labels, f"{path_stem}_slice_mass", slice_mass_title(d, title)
+    )
     return d, figs

@@ -20,7 +20,14 @@ from .paths import EMBEDDED, EMBEDDED_MODEL_DIR
 from .suggest import did_you_mean
 
 LINEAR_LAYERS: dict[str, tuple[str, ...]] = {
-    "opt": ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj", "self_attn.out_proj", "fc1", "fc2"),
+    "opt": (
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.q_proj",
+        "self_attn.out_proj",
+        "fc1",
+        "fc2",
+    ),
     "llama": (
         "self_attn.q_proj",
         "self_attn.k_proj",
@@ -35,7 +42,13 @@ LINEAR_LAYERS: dict[str, tuple[str, ...]] = {
 """The linear layers of one block in module order (what :func:`lib.models.linear_layers` lists), by the
 config's ``model_type``; a test keeps them equal to the module trees."""
 LINEAR_LAYERS["qwen2"] = LINEAR_LAYERS["mistral"] = LINEAR_LAYERS["llama"]
-BLOCKS = {"opt": "decoder.layers", "llama": "layers", "qwen2": "layers", "mistral": "layers", "gpt2": "h"}
+BLOCKS = {
+    "opt": "decoder.layers",
+    "llama": "layers",
+    "qwen2": "layers",
+    "mistral": "layers",
+    "gpt2": "h",
+}
 """The dotted path of the block list inside the checkpoint's names (after an optional ``model.`` or
 ``transformer.`` prefix)."""
 TRANSPOSED = {"gpt2"}
@@ -133,7 +146,11 @@ class Layout:
     """Blocks and linear layers of a known architecture, confirmed by the stored weights."""
 
     def __init__(self, model_type: str, n_blocks: int, shapes: dict[str, tuple[int, ...]]):
-        self.model_type, self.n_blocks, self.layers = model_type, n_blocks, list(LINEAR_LAYERS[model_type])
+        self.model_type, self.n_blocks, self.layers = (
+            model_type,
+            n_blocks,
+            list(LINEAR_LAYERS[model_type]),
+        )
         self.shapes = shapes
 
     def row_length(self, block: int, layer: str) -> int | None:
@@ -154,7 +171,10 @@ def layout(model: str, cache_dir: str | None) -> Layout | None:
         shapes = weight_shapes(directory)
     except (OSError, ValueError, KeyError):
         return None
-    model_type, n_blocks = config.get("model_type"), config.get("num_hidden_layers", config.get("n_layer"))
+    model_type, n_blocks = (
+        config.get("model_type"),
+        config.get("num_hidden_layers", config.get("n_layer")),
+    )
     if model_type not in LINEAR_LAYERS or not isinstance(n_blocks, int) or not shapes:
         return None
     blocks = BLOCKS[model_type]
@@ -164,8 +184,15 @@ def layout(model: str, cache_dir: str | None) -> Layout | None:
             if key.startswith(prefix + blocks + "."):
                 stripped[key[len(prefix) :]] = shape
                 break
-    expected = {f"{blocks}.{b}.{layer}.weight" for b in range(n_blocks) for layer in LINEAR_LAYERS[model_type]}
-    if not expected <= set(stripped) or f"{blocks}.{n_blocks}.{LINEAR_LAYERS[model_type][0]}.weight" in stripped:
+    expected = {
+        f"{blocks}.{b}.{layer}.weight"
+        for b in range(n_blocks)
+        for layer in LINEAR_LAYERS[model_type]
+    }
+    if (
+        not expected <= set(stripped)
+        or f"{blocks}.{n_blocks}.{LINEAR_LAYERS[model_type][0]}.weight" in stripped
+    ):
         return None
     return Layout(model_type, n_blocks, stripped)
 
@@ -190,7 +217,9 @@ def check_subset(
         raise num_layers_error(num_layers, 0, found.layers)
     if t is None or t < 1:
         return
-    layers = [layer_name] if layer_name is not None else found.layers[: num_layers or len(found.layers)]
+    layers = (
+        [layer_name] if layer_name is not None else found.layers[: num_layers or len(found.layers)]
+    )
     for layer in layers:
         row = found.row_length(block_index or 0, layer)
         if row is not None and t > row:

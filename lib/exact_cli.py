@@ -69,9 +69,13 @@ class ExactFamily(Family):
         """Tensor, JSON and heatmap; the slice-mass figure (scripts with several slices); the batch study's and the
         comparison's tensor and figure when asked for."""
         c = spec.compute
-        extra = [stem for stem, on in (("_batch_study", c.batch_study), ("_compare", c.compare)) if on]
+        extra = [
+            stem for stem, on in (("_batch_study", c.batch_study), ("_compare", c.compare)) if on
+        ]
         several = spec.script != "single_layer_single_block"
-        return outputs.planned_files(name, ["", *(["_slice_mass"] if several else []), *extra], extra)
+        return outputs.planned_files(
+            name, ["", *(["_slice_mass"] if several else []), *extra], extra
+        )
 
     def resolve(self, spec: ExactSpec, model: nn.Module) -> ExactSpec:
         s, changes = spec.subset, {}
@@ -169,8 +173,13 @@ class ExactFamily(Family):
             "nll_mean": res.nll_sum / res.n_tokens,
             "perplexity": res.perplexity,
             "method": res.method,
-            "hvp": {"hvp": "exact"} if fd is None else exact_script_report(fd, res.hessian_sum, sums),
-            "chunk": {**job.chunk_report(), **({"used": used} if (used := settings.stats.get("chunks")) else {})},
+            "hvp": {"hvp": "exact"}
+            if fd is None
+            else exact_script_report(fd, res.hessian_sum, sums),
+            "chunk": {
+                **job.chunk_report(),
+                **({"used": used} if (used := settings.stats.get("chunks")) else {}),
+            },
             "products": job.products_report(),
             "hessian_elapsed_s": res.elapsed_s,
             "run": {"devices": [str(d) for d in settings.devices], **settings.stats},

@@ -39,8 +39,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -66,7 +67,11 @@ KINKS: dict[type, Callable[[nn.Module], tuple[float, ...]]] = {
 
 
 MEASURED_ERROR = {
-    "float64": {"hvp_q_proj": 5.1e-10, "hvp_whole_model": 6.9e-10, "top3_eigenvalues_q_proj": 1.1e-9},
+    "float64": {
+        "hvp_q_proj": 5.1e-10,
+        "hvp_whole_model": 6.9e-10,
+        "top3_eigenvalues_q_proj": 1.1e-9,
+    },
     "float32": {"hvp_q_proj": 2.7e-2, "hvp_whole_model": 4.8e-2, "top3_eigenvalues_q_proj": 2.9e-3},
     "bfloat16": {"hvp_q_proj": 0.68, "hvp_whole_model": 0.47, "top3_eigenvalues_q_proj": 0.56},
 }
@@ -86,16 +91,32 @@ class FDSettings:
 
     def h(self, dtype: torch.dtype) -> float:
         """The (starting) relative step for ``dtype``."""
-        return self.relative_step if self.relative_step is not None else default_relative_step(dtype, self.richardson)
+        return (
+            self.relative_step
+            if self.relative_step is not None
+            else default_relative_step(dtype, self.richardson)
+        )
 
     def describe(self, dtype: torch.dtype) -> dict:
         """The settings, for checkpoint configurations."""
-        return {"hvp": "finite_difference", "richardson": self.richardson, "relative_step": self.h(dtype), "relative_step_given": self.relative_step is not None}
+        return {
+            "hvp": "finite_difference",
+            "richardson": self.richardson,
+            "relative_step": self.h(dtype),
+            "relative_step_given": self.relative_step is not None,
+        }
 
     def report(self, dtype: torch.dtype) -> dict:
         """For JSON sidecars: the settings and the error measured for ``dtype`` (:data:`MEASURED_ERROR`)."""
         name = str(dtype).removeprefix("torch.")
-        measured = {**MEASURED_ERROR[name], "source": "embedded OPT (ReLU), default central step, benchmarks/README.md"} if name in MEASURED_ERROR else None
+        measured = (
+            {
+                **MEASURED_ERROR[name],
+                "source": "embedded OPT (ReLU), default central step, benchmarks/README.md",
+            }
+            if name in MEASURED_ERROR
+            else None
+        )
         return {**self.describe(dtype), "measured_error_embedded": measured}
 
 
@@ -109,7 +130,7 @@ class FDStats:
     crossings_left: int = 0
     min_relative_step: float = math.inf
 
-    def add(self, other: "FDStats") -> None:
+    def add(self, other: FDStats) -> None:
         self.products += other.products
         self.retries += other.retries
         self.crossings_left += other.crossings_left
@@ -117,14 +138,29 @@ class FDStats:
 
     def as_tensors(self) -> dict[str, torch.Tensor]:
         """The counts as additive partial sums (float64 scalars; the smallest step is not additive and stays out)."""
-        return {"fd_products": torch.tensor(float(self.products), dtype=torch.float64), "fd_retries": torch.tensor(float(self.retries), dtype=torch.float64), "fd_crossings_left": torch.tensor(float(self.crossings_left), dtype=torch.float64)}
+        return {
+            "fd_products": torch.tensor(float(self.products), dtype=torch.float64),
+            "fd_retries": torch.tensor(float(self.retries), dtype=torch.float64),
+            "fd_crossings_left": torch.tensor(float(self.crossings_left), dtype=torch.float64),
+        }
 
     @classmethod
-    def from_sums(cls, sums: dict[str, torch.Tensor]) -> "FDStats":
-        return cls(int(sums.get("fd_products", 0)), int(sums.get("fd_retries", 0)), int(sums.get("fd_crossings_left", 0)))
+    def from_sums(cls, sums: dict[str, torch.Tensor]) -> FDStats:
+        return cls(
+            int(sums.get("fd_products", 0)),
+            int(sums.get("fd_retries", 0)),
+            int(sums.get("fd_crossings_left", 0)),
+        )
 
     def to_json(self) -> dict:
-        return {"products": self.products, "retries": self.retries, "crossings_left": self.crossings_left, "min_relative_step": None if math.isinf(self.min_relative_step) else self.min_relative_step}
+        return {
+            "products": self.products,
+            "retries": self.retries,
+            "crossings_left": self.crossings_left,
+            "min_relative_step": None
+            if math.isinf(self.min_relative_step)
+            else self.min_relative_step,
+        }
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -177,9 +213,13 @@ class KinkMonitor:
         self.records: list[torch.Tensor] = []
         self._handles: list = []
 
-    def __enter__(self) -> "KinkMonitor":
+    def __enter__(self) -> KinkMonitor:
         for m, points in self.modules:
-            self._handles.append(m.register_forward_hook(lambda mod, inp, out, p=points: self.records.append(sides(inp[0], p))))
+            self._handles.append(
+                m.register_forward_hook(
+                    lambda mod, inp, out, p=points: self.records.append(sides(inp[0], p))
+                )
+            )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -205,11 +245,15 @@ def sides(a: torch.Tensor, points: tuple[float, ...]) -> torch.Tensor:
 def crossings(before: list[torch.Tensor], after: list[torch.Tensor]) -> int:
     """How many recorded activation inputs changed side of a kink between two evaluations (same calls, same order)."""
     if len(before) != len(after):
-        raise RuntimeError(f"the two evaluations called the kinked activations {len(before)} and {len(after)} times")
+        raise RuntimeError(
+            f"the two evaluations called the kinked activations {len(before)} and {len(after)} times"
+        )
     return sum(int((a != b).sum()) for a, b in zip(before, after))
 
 
-def central_difference(grad: GradFn, x0: torch.Tensor, v: torch.Tensor, e: float, monitor: KinkMonitor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+def central_difference(
+    grad: GradFn, x0: torch.Tensor, v: torch.Tensor, e: float, monitor: KinkMonitor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``(D(e), (f(x0 + e v) + f(x0 - e v)) / 2, kink crossings)``: the central difference of ``grad`` along ``v``
     (accumulation dtype); crossings are counted by ``monitor`` (0 without one)."""
     acc = accumulation_dtype(x0.dtype)
@@ -230,7 +274,16 @@ def richardson(d_e: torch.Tensor, d_half: torch.Tensor) -> torch.Tensor:
     return (4 * d_half - d_e) / 3
 
 
-def fd_hvp(grad: GradFn, x0: torch.Tensor, v: torch.Tensor, e: float, use_richardson: bool = False, monitor: KinkMonitor | None = None, min_e: float = 0.0, reduce: Reduce = int) -> tuple[torch.Tensor, torch.Tensor, FDStats, float]:
+def fd_hvp(
+    grad: GradFn,
+    x0: torch.Tensor,
+    v: torch.Tensor,
+    e: float,
+    use_richardson: bool = False,
+    monitor: KinkMonitor | None = None,
+    min_e: float = 0.0,
+    reduce: Reduce = int,
+) -> tuple[torch.Tensor, torch.Tensor, FDStats, float]:
     """``(H v, f(x0) + O(e^2), stats, step used)`` by a central difference with step ``e`` (2 gradients), or Richardson
     over ``e`` and ``e / 2`` (4 gradients). With a ``monitor``, a product whose evaluations cross ``c`` kinks (summed over
     the processes by ``reduce``) is redone with ``max(e / (4 c), min_e)`` until none cross or ``min_e`` is reached; when even
@@ -238,21 +291,39 @@ def fd_hvp(grad: GradFn, x0: torch.Tensor, v: torch.Tensor, e: float, use_richar
     acc = accumulation_dtype(x0.dtype)
     stats = FDStats(products=1)
     if e == 0:
-        return torch.zeros(x0.shape, dtype=acc, device=x0.device), torch.full((), float("nan"), dtype=acc), stats, e
+        return (
+            torch.zeros(x0.shape, dtype=acc, device=x0.device),
+            torch.full((), float("nan"), dtype=acc),
+            stats,
+            e,
+        )
     while True:
         d, value, crossed = central_difference(grad, x0, v, e, monitor)
         if use_richardson:
             d_half, _, crossed_half = central_difference(grad, x0, v, e / 2, monitor)
             d, crossed = richardson(d, d_half), crossed + crossed_half
         crossed = reduce(crossed)
-        if crossed == 0 or e <= min_e or crossed * min_e / e >= 1:  # none, or unavoidable: crossings scale with e
+        if (
+            crossed == 0 or e <= min_e or crossed * min_e / e >= 1
+        ):  # none, or unavoidable: crossings scale with e
             stats.crossings_left = crossed
             return d, value, stats, e
         e = max(e / (4 * crossed), min_e)
         stats.retries += 1
 
 
-def fd_products(grad: GradFn, x0: torch.Tensor, vt: torch.Tensor, settings: FDSettings, progress: Progress | None = None, monitor: KinkMonitor | None = None, x0_norm: float | None = None, reduce: Reduce = int, norm: Callable[[torch.Tensor], float] | None = None, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor, FDStats]:
+def fd_products(
+    grad: GradFn,
+    x0: torch.Tensor,
+    vt: torch.Tensor,
+    settings: FDSettings,
+    progress: Progress | None = None,
+    monitor: KinkMonitor | None = None,
+    x0_norm: float | None = None,
+    reduce: Reduce = int,
+    norm: Callable[[torch.Tensor], float] | None = None,
+    n: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, FDStats]:
     """``(H v_r for each row v_r of vt ((p, n)) -> (p, n), f(x0) + O(e^2), stats)``: one :func:`fd_hvp` per row, each
     starting from the step of :func:`step` (``x0_norm``: given, else ``||x0||``; ``norm(v)``: the norm of a row, given
     for sharded rows, else ``||v||``; ``n``: the global size, given for shards). Costs ``2 p`` gradients (``4 p`` with
@@ -270,7 +341,9 @@ def fd_products(grad: GradFn, x0: torch.Tensor, vt: torch.Tensor, settings: FDSe
         v = vt[r].to(device=x0.device, dtype=acc)  # once per product, not per perturbation
         vn = norm(v)
         e = step(s, vn, n, h)
-        hv, val, st, used = fd_hvp(grad, x0, v, e, settings.richardson, monitor, step(s, vn, n, min_h), reduce)
+        hv, val, st, used = fd_hvp(
+            grad, x0, v, e, settings.richardson, monitor, step(s, vn, n, min_h), reduce
+        )
         if out is None:
             out = hv.unsqueeze(0)  # a single product: no copy
         else:
@@ -309,7 +382,12 @@ class FDGraph:
     ``value`` (``f(x0)``, one forward) are computed on first use; when a product comes first, ``value`` is its
     ``(f(x0 + e v) + f(x0 - e v)) / 2 = f(x0) + O(e^2)`` (no extra pass)."""
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, monitor: KinkMonitor | None = None):
+    def __init__(
+        self,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        x0: torch.Tensor,
+        monitor: KinkMonitor | None = None,
+    ):
         self.fn, self.x, self.monitor = fn, x0, monitor
         self.grad = gradient_of(fn)
         self.stats = FDStats()
@@ -366,21 +444,39 @@ class FiniteDifference:
     def graph(self, fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor) -> FDGraph:
         return FDGraph(fn, x0)  # the job's model is watched through FDGraph.watch
 
-    def __call__(self, graph: FDGraph, rows, count: int, sink, chunk: int = 1, progress: Progress | None = None, start: int = 0) -> int:
+    def __call__(
+        self,
+        graph: FDGraph,
+        rows,
+        count: int,
+        sink,
+        chunk: int = 1,
+        progress: Progress | None = None,
+        start: int = 0,
+    ) -> int:
         x = graph.x
-        if graph.x0_norm is None:  # in float64, as the sharded operator's (lib.fsdp): the same steps
+        if (
+            graph.x0_norm is None
+        ):  # in float64, as the sharded operator's (lib.fsdp): the same steps
             graph.x0_norm = float(x.to(torch.float64).norm())
         with graph.monitor if graph.monitor is not None else contextlib.nullcontext():
             for a in range(start, count):
                 v = rows(a, a + 1)
-                hv, value, stats = fd_products(graph.grad, x, v, self.settings, progress, graph.monitor, x0_norm=graph.x0_norm)
+                hv, value, stats = fd_products(
+                    graph.grad, x, v, self.settings, progress, graph.monitor, x0_norm=graph.x0_norm
+                )
                 graph.stats.add(stats)
                 if graph._value is None:
                     graph._value = value
                 sink(a, v, hv)
         return chunk
 
-    def report(self, dtype: torch.dtype, stats: FDStats, counted: str = "per batch of model_input_bs samples") -> dict:
+    def report(
+        self,
+        dtype: torch.dtype,
+        stats: FDStats,
+        counted: str = "per batch of model_input_bs samples",
+    ) -> dict:
         """For JSON sidecars: the settings, the measured error for ``dtype`` and the kink-retry counts."""
         return {**self.settings.report(dtype), **stats.to_json(), "counted": counted}
 
@@ -403,10 +499,16 @@ def check(method: str | None, fd_step: float | None, richardson: bool, dtype: st
         raise UserError(f"--fd_step: {msg}")
 
 
-def exact_script_report(products: FiniteDifference, hessian: torch.Tensor, sums: dict[str, torch.Tensor]) -> dict:
+def exact_script_report(
+    products: FiniteDifference, hessian: torch.Tensor, sums: dict[str, torch.Tensor]
+) -> dict:
     """For the exact scripts' JSON when ``--hvp finite_difference`` made the matrix: the settings, the kink-retry counts,
     ``approximate: True`` and the relative asymmetry ``||H - H^T||_F / ||H||_F`` of the rows ``H e_i`` (an error indicator:
     the exact Hessian is symmetric)."""
     h = hessian.to(torch.float64)
     asym = float((h - h.T).norm() / h.norm()) if bool(h.norm() > 0) else 0.0
-    return {**products.report(hessian.dtype, FDStats.from_sums(sums)), "approximate": True, "relative_asymmetry": asym}
+    return {
+        **products.report(hessian.dtype, FDStats.from_sums(sums)),
+        "approximate": True,
+        "relative_asymmetry": asym,
+    }

@@ -42,7 +42,9 @@ def roles() -> dict[str, str]:
         for section in specs.fields(cls):
             if section.metadata.get(specs.ROLE) != specs.SECTION:
                 continue
-            for f in specs.fields(section.type if isinstance(section.type, type) else section.default_factory()):
+            for f in specs.fields(
+                section.type if isinstance(section.type, type) else section.default_factory()
+            ):
                 role = f.metadata.get(specs.ROLE)
                 if role in (specs.RESULT, specs.OPERATIONAL):
                     out.setdefault(f.name, role)
@@ -54,15 +56,26 @@ def script_table(script: str, role: dict[str, str]) -> str:
     p = COMMANDS[script].parser()
     lines = [f"## `{script}.py`", "", _cell(p.description or ""), ""]
     for group in p._action_groups:
-        actions = [a for a in group._group_actions if a.option_strings and a.help != argparse.SUPPRESS and a.dest != "help"]
+        actions = [
+            a
+            for a in group._group_actions
+            if a.option_strings and a.help != argparse.SUPPRESS and a.dest != "help"
+        ]
         if not actions:
             continue
-        lines += [f"**{group.title}**", "", "| flag | default | kind | meaning |", "|---|---|---|---|"]
+        lines += [
+            f"**{group.title}**",
+            "",
+            "| flag | default | kind | meaning |",
+            "|---|---|---|---|",
+        ]
         for a in actions:
             flag = ", ".join(f"`{o}`" for o in a.option_strings)
             choices = f" (one of: {', '.join(map(str, a.choices))})" if a.choices else ""
             kind = role.get(a.dest, "")
-            lines.append(f"| {flag} | {_cell(_default(a))} | {kind} | {_cell((a.help or '') % vars(a) if '%(' in (a.help or '') else a.help or '')}{choices} |")
+            lines.append(
+                f"| {flag} | {_cell(_default(a))} | {kind} | {_cell((a.help or '') % vars(a) if '%(' in (a.help or '') else a.help or '')}{choices} |"
+            )
         lines.append("")
     return "\n".join(lines)
 

@@ -17,8 +17,9 @@ first block and keeps the faster one (the choice and timings go into :meth:`JVPP
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -32,7 +33,12 @@ DECIDE_ROWS = 8
 """Rows of the first block on which ``"auto"`` times both ways (both are computed for them, once)."""
 
 
-def jvp_forward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tangents: torch.Tensor, chunk: int | None = FORWARD_CHUNK) -> torch.Tensor:
+def jvp_forward(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    tangents: torch.Tensor,
+    chunk: int | None = FORWARD_CHUNK,
+) -> torch.Tensor:
     """``J v`` for the rows ``v`` of ``tangents`` (``(m, n)``) by forward mode (``torch.func.jvp`` vmapped over the rows,
     ``chunk`` at a time, ``None``: all); returns ``(m, *fn(x).shape)``."""
     from torch.func import jvp, vmap
@@ -45,7 +51,9 @@ def jvp_forward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tan
         return vmap(one, chunk_size=chunk)(tangents)
 
 
-def jvp_double_backward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
+def jvp_double_backward(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tangents: torch.Tensor
+) -> torch.Tensor:
     """``J v`` for the rows ``v`` of ``tangents`` (``(m, n)``) by the double-backward identity ``J v = d/du <J^T u, v>``;
     returns ``(m, *fn(x).shape)``."""
     xg = x.detach().clone().requires_grad_(True)
@@ -59,14 +67,18 @@ def jvp_on_graph(out: torch.Tensor, x: torch.Tensor, tangents: torch.Tensor) -> 
     (jt_u,) = torch.autograd.grad(out, x, grad_outputs=u, create_graph=True)
     cols = torch.empty(tangents.shape[0], *out.shape, dtype=out.dtype, device=out.device)
     for j, v in enumerate(tangents):
-        (cols[j],) = torch.autograd.grad(jt_u, u, grad_outputs=v.to(x), retain_graph=j + 1 < len(tangents))
+        (cols[j],) = torch.autograd.grad(
+            jt_u, u, grad_outputs=v.to(x), retain_graph=j + 1 < len(tangents)
+        )
     return cols
 
 
 def forward_unsupported(e: BaseException) -> bool:
     """Whether ``e`` says that forward-mode AD (or its batching) is not implemented for some operation."""
     text = str(e)
-    return isinstance(e, NotImplementedError) or any(s in text for s in ("forward AD", "forward-mode", "jvp", "not implemented", "vmap"))
+    return isinstance(e, NotImplementedError) or any(
+        s in text for s in ("forward AD", "forward-mode", "jvp", "not implemented", "vmap")
+    )
 
 
 @dataclass
@@ -89,7 +101,13 @@ class JVPPolicy:
         if self.mode != "auto":
             self.chosen, self.why = self.mode, "given"
 
-    def columns(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tangents: torch.Tensor, backward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    def columns(
+        self,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        x: torch.Tensor,
+        tangents: torch.Tensor,
+        backward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """``J v`` for the rows of ``tangents`` (``(m, n)``), ``J = d fn / dx`` at ``x``; ``(m, *fn(x).shape)``.
 
         ``backward(tangents)``: the caller's double-backward ``J v`` (e.g. on a graph it keeps), used instead of
@@ -106,7 +124,13 @@ class JVPPolicy:
             return jvp_forward(fn, x, tangents)
         return back(tangents)
 
-    def _decide(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tangents: torch.Tensor, back: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def _decide(
+        self,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        x: torch.Tensor,
+        tangents: torch.Tensor,
+        back: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
         clock = device_clock(x.device)
         t0 = clock()
         try:
@@ -114,7 +138,10 @@ class JVPPolicy:
         except (NotImplementedError, RuntimeError) as e:
             if not forward_unsupported(e):
                 raise
-            self.chosen, self.why = "double-backward", f"forward mode unavailable: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            self.chosen, self.why = (
+                "double-backward",
+                f"forward mode unavailable: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+            )
             return back(tangents)
         t1 = clock()
         bwd = back(tangents)
@@ -130,7 +157,12 @@ class JVPPolicy:
         return {"mode": self.mode, "chosen": self.chosen, "why": self.why, "seconds": self.seconds}
 
 
-def jvp_columns(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tangents: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+def jvp_columns(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    tangents: torch.Tensor,
+    mode: str = "auto",
+) -> torch.Tensor:
     """``J v`` for the rows ``v`` of ``tangents`` (``(m, n)``), ``J = d fn(x) / dx``; ``(m, *fn(x).shape)``.
 
     ``mode``: ``"forward"``, ``"double-backward"``, or ``"auto"`` (a fresh :class:`JVPPolicy`: forward mode unless it

@@ -49,10 +49,9 @@ def init(device: torch.device) -> tuple[int, int]:
 def shard(model: nn.Module, subset: Subset, device: torch.device) -> nn.Module:
     """``fully_shard`` every transformer block, then the root, on a 1-D mesh of all ranks on ``device``'s type; the
     subset's parameters require gradients (the others stay frozen); FSDP sums gradients over ranks (divide factor 1)."""
+    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
-
-    import torch.distributed as dist
 
     model.requires_grad_(False)
     for name in subset.param_names:
@@ -64,7 +63,9 @@ def shard(model: nn.Module, subset: Subset, device: torch.device) -> nn.Module:
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
-            m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM (float32, bf16)
+            m.set_force_sum_reduction_for_comms(
+                True
+            )  # plain SUM: gloo has no PREMUL_SUM (float32, bf16)
     return model
 
 
@@ -94,7 +95,12 @@ class Memory:
     vectors: int = 0
 
     def to_json(self) -> dict[str, int]:
-        return {"parameters": self.parameters, "saved_weights": self.saved, "vectors_peak": self.vectors, "parameters_and_vectors": self.parameters + self.vectors}
+        return {
+            "parameters": self.parameters,
+            "saved_weights": self.saved,
+            "vectors_peak": self.vectors,
+            "parameters_and_vectors": self.parameters + self.vectors,
+        }
 
 
 class ShardedOperator:
@@ -103,15 +109,37 @@ class ShardedOperator:
     :attr:`space` to ``H V`` (same block and dtype), by :func:`lib.finite_difference.fd_products`. Collective: every rank
     calls it with its own block of the same global vectors."""
 
-    def __init__(self, model: nn.Module, subset: Subset, samples: torch.Tensor, model_input_bs: int, fd: FDSettings, device: torch.device, vector_dtype: torch.dtype = F64):
+    def __init__(
+        self,
+        model: nn.Module,
+        subset: Subset,
+        samples: torch.Tensor,
+        model_input_bs: int,
+        fd: FDSettings,
+        device: torch.device,
+        vector_dtype: torch.dtype = F64,
+    ):
         import torch.distributed as dist
 
-        self.model, self.samples, self.bs, self.fd, self.device = model, samples, model_input_bs, fd, device
+        self.model, self.samples, self.bs, self.fd, self.device = (
+            model,
+            samples,
+            model_input_bs,
+            fd,
+            device,
+        )
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.params = [model.get_parameter(name) for name in subset.param_names]
         self.locals = [p.to_local() for p in self.params]  # views of the sharded storage
-        self.x0 = torch.cat([t.detach().reshape(-1) for t in self.locals]) if self.locals else torch.zeros(0)
-        self.saved = [piece.view_as(t) for piece, t in zip(torch.split(self.x0, [t.numel() for t in self.locals]), self.locals)]
+        self.x0 = (
+            torch.cat([t.detach().reshape(-1) for t in self.locals])
+            if self.locals
+            else torch.zeros(0)
+        )
+        self.saved = [
+            piece.view_as(t)
+            for piece, t in zip(torch.split(self.x0, [t.numel() for t in self.locals]), self.locals)
+        ]
         """The original bits, as views of the flat ``x0`` (one copy of the shards)."""
         rows = _all_gather([t.shape[0] if t.dim() else 1 for t in self.locals])
         segments, offset = [], 0
@@ -121,7 +149,15 @@ class ShardedOperator:
             segments.append((offset + before * row, self.locals[i].numel()))
             offset += p.numel()
         self.n = offset
-        self.space = VectorSpace(self.n, tuple(segments), device, vector_dtype, lambda t: _all_reduce(t, device), self.world, self.rank)
+        self.space = VectorSpace(
+            self.n,
+            tuple(segments),
+            device,
+            vector_dtype,
+            lambda t: _all_reduce(t, device),
+            self.world,
+            self.rank,
+        )
         self.x0_norm = math.sqrt(float(self.space.reduce(self.x0.to(F64).pow(2).sum())))
         self.n_tokens = samples.shape[0] * (samples.shape[1] - 1)
         units = -(-samples.shape[0] // model_input_bs)
@@ -130,7 +166,10 @@ class ShardedOperator:
         self.monitor = KinkMonitor(model)
         self.stats = FDStats()
         self.passes = self.hvps = 0
-        self.memory = Memory(sum(p.to_local().numel() * p.element_size() for p in model.parameters()), self.x0.numel() * self.x0.element_size())
+        self.memory = Memory(
+            sum(p.to_local().numel() * p.element_size() for p in model.parameters()),
+            self.x0.numel() * self.x0.element_size(),
+        )
 
     def _write(self, x: torch.Tensor) -> None:
         """Put the flat local values ``x`` into this rank's shards of the subset's parameters (in place)."""
@@ -161,7 +200,12 @@ class ShardedOperator:
             loss = summed_nll(logits, batch) * (1.0 if k is not None else 0.0)
             loss.backward()
             total += float(loss.detach())
-        g = torch.cat([(p.grad.to_local() if p.grad is not None else torch.zeros_like(t)).reshape(-1) for p, t in zip(self.params, self.locals)])
+        g = torch.cat(
+            [
+                (p.grad.to_local() if p.grad is not None else torch.zeros_like(t)).reshape(-1)
+                for p, t in zip(self.params, self.locals)
+            ]
+        )
         return g, self.space.reduce(total)
 
     def matmat(self, v: torch.Tensor) -> torch.Tensor:
@@ -170,7 +214,17 @@ class ShardedOperator:
         norm = lambda row: math.sqrt(float(self.space.reduce(row.to(F64).pow(2).sum())))  # noqa: E731
         try:
             with self.monitor:
-                hv, _, stats = fd_products(self.gradient, self.x0, v.T, self.fd, monitor=self.monitor, x0_norm=self.x0_norm, reduce=reduce_int, norm=norm, n=self.n)
+                hv, _, stats = fd_products(
+                    self.gradient,
+                    self.x0,
+                    v.T,
+                    self.fd,
+                    monitor=self.monitor,
+                    x0_norm=self.x0_norm,
+                    reduce=reduce_int,
+                    norm=norm,
+                    n=self.n,
+                )
         finally:
             self.restore()
         self.stats.add(stats)
@@ -185,8 +239,20 @@ class ShardedOperator:
     def report(self) -> dict[str, Any]:
         """For the JSON (collective): settings, kink retries (counted once per HVP over all samples), world size, entries and
         whether the weights are bitwise restored, per rank."""
-        hvp = {**self.fd.report(self.x0.dtype), **self.stats.to_json(), "counted": "per HVP over all samples"}
-        return {"hvp": hvp, "fsdp": {"world_size": self.world, "units": "one per transformer block, then the root", "entries_per_rank": _all_gather(self.space.local), "weights_bitwise_restored": _all_gather(self.restored())}}
+        hvp = {
+            **self.fd.report(self.x0.dtype),
+            **self.stats.to_json(),
+            "counted": "per HVP over all samples",
+        }
+        return {
+            "hvp": hvp,
+            "fsdp": {
+                "world_size": self.world,
+                "units": "one per transformer block, then the root",
+                "entries_per_rank": _all_gather(self.space.local),
+                "weights_bitwise_restored": _all_gather(self.restored()),
+            },
+        }
 
     def gather_memory(self) -> list[dict[str, int]]:
         """Every rank's :class:`Memory` (collective), with the vectors' peak from :attr:`space`."""
@@ -194,7 +260,9 @@ class ShardedOperator:
         return _all_gather(self.memory.to_json())
 
 
-def sharded_operator(run, subset: Subset, model_input_bs: int, fd: FDSettings, vector_dtype: torch.dtype) -> ShardedOperator:
+def sharded_operator(
+    run, subset: Subset, model_input_bs: int, fd: FDSettings, vector_dtype: torch.dtype
+) -> ShardedOperator:
     """Under torchrun: start the process group, shard ``run.model`` (loaded on the host) onto this rank's device
     (``run.devices[0]``), and wrap it as a :class:`ShardedOperator` over ``run.samples`` (a :class:`lib.pipeline.Run`)."""
     device = run.devices[0]

@@ -25,8 +25,9 @@ Methods (all exact up to floating point):
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,7 +68,13 @@ Schedule = Callable[[Compute, int], None]
 (e.g. :meth:`lib.operator.ChunkPolicy.run`, which measures it on the first rows and keeps them)."""
 
 
-def hessian_rev_rev(fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, chunk: int = 1, progress: Progress | None = None, schedule: Schedule | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def hessian_rev_rev(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x0: torch.Tensor,
+    chunk: int = 1,
+    progress: Progress | None = None,
+    schedule: Schedule | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact Hessian of scalar ``fn`` at ``x0`` (shape ``(n,)``) by reverse-over-reverse; returns ``(H (n, n), fn(x0))``.
 
     Row ``i`` is ``H e_i = d/dx (e_i . grad fn(x))``: the unit vectors go through the library's one
@@ -82,7 +89,9 @@ def hessian_rev_rev(fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor
         rows[a : a + len(hv)] = hv
 
     def compute(start: int, stop: int, c: int) -> int:  # rows start..stop-1, c per batched backward
-        return hvp_products(g, x, lambda a, b: _unit_rows(n, a, b, x), stop, take, c, progress, start=start)
+        return hvp_products(
+            g, x, lambda a, b: _unit_rows(n, a, b, x), stop, take, c, progress, start=start
+        )
 
     if schedule is None:
         compute(0, n, chunk)
@@ -91,7 +100,9 @@ def hessian_rev_rev(fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor
     return rows, value.detach()
 
 
-def hessian_reference(fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def hessian_reference(
+    fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, progress: Progress | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's method: ``torch.autograd.functional.hessian(fn, x0)``; returns ``(H, fn(x0))``."""
     h = torch.autograd.functional.hessian(fn, x0.detach())
     with torch.no_grad():
@@ -105,7 +116,12 @@ SPACES = ("auto", "entries", "layer-outputs")
 """Where the exact Hessian's products are taken: chosen, the subset's entries, or the layers' outputs."""
 
 
-def products_space(objective: SubsetLoss, input_ids: torch.Tensor, space: str = "auto", layers: LayerOutputs | None = None) -> LayerOutputs | None:
+def products_space(
+    objective: SubsetLoss,
+    input_ids: torch.Tensor,
+    space: str = "auto",
+    layers: LayerOutputs | None = None,
+) -> LayerOutputs | None:
     """The :class:`LayerOutputs` map when the Hessian is to be computed through the layers' outputs, else ``None``.
 
     ``"auto"``: when the map exists and needs fewer products per sample (``seqlen * width``) than the subset has
@@ -115,19 +131,25 @@ def products_space(objective: SubsetLoss, input_ids: torch.Tensor, space: str = 
     if space == "entries":
         return None
     layers = layers or LayerOutputs.of(objective.model, objective.subset)
-    if layers is None or (space == "auto" and layers.products_per_sample(input_ids.shape[1]) >= objective.subset.size):
+    if layers is None or (
+        space == "auto" and layers.products_per_sample(input_ids.shape[1]) >= objective.subset.size
+    ):
         return None
     return layers
 
 
-def layer_outputs_graph(objective: SubsetLoss, input_ids: torch.Tensor, layers: LayerOutputs) -> tuple[BatchGraph, list[torch.Tensor]]:
+def layer_outputs_graph(
+    objective: SubsetLoss, input_ids: torch.Tensor, layers: LayerOutputs
+) -> tuple[BatchGraph, list[torch.Tensor]]:
     """The gradient graph w.r.t. a leaf perturbation ``delta = 0`` of the selected layer outputs ``z`` of ``input_ids``
     (``(B, s)``; ``delta``: ``(B * s * width,)``), and the layers' inputs seen by the forward (for ``J``).
 
     Raises ``ValueError`` when a layer's input depends on the subset (then ``J`` is not constant)."""
     x0 = objective.x0().detach()
     b, s = input_ids.shape
-    delta = torch.zeros(b * layers.products_per_sample(s), dtype=x0.dtype, device=x0.device, requires_grad=True)
+    delta = torch.zeros(
+        b * layers.products_per_sample(s), dtype=x0.dtype, device=x0.device, requires_grad=True
+    )
     with layers.perturbed(objective.model, delta, b, s) as inputs:
         value = objective(x0, input_ids)
     (g,) = torch.autograd.grad(value, delta, create_graph=True)
@@ -157,7 +179,9 @@ def layer_output_sink(hz: torch.Tensor, entries: int, progress: Progress | None 
     return sink
 
 
-def hessian_from_layer_outputs(hz: torch.Tensor, layers: LayerOutputs, inputs: list[torch.Tensor]) -> torch.Tensor:
+def hessian_from_layer_outputs(
+    hz: torch.Tensor, layers: LayerOutputs, inputs: list[torch.Tensor]
+) -> torch.Tensor:
     """``sum_b J_b^T H_{z,b} J_b`` in float64, ``(n, n)``, from every sample's ``H_z`` (``hz``: ``(B, m, m)``)."""
     n = layers.entry_input.numel()
     h = torch.zeros(n, n, dtype=torch.float64, device=hz.device)
@@ -167,7 +191,14 @@ def hessian_from_layer_outputs(hz: torch.Tensor, layers: LayerOutputs, inputs: l
     return h
 
 
-def hessian_layer_outputs(objective: SubsetLoss, input_ids: torch.Tensor, layers: LayerOutputs, progress: Progress | None = None, schedule: Schedule | None = None, chunk: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def hessian_layer_outputs(
+    objective: SubsetLoss,
+    input_ids: torch.Tensor,
+    layers: LayerOutputs,
+    progress: Progress | None = None,
+    schedule: Schedule | None = None,
+    chunk: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Hessian of the summed NLL of ``input_ids`` (``(B, s)``) w.r.t. the subset as ``sum_b J_b^T H_{z,b} J_b``
     (:class:`LayerOutputs`): one forward and one ``create_graph`` backward w.r.t. ``delta``
     (:func:`layer_outputs_graph`), then the rows of ``H_z`` through :func:`lib.operator.hvp_products` (``schedule``
@@ -175,7 +206,10 @@ def hessian_layer_outputs(objective: SubsetLoss, input_ids: torch.Tensor, layers
     graph, inputs = layer_outputs_graph(objective, input_ids, layers)
     b, m = input_ids.shape[0], layers.products_per_sample(input_ids.shape[1])
     hz = torch.empty(b, m, m, dtype=graph.x.dtype, device=graph.x.device)
-    rows, sink = layer_output_rows(m, b, graph.x), layer_output_sink(hz, objective.subset.size, progress)
+    rows, sink = (
+        layer_output_rows(m, b, graph.x),
+        layer_output_sink(hz, objective.subset.size, progress),
+    )
 
     def compute(start: int, stop: int, c: int) -> int:
         return hvp_products(graph.g, graph.x, rows, stop, sink, c, None, start=start)
@@ -187,7 +221,16 @@ def hessian_layer_outputs(objective: SubsetLoss, input_ids: torch.Tensor, layers
     return hessian_from_layer_outputs(hz, layers, inputs).to(graph.x.dtype), graph.value.detach()
 
 
-def batch_hessian(objective: SubsetLoss, input_ids: torch.Tensor, method: str = "rev-rev", chunk: int = 1, progress: Progress | None = None, schedule: Schedule | None = None, space: str = "auto", record: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_hessian(
+    objective: SubsetLoss,
+    input_ids: torch.Tensor,
+    method: str = "rev-rev",
+    chunk: int = 1,
+    progress: Progress | None = None,
+    schedule: Schedule | None = None,
+    space: str = "auto",
+    record: dict[str, Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Hessian of the summed NLL of one batch ``input_ids`` (``(B, s)``) w.r.t. the subset, at ``x0``.
 
     Returns ``(H (n, n), summed NLL)``. ``schedule``: chooses the chunk (``rev-rev`` only, see :func:`hessian_rev_rev`).
@@ -203,7 +246,10 @@ def batch_hessian(objective: SubsetLoss, input_ids: torch.Tensor, method: str = 
         if layers is not None:
             try:
                 out = hessian_layer_outputs(objective, input_ids, layers, progress, schedule, chunk)
-                record.update(space="layer-outputs", products_per_sample=layers.products_per_sample(input_ids.shape[1]))
+                record.update(
+                    space="layer-outputs",
+                    products_per_sample=layers.products_per_sample(input_ids.shape[1]),
+                )
                 return out
             except ValueError:
                 if space == "layer-outputs":
@@ -240,7 +286,9 @@ class HessianResult:
 
 def batches(samples: torch.Tensor, model_input_bs: int) -> list[tuple[int, torch.Tensor]]:
     """Split ``samples`` (``(b, seqlen)``) into consecutive batches of ``model_input_bs`` rows, with their first index."""
-    return [(i, samples[i : i + model_input_bs]) for i in range(0, samples.shape[0], model_input_bs)]
+    return [
+        (i, samples[i : i + model_input_bs]) for i in range(0, samples.shape[0], model_input_bs)
+    ]
 
 
 class ExactHessianJob(ProductJob):
@@ -257,7 +305,19 @@ class ExactHessianJob(ProductJob):
 
     min_products = 1  # the chunk is measured on any block (a block is the whole Hessian)
 
-    def __init__(self, subset: Subset, samples: torch.Tensor, model_input_bs: int = 1, method: str = "rev-rev", chunk: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, model: nn.Module | None = None, products: Products | None = None, space: str = "auto"):
+    def __init__(
+        self,
+        subset: Subset,
+        samples: torch.Tensor,
+        model_input_bs: int = 1,
+        method: str = "rev-rev",
+        chunk: int | None = None,
+        fused_head: bool | None = None,
+        spec: ModelSpec | None = None,
+        model: nn.Module | None = None,
+        products: Products | None = None,
+        space: str = "auto",
+    ):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
         if space not in SPACES:
@@ -269,8 +329,12 @@ class ExactHessianJob(ProductJob):
         super().setup(device)
         self._objective = self.subset_loss(self.subset)
         self._x0 = self._objective.x0()
-        self._layers: list[LayerOutputs | None] = []  # the subset's LayerOutputs map, found on the first batch
-        self._products: dict[str, Any] = {}  # where the last unit's products were taken (for the JSON)
+        self._layers: list[
+            LayerOutputs | None
+        ] = []  # the subset's LayerOutputs map, found on the first batch
+        self._products: dict[
+            str, Any
+        ] = {}  # where the last unit's products were taken (for the JSON)
 
     @property
     def objective(self) -> SubsetLoss:
@@ -292,12 +356,16 @@ class ExactHessianJob(ProductJob):
             return None
         if not self._layers:
             self._layers.append(LayerOutputs.of(self.model, self.subset))
-        return self._layers[0] and products_space(self._objective, batch, self.space, self._layers[0])
+        return self._layers[0] and products_space(
+            self._objective, batch, self.space, self._layers[0]
+        )
 
     def run_unit(self, k: int, progress: Progress | None = None) -> dict[str, torch.Tensor]:
         batch = self.batch(k, self._x0.device)
         if self.method == "autograd":
-            h, value = hessian_reference(lambda x: self._objective(x, batch), self._x0, progress=progress)
+            h, value = hessian_reference(
+                lambda x: self._objective(x, batch), self._x0, progress=progress
+            )
             return {"hessian_sum": h, "nll_sum": value}
         layers = self._layer_outputs(batch)
         if layers is not None:
@@ -310,9 +378,21 @@ class ExactHessianJob(ProductJob):
         if layers is not None:
             b, m = batch.shape[0], layers.products_per_sample(batch.shape[1])
             hz = torch.empty(b, m, m, dtype=graph.x.dtype, device=graph.x.device)
-            self.multiply(graph, layer_output_rows(m, b, graph.x), m, layer_output_sink(hz, self.subset.size, progress))
-            self._products = {"space": "layer-outputs", "products_per_sample": m, "size": graph.x.numel()}
-            return {"hessian_sum": hessian_from_layer_outputs(hz, layers, inputs).to(graph.x.dtype), "nll_sum": graph.value.detach()}
+            self.multiply(
+                graph,
+                layer_output_rows(m, b, graph.x),
+                m,
+                layer_output_sink(hz, self.subset.size, progress),
+            )
+            self._products = {
+                "space": "layer-outputs",
+                "products_per_sample": m,
+                "size": graph.x.numel(),
+            }
+            return {
+                "hessian_sum": hessian_from_layer_outputs(hz, layers, inputs).to(graph.x.dtype),
+                "nll_sum": graph.value.detach(),
+            }
         graph = self.batch_graph(self._objective, batch, self._x0)
         n = graph.x.numel()
         h = torch.empty(n, n, dtype=graph.x.dtype, device=graph.x.device)
@@ -344,7 +424,11 @@ class ExactHessianJob(ProductJob):
 
     def result(self, sums: dict[str, torch.Tensor], elapsed_s: float) -> HessianResult:
         """Package summed partials into a :class:`HessianResult` (normalized by ``b*(seqlen-1)``)."""
-        dtype = next(iter(self.model.parameters())).dtype if self.model is not None else getattr(torch, self.spec.dtype)
+        dtype = (
+            next(iter(self.model.parameters())).dtype
+            if self.model is not None
+            else getattr(torch, self.spec.dtype)
+        )
         n_tokens = self.samples.shape[0] * (self.samples.shape[1] - 1)
         total = sums["hessian_sum"]
         return HessianResult(
@@ -353,7 +437,9 @@ class ExactHessianJob(ProductJob):
             nll_sum=float(sums["nll_sum"]),
             n_samples=self.samples.shape[0],
             n_tokens=n_tokens,
-            method=self.method if self.products.name == "exact" else self.products.name.split("(")[0],
+            method=self.method
+            if self.products.name == "exact"
+            else self.products.name.split("(")[0],
             elapsed_s=elapsed_s,
             subset=self.subset,
         )
@@ -377,5 +463,7 @@ def exact_hessian(
     """
     job = ExactHessianJob(subset, samples, model_input_bs, method, chunk, fused_head, model=model)
     t0 = time.perf_counter()
-    sums = run_serial(job, next(model.parameters()).device, progress=progress, desc="Hessian columns")
+    sums = run_serial(
+        job, next(model.parameters()).device, progress=progress, desc="Hessian columns"
+    )
     return job.result(sums, time.perf_counter() - t0)

@@ -19,8 +19,9 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -77,7 +78,9 @@ def check_finite_weights(model: nn.Module) -> None:
     bad = first_non_finite(model.state_dict(keep_vars=True).items())
     if bad is not None:
         name, count, numel = bad
-        raise UserError(f"the model's weight {name} has {count} non-finite (NaN or Inf) values out of {numel}; the checkpoint is corrupt")
+        raise UserError(
+            f"the model's weight {name} has {count} non-finite (NaN or Inf) values out of {numel}; the checkpoint is corrupt"
+        )
 
 
 def model_fingerprint(model: nn.Module, threads: int | None = None) -> str:
@@ -91,7 +94,11 @@ def model_fingerprint(model: nn.Module, threads: int | None = None) -> str:
     unique: dict[Any, torch.Tensor] = {}
     keys = []
     for name, t in tensors:
-        key = (str(t.device), t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.device.type != "meta" else ("meta", name)
+        key = (
+            (str(t.device), t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+            if t.device.type != "meta"
+            else ("meta", name)
+        )
         unique.setdefault(key, t)
         keys.append(key)
     workers = threads or min(8, os.cpu_count() or 1)
@@ -105,10 +112,25 @@ def model_fingerprint(model: nn.Module, threads: int | None = None) -> str:
 
 CONFIG_FIELDS_OUTSIDE_THE_FORWARD = frozenset(
     {
-        "_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "_commit_hash",
-        "use_cache", "return_dict", "output_attentions", "output_hidden_states", "id2label", "label2id",
-        "problem_type", "finetuning_task", "task_specific_params", "tokenizer_class", "prefix",
-        "initializer_range", "init_std",
+        "_name_or_path",
+        "transformers_version",
+        "architectures",
+        "dtype",
+        "torch_dtype",
+        "_commit_hash",
+        "use_cache",
+        "return_dict",
+        "output_attentions",
+        "output_hidden_states",
+        "id2label",
+        "label2id",
+        "problem_type",
+        "finetuning_task",
+        "task_specific_params",
+        "tokenizer_class",
+        "prefix",
+        "initializer_range",
+        "init_std",
     }
 )
 """``config.json`` fields that do not change the model's forward on given weights: where it was loaded from,
@@ -131,7 +153,9 @@ def forward_config(model: nn.Module) -> dict[str, Any]:
 def config_fingerprint(model: nn.Module) -> str:
     """SHA-256 (16 hex digits) of the canonical JSON of :func:`forward_config`: e.g. the activation function,
     the norm placement, the RoPE settings. Independent of where the files are."""
-    return hashlib.sha256(json.dumps(forward_config(model), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(
+        json.dumps(forward_config(model), sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
 
 
 def code_path(model: nn.Module) -> str:
@@ -197,14 +221,20 @@ def check_loading_info(name: str, info: dict[str, Any]) -> None:
     """
     missing = info.get("missing_keys") or ()
     if missing:
-        raise UserError(f"model {name!r} lacks {len(missing)} weight(s) that would be randomly initialised: {_first(missing)}; use a complete checkpoint")
+        raise UserError(
+            f"model {name!r} lacks {len(missing)} weight(s) that would be randomly initialised: {_first(missing)}; use a complete checkpoint"
+        )
     mismatched = info.get("mismatched_keys") or ()
     if mismatched:
         names = [m[0] if isinstance(m, (tuple, list)) else m for m in mismatched]
-        raise UserError(f"model {name!r} has {len(names)} weight(s) whose shape does not match its config.json: {_first(names)}; use a checkpoint that matches its config")
+        raise UserError(
+            f"model {name!r} has {len(names)} weight(s) whose shape does not match its config.json: {_first(names)}; use a checkpoint that matches its config"
+        )
     unexpected = info.get("unexpected_keys") or ()
     if unexpected:
-        warn(f"model {name!r}: {len(unexpected)} weight(s) of the checkpoint are not used by {info.get('model_class', 'the model')} and are ignored: {_first(unexpected)}")
+        warn(
+            f"model {name!r}: {len(unexpected)} weight(s) of the checkpoint are not used by {info.get('model_class', 'the model')} and are ignored: {_first(unexpected)}"
+        )
 
 
 def causal_lm_classes() -> set[str]:
@@ -235,7 +265,9 @@ def read_local_config(path: Path) -> None:
     """Refuse a local model directory whose ``config.json`` is missing or not valid JSON, with the reason."""
     cfg = path / "config.json"
     if not cfg.is_file():
-        raise UserError(f"model directory {path} has no config.json; pass a directory saved with save_pretrained (config.json and the weights)")
+        raise UserError(
+            f"model directory {path} has no config.json; pass a directory saved with save_pretrained (config.json and the weights)"
+        )
     try:
         json.loads(cfg.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -282,7 +314,11 @@ def hub_offline_if_unreachable() -> None:
     """Once per process, unless offline mode is already on: probe the hub and, if it cannot be reached, switch
     to offline mode, so that loading from the hub fails at once (or uses the cache) instead of retrying."""
     global _HUB_CHECKED
-    if _HUB_CHECKED or _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE")):
+    if (
+        _HUB_CHECKED
+        or _truthy(os.environ.get("HF_HUB_OFFLINE"))
+        or _truthy(os.environ.get("TRANSFORMERS_OFFLINE"))
+    ):
         return
     _HUB_CHECKED = True
     if not hub_reachable():

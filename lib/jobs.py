@@ -18,8 +18,8 @@ must be picklable (load the model in ``setup``, not in ``__init__``).
 from __future__ import annotations
 
 import hashlib
-
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 
@@ -47,7 +47,12 @@ def model_key(spec: Any, device: torch.device) -> str:
 def derived_seed(*parts: Any) -> int:
     """A seed from its parts, e.g. ``(seed, parameter, probe)``: 63 bits of ``sha256("/".join(parts))``. Random
     numbers drawn from it depend only on what they are for, never on the worker, device or batch order."""
-    return int.from_bytes(hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()[:8], "little") >> 1
+    return (
+        int.from_bytes(
+            hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()[:8], "little"
+        )
+        >> 1
+    )
 
 
 class AdditiveJob(Protocol):
@@ -113,15 +118,21 @@ class ModelJob:
 def add_partials(total: Partial | None, part: Partial) -> Partial:
     """``total + part`` key by key (``total=None`` starts a sum); accumulates in float64."""
     if total is None:
-        return {k: v.detach().to("cpu", torch.float64, copy=True) for k, v in part.items()}  # one copy, not a conversion and a clone
+        return {
+            k: v.detach().to("cpu", torch.float64, copy=True) for k, v in part.items()
+        }  # one copy, not a conversion and a clone
     if total.keys() != part.keys():
         raise ValueError(f"partial sums have different keys: {sorted(total)} vs {sorted(part)}")
     for k, v in part.items():
-        total[k].add_(v.detach().to("cpu"))  # promoted to float64 element by element, without a float64 copy of v
+        total[k].add_(
+            v.detach().to("cpu")
+        )  # promoted to float64 element by element, without a float64 copy of v
     return total
 
 
-def run_serial(job: AdditiveJob, device: torch.device, progress: bool = False, desc: str = "work") -> Partial:
+def run_serial(
+    job: AdditiveJob, device: torch.device, progress: bool = False, desc: str = "work"
+) -> Partial:
     """Set the job up on ``device`` and sum all its units in index order (one process)."""
     job.setup(device)
     bar = None

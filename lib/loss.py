@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,9 @@ from torch.func import functional_call
 from .models import attention_context
 from .subsets import Subset
 
-FUSED_HEAD_MODEL_TYPES = frozenset({"opt", "llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "gpt_neox"})
+FUSED_HEAD_MODEL_TYPES = frozenset(
+    {"opt", "llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "gpt_neox"}
+)
 """Architectures whose logits are exactly ``lm_head(base_model(...).last_hidden_state)``."""
 
 
@@ -36,7 +38,9 @@ def summed_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
 
     ``logits``: ``(B, s, V)``; ``input_ids``: ``(B, s)``; returns a scalar.
     """
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction="sum")
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction="sum"
+    )
 
 
 class _HeadNLLGrad(torch.autograd.Function):
@@ -51,7 +55,9 @@ class _HeadNLLGrad(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(h: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        h: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         mean = probs @ weight
         return mean - weight[labels], mean
 
@@ -75,7 +81,9 @@ class _HeadNLL(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor):
+    def forward(
+        h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor
+    ):
         logits = h @ weight.T
         if bias is not None:
             logits = logits + bias
@@ -97,7 +105,9 @@ class _HeadNLL(torch.autograd.Function):
         return grad_loss * _HeadNLLGrad.apply(h, probs, weight, labels)[0], None, None, None
 
 
-def head_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+def head_nll(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor
+) -> torch.Tensor:
     """Summed NLL of a frozen linear LM head: hidden ``(n, d)``, weight ``(V, d)``, labels ``(n,)``; twice differentiable in ``hidden``."""
     return _HeadNLL.apply(hidden, weight, bias, labels)[0]
 
@@ -119,7 +129,13 @@ class SubsetLoss(nn.Module):
     instead of being forced to the twice-differentiable math kernel.
     """
 
-    def __init__(self, model: nn.Module, subset: Subset, fused_head: bool | None = None, double_backward: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        subset: Subset,
+        fused_head: bool | None = None,
+        double_backward: bool = True,
+    ):
         super().__init__()
         self.model = model
         self.double_backward = double_backward
@@ -130,7 +146,9 @@ class SubsetLoss(nn.Module):
         """Parameters selected whole in storage order: substituted as a view of ``x`` (no scatter)."""
         for s in subset.slices:
             param = model.get_parameter(s.param_name)
-            self._offsets.append((s.param_name, s.flat_index.to(param.device), start, start + len(s)))
+            self._offsets.append(
+                (s.param_name, s.flat_index.to(param.device), start, start + len(s))
+            )
             if len(s) == param.numel() and bool((s.flat_index == torch.arange(len(s))).all()):
                 self._whole.add(s.param_name)
             start += len(s)
@@ -143,7 +161,9 @@ class SubsetLoss(nn.Module):
     def _can_fuse_head(self) -> bool:
         model = self.model
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if getattr(model.config, "model_type", None) not in FUSED_HEAD_MODEL_TYPES or not isinstance(head, nn.Linear):
+        if getattr(
+            model.config, "model_type", None
+        ) not in FUSED_HEAD_MODEL_TYPES or not isinstance(head, nn.Linear):
             return False
         prefix = getattr(model, "base_model_prefix", "") + "."
         head_params = {id(p) for p in head.parameters()}
@@ -160,16 +180,23 @@ class SubsetLoss(nn.Module):
         """The substituted parameters ``{qualified name: tensor}`` built from ``x``."""
         pieces: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
         whole: dict[str, torch.Tensor] = {}
-        parts = torch.split(x, [b - a for _, _, a, b in self._offsets])  # one backward concatenation, not a full-size gradient per slice
+        parts = torch.split(
+            x, [b - a for _, _, a, b in self._offsets]
+        )  # one backward concatenation, not a full-size gradient per slice
         for (name, idx, _, _), part in zip(self._offsets, parts):
             if name in self._whole:
                 param = self.model.get_parameter(name)
                 whole[name] = part.to(param.device).view(param.shape)
             else:
                 pieces[name].append((idx, part))
-        return {**whole, **{name: _rebuild(self.model.get_parameter(name), p) for name, p in pieces.items()}}
+        return {
+            **whole,
+            **{name: _rebuild(self.model.get_parameter(name), p) for name, p in pieces.items()},
+        }
 
-    def features(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def features(
+        self, x: torch.Tensor, input_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """What the loss's softmax reads, at the ``N = B * (s-1)`` predicted positions of ``input_ids`` (``(B, s)``).
 
         Returns ``(feats, head_weight, head_bias)``: with the fused head, ``feats`` are the LM head's inputs
@@ -179,13 +206,28 @@ class SubsetLoss(nn.Module):
         weights = self.weights(x)
         with attention_context(self.model) if self.double_backward else contextlib.nullcontext():
             if not self.fused_head:
-                logits = functional_call(self.model, weights, args=(), kwargs={"input_ids": input_ids, "use_cache": False}, tie_weights=False)[0]
+                logits = functional_call(
+                    self.model,
+                    weights,
+                    args=(),
+                    kwargs={"input_ids": input_ids, "use_cache": False},
+                    tie_weights=False,
+                )[0]
                 return logits[:, :-1].reshape(-1, logits.shape[-1]), None, None
             base = self.model.base_model
             k = len(self.model.base_model_prefix) + 1
-            hidden = functional_call(base, {n[k:]: w for n, w in weights.items()}, args=(), kwargs={"input_ids": input_ids, "use_cache": False})[0]
+            hidden = functional_call(
+                base,
+                {n[k:]: w for n, w in weights.items()},
+                args=(),
+                kwargs={"input_ids": input_ids, "use_cache": False},
+            )[0]
         head = self.model.get_output_embeddings()
-        return hidden[:, :-1].reshape(-1, hidden.shape[-1]).to(head.weight.device), head.weight, head.bias
+        return (
+            hidden[:, :-1].reshape(-1, hidden.shape[-1]).to(head.weight.device),
+            head.weight,
+            head.bias,
+        )
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """Scalar summed NLL of ``input_ids`` (``(B, s)``) at subset values ``x`` (``(n,)``)."""
@@ -225,13 +267,19 @@ class LayerOutputs:
             for p in m._parameters.values():
                 if p is not None:
                     owners[id(p)] += 1
-        per_module: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        per_module: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = defaultdict(
+            list
+        )
         start = 0
         for s in subset.slices:
             mod_name, _, leaf = s.param_name.rpartition(".")
             module = model.get_submodule(mod_name) if mod_name else model
             conv1d = type(module).__name__ == "Conv1D"
-            if leaf != "weight" or not (type(module) is nn.Linear or conv1d) or owners[id(module.weight)] != 1:
+            if (
+                leaf != "weight"
+                or not (type(module) is nn.Linear or conv1d)
+                or owners[id(module.weight)] != 1
+            ):
                 return None
             idx = s.flat_index.cpu()
             n_cols = module.weight.shape[1]
@@ -240,7 +288,12 @@ class LayerOutputs:
             per_module[mod_name].append((torch.arange(start, start + len(s)), unit, inp))
             start += len(s)
         n = start
-        modules, entry_module, entry_column, entry_input = [], torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long)
+        modules, entry_module, entry_column, entry_input = (
+            [],
+            torch.empty(n, dtype=torch.long),
+            torch.empty(n, dtype=torch.long),
+            torch.empty(n, dtype=torch.long),
+        )
         offset = 0
         for m_index, (name, parts) in enumerate(per_module.items()):
             pos, unit, inp = (torch.cat(t) for t in zip(*parts))
@@ -255,7 +308,9 @@ class LayerOutputs:
         return seqlen * self.width
 
     @contextmanager
-    def perturbed(self, model: nn.Module, delta: torch.Tensor, batch: int, seqlen: int) -> Iterator[list[torch.Tensor | None]]:
+    def perturbed(
+        self, model: nn.Module, delta: torch.Tensor, batch: int, seqlen: int
+    ) -> Iterator[list[torch.Tensor | None]]:
         """Within: each layer's output ``y`` becomes ``y + delta`` on its units (``delta``: flat ``(batch * seqlen * width,)``,
         laid out ``(batch, seqlen, width)``). Yields the layers' inputs as they are seen (``(batch, seqlen, in)``, one
         per module, ``None`` until called); raises ``ValueError`` if a layer is called twice or its input depends on ``delta``."""
@@ -266,7 +321,9 @@ class LayerOutputs:
         def hook(i: int, units: torch.Tensor, offset: int):
             def add(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
                 if inputs[i] is not None or args[0].requires_grad:
-                    raise ValueError("a selected layer is called twice or its input depends on the subset")
+                    raise ValueError(
+                        "a selected layer is called twice or its input depends on the subset"
+                    )
                 inputs[i] = args[0].detach()
                 d = z[..., offset : offset + len(units)].to(output.device, output.dtype)
                 return output.index_add(-1, units.to(output.device), d)
@@ -275,7 +332,9 @@ class LayerOutputs:
 
         try:
             for i, (name, units, offset) in enumerate(self.modules):
-                handles.append(model.get_submodule(name).register_forward_hook(hook(i, units, offset)))
+                handles.append(
+                    model.get_submodule(name).register_forward_hook(hook(i, units, offset))
+                )
             yield inputs
         finally:
             for h in handles:
@@ -289,5 +348,7 @@ class LayerOutputs:
         for m in range(len(self.modules)):
             ks = (self.entry_module == m).nonzero().squeeze(1)
             h = inputs[m][sample].to(j.device, dtype)  # (seqlen, in)
-            j[:, self.entry_column[ks].to(j.device), ks.to(j.device)] = h[:, self.entry_input[ks].to(j.device)]
+            j[:, self.entry_column[ks].to(j.device), ks.to(j.device)] = h[
+                :, self.entry_input[ks].to(j.device)
+            ]
         return j.view(seqlen * self.width, n)

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from .errors import ParamError, UserError
-from .inputs import check_causal_lm, check_finite_weights, check_loading_info, code_path, config_fingerprint
-from .inputs import hub_offline_if_unreachable, model_fingerprint, read_local_config
-from .precision import KEEP_DTYPE_ATTENTION, keep_float64
-
-
+from .inputs import (
+    check_causal_lm,
+    check_finite_weights,
+    check_loading_info,
+    code_path,
+    config_fingerprint,
+    hub_offline_if_unreachable,
+    model_fingerprint,
+    read_local_config,
+)
 from .paths import EMBEDDED, EMBEDDED_MODEL_DIR, ROOT, assets_dir  # noqa: E402,F401  (re-exported)
+from .precision import KEEP_DTYPE_ATTENTION, keep_float64
 
 ATTENTION_WITH_DOUBLE_BACKWARD = ("eager", "sdpa")
 """``eager`` attention, or ``sdpa`` run under the math backend, support second derivatives."""
@@ -36,7 +42,10 @@ def resolve_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ParamError("device", f"invalid device {device!r}: give a torch device such as cpu, cuda, cuda:1 or mps") from None
+        raise ParamError(
+            "device",
+            f"invalid device {device!r}: give a torch device such as cpu, cuda, cuda:1 or mps",
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ParamError("device", f"device {device} requested but CUDA is not available; use cpu")
     return dev
@@ -62,7 +71,9 @@ def _model_path(name: str) -> tuple[str, bool]:
     """``(path or hub id, whether it is a local directory)``, the local ``config.json`` checked, the hub probed."""
     path = resolve_model_path(name)
     if name == EMBEDDED and not Path(path, "config.json").is_file():
-        raise UserError(f"the embedded model is missing at {path}; rebuild it with tools/train_embedded_model.py")
+        raise UserError(
+            f"the embedded model is missing at {path}; rebuild it with tools/train_embedded_model.py"
+        )
     local = Path(path).is_dir()
     if local:
         read_local_config(Path(path))
@@ -71,7 +82,9 @@ def _model_path(name: str) -> tuple[str, bool]:
     return path, local
 
 
-def _load_failure(name: str, path: str, local: bool, attn_implementation: str, e: Exception) -> UserError:
+def _load_failure(
+    name: str, path: str, local: bool, attn_implementation: str, e: Exception
+) -> UserError:
     """One line for a model that cannot be loaded (hub unreachable, not cached, bad path, unknown architecture, corrupt file)."""
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if "attn" in msg.lower() or "attention" in msg.lower():
@@ -81,7 +94,12 @@ def _load_failure(name: str, path: str, local: bool, attn_implementation: str, e
     return UserError(f"{_offline_hint(name)} ({type(e).__name__}: {msg})")
 
 
-def model_skeleton(name: str, cache_dir: str | None = None, dtype: torch.dtype = torch.float32, attn_implementation: str = "eager") -> nn.Module | None:
+def model_skeleton(
+    name: str,
+    cache_dir: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "eager",
+) -> nn.Module | None:
     """The model's module tree on the ``meta`` device, built from its config alone: every module, parameter name
     and shape, no weight read or allocated (milliseconds, where loading a large model takes seconds).
 
@@ -105,7 +123,9 @@ def model_skeleton(name: str, cache_dir: str | None = None, dtype: torch.dtype =
             raise _load_failure(name, path, local, attn_implementation, e) from None
         try:
             with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+                model = AutoModelForCausalLM.from_config(
+                    config, attn_implementation=attn_implementation, dtype=dtype
+                )
         except ValueError as e:
             if "attn" in str(e).lower() or "attention" in str(e).lower():
                 raise _load_failure(name, path, local, attn_implementation, e) from None
@@ -137,23 +157,37 @@ def load_model(
 
     hf_logging.disable_progress_bar()  # keep stderr for our own progress bar and one-line errors
     path, local = _model_path(name)
-    kwargs = dict(cache_dir=cache_dir, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True, ignore_mismatched_sizes=True)
+    kwargs = dict(
+        cache_dir=cache_dir,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        output_loading_info=True,
+        ignore_mismatched_sizes=True,
+    )
     if device_map is not None:
         kwargs["device_map"] = parse_device_map(device_map)
         if isinstance(kwargs["device_map"], dict) and "disk" in kwargs["device_map"].values():
-            kwargs["offload_folder"] = str(offload_folder(name, cache_dir, dtype, kwargs["device_map"]))
+            kwargs["offload_folder"] = str(
+                offload_folder(name, cache_dir, dtype, kwargs["device_map"])
+            )
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the load report: we check it ourselves and say what matters in one line
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except Exception as e:  # hub unreachable, not cached, bad path, unknown architecture, corrupt weight file
+    except (
+        Exception
+    ) as e:  # hub unreachable, not cached, bad path, unknown architecture, corrupt weight file
         if not local and not isinstance(e, (OSError, ValueError, KeyError)):
             raise
         raise _load_failure(name, path, local, attn_implementation, e) from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    if getattr(model.config, "_attn_implementation", attn_implementation) != attn_implementation and hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(attn_implementation)  # a saved config's "attn_implementation" (the embedded model's) overrides the request
+    if getattr(
+        model.config, "_attn_implementation", attn_implementation
+    ) != attn_implementation and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(
+            attn_implementation
+        )  # a saved config's "attn_implementation" (the embedded model's) overrides the request
     check_loading_info(name, {**info, "model_class": type(model).__name__})
     check_causal_lm(name, model)
     check_finite_weights(model)
@@ -171,9 +205,15 @@ def parse_device_map(device_map: str | dict) -> str | dict:
         try:
             parsed = json.loads(device_map)
         except json.JSONDecodeError as e:
-            raise UserError(f"--device_map {device_map!r} is not a valid JSON object ({e.msg} at character {e.pos})") from None
-        if not isinstance(parsed, dict) or not all(isinstance(v, (str, int)) for v in parsed.values()):
-            raise UserError(f"--device_map {device_map!r} must map module names to devices, e.g. '{{\"model.decoder.layers.1\": \"disk\"}}'")
+            raise UserError(
+                f"--device_map {device_map!r} is not a valid JSON object ({e.msg} at character {e.pos})"
+            ) from None
+        if not isinstance(parsed, dict) or not all(
+            isinstance(v, (str, int)) for v in parsed.values()
+        ):
+            raise UserError(
+                f'--device_map {device_map!r} must map module names to devices, e.g. \'{{"model.decoder.layers.1": "disk"}}\''
+            )
         return parsed
     return device_map
 
@@ -183,7 +223,9 @@ def offload_folder(name: str, cache_dir: str | None, dtype: torch.dtype, device_
     import hashlib
     import json
 
-    key = hashlib.sha256(json.dumps([resolve_model_path(name), str(dtype), device_map], sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps([resolve_model_path(name), str(dtype), device_map], sort_keys=True).encode()
+    ).hexdigest()[:16]
     return Path(cache_dir or ".") / "offload" / key
 
 
@@ -242,7 +284,11 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     n = getattr(text_config(model), "num_hidden_layers", None)
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and (n is None or len(module) == n):
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module) > 0
+            and (n is None or len(module) == n)
+        ):
             size = sum(p.numel() for p in module.parameters())
             if best is None or size > best[0]:
                 best = (size, name, module)
@@ -267,7 +313,6 @@ def iter_named_linear(model: nn.Module) -> Iterator[tuple[int, str, str, nn.Modu
     for b, block in enumerate(blocks):
         for lname, m in linear_layers(block):
             yield b, lname, f"{prefix}.{b}.{lname}", m
-
 
 
 @dataclass
@@ -297,7 +342,14 @@ class ModelSpec:
 
     def load(self, device: torch.device | str = "cpu") -> nn.Module:
         """Load the model; with a ``fingerprint``, refuse a copy whose content differs from it."""
-        model = load_model(self.name, self.cache_dir, getattr(torch, self.dtype), device, self.attn_implementation, self.device_map)
+        model = load_model(
+            self.name,
+            self.cache_dir,
+            getattr(torch, self.dtype),
+            device,
+            self.attn_implementation,
+            self.device_map,
+        )
         checks = (
             ("fingerprint", model_fingerprint, "fingerprint"),
             ("config_fingerprint", config_fingerprint, "configuration"),

@@ -24,8 +24,9 @@ processes or under torchrun, with checkpoints (:func:`lib.parallel.run_job`).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -53,7 +54,16 @@ def hvp_rows(g: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return hv
 
 
-def hvp_products(g: torch.Tensor, x: torch.Tensor, rows: Rows, count: int, sink: Sink, chunk: int, progress: Progress | None = None, start: int = 0) -> int:
+def hvp_products(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    rows: Rows,
+    count: int,
+    sink: Sink,
+    chunk: int,
+    progress: Progress | None = None,
+    start: int = 0,
+) -> int:
     """``sink(start, v, H v)`` for consecutive chunks ``v = rows(start, stop)`` of vectors ``start..count-1``.
 
     ``chunk`` vectors share one batched backward; on a CUDA out-of-memory error the chunk is halved
@@ -99,7 +109,9 @@ class ChunkPolicy:
     tunings: dict[int, Tuning] = field(default_factory=dict)
     min_products: int = TUNE_MIN_PRODUCTS
 
-    def run(self, compute: Compute, count: int, size: int, measure: Callable[[Compute, int], Tuning]) -> None:
+    def run(
+        self, compute: Compute, count: int, size: int, measure: Callable[[Compute, int], Tuning]
+    ) -> None:
         """Vectors ``0..count-1`` of a block through ``compute(start, stop, chunk)`` (see :data:`lib.autotune.Compute`)
         with the chosen chunk, ``measure(compute, count)`` choosing it the first time for this ``size``."""
         done = 0
@@ -107,7 +119,9 @@ class ChunkPolicy:
         if chunk is None and count >= self.min_products:
             self.tunings[size] = measure(compute, count)
             chunk, done = self.tunings[size].chunk, self.tunings[size].done
-        used = compute(done, count, chunk or 1)  # smaller than chunk after a CUDA out-of-memory halving
+        used = compute(
+            done, count, chunk or 1
+        )  # smaller than chunk after a CUDA out-of-memory halving
         if self.given:
             self.given = used
         elif size in self.tunings:
@@ -129,10 +143,15 @@ class ChunkPolicy:
         """For the JSON: ``{flag: given, "measured": False}``, or ``{flag: "auto", "measured": {n: timings} or None}``."""
         if given:
             return {flag: given, "measured": False}
-        return {flag: "auto", "measured": {str(n): t.to_json() for n, t in self.tunings.items()} or None}
+        return {
+            flag: "auto",
+            "measured": {str(n): t.to_json() for n, t in self.tunings.items()} or None,
+        }
 
 
-def gradient_graph(fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gradient_graph(
+    fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x, g, value)``: a leaf copy ``x`` of ``x0``, ``g = grad fn(x)`` with its graph kept (``create_graph``), ``fn(x)``."""
     x = x0.detach().clone().requires_grad_(True)
     value = fn(x)
@@ -146,7 +165,13 @@ measured bytes: a quarter, as the CPU count (saved tensors only) saw ~70% of the
 kept graph on the embedded model (8.4 of 12 MB), and the products' own intermediates need room too."""
 
 
-def keep_all_graphs(mode: bool | str, batches: int, graph_bytes: int, free_bytes: int, fraction: float = GRAPH_MEMORY_FRACTION) -> bool:
+def keep_all_graphs(
+    mode: bool | str,
+    batches: int,
+    graph_bytes: int,
+    free_bytes: int,
+    fraction: float = GRAPH_MEMORY_FRACTION,
+) -> bool:
     """Keep every batch's gradient graph between passes? ``mode`` True / False force it; ``"auto"``: when the
     ``batches - 1`` graphs still to build, ``graph_bytes`` each (the first one's, measured), fit in ``fraction``
     of ``free_bytes`` (measured after the first graph was built)."""
@@ -157,7 +182,9 @@ def keep_all_graphs(mode: bool | str, batches: int, graph_bytes: int, free_bytes
     return (batches - 1) * graph_bytes <= fraction * free_bytes
 
 
-def graph_bytes_measured(build: Callable[[], Any], device: torch.device, exclude: set[int]) -> tuple[Any, int]:
+def graph_bytes_measured(
+    build: Callable[[], Any], device: torch.device, exclude: set[int]
+) -> tuple[Any, int]:
     """``(build(), bytes)``: the bytes the result's autograd graph holds. CUDA: the allocated-memory delta;
     otherwise the unique storages of the tensors the graph saves (``saved_tensors_hooks``), except those
     whose ``data_ptr`` is in ``exclude`` (the model's parameters), plus the returned tensors."""
@@ -201,7 +228,14 @@ class GraphCache:
     free_bytes: int | None = None
     graphs: dict = field(default_factory=dict)
 
-    def get(self, k: int, batches: int, build: Callable[[], Any], device: torch.device, exclude: Callable[[], set[int]]) -> Any:
+    def get(
+        self,
+        k: int,
+        batches: int,
+        build: Callable[[], Any],
+        device: torch.device,
+        exclude: Callable[[], set[int]],
+    ) -> Any:
         """Unit ``k``'s graph: kept, or built (measured and decided on the first one; ``exclude()``: the storages not
         to count, e.g. the model's parameters, asked for only then)."""
         if k in self.graphs:
@@ -212,7 +246,9 @@ class GraphCache:
                 self.free_bytes = free_memory(device)
             else:
                 out = build()
-            self.keep = keep_all_graphs(self.mode, batches, self.graph_bytes or 0, self.free_bytes or 0)
+            self.keep = keep_all_graphs(
+                self.mode, batches, self.graph_bytes or 0, self.free_bytes or 0
+            )
         else:
             out = build()
         if self.keep:
@@ -221,9 +257,18 @@ class GraphCache:
 
     def report(self) -> dict[str, Any]:
         """For the JSON: mode, decision, the measured bytes and the free memory they were compared with."""
-        out = {"mode": self.mode, "kept": bool(self.keep), "graph_bytes": self.graph_bytes, "free_bytes": self.free_bytes, "graphs_kept": len(self.graphs), "memory_fraction": GRAPH_MEMORY_FRACTION}
+        out = {
+            "mode": self.mode,
+            "kept": bool(self.keep),
+            "graph_bytes": self.graph_bytes,
+            "free_bytes": self.free_bytes,
+            "graphs_kept": len(self.graphs),
+            "memory_fraction": GRAPH_MEMORY_FRACTION,
+        }
         if self.keep is None:
-            out["note"] = "no pass ran in this process: worker processes (--devices) rebuild the graphs every pass"
+            out["note"] = (
+                "no pass ran in this process: worker processes (--devices) rebuild the graphs every pass"
+            )
         return out
 
 
@@ -257,7 +302,16 @@ class Products(Protocol):
         ``sums()`` (additive counts added to the unit's partial sums, :func:`graph_sums`)."""
         ...
 
-    def __call__(self, graph: BatchGraph, rows: Rows, count: int, sink: Sink, chunk: int, progress: Progress | None = None, start: int = 0) -> int:
+    def __call__(
+        self,
+        graph: BatchGraph,
+        rows: Rows,
+        count: int,
+        sink: Sink,
+        chunk: int,
+        progress: Progress | None = None,
+        start: int = 0,
+    ) -> int:
         """:func:`hvp_products`' contract: ``sink(a, v, H v)`` for vectors ``start..count-1``; returns the chunk that worked."""
         ...
 
@@ -272,7 +326,16 @@ class ReverseOverReverse:
     def graph(self, fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor) -> BatchGraph:
         return BatchGraph(*gradient_graph(fn, x0))
 
-    def __call__(self, graph: BatchGraph, rows: Rows, count: int, sink: Sink, chunk: int, progress: Progress | None = None, start: int = 0) -> int:
+    def __call__(
+        self,
+        graph: BatchGraph,
+        rows: Rows,
+        count: int,
+        sink: Sink,
+        chunk: int,
+        progress: Progress | None = None,
+        start: int = 0,
+    ) -> int:
         return hvp_products(graph.g, graph.x, rows, count, sink, chunk, progress, start=start)
 
 
@@ -298,10 +361,16 @@ def fd_stats(products: Products, sums: Partial | None) -> FDStats | None:
     return FDStats.from_sums(sums or {}) if isinstance(products, FiniteDifference) else None
 
 
-def unit_rows(n: int, start: int, stop: int, like: torch.Tensor, entries: torch.Tensor | None = None) -> torch.Tensor:
+def unit_rows(
+    n: int, start: int, stop: int, like: torch.Tensor, entries: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rows ``start..stop-1`` of the ``n x n`` identity (``entries`` given: the unit vectors ``e_i`` of
     ``entries[start:stop]``), shape ``(stop - start, n)``, with ``like``'s dtype and device."""
-    cols = torch.arange(start, stop, device=like.device) if entries is None else entries[start:stop].to(like.device)
+    cols = (
+        torch.arange(start, stop, device=like.device)
+        if entries is None
+        else entries[start:stop].to(like.device)
+    )
     e = torch.zeros(stop - start, n, dtype=like.dtype, device=like.device)
     e[torch.arange(stop - start, device=like.device), cols] = 1
     return e
@@ -337,10 +406,24 @@ class ProductJob(ModelJob):
     _policy: ChunkPolicy | None = None
     """Per-process chunk choice (not pickled: each worker measures its own); a job may be handed a shared one."""
 
-    def __init__(self, samples: torch.Tensor, model_input_bs: int = 1, chunk: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, model: nn.Module | None = None, products: Products | None = None):
+    def __init__(
+        self,
+        samples: torch.Tensor,
+        model_input_bs: int = 1,
+        chunk: int | None = None,
+        fused_head: bool | None = None,
+        spec: ModelSpec | None = None,
+        model: nn.Module | None = None,
+        products: Products | None = None,
+    ):
         if model is None and spec is None:
             raise ValueError("give a model or a ModelSpec")
-        self.samples, self.model_input_bs, self.chunk, self.fused_head = samples, model_input_bs, chunk, fused_head
+        self.samples, self.model_input_bs, self.chunk, self.fused_head = (
+            samples,
+            model_input_bs,
+            chunk,
+            fused_head,
+        )
         self.spec, self.model = spec, model
         self.products = REVERSE_OVER_REVERSE if products is None else products
 
@@ -376,15 +459,26 @@ class ProductJob(ModelJob):
         double = getattr(self.products, "double_backward", True)
         return SubsetLoss(self.model, subset, fused_head=self.fused_head, double_backward=double)
 
-    def batch_graph(self, objective: SubsetLoss, batch: torch.Tensor, x0: torch.Tensor | None = None) -> BatchGraph:
+    def batch_graph(
+        self, objective: SubsetLoss, batch: torch.Tensor, x0: torch.Tensor | None = None
+    ) -> BatchGraph:
         """What the products of ``objective`` on ``batch`` at ``x0`` (default ``objective.x0()``) start from."""
-        graph = self.products.graph(lambda z: objective(z, batch), objective.x0() if x0 is None else x0)
+        graph = self.products.graph(
+            lambda z: objective(z, batch), objective.x0() if x0 is None else x0
+        )
         watch = getattr(graph, "watch", None)
         if watch is not None:  # e.g. finite differences: the model's ReLU kinks
             watch(objective.model)
         return graph
 
-    def multiply(self, graph: BatchGraph, rows: Rows, count: int, sink: Sink, progress: Progress | None = None) -> None:
+    def multiply(
+        self,
+        graph: BatchGraph,
+        rows: Rows,
+        count: int,
+        sink: Sink,
+        progress: Progress | None = None,
+    ) -> None:
         """``sink(start, v, H v)`` for the ``count`` vectors of ``rows`` in chunks: the given ``chunk``, else the one
         measured (:func:`lib.autotune.tune`, budget: ``count`` products in each unit) the first time a block of
         this size of ``x`` has at least ``min_products`` vectors (the measured products are kept), else 1."""
@@ -392,8 +486,12 @@ class ProductJob(ModelJob):
         if not getattr(self.products, "batched", True):  # one vector at a time: no chunk to choose
             self.products(graph, rows, count, sink, 1, progress)
             return
-        compute = lambda start, stop, chunk: self.products(graph, rows, stop, sink, chunk, progress, start=start)  # noqa: E731
-        measure = lambda c, m: tune(c, m, self.model, self.tokens, x, total=count * self.num_units())  # noqa: E731
+        compute = lambda start, stop, chunk: self.products(
+            graph, rows, stop, sink, chunk, progress, start=start
+        )  # noqa: E731
+        measure = lambda c, m: tune(
+            c, m, self.model, self.tokens, x, total=count * self.num_units()
+        )  # noqa: E731
         self._policy.run(compute, count, x.numel(), measure)
 
     def chunk_report(self, flag: str = "chunk") -> dict[str, Any]:
@@ -414,7 +512,9 @@ class ProductJob(ModelJob):
 
 def subset_digest(subset: Subset) -> str:
     """SHA-256 of a subset's parameter names and entry digests (no Python list of its entries: whole models too)."""
-    return hashlib.sha256("".join(f"{s.param_name}:{digest(s.flat_index)};" for s in subset.slices).encode()).hexdigest()
+    return hashlib.sha256(
+        "".join(f"{s.param_name}:{digest(s.flat_index)};" for s in subset.slices).encode()
+    ).hexdigest()
 
 
 class HVPJob(ProductJob):
@@ -425,7 +525,19 @@ class HVPJob(ProductJob):
     goes into :meth:`config`, so checkpoints of different passes are never mixed up.
     """
 
-    def __init__(self, subset: Subset, samples: torch.Tensor, vt: torch.Tensor, model_input_bs: int = 1, chunk: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, model: nn.Module | None = None, tag: str = "", products: Products | None = None):
+    def __init__(
+        self,
+        subset: Subset,
+        samples: torch.Tensor,
+        vt: torch.Tensor,
+        model_input_bs: int = 1,
+        chunk: int | None = None,
+        fused_head: bool | None = None,
+        spec: ModelSpec | None = None,
+        model: nn.Module | None = None,
+        tag: str = "",
+        products: Products | None = None,
+    ):
         super().__init__(samples, model_input_bs, chunk, fused_head, spec, model, products)
         self.subset, self.vt, self.tag = subset, vt, tag
 
@@ -461,13 +573,21 @@ class HVPJob(ProductJob):
 
     def run_unit(self, k: int, progress: Progress | None = None) -> Partial:
         graph = self._graph(k)
-        dtype = getattr(self.products, "vector_dtype", lambda d: d)(graph.x.dtype)  # finite differences: float32 for bf16
-        if getattr(self, "_vt", None) is None or self._vt.device != graph.x.device:  # once per pass, not per batch
+        dtype = getattr(self.products, "vector_dtype", lambda d: d)(
+            graph.x.dtype
+        )  # finite differences: float32 for bf16
+        if (
+            getattr(self, "_vt", None) is None or self._vt.device != graph.x.device
+        ):  # once per pass, not per batch
             self._vt = self.vt.to(device=graph.x.device, dtype=dtype)
         vt = self._vt
         hv = torch.empty_like(vt)
         self.multiply(graph, lambda a, b: vt[a:b], len(vt), store_rows(hv), progress)
-        return {"hv_sum": hv.detach().cpu(), "nll_sum": graph.value.detach().cpu(), **graph_sums(graph)}
+        return {
+            "hv_sum": hv.detach().cpu(),
+            "nll_sum": graph.value.detach().cpu(),
+            **graph_sums(graph),
+        }
 
     def config(self) -> dict[str, Any]:
         return {
@@ -505,11 +625,33 @@ class HessianOperator:
     modified (perturbed copies are substituted).
     """
 
-    def __init__(self, model: nn.Module, subset: Subset, samples: torch.Tensor, model_input_bs: int | str = "auto", chunk: int | None = None, fused_head: bool | None = None, spec: ModelSpec | None = None, run: Callable[[HVPJob], Partial | None] | None = None, keep_graphs: bool | str = "auto", products: Products | None = None, hvp: str = "exact", fd: FDSettings | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        subset: Subset,
+        samples: torch.Tensor,
+        model_input_bs: int | str = "auto",
+        chunk: int | None = None,
+        fused_head: bool | None = None,
+        spec: ModelSpec | None = None,
+        run: Callable[[HVPJob], Partial | None] | None = None,
+        keep_graphs: bool | str = "auto",
+        products: Products | None = None,
+        hvp: str = "exact",
+        fd: FDSettings | None = None,
+    ):
         products = products_for(hvp, fd) if products is None else products
         self.model, self.subset, self.samples = model, subset, samples
         device = next(model.parameters()).device
-        self.model_input_bs, self.model_input_bs_why = samples_per_forward(model_input_bs, model, samples.shape[0], samples.shape[1], 1, device, passes=OPERATOR_PASSES)
+        self.model_input_bs, self.model_input_bs_why = samples_per_forward(
+            model_input_bs,
+            model,
+            samples.shape[0],
+            samples.shape[1],
+            1,
+            device,
+            passes=OPERATOR_PASSES,
+        )
         self.chunk, self.fused_head, self.spec, self.products = chunk, fused_head, spec, products
         self.fd_stats = FDStats()
         self._prepared: dict = {}
@@ -526,7 +668,18 @@ class HessianOperator:
 
     def job(self, vt: torch.Tensor, tag: str = "") -> HVPJob:
         """The additive job of one pass computing ``H`` applied to the rows of ``vt`` (``(p, n)``)."""
-        job = HVPJob(self.subset, self.samples, vt.detach().to("cpu", torch.float64).contiguous(), self.model_input_bs, self.chunk, self.fused_head, spec=self.spec, model=self.model, tag=tag, products=self.products)
+        job = HVPJob(
+            self.subset,
+            self.samples,
+            vt.detach().to("cpu", torch.float64).contiguous(),
+            self.model_input_bs,
+            self.chunk,
+            self.fused_head,
+            spec=self.spec,
+            model=self.model,
+            tag=tag,
+            products=self.products,
+        )
         job._graphs, job._policy, job._prepared = self.graphs, self.policy, self._prepared
         return job
 
@@ -542,8 +695,16 @@ class HessianOperator:
         "model_input_bs": {...}}`` instead."""
         bs = {"chosen": self.model_input_bs, "why": self.model_input_bs_why}
         if isinstance(self.products, FiniteDifference):
-            return {"hvp": self.products.report(next(self.model.parameters()).dtype, self.fd_stats), "model_input_bs": bs}
-        return {"hvp": {"hvp": "exact"}, "keep_graphs": self.graphs.report(), "chunk": self.policy.report(self.chunk, "chunk"), "model_input_bs": bs}
+            return {
+                "hvp": self.products.report(next(self.model.parameters()).dtype, self.fd_stats),
+                "model_input_bs": bs,
+            }
+        return {
+            "hvp": {"hvp": "exact"},
+            "keep_graphs": self.graphs.report(),
+            "chunk": self.policy.report(self.chunk, "chunk"),
+            "model_input_bs": bs,
+        }
 
     def _run(self, job: HVPJob) -> Partial | None:
         if self.run is not None:
@@ -563,7 +724,9 @@ class HessianOperator:
             return None
         self.record(sums)
         self.nll_sum = float(sums["nll_sum"])
-        out = sums["hv_sum"].div_(self.n_tokens).T.contiguous()  # the sums are this call's own: divided in place
+        out = (
+            sums["hv_sum"].div_(self.n_tokens).T.contiguous()
+        )  # the sums are this call's own: divided in place
         return out.numpy() if is_numpy else out
 
     def matvec(self, v: Any) -> Any:
@@ -581,4 +744,11 @@ class HessianOperator:
         import numpy as np
         from scipy.sparse.linalg import LinearOperator
 
-        return LinearOperator(self.shape, matvec=self.matvec, rmatvec=self.matvec, matmat=self.matmat, rmatmat=self.matmat, dtype=np.float64)
+        return LinearOperator(
+            self.shape,
+            matvec=self.matvec,
+            rmatvec=self.matvec,
+            matmat=self.matmat,
+            rmatmat=self.matmat,
+            dtype=np.float64,
+        )

@@ -42,8 +42,17 @@ def default_name(prefix: str, digest: str) -> str:
 
 def check_name(name: str) -> None:
     """``--name`` must be a plain file stem: no path separator, not ``.``/``..``, not empty."""
-    if not name or name in (".", "..") or "/" in name or os.sep in name or "\0" in name or name.startswith("."):
-        raise UserError(f"--name {name!r} is not a plain file name (no '/', not '.', '..' or a hidden name); use --output_dir for the folder")
+    if (
+        not name
+        or name in (".", "..")
+        or "/" in name
+        or os.sep in name
+        or "\0" in name
+        or name.startswith(".")
+    ):
+        raise UserError(
+            f"--name {name!r} is not a plain file name (no '/', not '.', '..' or a hidden name); use --output_dir for the folder"
+        )
 
 
 FIGURE_FORMATS = (".pdf", ".png")
@@ -58,7 +67,9 @@ def figure_files(stem: str) -> list[str]:
     return [stem + ext for ext in FIGURE_FORMATS]
 
 
-def planned_files(name: str, figures: Iterable[str] = ("",), tensors: Iterable[str] = ()) -> list[str]:
+def planned_files(
+    name: str, figures: Iterable[str] = ("",), tensors: Iterable[str] = ()
+) -> list[str]:
     """The result files a run writes besides its checkpoints: ``<name>.pt``, ``<name>.json``, ``<name><t>.pt`` for
     each extra tensor stem ``t`` and ``<name><f>.pdf/.png`` for each figure stem ``f`` (``""``: the main figure;
     ``"_slice_mass"``, ...)."""
@@ -70,7 +81,13 @@ def planned_files(name: str, figures: Iterable[str] = ("",), tensors: Iterable[s
 
 def _fixed_files(stem: str) -> set[str]:
     """Files any result or run named ``stem`` may have whatever its flags."""
-    return {f"{stem}.pt", f"{stem}.json", f"{stem}.lock", *figure_files(stem), *(stem + c for c in CHECKPOINT_SUFFIXES)}
+    return {
+        f"{stem}.pt",
+        f"{stem}.json",
+        f"{stem}.lock",
+        *figure_files(stem),
+        *(stem + c for c in CHECKPOINT_SUFFIXES),
+    }
 
 
 PID_DIGITS = len(str(2**22))
@@ -126,7 +143,9 @@ def _probe_dir(out: Path) -> Path | None:
             probe.unlink(missing_ok=True)
     except OSError as e:
         _remove_empty(out, created)
-        raise UserError(f"--output_dir {str(out)!r} is not a writable directory ({e.strerror or e}); choose another --output_dir") from None
+        raise UserError(
+            f"--output_dir {str(out)!r} is not a writable directory ({e.strerror or e}); choose another --output_dir"
+        ) from None
     return created
 
 
@@ -208,7 +227,9 @@ def _owner(out: Path, stem: str, own: set[str]) -> tuple[set[str], str] | None:
             lines = lock.read_text().splitlines()
         except OSError:
             lines = []
-        return _fixed_files(stem) | set(lines[1:]), f"a run in progress (pid {lines[0] if lines else '?'}) named {stem}"
+        return _fixed_files(stem) | set(
+            lines[1:]
+        ), f"a run in progress (pid {lines[0] if lines else '?'}) named {stem}"
     if ckpt.exists() and ckpt.name not in own:
         return _fixed_files(stem), f"the unfinished run {stem} (checkpoint {ckpt})"
     return None
@@ -266,7 +287,9 @@ def _lock(path: Path, files: Sequence[str] = ()) -> int:
                 pid = (path.read_text().splitlines() or ["?"])[0].strip() or "?"
             except OSError:
                 pid = "?"
-            raise UserError(f"another run (pid {pid}) is writing {path.with_suffix('')}.*; wait for it to finish or choose another --name") from None
+            raise UserError(
+                f"another run (pid {pid}) is writing {path.with_suffix('')}.*; wait for it to finish or choose another --name"
+            ) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -297,12 +320,16 @@ def claim(
     check_name(name)
     out = Path(output_dir)
     results_files = planned_files(name) if files is None else files
-    planned = list(dict.fromkeys([*results_files, *(Path(p).name for p in checkpoints), f"{name}.lock"]))
+    planned = list(
+        dict.fromkeys([*results_files, *(Path(p).name for p in checkpoints), f"{name}.lock"])
+    )
     check_name_length(out, name, planned)
     if not rank0:
         return Claim(out / f"{name}.lock", None)
     if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir {str(out)!r} is a file, not a directory; choose another --output_dir")
+        raise UserError(
+            f"--output_dir {str(out)!r} is a file, not a directory; choose another --output_dir"
+        )
     created = _probe_dir(out)
     lock_path = out / f"{name}.lock"
     try:
@@ -314,11 +341,15 @@ def claim(
     try:
         finished = out / f"{name}.json"
         if finished.exists() and not overwrite:
-            raise UserError(f"{finished} holds a finished result; pass --overwrite to replace it, or choose another --name")
+            raise UserError(
+                f"{finished} holds a finished result; pass --overwrite to replace it, or choose another --name"
+            )
         if not resume:
             for p in checkpoints:
                 if Path(p).exists():
-                    raise UserError(f"checkpoint {p} exists from an earlier run; pass --resume to continue it, or delete it to start over")
+                    raise UserError(
+                        f"checkpoint {p} exists from an earlier run; pass --resume to continue it, or delete it to start over"
+                    )
         check_foreign(out, name, planned)
         _remove_stale_temps(out, planned)
     except BaseException:
@@ -369,7 +400,10 @@ def guarded(fn: F) -> F:
         except (Interrupted, KeyboardInterrupt) as e:
             if len(_CURRENT) > depth and _CURRENT[-1].saving:
                 signum = e.signum if isinstance(e, Interrupted) else 2
-                raise Interrupted(signum, f"interrupted by {signal_name(signum)} while writing the results; {_kept(_CURRENT[-1])}") from None
+                raise Interrupted(
+                    signum,
+                    f"interrupted by {signal_name(signum)} while writing the results; {_kept(_CURRENT[-1])}",
+                ) from None
             raise
         except Exception as e:  # noqa: BLE001 -- a disk full or a permission change while writing the outputs
             if len(_CURRENT) > depth and _CURRENT[-1].saving:

@@ -52,10 +52,11 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -90,7 +91,7 @@ class RunSettings:
     set-up)."""
     force_workers: bool = False
     """Run a single device in a spawned worker too (benchmarks; isolation from the parent)."""
-    pool: "WorkerPool | None" = None
+    pool: WorkerPool | None = None
     """Worker processes kept between jobs (:class:`WorkerPool`, on ``devices``); ``None``: each job spawns and stops its own."""
     snapshot_units: tuple[int, ...] = ()
     """Keep the running sum after these many units (prefix lengths) in ``snapshots`` (:mod:`lib.batch_study`); part of the checkpoint's configuration."""
@@ -130,7 +131,9 @@ def check_finite(job: AdditiveJob, k: int, partial: Partial) -> None:
         raise RunError(f"{unit_label(job, k)} (unit {k}) gave NaN or Inf in {', '.join(bad)}")
 
 
-def initial_state(job: AdditiveJob, cfg: ckpt.CheckpointConfig | None, config: dict[str, Any]) -> ckpt.RunState:
+def initial_state(
+    job: AdditiveJob, cfg: ckpt.CheckpointConfig | None, config: dict[str, Any]
+) -> ckpt.RunState:
     """The state to start from: the checkpoint's with ``cfg.resume``, else empty.
 
     Refuses to overwrite an existing checkpoint without ``resume``; with ``resume`` and no file, starts
@@ -146,7 +149,9 @@ def initial_state(job: AdditiveJob, cfg: ckpt.CheckpointConfig | None, config: d
             cfg.owned = True
             print(f"resuming from {path}: {state.n_done} of {n} units done", file=sys.stderr)
             return state
-        raise UserError(f"checkpoint {path} exists from an earlier run; pass --resume to continue it, or delete it to start over")
+        raise UserError(
+            f"checkpoint {path} exists from an earlier run; pass --resume to continue it, or delete it to start over"
+        )
     elif cfg.resume:
         print(f"no checkpoint at {path}; starting from the beginning", file=sys.stderr)
     return ckpt.RunState(n)
@@ -168,7 +173,11 @@ def _reuse_chunks(job: AdditiveJob, chunks: dict[int, int] | None = None) -> Non
 def job_config(job: AdditiveJob, settings: RunSettings) -> dict[str, Any]:
     """The configuration a checkpoint is validated against: ``settings.identity`` overridden by the job's, plus the snapshot units if any."""
     config = {**settings.identity, **job.config()}
-    return {**config, "snapshot_units": list(settings.snapshot_units)} if settings.snapshot_units else config
+    return (
+        {**config, "snapshot_units": list(settings.snapshot_units)}
+        if settings.snapshot_units
+        else config
+    )
 
 
 def _dumps(partial: Partial) -> bytes:
@@ -198,7 +207,9 @@ class _Bar:
 
     def update(self, n: int) -> None:
         if self.bar is not None:
-            if not self.started:  # the ETA counts from the first finished step, not from model loading
+            if (
+                not self.started
+            ):  # the ETA counts from the first finished step, not from model loading
                 self.bar.unpause()
                 self.started = True
             self.bar.update(n)
@@ -257,15 +268,21 @@ _SIGNALS = _Signals()
 class _Sink:
     """The parent's side of a run: checks and adds unit partials in order, checkpoints, shows progress."""
 
-    def __init__(self, job: AdditiveJob, settings: RunSettings, state: ckpt.RunState, config: dict[str, Any]):
+    def __init__(
+        self, job: AdditiveJob, settings: RunSettings, state: ckpt.RunState, config: dict[str, Any]
+    ):
         self.job, self.state, self.settings = job, state, settings
         state.record = frozenset(settings.snapshot_units)
         self.writer = ckpt.Writer(settings.checkpoint, config, state)
         steps = job.steps_per_unit()
-        self.bar = _Bar(settings.progress, state.num_units * steps, state.n_done * steps, settings.desc)
+        self.bar = _Bar(
+            settings.progress, state.num_units * steps, state.n_done * steps, settings.desc
+        )
         self.cfg = settings.checkpoint
 
-    def accept(self, k: int, partial: Partial, who: str | None = None, chunks: dict[int, int] | None = None) -> None:
+    def accept(
+        self, k: int, partial: Partial, who: str | None = None, chunks: dict[int, int] | None = None
+    ) -> None:
         """Add unit ``k``'s ``partial``, computed by process ``who`` with ``chunks`` (recorded in the state and the
         checkpoint)."""
         check_finite(self.job, k, partial)
@@ -294,7 +311,9 @@ class _Sink:
         self.settings.snapshots = self.state.snapshots
         if self.state.chunks:
             chunks = self.state.chunks.items()
-            self.settings.stats["chunks"] = {who: {str(n): c for n, c in per.items()} for who, per in chunks}
+            self.settings.stats["chunks"] = {
+                who: {str(n): c for n, c in per.items()} for who, per in chunks
+            }
         return self.state.total()
 
 
@@ -309,7 +328,9 @@ def run_job(job: AdditiveJob, settings: RunSettings) -> Partial | None:
         config = job_config(job, settings)
         state = initial_state(job, settings.checkpoint, config)
         sink = _Sink(job, settings, state, config)
-        if state.chunks and not state.complete:  # resumed: compute the rest with the chunks the first session used
+        if (
+            state.chunks and not state.complete
+        ):  # resumed: compute the rest with the chunks the first session used
             _reuse_chunks(job, state.reused_chunks())
             settings.stats["reused_chunks"] = {str(n): c for n, c in state.reused_chunks().items()}
         try:
@@ -326,7 +347,10 @@ def run_job(job: AdditiveJob, settings: RunSettings) -> Partial | None:
         except (Interrupted, KeyboardInterrupt) as e:
             sink.fail()
             signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
-            raise Interrupted(signum, f"interrupted by {signal_name(signum)}{sink.kept() or '; no unit was finished'}") from None
+            raise Interrupted(
+                signum,
+                f"interrupted by {signal_name(signum)}{sink.kept() or '; no unit was finished'}",
+            ) from None
         except BaseException:
             sink.fail()
             if sink.kept():
@@ -349,7 +373,14 @@ def _run_here(job: AdditiveJob, settings: RunSettings, sink: _Sink) -> None:
         partial = job.run_unit(k, sink.bar.update)
         cpu_s += time.process_time() - c0
         sink.accept(k, partial, who, _chunks_used(job))
-    settings.stats.update(mode="serial", workers=1, units_run=len(remaining), setup_s=t1 - t0, compute_s=time.perf_counter() - t1, unit_cpu_s=cpu_s)
+    settings.stats.update(
+        mode="serial",
+        workers=1,
+        units_run=len(remaining),
+        setup_s=t1 - t0,
+        compute_s=time.perf_counter() - t1,
+        unit_cpu_s=cpu_s,
+    )
 
 
 # ----------------------------------------------------------------------------- worker processes
@@ -386,8 +417,13 @@ def _die_with_parent(parent: int) -> None:
         try:
             import ctypes
 
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-        except (OSError, AttributeError):  # pragma: no cover -- no libc prctl: the thread below suffices
+            ctypes.CDLL(None, use_errno=True).prctl(
+                1, signal.SIGKILL, 0, 0, 0
+            )  # 1 = PR_SET_PDEATHSIG
+        except (
+            OSError,
+            AttributeError,
+        ):  # pragma: no cover -- no libc prctl: the thread below suffices
             pass
 
     def watch() -> None:
@@ -406,7 +442,9 @@ def _worker_main(index: int, device: str, conn, threads: int, parent: int | None
 
     Models stay loaded between jobs (:func:`lib.jobs.keep_models`). Every message back names its job ``seq``,
     so the parent can tell a late message about an earlier job (a worker still setting up when that job ended)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the workers
+    signal.signal(
+        signal.SIGINT, signal.SIG_IGN
+    )  # Ctrl-C reaches the parent, which stops the workers
     if parent is not None:
         _die_with_parent(parent)
     torch.set_num_threads(threads)
@@ -435,7 +473,9 @@ def _worker_main(index: int, device: str, conn, threads: int, parent: int | None
         return  # the parent is gone or stopped us
     except BaseException as e:  # noqa: BLE001 -- everything goes back to the parent
         try:
-            conn.send(("error", seq, k, _summary(e), traceback.format_exc(), isinstance(e, UserError)))
+            conn.send(
+                ("error", seq, k, _summary(e), traceback.format_exc(), isinstance(e, UserError))
+            )
         except OSError:
             pass
         raise SystemExit(1) from None
@@ -491,7 +531,7 @@ class WorkerPool:
         self.started = 0
         self.jobs = 0
 
-    def __enter__(self) -> "WorkerPool":
+    def __enter__(self) -> WorkerPool:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -510,7 +550,9 @@ class WorkerPool:
                 for i, dev in enumerate(self.devices):
                     parent_conn, child_conn = ctx.Pipe()
                     args = (i, str(dev), child_conn, threads, os.getpid())
-                    proc = ctx.Process(target=_worker_main, args=args, name=f"hessian-worker-{i}", daemon=True)
+                    proc = ctx.Process(
+                        target=_worker_main, args=args, name=f"hessian-worker-{i}", daemon=True
+                    )
                     proc.start()
                     child_conn.close()
                     self.workers.append(_Worker(i, dev, proc, parent_conn))
@@ -539,7 +581,9 @@ def _run_workers(job: AdditiveJob, settings: RunSettings, sink: _Sink) -> None:
             _run_on_pool(job, settings, sink, own)
         return
     if pool.devices != list(settings.devices):
-        raise ValueError(f"the worker pool runs on {pool.devices}, the settings ask for {settings.devices}")
+        raise ValueError(
+            f"the worker pool runs on {pool.devices}, the settings ask for {settings.devices}"
+        )
     try:
         _run_on_pool(job, settings, sink, pool)
     except BaseException:
@@ -566,7 +610,11 @@ def _run_on_pool(job: AdditiveJob, settings: RunSettings, sink: _Sink, pool: Wor
 
     def died(w: _Worker) -> RunError:
         w.proc.join(timeout=5)
-        where = f" while computing {unit_label(job, w.unit)} (unit {w.unit})" if w.unit is not None else ("" if w.ready else " while setting up")
+        where = (
+            f" while computing {unit_label(job, w.unit)} (unit {w.unit})"
+            if w.unit is not None
+            else ("" if w.ready else " while setting up")
+        )
         return RunError(f"{w.name} {_exit_text(w.proc.exitcode)}{where}")
 
     def send(w: _Worker, msg: Any) -> None:
@@ -627,7 +675,9 @@ def _run_on_pool(job: AdditiveJob, settings: RunSettings, sink: _Sink, pool: Wor
         if hung is not None:
             w, why = hung
             w.proc.kill()  # a stopped (SIGSTOP) or deadlocked process ignores gentler signals
-            raise RunError(f"{w.name} has computed {unit_label(job, w.unit)} (unit {w.unit}) for {time.monotonic() - w.started:.0f}s, over {why}; it was stopped as hung")
+            raise RunError(
+                f"{w.name} has computed {unit_label(job, w.unit)} (unit {w.unit}) for {time.monotonic() - w.started:.0f}s, over {why}; it was stopped as hung"
+            )
         stuck = _stuck_in_setup(workers, setup_s, settings.setup_timeout)
         if stuck is not None:
             w, why = stuck
@@ -640,10 +690,21 @@ def _run_on_pool(job: AdditiveJob, settings: RunSettings, sink: _Sink, pool: Wor
             w.stopping = True
             send(w, None)
     end = time.perf_counter()
-    settings.stats.update(mode="workers", workers=len(workers), workers_spawned=pool.started - started, pool_job=seq, units_run=n_todo, setup_s=(t_ready or end) - t0, compute_s=end - (t_ready or end), unit_cpu_s=cpu_s[0])
+    settings.stats.update(
+        mode="workers",
+        workers=len(workers),
+        workers_spawned=pool.started - started,
+        pool_job=seq,
+        units_run=n_todo,
+        setup_s=(t_ready or end) - t0,
+        compute_s=end - (t_ready or end),
+        unit_cpu_s=cpu_s[0],
+    )
 
 
-def _hung_worker(live: list[_Worker], unit_s: list[float], timeout: float) -> tuple[_Worker, str] | None:
+def _hung_worker(
+    live: list[_Worker], unit_s: list[float], timeout: float
+) -> tuple[_Worker, str] | None:
     """A worker whose current unit runs past the limit (``timeout``, or the automatic one), and the limit in words."""
     if timeout > 0:
         limit, why = timeout, f"--unit_timeout {timeout:g}s"
@@ -660,7 +721,9 @@ def _hung_worker(live: list[_Worker], unit_s: list[float], timeout: float) -> tu
     return None
 
 
-def _stuck_in_setup(live: list[_Worker], setup_s: list[float], timeout: float) -> tuple[_Worker, str] | None:
+def _stuck_in_setup(
+    live: list[_Worker], setup_s: list[float], timeout: float
+) -> tuple[_Worker, str] | None:
     """A worker still setting up the current job past the limit (``timeout``, or the automatic one), and the limit
     in words."""
     if timeout > 0:
@@ -695,7 +758,9 @@ def _stop(workers: list[_Worker], grace_s: float = 1.0) -> None:
         if w.proc.is_alive():
             w.proc.terminate()
             try:
-                os.kill(w.proc.pid, signal.SIGCONT)  # a stopped (SIGSTOP) worker acts on SIGTERM once continued
+                os.kill(
+                    w.proc.pid, signal.SIGCONT
+                )  # a stopped (SIGSTOP) worker acts on SIGTERM once continued
             except OSError:
                 pass
     for w in workers:
@@ -716,11 +781,15 @@ def init_process_group(device: torch.device) -> bool:
         return False
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
+    dist.init_process_group(
+        backend="nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT
+    )
     return True
 
 
-def _run_distributed(job: AdditiveJob, settings: RunSettings, env: tuple[int, int, int]) -> Partial | None:
+def _run_distributed(
+    job: AdditiveJob, settings: RunSettings, env: tuple[int, int, int]
+) -> Partial | None:
     """One rank of a torchrun job: rounds of ``world`` units, gathered and summed in order on rank 0."""
     import torch.distributed as dist
 
@@ -765,7 +834,10 @@ def _run_distributed(job: AdditiveJob, settings: RunSettings, env: tuple[int, in
             setup_error = None
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
-            setup_error = ("error", f"rank {rank} ({device}) failed while setting up: {_summary(e)}")
+            setup_error = (
+                "error",
+                f"rank {rank} ({device}) failed while setting up: {_summary(e)}",
+            )
         agree(setup_error, first_error)
         t1 = time.perf_counter()
 
@@ -775,12 +847,19 @@ def _run_distributed(job: AdditiveJob, settings: RunSettings, env: tuple[int, in
             payload = None
             if k is not None:
                 scale = len(round_units)
-                update = (lambda n: sink.bar.update(n * scale)) if sink is not None else None
+                update = (
+                    (lambda n, scale=scale: sink.bar.update(n * scale))
+                    if sink is not None
+                    else None
+                )
                 try:
                     payload = ("done", k, _dumps(job.run_unit(k, update)), _chunks_used(job))
                 except Exception as e:  # noqa: BLE001 -- reported to rank 0, which stops every rank
                     traceback.print_exc()
-                    payload = ("error", f"rank {rank} ({device}) failed on {unit_label(job, k)} (unit {k}): {_summary(e)}")
+                    payload = (
+                        "error",
+                        f"rank {rank} ({device}) failed on {unit_label(job, k)} (unit {k}): {_summary(e)}",
+                    )
 
             def add_round(payloads: list[Any]) -> str | None:
                 msg = first_error(payloads)
@@ -788,7 +867,10 @@ def _run_distributed(job: AdditiveJob, settings: RunSettings, env: tuple[int, in
                     sink.fail()  # the finished units first, so that the message counts what the file holds
                     return f"{msg}{sink.kept()}"
                 try:
-                    done = sorted(((r, p) for r, p in enumerate(payloads) if p is not None), key=lambda rp: rp[1][1])
+                    done = sorted(
+                        ((r, p) for r, p in enumerate(payloads) if p is not None),
+                        key=lambda rp: rp[1][1],
+                    )
                     for r, p in done:
                         sink.accept(p[1], _loads(p[2]), f"rank {r}", p[3])
                 except RunError as e:
@@ -797,13 +879,22 @@ def _run_distributed(job: AdditiveJob, settings: RunSettings, env: tuple[int, in
                 return None
 
             agree(payload, add_round)
-        settings.stats.update(mode="torchrun", workers=world, units_run=len(remaining), setup_s=t1 - t0, compute_s=time.perf_counter() - t1)
+        settings.stats.update(
+            mode="torchrun",
+            workers=world,
+            units_run=len(remaining),
+            setup_s=t1 - t0,
+            compute_s=time.perf_counter() - t1,
+        )
         return sink.done() if sink is not None else None
     except (Interrupted, KeyboardInterrupt) as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
         if sink is not None:
             sink.fail()
-        raise Interrupted(signum, f"rank {rank}: interrupted by {signal_name(signum)}{sink.kept() if sink is not None else ''}") from None
+        raise Interrupted(
+            signum,
+            f"rank {rank}: interrupted by {signal_name(signum)}{sink.kept() if sink is not None else ''}",
+        ) from None
     except BaseException:
         if sink is not None:
             sink.fail()

@@ -38,7 +38,11 @@ def pass_file(directory: Path, i: int, suffix: str = "") -> Path:
 
 
 def encode_pass(
-    config_sha256: str, i: int, input_digest: str, output: torch.Tensor, chunks: dict[int, int] | None = None
+    config_sha256: str,
+    i: int,
+    input_digest: str,
+    output: torch.Tensor,
+    chunks: dict[int, int] | None = None,
 ) -> bytes:
     """The bytes of pass file ``i`` (``chunks``: what the operator's chunk policy had chosen after the pass)."""
     buf = io.BytesIO()
@@ -61,10 +65,21 @@ def read_pass(path: Path, config_sha256: str, i: int) -> dict[str, Any]:
     hint = f"delete {path.parent} to start over"
     try:
         rec = torch.load(io.BytesIO(unframe(path.read_bytes(), MAGIC)), weights_only=True)
-    except (OSError, ValueError, RuntimeError, EOFError) as e:  # RuntimeError: a payload torch.load cannot read
+    except (
+        OSError,
+        ValueError,
+        RuntimeError,
+        EOFError,
+    ) as e:  # RuntimeError: a payload torch.load cannot read
         raise UserError(f"pass file {path} is truncated, damaged or edited ({e}); {hint}") from None
-    if not isinstance(rec, dict) or rec.get("config_sha256") != config_sha256 or rec.get("index") != i:
-        raise UserError(f"pass file {path} was written by a run with a different configuration; {hint}")
+    if (
+        not isinstance(rec, dict)
+        or rec.get("config_sha256") != config_sha256
+        or rec.get("index") != i
+    ):
+        raise UserError(
+            f"pass file {path} was written by a run with a different configuration; {hint}"
+        )
     return rec
 
 
@@ -91,7 +106,13 @@ class PassLog:
         suffix: str = "",
         agree: Callable[[int], int] | None = None,
     ):
-        self.dir, self.run_pass, self.bar, self.policy, self.suffix = directory, run_pass, bar, policy, suffix
+        self.dir, self.run_pass, self.bar, self.policy, self.suffix = (
+            directory,
+            run_pass,
+            bar,
+            policy,
+            suffix,
+        )
         self.calls = self.replayed = self.hvps = 0
         self.replayable = 1 << 62
         """Passes that may be replayed (under FSDP: those every rank has logged)."""
@@ -114,8 +135,12 @@ class PassLog:
                 "it cannot be checked against this run; delete it to start over"
             )
         if cfg_file.is_file() and resume and cfg_file.read_text() != text:
-            raise UserError(f"pass log {directory} is from a different configuration; delete it to start over")
-        for i, f in enumerate(passes):  # every file is checked before any is replayed (exit status 2, nothing computed)
+            raise UserError(
+                f"pass log {directory} is from a different configuration; delete it to start over"
+            )
+        for i, f in enumerate(
+            passes
+        ):  # every file is checked before any is replayed (exit status 2, nothing computed)
             if f != pass_file(directory, i, suffix):
                 raise UserError(
                     f"pass log {directory} has {f.name} but not {pass_file(directory, i, suffix).name}; delete it to "
@@ -149,7 +174,11 @@ class PassLog:
             out = self.run_pass(v, i)
             if f is not None:
                 data = encode_pass(
-                    self.config_sha256, i, d, out, self.policy.chosen() if self.policy is not None else None
+                    self.config_sha256,
+                    i,
+                    d,
+                    out,
+                    self.policy.chosen() if self.policy is not None else None,
                 )
                 try:
                     atomic_write_bytes(f, lambda p: p.write_bytes(data))

@@ -35,10 +35,25 @@ from . import checkpoint as ckpt
 from . import outputs, parallel, preflight, threads
 from .autotune import samples_per_forward
 from .cli import LOW_PRECISION_NOTE, flag_message
-from .data import check_seqlen, dataset_label, load_text, load_tokenizer, make_samples, text_sha256, tokenize
+from .data import (
+    check_seqlen,
+    dataset_label,
+    load_text,
+    load_tokenizer,
+    make_samples,
+    text_sha256,
+    tokenize,
+)
 from .errors import ParamError, UserError
-from .inputs import check_token_ids, code_path, config_fingerprint, model_fingerprint, tokenizer_fingerprint, warn
 from .finite_difference import FDSettings
+from .inputs import (
+    check_token_ids,
+    code_path,
+    config_fingerprint,
+    model_fingerprint,
+    tokenizer_fingerprint,
+    warn,
+)
 from .models import (
     ModelSpec,
     load_model,
@@ -310,7 +325,9 @@ def check_environment(spec: RunSpec) -> list[torch.device]:
             f"--device_map {spec.run.device_map} needs the accelerate package: pip install accelerate"
         )
     if spec.run.device_map is not None:
-        parse_device_map(spec.run.device_map)  # a malformed JSON map: one line before anything loads
+        parse_device_map(
+            spec.run.device_map
+        )  # a malformed JSON map: one line before anything loads
     return devices
 
 
@@ -373,7 +390,9 @@ def inspect(spec: RunSpec, family: Family, device: torch.device) -> Inspected:
         spec.validate()
     samples = make_samples(tokens, spec.data.seqlen, spec.data.b)
     check_token_ids(samples, model, m.model)
-    return Inspected(spec, samples, tokenizer_fingerprint(tokenizer), text_sha256(text), model, loaded)
+    return Inspected(
+        spec, samples, tokenizer_fingerprint(tokenizer), text_sha256(text), model, loaded
+    )
 
 
 def load(
@@ -382,7 +401,9 @@ def load(
     """Inspect, then load the weights (once, on the single device, or on the CPU when workers load their own)."""
     torch.manual_seed(spec.get("seed"))
     fsdp = "fsdp" in spec.field_names() and spec.get("fsdp")
-    device = devices[0] if len(devices) == 1 and not fsdp else torch.device("cpu")  # FSDP shards it from the host
+    device = (
+        devices[0] if len(devices) == 1 and not fsdp else torch.device("cpu")
+    )  # FSDP shards it from the host
     found = inspect(spec, family, device)
     model = found.model if found.loaded else _load_weights(found.spec, device)
     structure = family.structure(model, found.spec)
@@ -443,7 +464,10 @@ def finished_result(js: Path, spec: RunSpec) -> dict[str, Any]:
             f"{js} holds the result of another configuration (or of an older version): --skip_existing keeps only "
             f"a result of the same configuration; choose another --name, or pass --overwrite to replace it"
         )
-    print(f"skipped: {js} holds this configuration's finished result (its files match their SHA-256)", flush=True)
+    print(
+        f"skipped: {js} holds this configuration's finished result (its files match their SHA-256)",
+        flush=True,
+    )
     return meta
 
 

@@ -10,8 +10,9 @@ most two lines (:func:`fit_title`; :func:`layout_problems` checks both).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -35,7 +36,9 @@ def _clipped_max(a: torch.Tensor, clip_percentile: float) -> float:
     return vmax if vmax > 0 else float(a.max()) or 1.0
 
 
-def colour_scale(matrix: torch.Tensor, signed: bool, clip_percentile: float) -> tuple[torch.Tensor, dict[str, Any], float]:
+def colour_scale(
+    matrix: torch.Tensor, signed: bool, clip_percentile: float
+) -> tuple[torch.Tensor, dict[str, Any], float]:
     """``(values drawn, imshow keywords, c)``: signed: the matrix on ``[-c, c]`` with :data:`DIVERGING`; else
     ``|matrix|`` on ``[0, c]`` with viridis; ``c`` = the ``clip_percentile`` percentile of ``|matrix|``."""
     a = matrix.detach().to(torch.float64).cpu()
@@ -61,7 +64,14 @@ def _wrap(text: str, width: int) -> list[str]:
     return out
 
 
-def fit_title(fig, text: str, ax=None, fontsize: float = 9.0, max_lines: int = MAX_TITLE_LINES, min_fontsize: float = 5.0):
+def fit_title(
+    fig,
+    text: str,
+    ax=None,
+    fontsize: float = 9.0,
+    max_lines: int = MAX_TITLE_LINES,
+    min_fontsize: float = 5.0,
+):
     """Set ``text`` as ``ax``'s title (``ax=None``: the figure's suptitle), wrapped at word boundaries into at
     most ``max_lines`` lines no wider than the axes (or the figure), shrinking the font as needed (measured)."""
     renderer = fig.canvas.get_renderer()
@@ -82,7 +92,10 @@ def fit_title(fig, text: str, ax=None, fontsize: float = 9.0, max_lines: int = M
         if size <= min_fontsize:
             if "\n" not in text:
                 return title
-            text, size = "; ".join(p.strip() for p in text.split("\n")), fontsize  # paragraphs run on
+            text, size = (
+                "; ".join(p.strip() for p in text.split("\n")),
+                fontsize,
+            )  # paragraphs run on
             continue
         size -= 0.5
 
@@ -97,20 +110,34 @@ def layout_problems(fig, tolerance_in: float = 0.01) -> list[str]:
     renderer = fig.canvas.get_renderer()
     problems = []
     tight, (w, h) = fig.get_tightbbox(renderer), fig.get_size_inches()
-    if tight.x0 < -tolerance_in or tight.y0 < -tolerance_in or tight.x1 > w + tolerance_in or tight.y1 > h + tolerance_in:
-        problems.append(f"drawn text or artists leave the canvas: tight box {tuple(round(v, 2) for v in tight.extents)}, canvas {w:.2f} x {h:.2f} in")
+    if (
+        tight.x0 < -tolerance_in
+        or tight.y0 < -tolerance_in
+        or tight.x1 > w + tolerance_in
+        or tight.y1 > h + tolerance_in
+    ):
+        problems.append(
+            f"drawn text or artists leave the canvas: tight box {tuple(round(v, 2) for v in tight.extents)}, canvas {w:.2f} x {h:.2f} in"
+        )
     titles = [fig._suptitle] if getattr(fig, "_suptitle", None) is not None else []
     titles += [ax.title for ax in fig.axes]
     for t in titles:
         if t.get_text().count("\n") + 1 > MAX_TITLE_LINES:
-            problems.append(f"title {t.get_text()[:40]!r} has {t.get_text().count(chr(10)) + 1} lines")
+            problems.append(
+                f"title {t.get_text()[:40]!r} has {t.get_text().count(chr(10)) + 1} lines"
+            )
     for ax in fig.axes:
         legend = ax.get_legend()
         if not isinstance(legend, Legend):
             continue
         lb = legend.get_window_extent(renderer)
         for p in ax.patches:
-            if isinstance(p, Rectangle) and p.get_height() != 0 and p.get_width() != 0 and p.get_window_extent(renderer).overlaps(lb):
+            if (
+                isinstance(p, Rectangle)
+                and p.get_height() != 0
+                and p.get_width() != 0
+                and p.get_window_extent(renderer).overlaps(lb)
+            ):
                 problems.append(f"the legend of axes {ax.get_title()[:30]!r} covers a bar")
                 break
     return problems
@@ -161,9 +188,17 @@ def _integer_ticks(ax) -> None:
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def heatmap(matrix: torch.Tensor, path_stem: str | Path, title: str, boundaries: Sequence[int] = (), clip_percentile: float = 98.0,
-            slice_labels: Sequence[str] = (), axis_labels: tuple[str, str] = ("entry index j", "entry index i"), value: str = "H_ij",
-            signed: bool = True) -> list[Path]:
+def heatmap(
+    matrix: torch.Tensor,
+    path_stem: str | Path,
+    title: str,
+    boundaries: Sequence[int] = (),
+    clip_percentile: float = 98.0,
+    slice_labels: Sequence[str] = (),
+    axis_labels: tuple[str, str] = ("entry index j", "entry index i"),
+    value: str = "H_ij",
+    signed: bool = True,
+) -> list[Path]:
     """Save ``matrix`` as a heatmap (:func:`colour_scale`: signed on ``[-c, c]`` by default, ``|matrix|`` with
     ``signed=False``), ``c`` its ``clip_percentile`` percentile of absolute values, stated on the colour bar.
 
@@ -175,8 +210,12 @@ def heatmap(matrix: torch.Tensor, path_stem: str | Path, title: str, boundaries:
     a, scale, c = colour_scale(matrix, signed, clip_percentile)
     square = a.ndim == 2 and a.shape[0] == a.shape[-1]
     labelled = square and len(slice_labels) == len(boundaries) + 1 and len(slice_labels) > 1
-    fig, ax = plt.subplots(figsize=(7.0, 6.6) if labelled else (6.4, 5.8) if square else (8, 4.4), layout="constrained")
-    im = ax.imshow(a.numpy(), interpolation="nearest", aspect="equal" if square else "auto", **scale)
+    fig, ax = plt.subplots(
+        figsize=(7.0, 6.6) if labelled else (6.4, 5.8) if square else (8, 4.4), layout="constrained"
+    )
+    im = ax.imshow(
+        a.numpy(), interpolation="nearest", aspect="equal" if square else "auto", **scale
+    )
     for b in boundaries:
         ax.axhline(b - 0.5, color="0.4", lw=0.4, alpha=0.7)
         ax.axvline(b - 0.5, color="0.4", lw=0.4, alpha=0.7)
@@ -191,7 +230,9 @@ def heatmap(matrix: torch.Tensor, path_stem: str | Path, title: str, boundaries:
     return _save(fig, path_stem)
 
 
-def slice_mass(mass: torch.Tensor, labels: Sequence[str], path_stem: str | Path, title: str) -> list[Path]:
+def slice_mass(
+    mass: torch.Tensor, labels: Sequence[str], path_stem: str | Path, title: str
+) -> list[Path]:
     """The ``(P, P)`` matrix of shares of ``||H||_F^2`` per slice pair (:func:`lib.diagonality.slice_mass`), log
     colour scale, values written in the cells when ``P <= 12``."""
     plt = _pyplot()
@@ -201,15 +242,30 @@ def slice_mass(mass: torch.Tensor, labels: Sequence[str], path_stem: str | Path,
     p = m.shape[0]
     positive = m[m > 0]
     lo = float(positive.min()) if positive.numel() else 1e-12
-    fig, ax = plt.subplots(figsize=(min(10.0, 4.2 + 0.3 * p), min(9.0, 3.2 + 0.28 * p)), layout="constrained")
-    im = ax.imshow(m.clamp_min(lo).numpy(), cmap="magma", norm=LogNorm(vmin=max(lo, float(m.max()) * 1e-8), vmax=float(m.max())), interpolation="nearest")
+    fig, ax = plt.subplots(
+        figsize=(min(10.0, 4.2 + 0.3 * p), min(9.0, 3.2 + 0.28 * p)), layout="constrained"
+    )
+    im = ax.imshow(
+        m.clamp_min(lo).numpy(),
+        cmap="magma",
+        norm=LogNorm(vmin=max(lo, float(m.max()) * 1e-8), vmax=float(m.max())),
+        interpolation="nearest",
+    )
     size = max(3.5, min(8.0, 160 / p))
     ax.set_xticks(range(p), labels=list(labels), rotation=90, fontsize=size)
     ax.set_yticks(range(p), labels=list(labels), fontsize=size)
     if p <= 12:
         for i in range(p):
             for j in range(p):
-                ax.text(j, i, f"{float(m[i, j]):.2g}", ha="center", va="center", fontsize=6, color="white" if m[i, j] < m.max() / 10 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{float(m[i, j]):.2g}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if m[i, j] < m.max() / 10 else "black",
+                )
     fig.colorbar(im, ax=ax, label=r"share of $\|H\|_F^2$ (log scale)")
     fit_title(fig, title)
     return _save(fig, path_stem)
@@ -219,8 +275,14 @@ REL_TO_FULL = r"$\|H^{b} - H^{B}\|_F \,/\, \|H^{B}\|_F$"
 REL_CONSECUTIVE = r"$\|H^{b_i} - H^{b_{i-1}}\|_F \,/\, \|H^{b_i}\|_F$"
 
 
-def batch_study_figure(block: dict, kept: dict[int, torch.Tensor], path_stem: str | Path, title: str, clip_percentile: float = 98.0,
-                       signed: bool = True) -> list[Path]:
+def batch_study_figure(
+    block: dict,
+    kept: dict[int, torch.Tensor],
+    path_stem: str | Path,
+    title: str,
+    clip_percentile: float = 98.0,
+    signed: bool = True,
+) -> list[Path]:
     """The batch-size study (report Fig. 2): both relative errors against ``b`` (log-log), then ``H^b`` at the kept
     ``b``, each panel on its own colour scale (:func:`colour_scale`)."""
     plt = _pyplot()
@@ -239,13 +301,28 @@ def batch_study_figure(block: dict, kept: dict[int, torch.Tensor], path_stem: st
     ax.legend(fontsize=9)
     what = "H^b" if signed else "|H^b|"
     for ax, (bk, h) in zip(axes[0][1:], kept.items()):
-        _panel(fig, ax, h, f"{what}, b = {bk}" + (" (full batch)" if bk == b[-1] else ""), ("entry index j", "entry index i"), clip_percentile, signed)
+        _panel(
+            fig,
+            ax,
+            h,
+            f"{what}, b = {bk}" + (" (full batch)" if bk == b[-1] else ""),
+            ("entry index j", "entry index i"),
+            clip_percentile,
+            signed,
+        )
     scale = "signed, symmetric limits" if signed else "|value|, linear from 0"
-    fit_title(fig, f"{title}\n(heatmaps: {scale}, each clipped at its {clip_percentile:g}th percentile)")
+    fit_title(
+        fig, f"{title}\n(heatmaps: {scale}, each clipped at its {clip_percentile:g}th percentile)"
+    )
     return _save(fig, path_stem)
 
 
-def convergence(curves: dict[str, dict[str, Sequence[float]]], path_stem: str | Path, title: str, references: dict[str, dict[str, float]] | None = None) -> list[Path]:
+def convergence(
+    curves: dict[str, dict[str, Sequence[float]]],
+    path_stem: str | Path,
+    title: str,
+    references: dict[str, dict[str, float]] | None = None,
+) -> list[Path]:
     """Log-log curves against the probe count ``k``: ``curves[estimator][metric] = values``.
 
     The values are for ``k = 1..K`` unless ``curves[estimator]["k"]`` gives the ``k`` of each value.
@@ -255,8 +332,15 @@ def convergence(curves: dict[str, dict[str, Sequence[float]]], path_stem: str | 
     plt = _pyplot()
     from matplotlib.ticker import NullFormatter
 
-    metrics = list(dict.fromkeys([m for c in curves.values() for m in c if m != "k"] + [m for r in (references or {}).values() for m in r]))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.4), squeeze=False, layout="constrained")
+    metrics = list(
+        dict.fromkeys(
+            [m for c in curves.values() for m in c if m != "k"]
+            + [m for r in (references or {}).values() for m in r]
+        )
+    )
+    fig, axes = plt.subplots(
+        1, len(metrics), figsize=(5.2 * len(metrics), 4.4), squeeze=False, layout="constrained"
+    )
     for ax, metric in zip(axes[0], metrics):
         for est, c in curves.items():
             values = list(c.get(metric, []))
@@ -266,10 +350,18 @@ def convergence(curves: dict[str, dict[str, Sequence[float]]], path_stem: str | 
                 ax.loglog(*zip(*pts), label=est)
         for j, (label, ref) in enumerate((references or {}).items()):
             if metric in ref and ref[metric] == ref[metric] and ref[metric] > 0:
-                ax.axhline(ref[metric], ls="--", lw=1, color=f"C{len(curves) + j}", label=f"{label} (no probes)")
+                ax.axhline(
+                    ref[metric],
+                    ls="--",
+                    lw=1,
+                    color=f"C{len(curves) + j}",
+                    label=f"{label} (no probes)",
+                )
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # less than a decade would label every minor tick
+        ax.xaxis.set_minor_formatter(
+            NullFormatter()
+        )  # less than a decade would label every minor tick
         ax.set_xlabel("k (Hessian-vector products per sample)")
         ax.set_ylabel(metric)
         ax.grid(True, which="both", alpha=0.3)
@@ -278,7 +370,15 @@ def convergence(curves: dict[str, dict[str, Sequence[float]]], path_stem: str | 
     return _save(fig, path_stem)
 
 
-def _panel(fig, ax, matrix: torch.Tensor, title: str, axis_labels: tuple[str, str], clip_percentile: float, signed: bool = True) -> None:
+def _panel(
+    fig,
+    ax,
+    matrix: torch.Tensor,
+    title: str,
+    axis_labels: tuple[str, str],
+    clip_percentile: float,
+    signed: bool = True,
+) -> None:
     """One small heatmap (:func:`colour_scale`, clipped at its own ``clip_percentile``) with its own colour bar."""
     a, scale, _ = colour_scale(matrix, signed, clip_percentile)
     a = a if a.ndim == 2 else a.reshape(1, -1)
@@ -291,8 +391,14 @@ def _panel(fig, ax, matrix: torch.Tensor, title: str, axis_labels: tuple[str, st
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=7)
 
 
-def heatmap_grid(panels: Sequence[tuple[str, torch.Tensor]], path_stem: str | Path, title: str, ncols: int = 6, clip_percentile: float = 98.0,
-                 signed: bool = True) -> list[Path]:
+def heatmap_grid(
+    panels: Sequence[tuple[str, torch.Tensor]],
+    path_stem: str | Path,
+    title: str,
+    ncols: int = 6,
+    clip_percentile: float = 98.0,
+    signed: bool = True,
+) -> list[Path]:
     """Several heatmaps (:func:`colour_scale`, each clipped at its own ``clip_percentile``) in one figure.
 
     ``panels``: ``(title, matrix)`` pairs, laid out row-major in ``ncols`` columns. Writes
@@ -301,13 +407,17 @@ def heatmap_grid(panels: Sequence[tuple[str, torch.Tensor]], path_stem: str | Pa
     plt = _pyplot()
     ncols = max(1, min(ncols, len(panels)))
     nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.2 * nrows + 0.8), squeeze=False, layout="constrained")
-    for ax in axes.flat[len(panels):]:
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(3.4 * ncols, 3.2 * nrows + 0.8), squeeze=False, layout="constrained"
+    )
+    for ax in axes.flat[len(panels) :]:
         ax.axis("off")
     for ax, (label, matrix) in zip(axes.flat, panels):
         _panel(fig, ax, matrix, label, ("column", "row"), clip_percentile, signed)
     scale = "signed, symmetric limits" if signed else "|value|, linear from 0"
-    fit_title(fig, f"{title}\n({scale}, each panel clipped at its {clip_percentile:g}th percentile)")
+    fit_title(
+        fig, f"{title}\n({scale}, each panel clipped at its {clip_percentile:g}th percentile)"
+    )
     return _save(fig, path_stem)
 
 
@@ -320,8 +430,14 @@ COMPARISON_METRICS = (
 )
 
 
-def comparison_figure(matrices: dict[str, torch.Tensor], metrics: dict[str, dict[str, float]], path_stem: str | Path, title: str,
-                      clip_percentile: float = 98.0, signed: bool = True) -> list[Path]:
+def comparison_figure(
+    matrices: dict[str, torch.Tensor],
+    metrics: dict[str, dict[str, float]],
+    path_stem: str | Path,
+    title: str,
+    clip_percentile: float = 98.0,
+    signed: bool = True,
+) -> list[Path]:
     """Exact Hessian and its approximations side by side, and a bar chart of the comparison metrics.
 
     ``matrices``: ``{"exact": H, approx: A}``; each ``A`` is shown as ``best_scale * A`` (the proxies are defined
@@ -362,17 +478,29 @@ def comparison_figure(matrices: dict[str, torch.Tensor], metrics: dict[str, dict
     ax.axhline(0, color="black", lw=0.5)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0.0)
     ax.grid(True, axis="y", alpha=0.3)
-    fit_title(fig, f"{title}\n{value} on the exact Hessian's colour scale ({clip_percentile:g}th percentile of |H|)")
+    fit_title(
+        fig,
+        f"{title}\n{value} on the exact Hessian's colour scale ({clip_percentile:g}th percentile of |H|)",
+    )
     return _save(fig, path_stem)
 
 
-def density_figure(grid: torch.Tensor, values: torch.Tensor, marks: Sequence[float], path_stem: str | Path, title: str,
-                   label: str = "SLQ density", marks_label: str = "extreme eigenvalues") -> list[Path]:
+def density_figure(
+    grid: torch.Tensor,
+    values: torch.Tensor,
+    marks: Sequence[float],
+    path_stem: str | Path,
+    title: str,
+    label: str = "SLQ density",
+    marks_label: str = "extreme eigenvalues",
+) -> list[Path]:
     """A spectral density (``values`` on ``grid``) on a log axis, with the eigenvalues ``marks`` as dashed lines
     (``<path_stem>.pdf/.png``)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.4), layout="constrained")
-    ax.semilogy(grid.numpy(), values.to(torch.float64).clamp_min(1e-300).numpy(), lw=1.2, label=label)
+    ax.semilogy(
+        grid.numpy(), values.to(torch.float64).clamp_min(1e-300).numpy(), lw=1.2, label=label
+    )
     for j, lam in enumerate(marks):
         ax.axvline(lam, color="C3", ls="--", lw=0.8, label=marks_label if j == 0 else None)
     floor = float(values.max()) * 1e-8

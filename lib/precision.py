@@ -35,7 +35,16 @@ UPCASTING_RMSNORMS = frozenset({"LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm"
 """RMSNorm classes computing ``w * (h.float() * rsqrt(mean(h.float()^2) + eps)).to(dtype)``."""
 
 
-def keep_dtype_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+def keep_dtype_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention ``softmax(q k^T * scaling + mask) v`` computed in the inputs' dtype.
 
     ``query``: ``(B, heads, s, d)``; ``key``/``value``: ``(B, kv_heads, s, d)`` (grouped-query heads are
@@ -44,7 +53,9 @@ def keep_dtype_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(query, key.transpose(-1, -2)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * (
+        query.shape[-1] ** -0.5 if scaling is None else scaling
+    )
     if attention_mask is not None:
         scores = scores + attention_mask
     weights = F.dropout(torch.softmax(scores, dim=-1), p=dropout, training=module.training)
@@ -60,7 +71,9 @@ class KeepDtypeRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+        return self.weight * (
+            h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        )
 
 
 def register_attention() -> None:
@@ -74,10 +87,14 @@ def register_attention() -> None:
 
 def swap_norms(model: nn.Module) -> int:
     """Replace upcasting RMSNorm modules of ``model`` by :class:`KeepDtypeRMSNorm` in place; returns how many."""
-    targets = [(name, m) for name, m in model.named_modules() if type(m).__name__ in UPCASTING_RMSNORMS]
+    targets = [
+        (name, m) for name, m in model.named_modules() if type(m).__name__ in UPCASTING_RMSNORMS
+    ]
     for name, m in targets:
         parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, KeepDtypeRMSNorm(m.weight, m.variance_epsilon))
+        setattr(
+            model.get_submodule(parent_name), attr, KeepDtypeRMSNorm(m.weight, m.variance_epsilon)
+        )
     return len(targets)
 
 
@@ -92,7 +109,10 @@ def keep_float64(model: nn.Module) -> nn.Module:
         return model
     model_type = getattr(model.config, "model_type", None)
     if model_type not in COVERED_MODEL_TYPES:
-        print(f"warning: float64 is kept end to end only for {', '.join(sorted(COVERED_MODEL_TYPES))}; {model_type} may compute its attention softmax or norms in float32", file=sys.stderr)
+        print(
+            f"warning: float64 is kept end to end only for {', '.join(sorted(COVERED_MODEL_TYPES))}; {model_type} may compute its attention softmax or norms in float32",
+            file=sys.stderr,
+        )
         return model
     if getattr(model.config, "_attn_implementation", "eager") == "eager":
         register_attention()

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -40,13 +40,24 @@ class Estimate:
 
 def gb(n: float) -> str:
     """Bytes in words: ``4.37 GB``, ``12.6 MB``, ``0.4 kB``."""
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+    return (
+        f"{n / 1e9:.2f} GB"
+        if n >= 1e9
+        else f"{n / 1e6:.1f} MB"
+        if n >= 1e6
+        else f"{n / 1e3:.1f} kB"
+    )
 
 
 def exact_estimate(n: int, dtype_bytes: int) -> Estimate:
     """Exact ``n x n`` Hessian: the float64 sum, a unit's partial, the checkpoint's encoding (2 copies) and the saved matrix."""
     sq = n * n
-    return Estimate(host=sq * (4 * F64 + dtype_bytes), device=sq * dtype_bytes * 2, checkpoint=sq * F64, what=f"the exact Hessian has {n}^2 = {sq:,} entries")
+    return Estimate(
+        host=sq * (4 * F64 + dtype_bytes),
+        device=sq * dtype_bytes * 2,
+        checkpoint=sq * F64,
+        what=f"the exact Hessian has {n}^2 = {sq:,} entries",
+    )
 
 
 def phase1_entries(plans: Sequence) -> int:
@@ -63,11 +74,23 @@ def diagonal_estimate(plans: Sequence, dtype_bytes: int, workers: int = 1) -> Es
     basis = sketch * dtype_bytes
     # phase 2 in the parent: phase-1 sums, Q (float64), the basis (model dtype; pickled once more for workers),
     # phase-2 sums, one unit's partial, the checkpoint being encoded (two copies); then the estimate's temporaries
-    host = s1 + s2 + basis * (2 + (workers if workers > 1 else 0)) + s2 + basis + 2 * max(s1, s2) + 5 * largest * F64
+    host = (
+        s1
+        + s2
+        + basis * (2 + (workers if workers > 1 else 0))
+        + s2
+        + basis
+        + 2 * max(s1, s2)
+        + 5 * largest * F64
+    )
     device = 3 * largest * dtype_bytes
     n = sum(p.numel for p in plans)
     k2 = max((p.keep for p in plans), default=0)
-    what = f"XDiag keeps K/2 = {k2} vectors of each weight's size ({n:,} entries in {len(plans)} weight(s))" if k2 else f"{n:,} entries in {len(plans)} weight(s)"
+    what = (
+        f"XDiag keeps K/2 = {k2} vectors of each weight's size ({n:,} entries in {len(plans)} weight(s))"
+        if k2
+        else f"{n:,} entries in {len(plans)} weight(s)"
+    )
     return Estimate(host=host, device=device, checkpoint=s1 + s2, what=what)
 
 
@@ -94,7 +117,13 @@ def free_disk_bytes(path: str | Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def check(est: Estimate, devices: Sequence[torch.device], output_dir: str | Path, writes_checkpoint: bool, alternatives: str) -> None:
+def check(
+    est: Estimate,
+    devices: Sequence[torch.device],
+    output_dir: str | Path,
+    writes_checkpoint: bool,
+    alternatives: str,
+) -> None:
     """Refuse in one line (:class:`UserError`) when ``est`` exceeds free host memory, GPU memory, or (with
     checkpoints) free disk space, with the numbers and ``alternatives``."""
     problems = []
@@ -107,13 +136,27 @@ def check(est: Estimate, devices: Sequence[torch.device], output_dir: str | Path
             problems.append(f"about {gb(est.device)} on {d} beyond the model ({gb(free)} free)")
     if writes_checkpoint:
         disk = free_disk_bytes(output_dir)
-        if 2 * est.checkpoint + est.disk > disk:  # the new file is written beside the old one, then renamed
-            problems.append(f"up to {gb(2 * est.checkpoint + est.disk)} of disk for checkpoints{' and stored vectors' if est.disk else ''} ({gb(disk)} free in {output_dir})")
+        if (
+            2 * est.checkpoint + est.disk > disk
+        ):  # the new file is written beside the old one, then renamed
+            problems.append(
+                f"up to {gb(2 * est.checkpoint + est.disk)} of disk for checkpoints{' and stored vectors' if est.disk else ''} ({gb(disk)} free in {output_dir})"
+            )
     if problems:
         raise UserError(f"this run needs {' and '.join(problems)}: {est.what}; use {alternatives}")
 
 
-def stored_vectors(block_size: int, max_iter: int, reorth: str, eigenvectors: bool, top_k: int, trace_hvps: int, density: bool, slq_probes: int, lanczos_steps: int) -> int:
+def stored_vectors(
+    block_size: int,
+    max_iter: int,
+    reorth: str,
+    eigenvectors: bool,
+    top_k: int,
+    trace_hvps: int,
+    density: bool,
+    slq_probes: int,
+    lanczos_steps: int,
+) -> int:
     """Most ``n``-vectors the spectrum's algorithms keep at once (they run one after another): Lanczos' basis (``block_size x
     max_iter`` with full or selective reorthogonalization, or for eigenvectors; plus up to ``2 top_k`` converged Ritz
     vectors with selective; none with ``reorth="none"``), Hutch++'s ``trace_hvps`` (its probes, ``Q`` and products), SLQ's
@@ -124,7 +167,17 @@ def stored_vectors(block_size: int, max_iter: int, reorth: str, eigenvectors: bo
     return max(lanczos, trace_hvps, slq)
 
 
-def spectrum_estimate(n: int, block_size: int, stored: int, dtype_bytes: int, vector_bytes: int = F64, storage: str = "device", world: int = 1, pass_log_vectors: int = 0, on_gpu: bool = False) -> Estimate:
+def spectrum_estimate(
+    n: int,
+    block_size: int,
+    stored: int,
+    dtype_bytes: int,
+    vector_bytes: int = F64,
+    storage: str = "device",
+    world: int = 1,
+    pass_log_vectors: int = 0,
+    on_gpu: bool = False,
+) -> Estimate:
     """The iterative spectrum path, per process (``n / world`` entries each under FSDP): the ``stored`` vectors
     (:func:`stored_vectors`, ``vector_bytes`` each entry) on ``storage`` (``device``: the GPU with ``on_gpu``, else the host;
     ``cpu``; ``disk``: memory-mapped files, counted as disk), about 8 working blocks of ``block_size`` vectors, the product
@@ -136,7 +189,21 @@ def spectrum_estimate(n: int, block_size: int, stored: int, dtype_bytes: int, ve
     job = 3 * local * block_size * F64
     on_host = storage == "cpu" or (storage == "device" and not on_gpu)
     host = job + (0 if on_gpu else work) + (basis if on_host else 0)
-    device = 3 * local * block_size * dtype_bytes + (work if on_gpu else 0) + (basis if storage == "device" and on_gpu else 0)
-    where = {"device": "on the device" if on_gpu else "in host memory", "cpu": "in host memory", "disk": "on disk"}[storage]
+    device = (
+        3 * local * block_size * dtype_bytes
+        + (work if on_gpu else 0)
+        + (basis if storage == "device" and on_gpu else 0)
+    )
+    where = {
+        "device": "on the device" if on_gpu else "in host memory",
+        "cpu": "in host memory",
+        "disk": "on disk",
+    }[storage]
     what = f"the spectrum keeps {stored} vectors of {local:,} entries ({vector_bytes} bytes each) {where}, and its pass log {pass_log_vectors} more on disk"
-    return Estimate(host=host, device=device, checkpoint=local * pass_log_vectors * F64, what=what, disk=basis if storage == "disk" else 0)
+    return Estimate(
+        host=host,
+        device=device,
+        checkpoint=local * pass_log_vectors * F64,
+        what=what,
+        disk=basis if storage == "disk" else 0,
+    )

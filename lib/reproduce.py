@@ -123,7 +123,9 @@ def shrink(run: Run) -> Run:
 
 def stem(figure: str, model: str, quick: bool = False) -> str:
     """The output stem of ``figure``'s runs: ``fig<figure>_<model>``, ``..._quick`` for ``--quick``."""
-    return f"fig{figure}_{Path(model.rstrip('/')).name}{'_quick' if quick else ''}".replace("/", "-")
+    return f"fig{figure}_{Path(model.rstrip('/')).name}{'_quick' if quick else ''}".replace(
+        "/", "-"
+    )
 
 
 def placement(run: Run, figure: str, args: argparse.Namespace) -> dict[str, str]:
@@ -229,13 +231,16 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         ]
         if fig == "3b":
             files += [
-                p.name for p in compose_3b(metas, Path(args.output_dir), stem(fig, args.model, args.quick))
+                p.name
+                for p in compose_3b(metas, Path(args.output_dir), stem(fig, args.model, args.quick))
             ]
         done[fig] = {"commands": commands, "elapsed_s": time.perf_counter() - t0, "files": files}
         print(f"# Figure {fig}: {done[fig]['elapsed_s']:.1f}s", flush=True)
     if not args.dry_run and done:
         model = Path(args.model.rstrip("/")).name.replace("/", "-")
-        record(Path(args.output_dir) / f"reproduce_{model}{'_quick' if args.quick else ''}.json", done)
+        record(
+            Path(args.output_dir) / f"reproduce_{model}{'_quick' if args.quick else ''}.json", done
+        )
     return done
 
 

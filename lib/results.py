@@ -29,7 +29,13 @@ def versions() -> dict[str, str]:
     import numpy
     import transformers
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__, "numpy": numpy.__version__, "platform": platform.platform()}
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+    }
     try:
         import datasets
 
@@ -127,7 +133,9 @@ class OutputSet:
     def stage(self, path: Path, write) -> None:
         if path.name not in self.names:
             claimed = ", ".join(sorted(self.names))
-            raise ValueError(f"{path} is not among the files this run claimed ({claimed}); add it to the run's claim")
+            raise ValueError(
+                f"{path} is not among the files this run claimed ({claimed}); add it to the run's claim"
+            )
         earlier = self.staged.pop(path.name, None)
         if earlier is not None:
             earlier.unlink(missing_ok=True)
@@ -164,11 +172,15 @@ def listed_files(meta: dict[str, Any]) -> set[str]:
     names = set(meta.get("outputs") or {}) | set((meta.get("files") or {}).values())
     names |= set(meta.get("figures") or []) | set(meta.get("batch_study_files") or [])
     details = meta.get("comparison_details") or {}
-    names |= set(details.get("figures") or []) | ({details["file"]} if details.get("file") else set())
+    names |= set(details.get("figures") or []) | (
+        {details["file"]} if details.get("file") else set()
+    )
     return {n for n in names if isinstance(n, str)}
 
 
-def save_tensor_and_json(output_dir: str | Path, name: str, tensor: Any, meta: dict[str, Any]) -> dict[str, Any]:
+def save_tensor_and_json(
+    output_dir: str | Path, name: str, tensor: Any, meta: dict[str, Any]
+) -> dict[str, Any]:
     """Write ``<output_dir>/<name>.pt`` (a tensor, or any object ``torch.save`` takes, e.g. a nested dict of
     tensors) and ``<output_dir>/<name>.json``, and commit every other file of the result staged before (the
     open :class:`OutputSet` of ``output_dir``: figures, extra tensors) with them, as one set.
@@ -193,7 +205,9 @@ def save_tensor_and_json(output_dir: str | Path, name: str, tensor: Any, meta: d
         if js.exists():
             js.unlink()
             fsync_dir(out)
-        for stale in sorted(old - set(digests) - {js.name}):  # e.g. an --overwrite without the batch study
+        for stale in sorted(
+            old - set(digests) - {js.name}
+        ):  # e.g. an --overwrite without the batch study
             (out / stale).unlink(missing_ok=True)
         for n, tmp in list(own.staged.items()):
             os.replace(tmp, out / n)
@@ -239,7 +253,11 @@ def verify_result(json_path: str | Path) -> dict[str, Any]:
         meta = json.loads(js.read_text())
     except (OSError, ValueError) as e:
         raise ResultMismatch(f"cannot read the result {js} ({type(e).__name__}: {e})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict) or "tensor" not in meta["files"]:
+    if (
+        not isinstance(meta, dict)
+        or not isinstance(meta.get("files"), dict)
+        or "tensor" not in meta["files"]
+    ):
         raise ResultMismatch(f"{js} is not a result of this project (no 'files' naming its tensor)")
     recorded = dict(meta.get("outputs") or {})
     recorded.setdefault(meta["files"]["tensor"], meta.get("tensor_sha256"))

@@ -196,7 +196,14 @@ def _check_products(c: ProductMethod, dtype: str, method: str | None = None) -> 
     """Finite-difference settings without ``--hvp finite_difference``, ``--method autograd`` with it, a step that
     underflows ``dtype``: one line each."""
     if c.hvp != "finite_difference":
-        given = [f for f, on in (("--fd_richardson", c.fd_richardson), ("--fd_step", c.fd_step is not None)) if on]
+        given = [
+            f
+            for f, on in (
+                ("--fd_richardson", c.fd_richardson),
+                ("--fd_step", c.fd_step is not None),
+            )
+            if on
+        ]
         if given:
             them = "it" if len(given) == 1 else "them"
             raise UserError(
@@ -309,7 +316,9 @@ def model_input_bs_arg(text: str) -> int | str:
     except ValueError:
         import argparse
 
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give auto or a number of samples") from None
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}: give auto or a number of samples"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- specs
@@ -437,7 +446,9 @@ class RunSpec:
         changes: dict[str, Any] = {}
         names = self.field_names()
         if "hvp" in names and self.get("hvp") is None:
-            changes["hvp"] = "finite_difference" if names.get("fsdp") and self.get("fsdp") else "exact"
+            changes["hvp"] = (
+                "finite_difference" if names.get("fsdp") and self.get("fsdp") else "exact"
+            )
         embedded = self.model.model == EMBEDDED
         if self.data.dataset == "auto":
             changes["dataset"] = EMBEDDED if embedded else library_constant("data", "WIKITEXT2")
@@ -476,7 +487,9 @@ class RunSpec:
         if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
             raise UserError(f"--seed {seed} is out of range: use an integer from -2**63 to 2**64-1")
         if self.output.skip_existing and self.output.overwrite:
-            raise UserError("--skip_existing keeps a finished result and --overwrite replaces it: give one or the other")
+            raise UserError(
+                "--skip_existing keeps a finished result and --overwrite replaces it: give one or the other"
+            )
         check_timeout("--unit_timeout", self.run.unit_timeout)
         check_timeout("--setup_timeout", self.run.setup_timeout)
         compute = getattr(self, "compute", None)
@@ -589,7 +602,9 @@ class SpectrumSpec(RunSpec):
         if not c.tol > 0:
             raise UserError(f"--tol must be positive, got {c.tol}")
         if c.reorth != "full" and c.block_size > 1:
-            raise UserError(f"--reorth {c.reorth} runs single-vector Lanczos: use --block_size 1 (or --reorth full)")
+            raise UserError(
+                f"--reorth {c.reorth} runs single-vector Lanczos: use --block_size 1 (or --reorth full)"
+            )
         if c.fsdp:
             self._check_fsdp()
 
@@ -657,7 +672,9 @@ class DiagonalSpec(RunSpec):
 
     def _check(self) -> None:
         c, s = self.compute, self.subset
-        from .estimators.diagonal import REGISTRY  # the estimators' own limits (imports torch: after parsing)
+        from .estimators.diagonal import (
+            REGISTRY,
+        )  # the estimators' own limits (imports torch: after parsing)
 
         unknown = [e for e in c.estimator if e not in REGISTRY]
         if unknown:
@@ -672,7 +689,9 @@ class DiagonalSpec(RunSpec):
             raise UserError(f"--hvps must be at least 1, got {c.hvps}")
         for e in est:
             if e.uses_k and (c.hvps < e.min_k or c.hvps % e.k_multiple):
-                multiple = {1: "", 2: "even and "}.get(e.k_multiple, f"a multiple of {e.k_multiple} and ")
+                multiple = {1: "", 2: "even and "}.get(
+                    e.k_multiple, f"a multiple of {e.k_multiple} and "
+                )
                 raise UserError(
                     f"--estimator {e.name} {e.k_reason}: --hvps must be {multiple}at least {e.min_k}, got {c.hvps}"
                 )
@@ -689,7 +708,9 @@ class DiagonalSpec(RunSpec):
             )
         if c.track_rows and not any(e.curve for e in est):
             curves = " and/or ".join(e.name for e in REGISTRY if e.curve)
-            raise UserError(f"--track_rows records the error after each probe: use it with --estimator {curves}")
+            raise UserError(
+                f"--track_rows records the error after each probe: use it with --estimator {curves}"
+            )
         if s.block_index is not None and s.block_index < 0:
             raise UserError(f"--block_index {s.block_index} is out of range: it must be >= 0")
 

@@ -19,9 +19,9 @@ on dense float64 matrices.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -94,7 +94,9 @@ def _block_tridiagonal(alphas: list[torch.Tensor], betas: list[torch.Tensor]) ->
     return t
 
 
-def cullum_willoughby(t: torch.Tensor, tol: float, residuals: torch.Tensor | None = None, converged: float = 0.0) -> torch.Tensor:
+def cullum_willoughby(
+    t: torch.Tensor, tol: float, residuals: torch.Tensor | None = None, converged: float = 0.0
+) -> torch.Tensor:
     """Indices into the ascending eigenvalues of the tridiagonal ``T`` (``(m, m)``) of the genuine Ritz values, by the
     test of Cullum & Willoughby (1985, *Lanczos Algorithms for Large Symmetric Eigenvalue Computations*, Vol. 1, Ch. 4):
     values within ``tol`` of each other are copies of one converged eigenvalue (the first is kept); a *simple* value
@@ -107,7 +109,12 @@ def cullum_willoughby(t: torch.Tensor, tol: float, residuals: torch.Tensor | Non
     theta = torch.linalg.eigvalsh(t)
     kept: list[int] = []
     for i in sorted(keep.tolist(), key=lambda i: float(residuals[i])):
-        near = [j for j in kept if float(residuals[j]) <= converged and abs(float(theta[i] - theta[j])) <= float(residuals[i] + residuals[j]) + tol]
+        near = [
+            j
+            for j in kept
+            if float(residuals[j]) <= converged
+            and abs(float(theta[i] - theta[j])) <= float(residuals[i] + residuals[j]) + tol
+        ]
         if not near:
             kept.append(i)
     return torch.tensor(sorted(kept), dtype=torch.long)
@@ -128,7 +135,22 @@ def _cullum_willoughby(t: torch.Tensor, tol: float) -> torch.Tensor:
     return torch.tensor(keep, dtype=torch.long)
 
 
-def lanczos(matmat: MatMat, n: int, k: int, which: str = "largest", block_size: int = 1, tol: float = 1e-8, max_iter: int = 100, seed: int = 0, on_pass: Callable[[int, torch.Tensor], None] | None = None, space: VectorSpace | None = None, reorth: str = "full", storage: str = "device", storage_dir: Path | None = None, eigenvectors: bool = True) -> EigResult:
+def lanczos(
+    matmat: MatMat,
+    n: int,
+    k: int,
+    which: str = "largest",
+    block_size: int = 1,
+    tol: float = 1e-8,
+    max_iter: int = 100,
+    seed: int = 0,
+    on_pass: Callable[[int, torch.Tensor], None] | None = None,
+    space: VectorSpace | None = None,
+    reorth: str = "full",
+    storage: str = "device",
+    storage_dir: Path | None = None,
+    eigenvectors: bool = True,
+) -> EigResult:
     """Extreme eigenpairs of a symmetric ``H`` (``n x n``) by block Lanczos.
 
     With ``Q_0`` the orthonormalized seeded Gaussian ``(n, p)`` start block (``p = block_size``), step ``j`` is
@@ -182,9 +204,16 @@ def lanczos(matmat: MatMat, n: int, k: int, which: str = "largest", block_size: 
             t = _block_tridiagonal(alphas, betas)
             theta, s = torch.linalg.eigh(t)
             scale = float(theta.abs().max()) if theta.numel() else 0.0
-            if reorth == "selective":  # new converged Ritz vectors join the (orthonormal) set r is kept orthogonal to
+            if (
+                reorth == "selective"
+            ):  # new converged Ritz vectors join the (orthonormal) set r is kept orthogonal to
                 beta_est = float(space.colnorms(r)[0])
-                for i in (beta_est * s[-1, :].abs() <= math.sqrt(eps) * scale).nonzero().flatten().tolist():
+                for i in (
+                    (beta_est * s[-1, :].abs() <= math.sqrt(eps) * scale)
+                    .nonzero()
+                    .flatten()
+                    .tolist()
+                ):
                     if any(abs(float(theta[i]) - g) <= 1e-6 * scale for g in good_values):
                         continue
                     good_values.append(float(theta[i]))
@@ -197,7 +226,9 @@ def lanczos(matmat: MatMat, n: int, k: int, which: str = "largest", block_size: 
             ghosts = 0
             genuine = torch.arange(theta.numel())
             if reorth == "none":
-                genuine = cullum_willoughby(t, cw_tol * max(scale, 1e-300), (b @ s[-p:, :]).norm(dim=0), tol * scale)
+                genuine = cullum_willoughby(
+                    t, cw_tol * max(scale, 1e-300), (b @ s[-p:, :]).norm(dim=0), tol * scale
+                )
                 ghosts = theta.numel() - genuine.numel()
             th, sg = theta[genuine], s[:, genuine]
             res = (b @ sg[-p:, :]).norm(dim=0)
@@ -207,13 +238,33 @@ def lanczos(matmat: MatMat, n: int, k: int, which: str = "largest", block_size: 
                 on_pass(passes, th)
             full = reorth == "full" and basis.cols + p > n
             breakdown = bool(b.diagonal().abs().min() <= 1e-13 * max(scale, 1e-300) * math.sqrt(n))
-            if bool(conv.all()) and th.numel() >= min(k, n) or passes >= max_iter or full or breakdown:
+            if (
+                bool(conv.all())
+                and th.numel() >= min(k, n)
+                or passes >= max_iter
+                or full
+                or breakdown
+            ):
                 if breakdown or full:  # Q spans an invariant subspace: the Ritz pairs are exact
                     res = torch.zeros_like(res)
                     conv = torch.ones_like(conv)
                 vecs = basis.combine(sg[:, idx]) if eigenvectors and basis is not None else None
-                stored = (basis.cols if basis is not None else 0) + (good.cols if good is not None else 0)
-                return EigResult(th[idx], vecs, res[idx], conv, th, passes * p, passes, breakdown or full, ghosts, reorth, stored)
+                stored = (basis.cols if basis is not None else 0) + (
+                    good.cols if good is not None else 0
+                )
+                return EigResult(
+                    th[idx],
+                    vecs,
+                    res[idx],
+                    conv,
+                    th,
+                    passes * p,
+                    passes,
+                    breakdown or full,
+                    ghosts,
+                    reorth,
+                    stored,
+                )
             betas.append(b)
             prev = (q_j, b)
             q_j = q_next
@@ -236,7 +287,12 @@ class TraceEstimate:
     passes: int
 
     def as_dict(self) -> dict[str, float]:
-        return {"estimate": self.estimate, "stderr": self.stderr, "hvps": self.hvps, "passes": self.passes}
+        return {
+            "estimate": self.estimate,
+            "stderr": self.stderr,
+            "hvps": self.hvps,
+            "passes": self.passes,
+        }
 
 
 def _mean_stderr(samples: torch.Tensor) -> tuple[float, float]:
@@ -246,7 +302,9 @@ def _mean_stderr(samples: torch.Tensor) -> tuple[float, float]:
     return mean, float(samples.std() / math.sqrt(k)) if k > 1 else float("nan")
 
 
-def hutchinson_trace(matmat: MatMat, n: int, num_hvps: int, seed: int = 0, space: VectorSpace | None = None) -> TraceEstimate:
+def hutchinson_trace(
+    matmat: MatMat, n: int, num_hvps: int, seed: int = 0, space: VectorSpace | None = None
+) -> TraceEstimate:
     """Hutchinson's estimator ``tr(H) ~ (1/K) sum_j z_j^T H z_j`` with ``K = num_hvps`` Rademacher probes (one pass).
 
     Unbiased; ``Var = (2/K) sum_{i != j} H_ij^2``; the stderr is the sample standard deviation over the
@@ -259,7 +317,9 @@ def hutchinson_trace(matmat: MatMat, n: int, num_hvps: int, seed: int = 0, space
     return TraceEstimate(mean, se, num_hvps, 1)
 
 
-def hutchpp_trace(matmat: MatMat, n: int, num_hvps: int, seed: int = 0, space: VectorSpace | None = None) -> TraceEstimate:
+def hutchpp_trace(
+    matmat: MatMat, n: int, num_hvps: int, seed: int = 0, space: VectorSpace | None = None
+) -> TraceEstimate:
     """Hutch++ (Meyer, Musco, Musco & Woodruff 2021, SOSA, "Hutch++: optimal stochastic trace estimation"), two passes.
 
     With ``s = num_hvps // 3`` Rademacher ``S`` and ``g = num_hvps - 2 s`` Rademacher ``G``: ``Q = orth(H S)`` (pass 1),
@@ -309,7 +369,9 @@ class SLQResult:
         return _mean_stderr(per_probe)
 
 
-def broadened_density(theta: torch.Tensor, weights: torch.Tensor, grid: torch.Tensor, sigma: float) -> torch.Tensor:
+def broadened_density(
+    theta: torch.Tensor, weights: torch.Tensor, grid: torch.Tensor, sigma: float
+) -> torch.Tensor:
     """``phi(t) = (1/P) sum_i sum_j w_ij N(t; theta_ij, sigma^2)`` on ``grid`` (NaN entries ignored); integrates to 1."""
     ok = ~torch.isnan(theta)
     th, w = theta[ok], weights[ok]
@@ -317,7 +379,20 @@ def broadened_density(theta: torch.Tensor, weights: torch.Tensor, grid: torch.Te
     return (torch.exp(-0.5 * z**2) * w).sum(1) / (sigma * math.sqrt(2 * math.pi) * theta.shape[0])
 
 
-def slq(matmat: MatMat, n: int, num_probes: int, steps: int, seed: int = 0, grid_points: int = 1000, sigma: float | None = None, on_pass: Callable[[int], None] | None = None, space: VectorSpace | None = None, reorth: str = "full", storage: str = "device", storage_dir: Path | None = None) -> SLQResult:
+def slq(
+    matmat: MatMat,
+    n: int,
+    num_probes: int,
+    steps: int,
+    seed: int = 0,
+    grid_points: int = 1000,
+    sigma: float | None = None,
+    on_pass: Callable[[int], None] | None = None,
+    space: VectorSpace | None = None,
+    reorth: str = "full",
+    storage: str = "device",
+    storage_dir: Path | None = None,
+) -> SLQResult:
     """Spectral density by stochastic Lanczos quadrature (Lin, Saad & Yang 2016, SIAM Rev. 58(1); Ghorbani, Krishnan & Xiao 2019, ICML).
 
     For ``P`` normalized Rademacher probes ``v_i = z_i / sqrt(n)``, ``m = steps`` Lanczos steps each (all probes
@@ -348,7 +423,9 @@ def slq(matmat: MatMat, n: int, num_probes: int, steps: int, seed: int = 0, grid
         for j in range(steps):
             ids = active.nonzero().flatten()
             if basis is not None:
-                basis.append(v * active.to(device=v.device, dtype=v.dtype))  # finished probes: zero columns
+                basis.append(
+                    v * active.to(device=v.device, dtype=v.dtype)
+                )  # finished probes: zero columns
             w = space.zeros(num_probes)
             w[:, ids] = space.block(matmat(v[:, ids]))
             passes += 1
@@ -363,7 +440,11 @@ def slq(matmat: MatMat, n: int, num_probes: int, steps: int, seed: int = 0, grid
             back = torch.zeros(num_probes, dtype=F64)
             if j:
                 back[ids] = beta[ids, j - 1]
-            w = w - v * coef.to(device=v.device, dtype=v.dtype) - prev * back.to(device=v.device, dtype=v.dtype)
+            w = (
+                w
+                - v * coef.to(device=v.device, dtype=v.dtype)
+                - prev * back.to(device=v.device, dtype=v.dtype)
+            )
             if basis is not None:
                 w = basis.orthogonalize_columns(w)
             b = space.colnorms(w)[ids]
@@ -376,7 +457,9 @@ def slq(matmat: MatMat, n: int, num_probes: int, steps: int, seed: int = 0, grid
             scale[ids] = torch.where(stop, torch.ones_like(b), b)
             upd = torch.zeros(num_probes, dtype=torch.bool)
             upd[ids] = True
-            v[:, upd.to(v.device)] = (w / scale.to(device=w.device, dtype=w.dtype))[:, upd.to(v.device)]
+            v[:, upd.to(v.device)] = (w / scale.to(device=w.device, dtype=w.dtype))[
+                :, upd.to(v.device)
+            ]
             if not bool(active.any()):
                 break
     finally:
@@ -387,20 +470,35 @@ def slq(matmat: MatMat, n: int, num_probes: int, steps: int, seed: int = 0, grid
     weights = torch.full((num_probes, m), float("nan"), dtype=F64)
     for i in range(num_probes):
         li = int(length[i])
-        t = torch.diag(alpha[i, :li]) + torch.diag(beta[i, : li - 1], 1) + torch.diag(beta[i, : li - 1], -1)
+        t = (
+            torch.diag(alpha[i, :li])
+            + torch.diag(beta[i, : li - 1], 1)
+            + torch.diag(beta[i, : li - 1], -1)
+        )
         th, s = torch.linalg.eigh(t)
         ritz[i, :li], weights[i, :li] = th, s[0] ** 2
-    lo, hi = float(torch.nan_to_num(ritz, nan=float("inf")).min()), float(torch.nan_to_num(ritz, nan=float("-inf")).max())
-    sig = sigma if sigma is not None else max((hi - lo) / 100, 1e-12 * max(abs(lo), abs(hi), 1e-300))
+    lo, hi = (
+        float(torch.nan_to_num(ritz, nan=float("inf")).min()),
+        float(torch.nan_to_num(ritz, nan=float("-inf")).max()),
+    )
+    sig = (
+        sigma if sigma is not None else max((hi - lo) / 100, 1e-12 * max(abs(lo), abs(hi), 1e-300))
+    )
     grid = torch.linspace(lo - 5 * sig, hi + 5 * sig, grid_points, dtype=F64)
-    return SLQResult(ritz, weights, grid, broadened_density(ritz, weights, grid, sig), sig, hvps, passes)
+    return SLQResult(
+        ritz, weights, grid, broadened_density(ritz, weights, grid, sig), sig, hvps, passes
+    )
 
 
-def exact_density(eigenvalues: torch.Tensor, grid_points: int = 1000, sigma: float | None = None) -> SLQResult:
+def exact_density(
+    eigenvalues: torch.Tensor, grid_points: int = 1000, sigma: float | None = None
+) -> SLQResult:
     """The density of known eigenvalues (the exact path) in :class:`SLQResult` form: one "probe", weights ``1/n``."""
     ev = eigenvalues.to(F64).reshape(1, -1)
     lo, hi = float(ev.min()), float(ev.max())
-    sig = sigma if sigma is not None else max((hi - lo) / 100, 1e-12 * max(abs(lo), abs(hi), 1e-300))
+    sig = (
+        sigma if sigma is not None else max((hi - lo) / 100, 1e-12 * max(abs(lo), abs(hi), 1e-300))
+    )
     grid = torch.linspace(lo - 5 * sig, hi + 5 * sig, grid_points, dtype=F64)
     w = torch.full_like(ev, 1 / ev.numel())
     return SLQResult(ev, w, grid, broadened_density(ev, w, grid, sig), sig, 0, 0)

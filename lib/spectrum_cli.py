@@ -29,9 +29,9 @@ from .hessian import ExactHessianJob
 from .inputs import warn
 from .operator import HessianOperator, digest, subset_digest
 from .outputs import default_name as output_name
+from .passlog import PassLog
 from .pipeline import Family, Run
 from .plots import density_figure
-from .passlog import PassLog
 from .spec import SpectrumSpec
 from .subsets import (
     Subset,
@@ -200,7 +200,9 @@ class SpectrumFamily(Family):
         return bool(c.exact_below) and n <= c.exact_below and not c.fsdp
 
     @staticmethod
-    def estimate(run: Run, n: int, world: int, vdtype: torch.dtype) -> tuple[preflight.Estimate, str]:
+    def estimate(
+        run: Run, n: int, world: int, vdtype: torch.dtype
+    ) -> tuple[preflight.Estimate, str]:
         """The iterative path's memory and disk (per rank under ``--fsdp``) and where its stored vectors go."""
         c = run.spec.compute
         stored = preflight.stored_vectors(
@@ -227,7 +229,15 @@ class SpectrumFamily(Family):
             + (c.slq_probes * c.lanczos_steps if c.density else 0)
         )
         est = preflight.spectrum_estimate(
-            n, c.block_size, stored, run.dtype.itemsize, vdtype.itemsize, storage, world, log_vectors, on_gpu
+            n,
+            c.block_size,
+            stored,
+            run.dtype.itemsize,
+            vdtype.itemsize,
+            storage,
+            world,
+            log_vectors,
+            on_gpu,
         )
         return est, storage
 
@@ -293,7 +303,9 @@ class SpectrumFamily(Family):
             if sums is None:
                 return None
             h = job.result(sums, time.perf_counter() - t0).hessian.to(torch.float64)
-            if fd is not None:  # rows H e_i by finite differences: report their asymmetry, diagonalize the symmetric part
+            if (
+                fd is not None
+            ):  # rows H e_i by finite differences: report their asymmetry, diagonalize the symmetric part
                 meta["hvp"] = exact_script_report(fd, h, sums)
                 h = (h + h.T) / 2
             ev, vecs = torch.linalg.eigh(h)
@@ -401,7 +413,9 @@ class SpectrumFamily(Family):
                 if c.eigenvectors:
                     saved["eigenvectors"] = eig.eigenvectors
                 if c.trace:
-                    hutch = spectrum.hutchinson_trace(log, n, c.trace_hvps, seed=c.seed + 1, space=space)
+                    hutch = spectrum.hutchinson_trace(
+                        log, n, c.trace_hvps, seed=c.seed + 1, space=space
+                    )
                     hpp = spectrum.hutchpp_trace(log, n, c.trace_hvps, seed=c.seed + 2, space=space)
                     meta["trace"] = {"hutchinson": hutch.as_dict(), "hutch++": hpp.as_dict()}
                 if c.density:

@@ -12,16 +12,22 @@ weights feeding output unit 0: ``weight[0, :t]`` for ``nn.Linear`` (stored ``(ou
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
 
-from .early_checks import block_index_error, layer_name_error, num_blocks_error, num_layers_error, row_length_error
+from .early_checks import (
+    block_index_error,
+    layer_name_error,
+    num_blocks_error,
+    num_layers_error,
+    row_length_error,
+)
 from .errors import ParamError
-from .suggest import glob_suggestion
 from .models import find_blocks, linear_layers
+from .suggest import glob_suggestion
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,12 @@ class Subset:
 
     def gather(self, model: nn.Module) -> torch.Tensor:
         """``x0``: the current values of the selected entries, shape ``(size,)``."""
-        parts = [model.get_parameter(s.param_name).detach().reshape(-1)[s.flat_index.to(model.get_parameter(s.param_name).device)] for s in self.slices]
+        parts = [
+            model.get_parameter(s.param_name)
+            .detach()
+            .reshape(-1)[s.flat_index.to(model.get_parameter(s.param_name).device)]
+            for s in self.slices
+        ]
         devices = {p.device for p in parts}
         if len(devices) > 1:  # a model split over devices: gather on the first one
             parts = [p.to(parts[0].device) for p in parts]
@@ -122,7 +133,10 @@ def num_output_units(module: nn.Module) -> int:
 def whole_parameter(model: nn.Module, param_name: str, description: str = "") -> Subset:
     """All entries of one parameter in storage (flat) order, so ``x`` is ``param.reshape(-1)``."""
     numel = model.get_parameter(param_name).numel()
-    return Subset((ParamSlice(param_name, torch.arange(numel)),), description or f"all {numel} entries of {param_name}")
+    return Subset(
+        (ParamSlice(param_name, torch.arange(numel)),),
+        description or f"all {numel} entries of {param_name}",
+    )
 
 
 def num_blocks(model: nn.Module) -> int:
@@ -146,7 +160,9 @@ def _check_num_blocks(model: nn.Module, n: int) -> None:
         raise num_blocks_error(n, total)
 
 
-def single_layer_single_block(model: nn.Module, layer_name: str, block_index: int, t: int) -> Subset:
+def single_layer_single_block(
+    model: nn.Module, layer_name: str, block_index: int, t: int
+) -> Subset:
     """Paper Sec. 4.1: ``x = w_{0,:t}`` of one layer of one block."""
     s = row0_slice(model, block_index, layer_name, t)
     return Subset((s,), f"first {t} weights of row 0 of {layer_name} in block {block_index}")
@@ -168,10 +184,17 @@ def several_layers_several_blocks(model: nn.Module, n_layers: int, n_blocks: int
         if not 1 <= n_layers <= len(names):
             raise num_layers_error(n_layers, b, names)
         slices.extend(row0_slice(model, b, name, t) for name in names[:n_layers])
-    return Subset(tuple(slices), f"first {t} weights of row 0 of the first {n_layers} linear layers in {blocks_text(n_blocks)}")
+    return Subset(
+        tuple(slices),
+        f"first {t} weights of row 0 of the first {n_layers} linear layers in {blocks_text(n_blocks)}",
+    )
 
 
-def from_indices(model: nn.Module, param_name: str, indices: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor) -> ParamSlice:
+def from_indices(
+    model: nn.Module,
+    param_name: str,
+    indices: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor,
+) -> ParamSlice:
     """A slice of any parameter from flat indices ``[k, ...]`` or multi-indices ``[[i, j], ...]``."""
     try:
         param = model.get_parameter(param_name)
@@ -181,26 +204,38 @@ def from_indices(model: nn.Module, param_name: str, indices: Sequence[int] | Seq
     if idx.ndim == 2:
         strides = torch.tensor(param.stride(), dtype=torch.long) if param.is_contiguous() else None
         if strides is None or idx.shape[1] != param.ndim:
-            raise ParamError("indices", f"indices: multi-indices for {param_name} must have {param.ndim} columns")
+            raise ParamError(
+                "indices", f"indices: multi-indices for {param_name} must have {param.ndim} columns"
+            )
         idx = (idx * strides).sum(1)
     if idx.numel() and (idx.min() < 0 or idx.max() >= param.numel()):
-        raise ParamError("indices", f"indices out of range for {param_name} with {param.numel()} entries")
+        raise ParamError(
+            "indices", f"indices out of range for {param_name} with {param.numel()} entries"
+        )
     if torch.unique(idx).numel() != idx.numel():
         raise ParamError("indices", f"indices for {param_name} contain duplicates")
     return ParamSlice(param_name, idx.reshape(-1))
 
 
-def random_subset(model: nn.Module, param_names: Sequence[str], size_per_param: int, seed: int = 0) -> Subset:
+def random_subset(
+    model: nn.Module, param_names: Sequence[str], size_per_param: int, seed: int = 0
+) -> Subset:
     """``size_per_param`` distinct uniformly random entries of each named parameter (sorted), reproducible by ``seed``."""
     gen = torch.Generator().manual_seed(seed)
     slices = []
     for name in param_names:
         numel = model.get_parameter(name).numel()
         if size_per_param > numel:
-            raise ParamError("size_per_param", f"size_per_param {size_per_param}: cannot pick so many entries of {name}, which has {numel}")
+            raise ParamError(
+                "size_per_param",
+                f"size_per_param {size_per_param}: cannot pick so many entries of {name}, which has {numel}",
+            )
         idx = torch.randperm(numel, generator=gen)[:size_per_param].sort().values
         slices.append(ParamSlice(name, idx))
-    return Subset(tuple(slices), f"{size_per_param} random entries of each of {len(slices)} parameters (seed {seed})")
+    return Subset(
+        tuple(slices),
+        f"{size_per_param} random entries of each of {len(slices)} parameters (seed {seed})",
+    )
 
 
 def make_subset(*slices: ParamSlice, description: str = "") -> Subset:
@@ -225,8 +260,13 @@ def params_subset(model: nn.Module, globs: Sequence[str]) -> Subset:
     for pattern in globs:
         hits = fnmatch.filter(names, pattern)
         if not hits:
-            raise ParamError("globs", f"globs {pattern!r} matches no parameter{glob_suggestion(pattern, names)}; names look like: {', '.join(names[:2] + names[-2:])}")
+            raise ParamError(
+                "globs",
+                f"globs {pattern!r} matches no parameter{glob_suggestion(pattern, names)}; names look like: {', '.join(names[:2] + names[-2:])}",
+            )
         chosen.update(hits)
     slices = tuple(whole_parameter(model, n).slices[0] for n in names if n in chosen)
     total = sum(len(s) for s in slices)
-    return Subset(slices, f"all {total} entries of {len(slices)} parameter(s) matching {' '.join(globs)}")
+    return Subset(
+        slices, f"all {total} entries of {len(slices)} parameter(s) matching {' '.join(globs)}"
+    )

@@ -1,10 +1,10 @@
-""""Did you mean ...?" for mistyped flags, layer names and parameter globs (closest matches by :mod:`difflib`)."""
+""" "Did you mean ...?" for mistyped flags, layer names and parameter globs (closest matches by :mod:`difflib`)."""
 
 from __future__ import annotations
 
 import difflib
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 
 def closest(word: str, choices: Iterable[str], n: int = 1, cutoff: float = 0.6) -> list[str]:

@@ -56,7 +56,11 @@ def policy(cpus: int, quota: float | None, load: float, processes: int = 1) -> t
     per = max(1, math.floor(usable / processes))
     free = usable - max(load, 0.0)
     n = max(1, min(per, math.floor(free / processes + SLACK)))
-    limit = f"{cpus} cpus" if quota is None or quota >= cpus else f"cgroup quota {quota:g} of {cpus} cpus"
+    limit = (
+        f"{cpus} cpus"
+        if quota is None or quota >= cpus
+        else f"cgroup quota {quota:g} of {cpus} cpus"
+    )
     share = f" shared by {processes} processes" if processes > 1 else ""
     if n == per:
         return n, f"load {load:.1f} on {limit}{share}: all usable"
@@ -185,4 +189,3 @@ def apply(requested: int | None = None, processes: int = 1) -> Choice:
 def report() -> dict[str, Any] | None:
     """For the JSON: ``{"n", "why", "processes"}`` of this process's choice, ``None`` if :func:`apply` was not called."""
     return None if _CHOICE is None else _CHOICE.to_json()
-

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -117,8 +117,20 @@ class VectorSpace:
 
     def random(self, p: int, seed: int, kind: str = "gaussian", first: int = 0) -> torch.Tensor:
         """Columns ``first..first+p-1`` of a global random draw (``kind`` gaussian or rademacher), this process's entries."""
-        cols = [torch.cat([random_segment(kind, seed, j, start, start + length, self.n) for start, length in self.segments]) if self.segments else torch.zeros(0, dtype=F64) for j in range(first, first + p)]
-        return self.block(torch.stack(cols, dim=1) if cols else torch.zeros(self.local, 0, dtype=F64))
+        cols = [
+            torch.cat(
+                [
+                    random_segment(kind, seed, j, start, start + length, self.n)
+                    for start, length in self.segments
+                ]
+            )
+            if self.segments
+            else torch.zeros(0, dtype=F64)
+            for j in range(first, first + p)
+        ]
+        return self.block(
+            torch.stack(cols, dim=1) if cols else torch.zeros(self.local, 0, dtype=F64)
+        )
 
     def track(self, delta: int) -> None:
         """Count ``delta`` bytes of stored vectors (bases), keeping the peak."""
@@ -130,7 +142,9 @@ ROWS = 1 << 22
 """Rows per chunk when a block of another dtype is converted to float64 for a reduction."""
 
 
-def _chunked(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _chunked(
+    op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: torch.Tensor, b: torch.Tensor
+) -> torch.Tensor:
     """``sum over row chunks of op(a[c], b[c])`` in float64: whole when both are float64, else ``ROWS`` rows converted at a time."""
     if a.dtype == F64 and b.dtype == F64:
         return op(a, b)
@@ -141,12 +155,16 @@ def _chunked(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: torch.
     return total
 
 
-def local_space(n: int, device: torch.device | str = "cpu", dtype: torch.dtype = F64) -> VectorSpace:
+def local_space(
+    n: int, device: torch.device | str = "cpu", dtype: torch.dtype = F64
+) -> VectorSpace:
     """All ``n`` entries in this process."""
     return VectorSpace(n, ((0, n),), torch.device(device), dtype)
 
 
-def random_segment(kind: str, seed: int, column: int, start: int, stop: int, n: int) -> torch.Tensor:
+def random_segment(
+    kind: str, seed: int, column: int, start: int, stop: int, n: int
+) -> torch.Tensor:
     """Entries ``start..stop-1`` (float64) of column ``column`` of the global draw ``(kind, seed)`` of length ``n``: chunk ``c``
     (``min(CHUNK, n)`` entries) comes from a generator seeded by ``(seed, kind, column, c)``."""
     size = min(CHUNK, n)
@@ -210,7 +228,9 @@ class Basis:
         numel = block.numel()
         with open(path, "wb") as f:
             f.truncate(numel * block.element_size())
-        kept = torch.from_file(str(path), shared=True, size=numel, dtype=block.dtype).view(block.shape)
+        kept = torch.from_file(str(path), shared=True, size=numel, dtype=block.dtype).view(
+            block.shape
+        )
         kept.copy_(block.cpu())
         self._files.append(path)
         return kept
@@ -244,7 +264,11 @@ class Basis:
         """``c[j, i] = <Q_j[:, i], w[:, i]>`` for blocks of ``w``'s width (one basis per column, e.g. SLQ's probes): ``(blocks, p)``."""
         if not self.blocks:
             return torch.zeros(0, w.shape[1], dtype=F64)
-        return self.space.reduce(torch.stack([(self._get(j).to(F64) * w.to(F64)).sum(0) for j in range(len(self.blocks))]))
+        return self.space.reduce(
+            torch.stack(
+                [(self._get(j).to(F64) * w.to(F64)).sum(0) for j in range(len(self.blocks))]
+            )
+        )
 
     def orthogonalize_columns(self, w: torch.Tensor, passes: int = 2) -> torch.Tensor:
         """Each column of ``w`` made orthogonal to the same column of every block (column-wise bases), ``passes`` times."""
@@ -274,7 +298,9 @@ class Basis:
         self._files.clear()
 
 
-def choose_storage(wanted: str, bytes_needed: int, device_free: int | None, host_free: int, fraction: float = 0.5) -> str:
+def choose_storage(
+    wanted: str, bytes_needed: int, device_free: int | None, host_free: int, fraction: float = 0.5
+) -> str:
     """``wanted`` unless ``auto``: the device when the basis fits in ``fraction`` of its free memory (always, on the CPU:
     ``device_free`` None), else the host when it fits there, else disk."""
     if wanted != "auto":

@@ -28,7 +28,9 @@ LAYER = {"opt": "self_attn.q_proj", "llama": "self_attn.k_proj", "gpt2": "attn.c
 
 
 def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", "slow: takes more than about 5 s (subprocesses, several runs)")
+    config.addinivalue_line(
+        "markers", "slow: takes more than about 5 s (subprocesses, several runs)"
+    )
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -38,24 +40,74 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 def tiny_model(arch: str, dtype: torch.dtype = torch.float64, seed: int = 0, attn: str = "eager"):
     """A 2-block causal LM of ``arch`` with random weights (hidden 16, vocab 64, 32 positions)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        OPTConfig,
+        OPTForCausalLM,
+    )
 
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=1)
     if arch == "opt":
-        model = OPTForCausalLM(OPTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32, max_position_embeddings=32, word_embed_proj_dim=16, **common))
+        model = OPTForCausalLM(
+            OPTConfig(
+                hidden_size=16,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                ffn_dim=32,
+                max_position_embeddings=32,
+                word_embed_proj_dim=16,
+                **common,
+            )
+        )
     elif arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, **common))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=32,
+                **common,
+            )
+        )
     elif arch == "qwen2":  # Llama-family with q/k/v biases
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
-        model = Qwen2ForCausalLM(Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, **common))
+        model = Qwen2ForCausalLM(
+            Qwen2Config(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=32,
+                **common,
+            )
+        )
     elif arch == "mistral":
         from transformers import MistralConfig, MistralForCausalLM
 
-        model = MistralForCausalLM(MistralConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=4, max_position_embeddings=32, **common))
+        model = MistralForCausalLM(
+            MistralConfig(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=4,
+                max_position_embeddings=32,
+                **common,
+            )
+        )
     elif arch == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32, **common))
+        model = GPT2LMHeadModel(
+            GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32, **common)
+        )
     else:
         raise ValueError(arch)
     model.config._attn_implementation = attn
@@ -90,6 +142,11 @@ def one_rank_env(monkeypatch) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+    for key, value in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+    }.items():
         monkeypatch.setenv(key, value)
-

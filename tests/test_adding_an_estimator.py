@@ -9,8 +9,8 @@ import types
 
 import pytest
 import torch
-
 from conftest import ROOT, tiny_ids, tiny_model
+
 from lib.diagonal import REGISTRY, Target, hessian_diagonal
 
 DOC = ROOT / "docs" / "adding_an_estimator.md"
@@ -56,7 +56,11 @@ def test_the_documented_test_fails_for_rademacher_probes(example, monkeypatch):
     """The documented test can fail: with Rademacher probes the error is below its Gaussian theory."""
     from lib.estimators.diagonal.base import rademacher_probes
 
-    monkeypatch.setitem(sys.modules["lib.estimators.diagonal.gaussian_hutchinson"].__dict__, "gaussian_probes", lambda n, seed, name, a, b, dtype: rademacher_probes(n, seed, name, a, b, dtype))
+    monkeypatch.setitem(
+        sys.modules["lib.estimators.diagonal.gaussian_hutchinson"].__dict__,
+        "gaussian_probes",
+        lambda n, seed, name, a, b, dtype: rademacher_probes(n, seed, name, a, b, dtype),
+    )
     namespace: dict = {}
     exec(compile(blocks()[TEST], str(ROOT / TEST), "exec"), namespace)
     with pytest.raises(AssertionError):
@@ -70,15 +74,47 @@ def test_the_new_estimator_runs_in_the_library_and_the_script_unchanged(example,
     model = tiny_model("opt")
     name = "model.decoder.layers.1.self_attn.q_proj.bias"
     target = Target(name, (16,))
-    res = hessian_diagonal(model, [target], tiny_ids(), estimators=("gaussian_hutchinson", "exact"), vhp_samples=400, probe_batch=50)
+    res = hessian_diagonal(
+        model,
+        [target],
+        tiny_ids(),
+        estimators=("gaussian_hutchinson", "exact"),
+        vhp_samples=400,
+        probe_batch=50,
+    )
     est, exact = res.diagonals["gaussian_hutchinson"][name], res.diagonals["exact"][name]
-    assert res.hvps["gaussian_hutchinson"] == 400 and float((est - exact).norm() / exact.norm()) < 0.5
-    meta = script.run(["--estimator", "gaussian_hutchinson", "hutchinson", "--vhp_samples", "4", "--seqlen", "8", "--b", "2", "--no_progress", "--output_dir", str(tmp_path), "--name", "g"])
+    assert (
+        res.hvps["gaussian_hutchinson"] == 400 and float((est - exact).norm() / exact.norm()) < 0.5
+    )
+    meta = script.run(
+        [
+            "--estimator",
+            "gaussian_hutchinson",
+            "hutchinson",
+            "--vhp_samples",
+            "4",
+            "--seqlen",
+            "8",
+            "--b",
+            "2",
+            "--no_progress",
+            "--output_dir",
+            str(tmp_path),
+            "--name",
+            "g",
+        ]
+    )
     js = json.loads((tmp_path / "g.json").read_text())
     assert js["estimators"] == ["gaussian_hutchinson", "hutchinson"] == meta["estimators"]
-    assert js["hvps_per_sample"]["gaussian_hutchinson"] == 4 and js["cost"]["gaussian_hutchinson"] == example.cost
+    assert (
+        js["hvps_per_sample"]["gaussian_hutchinson"] == 4
+        and js["cost"]["gaussian_hutchinson"] == example.cost
+    )
     diags = torch.load(tmp_path / "g.pt")
-    assert diags["gaussian_hutchinson"]["model.decoder.layers.0.self_attn.q_proj.weight"].shape == (128, 128)
+    assert diags["gaussian_hutchinson"]["model.decoder.layers.0.self_attn.q_proj.weight"].shape == (
+        128,
+        128,
+    )
 
 
 def test_a_file_in_the_package_folder_is_all_the_registry_needs(tmp_path, monkeypatch):

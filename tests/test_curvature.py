@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
+from conftest import LAYER, tiny_ids, tiny_model
 from torch.func import functional_call
 
-from conftest import LAYER, tiny_ids, tiny_model
 from lib import curvature as cv
 from lib import subsets
 from lib.jobs import run_serial
@@ -19,7 +19,9 @@ CPU = torch.device("cpu")
 
 
 def _job(model, subset, ids, approx, fisher_samples=1, perturbations=None, **kw):
-    return cv.CurvatureJob(subset, ids, list(approx), fisher_samples, perturbations, seed=0, model=model, **kw)
+    return cv.CurvatureJob(
+        subset, ids, list(approx), fisher_samples, perturbations, seed=0, model=model, **kw
+    )
 
 
 def _logit_jacobian(model, subset, ids):
@@ -28,7 +30,13 @@ def _logit_jacobian(model, subset, ids):
     x0 = obj.x0()
 
     def logits(x):
-        out = functional_call(model, obj.weights(x), args=(), kwargs={"input_ids": ids, "use_cache": False}, tie_weights=False)[0]
+        out = functional_call(
+            model,
+            obj.weights(x),
+            args=(),
+            kwargs={"input_ids": ids, "use_cache": False},
+            tie_weights=False,
+        )[0]
         return out[:, :-1].reshape(-1, out.shape[-1])
 
     return logits(x0).detach(), torch.autograd.functional.jacobian(logits, x0)
@@ -41,7 +49,9 @@ def test_ggn_and_empirical_fisher_equal_the_jacobian_oracle(arch):
     ids = tiny_ids(b=2, seqlen=7)
     z, jac = _logit_jacobian(model, sub, ids)
     p = torch.softmax(z, -1)
-    ggn = sum(jac[t].T @ (torch.diag(p[t]) - torch.outer(p[t], p[t])) @ jac[t] for t in range(len(p)))
+    ggn = sum(
+        jac[t].T @ (torch.diag(p[t]) - torch.outer(p[t], p[t])) @ jac[t] for t in range(len(p))
+    )
     # per-sample gradients of the summed NLL at the true labels, by autograd
     obj = SubsetLoss(model, sub, fused_head=False)
     grads = []
@@ -50,7 +60,10 @@ def test_ggn_and_empirical_fisher_equal_the_jacobian_oracle(arch):
         grads.append(torch.autograd.grad(obj(x, row[None]), x)[0])
     grads = torch.stack(grads)
     for fused in (None, False):  # through the fused head, and through the plain logits
-        sums = run_serial(_job(model, sub, ids, ["ggn", "empirical_fisher"], model_input_bs=2, fused_head=fused), CPU)
+        sums = run_serial(
+            _job(model, sub, ids, ["ggn", "empirical_fisher"], model_input_bs=2, fused_head=fused),
+            CPU,
+        )
         assert torch.allclose(sums["ggn_sum"], ggn, rtol=1e-9, atol=1e-12)
         assert torch.allclose(sums["empirical_fisher_sum"], grads.T @ grads, rtol=1e-9, atol=1e-12)
     assert float(ggn.norm()) > 0 and torch.linalg.eigvalsh(ggn).min() > -1e-12  # a GGN is PSD
@@ -59,7 +72,12 @@ def test_ggn_and_empirical_fisher_equal_the_jacobian_oracle(arch):
 def _hooked_inputs(model, names, ids):
     """Oracle: each module's input, captured by a forward *pre*-hook."""
     got = {}
-    handles = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: got.__setitem__(n, a[0].detach())) for n in names]
+    handles = [
+        model.get_submodule(n).register_forward_pre_hook(
+            lambda m, a, n=n: got.__setitem__(n, a[0].detach())
+        )
+        for n in names
+    ]
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)
     for h in handles:
@@ -67,27 +85,37 @@ def _hooked_inputs(model, names, ids):
     return got
 
 
-@pytest.mark.parametrize("arch", ["opt", "gpt2"])  # nn.Linear (out, in) and GPT-2's Conv1D (in, out)
+@pytest.mark.parametrize(
+    "arch", ["opt", "gpt2"]
+)  # nn.Linear (out, in) and GPT-2's Conv1D (in, out)
 def test_gptq_is_the_gram_of_the_hooked_layer_inputs_blockwise(arch):
     model = tiny_model(arch)
     layers = ["self_attn.q_proj", "fc1"] if arch == "opt" else ["attn.c_attn", "mlp.c_fc"]
     slices = [subsets.row0_slice(model, b, name, 4) for b in (0, 1) for name in layers]
     # a second row of the first layer: its own block, zero against row 0
     name0, mod0 = subsets.layer_module(model, 0, layers[0])
-    second = torch.arange(4) * mod0.weight.shape[1] + 1 if arch == "gpt2" else mod0.weight.shape[1] + torch.arange(4)
+    second = (
+        torch.arange(4) * mod0.weight.shape[1] + 1
+        if arch == "gpt2"
+        else mod0.weight.shape[1] + torch.arange(4)
+    )
     sub = subsets.make_subset(*slices, subsets.ParamSlice(name0, second))
     ids = tiny_ids(b=3, seqlen=6)
     sums = run_serial(_job(model, sub, ids, ["gptq"], model_input_bs=1), CPU)
     layout = cv.entry_layout(model, sub)
     from lib.hessian import HessianResult
 
-    res = HessianResult(torch.zeros(1), torch.zeros(sub.size, sub.size), 0.0, 3, 3 * 5, "rev-rev", 0.0, sub)
+    res = HessianResult(
+        torch.zeros(1), torch.zeros(sub.size, sub.size), 0.0, 3, 3 * 5, "rev-rev", 0.0, sub
+    )
     gptq = cv.approximation_matrices(sums, res, ["gptq"], 1, layout, 6)["gptq"]
     inputs = _hooked_inputs(model, [s.param_name[:-7] for s in sub.slices], ids)
     expect = torch.zeros(sub.size, sub.size, dtype=torch.float64)
     start = 0
     for s in sub.slices:
-        x = inputs[s.param_name[:-7]].reshape(-1, inputs[s.param_name[:-7]].shape[-1])  # (b*seqlen, in)
+        x = inputs[s.param_name[:-7]].reshape(
+            -1, inputs[s.param_name[:-7]].shape[-1]
+        )  # (b*seqlen, in)
         width = model.get_parameter(s.param_name).shape[1]
         cols = s.flat_index // width if arch == "gpt2" else s.flat_index % width
         xs = x[:, cols]
@@ -101,7 +129,9 @@ def _fisher_error_variance(c, p):
     """``E ||g g^T - GGN_t||_F^2`` summed over tokens: the expected squared error of one draw per position."""
     total = 0.0
     for t in range(c.shape[0]):
-        g = c[t].T[None] @ (p[t][None, :, None] - torch.eye(p.shape[1]))  # (1, n, V): column y = g for label y
+        g = c[t].T[None] @ (
+            p[t][None, :, None] - torch.eye(p.shape[1])
+        )  # (1, n, V): column y = g for label y
         g = g[0].T  # (V, n)
         ggn_t = cv.ggn_sum(c[t : t + 1], p[t : t + 1])
         total += float((p[t] * g.pow(2).sum(1).pow(2)).sum()) - float(ggn_t.pow(2).sum())
@@ -136,10 +166,19 @@ def test_job_fisher_approaches_the_ggn_and_labels_do_not_depend_on_the_batching(
     model = tiny_model("opt")
     sub = subsets.single_layer_single_block(model, "fc1", 0, 6)
     ids = tiny_ids(b=2, seqlen=6)
-    a = run_serial(_job(model, sub, ids, ["ggn", "fisher"], fisher_samples=3, model_input_bs=1), CPU)
+    a = run_serial(
+        _job(model, sub, ids, ["ggn", "fisher"], fisher_samples=3, model_input_bs=1), CPU
+    )
     b = run_serial(_job(model, sub, ids, ["fisher"], fisher_samples=3, model_input_bs=2), CPU)
-    assert torch.allclose(a["fisher_sum"], b["fisher_sum"], rtol=1e-10, atol=1e-14)  # same draws per sample index
-    many = run_serial(_job(model, sub, ids, ["fisher"], fisher_samples=400, model_input_bs=2), CPU)["fisher_sum"] / 400
+    assert torch.allclose(
+        a["fisher_sum"], b["fisher_sum"], rtol=1e-10, atol=1e-14
+    )  # same draws per sample index
+    many = (
+        run_serial(_job(model, sub, ids, ["fisher"], fisher_samples=400, model_input_bs=2), CPU)[
+            "fisher_sum"
+        ]
+        / 400
+    )
     err = float((many - a["ggn_sum"]).norm() / a["ggn_sum"].norm())
     one = float((a["fisher_sum"] / 3 - a["ggn_sum"]).norm() / a["ggn_sum"].norm())
     assert err < 0.2 and err < one / 4
@@ -152,12 +191,16 @@ def test_kfac_on_a_single_row_is_gptq_times_the_predicted_scalar():
     sub = subsets.single_layer_single_block(model, "self_attn.q_proj", 0, 16)  # all of row 0
     ids = tiny_ids(b=2, seqlen=6)
     draws = 3
-    sums = run_serial(_job(model, sub, ids, ["gptq", "kfac"], fisher_samples=draws, model_input_bs=2), CPU)
+    sums = run_serial(
+        _job(model, sub, ids, ["gptq", "kfac"], fisher_samples=draws, model_input_bs=2), CPU
+    )
     from lib.hessian import HessianResult
 
     n_tok = 2 * 5
     res = HessianResult(torch.zeros(1), torch.zeros(16, 16), 0.0, 2, n_tok, "rev-rev", 0.0, sub)
-    mats = cv.approximation_matrices(sums, res, ["gptq", "kfac"], draws, cv.entry_layout(model, sub), 6)
+    mats = cv.approximation_matrices(
+        sums, res, ["gptq", "kfac"], draws, cv.entry_layout(model, sub), 6
+    )
     # oracle for G[0, 0]: the output gradient from a full backward hook, the same sampled labels
     grads = []
     module.weight.requires_grad_(True)
@@ -167,7 +210,9 @@ def test_kfac_on_a_single_row_is_gptq_times_the_predicted_scalar():
         p = torch.softmax(logits.detach(), -1)
         for j in range(draws):
             y = torch.stack([cv.sample_labels(p[r], 0, r, j) for r in range(2)])
-            torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").backward(retain_graph=True)
+            torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"
+            ).backward(retain_graph=True)
     finally:
         h.remove()
         module.weight.requires_grad_(False)
@@ -184,12 +229,16 @@ def test_frobenius_metrics_and_cosine():
     h = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
     m = cv.frobenius_metrics(3 * h, h)
     assert m["rel_frobenius"] == pytest.approx(2.0) and m["best_scale"] == pytest.approx(1 / 3)
-    assert m["rel_frobenius_scaled"] == pytest.approx(0.0, abs=1e-12) and m["cosine"] == pytest.approx(1.0)
+    assert m["rel_frobenius_scaled"] == pytest.approx(0.0, abs=1e-12) and m[
+        "cosine"
+    ] == pytest.approx(1.0)
     d = torch.diag(h.diagonal())
     m = cv.frobenius_metrics(d, h)
     assert m["cosine"] == pytest.approx(13 / (math.sqrt(13) * math.sqrt(15)))
     assert m["rel_frobenius"] == pytest.approx(math.sqrt(2 / 15))
-    assert m["rel_frobenius_scaled"] == pytest.approx(math.sqrt(1 - 13 / 15))  # best fit: c = 1, residual off-diagonal
+    assert m["rel_frobenius_scaled"] == pytest.approx(
+        math.sqrt(1 - 13 / 15)
+    )  # best fit: c = 1, residual off-diagonal
     assert cv.frobenius_metrics(-h, h)["cosine"] == pytest.approx(-1.0)
 
 
@@ -214,11 +263,18 @@ def test_quadratic_forms_and_prediction_metrics():
     m = cv.prediction_metrics(2 * q, q)
     assert m["corr"] == pytest.approx(1.0) and m["rel_error"] == pytest.approx(1.0)
     assert cv.prediction_metrics(-q, q)["corr"] == pytest.approx(-1.0)
-    out = cv.compare_matrices(h, {"diag": torch.diag(h.diagonal()), "same": h}, 1, d, {"measured": q})
-    assert out["same"]["pred_vs_exact_rel_error"] == pytest.approx(0.0, abs=1e-12) and out["same"]["rel_frobenius"] == 0
+    out = cv.compare_matrices(
+        h, {"diag": torch.diag(h.diagonal()), "same": h}, 1, d, {"measured": q}
+    )
+    assert (
+        out["same"]["pred_vs_exact_rel_error"] == pytest.approx(0.0, abs=1e-12)
+        and out["same"]["rel_frobenius"] == 0
+    )
     assert out["exact"]["pred_vs_measured_corr"] == pytest.approx(1.0)
     qd = cv.quadratic_forms(torch.diag(h.diagonal()), d)
-    assert out["diag"]["pred_vs_exact_rel_error"] == pytest.approx(float((qd - q).norm() / q.norm()))
+    assert out["diag"]["pred_vs_exact_rel_error"] == pytest.approx(
+        float((qd - q).norm() / q.norm())
+    )
 
 
 def test_measured_even_change_matches_the_exact_quadratic_on_a_smooth_model():
@@ -228,7 +284,9 @@ def test_measured_even_change_matches_the_exact_quadratic_on_a_smooth_model():
     ids = tiny_ids(b=2, seqlen=6)
     d, s = cv.rounding_perturbations(model, sub, 6, 12, seed=0)
     w = model.get_parameter(sub.slices[0].param_name)
-    assert torch.allclose(s, (w[:, 0].max() - w[:, 0].min()).double().expand(8) / 4095)  # Conv1D row 0 = column 0
+    assert torch.allclose(
+        s, (w[:, 0].max() - w[:, 0].min()).double().expand(8) / 4095
+    )  # Conv1D row 0 = column 0
     assert bool((d.abs() <= s / 2).all()) and float(d.abs().min()) > 0
     sums = run_serial(_job(model, sub, ids, ["diag"], perturbations=d, model_input_bs=2), CPU)
     change = sums["loss_change_sum"]
@@ -237,13 +295,38 @@ def test_measured_even_change_matches_the_exact_quadratic_on_a_smooth_model():
     assert float((even - quad).norm() / quad.norm()) < 1e-3
     odd = (change[:, 0] - change[:, 1]) / 2
     grad = torch.func.grad(lambda x: SubsetLoss(model, sub)(x, ids))(sub.gather(model))
-    assert torch.allclose(odd, d @ grad, rtol=1e-3)  # the first-order term the quadratic proxies leave out
+    assert torch.allclose(
+        odd, d @ grad, rtol=1e-3
+    )  # the first-order term the quadratic proxies leave out
 
 
 # ----------------------------------------------------------------------------- the script flag
 
 
-ARGS = ["--t", "4", "--seqlen", "12", "--b", "4", "--dtype", "float64", "--no_progress", "--name", "c", "--compare", "ggn", "fisher", "empirical_fisher", "gptq", "kfac", "diag", "--fisher_samples", "2", "--perturbations", "5"]
+ARGS = [
+    "--t",
+    "4",
+    "--seqlen",
+    "12",
+    "--b",
+    "4",
+    "--dtype",
+    "float64",
+    "--no_progress",
+    "--name",
+    "c",
+    "--compare",
+    "ggn",
+    "fisher",
+    "empirical_fisher",
+    "gptq",
+    "kfac",
+    "diag",
+    "--fisher_samples",
+    "2",
+    "--perturbations",
+    "5",
+]
 
 
 @pytest.fixture(scope="module")
@@ -262,20 +345,37 @@ def test_compare_writes_matrices_metrics_and_figure(compare_reference):
     assert all(m.shape == (4, 4) for m in mats.values())
     assert torch.equal(mats["exact"], torch.load(tmp / "c.pt"))
     js = json.loads((tmp / "c.json").read_text())
-    assert set(js["comparison"]) == {"ggn", "fisher", "empirical_fisher", "gptq", "kfac", "diag", "exact"}
+    assert set(js["comparison"]) == {
+        "ggn",
+        "fisher",
+        "empirical_fisher",
+        "gptq",
+        "kfac",
+        "diag",
+        "exact",
+    }
     assert js["comparison"]["diag"]["best_scale"] == pytest.approx(1.0)
-    assert set(js["comparison"]["exact"]) == {"pred_vs_measured_corr", "pred_vs_measured_rel_error", "pred_vs_measured_even_corr", "pred_vs_measured_even_rel_error"}
+    assert set(js["comparison"]["exact"]) == {
+        "pred_vs_measured_corr",
+        "pred_vs_measured_rel_error",
+        "pred_vs_measured_even_corr",
+        "pred_vs_measured_even_rel_error",
+    }
     for f in js["comparison_details"]["figures"]:
         assert (tmp / f).stat().st_size > 1000
 
 
 @pytest.mark.slow
-def test_compare_on_two_workers_and_resumed_equals_one_process(compare_reference, tmp_path, monkeypatch, capsys):
+def test_compare_on_two_workers_and_resumed_equals_one_process(
+    compare_reference, tmp_path, monkeypatch, capsys
+):
     import single_layer_single_block
     from lib import cli
 
     ref = torch.load(compare_reference[0] / "c_compare.pt")
-    single_layer_single_block.run([*ARGS, "--output_dir", str(tmp_path / "w"), "--devices", "cpu,cpu"])
+    single_layer_single_block.run(
+        [*ARGS, "--output_dir", str(tmp_path / "w"), "--devices", "cpu,cpu"]
+    )
     two = torch.load(tmp_path / "w" / "c_compare.pt")
     assert all(torch.equal(two[k], ref[k]) for k in ref)
     # a run that fails at unit 2 keeps units 0, 1 in its checkpoint; --resume computes only 2, 3
@@ -290,7 +390,9 @@ def test_compare_on_two_workers_and_resumed_equals_one_process(compare_reference
 
     monkeypatch.setattr(cv.CurvatureJob, "run_unit", failing)
     with pytest.raises(RuntimeError):
-        single_layer_single_block.run([*ARGS, "--output_dir", str(tmp_path / "r"), "--checkpoint_every", "1"])
+        single_layer_single_block.run(
+            [*ARGS, "--output_dir", str(tmp_path / "r"), "--checkpoint_every", "1"]
+        )
     assert (tmp_path / "r" / "c.ckpt").exists()
     assert calls == [0, 1, 2]
     calls.clear()
@@ -300,8 +402,15 @@ def test_compare_on_two_workers_and_resumed_equals_one_process(compare_reference
     res = torch.load(tmp_path / "r" / "c_compare.pt")
     assert all(torch.equal(res[k], ref[k]) for k in ref)
     with pytest.raises(SystemExit) as exc:
-        cli.main(single_layer_single_block.run, [*ARGS, "--output_dir", str(tmp_path), "--fisher_samples", "0"])
-    assert exc.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == "error: --fisher_samples must be at least 1, got 0"
+        cli.main(
+            single_layer_single_block.run,
+            [*ARGS, "--output_dir", str(tmp_path), "--fisher_samples", "0"],
+        )
+    assert (
+        exc.value.code == 2
+        and capsys.readouterr().err.splitlines()[-1]
+        == "error: --fisher_samples must be at least 1, got 0"
+    )
 
 
 # ----------------------------------------------------------------------------- the GGN diagonal of whole weights
@@ -312,17 +421,31 @@ def test_ggn_diagonal_estimator_is_hutchinson_on_the_dense_ggn(arch):
     from lib import diagonal
 
     model = tiny_model(arch)
-    name = "model.decoder.layers.1.self_attn.q_proj.bias" if arch == "opt" else "transformer.h.1.attn.c_attn.bias"
+    name = (
+        "model.decoder.layers.1.self_attn.q_proj.bias"
+        if arch == "opt"
+        else "transformer.h.1.attn.c_attn.bias"
+    )
     sub = subsets.whole_parameter(model, name)
     ids = tiny_ids(b=2, seqlen=6)
     g = run_serial(_job(model, sub, ids, ["ggn"], model_input_bs=2), CPU)["ggn_sum"] / (2 * 5)
     k = 3
     target = diagonal.Target(name, tuple(model.get_parameter(name).shape))
-    res = diagonal.hessian_diagonal(model, [target], ids, estimators=("ggn", "hutchinson"), vhp_samples=k, seed=5, model_input_bs=1)
+    res = diagonal.hessian_diagonal(
+        model,
+        [target],
+        ids,
+        estimators=("ggn", "hutchinson"),
+        vhp_samples=k,
+        seed=5,
+        model_input_bs=1,
+    )
     z = diagonal.rademacher_probes(sub.size, 5, name, 0, k)
     expect = (z * (z @ g)).mean(0)  # G symmetric: (G z)_i = (z G)_i
     assert torch.allclose(res.diagonals["ggn"][name].reshape(-1), expect, rtol=1e-9, atol=1e-14)
-    assert not torch.allclose(res.diagonals["ggn"][name], res.diagonals["hutchinson"][name], rtol=1e-3)  # G is not H
+    assert not torch.allclose(
+        res.diagonals["ggn"][name], res.diagonals["hutchinson"][name], rtol=1e-3
+    )  # G is not H
     op = cv.GGNOperator(SubsetLoss(model, sub), sub.gather(model), ids)
     v = torch.randn(sub.size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert torch.allclose(op.matvec(v), g @ v * (2 * 5), rtol=1e-9, atol=1e-13)
@@ -333,5 +456,8 @@ def test_layer_based_approximations_refuse_weights_that_are_not_linear_layers():
 
     model = tiny_model("opt")
     sub = subsets.whole_parameter(model, "model.decoder.layers.0.self_attn.q_proj.bias")
-    with pytest.raises(UserError, match="need weights of linear layers; model.decoder.layers.0.self_attn.q_proj.bias is not one"):
+    with pytest.raises(
+        UserError,
+        match="need weights of linear layers; model.decoder.layers.0.self_attn.q_proj.bias is not one",
+    ):
         cv.entry_layout(model, sub)

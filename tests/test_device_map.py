@@ -15,8 +15,33 @@ from lib import cli
 from lib.models import EMBEDDED_MODEL_DIR, load_model
 
 pytest.importorskip("accelerate")
-MAP = {"model.decoder.embed_tokens": "cpu", "model.decoder.embed_positions": "cpu", "model.decoder.final_layer_norm": "cpu", "model.decoder.layers.0": "cpu", "model.decoder.layers.1": "disk", "lm_head": "cpu"}
-FLAGS = ["--dataset", "embedded", "--t", "8", "--b", "2", "--seqlen", "12", "--dtype", "float64", "--no_progress", "--name", "h", "--device", "cpu", "--chunk", "2"]  # a fixed chunk: a measured one may differ between the runs (other bits)
+MAP = {
+    "model.decoder.embed_tokens": "cpu",
+    "model.decoder.embed_positions": "cpu",
+    "model.decoder.final_layer_norm": "cpu",
+    "model.decoder.layers.0": "cpu",
+    "model.decoder.layers.1": "disk",
+    "lm_head": "cpu",
+}
+FLAGS = [
+    "--dataset",
+    "embedded",
+    "--t",
+    "8",
+    "--b",
+    "2",
+    "--seqlen",
+    "12",
+    "--dtype",
+    "float64",
+    "--no_progress",
+    "--name",
+    "h",
+    "--device",
+    "cpu",
+    "--chunk",
+    "2",
+]  # a fixed chunk: a measured one may differ between the runs (other bits)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +50,18 @@ def tiny_opt(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("model") / "tiny-opt"
     torch.manual_seed(0)
-    cfg = OPTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32, max_position_embeddings=64, word_embed_proj_dim=16, vocab_size=4096, bos_token_id=2, eos_token_id=2, pad_token_id=1)
+    cfg = OPTConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        ffn_dim=32,
+        max_position_embeddings=64,
+        word_embed_proj_dim=16,
+        vocab_size=4096,
+        bos_token_id=2,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
     OPTForCausalLM(cfg).save_pretrained(path)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(EMBEDDED_MODEL_DIR / f, path / f)
@@ -35,21 +71,62 @@ def tiny_opt(tmp_path_factory):
 def test_cpu_and_disk_offload_equal_the_plain_run(tiny_opt, tmp_path):
     common = ["--model", str(tiny_opt), *FLAGS, "--cache_dir", str(tmp_path / "cache")]
     single_layer_single_block.run([*common, "--output_dir", str(tmp_path / "plain")])
-    single_layer_single_block.run([*common, "--output_dir", str(tmp_path / "mapped"), "--device_map", json.dumps(MAP)])
-    plain, mapped = torch.load(tmp_path / "plain" / "h.pt"), torch.load(tmp_path / "mapped" / "h.pt")
+    single_layer_single_block.run(
+        [*common, "--output_dir", str(tmp_path / "mapped"), "--device_map", json.dumps(MAP)]
+    )
+    plain, mapped = (
+        torch.load(tmp_path / "plain" / "h.pt"),
+        torch.load(tmp_path / "mapped" / "h.pt"),
+    )
     assert torch.equal(plain, mapped) and plain.abs().max() > 0
-    model = load_model(str(tiny_opt), str(tmp_path / "cache"), torch.float64, device_map=json.dumps(MAP))
-    assert model.get_parameter("model.decoder.layers.1.fc1.weight").is_meta  # block 1 is really on disk (read in the forward)
+    model = load_model(
+        str(tiny_opt), str(tmp_path / "cache"), torch.float64, device_map=json.dumps(MAP)
+    )
+    assert model.get_parameter(
+        "model.decoder.layers.1.fc1.weight"
+    ).is_meta  # block 1 is really on disk (read in the forward)
     assert not model.get_parameter("model.decoder.layers.0.fc1.weight").is_meta
-    hessian_spectrum.run([*common, "--output_dir", str(tmp_path / "fd"), "--device_map", json.dumps(MAP), "--hvp", "finite_difference", "--exact_below", "0", "--max_iter", "6", "--top_k", "1"])
+    hessian_spectrum.run(
+        [
+            *common,
+            "--output_dir",
+            str(tmp_path / "fd"),
+            "--device_map",
+            json.dumps(MAP),
+            "--hvp",
+            "finite_difference",
+            "--exact_below",
+            "0",
+            "--max_iter",
+            "6",
+            "--top_k",
+            "1",
+        ]
+    )
     fd = json.loads((tmp_path / "fd" / "h.json").read_text())
     top = float(torch.linalg.eigvalsh(plain.double())[-1])
-    assert abs(fd["eigenvalues"][0] - top) < 1e-6 * abs(top)  # finite differences on the split model too
+    assert abs(fd["eigenvalues"][0] - top) < 1e-6 * abs(
+        top
+    )  # finite differences on the split model too
 
 
 def test_a_subset_on_a_disk_block_and_a_bad_map_are_refused(tiny_opt, tmp_path, capsys):
-    common = ["--model", str(tiny_opt), *FLAGS, "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path)]
-    for extra, text in ((["--block_index", "1", "--device_map", json.dumps(MAP)], "offloads model.decoder.layers.1.self_attn.q_proj.weight to disk"), (["--device_map", "{not json"], "not a valid JSON object")):
+    common = [
+        "--model",
+        str(tiny_opt),
+        *FLAGS,
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        "--output_dir",
+        str(tmp_path),
+    ]
+    for extra, text in (
+        (
+            ["--block_index", "1", "--device_map", json.dumps(MAP)],
+            "offloads model.decoder.layers.1.self_attn.q_proj.weight to disk",
+        ),
+        (["--device_map", "{not json"], "not a valid JSON object"),
+    ):
         with pytest.raises(SystemExit) as e:
             cli.main(single_layer_single_block.run, [*common, *extra])
         err = capsys.readouterr().err.strip()

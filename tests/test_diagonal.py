@@ -12,8 +12,8 @@ import re
 
 import pytest
 import torch
-
 from conftest import ARCHS, LAYER, tiny_ids, tiny_model
+
 import hessian_diagonal
 from lib import cli, subsets
 from lib.diagonal import (
@@ -21,7 +21,6 @@ from lib.diagonal import (
     ParamPlan,
     Probes,
     Target,
-    hessian_diagonal as estimate,
     hutchinson_running,
     key,
     log_grid,
@@ -31,6 +30,9 @@ from lib.diagonal import (
     rel_l2,
     xdiag_basis,
     xdiag_estimate,
+)
+from lib.diagonal import (
+    hessian_diagonal as estimate,
 )
 from lib.hessian import exact_hessian
 from lib.jobs import run_serial
@@ -51,7 +53,9 @@ def full_hessian(arch: str) -> torch.Tensor:
     """Exact summed-NLL Hessian of the test layer over tiny_ids() (symmetrized), cached per architecture."""
     if arch not in _HESSIANS:
         model = tiny_model(arch)
-        h = exact_hessian(model, subsets.whole_parameter(model, layer(model, arch).param_name), tiny_ids()).hessian_sum
+        h = exact_hessian(
+            model, subsets.whole_parameter(model, layer(model, arch).param_name), tiny_ids()
+        ).hessian_sum
         _HESSIANS[arch] = (h + h.T) / 2
     return _HESSIANS[arch]
 
@@ -69,10 +73,14 @@ def probe_contributions(model, target: Target, k: int, seed: int = 0) -> torch.T
 
 def test_probes_are_rademacher_and_depend_only_on_seed_param_and_index():
     a = rademacher_probes(1000, 7, "w", 0, 6)
-    assert torch.equal(a[3:5], rademacher_probes(1000, 7, "w", 3, 5))  # any chunking gives the same probe j
+    assert torch.equal(
+        a[3:5], rademacher_probes(1000, 7, "w", 3, 5)
+    )  # any chunking gives the same probe j
     assert set(a.unique().tolist()) == {-1.0, 1.0}
     assert abs(float(a.mean())) < 0.05
-    assert not torch.equal(a[0], a[1]) and not torch.equal(a[0], rademacher_probes(1000, 8, "w", 0, 1)[0])
+    assert not torch.equal(a[0], a[1]) and not torch.equal(
+        a[0], rademacher_probes(1000, 8, "w", 0, 1)[0]
+    )
     assert not torch.equal(a[0], rademacher_probes(1000, 7, "v", 0, 1)[0])
     assert probe_seed(0, "w", 1) == probe_seed(0, "w", 1) != probe_seed(0, "w", 2)
     # entries are uncorrelated (the original's balanced blocks are not)
@@ -85,10 +93,22 @@ def test_results_do_not_depend_on_probe_batch_or_model_input_bs():
     model = tiny_model("opt")
     t = layer(model, "opt")
     ids = tiny_ids(b=4)
-    ref = estimate(model, [t], ids, estimators=("hutchinson", "xdiag"), vhp_samples=6, probe_batch=1)
-    other = estimate(model, [t], ids, estimators=("hutchinson", "xdiag"), vhp_samples=6, probe_batch=4, model_input_bs=2)
+    ref = estimate(
+        model, [t], ids, estimators=("hutchinson", "xdiag"), vhp_samples=6, probe_batch=1
+    )
+    other = estimate(
+        model,
+        [t],
+        ids,
+        estimators=("hutchinson", "xdiag"),
+        vhp_samples=6,
+        probe_batch=4,
+        model_input_bs=2,
+    )
     for e in ("hutchinson", "xdiag"):
-        assert torch.allclose(ref.diagonals[e][t.param_name], other.diagonals[e][t.param_name], rtol=1e-6, atol=1e-12)
+        assert torch.allclose(
+            ref.diagonals[e][t.param_name], other.diagonals[e][t.param_name], rtol=1e-6, atol=1e-12
+        )
 
 
 # ----------------------------------------------------------------------------- exact and empirical fisher
@@ -127,7 +147,9 @@ def test_empirical_fisher_equals_the_squared_per_sample_gradients_by_hand(model_
         weight.requires_grad_(False)
     by_hand /= 4 * 7
     assert float(by_hand.abs().max()) > 0
-    assert torch.allclose(res.diagonals["empirical_fisher"][t.param_name], by_hand, rtol=1e-10, atol=0)
+    assert torch.allclose(
+        res.diagonals["empirical_fisher"][t.param_name], by_hand, rtol=1e-10, atol=0
+    )
     assert res.hvps["empirical_fisher"] == 0
 
 
@@ -144,7 +166,9 @@ def _bias_statistic(contrib: torch.Tensor, h: torch.Tensor) -> float:
 def balanced_block_probes(n: int, k: int, block: int, seed: int) -> torch.Tensor:
     """The original's probes: each block of ``block`` consecutive entries holds as many +1 as -1 (biased)."""
     base = torch.cat([torch.ones(block // 2), -torch.ones(block // 2)]).double()
-    idx = torch.argsort(torch.rand(k, n // block, block, generator=torch.Generator().manual_seed(seed)), dim=-1)
+    idx = torch.argsort(
+        torch.rand(k, n // block, block, generator=torch.Generator().manual_seed(seed)), dim=-1
+    )
     return base[idx].reshape(k, n)
 
 
@@ -179,7 +203,10 @@ def test_the_bias_test_detects_the_originals_balanced_probes():
 
 def test_hutchinson_running_means():
     c = torch.tensor([[1.0, 2.0], [3.0, 6.0], [5.0, 1.0]])
-    assert torch.allclose(hutchinson_running(c), torch.tensor([[1.0, 2.0], [2.0, 4.0], [3.0, 3.0]], dtype=torch.float64))
+    assert torch.allclose(
+        hutchinson_running(c),
+        torch.tensor([[1.0, 2.0], [2.0, 4.0], [3.0, 3.0]], dtype=torch.float64),
+    )
 
 
 # ----------------------------------------------------------------------------- xdiag
@@ -208,7 +235,11 @@ def test_xdiag_closed_form_and_prefixes_equal_the_definition():
     assert rel_l2(xdiag_estimate(omega, q, z, r, 5), xdiag_by_definition(h, omega[:, :5])) < 1e-10
     # on any subset of rows
     rows = torch.tensor([0, 7, 100, 255])
-    assert torch.allclose(xdiag_estimate(omega[rows], q[rows], z[rows], r, 5), xdiag_by_definition(h, omega[:, :5])[rows], rtol=1e-10)
+    assert torch.allclose(
+        xdiag_estimate(omega[rows], q[rows], z[rows], r, 5),
+        xdiag_by_definition(h, omega[:, :5])[rows],
+        rtol=1e-10,
+    )
 
 
 def test_xdiag_refuses_a_rank_deficient_sketch():
@@ -247,7 +278,9 @@ def test_xdiag_is_more_accurate_than_hutchinson_at_equal_budget(arch):
     d = full_hessian(arch).diagonal() / (2 * 7)
     errs = {"hutchinson": [], "xdiag": []}
     for seed in range(6):
-        res = estimate(model, [t], ids, estimators=("hutchinson", "xdiag"), vhp_samples=64, seed=seed)
+        res = estimate(
+            model, [t], ids, estimators=("hutchinson", "xdiag"), vhp_samples=64, seed=seed
+        )
         for e in errs:
             errs[e].append(rel_l2(res.diagonals[e][t.param_name].reshape(-1), d) ** 2)
     rmse = {e: math.sqrt(sum(v) / len(v)) for e, v in errs.items()}
@@ -273,19 +306,33 @@ def test_tracked_rows_give_curves_that_end_at_the_final_estimates():
     name, module = subsets.layer_module(model, 0, LAYER["gpt2"])
     tracked = subsets.output_units_index(module, 3)  # Conv1D: weight[:, :3]
     t = Target(name, tuple(model.get_parameter(name).shape), tracked)
-    res = estimate(model, [t], tiny_ids(), estimators=("hutchinson", "xdiag", "empirical_fisher"), vhp_samples=10)
+    res = estimate(
+        model,
+        [t],
+        tiny_ids(),
+        estimators=("hutchinson", "xdiag", "empirical_fisher"),
+        vhp_samples=10,
+    )
     d = full_hessian("gpt2").diagonal() / (2 * 7)
     assert torch.allclose(res.tracked_exact[name], d[tracked], rtol=1e-10)
-    assert torch.equal(tracked, (torch.arange(16)[:, None] * 48 + torch.arange(3)).reshape(-1))  # GPT-2 Conv1D stores (in, out)
+    assert torch.equal(
+        tracked, (torch.arange(16)[:, None] * 48 + torch.arange(3)).reshape(-1)
+    )  # GPT-2 Conv1D stores (in, out)
     curves = res.curves[name]
     assert curves["hutchinson"]["k"] == list(range(1, 11))
     assert curves["xdiag"]["k"] == [2, 4, 6, 8, 10]
     for e in ("hutchinson", "xdiag"):
         c = curves[e]
         final = res.diagonals[e][name].reshape(-1)
-        assert c["tracked_rel_error"][-1] == pytest.approx(rel_l2(final[tracked], d[tracked]), rel=1e-9)
-        assert math.isnan(c["consecutive_rel_diff"][0]) and all(v > 0 for v in c["consecutive_rel_diff"][1:])
-    assert curves["empirical_fisher"]["final_tracked_rel_error"] == pytest.approx(rel_l2(res.diagonals["empirical_fisher"][name].reshape(-1)[tracked], d[tracked]))
+        assert c["tracked_rel_error"][-1] == pytest.approx(
+            rel_l2(final[tracked], d[tracked]), rel=1e-9
+        )
+        assert math.isnan(c["consecutive_rel_diff"][0]) and all(
+            v > 0 for v in c["consecutive_rel_diff"][1:]
+        )
+    assert curves["empirical_fisher"]["final_tracked_rel_error"] == pytest.approx(
+        rel_l2(res.diagonals["empirical_fisher"][name].reshape(-1)[tracked], d[tracked])
+    )
 
 
 def test_log_grid():
@@ -304,16 +351,43 @@ def _outputs(tmp_path, meta):
 
 @pytest.mark.slow
 def test_script_end_to_end_with_a_convergence_study(tmp_path):
-    meta = hessian_diagonal.run(["--track_rows", "1", "--hvps", "6", "--estimator", "hutchinson", "xdiag", "empirical_fisher", "--output_dir", str(tmp_path), *FAST])
+    meta = hessian_diagonal.run(
+        [
+            "--track_rows",
+            "1",
+            "--hvps",
+            "6",
+            "--estimator",
+            "hutchinson",
+            "xdiag",
+            "empirical_fisher",
+            "--output_dir",
+            str(tmp_path),
+            *FAST,
+        ]
+    )
     diags, js = _outputs(tmp_path, meta)
     name = "model.decoder.layers.0.self_attn.q_proj.weight"
-    assert set(diags) == {"hutchinson", "xdiag", "empirical_fisher"} and diags["xdiag"][name].shape == (128, 128)
-    assert js["parameter"] == name and js["vhp_samples"] == 6 and js["estimators"] == ["hutchinson", "xdiag", "empirical_fisher"]
+    assert set(diags) == {"hutchinson", "xdiag", "empirical_fisher"} and diags["xdiag"][
+        name
+    ].shape == (128, 128)
+    assert (
+        js["parameter"] == name
+        and js["vhp_samples"] == 6
+        and js["estimators"] == ["hutchinson", "xdiag", "empirical_fisher"]
+    )
     assert js["hvps_per_sample"] == {"hutchinson": 6, "xdiag": 6, "empirical_fisher": 0}
-    assert js["n_tokens"] == 2 * 7 and js["estimate_elapsed_s"] > 0 and "mean next-token NLL" in js["normalization"]
+    assert (
+        js["n_tokens"] == 2 * 7
+        and js["estimate_elapsed_s"] > 0
+        and "mean next-token NLL" in js["normalization"]
+    )
     conv = js["convergence"]
     assert conv["tracked_entries"] == 128 and conv["consecutive_diff_entries"] == 128 * 128
-    assert len(conv["curves"]["hutchinson"]["tracked_rel_error"]) == 6 and conv["curves"]["hutchinson"]["consecutive_rel_diff"][0] is None
+    assert (
+        len(conv["curves"]["hutchinson"]["tracked_rel_error"]) == 6
+        and conv["curves"]["hutchinson"]["consecutive_rel_diff"][0] is None
+    )
     assert any(f.endswith("_convergence.png") for f in js["figures"])
     for f in js["figures"]:
         assert (tmp_path / f).stat().st_size > 1000
@@ -322,11 +396,28 @@ def test_script_end_to_end_with_a_convergence_study(tmp_path):
 
 @pytest.mark.slow
 def test_all_layers_equals_separate_runs(tmp_path):
-    common = ["--hvps", "2", "--estimator", "xdiag", "--block_index", "3", "--output_dir", str(tmp_path), *FAST]
+    common = [
+        "--hvps",
+        "2",
+        "--estimator",
+        "xdiag",
+        "--block_index",
+        "3",
+        "--output_dir",
+        str(tmp_path),
+        *FAST,
+    ]
     meta = hessian_diagonal.run(["--all_layers", "--name", "all", *common])
     diags, js = _outputs(tmp_path, meta)
     names = [p["name"] for p in js["parameters"]]
-    assert [p["layer"] for p in js["parameters"]] == ["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj", "self_attn.out_proj", "fc1", "fc2"]
+    assert [p["layer"] for p in js["parameters"]] == [
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.q_proj",
+        "self_attn.out_proj",
+        "fc1",
+        "fc2",
+    ]
     for lname in ("self_attn.v_proj", "fc1"):
         one = hessian_diagonal.run(["--layer_name", lname, "--name", lname, *common])
         single, js1 = _outputs(tmp_path, one)
@@ -336,14 +427,32 @@ def test_all_layers_equals_separate_runs(tmp_path):
 
 
 ERRORS = [
-    (["--layer_name", "q_proj"], r"unknown --layer_name 'q_proj'; the linear layers of a block are: self_attn.k_proj, self_attn.v_proj, self_attn.q_proj, self_attn.out_proj, fc1, fc2"),
-    (["--estimator", "exact", "--layer_name", "fc1"], r"--estimator exact needs one Hessian-vector product per entry and sample: model.decoder.layers.0.fc1.weight has 65536 entries, over the limit of 16384"),
+    (
+        ["--layer_name", "q_proj"],
+        r"unknown --layer_name 'q_proj'; the linear layers of a block are: self_attn.k_proj, self_attn.v_proj, self_attn.q_proj, self_attn.out_proj, fc1, fc2",
+    ),
+    (
+        ["--estimator", "exact", "--layer_name", "fc1"],
+        r"--estimator exact needs one Hessian-vector product per entry and sample: model.decoder.layers.0.fc1.weight has 65536 entries, over the limit of 16384",
+    ),
     (["--hvps", "5"], r"--hvps must be even and at least 2, got 5"),
-    (["--track_rows", "129"], r"--track_rows 129 is larger than the 128 output units of self_attn.q_proj"),
-    (["--track_rows", "1", "--all_layers"], r"--track_rows studies the convergence on one layer; it cannot be combined with --all_layers"),
-    (["--all_layers", "--block_index", "4"], r"--block_index 4 is out of range: the model has 4 blocks"),
+    (
+        ["--track_rows", "129"],
+        r"--track_rows 129 is larger than the 128 output units of self_attn.q_proj",
+    ),
+    (
+        ["--track_rows", "1", "--all_layers"],
+        r"--track_rows studies the convergence on one layer; it cannot be combined with --all_layers",
+    ),
+    (
+        ["--all_layers", "--block_index", "4"],
+        r"--block_index 4 is out of range: the model has 4 blocks",
+    ),
     (["--block_index", "4"], r"--block_index 4 is out of range: the model has 4 blocks"),
-    (["--track_rows", "1", "--estimator", "empirical_fisher"], r"--track_rows records the error after each probe"),
+    (
+        ["--track_rows", "1", "--estimator", "empirical_fisher"],
+        r"--track_rows records the error after each probe",
+    ),
 ]
 
 
@@ -362,26 +471,85 @@ def test_summed_nll_matches_the_jobs_perplexity():
     model = tiny_model("opt")
     ids = tiny_ids()
     res = estimate(model, [layer(model, "opt")], ids, estimators=("empirical_fisher",))
-    assert res.nll_sum == pytest.approx(float(summed_nll(model(input_ids=ids).logits, ids)), rel=1e-10)
+    assert res.nll_sum == pytest.approx(
+        float(summed_nll(model(input_ids=ids).logits, ids)), rel=1e-10
+    )
 
 
 def test_the_old_name_fisher_is_a_deprecated_alias_of_empirical_fisher(tmp_path, capsys):
-    meta = hessian_diagonal.run(["--estimator", "fisher", "hutchinson", "--vhp_samples", "2", "--name", "old", "--output_dir", str(tmp_path), *FAST])
+    meta = hessian_diagonal.run(
+        [
+            "--estimator",
+            "fisher",
+            "hutchinson",
+            "--vhp_samples",
+            "2",
+            "--name",
+            "old",
+            "--output_dir",
+            str(tmp_path),
+            *FAST,
+        ]
+    )
     err = capsys.readouterr().err
-    assert "warning: --estimator fisher is deprecated: it is the empirical Fisher, now called empirical_fisher" in err
-    assert meta["estimators"] == ["empirical_fisher", "hutchinson"] and meta["config"]["compute"]["estimator"] == ["empirical_fisher", "hutchinson"]
-    new = hessian_diagonal.run(["--estimator", "empirical_fisher", "hutchinson", "--vhp_samples", "2", "--name", "new", "--output_dir", str(tmp_path), *FAST])
+    assert (
+        "warning: --estimator fisher is deprecated: it is the empirical Fisher, now called empirical_fisher"
+        in err
+    )
+    assert meta["estimators"] == ["empirical_fisher", "hutchinson"] and meta["config"]["compute"][
+        "estimator"
+    ] == ["empirical_fisher", "hutchinson"]
+    new = hessian_diagonal.run(
+        [
+            "--estimator",
+            "empirical_fisher",
+            "hutchinson",
+            "--vhp_samples",
+            "2",
+            "--name",
+            "new",
+            "--output_dir",
+            str(tmp_path),
+            *FAST,
+        ]
+    )
     a, b = torch.load(tmp_path / "old.pt"), torch.load(tmp_path / "new.pt")
-    assert all(torch.equal(a[e][p], b[e][p]) for e in b for p in b[e]) and new["estimators"] == meta["estimators"]
-    with pytest.raises(ValueError, match=r"unknown estimator 'fisher'.*now called 'empirical_fisher'"):
-        estimate(tiny_model("opt"), [], tiny_ids(), estimators=("fisher",))  # the library speaks the new names only
+    assert (
+        all(torch.equal(a[e][p], b[e][p]) for e in b for p in b[e])
+        and new["estimators"] == meta["estimators"]
+    )
+    with pytest.raises(
+        ValueError, match=r"unknown estimator 'fisher'.*now called 'empirical_fisher'"
+    ):
+        estimate(
+            tiny_model("opt"), [], tiny_ids(), estimators=("fisher",)
+        )  # the library speaks the new names only
 
 
 def test_xdiag_in_bfloat16_runs_end_to_end(tmp_path):
     """The phase-2 basis is bfloat16 (the model's dtype): its digest for the checkpoint identity works (NumPy has no bfloat16)."""
-    meta = hessian_diagonal.run(["--dtype", "bfloat16", "--estimator", "xdiag", "--vhp_samples", "4", "--name", "bf", "--output_dir", str(tmp_path), *FAST])
+    meta = hessian_diagonal.run(
+        [
+            "--dtype",
+            "bfloat16",
+            "--estimator",
+            "xdiag",
+            "--vhp_samples",
+            "4",
+            "--name",
+            "bf",
+            "--output_dir",
+            str(tmp_path),
+            *FAST,
+        ]
+    )
     d = torch.load(tmp_path / "bf.pt")
-    assert d.dtype == torch.bfloat16 and d.shape == (128, 128) and bool(torch.isfinite(d.float()).all()) and meta["perplexity"] > 1
+    assert (
+        d.dtype == torch.bfloat16
+        and d.shape == (128, 128)
+        and bool(torch.isfinite(d.float()).all())
+        and meta["perplexity"] > 1
+    )
     from lib.operator import digest
 
     basis = torch.randn(3, 5).to(torch.bfloat16)

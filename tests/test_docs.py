@@ -7,12 +7,11 @@ import doctest
 import json
 import math
 import re
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
-
+import tomllib
 from conftest import ROOT
 
 DOCS = ROOT / "docs"
@@ -33,7 +32,9 @@ def test_flags_page_is_generated_from_the_parsers():
 
 def test_readme_is_read_in_two_minutes():
     lines = (ROOT / "README.md").read_text().splitlines()
-    assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines (at most {README_MAX_LINES})"
+    assert len(lines) <= README_MAX_LINES, (
+        f"README.md has {len(lines)} lines (at most {README_MAX_LINES})"
+    )
 
 
 def test_readme_starts_with_the_two_commands_and_links_every_docs_page():
@@ -43,7 +44,9 @@ def test_readme_starts_with_the_two_commands_and_links_every_docs_page():
         "&& python single_layer_single_block.py"
     )
     first_fence = text.index("```")
-    assert text.index(install) < text.index("```", first_fence + 3), "the install + main-job line comes first"
+    assert text.index(install) < text.index("```", first_fence + 3), (
+        "the install + main-job line comes first"
+    )
     assert "python -m pytest -q tests" in text and 'python -m pytest -q -m "not slow" tests' in text
     ci = (ROOT / ".ci" / "run").read_text()
     assert "python -m pytest -q tests" in ci  # the README's test command is CI's
@@ -99,7 +102,9 @@ def test_every_relative_link_resolves(page):
 
 
 def test_the_link_checker_can_fail(tmp_path):
-    (tmp_path / "a.md").write_text("# Top\n\n[ok](#top) [bad](b.md) [bad anchor](#nope) `[code](c.md)`\n")
+    (tmp_path / "a.md").write_text(
+        "# Top\n\n[ok](#top) [bad](b.md) [bad anchor](#nope) `[code](c.md)`\n"
+    )
     assert links(tmp_path / "a.md") == ["#top", "b.md", "#nope"]
     assert anchors(tmp_path / "a.md") == {"top"}
     assert anchor("The report's OPT-125M runs (GPU users)") == "the-reports-opt-125m-runs-gpu-users"
@@ -110,7 +115,9 @@ def test_the_link_checker_can_fail(tmp_path):
 
 def doctest_source(markdown: str) -> str:
     """The page with its code fences blanked, so that a fence line never reads as expected output."""
-    return "\n".join("" if line.startswith("```") else line for line in markdown.splitlines()) + "\n"
+    return (
+        "\n".join("" if line.startswith("```") else line for line in markdown.splitlines()) + "\n"
+    )
 
 
 @pytest.mark.slow
@@ -118,7 +125,9 @@ def test_library_page_examples_run_as_doctests():
     """docs/library.md's ``>>>`` examples, in order, in one namespace (about 10 s on one core); then the assertions
     the README's former "Library use" snippet was held to."""
     text = (DOCS / "library.md").read_text()
-    test = doctest.DocTestParser().get_doctest(doctest_source(text), {}, "docs/library.md", "docs/library.md", 0)
+    test = doctest.DocTestParser().get_doctest(
+        doctest_source(text), {}, "docs/library.md", "docs/library.md", 0
+    )
     assert len(test.examples) >= 20
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
     runner.run(test, clear_globs=False)
@@ -144,7 +153,9 @@ def test_doctests_of_a_page_can_fail():
 
 PDF = ROOT / "pdf"
 NUMBER_TABLE = "| quantity | value | file | JSON key |"
-THRESHOLDS = {"0.1"}  # round thresholds the text compares stored values with ("first below 0.1"), not results
+THRESHOLDS = {
+    "0.1"
+}  # round thresholds the text compares stored values with ("first below 0.1"), not results
 QUOTED_PAGES = {ROOT / "README.md": ("## Figures", True), DOCS / "results.md": ("## ", False)}
 """Pages whose numbers about the embedded figures are checked: from the first heading that starts with the given
 text to the next heading of its level (True) or to the end (False); what comes before describes conditions."""
@@ -201,7 +212,11 @@ def matches(quoted: str, value: float) -> bool:
 def prose_numbers(text: str) -> list[str]:
     """Decimal numbers and percentages of the text outside code, tables, image tags and links."""
     text = re.sub(r"```.*?```", "", text, flags=re.S)
-    text = "\n".join(line for line in text.splitlines() if not line.startswith("|") and not line.startswith("<img"))
+    text = "\n".join(
+        line
+        for line in text.splitlines()
+        if not line.startswith("|") and not line.startswith("<img")
+    )
     text = re.sub(r"`[^`\n]*`", "", text)
     text = re.sub(r"\]\([^)]*\)", "]", text)
     return re.findall(r"(?<![\w.])-?\d+\.\d+(?:e-?\d+)?(?:\s?%)?|(?<![\w.])\d+\s?%", text)
@@ -211,7 +226,7 @@ def _section(path: Path, start: str, one: bool) -> str:
     text = path.read_text()
     i = re.search("^" + re.escape(start), text, flags=re.M)
     assert i, f"{path.name} has no heading starting with {start!r}"
-    text = text[i.start():]
+    text = text[i.start() :]
     end = re.search(r"^## ", text[3:], flags=re.M) if one else None
     return text[: end.start() + 3] if end else text
 
@@ -226,11 +241,20 @@ def test_every_quoted_number_is_a_stored_value(page):
     bad = []
     for quantity, quoted, file, key in rows:
         value = lookup(json.loads((PDF / file).read_text()), key)
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and matches(quoted, float(value))):
+        if not (
+            isinstance(value, (int, float))
+            and math.isfinite(value)
+            and matches(quoted, float(value))
+        ):
             bad.append(f"{quantity}: quoted {quoted}, {file} {key} = {value}")
     assert not bad, "; ".join(bad)
-    values = {q.replace(" ", "").lstrip("-") for _, q, _, _ in number_rows((DOCS / "results.md").read_text()) + rows}
-    loose = [n for n in prose_numbers(text) if n.replace(" ", "").lstrip("-") not in values | THRESHOLDS]
+    values = {
+        q.replace(" ", "").lstrip("-")
+        for _, q, _, _ in number_rows((DOCS / "results.md").read_text()) + rows
+    }
+    loose = [
+        n for n in prose_numbers(text) if n.replace(" ", "").lstrip("-") not in values | THRESHOLDS
+    ]
     assert not loose, f"{page.name} states numbers that no table ties to a JSON key: {loose}"
 
 
@@ -239,7 +263,11 @@ def test_the_number_checks_can_fail():
     assert matches("98.7 %", 0.98668) and not matches("98.6 %", 0.98668)
     assert matches("3.0e-4", 3.04e-4) and matches("104", 104.38) and not matches("105", 104.38)
     data = {"a": {"b": [10, 20, 30], "k": [1, 2, 3], "c d": 5}}
-    assert lookup(data, "a.b[k=2]") == 20 and lookup(data, "a.b[0]") == 10 and lookup(data, "a.c d") == 5
+    assert (
+        lookup(data, "a.b[k=2]") == 20
+        and lookup(data, "a.b[0]") == 10
+        and lookup(data, "a.c d") == 5
+    )
     text = f"## Figures\n\n{NUMBER_TABLE}\n|---|---|---|---|\n| x | 0.5 | `f.json` | `a.b` |\n\nSee 0.5 and 0.25, `0.3`.\n"
     assert number_rows(text) == [("x", "0.5", "f.json", "a.b")]
     assert prose_numbers(text) == ["0.5", "0.25"]
@@ -272,7 +300,9 @@ def test_gpu_estimates_are_what_the_flop_count_gives():
     """The table's PFLOP, hours and graph memory are benchmarks/gpu_estimate.py's output (about 15 s)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("gpu_estimate", ROOT / "benchmarks" / "gpu_estimate.py")
+    spec = importlib.util.spec_from_file_location(
+        "gpu_estimate", ROOT / "benchmarks" / "gpu_estimate.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = mod.main(["--tflops", "8"])
@@ -282,3 +312,13 @@ def test_gpu_estimates_are_what_the_flop_count_gives():
         assert round(run["flops"] / 1e15) == round(pflop), run["run"]
         assert f"{run['hours']:.1f}" == f"{hours:.1f}", run["run"]
         assert f"{run['graph_bytes'] / 2**30:.1f}" == f"{gib:.1f}", run["run"]
+
+
+def test_ci_lints_and_checks_the_format_before_the_tests():
+    ci = (ROOT / ".ci" / "run").read_text()
+    steps = [
+        ci.index(s) for s in ("ruff check .", "ruff format --check .", "python -m pytest -q tests")
+    ]
+    assert steps == sorted(steps)
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert cfg["tool"]["ruff"]["line-length"] == 100

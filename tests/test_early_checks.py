@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, tiny_model
+
 from lib import early_checks, subsets
 from lib.errors import ParamError
 from lib.models import find_blocks, linear_layers
@@ -46,11 +46,31 @@ def message(fn) -> str | None:
 
 
 CASES = [  # (subset function of lib.subsets, its arguments, the same fields for check_subset)
-    (subsets.single_layer_single_block, ("q_prj", 0, 4), dict(layer_name="q_prj", block_index=0, t=4)),
-    (subsets.single_layer_single_block, ("LAYER", 2, 4), dict(layer_name="LAYER", block_index=2, t=4)),
-    (subsets.single_layer_single_block, ("LAYER", 1, 17), dict(layer_name="LAYER", block_index=1, t=17)),
-    (subsets.single_layer_single_block, ("LAYER", 1, 16), dict(layer_name="LAYER", block_index=1, t=16)),
-    (subsets.single_layer_several_blocks, ("LAYER", 3, 4), dict(layer_name="LAYER", num_blocks=3, t=4)),
+    (
+        subsets.single_layer_single_block,
+        ("q_prj", 0, 4),
+        dict(layer_name="q_prj", block_index=0, t=4),
+    ),
+    (
+        subsets.single_layer_single_block,
+        ("LAYER", 2, 4),
+        dict(layer_name="LAYER", block_index=2, t=4),
+    ),
+    (
+        subsets.single_layer_single_block,
+        ("LAYER", 1, 17),
+        dict(layer_name="LAYER", block_index=1, t=17),
+    ),
+    (
+        subsets.single_layer_single_block,
+        ("LAYER", 1, 16),
+        dict(layer_name="LAYER", block_index=1, t=16),
+    ),
+    (
+        subsets.single_layer_several_blocks,
+        ("LAYER", 3, 4),
+        dict(layer_name="LAYER", num_blocks=3, t=4),
+    ),
     (subsets.several_layers_several_blocks, (9, 2, 4), dict(num_layers=9, num_blocks=2, t=4)),
     (subsets.several_layers_several_blocks, (2, 2, 40), dict(num_layers=2, num_blocks=2, t=40)),
     (subsets.several_layers_several_blocks, (2, 2, 8), dict(num_layers=2, num_blocks=2, t=8)),
@@ -77,8 +97,11 @@ def test_a_layout_it_cannot_confirm_is_not_checked(saved, tmp_path):
     assert early_checks.layout(str(tmp_path), None) is None  # no config
     d = saved["opt"]
     config = json.loads((d / "config.json").read_text())
-    for change, name in ((dict(model_type="bloom"), "unknown"), (dict(num_hidden_layers=3), "more_blocks"),
-                         (dict(num_hidden_layers=1), "fewer_blocks")):
+    for change, name in (
+        (dict(model_type="bloom"), "unknown"),
+        (dict(num_hidden_layers=3), "more_blocks"),
+        (dict(num_hidden_layers=1), "fewer_blocks"),
+    ):
         other = tmp_path / name
         other.mkdir()
         (other / "config.json").write_text(json.dumps({**config, **change}))
@@ -113,6 +136,8 @@ def test_the_script_refuses_before_importing_torch(saved):
         "    print(e)\n"
         "print('torch imported:', 'torch' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert "did you mean 'self_attn.q_proj'?" in out.stdout, out.stdout + out.stderr
     assert "torch imported: False" in out.stdout

@@ -8,8 +8,10 @@ import torch
 
 from lib import diagonality, plots
 
-LONG = ("first 16 weights of row 0 of the first 6 linear layers in block 0; embedded, data shakespeare-heldout.txt "
-        "(3f2a91c0), float32, b=16, seqlen=128, self_attn.q_proj, self_attn.k_proj")
+LONG = (
+    "first 16 weights of row 0 of the first 6 linear layers in block 0; embedded, data shakespeare-heldout.txt "
+    "(3f2a91c0), float32, b=16, seqlen=128, self_attn.q_proj, self_attn.k_proj"
+)
 
 
 @pytest.fixture
@@ -36,26 +38,80 @@ def _sym(n: int, seed: int = 0) -> torch.Tensor:
 def test_every_figure_kind_fits_its_canvas(tmp_path, drawn):
     h = _sym(48)
     plots.heatmap(h, tmp_path / "one", f"H: {LONG}\nembedded, b=16, seqlen=128")
-    labels = [f"b{b} {n}" for b in range(4) for n in ("k_proj", "v_proj", "q_proj", "out_proj", "fc1", "fc2")]
-    plots.heatmap(_sym(96), tmp_path / "sliced", f"H: {LONG}", boundaries=list(range(4, 96, 4)), slice_labels=labels)
-    plots.heatmap(torch.randn(32, 64, dtype=torch.float64), tmp_path / "rect", f"diag H of {LONG}", axis_labels=("input index", "output unit"), value="H_ii")
+    labels = [
+        f"b{b} {n}"
+        for b in range(4)
+        for n in ("k_proj", "v_proj", "q_proj", "out_proj", "fc1", "fc2")
+    ]
+    plots.heatmap(
+        _sym(96),
+        tmp_path / "sliced",
+        f"H: {LONG}",
+        boundaries=list(range(4, 96, 4)),
+        slice_labels=labels,
+    )
+    plots.heatmap(
+        torch.randn(32, 64, dtype=torch.float64),
+        tmp_path / "rect",
+        f"diag H of {LONG}",
+        axis_labels=("input index", "output unit"),
+        value="H_ii",
+    )
     for p in (6, 24):
         m = torch.rand(p, p, dtype=torch.float64)
         m = (m + m.T) / (m + m.T).sum()
         d = {"block_diag_share_fro2": 0.121, "same_block_share_fro2": 0.986}
-        plots.slice_mass(m, labels[:p], tmp_path / f"mass{p}", diagonality.slice_mass_title(d, LONG))
-    block = {"b": list(range(1, 41)), "rel_to_full": [1 / b for b in range(1, 41)], "rel_consecutive": [None] + [0.5 / b for b in range(2, 41)]}
+        plots.slice_mass(
+            m, labels[:p], tmp_path / f"mass{p}", diagonality.slice_mass_title(d, LONG)
+        )
+    block = {
+        "b": list(range(1, 41)),
+        "rel_to_full": [1 / b for b in range(1, 41)],
+        "rel_consecutive": [None] + [0.5 / b for b in range(2, 41)],
+    }
     plots.batch_study_figure(block, {1: h, 4: h, 16: h, 40: h}, tmp_path / "study", LONG)
-    curves = {"hutchinson": {"k": [1, 2, 4, 8], "tracked relative l2 error": [4, 2, 1, 0.5], "consecutive relative l2 difference": [1, 0.5, 0.2, 0.1]}}
-    plots.convergence(curves, tmp_path / "conv", f"Convergence on the first 1 output units of {LONG}", {"empirical_fisher": {"tracked relative l2 error": 0.9}})
-    plots.heatmap_grid([(f"hutchinson, k = {k}", torch.randn(16, 16)) for k in (1, 10, 100, 1000)], tmp_path / "grid", f"diag H along k; {LONG}", ncols=4)
+    curves = {
+        "hutchinson": {
+            "k": [1, 2, 4, 8],
+            "tracked relative l2 error": [4, 2, 1, 0.5],
+            "consecutive relative l2 difference": [1, 0.5, 0.2, 0.1],
+        }
+    }
+    plots.convergence(
+        curves,
+        tmp_path / "conv",
+        f"Convergence on the first 1 output units of {LONG}",
+        {"empirical_fisher": {"tracked relative l2 error": 0.9}},
+    )
+    plots.heatmap_grid(
+        [(f"hutchinson, k = {k}", torch.randn(16, 16)) for k in (1, 10, 100, 1000)],
+        tmp_path / "grid",
+        f"diag H along k; {LONG}",
+        ncols=4,
+    )
     names = ["ggn", "fisher", "empirical_fisher", "gptq", "kfac", "diag"]
-    metrics = {n: {"best_scale": 1.0, "rel_frobenius_scaled": 0.95, "cosine": 0.9, "top_k_overlap": 0.7, "pred_vs_exact_corr": 0.97,
-                   "pred_vs_measured_even_corr": 0.93} for n in names}
+    metrics = {
+        n: {
+            "best_scale": 1.0,
+            "rel_frobenius_scaled": 0.95,
+            "cosine": 0.9,
+            "top_k_overlap": 0.7,
+            "pred_vs_exact_corr": 0.97,
+            "pred_vs_measured_even_corr": 0.93,
+        }
+        for n in names
+    }
     metrics["exact"] = {"pred_vs_measured_even_corr": 0.94}
-    plots.comparison_figure({"exact": h, **{n: h for n in names}}, metrics, tmp_path / "compare", LONG)
-    plots.density_figure(torch.linspace(-1, 1, 200), torch.rand(200) + 1e-3, [0.5, 0.4, -0.06], tmp_path / "density",
-                           f"Hessian spectral density: {LONG}\nembedded, b=16, seqlen=128")
+    plots.comparison_figure(
+        {"exact": h, **{n: h for n in names}}, metrics, tmp_path / "compare", LONG
+    )
+    plots.density_figure(
+        torch.linspace(-1, 1, 200),
+        torch.rand(200) + 1e-3,
+        [0.5, 0.4, -0.06],
+        tmp_path / "density",
+        f"Hessian spectral density: {LONG}\nembedded, b=16, seqlen=128",
+    )
     assert len(drawn) == 10
     assert {k: v for k, v in drawn.items() if v} == {}
 
@@ -63,7 +119,9 @@ def test_every_figure_kind_fits_its_canvas(tmp_path, drawn):
 def test_layout_check_sees_clipped_text_long_titles_and_covered_bars():
     plt = plots._pyplot()
     fig, ax = plt.subplots(figsize=(3, 2))
-    ax.set_title("a title far too long to fit in a figure only three inches wide, so it runs off both edges")
+    ax.set_title(
+        "a title far too long to fit in a figure only three inches wide, so it runs off both edges"
+    )
     ax.bar([0, 1, 2], [1.0, 1.0, 1.0], label="bars")
     ax.legend(loc="upper left")
     fig.suptitle("one\ntwo\nthree")
@@ -100,4 +158,6 @@ def test_heatmaps_are_signed_by_default_and_abs_on_request(tmp_path, monkeypatch
     assert cmap == plots.DIVERGING and lo == -hi and hi > 0 and low_value == -3.0
     cmap, lo, hi, low_value = seen[str(tmp_path / "abs")]
     assert cmap == "viridis" and lo == 0 and low_value == 1.0
-    assert "-" in plots.colour_text("H_ij", 0.2, 98, True) and "|H_ij|" in plots.colour_text("H_ij", 0.2, 98, False)
+    assert "-" in plots.colour_text("H_ij", 0.2, 98, True) and "|H_ij|" in plots.colour_text(
+        "H_ij", 0.2, 98, False
+    )

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+
 import pytest
 import torch
+from test_parallel import ToyJob
 
 import reproduce
 import single_layer_single_block
@@ -17,7 +19,6 @@ from lib.hessian import exact_hessian
 from lib.jobs import add_partials
 from lib.models import load_model
 from lib.plots import slice_label
-from test_parallel import ToyJob
 
 # ----------------------------------------------------------------------------- diagonality, on hand-made matrices
 
@@ -29,7 +30,10 @@ def test_diagonality_metrics_on_hand_made_matrices():
     assert diagonality.offdiag_ratio(h) == pytest.approx(math.sqrt(2 / 27))
     m = diagonality.slice_mass(h, [2, 1])
     assert torch.allclose(m, torch.tensor([[25.0, 1.0], [1.0, 0.0]], dtype=torch.float64) / 27)
-    assert diagonality.offdiag_ratio(torch.eye(4)) == 0.0 and diagonality.diag_share(torch.eye(4)) == 1.0
+    assert (
+        diagonality.offdiag_ratio(torch.eye(4)) == 0.0
+        and diagonality.diag_share(torch.eye(4)) == 1.0
+    )
     d = diagonality.summary(h, [2, 1], ["a", "b"])
     assert d["block_diag_share_fro2"] == pytest.approx(25 / 27) and d["slice_labels"] == ["a", "b"]
     assert "slice_mass" not in diagonality.summary(h, [3])
@@ -65,8 +69,16 @@ def test_batch_metrics_on_hand_made_matrices():
     assert study["rel_to_full"] == pytest.approx([math.sqrt(5), 1.0, 0.0])
     assert study["rel_consecutive"][0] is None
     assert study["rel_consecutive"][1:] == pytest.approx([1.0, 1.0])
-    bs, running = batch_study.running_hessians({1: {"hessian_sum": torch.ones(2, 2) * 6}, 2: {"hessian_sum": torch.ones(2, 2) * 12}}, model_input_bs=2, tokens_per_sample=3)
-    assert bs == [2, 4] and torch.equal(running[0], torch.ones(2, 2)) and torch.equal(running[1], torch.ones(2, 2))
+    bs, running = batch_study.running_hessians(
+        {1: {"hessian_sum": torch.ones(2, 2) * 6}, 2: {"hessian_sum": torch.ones(2, 2) * 12}},
+        model_input_bs=2,
+        tokens_per_sample=3,
+    )
+    assert (
+        bs == [2, 4]
+        and torch.equal(running[0], torch.ones(2, 2))
+        and torch.equal(running[1], torch.ones(2, 2))
+    )
     assert batch_study.kept_sizes(list(range(1, 41))) == [1, 4, 16, 40]
 
 
@@ -77,7 +89,9 @@ def _prefix_sums(parts, upto):
     return total
 
 
-def test_run_state_snapshots_are_prefix_sums_whatever_the_arrival_order_and_survive_a_checkpoint(tmp_path):
+def test_run_state_snapshots_are_prefix_sums_whatever_the_arrival_order_and_survive_a_checkpoint(
+    tmp_path,
+):
     g = torch.Generator().manual_seed(0)
     parts = [{"h": torch.randn(3, 3, generator=g, dtype=torch.float64)} for _ in range(6)]
     state = ckpt.RunState(6, record=frozenset({1, 2, 4, 6}))
@@ -99,7 +113,9 @@ def test_snapshots_with_two_workers_torchrun_and_resume_equal_one_process(tmp_pa
     serial = parallel.RunSettings([torch.device("cpu")], snapshot_units=units)
     parallel.run_job(ToyJob(5), serial)
     assert sorted(serial.snapshots) == list(units)
-    assert torch.equal(serial.snapshots[3]["s"], torch.full((3,), 3.0, dtype=torch.float64))  # 0 + 1 + 2
+    assert torch.equal(
+        serial.snapshots[3]["s"], torch.full((3,), 3.0, dtype=torch.float64)
+    )  # 0 + 1 + 2
 
     workers = parallel.RunSettings([torch.device("cpu")] * 2, snapshot_units=units)
     parallel.run_job(ToyJob(5), workers)
@@ -112,8 +128,14 @@ def test_snapshots_with_two_workers_torchrun_and_resume_equal_one_process(tmp_pa
         parallel._run_distributed(ToyJob(5, {3: "raise"}), dist, (0, 0, 1))
     assert sorted(ckpt.read(cfg.path)["snapshots"]) == [1, 2, 3]
     cfg.resume = True
-    with pytest.raises(Exception, match="differs in: snapshot_units"):  # the snapshot plan is part of the configuration
-        parallel._run_distributed(ToyJob(5), parallel.RunSettings([torch.device("cpu")], cfg, snapshot_units=(1, 5)), (0, 0, 1))
+    with pytest.raises(
+        Exception, match="differs in: snapshot_units"
+    ):  # the snapshot plan is part of the configuration
+        parallel._run_distributed(
+            ToyJob(5),
+            parallel.RunSettings([torch.device("cpu")], cfg, snapshot_units=(1, 5)),
+            (0, 0, 1),
+        )
     parallel._run_distributed(ToyJob(5), dist, (0, 0, 1))
     assert dist.stats["units_run"] == 2
     assert all(torch.equal(dist.snapshots[u]["s"], serial.snapshots[u]["s"]) for u in units)
@@ -121,28 +143,52 @@ def test_snapshots_with_two_workers_torchrun_and_resume_equal_one_process(tmp_pa
 
 # ----------------------------------------------------------------------------- batch study end to end (float64)
 
-STUDY = ["--t", "3", "--seqlen", "16", "--dtype", "float64", "--no_progress", "--batch_study", "--name", "s"]
+STUDY = [
+    "--t",
+    "3",
+    "--seqlen",
+    "16",
+    "--dtype",
+    "float64",
+    "--no_progress",
+    "--batch_study",
+    "--name",
+    "s",
+]
 
 
-@pytest.mark.parametrize("b,bs", [(5, 1), pytest.param(6, 2, marks=pytest.mark.slow)], ids=["bs1", "bs2"])
+@pytest.mark.parametrize(
+    "b,bs", [(5, 1), pytest.param(6, 2, marks=pytest.mark.slow)], ids=["bs1", "bs2"]
+)
 def test_batch_study_equals_hessians_computed_separately_for_each_b(b, bs, tmp_path):
-    meta = single_layer_single_block.run([*STUDY, "--b", str(b), "--model_input_bs", str(bs), "--output_dir", str(tmp_path)])
+    meta = single_layer_single_block.run(
+        [*STUDY, "--b", str(b), "--model_input_bs", str(bs), "--output_dir", str(tmp_path)]
+    )
     study = meta["batch_study"]
     assert study["b"] == list(range(bs, b + 1, bs))
     model = load_model("embedded", dtype=torch.float64)
     sub = subsets.single_layer_single_block(model, "self_attn.q_proj", 0, 3)
     samples = load_samples("embedded", 16, b)
-    separate = [exact_hessian(model, sub, samples[:n], method="autograd", fused_head=False).hessian for n in study["b"]]
-    assert study["rel_to_full"] == pytest.approx(batch_study.rel_to_full(separate, separate[-1]), rel=1e-9, abs=1e-12)
+    separate = [
+        exact_hessian(model, sub, samples[:n], method="autograd", fused_head=False).hessian
+        for n in study["b"]
+    ]
+    assert study["rel_to_full"] == pytest.approx(
+        batch_study.rel_to_full(separate, separate[-1]), rel=1e-9, abs=1e-12
+    )
     assert study["rel_consecutive"][0] is None
-    assert study["rel_consecutive"][1:] == pytest.approx(batch_study.rel_consecutive(separate)[1:], rel=1e-9)
+    assert study["rel_consecutive"][1:] == pytest.approx(
+        batch_study.rel_consecutive(separate)[1:], rel=1e-9
+    )
     assert min(study["rel_to_full"][:-1]) > 1e-3  # the running Hessians do differ
     kept = torch.load(tmp_path / "s_batch_study.pt")
     assert kept["b"] == study["kept_b"] and kept["b"][-1] == b
     for n, h in kept["hessian"].items():
         assert torch.allclose(h, separate[study["b"].index(n)], rtol=1e-10, atol=1e-14)
     js = json.loads((tmp_path / "s.json").read_text())
-    assert js["batch_study"]["b"] == study["b"] and js["diagonality"]["offdiag_fro_ratio"] == pytest.approx(diagonality.offdiag_ratio(separate[-1]))
+    assert js["batch_study"]["b"] == study["b"] and js["diagonality"][
+        "offdiag_fro_ratio"
+    ] == pytest.approx(diagonality.offdiag_ratio(separate[-1]))
     for f in meta["batch_study_files"]:
         assert (tmp_path / f).stat().st_size > 500
 
@@ -150,9 +196,14 @@ def test_batch_study_equals_hessians_computed_separately_for_each_b(b, bs, tmp_p
 @pytest.mark.slow
 def test_batch_study_on_two_workers_equals_one_process(tmp_path):
     one = single_layer_single_block.run([*STUDY, "--b", "4", "--output_dir", str(tmp_path / "one")])
-    two = single_layer_single_block.run([*STUDY, "--b", "4", "--output_dir", str(tmp_path / "two"), "--devices", "cpu,cpu"])
+    two = single_layer_single_block.run(
+        [*STUDY, "--b", "4", "--output_dir", str(tmp_path / "two"), "--devices", "cpu,cpu"]
+    )
     assert two["run"]["workers"] == 2 and one["batch_study"] == two["batch_study"]
-    a, b = torch.load(tmp_path / "one" / "s_batch_study.pt"), torch.load(tmp_path / "two" / "s_batch_study.pt")
+    a, b = (
+        torch.load(tmp_path / "one" / "s_batch_study.pt"),
+        torch.load(tmp_path / "two" / "s_batch_study.pt"),
+    )
     assert all(torch.equal(a["hessian"][n], b["hessian"][n]) for n in a["b"])
 
 
@@ -160,11 +211,15 @@ def test_batch_study_on_two_workers_equals_one_process(tmp_path):
 
 
 def test_reproduce_presets_are_the_reports_configurations():
-    flags = {f: [list(r.argv) for r in reproduce.runs(f, "facebook/opt-125m")] for f in reproduce.FIGURES}
+    flags = {
+        f: [list(r.argv) for r in reproduce.runs(f, "facebook/opt-125m")] for f in reproduce.FIGURES
+    }
     t = {f: a[0][a[0].index("--t") + 1] for f, a in flags.items() if not f.startswith("3")}
     assert t == {"1a": "768", "1b": "300", "1c": "150", "1d": "25", "2": "768"}
     assert "--batch_study" in flags["2"][0] and flags["1b"][0][:2] == ["--num_blocks", "1"]
-    assert not any("--b" in a or "--seqlen" in a for runs in flags.values() for a in runs)  # seqlen 2048, every sample
+    assert not any(
+        "--b" in a or "--seqlen" in a for runs in flags.values() for a in runs
+    )  # seqlen 2048, every sample
     assert [a[a.index("--hvps") + 1] for a in flags["3b"]] == ["1", "10", "100", "1000", "1000"]
     embedded = {f: [list(r.argv) for r in reproduce.runs(f, "embedded")] for f in reproduce.FIGURES}
     assert embedded["1a"] == [["--t", "128"]] and "--batch_study" in embedded["2"][0]
@@ -172,20 +227,31 @@ def test_reproduce_presets_are_the_reports_configurations():
 
 @pytest.mark.slow
 def test_every_figure_command_runs_end_to_end_on_a_tiny_configuration(tmp_path, capsys):
-    done = reproduce.run(["--figure", "all", "--quick", "--output_dir", str(tmp_path), "--no_progress"])
+    done = reproduce.run(
+        ["--figure", "all", "--quick", "--output_dir", str(tmp_path), "--no_progress"]
+    )
     assert list(done) == list(reproduce.FIGURES)
     for fig, d in done.items():
         assert d["commands"] and all((tmp_path / f).exists() for f in d["files"]), fig
         assert any(f.endswith(".png") for f in d["files"])
     assert "fig1b_embedded_quick_slice_mass.png" in done["1b"]["files"]
     assert "fig2_embedded_quick_batch_study.png" in done["2"]["files"]
-    assert "fig3b_embedded_quick.png" in done["3b"]["files"] and "fig3a_embedded_quick_convergence.png" in done["3a"]["files"]
+    assert (
+        "fig3b_embedded_quick.png" in done["3b"]["files"]
+        and "fig3a_embedded_quick_convergence.png" in done["3a"]["files"]
+    )
     js = json.loads((tmp_path / "fig2_embedded_quick.json").read_text())
     assert js["config"]["compute"]["batch_study"] and js["batch_study"]["b"] == [1, 2, 3, 4, 5]
     assert js["computed_on"]["label"] == "quick" and js["computed_on"]["b"] == 5
     # a quick run neither takes nor blocks the real figures' names
-    assert not list(tmp_path.glob("fig1a_embedded.*")) and not (tmp_path / "reproduce_embedded.json").exists()
+    assert (
+        not list(tmp_path.glob("fig1a_embedded.*"))
+        and not (tmp_path / "reproduce_embedded.json").exists()
+    )
     record = json.loads((tmp_path / "reproduce_embedded_quick.json").read_text())
     assert set(record) == set(reproduce.FIGURES) and record["1a"]["elapsed_s"] > 0
     out = capsys.readouterr().out
-    assert "python single_layer_single_block.py --t 2" in out and "diagonality: ||offdiag||_F/||H||_F" in out
+    assert (
+        "python single_layer_single_block.py --t 2" in out
+        and "diagonality: ||offdiag||_F/||H||_F" in out
+    )

@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_ids, tiny_model
 from torch import nn
 
-from conftest import tiny_ids, tiny_model
 from lib import finite_difference as fd
 from lib.operator import HessianOperator
 from lib.subsets import params_subset
@@ -58,7 +58,9 @@ def test_default_steps_meet_the_stated_accuracy_in_float64():
     for richardson, bound in ((False, 1e-8), (True, 1e-9)):
         out, value, stats = fd.fd_products(grad, x0, v[None], fd.FDSettings(richardson))
         assert _err(out[0], exact) < bound and stats.products == 1 and stats.retries == 0
-        assert abs(float(value) - float(grad(x0)[1])) < 1e-5 * abs(float(grad(x0)[1]))  # f(x0) + O(e^2)
+        assert abs(float(value) - float(grad(x0)[1])) < 1e-5 * abs(
+            float(grad(x0)[1])
+        )  # f(x0) + O(e^2)
 
 
 def test_step_is_relative_to_the_subset_and_scale_free_in_v():
@@ -70,7 +72,9 @@ def test_step_is_relative_to_the_subset_and_scale_free_in_v():
     b = fd.fd_products(grad, x0, 1000 * v[None], fd.FDSettings())[0][0]
     torch.testing.assert_close(b, 1000 * a, rtol=1e-9, atol=0)
     assert fd.default_relative_step(F64) == pytest.approx(torch.finfo(F64).eps ** (1 / 3))
-    assert fd.default_relative_step(torch.float32, True) == pytest.approx(torch.finfo(torch.float32).eps ** (1 / 5))
+    assert fd.default_relative_step(torch.float32, True) == pytest.approx(
+        torch.finfo(torch.float32).eps ** (1 / 5)
+    )
 
 
 def test_inputs_are_never_modified():
@@ -84,7 +88,9 @@ def test_underflowing_steps_are_named():
     assert fd.underflow_message(1e-3, torch.float32) is None
     assert "underflows float32" in fd.underflow_message(1e-8, torch.float32)
     assert "underflows bfloat16" in fd.underflow_message(1e-3, torch.bfloat16)
-    assert "positive" in fd.underflow_message(-1.0, F64) and "positive" in fd.underflow_message(math.inf, F64)
+    assert "positive" in fd.underflow_message(-1.0, F64) and "positive" in fd.underflow_message(
+        math.inf, F64
+    )
 
 
 class _Kinked(nn.Module):
@@ -124,8 +130,12 @@ def test_kink_monitor_stops_at_the_smallest_step_and_counts_what_is_left():
     model.b.zero_()  # every unit sits on its kink at x0: no step avoids the crossings
     v = torch.randn(8, dtype=F64, generator=torch.Generator().manual_seed(3))
     with fd.KinkMonitor(model) as monitor:
-        _, _, stats = fd.fd_products(fd.gradient_of(model), x0, v[None], fd.FDSettings(), monitor=monitor)
-    assert stats.crossings_left > 0 and stats.min_relative_step == pytest.approx(fd.MIN_STEP_EPS * torch.finfo(F64).eps)
+        _, _, stats = fd.fd_products(
+            fd.gradient_of(model), x0, v[None], fd.FDSettings(), monitor=monitor
+        )
+    assert stats.crossings_left > 0 and stats.min_relative_step == pytest.approx(
+        fd.MIN_STEP_EPS * torch.finfo(F64).eps
+    )
 
 
 @pytest.mark.parametrize("richardson", [False, True])
@@ -143,8 +153,14 @@ def test_operator_matches_exact_products_on_tiny_models(arch, richardson):
     assert _err(approx, exact) < (1e-6 if richardson else 1e-7)
     assert all(torch.equal(before[k], p) for k, p in model.named_parameters())
     rep = op.report()["hvp"]
-    assert rep["hvp"] == "finite_difference" and rep["richardson"] is richardson and rep["products"] == 2 * 3
-    torch.testing.assert_close(op @ v, approx, rtol=0, atol=0)  # a second pass: the same bits, counted once more
+    assert (
+        rep["hvp"] == "finite_difference"
+        and rep["richardson"] is richardson
+        and rep["products"] == 2 * 3
+    )
+    torch.testing.assert_close(
+        op @ v, approx, rtol=0, atol=0
+    )  # a second pass: the same bits, counted once more
     assert op.report()["hvp"]["products"] == 2 * 2 * 3
 
 
@@ -157,7 +173,11 @@ def test_operator_keeps_sdpa_fused_and_runs_in_bfloat16(monkeypatch):
     subset = params_subset(model, ["model.layers.0.*"])
     v = torch.randn(subset.size, 1, dtype=F64, generator=torch.Generator().manual_seed(0))
     exact = HessianOperator(model, subset, ids) @ v
-    monkeypatch.setattr(lib.loss, "attention_context", lambda m: (_ for _ in ()).throw(AssertionError("math kernel forced")))
+    monkeypatch.setattr(
+        lib.loss,
+        "attention_context",
+        lambda m: (_ for _ in ()).throw(AssertionError("math kernel forced")),
+    )
     approx = HessianOperator(model, subset, ids, hvp="finite_difference") @ v
     assert _err(approx, exact) < 1e-7
     with pytest.raises(AssertionError, match="math kernel"):
@@ -173,8 +193,19 @@ def test_unavoidable_crossings_keep_the_first_product():
     x0 = torch.randn(8, dtype=F64, generator=torch.Generator().manual_seed(2))
     v = torch.randn(8, dtype=F64, generator=torch.Generator().manual_seed(3))
     with fd.KinkMonitor(model) as monitor:
-        _, _, stats = fd.fd_products(fd.gradient_of(model), x0, v[None], fd.FDSettings(relative_step=0.3), monitor=monitor, reduce=lambda c: c * 10**15)
-    assert stats.retries == 0 and stats.crossings_left >= 10**15 and stats.min_relative_step == pytest.approx(0.3)
+        _, _, stats = fd.fd_products(
+            fd.gradient_of(model),
+            x0,
+            v[None],
+            fd.FDSettings(relative_step=0.3),
+            monitor=monitor,
+            reduce=lambda c: c * 10**15,
+        )
+    assert (
+        stats.retries == 0
+        and stats.crossings_left >= 10**15
+        and stats.min_relative_step == pytest.approx(0.3)
+    )
 
 
 def test_embedded_model_runs_the_attention_asked_for():
@@ -194,18 +225,56 @@ def test_scripts_label_finite_difference_results_and_match_exact_ones(tmp_path):
     import hessian_diagonal
     import single_layer_single_block
 
-    flags = ["--t", "8", "--b", "2", "--seqlen", "16", "--dtype", "float64", "--no_progress", "--dataset", "embedded"]
+    flags = [
+        "--t",
+        "8",
+        "--b",
+        "2",
+        "--seqlen",
+        "16",
+        "--dtype",
+        "float64",
+        "--no_progress",
+        "--dataset",
+        "embedded",
+    ]
     single_layer_single_block.run([*flags, "--output_dir", str(tmp_path), "--name", "exact"])
-    single_layer_single_block.run([*flags, "--output_dir", str(tmp_path), "--name", "fd", "--hvp", "finite_difference"])
+    single_layer_single_block.run(
+        [*flags, "--output_dir", str(tmp_path), "--name", "fd", "--hvp", "finite_difference"]
+    )
     exact, approx = torch.load(tmp_path / "exact.pt"), torch.load(tmp_path / "fd.pt")
     assert _err(approx, exact) < 1e-6
     meta = json.loads((tmp_path / "fd.json").read_text())
-    assert meta["method"] == "finite_difference" and meta["hvp"]["approximate"] is True and 0 < meta["hvp"]["relative_asymmetry"] < 1e-6
-    assert meta["hvp"]["measured_error_embedded"]["hvp_q_proj"] < 1e-8  # float64's measured error, recorded
+    assert (
+        meta["method"] == "finite_difference"
+        and meta["hvp"]["approximate"] is True
+        and 0 < meta["hvp"]["relative_asymmetry"] < 1e-6
+    )
+    assert (
+        meta["hvp"]["measured_error_embedded"]["hvp_q_proj"] < 1e-8
+    )  # float64's measured error, recorded
     assert json.loads((tmp_path / "exact.json").read_text())["hvp"] == {"hvp": "exact"}
-    dflags = ["--b", "2", "--seqlen", "16", "--dtype", "float64", "--no_progress", "--dataset", "embedded", "--estimator", "hutchinson", "--vhp_samples", "2", "--block_index", "1"]
+    dflags = [
+        "--b",
+        "2",
+        "--seqlen",
+        "16",
+        "--dtype",
+        "float64",
+        "--no_progress",
+        "--dataset",
+        "embedded",
+        "--estimator",
+        "hutchinson",
+        "--vhp_samples",
+        "2",
+        "--block_index",
+        "1",
+    ]
     hessian_diagonal.run([*dflags, "--output_dir", str(tmp_path), "--name", "dexact"])
-    hessian_diagonal.run([*dflags, "--output_dir", str(tmp_path), "--name", "dfd", "--hvp", "finite_difference"])
+    hessian_diagonal.run(
+        [*dflags, "--output_dir", str(tmp_path), "--name", "dfd", "--hvp", "finite_difference"]
+    )
     assert _err(torch.load(tmp_path / "dfd.pt"), torch.load(tmp_path / "dexact.pt")) < 1e-6
     assert json.loads((tmp_path / "dfd.json").read_text())["hvp"]["products"] == 2 * 2
 
@@ -218,7 +287,9 @@ def test_the_operator_watches_the_models_relu_kinks():
         model = tiny_model(arch, F64)
         subset = params_subset(model, ["*"])
         v = torch.randn(subset.size, 1, dtype=F64, generator=torch.Generator().manual_seed(0))
-        op = HessianOperator(model, subset, ids, hvp="finite_difference", fd=fd.FDSettings(relative_step=0.05))
+        op = HessianOperator(
+            model, subset, ids, hvp="finite_difference", fd=fd.FDSettings(relative_step=0.05)
+        )
         op @ v
         rep = op.report()["hvp"]
         assert (rep["retries"] > 0) is retried and rep["products"] == 2, (arch, rep)

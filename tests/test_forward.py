@@ -25,7 +25,9 @@ def _setup(arch: str, fused_head: bool = True, attn: str = "eager"):
     ids = tiny_ids()
     fn = lambda x: objective.features(x, ids)[0]  # noqa: E731 -- head inputs (fused) or logits
     x0 = objective.x0()
-    tangents = torch.randn(3, x0.numel(), dtype=x0.dtype, generator=torch.Generator().manual_seed(1))
+    tangents = torch.randn(
+        3, x0.numel(), dtype=x0.dtype, generator=torch.Generator().manual_seed(1)
+    )
     return fn, x0, tangents
 
 
@@ -60,7 +62,10 @@ def test_policy_modes_agree_and_record_the_choice():
     fn, x0, tangents = _setup("opt")
     auto = JVPPolicy()
     a = auto.columns(fn, x0, tangents)
-    assert auto.chosen in ("forward", "double-backward") and set(auto.seconds) == {"forward", "double-backward"}
+    assert auto.chosen in ("forward", "double-backward") and set(auto.seconds) == {
+        "forward",
+        "double-backward",
+    }
     assert auto.report()["why"].startswith("measured")
     for mode in ("forward", "double-backward"):
         assert _rel(jvp_columns(fn, x0, tangents, mode=mode), a) < 1e-12
@@ -97,7 +102,9 @@ def test_falls_back_to_double_backward_without_forward_ad():
     cols = policy.columns(fn, x, v)
     assert policy.chosen == "double-backward" and "forward mode unavailable" in policy.why
     assert torch.allclose(cols, torch.diag(6 * x**2))
-    assert torch.allclose(policy.columns(fn, x, v[:1]), (6 * x**2 * v[0])[None])  # decided once, kept
+    assert torch.allclose(
+        policy.columns(fn, x, v[:1]), (6 * x**2 * v[0])[None]
+    )  # decided once, kept
 
 
 def test_unrelated_errors_are_not_taken_for_missing_forward_ad():
@@ -114,7 +121,9 @@ def test_unrelated_errors_are_not_taken_for_missing_forward_ad():
 def test_auto_decides_on_the_first_rows_with_the_callers_backward():
     """The caller's double backward (e.g. on a graph it keeps) is the one timed and used; the decision takes the first rows."""
     fn, x0, _ = _setup("gpt2")
-    tangents = torch.randn(20, x0.numel(), dtype=x0.dtype, generator=torch.Generator().manual_seed(2))
+    tangents = torch.randn(
+        20, x0.numel(), dtype=x0.dtype, generator=torch.Generator().manual_seed(2)
+    )
     seen = []
 
     def backward(v):

@@ -11,19 +11,49 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, tiny_ids, tiny_model
 
 import hessian_spectrum
-from conftest import ROOT, tiny_ids, tiny_model
 from lib import cli, fsdp
 from lib.errors import UserError
 from lib.finite_difference import FDSettings
 from lib.models import EMBEDDED_MODEL_DIR
-from lib.spec import SpectrumSpec
 from lib.operator import HessianOperator
+from lib.spec import SpectrumSpec
 from lib.subsets import params_subset
 
 F64 = torch.float64
-FLAGS = ["--dataset", "embedded", "--params", "*", "--b", "3", "--seqlen", "12", "--dtype", "float64", "--top_k", "3", "--max_iter", "12", "--tol", "1e-12", "--trace", "--trace_hvps", "6", "--density", "--slq_probes", "2", "--lanczos_steps", "3", "--no_progress", "--name", "s", "--device", "cpu"]
+FLAGS = [
+    "--dataset",
+    "embedded",
+    "--params",
+    "*",
+    "--b",
+    "3",
+    "--seqlen",
+    "12",
+    "--dtype",
+    "float64",
+    "--top_k",
+    "3",
+    "--max_iter",
+    "12",
+    "--tol",
+    "1e-12",
+    "--trace",
+    "--trace_hvps",
+    "6",
+    "--density",
+    "--slq_probes",
+    "2",
+    "--lanczos_steps",
+    "3",
+    "--no_progress",
+    "--name",
+    "s",
+    "--device",
+    "cpu",
+]
 DIE = """
 import os, sys
 sys.path.insert(0, {root!r})
@@ -47,7 +77,19 @@ def tiny_llama(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("model") / "tiny-llama"
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, vocab_size=4096, bos_token_id=2, eos_token_id=2, pad_token_id=1, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        vocab_size=4096,
+        bos_token_id=2,
+        eos_token_id=2,
+        pad_token_id=1,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(EMBEDDED_MODEL_DIR / f, path / f)
@@ -56,15 +98,32 @@ def tiny_llama(tmp_path_factory):
 
 def _env() -> dict[str, str]:
     threads = str(torch.get_num_threads())
-    return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
 
 
 def _torchrun(script, *args, cwd) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=cwd, timeout=600)
 
 
-def test_sharded_operator_in_one_gloo_rank_equals_the_operator_and_restores_the_weights_bitwise(one_rank_env):
+def test_sharded_operator_in_one_gloo_rank_equals_the_operator_and_restores_the_weights_bitwise(
+    one_rank_env,
+):
     model = tiny_model("llama", F64)
     ids = tiny_ids(3, 8)
     subset = params_subset(model, ["*"])
@@ -75,9 +134,14 @@ def test_sharded_operator_in_one_gloo_rank_equals_the_operator_and_restores_the_
         fsdp.init(torch.device("cpu"))
         fsdp.shard(model, subset, torch.device("cpu"))
         op = fsdp.ShardedOperator(model, subset, ids, 1, FDSettings(), torch.device("cpu"))
-        assert op.space.segments[0] == (0, model.get_parameter(subset.param_names[0]).numel()) and op.n == subset.size
+        assert (
+            op.space.segments[0] == (0, model.get_parameter(subset.param_names[0]).numel())
+            and op.n == subset.size
+        )
         out = op.matmat(v)
-        torch.testing.assert_close(out, reference / 1.0, rtol=1e-9, atol=1e-12 * float(reference.abs().max()))
+        torch.testing.assert_close(
+            out, reference / 1.0, rtol=1e-9, atol=1e-12 * float(reference.abs().max())
+        )
         assert op.restored()
         assert all(torch.equal(p.full_tensor(), before[k]) for k, p in model.named_parameters())
         assert op.stats.products == 2 and op.report()["fsdp"]["weights_bitwise_restored"] == [True]
@@ -95,7 +159,9 @@ def test_two_gloo_ranks_equal_one_process_and_a_dead_rank_resumes(tiny_llama, tm
     Hutchinson / Hutch++ traces and SLQ moments equal the one-process run to 1e-8; each rank holds half the
     parameters and vectors; the weights are bitwise restored on every rank."""
     flags = ["--model", str(tiny_llama), *FLAGS]
-    hessian_spectrum.run([*flags, "--hvp", "finite_difference", "--output_dir", str(tmp_path / "one")])
+    hessian_spectrum.run(
+        [*flags, "--hvp", "finite_difference", "--output_dir", str(tmp_path / "one")]
+    )
     one = json.loads((tmp_path / "one" / "s.json").read_text())
     out = tmp_path / "two"
     script = tmp_path / "die.py"
@@ -103,28 +169,58 @@ def test_two_gloo_ranks_equal_one_process_and_a_dead_rank_resumes(tiny_llama, tm
     died = _torchrun(script, *flags, "--fsdp", "--output_dir", str(out), cwd=tmp_path)
     assert died.returncode == 1 and "exitcode  : 7" in died.stderr, died.stderr[-3000:]
     logged = sorted(p.name for p in (out / "s.passes").glob("pass_*.pt"))
-    assert logged == [f"pass_{i:05d}.rank{r}of2.pt" for i in range(3) for r in range(2)] and not (out / "s.json").exists()
-    done = _torchrun(ROOT / "hessian_spectrum.py", *flags, "--fsdp", "--resume", "--output_dir", str(out), cwd=tmp_path)
+    assert (
+        logged == [f"pass_{i:05d}.rank{r}of2.pt" for i in range(3) for r in range(2)]
+        and not (out / "s.json").exists()
+    )
+    done = _torchrun(
+        ROOT / "hessian_spectrum.py",
+        *flags,
+        "--fsdp",
+        "--resume",
+        "--output_dir",
+        str(out),
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     two = json.loads((out / "s.json").read_text())
-    assert two["replayed_passes"] == 3 and two["passes"] == one["passes"] and not (out / "s.passes").exists()
+    assert (
+        two["replayed_passes"] == 3
+        and two["passes"] == one["passes"]
+        and not (out / "s.passes").exists()
+    )
     close = lambda a, b: abs(a - b) <= 1e-8 * max(abs(b), 1e-300)  # noqa: E731
     assert all(close(a, b) for a, b in zip(two["eigenvalues"], one["eigenvalues"], strict=True))
     for est in ("hutchinson", "hutch++"):
         assert close(two["trace"][est]["estimate"], one["trace"][est]["estimate"])
     for m in ("1", "2"):
-        assert close(two["density"]["moments"][m]["estimate"], one["density"]["moments"][m]["estimate"])
-    assert two["fsdp"]["world_size"] == 2 and two["fsdp"]["weights_bitwise_restored"] == [True, True]
+        assert close(
+            two["density"]["moments"][m]["estimate"], one["density"]["moments"][m]["estimate"]
+        )
+    assert two["fsdp"]["world_size"] == 2 and two["fsdp"]["weights_bitwise_restored"] == [
+        True,
+        True,
+    ]
     single = one["memory"][0]["parameters_and_vectors"]
-    assert len(two["memory"]) == 2 and all(0.45 < m["parameters_and_vectors"] / single < 0.55 for m in two["memory"])
+    assert len(two["memory"]) == 2 and all(
+        0.45 < m["parameters_and_vectors"] / single < 0.55 for m in two["memory"]
+    )
     assert one["vectors"]["peak_stored_bytes"] > 0 and two["hvp"]["hvp"] == "finite_difference"
 
 
 def _refused(argv, capsys, monkeypatch, script=hessian_spectrum) -> str:
     from lib import pipeline
 
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was loaded")))
-    monkeypatch.setattr(pipeline, "model_skeleton", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was read")))
+    monkeypatch.setattr(
+        pipeline,
+        "load_model",
+        lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was loaded")),
+    )
+    monkeypatch.setattr(
+        pipeline,
+        "model_skeleton",
+        lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was read")),
+    )
     with pytest.raises(SystemExit) as e:
         cli.main(script.run, argv)
     assert e.value.code == 2
@@ -140,17 +236,40 @@ def test_bad_scale_flags_are_one_line_before_the_model_loads(tmp_path, capsys, m
     assert "launch with torchrun" in _refused([*base, "--fsdp"], capsys, monkeypatch)
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(key, value)
-    assert "--device_map" in _refused([*base, "--fsdp", "--device_map", "auto"], capsys, monkeypatch)
+    assert "--device_map" in _refused(
+        [*base, "--fsdp", "--device_map", "auto"], capsys, monkeypatch
+    )
     assert "--devices" in _refused([*base, "--fsdp", "--devices", "cpu,cpu"], capsys, monkeypatch)
-    assert "no double backward" in _refused([*base, "--fsdp", "--hvp", "exact"], capsys, monkeypatch)
-    assert "--params GLOB" in _refused(["--output_dir", str(tmp_path), "--fsdp"], capsys, monkeypatch)
+    assert "no double backward" in _refused(
+        [*base, "--fsdp", "--hvp", "exact"], capsys, monkeypatch
+    )
+    assert "--params GLOB" in _refused(
+        ["--output_dir", str(tmp_path), "--fsdp"], capsys, monkeypatch
+    )
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(key)
-    assert "--method autograd" in _refused(["--output_dir", str(tmp_path), "--hvp", "finite_difference", "--method", "autograd"], capsys, monkeypatch, single_layer_single_block)
-    assert "underflows float32" in _refused([*base, "--hvp", "finite_difference", "--fd_step", "1e-9"], capsys, monkeypatch)
-    assert "underflows bfloat16" in _refused([*base, "--hvp", "finite_difference", "--dtype", "bfloat16", "--fd_step", "1e-3"], capsys, monkeypatch)
-    assert "add --hvp finite_difference" in _refused([*base, "--fd_richardson"], capsys, monkeypatch)
-    assert "--block_size 1" in _refused([*base, "--reorth", "none", "--block_size", "2"], capsys, monkeypatch)
+    assert "--method autograd" in _refused(
+        ["--output_dir", str(tmp_path), "--hvp", "finite_difference", "--method", "autograd"],
+        capsys,
+        monkeypatch,
+        single_layer_single_block,
+    )
+    assert "underflows float32" in _refused(
+        [*base, "--hvp", "finite_difference", "--fd_step", "1e-9"], capsys, monkeypatch
+    )
+    assert "underflows bfloat16" in _refused(
+        [*base, "--hvp", "finite_difference", "--dtype", "bfloat16", "--fd_step", "1e-3"],
+        capsys,
+        monkeypatch,
+    )
+    assert "add --hvp finite_difference" in _refused(
+        [*base, "--fd_richardson"], capsys, monkeypatch
+    )
+    assert "--block_size 1" in _refused(
+        [*base, "--reorth", "none", "--block_size", "2"], capsys, monkeypatch
+    )
     with pytest.raises(UserError, match="launch with torchrun"):
         SpectrumSpec.build("hessian_spectrum", fsdp=True, params=["*"]).validate()
-    assert SpectrumSpec.build("hessian_spectrum", fsdp=True).compute.hvp == "finite_difference"  # the default under --fsdp
+    assert (
+        SpectrumSpec.build("hessian_spectrum", fsdp=True).compute.hvp == "finite_difference"
+    )  # the default under --fsdp

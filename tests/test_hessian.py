@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import ARCHS, LAYER, tiny_ids, tiny_model
+
 from lib import subsets
 from lib.hessian import batch_hessian, exact_hessian
 from lib.loss import SubsetLoss
@@ -25,7 +25,12 @@ def fd_hessian_from_loss(fn, x0: torch.Tensor, h: float) -> torch.Tensor:
     with torch.no_grad():
         for i in range(n):
             for j in range(i, n):
-                v = fn(x0 + e[i] + e[j]) - fn(x0 + e[i] - e[j]) - fn(x0 - e[i] + e[j]) + fn(x0 - e[i] - e[j])
+                v = (
+                    fn(x0 + e[i] + e[j])
+                    - fn(x0 + e[i] - e[j])
+                    - fn(x0 - e[i] + e[j])
+                    + fn(x0 - e[i] - e[j])
+                )
                 out[i, j] = out[j, i] = v / (4 * h * h)
     return out
 
@@ -66,7 +71,15 @@ def test_other_llama_family_models(arch):
     """Qwen2 (q/k/v biases) and Mistral are found and differentiated like Llama."""
     model = tiny_model(arch)
     subset = subsets.several_layers_several_blocks(model, 7, 2, 2)
-    assert [s.param_name.split(".")[-2] for s in subset.slices[:7]] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert [s.param_name.split(".")[-2] for s in subset.slices[:7]] == [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
     ids = tiny_ids()
     h, _ = batch_hessian(SubsetLoss(model, subset), ids)
     assert rel(h, reference_hessian(model, subset, ids)) < 1e-9
@@ -75,7 +88,9 @@ def test_other_llama_family_models(arch):
 def test_gpt2_equals_finite_differences_of_the_loss():
     """GPT-2 stays float64 end to end, so second differences of the loss are accurate to ~1e-6."""
     model = tiny_model("gpt2")
-    subset = subsets.several_layers_several_blocks(model, 4, 2, 2)  # every linear layer, both blocks
+    subset = subsets.several_layers_several_blocks(
+        model, 4, 2, 2
+    )  # every linear layer, both blocks
     ids = tiny_ids()
     objective = SubsetLoss(model, subset)
     h, _ = batch_hessian(objective, ids)
@@ -195,7 +210,10 @@ def test_layer_outputs_of_two_layers_fed_by_the_same_input():
     """q_proj and k_proj of one block read the same input, which does not depend on either: still exact."""
     model = tiny_model("opt")
     q, k = (f"model.decoder.layers.0.self_attn.{p}.weight" for p in ("q_proj", "k_proj"))
-    subset = subsets.make_subset(subsets.from_indices(model, q, list(range(0, 64, 3))), subsets.from_indices(model, k, list(range(5, 80, 4))))
+    subset = subsets.make_subset(
+        subsets.from_indices(model, q, list(range(0, 64, 3))),
+        subsets.from_indices(model, k, list(range(5, 80, 4))),
+    )
     ids = tiny_ids(2, 4)
     h, _ = batch_hessian(SubsetLoss(model, subset), ids, space="layer-outputs")
     assert rel(h, reference_hessian(model, subset, ids)) < 1e-9
@@ -205,15 +223,42 @@ def test_layer_outputs_refused_where_inputs_depend_on_the_subset_or_weights_are_
     from lib.loss import LayerOutputs
 
     model = tiny_model("opt")
-    several = subsets.single_layer_several_blocks(model, "self_attn.q_proj", 2, 16)  # block 1's input depends on block 0's x
+    several = subsets.single_layer_several_blocks(
+        model, "self_attn.q_proj", 2, 16
+    )  # block 1's input depends on block 0's x
     objective = SubsetLoss(model, several)
     ids = tiny_ids(2, 4)
     with pytest.raises(ValueError, match="input depends on the subset"):
         batch_hessian(objective, ids, space="layer-outputs")
-    assert rel(batch_hessian(objective, ids)[0], reference_hessian(model, several, ids)) < 1e-9  # auto falls back
-    assert LayerOutputs.of(model, subsets.make_subset(subsets.from_indices(model, "lm_head.weight", [0, 1]))) is None  # tied to the embeddings
-    assert LayerOutputs.of(model, subsets.make_subset(subsets.from_indices(model, "model.decoder.layers.0.fc1.bias", [0, 1]))) is None
-    assert LayerOutputs.of(model, subsets.make_subset(subsets.from_indices(model, "model.decoder.layers.0.self_attn_layer_norm.weight", [0]))) is None
+    assert (
+        rel(batch_hessian(objective, ids)[0], reference_hessian(model, several, ids)) < 1e-9
+    )  # auto falls back
+    assert (
+        LayerOutputs.of(
+            model, subsets.make_subset(subsets.from_indices(model, "lm_head.weight", [0, 1]))
+        )
+        is None
+    )  # tied to the embeddings
+    assert (
+        LayerOutputs.of(
+            model,
+            subsets.make_subset(
+                subsets.from_indices(model, "model.decoder.layers.0.fc1.bias", [0, 1])
+            ),
+        )
+        is None
+    )
+    assert (
+        LayerOutputs.of(
+            model,
+            subsets.make_subset(
+                subsets.from_indices(
+                    model, "model.decoder.layers.0.self_attn_layer_norm.weight", [0]
+                )
+            ),
+        )
+        is None
+    )
     with pytest.raises(ValueError, match="unknown space"):
         batch_hessian(objective, ids, space="sideways")
 

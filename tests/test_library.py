@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import re
 
-import torch
-
 import pytest
-
+import torch
 from conftest import ROOT
+
 import hessian_diagonal
 import hessian_spectrum
 import lib
@@ -16,7 +15,13 @@ import several_layers_several_blocks
 import single_layer_several_blocks
 import single_layer_single_block
 
-SCRIPTS = (single_layer_single_block, single_layer_several_blocks, several_layers_several_blocks, hessian_diagonal, hessian_spectrum)
+SCRIPTS = (
+    single_layer_single_block,
+    single_layer_several_blocks,
+    several_layers_several_blocks,
+    hessian_diagonal,
+    hessian_spectrum,
+)
 
 
 def script_help(script, capsys) -> str:
@@ -41,7 +46,11 @@ def test_hessian_diagonal_has_no_exact_hessian_flags(capsys):
     for flag in ("--t ", "--method", "--compare"):
         assert flag not in text
     # the product batch has one name in every script (--probe_batch: a deprecated alias, not listed)
-    assert "--chunk" in text and "--chunk" in script_help(single_layer_single_block, capsys) and "--probe_batch" not in text
+    assert (
+        "--chunk" in text
+        and "--chunk" in script_help(single_layer_single_block, capsys)
+        and "--probe_batch" not in text
+    )
     with pytest.raises(SystemExit) as exc:  # not silently ignored: refused by argparse
         hessian_diagonal.run(["--t", "3"])
     assert exc.value.code == 2
@@ -49,7 +58,16 @@ def test_hessian_diagonal_has_no_exact_hessian_flags(capsys):
 
 def test_lib_exports_and_documents_its_entry_points():
     assert set(lib.__all__) <= set(dir(lib))
-    for name in ("hessian_diagonal", "Target", "DiagonalResult", "ESTIMATORS", "xdiag_estimate", "exact_hessian", "SubsetLoss", "tune_chunk"):
+    for name in (
+        "hessian_diagonal",
+        "Target",
+        "DiagonalResult",
+        "ESTIMATORS",
+        "xdiag_estimate",
+        "exact_hessian",
+        "SubsetLoss",
+        "tune_chunk",
+    ):
         assert name in lib.__all__ and f"{name}" in lib.__doc__
     assert "f.x0()" in lib.__doc__
 

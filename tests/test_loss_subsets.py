@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import ARCHS, LAYER, tiny_ids, tiny_model
+
 from lib import subsets
 from lib.cli import flag_message
 from lib.errors import UserError
@@ -28,14 +28,21 @@ def test_loss_at_x0_and_gradient_match_the_plain_model(arch, fused):
         plain = summed_nll(model(ids, use_cache=False).logits, ids)
         plain.backward()
         plain = plain.detach()
-        expected = torch.cat([model.get_parameter(s.param_name).grad.reshape(-1)[s.flat_index] for s in subset.slices])
+        expected = torch.cat(
+            [
+                model.get_parameter(s.param_name).grad.reshape(-1)[s.flat_index]
+                for s in subset.slices
+            ]
+        )
     finally:
         model.zero_grad(set_to_none=True)
         model.requires_grad_(False)
     assert float(value.detach()) == pytest.approx(float(plain.detach()), rel=1e-12)
     assert torch.allclose(g, expected, rtol=1e-9, atol=1e-14)
     # the summed NLL is the model's own mean loss (which HF computes in float32) times the predicted tokens
-    assert float(plain) == pytest.approx(float(model(ids, labels=ids).loss) * ids.shape[0] * (ids.shape[1] - 1), rel=1e-6)
+    assert float(plain) == pytest.approx(
+        float(model(ids, labels=ids).loss) * ids.shape[0] * (ids.shape[1] - 1), rel=1e-6
+    )
 
 
 def test_loss_moves_with_x():
@@ -83,7 +90,11 @@ def test_several_layers_order_is_block_major_then_module_order():
     model = tiny_model("opt")
     subset = subsets.several_layers_several_blocks(model, 3, 2, 2)
     names = [s.param_name for s in subset.slices]
-    assert names == [f"model.decoder.layers.{b}.self_attn.{l}.weight" for b in range(2) for l in ("k_proj", "v_proj", "q_proj")]
+    assert names == [
+        f"model.decoder.layers.{b}.self_attn.{name}.weight"
+        for b in range(2)
+        for name in ("k_proj", "v_proj", "q_proj")
+    ]
 
 
 def test_arbitrary_and_random_subsets():
@@ -105,14 +116,36 @@ def test_subset_errors_name_the_parameters():
     """The library names its own parameters (a ValueError); the scripts show the flag instead (lib.cli.flag_message)."""
     model = tiny_model("opt")
     cases = [
-        (lambda: subsets.single_layer_single_block(model, "q_proj", 0, 4), r"unknown layer_name 'q_proj'.*self_attn\.q_proj.*fc2", "--layer_name"),
-        (lambda: subsets.single_layer_single_block(model, "self_attn.q_proj", 0, 17), r"t 17 is larger than a row of self_attn.q_proj \(16 entries\)", "--t"),
-        (lambda: subsets.single_layer_single_block(model, "fc1", 2, 4), r"block_index 2 is out of range: the model has 2 blocks", "--block_index"),
-        (lambda: subsets.single_layer_several_blocks(model, "fc1", 3, 4), r"n_blocks 3 is out of range", "--num_blocks"),
-        (lambda: subsets.several_layers_several_blocks(model, 7, 1, 4), r"n_layers 7 is out of range: block 0 has 6 linear layers", "--num_layers"),
+        (
+            lambda: subsets.single_layer_single_block(model, "q_proj", 0, 4),
+            r"unknown layer_name 'q_proj'.*self_attn\.q_proj.*fc2",
+            "--layer_name",
+        ),
+        (
+            lambda: subsets.single_layer_single_block(model, "self_attn.q_proj", 0, 17),
+            r"t 17 is larger than a row of self_attn.q_proj \(16 entries\)",
+            "--t",
+        ),
+        (
+            lambda: subsets.single_layer_single_block(model, "fc1", 2, 4),
+            r"block_index 2 is out of range: the model has 2 blocks",
+            "--block_index",
+        ),
+        (
+            lambda: subsets.single_layer_several_blocks(model, "fc1", 3, 4),
+            r"n_blocks 3 is out of range",
+            "--num_blocks",
+        ),
+        (
+            lambda: subsets.several_layers_several_blocks(model, 7, 1, 4),
+            r"n_layers 7 is out of range: block 0 has 6 linear layers",
+            "--num_layers",
+        ),
     ]
     for call, message, flag in cases:
         with pytest.raises(ValueError, match=message) as exc:
             call()
         assert isinstance(exc.value, UserError) and "--" not in str(exc.value)
-        assert flag_message(exc.value).startswith(str(exc.value).split(exc.value.param)[0] + flag), flag_message(exc.value)
+        assert flag_message(exc.value).startswith(
+            str(exc.value).split(exc.value.param)[0] + flag
+        ), flag_message(exc.value)

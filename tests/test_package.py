@@ -127,7 +127,12 @@ def test_pip_install_then_import_and_run_from_another_directory(tmp_path):
 def test_every_subpackage_of_lib_is_listed_for_installation():
     """``pip install .`` ships only the listed packages: a new folder under ``lib/`` must be added to pyproject."""
     tomllib = pytest.importorskip("tomllib")
-    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    found = {"llm_hessian" + "".join(f".{p}" for p in d.relative_to(ROOT / "lib").parts) for d in (ROOT / "lib").rglob("*")
-             if d.is_dir() and (d / "__init__.py").exists()} | {"llm_hessian"}
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        "llm_hessian" + "".join(f".{p}" for p in d.relative_to(ROOT / "lib").parts)
+        for d in (ROOT / "lib").rglob("*")
+        if d.is_dir() and (d / "__init__.py").exists()
+    } | {"llm_hessian"}
     assert found <= listed, sorted(found - listed)

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
 from conftest import ROOT
+
 import single_layer_single_block
 from lib import checkpoint as ckpt
 from lib import cli, parallel
@@ -21,13 +21,31 @@ from lib.hessian import ExactHessianJob
 from lib.jobs import ModelJob, add_partials, run_serial
 from lib.models import ModelSpec
 
-ARGS = ["--t", "3", "--seqlen", "16", "--b", "4", "--dtype", "float64", "--no_progress", "--name", "h"]
+ARGS = [
+    "--t",
+    "3",
+    "--seqlen",
+    "16",
+    "--b",
+    "4",
+    "--dtype",
+    "float64",
+    "--no_progress",
+    "--name",
+    "h",
+]
 """Four units (samples) of a float64 exact Hessian on the embedded model: tiny, and bit-exact comparisons are meaningful."""
 
 
 def _env() -> dict[str, str]:
     """Subprocesses use this process's thread count, so that their units are bitwise this process's."""
-    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "MKL_NUM_THREADS": str(torch.get_num_threads()), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+        "MKL_NUM_THREADS": str(torch.get_num_threads()),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
 
 
 def _run(tmp, *extra) -> torch.Tensor:
@@ -46,7 +64,14 @@ def reference(tmp_path_factory) -> torch.Tensor:
 
 def _partials(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [{"h": torch.randn(5, 5, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-8, 8, (5, 5), generator=g), "v": torch.randn((), generator=g, dtype=torch.float32)} for _ in range(n)]
+    return [
+        {
+            "h": torch.randn(5, 5, generator=g, dtype=torch.float64)
+            * 10.0 ** torch.randint(-8, 8, (5, 5), generator=g),
+            "v": torch.randn((), generator=g, dtype=torch.float32),
+        }
+        for _ in range(n)
+    ]
 
 
 def test_run_state_sums_in_unit_order_whatever_the_arrival_order():
@@ -75,7 +100,9 @@ def test_checkpoint_round_trip_refuses_torn_files_and_other_configurations(tmp_p
     back = ckpt.load(path, config, 5)
     assert (back.prefix, sorted(back.pending), back.remaining()) == (2, [3], [2, 4])
     assert all(torch.equal(back.prefix_sum[n], state.prefix_sum[n]) for n in parts[0])
-    with pytest.raises(UserError, match=r"different configuration \(differs in: method, model.dtype\)"):
+    with pytest.raises(
+        UserError, match=r"different configuration \(differs in: method, model.dtype\)"
+    ):
         ckpt.load(path, {**config, "method": "autograd", "model": {"dtype": "float32"}}, 5)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -98,7 +125,16 @@ def test_sigterm_is_deferred_while_a_unit_is_added():
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
-@pytest.mark.parametrize("text,expected", [("0", (0, 0.0)), ("7", (7, 0.0)), ("120s", (0, 120.0)), ("10m", (0, 600.0)), ("1.5h", (0, 5400.0))])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("0", (0, 0.0)),
+        ("7", (7, 0.0)),
+        ("120s", (0, 120.0)),
+        ("10m", (0, 600.0)),
+        ("1.5h", (0, 5400.0)),
+    ],
+)
 def test_parse_every(text, expected):
     assert ckpt.parse_every(text) == expected
 
@@ -144,7 +180,10 @@ class ToyJob:
 
 def test_non_finite_unit_stops_with_its_sample_and_keeps_earlier_units(tmp_path):
     cfg = ckpt.CheckpointConfig(tmp_path / "t.ckpt", every_units=100)
-    with pytest.raises(RunError, match=r"sample 2 \(unit 2\) gave NaN or Inf in s; the 2 finished units of 4 are saved in"):
+    with pytest.raises(
+        RunError,
+        match=r"sample 2 \(unit 2\) gave NaN or Inf in s; the 2 finished units of 4 are saved in",
+    ):
         parallel.run_job(ToyJob(4, {2: "nan"}), parallel.RunSettings([torch.device("cpu")], cfg))
     state = ckpt.load(cfg.path, ToyJob(4).config(), 4)
     assert state.prefix == 2 and not state.pending
@@ -155,8 +194,20 @@ def test_non_finite_unit_stops_with_its_sample_and_keeps_earlier_units(tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("what,message", [("raise", r"worker \d \(cpu\) failed on sample 2 \(unit 2\): RuntimeError: boom in unit 2"), ("kill", r"worker \d \(cpu\) was killed by SIGKILL \(out of memory\?\) while computing sample 2 \(unit 2\)")], ids=["raise", "sigkill"])
-def test_a_failing_worker_stops_the_run_with_its_error_and_finished_units_are_kept(what, message, tmp_path):
+@pytest.mark.parametrize(
+    "what,message",
+    [
+        ("raise", r"worker \d \(cpu\) failed on sample 2 \(unit 2\): RuntimeError: boom in unit 2"),
+        (
+            "kill",
+            r"worker \d \(cpu\) was killed by SIGKILL \(out of memory\?\) while computing sample 2 \(unit 2\)",
+        ),
+    ],
+    ids=["raise", "sigkill"],
+)
+def test_a_failing_worker_stops_the_run_with_its_error_and_finished_units_are_kept(
+    what, message, tmp_path
+):
     cfg = ckpt.CheckpointConfig(tmp_path / "t.ckpt", every_units=100)
     job = ToyJob(4, {2: what})
     with pytest.raises(RunError, match=message + r"; the \d finished units of 4 are saved in"):
@@ -169,7 +220,10 @@ def test_distributed_rank_zero_stops_on_a_failed_unit_and_resumes(tmp_path, one_
     """The torchrun path in one gloo rank: a failing unit stops every rank with its error; the checkpoint keeps the rest."""
     cfg = ckpt.CheckpointConfig(tmp_path / "t.ckpt", every_units=100)
     settings = parallel.RunSettings([torch.device("cpu")], cfg)
-    with pytest.raises(RunError, match=r"rank 0 \(cpu\) failed on sample 3 \(unit 3\): RuntimeError: boom in unit 3; the 3 finished units of 5 are saved"):
+    with pytest.raises(
+        RunError,
+        match=r"rank 0 \(cpu\) failed on sample 3 \(unit 3\): RuntimeError: boom in unit 3; the 3 finished units of 5 are saved",
+    ):
         parallel._run_distributed(ToyJob(5, {3: "raise"}), settings, (0, 0, 1))
     cfg.resume = True
     total = parallel._run_distributed(ToyJob(5), settings, (0, 0, 1))
@@ -226,7 +280,10 @@ class LinearJob(ModelJob):
 def _two_jobs():
     g = torch.Generator().manual_seed(1)
     spec = CountingSpec(fingerprint="7")
-    return [LinearJob(torch.randn(6, 4, generator=g, dtype=torch.float64), 1.0, spec), LinearJob(torch.randn(5, 4, generator=g, dtype=torch.float64), -3.5, spec)]
+    return [
+        LinearJob(torch.randn(6, 4, generator=g, dtype=torch.float64), 1.0, spec),
+        LinearJob(torch.randn(5, 4, generator=g, dtype=torch.float64), -3.5, spec),
+    ]
 
 
 def _settings(pool, **kw):
@@ -242,7 +299,9 @@ def test_a_pool_runs_two_jobs_on_the_same_workers_loading_the_model_once_each():
             settings = _settings(pool)
             sums = parallel.run_job(job, settings)
             assert torch.equal(sums["y"], ref)  # bitwise the in-process result
-            assert torch.equal(sums["loads"], torch.ones_like(sums["loads"]))  # no worker loaded the model twice
+            assert torch.equal(
+                sums["loads"], torch.ones_like(sums["loads"])
+            )  # no worker loaded the model twice
             pids |= set(sums["pid"].tolist())
         procs = [w.proc for w in pool.workers]
         # every unit ran on the pool's two workers (which of them took how many units depends on timing)
@@ -260,14 +319,23 @@ def test_a_pool_worker_killed_between_or_during_jobs_is_one_line_and_leaves_no_p
         procs = [w.proc for w in pool.workers]
         os.kill(procs[1].pid, signal.SIGKILL)
         procs[1].join()
-        with pytest.raises(RunError, match=r"^worker 1 \(cpu\) was killed by SIGKILL \(out of memory\?\) while setting up$"):
+        with pytest.raises(
+            RunError,
+            match=r"^worker 1 \(cpu\) was killed by SIGKILL \(out of memory\?\) while setting up$",
+        ):
             parallel.run_job(_two_jobs()[1], _settings(pool))
         assert pool.workers == [] and not any(p.is_alive() for p in procs)
         # the next job spawns fresh workers; one killed during it is named with its sample, the finished units kept
-        assert torch.equal(parallel.run_job(_two_jobs()[1], _settings(pool))["loads"], torch.ones(5, dtype=torch.float64))
+        assert torch.equal(
+            parallel.run_job(_two_jobs()[1], _settings(pool))["loads"],
+            torch.ones(5, dtype=torch.float64),
+        )
         procs = [w.proc for w in pool.workers]
         cfg = ckpt.CheckpointConfig(tmp_path / "t.ckpt", every_units=100)
-        with pytest.raises(RunError, match=r"^worker \d \(cpu\) was killed by SIGKILL \(out of memory\?\) while computing sample 2 \(unit 2\); the \d finished units of 4 are saved in"):
+        with pytest.raises(
+            RunError,
+            match=r"^worker \d \(cpu\) was killed by SIGKILL \(out of memory\?\) while computing sample 2 \(unit 2\); the \d finished units of 4 are saved in",
+        ):
             parallel.run_job(ToyJob(4, {2: "kill"}), _settings(pool, checkpoint=cfg))
         assert pool.started == 4 and pool.workers == [] and not any(p.is_alive() for p in procs)
 
@@ -277,13 +345,17 @@ def test_a_pool_worker_killed_between_or_during_jobs_is_one_line_and_leaves_no_p
 
 @pytest.mark.slow
 def test_two_cpu_workers_equal_one_process_bitwise(reference, tmp_path):
-    meta = single_layer_single_block.run([*ARGS, "--output_dir", str(tmp_path), "--devices", "cpu,cpu"])
+    meta = single_layer_single_block.run(
+        [*ARGS, "--output_dir", str(tmp_path), "--devices", "cpu,cpu"]
+    )
     assert meta["run"]["mode"] == "workers" and meta["run"]["workers"] == 2
     assert torch.equal(torch.load(tmp_path / "h.pt"), reference)
     # issue 19, item 11: the JSON records the chunk each worker used ("auto" and "measured": null said nothing before)
     used = meta["chunk"]["used"]
     workers = {"worker 0 (cpu)", "worker 1 (cpu)"}
-    assert used == meta["run"]["chunks"] and used and set(used) <= workers  # each worker that computed a unit
+    assert (
+        used == meta["run"]["chunks"] and used and set(used) <= workers
+    )  # each worker that computed a unit
     assert all(set(u) == {"3"} and u["3"] in (1, 2) for u in used.values())
 
 
@@ -300,7 +372,9 @@ def test_diagonal_job_on_two_cpu_workers_equals_one_process_bitwise():
     target = diagonal.Target(name, tuple(model.get_parameter(name).shape))
     plans = diagonal.plan_phase1([target], ("hutchinson", "xdiag", "empirical_fisher"), 4, seed=0)
     samples = load_samples("embedded", 16, 4)
-    serial = run_serial(diagonal.DiagonalJob(plans, samples, spec=spec, model=model), torch.device("cpu"))
+    serial = run_serial(
+        diagonal.DiagonalJob(plans, samples, spec=spec, model=model), torch.device("cpu")
+    )
     settings = parallel.RunSettings([torch.device("cpu"), torch.device("cpu")])
     sums = parallel.run_job(diagonal.DiagonalJob(plans, samples, spec=spec, model=model), settings)
     assert settings.stats["workers"] == 2 and sums.keys() == serial.keys()
@@ -309,8 +383,23 @@ def test_diagonal_job_on_two_cpu_workers_equals_one_process_bitwise():
 
 @pytest.mark.slow
 def test_torchrun_with_two_gloo_ranks_equals_one_process_bitwise(reference, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "single_layer_single_block.py"), *ARGS, "--output_dir", str(tmp_path), "--device", "cpu"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "single_layer_single_block.py"),
+        *ARGS,
+        "--output_dir",
+        str(tmp_path),
+        "--device",
+        "cpu",
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert torch.equal(torch.load(tmp_path / "h.pt"), reference)
     assert not (tmp_path / "h.ckpt").exists()
@@ -333,11 +422,27 @@ cli.main(single_layer_single_block.run, sys.argv[1:])
 
 
 @pytest.mark.slow
-def test_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(reference, tmp_path, monkeypatch):
+def test_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(
+    reference, tmp_path, monkeypatch
+):
     script = tmp_path / "hang.py"
     script.write_text(HANG_AT_UNIT_2.format(root=str(ROOT)))
     path = tmp_path / "h.ckpt"
-    proc = subprocess.Popen([sys.executable, str(script), *ARGS, "--output_dir", str(tmp_path), "--checkpoint_every", "1"], env=_env(), cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(script),
+            *ARGS,
+            "--output_dir",
+            str(tmp_path),
+            "--checkpoint_every",
+            "1",
+        ],
+        env=_env(),
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 180
         while not (path.exists() and ckpt.read(path)["prefix"] == 2):
@@ -351,7 +456,11 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(refer
 
     calls = []
     run_unit = ExactHessianJob.run_unit
-    monkeypatch.setattr(ExactHessianJob, "run_unit", lambda self, k, progress=None: calls.append(k) or run_unit(self, k, progress))
+    monkeypatch.setattr(
+        ExactHessianJob,
+        "run_unit",
+        lambda self, k, progress=None: calls.append(k) or run_unit(self, k, progress),
+    )
     with pytest.raises(SystemExit) as exc:  # not resuming would overwrite the checkpoint: refused
         cli.main(single_layer_single_block.run, [*ARGS, "--output_dir", str(tmp_path)])
     assert exc.value.code == 2 and calls == []
@@ -364,20 +473,31 @@ def test_resume_refuses_a_changed_flag_and_a_truncated_checkpoint(reference, tmp
     assert torch.equal(_run(tmp_path, "--keep_checkpoint", "--checkpoint_every", "1"), reference)
     path = tmp_path / "h.ckpt"
     assert ckpt.read(path)["prefix"] == 4  # the complete run, kept
-    assert torch.equal(_run(tmp_path, "--resume", "--keep_checkpoint", "--overwrite"), reference)  # complete: nothing to compute
+    assert torch.equal(
+        _run(tmp_path, "--resume", "--keep_checkpoint", "--overwrite"), reference
+    )  # complete: nothing to compute
 
     def error(*extra) -> str:
         with pytest.raises(SystemExit) as exc:
-            cli.main(single_layer_single_block.run, [*ARGS, "--output_dir", str(tmp_path), "--overwrite", *extra])
+            cli.main(
+                single_layer_single_block.run,
+                [*ARGS, "--output_dir", str(tmp_path), "--overwrite", *extra],
+            )
         assert exc.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         return err[-1]
 
-    assert error("--resume", "--method", "autograd") == f"error: checkpoint {path} was written by a run with a different configuration (differs in: method); rerun with the original flags, or delete it to start over"
+    assert (
+        error("--resume", "--method", "autograd")
+        == f"error: checkpoint {path} was written by a run with a different configuration (differs in: method); rerun with the original flags, or delete it to start over"
+    )
     assert "differs in: samples_sha256, samples_shape" in error("--resume", "--seqlen", "17")
     data = path.read_bytes()
     path.write_bytes(data[:-100])
-    assert error("--resume") == f"error: checkpoint {path} is truncated or corrupt ({len(data) - 100 - 48} of {len(data) - 48} payload bytes); delete it to start over"
+    assert (
+        error("--resume")
+        == f"error: checkpoint {path} is truncated or corrupt ({len(data) - 100 - 48} of {len(data) - 48} payload bytes); delete it to start over"
+    )
 
 
 @pytest.mark.parametrize(

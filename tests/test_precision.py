@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import tiny_ids, tiny_model
+
 from lib import subsets
 from lib.hessian import batch_hessian
 from lib.loss import SubsetLoss
@@ -23,9 +23,13 @@ def test_float64_models_switch_attention_and_norms_float32_untouched():
         assert not norm_types(m64) & {"LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm"}
     m32 = tiny_model("llama", dtype=torch.float32)
     assert m32.config._attn_implementation == "eager" and "LlamaRMSNorm" in norm_types(m32)
-    assert tiny_model("llama", attn="sdpa").config._attn_implementation == "sdpa"  # its math kernel keeps float64
+    assert (
+        tiny_model("llama", attn="sdpa").config._attn_implementation == "sdpa"
+    )  # its math kernel keeps float64
     names = [n for n, _ in tiny_model("llama").named_parameters()]
-    assert names == [n for n, _ in m32.named_parameters()]  # the swapped norms hold the same weights
+    assert names == [
+        n for n, _ in m32.named_parameters()
+    ]  # the swapped norms hold the same weights
 
 
 def test_same_function_as_eager_up_to_the_float32_softmax():
@@ -60,14 +64,26 @@ def test_rmsnorm_replacement_equals_upcasting_norm_in_float32():
     norm = LlamaRMSNorm(6, eps=1e-5)
     norm.weight.data.uniform_(0.5, 1.5)
     h = torch.randn(3, 6)
-    assert torch.allclose(KeepDtypeRMSNorm(norm.weight, norm.variance_epsilon)(h), norm(h), rtol=1e-6, atol=0)
+    assert torch.allclose(
+        KeepDtypeRMSNorm(norm.weight, norm.variance_epsilon)(h), norm(h), rtol=1e-6, atol=0
+    )
 
 
 def test_uncovered_architecture_warns_in_one_line(capsys):
     from transformers import Phi3Config, Phi3ForCausalLM
 
     torch.manual_seed(0)
-    model = Phi3ForCausalLM(Phi3Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32, pad_token_id=0))
+    model = Phi3ForCausalLM(
+        Phi3Config(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+            pad_token_id=0,
+        )
+    )
     model.config._attn_implementation = "eager"
     prepare_model(model.double())
     err = capsys.readouterr().err

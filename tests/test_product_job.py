@@ -61,7 +61,9 @@ class CentralDifferences:
     def __call__(self, graph, rows, count, sink, chunk, progress=None, start=0):
         for a in range(start, count):
             v = rows(a, a + 1).to(graph.x)
-            hv = (self._grad(graph.x + self.eps * v[0]) - self._grad(graph.x - self.eps * v[0])) / (2 * self.eps)
+            hv = (self._grad(graph.x + self.eps * v[0]) - self._grad(graph.x - self.eps * v[0])) / (
+                2 * self.eps
+            )
             sink(a, v, hv[None])
         return chunk
 
@@ -77,15 +79,31 @@ def test_every_job_is_a_product_job_with_the_same_batching_and_identity():
     target = Target("model.decoder.layers.0.self_attn.q_proj.bias", (16,))
     jobs = [
         ExactHessianJob(subset, ids, model_input_bs=3, model=model),
-        HVPJob(subset, ids, torch.zeros(2, subset.size, dtype=torch.float64), model_input_bs=3, model=model),
-        DiagonalJob(plan_phase1([target], ["hutchinson"], 2, 0), ids, model_input_bs=3, model=model),
+        HVPJob(
+            subset,
+            ids,
+            torch.zeros(2, subset.size, dtype=torch.float64),
+            model_input_bs=3,
+            model=model,
+        ),
+        DiagonalJob(
+            plan_phase1([target], ["hutchinson"], 2, 0), ids, model_input_bs=3, model=model
+        ),
         CurvatureJob(subset, ids, ["ggn"], model_input_bs=3, model=model),
     ]
     for job in jobs:
         assert isinstance(job, ProductJob)
-        assert job.num_units() == 2 and job.describe_unit(1) == "samples 3..5" and torch.equal(job.batch(1), ids[3:])
+        assert (
+            job.num_units() == 2
+            and job.describe_unit(1) == "samples 3..5"
+            and torch.equal(job.batch(1), ids[3:])
+        )
         cfg = job.config()
-        assert cfg["samples_sha256"] == digest(ids) and cfg["model_input_bs"] == 3 and cfg["products"] == "exact"
+        assert (
+            cfg["samples_sha256"] == digest(ids)
+            and cfg["model_input_bs"] == 3
+            and cfg["products"] == "exact"
+        )
     assert len({job.config()["kind"] for job in jobs}) == 4
 
 
@@ -93,7 +111,10 @@ def test_the_exact_job_equals_hessian_rev_rev_bitwise():
     model, subset, ids = _setup()
     sums = run_serial(ExactHessianJob(subset, ids, chunk=2, model=model), CPU)
     objective = SubsetLoss(model, subset)
-    expect = sum(hessian_rev_rev(lambda x, r=row: objective(x, r[None]), objective.x0(), chunk=2)[0].double() for row in ids)
+    expect = sum(
+        hessian_rev_rev(lambda x, r=row: objective(x, r[None]), objective.x0(), chunk=2)[0].double()
+        for row in ids
+    )
     assert torch.equal(sums["hessian_sum"], expect)
 
 
@@ -102,7 +123,9 @@ def test_every_job_computes_its_products_through_the_products_hook():
     n = subset.size
     ref = run_serial(ExactHessianJob(subset, ids, chunk=1, model=model), CPU)["hessian_sum"]
     counted = Counted()
-    h = run_serial(ExactHessianJob(subset, ids, chunk=1, model=model, products=counted), CPU)["hessian_sum"]
+    h = run_serial(ExactHessianJob(subset, ids, chunk=1, model=model, products=counted), CPU)[
+        "hessian_sum"
+    ]
     assert torch.equal(h, ref) and counted.vectors == n * len(ids)
     counted = Counted()
     op = HessianOperator(model, subset, ids, chunk=1, keep_graphs=False, products=counted)
@@ -110,10 +133,30 @@ def test_every_job_computes_its_products_through_the_products_hook():
     assert counted.vectors == n * len(ids)
     counted = Counted()
     target = Target("model.decoder.layers.0.self_attn.q_proj.bias", (16,))
-    a = hessian_diagonal(model, [target], ids, estimators=("hutchinson", "xdiag", "exact"), vhp_samples=4, probe_batch=1, products=counted)
-    b = hessian_diagonal(model, [target], ids, estimators=("hutchinson", "xdiag", "exact"), vhp_samples=4, probe_batch=1)
-    assert all(torch.equal(a.diagonals[e][target.param_name], b.diagonals[e][target.param_name]) for e in a.diagonals)
-    assert counted.vectors == (4 + 16 + 2) * len(ids)  # probes (shared by hutchinson and xdiag), entries, xdiag's basis
+    a = hessian_diagonal(
+        model,
+        [target],
+        ids,
+        estimators=("hutchinson", "xdiag", "exact"),
+        vhp_samples=4,
+        probe_batch=1,
+        products=counted,
+    )
+    b = hessian_diagonal(
+        model,
+        [target],
+        ids,
+        estimators=("hutchinson", "xdiag", "exact"),
+        vhp_samples=4,
+        probe_batch=1,
+    )
+    assert all(
+        torch.equal(a.diagonals[e][target.param_name], b.diagonals[e][target.param_name])
+        for e in a.diagonals
+    )
+    assert counted.vectors == (4 + 16 + 2) * len(
+        ids
+    )  # probes (shared by hutchinson and xdiag), entries, xdiag's basis
 
 
 def test_an_alternative_product_method_plugs_into_the_exact_job():
@@ -133,6 +176,15 @@ def test_the_compare_job_holds_its_exact_job_and_adds_to_its_sums():
     assert job.exact is exact and not isinstance(job, ExactHessianJob)
     sums = run_serial(job, CPU)
     alone = run_serial(ExactHessianJob(subset, ids, model_input_bs=2, chunk=1, model=model), CPU)
-    assert torch.equal(sums["hessian_sum"], alone["hessian_sum"]) and set(sums) == {"hessian_sum", "nll_sum", "ggn_sum"}
-    assert job.steps_per_unit() == 2 * subset.size  # the exact rows, then one Jacobian column per entry
-    assert job.config()["kind"] == "exact_hessian+curvature" and job.config()["method"] == exact.config()["method"]
+    assert torch.equal(sums["hessian_sum"], alone["hessian_sum"]) and set(sums) == {
+        "hessian_sum",
+        "nll_sum",
+        "ggn_sum",
+    }
+    assert (
+        job.steps_per_unit() == 2 * subset.size
+    )  # the exact rows, then one Jacobian column per entry
+    assert (
+        job.config()["kind"] == "exact_hessian+curvature"
+        and job.config()["method"] == exact.config()["method"]
+    )

@@ -63,7 +63,9 @@ def test_bfloat16_diagonal_runs_and_resumes_after_phase_one(tmp_path):
     for f in ("d.phase2.ckpt", "d.pt", "d.json"):  # as if stopped right after phase 1
         (tmp_path / f).unlink()
     assert ckpt.read(tmp_path / "d.ckpt")["prefix"] == 2  # phase 1 is complete and kept
-    meta = hessian_diagonal.run([*DIAG_BF16, "--output_dir", str(tmp_path), "--resume", "--overwrite"])
+    meta = hessian_diagonal.run(
+        [*DIAG_BF16, "--output_dir", str(tmp_path), "--resume", "--overwrite"]
+    )
     assert meta["run"][0]["mode"] == "resumed complete" and meta["run"][1]["units_run"] == 2
     assert torch.equal(torch.load(tmp_path / meta["files"]["tensor"]), reference)
 
@@ -104,10 +106,13 @@ def test_a_full_output_disk_is_refused_without_leaving_the_write_probe(tmp_path,
 
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_non_finite_unit_timeout_is_refused(value, tmp_path, no_model_load):
-    code, err = _main(single_layer_single_block, [*ARGS, "--output_dir", str(tmp_path), "--unit_timeout", value])
+    code, err = _main(
+        single_layer_single_block, [*ARGS, "--output_dir", str(tmp_path), "--unit_timeout", value]
+    )
     assert (
         code == 2
-        and err == f"error: --unit_timeout must be a finite number of seconds (0 = automatic), got {float(value)}"
+        and err
+        == f"error: --unit_timeout must be a finite number of seconds (0 = automatic), got {float(value)}"
     )
 
 
@@ -115,21 +120,28 @@ def test_non_finite_unit_timeout_is_refused(value, tmp_path, no_model_load):
 
 
 @pytest.mark.parametrize("devices", [[], ["--devices", "cpu,cpu"]], ids=["in-process", "workers"])
-def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_computing(devices, tmp_path, monkeypatch):
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_computing(
+    devices, tmp_path, monkeypatch
+):
     from test_inputs import FAST, _tiny_opt
 
     model_dir = _tiny_opt(tmp_path / "m", vocab=64)  # the embedded 4096-token tokenizer
     monkeypatch.setattr(
-        parallel, "_run_on_pool", lambda *a: (_ for _ in ()).throw(AssertionError("workers were started"))
+        parallel,
+        "_run_on_pool",
+        lambda *a: (_ for _ in ()).throw(AssertionError("workers were started")),
     )
     code, err = _main(
-        single_layer_single_block, ["--model", str(model_dir), *FAST, "--output_dir", str(tmp_path / "out"), *devices]
+        single_layer_single_block,
+        ["--model", str(model_dir), *FAST, "--output_dir", str(tmp_path / "out"), *devices],
     )
     assert code == 2 and re.fullmatch(
         rf"error: the tokenizer of '{re.escape(str(model_dir))}' gives token id \d+ \(\d+ of the 32 sample tokens out of range\) but the model's vocabulary has 64 entries \(ids 0\.\.63\): the tokenizer does not belong to the model",
         err,
     ), err
-    assert not (tmp_path / "out").exists()  # nothing written (the directory the run created is removed again)
+    assert not (
+        tmp_path / "out"
+    ).exists()  # nothing written (the directory the run created is removed again)
 
 
 # ----------------------------------------------------------------------------- 1: the model's configuration and code are part of its identity
@@ -179,7 +191,9 @@ def test_resume_refuses_a_model_whose_configuration_changed_after_a_kill(tmp_pat
         == config_fingerprint(model)
         == config_fingerprint(load_model(str(shutil.copytree(model_dir, tmp_path / "moved"))))
     )
-    assert meta["fingerprints"]["code"] == code_path(model) and code_path(model).startswith("transformers ")
+    assert meta["fingerprints"]["code"] == code_path(model) and code_path(model).startswith(
+        "transformers "
+    )
 
 
 def test_a_worker_refuses_a_model_whose_configuration_or_code_differs(tmp_path):
@@ -195,10 +209,13 @@ def test_a_worker_refuses_a_model_whose_configuration_or_code_differs(tmp_path):
         str(model_dir), config_fingerprint=config_fingerprint(model), code=code_path(model)
     ).load()  # the same: accepted
     with pytest.raises(
-        UserError, match=r"\(configuration 000000000000 -> [0-9a-f]{12}\): its files changed during the run"
+        UserError,
+        match=r"\(configuration 000000000000 -> [0-9a-f]{12}\): its files changed during the run",
     ):
         ModelSpec(str(model_dir), config_fingerprint="0" * 16).load()
-    with pytest.raises(UserError, match=r"\(code transformers 0\.0 -> transformers .*, attention eager\)"):
+    with pytest.raises(
+        UserError, match=r"\(code transformers 0\.0 -> transformers .*, attention eager\)"
+    ):
         ModelSpec(str(model_dir), code="transformers 0.0").load()
 
 
@@ -213,14 +230,17 @@ def test_a_disk_full_after_the_first_checkpoint_is_one_line_that_counts_what_the
 
     def fill_the_disk_after_the_first(path, state, config):
         save(path, state, config)
-        if not limited:  # from now on every file write past 64 bytes fails (EFBIG), like a full disk
+        if (
+            not limited
+        ):  # from now on every file write past 64 bytes fails (EFBIG), like a full disk
             limited.append(_file_size_limit(64))
             limited[0].__enter__()
 
     monkeypatch.setattr(ckpt, "save", fill_the_disk_after_the_first)
     try:
         code, lines = _stderr_of(
-            single_layer_single_block, [*ARGS, "--output_dir", str(tmp_path), "--checkpoint_every", "1"]
+            single_layer_single_block,
+            [*ARGS, "--output_dir", str(tmp_path), "--checkpoint_every", "1"],
         )
     finally:
         if limited:
@@ -241,17 +261,23 @@ def test_a_disk_full_after_the_first_checkpoint_is_one_line_that_counts_what_the
 
 
 @pytest.mark.parametrize("name", ["x" * 245, "漢" * 130], ids=["245-ascii", "130-cjk"])
-def test_a_name_too_long_for_its_derived_files_is_refused_before_any_work(name, tmp_path, no_model_load):
+def test_a_name_too_long_for_its_derived_files_is_refused_before_any_work(
+    name, tmp_path, no_model_load
+):
     """The longest file a run derives from its name is a temporary ``.<name>.ckpt.tmp<pid>``: 17 bytes more than
     the name (7 digits for the pid), so 238 bytes is the longest name on a file system with 255-byte names."""
-    code, err = _main(single_layer_single_block, [*ARGS, "--output_dir", str(tmp_path), "--name", name])
+    code, err = _main(
+        single_layer_single_block, [*ARGS, "--output_dir", str(tmp_path), "--name", name]
+    )
     size = len(name.encode())
     assert code == 2 and err == (
         f"error: --name is {size} bytes long (UTF-8): with the suffixes and temporary-file markers this run adds (up to 17 bytes, "
         f"as in '.<name>.json.tmp<pid>') its file names would exceed the 255-byte limit of {tmp_path}; use a --name of at most 238 bytes"
     )
     assert list(tmp_path.iterdir()) == []
-    code, err = _main(single_layer_single_block, [*ARGS, "--output_dir", str(tmp_path), "--name", "y" * 238])
+    code, err = _main(
+        single_layer_single_block, [*ARGS, "--output_dir", str(tmp_path), "--name", "y" * 238]
+    )
     assert code == -1 and "the model was loaded" in err  # the longest name passes every check
 
 
@@ -267,7 +293,11 @@ TINY = ["--t", "2", "--seqlen", "16", "--b", "2", "--dtype", "float64", "--no_pr
         (["--name", "r_batch_study"], ["--name", "r", "--batch_study"], "r_batch_study.pt"),
         (["--name", "r", "--batch_study"], ["--name", "r_batch_study"], "r_batch_study.pt"),
         (["--name", "q_compare"], ["--name", "q", "--compare", "diag"], "q_compare.pt"),
-        (["--name", "q", "--compare", "diag"], ["--name", "q_compare", "--overwrite"], "q_compare.pt"),
+        (
+            ["--name", "q", "--compare", "diag"],
+            ["--name", "q_compare", "--overwrite"],
+            "q_compare.pt",
+        ),
     ],
     ids=["study-after-name", "name-after-study", "compare-after-name", "name-after-compare"],
 )
@@ -276,7 +306,8 @@ def test_a_run_never_writes_a_file_of_another_result(first, second, taken, tmp_p
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     owner = first[1]
     monkeypatch.setattr(
-        "lib.pipeline.load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was loaded"))
+        "lib.pipeline.load_model",
+        lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was loaded")),
     )
     code, err = _main(single_layer_single_block, [*TINY, "--output_dir", str(tmp_path), *second])
     assert (
@@ -291,7 +322,8 @@ def test_a_run_never_writes_a_file_a_running_or_unfinished_run_will_write(tmp_pa
     from lib import outputs
 
     monkeypatch.setattr(
-        "lib.pipeline.load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was loaded"))
+        "lib.pipeline.load_model",
+        lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was loaded")),
     )
     other = outputs.claim(
         tmp_path,
@@ -302,7 +334,10 @@ def test_a_run_never_writes_a_file_a_running_or_unfinished_run_will_write(tmp_pa
         files=outputs.planned_files("r", ["", "_batch_study"], ["_batch_study"]),
     )
     try:  # a run named r with --batch_study in progress
-        code, err = _main(single_layer_single_block, [*TINY, "--output_dir", str(tmp_path), "--name", "r_batch_study"])
+        code, err = _main(
+            single_layer_single_block,
+            [*TINY, "--output_dir", str(tmp_path), "--name", "r_batch_study"],
+        )
         assert (
             code == 2
             and err
@@ -313,7 +348,8 @@ def test_a_run_never_writes_a_file_a_running_or_unfinished_run_will_write(tmp_pa
         outputs._CURRENT.remove(other)
     (tmp_path / "q_compare.ckpt").write_bytes(b"an unfinished run named q_compare")
     code, err = _main(
-        single_layer_single_block, [*TINY, "--output_dir", str(tmp_path), "--name", "q", "--compare", "diag"]
+        single_layer_single_block,
+        [*TINY, "--output_dir", str(tmp_path), "--name", "q", "--compare", "diag"],
     )
     assert (
         code == 2
@@ -351,7 +387,12 @@ def _wrapped(tmp_path, what: str, argv: list[str], **kw) -> subprocess.Popen:
     script.write_text(WRAPPER.format(root=str(ROOT), what=what))
     env = {**_env(), "HESSIAN_TEST_MARK": str(tmp_path)}
     return subprocess.Popen(
-        [sys.executable, str(script), *argv], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True, **kw
+        [sys.executable, str(script), *argv],
+        env=env,
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
     )
 
 
@@ -374,13 +415,19 @@ def _marked(tmp_path) -> set[int]:
 
 
 def _visible(d) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in d.iterdir() if not p.name.startswith(".") and p.is_file()}
+    return {
+        p.name: p.read_bytes() for p in d.iterdir() if not p.name.startswith(".") and p.is_file()
+    }
 
 
 @pytest.mark.slow
-def test_an_overwrite_killed_between_its_figures_leaves_the_old_result_whole(tmp_path, reference_exact):
+def test_an_overwrite_killed_between_its_figures_leaves_the_old_result_whole(
+    tmp_path, reference_exact
+):
     out = tmp_path / "out"
-    single_layer_single_block.run([*ARGS, "--output_dir", str(out), "--b", "2"])  # the old result of the same name
+    single_layer_single_block.run(
+        [*ARGS, "--output_dir", str(out), "--b", "2"]
+    )  # the old result of the same name
     old = _visible(out)
     assert sorted(old) == ["h.json", "h.pdf", "h.png", "h.pt"]
     proc = _wrapped(tmp_path, "kill_at_png", [*ARGS, "--output_dir", str(out), "--overwrite"])
@@ -391,23 +438,36 @@ def test_an_overwrite_killed_between_its_figures_leaves_the_old_result_whole(tmp
         k: v for k, v in now.items() if k not in ("h.ckpt", "h.lock")
     } == old  # no new .pdf beside the old JSON: nothing of the new set is visible
     assert ckpt.read(out / "h.ckpt")["prefix"] == 4
-    meta = single_layer_single_block.run([*ARGS, "--output_dir", str(out), "--overwrite", "--resume"])
+    meta = single_layer_single_block.run(
+        [*ARGS, "--output_dir", str(out), "--overwrite", "--resume"]
+    )
     from lib.results import verify_result
 
-    assert verify_result(out / "h.json")["outputs"] == meta["outputs"] and sorted(meta["outputs"]) == [
+    assert verify_result(out / "h.json")["outputs"] == meta["outputs"] and sorted(
+        meta["outputs"]
+    ) == [
         "h.pdf",
         "h.png",
         "h.pt",
     ]
     assert torch.equal(torch.load(out / "h.pt"), reference_exact)
-    assert sorted(p.name for p in out.iterdir()) == ["h.json", "h.pdf", "h.png", "h.pt"]  # no temporary file left
+    assert sorted(p.name for p in out.iterdir()) == [
+        "h.json",
+        "h.pdf",
+        "h.png",
+        "h.pt",
+    ]  # no temporary file left
 
 
-def test_an_overwrite_stopped_while_renaming_its_files_leaves_no_json(tmp_path, monkeypatch, reference_exact):
+def test_an_overwrite_stopped_while_renaming_its_files_leaves_no_json(
+    tmp_path, monkeypatch, reference_exact
+):
     import lib.results
     from lib.results import verify_result
 
-    single_layer_single_block.run([*ARGS, "--output_dir", str(tmp_path), "--b", "2", "--batch_study"])
+    single_layer_single_block.run(
+        [*ARGS, "--output_dir", str(tmp_path), "--b", "2", "--batch_study"]
+    )
     replace = os.replace
 
     def stop_at_the_png(src, dst):
@@ -417,15 +477,23 @@ def test_an_overwrite_stopped_while_renaming_its_files_leaves_no_json(tmp_path, 
 
     with monkeypatch.context() as m:
         m.setattr(lib.results.os, "replace", stop_at_the_png)
-        code, err = _main(single_layer_single_block, [*ARGS, "--output_dir", str(tmp_path), "--overwrite"])
+        code, err = _main(
+            single_layer_single_block, [*ARGS, "--output_dir", str(tmp_path), "--overwrite"]
+        )
     assert (
         code == 130
         and err
         == f"error: interrupted by SIGINT while writing the results; every unit is computed and saved in {tmp_path / 'h.ckpt'}: fix the cause and rerun with --resume (and the same flags) to write the outputs without recomputing"
     )
-    assert not (tmp_path / "h.json").exists()  # the old JSON went first: a mixed set is never described by a JSON
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the staged files not yet renamed are removed
-    meta = single_layer_single_block.run([*ARGS, "--output_dir", str(tmp_path), "--overwrite", "--resume"])
+    assert not (
+        tmp_path / "h.json"
+    ).exists()  # the old JSON went first: a mixed set is never described by a JSON
+    assert not [
+        p for p in tmp_path.iterdir() if p.name.startswith(".")
+    ]  # the staged files not yet renamed are removed
+    meta = single_layer_single_block.run(
+        [*ARGS, "--output_dir", str(tmp_path), "--overwrite", "--resume"]
+    )
     verify_result(tmp_path / "h.json")
     assert torch.equal(torch.load(tmp_path / "h.pt"), reference_exact)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
@@ -439,7 +507,9 @@ def test_an_overwrite_stopped_while_renaming_its_files_leaves_no_json(tmp_path, 
 def test_verify_result_names_a_replaced_damaged_or_missing_file(tmp_path):
     from lib.results import ResultMismatch, load_result, verify_result
 
-    single_layer_single_block.run([*TINY, "--output_dir", str(tmp_path), "--name", "a", "--batch_study"])
+    single_layer_single_block.run(
+        [*TINY, "--output_dir", str(tmp_path), "--name", "a", "--batch_study"]
+    )
     meta, tensor = load_result(tmp_path / "a.json")
     assert torch.equal(tensor, torch.load(tmp_path / "a.pt")) and sorted(meta["outputs"]) == [
         "a.pdf",
@@ -471,7 +541,6 @@ def test_verify_result_names_a_replaced_damaged_or_missing_file(tmp_path):
 @pytest.mark.slow
 def test_reproduce_refuses_a_result_whose_tensor_was_swapped(tmp_path, monkeypatch, capsys):
     import reproduce
-
     from lib import reproduce as preset_runs
 
     run = preset_runs.execute
@@ -481,14 +550,19 @@ def test_reproduce_refuses_a_result_whose_tensor_was_swapped(tmp_path, monkeypat
         meta = run(spec)
         done.append(meta)
         if len(done) == 2:  # another run's tensor in place of this one's, its JSON untouched
-            (tmp_path / meta["files"]["tensor"]).write_bytes((tmp_path / done[0]["files"]["tensor"]).read_bytes())
+            (tmp_path / meta["files"]["tensor"]).write_bytes(
+                (tmp_path / done[0]["files"]["tensor"]).read_bytes()
+            )
         return meta
 
     monkeypatch.setattr(preset_runs, "execute", swap_after_the_second)
     with pytest.raises(SystemExit) as e:
         from lib import cli
 
-        cli.main(reproduce.run, ["--figure", "3b", "--quick", "--output_dir", str(tmp_path), "--no_progress"])
+        cli.main(
+            reproduce.run,
+            ["--figure", "3b", "--quick", "--output_dir", str(tmp_path), "--no_progress"],
+        )
     swapped = tmp_path / done[1]["files"]["tensor"]
     assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].startswith(
         f"error: {swapped} does not match the SHA-256 recorded in "
@@ -549,7 +623,12 @@ def pass_log(tmp_path_factory):
     out = tmp_path_factory.mktemp("spectrum")
     hessian_spectrum.run([*SPECTRUM, "--output_dir", str(out), "--keep_checkpoint"])
     log = out / "s.passes"
-    assert sorted(p.name for p in log.iterdir()) == ["config.json", "pass_00000.pt", "pass_00001.pt", "pass_00002.pt"]
+    assert sorted(p.name for p in log.iterdir()) == [
+        "config.json",
+        "pass_00000.pt",
+        "pass_00001.pt",
+        "pass_00002.pt",
+    ]
     return log
 
 
@@ -564,8 +643,14 @@ def test_damaged_edited_or_unbound_pass_files_are_refused_on_resume(what, pass_l
     last = log / "pass_00002.pt"
     damaged = rf"pass file {re.escape(str(last))} is truncated, damaged or edited \({{}}\); delete {re.escape(str(log))} to start over"
     damage, message = {
-        "junk": (lambda: last.write_bytes(b"junk"), damaged.format("4 bytes, shorter than its header")),
-        "truncated": (lambda: last.write_bytes(last.read_bytes()[:-100]), damaged.format(r"\d+ of \d+ payload bytes")),
+        "junk": (
+            lambda: last.write_bytes(b"junk"),
+            damaged.format("4 bytes, shorter than its header"),
+        ),
+        "truncated": (
+            lambda: last.write_bytes(last.read_bytes()[:-100]),
+            damaged.format(r"\d+ of \d+ payload bytes"),
+        ),
         "edited": (
             lambda: _scale_first_output_entry(last),
             damaged.format("checksum mismatch"),
@@ -577,7 +662,9 @@ def test_damaged_edited_or_unbound_pass_files_are_refused_on_resume(what, pass_l
     }[what]
     damage()
     extra = ["--b", "3"] if "--b" in what else []  # replayed the b=2 passes for b=3 before
-    code, lines = _stderr_of(hessian_spectrum, [*SPECTRUM, "--output_dir", str(tmp_path), "--resume", *extra])
+    code, lines = _stderr_of(
+        hessian_spectrum, [*SPECTRUM, "--output_dir", str(tmp_path), "--resume", *extra]
+    )
     assert code == 2 and len(lines) == 1 and re.fullmatch("error: " + message, lines[0]), lines
     assert not (tmp_path / "s.pt").exists()
 
@@ -656,7 +743,9 @@ def _light(tmp_path, what: str, setup_timeout: float = 0.0) -> subprocess.Popen:
 def test_a_worker_stuck_while_setting_up_is_stopped_as_hung(tmp_path):
     proc = _light(tmp_path, "stop_in_setup", setup_timeout=3)
     try:
-        _, err = proc.communicate(timeout=240)  # it hung forever before: the watchdog watched units only
+        _, err = proc.communicate(
+            timeout=240
+        )  # it hung forever before: the watchdog watched units only
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -676,8 +765,14 @@ def test_setup_timeout_flag_reaches_the_run_and_is_validated(tmp_path, no_model_
     cpu = torch.device("cpu")
     run = pipeline.Run(spec, "x", None, None, cpu, [cpu, cpu], {}, None, 0.0)
     assert run.run_settings(tmp_path / "x.ckpt", "x").setup_timeout == 7.0
-    code, err = _main(single_layer_single_block, [*ARGS, "--output_dir", str(tmp_path), "--setup_timeout", "nan"])
-    assert code == 2 and err == "error: --setup_timeout must be a finite number of seconds (0 = automatic), got nan"
+    code, err = _main(
+        single_layer_single_block, [*ARGS, "--output_dir", str(tmp_path), "--setup_timeout", "nan"]
+    )
+    assert (
+        code == 2
+        and err
+        == "error: --setup_timeout must be a finite number of seconds (0 = automatic), got nan"
+    )
 
 
 def test_automatic_setup_limit_is_fifteen_minutes_or_ten_fastest_setups():
@@ -732,7 +827,19 @@ def test_workers_exit_within_a_second_or_two_of_a_sigkilled_parent(tmp_path):
 # ----------------------------------------------------------------------------- 11: the chunk every process used is recorded and reused on --resume
 
 
-CHUNKED = ["--t", "32", "--b", "4", "--model_input_bs", "1", "--dtype", "float64", "--no_progress", "--name", "c"]
+CHUNKED = [
+    "--t",
+    "32",
+    "--b",
+    "4",
+    "--model_input_bs",
+    "1",
+    "--dtype",
+    "float64",
+    "--no_progress",
+    "--name",
+    "c",
+]
 """With ``--seqlen 32`` the products are the 32 entries; with ``--seqlen 16`` the 16 (position, unit) products of the
 layer's output (fewer than the entries: lib.hessian.products_space)."""
 
@@ -748,8 +855,12 @@ def _counting_clock(monkeypatch) -> None:
     monkeypatch.setattr(lib.autotune, "device_clock", lambda device: lambda: float(next(ticks)))
 
 
-@pytest.mark.parametrize("seqlen,space,size,chosen", [(32, "entries", 32, 8), (16, "layer-outputs", 16, 4)])
-def test_float64_resume_with_the_automatic_chunk_is_bitwise(tmp_path, monkeypatch, seqlen, space, size, chosen):
+@pytest.mark.parametrize(
+    "seqlen,space,size,chosen", [(32, "entries", 32, 8), (16, "layer-outputs", 16, 4)]
+)
+def test_float64_resume_with_the_automatic_chunk_is_bitwise(
+    tmp_path, monkeypatch, seqlen, space, size, chosen
+):
     _counting_clock(monkeypatch)
     chunked = [*CHUNKED, "--seqlen", str(seqlen)]
     meta = single_layer_single_block.run([*chunked, "--output_dir", str(tmp_path / "ref")])
@@ -765,7 +876,10 @@ def test_float64_resume_with_the_automatic_chunk_is_bitwise(tmp_path, monkeypatc
 
     with monkeypatch.context() as m:
         m.setattr(ckpt, "save", interrupt_after_two_units)
-        code, _ = _main(single_layer_single_block, [*chunked, "--output_dir", str(tmp_path), "--checkpoint_every", "1"])
+        code, _ = _main(
+            single_layer_single_block,
+            [*chunked, "--output_dir", str(tmp_path), "--checkpoint_every", "1"],
+        )
     assert code == 130 and ckpt.read(tmp_path / "c.ckpt")["prefix"] == 2
     meta = single_layer_single_block.run(
         [*chunked, "--output_dir", str(tmp_path), "--resume"]
@@ -798,6 +912,10 @@ def test_spectrum_resume_with_the_automatic_chunk_is_bitwise(tmp_path, monkeypat
     assert code == 130 and len(list((tmp_path / "s.passes").glob("pass_*.pt"))) == 4
     meta = hessian_spectrum.run([*flags, "--output_dir", str(tmp_path), "--resume"])
     assert meta["replayed_passes"] == 4
-    assert meta["trace"] == ref_meta["trace"]  # the Hutch++ passes: measured again (other chunks) before
+    assert (
+        meta["trace"] == ref_meta["trace"]
+    )  # the Hutch++ passes: measured again (other chunks) before
     resumed = torch.load(tmp_path / "s.pt")
-    assert set(resumed) == set(reference) and all(torch.equal(resumed[k], reference[k]) for k in reference)
+    assert set(resumed) == set(reference) and all(
+        torch.equal(resumed[k], reference[k]) for k in reference
+    )

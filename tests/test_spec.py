@@ -198,7 +198,9 @@ def test_deprecated_flags_still_work_with_one_warning_line(capsys):
 def test_estimator_choices_come_from_the_library_and_fisher_is_an_alias_of_empirical_fisher(capsys):
     import lib.diagonal
 
-    assert sorted(cli.estimator_choices()[: len(lib.diagonal.ESTIMATORS)]) == sorted(lib.diagonal.ESTIMATORS)
+    assert sorted(cli.estimator_choices()[: len(lib.diagonal.ESTIMATORS)]) == sorted(
+        lib.diagonal.ESTIMATORS
+    )
     renamed = ("xdiag", "hutchinson", "empirical_fisher", "ggn", "exact")
     assert cli.resolve_estimators(["hutchinson", "fisher"], renamed) == [
         "hutchinson",

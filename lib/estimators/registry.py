@@ -5,8 +5,9 @@ from __future__ import annotations
 import ast
 import importlib
 import pkgutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Generic, Iterable, Iterator, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -33,14 +34,18 @@ class Registry(Generic[T]):
         if name in self._items:
             raise ValueError(f"two {self.kind}s are named {name!r}")
         self._items[name] = cls()
-        self._items = dict(sorted(self._items.items(), key=lambda item: (getattr(item[1], "order", 100), item[0])))
+        self._items = dict(
+            sorted(self._items.items(), key=lambda item: (getattr(item[1], "order", 100), item[0]))
+        )
         return cls
 
     def unregister(self, name: str) -> None:
         """Remove ``name`` (tests that register an example estimator clean up with it)."""
         del self._items[name]
 
-    def discover(self, package: str, path: Iterable[str], infrastructure: Iterable[str] = ("base",)) -> None:
+    def discover(
+        self, package: str, path: Iterable[str], infrastructure: Iterable[str] = ("base",)
+    ) -> None:
         """Import every module of ``package`` (folder ``path``) but its ``infrastructure`` and ``_*``; their
         decorators register them."""
         skip = set(infrastructure)
@@ -57,7 +62,11 @@ class Registry(Generic[T]):
         out = []
         for name in names:
             if name not in self._items:
-                hint = f" ({name!r} is now called {self.renamed[name]!r})" if name in self.renamed else ""
+                hint = (
+                    f" ({name!r} is now called {self.renamed[name]!r})"
+                    if name in self.renamed
+                    else ""
+                )
                 raise ValueError(f"unknown {self.kind} {name!r}; choose from {self.names()}{hint}")
             out.append(self._items[name])
         return out
@@ -75,7 +84,9 @@ class Registry(Generic[T]):
         return len(self._items)
 
 
-def declared(folder: str | Path, infrastructure: Iterable[str] = ("base",)) -> dict[str, dict[str, Any]]:
+def declared(
+    folder: str | Path, infrastructure: Iterable[str] = ("base",)
+) -> dict[str, dict[str, Any]]:
     """``{name: {attribute: value}}`` of the estimator classes in ``folder``'s modules (but its ``infrastructure``
     and ``_*``), read from their source without importing them (no torch: ``--help`` stays fast): the literal class
     attributes of every class that sets ``name``, in registry order (``(order, name)``, as :class:`Registry`)."""
@@ -90,7 +101,9 @@ def declared(folder: str | Path, infrastructure: Iterable[str] = ("base",)) -> d
             attrs = {}
             for a in node.body:
                 if isinstance(a, ast.Assign) and isinstance(a.value, ast.Constant):
-                    attrs.update({t.id: a.value.value for t in a.targets if isinstance(t, ast.Name)})
+                    attrs.update(
+                        {t.id: a.value.value for t in a.targets if isinstance(t, ast.Name)}
+                    )
             if isinstance(attrs.get("name"), str):
                 out[attrs["name"]] = attrs
     return dict(sorted(out.items(), key=lambda item: (item[1].get("order", 100), item[0])))

@@ -19,8 +19,9 @@ Sampled labels of sample ``i``, draw ``j`` come from a generator seeded by ``sha
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Protocol
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +84,9 @@ def entry_layout(model: nn.Module, subset: Subset) -> EntryLayout:
         module = model.get_submodule(mod_name) if mod_name else None
         kind = type(module).__name__ if module is not None else None
         if kind not in ("Linear", "Conv1D") or module.weight.ndim != 2:
-            raise UserError(f"--compare gptq/kfac need weights of linear layers; {s.param_name} is not one")
+            raise UserError(
+                f"--compare gptq/kfac need weights of linear layers; {s.param_name} is not one"
+            )
         if mod_name not in modules:
             modules.append(mod_name)
         rows, cols = s.flat_index // module.weight.shape[1], s.flat_index % module.weight.shape[1]
@@ -94,7 +97,9 @@ def entry_layout(model: nn.Module, subset: Subset) -> EntryLayout:
     return EntryLayout(tuple(modules), torch.cat(layer), torch.cat(out_idx), torch.cat(in_idx))
 
 
-def gather_columns(per_module: dict[str, torch.Tensor], layout: EntryLayout, index: torch.Tensor) -> torch.Tensor:
+def gather_columns(
+    per_module: dict[str, torch.Tensor], layout: EntryLayout, index: torch.Tensor
+) -> torch.Tensor:
     """``(positions, n)``: column ``k`` is ``per_module[layer of k][..., index[k]]`` flattened over positions (float64)."""
     cols = []
     for j, name in enumerate(layout.modules):
@@ -108,7 +113,14 @@ def gather_columns(per_module: dict[str, torch.Tensor], layout: EntryLayout, ind
     return out
 
 
-def layer_inputs_and_output_grads(model: nn.Module, layout: EntryLayout, input_ids: torch.Tensor, draws: int, seed: int, first_sample: int) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+def layer_inputs_and_output_grads(
+    model: nn.Module,
+    layout: EntryLayout,
+    input_ids: torch.Tensor,
+    draws: int,
+    seed: int,
+    first_sample: int,
+) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
     """Inputs of the layout's layers (``(B, s, in)`` each) and, for each of ``draws`` sampled label sets, the
     gradients of the sampled-label summed NLL w.r.t. their outputs (``(B, s, out)`` each).
 
@@ -138,17 +150,26 @@ def layer_inputs_and_output_grads(model: nn.Module, layout: EntryLayout, input_i
     grads: list[dict[str, torch.Tensor]] = []
     if draws:
         z = logits[:, :-1].reshape(-1, logits.shape[-1])
-        probs = torch.softmax(z.detach().to(torch.float64), -1).view(input_ids.shape[0], -1, z.shape[-1])
+        probs = torch.softmax(z.detach().to(torch.float64), -1).view(
+            input_ids.shape[0], -1, z.shape[-1]
+        )
         names = list(zeros)
         for j in range(draws):
-            y = torch.cat([sample_labels(probs[r], seed, first_sample + r, j) for r in range(input_ids.shape[0])]).to(z.device)
+            y = torch.cat(
+                [
+                    sample_labels(probs[r], seed, first_sample + r, j)
+                    for r in range(input_ids.shape[0])
+                ]
+            ).to(z.device)
             loss = F.cross_entropy(z, y, reduction="sum")
             gs = torch.autograd.grad(loss, [zeros[n] for n in names], retain_graph=j + 1 < draws)
             grads.append(dict(zip(names, gs)))
     return inputs, grads
 
 
-def jacobian_columns(out: torch.Tensor, x: torch.Tensor, vectors: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
+def jacobian_columns(
+    out: torch.Tensor, x: torch.Tensor, vectors: torch.Tensor, progress: Progress | None = None
+) -> torch.Tensor:
     """``J v`` for the rows ``v`` of ``vectors`` (``(m, n)``), ``J = d out / d x`` (``out`` built from ``x`` with a graph).
 
     Double backward: ``J^T u`` is built once with ``create_graph`` for a dummy ``u``; ``J v`` is its
@@ -158,13 +179,17 @@ def jacobian_columns(out: torch.Tensor, x: torch.Tensor, vectors: torch.Tensor, 
     (jt_u,) = torch.autograd.grad(out, x, grad_outputs=u, create_graph=True)
     cols = torch.empty(vectors.shape[0], *out.shape, dtype=out.dtype, device=out.device)
     for j, v in enumerate(vectors):
-        (cols[j],) = torch.autograd.grad(jt_u, u, grad_outputs=v.to(x), retain_graph=j + 1 < len(vectors))
+        (cols[j],) = torch.autograd.grad(
+            jt_u, u, grad_outputs=v.to(x), retain_graph=j + 1 < len(vectors)
+        )
         if progress is not None:
             progress(1)
     return cols
 
 
-def logit_jacobian_chunks(jac: torch.Tensor, weight: torch.Tensor | None, max_elements: int = LOGIT_CHUNK_ELEMENTS):
+def logit_jacobian_chunks(
+    jac: torch.Tensor, weight: torch.Tensor | None, max_elements: int = LOGIT_CHUNK_ELEMENTS
+):
     """Yield ``(token slice, C)`` with ``C = W J_t`` (``(chunk, V, n)``, float64) from feature Jacobians ``jac`` (``(T, m, n)``).
 
     ``weight=None``: the features are the logits (``C = J_t``).
@@ -174,7 +199,10 @@ def logit_jacobian_chunks(jac: torch.Tensor, weight: torch.Tensor | None, max_el
     step = max(1, max_elements // max(1, v * n))
     for a in range(0, t, step):
         j = jac[a : a + step].to(torch.float64)
-        yield slice(a, a + step), (j if weight is None else torch.matmul(weight.to(torch.float64), j))
+        yield (
+            slice(a, a + step),
+            (j if weight is None else torch.matmul(weight.to(torch.float64), j)),
+        )
 
 
 # ----------------------------------------------------------------------------- what the approximations see
@@ -275,7 +303,9 @@ class Source:
         """Progress steps per batch for a subset of ``n`` entries."""
         return 0
 
-    def run(self, inputs: BatchInputs, users: list[Approximation], progress: Progress | None) -> Partial:
+    def run(
+        self, inputs: BatchInputs, users: list[Approximation], progress: Progress | None
+    ) -> Partial:
         raise NotImplementedError
 
 
@@ -289,21 +319,27 @@ class LogitJacobian(Source):
     def steps(self, n: int) -> int:
         return n
 
-    def run(self, inputs: BatchInputs, users: list[Approximation], progress: Progress | None) -> Partial:
+    def run(
+        self, inputs: BatchInputs, users: list[Approximation], progress: Progress | None
+    ) -> Partial:
         n, batch = inputs.subset.size, inputs.batch
         x = inputs.x0.detach().clone().requires_grad_(True)
         feats, weight, bias = inputs.objective.features(x, batch)
         eye = torch.eye(n, dtype=x.dtype, device=x.device)
         fn = lambda z: inputs.objective.features(z, batch)[0]  # noqa: E731 -- for forward-mode J v
         jvp = inputs.jvp if inputs.jvp is not None else JVPPolicy()
-        jac = jvp.columns(fn, x, eye, lambda v: jacobian_columns(feats, x, v)).permute(1, 2, 0)  # (T, m, n)
+        jac = jvp.columns(fn, x, eye, lambda v: jacobian_columns(feats, x, v)).permute(
+            1, 2, 0
+        )  # (T, m, n)
         if progress is not None:
             progress(n)
         feats = feats.detach()
         logits = feats if weight is None else feats @ weight.T + (0 if bias is None else bias)
         p = torch.softmax(logits.to(torch.float64), -1)
         per_row = batch.shape[1] - 1
-        unit = JacobianUnit(inputs, p, batch[:, 1:].reshape(-1), torch.arange(p.shape[0]) // per_row, per_row, n)
+        unit = JacobianUnit(
+            inputs, p, batch[:, 1:].reshape(-1), torch.arange(p.shape[0]) // per_row, per_row, n
+        )
         accumulators = [u.jacobian_accumulator(unit) for u in users]
         for sl, c in logit_jacobian_chunks(jac, None if weight is None else weight.detach()):
             pc = p[sl].to(c.device)
@@ -323,9 +359,13 @@ class LayerStatistics(Source):
     order = 20
     needs_layout = True
 
-    def run(self, inputs: BatchInputs, users: list[Approximation], progress: Progress | None) -> Partial:
+    def run(
+        self, inputs: BatchInputs, users: list[Approximation], progress: Progress | None
+    ) -> Partial:
         draws = inputs.fisher_samples if any(u.output_grads for u in users) else 0
-        found, grads = layer_inputs_and_output_grads(inputs.model, inputs.layout, inputs.batch, draws, inputs.seed, inputs.first)
+        found, grads = layer_inputs_and_output_grads(
+            inputs.model, inputs.layout, inputs.batch, draws, inputs.seed, inputs.first
+        )
         unit = LayerUnit(inputs.layout, found, grads)
         out: Partial = {}
         for u in users:

@@ -30,7 +30,9 @@ class _Sum:
         self.grads = torch.zeros(unit.inputs.batch.shape[0], unit.n, dtype=torch.float64)
 
     def add(self, tokens: slice, c: torch.Tensor, p: torch.Tensor) -> None:
-        self.grads.index_add_(0, self.unit.rows[tokens], label_gradients(c, p, self.unit.true[tokens]).cpu())
+        self.grads.index_add_(
+            0, self.unit.rows[tokens], label_gradients(c, p, self.unit.true[tokens]).cpu()
+        )
 
     def result(self) -> Partial:
         return {"empirical_fisher_sum": self.grads.T @ self.grads}

@@ -29,7 +29,10 @@ class _Sum:
     def __init__(self, unit: JacobianUnit):
         b, p, r = unit.inputs, unit.p, unit.per_row
         rows = range(b.batch.shape[0])
-        self.labels = [torch.cat([sample_labels(p[i * r : (i + 1) * r], b.seed, b.first + i, j) for i in rows]) for j in range(b.fisher_samples)]
+        self.labels = [
+            torch.cat([sample_labels(p[i * r : (i + 1) * r], b.seed, b.first + i, j) for i in rows])
+            for j in range(b.fisher_samples)
+        ]
         self.total = torch.zeros(unit.n, unit.n, dtype=torch.float64)
 
     def add(self, tokens: slice, c: torch.Tensor, p: torch.Tensor) -> None:
@@ -48,7 +51,9 @@ class SampledFisher(Approximation):
     source = LOGIT_JACOBIAN
     sampled = True
     cost = "the logit Jacobian (n Jacobian-vector products per batch, shared) and fisher_samples label draws per position"
-    normalization = "sum_t E_y[g_t g_t^T] / (b*(seqlen-1)), the expectation over fisher_samples draws"
+    normalization = (
+        "sum_t E_y[g_t g_t^T] / (b*(seqlen-1)), the expectation over fisher_samples draws"
+    )
 
     def jacobian_accumulator(self, unit: JacobianUnit) -> _Sum:
         return _Sum(unit)

@@ -33,4 +33,6 @@ class KFAC(Approximation):
         return {"input_gram": unit.input_gram(), "kfac_g_sum": unit.output_gram()}
 
     def matrix(self, sums: Partial, ctx: MatrixContext) -> torch.Tensor:
-        return (sums["input_gram"] / ctx.positions) * (sums["kfac_g_sum"] / (ctx.fisher_samples * ctx.n_tokens))
+        return (sums["input_gram"] / ctx.positions) * (
+            sums["kfac_g_sum"] / (ctx.fisher_samples * ctx.n_tokens)
+        )

@@ -149,6 +149,8 @@ class DiagonalEstimator:
         return None
 
 
-REGISTRY: Registry[DiagonalEstimator] = Registry("estimator", renamed={"fisher": "empirical_fisher"})
+REGISTRY: Registry[DiagonalEstimator] = Registry(
+    "estimator", renamed={"fisher": "empirical_fisher"}
+)
 """Every diagonal estimator by name (filled by :mod:`lib.estimators.diagonal`)."""
 register = REGISTRY.register

@@ -7,8 +7,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -17,7 +18,9 @@ from .base import REGISTRY, DiagonalEstimator, Finish
 from .work import Entries, LinearUnit, ParamPlan, Target, rel_l2, run_plan
 
 
-def plan_phase1(targets: Sequence[Target], estimators: Sequence[str | DiagonalEstimator], k: int, seed: int) -> list[ParamPlan]:
+def plan_phase1(
+    targets: Sequence[Target], estimators: Sequence[str | DiagonalEstimator], k: int, seed: int
+) -> list[ParamPlan]:
     """Phase-1 plans: each estimator's work for each target, plus the exact diagonal at the tracked entries."""
     ests = [e if isinstance(e, DiagonalEstimator) else REGISTRY[e] for e in estimators]
     plans = []
@@ -49,7 +52,15 @@ PhaseRunner = Callable[[str, list[ParamPlan]], "Partial | None"]
 """``run(phase, plans)``: the float64 sums of one pass over the samples doing ``plans`` (``None``: not on this rank)."""
 
 
-def estimate(estimators: Sequence[str], targets: Sequence[Target], k: int, seed: int, run: PhaseRunner, dtype: torch.dtype, n_tokens: int) -> Estimates | None:
+def estimate(
+    estimators: Sequence[str],
+    targets: Sequence[Target],
+    k: int,
+    seed: int,
+    run: PhaseRunner,
+    dtype: torch.dtype,
+    n_tokens: int,
+) -> Estimates | None:
     """The estimators' diagonals of ``targets``: plan, run each phase (``run``), finish; ``None`` when a phase's
     runner returns ``None`` (a torchrun rank other than 0). ``dtype``: of the vectors later phases multiply by."""
     ests = REGISTRY.lookup(estimators)
@@ -78,7 +89,9 @@ def estimate(estimators: Sequence[str], targets: Sequence[Target], k: int, seed:
     for fin in fins:
         t = fin.target
         for e in ests:
-            out.diagonals[e.name][t.param_name] = (e.finish(fin).to(torch.float64) / n_tokens).reshape(t.shape)
+            out.diagonals[e.name][t.param_name] = (
+                e.finish(fin).to(torch.float64) / n_tokens
+            ).reshape(t.shape)
         if len(t.tracked):
             _track(out, fin, ests)
     return out
@@ -89,7 +102,9 @@ def _track(out: Estimates, fin: Finish, ests: list[DiagonalEstimator]) -> None:
     registry order: first the estimators with a curve along ``K``, then the final error of the others."""
     t = fin.target
     name = t.param_name
-    exact = fin.work(Entries).values_at(fin.get("exact"), t.tracked).to(torch.float64) / fin.n_tokens
+    exact = (
+        fin.work(Entries).values_at(fin.get("exact"), t.tracked).to(torch.float64) / fin.n_tokens
+    )
     out.tracked_exact[name] = exact
     chosen = [e for e in REGISTRY if e in ests]
     curves: dict[str, dict[str, Any]] = {}
@@ -102,11 +117,23 @@ def _track(out: Estimates, fin: Finish, ests: list[DiagonalEstimator]) -> None:
     for e in chosen:
         if e.name not in curves:
             d = out.diagonals[e.name][name].reshape(-1)[t.tracked]
-            curves[e.name] = {"k": [], "tracked_rel_error": [], "consecutive_rel_diff": [], "final_tracked_rel_error": rel_l2(d, exact)}
+            curves[e.name] = {
+                "k": [],
+                "tracked_rel_error": [],
+                "consecutive_rel_diff": [],
+                "final_tracked_rel_error": rel_l2(d, exact),
+            }
     out.curves[name] = curves
 
 
-def diagonal_of(apply: Callable[[torch.Tensor], torch.Tensor], n: int, estimators: Sequence[str], k: int, seed: int = 0, name: str = "x") -> dict[str, torch.Tensor]:
+def diagonal_of(
+    apply: Callable[[torch.Tensor], torch.Tensor],
+    n: int,
+    estimators: Sequence[str],
+    k: int,
+    seed: int = 0,
+    name: str = "x",
+) -> dict[str, torch.Tensor]:
     """The estimators' diagonals of a symmetric linear map ``apply`` (rows ``v`` ``(m, n)`` to ``H v``), float64 ``(n,)``,
     e.g. ``apply = lambda v: v @ h`` for a dense symmetric ``h``; estimators that need a model (per-sample
     gradients, Gauss-Newton products) raise. Probes are those of weight ``name`` with ``seed``."""
@@ -114,7 +141,14 @@ def diagonal_of(apply: Callable[[torch.Tensor], torch.Tensor], n: int, estimator
     def run(phase: str, plans: list[ParamPlan]) -> Partial:
         out: Partial = {}
         for plan in plans:
-            out.update(run_plan(plan, LinearUnit(apply=apply, numel=plan.numel, seed=seed, param_name=plan.param_name)))
+            out.update(
+                run_plan(
+                    plan,
+                    LinearUnit(
+                        apply=apply, numel=plan.numel, seed=seed, param_name=plan.param_name
+                    ),
+                )
+            )
         return {k_: v.to(torch.float64) for k_, v in out.items()}
 
     res = estimate(estimators, [Target(name, (n,))], k, seed, run, torch.float64, 1)

@@ -45,7 +45,9 @@ class GradientSquares(Work):
         if unit.objective is None:
             raise ValueError("the empirical Fisher needs a model (per-sample gradients)")
         if unit.batch.shape[0] == 1 and unit.needs_graph:
-            return {"grad_sq": unit.gradient().detach() ** 2}  # one sample: its gradient is the products' graph's
+            return {
+                "grad_sq": unit.gradient().detach() ** 2
+            }  # one sample: its gradient is the products' graph's
         x0 = unit.x0
         out, nll = torch.zeros_like(x0), torch.zeros((), dtype=x0.dtype, device=x0.device)
         for row in unit.batch:

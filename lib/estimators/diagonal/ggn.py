@@ -41,7 +41,9 @@ GGN_BLOCK = 16
 
 def jvp_on_graph_kept(jt_u: torch.Tensor, u: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     """``J v`` for the rows of ``vectors`` (``(m, n)``) on a kept double-backward graph ``jt_u = J^T u`` (kept after)."""
-    return torch.stack([torch.autograd.grad(jt_u, u, grad_outputs=v, retain_graph=True)[0] for v in vectors])
+    return torch.stack(
+        [torch.autograd.grad(jt_u, u, grad_outputs=v, retain_graph=True)[0] for v in vectors]
+    )
 
 
 class GGNOperator:
@@ -58,12 +60,18 @@ class GGNOperator:
         self.x = x0.detach().clone().requires_grad_(True)
         self.feats, self.weight, bias = objective.features(self.x, input_ids)
         f = self.feats.detach()
-        logits = f if self.weight is None else f @ self.weight.detach().T + (0 if bias is None else bias.detach())
+        logits = (
+            f
+            if self.weight is None
+            else f @ self.weight.detach().T + (0 if bias is None else bias.detach())
+        )
         self.p = torch.softmax(logits, -1)
         labels = input_ids[:, 1:].reshape(-1).to(logits.device)
         self.nll = F.cross_entropy(logits, labels, reduction="sum")
         self.u = torch.zeros_like(self.feats, requires_grad=True)
-        (self.jt_u,) = torch.autograd.grad(self.feats, self.x, grad_outputs=self.u, create_graph=True)
+        (self.jt_u,) = torch.autograd.grad(
+            self.feats, self.x, grad_outputs=self.u, create_graph=True
+        )
         self._fn = lambda z: objective.features(z, input_ids)[0]  # noqa: E731 -- for forward-mode J v
 
     def matmat(self, vs: torch.Tensor, jvp: JVPPolicy | None = None) -> torch.Tensor:
@@ -76,7 +84,9 @@ class GGNOperator:
         a = jv if w is None else jv @ w.T
         k = self.p * (a - (self.p * a).sum(-1, keepdim=True))
         grads = k if w is None else k @ w
-        (gv,) = torch.autograd.grad(self.feats, self.x, grad_outputs=grads, retain_graph=True, is_grads_batched=True)
+        (gv,) = torch.autograd.grad(
+            self.feats, self.x, grad_outputs=grads, retain_graph=True, is_grads_batched=True
+        )
         return gv
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
@@ -85,7 +95,9 @@ class GGNOperator:
         w = self.weight.detach() if self.weight is not None else None
         a = jv if w is None else jv @ w.T
         k = self.p * (a - (self.p * a).sum(-1, keepdim=True))
-        (gv,) = torch.autograd.grad(self.feats, self.x, grad_outputs=k if w is None else k @ w, retain_graph=True)
+        (gv,) = torch.autograd.grad(
+            self.feats, self.x, grad_outputs=k if w is None else k @ w, retain_graph=True
+        )
         return gv
 
 
@@ -110,13 +122,19 @@ class GGNProbes(Work):
 
     def run(self, unit: Unit, progress: Progress | None) -> Partial:
         if unit.objective is None:
-            raise ValueError("the GGN estimator needs a model (its Jacobians), not only Hessian-vector products")
+            raise ValueError(
+                "the GGN estimator needs a model (its Jacobians), not only Hessian-vector products"
+            )
         op = GGNOperator(unit.objective, unit.x0, unit.batch)
         x0 = unit.x0
         jvp = unit.jvp if unit.jvp is not None else JVPPolicy()
         out = torch.zeros_like(x0)
-        for a in range(0, self.count, GGN_BLOCK):  # J z by forward mode where it measures faster (lib.forward)
-            z = rademacher_probes(unit.numel, unit.seed, unit.param_name, a, min(self.count, a + GGN_BLOCK), x0.dtype)
+        for a in range(
+            0, self.count, GGN_BLOCK
+        ):  # J z by forward mode where it measures faster (lib.forward)
+            z = rademacher_probes(
+                unit.numel, unit.seed, unit.param_name, a, min(self.count, a + GGN_BLOCK), x0.dtype
+            )
             z = z.to(x0.device)
             out += (z * op.matmat(z, jvp)).sum(0)
             if progress is not None:
@@ -131,7 +149,9 @@ class GGNDiagonal(DiagonalEstimator):
     order = 40
     summary = "Hutchinson on the Gauss-Newton matrix: K probes of one JVP + one VJP each, no second backward"
     cost = "K Gauss-Newton-vector products per sample and weight (one JVP + one VJP each)"
-    normalization = "the diagonal of the Gauss-Newton matrix sum_t J_t^T (diag p_t - p_t p_t^T) J_t / {n}"
+    normalization = (
+        "the diagonal of the Gauss-Newton matrix sum_t J_t^T (diag p_t - p_t p_t^T) J_t / {n}"
+    )
     estimates_hessian = False
     min_k = 1
 

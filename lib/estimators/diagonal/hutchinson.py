@@ -69,4 +69,6 @@ class Hutchinson(DiagonalEstimator):
         monitor = monitor_entries(t.numel, probes.count, fin.seed)
         run = hutchinson_running(fin.get("record")) / fin.n_tokens
         pos = lambda idx: torch.searchsorted(probes.record, idx)  # noqa: E731
-        return convergence_curve(lambda j: run[j - 1], list(range(1, fin.k + 1)), pos(t.tracked), pos(monitor), exact), len(monitor)
+        return convergence_curve(
+            lambda j: run[j - 1], list(range(1, fin.k + 1)), pos(t.tracked), pos(monitor), exact
+        ), len(monitor)

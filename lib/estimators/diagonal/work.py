@@ -16,8 +16,9 @@ not depend on the sample, worker or device; every estimator using probes sees th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -39,7 +40,9 @@ def probe_seed(seed: int, param_name: str, j: int) -> int:
     return derived_seed(seed, param_name, j)
 
 
-def rademacher_probes(n: int, seed: int, param_name: str, start: int, stop: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def rademacher_probes(
+    n: int, seed: int, param_name: str, start: int, stop: int, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     """Probes ``start..stop-1`` of ``param_name``, shape ``(stop - start, n)``: i.i.d. +-1 entries, on the CPU."""
     out = torch.empty(stop - start, n, dtype=dtype)
     for r, j in enumerate(range(start, stop)):
@@ -64,11 +67,15 @@ def log_grid(k_max: int, step: int = 1, points: int = 48) -> list[int]:
     n = k_max // step
     if n <= points:
         return [step * i for i in range(1, n + 1)]
-    idx = sorted({max(1, round(math.exp(u))) for u in torch.linspace(0, math.log(n), points).tolist()} | {n})
+    idx = sorted(
+        {max(1, round(math.exp(u))) for u in torch.linspace(0, math.log(n), points).tolist()} | {n}
+    )
     return [step * i for i in idx]
 
 
-def monitor_entries(numel: int, probes: int, seed: int, budget: int = MONITOR_BUDGET) -> torch.Tensor:
+def monitor_entries(
+    numel: int, probes: int, seed: int, budget: int = MONITOR_BUDGET
+) -> torch.Tensor:
     """Entries for the consecutive-difference metric: all if ``probes * numel <= budget``, else a seeded random subset."""
     if probes * numel <= budget:
         return torch.arange(numel)
@@ -76,7 +83,13 @@ def monitor_entries(numel: int, probes: int, seed: int, budget: int = MONITOR_BU
     return torch.randperm(numel, generator=torch.Generator().manual_seed(seed))[:m].sort().values
 
 
-def convergence_curve(est_at: Callable[[int], torch.Tensor], ks: list[int], tracked_pos: torch.Tensor, monitor_pos: torch.Tensor, exact: torch.Tensor) -> dict[str, list]:
+def convergence_curve(
+    est_at: Callable[[int], torch.Tensor],
+    ks: list[int],
+    tracked_pos: torch.Tensor,
+    monitor_pos: torch.Tensor,
+    exact: torch.Tensor,
+) -> dict[str, list]:
     """Tracked relative error and consecutive relative difference of ``est_at(k)`` (estimates on the recorded rows).
 
     ``consecutive_rel_diff[i] = ||e(k_i) - e(k_{i-1})|| / ||e(k_i)||`` on the monitored entries (NaN for the first).
@@ -128,7 +141,9 @@ class Unit:
     jvp: Any = None
     """The job's :class:`lib.forward.JVPPolicy` (decided once per process), ``None``: a work makes its own."""
 
-    def multiply(self, rows: RowFn, count: int, sink: Sink, progress: Progress | None = None) -> None:
+    def multiply(
+        self, rows: RowFn, count: int, sink: Sink, progress: Progress | None = None
+    ) -> None:
         """``sink(start, v, H v)`` for chunks ``v = rows(start, stop)`` of the vectors ``0..count-1``."""
         raise NotImplementedError
 
@@ -156,7 +171,9 @@ class LinearUnit(Unit):
     def __post_init__(self):
         self.like = torch.zeros(0, dtype=self.dtype)
 
-    def multiply(self, rows: RowFn, count: int, sink: Sink, progress: Progress | None = None) -> None:
+    def multiply(
+        self, rows: RowFn, count: int, sink: Sink, progress: Progress | None = None
+    ) -> None:
         for start in range(0, count, self.chunk):
             stop = min(count, start + self.chunk)
             v = rows(start, stop).to(self.dtype)
@@ -269,20 +286,34 @@ class Probes(Work):
         return self.count
 
     def entries(self, numel: int) -> int:
-        return numel + self.keep * numel + (0 if self.record is None else self.count * len(self.record))
+        return (
+            numel
+            + self.keep * numel
+            + (0 if self.record is None else self.count * len(self.record))
+        )
 
     def kept(self) -> int:
         return self.keep
 
     def config(self) -> dict[str, Any]:
-        return {"count": self.count, "keep": self.keep, "record": None if self.record is None else digest(self.record)}
+        return {
+            "count": self.count,
+            "keep": self.keep,
+            "record": None if self.record is None else digest(self.record),
+        }
 
     def run(self, unit: Unit, progress: Progress | None) -> Partial:
         n, like = unit.numel, unit.like
         zhz = torch.zeros(n, dtype=like.dtype, device=like.device)
-        kept = torch.empty(self.keep, n, dtype=like.dtype, device=like.device) if self.keep else None
+        kept = (
+            torch.empty(self.keep, n, dtype=like.dtype, device=like.device) if self.keep else None
+        )
         rec_idx = None if self.record is None else self.record.to(like.device)
-        rec = None if rec_idx is None else torch.empty(self.count, len(rec_idx), dtype=like.dtype, device=like.device)
+        rec = (
+            None
+            if rec_idx is None
+            else torch.empty(self.count, len(rec_idx), dtype=like.dtype, device=like.device)
+        )
 
         def take(a: int, v: torch.Tensor, hv: torch.Tensor) -> None:
             c = v * hv
@@ -293,7 +324,12 @@ class Probes(Work):
                 m = min(len(hv), self.keep - a)
                 kept[a : a + m] = hv[:m]
 
-        unit.multiply(lambda a, b: rademacher_probes(n, unit.seed, unit.param_name, a, b, like.dtype), self.count, take, progress)
+        unit.multiply(
+            lambda a, b: rademacher_probes(n, unit.seed, unit.param_name, a, b, like.dtype),
+            self.count,
+            take,
+            progress,
+        )
         out = {"zhz": zhz}
         if kept is not None:
             out["hz"] = kept
@@ -324,7 +360,9 @@ class Rows(Work):
         return {"what": self.what, "rows": digest(self.rows), "shape": list(self.rows.shape)}
 
     def run(self, unit: Unit, progress: Progress | None) -> Partial:
-        out = torch.empty(self.rows.shape[0], unit.numel, dtype=unit.like.dtype, device=unit.like.device)
+        out = torch.empty(
+            self.rows.shape[0], unit.numel, dtype=unit.like.dtype, device=unit.like.device
+        )
         unit.multiply(lambda a, b: self.rows[a:b], self.rows.shape[0], store_rows(out), progress)
         return {self.what: out}
 
@@ -374,7 +412,11 @@ class ParamPlan:
         return sum(w.entries(self.numel) for w in self.work.values())
 
     def config(self) -> dict[str, Any]:
-        return {"param": self.param_name, "numel": self.numel, "work": {k: w.config() for k, w in self.work.items()}}
+        return {
+            "param": self.param_name,
+            "numel": self.numel,
+            "work": {k: w.config() for k, w in self.work.items()},
+        }
 
 
 def run_plan(plan: ParamPlan, unit: Unit, progress: Progress | None = None) -> Partial:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 
 from ...errors import ParamError
-
 from .base import (
     DiagonalEstimator,
     Finish,
@@ -42,11 +41,16 @@ def xdiag_basis(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q, r = torch.linalg.qr(y.to(torch.float64).T)
     d = r.diagonal().abs()
     if not bool(torch.isfinite(r).all()) or (d.numel() > 0 and bool((d <= 1e-12 * d.max()).any())):
-        raise ParamError("vhp_samples", f"the XDiag sketch H*Omega has rank below {y.shape[0]}: the Hessian's rank is smaller than vhp_samples/2; use the exact estimator or fewer HVPs")
+        raise ParamError(
+            "vhp_samples",
+            f"the XDiag sketch H*Omega has rank below {y.shape[0]}: the Hessian's rank is smaller than vhp_samples/2; use the exact estimator or fewer HVPs",
+        )
     return q, r
 
 
-def xdiag_estimate(omega: torch.Tensor, q: torch.Tensor, z: torch.Tensor, r: torch.Tensor, s: int | None = None) -> torch.Tensor:
+def xdiag_estimate(
+    omega: torch.Tensor, q: torch.Tensor, z: torch.Tensor, r: torch.Tensor, s: int | None = None
+) -> torch.Tensor:
     """XDiag estimate of ``diag(H)`` from its first ``s`` probes, on the rows given (any subset of entries).
 
     ``omega``: ``(m, S)`` Rademacher probes; ``q``: ``(m, S)`` rows of ``Q`` (``H Omega = Q R``); ``z``: ``(m, S)``
@@ -106,4 +110,6 @@ class XDiag(DiagonalEstimator):
         pos = lambda idx: torch.searchsorted(rows, idx)  # noqa: E731
         om, qr_, z = omega[rows], q[rows], fin.get("hq", phase=2).T[rows]
         est = lambda j: xdiag_estimate(om, qr_, z, r, j // 2) / fin.n_tokens  # noqa: E731
-        return convergence_curve(est, log_grid(2 * s, step=2), pos(t.tracked), pos(monitor), exact), len(monitor)
+        return convergence_curve(
+            est, log_grid(2 * s, step=2), pos(t.tracked), pos(monitor), exact
+        ), len(monitor)
