@@ -163,6 +163,9 @@ class DiagonalFamily(Family):
     def structure(self, model: nn.Module, spec: DiagonalSpec) -> Found:
         return build_targets(model, spec)
 
+    def param_names(self, structure: Found) -> list[str]:
+        return [target.param_name for target, _, _ in structure]
+
     def compute(self, run: Run) -> DiagonalResult | None:
         spec, found = run.spec, run.structure
         c = spec.compute

@@ -109,6 +109,10 @@ class Family:
         before the weights load, then on the loaded model)."""
         raise NotImplementedError
 
+    def param_names(self, structure: Any) -> list[str]:
+        """The names of the parameters the subset ``structure`` takes entries of (checked against offloading)."""
+        return list(getattr(structure, "param_names", []))
+
     def compute(self, run: Run) -> Any:
         """The computation (through :func:`lib.parallel.run_job`); ``None`` on torchrun ranks other than 0."""
         raise NotImplementedError
@@ -407,7 +411,7 @@ def load(
     found = inspect(spec, family, device)
     model = found.model if found.loaded else _load_weights(found.spec, device)
     structure = family.structure(model, found.spec)
-    offloaded = offloaded_parameters(model, getattr(structure, "param_names", []))
+    offloaded = offloaded_parameters(model, family.param_names(structure))
     if offloaded:
         raise UserError(
             f"--device_map offloads {offloaded[0]} to disk (loaded only inside the forward, so it cannot be "

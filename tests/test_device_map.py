@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+import hessian_diagonal
 import hessian_spectrum
 import single_layer_single_block
 from lib import cli
@@ -131,3 +132,43 @@ def test_a_subset_on_a_disk_block_and_a_bad_map_are_refused(tiny_opt, tmp_path, 
             cli.main(single_layer_single_block.run, [*common, *extra])
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and text in err and err.startswith("error: ") and "\n" not in err
+    # the diagonal of a disk-offloaded block's layer is refused too
+    diag = [
+        "--model",
+        str(tiny_opt),
+        "--dataset",
+        "embedded",
+        "--b",
+        "2",
+        "--seqlen",
+        "12",
+        "--hvps",
+        "2",
+    ]
+    diag += [
+        "--dtype",
+        "float64",
+        "--no_progress",
+        "--device",
+        "cpu",
+        "--cache_dir",
+        str(tmp_path / "cache"),
+    ]
+    with pytest.raises(SystemExit) as e:
+        cli.main(
+            hessian_diagonal.run,
+            [
+                *diag,
+                "--output_dir",
+                str(tmp_path),
+                "--block_index",
+                "1",
+                "--device_map",
+                json.dumps(MAP),
+            ],
+        )
+    err = capsys.readouterr().err.strip()
+    assert (
+        e.value.code == 2
+        and "offloads model.decoder.layers.1.self_attn.q_proj.weight to disk" in err
+    )
