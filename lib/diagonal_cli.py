@@ -22,6 +22,7 @@ from .diagonal import (
     plan_phase1,
     rel_l2,
 )
+from .early_checks import block_index_error
 from .errors import UserError
 from .models import iter_named_linear
 from .outputs import default_name as output_name
@@ -40,9 +41,7 @@ def build_targets(model: nn.Module, spec: DiagonalSpec) -> Found:
     if s.all_layers:
         total = num_blocks(model)
         if s.block_index is not None and s.block_index >= total:
-            raise UserError(
-                f"--block_index {s.block_index} is out of range: the model has {total} blocks (0..{total - 1})"
-            )
+            raise block_index_error(s.block_index, total)
         items = [
             (b, lname)
             for b, lname, _, _ in iter_named_linear(model)

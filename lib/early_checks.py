@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ParamError
-from .paths import EMBEDDED, EMBEDDED_MODEL_DIR
+from .paths import resolve_model_path
 from .suggest import did_you_mean
 
 LINEAR_LAYERS: dict[str, tuple[str, ...]] = {
@@ -95,22 +95,18 @@ def row_length_error(t: int, layer: str, row_len: int) -> ParamError:
 
 def model_directory(model: str, cache_dir: str | None) -> Path | None:
     """The folder holding ``model``'s ``config.json`` and weights: the bundled model, a local folder, or the
-    Hugging Face cache's snapshot of a hub id (``<cache_dir>/models--org--name/snapshots/<rev>``, the one
-    ``refs/main`` names); ``None`` when there is none on disk."""
-    if model == EMBEDDED:
-        return EMBEDDED_MODEL_DIR
-    path = Path(model)
+    Hugging Face cache's snapshot of a hub id (the revision ``main``, as ``from_pretrained`` would read it);
+    ``None`` when there is none on disk."""
+    path = Path(resolve_model_path(model))
     if path.is_dir():
         return path
-    if not cache_dir or "/" not in model:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(model, "config.json", cache_dir=cache_dir)
+    except ValueError:  # not a valid hub id
         return None
-    repo = Path(cache_dir) / ("models--" + model.replace("/", "--"))
-    ref = repo / "refs" / "main"
-    if ref.is_file():
-        snapshot = repo / "snapshots" / ref.read_text().strip()
-        return snapshot if snapshot.is_dir() else None
-    snapshots = sorted((repo / "snapshots").glob("*")) if (repo / "snapshots").is_dir() else []
-    return snapshots[0] if len(snapshots) == 1 else None
+    return Path(found).parent if isinstance(found, str) else None
 
 
 def safetensors_header(path: Path) -> dict[str, Any]:

@@ -21,16 +21,17 @@ from .inputs import (
     model_fingerprint,
     read_local_config,
 )
-from .paths import EMBEDDED, EMBEDDED_MODEL_DIR, ROOT, assets_dir  # noqa: E402,F401  (re-exported)
+from .paths import (  # noqa: E402,F401  (re-exported)
+    EMBEDDED,
+    EMBEDDED_MODEL_DIR,
+    ROOT,
+    assets_dir,
+    resolve_model_path,
+)
 from .precision import KEEP_DTYPE_ATTENTION, keep_float64
 
 ATTENTION_WITH_DOUBLE_BACKWARD = ("eager", "sdpa")
 """``eager`` attention, or ``sdpa`` run under the math backend, support second derivatives."""
-
-
-def resolve_model_path(name: str) -> str:
-    """``embedded`` -> the bundled model directory; anything else is returned unchanged."""
-    return str(EMBEDDED_MODEL_DIR) if name == EMBEDDED else name
 
 
 def resolve_device(device: str) -> torch.device:

@@ -17,3 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL_DIR = assets_dir() / "tiny-opt-shakespeare"
 EMBEDDED = "embedded"
 """Name of the project's own small trained OPT-architecture model (the default ``--model``)."""
+
+
+def resolve_model_path(name: str) -> str:
+    """``embedded`` -> the bundled model directory; anything else is returned unchanged."""
+    return str(EMBEDDED_MODEL_DIR) if name == EMBEDDED else name

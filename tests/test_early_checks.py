@@ -12,7 +12,7 @@ from conftest import ROOT, tiny_model
 
 from lib import early_checks, subsets
 from lib.errors import ParamError
-from lib.models import find_blocks, linear_layers
+from lib.models import EMBEDDED_MODEL_DIR, find_blocks, linear_layers
 
 ARCHS4 = ("opt", "llama", "gpt2", "qwen2")
 
@@ -122,7 +122,7 @@ def test_a_hub_id_is_found_in_the_cache(saved, tmp_path):
     found = early_checks.layout("org/tiny", str(tmp_path))
     assert found is not None and found.model_type == "llama"
     assert early_checks.layout("org/other", str(tmp_path)) is None
-    assert early_checks.model_directory("embedded", None) == early_checks.EMBEDDED_MODEL_DIR
+    assert early_checks.model_directory("embedded", None) == EMBEDDED_MODEL_DIR
 
 
 def test_the_script_refuses_before_importing_torch(saved):
