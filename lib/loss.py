@@ -211,7 +211,7 @@ class SubsetLoss(nn.Module):
                     weights,
                     args=(),
                     kwargs={"input_ids": input_ids, "use_cache": False},
-                    tie_weights=False,
+                    tie_weights=True,  # a tied weight is one parameter: its entries move both roles
                 )[0]
                 return logits[:, :-1].reshape(-1, logits.shape[-1]), None, None
             base = self.model.base_model

@@ -49,6 +49,12 @@ def resolve_device(device: str) -> torch.device:
         ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ParamError("device", f"device {device} requested but CUDA is not available; use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ParamError(
+            "device",
+            f"device {device} requested but this machine has {torch.cuda.device_count()} CUDA device(s) "
+            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})",
+        )
     return dev
 
 

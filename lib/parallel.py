@@ -105,6 +105,13 @@ class RunSettings:
     ``compute_s`` (wall, after setup), ``unit_cpu_s`` (process CPU time spent in ``run_unit``, summed over workers)."""
 
 
+def local_rank() -> int | None:
+    """``LOCAL_RANK`` when launched by torchrun (also with one rank), else ``None``."""
+    if "RANK" not in os.environ or "LOCAL_RANK" not in os.environ:
+        return None
+    return int(os.environ["LOCAL_RANK"] or 0)
+
+
 def distributed_env() -> tuple[int, int, int] | None:
     """``(rank, local_rank, world_size)`` when launched by torchrun with more than one rank, else ``None``."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
@@ -779,8 +786,8 @@ def init_process_group(device: torch.device) -> bool:
 
     if dist.is_initialized():
         return False
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    if device.type == "cuda":  # "cuda" alone: the current device
+        torch.cuda.set_device(device if device.index is not None else torch.cuda.current_device())
     dist.init_process_group(
         backend="nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT
     )

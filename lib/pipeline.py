@@ -293,9 +293,8 @@ def run_devices(spec: RunSpec) -> list[torch.device]:
         raise UserError(
             f"--devices {text!r} has an empty entry; give e.g. cuda:0,cuda:1 or cpu,cpu"
         )
-    dist_env = parallel.distributed_env()
-    if dist_env is not None:
-        local = dist_env[1]
+    local = parallel.local_rank()
+    if local is not None:  # under torchrun (one rank too): this rank's device
         if entries:
             if local >= len(entries):
                 raise UserError(
@@ -304,7 +303,15 @@ def run_devices(spec: RunSpec) -> list[torch.device]:
                 )
             return [_device(entries[local], "--devices entry")]
         dev = _device(spec.run.device, "--device")
-        return [torch.device("cuda", local) if dev.type == "cuda" and dev.index is None else dev]
+        if dev.type != "cuda" or dev.index is not None:
+            return [dev]
+        if local >= torch.cuda.device_count():
+            raise UserError(
+                f"torchrun local rank {local} runs on cuda:{local}, but this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s): launch at most one rank per GPU "
+                "(--nproc_per_node; NCCL refuses two ranks on one GPU), or --device cpu for gloo ranks"
+            )
+        return [torch.device("cuda", local)]
     devices = (
         [_device(e, "--devices entry") for e in entries]
         if entries

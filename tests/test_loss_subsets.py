@@ -45,6 +45,45 @@ def test_loss_at_x0_and_gradient_match_the_plain_model(arch, fused):
     )
 
 
+@pytest.mark.parametrize("arch", ["opt", "gpt2"])
+def test_a_tied_embedding_is_one_parameter_in_both_roles(arch):
+    """OPT and GPT-2 tie the LM head to the input embedding. Seen on an H200 run: the exact operator moved the
+    tied weight as an input embedding only, while FSDP (and every peer) moved the one parameter, a 30 %
+    difference in the HVPs of ``--params '*'``. Gradient and Hessian of entries of the tied weight (plus a
+    block weight) against double backward of the plain model, whose parameter is tied by construction."""
+    model = tiny_model(arch)
+    head = model.get_output_embeddings().weight
+    name = next(n for n, p in model.named_parameters() if p is head)
+    assert name != "lm_head.weight" and head is model.get_input_embeddings().weight
+    block = next(
+        n for n, p in model.named_parameters() if ".0." in n and p.dim() == 2 and p.shape[0] > 1
+    )
+    subset = subsets.make_subset(
+        subsets.from_indices(model, name, [[i, j] for i in (0, 5, 7) for j in (1, 2)]),
+        subsets.from_indices(model, block, [[0, 0], [1, 3]]),
+    )
+    ids = tiny_ids()
+    objective = SubsetLoss(model, subset)
+    x0 = objective.x0()
+    h = torch.autograd.functional.hessian(lambda x: objective(x, ids), x0)
+
+    params = [model.get_parameter(name), model.get_parameter(block)]
+    picks = [s.flat_index for s in subset.slices]
+    model.requires_grad_(True)
+    try:
+        value = summed_nll(model(ids, use_cache=False).logits, ids)
+        grads = torch.autograd.grad(value, params, create_graph=True)
+        g = torch.cat([gr.reshape(-1)[i] for gr, i in zip(grads, picks)])
+        rows = []
+        for k in range(len(g)):
+            hs = torch.autograd.grad(g[k], params, retain_graph=True)
+            rows.append(torch.cat([hr.reshape(-1)[i] for hr, i in zip(hs, picks)]))
+        expected = torch.stack(rows)
+    finally:
+        model.requires_grad_(False)
+    torch.testing.assert_close(h, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()))
+
+
 def test_loss_moves_with_x():
     model = tiny_model("opt")
     subset = subsets.single_layer_single_block(model, "fc1", 0, 4)

@@ -516,3 +516,28 @@ def test_run_flag_errors(extra, message, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1 and message in err, err
     assert not list(tmp_path.iterdir())
+
+
+def test_torchrun_ranks_take_their_gpu_and_a_rank_without_one_is_refused_in_one_line(monkeypatch):
+    """Seen on an H200: under torchrun with one rank, ``--device cuda`` reached ``torch.cuda.set_device`` without an
+    index (ValueError); with two ranks on one GPU, rank 1 died on 'invalid device ordinal' deep in the run."""
+    from types import SimpleNamespace
+
+    from lib.errors import ParamError
+    from lib.models import resolve_device
+    from lib.pipeline import run_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    spec = SimpleNamespace(run=SimpleNamespace(devices=None, device="cuda"))
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    assert run_devices(spec) == [torch.device("cuda", 0)]
+    for k, v in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(
+        UserError, match=r"local rank 1 runs on cuda:1, but this machine has 1 CUDA"
+    ):
+        run_devices(spec)
+    with pytest.raises(ParamError, match=r"cuda:1 requested but this machine has 1 CUDA device"):
+        resolve_device("cuda:1")
