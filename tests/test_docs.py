@@ -291,8 +291,16 @@ def test_readme_gives_gpu_users_an_install_line_and_the_estimates():
     assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu" in readme
     assert "docs/long_runs.md#gpu-users" in readme
     page = (DOCS / "long_runs.md").read_text()
-    assert "estimates, not measurements" in page
-    assert len(gpu_table(page)) == 8
+    assert "estimates" in page and len(gpu_table(page)) == 8
+    # the one GPU measurement, quoted in README and docs, is benchmarks/README.md's table
+    bench = (ROOT / "benchmarks" / "README.md").read_text()
+    row = next(line for line in bench.splitlines() if line.startswith("| **Fig. 1a: t=768"))
+    per_sample, hours = re.search(
+        r"([\d.]+) s/sample: the test split \(141 samples\) in ([\d.]+) h", row
+    ).groups()
+    for text in (readme, page):
+        assert f"{round(float(per_sample))} s per sample" in text
+        assert f"{float(hours):.1f} hours" in text
 
 
 @pytest.mark.slow
