@@ -153,6 +153,11 @@ class SubsetLoss(nn.Module):
                 self._whole.add(s.param_name)
             start += len(s)
         self._whole -= {n for n in self._whole if sum(o[0] == n for o in self._offsets) > 1}
+        names_of: dict[int, int] = defaultdict(int)
+        for _, p in model.named_parameters(remove_duplicate=False):
+            names_of[id(p)] += 1
+        self._tied = any(names_of[id(model.get_parameter(n))] > 1 for n in subset.param_names)
+        """Whether a substituted weight is tied (e.g. a tied LM head): functional_call then moves it in every role."""
         can_fuse = self._can_fuse_head()
         if fused_head and not can_fuse:
             raise ValueError("the fused head does not apply to this model or subset")
@@ -211,7 +216,7 @@ class SubsetLoss(nn.Module):
                     weights,
                     args=(),
                     kwargs={"input_ids": input_ids, "use_cache": False},
-                    tie_weights=True,  # a tied weight is one parameter: its entries move both roles
+                    tie_weights=self._tied,  # a tied weight is one parameter, moved in every role
                 )[0]
                 return logits[:, :-1].reshape(-1, logits.shape[-1]), None, None
             base = self.model.base_model
