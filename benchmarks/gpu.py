@@ -181,7 +181,7 @@ def main() -> None:
     p.add_argument("--probes", type=int, default=16, help="Hutchinson probes per diagonal run")
     p.add_argument("--budget_s", type=float, default=400.0)
     p.add_argument(
-        "--parts", default="exact,fig1a,diagonal", help="of exact, fig1a, diagonal, variants"
+        "--parts", default="exact,fig1a,diagonal", help="of exact, fig1a, diagonal, variants, oom"
     )
     p.add_argument("--variant_columns", type=int, default=8)
     args = p.parse_args()
@@ -206,6 +206,22 @@ def main() -> None:
     rows: list[tuple[str, str, str, str]] = []  # (what, seconds, per column / rate, peak GiB)
 
     parts = set(args.parts.split(","))
+    if (
+        "oom" in parts
+    ):  # a chunk too large for the GPU: halved until it fits, same Hessian as chunk 1
+        sub64 = subsets.single_layer_single_block(model, "self_attn.q_proj", 0, 64)
+        big, h_big, dt_big, peak_big = exact_job(model, sub64, ids[:1], 64)
+        _, h_one, dt_one, peak_one = exact_job(model, sub64, ids[:1], 1)
+        diff = float((h_big - h_one).abs().max() / h_one.abs().max())
+        rows.append(
+            (
+                f"t=64, chunk 64 given -> {big.chunk_report()} (out-of-memory halving)",
+                f"{dt_big:.2f}",
+                f"chunk 1: {dt_one:.2f} s, {peak_one:.1f} GiB; max rel diff {diff:.1e}",
+                f"{peak_big:.1f}",
+            )
+        )
+        print(rows[-1], flush=True)
     if "variants" in parts:
         rows += variants(model, ids[:1], args.t, args.variant_columns)
     if parts & {"exact", "fig1a"}:
