@@ -157,10 +157,12 @@ def memory_limit(model: torch.nn.Module, tokens: int, x: torch.Tensor) -> int:
     )
 
 
-AUTO_ELEMENTS = {"cpu": 2**16, "cuda": 2**23}
+AUTO_ELEMENTS = {"cpu": 2**16, "cuda": 2**21}
 """Most activation elements (``samples * seqlen * hidden``) per forward that ``model_input_bs`` auto batches: on this
 project's CPU, 4 embedded-model samples of 128 tokens (hidden 128) per forward were 12-18 % faster per sample than one,
-larger batches no faster (``benchmarks/README.md``); GPUs (not measured) take far larger batches."""
+larger batches no faster (``benchmarks/README.md``). On an H200, one OPT-125M sample of 2048 tokens (1.6M elements)
+already filled the GPU: batching 8 or 32 Hessian columns over it was 5-13 % slower per column and took 4-9x the
+memory (``benchmarks/README.md``, "On one GPU"), so 2M elements: short sequences are batched, 2048-token ones not."""
 AUTO_MIN_SECONDS = 2.0
 """Below this estimated compute a job keeps one sample per forward: fine-grained units (checkpoints, progress,
 worker balance, per-sample batch study) then cost nothing that batching could save."""

@@ -165,7 +165,8 @@ MODEL_AND_DATA_HELP = {
     "b": f"number of samples (default {EMBEDDED_DEFAULTS['b']} for the embedded model, else all samples of the "
     "text)",
     "model_input_bs": "samples per forward/backward (a work unit); must divide --b; auto: batched when the job is "
-    "long enough, up to 65536 activation elements per forward on CPU (recorded in the JSON as model_input_bs_choice)",
+    "long enough, up to 65536 activation elements per forward on CPU, 2097152 on a GPU (recorded in the JSON as "
+    "model_input_bs_choice)",
     "seed": "random seed",
 }
 COMPUTATION_HELP = {

@@ -213,6 +213,15 @@ def test_model_input_bs_auto_rule():
         samples_per_forward("auto", model, 12, 1024, **long_job)[0] == 4
     )  # 4 * 1024 * 16 = 65536; 6 would exceed
     assert samples_per_forward("auto", model, 7, 1024, **long_job)[0] == 1  # 7 is prime
+    # on a GPU (the rule reads only the device type): the report's 2048-token OPT-125M samples one at a time (one
+    # filled an H200), its 128-token ones 16 at a time
+    from transformers import OPTConfig, OPTForCausalLM
+
+    with torch.device("meta"):
+        opt125m = OPTForCausalLM(OPTConfig())
+    gpu = dict(products=768, device=torch.device("cuda"))
+    assert samples_per_forward("auto", opt125m, 140, 2048, **gpu)[0] == 1
+    assert samples_per_forward("auto", opt125m, 16, 128, **gpu)[0] == 16
     assert (
         samples_per_forward("auto", model, 12, 8192, **long_job)[0] == 1
     )  # one sample is over the budget: still 1
