@@ -57,7 +57,7 @@ step un 150 $PY single_layer_single_block.py $CK --name un &
 ) &
 wait
 
-# finite differences: one process vs torchrun + FSDP on NCCL (2 ranks on one GPU, then 1 rank)
+# finite differences: one process vs torchrun + FSDP on NCCL (1 rank; 2 ranks on a 1-GPU machine must be refused in one line)
 F="--dataset embedded --params * --b 3 --seqlen 12 --dtype float64 --top_k 3 --max_iter 12 --tol 1e-12 --no_progress --output_dir $R --hvp finite_difference"
 step fd1 150 $PY hessian_spectrum.py $F --device $DEV --name fd1 &
 step fsdp2 120 $PY -m torch.distributed.run --standalone --nproc_per_node 2 hessian_spectrum.py $F --fsdp --device $DEV --name fsdp2 &
