@@ -168,6 +168,12 @@ def variants(model, ids: torch.Tensor, t: int, cols: int) -> list[tuple[str, str
     return out
 
 
+def add(rows: list[tuple[str, str, str, str]], *cells: str) -> None:
+    """Append one table row (what, seconds, rate, peak GiB) and print it as it comes."""
+    rows.append(tuple(cells))  # type: ignore[arg-type]
+    print(" | ".join(cells), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -213,15 +219,13 @@ def main() -> None:
         big, h_big, dt_big, peak_big = exact_job(model, sub64, ids[:1], 64)
         _, h_one, dt_one, peak_one = exact_job(model, sub64, ids[:1], 1)
         diff = float((h_big - h_one).abs().max() / h_one.abs().max())
-        rows.append(
-            (
-                f"t=64, chunk 64 given -> {big.chunk_report()} (out-of-memory halving)",
-                f"{dt_big:.2f}",
-                f"chunk 1: {dt_one:.2f} s, {peak_one:.1f} GiB; max rel diff {diff:.1e}",
-                f"{peak_big:.1f}",
-            )
+        add(
+            rows,
+            f"t=64, chunk 64 given -> {big.chunk_report()} (out-of-memory halving)",
+            f"{dt_big:.2f}",
+            f"chunk 1: {dt_one:.2f} s, {peak_one:.1f} GiB; max rel diff {diff:.1e}",
+            f"{peak_big:.1f}",
         )
-        print(rows[-1], flush=True)
     if "variants" in parts:
         rows += variants(model, ids[:1], args.t, args.variant_columns)
     if parts & {"exact", "fig1a"}:
@@ -232,16 +236,14 @@ def main() -> None:
 
         # 1. per column
         t_graph, t_row = report_columns(model, sub_t, ids[:1], args.report_rows)
-        rows.append(
-            (
-                f"report's method, 1 sample, graph + {args.report_rows} rows",
-                f"{t_graph:.2f} + {t_row * args.report_rows:.2f}",
-                f"{t_row * 1e3:.1f} ms/column (+{t_graph:.2f} s graph per sample)",
-                "-",
-            )
+        add(
+            rows,
+            f"report's method, 1 sample, graph + {args.report_rows} rows",
+            f"{t_graph:.2f} + {t_row * args.report_rows:.2f}",
+            f"{t_row * 1e3:.1f} ms/column (+{t_graph:.2f} s graph per sample)",
+            "-",
         )
-        print(rows[-1], flush=True)
-        h_ref = None
+        h_ref, per_column = None, [t_row]
         for chunk in [None, *[int(c) for c in args.chunks.split(",") if c]]:
             if left() < 60:
                 rows.append(
@@ -260,23 +262,18 @@ def main() -> None:
                 else f", max rel diff to auto {float((h - h_ref).abs().max() / h_ref.abs().max()):.1e}"
             )
             h_ref = h if h_ref is None else h_ref
-            rows.append(
-                (
-                    f"default t={args.t} chunk {chunk or 'auto'} -> {job.chunk_report()}",
-                    f"{dt:.2f}",
-                    f"{dt / args.t * 1e3:.1f} ms/column, {t_row * args.t / dt:.2f}x the report's rows{diff}",
-                    f"{peak:.1f}",
-                )
+            per_column.append(dt / args.t)
+            add(
+                rows,
+                f"default t={args.t} chunk {chunk or 'auto'} -> {job.chunk_report()}",
+                f"{dt:.2f}",
+                f"{dt / args.t * 1e3:.1f} ms/column, {t_row * args.t / dt:.2f}x the report's rows{diff}",
+                f"{peak:.1f}",
             )
-            print(rows[-1], flush=True)
 
     if "fig1a" in parts:
         # 2. Fig. 1a
-        per_col = (
-            min(float(r[1]) / args.t for r in rows[1:] if r[1][0].isdigit())
-            if h_ref is not None
-            else t_row
-        )
+        per_col = min(per_column[1:] or per_column)
         b = args.fig1a_samples
         est = b * (768 * per_col + 5)
         if left() > est + 30:
@@ -284,26 +281,23 @@ def main() -> None:
             job, h, dt, peak = exact_job(model, sub768, ids[:b], None)
             per_sample = dt / b
             whole = per_sample * WIKITEXT2_TEST_SAMPLES
-            rows.append(
-                (
-                    f"Fig. 1a: t=768, seqlen {args.seqlen}, {b} samples, defaults ({job.chunk_report()}, {job.products_report()})",
-                    f"{dt:.1f}",
-                    f"{per_sample:.1f} s/sample; test split ({WIKITEXT2_TEST_SAMPLES} samples) {whole / 3600:.2f} h "
-                    f"on this GPU (report: {REPORT_FIG1A_S / 3600:.1f} h on 4 A100s, {REPORT_FIG1A_S * 4 / whole:.1f}x per GPU)",
-                    f"{peak:.1f}",
-                )
+            add(
+                rows,
+                f"Fig. 1a: t=768, seqlen {args.seqlen}, {b} samples, defaults ({job.chunk_report()}, {job.products_report()})",
+                f"{dt:.1f}",
+                f"{per_sample:.1f} s/sample; test split ({WIKITEXT2_TEST_SAMPLES} samples) {whole / 3600:.2f} h "
+                f"on this GPU (report: {REPORT_FIG1A_S / 3600:.1f} h on 4 A100s, {REPORT_FIG1A_S * 4 / whole:.1f}x per GPU)",
+                f"{peak:.1f}",
             )
         else:
-            rows.append(
-                (
-                    f"Fig. 1a ({b} samples)",
-                    f"skipped: estimated {est:.0f} s > budget left {left():.0f} s",
-                    f"extrapolated from the per-column time: {768 * per_col:.1f} s/sample, "
-                    f"test split {768 * per_col * WIKITEXT2_TEST_SAMPLES / 3600:.2f} h",
-                    "-",
-                )
+            add(
+                rows,
+                f"Fig. 1a ({b} samples)",
+                f"skipped: estimated {est:.0f} s > budget left {left():.0f} s",
+                f"extrapolated from the per-column time: {768 * per_col:.1f} s/sample, "
+                f"test split {768 * per_col * WIKITEXT2_TEST_SAMPLES / 3600:.2f} h",
+                "-",
             )
-        print(rows[-1], flush=True)
 
     if "diagonal" in parts:
         # 3. diagonal probes per second
@@ -324,15 +318,13 @@ def main() -> None:
                     probe_batch=pb,
                 ),
             )
-            rows.append(
-                (
-                    f"diagonal, Hutchinson K={args.probes}, whole q_proj, probe_batch {pb or 'auto'} -> {res.probe_batch}",
-                    f"{dt:.2f}",
-                    f"{args.probes / dt:.2f} probes/s",
-                    f"{peak:.1f}",
-                )
+            add(
+                rows,
+                f"diagonal, Hutchinson K={args.probes}, whole q_proj, probe_batch {pb or 'auto'} -> {res.probe_batch}",
+                f"{dt:.2f}",
+                f"{args.probes / dt:.2f} probes/s",
+                f"{peak:.1f}",
             )
-            print(rows[-1], flush=True)
 
     print(
         f"\n{head}; OPT-125M architecture (random weights), float32, eager attention, seqlen {args.seqlen}, one sample per forward\n"
