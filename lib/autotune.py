@@ -62,6 +62,7 @@ def tune_chunk(
     repeats: int = 3,
     give_up: float = 1.15,
     budget: float = 0.03,
+    margin: float = 0.05,
 ) -> Tuning:
     """Time ``compute`` on columns ``0, 1, ...`` of ``n`` with chunks ``1, 2, 4, ... <= limit``; the fastest per column wins.
 
@@ -72,8 +73,11 @@ def tune_chunk(
     a call would not fit in ``n``, when ``compute`` had to shrink its chunk (memory), or at a candidate
     that is not the best so far once two consecutive ones were slower than ``give_up * t_best`` or the time
     lost to slower candidates, ``sum_c columns_c * (t_c - t_best)`` plus the next candidate's if it were as
-    slow as this one, would exceed ``budget * total * t_best`` (``total``: columns of the whole run, default ``n``). Returns the choice and how many columns
-    (``0..done-1``) are done.
+    slow as this one, would exceed ``budget * total * t_best`` (``total``: columns of the whole run, default ``n``). The
+    choice is the smallest chunk within ``margin`` of the fastest: a larger one must pay for its memory, and
+    differences of a few percent are timing noise (on the embedded model, where chunks 1-4 are within 10 %, one
+    run in five picked 4 by noise and ran 30 % slower). Returns the choice and how many columns (``0..done-1``)
+    are done.
     """
     done, timings, columns, slower = 0, {}, {}, 0
     for c in candidates(limit):
@@ -101,7 +105,8 @@ def tune_chunk(
             or (timings[c] > best and (slower >= 2 or lost > budget * (total or n) * best))
         ):
             break
-    return Tuning(min(timings, key=timings.get), done, timings)
+    fastest = min(timings.values())
+    return Tuning(min(c for c, t in timings.items() if t <= (1 + margin) * fastest), done, timings)
 
 
 def device_clock(device: torch.device) -> Callable[[], float]:

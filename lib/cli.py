@@ -259,8 +259,8 @@ def _chunk(group: Any, spec: RunSpec, products: str) -> None:
         type=int,
         default=spec.get("chunk"),
         help=(
-            f"{products} per batched backward; 0 = auto: the fastest of 1, 2, 4, ... timed on the first batch's "
-            "first products (recorded in the JSON); halved on CUDA OOM"
+            f"{products} per batched backward; 0 = auto: the smallest of 1, 2, 4, ... within 5%% of the fastest, "
+            "timed on the first batch's first products (recorded in the JSON); halved on CUDA OOM"
         ),
     )
 

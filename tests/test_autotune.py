@@ -89,6 +89,16 @@ def test_the_fastest_per_call_counts_and_the_clock_is_injected():
     )
 
 
+def test_a_larger_chunk_must_be_more_than_a_few_percent_faster():
+    """Within 5 % of the fastest, the smallest chunk wins (less memory; such differences are timing noise)."""
+    dev = FakeDevice({1: 1.0, 2: 0.99, 4: 0.97, 8: 1.2, 16: 1.3}.get)
+    assert tune_chunk(dev.compute, 400, 1024, clock=dev.clock).chunk == 1
+    dev = FakeDevice({1: 1.0, 2: 0.99, 4: 0.9, 8: 1.2, 16: 1.3}.get)
+    assert tune_chunk(dev.compute, 400, 1024, clock=dev.clock).chunk == 4
+    dev = FakeDevice({1: 1.0, 2: 0.99, 4: 0.97, 8: 1.2, 16: 1.3}.get)
+    assert tune_chunk(dev.compute, 400, 1024, clock=dev.clock, margin=0.0).chunk == 4
+
+
 def test_respects_the_limit_and_the_columns_available():
     dev = FakeDevice(lambda c: 1.0 / c)
     assert tune_chunk(dev.compute, 1000, 8, clock=dev.clock).chunk == 8  # memory bound
