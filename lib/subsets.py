@@ -253,12 +253,16 @@ def make_subset(*slices: ParamSlice, description: str = "") -> Subset:
 def params_subset(model: nn.Module, globs: Sequence[str]) -> Subset:
     """Every entry of each parameter whose name matches a shell-style glob (``'*'``: all), in the model's parameter order.
 
-    A glob that matches nothing is refused (:class:`~lib.errors.ParamError`) with a few real names.
+    A glob that matches nothing is refused (:class:`~lib.errors.ParamError`) with a few real names. A name that is
+    a tied alias (``lm_head.weight`` of a model whose head is tied to its input embedding) selects the one
+    parameter under its first name.
     """
     names = [n for n, _ in model.named_parameters()]
+    first = {id(p): n for n, p in model.named_parameters()}
+    canonical = {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
     chosen: set[str] = set()
     for pattern in globs:
-        hits = fnmatch.filter(names, pattern)
+        hits = {canonical[n] for n in fnmatch.filter(list(canonical), pattern)}
         if not hits:
             raise ParamError(
                 "globs",

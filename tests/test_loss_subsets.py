@@ -84,6 +84,17 @@ def test_a_tied_embedding_is_one_parameter_in_both_roles(arch):
     torch.testing.assert_close(h, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()))
 
 
+def test_a_tied_alias_selects_the_one_parameter():
+    """``--params lm_head.weight`` on a model whose head is tied: the embedding, once (it was refused as matching
+    nothing, since ``named_parameters`` lists a tied weight under its first name only)."""
+    model = tiny_model("opt")
+    embed = "model.decoder.embed_tokens.weight"
+    assert subsets.params_subset(model, ["lm_head.weight"]).param_names == [embed]
+    both = subsets.params_subset(model, ["lm_head.*", "*embed_tokens*"])
+    assert both.param_names == [embed] and both.size == model.get_parameter(embed).numel()
+    assert subsets.params_subset(model, ["*"]).size == sum(p.numel() for p in model.parameters())
+
+
 def test_loss_moves_with_x():
     model = tiny_model("opt")
     subset = subsets.single_layer_single_block(model, "fc1", 0, 4)
