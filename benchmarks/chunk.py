@@ -30,44 +30,17 @@ from lib import subsets  # noqa: E402
 from lib.data import load_samples  # noqa: E402
 from lib.hessian import ExactHessianJob  # noqa: E402
 from lib.jobs import run_serial  # noqa: E402
-from lib.models import load_model, prepare_model  # noqa: E402
+from lib.models import load_model  # noqa: E402
 
-
-def opt(**config):
-    from transformers import OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(0)
-    cfg = OPTConfig(**config)
-    cfg._attn_implementation = "eager"
-    return prepare_model(OPTForCausalLM(cfg))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from exact_hessian import opt, tiny400  # noqa: E402 -- the same random OPTs as the exact-Hessian benchmark
 
 
 def case(name: str):
     """``(model, subset, samples, [(label, job kwargs), (label, job kwargs)])`` of a case."""
     g = torch.Generator().manual_seed(0)
     if name == "tiny":
-        model = opt(
-            vocab_size=64,
-            hidden_size=20,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            ffn_dim=40,
-            max_position_embeddings=64,
-            word_embed_proj_dim=20,
-        )
-        subset = subsets.make_subset(
-            subsets.from_indices(
-                model,
-                "model.decoder.layers.0.self_attn.q_proj.weight",
-                [[i, j] for i in range(20) for j in range(20)],
-            )
-        )
-        return (
-            model,
-            subset,
-            torch.randint(3, 64, (2, 32), generator=g),
-            [("auto", {}), ("chunk 1", {"chunk": 1})],
-        )
+        return (*tiny400(), [("auto", {}), ("chunk 1", {"chunk": 1})])
     if name == "opt125m":
         model = opt()
         subset = subsets.single_layer_single_block(model, "self_attn.q_proj", 0, 32)

@@ -65,6 +65,28 @@ def opt(**config) -> nn.Module:
     return prepare_model(OPTForCausalLM(cfg))
 
 
+def tiny400() -> tuple[nn.Module, subsets.Subset, torch.Tensor]:
+    """A tiny random OPT (hidden 20, 2 blocks, vocab 64), all 400 weights of its block-0 ``q_proj``, and 2 random
+    samples of 32 tokens (seed 0)."""
+    model = opt(
+        vocab_size=64,
+        hidden_size=20,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        ffn_dim=40,
+        max_position_embeddings=64,
+        word_embed_proj_dim=20,
+    )
+    subset = subsets.make_subset(
+        subsets.from_indices(
+            model,
+            "model.decoder.layers.0.self_attn.q_proj.weight",
+            [[i, j] for i in range(20) for j in range(20)],
+        )
+    )
+    return model, subset, torch.randint(3, 64, (2, 32), generator=torch.Generator().manual_seed(0))
+
+
 @dataclass
 class Case:
     model: nn.Module
@@ -94,23 +116,7 @@ def _make_case(name: str, t: int, extrapolate: int) -> Case:
             load_samples("embedded", 128, 4),
         )
     if name == "tiny400":
-        model = opt(
-            vocab_size=64,
-            hidden_size=20,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            ffn_dim=40,
-            max_position_embeddings=64,
-            word_embed_proj_dim=20,
-        )
-        subset = subsets.make_subset(
-            subsets.from_indices(
-                model,
-                "model.decoder.layers.0.self_attn.q_proj.weight",
-                [[i, j] for i in range(20) for j in range(20)],
-            )
-        )
-        return Case(model, subset, torch.randint(3, 64, (2, 32), generator=g))
+        return Case(*tiny400())
     model = opt()  # the OPT-125M architecture: 12 blocks, hidden 768, vocab 50272
     ids = torch.randint(3, model.config.vocab_size, (1, 128), generator=g)
     if name == "opt125m768":
