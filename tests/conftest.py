@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -150,3 +151,29 @@ def one_rank_env(monkeypatch) -> None:
         "LOCAL_RANK": "0",
     }.items():
         monkeypatch.setenv(key, value)
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment of a script run as a subprocess: this process's thread count (so that its units are bitwise
+    this process's) and the hub offline."""
+    n = str(torch.get_num_threads())
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": n,
+        "MKL_NUM_THREADS": n,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
+
+
+def torchrun(script, *args, cwd, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``script args`` under torchrun with 2 local ranks (gloo on the CPU), output captured."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return subprocess.run(
+        [*cmd, str(script), *args],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=cwd,
+        timeout=timeout,
+    )

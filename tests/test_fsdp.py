@@ -4,14 +4,11 @@ ranks against one process (float64, finite differences), a rank that dies and --
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_ids, tiny_model
+from conftest import ROOT, tiny_ids, tiny_model, torchrun
 
 import hessian_spectrum
 from lib import cli, fsdp
@@ -96,31 +93,6 @@ def tiny_llama(tmp_path_factory):
     return path
 
 
-def _env() -> dict[str, str]:
-    threads = str(torch.get_num_threads())
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": threads,
-        "MKL_NUM_THREADS": threads,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-    }
-
-
-def _torchrun(script, *args, cwd) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(script),
-        *args,
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=cwd, timeout=600)
-
-
 @pytest.mark.parametrize(
     "arch", ["llama", "opt"]
 )  # OPT: a tied LM head (30 % off before it moved as one)
@@ -169,14 +141,14 @@ def test_two_gloo_ranks_equal_one_process_and_a_dead_rank_resumes(tiny_llama, tm
     out = tmp_path / "two"
     script = tmp_path / "die.py"
     script.write_text(DIE.format(root=str(ROOT)))
-    died = _torchrun(script, *flags, "--fsdp", "--output_dir", str(out), cwd=tmp_path)
+    died = torchrun(script, *flags, "--fsdp", "--output_dir", str(out), cwd=tmp_path)
     assert died.returncode == 1 and "exitcode  : 7" in died.stderr, died.stderr[-3000:]
     logged = sorted(p.name for p in (out / "s.passes").glob("pass_*.pt"))
     assert (
         logged == [f"pass_{i:05d}.rank{r}of2.pt" for i in range(3) for r in range(2)]
         and not (out / "s.json").exists()
     )
-    done = _torchrun(
+    done = torchrun(
         ROOT / "hessian_spectrum.py",
         *flags,
         "--fsdp",

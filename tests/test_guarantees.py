@@ -7,7 +7,6 @@ function to hang, or to SIGKILL the process at a chosen point, and the test send
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -16,8 +15,8 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
-from test_parallel import ToyJob
+from conftest import ROOT, subprocess_env
+from test_parallel import ARGS, ToyJob  # ARGS: 4 float64 units of the embedded model
 
 import hessian_diagonal
 import single_layer_single_block
@@ -31,19 +30,6 @@ from lib.hessian import ExactHessianJob
 from lib.results import sha256_file
 from lib.spec import DiagonalSpec, ExactSpec
 
-ARGS = [
-    "--t",
-    "3",
-    "--seqlen",
-    "16",
-    "--b",
-    "4",
-    "--dtype",
-    "float64",
-    "--no_progress",
-    "--name",
-    "h",
-]
 DIAG = [
     "--hvps",
     "4",
@@ -63,17 +49,6 @@ SCRIPTS = {
     "exact": (single_layer_single_block, ARGS, ExactHessianJob),
     "diagonal": (hessian_diagonal, DIAG, DiagonalJob),
 }
-
-
-def _env() -> dict[str, str]:
-    n = str(torch.get_num_threads())
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": n,
-        "MKL_NUM_THREADS": n,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-    }
 
 
 def _stderr_of(script, argv: list[str]) -> tuple[int, list[str]]:
@@ -241,7 +216,7 @@ def _start(tmp_path, what: str, *extra) -> subprocess.Popen:
     script.write_text(WRAPPER.format(root=str(ROOT), what=what))
     return subprocess.Popen(
         [sys.executable, str(script), *ARGS, "--output_dir", str(tmp_path), *extra],
-        env=_env(),
+        env=subprocess_env(),
         cwd=tmp_path,
         stderr=subprocess.PIPE,
         text=True,

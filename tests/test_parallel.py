@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, subprocess_env, torchrun
 
 import single_layer_single_block
 from lib import checkpoint as ckpt
@@ -35,17 +35,6 @@ ARGS = [
     "h",
 ]
 """Four units (samples) of a float64 exact Hessian on the embedded model: tiny, and bit-exact comparisons are meaningful."""
-
-
-def _env() -> dict[str, str]:
-    """Subprocesses use this process's thread count, so that their units are bitwise this process's."""
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": str(torch.get_num_threads()),
-        "MKL_NUM_THREADS": str(torch.get_num_threads()),
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-    }
 
 
 def _run(tmp, *extra) -> torch.Tensor:
@@ -383,22 +372,15 @@ def test_diagonal_job_on_two_cpu_workers_equals_one_process_bitwise():
 
 @pytest.mark.slow
 def test_torchrun_with_two_gloo_ranks_equals_one_process_bitwise(reference, tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(ROOT / "single_layer_single_block.py"),
+    proc = torchrun(
+        ROOT / "single_layer_single_block.py",
         *ARGS,
         "--output_dir",
         str(tmp_path),
         "--device",
         "cpu",
-    ]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300
+        cwd=tmp_path,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert torch.equal(torch.load(tmp_path / "h.pt"), reference)
@@ -438,7 +420,7 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(
             "--checkpoint_every",
             "1",
         ],
-        env=_env(),
+        env=subprocess_env(),
         cwd=tmp_path,
         stderr=subprocess.PIPE,
         text=True,

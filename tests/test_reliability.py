@@ -14,8 +14,8 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
-from test_guarantees import ARGS, _env, _main, _stderr_of
+from conftest import ROOT, subprocess_env
+from test_guarantees import ARGS, _main, _stderr_of
 
 import hessian_diagonal
 import single_layer_single_block
@@ -385,7 +385,7 @@ def _wrapped(tmp_path, what: str, argv: list[str], **kw) -> subprocess.Popen:
     environment variable ``HESSIAN_TEST_MARK=<tmp_path>`` (see :func:`_marked`)."""
     script = tmp_path / f"{what}.py"
     script.write_text(WRAPPER.format(root=str(ROOT), what=what))
-    env = {**_env(), "HESSIAN_TEST_MARK": str(tmp_path)}
+    env = {**subprocess_env(), "HESSIAN_TEST_MARK": str(tmp_path)}
     return subprocess.Popen(
         [sys.executable, str(script), *argv],
         env=env,
@@ -729,7 +729,7 @@ def _light(tmp_path, what: str, setup_timeout: float = 0.0) -> subprocess.Popen:
     """:data:`LIGHT` (torch and :mod:`lib.parallel` only, two CPU workers) with fault ``what``, marked like :func:`_wrapped`."""
     script = tmp_path / "light.py"
     script.write_text(LIGHT.format(root=str(ROOT)))
-    env = {**_env(), "HESSIAN_TEST_MARK": str(tmp_path)}
+    env = {**subprocess_env(), "HESSIAN_TEST_MARK": str(tmp_path)}
     return subprocess.Popen(
         [sys.executable, str(script), what, str(setup_timeout)],
         env=env,
