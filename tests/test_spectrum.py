@@ -265,6 +265,18 @@ ARGS = [
     "--seed",
     "1",
 ]
+UNTIL_INVARIANT = [
+    *ARGS,
+    "--exact_below",
+    "0",
+    "--tol",
+    "1e-15",
+    "--max_iter",
+    "32",
+    "--seqlen",
+    "24",
+]
+"""Lanczos that runs until an invariant subspace (the kill-and-resume tests)."""
 
 
 def _pt(tmp, *extra) -> tuple[dict, dict]:
@@ -398,34 +410,16 @@ def test_script_resume_is_bitwise_and_two_workers_equal_one(tmp_path):
 @pytest.mark.slow
 def test_script_killed_mid_lanczos_resumes_bitwise(tmp_path):
     """SIGKILL while Lanczos runs (after its 4th pass is recorded), then --resume: bitwise the uninterrupted run."""
-    import os
     import signal
     import subprocess
     import sys
     import time
 
-    from conftest import ROOT
+    from conftest import ROOT, subprocess_env
 
-    flags = [
-        *ARGS,
-        "--exact_below",
-        "0",
-        "--tol",
-        "1e-15",
-        "--max_iter",
-        "32",
-        "--seqlen",
-        "24",
-    ]  # runs until an invariant subspace
+    flags = UNTIL_INVARIANT
     full, jf = _pt(tmp_path / "full", *flags)
-    threads = str(torch.get_num_threads())
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": threads,
-        "MKL_NUM_THREADS": threads,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-    }
+    env = subprocess_env()
     out = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "hessian_spectrum.py"), *flags, "--output_dir", str(out)],
@@ -503,36 +497,16 @@ def _children(pid: int) -> set[int]:
 def test_script_interrupted_during_pooled_passes_stops_every_worker(tmp_path):
     """SIGTERM while a --devices cpu,cpu run is between or inside its passes: exit 143 in one line, and the pool's
     worker processes (spawned once, alive across passes) are all gone."""
-    import os
     import signal
     import subprocess
     import sys
     import time
 
-    from conftest import ROOT
+    from conftest import ROOT, subprocess_env
 
-    threads = str(torch.get_num_threads())
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": threads,
-        "MKL_NUM_THREADS": threads,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-    }
+    env = subprocess_env()
     out = tmp_path / "run"
-    flags = [
-        *ARGS,
-        "--exact_below",
-        "0",
-        "--tol",
-        "1e-15",
-        "--max_iter",
-        "32",
-        "--seqlen",
-        "24",
-        "--devices",
-        "cpu,cpu",
-    ]
+    flags = [*UNTIL_INVARIANT, "--devices", "cpu,cpu"]
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "hessian_spectrum.py"), *flags, "--output_dir", str(out)],
         env=env,
