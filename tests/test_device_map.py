@@ -4,16 +4,16 @@ placed on ``cpu`` and ``disk`` gives bitwise the plain run's Hessian; a subset o
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
+from test_inputs import _tiny_opt  # a 2-block random OPT saved with the embedded tokenizer
 
 import hessian_diagonal
 import hessian_spectrum
 import single_layer_single_block
 from lib import cli
-from lib.models import EMBEDDED_MODEL_DIR, load_model
+from lib.models import load_model
 
 pytest.importorskip("accelerate")
 MAP = {
@@ -47,26 +47,7 @@ FLAGS = [
 
 @pytest.fixture(scope="module")
 def tiny_opt(tmp_path_factory):
-    from transformers import OPTConfig, OPTForCausalLM
-
-    path = tmp_path_factory.mktemp("model") / "tiny-opt"
-    torch.manual_seed(0)
-    cfg = OPTConfig(
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        ffn_dim=32,
-        max_position_embeddings=64,
-        word_embed_proj_dim=16,
-        vocab_size=4096,
-        bos_token_id=2,
-        eos_token_id=2,
-        pad_token_id=1,
-    )
-    OPTForCausalLM(cfg).save_pretrained(path)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(EMBEDDED_MODEL_DIR / f, path / f)
-    return path
+    return _tiny_opt(tmp_path_factory.mktemp("model") / "tiny-opt")
 
 
 def test_cpu_and_disk_offload_equal_the_plain_run(tiny_opt, tmp_path):
