@@ -8,7 +8,9 @@ import math
 import pytest
 import torch
 from conftest import LAYER, tiny_ids, tiny_model
-from torch.func import functional_call
+from test_estimators import (
+    _logits_fn,  # x -> logits through the plain model, the subset substituted
+)
 
 from lib import curvature as cv
 from lib import subsets
@@ -26,19 +28,8 @@ def _job(model, subset, ids, approx, fisher_samples=1, perturbations=None, **kw)
 
 def _logit_jacobian(model, subset, ids):
     """Oracle: ``(logits (N, V), J (N, V, n))`` of the full model's logits at the predicted positions, by autograd.functional.jacobian."""
-    obj = SubsetLoss(model, subset, fused_head=False)
-    x0 = obj.x0()
-
-    def logits(x):
-        out = functional_call(
-            model,
-            obj.weights(x),
-            args=(),
-            kwargs={"input_ids": ids, "use_cache": False},
-            tie_weights=False,
-        )[0]
-        return out[:, :-1].reshape(-1, out.shape[-1])
-
+    logits = _logits_fn(model, subset, ids)
+    x0 = subset.gather(model)
     return logits(x0).detach(), torch.autograd.functional.jacobian(logits, x0)
 
 
