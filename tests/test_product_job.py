@@ -133,23 +133,16 @@ def test_every_job_computes_its_products_through_the_products_hook():
     assert counted.vectors == n * len(ids)
     counted = Counted()
     target = Target("model.decoder.layers.0.self_attn.q_proj.bias", (16,))
-    a = hessian_diagonal(
+    diagonal = lambda **products: hessian_diagonal(  # noqa: E731
         model,
         [target],
         ids,
         estimators=("hutchinson", "xdiag", "exact"),
         vhp_samples=4,
         probe_batch=1,
-        products=counted,
+        **products,
     )
-    b = hessian_diagonal(
-        model,
-        [target],
-        ids,
-        estimators=("hutchinson", "xdiag", "exact"),
-        vhp_samples=4,
-        probe_batch=1,
-    )
+    a, b = diagonal(products=counted), diagonal()
     assert all(
         torch.equal(a.diagonals[e][target.param_name], b.diagonals[e][target.param_name])
         for e in a.diagonals
