@@ -9,7 +9,7 @@ short lease:
    graph is built) against this project's :class:`lib.hessian.ExactHessianJob` on ``--t`` entries of row 0 of
    block-0 ``q_proj``, with the chunk measured (``auto``) and fixed (``--chunks``); the peak GPU memory of each;
 2. **the report's Fig. 1a configuration** (t=768, seqlen 2048) on ``--fig1a_samples`` samples with the defaults:
-   seconds per sample, and that rate extrapolated to the WikiText-2 test split (141 samples of 2048 tokens with
+   seconds per sample, and that rate extrapolated to the WikiText-2 test split (140 samples of 2048 tokens with
    OPT's tokenizer; the report: 29,338 s on 4 A100s);
 3. **diagonal probes per second** (Hutchinson, the whole of block-0 ``q_proj``), ``--probe_batch`` auto vs 1;
 4. **variants of one Hessian column** (``--parts variants``): double backward in float32 (the default), with TF32
@@ -42,8 +42,9 @@ from lib.jobs import run_serial  # noqa: E402
 from lib.loss import SubsetLoss  # noqa: E402
 from lib.operator import gradient_graph  # noqa: E402
 
-WIKITEXT2_TEST_SAMPLES = 141
-"""WikiText-2's test split in OPT's tokenizer: 287,645 tokens, 140 full samples of 2048 (plus a remainder)."""
+WIKITEXT2_TEST_SAMPLES = 140
+"""WikiText-2's test split in OPT's tokenizer: 287,645 tokens, 140 full samples of 2048 (what ``--b`` takes by
+default: full samples only, as in ``benchmarks/gpu_estimate.py``)."""
 REPORT_FIG1A_S = 29_338.0
 """The report's Fig. 1a wall time over the test split on 4 A100s."""
 
