@@ -85,6 +85,12 @@ def exact_job(
     return job, out, dt, peak
 
 
+def add(rows: list[tuple[str, str, str, str]], *cells: str) -> None:
+    """Append one table row (what, seconds, rate, peak GiB) and print it as it comes."""
+    rows.append(tuple(cells))  # type: ignore[arg-type]
+    print(" | ".join(cells), flush=True)
+
+
 def variants(model, ids: torch.Tensor, t: int, cols: int) -> list[tuple[str, str, str, str]]:
     """Per-column time and error of the ways to take ``H e_j`` (section 4)."""
     import copy
@@ -140,20 +146,17 @@ def variants(model, ids: torch.Tensor, t: int, cols: int) -> list[tuple[str, str
             fn()  # warm-up
             h, dt, peak = measured(dev, fn)
         except Exception as e:  # noqa: BLE001 -- a way that fails is a row, not the end of the run
-            out.append((name, "failed", f"{type(e).__name__}: {str(e)[:120]}", "-"))
-            print(out[-1], flush=True)
+            add(out, name, "failed", f"{type(e).__name__}: {str(e)[:120]}", "-")
             continue
         ref = h if ref is None else ref
         err = float((h - ref).abs().max() / ref.abs().max())
-        out.append(
-            (
-                f"{name}, {cols} columns of t={t}",
-                f"{dt:.2f}",
-                f"{dt / cols * 1e3:.1f} ms/column, max rel diff to float32 {err:.1e}",
-                f"{peak:.1f}",
-            )
+        add(
+            out,
+            f"{name}, {cols} columns of t={t}",
+            f"{dt:.2f}",
+            f"{dt / cols * 1e3:.1f} ms/column, max rel diff to float32 {err:.1e}",
+            f"{peak:.1f}",
         )
-        print(out[-1], flush=True)
     del bf, sdpa
     if dev.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
@@ -167,12 +170,6 @@ def variants(model, ids: torch.Tensor, t: int, cols: int) -> list[tuple[str, str
             torch.cuda.synchronize(dev)
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20), flush=True)
     return out
-
-
-def add(rows: list[tuple[str, str, str, str]], *cells: str) -> None:
-    """Append one table row (what, seconds, rate, peak GiB) and print it as it comes."""
-    rows.append(tuple(cells))  # type: ignore[arg-type]
-    print(" | ".join(cells), flush=True)
 
 
 def main() -> None:
