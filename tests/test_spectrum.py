@@ -323,8 +323,7 @@ def test_script_exact_and_iterative_paths_agree(tmp_path):
 def test_script_resume_is_bitwise_and_two_workers_equal_one(tmp_path):
     """A run stopped after its first pass (computed by 2 worker processes) and resumed in one process equals
     the uninterrupted one-process run bit for bit: the recorded pass is replayed, the rest computed."""
-    full, _ = _pt(
-        tmp_path / "full",
+    run = [
         "--exact_below",
         "0",
         "--max_iter",
@@ -334,9 +333,8 @@ def test_script_resume_is_bitwise_and_two_workers_equal_one(tmp_path):
         "3",
         "--slq_probes",
         "2",
-        "--keep_graphs",
-        "on",
-    )
+    ]
+    full, _ = _pt(tmp_path / "full", *run, "--keep_graphs", "on")
     # a run stopped after 1 pass leaves its pass log (kept here by --keep_checkpoint)
     _pt(
         tmp_path / "cut",
@@ -349,20 +347,7 @@ def test_script_resume_is_bitwise_and_two_workers_equal_one(tmp_path):
         "cpu,cpu",
     )
     assert len(list((tmp_path / "cut" / "s.passes").glob("pass_*.pt"))) == 1
-    resumed, jr = _pt(
-        tmp_path / "cut",
-        "--exact_below",
-        "0",
-        "--max_iter",
-        "10",
-        "--density",
-        "--lanczos_steps",
-        "3",
-        "--slq_probes",
-        "2",
-        "--resume",
-        "--overwrite",
-    )
+    resumed, jr = _pt(tmp_path / "cut", *run, "--resume", "--overwrite")
     assert (
         jr["replayed_passes"] == 1
         and jr["passes"] == 13
