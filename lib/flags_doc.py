@@ -74,7 +74,7 @@ def script_table(script: str, role: dict[str, str]) -> str:
             choices = f" (one of: {', '.join(map(str, a.choices))})" if a.choices else ""
             kind = role.get(a.dest, "")
             lines.append(
-                f"| {flag} | {_cell(_default(a))} | {kind} | {_cell((a.help or '') % vars(a) if '%(' in (a.help or '') else a.help or '')}{choices} |"
+                f"| {flag} | {_cell(_default(a))} | {kind} | {_cell((a.help or '') % vars(a))}{choices} |"
             )
         lines.append("")
     return "\n".join(lines)
