@@ -116,7 +116,9 @@ class ExactFamily(Family):
             job = curvature.make_job(
                 job, c.compare, c.fisher_samples, c.perturbations, c.perturbation_bits, c.seed
             )
-        settings = run.run_settings(run.out / f"{run.name}.ckpt", "Hessian columns")
+        settings = run.run_settings(  # the bar counts each batch's columns: 512 for 128 columns x 4 batches
+            run.out / f"{run.name}.ckpt", f"Hessian columns x {job.num_units()} batches"
+        )
         settings.snapshot_units = (
             tuple(batch_study.snapshot_units(spec.data.b, spec.data.model_input_bs))
             if c.batch_study
