@@ -28,7 +28,9 @@ def test_flags_page_is_generated_from_the_parsers():
     assert (DOCS / "flags.md").read_text() == flags_doc.markdown(), (
         "docs/flags.md is stale: run `python -m lib.flags_doc > docs/flags.md`"
     )
-    assert "%%" not in flags_doc.markdown()  # help strings formatted as --help shows them ("5%", not "5%%")
+    assert (
+        "%%" not in flags_doc.markdown()
+    )  # help strings formatted as --help shows them ("5%", not "5%%")
 
 
 def test_readme_is_read_in_two_minutes():
