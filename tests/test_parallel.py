@@ -150,10 +150,13 @@ class ToyJob:
 
     def run_unit(self, k, progress=None):
         what = self.fail.get(k)
+        if what in ("raise", "kill"):
+            time.sleep(
+                1.0
+            )  # let the other worker finish its unit first (else 1 unit, not 2, may be saved)
         if what == "raise":
             raise RuntimeError(f"boom in unit {k}")
         if what == "kill":
-            time.sleep(1.0)  # let the other worker finish its unit first
             os.kill(os.getpid(), signal.SIGKILL)
         if what == "stop":  # a hung worker
             os.kill(os.getpid(), signal.SIGSTOP)
