@@ -23,11 +23,13 @@ from .spec import (
     DTYPES,
     EMBEDDED,
     EMBEDDED_DEFAULTS,
+    MATMUL_PRECISIONS,
     T_DEFAULTS,
     DiagonalSpec,
     ExactSpec,
     RunSpec,
     SpectrumSpec,
+    fd_step_arg,
     library_constant,
     model_input_bs_arg,
     spec_class,
@@ -176,6 +178,10 @@ COMPUTATION_HELP = {
     "attn_implementation": "eager (default) or sdpa (run with its math kernel); flash attention has no double "
     "backward",
     "no_fused_head": "differentiate the LM head + softmax with plain autograd instead of the fused kernel",
+    "matmul_precision": "float32 matmul precision (torch.set_float32_matmul_precision, in every worker and rank): "
+    "highest = exact float32; high / medium = TF32 / bf16 passes on GPUs that have them (faster, about 1e-2 to 1e-1 "
+    "relative error of the products: audited, docs/numerics.md); no effect on float64 or on CPUs without them; part "
+    "of the result's identity",
 }
 OUTPUT_HELP = {
     "output_dir": "where <name>.pt, <name>.json and the figures go",
@@ -218,7 +224,13 @@ PRODUCTS_HELP = {
     "instead of O(e^2), 4 gradients per product instead of 2)",
     "fd_step": "with --hvp finite_difference: relative step, the fraction of the subset's norm by which the weights "
     "move (default eps^(1/3) of --dtype, eps^(1/5) with --fd_richardson); retried smaller where ReLU inputs change "
-    "side",
+    "side; auto: the step of the ladder 1e-2 .. 1e-6 with the smallest audited error (recorded in the JSON)",
+    "audit": "K: products taken both by the run's path and by exact float64 double backward on the same samples (the "
+    "exact block's columns, Rademacher probes for the diagonal and the spectrum), their relative errors in the JSON "
+    "(audit) and one printed line; default: 0 (off) for exact products in float32 at --matmul_precision highest or in "
+    "float64, 4 for lower matmul precision, bfloat16 / float16 and --hvp finite_difference; not with --fsdp",
+    "audit_b": "the audit uses the first N samples of the run (default: min(--b, 4))",
+    "audit_tol": "warn (and still save) when the audit's largest relative error is above this",
 }
 """How every Hessian-vector product is taken (:class:`lib.spec.ProductMethod`), on every script."""
 
@@ -246,9 +258,15 @@ def _model_and_data(
         _add_fields(
             c, spec, {"method": method_help}, {"method": library_constant("hessian", "METHODS")}
         )
-    _add_fields(c, spec, COMPUTATION_HELP, {"dtype": DTYPES})
+    _add_fields(c, spec, COMPUTATION_HELP, {"dtype": DTYPES, "matmul_precision": MATMUL_PRECISIONS})
     hvp = {"hvp": library_constant("finite_difference", "HVP_METHODS")}
-    _add_fields(c, spec, PRODUCTS_HELP, hvp, {"fd_step": float})
+    _add_fields(
+        c,
+        spec,
+        PRODUCTS_HELP,
+        hvp,
+        {"fd_step": fd_step_arg, "audit": int, "audit_b": int},
+    )
     return c
 
 

@@ -340,15 +340,22 @@ class ModelSpec:
     """:func:`lib.inputs.config_fingerprint`: the configuration that changes the forward."""
     code: str | None = None
     """:func:`lib.inputs.code_path`: transformers and torch versions, model class, attention implementation."""
+    matmul_precision: str = "highest"
+    """``torch.set_float32_matmul_precision`` of every process that loads this spec (``--matmul_precision``)."""
 
     def identity(self) -> dict[str, str | None]:
-        """What determines the numbers (for checkpoint validation): not where the weights are cached or placed."""
+        """What determines the numbers (for checkpoint validation): not where the weights are cached or placed
+        (the matmul precision only when lowered, so that default runs keep their identity)."""
         keys = ("name", "dtype", "attn_implementation", "fingerprint", "tokenizer_fingerprint")
         keys += ("config_fingerprint", "code")
+        if self.matmul_precision != "highest":
+            keys += ("matmul_precision",)
         return {k: getattr(self, k) for k in keys}
 
     def load(self, device: torch.device | str = "cpu") -> nn.Module:
-        """Load the model; with a ``fingerprint``, refuse a copy whose content differs from it."""
+        """Load the model, with this process's float32 matmul precision set to :attr:`matmul_precision`; with a
+        ``fingerprint``, refuse a copy whose content differs from it."""
+        torch.set_float32_matmul_precision(self.matmul_precision)
         model = load_model(
             self.name,
             self.cache_dir,

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import audit, outputs, parallel, preflight, threads
 from . import checkpoint as ckpt
-from . import outputs, parallel, preflight, threads
 from .autotune import samples_per_forward
 from .cli import LOW_PRECISION_NOTE, flag_message
 from .data import (
@@ -160,6 +160,11 @@ class Run:
     """SHA-256 of the text the samples were cut from."""
     model_input_bs_choice: dict[str, Any] = field(default_factory=dict)
     """``--model_input_bs`` as requested, as chosen, and why (:func:`lib.autotune.samples_per_forward`)."""
+    fd_step: float | None = None
+    """The relative step chosen by the audit for ``--fd_step auto`` (:func:`lib.audit.prepare`)."""
+    audit_plan: Any = None
+    audit: Any = None
+    """The float64 audit of the run's products (:class:`lib.audit.AuditResult`), once it ran."""
 
     @property
     def out(self) -> Path:
@@ -175,9 +180,10 @@ class Run:
         digits of its SHA-256), dtype, b, seqlen, and the ``--label`` if any."""
         c = self.computed_on()
         label = f" [{c['label']}]" if c.get("label") else ""
+        mm = f" (matmul {c['matmul_precision']})" if "matmul_precision" in c else ""
         return (
-            f"{c['model']}, data {c['dataset']} ({c['dataset_sha256'][:8]}), {c['dtype']}, b={c['b']}, "
-            f"seqlen={c['seqlen']}{label}"
+            f"{c['model']}, data {c['dataset']} ({c['dataset_sha256'][:8]}), {c['dtype']}{mm}, b={c['b']}, "
+            f"seqlen={c['seqlen']}{label}{audit.subtitle(self.audit)}"
         )
 
     def computed_on(self) -> dict[str, Any]:
@@ -192,6 +198,8 @@ class Run:
             "b": d.b,
             "seqlen": d.seqlen,
         }
+        if m.matmul_precision != "highest":
+            out["matmul_precision"] = m.matmul_precision
         return {**out, "label": self.spec.output.label} if self.spec.output.label else out
 
     def config(self) -> dict[str, Any]:
@@ -223,12 +231,16 @@ class Run:
             self.fingerprints.get("tokenizer"),
             self.fingerprints.get("model_config"),
             self.fingerprints.get("code"),
+            m.matmul_precision,
         )
 
     def products(self) -> Products:
         """How the run's Hessian-vector products are taken (``--hvp``, ``--fd_richardson``, ``--fd_step``)."""
         c = self.spec.compute
-        return products_for(c.hvp, FDSettings(c.fd_richardson, c.fd_step))
+        step = self.fd_step if c.fd_step == "auto" else c.fd_step
+        if step == "auto":
+            raise RuntimeError("--fd_step auto: the step is chosen by lib.audit.prepare first")
+        return products_for(c.hvp, FDSettings(c.fd_richardson, step))
 
     def run_settings(self, checkpoint_path: Path, desc: str) -> parallel.RunSettings:
         """:class:`lib.parallel.RunSettings` from the run flags, checkpointing to ``checkpoint_path``
@@ -485,10 +497,13 @@ def finished_result(js: Path, spec: RunSpec) -> dict[str, Any]:
 @outputs.guarded
 def execute(spec: RunSpec, family: Family) -> dict[str, Any]:
     """Run ``spec`` through the pipeline; returns the saved metadata (``{}`` on torchrun ranks other than 0)."""
+    precision = torch.get_float32_matmul_precision()
     try:
         return _execute(spec, family)
     except ParamError as e:
         raise UserError(flag_message(e)) from None
+    finally:  # --matmul_precision is per run, not for the rest of the process (tests, the library)
+        torch.set_float32_matmul_precision(precision)
 
 
 def _execute(spec: RunSpec, family: Family) -> dict[str, Any]:
@@ -509,13 +524,19 @@ def _execute(spec: RunSpec, family: Family) -> dict[str, Any]:
         files=family.files(spec, name),
     )
     warn_low_precision(spec.model.dtype)
+    torch.set_float32_matmul_precision(spec.model.matmul_precision)  # workers: ModelSpec.load
     threads.apply(spec.run.threads, threads.local_processes(len(devices)))
     run = load(spec, family, name, devices, t_start)
+    run.audit_plan = audit.prepare(run)  # --fd_step auto: the step, before the computation
+    t_compute = time.perf_counter()
     result = family.compute(run)
     if result is None:  # torchrun rank > 0: rank 0 saves
         return {}
+    compute_s = time.perf_counter() - t_compute
+    run.audit = audit.audit_run(run, run.audit_plan)  # rank 0: the float64 audit (lib.audit)
     outputs.saving_results(run.kept)
     tensor, fields = family.save(run, result)
+    fields = {**fields, **audit.json_fields(run, fields, compute_s)}
     meta = {
         "script": run.spec.script,
         "spec_digest": spec.digest(),
@@ -530,7 +551,7 @@ def _execute(spec: RunSpec, family: Family) -> dict[str, Any]:
     meta = save_tensor_and_json(out, name, tensor, meta)
     family.finish(run, meta)
     print(f"computed on {run.where}", flush=True)
-    for line in family.report(run, meta):
+    for line in [*family.report(run, meta), *audit.report_lines(run)]:
         print(line)
     print("wrote " + ", ".join(str(out / f) for f in written_files(meta)), flush=True)
     return meta

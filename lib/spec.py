@@ -130,6 +130,11 @@ class ModelSection:
     dtype: str = result("float32")
     attn_implementation: str = result("eager")
     no_fused_head: bool = result(False)
+    matmul_precision: str = result(
+        "highest", when=lambda spec: spec.model.matmul_precision != "highest"
+    )
+    """``torch.set_float32_matmul_precision`` (``high``/``medium``: TF32 / bf16 passes on GPUs that have them); hashed
+    only when lowered, so that the default runs keep their names and digests."""
 
 
 @dataclass(frozen=True)
@@ -177,8 +182,24 @@ def _finite_differences(spec: Any) -> bool:
     return spec.compute.hvp not in (None, "exact")
 
 
+def _auto_step(spec: Any) -> bool:
+    return spec.compute.fd_step == "auto"
+
+
 @dataclass(frozen=True)
-class ProductMethod:
+class AuditSettings:
+    """The float64 audit of the run's products (:mod:`lib.audit`): ``audit`` products (``None``: the default of the
+    run's path, :func:`lib.audit.default_products`), on the first ``audit_b`` samples (``None``: the default), warning
+    above ``audit_tol``. They change no number of the result (not hashed), except with ``--fd_step auto``, whose step
+    the audit chooses."""
+
+    audit: int | None = result(None, when=_auto_step)
+    audit_b: int | None = result(None, when=_auto_step)
+    audit_tol: float = result(0.1, when=_auto_step)
+
+
+@dataclass(frozen=True)
+class ProductMethod(AuditSettings):
     """How every Hessian-vector product is taken (:mod:`lib.finite_difference`): ``hvp`` exact (double backward) or
     finite_difference (two first-order gradients), with Richardson extrapolation and a relative step (``None``: the
     dtype's default). ``hvp=None``: finite differences under ``--fsdp``, else exact (fixed when the spec is built).
@@ -186,10 +207,26 @@ class ProductMethod:
 
     hvp: str | None = result(None, when=_finite_differences)
     fd_richardson: bool = result(False, when=_finite_differences)
-    fd_step: float | None = result(None, when=_finite_differences)
+    fd_step: float | str | None = result(None, when=_finite_differences)
 
 
 HVP_METHODS = ("exact", "finite_difference")
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+"""``--matmul_precision``: torch's float32 matmul precisions (:func:`torch.set_float32_matmul_precision`)."""
+
+
+def fd_step_arg(text: str) -> float | str:
+    """``--fd_step``: a relative step, or ``auto`` (chosen by the audit among :data:`lib.audit.FD_LADDER`)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        import argparse
+
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}: give auto or a relative step such as 1e-3"
+        ) from None
 
 
 def _check_products(c: ProductMethod, dtype: str, method: str | None = None) -> None:
@@ -213,7 +250,7 @@ def _check_products(c: ProductMethod, dtype: str, method: str | None = None) -> 
         return
     from .finite_difference import check  # torch: only for finite-difference runs
 
-    check(method, c.fd_step, c.fd_richardson, dtype)
+    check(method, None if c.fd_step == "auto" else c.fd_step, c.fd_richardson, dtype)
 
 
 def _compares(spec: Any) -> bool:
@@ -497,6 +534,30 @@ class RunSpec:
             if compute.hvp not in HVP_METHODS:
                 raise UserError(f"--hvp must be one of {', '.join(HVP_METHODS)}, got {compute.hvp}")
             _check_products(compute, self.model.dtype, getattr(compute, "method", None))
+            _check_audit(compute, self.data.b)
+        if self.model.matmul_precision not in MATMUL_PRECISIONS:
+            raise UserError(
+                f"--matmul_precision must be one of {', '.join(MATMUL_PRECISIONS)}, got {self.model.matmul_precision}"
+            )
+
+
+def _check_audit(c: AuditSettings, b: int | None) -> None:
+    """``--audit`` >= 0, ``--audit_b`` between 1 and ``--b``, ``--audit_tol`` positive, ``--fd_step auto`` with an audit."""
+    _at_least("audit", c.audit, 0)
+    _at_least("audit_b", c.audit_b, 1)
+    if c.audit_b is not None and b is not None and c.audit_b > b:
+        raise UserError(f"--audit_b {c.audit_b} is more than the run's --b {b} samples")
+    if not (c.audit_tol > 0 and math.isfinite(c.audit_tol)):
+        raise UserError(f"--audit_tol must be a positive number, got {c.audit_tol}")
+    if c.fd_step == "auto" and c.audit == 0:
+        raise UserError(
+            "--fd_step auto chooses the step by the audit's products: drop --audit 0 (or give a step)"
+        )
+    if c.audit and getattr(c, "fsdp", False):
+        raise UserError(
+            "--audit is not available with --fsdp (the float64 reference would need the whole model on one rank): "
+            "drop --audit, and audit a smaller model or subset without --fsdp"
+        )
 
 
 def check_timeout(flag: str, value: float) -> None:

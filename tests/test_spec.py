@@ -97,10 +97,10 @@ def _changed(value):
 
 @pytest.mark.parametrize("cls", SPECS.values(), ids=lambda c: c.__name__)
 def test_the_digest_changes_with_exactly_the_result_changing_fields(cls):
-    spec = (  # finite differences and --compare: the fields hashed only with them are hashed
-        cls.build(cls.scripts[0], compare=("ggn",), hvp="finite_difference")
+    spec = (  # finite differences, --fd_step auto (the audit's flags) and --compare: the fields hashed only with them
+        cls.build(cls.scripts[0], compare=("ggn",), hvp="finite_difference", fd_step="auto")
         if cls is ExactSpec
-        else cls.build(cls.scripts[0], hvp="finite_difference")
+        else cls.build(cls.scripts[0], hvp="finite_difference", fd_step="auto")
     )
     for name, (_, f) in _fields(cls).items():
         other = spec.replace(**{name: _changed(spec.get(name))})
