@@ -51,7 +51,8 @@ ProductFn = Callable[[torch.Tensor], torch.Tensor]
 DEFAULT_PRODUCTS = 4
 """``--audit`` of the approximate paths when not given (0 for exact float32 at full precision and for float64)."""
 DEFAULT_AUDIT_B = 4
-"""``--audit_b`` when not given: the first ``min(b, 4)`` samples."""
+"""``--audit_b`` when not given: the first ``min(b, 4)`` samples (diagonal, spectrum); the exact scripts audit every
+sample, reading ``K`` of the block's own columns (the reference costs ``K / t`` of the run in float64)."""
 DEFAULT_TOL = 0.1
 """``--audit_tol``'s default (the spec's field says it too): a product off by more than 10 % warns. Passes: float32
 finite differences (2.7e-2 measured on the embedded model), TF32 (3.4e-2 on OPT-125M, H200); warns: bf16 products
@@ -266,6 +267,13 @@ def audit_products(
     )
 
 
+def matrix_path(h: torch.Tensor) -> ProductFn:
+    """``V -> h V`` for a matrix the run already computed (the exact scripts' block, float64 sums): the audit then
+    reads the run's own columns and takes no product by the run's path."""
+    h = h.to(torch.float64)
+    return lambda v: h @ v.to(h.device)
+
+
 def fd_truncation(
     run_at: Callable[[float], ProductFn], h: float, vectors: torch.Tensor
 ) -> dict[str, Any]:
@@ -349,7 +357,10 @@ def plan(run: Any) -> Plan:
         else default_products(spec.model.dtype, c.hvp, spec.model.matmul_precision, fsdp)
     )
     b = int(run.samples.shape[0])
-    p = Plan(k, min(b, c.audit_b or DEFAULT_AUDIT_B), c.audit_tol)
+    default_b = (
+        b if spec.family == "exact" else DEFAULT_AUDIT_B
+    )  # exact: the block's own columns, all samples
+    p = Plan(k, min(b, c.audit_b or default_b), c.audit_tol)
     if k == 0:
         return p
     p.subset = run_subset(run)
@@ -399,13 +410,28 @@ def prepare(run: Any) -> Plan:
     return p
 
 
-def audit_run(run: Any, p: Plan) -> AuditResult | None:
-    """After the computation (rank 0): the audit of ``p`` (``None`` when it takes no products)."""
+def own_block(run: Any, result: Any, audit_b: int) -> torch.Tensor | None:
+    """The exact scripts' block as the run computed it (float64 sums / tokens), when the audit uses all its samples:
+    the audit then reads the run's own columns. ``None`` otherwise (other families, fewer samples)."""
+    if run.spec.family != "exact" or audit_b != int(run.samples.shape[0]):
+        return None
+    sums, res = result[1], result[2]
+    return sums["hessian_sum"] / res.n_tokens
+
+
+def audit_run(run: Any, p: Plan, result: Any = None) -> AuditResult | None:
+    """After the computation (rank 0): the audit of ``p`` (``None`` when it takes no products); ``result``: the
+    family's, for the exact scripts' own block (:func:`own_block`)."""
     if p.products == 0:
         return None
     model, samples, bs, fused = _paths(run, p)
     products = run.products()
-    run_path = operator_path(model, p.subset, samples, products, bs, fused)
+    block = None if result is None else own_block(run, result, p.audit_b)
+    run_path = (
+        operator_path(model, p.subset, samples, products, bs, fused)
+        if block is None
+        else matrix_path(block)
+    )
     t0 = time.perf_counter()
     reference, ref_s = p.reference, p.reference_s
     if reference is None:

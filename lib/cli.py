@@ -229,7 +229,8 @@ PRODUCTS_HELP = {
     "exact block's columns, Rademacher probes for the diagonal and the spectrum), their relative errors in the JSON "
     "(audit) and one printed line; default: 0 (off) for exact products in float32 at --matmul_precision highest or in "
     "float64, 4 for lower matmul precision, bfloat16 / float16 and --hvp finite_difference; not with --fsdp",
-    "audit_b": "the audit uses the first N samples of the run (default: min(--b, 4))",
+    "audit_b": "the audit uses the first N samples of the run (default: every sample for the exact scripts, which "
+    "then read K of the block's own columns; min(--b, 4) for the diagonal and the spectrum)",
     "audit_tol": "warn (and still save) when the audit's largest relative error is above this",
 }
 """How every Hessian-vector product is taken (:class:`lib.spec.ProductMethod`), on every script."""

@@ -533,7 +533,9 @@ def _execute(spec: RunSpec, family: Family) -> dict[str, Any]:
     if result is None:  # torchrun rank > 0: rank 0 saves
         return {}
     compute_s = time.perf_counter() - t_compute
-    run.audit = audit.audit_run(run, run.audit_plan)  # rank 0: the float64 audit (lib.audit)
+    run.audit = audit.audit_run(
+        run, run.audit_plan, result
+    )  # rank 0: the float64 audit (lib.audit)
     outputs.saving_results(run.kept)
     tensor, fields = family.save(run, result)
     fields = {**fields, **audit.json_fields(run, fields, compute_s)}
