@@ -553,6 +553,10 @@ def _check_audit(c: AuditSettings, b: int | None) -> None:
         raise UserError(
             "--fd_step auto chooses the step by the audit's products: drop --audit 0 (or give a step)"
         )
+    if c.fd_step == "auto" and getattr(c, "fsdp", False):
+        raise UserError(
+            "--fd_step auto chooses the step by the float64 audit, which --fsdp does not have: give --fd_step H"
+        )
     if c.audit and getattr(c, "fsdp", False):
         raise UserError(
             "--audit is not available with --fsdp (the float64 reference would need the whole model on one rank): "

@@ -306,7 +306,7 @@ class SpectrumFamily(Family):
             if (
                 fd is not None
             ):  # rows H e_i by finite differences: report their asymmetry, diagonalize the symmetric part
-                meta["hvp"] = exact_script_report(fd, h, sums)
+                meta["hvp"] = exact_script_report(fd, h.to(run.dtype), sums)  # the dtype's step
                 h = (h + h.T) / 2
             ev, vecs = torch.linalg.eigh(h)
             idx = spectrum.wanted(ev, c.top_k, c.which)

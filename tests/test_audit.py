@@ -172,6 +172,7 @@ def _json(tmp_path, name):
     return json.loads((tmp_path / f"{name}.json").read_text())
 
 
+@pytest.mark.slow
 def test_matmul_precision_is_recorded_audited_and_restored_on_cpu(tmp_path, capsys):
     """On CPU, high and medium run (no TF32 there: float32's error) and are recorded; the process's precision is
     the run's only while it runs."""
@@ -275,3 +276,56 @@ def test_audit_flags_are_checked_before_anything_loads(no_model_load, tmp_path):
     ]:
         with pytest.raises(UserError, match=msg):
             single_layer_single_block.run([*FAST, "--output_dir", str(tmp_path), *argv])
+
+
+def test_fsdp_refuses_the_audit_and_fd_step_auto_in_one_line(one_rank_env, no_model_load, tmp_path):
+    import hessian_spectrum
+    from lib.errors import UserError
+
+    base = [*FAST, "--output_dir", str(tmp_path), "--fsdp", "--params", "*"]
+    with pytest.raises(UserError, match="--audit is not available with --fsdp"):
+        hessian_spectrum.run([*base, "--audit", "4"])
+    with pytest.raises(UserError, match="--fd_step auto chooses the step by the float64 audit"):
+        hessian_spectrum.run([*base, "--fd_step", "auto"])
+
+
+@pytest.mark.slow
+def test_diagonal_and_spectrum_runs_carry_their_audited_errors(tmp_path, capsys):
+    """bf16 diagonal: the audit, and the bound on the error the products add to the diagonal; finite-difference
+    spectrum: eigenvalue bounds = residual + the audit's ||dH||_F estimate, the figure title says it was audited."""
+    import hessian_diagonal
+    import hessian_spectrum
+
+    out = ["--seqlen", "16", "--b", "2", "--no_progress", "--output_dir", str(tmp_path)]
+    hessian_diagonal.run(
+        [*out, "--name", "d", "--dtype", "bfloat16", "--hvps", "4", "--audit_b", "1"]
+    )
+    js = _json(tmp_path, "d")
+    assert js["audit"]["products"] == 4 and js["audit"]["audit_b"] == 1
+    assert js["audit"]["probes"] == "Rademacher" and js["audit"]["max_rel_error"] > 1e-3
+    n = 128 * 128  # the embedded model's q_proj
+    assert js["diagonal_product_error"]["per_entry_rms_bound"] == pytest.approx(
+        js["audit"]["delta_norm"] / n**0.5
+    )
+    hessian_spectrum.run(
+        [
+            *out,
+            "--name",
+            "s",
+            "--t",
+            "8",
+            "--top_k",
+            "2",
+            "--hvp",
+            "finite_difference",
+            "--audit",
+            "2",
+        ]
+    )
+    js = _json(tmp_path, "s")
+    b = js["eigenvalue_error_bounds"]
+    assert b["product_error_part"] == js["audit"]["delta_norm"] > 0
+    assert b["bounds"] == [r + b["product_error_part"] for r in js["residuals"]]
+    assert js["audit"]["fd"]["relative_step"] == js["hvp"]["relative_step"]
+    printed = capsys.readouterr().out
+    assert "audit: 2 products, max rel. error" in printed and "audited: max rel. error" in printed
