@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checklist (../shared/gpu-checklist.md) in one run: correctness runs on the embedded model in float64
 # (their .pt/.json come back in $OUT/results.tgz, compared with the CPU here by tools/gpu_compare.py), then
+# the fast paths (TF32, bf16, finite differences: benchmarks/fast_paths.py, timed and audited), then
 # benchmarks/gpu.py. Every step has its own time limit; the log is $OUT/log.txt.
 #   OUT=/tmp/gpu bash tools/gpu_check.sh [speed budget seconds]
 set -u
@@ -63,10 +64,18 @@ step fd1 150 $PY hessian_spectrum.py $F --device $DEV --name fd1 &
 step fsdp2 120 $PY -m torch.distributed.run --standalone --nproc_per_node 2 hessian_spectrum.py $F --fsdp --device $DEV --name fsdp2 &
 wait
 step fsdp1 120 $PY -m torch.distributed.run --standalone --nproc_per_node 1 hessian_spectrum.py $F --fsdp --device $DEV --name fsdp1
+# the fast paths (issue 28): TF32 and bf16 runs audited in the run (the audit line and the JSON's audit section)
+step tf32 150 $PY single_layer_single_block.py --no_progress --b 4 --output_dir $R --threads 2 --device $DEV --matmul_precision high --name tf32 &
+step bf16 150 $PY single_layer_single_block.py --no_progress --b 4 --output_dir $R --threads 2 --device $DEV --dtype bfloat16 --name bf16 &
+wait
+grep -h "^audit:" "$R/tf32.log" "$R/bf16.log" | sed 's/^/    /' | tee -a "$LOG"
 echo "[$(($(date +%s) - t0))s] correctness done" | tee -a "$LOG"
 (cd "$R" && tar czf "$OUT/results.tgz" --exclude='*.png' --exclude='*.pdf' .)
 
-# 2. speed, alone on the GPU
+# 2. speed, alone on the GPU: first Fig. 1a's columns by each fast path, timed and audited against float64 (the rows
+# of the README's GPU paragraph and docs/long_runs.md's fast-path table), then benchmarks/gpu.py
 [ "$BUDGET" -gt 0 ] || exit 0
+step fast 240 $PY benchmarks/fast_paths.py --device $DEV --columns 32 --audit 8
+cp "$R/fast.log" "$OUT/fast_paths.txt"
 timeout $((BUDGET + 90)) $PY benchmarks/gpu.py --device $DEV --budget_s "$BUDGET" 2>&1 | tee "$OUT/speed.txt"
 echo "[$(($(date +%s) - t0))s] all done" | tee -a "$LOG"
