@@ -336,6 +336,8 @@ class Plan:
     chosen_step: float | None = None
     reference_s: float = 0.0
     ladder_s: float = 0.0
+    why_none: str | None = None
+    """Why no product is audited (``products == 0``), or why the audit failed after the computation."""
 
 
 def run_subset(run: Any) -> Subset:
@@ -356,12 +358,20 @@ def plan(run: Any) -> Plan:
         if c.audit is not None
         else default_products(spec.model.dtype, c.hvp, spec.model.matmul_precision, fsdp)
     )
+    split = spec.run.device_map is not None and c.audit is None and k > 0
     b = int(run.samples.shape[0])
-    default_b = (
-        b if spec.family == "exact" else DEFAULT_AUDIT_B
-    )  # exact: the block's own columns, all samples
-    p = Plan(k, min(b, c.audit_b or default_b), c.audit_tol)
-    if k == 0:
+    default_b = b if spec.family == "exact" else DEFAULT_AUDIT_B  # exact: the block's own columns
+    p = Plan(0 if split else k, min(b, c.audit_b or default_b), c.audit_tol)
+    if p.products == 0:
+        p.why_none = (
+            "not available with --fsdp"
+            if fsdp
+            else "--device_map: a float64 copy of a split model may not fit; --audit K takes it"
+            if split
+            else "--audit 0"
+            if c.audit == 0
+            else "exact products at full precision: nothing to audit"
+        )
         return p
     p.subset = run_subset(run)
     seed = derived_seed(spec.get("seed"), "audit")
@@ -420,10 +430,21 @@ def own_block(run: Any, result: Any, audit_b: int) -> torch.Tensor | None:
 
 
 def audit_run(run: Any, p: Plan, result: Any = None) -> AuditResult | None:
-    """After the computation (rank 0): the audit of ``p`` (``None`` when it takes no products); ``result``: the
-    family's, for the exact scripts' own block (:func:`own_block`)."""
+    """After the computation (rank 0): the audit of ``p`` (``None`` when it takes no products, or when it failed, e.g.
+    the float64 copy ran out of memory: the run's results are saved all the same, ``p.why_none`` says why);
+    ``result``: the family's, for the exact scripts' own block (:func:`own_block`)."""
     if p.products == 0:
         return None
+    try:
+        return _audit(run, p, result)
+    except (torch.OutOfMemoryError, RuntimeError, MemoryError) as e:
+        p.why_none = f"the audit failed ({type(e).__name__}: {str(e)[:200]}); the results are saved without it"
+        if run.devices[0].type == "cuda":
+            torch.cuda.empty_cache()
+        return None
+
+
+def _audit(run: Any, p: Plan, result: Any) -> AuditResult:
     model, samples, bs, fused = _paths(run, p)
     products = run.products()
     block = None if result is None else own_block(run, result, p.audit_b)
@@ -496,12 +517,8 @@ def json_fields(run: Any, fields: dict[str, Any], run_s: float | None) -> dict[s
     if audit is not None:
         out: dict[str, Any] = {"audit": audit.as_dict(run_s)}
     else:
-        why = "exact products at full precision: nothing to audit"
-        if p is not None and run.spec.compute.audit == 0:
-            why = "--audit 0"
-        elif getattr(run.spec.compute, "fsdp", False):
-            why = "not available with --fsdp"
-        out = {"audit": {"products": 0, "why": why}}
+        why = p.why_none if p is not None else None
+        out = {"audit": {"products": 0, "why": why or "no audit"}}
     bounds = eigenvalue_bounds(fields, audit)
     if bounds is not None:
         out["eigenvalue_error_bounds"] = bounds
@@ -517,13 +534,16 @@ def json_fields(run: Any, fields: dict[str, Any], run_s: float | None) -> dict[s
 
 def report_lines(run: Any) -> list[str]:
     """The printed line of the audit (none without one); the warning above ``--audit_tol`` goes to stderr."""
+    from .inputs import warn
+
     audit = getattr(run, "audit", None)
+    p = getattr(run, "audit_plan", None)
     if audit is None:
+        if p is not None and p.products and p.why_none:
+            warn(p.why_none)
         return []
     warning = audit.warning()
     if warning is not None:
-        from .inputs import warn
-
         warn(warning)
     return [audit.line()]
 

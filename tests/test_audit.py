@@ -329,3 +329,19 @@ def test_diagonal_and_spectrum_runs_carry_their_audited_errors(tmp_path, capsys)
     assert js["audit"]["fd"]["relative_step"] == js["hvp"]["relative_step"]
     printed = capsys.readouterr().out
     assert "audit: 2 products, max rel. error" in printed and "audited: max rel. error" in printed
+
+
+def test_an_audit_that_fails_leaves_the_results_saved(tmp_path, capsys, monkeypatch):
+    def no_memory(model):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(audit, "float64_copy", no_memory)
+    single_layer_single_block.run(
+        [*FAST, "--output_dir", str(tmp_path), "--name", "oom", "--dtype", "bfloat16"]
+    )
+    js = _json(tmp_path, "oom")
+    assert js["audit"]["products"] == 0 and js["audit"]["why"].startswith(
+        "the audit failed (OutOfMemoryError: CUDA out of memory (simulated))"
+    )
+    assert (tmp_path / "oom.pt").exists()
+    assert "warning: the audit failed" in capsys.readouterr().err
