@@ -33,6 +33,8 @@ Main entry points:
   ``hvp="finite_difference"``, :class:`FiniteDifference`, :class:`FDSettings`) and :mod:`lib.spectrum` (Lanczos with
   full, selective or no reorthogonalization, Hutchinson and Hutch++ traces, stochastic Lanczos quadrature over any
   ``matmat``; sharded vectors :mod:`lib.vectors`, FSDP :mod:`lib.fsdp`);
+* how far approximate products are from exact float64 ones (TF32 / bf16 matmuls, 16-bit models, finite
+  differences): :func:`audit_hessian` (-> :class:`AuditResult`, :mod:`lib.audit`; the scripts' ``--audit``);
 * curvature approximations next to the exact Hessian (GGN, sampled and empirical Fisher, GPTQ, K-FAC):
   :mod:`lib.curvature`, one module each in :mod:`lib.estimators.approximations`;
 * chunk by measurement: :func:`tune_chunk` (:mod:`lib.autotune`); runs on several devices with checkpoints:
@@ -51,6 +53,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "AuditResult": "audit",
+    "audit_hessian": "audit",
     "tune_chunk": "autotune",
     "load_samples": "data",
     "load_text": "data",

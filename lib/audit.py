@@ -317,6 +317,45 @@ def choose_fd_step(
     return best["relative_step"], rows
 
 
+def audit_hessian(
+    model: nn.Module,
+    subset: Subset,
+    samples: torch.Tensor,
+    products: Products | None = None,
+    hvp: str = "exact",
+    fd: FDSettings | None = None,
+    k: int = DEFAULT_PRODUCTS,
+    probes: str = "rademacher",
+    seed: int = 0,
+    tol: float = DEFAULT_TOL,
+    model_input_bs: int = 1,
+) -> AuditResult:
+    """The audit as one library call: ``k`` products of the Hessian of the mean NLL over ``samples`` (``(b, seqlen)``)
+    w.r.t. ``subset``, by ``model`` (its dtype and the current float32 matmul precision) with ``products`` (default:
+    :func:`lib.operator.products_for` of ``hvp`` and ``fd``), against exact float64 double backward on the same
+    samples. ``probes``: ``"rademacher"`` (``(n, k)`` +-1) or ``"columns"`` (``k`` random columns ``e_i``)."""
+    from .operator import products_for
+
+    if probes not in ("rademacher", "columns"):
+        raise ValueError(f"probes must be 'rademacher' or 'columns', got {probes!r}")
+    products = products_for(hvp, fd) if products is None else products
+    n = subset.size
+    columns = None
+    if probes == "columns":
+        vectors, columns = column_vectors(n, k, seed)
+    else:
+        vectors = rademacher_vectors(n, k, seed)
+    return audit_products(
+        operator_path(model, subset, samples, products, model_input_bs),
+        float64_reference(model, subset, samples, model_input_bs),
+        vectors,
+        int(samples.shape[0]),
+        "Rademacher" if probes == "rademacher" else "columns e_i",
+        tol,
+        columns,
+    )
+
+
 # ----------------------------------------------------------------------------- the pipeline's hooks
 
 

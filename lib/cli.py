@@ -228,7 +228,9 @@ PRODUCTS_HELP = {
     "audit": "K: products taken both by the run's path and by exact float64 double backward on the same samples (the "
     "exact block's columns, Rademacher probes for the diagonal and the spectrum), their relative errors in the JSON "
     "(audit) and one printed line; default: 0 (off) for exact products in float32 at --matmul_precision highest or in "
-    "float64, 4 for lower matmul precision, bfloat16 / float16 and --hvp finite_difference; not with --fsdp",
+    "float64, 4 for lower matmul precision, bfloat16 / float16 and --hvp finite_difference (0 with --device_map: "
+    "the float64 copy of a split model may not fit); not with --fsdp; an audit that fails (out of memory) warns, "
+    "the results are saved",
     "audit_b": "the audit uses the first N samples of the run (default: every sample for the exact scripts, which "
     "then read K of the block's own columns; min(--b, 4) for the diagonal and the spectrum)",
     "audit_tol": "warn (and still save) when the audit's largest relative error is above this",
