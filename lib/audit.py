@@ -230,7 +230,7 @@ def _timed(fn: ProductFn, v: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 def audit_products(
     run_path: ProductFn,
-    reference: ProductFn,
+    reference: ProductFn | None,
     vectors: torch.Tensor,
     audit_b: int,
     probes: str = "Rademacher",
@@ -245,6 +245,8 @@ def audit_products(
     hv, run_s = _timed(run_path, vectors)
     ref_s = 0.0
     if ref is None:
+        if reference is None:
+            raise ValueError("give the reference path or its products ref")
         ref, ref_s = _timed(reference, vectors)
     errs = relative_errors(hv, ref)
     diff = hv - ref
@@ -274,13 +276,11 @@ def matrix_path(h: torch.Tensor) -> ProductFn:
     return lambda v: h @ v.to(h.device)
 
 
-def fd_truncation(
-    run_at: Callable[[float], ProductFn], h: float, vectors: torch.Tensor
-) -> dict[str, Any]:
-    """The truncation error of central differences at the relative step ``h``, estimated from products at ``h`` and
-    ``h / 2`` (module docstring): ``{relative_step, truncation_error_estimate}`` (relative, largest over the vectors)."""
-    d_h = torch.as_tensor(run_at(h)(vectors), dtype=torch.float64)
-    d_half = torch.as_tensor(run_at(h / 2)(vectors), dtype=torch.float64)
+def fd_truncation(d_h: torch.Tensor, d_half: torch.Tensor, h: float) -> dict[str, Any]:
+    """The truncation error of central differences at the relative step ``h``, estimated from the products ``d_h`` at
+    ``h`` and ``d_half`` at ``h / 2`` of the same vectors (module docstring): ``{relative_step,
+    truncation_error_estimate}`` (relative, largest over the vectors; rounding included)."""
+    d_h, d_half = d_h.to(torch.float64), d_half.to(torch.float64)
     est = max(relative_errors(d_h + (d_h - d_half) * (4 / 3), d_h))
     return {
         "relative_step": h,
@@ -492,6 +492,7 @@ def _audit(run: Any, p: Plan, result: Any) -> AuditResult:
         if block is None
         else matrix_path(block)
     )
+    hv, run_s = _timed(run_path, p.vectors)
     t0 = time.perf_counter()
     reference, ref_s = p.reference, p.reference_s
     if reference is None:
@@ -501,17 +502,17 @@ def _audit(run: Any, p: Plan, result: Any) -> AuditResult:
     fd = None
     if isinstance(products, FiniteDifference):
         s = products.settings
-        run_at = lambda h: operator_path(  # noqa: E731
-            model, p.subset, samples, FiniteDifference(FDSettings(s.richardson, h)), bs, fused
-        )
-        fd = fd_truncation(run_at, s.h(run.dtype), p.vectors)
+        h = s.h(run.dtype)
+        half = FiniteDifference(FDSettings(s.richardson, h / 2))
+        d_half = operator_path(model, p.subset, samples, half, bs, fused)(p.vectors)
+        fd = fd_truncation(hv, torch.as_tensor(d_half, dtype=torch.float64), h)
         if p.ladder:
             fd.update(auto=True, ladder=p.ladder)
     fd_s = time.perf_counter() - t1 + p.ladder_s
     res = audit_products(
-        run_path, run_path, p.vectors, p.audit_b, p.probes, p.tol, p.columns, fd, ref=reference
+        lambda v: hv, None, p.vectors, p.audit_b, p.probes, p.tol, p.columns, fd, ref=reference
     )
-    return dataclasses.replace(res, reference_s=ref_s, other_s=fd_s)
+    return dataclasses.replace(res, run_path_s=run_s, reference_s=ref_s, other_s=fd_s)
 
 
 def eigenvalue_bounds(fields: dict[str, Any], audit: AuditResult | None) -> dict[str, Any] | None:
