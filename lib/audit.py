@@ -413,6 +413,15 @@ def plan(run: Any) -> Plan:
         )
         return p
     p.subset = run_subset(run)
+    need = audit_bytes(run.model, p.subset.size, k)
+    free = _free_bytes(run.devices[0])
+    if c.audit is None and need > AUDIT_MEMORY_FRACTION * free:
+        p.products, p.subset = 0, None
+        p.why_none = (
+            f"the float64 audit would take about {need / 2**30:.1f} GiB (a float64 copy of the model and its vectors), "
+            f"over {AUDIT_MEMORY_FRACTION:.0%} of the free {free / 2**30:.1f} GiB: left out by default; --audit K takes it"
+        )
+        return p
     seed = derived_seed(spec.get("seed"), "audit")
     if spec.family == "exact":
         p.vectors, p.columns = column_vectors(p.subset.size, k, seed)
@@ -420,6 +429,26 @@ def plan(run: Any) -> Plan:
     else:
         p.vectors = rademacher_vectors(p.subset.size, k, seed)
     return p
+
+
+AUDIT_MEMORY_FRACTION = 0.5
+"""A default audit is left out when its float64 copy and vectors would take more than this share of the free memory."""
+
+
+def audit_bytes(model: nn.Module, n: int, k: int) -> int:
+    """About what the audit adds: a float64 copy of the model (none for a float64 model) and a few ``(n, k)`` float64
+    blocks (the vectors, both paths' products and their transposes)."""
+    params = sum(p.numel() for p in model.parameters())
+    copy_bytes = 0 if next(model.parameters()).dtype == torch.float64 else 8 * params
+    return copy_bytes + 6 * 8 * n * k
+
+
+def _free_bytes(device: torch.device) -> int:
+    """The free memory of ``device`` (a GPU's), else of the host."""
+    from .preflight import available_host_bytes, free_device_bytes
+
+    free = free_device_bytes(device)
+    return available_host_bytes() if free is None else min(free, available_host_bytes())
 
 
 def _audit_model(run: Any) -> nn.Module:

@@ -345,3 +345,13 @@ def test_an_audit_that_fails_leaves_the_results_saved(tmp_path, capsys, monkeypa
     )
     assert (tmp_path / "oom.pt").exists()
     assert "warning: the audit failed" in capsys.readouterr().err
+
+
+def test_a_default_audit_that_would_not_fit_in_memory_is_left_out(tmp_path, monkeypatch):
+    monkeypatch.setattr(audit, "_free_bytes", lambda device: 2**20)  # 1 MiB free
+    argv = [*FAST, "--output_dir", str(tmp_path), "--dtype", "bfloat16"]
+    single_layer_single_block.run([*argv, "--name", "left"])
+    why = _json(tmp_path, "left")["audit"]["why"]
+    assert why.startswith("the float64 audit would take about") and "--audit K takes it" in why
+    single_layer_single_block.run([*argv, "--name", "forced", "--audit", "2"])  # asked for: taken
+    assert _json(tmp_path, "forced")["audit"]["products"] == 2
