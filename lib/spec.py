@@ -557,6 +557,11 @@ def _check_audit(c: AuditSettings, b: int | None) -> None:
         raise UserError(
             "--fd_step auto chooses the step by the float64 audit, which --fsdp does not have: give --fd_step H"
         )
+    if c.fd_step == "auto" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(
+            "--fd_step auto under torchrun would let each rank choose its own step: run it once in one process "
+            "(the JSON's audit.fd.relative_step) and give that step with --fd_step H"
+        )
     if c.audit and getattr(c, "fsdp", False):
         raise UserError(
             "--audit is not available with --fsdp (the float64 reference would need the whole model on one rank): "

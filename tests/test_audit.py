@@ -278,7 +278,9 @@ def test_audit_flags_are_checked_before_anything_loads(no_model_load, tmp_path):
             single_layer_single_block.run([*FAST, "--output_dir", str(tmp_path), *argv])
 
 
-def test_fsdp_refuses_the_audit_and_fd_step_auto_in_one_line(one_rank_env, no_model_load, tmp_path):
+def test_fsdp_refuses_the_audit_and_fd_step_auto_in_one_line(
+    one_rank_env, no_model_load, tmp_path, monkeypatch
+):
     import hessian_spectrum
     from lib.errors import UserError
 
@@ -287,6 +289,19 @@ def test_fsdp_refuses_the_audit_and_fd_step_auto_in_one_line(one_rank_env, no_mo
         hessian_spectrum.run([*base, "--audit", "4"])
     with pytest.raises(UserError, match="--fd_step auto chooses the step by the float64 audit"):
         hessian_spectrum.run([*base, "--fd_step", "auto"])
+    monkeypatch.setenv("WORLD_SIZE", "2")  # ranks must not choose their own steps
+    with pytest.raises(UserError, match="--fd_step auto under torchrun would let each rank choose"):
+        hessian_spectrum.run(
+            [
+                *FAST,
+                "--output_dir",
+                str(tmp_path),
+                "--hvp",
+                "finite_difference",
+                "--fd_step",
+                "auto",
+            ]
+        )
 
 
 @pytest.mark.slow
