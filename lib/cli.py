@@ -634,7 +634,10 @@ def main(fn: Callable[[list[str] | None], Any], argv: list[str] | None = None) -
         print(f"error: {e.message}", file=sys.stderr)
         raise SystemExit(e.code) from None
     except UserError as e:
-        print(f"error: {flag_message(e) if isinstance(e, ParamError) else e}", file=sys.stderr)
+        from .ranks import quiet_on_this_rank
+
+        if not quiet_on_this_rank(e):  # an error all torchrun ranks share: rank 0's line only
+            print(f"error: {flag_message(e) if isinstance(e, ParamError) else e}", file=sys.stderr)
         raise SystemExit(2) from None
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -54,6 +54,9 @@ Reduce = Callable[[int], int]
 
 HVP_METHODS = ("exact", "finite_difference")
 """``exact``: double backward on the gradient's graph (:mod:`lib.operator`); ``finite_difference``: this module."""
+MAX_RELATIVE_STEP = 1.0
+"""``--fd_step`` must be below this: a relative step ``h`` moves the weights by ``h`` times their own norm, so at 1 the
+difference spans more than the weights themselves (and a float32 step of 1e40 overflowed); refused before any work."""
 MIN_STEP_EPS = 8.0
 """The kink-aware step is not reduced below ``MIN_STEP_EPS * eps`` (relative): there the rounding error ``~ eps / h`` is ~1/8."""
 KINKS: dict[type, Callable[[nn.Module], tuple[float, ...]]] = {
@@ -175,9 +178,16 @@ def default_relative_step(dtype: torch.dtype, richardson: bool = False) -> float
 
 def underflow_message(h: float, dtype: torch.dtype) -> str | None:
     """Why the relative step ``h`` cannot work in ``dtype`` (``None`` if it can): a perturbation at or below the dtype's
-    rounding of the weights (``h <= eps``) is lost when added to them; ``h`` must also be positive and finite."""
+    rounding of the weights (``h <= eps``) is lost when added to them; ``h`` must also be positive, finite and below
+    :data:`MAX_RELATIVE_STEP`."""
     if not (h > 0 and math.isfinite(h)):
         return f"the finite-difference step must be positive and finite, got {h}"
+    if h >= MAX_RELATIVE_STEP:
+        return (
+            f"finite-difference step {h:g} is not below {MAX_RELATIVE_STEP:g}: the step is relative, the weights "
+            f"move by {h:g} times their own norm (the default for {str(dtype).removeprefix('torch.')} is "
+            f"{default_relative_step(dtype):.3g})"
+        )
     eps = torch.finfo(dtype).eps
     if h <= eps:
         name = str(dtype).removeprefix("torch.")

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import outputs, parallel, preflight, threads
+from . import outputs, parallel, preflight, ranks, threads
 from .autotune import samples_per_forward
 from .cli import LOW_PRECISION_NOTE, flag_message
 from .data import (
@@ -416,6 +416,13 @@ def load(
         devices[0] if len(devices) == 1 and not fsdp else torch.device("cpu")
     )  # FSDP shards it from the host
     found = inspect(spec, family, device)
+    before = {
+        "model config": config_fingerprint(found.model),
+        "tokenizer": found.tokenizer_fingerprint,
+        "dataset text": found.dataset_sha256,
+        "code": code_path(found.model),
+    }
+    ranks.agree(ranks.identity(found.spec, before), devices[0])  # torchrun: before a weight loads
     model = found.model if found.loaded else _load_weights(found.spec, device)
     structure = family.structure(model, found.spec)
     offloaded = offloaded_parameters(model, family.param_names(structure))
@@ -442,6 +449,7 @@ def load(
         "code": code_path(model),
         "tokenizer": found.tokenizer_fingerprint,
     }
+    ranks.agree({"model weights": fingerprints["model"]}, devices[0])
     return Run(
         spec,
         name,
@@ -489,6 +497,8 @@ def execute(spec: RunSpec, family: Family) -> dict[str, Any]:
         return _execute(spec, family)
     except ParamError as e:
         raise UserError(flag_message(e)) from None
+    finally:
+        ranks.end_process_group()
 
 
 def _execute(spec: RunSpec, family: Family) -> dict[str, Any]:

@@ -1,0 +1,110 @@
+"""Every torchrun rank of one job proves that it runs the same job, before it computes anything.
+
+torchrun starts its ranks with whatever each was given: a rank launched with another ``--b``, ``--layer_name``,
+``--fd_step`` or model directory would otherwise compute its share of *another* job, and rank 0 would add the
+shares into one silently mixed result. So each rank sends its :func:`identity` -- the run spec's result-changing
+fields (those of :meth:`lib.spec.RunSpec.digest`), the few operational ones the ranks must share (``--fsdp``,
+``--resume``, ``--name``) and the fingerprints of the model's config, tokenizer, text and code -- to every other by
+one ``all_gather_object`` (gloo on the CPU, NCCL on GPUs) after the config, tokenizer and text are read and *before a
+weight is loaded*; the weights' fingerprint follows by a second, right after they load. A rank whose identity
+differs from rank 0's makes every rank refuse (:class:`RanksDisagree`, exit status 2) in one line naming the
+first field that differs and both values; rank 0 prints it, the other ranks exit silently
+(:func:`quiet_on_this_rank`), so a job prints it once.
+
+Outside torchrun (or with one rank) nothing is exchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+SHARED_OPERATIONAL = ("fsdp", "resume", "name")
+"""Operational fields (not in the digest) that every rank must share: how the ranks split the work, whether they
+replay a pass log, under which name they log it."""
+
+
+class RanksDisagree(UserError):
+    """The ranks of one torchrun job were started for different jobs (every rank raises it; rank 0 prints it)."""
+
+    shared_by_ranks = True
+
+
+def identity(spec: Any, fingerprints: dict[str, str] | None = None) -> dict[str, Any]:
+    """What must be equal on every rank: ``{"--flag": value}`` for each result-changing field of ``spec`` (the
+    ``script`` too) and each of :data:`SHARED_OPERATIONAL` the spec has, then ``fingerprints`` (``{what: digest}``)."""
+    values = spec.result_values()
+    values.pop("family", None)
+    out: dict[str, Any] = {"script": values.pop("script")}
+    out.update({f"--{k}": v for k, v in values.items()})
+    names = spec.field_names()
+    out.update({f"--{k}": spec.get(k) for k in SHARED_OPERATIONAL if k in names})
+    out.update(fingerprints or {})
+    return out
+
+
+def first_difference(identities: list[dict[str, Any]]) -> str | None:
+    """The refusal naming the first field in which a rank's identity differs from rank 0's (``None``: all agree)."""
+    base = identities[0]
+    for r, other in enumerate(identities[1:], 1):
+        for key in [*base, *(k for k in other if k not in base)]:
+            mine, theirs = base.get(key, "(none)"), other.get(key, "(none)")
+            if mine != theirs:
+                return (
+                    f"the ranks of this torchrun job were started for different jobs: {key} is {theirs!r} on rank {r} "
+                    f"but {mine!r} on rank 0; start every rank with the same flags, model and data"
+                )
+    return None
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def agree(ident: dict[str, Any], device: torch.device) -> None:
+    """Under torchrun with several ranks (a collective: every rank calls it with its own ``ident``): start the
+    process group if needed (:func:`lib.parallel.init_process_group`) and raise :class:`RanksDisagree` on every
+    rank unless all identities are equal. A no-op in one process."""
+    from . import parallel
+
+    if parallel.distributed_env() is None:
+        return
+    parallel.init_process_group(device)
+    message = first_difference(_all_gather(ident))
+    if message is not None:
+        raise RanksDisagree(message)
+
+
+def this_rank() -> int:
+    """This process's torchrun rank (0 outside torchrun; read from the environment, torch is not imported)."""
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def quiet_on_this_rank(error: BaseException) -> bool:
+    """Whether this rank leaves ``error``'s line to rank 0: an error every rank raised alike (``shared_by_ranks``), on a
+    rank other than 0."""
+    return bool(getattr(error, "shared_by_ranks", False)) and this_rank() != 0
+
+
+def end_process_group() -> None:
+    """Destroy the process group if one is alive (after the run, on every rank)."""
+    import sys
+
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,225 @@
+"""Issue 25: ranks that disagree, flags at their extremes, a full cache disk, the spectrum's pass log in the disk
+pre-flight and in the interrupt message, orphaned workers during start-up, and the unclear cases."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from conftest import ROOT, torchrun
+
+import single_layer_single_block
+from lib import cli, ranks
+from lib.commands import COMMANDS
+
+FAST = ["--t", "2", "--seqlen", "16", "--b", "2", "--no_progress", "--dataset", "embedded"]
+
+
+def _fail(argv, capsys, script=single_layer_single_block, code: int = 2) -> list[str]:
+    """Run a script in this process, expect exit status ``code``; return its stderr lines."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(script.run, argv)
+    assert exc.value.code == code
+    return capsys.readouterr().err.strip().splitlines()
+
+
+# ----------------------------------------------------------------------------- 1: ranks agree at start-up
+
+
+@pytest.fixture
+def copied_model(tmp_path):
+    """A copy of the embedded model in another directory (same weights, another --model)."""
+    from lib.models import EMBEDDED_MODEL_DIR
+
+    path = tmp_path / "copy"
+    shutil.copytree(EMBEDDED_MODEL_DIR, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "script, base, change, field",
+    [
+        ("single_layer_single_block", FAST, ["--b", "4"], "--b"),
+        (
+            "single_layer_single_block",
+            FAST,
+            ["--layer_name", "self_attn.k_proj"],
+            "--layer_name",
+        ),
+        (
+            "hessian_spectrum",
+            [*FAST, "--hvp", "finite_difference"],
+            ["--fd_step", "1e-3"],
+            "--fd_step",
+        ),
+        ("single_layer_single_block", FAST, ["--model", "MODEL_COPY"], "--model"),
+    ],
+)
+def test_ranks_with_different_flags_are_named_in_one_line(
+    script, base, change, field, copied_model
+):
+    change = [str(copied_model) if a == "MODEL_COPY" else a for a in change]
+    command = COMMANDS[script]
+    rank0 = ranks.identity(command.spec(base))
+    rank1 = ranks.identity(command.spec([*base, *change]))
+    assert ranks.first_difference([rank0, rank0]) is None
+    message = ranks.first_difference([rank0, rank1])
+    assert message is not None and f"{field} is " in message and "on rank 1" in message, message
+    assert "\n" not in message
+
+
+def test_ranks_that_disagree_refuse_before_a_weight_loads(
+    monkeypatch, capsys, no_model_load, tmp_path
+):
+    """The pipeline gathers every rank's identity after reading the config, tokenizer and text, before the weights:
+    a rank with another --b stops both ranks (exit 2), rank 0 prints the one line, rank 1 nothing."""
+    from lib import parallel
+
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(parallel, "init_process_group", lambda device: False)
+    other = {}
+
+    def gather(ident):
+        other.update(ident, **{"--b": 4})
+        return [ident, other]
+
+    monkeypatch.setattr(ranks, "_all_gather", gather)
+    out = ["--output_dir", str(tmp_path / "out"), "--device", "cpu"]
+    lines = _fail([*FAST, *out], capsys)
+    assert len(lines) == 1 and "--b is 4 on rank 1 but 2 on rank 0" in lines[0], lines
+    assert "dataset text" in other and "model config" in other and "tokenizer" in other
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(
+        ranks, "_all_gather", lambda ident: [{**ident, "--b": 4}, ident]
+    )  # rank 1's view
+    assert _fail([*FAST, *out], capsys) == []
+    assert not list((tmp_path / "out").glob("*.json"))
+
+
+WRAP = """
+import os, sys
+sys.path.insert(0, {root!r})
+from lib import cli
+from lib.commands import COMMANDS
+argv = sys.argv[1:]
+cut = argv.index("--rank1")
+argv = argv[:cut] + (argv[cut + 1:] if os.environ["RANK"] == "1" else [])
+cli.main(COMMANDS[{script!r}].run, argv)
+"""
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_started_with_different_flags_refuse_in_one_line(tmp_path):
+    wrap = tmp_path / "wrap.py"
+    wrap.write_text(WRAP.format(root=str(ROOT), script="single_layer_single_block"))
+    out = tmp_path / "out"
+    proc = torchrun(
+        wrap,
+        *FAST,
+        "--device",
+        "cpu",
+        "--output_dir",
+        str(out),
+        "--rank1",
+        "--layer_name",
+        "self_attn.k_proj",
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "--layer_name is 'self_attn.k_proj' on rank 1" in errors[0], (
+        proc.stderr[-3000:]
+    )
+    assert (
+        "Traceback" not in proc.stderr.split("torch/distributed/elastic")[0]
+    )  # only torchrun's own
+    assert not list(out.glob("*.json"))
+
+
+# ----------------------------------------------------------------------------- 3: flags at their extremes
+
+
+@pytest.mark.parametrize(
+    "script, extra",
+    [
+        ("single_layer_single_block", ["--fd_step", "1e40"]),
+        ("hessian_diagonal", ["--fd_step", "1e40", "--layer_name", "self_attn.q_proj"]),
+        ("hessian_spectrum", ["--fd_richardson", "--fd_step", "1e300"]),
+        ("hessian_spectrum", ["--fd_step", "1.5"]),
+    ],
+)
+def test_a_huge_finite_difference_step_is_one_line(script, extra, tmp_path, capsys, no_model_load):
+    from lib.finite_difference import MAX_RELATIVE_STEP
+
+    argv = ["--dataset", "embedded", "--b", "2", "--seqlen", "16", "--dtype", "float32"]
+    argv += ["--hvp", "finite_difference", "--no_progress", "--output_dir", str(tmp_path)]
+    lines = _fail([*argv, *extra], capsys, COMMANDS[script])
+    assert len(lines) == 1 and lines[0].startswith("error: --fd_step: finite-difference step")
+    assert f"is not below {MAX_RELATIVE_STEP:g}" in lines[0]
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--tol", "inf"], "error: --tol must be a number above 0 and below 1, got inf"),
+        (["--tol", "nan"], "error: --tol must be a number above 0 and below 1, got nan"),
+        (["--tol", "0"], "error: --tol must be a number above 0 and below 1, got 0.0"),
+        (
+            ["--density", "--density_points", "10000000000"],
+            "error: --density_points must be at most 100,000, got 10,000,000,000",
+        ),
+    ],
+)
+def test_spectrum_bounds_are_one_line_before_any_work(extra, message, tmp_path, capsys):
+    from lib.commands import hessian_spectrum
+
+    argv = [*FAST, "--output_dir", str(tmp_path), *extra]
+    assert _fail(argv, capsys, hessian_spectrum) == [message]
+    assert not any(tmp_path.iterdir())
+
+
+def test_broadened_density_in_blocks_equals_the_whole_matrix(monkeypatch):
+    from lib import spectrum
+
+    g = torch.Generator().manual_seed(0)
+    theta = torch.randn(3, 7, dtype=torch.float64, generator=g)
+    theta[1, 5:] = float("nan")  # a probe that stopped early
+    weights = torch.rand(3, 7, dtype=torch.float64, generator=g)
+    grid = torch.linspace(-3, 3, 101, dtype=torch.float64)
+    whole = spectrum.broadened_density(theta, weights, grid, 0.3)
+    monkeypatch.setattr(spectrum, "DENSITY_BLOCK", 40)  # 2 grid points per block
+    torch.testing.assert_close(
+        spectrum.broadened_density(theta, weights, grid, 0.3), whole, rtol=1e-15, atol=0
+    )
+    direct = sum(
+        weights[i, j] * torch.exp(-0.5 * ((grid - theta[i, j]) / 0.3) ** 2)
+        for i in range(3)
+        for j in range(7)
+        if theta[i, j] == theta[i, j]
+    ) / (0.3 * (2 * torch.pi) ** 0.5 * 3)
+    torch.testing.assert_close(whole, direct, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("requested", [100000, 10**20])
+def test_threads_beyond_the_cpus_are_capped_with_a_note(requested, monkeypatch, capsys):
+    from lib import threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(threads, "_CHOICE", None)
+    monkeypatch.setattr(threads, "affinity_cpus", lambda: 2)
+    try:
+        choice = threads.apply(requested)
+        assert choice.n == 2 and torch.get_num_threads() == 2
+        assert choice.why == f"--threads {requested} capped to the 2 CPUs"
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [
+            f"warning: --threads {requested} is more than the 2 CPUs this process may run on: using 2 threads"
+        ]
+        assert threads.apply(2).why == "--threads" and not capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
