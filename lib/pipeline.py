@@ -251,11 +251,14 @@ class Run:
         self.kept.append(cfg)
         return settings
 
-    def check_resources(self, est: preflight.Estimate, alternatives: str) -> None:
+    def check_resources(
+        self, est: preflight.Estimate, alternatives: str, always_writes: bool = False
+    ) -> None:
         """Refuse before the computation when ``est`` does not fit in free host / GPU memory or disk
-        (:func:`lib.preflight.check`)."""
+        (:func:`lib.preflight.check`); the disk is checked when checkpoints are on, or ``always_writes`` (files
+        written whatever ``--checkpoint_every`` says, e.g. the spectrum's pass log)."""
         if self.rank0:
-            writes = any(ckpt.parse_every(self.spec.run.checkpoint_every))
+            writes = always_writes or any(ckpt.parse_every(self.spec.run.checkpoint_every))
             preflight.check(est, self.devices, self.spec.output.output_dir, writes, alternatives)
 
 

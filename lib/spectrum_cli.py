@@ -260,6 +260,9 @@ class SpectrumFamily(Family):
                 "a smaller subset, fewer --max_iter or --lanczos_steps, a smaller --block_size, --reorth none, "
                 "--vector_storage disk, --vector_dtype working, or --exact_below 0 for large subsets"
             ),
+            always_writes=not self.exact_path(
+                spec, n
+            ),  # the pass log, even with --checkpoint_every 0
         )
         products = run.products()
         fd = products if isinstance(products, FiniteDifference) else None

@@ -223,3 +223,55 @@ def test_threads_beyond_the_cpus_are_capped_with_a_note(requested, monkeypatch, 
         assert threads.apply(2).why == "--threads" and not capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- 4: a full cache disk
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError(
+            "[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+            "data/0: file write failed"
+        ),
+        OSError(28, "No space left on device"),
+    ],
+)
+def test_a_full_cache_disk_is_one_warning_and_the_run_goes_on(error, tmp_path, monkeypatch, capsys):
+    from lib import data
+
+    tok, text = data.load_tokenizer("embedded"), data.EMBEDDED_TEXT.read_text()[:2000]
+    expected = data.tokenize(tok, text)
+
+    def full(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(torch, "save", full)
+    assert torch.equal(data.tokenize(tok, text, str(tmp_path)), expected)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"warning: could not write the tokenized-text cache in --cache_dir {tmp_path} ("
+    ), err
+    assert err[0].endswith("); going on without it")
+    assert not list((tmp_path / "tokenized").iterdir())  # no partial file left
+
+
+# ----------------------------------------------------------------------------- 5: the pass log in the disk pre-flight
+
+
+def test_checkpoint_every_0_keeps_the_spectrum_disk_preflight_for_the_pass_log(
+    tmp_path, monkeypatch, capsys
+):
+    from lib import preflight
+    from lib.commands import hessian_spectrum
+
+    monkeypatch.setattr(preflight, "free_disk_bytes", lambda path: 100)
+    argv = [*FAST, "--t", "8", "--top_k", "1", "--exact_below", "0", "--max_iter", "3"]
+    argv += ["--checkpoint_every", "0"]
+    lines = _fail([*argv, "--output_dir", str(tmp_path), "--name", "s"], capsys, hessian_spectrum)
+    assert (
+        len(lines) == 1 and "of disk for checkpoints" in lines[0] and "(0.1 kB free in" in lines[0]
+    )
+    assert lines[0].startswith("error: this run needs up to ") and "pass log" in lines[0]
+    assert not (tmp_path / "s.passes").exists()
