@@ -275,3 +275,37 @@ def test_checkpoint_every_0_keeps_the_spectrum_disk_preflight_for_the_pass_log(
     )
     assert lines[0].startswith("error: this run needs up to ") and "pass log" in lines[0]
     assert not (tmp_path / "s.passes").exists()
+
+
+# ----------------------------------------------------------------------------- 6: the interrupt counts the passes kept
+
+
+@pytest.mark.parametrize("failure", ["interrupt", "error"])
+def test_a_pass_stopped_after_three_counts_the_passes_kept(failure, tmp_path):
+    from lib.errors import Interrupted, RunError
+    from lib.passlog import PassLog
+
+    def run_pass(v, i):
+        if i == 3:
+            if failure == "interrupt":
+                raise Interrupted(15, "interrupted by SIGTERM; no unit was finished")
+            raise RunError("worker 1 (cpu) was killed by SIGKILL (out of memory?) while setting up")
+        return 2 * v
+
+    log = PassLog(tmp_path / "s.passes", {"x": 1}, False, run_pass)
+    v = torch.ones(4, 1, dtype=torch.float64)
+    for _ in range(3):
+        log(v)
+    with pytest.raises((Interrupted, RunError)) as exc:
+        log(v)
+    message = exc.value.message if failure == "interrupt" else str(exc.value)
+    assert message.startswith("pass 4: ")
+    assert message.endswith(
+        f"; the 3 finished passes before it are saved in {tmp_path / 's.passes'} (rerun with --resume)"
+    )
+    if failure == "interrupt":
+        assert exc.value.code == 143
+    resumed = PassLog(tmp_path / "s.passes", {"x": 1}, True, run_pass)
+    for _ in range(3):
+        resumed(v)
+    assert resumed.replayed == 3  # what the message counted is what --resume replays
