@@ -61,6 +61,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
+from . import worker_boot
 from .errors import Interrupted, RunError, UserError, signal_name
 from .jobs import AdditiveJob, Partial, keep_models
 
@@ -410,37 +411,9 @@ class _Throttled:
             self.n, self.last = 0, time.monotonic()
 
 
-PARENT_POLL_S = 0.25
-"""How often a worker checks that its parent is alive (besides the parent-death signal on Linux)."""
-
-
-def _die_with_parent(parent: int) -> None:
-    """End this worker when the parent process ``parent`` dies, even by SIGKILL (which runs no clean-up): on Linux
-    the kernel sends SIGKILL at the parent's death (``prctl(PR_SET_PDEATHSIG)``); everywhere, a daemon thread checks
-    ``os.getppid()`` every :data:`PARENT_POLL_S` and exits (the worker is re-parented when its parent dies).
-    The death signal follows the parent *thread* that started the worker: start pools from a thread that outlives
-    them."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(
-                1, signal.SIGKILL, 0, 0, 0
-            )  # 1 = PR_SET_PDEATHSIG
-        except (
-            OSError,
-            AttributeError,
-        ):  # pragma: no cover -- no libc prctl: the thread below suffices
-            pass
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_POLL_S)
-        os._exit(1)
-
-    if os.getppid() != parent:  # died before the signal was set up
-        os._exit(1)
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+PARENT_POLL_S = worker_boot.PARENT_POLL_S
+_die_with_parent = worker_boot.die_with_parent
+"""Workers watch their parent from their first line (:mod:`lib.worker_boot`), before torch is imported."""
 
 
 def _worker_main(index: int, device: str, conn, threads: int, parent: int | None = None) -> None:
@@ -452,7 +425,9 @@ def _worker_main(index: int, device: str, conn, threads: int, parent: int | None
     signal.signal(
         signal.SIGINT, signal.SIG_IGN
     )  # Ctrl-C reaches the parent, which stops the workers
-    if parent is not None:
+    if (
+        parent is not None
+    ):  # (worker_boot.worker_entry watches the parent before it imports this module)
         _die_with_parent(parent)
     torch.set_num_threads(threads)
     keep_models()
@@ -558,7 +533,10 @@ class WorkerPool:
                     parent_conn, child_conn = ctx.Pipe()
                     args = (i, str(dev), child_conn, threads, os.getpid())
                     proc = ctx.Process(
-                        target=_worker_main, args=args, name=f"hessian-worker-{i}", daemon=True
+                        target=worker_boot.worker_entry,
+                        args=args,
+                        name=f"hessian-worker-{i}",
+                        daemon=True,
                     )
                     proc.start()
                     child_conn.close()

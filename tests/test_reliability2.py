@@ -3,11 +3,12 @@ pre-flight and in the interrupt message, orphaned workers during start-up, and t
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
 import torch
-from conftest import ROOT, torchrun
+from conftest import ROOT, subprocess_env, torchrun
 
 import single_layer_single_block
 from lib import cli, ranks
@@ -309,3 +310,55 @@ def test_a_pass_stopped_after_three_counts_the_passes_kept(failure, tmp_path):
     for _ in range(3):
         resumed(v)
     assert resumed.replayed == 3  # what the message counted is what --resume replays
+
+
+# ----------------------------------------------------------------------------- 2: workers watch their parent from the start
+
+POOL_PARENT = """
+import sys, time
+sys.path.insert(0, {root!r})
+if __name__ == "__main__":
+    import torch
+    from lib.parallel import WorkerPool
+    pool = WorkerPool([torch.device("cpu"), torch.device("cpu")])
+    print(" ".join(str(w.proc.pid) for w in pool.start()), flush=True)
+    time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_workers_are_gone_within_a_second_of_a_parent_killed_during_their_start_up(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(POOL_PARENT.format(root=str(ROOT)))
+    parent = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=subprocess_env()
+    )
+    pids = [int(p) for p in parent.stdout.readline().split()]
+    try:
+        assert len(pids) == 2 and all(_alive(p) for p in pids)  # still starting: importing torch
+        parent.kill()
+        parent.wait()
+        t0 = time.monotonic()
+        while any(_alive(p) for p in pids) and time.monotonic() - t0 < 10:
+            time.sleep(0.02)
+        gone_after = time.monotonic() - t0
+        assert gone_after < 1.0, f"workers outlived their parent by {gone_after:.2f}s"
+    finally:
+        for p in pids:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
