@@ -362,3 +362,69 @@ def test_workers_are_gone_within_a_second_of_a_parent_killed_during_their_start_
         for p in pids:
             if _alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------- 7: the unclear cases
+
+
+def test_finite_differences_with_kink_crossings_left_quote_no_error_and_warn(capsys, monkeypatch):
+    """(a) Products that kept kink crossings approximate a smoothed Hessian: the JSON quotes no measured error (it was
+    measured where none was left) and says why; one warning line."""
+    from lib import finite_difference as fd
+
+    monkeypatch.setattr(fd, "_WARNED", set())
+    products = fd.FiniteDifference(fd.FDSettings())
+    clean = products.report(torch.float32, fd.FDStats(products=10, retries=2))
+    assert (
+        clean["measured_error_embedded"]["hvp_whole_model"] == 4.8e-2
+        and "error_unknown" not in clean
+    )
+    assert not capsys.readouterr().err
+    kinked = products.report(torch.float32, fd.FDStats(products=10, crossings_left=131149))
+    assert kinked["measured_error_embedded"] is None and kinked["crossings_left"] == 131149
+    assert kinked["error_unknown"].startswith("131,149 kink crossings were left")
+    assert capsys.readouterr().err == f"warning: {kinked['error_unknown']}\n"
+    products.report(torch.float32, fd.FDStats(products=10, crossings_left=131149))
+    assert not capsys.readouterr().err  # once
+
+
+def test_the_fsdp_view_tensor_warning_leaves_the_gradients_of_the_products_exact(one_rank_env):
+    """(b) FSDP2 warns that OPT's decoder layers return a view ("can cause wrong gradients" if changed in place);
+    the sharded gradient that every finite-difference product is made of equals the unsharded model's to 1e-14
+    (measured 1.5e-16 with one rank and with two)."""
+    import copy
+    import warnings
+
+    import torch.distributed as dist
+    from conftest import tiny_ids, tiny_model
+
+    from lib import fsdp
+    from lib.finite_difference import FDSettings
+    from lib.loss import summed_nll
+    from lib.subsets import params_subset
+
+    model = tiny_model("opt", torch.float64)
+    ids = tiny_ids(3, 8)
+    subset = params_subset(model, ["*"])
+    reference = copy.deepcopy(model).requires_grad_(True)
+    loss = sum(
+        summed_nll(reference(input_ids=ids[k : k + 1], use_cache=False).logits, ids[k : k + 1])
+        for k in range(3)
+    )
+    loss.backward()
+    expected = torch.cat([reference.get_parameter(n).grad.reshape(-1) for n in subset.param_names])
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            fsdp.init(torch.device("cpu"))
+            fsdp.shard(model, subset, torch.device("cpu"))
+            op = fsdp.ShardedOperator(model, subset, ids, 1, FDSettings(), torch.device("cpu"))
+            g, value = op.gradient(op.x0)
+        assert any("returned a view tensor" in str(w.message) for w in seen)
+        assert float((g - expected).abs().max()) <= 1e-14 * float(expected.abs().max())
+        assert abs(float(value) - float(loss)) <= 1e-13 * abs(float(loss))
+        op.restore()
+        assert op.restored()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
