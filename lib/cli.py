@@ -645,6 +645,16 @@ def main(fn: Callable[[list[str] | None], Any], argv: list[str] | None = None) -
     except OSError as e:  # a file that could not be read or written, not caught closer to its cause
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    except (
+        RuntimeError
+    ) as e:  # under torchrun: a collective that lost a rank is one line, not a traceback
+        from .ranks import lost_rank_message
+
+        line = lost_rank_message(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        raise SystemExit(1) from None
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)

@@ -486,11 +486,39 @@ def finished_result(js: Path, spec: RunSpec) -> dict[str, Any]:
             f"{js} holds the result of another configuration (or of an older version): --skip_existing keeps only "
             f"a result of the same configuration; choose another --name, or pass --overwrite to replace it"
         )
+    changed, unchecked = changed_inputs(meta, spec)
+    if changed:
+        raise UserError(
+            f"{js} was computed on other inputs: {changed}; --skip_existing keeps only a result of the same inputs; "
+            "pass --overwrite to recompute it"
+        )
+    note = f"; {' and '.join(unchecked)} could not be checked" if unchecked else ""
     print(
-        f"skipped: {js} holds this configuration's finished result (its files match their SHA-256)",
+        f"skipped: {js} holds this configuration's finished result (its files match their SHA-256{note})",
         flush=True,
     )
     return meta
+
+
+def changed_inputs(meta: dict[str, Any], spec: RunSpec) -> tuple[str | None, list[str]]:
+    """``--skip_existing``: what of the text and the model's config differs from what the finished result ``meta``
+    records (``None``: nothing), and what could not be checked. Reads the text and ``config.json`` (no weight):
+    the text's SHA-256 and :func:`lib.inputs.config_fingerprint` of the config's meta-device skeleton."""
+    m, unchecked = spec.model, []
+    text_sha = meta.get("computed_on", {}).get("dataset_sha256")
+    if text_sha:
+        if text_sha256(load_text(spec.data.dataset, m.cache_dir)) != text_sha:
+            return f"the text of --dataset {spec.data.dataset} changed (its SHA-256 differs)", []
+    else:
+        unchecked.append("the text")
+    config = meta.get("fingerprints", {}).get("model_config")
+    skeleton = model_skeleton(m.model, m.cache_dir, getattr(torch, m.dtype), m.attn_implementation)
+    if config and skeleton is not None:
+        if config_fingerprint(skeleton) != config:
+            return f"the config.json of --model {m.model} changed (its forward settings differ)", []
+    else:
+        unchecked.append("the model's config")
+    return None, unchecked
 
 
 @outputs.guarded

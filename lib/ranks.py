@@ -107,4 +107,30 @@ def end_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 -- a rank already gone: never hide the run's own error
+            pass
+
+
+def lost_rank_message(error: BaseException) -> str | None:
+    """One line for a collective that failed because another rank of the torchrun job died (gloo's "Connection closed
+    by peer", NCCL's errors), instead of the collective's traceback; ``None`` for any other error. The rank that
+    died printed why, and torchrun's summary names it."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not isinstance(error, RuntimeError) or not world.isdigit() or int(world) <= 1:
+        return None
+    text = str(error).strip()
+    lost = type(error).__name__.startswith("Dist") or any(
+        mark in text
+        for mark in ("Connection closed by peer", "/gloo/", "NCCL", "Connection reset by peer")
+    )
+    if not lost:
+        return None
+    first = text.splitlines()[0] if text else type(error).__name__
+    cut = first.find("] ")
+    detail = (first[cut + 2 :] if cut >= 0 else first).split(". ")[0]
+    return (
+        f"rank {this_rank()} lost another rank of this torchrun job ({detail}); that rank printed why, and "
+        "torchrun's summary names it"
+    )

@@ -428,3 +428,129 @@ def test_the_fsdp_view_tensor_warning_leaves_the_gradients_of_the_products_exact
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_skip_existing_checks_the_text_and_the_model_config(copied_model, tmp_path, capsys):
+    """(c) --skip_existing reads the --dataset text and the model's config.json (no weight) and refuses a finished
+    result computed on other ones."""
+    import json
+
+    from lib.data import EMBEDDED_TEXT
+
+    text = tmp_path / "text.txt"
+    text.write_text(EMBEDDED_TEXT.read_text()[:4000])
+    argv = ["--model", str(copied_model), "--dataset", str(text), "--t", "2", "--b", "1"]
+    argv += ["--seqlen", "8", "--no_progress", "--output_dir", str(tmp_path / "out"), "--name", "a"]
+    single_layer_single_block.run(argv)
+    capsys.readouterr()
+
+    def rerun() -> tuple[int, str]:
+        with pytest.raises(SystemExit) as e:
+            cli.main(
+                lambda a: (single_layer_single_block.run(a), exit(0))[1], [*argv, "--skip_existing"]
+            )
+        out = capsys.readouterr()
+        return e.value.code, (out.out + out.err).strip()
+
+    assert rerun() == (
+        0,
+        f"skipped: {tmp_path / 'out' / 'a.json'} holds this configuration's finished result (its files match "
+        "their SHA-256)",
+    )
+    text.write_text(text.read_text() + " and one more line, after the samples")
+    code, line = rerun()
+    assert code == 2 and f"the text of --dataset {text} changed (its SHA-256 differs)" in line
+    text.write_text(EMBEDDED_TEXT.read_text()[:4000])
+    cfg = json.loads((copied_model / "config.json").read_text())
+    cfg["layer_norm_elementwise_affine"] = not cfg.get("layer_norm_elementwise_affine", True)
+    (copied_model / "config.json").write_text(json.dumps(cfg))
+    code, line = rerun()
+    assert code == 2 and f"the config.json of --model {copied_model} changed" in line
+
+
+def _result_json(path, files):
+    import json
+
+    path.write_text(
+        json.dumps({"files": {"tensor": files[0], "json": path.name}, "figures": files[1:]})
+    )
+
+
+def test_a_finished_result_owns_the_files_it_lists_not_every_figure_of_its_name(tmp_path):
+    """(d) A spectrum named q_convergence (density figure only) beside a diagonal result q does not block q's own
+    q_convergence.pdf later; a file a result lists stays its own."""
+    from lib import outputs
+    from lib.errors import UserError
+
+    _result_json(tmp_path / "q.json", ["q.pt", "q.pdf", "q.png"])
+    spectrum = ["q_convergence.pt", "q_convergence_density.pdf", "q_convergence_density.png"]
+    _result_json(tmp_path / "q_convergence.json", spectrum)
+    outputs.check_foreign(tmp_path, "q", outputs.planned_files("q", ["", "_convergence"]))
+    with pytest.raises(UserError, match="q_convergence_density.pdf, which belongs to the result"):
+        outputs.check_foreign(
+            tmp_path, "q_convergence_density", outputs.planned_files("q_convergence_density")
+        )
+    _result_json(tmp_path / "q.json", ["q.pt", "q.pdf", "q_convergence.pdf"])  # q drew it first
+    with pytest.raises(UserError, match="q_convergence.pdf, which belongs to the result"):
+        outputs.check_foreign(tmp_path, "q_convergence", outputs.planned_files("q_convergence"))
+
+
+def test_a_name_whose_checkpoint_is_an_unfinished_runs_is_not_told_to_resume(tmp_path):
+    """(d) A diagonal run named r.phase2 beside an unfinished r (whose phase-2 checkpoint is r.phase2.ckpt): the
+    refusal names r's run, not --resume (which would not help)."""
+    from lib import outputs
+    from lib.errors import UserError
+
+    for f in ("r.ckpt", "r.phase2.ckpt"):
+        (tmp_path / f).write_bytes(b"an unfinished run named r")
+    checkpoints = [tmp_path / "r.phase2.ckpt", tmp_path / "r.phase2.phase2.ckpt"]
+    with pytest.raises(UserError) as e:
+        claim = outputs.claim(tmp_path, "r.phase2", checkpoints, False, False)
+        claim.release()
+    assert "belongs to the unfinished run r (checkpoint" in str(e.value)
+    assert "--resume" not in str(e.value)
+    assert not (tmp_path / "r.phase2.lock").exists()
+
+
+def test_a_collective_that_lost_a_rank_is_one_line(monkeypatch, capsys):
+    """(d) Under torchrun, rank 0's collective fails when another rank dies: one line (exit 1), not gloo's traceback;
+    any other RuntimeError keeps its traceback."""
+    gloo = RuntimeError(
+        "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+        "[127.0.0.1]:29845. This is typically caused by a remote worker crashing."
+    )
+
+    def fail(error):
+        def run(argv):
+            raise error
+
+        return run
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        cli.main(fail(gloo), [])
+    assert e.value.code == 1
+    assert capsys.readouterr().err == (
+        "error: rank 0 lost another rank of this torchrun job (Connection closed by peer "
+        "[127.0.0.1]:29845); that rank printed why, and torchrun's summary names it\n"
+    )
+    with pytest.raises(RuntimeError, match="shapes"):
+        cli.main(fail(RuntimeError("shapes do not match")), [])
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(RuntimeError, match="Connection closed"):
+        cli.main(fail(gloo), [])
+
+
+def test_dry_run_prints_the_installed_command_when_installed():
+    """(d) reproduce's commands name the console command when the package is installed (llm_hessian), else the
+    script; every such command exists in pyproject.toml."""
+    import tomllib
+
+    from lib.reproduce import script_command
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    for name in COMMANDS:
+        assert script_command(name, "lib") == f"python {name}.py"
+        installed = script_command(name, "llm_hessian")
+        assert scripts[installed] == f"llm_hessian.commands:{name}.main"
