@@ -98,8 +98,11 @@ class Parser(argparse.ArgumentParser):
     exit status 2, like every other bad input, instead of the full usage block."""
 
     def error(self, message: str):  # type: ignore[override]
+        from .ranks import quiet_flag_error
         from .suggest import unknown_flags_hint
 
+        if quiet_flag_error():  # torchrun: one command line for all local ranks
+            self.exit(2)
         hint = unknown_flags_hint(message, self._option_string_actions)
         self.exit(2, f"error: {message}{hint} (see {self.prog} --help)\n")
 

@@ -92,10 +92,25 @@ def this_rank() -> int:
         return 0
 
 
+def _local_rank() -> int:
+    try:
+        return int(os.environ.get("LOCAL_RANK", "0") or 0) if "RANK" in os.environ else 0
+    except ValueError:
+        return 0
+
+
 def quiet_on_this_rank(error: BaseException) -> bool:
-    """Whether this rank leaves ``error``'s line to rank 0: an error every rank raised alike (``shared_by_ranks``), on a
-    rank other than 0."""
-    return bool(getattr(error, "shared_by_ranks", False)) and this_rank() != 0
+    """Whether this rank leaves ``error``'s line to another: an error every rank raised alike (``shared_by_ranks``,
+    e.g. :class:`RanksDisagree`) is printed by rank 0; one that follows from the command line alone
+    (``same_on_node``: a bad flag; torchrun gives every local rank the same arguments) by each node's local rank 0."""
+    if getattr(error, "shared_by_ranks", False):
+        return this_rank() != 0
+    return bool(getattr(error, "same_on_node", False)) and _local_rank() != 0
+
+
+def quiet_flag_error() -> bool:
+    """Whether a command-line parsing error is left to this node's local rank 0 (:func:`quiet_on_this_rank`)."""
+    return _local_rank() != 0
 
 
 def end_process_group() -> None:

@@ -554,3 +554,22 @@ def test_dry_run_prints_the_installed_command_when_installed():
         assert script_command(name, "lib") == f"python {name}.py"
         installed = script_command(name, "llm_hessian")
         assert scripts[installed] == f"llm_hessian.commands:{name}.main"
+
+
+@pytest.mark.parametrize("local_rank, printed", [("0", True), ("1", False)])
+def test_a_refusal_of_the_flags_is_printed_once_per_torchrun_node(
+    local_rank, printed, monkeypatch, capsys
+):
+    """(d) torchrun gives every local rank the same arguments: a bad flag or value is printed by local rank 0 only
+    (each rank exits 2)."""
+    from lib.commands import hessian_spectrum
+
+    monkeypatch.setenv("RANK", local_rank)
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for argv in (["--tol", "inf"], ["--no_such_flag"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(hessian_spectrum.run, argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert (err.startswith("error: ") and err.count("\n") == 1) if printed else err == ""
