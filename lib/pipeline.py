@@ -528,8 +528,6 @@ def execute(spec: RunSpec, family: Family) -> dict[str, Any]:
         return _execute(spec, family)
     except ParamError as e:
         raise UserError(flag_message(e)) from None
-    finally:
-        ranks.end_process_group()
 
 
 def _execute(spec: RunSpec, family: Family) -> dict[str, Any]:

@@ -16,6 +16,7 @@ Outside torchrun (or with one rank) nothing is exchanged.
 
 from __future__ import annotations
 
+import atexit
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -72,13 +73,17 @@ def _all_gather(obj: Any) -> list[Any]:
 
 def agree(ident: dict[str, Any], device: torch.device) -> None:
     """Under torchrun with several ranks (a collective: every rank calls it with its own ``ident``): start the
-    process group if needed (:func:`lib.parallel.init_process_group`) and raise :class:`RanksDisagree` on every
+    process group if needed (:func:`lib.parallel.init_process_group`; it then lives until the process exits: a group
+    destroyed and started again under torchrun can read the other ranks' old addresses) and raise :class:`RanksDisagree` on every
     rank unless all identities are equal. A no-op in one process."""
     from . import parallel
 
     if parallel.distributed_env() is None:
         return
-    parallel.init_process_group(device)
+    if parallel.init_process_group(
+        device
+    ):  # kept for the process's later runs (torchrun cannot re-create it)
+        atexit.register(end_process_group)
     message = first_difference(_all_gather(ident))
     if message is not None:
         raise RanksDisagree(message)
@@ -114,7 +119,7 @@ def quiet_flag_error() -> bool:
 
 
 def end_process_group() -> None:
-    """Destroy the process group if one is alive (after the run, on every rank)."""
+    """Destroy the process group if one is alive (at exit, on every rank)."""
     import sys
 
     if "torch.distributed" not in sys.modules:
