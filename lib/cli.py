@@ -643,7 +643,10 @@ def main(fn: Callable[[list[str] | None], Any], argv: list[str] | None = None) -
             print(f"error: {flag_message(e) if isinstance(e, ParamError) else e}", file=sys.stderr)
         raise SystemExit(2) from None
     except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from .ranks import quiet_on_this_rank
+
+        if not quiet_on_this_rank(e):
+            print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     except OSError as e:  # a file that could not be read or written, not caught closer to its cause
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)

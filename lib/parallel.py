@@ -772,6 +772,12 @@ def init_process_group(device: torch.device) -> bool:
     return True
 
 
+def _shared(error: Exception) -> Exception:
+    """``error``, raised alike on every rank from rank 0's verdict: rank 0 prints it (:func:`lib.ranks.quiet_on_this_rank`)."""
+    error.shared_by_ranks = True  # type: ignore[attr-defined]
+    return error
+
+
 def _run_distributed(
     job: AdditiveJob, settings: RunSettings, env: tuple[int, int, int]
 ) -> Partial | None:
@@ -794,7 +800,7 @@ def _run_distributed(
                 start = [None, str(e), None]
         dist.broadcast_object_list(start, src=0)
         if start[1] is not None:
-            raise UserError(start[1])
+            raise _shared(UserError(start[1]))
         remaining: list[int] = start[0]
         if start[2]:  # resumed: every rank computes the rest with the recorded chunks
             _reuse_chunks(job, start[2])
@@ -806,7 +812,7 @@ def _run_distributed(
             verdict: list[str | None] = [decide(gathered) if rank == 0 else None]
             dist.broadcast_object_list(verdict, src=0)
             if verdict[0] is not None:
-                raise RunError(verdict[0])
+                raise _shared(RunError(verdict[0]))
 
         def first_error(payloads: list[Any]) -> str | None:
             errors = [p for p in payloads if p is not None and p[0] == "error"]

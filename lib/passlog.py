@@ -188,7 +188,11 @@ class PassLog:
             ) as e:  # the message counts the passes kept, not only this pass's units
                 raise Interrupted(e.signum, self.stopped(e.message, i)) from None
             except RunError as e:
-                raise RunError(self.stopped(str(e), i)) from None
+                stopped = RunError(self.stopped(str(e), i))
+                stopped.__dict__.update(
+                    e.__dict__
+                )  # e.g. shared_by_ranks: under torchrun rank 0 prints it
+                raise stopped from None
             if f is not None:
                 data = encode_pass(
                     self.config_sha256,

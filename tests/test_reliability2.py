@@ -573,3 +573,27 @@ def test_a_refusal_of_the_flags_is_printed_once_per_torchrun_node(
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert (err.startswith("error: ") and err.count("\n") == 1) if printed else err == ""
+
+
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False)])
+def test_an_error_every_rank_raises_from_rank_0s_verdict_is_printed_by_rank_0(
+    rank, printed, monkeypatch, capsys
+):
+    """(d) A unit's failure or a refused checkpoint is decided on rank 0 and raised on every rank: one line per job."""
+    from lib import parallel
+    from lib.errors import RunError, UserError
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for error, code in (
+        (RunError("rank 1 (cpu) failed on samples 2..3 (unit 1): ValueError: x"), 1),
+        (UserError("checkpoint x.ckpt exists from an earlier run; pass --resume"), 2),
+    ):
+
+        def run(argv, error=error):
+            raise parallel._shared(error)
+
+        with pytest.raises(SystemExit) as e:
+            cli.main(run, [])
+        assert e.value.code == code
+        assert capsys.readouterr().err == (f"error: {error}\n" if printed else "")
