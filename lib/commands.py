@@ -78,9 +78,8 @@ class Command:
 
         try:
             spec = self.spec(argv)
-        except (
-            UserError
-        ) as e:  # from the arguments alone: under torchrun, each node's local rank 0 prints it
+        except UserError as e:
+            # from the arguments alone: under torchrun, each node's local rank 0 prints it
             e.same_on_node = True  # type: ignore[attr-defined]
             raise
         return execute(spec)

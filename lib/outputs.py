@@ -342,9 +342,8 @@ def claim(
         raise
     c = Claim(lock_path, fd, created=created, files=planned)
     try:
-        check_foreign(
-            out, name, planned
-        )  # first: another run's checkpoint is never this run's to --resume
+        # first: another run's checkpoint is never this run's to --resume
+        check_foreign(out, name, planned)
         finished = out / f"{name}.json"
         if finished.exists() and not overwrite:
             raise UserError(

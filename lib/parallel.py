@@ -425,9 +425,8 @@ def _worker_main(index: int, device: str, conn, threads: int, parent: int | None
     signal.signal(
         signal.SIGINT, signal.SIG_IGN
     )  # Ctrl-C reaches the parent, which stops the workers
-    if (
-        parent is not None
-    ):  # (worker_boot.worker_entry watches the parent before it imports this module)
+    # (worker_boot.worker_entry watches the parent before it imports this module, and passes no parent)
+    if parent is not None:
         _die_with_parent(parent)
     torch.set_num_threads(threads)
     keep_models()

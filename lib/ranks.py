@@ -80,9 +80,8 @@ def agree(ident: dict[str, Any], device: torch.device) -> None:
 
     if parallel.distributed_env() is None:
         return
-    if parallel.init_process_group(
-        device
-    ):  # kept for the process's later runs (torchrun cannot re-create it)
+    # kept for the process's later runs (torchrun cannot re-create it)
+    if parallel.init_process_group(device):
         atexit.register(end_process_group)
     message = first_difference(_all_gather(ident))
     if message is not None:
