@@ -100,8 +100,11 @@ class Parser(argparse.ArgumentParser):
     exit status 2, like every other bad input, instead of the full usage block."""
 
     def error(self, message: str):  # type: ignore[override]
+        from .ranks import quiet_flag_error
         from .suggest import unknown_flags_hint
 
+        if quiet_flag_error():  # torchrun: one command line for all local ranks
+            self.exit(2)
         hint = unknown_flags_hint(message, self._option_string_actions)
         self.exit(2, f"error: {message}{hint} (see {self.prog} --help)\n")
 
@@ -655,13 +658,29 @@ def main(fn: Callable[[list[str] | None], Any], argv: list[str] | None = None) -
         print(f"error: {e.message}", file=sys.stderr)
         raise SystemExit(e.code) from None
     except UserError as e:
-        print(f"error: {flag_message(e) if isinstance(e, ParamError) else e}", file=sys.stderr)
+        from .ranks import quiet_on_this_rank
+
+        if not quiet_on_this_rank(e):  # an error all torchrun ranks share: rank 0's line only
+            print(f"error: {flag_message(e) if isinstance(e, ParamError) else e}", file=sys.stderr)
         raise SystemExit(2) from None
     except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from .ranks import quiet_on_this_rank
+
+        if not quiet_on_this_rank(e):
+            print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     except OSError as e:  # a file that could not be read or written, not caught closer to its cause
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except (
+        RuntimeError
+    ) as e:  # under torchrun: a collective that lost a rank is one line, not a traceback
+        from .ranks import lost_rank_message
+
+        line = lost_rank_message(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         raise SystemExit(1) from None
     finally:
         if old is not None:

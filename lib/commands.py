@@ -74,7 +74,15 @@ class Command:
 
     def run(self, argv: Sequence[str] | None = None) -> dict[str, Any]:
         """Parse, check, compute, save; returns the saved metadata."""
-        return execute(self.spec(argv))
+        from .errors import UserError
+
+        try:
+            spec = self.spec(argv)
+        except UserError as e:
+            # from the arguments alone: under torchrun, each node's local rank 0 prints it
+            e.same_on_node = True  # type: ignore[attr-defined]
+            raise
+        return execute(spec)
 
     def main(self) -> None:
         """The console entry point: one-line errors and exit statuses (:func:`lib.cli.main`)."""

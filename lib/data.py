@@ -127,7 +127,8 @@ def tokenize(tokenizer, text: str, cache_dir: str | None = None) -> torch.Tensor
 
     With ``cache_dir`` the ids are cached in ``<cache_dir>/tokenized/`` keyed by the text and the
     tokenizer's content, with their SHA-256, so a second run does not re-tokenize and a damaged cache
-    file is detected and rebuilt.
+    file is detected and rebuilt. A cache that cannot be written (a full disk) is one warning line: the
+    run goes on without it.
     """
     key = hashlib.sha256(text.encode()).hexdigest()[:16] + "-" + tokenizer_fingerprint(tokenizer)
     cache = Path(cache_dir, "tokenized", f"{key}.pt") if cache_dir else None
@@ -149,10 +150,15 @@ def tokenize(tokenizer, text: str, cache_dir: str | None = None) -> torch.Tensor
             atomic_write_bytes(
                 cache, lambda p: torch.save({"ids": ids, "sha256": _ids_checksum(ids)}, p)
             )
-        except OSError as e:
-            raise UserError(
-                f"cannot write the tokenized-text cache in --cache_dir {cache_dir}: {e.strerror or e}"
-            ) from None
+        except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError on a full disk
+            why = (
+                getattr(e, "strerror", None)
+                or (str(e).strip().splitlines() or [type(e).__name__])[0]
+            )
+            warn(
+                f"could not write the tokenized-text cache in --cache_dir {cache_dir} ({why}); "
+                "going on without it"
+            )
     return ids
 
 

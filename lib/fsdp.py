@@ -240,7 +240,7 @@ class ShardedOperator:
         """For the JSON (collective): settings, kink retries (counted once per HVP over all samples), world size, entries and
         whether the weights are bitwise restored, per rank."""
         hvp = {
-            **self.fd.report(self.x0.dtype),
+            **self.fd.report(self.x0.dtype, self.stats),
             **self.stats.to_json(),
             "counted": "per HVP over all samples",
         }

@@ -221,7 +221,10 @@ def _owner(out: Path, stem: str, own: set[str]) -> tuple[set[str], str] | None:
             listed = results.listed_files(json.loads(js.read_text()))
         except (OSError, ValueError, AttributeError):
             listed = set()
-        return _fixed_files(stem) | listed, f"the result {js}"
+        # a finished result owns the files its JSON lists (and its JSON, lock and checkpoints), not every figure a
+        # run of its name could draw: a spectrum named q_convergence must not block q's own q_convergence.pdf
+        kept = {f"{stem}.json", f"{stem}.lock", *(stem + c for c in CHECKPOINT_SUFFIXES)}
+        return (kept | listed if listed else _fixed_files(stem)), f"the result {js}"
     if lock.is_file() and _held(lock):
         try:
             lines = lock.read_text().splitlines()
@@ -339,6 +342,8 @@ def claim(
         raise
     c = Claim(lock_path, fd, created=created, files=planned)
     try:
+        # first: another run's checkpoint is never this run's to --resume
+        check_foreign(out, name, planned)
         finished = out / f"{name}.json"
         if finished.exists() and not overwrite:
             raise UserError(
@@ -350,7 +355,6 @@ def claim(
                     raise UserError(
                         f"checkpoint {p} exists from an earlier run; pass --resume to continue it, or delete it to start over"
                     )
-        check_foreign(out, name, planned)
         _remove_stale_temps(out, planned)
     except BaseException:
         c.release()

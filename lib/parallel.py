@@ -61,6 +61,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
+from . import worker_boot
 from .errors import Interrupted, RunError, UserError, signal_name
 from .jobs import AdditiveJob, Partial, keep_models
 
@@ -410,37 +411,9 @@ class _Throttled:
             self.n, self.last = 0, time.monotonic()
 
 
-PARENT_POLL_S = 0.25
-"""How often a worker checks that its parent is alive (besides the parent-death signal on Linux)."""
-
-
-def _die_with_parent(parent: int) -> None:
-    """End this worker when the parent process ``parent`` dies, even by SIGKILL (which runs no clean-up): on Linux
-    the kernel sends SIGKILL at the parent's death (``prctl(PR_SET_PDEATHSIG)``); everywhere, a daemon thread checks
-    ``os.getppid()`` every :data:`PARENT_POLL_S` and exits (the worker is re-parented when its parent dies).
-    The death signal follows the parent *thread* that started the worker: start pools from a thread that outlives
-    them."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(
-                1, signal.SIGKILL, 0, 0, 0
-            )  # 1 = PR_SET_PDEATHSIG
-        except (
-            OSError,
-            AttributeError,
-        ):  # pragma: no cover -- no libc prctl: the thread below suffices
-            pass
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_POLL_S)
-        os._exit(1)
-
-    if os.getppid() != parent:  # died before the signal was set up
-        os._exit(1)
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+PARENT_POLL_S = worker_boot.PARENT_POLL_S
+_die_with_parent = worker_boot.die_with_parent
+"""Workers watch their parent from their first line (:mod:`lib.worker_boot`), before torch is imported."""
 
 
 def _worker_main(index: int, device: str, conn, threads: int, parent: int | None = None) -> None:
@@ -452,6 +425,7 @@ def _worker_main(index: int, device: str, conn, threads: int, parent: int | None
     signal.signal(
         signal.SIGINT, signal.SIG_IGN
     )  # Ctrl-C reaches the parent, which stops the workers
+    # (worker_boot.worker_entry watches the parent before it imports this module, and passes no parent)
     if parent is not None:
         _die_with_parent(parent)
     torch.set_num_threads(threads)
@@ -558,7 +532,10 @@ class WorkerPool:
                     parent_conn, child_conn = ctx.Pipe()
                     args = (i, str(dev), child_conn, threads, os.getpid())
                     proc = ctx.Process(
-                        target=_worker_main, args=args, name=f"hessian-worker-{i}", daemon=True
+                        target=worker_boot.worker_entry,
+                        args=args,
+                        name=f"hessian-worker-{i}",
+                        daemon=True,
                     )
                     proc.start()
                     child_conn.close()
@@ -794,6 +771,12 @@ def init_process_group(device: torch.device) -> bool:
     return True
 
 
+def _shared(error: Exception) -> Exception:
+    """``error``, raised alike on every rank from rank 0's verdict: rank 0 prints it (:func:`lib.ranks.quiet_on_this_rank`)."""
+    error.shared_by_ranks = True  # type: ignore[attr-defined]
+    return error
+
+
 def _run_distributed(
     job: AdditiveJob, settings: RunSettings, env: tuple[int, int, int]
 ) -> Partial | None:
@@ -816,7 +799,7 @@ def _run_distributed(
                 start = [None, str(e), None]
         dist.broadcast_object_list(start, src=0)
         if start[1] is not None:
-            raise UserError(start[1])
+            raise _shared(UserError(start[1]))
         remaining: list[int] = start[0]
         if start[2]:  # resumed: every rank computes the rest with the recorded chunks
             _reuse_chunks(job, start[2])
@@ -828,7 +811,7 @@ def _run_distributed(
             verdict: list[str | None] = [decide(gathered) if rank == 0 else None]
             dist.broadcast_object_list(verdict, src=0)
             if verdict[0] is not None:
-                raise RunError(verdict[0])
+                raise _shared(RunError(verdict[0]))
 
         def first_error(payloads: list[Any]) -> str | None:
             errors = [p for p in payloads if p is not None and p[0] == "error"]

@@ -9,7 +9,8 @@ index, the digest of the block ``V`` and ``H V``.
 On ``--resume`` every pass file is checked before any pass is replayed: a truncated or junk file, an edited
 one (checksum), one written for another configuration (even with ``config.json`` deleted) or a pass log
 without its ``config.json`` are refused in one line (:class:`~lib.errors.UserError`, exit status 2). A pass
-file that cannot be written stops the run in one line (:class:`~lib.errors.RunError`) saying which passes are saved.
+file that cannot be written stops the run in one line (:class:`~lib.errors.RunError`) saying which passes are saved;
+so does a pass stopped by an error or a signal (:meth:`PassLog.stopped`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 
 from .checkpoint import frame, unframe
-from .errors import RunError, UserError
+from .errors import Interrupted, RunError, UserError
 from .operator import digest
 from .results import atomic_write_bytes
 
@@ -153,6 +154,15 @@ class PassLog:
         if agree is not None:
             self.replayable = agree(len(passes) if resume else 0)
 
+    def stopped(self, message: str, i: int) -> str:
+        """``message`` (why pass ``i`` stopped, and what its checkpoint kept) with the passes this log keeps: ``pass 4:
+        interrupted by SIGTERM; no unit was finished; the 3 finished passes before it are saved in <dir> (rerun with
+        --resume)``."""
+        if self.dir is None or i == 0:
+            return message
+        them = "pass before it is" if i == 1 else "passes before it are"
+        return f"pass {i + 1}: {message}; the {i} finished {them} saved in {self.dir} (rerun with --resume)"
+
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         i = self.calls
         self.calls += 1
@@ -171,7 +181,18 @@ class PassLog:
             if self.policy is not None and rec.get("chunks"):
                 self.policy.reuse(rec["chunks"])
         else:
-            out = self.run_pass(v, i)
+            try:
+                out = self.run_pass(v, i)
+            except (
+                Interrupted
+            ) as e:  # the message counts the passes kept, not only this pass's units
+                raise Interrupted(e.signum, self.stopped(e.message, i)) from None
+            except RunError as e:
+                stopped = RunError(self.stopped(str(e), i))
+                stopped.__dict__.update(
+                    e.__dict__
+                )  # e.g. shared_by_ranks: under torchrun rank 0 prints it
+                raise stopped from None
             if f is not None:
                 data = encode_pass(
                     self.config_sha256,

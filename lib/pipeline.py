@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import audit, outputs, parallel, preflight, threads
+from . import audit, outputs, parallel, preflight, ranks, threads
 from . import checkpoint as ckpt
 from .autotune import samples_per_forward
 from .cli import LOW_PRECISION_NOTE, flag_message
@@ -263,11 +263,14 @@ class Run:
         self.kept.append(cfg)
         return settings
 
-    def check_resources(self, est: preflight.Estimate, alternatives: str) -> None:
+    def check_resources(
+        self, est: preflight.Estimate, alternatives: str, always_writes: bool = False
+    ) -> None:
         """Refuse before the computation when ``est`` does not fit in free host / GPU memory or disk
-        (:func:`lib.preflight.check`)."""
+        (:func:`lib.preflight.check`); the disk is checked when checkpoints are on, or ``always_writes`` (files
+        written whatever ``--checkpoint_every`` says, e.g. the spectrum's pass log)."""
         if self.rank0:
-            writes = any(ckpt.parse_every(self.spec.run.checkpoint_every))
+            writes = always_writes or any(ckpt.parse_every(self.spec.run.checkpoint_every))
             preflight.check(est, self.devices, self.spec.output.output_dir, writes, alternatives)
 
 
@@ -428,6 +431,13 @@ def load(
         devices[0] if len(devices) == 1 and not fsdp else torch.device("cpu")
     )  # FSDP shards it from the host
     found = inspect(spec, family, device)
+    before = {
+        "model config": config_fingerprint(found.model),
+        "tokenizer": found.tokenizer_fingerprint,
+        "dataset text": found.dataset_sha256,
+        "code": code_path(found.model),
+    }
+    ranks.agree(ranks.identity(found.spec, before), devices[0])  # torchrun: before a weight loads
     model = found.model if found.loaded else _load_weights(found.spec, device)
     structure = family.structure(model, found.spec)
     offloaded = offloaded_parameters(model, family.param_names(structure))
@@ -454,6 +464,7 @@ def load(
         "code": code_path(model),
         "tokenizer": found.tokenizer_fingerprint,
     }
+    ranks.agree({"model weights": fingerprints["model"]}, devices[0])
     return Run(
         spec,
         name,
@@ -487,11 +498,39 @@ def finished_result(js: Path, spec: RunSpec) -> dict[str, Any]:
             f"{js} holds the result of another configuration (or of an older version): --skip_existing keeps only "
             f"a result of the same configuration; choose another --name, or pass --overwrite to replace it"
         )
+    changed, unchecked = changed_inputs(meta, spec)
+    if changed:
+        raise UserError(
+            f"{js} was computed on other inputs: {changed}; --skip_existing keeps only a result of the same inputs; "
+            "pass --overwrite to recompute it"
+        )
+    note = f"; {' and '.join(unchecked)} could not be checked" if unchecked else ""
     print(
-        f"skipped: {js} holds this configuration's finished result (its files match their SHA-256)",
+        f"skipped: {js} holds this configuration's finished result (its files match their SHA-256{note})",
         flush=True,
     )
     return meta
+
+
+def changed_inputs(meta: dict[str, Any], spec: RunSpec) -> tuple[str | None, list[str]]:
+    """``--skip_existing``: what of the text and the model's config differs from what the finished result ``meta``
+    records (``None``: nothing), and what could not be checked. Reads the text and ``config.json`` (no weight):
+    the text's SHA-256 and :func:`lib.inputs.config_fingerprint` of the config's meta-device skeleton."""
+    m, unchecked = spec.model, []
+    text_sha = meta.get("computed_on", {}).get("dataset_sha256")
+    if text_sha:
+        if text_sha256(load_text(spec.data.dataset, m.cache_dir)) != text_sha:
+            return f"the text of --dataset {spec.data.dataset} changed (its SHA-256 differs)", []
+    else:
+        unchecked.append("the text")
+    config = meta.get("fingerprints", {}).get("model_config")
+    skeleton = model_skeleton(m.model, m.cache_dir, getattr(torch, m.dtype), m.attn_implementation)
+    if config and skeleton is not None:
+        if config_fingerprint(skeleton) != config:
+            return f"the config.json of --model {m.model} changed (its forward settings differ)", []
+    else:
+        unchecked.append("the model's config")
+    return None, unchecked
 
 
 @outputs.guarded

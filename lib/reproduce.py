@@ -150,7 +150,15 @@ def command_line(run: Run, figure: str, args: argparse.Namespace, extra: list[st
     argv = (
         run.argv + cli.argv_of(COMMANDS[run.script].parser(), placement(run, figure, args)) + extra
     )
-    return f"python {run.script}.py " + shlex.join(argv)
+    return f"{script_command(run.script)} " + shlex.join(argv)
+
+
+def script_command(script: str, package: str | None = __package__) -> str:
+    """How a user runs ``script``: ``python <script>.py`` from a checkout, the console command (``pyproject.toml``'s
+    ``[project.scripts]``, e.g. ``llm-hessian-diagonal``) when the package is installed as ``llm_hessian``."""
+    if package == "llm_hessian":
+        return "llm-hessian-" + script.removeprefix("hessian_").replace("_", "-")
+    return f"python {script}.py"
 
 
 def compose_3b(metas: list[dict[str, Any]], out: Path, name: str) -> list[Path]:

@@ -669,8 +669,12 @@ class SpectrumSpec(RunSpec):
             ("exact_below", 0),
         ):
             _at_least(name, getattr(c, name), low)
-        if not c.tol > 0:
-            raise UserError(f"--tol must be positive, got {c.tol}")
+        # inf and nan too; at 1 a residual as large as the top Ritz value would count as converged
+        if not 0 < c.tol < 1:
+            raise UserError(f"--tol must be a number above 0 and below 1, got {c.tol}")
+        most = library_constant("spectrum", "MAX_DENSITY_POINTS")
+        if c.density_points > most:
+            raise UserError(f"--density_points must be at most {most:,}, got {c.density_points:,}")
         if c.reorth != "full" and c.block_size > 1:
             raise UserError(
                 f"--reorth {c.reorth} runs single-vector Lanczos: use --block_size 1 (or --reorth full)"

@@ -369,14 +369,26 @@ class SLQResult:
         return _mean_stderr(per_probe)
 
 
+MAX_DENSITY_POINTS = 100_000
+"""Most grid points of a spectral density (``--density_points``): the grid and the values go into the JSON and the
+.pt (a figure is a few thousand pixels wide); refused above it before any work."""
+DENSITY_BLOCK = 1 << 22
+"""Largest ``grid points x Ritz values`` block :func:`broadened_density` evaluates at once (32 MB of float64)."""
+
+
 def broadened_density(
     theta: torch.Tensor, weights: torch.Tensor, grid: torch.Tensor, sigma: float
 ) -> torch.Tensor:
-    """``phi(t) = (1/P) sum_i sum_j w_ij N(t; theta_ij, sigma^2)`` on ``grid`` (NaN entries ignored); integrates to 1."""
+    """``phi(t) = (1/P) sum_i sum_j w_ij N(t; theta_ij, sigma^2)`` on ``grid`` (NaN entries ignored); integrates to 1.
+    Evaluated on slices of the grid, so that its temporaries stay below :data:`DENSITY_BLOCK` entries."""
     ok = ~torch.isnan(theta)
     th, w = theta[ok], weights[ok]
-    z = (grid[:, None] - th[None, :]) / sigma
-    return (torch.exp(-0.5 * z**2) * w).sum(1) / (sigma * math.sqrt(2 * math.pi) * theta.shape[0])
+    rows = max(1, DENSITY_BLOCK // max(1, th.numel()))
+    out = torch.empty(grid.shape, dtype=torch.promote_types(grid.dtype, th.dtype))
+    for a in range(0, grid.numel(), rows):
+        z = (grid[a : a + rows, None] - th[None, :]) / sigma
+        out[a : a + rows] = (torch.exp(-0.5 * z**2) * w).sum(1)
+    return out / (sigma * math.sqrt(2 * math.pi) * theta.shape[0])
 
 
 def slq(

@@ -250,7 +250,8 @@ class SpectrumFamily(Family):
         world = int(os.environ.get("WORLD_SIZE", "1")) if c.fsdp else 1
         vdtype = vectors.vector_dtype(c.vector_dtype, run.dtype)
         storage = "device"
-        if self.exact_path(spec, n):
+        iterative = not self.exact_path(spec, n)
+        if not iterative:
             est = preflight.exact_estimate(n, run.dtype.itemsize)
         else:
             est, storage = self.estimate(run, n, world, vdtype)
@@ -260,6 +261,7 @@ class SpectrumFamily(Family):
                 "a smaller subset, fewer --max_iter or --lanczos_steps, a smaller --block_size, --reorth none, "
                 "--vector_storage disk, --vector_dtype working, or --exact_below 0 for large subsets"
             ),
+            always_writes=iterative,  # the pass log, even with --checkpoint_every 0
         )
         products = run.products()
         fd = products if isinstance(products, FiniteDifference) else None

@@ -177,13 +177,29 @@ def choose(requested: int | None = None, processes: int = 1) -> Choice:
 def apply(requested: int | None = None, processes: int = 1) -> Choice:
     """:func:`choose` and set it (``torch.set_num_threads``) for this process, recorded for :func:`report`. Worker
     processes (``--devices``) take this process's thread count (:class:`lib.parallel.WorkerPool`), i.e. the share.
-    ``requested`` below 1 is refused (:class:`lib.errors.UserError`)."""
+    ``requested`` below 1 is refused (:class:`lib.errors.UserError`); more than the CPUs this process may run on is
+    capped to them (:func:`capped`)."""
     global _CHOICE
     if requested is not None and requested < 1:
         raise UserError(f"--threads must be at least 1, got {requested}")
-    _CHOICE = choose(requested, processes)
+    _CHOICE = capped(choose(requested, processes), affinity_cpus())
     torch.set_num_threads(_CHOICE.n)
     return _CHOICE
+
+
+def capped(choice: Choice, cpus: int) -> Choice:
+    """``choice`` with at most ``cpus`` threads (the CPUs this process may run on): more threads than CPUs only wait
+    for each other (and ``--threads 100000`` made OpenMP run out of memory and crash); a cap is one warning line
+    and is recorded in the JSON's ``why``."""
+    if choice.n <= cpus:
+        return choice
+    from .inputs import warn
+
+    source = choice.why  # --threads or OMP_NUM_THREADS
+    warn(
+        f"{source} {choice.n} is more than the {cpus} CPUs this process may run on: using {cpus} threads"
+    )
+    return Choice(cpus, f"{source} {choice.n} capped to the {cpus} CPUs", choice.processes)
 
 
 def report() -> dict[str, Any] | None:
