@@ -31,6 +31,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import nn
 
+from . import threads
 from .autotune import Compute, Tuning, free_memory, samples_per_forward, tune
 from .finite_difference import HVP_METHODS, FDSettings, FDStats, FiniteDifference
 from .jobs import ModelJob, Partial, run_serial
@@ -640,6 +641,7 @@ class HessianOperator:
         hvp: str = "exact",
         fd: FDSettings | None = None,
     ):
+        threads.for_library()  # once per process, as the scripts (lib.library_defaults)
         products = products_for(hvp, fd) if products is None else products
         self.model, self.subset, self.samples = model, subset, samples
         device = next(model.parameters()).device

@@ -509,7 +509,7 @@ def _execute(spec: RunSpec, family: Family) -> dict[str, Any]:
         files=family.files(spec, name),
     )
     warn_low_precision(spec.model.dtype)
-    threads.apply(spec.run.threads, threads.local_processes(len(devices)))
+    threads.apply(spec.run.threads, threads.local_processes(len(devices)), say=True)
     run = load(spec, family, name, devices, t_start)
     result = family.compute(run)
     if result is None:  # torchrun rank > 0: rank 0 saves

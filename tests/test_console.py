@@ -1,0 +1,119 @@
+"""What the console says to a newcomer (issue 27 item 6): flags of the other scripts, the rerun refusal's ways
+out, and a thread count below the CPUs with its reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import single_layer_several_blocks
+import single_layer_single_block
+from lib import threads
+from lib.suggest import unknown_flags_hint
+
+
+def _error(script, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        script.parser().parse_args(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_a_flag_of_another_script_is_named_with_the_scripts_that_have_it(capsys):
+    err = _error(single_layer_single_block, ["--num_block", "2"], capsys)
+    assert err.count("\n") == 1 and (
+        "(--num_blocks is a flag of single_layer_several_blocks.py, several_layers_several_blocks.py, "
+        "hessian_spectrum.py, not of this script)" in err
+    )
+    err = _error(single_layer_single_block, ["--estimatr", "xdiag"], capsys)
+    assert "--estimator is a flag of hessian_diagonal.py, not of this script" in err
+    # a close flag of this script comes first and alone
+    err = _error(single_layer_several_blocks, ["--num_block", "2"], capsys)
+    assert "did you mean --num_blocks?" in err and "not of this script" not in err
+    assert "not of this script" not in _error(single_layer_single_block, ["--zzz"], capsys)
+
+
+def test_the_other_scripts_are_asked_only_when_needed():
+    asked = []
+
+    def others():
+        asked.append(1)
+        return {"a.py": ["--num_blocks"], "b.py": ["--num_blocks", "--t"]}
+
+    assert unknown_flags_hint("unrecognized arguments: --sed", ["--seed"], others) == (
+        " (did you mean --seed?)"
+    )
+    assert not asked
+    assert unknown_flags_hint("unrecognized arguments: --num_block=2", ["--seed"], others) == (
+        " (--num_blocks is a flag of a.py, b.py, not of this script)"
+    )
+
+
+def test_the_rerun_refusal_names_skip_existing_and_overwrite(tmp_path, capsys):
+    from lib import cli
+
+    args = ["--t", "2", "--b", "1", "--seqlen", "8", "--no_progress", "--output_dir", str(tmp_path)]
+    single_layer_single_block.run([*args, "--name", "a", "--threads", "1"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.main(lambda argv: single_layer_single_block.run(argv), [*args, "--name", "a"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--skip_existing to keep it" in err and "--overwrite" in err
+
+
+@pytest.mark.parametrize(
+    "choice,usable,line",
+    [
+        (threads.Choice(2, "load 0.0 on 2 cpus: all usable"), 2, None),  # every CPU: silent
+        (
+            threads.Choice(1, "load 2.0 on 2 cpus"),
+            2,
+            "threads: 1 of 2 CPUs, because the machine is busy (load 2.0 on 2 cpus); --threads N overrides",
+        ),
+        (threads.Choice(1, "--threads"), 2, "threads: 1 of 2 CPUs, as --threads asks"),
+        (
+            threads.Choice(1, "OMP_NUM_THREADS"),
+            4,
+            "threads: 1 of 4 CPUs, as OMP_NUM_THREADS=1 in the environment asks (--threads N overrides it)",
+        ),
+        (threads.Choice(1, "load 0.0 on 2 cpus", processes=2), 2, None),  # 1 each for 2 workers
+        (
+            threads.Choice(1, "load 3.0 on 8 cpus", processes=2),
+            8,
+            "threads: 1 per process x 2 processes of 8 CPUs, because the machine is busy (load 3.0 on 8 cpus); "
+            "--threads N overrides",
+        ),
+    ],
+)
+def test_the_console_line_for_fewer_threads_than_cpus(choice, usable, line):
+    assert threads.console_line(choice, usable) == line
+
+
+def test_a_run_on_fewer_threads_says_so_on_the_console(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 2)
+    before = torch.get_num_threads()
+    try:
+        single_layer_single_block.run(
+            ["--t", "2", "--b", "1", "--seqlen", "8", "--no_progress", "--threads", "1"]
+            + ["--output_dir", str(tmp_path)]
+        )
+    finally:
+        torch.set_num_threads(before)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "threads: 1 of 2 CPUs, as --threads asks"
+    assert sum(line.startswith("threads:") for line in out) == 1
+
+
+def test_the_readme_states_quiet_machine_times_and_the_shared_machine_expectation():
+    from conftest import ROOT
+
+    text = " ".join((ROOT / "README.md").read_text().split())
+    assert "about 4 min on 2 quiet cores" in text
+    assert (
+        "Every time on this page was taken on a quiet machine: on a shared one expect about 2-4x"
+        in text
+    )
+    assert (
+        "81 s for the first command, 5.5 min without the slow tests, 14 min for the whole suite"
+        in text
+    )
