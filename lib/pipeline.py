@@ -463,7 +463,14 @@ def load(
 
 def written_files(meta: dict[str, Any]) -> list[str]:
     """Every file of ``meta`` (the .pt and .json, the figures, the side files), in that order."""
-    return [*meta["files"].values(), *meta.get("figures", []), *meta.get("batch_study_files", [])]
+    compare = meta.get("comparison_details", {})
+    return [
+        *meta["files"].values(),
+        *meta.get("figures", []),
+        *meta.get("batch_study_files", []),
+        *([compare["file"]] if "file" in compare else []),
+        *compare.get("figures", []),
+    ]
 
 
 def finished_result(js: Path, spec: RunSpec) -> dict[str, Any]:

@@ -117,3 +117,76 @@ def test_the_readme_states_quiet_machine_times_and_the_shared_machine_expectatio
         "81 s for the first command, 5.5 min without the slow tests, 14 min for the whole suite"
         in text
     )
+
+
+# ----------------------------------------------------------------------------- the numbers asked for (item 3)
+
+
+def test_trace_and_comparison_lines_from_the_json_sections():
+    from lib.console import comparison_lines, trace_line
+
+    trace = {
+        "hutchinson": {"estimate": 12.345, "stderr": 0.4123, "hvps": 30, "passes": 30},
+        "hutch++": {"estimate": 12.1, "stderr": float("nan"), "hvps": 3, "passes": 2},
+    }
+    assert trace_line(trace) == (
+        "trace: Hutchinson 12.345 +- 0.41 (standard error), 30 HVPs; "
+        "Hutch++ 12.1 (no standard error: one probe), 3 HVPs"
+    )
+    assert trace_line({"exact": 0.5}) == "trace: exact 0.5"
+    comparison = {
+        "ggn": {"cosine": 0.9213, "rel_frobenius": 0.4, "top_k": 8, "top_k_overlap": 0.75},
+        "exact": {"pred_vs_measured_corr": 0.9},  # the measured loss changes: no line
+    }
+    assert comparison_lines(comparison) == [
+        "compare ggn: cosine 0.921, relative Frobenius error 0.400, top-8 overlap 0.750"
+    ]
+
+
+def _wrote(out: list[str]) -> set[str]:
+    line = next(line for line in out if line.startswith("wrote "))
+    return {p.rsplit("/", 1)[-1] for p in line[len("wrote ") :].split(", ")}
+
+
+def test_compare_prints_one_line_per_approximation_and_wrote_lists_every_file(tmp_path, capsys):
+    import json
+
+    meta = single_layer_single_block.run(
+        ["--t", "3", "--b", "2", "--seqlen", "8", "--compare", "ggn", "kfac", "--no_progress"]
+        + ["--output_dir", str(tmp_path), "--name", "c"]
+    )
+    out = capsys.readouterr().out.splitlines()
+    js = json.loads((tmp_path / meta["files"]["json"]).read_text())
+    for name in ("ggn", "kfac"):
+        m = js["comparison"][name]
+        assert (
+            f"compare {name}: cosine {m['cosine']:.3f}, relative Frobenius error {m['rel_frobenius']:.3f}, "
+            f"top-{m['top_k']} overlap {m['top_k_overlap']:.3f}"
+        ) in out
+    written = {p.name for p in tmp_path.iterdir()}
+    assert {"c_compare.pt", "c_compare.pdf", "c_compare.png"} <= written
+    assert _wrote(out) == written
+
+
+@pytest.mark.parametrize("exact_below", ["0", "64"], ids=["iterative", "exact"])
+def test_trace_prints_the_estimates_with_their_standard_errors(exact_below, tmp_path, capsys):
+    import json
+
+    import hessian_spectrum
+
+    meta = hessian_spectrum.run(
+        ["--t", "6", "--b", "2", "--seqlen", "8", "--trace", "--trace_hvps", "4", "--top_k", "2"]
+        + ["--exact_below", exact_below, "--no_progress", "--output_dir", str(tmp_path)]
+    )
+    out = capsys.readouterr().out.splitlines()
+    trace = json.loads((tmp_path / meta["files"]["json"]).read_text())["trace"]
+    line = next(line for line in out if line.startswith("trace: "))
+    if exact_below == "0":
+        for key, label in (("hutchinson", "Hutchinson"), ("hutch++", "Hutch++")):
+            e = trace[key]
+            assert (
+                f"{label} {e['estimate']:.6g} +- {e['stderr']:.2g} (standard error), 4 HVPs" in line
+            )
+    else:
+        assert line == f"trace: exact {trace['exact']:.6g}"
+    assert _wrote(out) == {p.name for p in tmp_path.iterdir()}
