@@ -328,7 +328,11 @@ def check_outputs(output_dir: str, name: str | None, overwrite: bool, skip_exist
     if name is None:
         return
     finished = out / f"{name}.json"
-    if finished.exists() and not overwrite and not skip_existing:
+    try:
+        exists = finished.is_file()
+    except OSError:  # e.g. a name too long for the file system: the claim says so
+        return
+    if exists and not overwrite and not skip_existing:
         raise UserError(
             f"{finished} holds a finished result; pass --overwrite to replace it, --skip_existing to keep it "
             f"(exit 0 when it holds this configuration), or choose another --name"

@@ -65,7 +65,7 @@ from .models import (
 )
 from .operator import Products, products_for
 from .results import save_tensor_and_json, verify_result
-from .spec import PAPER_SEQLEN, SECTIONS, RunSpec
+from .spec import PAPER_SEQLEN, SECTIONS, RunSpec, used_config
 
 # ----------------------------------------------------------------------------- the family interface
 
@@ -196,9 +196,10 @@ class Run:
 
     def config(self) -> dict[str, Any]:
         """The JSON's ``config``: the spec with every default fixed, ``model_input_bs`` as requested (``auto`` stays
-        ``auto``, so the config rebuilds the run; the value used is in ``model_input_bs_choice``)."""
+        ``auto``, so the config rebuilds the run; the value used is in ``model_input_bs_choice``), without the
+        fields the run did not use (:func:`lib.spec.used_config`)."""
         requested = self.model_input_bs_choice.get("requested", self.spec.data.model_input_bs)
-        return self.spec.replace(model_input_bs=requested).as_dict()
+        return used_config(self.spec.replace(model_input_bs=requested).as_dict())
 
     @property
     def rank0(self) -> bool:
