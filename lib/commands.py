@@ -46,8 +46,8 @@ def check_subset_on_disk(spec: RunSpec) -> None:
 
 
 def check_inputs_on_disk(spec: RunSpec) -> None:
-    """Refuse, before torch is imported, the sequence length, the samples, the dataset file and an explicit
-    ``--name`` that :mod:`lib.early_checks` can rule out from the config, the text's size and the output folder."""
+    """Refuse, before torch is imported, the sequence length, the samples, the dataset file and the output names
+    that :mod:`lib.early_checks` can rule out from the config, the text's size and the output folder."""
     from .early_checks import check_data, check_outputs
     from .errors import ParamError, UserError
     from .spec import PAPER_SEQLEN
@@ -57,7 +57,7 @@ def check_inputs_on_disk(spec: RunSpec) -> None:
         check_data(spec.model.model, spec.model.cache_dir, d.dataset, d.seqlen, d.b, PAPER_SEQLEN)
     except ParamError as e:
         raise UserError(cli.flag_message(e)) from None
-    check_outputs(o.output_dir, o.name, o.overwrite, o.skip_existing)
+    check_outputs(o.output_dir, o.name, o.overwrite, o.skip_existing, spec.script, spec.digest())
 
 
 def execute(spec: RunSpec) -> dict[str, Any]:

@@ -308,10 +308,40 @@ def check_data(
         )
 
 
-def check_outputs(output_dir: str, name: str | None, overwrite: bool, skip_existing: bool) -> None:
+def finished_default(out: Path, script: str, digest: str) -> Path | None:
+    """The finished result of this configuration under its default name in ``out``, if any: a
+    ``<script>_..._<digest>.json`` (every default name is ``<script>_<readable fields>_<spec digest>``) whose
+    ``script`` and ``spec_digest`` are this run's."""
+    try:
+        candidates = sorted(out.glob(f"{script}_*_{digest}.json"))
+    except OSError:
+        return None
+    for js in candidates:
+        try:
+            meta = json.loads(js.read_text())
+        except (OSError, ValueError):
+            continue
+        if (
+            isinstance(meta, dict)
+            and meta.get("script") == script
+            and meta.get("spec_digest") == digest
+        ):
+            return js
+    return None
+
+
+def check_outputs(
+    output_dir: str,
+    name: str | None,
+    overwrite: bool,
+    skip_existing: bool,
+    script: str | None = None,
+    digest: str | None = None,
+) -> None:
     """Refuse what :func:`lib.outputs.claim` would refuse (the same messages): an explicit ``--name`` that is not a
     plain file name, an ``--output_dir`` that is a file, a finished result of an explicit ``--name`` without
-    ``--overwrite`` or ``--skip_existing``. A default name (from the spec's hash) is checked by the claim, after torch is imported."""
+    ``--overwrite`` or ``--skip_existing``, and this configuration's finished result under its default name
+    (``script`` and ``digest``: :func:`finished_default`)."""
     from .errors import UserError
 
     out = Path(output_dir)
@@ -325,15 +355,21 @@ def check_outputs(output_dir: str, name: str | None, overwrite: bool, skip_exist
         raise UserError(
             f"--output_dir {str(out)!r} is a file, not a directory; choose another --output_dir"
         )
+    if overwrite or skip_existing:
+        return
     if name is None:
-        return
-    finished = out / f"{name}.json"
-    try:
-        exists = finished.is_file()
-    except OSError:  # e.g. a name too long for the file system: the claim says so
-        return
-    if exists and not overwrite and not skip_existing:
-        raise UserError(
-            f"{finished} holds a finished result; pass --overwrite to replace it, --skip_existing to keep it "
-            f"(exit 0 when it holds this configuration), or choose another --name"
-        )
+        found = finished_default(out, script, digest) if script and digest else None
+        if found is None:
+            return
+        finished = found
+    else:
+        finished = out / f"{name}.json"
+        try:
+            if not finished.is_file():
+                return
+        except OSError:  # e.g. a name too long for the file system: the claim says so
+            return
+    raise UserError(
+        f"{finished} holds a finished result; pass --overwrite to replace it, --skip_existing to keep it "
+        f"(exit 0 when it holds this configuration), or choose another --name"
+    )

@@ -108,3 +108,23 @@ def test_the_input_checks_run_before_torch_is_imported(tmp_path):
     assert len(lines) == 5 and lines[-1] == "torch imported: False", out.stdout + out.stderr
     assert lines[0] == "--b must be at least 1, got 0" and "--dataset 'missing.txt'" in lines[1]
     assert "--seqlen 600 exceeds" in lines[2] and "--b 99999 needs" in lines[3]
+
+
+def test_a_rerun_under_the_default_name_is_refused_before_torch_as_the_claim_does(
+    tmp_path, monkeypatch
+):
+    out = ["--b", "1", "--seqlen", "8", "--output_dir", str(tmp_path)]
+    meta = single_layer_single_block.run([*BASE, *out])
+    assert meta["files"]["json"].endswith(f"_{meta['spec_digest']}.json")
+    early = _refusal(out)
+    assert early.startswith(f"{tmp_path / meta['files']['json']} holds a finished result")
+    monkeypatch.setattr(commands, "check_inputs_on_disk", lambda spec: None)
+    assert _refusal(out) == early
+    # another configuration (another digest) or another script's file is not this run's result
+    assert early_checks.finished_default(tmp_path, "single_layer_single_block", "0" * 8) is None
+    assert early_checks.finished_default(tmp_path, "hessian_spectrum", meta["spec_digest"]) is None
+    js = tmp_path / meta["files"]["json"]
+    assert (
+        early_checks.finished_default(tmp_path, "single_layer_single_block", meta["spec_digest"])
+        == js
+    )
