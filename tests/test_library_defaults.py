@@ -148,3 +148,38 @@ def test_hessian_diagonal_resolves_auto_as_the_diagonal_script(monkeypatch):
     lib.hessian_diagonal(model, [lib.Target(name, (32, 16))], ids, vhp_samples=2, probe_batch=1)
     expected, _ = autotune.samples_per_forward("auto", model, 4, 6, 1, torch.device("cpu"))
     assert seen and set(seen) == {expected} and expected == 4  # each phase
+
+
+def test_hessian_operator_resolves_auto_as_the_spectrum_script(tmp_path):
+    """The same rule and the same estimate (``why`` quotes it): n products per sample, as the script counts."""
+    import hessian_spectrum
+
+    before = torch.get_num_threads()
+    try:
+        meta = hessian_spectrum.run(
+            ["--t", "6", "--b", "2", "--seqlen", "8", "--top_k", "1", "--threads", "1"]
+            + ["--no_progress", "--output_dir", str(tmp_path)]
+        )
+        model = lib.load_model("embedded")
+        subset = lib.single_layer_single_block(model, "self_attn.q_proj", block_index=0, t=6)
+        H = lib.HessianOperator(model, subset, lib.load_samples("embedded", seqlen=8, b=2))
+    finally:
+        torch.set_num_threads(before)
+    js = json.loads((tmp_path / meta["files"]["json"]).read_text())["model_input_bs_choice"]
+    assert (H.model_input_bs, H.model_input_bs_why) == (js["chosen"], js["why"])
+
+
+def test_the_chunk_defaults_are_the_scripts(monkeypatch):
+    """The scripts' ``--chunk 0`` (measured) is the library's ``None``."""
+    import inspect
+
+    from lib import cli
+
+    spec = cli.parse("single_layer_single_block", [], "")
+    assert spec.compute.chunk == 0
+    assert cli.parse("hessian_diagonal", [], "").compute.chunk == 0
+    assert inspect.signature(lib.exact_hessian).parameters["chunk"].default is None
+    assert inspect.signature(lib.HessianOperator).parameters["chunk"].default is None
+    assert inspect.signature(lib.hessian_diagonal).parameters["probe_batch"].default is None
+    for call in (lib.exact_hessian, lib.HessianOperator, lib.hessian_diagonal):
+        assert inspect.signature(call).parameters["model_input_bs"].default == "auto"
