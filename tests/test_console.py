@@ -1,5 +1,6 @@
-"""What the console says to a newcomer (issue 27 item 6): flags of the other scripts, the rerun refusal's ways
-out, and a thread count below the CPUs with its reason."""
+"""What the console says to a newcomer (issue 27 items 3 and 6): flags of the other scripts, a thread count below
+the CPUs with its reason, the trace with its standard error, one line per --compare approximation, and every file
+written. (The rerun refusal's ways out: tests/test_early_inputs.py and tests/test_guarantees.py.)"""
 
 from __future__ import annotations
 
@@ -47,18 +48,6 @@ def test_the_other_scripts_are_asked_only_when_needed():
     assert unknown_flags_hint("unrecognized arguments: --num_block=2", ["--seed"], others) == (
         " (--num_blocks is a flag of a.py, b.py, not of this script)"
     )
-
-
-def test_the_rerun_refusal_names_skip_existing_and_overwrite(tmp_path, capsys):
-    from lib import cli
-
-    args = ["--t", "2", "--b", "1", "--seqlen", "8", "--no_progress", "--output_dir", str(tmp_path)]
-    single_layer_single_block.run([*args, "--name", "a", "--threads", "1"])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        cli.main(lambda argv: single_layer_single_block.run(argv), [*args, "--name", "a"])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "--skip_existing to keep it" in err and "--overwrite" in err
 
 
 @pytest.mark.parametrize(
