@@ -43,6 +43,10 @@ Main entry points:
   :mod:`lib.exact_cli`, :mod:`lib.diagonal_cli`, :mod:`lib.spectrum_cli`). Modules that are not listed above
   (``curvature``, ``parallel``, ``checkpoint``, ...) are imported by name, e.g. ``import lib.curvature``.
 
+Threads: the first heavy call (:func:`exact_hessian`, :func:`hessian_diagonal`, :class:`HessianOperator`) chooses
+the intra-op CPU threads once per process as the scripts do (:mod:`lib.threads`), unless the caller chose them
+(:func:`set_threads`, ``LLM_HESSIAN_THREADS``, or a ``torch.set_num_threads`` before the call).
+
 ``import lib`` loads nothing heavy: each name is imported on first use. Installed with ``pip install .``, the
 same package is ``llm_hessian`` (``import llm_hessian as lib``).
 """
@@ -93,6 +97,7 @@ _EXPORTS = {
     "several_layers_several_blocks": "subsets",
     "single_layer_several_blocks": "subsets",
     "single_layer_single_block": "subsets",
+    "set_threads": "threads",
 }
 """Each exported name and the module that defines it; loaded on first use (PEP 562), so that ``import lib``
 and the command-line parsers do not import torch."""

@@ -105,8 +105,19 @@ class Parser(argparse.ArgumentParser):
 
         if quiet_flag_error():  # torchrun: one command line for all local ranks
             self.exit(2)
-        hint = unknown_flags_hint(message, self._option_string_actions)
+        hint = unknown_flags_hint(message, self._option_string_actions, lambda: _others(self.prog))
         self.exit(2, f"error: {message}{hint} (see {self.prog} --help)\n")
+
+
+def _others(prog: str | None) -> dict[str, list[str]]:
+    """``{"script.py": its flags}`` of every script but ``prog`` (for did-you-mean across scripts)."""
+    from .commands import COMMANDS
+
+    return {
+        f"{s}.py": list(build_parser(s, "")._option_string_actions)
+        for s in COMMANDS
+        if f"{s}.py" != prog
+    }
 
 
 class DeprecatedAlias(argparse.Action):

@@ -45,9 +45,25 @@ def check_subset_on_disk(spec: RunSpec) -> None:
         raise UserError(cli.flag_message(e)) from None
 
 
+def check_inputs_on_disk(spec: RunSpec) -> None:
+    """Refuse, before torch is imported, the sequence length, the samples, the dataset file and the output names
+    that :mod:`lib.early_checks` can rule out from the config, the text's size and the output folder."""
+    from .early_checks import check_data, check_outputs
+    from .errors import ParamError, UserError
+    from .spec import PAPER_SEQLEN
+
+    d, o = spec.data, spec.output
+    try:
+        check_data(spec.model.model, spec.model.cache_dir, d.dataset, d.seqlen, d.b, PAPER_SEQLEN)
+    except ParamError as e:
+        raise UserError(cli.flag_message(e)) from None
+    check_outputs(o.output_dir, o.name, o.overwrite, o.skip_existing, spec.script, spec.digest())
+
+
 def execute(spec: RunSpec) -> dict[str, Any]:
     """Run ``spec`` through the pipeline; returns the saved metadata (``{}`` on torchrun ranks other than 0)."""
     check_subset_on_disk(spec)
+    check_inputs_on_disk(spec)
     from .pipeline import execute as run_pipeline
 
     family = importlib.import_module(f"{__package__}.{FAMILY_MODULES[spec.family]}").FAMILY

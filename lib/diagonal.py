@@ -63,6 +63,7 @@ from .estimators.diagonal.xdiag import xdiag_basis, xdiag_estimate
 from .finite_difference import FDStats, FiniteDifference
 from .forward import JVPPolicy
 from .jobs import Partial, run_serial
+from .library_defaults import settle
 from .models import ModelSpec
 from .operator import BatchGraph, ProductJob, Products, fd_stats, graph_sums
 from .subsets import whole_parameter
@@ -258,7 +259,7 @@ def hessian_diagonal(
     estimators: Sequence[str] = ("xdiag",),
     vhp_samples: int = 100,
     seed: int = 0,
-    model_input_bs: int = 1,
+    model_input_bs: int | str = "auto",
     probe_batch: int | None = None,
     fused_head: bool | None = None,
     spec: ModelSpec | None = None,
@@ -275,6 +276,8 @@ def hessian_diagonal(
     ``xdiag`` the runner must give every rank the phase-1 sums, which phase 2 needs).
     """
     REGISTRY.lookup(estimators)  # unknown names: ValueError before any work
+    # as the scripts (lib.library_defaults)
+    model_input_bs = settle(model, samples, model_input_bs, 1)
     if runner is None:
         device = next(model.parameters()).device
         runner = lambda job, phase: run_serial(

@@ -220,3 +220,156 @@ def check_subset(
         row = found.row_length(block_index or 0, layer)
         if row is not None and t > row:
             raise row_length_error(t, layer, row)
+
+
+# ----------------------------------------------------------------------------- data, sequence length, outputs
+
+WIKITEXT2 = "wikitext2"
+SPECIAL_TOKENS_SLACK = 16
+"""Tokens a tokenizer may add to a text beyond one per byte (BOS/EOS, a sentencepiece dummy prefix)."""
+
+
+def max_positions(config: dict[str, Any]) -> int | None:
+    """The longest sequence of a ``config.json`` (its ``text_config`` if nested), as :func:`lib.models.max_positions`."""
+    cfg = config.get("text_config") or config
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = cfg.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def config_positions(model: str, cache_dir: str | None) -> int | None:
+    """:func:`max_positions` of ``model``'s ``config.json`` on disk, ``None`` when there is none or it cannot tell."""
+    directory = model_directory(model, cache_dir)
+    if directory is None:
+        return None
+    try:
+        return max_positions(json.loads((directory / "config.json").read_text()))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def text_file(dataset: str, model: str) -> Path | None:
+    """The text file that ``dataset`` names (``auto``: the bundled text for the bundled model), ``None`` for
+    WikiText-2 (loaded through ``datasets``); :class:`ParamError` (the message of :func:`lib.data.load_text`) when
+    it names no file."""
+    from .paths import EMBEDDED, assets_dir
+
+    if dataset == "auto":
+        dataset = EMBEDDED if model == EMBEDDED else WIKITEXT2
+    if dataset == WIKITEXT2:
+        return None
+    if dataset == EMBEDDED:
+        return assets_dir() / "shakespeare-heldout.txt"
+    if not Path(dataset).is_file():
+        raise ParamError(
+            "dataset",
+            f"dataset {dataset!r} is neither 'embedded', 'wikitext2' nor an existing text file",
+        )
+    return Path(dataset)
+
+
+def check_data(
+    model: str,
+    cache_dir: str | None,
+    dataset: str,
+    seqlen: int | None,
+    b: int | None,
+    default_seqlen: int,
+) -> None:
+    """Refuse, from the config and the text file's size alone, what :func:`lib.pipeline.inspect` would refuse after
+    tokenizing: ``seqlen`` below 2 or past the config's positions, ``b`` below 1, a ``dataset`` file that does not
+    exist, and a ``b`` that the text cannot hold even at one token per byte (a byte-level tokenizer never gives more
+    tokens than bytes; :data:`SPECIAL_TOKENS_SLACK` more for special tokens). Raises :class:`ParamError`."""
+    limit = config_positions(model, cache_dir)
+    if seqlen is not None and seqlen < 2:
+        raise ParamError("seqlen", f"seqlen must be at least 2 (one predicted token), got {seqlen}")
+    if seqlen is not None and limit is not None and seqlen > limit:
+        raise ParamError(
+            "seqlen", f"seqlen {seqlen} exceeds the model's maximum sequence length {limit}"
+        )
+    if b is not None and b < 1:
+        raise ParamError("b", f"b must be at least 1, got {b}")
+    path = text_file(dataset, model)
+    if path is None or b is None:
+        return
+    if seqlen is None:
+        seqlen = min(default_seqlen, limit or default_seqlen)
+    try:
+        most = path.stat().st_size + SPECIAL_TOKENS_SLACK
+    except OSError:
+        return
+    if b * seqlen > most:
+        raise ParamError(
+            "b",
+            f"b {b} needs {b * seqlen} tokens but the text {path.name} ({most - SPECIAL_TOKENS_SLACK} bytes) "
+            f"has at most {most} tokens: at most {most // seqlen} samples of seqlen {seqlen} exist",
+        )
+
+
+def finished_default(out: Path, script: str, digest: str) -> Path | None:
+    """The finished result of this configuration under its default name in ``out``, if any: a
+    ``<script>_..._<digest>.json`` (every default name is ``<script>_<readable fields>_<spec digest>``) whose
+    ``script`` and ``spec_digest`` are this run's."""
+    try:
+        candidates = sorted(out.glob(f"{script}_*_{digest}.json"))
+    except OSError:
+        return None
+    for js in candidates:
+        try:
+            meta = json.loads(js.read_text())
+        except (OSError, ValueError):
+            continue
+        if (
+            isinstance(meta, dict)
+            and meta.get("script") == script
+            and meta.get("spec_digest") == digest
+        ):
+            return js
+    return None
+
+
+def check_outputs(
+    output_dir: str,
+    name: str | None,
+    overwrite: bool,
+    skip_existing: bool,
+    script: str | None = None,
+    digest: str | None = None,
+) -> None:
+    """Refuse what :func:`lib.outputs.claim` would refuse (the same messages): an explicit ``--name`` that is not a
+    plain file name, an ``--output_dir`` that is a file, a finished result of an explicit ``--name`` without
+    ``--overwrite`` or ``--skip_existing``, and this configuration's finished result under its default name
+    (``script`` and ``digest``: :func:`finished_default`)."""
+    from .errors import UserError
+
+    out = Path(output_dir)
+    if name is not None and (
+        not name or name in (".", "..") or "/" in name or "\0" in name or name.startswith(".")
+    ):
+        raise UserError(
+            f"--name {name!r} is not a plain file name (no '/', not '.', '..' or a hidden name); use --output_dir for the folder"
+        )
+    if out.exists() and not out.is_dir():
+        raise UserError(
+            f"--output_dir {str(out)!r} is a file, not a directory; choose another --output_dir"
+        )
+    if overwrite or skip_existing:
+        return
+    if name is None:
+        found = finished_default(out, script, digest) if script and digest else None
+        if found is None:
+            return
+        finished = found
+    else:
+        finished = out / f"{name}.json"
+        try:
+            if not finished.is_file():
+                return
+        except OSError:  # e.g. a name too long for the file system: the claim says so
+            return
+    raise UserError(
+        f"{finished} holds a finished result; pass --overwrite to replace it, --skip_existing to keep it "
+        f"(exit 0 when it holds this configuration), or choose another --name"
+    )

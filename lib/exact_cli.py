@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from . import batch_study, curvature, diagonality, outputs, parallel, preflight, subsets
+from .console import comparison_lines
 from .finite_difference import FiniteDifference, exact_script_report
 from .hessian import ExactHessianJob
 from .outputs import default_name as output_name
@@ -217,6 +218,7 @@ class ExactFamily(Family):
         ]
         if "batch_study" in meta:
             lines.append(batch_study.summary_line(meta["batch_study"]))
+        lines.extend(comparison_lines(meta.get("comparison", {})))
         return [*lines, diagonality.one_line(meta["diagonality"])]
 
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from .autotune import Compute
 from .jobs import run_serial
+from .library_defaults import settle
 from .loss import LayerOutputs, SubsetLoss
 from .models import ModelSpec
 from .operator import (
@@ -449,7 +450,7 @@ def exact_hessian(
     model: nn.Module,
     subset: Subset,
     samples: torch.Tensor,
-    model_input_bs: int = 1,
+    model_input_bs: int | str = "auto",
     method: str = "rev-rev",
     chunk: int | None = None,
     fused_head: bool | None = None,
@@ -459,8 +460,10 @@ def exact_hessian(
 
     Batches of ``model_input_bs`` samples are processed one after another on the model's device and
     their Hessians summed in float64 in sample order. ``progress=True`` shows a tqdm bar over
-    batches x columns.
+    batches x columns. Defaults as the scripts': ``model_input_bs="auto"`` (their rule), ``chunk`` measured,
+    and the threads chosen once per process (:func:`lib.library_defaults.settle`).
     """
+    model_input_bs = settle(model, samples, model_input_bs, subset.size)
     job = ExactHessianJob(subset, samples, model_input_bs, method, chunk, fused_head, model=model)
     t0 = time.perf_counter()
     sums = run_serial(

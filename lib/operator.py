@@ -31,6 +31,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import nn
 
+from . import threads
 from .autotune import Compute, Tuning, free_memory, samples_per_forward, tune
 from .finite_difference import HVP_METHODS, FDSettings, FDStats, FiniteDifference
 from .jobs import ModelJob, Partial, run_serial
@@ -90,8 +91,6 @@ def hvp_products(
     return chunk
 
 
-OPERATOR_PASSES = 20
-"""Passes an operator is assumed to make when ``model_input_bs`` is ``"auto"`` (Krylov methods make tens)."""
 TUNE_MIN_PRODUCTS = 16
 """Fewest vectors of one block on which the chunk is measured (fewer: one at a time, not measured)."""
 
@@ -617,7 +616,8 @@ class HessianOperator:
     (CPU) or device (GPU) memory (:func:`keep_all_graphs`); worker processes always rebuild them. Products
     are bitwise the same either way. ``chunk``: vectors per batched backward, else :class:`ChunkPolicy`
     (measured on blocks of at least ``TUNE_MIN_PRODUCTS`` vectors). ``model_input_bs``: samples per forward, or
-    ``"auto"`` (default): :func:`lib.autotune.samples_per_forward` for ``OPERATOR_PASSES`` passes of one product.
+    ``"auto"`` (default): :func:`lib.autotune.samples_per_forward` as ``hessian_spectrum.py`` resolves it (at most
+    ``n`` products per sample), so that the operator and the script batch the same samples.
     :meth:`report` gives the three choices. ``products``: how each ``H v`` is computed (a :class:`Products`;
     default exact reverse-over-reverse), or ``hvp="finite_difference"`` (settings ``fd``): each product a central
     difference of two first-order gradients (:class:`lib.finite_difference.FiniteDifference`): no graph is kept
@@ -640,17 +640,12 @@ class HessianOperator:
         hvp: str = "exact",
         fd: FDSettings | None = None,
     ):
+        threads.for_library()  # once per process, as the scripts (lib.library_defaults)
         products = products_for(hvp, fd) if products is None else products
         self.model, self.subset, self.samples = model, subset, samples
         device = next(model.parameters()).device
         self.model_input_bs, self.model_input_bs_why = samples_per_forward(
-            model_input_bs,
-            model,
-            samples.shape[0],
-            samples.shape[1],
-            1,
-            device,
-            passes=OPERATOR_PASSES,
+            model_input_bs, model, samples.shape[0], samples.shape[1], subset.size, device
         )
         self.chunk, self.fused_head, self.spec, self.products = chunk, fused_head, spec, products
         self.fd_stats = FDStats()

@@ -347,7 +347,8 @@ def claim(
         finished = out / f"{name}.json"
         if finished.exists() and not overwrite:
             raise UserError(
-                f"{finished} holds a finished result; pass --overwrite to replace it, or choose another --name"
+                f"{finished} holds a finished result; pass --overwrite to replace it, --skip_existing to keep it "
+                f"(exit 0 when it holds this configuration), or choose another --name"
             )
         if not resume:
             for p in checkpoints:

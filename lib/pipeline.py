@@ -65,7 +65,7 @@ from .models import (
 )
 from .operator import Products, products_for
 from .results import save_tensor_and_json, verify_result
-from .spec import PAPER_SEQLEN, SECTIONS, RunSpec
+from .spec import PAPER_SEQLEN, SECTIONS, RunSpec, used_config
 
 # ----------------------------------------------------------------------------- the family interface
 
@@ -204,9 +204,10 @@ class Run:
 
     def config(self) -> dict[str, Any]:
         """The JSON's ``config``: the spec with every default fixed, ``model_input_bs`` as requested (``auto`` stays
-        ``auto``, so the config rebuilds the run; the value used is in ``model_input_bs_choice``)."""
+        ``auto``, so the config rebuilds the run; the value used is in ``model_input_bs_choice``), without the
+        fields the run did not use (:func:`lib.spec.used_config`)."""
         requested = self.model_input_bs_choice.get("requested", self.spec.data.model_input_bs)
-        return self.spec.replace(model_input_bs=requested).as_dict()
+        return used_config(self.spec.replace(model_input_bs=requested).as_dict())
 
     @property
     def rank0(self) -> bool:
@@ -486,7 +487,14 @@ def load(
 
 def written_files(meta: dict[str, Any]) -> list[str]:
     """Every file of ``meta`` (the .pt and .json, the figures, the side files), in that order."""
-    return [*meta["files"].values(), *meta.get("figures", []), *meta.get("batch_study_files", [])]
+    compare = meta.get("comparison_details", {})
+    return [
+        *meta["files"].values(),
+        *meta.get("figures", []),
+        *meta.get("batch_study_files", []),
+        *([compare["file"]] if "file" in compare else []),
+        *compare.get("figures", []),
+    ]
 
 
 def finished_result(js: Path, spec: RunSpec) -> dict[str, Any]:
@@ -564,7 +572,7 @@ def _execute(spec: RunSpec, family: Family) -> dict[str, Any]:
     )
     warn_low_precision(spec.model.dtype)
     torch.set_float32_matmul_precision(spec.model.matmul_precision)  # workers: ModelSpec.load
-    threads.apply(spec.run.threads, threads.local_processes(len(devices)))
+    threads.apply(spec.run.threads, threads.local_processes(len(devices)), say=True)
     run = load(spec, family, name, devices, t_start)
     run.audit_plan = audit.prepare(run)  # --fd_step auto: the step, before the computation
     t_compute = time.perf_counter()

@@ -278,3 +278,12 @@ def load_result(json_path: str | Path) -> tuple[dict[str, Any], Any]:
     """``(metadata, tensor)`` of a result, after :func:`verify_result`."""
     meta = verify_result(json_path)
     return meta, torch.load(Path(json_path).parent / meta["files"]["tensor"], weights_only=True)
+
+
+def run_config(meta: dict[str, Any]) -> dict[str, Any]:
+    """The ``config`` of a result's metadata with only the fields the run used (:func:`lib.spec.used_config`), the
+    same for files written before the JSON left the unused ones out (they listed a ``--params`` run's default
+    ``layer_name``, ``block_index`` and ``t``)."""
+    from .spec import used_config
+
+    return used_config(meta["config"])

@@ -169,6 +169,23 @@ class SpectrumSubset(ExactSubset):
     params: tuple[str, ...] | None = result(None)
 
 
+ROW_SUBSET_FIELDS = ("layer_name", "block_index", "num_blocks", "num_layers", "t")
+"""The exact scripts' subset fields, which a ``--params`` subset (whole parameters by name) does not use."""
+
+
+def used_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A JSON ``config`` (:meth:`RunSpec.as_dict`) without the fields the run did not use: a ``--params`` run's
+    :data:`ROW_SUBSET_FIELDS` (their defaults stay in the spec and its digest, so names and checkpoints keep).
+    Also reads older files, which list them."""
+    subset = config.get("subset")
+    if not isinstance(subset, dict) or not subset.get("params"):
+        return config
+    return {
+        **config,
+        "subset": {k: v for k, v in subset.items() if k not in ROW_SUBSET_FIELDS},
+    }
+
+
 @dataclass(frozen=True)
 class DiagonalSubset:
     """Whole weights: one linear layer of one block, or every linear layer (of every block or of ``block_index``)."""

@@ -503,11 +503,15 @@ class SpectrumFamily(Family):
                 f"converge within --max_iter {run.spec.compute.max_iter} passes (residuals in the "
                 f"JSON); raise --max_iter or --tol"
             )
+        from .console import trace_line
+
+        asked = [trace_line(meta["trace"])] if run.spec.compute.trace and "trace" in meta else []
         return [
             (
                 f"{meta['path']} path, n={meta['n']}: eigenvalues [{top}] with {meta['hvps']} HVPs in "
                 f"{meta['passes']} passes ({meta['spectrum_elapsed_s']:.1f}s)"
-            )
+            ),
+            *asked,
         ]
 
 

@@ -174,16 +174,125 @@ def choose(requested: int | None = None, processes: int = 1) -> Choice:
     return Choice(n, why, processes)
 
 
-def apply(requested: int | None = None, processes: int = 1) -> Choice:
+def apply(requested: int | None = None, processes: int = 1, say: bool = False) -> Choice:
     """:func:`choose` and set it (``torch.set_num_threads``) for this process, recorded for :func:`report`. Worker
     processes (``--devices``) take this process's thread count (:class:`lib.parallel.WorkerPool`), i.e. the share.
     ``requested`` below 1 is refused (:class:`lib.errors.UserError`); more than the CPUs this process may run on is
-    capped to them (:func:`capped`)."""
+    capped to them (:func:`capped`). ``say``: print :func:`console_line` (the scripts), when the run takes fewer
+    threads than its CPUs."""
     global _CHOICE
     if requested is not None and requested < 1:
         raise UserError(f"--threads must be at least 1, got {requested}")
     _CHOICE = capped(choose(requested, processes), affinity_cpus())
     torch.set_num_threads(_CHOICE.n)
+    line = console_line(_CHOICE, usable_cpus()) if say else None
+    if line:
+        print(line, flush=True)
+    return _CHOICE
+
+
+def usable_cpus() -> int:
+    """``min(CPUs in the affinity mask, the cgroup quota)``, at least 1: what :func:`policy` calls usable."""
+    quota = cgroup_quota()
+    cpus = affinity_cpus()
+    return max(1, math.floor(cpus if quota is None else min(cpus, max(quota, 1.0))))
+
+
+def console_line(choice: Choice, usable: int) -> str | None:
+    """One console line when ``choice`` takes fewer threads than the ``usable`` CPUs, with the reason; else ``None``.
+
+    E.g. ``threads: 1 of 2 CPUs, because the machine is busy (load 2.0 on 2 cpus); --threads N overrides``."""
+    if choice.n * choice.processes >= usable:
+        return None
+    each = f" per process x {choice.processes} processes" if choice.processes > 1 else ""
+    head = f"threads: {choice.n}{each} of {usable} CPUs"
+    if choice.why == "--threads":
+        return f"{head}, as --threads asks"
+    if choice.why == "OMP_NUM_THREADS":
+        return f"{head}, as OMP_NUM_THREADS={choice.n} in the environment asks (--threads N overrides it)"
+    if choice.why.startswith("load "):
+        return f"{head}, because the machine is busy ({choice.why}); --threads N overrides"
+    return f"{head} ({choice.why})"
+
+
+# ----------------------------------------------------------------------------- library calls
+
+LIBRARY_ENV = "LLM_HESSIAN_THREADS"
+"""Environment variable: the library's thread count (an integer), or ``auto``/empty for the policy."""
+_LIBRARY_DONE = False
+"""Whether :func:`for_library` has decided for this process (it decides once)."""
+
+
+def torch_default_threads() -> int:
+    """The intra-op thread count torch starts with: ``OMP_NUM_THREADS`` (or ``MKL_NUM_THREADS``) from the
+    environment, else one per physical core of the machine (torch counts cores, not the affinity mask)."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env = os.environ.get(var, "").strip()
+        if env.isdigit() and int(env) > 0:
+            return int(env)
+    return physical_cores()
+
+
+def physical_cores(root: Path = Path("/sys/devices/system/cpu")) -> int:
+    """Physical cores of the machine: distinct ``core_cpus_list`` (hyperthread siblings) of the online CPUs;
+    ``os.cpu_count()`` where the topology cannot be read."""
+    cores = set()
+    for d in root.glob("cpu[0-9]*"):
+        for name in ("core_cpus_list", "thread_siblings_list"):
+            try:
+                cores.add((d / "topology" / name).read_text().strip())
+                break
+            except OSError:
+                continue
+    return len(cores) or os.cpu_count() or 1
+
+
+def set_threads(n: int | str | None = "auto") -> Choice:
+    """The library's threads for this process, now: ``n`` threads, or ``"auto"``/``None`` for the scripts' policy
+    (:func:`policy`: the CPUs free now; ``OMP_NUM_THREADS`` if set). Library calls then leave them alone.
+    Returns the choice. ``n`` below 1: :class:`lib.errors.ParamError`."""
+    global _CHOICE, _LIBRARY_DONE
+    from .errors import ParamError
+
+    if n is None or n == "auto":
+        _CHOICE = choose(None)
+    else:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ParamError("n", f"n must be an integer of at least 1 or 'auto', got {n!r}")
+        _CHOICE = Choice(n, "lib.set_threads")
+    torch.set_num_threads(_CHOICE.n)
+    _LIBRARY_DONE = True
+    return _CHOICE
+
+
+def for_library() -> Choice | None:
+    """Called by the heavy library calls (:func:`lib.exact_hessian`, :class:`lib.HessianOperator`,
+    :func:`lib.hessian_diagonal`): once per process, choose the threads as the scripts do, unless they were chosen.
+
+    In order: a choice already made (a script's :func:`apply`, :func:`set_threads`) stays; ``LLM_HESSIAN_THREADS``
+    (an integer, or ``auto``) decides; a ``torch.set_num_threads`` of the caller (a thread count other than
+    torch's start value, :func:`torch_default_threads`) is kept; else :func:`choose` (``OMP_NUM_THREADS``, else the
+    free CPUs). A caller's ``torch.set_num_threads`` to torch's own start value cannot be told from none: use
+    :func:`set_threads` or the variable for that. Later calls change nothing (a caller's later
+    ``torch.set_num_threads`` is kept). Returns the choice (``None`` if the caller's setting was kept)."""
+    global _CHOICE, _LIBRARY_DONE
+    if _LIBRARY_DONE or _CHOICE is not None:
+        return _CHOICE
+    env = os.environ.get(LIBRARY_ENV, "").strip()
+    if env and env != "auto":
+        if not env.isdigit() or int(env) < 1:
+            from .errors import ParamError
+
+            raise ParamError(
+                LIBRARY_ENV,
+                f"{LIBRARY_ENV} must be an integer of at least 1 or 'auto', got {env!r}",
+            )
+        _CHOICE = Choice(int(env), LIBRARY_ENV)
+        torch.set_num_threads(_CHOICE.n)
+    elif env == "auto" or torch.get_num_threads() == torch_default_threads():
+        _CHOICE = choose(None)
+        torch.set_num_threads(_CHOICE.n)
+    _LIBRARY_DONE = True
     return _CHOICE
 
 

@@ -120,7 +120,7 @@ def test_a_finished_result_is_never_overwritten_without_overwrite(
     assert (
         code == 2
         and err
-        == f"error: {tmp_path / ('h' if kind == 'exact' else 'd')}.json holds a finished result; pass --overwrite to replace it, or choose another --name"
+        == f"error: {tmp_path / ('h' if kind == 'exact' else 'd')}.json holds a finished result; pass --overwrite to replace it, --skip_existing to keep it (exit 0 when it holds this configuration), or choose another --name"
     )
     assert {
         p.name: p.read_bytes() for p in tmp_path.iterdir()

@@ -4,6 +4,7 @@ entry points for the scripts."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -60,11 +61,26 @@ def test_pyproject_maps_the_package_and_ships_the_assets():
     assert "slow" in " ".join(cfg["tool"]["pytest"]["ini_options"]["markers"])
 
 
-@pytest.mark.slow
-def test_pip_install_then_import_and_run_from_another_directory(tmp_path):
-    """``pip install .`` into a fresh venv (the dependencies: this interpreter's, through a .pth file), then the
-    package and an entry point from another directory."""
-    venv = tmp_path / "venv"
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """``pip install .`` into a fresh venv (the dependencies: this interpreter's, through a .pth file), once per test
+    session even with several test processes (a lock in their shared temporary folder): ``(its venv, its
+    site-packages)``."""
+    # the same folder for every xdist worker of the session
+    shared = tmp_path_factory.getbasetemp().parent
+    with open(shared / "llm_hessian_install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        tmp_path = shared / "llm_hessian_install"
+        venv = tmp_path / "venv"
+        if not (tmp_path / "done").exists():
+            shutil.rmtree(tmp_path, ignore_errors=True)
+            tmp_path.mkdir()
+            _install(tmp_path, venv)
+            (tmp_path / "done").write_text("")
+    return venv, next(venv.glob("lib/python*/site-packages"))
+
+
+def _install(tmp_path, venv) -> None:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     site = next(venv.glob("lib/python*/site-packages"))
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
@@ -83,6 +99,12 @@ def test_pip_install_then_import_and_run_from_another_directory(tmp_path):
         timeout=600,
     )
     assert pip.returncode == 0, pip.stderr
+
+
+@pytest.mark.slow
+def test_pip_install_then_import_and_run_from_another_directory(tmp_path, installed):
+    """The package and an entry point, installed, from another directory."""
+    venv, site = installed
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     proc = subprocess.run(
@@ -136,3 +158,45 @@ def test_every_subpackage_of_lib_is_listed_for_installation():
         if d.is_dir() and (d / "__init__.py").exists()
     } | {"llm_hessian"}
     assert found <= listed, sorted(found - listed)
+
+
+DOCS_EXAMPLES = """
+import doctest, re, sys
+from pathlib import Path
+
+readme, page = (Path(p).read_text() for p in sys.argv[1:3])
+snippet = re.search(r"## Library\\n+```python\\n(.*?)```", readme, re.S).group(1)
+scope = {}
+exec(compile(snippet, "README.md (Library)", "exec"), scope)
+assert scope["lib"].__name__ == "llm_hessian" and scope["result"].hessian.shape == (32, 32)
+source = "\\n".join("" if line.startswith("```") else line for line in page.splitlines()) + "\\n"
+test = doctest.DocTestParser().get_doctest(source, {}, "docs/library.md", "docs/library.md", 0)
+runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+runner.run(test, clear_globs=False)
+assert test.globs["lib"].__name__ == "llm_hessian" and "lib" not in sys.modules
+print(len(test.examples), runner.summarize(verbose=False).failed)
+"""
+
+
+@pytest.mark.slow
+def test_the_docs_examples_run_verbatim_against_the_installed_package(tmp_path, installed):
+    """The README's library snippet and docs/library.md's examples, as written, with the installed package from a
+    directory that has no ``lib/`` (issue 27 item 2; from a checkout: tests/test_docs.py, test_library.py)."""
+    venv, _ = installed
+    proc = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            DOCS_EXAMPLES,
+            str(ROOT / "README.md"),
+            str(ROOT / "docs" / "library.md"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=_env(),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    examples, failed = map(int, proc.stdout.splitlines()[-1].split())
+    assert examples >= 20 and failed == 0, proc.stdout

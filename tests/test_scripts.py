@@ -116,7 +116,7 @@ ERRORS = [
     (["--seqlen", "600"], r"--seqlen 600 exceeds the model's maximum sequence length 512"),
     (
         ["--b", "100000"],
-        r"--b 100000 needs .* tokens but the text has \d+: only \d+ samples of seqlen 16 exist",
+        r"--b 100000 needs .* tokens but the text .* has at most \d+ tokens: at most \d+ samples of seqlen 16 exist",
     ),
     (["--b", "3", "--model_input_bs", "2"], r"--model_input_bs 2 does not divide --b 3"),
     (
@@ -246,7 +246,11 @@ def test_reproduce_checks_passed_on_flags_before_any_run(capsys, tmp_path):
         )
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: unrecognized arguments: --t 3 (see hessian_diagonal.py --help)", err
+    assert err == (
+        "error: unrecognized arguments: --t 3 (--t is a flag of single_layer_single_block.py, "
+        "single_layer_several_blocks.py, several_layers_several_blocks.py, hessian_spectrum.py, not of this "
+        "script) (see hessian_diagonal.py --help)"
+    ), err
     assert not list(tmp_path.iterdir())  # no figure was computed
 
 
