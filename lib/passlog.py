@@ -155,13 +155,13 @@ class PassLog:
             self.replayable = agree(len(passes) if resume else 0)
 
     def stopped(self, message: str, i: int) -> str:
-        """``message`` (why pass ``i`` stopped, and what its checkpoint kept) with the passes this log keeps: ``pass 4:
-        interrupted by SIGTERM; no unit was finished; the 3 finished passes before it are saved in <dir> (rerun with
-        --resume)``."""
+        """``message`` (why pass ``i`` stopped, and what its checkpoint kept) with the passes this log keeps:
+        ``interrupted by SIGTERM; no unit was finished (pass 4); the 3 finished passes before it are saved in <dir>
+        (rerun with --resume)`` (the message's own start kept, which scripts and users match on)."""
         if self.dir is None or i == 0:
             return message
         them = "pass before it is" if i == 1 else "passes before it are"
-        return f"pass {i + 1}: {message}; the {i} finished {them} saved in {self.dir} (rerun with --resume)"
+        return f"{message} (pass {i + 1}); the {i} finished {them} saved in {self.dir} (rerun with --resume)"
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         i = self.calls

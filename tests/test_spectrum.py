@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -518,7 +519,11 @@ def test_script_interrupted_during_pooled_passes_stops_every_worker(tmp_path):
             proc.kill()
             proc.wait()
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
-    assert err.strip().splitlines()[-1].startswith("error: interrupted by SIGTERM"), err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: interrupted by SIGTERM"), err
+    assert re.search(
+        r"\(pass \d+\); the \d+ finished pass(es before it are| before it is) saved in", last
+    ), err
     deadline = time.monotonic() + 10
     while [p for p in workers if _state(p) not in (None, "Z")] and time.monotonic() < deadline:
         time.sleep(0.1)
