@@ -33,6 +33,9 @@ Main entry points:
   ``hvp="finite_difference"``, :class:`FiniteDifference`, :class:`FDSettings`) and :mod:`lib.spectrum` (Lanczos with
   full, selective or no reorthogonalization, Hutchinson and Hutch++ traces, stochastic Lanczos quadrature over any
   ``matmat``; sharded vectors :mod:`lib.vectors`, FSDP :mod:`lib.fsdp`);
+* the spectrum as one call: :func:`hessian_spectrum` (any ``matmat``, e.g. a :class:`HessianOperator`) and
+  :func:`dense_spectrum` (a matrix in memory), :class:`SpectrumSettings` -> :class:`SpectrumResult` (eigenpairs
+  with residuals, traces with standard errors, the density with its moments, the cost);
 * curvature approximations next to the exact Hessian (GGN, sampled and empirical Fisher, GPTQ, K-FAC):
   :mod:`lib.curvature`, one module each in :mod:`lib.estimators.approximations`;
 * chunk by measurement: :func:`tune_chunk` (:mod:`lib.autotune`); runs on several devices with checkpoints:
@@ -71,6 +74,10 @@ _EXPORTS = {
     "batch_hessian": "hessian",
     "exact_hessian": "hessian",
     "hessian_rev_rev": "hessian",
+    "SpectrumResult": "spectra",
+    "SpectrumSettings": "spectra",
+    "dense_spectrum": "spectra",
+    "hessian_spectrum": "spectra",
     "SubsetLoss": "loss",
     "head_nll": "loss",
     "summed_nll": "loss",
