@@ -216,7 +216,7 @@ class DiagonalJob(ProductJob):
 # ----------------------------------------------------------------------------- the driver
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiagonalResult:
     """Estimated diagonals, normalized to the Hessian of the mean next-token NLL.
 
@@ -244,7 +244,23 @@ class DiagonalResult:
 
     @property
     def perplexity(self) -> float:
+        """``exp`` of the mean next-token NLL over the ``n_tokens`` predicted tokens."""
         return math.exp(self.nll_sum / self.n_tokens)
+
+    def errors_vs_exact(self) -> dict[str, dict[str, float]]:
+        """``{estimator: {param_name: ||est - exact|| / ||exact||}}`` (:func:`rel_l2`) for every estimator but
+        ``exact``; empty unless ``exact`` was among the estimators."""
+        if "exact" not in self.diagonals:
+            return {}
+        exact = self.diagonals["exact"]
+        return {
+            e: {
+                t.param_name: rel_l2(self.diagonals[e][t.param_name], exact[t.param_name])
+                for t in self.targets
+            }
+            for e in self.diagonals
+            if e != "exact"
+        }
 
 
 Runner = Callable[[DiagonalJob, str], "Partial | None"]
