@@ -60,7 +60,7 @@ from .estimators.diagonal.work import (
     rel_l2,
 )
 from .estimators.diagonal.xdiag import xdiag_basis, xdiag_estimate
-from .finite_difference import FDStats, FiniteDifference
+from .finite_difference import FDStats
 from .forward import JVPPolicy
 from .jobs import Partial, run_serial
 from .models import ModelSpec
@@ -195,7 +195,7 @@ class DiagonalJob(ProductJob):
             out.update(run_plan(plan, unit, progress))
             nll = unit.nll if nll is None else nll
             for what, count in graph_sums(
-                unit._graph
+                self.products, unit._graph
             ).items():  # finite differences: products and kink retries
                 out[what] = out.get(what, 0) + count
             del unit  # frees the weight's gradient graph before the next weight's
@@ -338,9 +338,5 @@ def hessian_diagonal(
         monitor_size=est.monitor_size,
         phase_s=est.phase_s,
         probe_batch={phase: job.probe_batch_report() for phase, job in jobs.items()},
-        hvp=(
-            products.report(next(model.parameters()).dtype, stats)
-            if isinstance(products, FiniteDifference)
-            else {"hvp": "exact"}
-        ),
+        hvp=jobs["1"].products.report(next(model.parameters()).dtype, stats),
     )

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from . import batch_study, curvature, diagonality, outputs, parallel, preflight, subsets
-from .finite_difference import FiniteDifference, exact_script_report
+from .finite_difference import exact_script_report
 from .hessian import ExactHessianJob
 from .outputs import default_name as output_name
 from .pipeline import Family, Run
@@ -136,7 +136,7 @@ class ExactFamily(Family):
         job, sums, res = result
         spec, subset, out, name = run.spec, run.structure, run.out, run.name
         settings = run.settings[0]
-        fd = job.products if isinstance(job.products, FiniteDifference) else None
+        fd = None if job.products.exact else job.products
         what = "|H|" if spec.output.abs else "H"
         what = what if fd is None else f"approximate {what} (finite-difference HVPs)"
         figures = heatmap(

@@ -46,6 +46,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from .products import Products
+
 GradFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """``grad(x) -> (grad f(x), f(x))``: ``x`` of the model's dtype (``(n,)``, or a rank's shard), the gradient alike."""
 Progress = Callable[[int], None]
@@ -419,7 +421,7 @@ class FDGraph:
 
 
 @dataclass(frozen=True)
-class FiniteDifference:
+class FiniteDifference(Products):
     """The :class:`lib.operator.Products` of finite differences: each ``H v`` from two (Richardson: four) first-order
     gradients of the batch's loss (:func:`fd_products`, kink-aware once :meth:`FDGraph.watch` names the model). One
     vector at a time (``batched = False``: no chunk to choose); no double backward (``double_backward = False``: SDPA
@@ -427,6 +429,7 @@ class FiniteDifference:
     :func:`accumulation_dtype` (``vector_dtype``: float32 for a bf16 model)."""
 
     settings: FDSettings = FDSettings()
+    exact: ClassVar[bool] = False
     batched: ClassVar[bool] = False
     double_backward: ClassVar[bool] = False
     keeps_graphs: ClassVar[bool] = False
@@ -437,9 +440,21 @@ class FiniteDifference:
         s = self.settings
         return f"finite_difference(richardson={s.richardson}, relative_step={s.relative_step})"
 
-    @staticmethod
-    def vector_dtype(dtype: torch.dtype) -> torch.dtype:
+    def vector_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return accumulation_dtype(dtype)
+
+    def watch(self, graph: FDGraph, model: nn.Module) -> None:
+        graph.watch(model)
+
+    def graph_sums(self, graph: FDGraph) -> dict[str, torch.Tensor]:
+        return graph.sums()
+
+    def stats(self, sums: dict[str, torch.Tensor] | None) -> FDStats:
+        return FDStats.from_sums(sums or {})
+
+    @property
+    def fd_settings(self) -> FDSettings:
+        return self.settings
 
     def graph(self, fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor) -> FDGraph:
         return FDGraph(fn, x0)  # the job's model is watched through FDGraph.watch
@@ -474,10 +489,11 @@ class FiniteDifference:
     def report(
         self,
         dtype: torch.dtype,
-        stats: FDStats,
+        stats: FDStats | None,
         counted: str = "per batch of model_input_bs samples",
     ) -> dict:
         """For JSON sidecars: the settings, the measured error for ``dtype`` and the kink-retry counts."""
+        assert stats is not None
         return {**self.settings.report(dtype), **stats.to_json(), "counted": counted}
 
 
@@ -500,7 +516,7 @@ def check(method: str | None, fd_step: float | None, richardson: bool, dtype: st
 
 
 def exact_script_report(
-    products: FiniteDifference, hessian: torch.Tensor, sums: dict[str, torch.Tensor]
+    products: Products, hessian: torch.Tensor, sums: dict[str, torch.Tensor]
 ) -> dict:
     """For the exact scripts' JSON when ``--hvp finite_difference`` made the matrix: the settings, the kink-retry counts,
     ``approximate: True`` and the relative asymmetry ``||H - H^T||_F / ||H||_F`` of the rows ``H e_i`` (an error indicator:

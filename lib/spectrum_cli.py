@@ -24,7 +24,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import fsdp, outputs, parallel, preflight, spectra, spectrum, vectors
 from .errors import UserError
-from .finite_difference import FiniteDifference, exact_script_report
+from .finite_difference import exact_script_report
 from .hessian import ExactHessianJob
 from .inputs import warn
 from .operator import HessianOperator, digest, subset_digest
@@ -32,6 +32,7 @@ from .outputs import default_name as output_name
 from .passlog import PassLog
 from .pipeline import Family, Run
 from .plots import density_figure
+from .products import Products
 from .spec import SpectrumSpec
 from .subsets import (
     Subset,
@@ -386,13 +387,13 @@ class SpectrumFamily(Family):
         return {"meta": meta, "saved": result_tensors(res, c.density), "density": res.density}
 
     @staticmethod
-    def exact(run: Run, products: Any, meta: dict[str, Any]) -> spectra.SpectrumResult | None:
+    def exact(run: Run, products: Products, meta: dict[str, Any]) -> spectra.SpectrumResult | None:
         """The exact path: the exact Hessian job (checkpointed), then :func:`lib.spectra.dense_spectrum` of its
         float64 matrix (finite-difference rows: their asymmetry in ``meta["hvp"]``, the symmetric part
         diagonalized). ``None`` on ranks that hold no result."""
         spec, subset = run.spec, run.structure
         c = spec.compute
-        fd = products if isinstance(products, FiniteDifference) else None
+        fd = None if products.exact else products
         t0 = time.perf_counter()
         job = ExactHessianJob(
             subset,
@@ -419,7 +420,7 @@ class SpectrumFamily(Family):
     def iterative(
         run: Run,
         op: HessianOperator,
-        products: Any,
+        products: Products,
         vdtype: torch.dtype,
         storage: str,
         world: int,
@@ -456,8 +457,9 @@ class SpectrumFamily(Family):
         pool = parallel.WorkerPool(run.devices)  # spawns workers only for several devices
         sop = None
         if c.fsdp:  # every rank logs its shard of each pass
-            fd = products if isinstance(products, FiniteDifference) else None
-            sop = fsdp.sharded_operator(run, subset, spec.data.model_input_bs, fd.settings, vdtype)
+            sop = fsdp.sharded_operator(
+                run, subset, spec.data.model_input_bs, products.fd_settings, vdtype
+            )
             space, log_cfg["world_size"] = sop.space, world
             log = PassLog(
                 run.out / f"{run.name}.passes",
