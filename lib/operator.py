@@ -34,6 +34,7 @@ from torch import nn
 from .autotune import Compute, Tuning, free_memory, samples_per_forward, tune
 from .finite_difference import HVP_METHODS, FDSettings, FDStats, FiniteDifference
 from .jobs import ModelJob, Partial, run_serial
+from .linop import OperatorViews
 from .loss import SubsetLoss
 from .models import ModelSpec
 from .products import Products
@@ -525,6 +526,12 @@ class HVPJob(ProductJob):
     """Per-process ``{model id: (objective, x0)}`` shared by the jobs of one operator (not pickled), so that a pass does
     not rebuild the subset's loss and gather ``x0`` again (seconds for a whole model)."""
 
+    def share(self, graphs: GraphCache, policy: ChunkPolicy, prepared: dict) -> HVPJob:
+        """Share an operator's per-process state with this pass's job (not pickled: workers rebuild their own):
+        the gradient graphs, the chunk policy, the prepared loss and ``x0``. Returns the job."""
+        self._graphs, self._policy, self._prepared = graphs, policy, prepared
+        return self
+
     def setup(self, device: torch.device) -> None:
         super().setup(device)
         key = id(self.model)
@@ -576,7 +583,7 @@ class HVPJob(ProductJob):
         }
 
 
-class HessianOperator:
+class HessianOperator(OperatorViews):
     """``H``: the Hessian of the mean next-token NLL over ``samples`` (``(b, seqlen)``) w.r.t. ``subset``, as a linear operator.
 
     ``H @ V`` / ``matmat(V)``: ``V`` ``(n, p)`` -> ``H V`` ``(n, p)``; ``matvec(v)``: ``(n,)`` -> ``(n,)``. Inputs may be
@@ -634,6 +641,10 @@ class HessianOperator:
         self.run = run
         n = subset.size
         self.shape = (n, n)
+        self.dtype, self.device = (
+            torch.float64,
+            torch.device("cpu"),
+        )  # H V comes back float64 on the host
         self.n_tokens = samples.shape[0] * (samples.shape[1] - 1)
         self.hvps = 0
         self.passes = 0
@@ -656,8 +667,7 @@ class HessianOperator:
             tag=tag,
             products=self.products,
         )
-        job._graphs, job._policy, job._prepared = self.graphs, self.policy, self._prepared
-        return job
+        return job.share(self.graphs, self.policy, self._prepared)
 
     def record(self, sums: Partial) -> None:
         """Count a finished pass's finite-difference statistics (its sums' ``fd_*`` entries; nothing for exact products)."""
@@ -704,27 +714,3 @@ class HessianOperator:
             sums["hv_sum"].div_(self.n_tokens).T.contiguous()
         )  # the sums are this call's own: divided in place
         return out.numpy() if is_numpy else out
-
-    def matvec(self, v: Any) -> Any:
-        """``H v`` for ``v`` of shape ``(n,)``."""
-        is_numpy = not isinstance(v, torch.Tensor)
-        t = torch.as_tensor(v, dtype=torch.float64).reshape(-1, 1)
-        out = self.matmat(t)[:, 0]
-        return out.numpy() if is_numpy else out
-
-    def __matmul__(self, v: Any) -> Any:
-        return self.matvec(v) if getattr(v, "ndim", 2) == 1 else self.matmat(v)
-
-    def to_scipy(self):
-        """A :class:`scipy.sparse.linalg.LinearOperator` view (float64, symmetric: ``rmatvec = matvec``)."""
-        import numpy as np
-        from scipy.sparse.linalg import LinearOperator
-
-        return LinearOperator(
-            self.shape,
-            matvec=self.matvec,
-            rmatvec=self.matvec,
-            matmat=self.matmat,
-            rmatmat=self.matmat,
-            dtype=np.float64,
-        )
