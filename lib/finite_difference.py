@@ -46,6 +46,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from . import constants
 from .products import Products
 
 GradFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -54,7 +55,7 @@ Progress = Callable[[int], None]
 Reduce = Callable[[int], int]
 """Sums an integer over the processes that take one product together (torchrun ranks); the identity in one process."""
 
-HVP_METHODS = ("exact", "finite_difference")
+HVP_METHODS = constants.HVP_METHODS
 """``exact``: double backward on the gradient's graph (:mod:`lib.operator`); ``finite_difference``: this module."""
 MIN_STEP_EPS = 8.0
 """The kink-aware step is not reduced below ``MIN_STEP_EPS * eps`` (relative): there the rounding error ``~ eps / h`` is ~1/8."""

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import constants
 from .autotune import Compute
 from .jobs import run_serial
 from .loss import LayerOutputs, SubsetLoss
@@ -50,7 +51,7 @@ from .operator import (
 )
 from .subsets import Subset
 
-METHODS = ("rev-rev", "autograd")
+METHODS = constants.METHODS
 
 Progress = Callable[[int], None]
 """Called with the number of Hessian columns just finished."""

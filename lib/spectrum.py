@@ -25,12 +25,13 @@ from pathlib import Path
 
 import torch
 
+from . import constants
 from .vectors import Basis, VectorSpace, local_space
 
 MatMat = Callable[[torch.Tensor], torch.Tensor]
 """``V`` ``(n, p)`` (or a rank's ``(local, p)``) -> ``H V`` of the same shape, for a symmetric ``H``."""
-WHICH = ("largest", "smallest", "both")
-REORTH = ("full", "selective", "none")
+WHICH = constants.WHICH
+REORTH = constants.REORTH
 """Lanczos reorthogonalization: ``full`` (every step against the whole basis: ``2 m`` passes over the ``m`` stored
 vectors per step, so ``O(n m^2)`` work overall); ``selective`` (Parlett & Scott 1979: only against Ritz vectors that
 have converged, formed from the stored basis once each; the basis may live on the host or disk); ``none`` (the plain
