@@ -15,7 +15,16 @@ from typing import Any
 
 from torch import nn
 
-from . import batch_study, curvature, diagonality, outputs, parallel, preflight, subsets
+from . import (
+    batch_study,
+    curvature,
+    diagonality,
+    exact_outputs,
+    outputs,
+    parallel,
+    preflight,
+    subsets,
+)
 from .finite_difference import exact_script_report
 from .hessian import ExactHessianJob
 from .outputs import default_name as output_name
@@ -147,11 +156,11 @@ class ExactFamily(Family):
             slice_labels=[slice_label(s.param_name) for s in subset.slices],
             signed=not spec.output.abs,
         )
-        diag, diag_figures = diagonality.report(
+        diag, diag_figures = exact_outputs.diagonality_report(
             res.hessian, subset.slices, out / name, f"{subset.description}; {run.where}"
         )
         study = (
-            batch_study.finish(
+            exact_outputs.write_batch_study(
                 settings.snapshots,
                 spec.data.model_input_bs,
                 spec.data.seqlen,
@@ -196,7 +205,7 @@ class ExactFamily(Family):
         }
         if spec.compute.compare:
             meta.update(
-                curvature.write_comparison(
+                exact_outputs.write_comparison(
                     out,
                     name,
                     job,

@@ -5,8 +5,8 @@
 
 ``run`` executes, with fixed ``--seed``, fixed ``--chunk`` and float64 where the scripts take them: the README's
 first command (``single_layer_single_block.py``), a ``hessian_diagonal.py`` run, two ``hessian_spectrum.py`` runs
-(the iterative path with ``--trace`` and ``--density``, and the dense path) and ``reproduce.py --figure all
---quick``. ``compare`` loads every ``.pt`` under both folders and compares every leaf (tensors with
+(the iterative path with ``--trace`` and ``--density``, and the dense path) a ``--compare`` run and ``reproduce.py --figure
+all --quick``. ``compare`` loads every ``.pt`` under both folders and compares every leaf (tensors with
 ``torch.equal`` after checking dtype and shape, other values with ``==``), prints a table and exits 1 on any
 difference or missing file. A refactoring that claims "results bitwise unchanged" runs ``run`` before and after,
 then ``compare``.
@@ -76,6 +76,26 @@ RUNS: dict[str, list[str]] = {
         "--trace",
         "--name",
         "spectrum_exact",
+    ],
+    # the curvature comparison (every --compare approximation), not in the reproduce presets
+    "compare": [
+        "single_layer_single_block.py",
+        *SMALL,
+        "--t",
+        "4",
+        "--chunk",
+        "4",
+        "--compare",
+        "ggn",
+        "fisher",
+        "empirical_fisher",
+        "gptq",
+        "kfac",
+        "diag",
+        "--perturbations",
+        "8",
+        "--name",
+        "compare",
     ],
     "reproduce": ["reproduce.py", "--figure", "all", "--quick", "--dtype", "float64"],
 }
