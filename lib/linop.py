@@ -43,6 +43,7 @@ class OperatorViews:
     shape: tuple[int, int]
 
     def matmat(self, v: Any) -> Any:  # pragma: no cover - implemented by the operator
+        """``H V`` for ``V`` of shape ``(n, p)``, or ``None`` where this process holds no result."""
         raise NotImplementedError
 
     def _held(self, out: Any) -> Any:

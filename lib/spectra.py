@@ -133,7 +133,8 @@ def hessian_spectrum(
         n: the size of ``H``.
         settings: what to compute (:class:`SpectrumSettings`).
         space: where the ``n``-vectors live (:class:`lib.vectors.VectorSpace`; default float64 on the host).
-        storage: where remembered vectors are kept; ``storage_dir`` for ``disk``.
+        storage: where remembered vectors are kept (:data:`Storage`).
+        storage_dir: the folder of ``disk`` storage.
         on_lanczos: called with the Lanczos result before the trace and density stages (progress bars).
 
     Returns:
@@ -147,7 +148,6 @@ def hessian_spectrum(
         ([20.0, 19.0], 210.0)
     """
     s = settings
-    store = dict(space=space, storage=storage, storage_dir=storage_dir)
     eig = spectrum.lanczos(
         matmat,
         n,
@@ -159,7 +159,9 @@ def hessian_spectrum(
         seed=s.seed,
         reorth=s.reorth,
         eigenvectors=s.eigenvectors,
-        **store,
+        space=space,
+        storage=storage,
+        storage_dir=storage_dir,
     )
     if on_lanczos is not None:
         on_lanczos(eig)
@@ -181,7 +183,9 @@ def hessian_spectrum(
             seed=s.seed + 3,
             grid_points=s.density_points,
             reorth=s.reorth,
-            **store,
+            space=space,
+            storage=storage,
+            storage_dir=storage_dir,
         )
     stages = [eig.hvps, *(t.hvps for t in trace.values()), dens.hvps if dens else 0]
     passes = [eig.passes, *(t.passes for t in trace.values()), dens.passes if dens else 0]

@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -168,12 +168,12 @@ def spectrum_settings(spec: SpectrumSpec) -> spectra.SpectrumSettings:
     c = spec.compute
     return spectra.SpectrumSettings(
         top_k=c.top_k,
-        which=c.which,
+        which=cast(spectra.Which, c.which),  # the spec checked the choice
         block_size=c.block_size,
         tol=c.tol,
         max_iter=c.max_iter,
         seed=c.seed,
-        reorth=c.reorth,
+        reorth=cast(spectra.Reorth, c.reorth),
         eigenvectors=c.eigenvectors,
         trace=c.trace,
         trace_hvps=c.trace_hvps,
