@@ -138,7 +138,7 @@ def hessian_spectrum(
         on_lanczos: called with the Lanczos result before the trace and density stages (progress bars).
 
     Returns:
-        A :class:`SpectrumResult` with ``path="iterative"``.
+        A :class:`SpectrumResult` (``path="iterative"``).
 
     Example:
         >>> import torch, lib
@@ -147,63 +147,68 @@ def hessian_spectrum(
         >>> [round(x, 6) for x in r.eigenvalues.tolist()], round(r.trace["hutch++"].estimate, 6)
         ([20.0, 19.0], 210.0)
     """
-    s = settings
     eig = spectrum.lanczos(
         matmat,
         n,
-        s.top_k,
-        s.which,
-        s.block_size,
-        s.tol,
-        s.max_iter,
-        seed=s.seed,
-        reorth=s.reorth,
-        eigenvectors=s.eigenvectors,
+        settings.top_k,
+        settings.which,
+        settings.block_size,
+        settings.tol,
+        settings.max_iter,
+        seed=settings.seed,
+        reorth=settings.reorth,
+        eigenvectors=settings.eigenvectors,
         space=space,
         storage=storage,
         storage_dir=storage_dir,
     )
     if on_lanczos is not None:
         on_lanczos(eig)
-    trace: dict[str, TraceEstimate] = {}
-    if s.trace:
-        trace["hutchinson"] = spectrum.hutchinson_trace(
-            matmat, n, s.trace_hvps, seed=s.seed + 1, space=space
-        )
-        trace["hutch++"] = spectrum.hutchpp_trace(
-            matmat, n, s.trace_hvps, seed=s.seed + 2, space=space
-        )
+    trace = traces(matmat, n, settings, space) if settings.trace else {}
     dens = None
-    if s.density:
+    if settings.density:
         dens = spectrum.slq(
             matmat,
             n,
-            s.slq_probes,
-            s.lanczos_steps,
-            seed=s.seed + 3,
-            grid_points=s.density_points,
-            reorth=s.reorth,
+            settings.slq_probes,
+            settings.lanczos_steps,
+            seed=settings.seed + 3,
+            grid_points=settings.density_points,
+            reorth=settings.reorth,
             space=space,
             storage=storage,
             storage_dir=storage_dir,
         )
-    stages = [eig.hvps, *(t.hvps for t in trace.values()), dens.hvps if dens else 0]
-    passes = [eig.passes, *(t.passes for t in trace.values()), dens.passes if dens else 0]
+    stages: list[EigResult | TraceEstimate | SLQResult] = [eig, *trace.values()]
+    stages += [dens] if dens is not None else []
     return SpectrumResult(
         path="iterative",
         n=n,
         eigenvalues=eig.eigenvalues,
         residuals=eig.residuals,
         converged=eig.converged,
-        eigenvectors=eig.eigenvectors if s.eigenvectors else None,
+        eigenvectors=eig.eigenvectors if settings.eigenvectors else None,
         trace=trace,
         density=dens,
         lanczos=eig,
         all_eigenvalues=None,
         hessian=None,
-        hvps=sum(stages),
-        passes=sum(passes),
+        hvps=sum(x.hvps for x in stages),
+        passes=sum(x.passes for x in stages),
     )
+
+
+def traces(
+    matmat: MatMat, n: int, s: SpectrumSettings, space: VectorSpace | None
+) -> dict[str, TraceEstimate]:
+    """Hutchinson (seed ``s.seed + 1``, one pass) and Hutch++ (``s.seed + 2``, two passes) with ``s.trace_hvps``
+    products each."""
+    return {
+        "hutchinson": spectrum.hutchinson_trace(
+            matmat, n, s.trace_hvps, seed=s.seed + 1, space=space
+        ),
+        "hutch++": spectrum.hutchpp_trace(matmat, n, s.trace_hvps, seed=s.seed + 2, space=space),
+    }
 
 
 def dense_spectrum(

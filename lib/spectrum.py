@@ -466,6 +466,35 @@ def slq(
     finally:
         if basis is not None:
             basis.close()
+    ritz, weights = gauss_quadrature(alpha, beta, length)
+    lo, hi = (
+        float(torch.nan_to_num(ritz, nan=float("inf")).min()),
+        float(torch.nan_to_num(ritz, nan=float("-inf")).max()),
+    )
+    grid, sig = density_grid(lo, hi, grid_points, sigma)
+    return SLQResult(
+        ritz, weights, grid, broadened_density(ritz, weights, grid, sig), sig, hvps, passes
+    )
+
+
+def density_grid(
+    lo: float, hi: float, grid_points: int, sigma: float | None
+) -> tuple[torch.Tensor, float]:
+    """The Gaussian width (``sigma``, default 1% of ``hi - lo``, at least ``1e-12`` of the largest magnitude) and
+    ``grid_points`` points from ``lo - 5 sigma`` to ``hi + 5 sigma`` (float64)."""
+    sig = (
+        sigma if sigma is not None else max((hi - lo) / 100, 1e-12 * max(abs(lo), abs(hi), 1e-300))
+    )
+    return torch.linspace(lo - 5 * sig, hi + 5 * sig, grid_points, dtype=F64), sig
+
+
+def gauss_quadrature(
+    alpha: torch.Tensor, beta: torch.Tensor, length: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per probe ``i`` the nodes (Ritz values, ascending) and weights (squared first components of the
+    eigenvectors) of the tridiagonal ``T_i`` of its first ``length[i]`` coefficients (``alpha``, ``beta``:
+    ``(P, m)``); ``(P, max length)`` each, NaN past a probe's length."""
+    num_probes = alpha.shape[0]
     m = int(length.max())
     ritz = torch.full((num_probes, m), float("nan"), dtype=F64)
     weights = torch.full((num_probes, m), float("nan"), dtype=F64)
@@ -478,17 +507,7 @@ def slq(
         )
         th, s = torch.linalg.eigh(t)
         ritz[i, :li], weights[i, :li] = th, s[0] ** 2
-    lo, hi = (
-        float(torch.nan_to_num(ritz, nan=float("inf")).min()),
-        float(torch.nan_to_num(ritz, nan=float("-inf")).max()),
-    )
-    sig = (
-        sigma if sigma is not None else max((hi - lo) / 100, 1e-12 * max(abs(lo), abs(hi), 1e-300))
-    )
-    grid = torch.linspace(lo - 5 * sig, hi + 5 * sig, grid_points, dtype=F64)
-    return SLQResult(
-        ritz, weights, grid, broadened_density(ritz, weights, grid, sig), sig, hvps, passes
-    )
+    return ritz, weights
 
 
 def exact_density(
@@ -496,10 +515,6 @@ def exact_density(
 ) -> SLQResult:
     """The density of known eigenvalues (the exact path) in :class:`SLQResult` form: one "probe", weights ``1/n``."""
     ev = eigenvalues.to(F64).reshape(1, -1)
-    lo, hi = float(ev.min()), float(ev.max())
-    sig = (
-        sigma if sigma is not None else max((hi - lo) / 100, 1e-12 * max(abs(lo), abs(hi), 1e-300))
-    )
-    grid = torch.linspace(lo - 5 * sig, hi + 5 * sig, grid_points, dtype=F64)
+    grid, sig = density_grid(float(ev.min()), float(ev.max()), grid_points, sigma)
     w = torch.full_like(ev, 1 / ev.numel())
     return SLQResult(ev, w, grid, broadened_density(ev, w, grid, sig), sig, 0, 0)

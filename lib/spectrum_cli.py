@@ -246,6 +246,65 @@ def result_tensors(r: spectra.SpectrumResult, density: bool) -> dict[str, torch.
     return saved
 
 
+def progress_bar(run: Run, total: int) -> Any:
+    """The passes' progress bar on rank 0 (``None`` with ``--no_progress`` or on other ranks)."""
+    if not run.rank0 or run.spec.output.no_progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="passes over the samples", dynamic_ncols=True)
+
+
+def pass_log_config(run: Run, products: Products) -> dict[str, Any]:
+    """What the pass log is tied to (:class:`lib.passlog.PassLog`): the run's identity, the subset, the samples,
+    the model, the batching, the seed, the head and the product method (and a non-default vector dtype)."""
+    spec, subset = run.spec, run.structure
+    c = spec.compute
+    log_cfg = {
+        "subset": subset_digest(subset),
+        "params": subset.param_names,
+        "samples": digest(run.samples),
+        "model": run.model_spec().identity(),
+        "model_input_bs": spec.data.model_input_bs,
+        "seed": c.seed,
+        "fused_head": False if spec.model.no_fused_head else None,
+        "products": products.name,
+        **({"vectors": c.vector_dtype} if c.vector_dtype != "float64" else {}),
+    }
+    return {**run.identity(), **log_cfg}
+
+
+def run_costs(
+    run: Run,
+    log: PassLog,
+    pool: parallel.WorkerPool,
+    op: HessianOperator | fsdp.ShardedOperator,
+    space: vectors.VectorSpace,
+    storage: str,
+) -> dict[str, Any]:
+    """For the JSON: the passes (run and replayed), the workers, the operator's report, the stored vectors and
+    every process's memory (collective under ``--fsdp``)."""
+    sharded = isinstance(op, fsdp.ShardedOperator)
+    costs: dict[str, Any] = dict(
+        hvps=log.hvps,
+        passes=log.calls,
+        replayed_passes=log.replayed,
+        workers={"spawned": pool.started, "passes_run": pool.jobs},
+        **op.report(),
+    )
+    costs["vectors"] = {
+        "dtype": str(space.dtype).removeprefix("torch."),
+        "storage": storage,
+        "peak_stored_bytes": space.peak_stored_bytes,
+    }
+    costs["memory"] = (
+        op.gather_memory()
+        if sharded
+        else [fsdp.process_memory(run.model, space.n * run.dtype.itemsize, space)]
+    )
+    return costs
+
+
 class SpectrumFamily(Family):
     name = "spectrum"
     identity_sections = ("model", "data", "subset")
@@ -435,25 +494,8 @@ class SpectrumFamily(Family):
             ckpt.CheckpointConfig(run.out / f"{run.name}.passes", every_units=1)
         )  # where finished passes are
         settings = spectrum_settings(spec)
-        bar = None
-        if run.rank0 and not spec.output.no_progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(
-                total=settings.max_passes, desc="passes over the samples", dynamic_ncols=True
-            )
-        log_cfg = {
-            "subset": subset_digest(subset),
-            "params": subset.param_names,
-            "samples": digest(run.samples),
-            "model": run.model_spec().identity(),
-            "model_input_bs": spec.data.model_input_bs,
-            "seed": c.seed,
-            "fused_head": False if spec.model.no_fused_head else None,
-            "products": products.name,
-            **({"vectors": c.vector_dtype} if c.vector_dtype != "float64" else {}),
-        }
-        log_cfg = {**run.identity(), **log_cfg}
+        bar = progress_bar(run, settings.max_passes)
+        log_cfg = pass_log_config(run, products)
         pool = parallel.WorkerPool(run.devices)  # spawns workers only for several devices
         sop = None
         if c.fsdp:  # every rank logs its shard of each pass
@@ -500,23 +542,7 @@ class SpectrumFamily(Family):
             pool.close()
             if bar is not None:
                 bar.close()
-        costs: dict[str, Any] = dict(
-            hvps=log.hvps,
-            passes=log.calls,
-            replayed_passes=log.replayed,
-            workers={"spawned": pool.started, "passes_run": pool.jobs},
-            **(sop.report() if sop is not None else op.report()),
-        )
-        costs["vectors"] = {
-            "dtype": str(vdtype).removeprefix("torch."),
-            "storage": storage,
-            "peak_stored_bytes": space.peak_stored_bytes,
-        }
-        costs["memory"] = (
-            sop.gather_memory()
-            if sop is not None
-            else [fsdp.process_memory(run.model, n * run.dtype.itemsize, space)]
-        )
+        costs = run_costs(run, log, pool, sop or op, space, storage)
         if sop is not None:
             fsdp.finish()  # every rank has written its pass files before rank 0 removes them
         return res, costs
