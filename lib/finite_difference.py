@@ -498,24 +498,6 @@ class FiniteDifference(Products):
         return {**self.settings.report(dtype), **stats.to_json(), "counted": counted}
 
 
-def check(method: str | None, fd_step: float | None, richardson: bool, dtype: str) -> None:
-    """Refuse finite-difference settings that cannot work (:class:`lib.errors.UserError`, one line): ``--method
-    autograd`` (the paper's reference has no finite-difference form) and a step that underflows ``dtype``."""
-    from .errors import UserError
-
-    if method == "autograd":
-        raise UserError(
-            "--hvp finite_difference replaces the double backward, but --method autograd is the paper's "
-            "torch.autograd.functional.hessian, which has no finite-difference form; use --method rev-rev (the default) "
-            "or --hvp exact"
-        )
-    torch_dtype = getattr(torch, dtype)
-    h = fd_step if fd_step is not None else default_relative_step(torch_dtype, richardson)
-    msg = underflow_message(h, torch_dtype)
-    if msg is not None:
-        raise UserError(f"--fd_step: {msg}")
-
-
 def exact_script_report(
     products: Products, hessian: torch.Tensor, sums: dict[str, torch.Tensor]
 ) -> dict:

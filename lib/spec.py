@@ -223,7 +223,7 @@ def _check_products(c: ProductMethod, dtype: str, method: str | None = None) -> 
                 f"finite_difference or drop {them}"
             )
         return
-    from .finite_difference import check  # torch: only for finite-difference runs
+    from .early_checks import finite_difference_check as check  # torch: only for these runs
 
     check(method, c.fd_step, c.fd_richardson, dtype)
 
