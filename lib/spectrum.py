@@ -136,6 +136,32 @@ def _cullum_willoughby(t: torch.Tensor, tol: float) -> torch.Tensor:
     return torch.tensor(keep, dtype=torch.long)
 
 
+def _selective(
+    space: VectorSpace,
+    r: torch.Tensor,
+    theta: torch.Tensor,
+    s: torch.Tensor,
+    scale: float,
+    basis: Basis,
+    good: Basis,
+    good_values: list[float],
+) -> torch.Tensor:
+    """Selective reorthogonalization's step: the Ritz vectors ``basis @ s[:, i]`` of ``T`` (eigenpairs ``theta``,
+    ``s``) whose residual estimate ``||r|| |s[-1, i]||`` is below ``sqrt(eps) * scale`` and not yet locked join
+    the orthonormal set ``good`` (their values in ``good_values``); returns ``r`` made orthogonal to ``good``."""
+    eps = torch.finfo(F64).eps
+    beta_est = float(space.colnorms(r)[0])
+    for i in (beta_est * s[-1, :].abs() <= math.sqrt(eps) * scale).nonzero().flatten().tolist():
+        if any(abs(float(theta[i]) - g) <= 1e-6 * scale for g in good_values):
+            continue
+        good_values.append(float(theta[i]))
+        y = good.orthogonalize(basis.combine(s[:, i : i + 1]))
+        norm = float(space.colnorms(y)[0])
+        if norm > 0.5:
+            good.append(y / norm)
+    return good.orthogonalize(r)
+
+
 def lanczos(
     matmat: MatMat,
     n: int,
@@ -186,7 +212,6 @@ def lanczos(
     betas: list[torch.Tensor] = []
     prev: tuple[torch.Tensor, torch.Tensor] | None = None
     passes = 0
-    eps = torch.finfo(F64).eps
     cw_tol = 100 * torch.finfo(space.dtype).eps  # ghost copies agree to the vectors' rounding
     try:
         while True:
@@ -205,24 +230,8 @@ def lanczos(
             t = _block_tridiagonal(alphas, betas)
             theta, s = torch.linalg.eigh(t)
             scale = float(theta.abs().max()) if theta.numel() else 0.0
-            if (
-                reorth == "selective"
-            ):  # new converged Ritz vectors join the (orthonormal) set r is kept orthogonal to
-                beta_est = float(space.colnorms(r)[0])
-                for i in (
-                    (beta_est * s[-1, :].abs() <= math.sqrt(eps) * scale)
-                    .nonzero()
-                    .flatten()
-                    .tolist()
-                ):
-                    if any(abs(float(theta[i]) - g) <= 1e-6 * scale for g in good_values):
-                        continue
-                    good_values.append(float(theta[i]))
-                    y = good.orthogonalize(basis.combine(s[:, i : i + 1]))
-                    norm = float(space.colnorms(y)[0])
-                    if norm > 0.5:
-                        good.append(y / norm)
-                r = good.orthogonalize(r)
+            if reorth == "selective":
+                r = _selective(space, r, theta, s, scale, basis, good, good_values)
             q_next, b = space.qr(r)
             ghosts = 0
             genuine = torch.arange(theta.numel())
@@ -250,9 +259,8 @@ def lanczos(
                     res = torch.zeros_like(res)
                     conv = torch.ones_like(conv)
                 vecs = basis.combine(sg[:, idx]) if eigenvectors and basis is not None else None
-                stored = (basis.cols if basis is not None else 0) + (
-                    good.cols if good is not None else 0
-                )
+                stored = sum(bs.cols for bs in (basis, good) if bs is not None)
+                exact = breakdown or full
                 return EigResult(
                     th[idx],
                     vecs,
@@ -261,7 +269,7 @@ def lanczos(
                     th,
                     passes * p,
                     passes,
-                    breakdown or full,
+                    exact,
                     ghosts,
                     reorth,
                     stored,
