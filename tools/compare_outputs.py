@@ -4,8 +4,8 @@
     python tools/compare_outputs.py compare BASELINE_DIR NEW_DIR
 
 ``run`` executes, with fixed ``--seed``, fixed ``--chunk`` and float64 where the scripts take them: the README's
-first command (``single_layer_single_block.py``), a ``hessian_diagonal.py`` run, two ``hessian_spectrum.py`` runs
-(the iterative path with ``--trace`` and ``--density``, and the dense path) a ``--compare`` run and ``reproduce.py --figure
+first command (``single_layer_single_block.py``), a ``hessian_diagonal.py`` run, four ``hessian_spectrum.py`` runs
+(the iterative path with ``--trace`` and ``--density`` under each ``--reorth``, and the dense path) a ``--compare`` run and ``reproduce.py --figure
 all --quick``. ``compare`` loads every ``.pt`` under both folders and compares every leaf (tensors with
 ``torch.equal`` after checking dtype and shape, other values with ``==``), prints a table and exits 1 on any
 difference or missing file. A refactoring that claims "results bitwise unchanged" runs ``run`` before and after,
@@ -65,6 +65,46 @@ RUNS: dict[str, list[str]] = {
         "--eigenvectors",
         "--name",
         "spectrum_iter",
+    ],
+    # the other two reorthogonalizations (Lanczos' selective and plain recurrences, SLQ without a basis)
+    "spectrum_selective": [
+        "hessian_spectrum.py",
+        *SMALL,
+        "--chunk",
+        "4",
+        "--exact_below",
+        "0",
+        "--top_k",
+        "3",
+        "--which",
+        "both",
+        "--reorth",
+        "selective",
+        "--density",
+        "--slq_probes",
+        "2",
+        "--lanczos_steps",
+        "8",
+        "--max_iter",
+        "40",
+        "--name",
+        "spectrum_selective",
+    ],
+    "spectrum_none": [
+        "hessian_spectrum.py",
+        *SMALL,
+        "--chunk",
+        "4",
+        "--exact_below",
+        "0",
+        "--top_k",
+        "2",
+        "--reorth",
+        "none",
+        "--max_iter",
+        "40",
+        "--name",
+        "spectrum_none",
     ],
     "spectrum_exact": [
         "hessian_spectrum.py",
