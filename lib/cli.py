@@ -59,6 +59,7 @@ PARAM_FLAGS = {
     "b": "--b",
     "dataset": "--dataset",
     "device": "--device",
+    "device_map": "--device_map",
     "vhp_samples": "--hvps",
     "track_rows": "--track_rows",
     "estimators": "--estimator",
