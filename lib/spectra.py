@@ -21,6 +21,8 @@ from typing import Literal
 import torch
 
 from . import spectrum
+from .errors import ParamError
+from .linop import CurvatureOperator
 from .spectrum import EigResult, MatMat, SLQResult, TraceEstimate
 from .vectors import VectorSpace
 
@@ -117,8 +119,8 @@ class SpectrumResult:
 
 
 def hessian_spectrum(
-    matmat: MatMat,
-    n: int,
+    matmat: MatMat | CurvatureOperator,
+    n: int | None = None,
     settings: SpectrumSettings = SpectrumSettings(),
     *,
     space: VectorSpace | None = None,
@@ -129,8 +131,10 @@ def hessian_spectrum(
     """Extreme eigenpairs, and on request the trace and the spectral density, of a symmetric ``H`` from products.
 
     Args:
-        matmat: ``V`` ``(n, p)`` -> ``H V`` (``(local, p)`` blocks of a sharded ``space``); each call is one pass.
-        n: the size of ``H``.
+        matmat: ``V`` ``(n, p)`` -> ``H V`` (``(local, p)`` blocks of a sharded ``space``), or an operator
+            (:class:`lib.linop.CurvatureOperator`, e.g. a :class:`lib.operator.HessianOperator`); each call is one
+            pass.
+        n: the size of ``H`` (default: an operator's ``shape[0]``; required for a plain function).
         settings: what to compute (:class:`SpectrumSettings`).
         space: where the ``n``-vectors live (:class:`lib.vectors.VectorSpace`; default float64 on the host).
         storage: where remembered vectors are kept (:data:`Storage`).
@@ -147,6 +151,7 @@ def hessian_spectrum(
         >>> [round(x, 6) for x in r.eigenvalues.tolist()], round(r.trace["hutch++"].estimate, 6)
         ([20.0, 19.0], 210.0)
     """
+    matmat, n = _as_matmat(matmat, n)
     eig = spectrum.lanczos(
         matmat,
         n,
@@ -179,6 +184,26 @@ def hessian_spectrum(
             storage=storage,
             storage_dir=storage_dir,
         )
+    return _iterative_result(n, eig, trace, dens, settings.eigenvectors)
+
+
+def _as_matmat(matmat: MatMat | CurvatureOperator, n: int | None) -> tuple[MatMat, int]:
+    """An operator's ``matmat`` and size (``n`` given wins), or a plain function with its required ``n``."""
+    if isinstance(matmat, CurvatureOperator):
+        return matmat.matmat, matmat.shape[0] if n is None else n
+    if n is None:
+        raise ParamError("n", "n (the size of H) is required when matmat is a plain function")
+    return matmat, n
+
+
+def _iterative_result(
+    n: int,
+    eig: EigResult,
+    trace: dict[str, TraceEstimate],
+    dens: SLQResult | None,
+    eigenvectors: bool,
+) -> SpectrumResult:
+    """The stages' results as one :class:`SpectrumResult`; the cost summed over the stages."""
     stages: list[EigResult | TraceEstimate | SLQResult] = [eig, *trace.values()]
     stages += [dens] if dens is not None else []
     return SpectrumResult(
@@ -187,7 +212,7 @@ def hessian_spectrum(
         eigenvalues=eig.eigenvalues,
         residuals=eig.residuals,
         converged=eig.converged,
-        eigenvectors=eig.eigenvectors if settings.eigenvectors else None,
+        eigenvectors=eig.eigenvectors if eigenvectors else None,
         trace=trace,
         density=dens,
         lanczos=eig,

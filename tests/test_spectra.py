@@ -138,3 +138,22 @@ def test_docstring_examples_run():
 
     res = doctest.testmod(lib.spectra)
     assert res.attempted >= 5 and res.failed == 0
+
+
+def test_an_operator_is_taken_as_it_is_and_a_plain_function_needs_n():
+    from lib.errors import ParamError
+    from lib.linop import OperatorViews
+
+    h = symmetric(10, 3)
+
+    class Dense(OperatorViews):
+        shape, dtype, device = (10, 10), F64, torch.device("cpu")
+
+        def matmat(self, v):
+            return h @ v
+
+    s = SpectrumSettings(top_k=2, trace=True, trace_hvps=6)
+    a, b = hessian_spectrum(Dense(), settings=s), hessian_spectrum(lambda v: h @ v, 10, s)
+    assert torch.equal(a.eigenvalues, b.eigenvalues) and a.trace == b.trace and a.n == 10
+    with pytest.raises(ParamError, match="n \\(the size of H\\) is required"):
+        hessian_spectrum(lambda v: h @ v, settings=s)
