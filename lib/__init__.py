@@ -35,6 +35,10 @@ Main entry points:
   ``matmat``; sharded vectors :mod:`lib.vectors`, FSDP :mod:`lib.fsdp`);
 * how far approximate products are from exact float64 ones (TF32 / bf16 matmuls, 16-bit models, finite
   differences): :func:`audit_hessian` (-> :class:`AuditResult`, :mod:`lib.audit`; the scripts' ``--audit``);
+
+* the spectrum as one call: :func:`hessian_spectrum` (any ``matmat``, e.g. a :class:`HessianOperator`) and
+  :func:`dense_spectrum` (a matrix in memory), :class:`SpectrumSettings` -> :class:`SpectrumResult` (eigenpairs
+  with residuals, traces with standard errors, the density with its moments, the cost);
 * curvature approximations next to the exact Hessian (GGN, sampled and empirical Fisher, GPTQ, K-FAC):
   :mod:`lib.curvature`, one module each in :mod:`lib.estimators.approximations`;
 * chunk by measurement: :func:`tune_chunk` (:mod:`lib.autotune`); runs on several devices with checkpoints:
@@ -79,6 +83,10 @@ _EXPORTS = {
     "batch_hessian": "hessian",
     "exact_hessian": "hessian",
     "hessian_rev_rev": "hessian",
+    "SpectrumResult": "spectra",
+    "SpectrumSettings": "spectra",
+    "dense_spectrum": "spectra",
+    "hessian_spectrum": "spectra",
     "SubsetLoss": "loss",
     "head_nll": "loss",
     "summed_nll": "loss",

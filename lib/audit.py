@@ -529,8 +529,8 @@ def _audit(run: Any, p: Plan, result: Any) -> AuditResult:
         ref_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     fd = None
-    if isinstance(products, FiniteDifference):
-        s = products.settings
+    s = products.fd_settings
+    if s is not None:  # finite differences: the truncation error from a second product at half the step
         h = s.h(run.dtype)
         half = FiniteDifference(FDSettings(s.richardson, h / 2))
         d_half = operator_path(model, p.subset, samples, half, bs, fused)(p.vectors)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -89,42 +89,44 @@ def kept_sizes(bs: Sequence[int]) -> list[int]:
     return sorted(picks | {bs[-1]})
 
 
-def finish(
+@dataclass(frozen=True)
+class BatchStudy:
+    """How the running Hessian ``H^b`` of the first ``b`` samples approaches the full batch's ``H^B``.
+
+    Attributes:
+        b: the recorded batch sizes, increasing (the last is ``B``).
+        rel_to_full: ``||H^b - H^B||_F / ||H^B||_F`` per ``b``.
+        rel_consecutive: ``||H^b - H^{b'}||_F / ||H^b||_F`` against the previous recorded ``b'`` (NaN first).
+        kept: ``{b: H^b}`` at :func:`kept_sizes` (saved and drawn), in the run's dtype.
+    """
+
+    b: list[int]
+    rel_to_full: list[float]
+    rel_consecutive: list[float]
+    kept: dict[int, torch.Tensor]
+
+    def as_json(self) -> dict[str, list]:
+        """The JSON block ``batch_study`` (:func:`study` plus ``kept_b``)."""
+        return {
+            "b": self.b,
+            "rel_to_full": self.rel_to_full,
+            "rel_consecutive": self.rel_consecutive,
+            "kept_b": list(self.kept),
+        }
+
+
+def batch_study(
     snapshots: dict[int, dict[str, torch.Tensor]],
     model_input_bs: int,
     seqlen: int,
-    out: Path,
-    name: str,
-    title: str,
     dtype: torch.dtype,
-) -> dict[str, Any]:
-    """Metrics, ``<name>_batch_study.pt`` (``{"b": [...], "hessian": {b: H^b}}`` at :func:`kept_sizes`) and the figures.
-
-    Returns ``{"batch_study": {...}, "files": [...]}`` for the run's JSON.
-    """
-    from .plots import batch_study_figure
-    from .results import atomic_write_bytes
-
+) -> BatchStudy:
+    """The study from the running sums after ``u`` units (``b = u * model_input_bs`` samples of ``seqlen``
+    tokens): the errors of every recorded ``b`` and the kept Hessians (in ``dtype``). Writes nothing."""
     bs, hs = running_hessians(snapshots, model_input_bs, seqlen - 1)
     block = study(bs, hs)
     kept = {b: hs[bs.index(b)].to(dtype) for b in kept_sizes(bs)}
-    pt = out / f"{name}_batch_study.pt"
-    atomic_write_bytes(
-        pt,
-        lambda p: torch.save(
-            {
-                "b": list(kept),
-                "hessian": kept,
-                "normalization": "H^b: Hessian of the mean next-token NLL over the first b samples",
-            },
-            p,
-        ),
-    )
-    figures = batch_study_figure(block, kept, out / f"{name}_batch_study", title)
-    return {
-        "batch_study": {**block, "kept_b": list(kept)},
-        "files": [pt.name, *(p.name for p in figures)],
-    }
+    return BatchStudy(block["b"], block["rel_to_full"], block["rel_consecutive"], kept)
 
 
 def summary_line(block: dict[str, Any]) -> str:

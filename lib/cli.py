@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import constants
 from .errors import Interrupted, ParamError, RunError, UserError
 from .spec import (
     DEFAULT_LAYER,
@@ -60,13 +61,14 @@ PARAM_FLAGS = {
     "b": "--b",
     "dataset": "--dataset",
     "device": "--device",
+    "device_map": "--device_map",
     "vhp_samples": "--hvps",
     "track_rows": "--track_rows",
     "estimators": "--estimator",
 }
 """The flag that sets each library parameter named by a :class:`ParamError`."""
 
-ESTIMATOR_ALIASES = {"fisher": "empirical_fisher"}
+ESTIMATOR_ALIASES = constants.ESTIMATOR_RENAMED
 """Deprecated ``--estimator`` names, accepted (with a warning) when the library knows only the new name."""
 
 
@@ -272,11 +274,9 @@ def _model_and_data(
             "rev-rev: fast exact (default); autograd: the paper's torch.autograd.functional.hessian"
         )
         _add_fields(g, spec, {"t": t_help}, types={"t": int})
-        _add_fields(
-            c, spec, {"method": method_help}, {"method": library_constant("hessian", "METHODS")}
-        )
+        _add_fields(c, spec, {"method": method_help}, {"method": constants.METHODS})
     _add_fields(c, spec, COMPUTATION_HELP, {"dtype": DTYPES, "matmul_precision": MATMUL_PRECISIONS})
-    hvp = {"hvp": library_constant("finite_difference", "HVP_METHODS")}
+    hvp = {"hvp": constants.HVP_METHODS}
     _add_fields(
         c,
         spec,
@@ -571,11 +571,11 @@ def spectrum_parser(description: str) -> Parser:
         raw,
         SPECTRUM_HELP,
         {
-            "which": library_constant("spectrum", "WHICH"),
+            "which": constants.WHICH,
             "keep_graphs": ("auto", "on", "off"),
-            "reorth": library_constant("spectrum", "REORTH"),
-            "vector_dtype": library_constant("vectors", "VECTOR_DTYPES"),
-            "vector_storage": ("auto", *library_constant("vectors", "STORAGES")),
+            "reorth": constants.REORTH,
+            "vector_dtype": constants.VECTOR_DTYPES,
+            "vector_storage": ("auto", *constants.STORAGES),
         },
     )
     return p

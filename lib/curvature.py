@@ -31,7 +31,7 @@ Sampled labels of sample ``i``, draw ``j`` come from a generator seeded by ``sha
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -83,7 +83,8 @@ __all__ = [
     "logit_jacobian_chunks",
     "rounding_perturbations",
     "sample_labels",
-    "write_comparison",
+    "Comparison",
+    "compare",
 ]
 
 
@@ -418,22 +419,31 @@ def make_job(
     return CurvatureJob.beside(exact, approximations, fisher_samples, d, seed)
 
 
-def write_comparison(
-    out_dir: Path,
-    name: str,
+@dataclass(frozen=True)
+class Comparison:
+    """The curvature comparison of one run: each approximation against the exact Hessian.
+
+    Attributes:
+        matrices: ``{"exact": H, approx: A}``, float64 ``(n, n)``, normalized as each approximation's module states.
+        metrics: ``{approx: {metric: value}}`` (:func:`compare_matrices`).
+        details: what the metrics mean, the normalizations, the costs, the perturbations and (when measured) the
+            mean loss changes, for the JSON.
+    """
+
+    matrices: dict[str, torch.Tensor]
+    metrics: dict[str, Any]
+    details: dict[str, Any]
+
+
+def compare(
     job: CurvatureJob,
     sums: dict[str, torch.Tensor],
     result: HessianResult,
-    title: str,
     top_k: int = 8,
-) -> dict[str, Any]:
-    """Write ``<name>_compare.pt`` (``{"exact": H, approx: matrix}``) and its figure.
-
-    Returns the JSON additions: ``{"comparison": {approx: metrics}, "comparison_details": {...}}``.
-    """
-    from .plots import comparison_figure
-    from .results import atomic_write_bytes
-
+) -> Comparison:
+    """Every approximation of ``job`` against the exact Hessian of ``result``, from the summed partials ``sums``:
+    the matrices, the metrics (top-``top_k`` eigenvector overlap, the perturbations' quadratic forms against the
+    measured loss changes) and their description. Writes nothing."""
     layout = job.layout()
     mats = approximation_matrices(
         sums, result, job.approximations, job.fisher_samples, layout, job.samples.shape[1]
@@ -450,18 +460,10 @@ def write_comparison(
         d if len(d) else None,
         measured,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pt = out_dir / f"{name}_compare.pt"
-    atomic_write_bytes(
-        pt, lambda p: torch.save({k: v.to(result.hessian.dtype) for k, v in mats.items()}, p)
-    )
-    figures = comparison_figure(mats, metrics, out_dir / f"{name}_compare", title)
     details: dict[str, Any] = {
         "fisher_samples": job.fisher_samples,
         "perturbations": len(d),
         "perturbation_step": "uniform in [-s/2, s/2], s = (max - min) / (2^bits - 1) of the entry's weight row",
-        "file": pt.name,
-        "figures": [p.name for p in figures],
         "metrics": "against the exact Hessian H: rel_frobenius = ||A - H||_F / ||H||_F; rel_frobenius_scaled after the best scalar fit best_scale * A; cosine = <A, H> / (||A|| ||H||); top_k_overlap = ||U_A^T U_H||_F^2 / k (top-k eigenvectors); pred_vs_exact_*: d^T A d / 2 against d^T H d / 2 over the perturbations (corr, rel_error; _scaled after best_scale); pred_vs_measured_*: against the measured f(x0 + d) - f(x0) of the mean NLL (with its first-order term g^T d, which the quadratic proxies ignore); pred_vs_measured_even_*: against (f(x0 + d) + f(x0 - d)) / 2 - f(x0) = d^T H d / 2 + O(d^4), the measured second-order part ('exact': the quadratic model itself)",
         "normalizations": "ggn, fisher, empirical_fisher, kfac's G: divided by b*(seqlen-1) like H; gptq = 2/(b*seqlen) sum x x^T; kfac = A (x) G with A = sum x x^T / (b*seqlen), so on a single row kfac = gptq * G[o, o] / 2",
         "cost": {a.name: a.cost for a in REGISTRY.lookup(job.approximations)},
@@ -475,4 +477,4 @@ def write_comparison(
             **{k: float(v.mean()) for k, v in measured.items()},
             "quadratic_exact": float(quadratic_forms(mats["exact"], d).mean()),
         }
-    return {"comparison": metrics, "comparison_details": details}
+    return Comparison(mats, metrics, details)

@@ -60,7 +60,7 @@ from .estimators.diagonal.work import (
     rel_l2,
 )
 from .estimators.diagonal.xdiag import xdiag_basis, xdiag_estimate
-from .finite_difference import FDStats, FiniteDifference
+from .finite_difference import FDStats
 from .forward import JVPPolicy
 from .jobs import Partial, run_serial
 from .library_defaults import settle
@@ -196,7 +196,7 @@ class DiagonalJob(ProductJob):
             out.update(run_plan(plan, unit, progress))
             nll = unit.nll if nll is None else nll
             for what, count in graph_sums(
-                unit._graph
+                self.products, unit._graph
             ).items():  # finite differences: products and kink retries
                 out[what] = out.get(what, 0) + count
             del unit  # frees the weight's gradient graph before the next weight's
@@ -217,7 +217,7 @@ class DiagonalJob(ProductJob):
 # ----------------------------------------------------------------------------- the driver
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiagonalResult:
     """Estimated diagonals, normalized to the Hessian of the mean next-token NLL.
 
@@ -245,7 +245,23 @@ class DiagonalResult:
 
     @property
     def perplexity(self) -> float:
+        """``exp`` of the mean next-token NLL over the ``n_tokens`` predicted tokens."""
         return math.exp(self.nll_sum / self.n_tokens)
+
+    def errors_vs_exact(self) -> dict[str, dict[str, float]]:
+        """``{estimator: {param_name: ||est - exact|| / ||exact||}}`` (:func:`rel_l2`) for every estimator but
+        ``exact``; empty unless ``exact`` was among the estimators."""
+        if "exact" not in self.diagonals:
+            return {}
+        exact = self.diagonals["exact"]
+        return {
+            e: {
+                t.param_name: rel_l2(self.diagonals[e][t.param_name], exact[t.param_name])
+                for t in self.targets
+            }
+            for e in self.diagonals
+            if e != "exact"
+        }
 
 
 Runner = Callable[[DiagonalJob, str], "Partial | None"]
@@ -325,9 +341,5 @@ def hessian_diagonal(
         monitor_size=est.monitor_size,
         phase_s=est.phase_s,
         probe_batch={phase: job.probe_batch_report() for phase, job in jobs.items()},
-        hvp=(
-            products.report(next(model.parameters()).dtype, stats)
-            if isinstance(products, FiniteDifference)
-            else {"hvp": "exact"}
-        ),
+        hvp=jobs["1"].products.report(next(model.parameters()).dtype, stats),
     )

@@ -20,7 +20,6 @@ from .diagonal import (
     Target,
     hessian_diagonal,
     plan_phase1,
-    rel_l2,
 )
 from .early_checks import block_index_error
 from .errors import UserError
@@ -134,6 +133,152 @@ class _Runner:
         return sums
 
 
+def pt_tensor(result: DiagonalResult, dtype: torch.dtype) -> Any:
+    """What ``<name>.pt`` holds, in the run's dtype: the one diagonal (one weight, one estimator, the weight's
+    shape), else ``{estimator: {param_name: diagonal}}``."""
+    estimators, targets = list(result.diagonals), result.targets
+    if len(targets) == 1 and len(estimators) == 1:
+        return result.diagonals[estimators[0]][targets[0].param_name].to(dtype)
+    return {
+        e: {t.param_name: result.diagonals[e][t.param_name].to(dtype) for t in targets}
+        for e in estimators
+    }
+
+
+def _k_desc(e: str, hvps: int) -> str:
+    return f", K={hvps}" if REGISTRY[e].uses_k else ""
+
+
+def draw_heatmaps(run: Run, result: DiagonalResult) -> list[Path]:
+    """The heatmap of the one diagonal, or a grid of every estimator's and weight's (``--abs``: of ``|H_ii|``)."""
+    found, hvps, absolute = run.structure, run.spec.compute.hvps, run.spec.output.abs
+    estimators, targets = list(result.diagonals), [t for t, _, _ in found]
+    bars = lambda text: f"|{text}|" if absolute else text  # noqa: E731
+    if len(targets) == 1 and len(estimators) == 1:
+        e, t = estimators[0], targets[0]
+        return heatmap(
+            result.diagonals[e][t.param_name],
+            run.out / run.name,
+            f"{bars('diag H')} of {t.param_name} ({e}{_k_desc(e, hvps)})\n{run.where}",
+            axis_labels=(
+                "input index (column of the weight)",
+                "output unit (row of the weight)",
+            ),
+            value="H_ii",
+            signed=not absolute,
+        )
+    panels = [
+        (
+            f"{e}: {'' if len(targets) == 1 else f'block {b} '}{lname}",
+            result.diagonals[e][t.param_name],
+        )
+        for e in estimators
+        for t, b, lname in found
+    ]
+    return heatmap_grid(
+        panels,
+        run.out / run.name,
+        f"{bars('diag H')} ({', '.join(e + _k_desc(e, hvps) for e in estimators)}), {run.where}",
+        ncols=min(6, len(found)) if len(found) > 1 else len(estimators),
+        signed=not absolute,
+    )
+
+
+def draw_convergence(run: Run, result: DiagonalResult) -> list[Path]:
+    """The tracked entries' error and the consecutive difference against ``K``, per estimator."""
+    t = result.targets[0]
+    curves = result.curves[t.param_name]
+    plot = {
+        e: {
+            "k": c["k"],
+            "tracked relative l2 error": c["tracked_rel_error"],
+            "consecutive relative l2 difference": c["consecutive_rel_diff"],
+        }
+        for e, c in curves.items()
+        if c["k"]
+    }
+    refs = {
+        e: {"tracked relative l2 error": c["final_tracked_rel_error"]}
+        for e, c in curves.items()
+        if not c["k"]
+    }
+    return convergence(
+        plot,
+        run.out / f"{run.name}_convergence",
+        f"Convergence on the first {run.spec.compute.track_rows} output units of {t.param_name}\n{run.where}",
+        refs,
+    )
+
+
+def convergence_json(result: DiagonalResult, track_rows: int) -> dict[str, Any]:
+    """The tracked entries' curves and what they measure (empty without ``--track_rows``)."""
+    if not result.curves:
+        return {}
+    t = result.targets[0]
+    return {
+        "tracked_rows": track_rows,
+        "tracked_entries": len(t.tracked),
+        "tracked_exact_hvps_per_sample": len(t.tracked),
+        "consecutive_diff_entries": result.monitor_size.get(t.param_name),
+        "tracked_rel_error": (
+            "||est[T] - exact[T]|| / ||exact[T]|| over the tracked entries T (the first R output "
+            "units: weight[:R] for nn.Linear, weight[:, :R] for Conv1D)"
+        ),
+        "consecutive_rel_diff": (
+            "||est(k) - est(k_prev)|| / ||est(k)|| over all entries (or the stated random subset), "
+            "k_prev the previous k of the curve"
+        ),
+        "curves": result.curves[t.param_name],
+    }
+
+
+def diagonal_json(run: Run, result: DiagonalResult) -> dict[str, Any]:
+    """The JSON fields of a diagonal result (before ``figures``; non-finite numbers not yet mapped)."""
+    found, hvps = run.structure, run.spec.compute.hvps
+    estimators, targets = list(result.diagonals), [t for t, _, _ in found]
+    single = len(targets) == 1 and len(estimators) == 1
+    n_tokens = result.n_tokens
+    return {
+        "estimators": estimators,
+        "vhp_samples": hvps,
+        "parameter": targets[0].param_name if len(targets) == 1 else None,
+        "parameters": [
+            {"name": t.param_name, "block": b, "layer": lname, "shape": list(t.shape)}
+            for t, b, lname in found
+        ],
+        "tensor_layout": "the diagonal, with the parameter's shape"
+        if single
+        else "{estimator: {parameter name: diagonal with the parameter's shape}}",
+        "hvps_per_sample": result.hvps,
+        "cost": {e.name: e.cost for e in REGISTRY},
+        "probes": (
+            "Rademacher (i.i.d. +-1 entries); probe j of parameter p from a generator seeded with "
+            "sha256(f'{seed}/{p}/{j}'), shared by all samples; xdiag's probes are the first K/2 hutchinson "
+            "probes"
+        ),
+        "normalization": (
+            f"diagonal of the Hessian of the mean next-token NLL over b*(seqlen-1) = {n_tokens} predicted "
+            f"tokens (the additive summed-NLL Hessian divided by {n_tokens})"
+            + "".join(
+                f"; {e.name}: {e.normalization.format(n=n_tokens)}"
+                for e in REGISTRY
+                if e.normalization
+            )
+        ),
+        "n_samples": result.n_samples,
+        "n_tokens": n_tokens,
+        "nll_mean": result.nll_sum / n_tokens,
+        "perplexity": result.perplexity,
+        "estimate_elapsed_s": result.elapsed_s,
+        "phase_elapsed_s": result.phase_s,
+        "probe_batch": result.probe_batch,
+        "hvp": result.hvp,
+        "run": [{"devices": [str(d) for d in s.devices], **s.stats} for s in run.settings],
+        "rel_error_vs_exact": result.errors_vs_exact(),
+        "convergence": convergence_json(result, run.spec.compute.track_rows),
+    }
+
+
 class DiagonalFamily(Family):
     name = "diagonal"
 
@@ -208,142 +353,12 @@ class DiagonalFamily(Family):
     def save(self, run: Run, result: DiagonalResult) -> tuple[Any, dict[str, Any]]:
         """``<name>.pt`` holds the diagonal, or ``{estimator: {param: diagonal}}``; the heatmap and the
         convergence figure."""
-        spec, found, out, name = run.spec, run.structure, run.out, run.name
-        hvps, track_rows = spec.compute.hvps, spec.compute.track_rows
-        estimators = list(result.diagonals)
-        targets = [t for t, _, _ in found]
-        single = len(targets) == 1 and len(estimators) == 1
-        if single:
-            tensor: Any = result.diagonals[estimators[0]][targets[0].param_name].to(run.dtype)
-        else:
-            tensor = {
-                e: {t.param_name: result.diagonals[e][t.param_name].to(run.dtype) for t in targets}
-                for e in estimators
-            }
-        k_desc = lambda e: f", K={hvps}" if REGISTRY[e].uses_k else ""  # noqa: E731
-        bars = lambda text: f"|{text}|" if run.spec.output.abs else text  # noqa: E731
-        if single:
-            e, t = estimators[0], targets[0]
-            figures = heatmap(
-                result.diagonals[e][t.param_name],
-                out / name,
-                f"{bars('diag H')} of {t.param_name} ({e}{k_desc(e)})\n{run.where}",
-                axis_labels=(
-                    "input index (column of the weight)",
-                    "output unit (row of the weight)",
-                ),
-                value="H_ii",
-                signed=not run.spec.output.abs,
-            )
-        else:
-            panels = [
-                (
-                    f"{e}: {'' if len(targets) == 1 else f'block {b} '}{lname}",
-                    result.diagonals[e][t.param_name],
-                )
-                for e in estimators
-                for t, b, lname in found
-            ]
-            figures = heatmap_grid(
-                panels,
-                out / name,
-                f"{bars('diag H')} ({', '.join(e + k_desc(e) for e in estimators)}), {run.where}",
-                ncols=min(6, len(found)) if len(found) > 1 else len(estimators),
-                signed=not run.spec.output.abs,
-            )
-        convergence_meta = {}
+        figures = draw_heatmaps(run, result)
         if result.curves:
-            t = targets[0]
-            curves = result.curves[t.param_name]
-            plot = {
-                e: {
-                    "k": c["k"],
-                    "tracked relative l2 error": c["tracked_rel_error"],
-                    "consecutive relative l2 difference": c["consecutive_rel_diff"],
-                }
-                for e, c in curves.items()
-                if c["k"]
-            }
-            refs = {
-                e: {"tracked relative l2 error": c["final_tracked_rel_error"]}
-                for e, c in curves.items()
-                if not c["k"]
-            }
-            figures += convergence(
-                plot,
-                out / f"{name}_convergence",
-                f"Convergence on the first {track_rows} output units of {t.param_name}\n{run.where}",
-                refs,
-            )
-            convergence_meta = {
-                "tracked_rows": track_rows,
-                "tracked_entries": len(t.tracked),
-                "tracked_exact_hvps_per_sample": len(t.tracked),
-                "consecutive_diff_entries": result.monitor_size.get(t.param_name),
-                "tracked_rel_error": (
-                    "||est[T] - exact[T]|| / ||exact[T]|| over the tracked entries T (the first R output "
-                    "units: weight[:R] for nn.Linear, weight[:, :R] for Conv1D)"
-                ),
-                "consecutive_rel_diff": (
-                    "||est(k) - est(k_prev)|| / ||est(k)|| over all entries (or the stated random subset), "
-                    "k_prev the previous k of the curve"
-                ),
-                "curves": curves,
-            }
-        n_tokens = result.n_tokens
-        errors_vs_exact = {}
-        if "exact" in estimators:
-            errors_vs_exact = {
-                e: {
-                    t.param_name: rel_l2(
-                        result.diagonals[e][t.param_name], result.diagonals["exact"][t.param_name]
-                    )
-                    for t in targets
-                }
-                for e in estimators
-                if e != "exact"
-            }
-        meta = {
-            "estimators": estimators,
-            "vhp_samples": hvps,
-            "parameter": targets[0].param_name if len(targets) == 1 else None,
-            "parameters": [
-                {"name": t.param_name, "block": b, "layer": lname, "shape": list(t.shape)}
-                for t, b, lname in found
-            ],
-            "tensor_layout": "the diagonal, with the parameter's shape"
-            if single
-            else "{estimator: {parameter name: diagonal with the parameter's shape}}",
-            "hvps_per_sample": result.hvps,
-            "cost": {e.name: e.cost for e in REGISTRY},
-            "probes": (
-                "Rademacher (i.i.d. +-1 entries); probe j of parameter p from a generator seeded with "
-                "sha256(f'{seed}/{p}/{j}'), shared by all samples; xdiag's probes are the first K/2 hutchinson "
-                "probes"
-            ),
-            "normalization": (
-                f"diagonal of the Hessian of the mean next-token NLL over b*(seqlen-1) = {n_tokens} predicted "
-                f"tokens (the additive summed-NLL Hessian divided by {n_tokens})"
-                + "".join(
-                    f"; {e.name}: {e.normalization.format(n=n_tokens)}"
-                    for e in REGISTRY
-                    if e.normalization
-                )
-            ),
-            "n_samples": result.n_samples,
-            "n_tokens": n_tokens,
-            "nll_mean": result.nll_sum / n_tokens,
-            "perplexity": result.perplexity,
-            "estimate_elapsed_s": result.elapsed_s,
-            "phase_elapsed_s": result.phase_s,
-            "probe_batch": result.probe_batch,
-            "hvp": result.hvp,
-            "run": [{"devices": [str(d) for d in s.devices], **s.stats} for s in run.settings],
-            "rel_error_vs_exact": errors_vs_exact,
-            "convergence": convergence_meta,
-            "figures": [p.name for p in figures],
-        }
-        return tensor, _finite(meta)
+            figures += draw_convergence(run, result)
+        meta = diagonal_json(run, result)
+        meta["figures"] = [p.name for p in figures]
+        return pt_tensor(result, run.dtype), _finite(meta)
 
     def report(self, run: Run, meta: dict[str, Any]) -> list[str]:
         lines = [

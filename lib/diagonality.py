@@ -133,21 +133,3 @@ def slice_mass_title(d: dict[str, Any], title: str) -> str:
     if "same_block_share_fro2" in d:
         shares += f", {d['same_block_share_fro2']:.3f} in same-block squares"
     return rf"share of $\|H\|_F^2$ per slice pair: {shares}" + f"\n{title}"
-
-
-def report(
-    h: torch.Tensor, slices: Sequence[Any], path_stem: Any, title: str
-) -> tuple[dict[str, Any], list]:
-    """:func:`summary` of ``H`` over the subset's ``slices`` (each with ``len`` and ``param_name``), plus, for
-    several slices, the slice-mass figure ``<path_stem>_slice_mass.pdf/.png``. Returns ``(summary, figure paths)``."""
-    from .plots import slice_label
-    from .plots import slice_mass as plot_mass
-
-    labels = [slice_label(s.param_name) for s in slices]
-    d = summary(h, [len(s) for s in slices], labels, [s.param_name for s in slices])
-    if len(slices) < 2:
-        return d, []
-    figs = plot_mass(
-        torch.tensor(d["slice_mass"]), labels, f"{path_stem}_slice_mass", slice_mass_title(d, title)
-    )
-    return d, figs

@@ -15,7 +15,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from .errors import ParamError
+from .errors import ParamError, UserError
 from .paths import resolve_model_path
 from .suggest import did_you_mean
 
@@ -373,3 +373,25 @@ def check_outputs(
         f"{finished} holds a finished result; pass --overwrite to replace it, --skip_existing to keep it "
         f"(exit 0 when it holds this configuration), or choose another --name"
     )
+
+def finite_difference_check(
+    method: str | None, fd_step: float | None, richardson: bool, dtype: str
+) -> None:
+    """The command line's check of the finite-difference flags (moved from :mod:`lib.finite_difference`: the
+    library names parameters, not flags). Refuses settings that cannot work (:class:`lib.errors.UserError`, one line): ``--method
+    autograd`` (the paper's reference has no finite-difference form) and a step that underflows ``dtype``."""
+    if method == "autograd":
+        raise UserError(
+            "--hvp finite_difference replaces the double backward, but --method autograd is the paper's "
+            "torch.autograd.functional.hessian, which has no finite-difference form; use --method rev-rev (the default) "
+            "or --hvp exact"
+        )
+    import torch
+
+    from .finite_difference import default_relative_step, underflow_message
+
+    torch_dtype = getattr(torch, dtype)
+    h = fd_step if fd_step is not None else default_relative_step(torch_dtype, richardson)
+    msg = underflow_message(h, torch_dtype)
+    if msg is not None:
+        raise UserError(f"--fd_step: {msg}")

@@ -15,9 +15,18 @@ from typing import Any
 
 from torch import nn
 
-from . import batch_study, curvature, diagonality, outputs, parallel, preflight, subsets
+from . import (
+    batch_study,
+    curvature,
+    diagonality,
+    exact_outputs,
+    outputs,
+    parallel,
+    preflight,
+    subsets,
+)
 from .console import comparison_lines
-from .finite_difference import FiniteDifference, exact_script_report
+from .finite_difference import exact_script_report
 from .hessian import ExactHessianJob
 from .outputs import default_name as output_name
 from .pipeline import Family, Run
@@ -137,7 +146,7 @@ class ExactFamily(Family):
         job, sums, res = result
         spec, subset, out, name = run.spec, run.structure, run.out, run.name
         settings = run.settings[0]
-        fd = job.products if isinstance(job.products, FiniteDifference) else None
+        fd = None if job.products.exact else job.products
         what = "|H|" if spec.output.abs else "H"
         what = what if fd is None else f"approximate {what} (finite-difference HVPs)"
         figures = heatmap(
@@ -148,11 +157,11 @@ class ExactFamily(Family):
             slice_labels=[slice_label(s.param_name) for s in subset.slices],
             signed=not spec.output.abs,
         )
-        diag, diag_figures = diagonality.report(
+        diag, diag_figures = exact_outputs.diagonality_report(
             res.hessian, subset.slices, out / name, f"{subset.description}; {run.where}"
         )
         study = (
-            batch_study.finish(
+            exact_outputs.write_batch_study(
                 settings.snapshots,
                 spec.data.model_input_bs,
                 spec.data.seqlen,
@@ -197,7 +206,7 @@ class ExactFamily(Family):
         }
         if spec.compute.compare:
             meta.update(
-                curvature.write_comparison(
+                exact_outputs.write_comparison(
                     out,
                     name,
                     job,

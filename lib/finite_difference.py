@@ -47,13 +47,16 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from . import constants
+from .products import Products
+
 GradFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """``grad(x) -> (grad f(x), f(x))``: ``x`` of the model's dtype (``(n,)``, or a rank's shard), the gradient alike."""
 Progress = Callable[[int], None]
 Reduce = Callable[[int], int]
 """Sums an integer over the processes that take one product together (torchrun ranks); the identity in one process."""
 
-HVP_METHODS = ("exact", "finite_difference")
+HVP_METHODS = constants.HVP_METHODS
 """``exact``: double backward on the gradient's graph (:mod:`lib.operator`); ``finite_difference``: this module."""
 MAX_RELATIVE_STEP = 1.0
 """``--fd_step`` must be below this: a relative step ``h`` moves the weights by ``h`` times their own norm, so at 1 the
@@ -458,7 +461,7 @@ class FDGraph:
 
 
 @dataclass(frozen=True)
-class FiniteDifference:
+class FiniteDifference(Products):
     """The :class:`lib.operator.Products` of finite differences: each ``H v`` from two (Richardson: four) first-order
     gradients of the batch's loss (:func:`fd_products`, kink-aware once :meth:`FDGraph.watch` names the model). One
     vector at a time (``batched = False``: no chunk to choose); no double backward (``double_backward = False``: SDPA
@@ -466,6 +469,7 @@ class FiniteDifference:
     :func:`accumulation_dtype` (``vector_dtype``: float32 for a bf16 model)."""
 
     settings: FDSettings = FDSettings()
+    exact: ClassVar[bool] = False
     batched: ClassVar[bool] = False
     double_backward: ClassVar[bool] = False
     keeps_graphs: ClassVar[bool] = False
@@ -476,9 +480,21 @@ class FiniteDifference:
         s = self.settings
         return f"finite_difference(richardson={s.richardson}, relative_step={s.relative_step})"
 
-    @staticmethod
-    def vector_dtype(dtype: torch.dtype) -> torch.dtype:
+    def vector_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return accumulation_dtype(dtype)
+
+    def watch(self, graph: FDGraph, model: nn.Module) -> None:
+        graph.watch(model)
+
+    def graph_sums(self, graph: FDGraph) -> dict[str, torch.Tensor]:
+        return graph.sums()
+
+    def stats(self, sums: dict[str, torch.Tensor] | None) -> FDStats:
+        return FDStats.from_sums(sums or {})
+
+    @property
+    def fd_settings(self) -> FDSettings:
+        return self.settings
 
     def graph(self, fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor) -> FDGraph:
         return FDGraph(fn, x0)  # the job's model is watched through FDGraph.watch
@@ -513,34 +529,17 @@ class FiniteDifference:
     def report(
         self,
         dtype: torch.dtype,
-        stats: FDStats,
+        stats: FDStats | None,
         counted: str = "per batch of model_input_bs samples",
     ) -> dict:
         """For JSON sidecars: the settings, the measured error for ``dtype`` (none with kink crossings left) and the
         kink-retry counts."""
+        assert stats is not None
         return {**self.settings.report(dtype, stats), **stats.to_json(), "counted": counted}
 
 
-def check(method: str | None, fd_step: float | None, richardson: bool, dtype: str) -> None:
-    """Refuse finite-difference settings that cannot work (:class:`lib.errors.UserError`, one line): ``--method
-    autograd`` (the paper's reference has no finite-difference form) and a step that underflows ``dtype``."""
-    from .errors import UserError
-
-    if method == "autograd":
-        raise UserError(
-            "--hvp finite_difference replaces the double backward, but --method autograd is the paper's "
-            "torch.autograd.functional.hessian, which has no finite-difference form; use --method rev-rev (the default) "
-            "or --hvp exact"
-        )
-    torch_dtype = getattr(torch, dtype)
-    h = fd_step if fd_step is not None else default_relative_step(torch_dtype, richardson)
-    msg = underflow_message(h, torch_dtype)
-    if msg is not None:
-        raise UserError(f"--fd_step: {msg}")
-
-
 def exact_script_report(
-    products: FiniteDifference, hessian: torch.Tensor, sums: dict[str, torch.Tensor]
+    products: Products, hessian: torch.Tensor, sums: dict[str, torch.Tensor]
 ) -> dict:
     """For the exact scripts' JSON when ``--hvp finite_difference`` made the matrix: the settings, the kink-retry counts,
     ``approximate: True`` and the relative asymmetry ``||H - H^T||_F / ||H||_F`` of the rows ``H e_i`` (an error indicator:

@@ -107,7 +107,8 @@ class ShardedOperator:
     """``H`` of the mean next-token NLL over ``samples`` (``(b, seqlen)``) w.r.t. the whole parameters of ``subset`` of an
     FSDP-sharded ``model`` (:func:`shard`), on this rank's shards: :meth:`matmat` maps a ``(local, p)`` block of
     :attr:`space` to ``H V`` (same block and dtype), by :func:`lib.finite_difference.fd_products`. Collective: every rank
-    calls it with its own block of the same global vectors."""
+    calls it with its own block of the same global vectors (:class:`lib.linop.CurvatureOperator`: ``dtype`` and
+    ``device`` are the space's)."""
 
     def __init__(
         self,
@@ -149,6 +150,7 @@ class ShardedOperator:
             segments.append((offset + before * row, self.locals[i].numel()))
             offset += p.numel()
         self.n = offset
+        self.shape = (self.n, self.n)  # lib.linop.CurvatureOperator; blocks are this rank's rows
         self.space = VectorSpace(
             self.n,
             tuple(segments),
@@ -159,6 +161,7 @@ class ShardedOperator:
             self.rank,
         )
         self.x0_norm = math.sqrt(float(self.space.reduce(self.x0.to(F64).pow(2).sum())))
+        self.dtype = self.space.dtype  # lib.linop.CurvatureOperator (device: the rank's)
         self.n_tokens = samples.shape[0] * (samples.shape[1] - 1)
         units = -(-samples.shape[0] // model_input_bs)
         self.mine = list(range(self.rank, units, self.world))

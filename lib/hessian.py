@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import constants
 from .autotune import Compute
 from .jobs import run_serial
 from .library_defaults import settle
@@ -51,7 +52,7 @@ from .operator import (
 )
 from .subsets import Subset
 
-METHODS = ("rev-rev", "autograd")
+METHODS = constants.METHODS
 
 Progress = Callable[[int], None]
 """Called with the number of Hessian columns just finished."""
@@ -353,7 +354,7 @@ class ExactHessianJob(ProductJob):
     def _layer_outputs(self, batch: torch.Tensor) -> LayerOutputs | None:
         """The map through the layers' outputs for this batch (:func:`products_space`), ``None``: the entries. Only
         with the exact products (other :class:`Products` methods take the entries)."""
-        if self.products.name != "exact" or self.space == "entries":
+        if not self.products.layer_outputs or self.space == "entries":
             return None
         if not self._layers:
             self._layers.append(LayerOutputs.of(self.model, self.subset))
@@ -399,7 +400,11 @@ class ExactHessianJob(ProductJob):
         h = torch.empty(n, n, dtype=graph.x.dtype, device=graph.x.device)
         self.multiply(graph, lambda a, b: unit_rows(n, a, b, graph.x), n, store_rows(h), progress)
         self._products = {"space": "entries", "products_per_sample": n, "size": n}
-        return {"hessian_sum": h, "nll_sum": graph.value.detach(), **graph_sums(graph)}
+        return {
+            "hessian_sum": h,
+            "nll_sum": graph.value.detach(),
+            **graph_sums(self.products, graph),
+        }
 
     def products_report(self) -> dict[str, Any]:
         """For the JSON: ``{"space": "entries" or "layer-outputs", "products_per_sample": ...}`` of this process's last
@@ -438,9 +443,7 @@ class ExactHessianJob(ProductJob):
             nll_sum=float(sums["nll_sum"]),
             n_samples=self.samples.shape[0],
             n_tokens=n_tokens,
-            method=self.method
-            if self.products.name == "exact"
-            else self.products.name.split("(")[0],
+            method=self.products.method_name(self.method),
             elapsed_s=elapsed_s,
             subset=self.subset,
         )

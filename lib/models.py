@@ -212,14 +212,16 @@ def parse_device_map(device_map: str | dict) -> str | dict:
         try:
             parsed = json.loads(device_map)
         except json.JSONDecodeError as e:
-            raise UserError(
-                f"--device_map {device_map!r} is not a valid JSON object ({e.msg} at character {e.pos})"
+            raise ParamError(
+                "device_map",
+                f"device_map {device_map!r} is not a valid JSON object ({e.msg} at character {e.pos})",
             ) from None
         if not isinstance(parsed, dict) or not all(
             isinstance(v, (str, int)) for v in parsed.values()
         ):
-            raise UserError(
-                f'--device_map {device_map!r} must map module names to devices, e.g. \'{{"model.decoder.layers.1": "disk"}}\''
+            raise ParamError(
+                "device_map",
+                f'device_map {device_map!r} must map module names to devices, e.g. \'{{"model.decoder.layers.1": "disk"}}\'',
             )
         return parsed
     return device_map

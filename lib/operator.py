@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -35,8 +35,10 @@ from . import threads
 from .autotune import Compute, Tuning, free_memory, samples_per_forward, tune
 from .finite_difference import HVP_METHODS, FDSettings, FDStats, FiniteDifference
 from .jobs import ModelJob, Partial, run_serial
+from .linop import OperatorViews
 from .loss import SubsetLoss
 from .models import ModelSpec
+from .products import Products
 from .subsets import Subset
 
 Progress = Callable[[int], None]
@@ -289,38 +291,16 @@ class BatchGraph(NamedTuple):
     value: torch.Tensor
 
 
-class Products(Protocol):
-    """How a :class:`ProductJob` computes ``H v`` on one batch: the hook for other product methods (e.g. finite
-    differences of gradients). ``name`` goes into the job's configuration (checkpoints never mix methods)."""
-
-    name: str
-
-    def graph(self, fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor) -> BatchGraph:
-        """Once per batch: what the products of ``fn`` at ``x0`` start from. Optional hooks of what it returns:
-        ``watch(model)`` (called with the module ``fn`` runs, e.g. for the ReLU kinks of finite differences) and
-        ``sums()`` (additive counts added to the unit's partial sums, :func:`graph_sums`)."""
-        ...
-
-    def __call__(
-        self,
-        graph: BatchGraph,
-        rows: Rows,
-        count: int,
-        sink: Sink,
-        chunk: int,
-        progress: Progress | None = None,
-        start: int = 0,
-    ) -> int:
-        """:func:`hvp_products`' contract: ``sink(a, v, H v)`` for vectors ``start..count-1``; returns the chunk that worked."""
-        ...
-
-
 @dataclass(frozen=True)
-class ReverseOverReverse:
+class ReverseOverReverse(Products):
     """The default :class:`Products`: exact products ``H v = d/dx (v . g)`` on the retained gradient graph
     (:func:`gradient_graph`, :func:`hvp_products`)."""
 
     name: str = "exact"
+    layer_outputs: ClassVar[bool] = True
+
+    def method_name(self, method: str) -> str:
+        return method
 
     def graph(self, fn: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor) -> BatchGraph:
         return BatchGraph(*gradient_graph(fn, x0))
@@ -348,16 +328,15 @@ def products_for(hvp: str = "exact", fd: FDSettings | None = None) -> Products:
     return REVERSE_OVER_REVERSE if hvp == "exact" else FiniteDifference(fd or FDSettings())
 
 
-def graph_sums(graph: Any) -> dict[str, torch.Tensor]:
+def graph_sums(products: Products, graph: Any) -> dict[str, torch.Tensor]:
     """Additive counts a product method kept on a batch's graph (finite differences: products and kink retries); none
-    for exact products."""
-    sums = getattr(graph, "sums", None)
-    return {} if sums is None else sums()
+    for exact products (:meth:`Products.graph_sums`)."""
+    return products.graph_sums(graph)
 
 
 def fd_stats(products: Products, sums: Partial | None) -> FDStats | None:
-    """The finite-difference counts of summed partials (``None`` for exact products)."""
-    return FDStats.from_sums(sums or {}) if isinstance(products, FiniteDifference) else None
+    """The finite-difference counts of summed partials (``None`` for exact products, :meth:`Products.stats`)."""
+    return products.stats(sums)
 
 
 def unit_rows(
@@ -455,7 +434,7 @@ class ProductJob(ModelJob):
     def subset_loss(self, subset: Subset) -> SubsetLoss:
         """The summed NLL as a function of ``subset`` on the job's model, set up for its product method (no double
         backward: SDPA keeps its fused kernels)."""
-        double = getattr(self.products, "double_backward", True)
+        double = self.products.double_backward
         return SubsetLoss(self.model, subset, fused_head=self.fused_head, double_backward=double)
 
     def batch_graph(
@@ -465,9 +444,9 @@ class ProductJob(ModelJob):
         graph = self.products.graph(
             lambda z: objective(z, batch), objective.x0() if x0 is None else x0
         )
-        watch = getattr(graph, "watch", None)
-        if watch is not None:  # e.g. finite differences: the model's ReLU kinks
-            watch(objective.model)
+        self.products.watch(
+            graph, objective.model
+        )  # e.g. finite differences: the model's ReLU kinks
         return graph
 
     def multiply(
@@ -482,7 +461,7 @@ class ProductJob(ModelJob):
         measured (:func:`lib.autotune.tune`, budget: ``count`` products in each unit) the first time a block of
         this size of ``x`` has at least ``min_products`` vectors (the measured products are kept), else 1."""
         x = graph.x
-        if not getattr(self.products, "batched", True):  # one vector at a time: no chunk to choose
+        if not self.products.batched:  # one vector at a time: no chunk to choose
             self.products(graph, rows, count, sink, 1, progress)
             return
         compute = lambda start, stop, chunk: self.products(
@@ -546,6 +525,12 @@ class HVPJob(ProductJob):
     """Per-process ``{model id: (objective, x0)}`` shared by the jobs of one operator (not pickled), so that a pass does
     not rebuild the subset's loss and gather ``x0`` again (seconds for a whole model)."""
 
+    def share(self, graphs: GraphCache, policy: ChunkPolicy, prepared: dict) -> HVPJob:
+        """Share an operator's per-process state with this pass's job (not pickled: workers rebuild their own):
+        the gradient graphs, the chunk policy, the prepared loss and ``x0``. Returns the job."""
+        self._graphs, self._policy, self._prepared = graphs, policy, prepared
+        return self
+
     def setup(self, device: torch.device) -> None:
         super().setup(device)
         key = id(self.model)
@@ -562,7 +547,7 @@ class HVPJob(ProductJob):
         """Batch ``k``'s :class:`BatchGraph`, from the cache when there is one."""
         batch = self.batch(k, self._x0.device)
         build = lambda: self.batch_graph(self._objective, batch, self._x0)  # noqa: E731
-        if self._graphs is None or not getattr(self.products, "keeps_graphs", True):
+        if self._graphs is None or not self.products.keeps_graphs:
             return build()
         params = lambda: {p.untyped_storage().data_ptr() for p in self.model.parameters()}  # noqa: E731
         return self._graphs.get(k, self.num_units(), build, self._x0.device, params)
@@ -572,9 +557,7 @@ class HVPJob(ProductJob):
 
     def run_unit(self, k: int, progress: Progress | None = None) -> Partial:
         graph = self._graph(k)
-        dtype = getattr(self.products, "vector_dtype", lambda d: d)(
-            graph.x.dtype
-        )  # finite differences: float32 for bf16
+        dtype = self.products.vector_dtype(graph.x.dtype)  # finite differences: float32 for bf16
         if (
             getattr(self, "_vt", None) is None or self._vt.device != graph.x.device
         ):  # once per pass, not per batch
@@ -585,7 +568,7 @@ class HVPJob(ProductJob):
         return {
             "hv_sum": hv.detach().cpu(),
             "nll_sum": graph.value.detach().cpu(),
-            **graph_sums(graph),
+            **graph_sums(self.products, graph),
         }
 
     def config(self) -> dict[str, Any]:
@@ -599,7 +582,7 @@ class HVPJob(ProductJob):
         }
 
 
-class HessianOperator:
+class HessianOperator(OperatorViews):
     """``H``: the Hessian of the mean next-token NLL over ``samples`` (``(b, seqlen)``) w.r.t. ``subset``, as a linear operator.
 
     ``H @ V`` / ``matmat(V)``: ``V`` ``(n, p)`` -> ``H V`` ``(n, p)``; ``matvec(v)``: ``(n,)`` -> ``(n,)``. Inputs may be
@@ -653,6 +636,10 @@ class HessianOperator:
         self.run = run
         n = subset.size
         self.shape = (n, n)
+        self.dtype, self.device = (
+            torch.float64,
+            torch.device("cpu"),
+        )  # H V comes back float64 on the host
         self.n_tokens = samples.shape[0] * (samples.shape[1] - 1)
         self.hvps = 0
         self.passes = 0
@@ -675,8 +662,7 @@ class HessianOperator:
             tag=tag,
             products=self.products,
         )
-        job._graphs, job._policy, job._prepared = self.graphs, self.policy, self._prepared
-        return job
+        return job.share(self.graphs, self.policy, self._prepared)
 
     def record(self, sums: Partial) -> None:
         """Count a finished pass's finite-difference statistics (its sums' ``fd_*`` entries; nothing for exact products)."""
@@ -689,7 +675,7 @@ class HessianOperator:
         "model_input_bs": {...}}`` of this process; with finite differences ``{"hvp": {settings, kink retries...},
         "model_input_bs": {...}}`` instead."""
         bs = {"chosen": self.model_input_bs, "why": self.model_input_bs_why}
-        if isinstance(self.products, FiniteDifference):
+        if not self.products.exact:
             return {
                 "hvp": self.products.report(next(self.model.parameters()).dtype, self.fd_stats),
                 "model_input_bs": bs,
@@ -723,27 +709,3 @@ class HessianOperator:
             sums["hv_sum"].div_(self.n_tokens).T.contiguous()
         )  # the sums are this call's own: divided in place
         return out.numpy() if is_numpy else out
-
-    def matvec(self, v: Any) -> Any:
-        """``H v`` for ``v`` of shape ``(n,)``."""
-        is_numpy = not isinstance(v, torch.Tensor)
-        t = torch.as_tensor(v, dtype=torch.float64).reshape(-1, 1)
-        out = self.matmat(t)[:, 0]
-        return out.numpy() if is_numpy else out
-
-    def __matmul__(self, v: Any) -> Any:
-        return self.matvec(v) if getattr(v, "ndim", 2) == 1 else self.matmat(v)
-
-    def to_scipy(self):
-        """A :class:`scipy.sparse.linalg.LinearOperator` view (float64, symmetric: ``rmatvec = matvec``)."""
-        import numpy as np
-        from scipy.sparse.linalg import LinearOperator
-
-        return LinearOperator(
-            self.shape,
-            matvec=self.matvec,
-            rmatvec=self.matvec,
-            matmat=self.matmat,
-            rmatmat=self.matmat,
-            dtype=np.float64,
-        )

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from . import constants
 from .errors import UserError
 
 ROLE = "role"
@@ -52,7 +53,8 @@ SECTIONS = ("model", "data", "subset", "compute", "output", "run")
 
 @functools.cache
 def _literals(module: str) -> dict[str, Any]:
-    """Top-level ``NAME = <literal>`` assignments of ``lib/<module>.py``, read from its source."""
+    """Top-level ``NAME = <literal>`` assignments of ``lib/<module>.py``, read from its source (``NAME =
+    constants.OTHER``: the literal of :mod:`lib.constants`, the torch-free module of named choices)."""
     out: dict[str, Any] = {}
     try:
         tree = ast.parse(Path(__file__).with_name(f"{module}.py").read_text(encoding="utf-8"))
@@ -67,6 +69,16 @@ def _literals(module: str) -> dict[str, Any]:
             else []
         )
         for t in targets:
+            value = node.value
+            if (
+                isinstance(value, ast.Attribute)
+                and isinstance(value.value, ast.Name)
+                and value.value.id == "constants"
+                and module != "constants"
+            ):
+                if isinstance(t, ast.Name) and value.attr in _literals("constants"):
+                    out[t.id] = _literals("constants")[value.attr]
+                continue
             if isinstance(t, ast.Name) and node.value is not None:
                 try:
                     out[t.id] = ast.literal_eval(node.value)
@@ -227,7 +239,7 @@ class ProductMethod(AuditSettings):
     fd_step: float | str | None = result(None, when=_finite_differences)
 
 
-HVP_METHODS = ("exact", "finite_difference")
+HVP_METHODS = constants.HVP_METHODS
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 """``--matmul_precision``: torch's float32 matmul precisions (:func:`torch.set_float32_matmul_precision`)."""
 
@@ -265,7 +277,7 @@ def _check_products(c: ProductMethod, dtype: str, method: str | None = None) -> 
                 f"finite_difference or drop {them}"
             )
         return
-    from .finite_difference import check  # torch: only for finite-difference runs
+    from .early_checks import finite_difference_check as check  # torch: only for these runs
 
     check(method, None if c.fd_step == "auto" else c.fd_step, c.fd_richardson, dtype)
 

@@ -25,12 +25,13 @@ from pathlib import Path
 
 import torch
 
+from . import constants
 from .vectors import Basis, VectorSpace, local_space
 
 MatMat = Callable[[torch.Tensor], torch.Tensor]
 """``V`` ``(n, p)`` (or a rank's ``(local, p)``) -> ``H V`` of the same shape, for a symmetric ``H``."""
-WHICH = ("largest", "smallest", "both")
-REORTH = ("full", "selective", "none")
+WHICH = constants.WHICH
+REORTH = constants.REORTH
 """Lanczos reorthogonalization: ``full`` (every step against the whole basis: ``2 m`` passes over the ``m`` stored
 vectors per step, so ``O(n m^2)`` work overall); ``selective`` (Parlett & Scott 1979: only against Ritz vectors that
 have converged, formed from the stored basis once each; the basis may live on the host or disk); ``none`` (the plain
@@ -135,6 +136,32 @@ def _cullum_willoughby(t: torch.Tensor, tol: float) -> torch.Tensor:
     return torch.tensor(keep, dtype=torch.long)
 
 
+def _selective(
+    space: VectorSpace,
+    r: torch.Tensor,
+    theta: torch.Tensor,
+    s: torch.Tensor,
+    scale: float,
+    basis: Basis,
+    good: Basis,
+    good_values: list[float],
+) -> torch.Tensor:
+    """Selective reorthogonalization's step: the Ritz vectors ``basis @ s[:, i]`` of ``T`` (eigenpairs ``theta``,
+    ``s``) whose residual estimate ``||r|| |s[-1, i]||`` is below ``sqrt(eps) * scale`` and not yet locked join
+    the orthonormal set ``good`` (their values in ``good_values``); returns ``r`` made orthogonal to ``good``."""
+    eps = torch.finfo(F64).eps
+    beta_est = float(space.colnorms(r)[0])
+    for i in (beta_est * s[-1, :].abs() <= math.sqrt(eps) * scale).nonzero().flatten().tolist():
+        if any(abs(float(theta[i]) - g) <= 1e-6 * scale for g in good_values):
+            continue
+        good_values.append(float(theta[i]))
+        y = good.orthogonalize(basis.combine(s[:, i : i + 1]))
+        norm = float(space.colnorms(y)[0])
+        if norm > 0.5:
+            good.append(y / norm)
+    return good.orthogonalize(r)
+
+
 def lanczos(
     matmat: MatMat,
     n: int,
@@ -185,7 +212,6 @@ def lanczos(
     betas: list[torch.Tensor] = []
     prev: tuple[torch.Tensor, torch.Tensor] | None = None
     passes = 0
-    eps = torch.finfo(F64).eps
     cw_tol = 100 * torch.finfo(space.dtype).eps  # ghost copies agree to the vectors' rounding
     try:
         while True:
@@ -204,24 +230,8 @@ def lanczos(
             t = _block_tridiagonal(alphas, betas)
             theta, s = torch.linalg.eigh(t)
             scale = float(theta.abs().max()) if theta.numel() else 0.0
-            if (
-                reorth == "selective"
-            ):  # new converged Ritz vectors join the (orthonormal) set r is kept orthogonal to
-                beta_est = float(space.colnorms(r)[0])
-                for i in (
-                    (beta_est * s[-1, :].abs() <= math.sqrt(eps) * scale)
-                    .nonzero()
-                    .flatten()
-                    .tolist()
-                ):
-                    if any(abs(float(theta[i]) - g) <= 1e-6 * scale for g in good_values):
-                        continue
-                    good_values.append(float(theta[i]))
-                    y = good.orthogonalize(basis.combine(s[:, i : i + 1]))
-                    norm = float(space.colnorms(y)[0])
-                    if norm > 0.5:
-                        good.append(y / norm)
-                r = good.orthogonalize(r)
+            if reorth == "selective":
+                r = _selective(space, r, theta, s, scale, basis, good, good_values)
             q_next, b = space.qr(r)
             ghosts = 0
             genuine = torch.arange(theta.numel())
@@ -249,9 +259,8 @@ def lanczos(
                     res = torch.zeros_like(res)
                     conv = torch.ones_like(conv)
                 vecs = basis.combine(sg[:, idx]) if eigenvectors and basis is not None else None
-                stored = (basis.cols if basis is not None else 0) + (
-                    good.cols if good is not None else 0
-                )
+                stored = sum(bs.cols for bs in (basis, good) if bs is not None)
+                exact = breakdown or full
                 return EigResult(
                     th[idx],
                     vecs,
@@ -260,7 +269,7 @@ def lanczos(
                     th,
                     passes * p,
                     passes,
-                    breakdown or full,
+                    exact,
                     ghosts,
                     reorth,
                     stored,
@@ -477,6 +486,35 @@ def slq(
     finally:
         if basis is not None:
             basis.close()
+    ritz, weights = gauss_quadrature(alpha, beta, length)
+    lo, hi = (
+        float(torch.nan_to_num(ritz, nan=float("inf")).min()),
+        float(torch.nan_to_num(ritz, nan=float("-inf")).max()),
+    )
+    grid, sig = density_grid(lo, hi, grid_points, sigma)
+    return SLQResult(
+        ritz, weights, grid, broadened_density(ritz, weights, grid, sig), sig, hvps, passes
+    )
+
+
+def density_grid(
+    lo: float, hi: float, grid_points: int, sigma: float | None
+) -> tuple[torch.Tensor, float]:
+    """The Gaussian width (``sigma``, default 1% of ``hi - lo``, at least ``1e-12`` of the largest magnitude) and
+    ``grid_points`` points from ``lo - 5 sigma`` to ``hi + 5 sigma`` (float64)."""
+    sig = (
+        sigma if sigma is not None else max((hi - lo) / 100, 1e-12 * max(abs(lo), abs(hi), 1e-300))
+    )
+    return torch.linspace(lo - 5 * sig, hi + 5 * sig, grid_points, dtype=F64), sig
+
+
+def gauss_quadrature(
+    alpha: torch.Tensor, beta: torch.Tensor, length: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per probe ``i`` the nodes (Ritz values, ascending) and weights (squared first components of the
+    eigenvectors) of the tridiagonal ``T_i`` of its first ``length[i]`` coefficients (``alpha``, ``beta``:
+    ``(P, m)``); ``(P, max length)`` each, NaN past a probe's length."""
+    num_probes = alpha.shape[0]
     m = int(length.max())
     ritz = torch.full((num_probes, m), float("nan"), dtype=F64)
     weights = torch.full((num_probes, m), float("nan"), dtype=F64)
@@ -489,17 +527,7 @@ def slq(
         )
         th, s = torch.linalg.eigh(t)
         ritz[i, :li], weights[i, :li] = th, s[0] ** 2
-    lo, hi = (
-        float(torch.nan_to_num(ritz, nan=float("inf")).min()),
-        float(torch.nan_to_num(ritz, nan=float("-inf")).max()),
-    )
-    sig = (
-        sigma if sigma is not None else max((hi - lo) / 100, 1e-12 * max(abs(lo), abs(hi), 1e-300))
-    )
-    grid = torch.linspace(lo - 5 * sig, hi + 5 * sig, grid_points, dtype=F64)
-    return SLQResult(
-        ritz, weights, grid, broadened_density(ritz, weights, grid, sig), sig, hvps, passes
-    )
+    return ritz, weights
 
 
 def exact_density(
@@ -507,10 +535,6 @@ def exact_density(
 ) -> SLQResult:
     """The density of known eigenvalues (the exact path) in :class:`SLQResult` form: one "probe", weights ``1/n``."""
     ev = eigenvalues.to(F64).reshape(1, -1)
-    lo, hi = float(ev.min()), float(ev.max())
-    sig = (
-        sigma if sigma is not None else max((hi - lo) / 100, 1e-12 * max(abs(lo), abs(hi), 1e-300))
-    )
-    grid = torch.linspace(lo - 5 * sig, hi + 5 * sig, grid_points, dtype=F64)
+    grid, sig = density_grid(float(ev.min()), float(ev.max()), grid_points, sigma)
     w = torch.full_like(ev, 1 / ev.numel())
     return SLQResult(ev, w, grid, broadened_density(ev, w, grid, sig), sig, 0, 0)

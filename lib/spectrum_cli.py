@@ -16,15 +16,15 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import fsdp, outputs, parallel, preflight, spectrum, vectors
+from . import fsdp, outputs, parallel, preflight, spectra, spectrum, vectors
 from .errors import UserError
-from .finite_difference import FiniteDifference, exact_script_report
+from .finite_difference import exact_script_report
 from .hessian import ExactHessianJob
 from .inputs import warn
 from .operator import HessianOperator, digest, subset_digest
@@ -32,6 +32,7 @@ from .outputs import default_name as output_name
 from .passlog import PassLog
 from .pipeline import Family, Run
 from .plots import density_figure
+from .products import Products
 from .spec import SpectrumSpec
 from .subsets import (
     Subset,
@@ -162,6 +163,148 @@ def density_json(d: spectrum.SLQResult) -> dict[str, Any]:
     }
 
 
+def spectrum_settings(spec: SpectrumSpec) -> spectra.SpectrumSettings:
+    """The spec's ``--top_k``, ``--which``, ... as :class:`lib.spectra.SpectrumSettings`."""
+    c = spec.compute
+    return spectra.SpectrumSettings(
+        top_k=c.top_k,
+        which=cast(spectra.Which, c.which),  # the spec checked the choice
+        block_size=c.block_size,
+        tol=c.tol,
+        max_iter=c.max_iter,
+        seed=c.seed,
+        reorth=cast(spectra.Reorth, c.reorth),
+        eigenvectors=c.eigenvectors,
+        trace=c.trace,
+        trace_hvps=c.trace_hvps,
+        density=c.density,
+        slq_probes=c.slq_probes,
+        lanczos_steps=c.lanczos_steps,
+        density_points=c.density_points,
+    )
+
+
+def result_json(r: spectra.SpectrumResult) -> dict[str, Any]:
+    """The JSON fields of a spectrum result (the iterative path's density is added by the caller, after the run's
+    costs)."""
+    out: dict[str, Any] = {
+        "path": r.path,
+        "eigenvalues": r.eigenvalues.tolist(),
+        "residuals": r.residuals.tolist(),
+        "converged": r.converged.tolist(),
+    }
+    if r.path == "exact":
+        assert r.all_eigenvalues is not None and r.density is not None
+        out.update(
+            all_eigenvalues=r.all_eigenvalues.tolist(),
+            trace={"exact": r.trace["exact"].estimate},
+            density=density_json(r.density),
+            hvps=r.hvps,
+            passes=r.passes,
+        )
+        return out
+    eig = r.lanczos
+    assert eig is not None
+    out["lanczos"] = {
+        "hvps": eig.hvps,
+        "passes": eig.passes,
+        "ritz_values": eig.ritz_values.tolist(),
+        "invariant_subspace": eig.breakdown,
+        "reorth": eig.reorth,
+        "ghosts_removed": eig.ghosts,
+        "stored_vectors": eig.stored_vectors,
+    }
+    if r.trace:
+        out["trace"] = {name: t.as_dict() for name, t in r.trace.items()}
+    return out
+
+
+def result_tensors(r: spectra.SpectrumResult, density: bool) -> dict[str, torch.Tensor]:
+    """The tensors of the ``.pt``: the exact path's matrix and every eigenvalue, or Lanczos' residuals and Ritz
+    values; the wanted eigenvalues (and eigenvectors); with ``--density`` the SLQ (or exact) density."""
+    saved: dict[str, torch.Tensor] = {}
+    if r.path == "exact":
+        assert r.hessian is not None and r.all_eigenvalues is not None
+        saved.update(
+            hessian=r.hessian, eigenvalues=r.eigenvalues, all_eigenvalues=r.all_eigenvalues
+        )
+    else:
+        assert r.lanczos is not None
+        saved.update(
+            eigenvalues=r.eigenvalues, residuals=r.residuals, ritz_values=r.lanczos.ritz_values
+        )
+    if r.eigenvectors is not None:
+        saved["eigenvectors"] = r.eigenvectors
+    if density:
+        assert r.density is not None
+        saved.update(
+            ritz_values_slq=r.density.ritz_values,
+            ritz_weights_slq=r.density.ritz_weights,
+            density_grid=r.density.grid,
+            density=r.density.values,
+        )
+    return saved
+
+
+def progress_bar(run: Run, total: int) -> Any:
+    """The passes' progress bar on rank 0 (``None`` with ``--no_progress`` or on other ranks)."""
+    if not run.rank0 or run.spec.output.no_progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="passes over the samples", dynamic_ncols=True)
+
+
+def pass_log_config(run: Run, products: Products) -> dict[str, Any]:
+    """What the pass log is tied to (:class:`lib.passlog.PassLog`): the run's identity, the subset, the samples,
+    the model, the batching, the seed, the head and the product method (and a non-default vector dtype)."""
+    spec, subset = run.spec, run.structure
+    c = spec.compute
+    log_cfg = {
+        "subset": subset_digest(subset),
+        "params": subset.param_names,
+        "samples": digest(run.samples),
+        "model": run.model_spec().identity(),
+        "model_input_bs": spec.data.model_input_bs,
+        "seed": c.seed,
+        "fused_head": False if spec.model.no_fused_head else None,
+        "products": products.name,
+        **({"vectors": c.vector_dtype} if c.vector_dtype != "float64" else {}),
+    }
+    return {**run.identity(), **log_cfg}
+
+
+def run_costs(
+    run: Run,
+    log: PassLog,
+    pool: parallel.WorkerPool,
+    op: HessianOperator | fsdp.ShardedOperator,
+    space: vectors.VectorSpace,
+    storage: str,
+) -> dict[str, Any]:
+    """For the JSON: the passes (run and replayed), the workers, the operator's report, the stored vectors and
+    every process's memory (collective under ``--fsdp``)."""
+    sharded = isinstance(op, fsdp.ShardedOperator)
+    costs: dict[str, Any] = dict(
+        hvps=log.hvps,
+        passes=log.calls,
+        replayed_passes=log.replayed,
+        workers={"spawned": pool.started, "passes_run": pool.jobs},
+        **op.report(),
+    )
+    costs["vectors"] = {
+        "dtype": str(space.dtype).removeprefix("torch."),
+        "storage": storage,
+        "peak_stored_bytes": space.peak_stored_bytes,
+    }
+    costs["memory"] = (
+        op.gather_memory()
+        if sharded
+        else [fsdp.process_memory(run.model, space.n * run.dtype.itemsize, space)]
+    )
+    return costs
+
+
 class SpectrumFamily(Family):
     name = "spectrum"
     identity_sections = ("model", "data", "subset")
@@ -243,7 +386,9 @@ class SpectrumFamily(Family):
 
     def compute(self, run: Run) -> dict[str, Any] | None:
         """``{"meta": JSON fields, "saved": tensors for the .pt, "density": the density to draw or None}`` (the
-        exact path always draws the density of its eigenvalues; the iterative one with ``--density``)."""
+        exact path always draws the density of its eigenvalues; the iterative one with ``--density``): the
+        operator and the pass log from the spec, the answer from :func:`lib.spectra.hessian_spectrum` or
+        :func:`lib.spectra.dense_spectrum`."""
         spec, subset = run.spec, run.structure
         c = spec.compute
         n = subset.size
@@ -264,18 +409,14 @@ class SpectrumFamily(Family):
             always_writes=iterative,  # the pass log, even with --checkpoint_every 0
         )
         products = run.products()
-        fd = products if isinstance(products, FiniteDifference) else None
-        mspec = run.model_spec()
-        fused = False if spec.model.no_fused_head else None
-        mbs = spec.data.model_input_bs
         op = HessianOperator(
             run.model,
             subset,
             run.samples,
-            mbs,
+            spec.data.model_input_bs,
             c.chunk or None,
-            fused,
-            spec=mspec,
+            False if spec.model.no_fused_head else None,
+            spec=run.model_spec(),
             keep_graphs=KEEP_GRAPHS[c.keep_graphs],
             products=products,
         )
@@ -285,191 +426,128 @@ class SpectrumFamily(Family):
             "n_samples": int(run.samples.shape[0]),
             "n_tokens": op.n_tokens,
         }
-        saved: dict[str, torch.Tensor] = {}
-        dens = None
         t0 = time.perf_counter()
         if self.exact_path(spec, n):
-            job = ExactHessianJob(
-                subset,
-                run.samples,
-                mbs,
-                c.method,
-                c.chunk or None,
-                fused,
-                spec=mspec,
-                model=run.model,
-                products=products,
-            )
-            settings = run.run_settings(run.out / f"{run.name}.ckpt", "Hessian columns")
-            sums = parallel.run_job(job, settings)
-            if sums is None:
+            res = self.exact(run, products, meta)
+            if res is None:
                 return None
-            h = job.result(sums, time.perf_counter() - t0).hessian.to(torch.float64)
-            if (
-                fd is not None
-            ):  # rows H e_i by finite differences: report their asymmetry, diagonalize the symmetric part
-                meta["hvp"] = exact_script_report(fd, h.to(run.dtype), sums)  # the dtype's step
-                h = (h + h.T) / 2
-            ev, vecs = torch.linalg.eigh(h)
-            idx = spectrum.wanted(ev, c.top_k, c.which)
-            resid = (h @ vecs[:, idx] - vecs[:, idx] * ev[idx]).norm(dim=0)
-            dens = spectrum.exact_density(ev, c.density_points)
-            meta.update(
-                path="exact",
-                eigenvalues=ev[idx].tolist(),
-                residuals=resid.tolist(),
-                converged=[True] * len(idx),
-                all_eigenvalues=ev.tolist(),
-                trace={"exact": float(h.trace())},
-                density=density_json(dens),
-                hvps=n,
-                passes=1,
-            )
-            saved.update(hessian=h, eigenvalues=ev[idx], all_eigenvalues=ev)
-            if c.eigenvectors:
-                saved["eigenvectors"] = vecs[:, idx]
         else:
-            run.kept.append(
-                ckpt.CheckpointConfig(run.out / f"{run.name}.passes", every_units=1)
-            )  # where finished passes are
-            total = c.max_iter + (3 if c.trace else 0) + (c.lanczos_steps if c.density else 0)
-            bar = None
-            if run.rank0 and not spec.output.no_progress:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=total, desc="passes over the samples", dynamic_ncols=True)
-            log_cfg = {
-                "subset": subset_digest(subset),
-                "params": subset.param_names,
-                "samples": digest(run.samples),
-                "model": mspec.identity(),
-                "model_input_bs": mbs,
-                "seed": c.seed,
-                "fused_head": fused,
-                "products": products.name,
-                **({"vectors": c.vector_dtype} if c.vector_dtype != "float64" else {}),
-            }
-            log_cfg = {**run.identity(), **log_cfg}
-            pool = parallel.WorkerPool(run.devices)  # spawns workers only for several devices
-            sop = None
-            if c.fsdp:  # every rank logs its shard of each pass
-                sop = fsdp.sharded_operator(run, subset, mbs, fd.settings, vdtype)
-                space, log_cfg["world_size"] = sop.space, world
-                log = PassLog(
-                    run.out / f"{run.name}.passes",
-                    log_cfg,
-                    spec.run.resume,
-                    lambda v, i: sop.matmat(v),
-                    bar,
-                    suffix=f".rank{sop.rank}of{world}",
-                    agree=fsdp.agree_min,
-                )
-            else:
-                space = vectors.local_space(n, dtype=vdtype)
-                log = PassLog(
-                    run.out / f"{run.name}.passes" if run.rank0 else None,
-                    log_cfg,
-                    spec.run.resume,
-                    make_run_pass(run, op, pool),
-                    bar,
-                    policy=op.policy,
-                )
-            store = dict(space=space, storage=storage, storage_dir=run.out / f"{run.name}.vectors")
-            try:
-                eig = spectrum.lanczos(
-                    log,
-                    n,
-                    c.top_k,
-                    c.which,
-                    c.block_size,
-                    c.tol,
-                    c.max_iter,
-                    seed=c.seed,
-                    reorth=c.reorth,
-                    eigenvectors=c.eigenvectors,
-                    **store,
-                )
-                if bar is not None:
-                    bar.total -= c.max_iter - eig.passes
-                    bar.refresh()
-                meta.update(
-                    path="iterative",
-                    eigenvalues=eig.eigenvalues.tolist(),
-                    residuals=eig.residuals.tolist(),
-                    converged=eig.converged.tolist(),
-                    lanczos={
-                        "hvps": eig.hvps,
-                        "passes": eig.passes,
-                        "ritz_values": eig.ritz_values.tolist(),
-                        "invariant_subspace": eig.breakdown,
-                        "reorth": eig.reorth,
-                        "ghosts_removed": eig.ghosts,
-                        "stored_vectors": eig.stored_vectors,
-                    },
-                )
-                saved.update(
-                    eigenvalues=eig.eigenvalues,
-                    residuals=eig.residuals,
-                    ritz_values=eig.ritz_values,
-                )
-                if c.eigenvectors:
-                    saved["eigenvectors"] = eig.eigenvectors
-                if c.trace:
-                    hutch = spectrum.hutchinson_trace(
-                        log, n, c.trace_hvps, seed=c.seed + 1, space=space
-                    )
-                    hpp = spectrum.hutchpp_trace(log, n, c.trace_hvps, seed=c.seed + 2, space=space)
-                    meta["trace"] = {"hutchinson": hutch.as_dict(), "hutch++": hpp.as_dict()}
-                if c.density:
-                    dens = spectrum.slq(
-                        log,
-                        n,
-                        c.slq_probes,
-                        c.lanczos_steps,
-                        seed=c.seed + 3,
-                        grid_points=c.density_points,
-                        reorth=c.reorth,
-                        **store,
-                    )
-            finally:
-                pool.close()
-                if bar is not None:
-                    bar.close()
-            meta.update(
-                hvps=log.hvps,
-                passes=log.calls,
-                replayed_passes=log.replayed,
-                workers={"spawned": pool.started, "passes_run": pool.jobs},
-                **(sop.report() if sop is not None else op.report()),
-            )
-            meta["vectors"] = {
-                "dtype": str(vdtype).removeprefix("torch."),
-                "storage": storage,
-                "peak_stored_bytes": space.peak_stored_bytes,
-            }
-            meta["memory"] = (
-                sop.gather_memory()
-                if sop is not None
-                else [fsdp.process_memory(run.model, n * run.dtype.itemsize, space)]
-            )
-            if sop is not None:
-                fsdp.finish()  # every rank has written its pass files before rank 0 removes them
+            res, costs = self.iterative(run, op, products, vdtype, storage, world)
         if not run.rank0:
             return None
+        meta.update(result_json(res))
+        if res.path == "iterative":
+            meta.update(costs)
         if c.density:
-            meta["density"] = density_json(dens)
-            saved.update(
-                ritz_values_slq=dens.ritz_values,
-                ritz_weights_slq=dens.ritz_weights,
-                density_grid=dens.grid,
-                density=dens.values,
-            )
+            meta["density"] = density_json(res.density)
         meta.update(
             spectrum_elapsed_s=time.perf_counter() - t0, slices=slice_table(run.model, subset)
         )
         if n <= ENTRIES_MAX and not all(sl["whole_in_storage_order"] for sl in meta["slices"]):
             meta["entries"] = subset.entries(run.model)
-        return {"meta": meta, "saved": saved, "density": dens}
+        return {"meta": meta, "saved": result_tensors(res, c.density), "density": res.density}
+
+    @staticmethod
+    def exact(run: Run, products: Products, meta: dict[str, Any]) -> spectra.SpectrumResult | None:
+        """The exact path: the exact Hessian job (checkpointed), then :func:`lib.spectra.dense_spectrum` of its
+        float64 matrix (finite-difference rows: their asymmetry in ``meta["hvp"]``, the symmetric part
+        diagonalized). ``None`` on ranks that hold no result."""
+        spec, subset = run.spec, run.structure
+        c = spec.compute
+        fd = None if products.exact else products
+        t0 = time.perf_counter()
+        job = ExactHessianJob(
+            subset,
+            run.samples,
+            spec.data.model_input_bs,
+            c.method,
+            c.chunk or None,
+            False if spec.model.no_fused_head else None,
+            spec=run.model_spec(),
+            model=run.model,
+            products=products,
+        )
+        settings = run.run_settings(run.out / f"{run.name}.ckpt", "Hessian columns")
+        sums = parallel.run_job(job, settings)
+        if sums is None:
+            return None
+        h = job.result(sums, time.perf_counter() - t0).hessian.to(torch.float64)
+        if fd is not None:
+            meta["hvp"] = exact_script_report(fd, h.to(run.dtype), sums)  # the dtype's step
+            h = (h + h.T) / 2
+        return spectra.dense_spectrum(h, spectrum_settings(spec))
+
+    @staticmethod
+    def iterative(
+        run: Run,
+        op: HessianOperator,
+        products: Products,
+        vdtype: torch.dtype,
+        storage: str,
+        world: int,
+    ) -> tuple[spectra.SpectrumResult, dict[str, Any]]:
+        """The iterative path: every product one pass (:class:`lib.passlog.PassLog`, resumable; on worker
+        processes, torchrun or FSDP shards), :func:`lib.spectra.hessian_spectrum`; with the run's costs for the
+        JSON (passes, workers, the operator's report, vectors, memory)."""
+        spec, subset = run.spec, run.structure
+        c = spec.compute
+        n = subset.size
+        run.kept.append(
+            ckpt.CheckpointConfig(run.out / f"{run.name}.passes", every_units=1)
+        )  # where finished passes are
+        settings = spectrum_settings(spec)
+        bar = progress_bar(run, settings.max_passes)
+        log_cfg = pass_log_config(run, products)
+        pool = parallel.WorkerPool(run.devices)  # spawns workers only for several devices
+        sop = None
+        if c.fsdp:  # every rank logs its shard of each pass
+            sop = fsdp.sharded_operator(
+                run, subset, spec.data.model_input_bs, products.fd_settings, vdtype
+            )
+            space, log_cfg["world_size"] = sop.space, world
+            log = PassLog(
+                run.out / f"{run.name}.passes",
+                log_cfg,
+                spec.run.resume,
+                lambda v, i: sop.matmat(v),
+                bar,
+                suffix=f".rank{sop.rank}of{world}",
+                agree=fsdp.agree_min,
+            )
+        else:
+            space = vectors.local_space(n, dtype=vdtype)
+            log = PassLog(
+                run.out / f"{run.name}.passes" if run.rank0 else None,
+                log_cfg,
+                spec.run.resume,
+                make_run_pass(run, op, pool),
+                bar,
+                policy=op.policy,
+            )
+
+        def lanczos_done(eig: spectrum.EigResult) -> None:
+            if bar is not None:  # Lanczos may stop early: fewer passes to come
+                bar.total -= c.max_iter - eig.passes
+                bar.refresh()
+
+        try:
+            res = spectra.hessian_spectrum(
+                log,
+                n,
+                settings,
+                space=space,
+                storage=storage,
+                storage_dir=run.out / f"{run.name}.vectors",
+                on_lanczos=lanczos_done,
+            )
+        finally:
+            pool.close()
+            if bar is not None:
+                bar.close()
+        costs = run_costs(run, log, pool, sop or op, space, storage)
+        if sop is not None:
+            fsdp.finish()  # every rank has written its pass files before rank 0 removes them
+        return res, costs
 
     def save(self, run: Run, result: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         meta, dens = result["meta"], result["density"]

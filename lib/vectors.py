@@ -27,13 +27,14 @@ from pathlib import Path
 
 import torch
 
+from . import constants
 from .jobs import derived_seed
 
 F64 = torch.float64
 CHUNK = 1 << 20
 """Entries per random-number chunk (each seeded by ``(seed, kind, column, chunk)``)."""
-STORAGES = ("device", "cpu", "disk")
-VECTOR_DTYPES = ("float64", "float32", "working")
+STORAGES = constants.STORAGES
+VECTOR_DTYPES = constants.VECTOR_DTYPES
 """``--vector_dtype``: ``working`` = the model's dtype."""
 
 

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-from conftest import LAYER, tiny_ids, tiny_model
-from test_estimators import (
+from cases import (
     _logits_fn,  # x -> logits through the plain model, the subset substituted
 )
+from conftest import LAYER, tiny_ids, tiny_model
 
 from lib import curvature as cv
 from lib import subsets

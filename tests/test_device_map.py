@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_inputs import _tiny_opt  # a 2-block random OPT saved with the embedded tokenizer
+from cases import _tiny_opt  # a 2-block random OPT saved with the embedded tokenizer
 
 import hessian_diagonal
 import hessian_spectrum

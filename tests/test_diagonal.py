@@ -12,6 +12,7 @@ import re
 
 import pytest
 import torch
+from cases import xdiag_by_definition
 from conftest import ARCHS, LAYER, tiny_ids, tiny_model
 
 import hessian_diagonal
@@ -210,18 +211,6 @@ def test_hutchinson_running_means():
 
 
 # ----------------------------------------------------------------------------- xdiag
-
-
-def xdiag_by_definition(h: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
-    """Epperly-Tropp-Webber's XDiag written out: mean_i diag(Q_i Q_i^T H) + w_i * (I - Q_i Q_i^T) H w_i."""
-    s = omega.shape[1]
-    y = h @ omega
-    out = []
-    for i in range(s):
-        qi, _ = torch.linalg.qr(y[:, [j for j in range(s) if j != i]])
-        p = qi @ qi.T
-        out.append((p @ h).diagonal() + omega[:, i] * (y[:, i] - p @ y[:, i]))
-    return torch.stack(out).mean(0)
 
 
 def test_xdiag_closed_form_and_prefixes_equal_the_definition():

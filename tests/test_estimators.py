@@ -14,8 +14,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import _logits_fn, xdiag_by_definition  # noqa: F401  (_logits_fn: used below)
 from conftest import tiny_ids, tiny_model
-from test_diagonal import xdiag_by_definition
 from torch.func import functional_call
 
 from lib import subsets
@@ -171,23 +171,6 @@ def test_exact_equals_the_diagonal_of_autograd_functional_hessian():
         res.diagonals["exact"][name], h.diagonal() / (3 * 5), rtol=1e-10, atol=1e-14
     )
     assert float(h.diagonal().abs().min()) > 0
-
-
-def _logits_fn(model, sub, ids):
-    """``x -> logits`` at the predicted positions, ``(N, V)``, through the plain model with the subset substituted."""
-    obj = SubsetLoss(model, sub, fused_head=False)
-
-    def logits(x):
-        out = functional_call(
-            model,
-            obj.weights(x),
-            args=(),
-            kwargs={"input_ids": ids, "use_cache": False},
-            tie_weights=False,
-        )[0]
-        return out[:, :-1].reshape(-1, out.shape[-1])
-
-    return logits
 
 
 def _ggn_oracle(model, sub, ids) -> torch.Tensor:

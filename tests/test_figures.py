@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_parallel import ToyJob
+from cases import ToyJob
 
 import reproduce
 import single_layer_single_block

@@ -15,13 +15,17 @@ import time
 
 import pytest
 import torch
+from cases import (  # ARGS: 4 float64 units of the embedded model
+    ARGS,
+    ToyJob,
+    _main,
+)
 from conftest import ROOT, subprocess_env
-from test_parallel import ARGS, ToyJob  # ARGS: 4 float64 units of the embedded model
 
 import hessian_diagonal
 import single_layer_single_block
 from lib import checkpoint as ckpt
-from lib import cli, parallel, pipeline, preflight
+from lib import parallel, pipeline, preflight
 from lib.diagonal import DiagonalJob
 from lib.diagonal_cli import DiagonalFamily
 from lib.errors import RunError
@@ -49,30 +53,6 @@ SCRIPTS = {
     "exact": (single_layer_single_block, ARGS, ExactHessianJob),
     "diagonal": (hessian_diagonal, DIAG, DiagonalJob),
 }
-
-
-def _stderr_of(script, argv: list[str]) -> tuple[int, list[str]]:
-    """Run a script through :func:`lib.cli.main` in this process: ``(exit status, every stderr line)``; an exception
-    that escaped gives ``(-1, [its repr])``."""
-    import contextlib
-    import io
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            cli.main(script.run, argv)
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        except BaseException as e:  # noqa: BLE001 -- e.g. a KeyboardInterrupt that escaped: report it, do not stop pytest
-            return -1, [repr(e)]
-    return code, err.getvalue().strip().splitlines()
-
-
-def _main(script, argv: list[str]) -> tuple[int, str]:
-    """Run a script through :func:`lib.cli.main` in this process: ``(exit status, last stderr line)``."""
-    code, lines = _stderr_of(script, argv)
-    return code, lines[-1] if lines else ""
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 import torch
+from cases import INPUTS_FAST as FAST
+from cases import _fail, _tiny_opt
 from conftest import ROOT
 
 import several_layers_several_blocks
@@ -22,32 +24,6 @@ from lib import cli
 from lib.data import tokenize
 from lib.inputs import model_fingerprint, tokenizer_fingerprint
 from lib.models import EMBEDDED_MODEL_DIR, ModelSpec, load_model
-
-FAST = ["--t", "2", "--seqlen", "16", "--b", "2", "--no_progress", "--dataset", "embedded"]
-
-
-def _tiny_opt(path, vocab: int = 4096, seed: int = 0, tokenizer: bool = True):
-    """A 2-block OPT with random weights saved to ``path``, with the embedded model's tokenizer (same vocabulary)."""
-    from transformers import OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = OPTConfig(
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        ffn_dim=32,
-        max_position_embeddings=64,
-        word_embed_proj_dim=16,
-        vocab_size=vocab,
-        bos_token_id=2,
-        eos_token_id=2,
-        pad_token_id=1,
-    )
-    OPTForCausalLM(cfg).save_pretrained(path)
-    if tokenizer:
-        for f in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(EMBEDDED_MODEL_DIR / f, path / f)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -67,16 +43,6 @@ def _edit_weights(path, edit) -> None:
     sd = load_file(path / "model.safetensors")
     edit(sd)
     save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
-
-
-def _fail(argv, capsys, script=single_layer_single_block) -> str:
-    """Run a script in this process, expect exit status 2 with one ``error:`` line; return it."""
-    with pytest.raises(SystemExit) as exc:
-        cli.main(script.run, argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
 
 
 def _script(tmp_path, *argv) -> subprocess.CompletedProcess:

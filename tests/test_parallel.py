@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from cases import ARGS, ToyJob  # noqa: F401  (ToyJob: the jobs that fail, picklable)
 from conftest import ROOT, subprocess_env, torchrun
 
 import single_layer_single_block
@@ -20,21 +21,6 @@ from lib.errors import RunError, UserError
 from lib.hessian import ExactHessianJob
 from lib.jobs import ModelJob, add_partials, run_serial
 from lib.models import ModelSpec
-
-ARGS = [
-    "--t",
-    "3",
-    "--seqlen",
-    "16",
-    "--b",
-    "4",
-    "--dtype",
-    "float64",
-    "--no_progress",
-    "--name",
-    "h",
-]
-"""Four units (samples) of a float64 exact Hessian on the embedded model: tiny, and bit-exact comparisons are meaningful."""
 
 
 def _run(tmp, *extra) -> torch.Tensor:
@@ -129,45 +115,6 @@ def test_parse_every(text, expected):
 
 
 # ----------------------------------------------------------------------------- jobs that fail (picklable: run in spawned workers)
-
-
-class ToyJob:
-    """An additive job without a model: unit ``k`` is ``{"s": k * ones(3)}``; ``fail`` maps a unit to what goes wrong there."""
-
-    model_input_bs = 1
-
-    def __init__(self, n: int, fail: dict[int, str] | None = None):
-        self.n, self.fail = n, fail or {}
-
-    def setup(self, device):
-        pass
-
-    def num_units(self):
-        return self.n
-
-    def steps_per_unit(self):
-        return 1
-
-    def run_unit(self, k, progress=None):
-        what = self.fail.get(k)
-        if what in ("raise", "kill"):
-            time.sleep(
-                1.0
-            )  # let the other worker finish its unit first (else 1 unit, not 2, may be saved)
-        if what == "raise":
-            raise RuntimeError(f"boom in unit {k}")
-        if what == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        if what == "stop":  # a hung worker
-            os.kill(os.getpid(), signal.SIGSTOP)
-        if what == "nan":
-            return {"s": torch.full((3,), float("nan"))}
-        if progress:
-            progress(1)
-        return {"s": torch.full((3,), float(k), dtype=torch.float64)}
-
-    def config(self):
-        return {"kind": "toy", "n": self.n}
 
 
 def test_non_finite_unit_stops_with_its_sample_and_keeps_earlier_units(tmp_path):

@@ -19,11 +19,12 @@ from lib.operator import (
     ProductJob,
     digest,
 )
+from lib.products import Products
 
 CPU = torch.device("cpu")
 
 
-class Counted:
+class Counted(Products):
     """The default products, counted (a strategy object as another product method would be)."""
 
     name = "counted"
@@ -39,7 +40,7 @@ class Counted:
         return REVERSE_OVER_REVERSE(graph, rows, count, sink, chunk, progress, start)
 
 
-class CentralDifferences:
+class CentralDifferences(Products):
     """``H v ~ (grad f(x + e v) - grad f(x - e v)) / (2 e)``: a product method without a kept graph."""
 
     name = "central_differences"

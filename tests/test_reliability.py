@@ -14,8 +14,8 @@ import time
 
 import pytest
 import torch
+from cases import ARGS, _main, _stderr_of
 from conftest import ROOT, subprocess_env
-from test_guarantees import ARGS, _main, _stderr_of
 
 import hessian_diagonal
 import single_layer_single_block
@@ -123,7 +123,8 @@ def test_non_finite_unit_timeout_is_refused(value, tmp_path, no_model_load):
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_computing(
     devices, tmp_path, monkeypatch
 ):
-    from test_inputs import FAST, _tiny_opt
+    from cases import INPUTS_FAST as FAST
+    from cases import _tiny_opt
 
     model_dir = _tiny_opt(tmp_path / "m", vocab=64)  # the embedded 4096-token tokenizer
     monkeypatch.setattr(
@@ -150,7 +151,8 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_computing(
 def test_resume_refuses_a_model_whose_configuration_changed_after_a_kill(tmp_path, capsys):
     import shutil
 
-    from test_inputs import FAST, _fail, _tiny_opt
+    from cases import INPUTS_FAST as FAST
+    from cases import _fail, _tiny_opt
 
     from lib.models import load_model
 
@@ -197,7 +199,7 @@ def test_resume_refuses_a_model_whose_configuration_changed_after_a_kill(tmp_pat
 
 
 def test_a_worker_refuses_a_model_whose_configuration_or_code_differs(tmp_path):
-    from test_inputs import _tiny_opt
+    from cases import _tiny_opt
 
     from lib.errors import UserError
     from lib.inputs import code_path, config_fingerprint

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ...constants import ESTIMATOR_RENAMED
 from ...jobs import Partial
 from ..registry import Registry
 from .work import (
@@ -149,8 +150,6 @@ class DiagonalEstimator:
         return None
 
 
-REGISTRY: Registry[DiagonalEstimator] = Registry(
-    "estimator", renamed={"fisher": "empirical_fisher"}
-)
+REGISTRY: Registry[DiagonalEstimator] = Registry("estimator", renamed=ESTIMATOR_RENAMED)
 """Every diagonal estimator by name (filled by :mod:`lib.estimators.diagonal`)."""
 register = REGISTRY.register

@@ -73,8 +73,15 @@ class GGNOperator:
             self.feats, self.x, grad_outputs=self.u, create_graph=True
         )
         self._fn = lambda z: objective.features(z, input_ids)[0]  # noqa: E731 -- for forward-mode J v
+        n = self.x.numel()
+        self.shape, self.dtype, self.device = (n, n), self.x.dtype, self.x.device
 
-    def matmat(self, vs: torch.Tensor, jvp: JVPPolicy | None = None) -> torch.Tensor:
+    def matmat(self, v: torch.Tensor, jvp: JVPPolicy | None = None) -> torch.Tensor:
+        """``G V`` for ``V`` of shape ``(n, p)`` (:class:`lib.linop.CurvatureOperator`); :meth:`matmat_rows` on
+        ``V^T``."""
+        return self.matmat_rows(v.T, jvp).T
+
+    def matmat_rows(self, vs: torch.Tensor, jvp: JVPPolicy | None = None) -> torch.Tensor:
         """``G v`` for the rows ``v`` of ``vs`` (``(m, n)``): the ``J v`` by ``jvp`` (:class:`lib.forward.JVPPolicy`;
         default double backward on this operator's graph), then one batched VJP; ``(m, n)``."""
         x = self.x.detach()
@@ -136,7 +143,7 @@ class GGNProbes(Work):
                 unit.numel, unit.seed, unit.param_name, a, min(self.count, a + GGN_BLOCK), x0.dtype
             )
             z = z.to(x0.device)
-            out += (z * op.matmat(z, jvp)).sum(0)
+            out += (z * op.matmat_rows(z, jvp)).sum(0)
             if progress is not None:
                 progress(len(z))
         unit.offer_nll(op.nll)
