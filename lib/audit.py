@@ -474,6 +474,7 @@ def prepare(run: Any) -> Plan:
     p = plan(run)
     if run.spec.compute.fd_step != "auto" or p.products == 0:
         return p
+    assert p.subset is not None and p.vectors is not None  # a plan with products has both
     model, samples, bs, fused = _paths(run, p)
     t0 = time.perf_counter()
     p.reference = float64_reference(model, p.subset, samples, bs, fused)(p.vectors)
@@ -513,6 +514,7 @@ def audit_run(run: Any, p: Plan, result: Any = None) -> AuditResult | None:
 
 
 def _audit(run: Any, p: Plan, result: Any) -> AuditResult:
+    assert p.subset is not None and p.vectors is not None  # a plan with products has both
     model, samples, bs, fused = _paths(run, p)
     products = run.products()
     block = None if result is None else own_block(run, result, p.audit_b)
@@ -530,7 +532,9 @@ def _audit(run: Any, p: Plan, result: Any) -> AuditResult:
     t1 = time.perf_counter()
     fd = None
     s = products.fd_settings
-    if s is not None:  # finite differences: the truncation error from a second product at half the step
+    if (
+        s is not None
+    ):  # finite differences: the truncation error from a second product at half the step
         h = s.h(run.dtype)
         half = FiniteDifference(FDSettings(s.richardson, h / 2))
         d_half = operator_path(model, p.subset, samples, half, bs, fused)(p.vectors)

@@ -374,6 +374,7 @@ def check_outputs(
         f"(exit 0 when it holds this configuration), or choose another --name"
     )
 
+
 def finite_difference_check(
     method: str | None, fd_step: float | None, richardson: bool, dtype: str
 ) -> None:
