@@ -15,10 +15,12 @@ so does a pass stopped by an error or a signal (:meth:`PassLog.stopped`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +165,27 @@ class PassLog:
         them = "pass before it is" if i == 1 else "passes before it are"
         return f"{message} (pass {i + 1}); the {i} finished {them} saved in {self.dir} (rerun with --resume)"
 
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[None]:
+        """Around the algorithms that call this log: a SIGINT / SIGTERM that arrives between two passes (in the
+        algorithms' own arithmetic, or while a pass file is written) also says how many passes this log keeps, like
+        one inside a pass (:meth:`stopped`)."""
+        try:
+            yield
+        except (Interrupted, KeyboardInterrupt) as e:
+            if getattr(e, "counted", False) or self.dir is None:
+                raise
+            signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+            message = e.message if isinstance(e, Interrupted) else "interrupted by SIGINT"
+            kept = len(list(self.dir.glob(f"pass_*{self.suffix}.pt")))
+            if kept == 0:
+                raise
+            them = "pass is" if kept == 1 else "passes are"
+            raise Interrupted(
+                signum,
+                f"{message} (between passes); the {kept} finished {them} saved in {self.dir} (rerun with --resume)",
+            ) from None
+
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         i = self.calls
         self.calls += 1
@@ -186,7 +209,9 @@ class PassLog:
             except (
                 Interrupted
             ) as e:  # the message counts the passes kept, not only this pass's units
-                raise Interrupted(e.signum, self.stopped(e.message, i)) from None
+                counted = Interrupted(e.signum, self.stopped(e.message, i))
+                counted.counted = True  # type: ignore[attr-defined]
+                raise counted from None
             except RunError as e:
                 stopped = RunError(self.stopped(str(e), i))
                 stopped.__dict__.update(

@@ -531,15 +531,16 @@ class SpectrumFamily(Family):
                 bar.refresh()
 
         try:
-            res = spectra.hessian_spectrum(
-                log,
-                n,
-                settings,
-                space=space,
-                storage=storage,
-                storage_dir=run.out / f"{run.name}.vectors",
-                on_lanczos=lanczos_done,
-            )
+            with log.counting():  # a signal between passes also counts the passes kept
+                res = spectra.hessian_spectrum(
+                    log,
+                    n,
+                    settings,
+                    space=space,
+                    storage=storage,
+                    storage_dir=run.out / f"{run.name}.vectors",
+                    on_lanczos=lanczos_done,
+                )
         finally:
             pool.close()
             if bar is not None:

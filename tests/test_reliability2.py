@@ -316,6 +316,38 @@ def test_a_pass_stopped_after_three_counts_the_passes_kept(failure, tmp_path):
     assert resumed.replayed == 3  # what the message counted is what --resume replays
 
 
+@pytest.mark.parametrize("signal_", ["SIGTERM", "SIGINT"])
+def test_a_signal_between_passes_counts_the_passes_kept(signal_, tmp_path):
+    """A signal in the algorithms' own arithmetic (no pass running) says how many passes the log keeps; one inside
+    a pass is counted once, by the pass (not twice)."""
+    from lib.errors import Interrupted
+    from lib.passlog import PassLog
+
+    log = PassLog(tmp_path / "s.passes", {"x": 1}, False, lambda v, i: 2 * v)
+    v = torch.ones(4, 1, dtype=torch.float64)
+    with pytest.raises(Interrupted) as exc, log.counting():
+        for _ in range(2):
+            log(v)
+        if signal_ == "SIGTERM":
+            raise Interrupted(15)
+        raise KeyboardInterrupt
+    assert exc.value.message == (
+        f"interrupted by {signal_} (between passes); the 2 finished passes are saved in "
+        f"{tmp_path / 's.passes'} (rerun with --resume)"
+    )
+    assert exc.value.code == 128 + (15 if signal_ == "SIGTERM" else 2)
+
+    def stops(v, i):
+        raise Interrupted(15, "interrupted by SIGTERM; no unit was finished")
+
+    inside = PassLog(tmp_path / "t.passes", {"x": 1}, False, stops)
+    with pytest.raises(Interrupted) as exc, inside.counting():
+        inside(v)
+    assert (
+        exc.value.message == "interrupted by SIGTERM; no unit was finished"
+    )  # nothing kept: as it was
+
+
 # ----------------------------------------------------------------------------- 2: workers watch their parent from the start
 
 POOL_PARENT = """
