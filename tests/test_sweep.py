@@ -1,0 +1,156 @@
+"""The whole-model sweep (lib.sweep): every unit's quantities against dense eigvalsh of its exact Hessian block."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_ids, tiny_model
+
+from lib import sweep as sw
+from lib.errors import ParamError
+
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def opt_block0():
+    """The tiny float64 OPT, its samples, the layer units of block 0 and their union's dense Hessian."""
+    model, ids = tiny_model("opt"), tiny_ids(2, 8)
+    units = sw.make_units(model, "layer", ["*.layers.0.*"])
+    prod = sw.UnitProducts(model, ids, units, sw.SweepSettings(chunk=64))
+    h = prod.union_op.matmat(torch.eye(prod.n, dtype=F64))
+    return model, ids, units, (h + h.T) / 2, prod.ranges
+
+
+def test_units_of_each_granularity_and_refusals():
+    model = tiny_model("opt")
+    layers = sw.make_units(model, "layer")
+    assert len(layers) == 12 and layers[0].name == "0.self_attn.k_proj"
+    blocks = sw.make_units(model, "block", ["*.self_attn.*"])
+    assert [u.name for u in blocks] == ["0", "1"] and blocks[0].size == 4 * 256
+    heads = sw.make_units(model, "head")
+    assert [u.name for u in heads] == ["0.head0", "0.head1", "1.head0", "1.head1"]
+    assert heads[0].size == 4 * 128  # 8 rows of q, k, v (16 wide) and 8 columns of out_proj
+    for bad, msg in (("rows", "over 'rows' is unknown"), ("layer", "matches no linear weight")):
+        with pytest.raises(ParamError, match=msg):
+            sw.make_units(model, bad, ["*.nothing.*"])
+    with pytest.raises(ParamError, match="quantities 'eig' is unknown"):
+        sw.check_quantities(["trace", "eig"])
+    with pytest.raises(ParamError, match="shares k/v heads"):
+        sw.make_units(tiny_model("llama"), "head")
+
+
+def test_every_units_quantities_against_its_exact_block(opt_block0):
+    """trace (within 4 standard errors), top / bottom eigenvalue (to the residual), Frobenius norm (within 4 standard
+    errors) and SLQ's first moment, each against dense eigvalsh of the unit's exact block H_uu."""
+    model, ids, units, h, ranges = opt_block0
+    settings = sw.SweepSettings(
+        chunk=16, tol=1e-7, max_iter=150, trace_estimator="per_unit", max_probes=60, probe_round=25
+    )
+    res = sw.sweep(model, ids, units, sw.QUANTITIES, settings, checkpoint="c0")
+    assert {r.checkpoint for r in res.rows} == {"c0"}
+    for u, (a, b) in zip(units, ranges):
+        hu = h[a:b, a:b]
+        ev = torch.linalg.eigvalsh(hu)
+        scale = float(ev.abs().max())
+        tr = res.value(u.name, "trace")
+        assert abs(tr.estimate - float(hu.trace())) <= 4 * tr.error, u.name
+        for q, exact in (("top", ev[-1]), ("bottom", ev[0])):
+            r = res.value(u.name, q)
+            assert r.error_kind == "residual" and r.error <= 1e-6 * scale
+            assert abs(r.estimate - float(exact)) <= 1e-5 * scale, (u.name, q)
+        f = res.value(u.name, "frobenius")
+        assert abs(f.estimate - float(hu.norm())) <= 4 * f.error, u.name
+        m1 = res.value(u.name, "density_moment1")
+        assert abs(m1.estimate - float(hu.trace()) / u.size) <= 4 * m1.error + 1e-12
+        d = res.value(u.name, "diag_max")
+        assert d.error > 0 and d.hvps == tr.hvps
+        assert 0 <= res.value(u.name, "density_negative_mass").estimate <= 1
+
+
+def test_shared_probe_trace_is_unbiased_on_a_dense_matrix():
+    """The shared estimator's mean over many probes is within 4 standard errors of each block's trace, and its
+    variance exceeds the per-block estimator's by the off-diagonal blocks' ||H_uw||_F^2 (the formula in the docs)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(30, 30, generator=g, dtype=F64)
+    h = a + a.T
+    ranges = [(0, 10), (10, 25), (25, 30)]
+    samples = sw.shared_trace_samples(lambda v: h @ v, 30, ranges, 4000, 0, seed=3)
+    for (lo, hi), x in zip(ranges, samples):
+        m, se, var = sw.mean_stderr(x)
+        assert abs(m - float(h[lo:hi, lo:hi].trace())) <= 4 * se
+        block = h[lo:hi, lo:hi]
+        off = float((h[lo:hi] ** 2).sum() - (block**2).sum())
+        within = 2 * float((block**2).sum() - (block.diagonal() ** 2).sum())
+        assert abs(var - (within + off)) <= 0.15 * (within + off)
+
+
+def test_per_head_exact_traces_sum_to_the_layers():
+    """sum over heads of tr(H_head) = sum over q, k, v, out_proj of tr(H_layer), each from the exact diagonal."""
+    model, ids = tiny_model("opt"), tiny_ids(2, 8)
+    heads = sw.make_units(model, "head", ["*.layers.1.*"])
+    layers = sw.make_units(model, "layer", ["*.layers.1.self_attn.*"])
+
+    def exact_traces(units):
+        prod = sw.UnitProducts(model, ids, units, sw.SweepSettings(chunk=64))
+        h = prod.union_op.matmat(torch.eye(prod.n, dtype=F64))
+        return [float(h[a:b, a:b].trace()) for a, b in prod.ranges]
+
+    th, tl = exact_traces(heads), exact_traces(layers)
+    assert len(th) == 2 and math.isclose(sum(th), sum(tl), rel_tol=1e-9)
+
+
+def test_auto_trace_choice_and_both_variances_reported(opt_block0):
+    model, ids, units, _, _ = opt_block0
+    res = sw.sweep(model, ids, units, ["trace"], sw.SweepSettings(chunk=8, max_probes=20))
+    t = res.trace
+    assert t["chosen"] in ("shared", "per_unit") and len(t["variance_shared"]) == len(units)
+    assert all(v > 0 for v in t["variance_per_unit"])
+    assert t["chosen"] == ("shared" if t["cost_shared"] <= t["cost_per_unit"] else "per_unit")
+    # the shared estimator's variance carries the off-diagonal blocks: never much below the per-unit one
+    assert sum(t["variance_shared"]) >= 0.5 * sum(t["variance_per_unit"])
+    forced = sw.sweep(
+        model,
+        ids,
+        units,
+        ["trace"],
+        sw.SweepSettings(chunk=8, max_probes=20, trace_estimator="shared"),
+    )
+    assert (
+        forced.trace["chosen"] == "shared"
+        and forced.value(units[0].name, "trace").error_kind == "stderr"
+    )
+
+
+def test_store_resume_gives_the_same_rows_and_per_unit_strategy_agrees(opt_block0):
+    """A sweep resumed from a store holding its first stages gives the same numbers; the per-unit strategy (one
+    operator per unit) gives the same eigenvalues as the union operator."""
+    model, ids, units, _, _ = opt_block0
+    units = units[:3]
+    s = sw.SweepSettings(chunk=8, max_probes=20)
+    full = sw.sweep(model, ids, units, ["trace", "top"], s)
+    store = sw.MemoryStore()
+    stages: list[str] = []
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(stage: str) -> None:
+        stages.append(stage)
+        if len(stages) == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        sw.sweep(model, ids, units, ["trace", "top"], s, store=store, progress=stop_after_two)
+    again = sw.sweep(model, ids, units, ["trace", "top"], s, store=store)
+    key = lambda r: (r.unit, r.quantity, r.estimate, r.error, r.hvps)  # noqa: E731
+    assert [key(r) for r in again.rows] == [key(r) for r in full.rows]
+    per = sw.sweep(
+        model, ids, units, ["top"], sw.SweepSettings(chunk=8, strategy="per_unit", tol=1e-9)
+    )
+    for u in units:
+        assert math.isclose(
+            per.value(u.name, "top").estimate, full.value(u.name, "top").estimate, rel_tol=1e-5
+        )
