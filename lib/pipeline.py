@@ -463,7 +463,12 @@ def load(
 
 def written_files(meta: dict[str, Any]) -> list[str]:
     """Every file of ``meta`` (the .pt and .json, the figures, the side files), in that order."""
-    return [*meta["files"].values(), *meta.get("figures", []), *meta.get("batch_study_files", [])]
+    return [
+        *meta["files"].values(),
+        *meta.get("table_files", []),
+        *meta.get("figures", []),
+        *meta.get("batch_study_files", []),
+    ]
 
 
 def finished_result(js: Path, spec: RunSpec) -> dict[str, Any]:
