@@ -715,6 +715,10 @@ class DiagonalSpec(RunSpec):
             raise UserError(f"--block_index {s.block_index} is out of range: it must be >= 0")
 
 
+SWEEP_EMBEDDED_B = 4
+"""``hessian_sweep.py``'s default ``b`` on the bundled model (every unit's quantities: tens of products per unit)."""
+
+
 @dataclass(frozen=True)
 class SweepSubset:
     """The units of a sweep (``over`` a granularity, restricted by ``params`` globs) and its checkpoints: ``models``
@@ -739,9 +743,9 @@ class SweepCompute(ProductMethod):
     slq_probes: int = result(4)
     lanczos_steps: int = result(20)
     trace_estimator: str = result("auto")
-    strategy: str = result("union")
+    strategy: str = result("per_unit")
     seed: int = result(0)
-    chunk: int = result(10)
+    chunk: int = result(1)
     """Fixed (not timed) so that a resumed sweep takes bitwise the same products."""
     keep_graphs: str = operational("auto")
 
@@ -767,6 +771,13 @@ class SweepSpec(RunSpec):
                 "models": tuple(model) if len(model) > 1 else None,
             }
         return super().build(script, **values)
+
+    def _resolved(self) -> SweepSpec:
+        if (
+            self.model.model == EMBEDDED and self.data.b is None
+        ):  # the whole bundled sweep in about a minute
+            return super(SweepSpec, self.replace(b=SWEEP_EMBEDDED_B))._resolved()
+        return super()._resolved()
 
     def checkpoint_names(self) -> list[str]:
         """The checkpoints swept, in order: the revisions, else the models."""

@@ -212,9 +212,9 @@ class SweepSettings:
     slq_probes: int = 4
     lanczos_steps: int = 20
     trace_estimator: str = "auto"
-    strategy: str = "union"
+    strategy: str = "per_unit"
     seed: int = 0
-    chunk: int | None = None
+    chunk: int | None = 1
     keep_graphs: bool | str = "auto"
     model_input_bs: int | str = "auto"
 
@@ -544,10 +544,13 @@ def sweep(
         if got is None:
             tp = time.perf_counter()
             h0 = prod.hvps
+            shared_s, unit_s = float("nan"), [float("nan")] * len(units)
             if s.trace_estimator != "per_unit":
                 shared = _shared_round(prod, s.min_probes, 0, shared_seed)
+                shared_s = time.perf_counter() - tp
             if s.trace_estimator != "shared":
                 for i, u in enumerate(units):
+                    tu = time.perf_counter()
                     probe_round(
                         prod.matmat(i),
                         u.size,
@@ -555,9 +558,12 @@ def sweep(
                         s.min_probes,
                         unit_seed(s.seed, u.name, "probes"),
                     )
+                    unit_s[i] = time.perf_counter() - tu
             got = {
                 "shared": shared,
                 "per_unit": pilot_per_unit,
+                "shared_seconds": shared_s,
+                "unit_seconds": unit_s,
                 "hvps": prod.hvps - h0,
                 "seconds": time.perf_counter() - tp,
             }
@@ -571,13 +577,16 @@ def sweep(
             mean_stderr(x)[0] if x else mean_stderr(p.trace)[0]
             for x, p in zip(shared, pilot_per_unit)
         ]
-        need_s = [probes_needed(v, m, s.trace_rel) for v, m in zip(var_s, means)]
-        need_p = [probes_needed(v, m, s.trace_rel) for v, m in zip(var_p, means)]
-        cost_s = max(max(need_s), s.min_probes)
-        cost_p = sum(max(x, s.min_probes) for x in need_p)
+        lo, hi = s.min_probes, s.max_probes
+        need_s = [min(max(probes_needed(v, m, s.trace_rel), lo), hi) for v, m in zip(var_s, means)]
+        need_p = [min(max(probes_needed(v, m, s.trace_rel), lo), hi) for v, m in zip(var_p, means)]
+        cost_s, cost_p = max(need_s), sum(need_p)
+        # seconds: one shared probe costs a union product; unit u's probe costs its own product
+        sec_s = cost_s * got["shared_seconds"] / lo
+        sec_p = sum(k * t / lo for k, t in zip(need_p, got["unit_seconds"]))
         chosen = s.trace_estimator
         if chosen == "auto":
-            chosen = "shared" if cost_s <= cost_p else "per_unit"
+            chosen = "shared" if sec_s <= sec_p else "per_unit"
         trace_info = {
             "chosen": chosen,
             "requested": s.trace_estimator,
@@ -586,7 +595,11 @@ def sweep(
             "variance_per_unit": var_p,
             "cost_shared": cost_s if math.isfinite(cost_s) else None,
             "cost_per_unit": cost_p if math.isfinite(cost_p) else None,
-            "cost_unit": "products to reach trace_rel on every unit (shared: one union product serves every unit)",
+            "seconds_shared": sec_s if math.isfinite(sec_s) else None,
+            "seconds_per_unit": sec_p if math.isfinite(sec_p) else None,
+            "cost_unit": "probes to reach trace_rel on every unit (capped by min_probes..max_probes; shared: one "
+            "union product serves every unit), and their seconds at the pilot's measured time per product; the "
+            "estimator with fewer seconds is chosen",
             "pilot_hvps": got["hvps"],
         }
         if chosen == "shared":

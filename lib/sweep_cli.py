@@ -433,8 +433,8 @@ class SweepFamily(Family):
             t = c["trace_estimator"]
             if t.get("chosen"):
                 lines.append(
-                    f"{c['checkpoint']}: trace estimator {t['chosen']} (products to reach --trace_rel on every unit: "
-                    f"shared {_num(t['cost_shared'])}, per unit {_num(t['cost_per_unit'])}); {c['hvps']} HVPs in "
+                    f"{c['checkpoint']}: trace estimator {t['chosen']} (seconds to reach --trace_rel on every unit: "
+                    f"shared {_num(t['seconds_shared'])}, per unit {_num(t['seconds_per_unit'])}); {c['hvps']} HVPs in "
                     f"{c['seconds']:.1f}s"
                 )
         if meta["unconverged"]:

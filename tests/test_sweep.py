@@ -108,7 +108,7 @@ def test_auto_trace_choice_and_both_variances_reported(opt_block0):
     t = res.trace
     assert t["chosen"] in ("shared", "per_unit") and len(t["variance_shared"]) == len(units)
     assert all(v > 0 for v in t["variance_per_unit"])
-    assert t["chosen"] == ("shared" if t["cost_shared"] <= t["cost_per_unit"] else "per_unit")
+    assert t["chosen"] == ("shared" if t["seconds_shared"] <= t["seconds_per_unit"] else "per_unit")
     # the shared estimator's variance carries the off-diagonal blocks: never much below the per-unit one
     assert sum(t["variance_shared"]) >= 0.5 * sum(t["variance_per_unit"])
     forced = sw.sweep(
@@ -154,3 +154,132 @@ def test_store_resume_gives_the_same_rows_and_per_unit_strategy_agrees(opt_block
         assert math.isclose(
             per.value(u.name, "top").estimate, full.value(u.name, "top").estimate, rel_tol=1e-5
         )
+
+
+# ----------------------------------------------------------------------------- the script
+
+
+def _checkpoints(tmp, steps=(0, 1, 2)) -> list[str]:
+    """Three training checkpoints of the bundled model: a few SGD steps each, saved with save_pretrained (with the
+    tokenizer), in directories named step<N>."""
+    import shutil
+
+    import lib
+    from lib.paths import resolve_model_path
+
+    src = resolve_model_path("embedded")
+    model = lib.load_model("embedded")
+    ids = lib.load_samples("embedded", seqlen=32, b=4)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    out = []
+    for k in steps:
+        d = tmp / f"step{2 * k}"
+        model.save_pretrained(d)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(f"{src}/{f}", d / f)
+        out.append(str(d))
+        for _ in range(2):
+            opt.zero_grad()
+            model(ids, labels=ids, use_cache=False).loss.backward()
+            opt.step()
+    return out
+
+
+SWEEP_FLAGS = [
+    "--dataset",
+    "embedded",
+    "--params",
+    "*.layers.3.self_attn.q_proj.weight",
+    "*.layers.3.fc2.weight",
+    "--b",
+    "2",
+    "--seqlen",
+    "16",
+    "--dtype",
+    "float64",
+    "--max_probes",
+    "20",
+    "--quantities",
+    "trace",
+    "top",
+    "--trace_estimator",
+    "per_unit",  # auto chooses by measured seconds: two separate runs may choose differently
+    "--name",
+    "s",
+    "--no_progress",
+]
+
+
+@pytest.mark.slow
+def test_three_checkpoint_sweep_killed_and_resumed_bitwise(tmp_path):
+    """A sweep over three local checkpoints, SIGKILLed once the second checkpoint's first stages are written, then
+    resumed: its table equals an uninterrupted run's bitwise (estimates, errors, products); a resume with another
+    seed is refused in one line; the table reads with the documented schema and the steps from the names."""
+    import csv
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, subprocess_env
+
+    models = _checkpoints(tmp_path)
+    flags = ["--model", *models, *SWEEP_FLAGS]
+    cmd = [sys.executable, str(ROOT / "hessian_sweep.py"), *flags]
+    env = subprocess_env()
+    full = tmp_path / "full"
+    subprocess.run([*cmd, "--output_dir", str(full)], env=env, check=True, capture_output=True)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*cmd, "--output_dir", str(out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (
+            len(list((out / "s.sweep").glob("*.pt"))) >= 4
+        ):  # checkpoint 0's three stages and one of checkpoint 1
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (out / "s.csv").exists(), (
+        "finished before the kill"
+    )
+    bad = subprocess.run(
+        [*cmd, "--output_dir", str(out), "--resume", "--seed", "7"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "another configuration" in bad.stderr.strip().splitlines()[-1]
+    subprocess.run(
+        [*cmd, "--output_dir", str(out), "--resume"], env=env, check=True, capture_output=True
+    )
+
+    def table(d):
+        with open(d / "s.csv") as f:
+            return list(csv.DictReader(f))
+
+    a, b = table(full), table(out)
+    keys = (
+        "checkpoint",
+        "step",
+        "fingerprint",
+        "unit",
+        "quantity",
+        "estimate",
+        "error",
+        "error_kind",
+        "hvps",
+    )
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+    assert list(a[0]) == ["checkpoint", "step", "commit", "fingerprint", *sw.ROW_FIELDS[1:]]
+    assert [r["step"] for r in a if r["quantity"] == "top"] == ["0", "0", "2", "2", "4", "4"]
+    assert len({r["fingerprint"] for r in a}) == 3 and len(a) == 3 * 2 * 2
+    meta = __import__("json").loads((out / "s.json").read_text())
+    assert sum(c["stages_reused"] for c in meta["checkpoints"]) >= 4
