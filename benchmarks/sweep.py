@@ -1,9 +1,11 @@
 """Benchmark (not a test): every linear layer's trace and top eigenvalue, one sweep against per-layer loops.
 
 On the bundled model (4 blocks x 6 linear layers = 24 weights), ``--b`` samples of ``--seqlen`` tokens, float32, the
-Hessian of the mean next-token NLL w.r.t. each layer's weight: its trace by Hutchinson with ``--probes`` Rademacher
-probes (the same estimator everywhere, so the same variance: equal error) and its top eigenvalue to a Ritz residual
-below ``--tol`` of it (each method's residual is measured and reported):
+Hessian of the mean next-token NLL w.r.t. each layer's weight: its trace to ``--trace_rel`` relative standard error
+(the sweep chooses the shared or per-unit estimator; the peers then run per-layer Hutchinson with the number of probes
+that reaches the standard error the sweep achieved on that layer, from its measured per-unit variance: equal error)
+and its top eigenvalue to a Ritz residual below ``--tol`` of it (each method's worst residual is measured and
+reported; PyHessian's power iteration stops on ``--pyhessian_tol`` relative change instead):
 
 * **sweep**: :func:`lib.sweep.sweep` (one model, one set of samples, per-unit probes, Lanczos ``tol``);
 * **project loop**: what a user's loop over layers does with this project's library: per layer, load the model and
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -63,27 +66,39 @@ def run_sweep(args) -> dict:
     samples = lib.load_samples("embedded", seqlen=args.seqlen, b=args.b)
     units = sw.make_units(model, "layer")
     s = sw.SweepSettings(
-        trace_estimator="per_unit",
-        min_probes=args.probes,
-        max_probes=args.probes,
+        trace_rel=args.trace_rel,
+        min_probes=args.min_probes,
+        max_probes=args.max_probes,
         tol=args.tol,
         max_iter=200,
         model_input_bs=args.b,
     )
     r = sw.sweep(model, samples, units, ["trace", "top"], s)
     tops = [x for x in r.rows if x.quantity == "top"]
-    return {"hvps": r.hvps, "residual": max(x.error / abs(x.estimate) for x in tops)}
+    traces = [x for x in r.rows if x.quantity == "trace"]
+    # equal error: the per-unit Hutchinson probes that reach each unit's achieved standard error
+    var_p = r.trace["variance_per_unit"]
+    args.unit_probes = [
+        int(min(max(math.ceil(v / t.error**2), args.min_probes), 4 * args.max_probes))
+        for v, t in zip(var_p, traces)
+    ]
+    return {
+        "hvps": r.hvps,
+        "trace_estimator": r.trace["chosen"],
+        "trace_rel_stderr_max": max(t.error / abs(t.estimate) for t in traces),
+        "residual": max(x.error / abs(x.estimate) for x in tops),
+    }
 
 
 def run_project_loop(args) -> dict:
     names = layer_names(lib.load_model("embedded"))
     hvps, worst = 0, 0.0
-    for name in names:
+    for name, k in zip(names, args.unit_probes):
         model = lib.load_model("embedded")
         samples = lib.load_samples("embedded", seqlen=args.seqlen, b=args.b)
         subset = params_subset(model, [name])
         op = lib.HessianOperator(model, subset, samples, model_input_bs=args.b)
-        spectrum.hutchinson_trace(op.matmat, subset.size, args.probes, seed=1)
+        spectrum.hutchinson_trace(op.matmat, subset.size, k, seed=1)
         e = spectrum.lanczos(
             op.matmat, subset.size, 1, tol=args.tol, max_iter=200, eigenvectors=False
         )
@@ -94,28 +109,38 @@ def run_project_loop(args) -> dict:
 
 def run_pyhessian(args) -> dict:
     import pyhessian
+
+    ph = sys.modules["pyhessian.hessian"]  # the module (the package's attribute is the class)
     from pyhessian.utils import hessian_vector_product
+
+    count = [0]
+
+    def counted(*a):
+        count[0] += 1
+        return hessian_vector_product(*a)
+
+    ph.hessian_vector_product = counted  # PyHessian's products, counted
 
     model = lib.load_model("embedded")
     samples = lib.load_samples("embedded", seqlen=args.seqlen, b=args.b)
     wrapped = LogitsOf(model)
     data = (samples, samples[:, 1:].reshape(-1))
-    hvps, worst, spent = 0, 0.0, 0.0
-    for name in layer_names(model):
+    worst, spent = 0.0, 0.0
+    for name, k in zip(layer_names(model), args.unit_probes):
         t0 = time.perf_counter()
         p = model.get_parameter(name)
         p.requires_grad_(True)
         h = pyhessian.hessian(wrapped, nn.CrossEntropyLoss(), data=data, cuda=False)
-        h.trace(maxIter=args.probes, tol=0.0)
-        vals, vecs = h.eigenvalues(maxIter=200, tol=args.pyhessian_tol)
+        h.trace(maxIter=k, tol=0.0)
+        vals, vecs = h.eigenvalues(maxIter=1000, tol=args.pyhessian_tol)
         spent += time.perf_counter() - t0
         hv = hessian_vector_product(h.gradsH, h.params, vecs[0])  # the residual: not timed
         res = float(sum(((a - vals[0] * b) ** 2).sum() for a, b in zip(hv, vecs[0])).sqrt())
         worst = max(worst, res / abs(vals[0]))
-        hvps += args.probes
         p.requires_grad_(False)
         del h
-    return {"hvps": hvps, "residual": worst, "seconds": spent}
+    ph.hessian_vector_product = hessian_vector_product
+    return {"hvps": count[0], "residual": worst, "seconds": spent}
 
 
 def run_eigenthings(args) -> dict:
@@ -125,13 +150,16 @@ def run_eigenthings(args) -> dict:
     samples = lib.load_samples("embedded", seqlen=args.seqlen, b=args.b)
     data = [{"input_ids": samples, "labels": samples}]
     hvps, worst = 0, 0.0
-    for name in layer_names(model):
+    for name, k in zip(layer_names(model), args.unit_probes):
+        p = model.get_parameter(name)
+        p.requires_grad_(True)  # hessian-eigenthings selects among the trainable parameters
         op = he.HessianOperator(model, data, he.hf_lm_loss(), param_filter=he.match_names(name))
-        he.hutchinson(op, num_samples=args.probes, seed=1)
+        he.hutchinson(op, num_samples=k, seed=1)
         r = he.lanczos(
             op, k=1, which="LA", max_iter=args.eig_steps, tol=args.tol, reorthogonalize=True, seed=0
         )
-        hvps += args.probes + args.eig_steps
+        hvps += k + args.eig_steps
+        p.requires_grad_(False)
         worst = max(worst, float(r.residuals[0] / r.eigenvalues[0].abs()))
     return {"hvps": hvps, "residual": worst}
 
@@ -148,9 +176,11 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--b", type=int, default=2)
     ap.add_argument("--seqlen", type=int, default=64)
-    ap.add_argument("--probes", type=int, default=20)
+    ap.add_argument("--trace_rel", type=float, default=0.05)
+    ap.add_argument("--min_probes", type=int, default=10)
+    ap.add_argument("--max_probes", type=int, default=100)
     ap.add_argument("--tol", type=float, default=1e-3)
-    ap.add_argument("--pyhessian_tol", type=float, default=1e-4)
+    ap.add_argument("--pyhessian_tol", type=float, default=1e-6)
     ap.add_argument("--eig_steps", type=int, default=15)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--methods", nargs="+", default=list(METHODS))

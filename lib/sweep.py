@@ -19,7 +19,9 @@ Traces. Per unit (Hutchinson on ``H_uu``, probes ``z_u``): ``Var = 2 sum_{i != j
 union product per Rademacher probe ``z`` gives every unit's sample ``z_u . (H z)_u`` at once;
 ``E = tr(H_uu)`` (the off-diagonal blocks average out), ``Var = 2 sum_{i != j in u} H_ij^2 + sum_{w != u}
 ||H_uw||_F^2`` (they add variance). ``trace_estimator="auto"`` measures both variances on pilot probes and picks
-the one with fewer products to reach ``trace_rel`` relative standard error on every unit.
+the one that needs fewer seconds (its products at their measured cost) to reach ``trace_rel`` relative standard error
+on every unit; when the shared one is chosen, the unit's pilot probes are not wasted: the two independent estimates
+are combined by inverse-variance weights (:func:`combined_trace`).
 
 Other quantities from the per-unit probes ``z`` (``H_uu z`` computed once): ``||H_uu||_F^2 = E ||H_uu z||^2``
 (reported as ``||H_uu||_F`` with the delta-method standard error) and the Hutchinson diagonal
@@ -361,6 +363,26 @@ def enough(samples: Sequence[float], rel: float) -> bool:
     return se <= rel * abs(mean)
 
 
+def combined_trace(shared: Sequence[float], own: Sequence[float]) -> tuple[float, float]:
+    """The inverse-variance weighted mean of the shared-probe and the per-unit (pilot) trace estimates, two independent
+    unbiased estimates of the same ``tr(H_uu)``, and its standard error ``(1/se_s^2 + 1/se_p^2)^(-1/2)`` (the weights
+    use the estimated variances); the shared one alone when there are fewer than two per-unit samples."""
+    ms, ss, _ = mean_stderr(shared)
+    if len(own) < 2:
+        return ms, ss
+    mp, sp, _ = mean_stderr(own)
+    if not (ss > 0 and sp > 0):
+        return (ms, ss) if ss == 0 else (mp, sp)
+    ws, wp = 1 / ss**2, 1 / sp**2
+    return (ws * ms + wp * mp) / (ws + wp), (ws + wp) ** -0.5
+
+
+def enough_combined(shared: Sequence[float], own: Sequence[float], rel: float) -> bool:
+    """Whether :func:`combined_trace` has a standard error of at most ``rel`` of its magnitude."""
+    m, se = combined_trace(shared, own)
+    return se <= rel * abs(m)
+
+
 def probes_needed(var: float, mean: float, rel: float) -> float:
     """Probes for a standard error ``rel |mean|`` when one probe's variance is ``var``: ``var / (rel mean)^2``."""
     if not math.isfinite(var) or mean == 0:
@@ -608,7 +630,9 @@ def sweep(
                 tp = time.perf_counter()
                 h0 = prod.hvps
                 k = len(shared[0])
-                while k < s.max_probes and not all(enough(x, s.trace_rel) for x in shared):
+                while k < s.max_probes and not all(
+                    enough_combined(x, p.trace, s.trace_rel) for x, p in zip(shared, pilot_per_unit)
+                ):
                     p = min(s.probe_round, s.max_probes - k)
                     for i, more in enumerate(_shared_round(prod, p, k, shared_seed)):
                         shared[i] = shared[i] + more
@@ -645,9 +669,12 @@ def sweep(
             done(f"unit {u.name}")
         unit_rows = list(got)
         if trace_info.get("chosen") == "shared":
-            m, se, _ = mean_stderr(shared[i])
+            m, se = combined_trace(shared[i], pilot_per_unit[i].trace)
             secs = pilot_seconds / len(units)
-            unit_rows.insert(0, _row(checkpoint, u, "trace", m, se, "stderr", shared_hvps, secs))
+            k = (
+                shared_hvps + pilot_per_unit[i].count
+            )  # the union products and the unit's own pilot probes
+            unit_rows.insert(0, _row(checkpoint, u, "trace", m, se, "stderr", k, secs))
         rows.extend(unit_rows)
     # a resumed sweep's rows carry this run's checkpoint label
     rows = [
