@@ -726,7 +726,7 @@ def _unit_rows(
         if stats.count < s.min_probes:
             probe_round(mm, u.size, stats, s.min_probes - stats.count, seed)
         while stats.count < s.max_probes and not (
-            enough(stats.trace, s.trace_rel)
+            (not per_unit_trace or enough(stats.trace, s.trace_rel))
             and (not want_probes or enough(stats.frob, 2 * s.trace_rel))
         ):
             probe_round(mm, u.size, stats, min(s.probe_round, s.max_probes - stats.count), seed)
