@@ -164,6 +164,50 @@ def test_store_resume_gives_the_same_rows_and_per_unit_strategy_agrees(opt_block
 # ----------------------------------------------------------------------------- the script
 
 
+def test_the_table_schema_reads_back_typed(opt_block0):
+    """The CSV has the documented columns in order, one row per checkpoint x unit x quantity, and every value reads
+    back as its type (numbers as numbers, a missing step or commit as an empty field); the JSON lines hold the same."""
+    import csv
+    import io
+    import json
+
+    from lib import sweep_cli
+
+    model, ids, units, _, _ = opt_block0
+    res = sw.sweep(
+        model, ids, units[:2], ["trace", "top", "density"], sw.SweepSettings(max_probes=20)
+    )
+    ident = {"checkpoint": "c", "step": 3, "commit": None, "fingerprint": "ab"}
+    rows = [{**r.as_dict(), **ident} for r in res.rows]
+    text = sweep_cli.table_csv(rows)
+    back = list(csv.DictReader(io.StringIO(text)))
+    assert (
+        list(back[0])
+        == list(sweep_cli.TABLE_COLUMNS)
+        == ["checkpoint", "step", "commit", "fingerprint", *sw.ROW_FIELDS[1:]]
+    )
+    assert len(back) == 2 * (1 + 1 + 3)
+    for r, b in zip(rows, back):
+        assert (
+            float(b["estimate"]) == r["estimate"]
+            and int(b["hvps"]) == r["hvps"]
+            and b["commit"] == ""
+        )
+        assert (
+            b["error_kind"] in ("stderr", "residual")
+            and int(b["head"]) == -1
+            and int(b["step"]) == 3
+        )
+    assert [
+        json.loads(json.dumps({k: r[k] for k in sweep_cli.TABLE_COLUMNS}))["unit"] for r in rows
+    ] == [b["unit"] for b in back]
+    assert (
+        sweep_cli.checkpoint_step("runs/checkpoint-1500") == 1500
+        and sweep_cli.checkpoint_step("step64000") == 64000
+    )
+    assert sweep_cli.checkpoint_step("main") is None
+
+
 def _checkpoints(tmp, steps=(0, 1, 2)) -> list[str]:
     """Three training checkpoints of the bundled model: a few SGD steps each, saved with save_pretrained (with the
     tokenizer), in directories named step<N>."""
@@ -288,3 +332,4 @@ def test_three_checkpoint_sweep_killed_and_resumed_bitwise(tmp_path):
     assert len({r["fingerprint"] for r in a}) == 3 and len(a) == 3 * 2 * 2
     meta = __import__("json").loads((out / "s.json").read_text())
     assert sum(c["stages_reused"] for c in meta["checkpoints"]) >= 4
+    assert "s_steps.png" in meta["figures"] and (out / "s_steps.png").exists()
