@@ -703,6 +703,42 @@ def _row(
     )
 
 
+class Recorder:
+    """A ``matmat`` that keeps every block it was given and its product (the Lanczos basis ``Q`` and ``H Q``)."""
+
+    def __init__(self, matmat: spectrum.MatMat):
+        self.matmat, self.v, self.hv = matmat, [], []
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        hv = self.matmat(v)
+        self.v.append(v)
+        self.hv.append(hv)
+        return hv
+
+
+def deflated_trace_samples(
+    matmat: spectrum.MatMat,
+    n: int,
+    q: torch.Tensor,
+    hq: torch.Tensor,
+    p: int,
+    first: int,
+    seed: int,
+) -> list[float]:
+    """``p`` samples of ``tr(Q^T H Q) + z'^T H z'``, ``z' = (I - Q Q^T) z`` for Rademacher ``z`` (columns ``first ..``
+    of the draw ``seed``) and an orthonormal ``Q`` ``(n, m)`` with ``H Q`` (e.g. a Lanczos basis): each unbiased for
+    ``tr(H)`` (``tr(H) = tr(P H P) + tr((I - P) H (I - P))`` for ``P = Q Q^T``, and ``Q`` does not depend on ``z``),
+    with the variance of Hutchinson on the deflated ``(I - P) H (I - P)``: small when ``Q`` spans the dominant
+    eigenvectors (the Hutch++ idea, Meyer et al. 2021, with the Krylov basis the eigenvalue search built anyway)."""
+    from .vectors import local_space
+
+    z = local_space(n).random(p, seed, "rademacher", first=first)
+    for _ in range(2):
+        z = z - q @ (q.T @ z)
+    exact = float((q * hq).sum())
+    return (exact + (z * matmat(z)).sum(0)).tolist()
+
+
 def _unit_rows(
     prod: UnitProducts,
     i: int,
@@ -714,37 +750,18 @@ def _unit_rows(
     want_probes: bool,
     cp: str,
 ) -> list[Row]:
-    """Unit ``i``'s rows (the shared trace excepted): per-unit probes, Lanczos, SLQ."""
+    """Unit ``i``'s rows (the shared trace excepted): Lanczos (its basis kept), the per-unit trace (Hutchinson deflated
+    by that basis, combined with the plain pilot probes), the plain probes of ``frobenius`` / ``diagonal``, SLQ."""
     mm = prod.matmat(i)
     out: list[Row] = []
     per_unit_trace = "trace" in quantities and trace_choice == "per_unit"
-    if per_unit_trace or want_probes:
-        t = time.perf_counter()
-        stats = ProbeStats(list(pilot.trace), list(pilot.frob), pilot.diag_sum, pilot.diag_sq)
-        h0 = prod.hvps
-        seed = unit_seed(s.seed, u.name, "probes")
-        if stats.count < s.min_probes:
-            probe_round(mm, u.size, stats, s.min_probes - stats.count, seed)
-        while stats.count < s.max_probes and not (
-            (not per_unit_trace or enough(stats.trace, s.trace_rel))
-            and (not want_probes or enough(stats.frob, 2 * s.trace_rel))
-        ):
-            probe_round(mm, u.size, stats, min(s.probe_round, s.max_probes - stats.count), seed)
-        secs, k = time.perf_counter() - t, stats.count
-        if per_unit_trace:
-            m, se, _ = mean_stderr(stats.trace)
-            out.append(_row(cp, u, "trace", m, se, "stderr", k, secs))
-        if "frobenius" in quantities:
-            out.append(_row(cp, u, "frobenius", *frobenius_row(stats), "stderr", k, secs))
-        if "diagonal" in quantities:
-            for q, (est, err) in diagonal_rows(stats).items():
-                out.append(_row(cp, u, q, est, err, "stderr", k, secs))
-        del h0
     which = [w for w in ("top", "bottom") if w in quantities]
+    basis: tuple[torch.Tensor, torch.Tensor] | None = None
     if which:
         t = time.perf_counter()
+        rec = Recorder(mm)
         eig = spectrum.lanczos(
-            mm,
+            rec,
             u.size,
             1,
             "both" if len(which) == 2 else {"top": "largest", "bottom": "smallest"}[which[0]],
@@ -754,10 +771,63 @@ def _unit_rows(
             eigenvectors=False,
         )
         secs = time.perf_counter() - t
+        basis = (
+            torch.cat(rec.v, dim=1),
+            torch.cat(rec.hv, dim=1),
+        )  # orthonormal: full reorthogonalization
         for j, w in enumerate(which):
             out.append(
                 _row(cp, u, w, eig.eigenvalues[j], eig.residuals[j], "residual", eig.hvps, secs)
             )
+    stats = ProbeStats(list(pilot.trace), list(pilot.frob), pilot.diag_sum, pilot.diag_sq)
+    seed = unit_seed(s.seed, u.name, "probes")
+    if per_unit_trace:
+        t = time.perf_counter()
+        h0 = prod.hvps
+        if basis is None:  # plain Hutchinson
+            if stats.count < s.min_probes:
+                probe_round(mm, u.size, stats, s.min_probes - stats.count, seed)
+            while stats.count < s.max_probes and not enough(stats.trace, s.trace_rel):
+                probe_round(mm, u.size, stats, min(s.probe_round, s.max_probes - stats.count), seed)
+            m, se, _ = mean_stderr(stats.trace)
+        else:
+            dseed = unit_seed(s.seed, u.name, "deflated")
+            q, hq = basis
+            deflated: list[float] = []
+            while (
+                len(deflated) < 2 or not enough_combined(deflated, stats.trace, s.trace_rel)
+            ) and (len(deflated) + stats.count < s.max_probes):
+                p = min(s.probe_round, max(2, s.max_probes - stats.count - len(deflated)))
+                deflated += deflated_trace_samples(mm, u.size, q, hq, p, len(deflated), dseed)
+            m, se = combined_trace(deflated, stats.trace)
+        out.insert(
+            0,
+            _row(
+                cp,
+                u,
+                "trace",
+                m,
+                se,
+                "stderr",
+                prod.hvps - h0 + pilot.count,
+                time.perf_counter() - t,
+            ),
+        )
+    if want_probes:
+        t = time.perf_counter()
+        if stats.count < s.min_probes:
+            probe_round(mm, u.size, stats, s.min_probes - stats.count, seed)
+        while (
+            stats.count < s.max_probes
+            and not (stats.count >= 2 * s.min_probes and enough(stats.frob, s.trace_rel))
+        ):  # ||Hz||^2 is skewed: its standard error needs more probes than its relative target suggests
+            probe_round(mm, u.size, stats, min(s.probe_round, s.max_probes - stats.count), seed)
+        secs, k = time.perf_counter() - t, stats.count
+        if "frobenius" in quantities:
+            out.append(_row(cp, u, "frobenius", *frobenius_row(stats), "stderr", k, secs))
+        if "diagonal" in quantities:
+            for q_, (est, err) in diagonal_rows(stats).items():
+                out.append(_row(cp, u, q_, est, err, "stderr", k, secs))
     if "density" in quantities:
         t = time.perf_counter()
         d = spectrum.slq(
@@ -769,6 +839,6 @@ def _unit_rows(
             grid_points=2,
         )
         secs = time.perf_counter() - t
-        for q, (est, err) in density_rows(d).items():
-            out.append(_row(cp, u, q, est, err, "stderr", d.hvps, secs))
+        for q_, (est, err) in density_rows(d).items():
+            out.append(_row(cp, u, q_, est, err, "stderr", d.hvps, secs))
     return out

@@ -66,7 +66,7 @@ def test_every_units_quantities_against_its_exact_block(opt_block0):
         m1 = res.value(u.name, "density_moment1")
         assert abs(m1.estimate - float(hu.trace()) / u.size) <= 4 * m1.error + 1e-12
         d = res.value(u.name, "diag_max")
-        assert d.error > 0 and d.hvps == tr.hvps
+        assert d.error > 0 and d.hvps >= settings.min_probes
         assert 0 <= res.value(u.name, "density_negative_mass").estimate <= 1
 
 
@@ -90,6 +90,29 @@ def test_shared_probe_trace_is_unbiased_on_a_dense_matrix():
     m, se = sw.combined_trace(samples[0][:400], own)
     assert abs(m - float(h[:10, :10].trace())) <= 4 * se
     assert se < min(sw.mean_stderr(samples[0][:400])[1], sw.mean_stderr(own)[1])
+
+
+def test_krylov_deflated_trace_is_unbiased_with_less_variance():
+    """Hutchinson on (I - QQ^T) H (I - QQ^T) plus the exact tr(Q^T H Q), Q a Lanczos basis: unbiased (mean of many
+    probes within 4 standard errors of tr(H)) and, on a spectrum with a few dominant eigenvalues, far less variance
+    than plain Hutchinson."""
+    g = torch.Generator().manual_seed(1)
+    u, _ = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=F64))
+    ev = torch.cat(
+        [torch.tensor([50.0, -30.0, 20.0], dtype=F64), torch.randn(57, generator=g, dtype=F64)]
+    )
+    h = (u * ev) @ u.T
+    rec = sw.Recorder(lambda v: h @ v)
+    from lib import spectrum
+
+    spectrum.lanczos(rec, 60, 1, "both", tol=1e-3, max_iter=8, seed=0, eigenvectors=False)
+    q, hq = torch.cat(rec.v, 1), torch.cat(rec.hv, 1)
+    assert torch.allclose(q.T @ q, torch.eye(q.shape[1], dtype=F64), atol=1e-10)
+    x = sw.deflated_trace_samples(lambda v: h @ v, 60, q, hq, 3000, 0, seed=5)
+    m, se, var = sw.mean_stderr(x)
+    assert abs(m - float(ev.sum())) <= 4 * se
+    plain = sw.shared_trace_samples(lambda v: h @ v, 60, [(0, 60)], 3000, 0, seed=5)[0]
+    assert var < 0.1 * sw.mean_stderr(plain)[2]
 
 
 def test_per_head_exact_traces_sum_to_the_layers():
