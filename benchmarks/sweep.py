@@ -72,6 +72,7 @@ def run_sweep(args) -> dict:
         tol=args.tol,
         max_iter=200,
         model_input_bs=args.b,
+        trace_estimator=args.trace_estimator,
     )
     r = sw.sweep(model, samples, units, ["trace", "top"], s)
     tops = [x for x in r.rows if x.quantity == "top"]
@@ -177,6 +178,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--b", type=int, default=2)
     ap.add_argument("--seqlen", type=int, default=64)
     ap.add_argument("--trace_rel", type=float, default=0.05)
+    ap.add_argument("--trace_estimator", default="auto", choices=sw.TRACE_ESTIMATORS)
     ap.add_argument("--min_probes", type=int, default=10)
     ap.add_argument("--max_probes", type=int, default=100)
     ap.add_argument("--tol", type=float, default=1e-3)
