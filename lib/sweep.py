@@ -515,12 +515,11 @@ def shared_trace_samples(
     return [(z[a:b] * hz[a:b]).sum(0).tolist() for a, b in ranges]
 
 
-KRYLOV_REASON = (
-    "a Lanczos basis per unit (top/bottom asked): the per-unit trace is deflated by it, which the pilot's plain "
-    "variances do not show (bundled model, 24 layers, equal time: worst relative stderr 16% against the shared "
-    "estimator's 32%, benchmarks/sweep.py)"
-)
-"""Why ``auto`` takes the per-unit trace whenever the units run Lanczos."""
+KRYLOV_GAIN = 3.0
+"""How much less the per-unit trace costs when deflated by the unit's Lanczos basis, against the pilot's plain
+per-unit prediction: measured on the bundled model's 24 layers (b = 2, seqlen 64), the peers' plain Hutchinson needed
+2640 probes for the standard errors the sweep reached with 780 (3.4x, rounded down; benchmarks/sweep.py)."""
+KRYLOV_REASON = "the units run Lanczos, and the per-unit trace is deflated by its basis"
 
 
 def _shared_round(products: UnitProducts, p: int, first: int, seed: int) -> list[list[float]]:
@@ -618,11 +617,12 @@ def sweep(
         sec_s = cost_s * got["shared_seconds"] / lo
         sec_p = sum(k * t / lo for k, t in zip(need_p, got["unit_seconds"]))
         chosen, reason = s.trace_estimator, "requested"
-        if chosen == "auto" and krylov:
-            chosen, reason = "per_unit", KRYLOV_REASON
-        elif chosen == "auto":
-            chosen = "shared" if sec_s <= sec_p else "per_unit"
-            reason = "fewer predicted seconds to reach trace_rel on every unit"
+        if chosen == "auto":
+            gain = KRYLOV_GAIN if krylov else 1.0  # the per-unit variance drop the deflation brings
+            chosen = "shared" if sec_s * gain <= sec_p else "per_unit"
+            reason = "fewer predicted seconds to reach trace_rel on every unit" + (
+                f" (per unit divided by {KRYLOV_GAIN:g}: {KRYLOV_REASON})" if krylov else ""
+            )
         trace_info = {
             "chosen": chosen,
             "requested": s.trace_estimator,
