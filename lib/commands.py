@@ -16,7 +16,12 @@ from typing import Any
 from . import cli
 from .spec import RunSpec
 
-FAMILY_MODULES = {"exact": "exact_cli", "diagonal": "diagonal_cli", "spectrum": "spectrum_cli"}
+FAMILY_MODULES = {
+    "exact": "exact_cli",
+    "diagonal": "diagonal_cli",
+    "spectrum": "spectrum_cli",
+    "sweep": "sweep_cli",
+}
 """The module holding each family's ``FAMILY`` (a :class:`lib.pipeline.Family`)."""
 
 
@@ -141,6 +146,14 @@ hessian_spectrum = Command(
     ),
 )
 
+hessian_sweep = Command(
+    "hessian_sweep",
+    (
+        "Whole-model Hessian sweep: trace, top/bottom eigenvalues, density, Frobenius norm and diagonal statistics "
+        "of every layer, block or attention head's Hessian block, across checkpoints, in one tidy table."
+    ),
+)
+
 COMMANDS = {
     c.script: c
     for c in (
@@ -149,6 +162,7 @@ COMMANDS = {
         several_layers_several_blocks,
         hessian_diagonal,
         hessian_spectrum,
+        hessian_sweep,
     )
 }
 """Every script by name."""

@@ -152,8 +152,11 @@ def load_model(
     device: torch.device | str = "cpu",
     attn_implementation: str = "eager",
     device_map: str | dict | None = None,
+    revision: str | None = None,
 ) -> nn.Module:
     """Load ``AutoModelForCausalLM`` in eval mode with all parameters frozen (``requires_grad=False``).
+
+    ``revision``: a Hugging Face revision (branch, tag or commit, e.g. Pythia's ``step1000``) of a hub model.
 
     Attention must have a double backward: ``eager`` (default) or ``sdpa`` (evaluated with the math
     backend, see :func:`attention_context`); flash attention is refused.
@@ -171,6 +174,8 @@ def load_model(
         output_loading_info=True,
         ignore_mismatched_sizes=True,
     )
+    if revision is not None:
+        kwargs["revision"] = revision
     if device_map is not None:
         kwargs["device_map"] = parse_device_map(device_map)
         if isinstance(kwargs["device_map"], dict) and "disk" in kwargs["device_map"].values():

@@ -490,6 +490,7 @@ def written_files(meta: dict[str, Any]) -> list[str]:
     compare = meta.get("comparison_details", {})
     return [
         *meta["files"].values(),
+        *meta.get("table_files", []),
         *meta.get("figures", []),
         *meta.get("batch_study_files", []),
         *([compare["file"]] if "file" in compare else []),

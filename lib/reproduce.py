@@ -25,6 +25,9 @@ from .commands import COMMANDS, execute
 from .spec import EMBEDDED, RunSpec
 
 FIGURES = ("1a", "1b", "1c", "1d", "2", "3a", "3b")
+EXTRA_FIGURES = ("sweep",)
+"""Figures beyond the report (not in ``--figure all``): ``sweep``, the whole-model sweep of docs/sweep.md."""
+SWEEP_QUANTITIES = ("trace", "top", "bottom", "frobenius")
 K_SWEEP = {"embedded": (1, 10, 100), "paper": (1, 10, 100, 1000)}
 """Fig. 3b: Hutchinson diagonals at these k (HVPs per sample), and XDiag at the largest."""
 
@@ -99,6 +102,8 @@ def _diagonal(figure: str, kind: str) -> list[Run]:
 def runs(figure: str, model: str) -> list[Run]:
     """The preset runs of ``figure`` for ``model`` (embedded preset for the bundled model, the report's otherwise)."""
     kind = "embedded" if model == EMBEDDED else "paper"
+    if figure == "sweep":
+        return [Run("hessian_sweep", (("quantities", SWEEP_QUANTITIES),))]
     return _diagonal(figure, kind) if figure.startswith("3") else _exact(figure, kind)
 
 
@@ -112,6 +117,8 @@ def shrink(run: Run) -> Run:
     preset = dict(run.preset)
     quick = dict(QUICK, **({"b": 5} if preset.get("batch_study") else {}))
     suffix = run.suffix
+    if run.script == "hessian_sweep":
+        quick.pop("t")
     if run.script == "hessian_diagonal":
         quick.pop("t")
         if "hvps" in preset:
@@ -188,7 +195,10 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         allow_abbrev=False,
     )
     p.add_argument(
-        "--figure", required=True, choices=[*FIGURES, "all"], help="which figure of the report"
+        "--figure",
+        required=True,
+        choices=[*FIGURES, "all", *EXTRA_FIGURES],
+        help="which figure of the report (all: every one of them); sweep: the whole-model sweep (docs/sweep.md)",
     )
     p.add_argument(
         "--model",
@@ -235,7 +245,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         files = [
             f
             for m in metas
-            for f in [*m["files"].values(), *m["figures"], *m.get("batch_study_files", [])]
+            for f in [
+                *m["files"].values(),
+                *m.get("table_files", []),
+                *m["figures"],
+                *m.get("batch_study_files", []),
+            ]
         ]
         if fig == "3b":
             files += [

@@ -818,10 +818,128 @@ class DiagonalSpec(RunSpec):
             raise UserError(f"--block_index {s.block_index} is out of range: it must be >= 0")
 
 
+SWEEP_EMBEDDED_B = 4
+"""``hessian_sweep.py``'s default ``b`` on the bundled model (every unit's quantities: tens of products per unit)."""
+
+
+@dataclass(frozen=True)
+class SweepSubset:
+    """The units of a sweep (``over`` a granularity, restricted by ``params`` globs) and its checkpoints: ``models``
+    (several ``--model`` directories or ids; the first is ``model.model``) or ``revisions`` of one hub model."""
+
+    over: str = result("layer")
+    params: tuple[str, ...] = result(("*",))
+    models: tuple[str, ...] | None = result(None)
+    revisions: tuple[str, ...] | None = result(None)
+
+
+@dataclass(frozen=True)
+class SweepCompute(ProductMethod):
+    """Each unit's quantities (:mod:`lib.sweep`): traces to ``trace_rel`` relative standard error, Lanczos to ``tol``."""
+
+    quantities: tuple[str, ...] = result(("trace", "top"))
+    trace_rel: float = result(0.05)
+    min_probes: int = result(10)
+    max_probes: int = result(200)
+    tol: float = result(1e-3)
+    max_iter: int = result(60)
+    slq_probes: int = result(4)
+    lanczos_steps: int = result(20)
+    trace_estimator: str = result("auto")
+    strategy: str = result("per_unit")
+    seed: int = result(0)
+    chunk: int = result(1)
+    """Fixed (not timed) so that a resumed sweep takes bitwise the same products."""
+    keep_graphs: str = operational("auto")
+
+
+@dataclass(frozen=True)
+class SweepSpec(RunSpec):
+    """``hessian_sweep.py``."""
+
+    family: ClassVar[str] = "sweep"
+    scripts: ClassVar[tuple[str, ...]] = ("hessian_sweep",)
+    subset: SweepSubset = section(SweepSubset)
+    compute: SweepCompute = section(SweepCompute)
+
+    @classmethod
+    def build(cls, script: str = "hessian_sweep", **values: Any) -> SweepSpec:
+        model = values.get("model")
+        if isinstance(
+            model, (list, tuple)
+        ):  # several --model: the checkpoints, the first one inspected
+            values = {
+                **values,
+                "model": model[0],
+                "models": tuple(model) if len(model) > 1 else None,
+            }
+        return super().build(script, **values)
+
+    def _resolved(self) -> SweepSpec:
+        if (
+            self.model.model == EMBEDDED and self.data.b is None
+        ):  # the whole bundled sweep in about a minute
+            return super(SweepSpec, self.replace(b=SWEEP_EMBEDDED_B))._resolved()
+        return super()._resolved()
+
+    def checkpoint_names(self) -> list[str]:
+        """The checkpoints swept, in order: the revisions, else the models."""
+        if self.subset.revisions:
+            return list(self.subset.revisions)
+        return list(self.subset.models or (self.model.model,))
+
+    def _check(self) -> None:
+        c, s = self.compute, self.subset
+        from .sweep import GRANULARITIES, QUANTITIES, STRATEGIES, TRACE_ESTIMATORS  # imports torch
+
+        for flag, value, allowed in (
+            ("over", s.over, GRANULARITIES),
+            ("trace_estimator", c.trace_estimator, TRACE_ESTIMATORS),
+            ("strategy", c.strategy, STRATEGIES),
+        ):
+            if value not in allowed:
+                raise UserError(f"--{flag} {value} is unknown; choose from {', '.join(allowed)}")
+        for q in c.quantities:
+            if q not in QUANTITIES:
+                from .suggest import did_you_mean
+
+                raise UserError(
+                    f"--quantities {q} is unknown{did_you_mean(q, QUANTITIES)}; choose from {', '.join(QUANTITIES)}"
+                )
+        for name, low in (
+            ("min_probes", 2),
+            ("max_iter", 1),
+            ("slq_probes", 1),
+            ("lanczos_steps", 1),
+            ("chunk", 1),
+        ):
+            _at_least(name, getattr(c, name), low)
+        if c.max_probes < c.min_probes:
+            raise UserError(f"--max_probes {c.max_probes} is below --min_probes {c.min_probes}")
+        for name in ("trace_rel", "tol"):
+            if not getattr(c, name) > 0:
+                raise UserError(f"--{name} must be positive, got {getattr(c, name)}")
+        if s.revisions and s.models:
+            raise UserError(
+                "--revisions are revisions of one --model: give one --model with them, not several"
+            )
+        if s.revisions and Path(str(self.model.model)).is_dir():
+            raise UserError(
+                f"--revisions need a Hugging Face model id; --model {self.model.model} is a local directory "
+                "(give several --model directories instead)"
+            )
+        if self.run.devices is not None or any(k in os.environ for k in ("RANK", "WORLD_SIZE")):
+            raise UserError(
+                "hessian_sweep.py runs in one process (one device, or one model split by --device_map); --devices "
+                "and torchrun are not supported: split a long sweep with --params"
+            )
+
+
 SPECS: dict[str, type[RunSpec]] = {
     "exact": ExactSpec,
     "diagonal": DiagonalSpec,
     "spectrum": SpectrumSpec,
+    "sweep": SweepSpec,
 }
 """The spec class of each family."""
 

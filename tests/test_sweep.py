@@ -1,0 +1,363 @@
+"""The whole-model sweep (lib.sweep): every unit's quantities against dense eigvalsh of its exact Hessian block."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_ids, tiny_model
+
+from lib import sweep as sw
+from lib.errors import ParamError
+
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def opt_block0():
+    """The tiny float64 OPT, its samples, the layer units of block 0 and their union's dense Hessian."""
+    model, ids = tiny_model("opt"), tiny_ids(2, 8)
+    units = sw.make_units(model, "layer", ["*.layers.0.*"])
+    prod = sw.UnitProducts(model, ids, units, sw.SweepSettings(chunk=64))
+    h = prod.union_op.matmat(torch.eye(prod.n, dtype=F64))
+    return model, ids, units, (h + h.T) / 2, prod.ranges
+
+
+def test_units_of_each_granularity_and_refusals():
+    model = tiny_model("opt")
+    layers = sw.make_units(model, "layer")
+    assert len(layers) == 12 and layers[0].name == "0.self_attn.k_proj"
+    blocks = sw.make_units(model, "block", ["*.self_attn.*"])
+    assert [u.name for u in blocks] == ["0", "1"] and blocks[0].size == 4 * 256
+    heads = sw.make_units(model, "head")
+    assert [u.name for u in heads] == ["0.head0", "0.head1", "1.head0", "1.head1"]
+    assert heads[0].size == 4 * 128  # 8 rows of q, k, v (16 wide) and 8 columns of out_proj
+    for bad, msg in (("rows", "over 'rows' is unknown"), ("layer", "matches no linear weight")):
+        with pytest.raises(ParamError, match=msg):
+            sw.make_units(model, bad, ["*.nothing.*"])
+    with pytest.raises(ParamError, match="quantities 'eig' is unknown"):
+        sw.check_quantities(["trace", "eig"])
+    with pytest.raises(ParamError, match="shares k/v heads"):
+        sw.make_units(tiny_model("llama"), "head")
+
+
+def test_every_units_quantities_against_its_exact_block(opt_block0):
+    """trace (within 4 standard errors), top / bottom eigenvalue (to the residual), Frobenius norm (within 4 standard
+    errors) and SLQ's first moment, each against dense eigvalsh of the unit's exact block H_uu."""
+    model, ids, units, h, ranges = opt_block0
+    settings = sw.SweepSettings(
+        chunk=16, tol=1e-7, max_iter=150, trace_estimator="per_unit", max_probes=60, probe_round=25
+    )
+    res = sw.sweep(model, ids, units, sw.QUANTITIES, settings, checkpoint="c0")
+    assert {r.checkpoint for r in res.rows} == {"c0"}
+    for u, (a, b) in zip(units, ranges):
+        hu = h[a:b, a:b]
+        ev = torch.linalg.eigvalsh(hu)
+        scale = float(ev.abs().max())
+        tr = res.value(u.name, "trace")
+        assert abs(tr.estimate - float(hu.trace())) <= 4 * tr.error, u.name
+        for q, exact in (("top", ev[-1]), ("bottom", ev[0])):
+            r = res.value(u.name, q)
+            assert r.error_kind == "residual" and r.error <= 1e-6 * scale
+            assert abs(r.estimate - float(exact)) <= 1e-5 * scale, (u.name, q)
+        f = res.value(u.name, "frobenius")
+        assert abs(f.estimate - float(hu.norm())) <= 4 * f.error, u.name
+        m1 = res.value(u.name, "density_moment1")
+        assert abs(m1.estimate - float(hu.trace()) / u.size) <= 4 * m1.error + 1e-12
+        d = res.value(u.name, "diag_max")
+        assert d.error > 0 and d.hvps >= settings.min_probes
+        assert 0 <= res.value(u.name, "density_negative_mass").estimate <= 1
+
+
+def test_shared_probe_trace_is_unbiased_on_a_dense_matrix():
+    """The shared estimator's mean over many probes is within 4 standard errors of each block's trace, and its
+    variance exceeds the per-block estimator's by the off-diagonal blocks' ||H_uw||_F^2 (the formula in the docs)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(30, 30, generator=g, dtype=F64)
+    h = a + a.T
+    ranges = [(0, 10), (10, 25), (25, 30)]
+    samples = sw.shared_trace_samples(lambda v: h @ v, 30, ranges, 4000, 0, seed=3)
+    for (lo, hi), x in zip(ranges, samples):
+        m, se, var = sw.mean_stderr(x)
+        assert abs(m - float(h[lo:hi, lo:hi].trace())) <= 4 * se
+        block = h[lo:hi, lo:hi]
+        off = float((h[lo:hi] ** 2).sum() - (block**2).sum())
+        within = 2 * float((block**2).sum() - (block.diagonal() ** 2).sum())
+        assert abs(var - (within + off)) <= 0.15 * (within + off)
+    # combined with independent per-block probes: still unbiased, and a smaller standard error than either
+    own = sw.shared_trace_samples(lambda v: h[:10, :10] @ v, 10, [(0, 10)], 400, 0, seed=4)[0]
+    m, se = sw.combined_trace(samples[0][:400], own)
+    assert abs(m - float(h[:10, :10].trace())) <= 4 * se
+    assert se < min(sw.mean_stderr(samples[0][:400])[1], sw.mean_stderr(own)[1])
+
+
+def test_krylov_deflated_trace_is_unbiased_with_less_variance():
+    """Hutchinson on (I - QQ^T) H (I - QQ^T) plus the exact tr(Q^T H Q), Q a Lanczos basis: unbiased (mean of many
+    probes within 4 standard errors of tr(H)) and, on a spectrum with a few dominant eigenvalues, far less variance
+    than plain Hutchinson."""
+    g = torch.Generator().manual_seed(1)
+    u, _ = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=F64))
+    ev = torch.cat(
+        [torch.tensor([50.0, -30.0, 20.0], dtype=F64), torch.randn(57, generator=g, dtype=F64)]
+    )
+    h = (u * ev) @ u.T
+    rec = sw.Recorder(lambda v: h @ v)
+    from lib import spectrum
+
+    spectrum.lanczos(rec, 60, 1, "both", tol=1e-3, max_iter=8, seed=0, eigenvectors=False)
+    q, hq = torch.cat(rec.v, 1), torch.cat(rec.hv, 1)
+    assert torch.allclose(q.T @ q, torch.eye(q.shape[1], dtype=F64), atol=1e-10)
+    x = sw.deflated_trace_samples(lambda v: h @ v, 60, q, hq, 3000, 0, seed=5)
+    m, se, var = sw.mean_stderr(x)
+    assert abs(m - float(ev.sum())) <= 4 * se
+    plain = sw.shared_trace_samples(lambda v: h @ v, 60, [(0, 60)], 3000, 0, seed=5)[0]
+    assert var < 0.1 * sw.mean_stderr(plain)[2]
+
+
+def test_per_head_exact_traces_sum_to_the_layers():
+    """sum over heads of tr(H_head) = sum over q, k, v, out_proj of tr(H_layer), each from the exact diagonal."""
+    model, ids = tiny_model("opt"), tiny_ids(2, 8)
+    heads = sw.make_units(model, "head", ["*.layers.1.*"])
+    layers = sw.make_units(model, "layer", ["*.layers.1.self_attn.*"])
+
+    def exact_traces(units):
+        prod = sw.UnitProducts(model, ids, units, sw.SweepSettings(chunk=64))
+        h = prod.union_op.matmat(torch.eye(prod.n, dtype=F64))
+        return [float(h[a:b, a:b].trace()) for a, b in prod.ranges]
+
+    th, tl = exact_traces(heads), exact_traces(layers)
+    assert len(th) == 2 and math.isclose(sum(th), sum(tl), rel_tol=1e-9)
+
+
+def test_auto_trace_choice_and_both_variances_reported(opt_block0):
+    model, ids, units, _, _ = opt_block0
+    res = sw.sweep(model, ids, units, ["trace"], sw.SweepSettings(chunk=8, max_probes=20))
+    t = res.trace
+    assert t["chosen"] in ("shared", "per_unit") and len(t["variance_shared"]) == len(units)
+    assert all(v > 0 for v in t["variance_per_unit"])
+    assert t["chosen"] == ("shared" if t["seconds_shared"] <= t["seconds_per_unit"] else "per_unit")
+    # the shared estimator's variance carries the off-diagonal blocks: never much below the per-unit one
+    assert sum(t["variance_shared"]) >= 0.5 * sum(t["variance_per_unit"])
+    forced = sw.sweep(
+        model,
+        ids,
+        units,
+        ["trace"],
+        sw.SweepSettings(chunk=8, max_probes=20, trace_estimator="shared"),
+    )
+    assert (
+        forced.trace["chosen"] == "shared"
+        and forced.value(units[0].name, "trace").error_kind == "stderr"
+    )
+
+
+def test_store_resume_gives_the_same_rows_and_per_unit_strategy_agrees(opt_block0):
+    """A sweep resumed from a store holding its first stages gives the same numbers; the per-unit strategy (one
+    operator per unit) gives the same eigenvalues as the union operator."""
+    model, ids, units, _, _ = opt_block0
+    units = units[:3]
+    s = sw.SweepSettings(chunk=8, max_probes=20)
+    full = sw.sweep(model, ids, units, ["trace", "top"], s)
+    t = full.trace
+    assert sw.KRYLOV_REASON in t["reason"]
+    assert t["chosen"] == (
+        "shared" if t["seconds_shared"] * sw.KRYLOV_GAIN <= t["seconds_per_unit"] else "per_unit"
+    )
+    store = sw.MemoryStore()
+    stages: list[str] = []
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(stage: str) -> None:
+        stages.append(stage)
+        if len(stages) == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        sw.sweep(model, ids, units, ["trace", "top"], s, store=store, progress=stop_after_two)
+    again = sw.sweep(model, ids, units, ["trace", "top"], s, store=store)
+    key = lambda r: (r.unit, r.quantity, r.estimate, r.error, r.hvps)  # noqa: E731
+    assert [key(r) for r in again.rows] == [key(r) for r in full.rows]
+    per = sw.sweep(
+        model, ids, units, ["top"], sw.SweepSettings(chunk=8, strategy="per_unit", tol=1e-9)
+    )
+    for u in units:
+        assert math.isclose(
+            per.value(u.name, "top").estimate, full.value(u.name, "top").estimate, rel_tol=1e-5
+        )
+
+
+# ----------------------------------------------------------------------------- the script
+
+
+def test_the_table_schema_reads_back_typed(opt_block0):
+    """The CSV has the documented columns in order, one row per checkpoint x unit x quantity, and every value reads
+    back as its type (numbers as numbers, a missing step or commit as an empty field); the JSON lines hold the same."""
+    import csv
+    import io
+    import json
+
+    from lib import sweep_cli
+
+    model, ids, units, _, _ = opt_block0
+    res = sw.sweep(
+        model, ids, units[:2], ["trace", "top", "density"], sw.SweepSettings(max_probes=20)
+    )
+    ident = {"checkpoint": "c", "step": 3, "commit": None, "fingerprint": "ab"}
+    rows = [{**r.as_dict(), **ident} for r in res.rows]
+    text = sweep_cli.table_csv(rows)
+    back = list(csv.DictReader(io.StringIO(text)))
+    assert (
+        list(back[0])
+        == list(sweep_cli.TABLE_COLUMNS)
+        == ["checkpoint", "step", "commit", "fingerprint", *sw.ROW_FIELDS[1:]]
+    )
+    assert len(back) == 2 * (1 + 1 + 3)
+    for r, b in zip(rows, back):
+        assert (
+            float(b["estimate"]) == r["estimate"]
+            and int(b["hvps"]) == r["hvps"]
+            and b["commit"] == ""
+        )
+        assert (
+            b["error_kind"] in ("stderr", "residual")
+            and int(b["head"]) == -1
+            and int(b["step"]) == 3
+        )
+    assert [
+        json.loads(json.dumps({k: r[k] for k in sweep_cli.TABLE_COLUMNS}))["unit"] for r in rows
+    ] == [b["unit"] for b in back]
+    assert (
+        sweep_cli.checkpoint_step("runs/checkpoint-1500") == 1500
+        and sweep_cli.checkpoint_step("step64000") == 64000
+    )
+    assert sweep_cli.checkpoint_step("main") is None
+
+
+def _checkpoints(tmp, steps=(0, 1, 2)) -> list[str]:
+    """Three training checkpoints of the bundled model: a few SGD steps each, saved with save_pretrained (with the
+    tokenizer), in directories named step<N>."""
+    import shutil
+
+    import lib
+    from lib.paths import resolve_model_path
+
+    src = resolve_model_path("embedded")
+    model = lib.load_model("embedded")
+    ids = lib.load_samples("embedded", seqlen=32, b=4)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    out = []
+    for k in steps:
+        d = tmp / f"step{2 * k}"
+        model.save_pretrained(d)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(f"{src}/{f}", d / f)
+        out.append(str(d))
+        for _ in range(2):
+            opt.zero_grad()
+            model(ids, labels=ids, use_cache=False).loss.backward()
+            opt.step()
+    return out
+
+
+SWEEP_FLAGS = [
+    "--dataset",
+    "embedded",
+    "--params",
+    "*.layers.3.self_attn.q_proj.weight",
+    "*.layers.3.fc2.weight",
+    "--b",
+    "2",
+    "--seqlen",
+    "16",
+    "--dtype",
+    "float64",
+    "--max_probes",
+    "20",
+    "--quantities",
+    "trace",
+    "top",
+    "--trace_estimator",
+    "per_unit",  # auto chooses by measured seconds: two separate runs may choose differently
+    "--name",
+    "s",
+    "--no_progress",
+]
+
+
+@pytest.mark.slow
+def test_three_checkpoint_sweep_killed_and_resumed_bitwise(tmp_path):
+    """A sweep over three local checkpoints, SIGKILLed once the second checkpoint's first stages are written, then
+    resumed: its table equals an uninterrupted run's bitwise (estimates, errors, products); a resume with another
+    seed is refused in one line; the table reads with the documented schema and the steps from the names."""
+    import csv
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, subprocess_env
+
+    models = _checkpoints(tmp_path)
+    flags = ["--model", *models, *SWEEP_FLAGS]
+    cmd = [sys.executable, str(ROOT / "hessian_sweep.py"), *flags]
+    env = subprocess_env()
+    full = tmp_path / "full"
+    subprocess.run([*cmd, "--output_dir", str(full)], env=env, check=True, capture_output=True)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*cmd, "--output_dir", str(out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (
+            len(list((out / "s.sweep").glob("*.pt"))) >= 4
+        ):  # checkpoint 0's three stages and one of checkpoint 1
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (out / "s.csv").exists(), (
+        "finished before the kill"
+    )
+    bad = subprocess.run(
+        [*cmd, "--output_dir", str(out), "--resume", "--seed", "7"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "another configuration" in bad.stderr.strip().splitlines()[-1]
+    subprocess.run(
+        [*cmd, "--output_dir", str(out), "--resume"], env=env, check=True, capture_output=True
+    )
+
+    def table(d):
+        with open(d / "s.csv") as f:
+            return list(csv.DictReader(f))
+
+    a, b = table(full), table(out)
+    keys = (
+        "checkpoint",
+        "step",
+        "fingerprint",
+        "unit",
+        "quantity",
+        "estimate",
+        "error",
+        "error_kind",
+        "hvps",
+    )
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+    assert list(a[0]) == ["checkpoint", "step", "commit", "fingerprint", *sw.ROW_FIELDS[1:]]
+    assert [r["step"] for r in a if r["quantity"] == "top"] == ["0", "0", "2", "2", "4", "4"]
+    assert len({r["fingerprint"] for r in a}) == 3 and len(a) == 3 * 2 * 2
+    meta = __import__("json").loads((out / "s.json").read_text())
+    assert sum(c["stages_reused"] for c in meta["checkpoints"]) >= 4
+    assert "s_steps.png" in meta["figures"] and (out / "s_steps.png").exists()
