@@ -1,6 +1,6 @@
-"""Benchmark: ``--chunk 0`` (auto, measured by :mod:`lib.autotune`) against ``--chunk 1``, and ``--model_input_bs``.
+"""Benchmark: ``--chunk 0`` (auto, measured by :mod:`lib.products.autotune`) against ``--chunk 1``, and ``--model_input_bs``.
 
-Each case runs the whole exact-Hessian job (:class:`lib.hessian.ExactHessianJob`, serial) with the chunk
+Each case runs the whole exact-Hessian job (:class:`lib.hessian.exact.ExactHessianJob`, serial) with the chunk
 measured on the first batch (the measurement included in the time) and with chunk 1, alternating the two
 ``--repeat`` times in one process; prints the fastest and the median wall time of each, their ratios, the
 ratio of median process CPU times (less disturbed by other processes on a shared machine), the chosen
@@ -26,11 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib import subsets  # noqa: E402
-from lib.data import load_samples  # noqa: E402
-from lib.hessian import ExactHessianJob  # noqa: E402
-from lib.jobs import run_serial  # noqa: E402
-from lib.models import load_model  # noqa: E402
+from lib.hessian.exact import ExactHessianJob  # noqa: E402
+from lib.model.data import load_samples  # noqa: E402
+from lib.model.models import load_model  # noqa: E402
+from lib.objective import subsets  # noqa: E402
+from lib.runtime.jobs import run_serial  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from exact_hessian import opt, tiny400  # noqa: E402 -- the same random OPTs as the exact-Hessian benchmark

@@ -1,4 +1,4 @@
-"""Benchmark: the default thread count on a busy and on a quiet machine (:mod:`lib.threads`).
+"""Benchmark: the default thread count on a busy and on a quiet machine (:mod:`lib.runtime.threads`).
 
 Runs the README's first command as a new user would (``single_layer_single_block.py``, a fresh process per
 run; by default the smaller ``--t 32 --b 4``, seqlen 128, so that the collapsed runs stay within minutes) in

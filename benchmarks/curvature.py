@@ -1,6 +1,6 @@
 """Benchmark (not a test): cost of the curvature approximations on the embedded model, interleaved in one process.
 
-1. **One Gauss-Newton-vector product** (:class:`lib.curvature.GGNOperator`: one JVP by double backward +
+1. **One Gauss-Newton-vector product** (:class:`lib.hessian.curvature.GGNOperator`: one JVP by double backward +
    one VJP) against one Hessian-vector product on a retained gradient graph, per sample, for the whole
    block-0 ``q_proj`` weight (16384 entries) -- the per-probe cost of ``hessian_diagonal.py --estimator
    ggn`` against ``hutchinson``; the one-off set-up per sample (graph building) is reported separately.
@@ -23,13 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib import subsets  # noqa: E402
-from lib.curvature import CurvatureJob, GGNOperator, rounding_perturbations  # noqa: E402
-from lib.data import load_samples  # noqa: E402
-from lib.diagonal import rademacher_probes  # noqa: E402
-from lib.hessian import ExactHessianJob  # noqa: E402
-from lib.loss import SubsetLoss  # noqa: E402
-from lib.models import load_model  # noqa: E402
+from lib.hessian.curvature import CurvatureJob, GGNOperator, rounding_perturbations  # noqa: E402
+from lib.hessian.diagonal import rademacher_probes  # noqa: E402
+from lib.hessian.exact import ExactHessianJob  # noqa: E402
+from lib.model.data import load_samples  # noqa: E402
+from lib.model.models import load_model  # noqa: E402
+from lib.objective import subsets  # noqa: E402
+from lib.objective.loss import SubsetLoss  # noqa: E402
 
 
 def timed(fn) -> float:

@@ -8,7 +8,7 @@ Every case runs three methods on the same samples, **interleaved in one process*
 * **curvlinops** 3.0.1: ``HessianLinearOperator`` (forward-over-reverse, vmapped over the columns, in blocks of
   ``--peer_block``) on the subset's weight with ``CrossEntropyLoss(reduction="sum")``, applied to the unit vectors of
   the subset's entries (the rows of those entries are the block);
-* **default**: this project with its defaults, the whole job as the scripts run it (:class:`lib.hessian.ExactHessianJob`:
+* **default**: this project with its defaults, the whole job as the scripts run it (:class:`lib.hessian.exact.ExactHessianJob`:
   ``model_input_bs`` auto, chunk measured on the first batch, products through the layer outputs where fewer);
 
 and reports the max relative difference of each to the default's Hessian. Cases (``--cases``):
@@ -43,13 +43,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib import subsets  # noqa: E402
-from lib.data import load_samples  # noqa: E402
-from lib.hessian import ExactHessianJob  # noqa: E402
-from lib.jobs import run_serial  # noqa: E402
-from lib.loss import SubsetLoss  # noqa: E402
-from lib.models import load_model, prepare_model  # noqa: E402
-from lib.operator import gradient_graph  # noqa: E402
+from lib.hessian.exact import ExactHessianJob  # noqa: E402
+from lib.model.data import load_samples  # noqa: E402
+from lib.model.models import load_model, prepare_model  # noqa: E402
+from lib.objective import subsets  # noqa: E402
+from lib.objective.loss import SubsetLoss  # noqa: E402
+from lib.products.operator import gradient_graph  # noqa: E402
+from lib.runtime.jobs import run_serial  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spectrum import LogitsOf  # noqa: E402 -- input_ids (1, s) -> next-token logits (s-1, V)
@@ -155,7 +155,7 @@ def default(case: Case) -> torch.Tensor:
 
 def _auto_bs(case: Case) -> int:
     """``--model_input_bs auto`` as the scripts resolve it."""
-    from lib.autotune import samples_per_forward
+    from lib.products.autotune import samples_per_forward
 
     b, s = case.samples.shape
     return samples_per_forward("auto", case.model, b, s, case.subset.size, case.samples.device)[0]

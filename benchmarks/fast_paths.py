@@ -3,8 +3,8 @@
 
 The OPT-125M architecture (random weights, no download: ``exact_hessian.opt``), seqlen ``--seqlen`` (the report's
 2048), ``--columns`` columns of Fig. 1a's block (row 0 of block-0 ``q_proj``, t=768) on one random sample: per path,
-the time per column (:class:`lib.hessian.ExactHessianJob`, warmed up) and the audit of ``--audit`` of those columns
-against exact float64 double backward (:func:`lib.audit.audit_products`, the reference being a float64 copy of the
+the time per column (:class:`lib.hessian.exact.ExactHessianJob`, warmed up) and the audit of ``--audit`` of those columns
+against exact float64 double backward (:func:`lib.products.audit.audit_products`, the reference being a float64 copy of the
 model). Prints one line per path and a Markdown table (device, torch, date) for the README's GPU paragraph and
 ``docs/long_runs.md``. Random weights: the errors of the trained model may differ (the time does not).
 
@@ -27,11 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from exact_hessian import opt  # noqa: E402 -- OPTForCausalLM(OPTConfig(**config)), seed 0, eager, frozen
 
-from lib import audit, subsets  # noqa: E402
-from lib.finite_difference import FDSettings, FiniteDifference  # noqa: E402
-from lib.hessian import ExactHessianJob  # noqa: E402
-from lib.jobs import run_serial  # noqa: E402
-from lib.operator import REVERSE_OVER_REVERSE  # noqa: E402
+from lib.hessian.exact import ExactHessianJob  # noqa: E402
+from lib.objective import subsets  # noqa: E402
+from lib.products import audit  # noqa: E402
+from lib.products.finite_difference import FDSettings, FiniteDifference  # noqa: E402
+from lib.products.operator import REVERSE_OVER_REVERSE  # noqa: E402
+from lib.runtime.jobs import run_serial  # noqa: E402
 
 T = 768
 """Fig. 1a's block: the whole first row of OPT-125M's block-0 ``q_proj``."""

@@ -1,10 +1,10 @@
-"""Benchmark: the cost of the load-time input checks (:mod:`lib.inputs`) against the load itself.
+"""Benchmark: the cost of the load-time input checks (:mod:`lib.model.inputs`) against the load itself.
 
 For the embedded model and for the OPT-125M architecture with random weights (built from
 ``OPTConfig()`` and saved with ``save_pretrained`` to a temporary directory; no download), prints
 the fastest of ``--repeat`` wall times of: ``load_model`` (which includes the finiteness check),
-:func:`lib.inputs.model_fingerprint` (SHA-256 of every parameter and buffer) on one thread and on its
-default number of threads, and :func:`lib.inputs.check_finite_weights`.
+:func:`lib.model.inputs.model_fingerprint` (SHA-256 of every parameter and buffer) on one thread and on its
+default number of threads, and :func:`lib.model.inputs.check_finite_weights`.
 
     python benchmarks/fingerprint.py --repeat 3
 """
@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib.inputs import check_finite_weights, model_fingerprint  # noqa: E402
-from lib.models import load_model  # noqa: E402
+from lib.model.inputs import check_finite_weights, model_fingerprint  # noqa: E402
+from lib.model.models import load_model  # noqa: E402
 
 
 def fastest(fn, repeat: int) -> float:

@@ -6,7 +6,7 @@ short lease:
 
 1. **per Hessian column**, the report's method (``torch.autograd.functional.hessian``'s algorithm on the plain
    loss: the gradient with ``create_graph``, then one backward per row, timed on ``--report_rows`` rows after the
-   graph is built) against this project's :class:`lib.hessian.ExactHessianJob` on ``--t`` entries of row 0 of
+   graph is built) against this project's :class:`lib.hessian.exact.ExactHessianJob` on ``--t`` entries of row 0 of
    block-0 ``q_proj``, with the chunk measured (``auto``) and fixed (``--chunks``); the peak GPU memory of each;
 2. **the report's Fig. 1a configuration** (t=768, seqlen 2048) on ``--fig1a_samples`` samples with the defaults:
    seconds per sample, and that rate extrapolated to the WikiText-2 test split (140 samples of 2048 tokens with
@@ -35,12 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from exact_hessian import opt  # noqa: E402 -- OPTForCausalLM(OPTConfig(**config)), seed 0, eager, frozen
 
-from lib import subsets  # noqa: E402
-from lib.diagonal import Target, hessian_diagonal  # noqa: E402
-from lib.hessian import ExactHessianJob  # noqa: E402
-from lib.jobs import run_serial  # noqa: E402
-from lib.loss import SubsetLoss  # noqa: E402
-from lib.operator import gradient_graph  # noqa: E402
+from lib.hessian.diagonal import Target, hessian_diagonal  # noqa: E402
+from lib.hessian.exact import ExactHessianJob  # noqa: E402
+from lib.objective import subsets  # noqa: E402
+from lib.objective.loss import SubsetLoss  # noqa: E402
+from lib.products.operator import gradient_graph  # noqa: E402
+from lib.runtime.jobs import run_serial  # noqa: E402
 
 WIKITEXT2_TEST_SAMPLES = 140
 """WikiText-2's test split in OPT's tokenizer: 287,645 tokens, 140 full samples of 2048 (what ``--b`` takes by

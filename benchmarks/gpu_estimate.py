@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib.estimators.diagonal.driver import plan_phase1  # noqa: E402
 from lib.estimators.diagonal.work import Target  # noqa: E402
-from lib.loss import SubsetLoss  # noqa: E402
-from lib.models import prepare_model  # noqa: E402
-from lib.subsets import (  # noqa: E402  # noqa: E402
+from lib.model.models import prepare_model  # noqa: E402
+from lib.objective.loss import SubsetLoss  # noqa: E402
+from lib.objective.subsets import (  # noqa: E402  # noqa: E402
     from_indices,
     make_subset,
     several_layers_several_blocks,

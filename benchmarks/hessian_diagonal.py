@@ -7,7 +7,7 @@
    the fused head).
 2. **Ground truth**: the exact Hessian ``H`` of the whole weight (16384 x 16384) over ``--b`` samples,
    one HVP per entry and sample (cached in ``--cache``; about 10 minutes per sample on one CPU core).
-3. **Check** that the estimators of :mod:`lib.diagonal` run through the real job equal the same
+3. **Check** that the estimators of :mod:`lib.hessian.diagonal` run through the real job equal the same
    estimators applied to the explicit ``H`` with the same probes (so step 4 measures the real thing).
 4. **HVPs per sample needed to reach a relative l2 error** of 0.25 and 0.1 (``--targets``), for
    ``hutchinson`` (measured up to ``--k_max`` and, beyond, the exact expectation
@@ -31,9 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib import subsets  # noqa: E402
-from lib.data import load_samples  # noqa: E402
-from lib.diagonal import (
+from lib.hessian.diagonal import (
     Target,
     hessian_diagonal,
     offdiagonal_error,
@@ -42,8 +40,10 @@ from lib.diagonal import (
     xdiag_basis,
     xdiag_estimate,
 )  # noqa: E402
-from lib.loss import SubsetLoss  # noqa: E402
-from lib.models import load_model  # noqa: E402
+from lib.model.data import load_samples  # noqa: E402
+from lib.model.models import load_model  # noqa: E402
+from lib.objective import subsets  # noqa: E402
+from lib.objective.loss import SubsetLoss  # noqa: E402
 
 
 def best_time(fn, reps: int) -> float:

@@ -19,10 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib import subsets  # noqa: E402
-from lib.data import load_samples  # noqa: E402
-from lib.hessian import exact_hessian  # noqa: E402
-from lib.models import load_model  # noqa: E402
+from lib.hessian.exact import exact_hessian  # noqa: E402
+from lib.model.data import load_samples  # noqa: E402
+from lib.model.models import load_model  # noqa: E402
+from lib.objective import subsets  # noqa: E402
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 

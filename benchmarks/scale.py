@@ -43,10 +43,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lib import finite_difference as fd  # noqa: E402
-from lib import spectrum, vectors  # noqa: E402
-from lib.operator import HessianOperator, gradient_graph, hvp_rows  # noqa: E402
-from lib.subsets import params_subset  # noqa: E402
+from lib.objective.subsets import params_subset  # noqa: E402
+from lib.products import finite_difference as fd  # noqa: E402
+from lib.products.operator import HessianOperator, gradient_graph, hvp_rows  # noqa: E402
+from lib.spectrum import algorithms as spectrum  # noqa: E402
+from lib.spectrum import vectors  # noqa: E402
 
 F64 = torch.float64
 Q_PROJ = "model.decoder.layers.0.self_attn.q_proj.weight"
@@ -97,9 +98,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def errors(b: int) -> dict:
-    from lib.data import load_samples
-    from lib.loss import SubsetLoss
-    from lib.models import load_model
+    from lib.model.data import load_samples
+    from lib.model.models import load_model
+    from lib.objective.loss import SubsetLoss
 
     samples = load_samples("embedded", 128, b)
     out: dict = {}
@@ -151,8 +152,8 @@ def errors(b: int) -> dict:
 def eigen_errors(b: int, max_iter: int = 60) -> dict:
     """Top-3 eigenvalues of block-0 ``q_proj``'s Hessian by Lanczos on finite-difference products (float64, float32,
     bf16; eager and fused SDPA) against exact float64 products, all to ``tol = 1e-6`` or ``max_iter`` passes."""
-    from lib.data import load_samples
-    from lib.models import load_model
+    from lib.model.data import load_samples
+    from lib.model.models import load_model
 
     samples = load_samples("embedded", 128, b)
     rows = []
@@ -190,7 +191,7 @@ def build(seed: int = 0):
     """OPT-125M's architecture (``OPTConfig()`` defaults) with an untied head, random weights, float32, every parameter trainable."""
     from transformers import OPTConfig, OPTForCausalLM
 
-    from lib.models import prepare_model
+    from lib.model.models import prepare_model
 
     torch.manual_seed(seed)
     model = prepare_model(OPTForCausalLM(OPTConfig(tie_word_embeddings=False)))
@@ -362,7 +363,7 @@ def top5_section(b: int, max_iter: int, tol: float) -> dict:
 def fsdp_worker(b: int, rounds: int, max_iter: int, tol: float, out_path: str) -> None:
     import torch.distributed as dist
 
-    from lib import fsdp
+    from lib.products import fsdp
 
     model = build()
     samples = samples_for(b)

@@ -2,7 +2,7 @@
 
 The exact Hessian (``rev-rev``) of the embedded model for the first ``t`` weights of row 0 of
 ``self_attn.q_proj`` in block 0, over ``b`` samples of ``seqlen`` tokens, run with
-:func:`lib.parallel.run_job`: in this process, then with each ``--configs`` entry (a comma-separated
+:func:`lib.runtime.parallel.run_job`: in this process, then with each ``--configs`` entry (a comma-separated
 device list, one spawned worker per entry). For each it prints the start-up time (spawn, imports and
 model load, until every worker is ready), the compute time, samples per second over the compute time
 and over the whole wall time, the speed-up of the compute rate over the in-process run, and whether
@@ -26,10 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib import parallel, subsets  # noqa: E402
-from lib.data import load_samples  # noqa: E402
-from lib.hessian import ExactHessianJob  # noqa: E402
-from lib.models import EMBEDDED, ModelSpec, resolve_device  # noqa: E402
+from lib.hessian.exact import ExactHessianJob  # noqa: E402
+from lib.model.data import load_samples  # noqa: E402
+from lib.model.models import EMBEDDED, ModelSpec, resolve_device  # noqa: E402
+from lib.objective import subsets  # noqa: E402
+from lib.runtime import parallel  # noqa: E402
 
 
 def main() -> None:

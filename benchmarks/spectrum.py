@@ -8,12 +8,12 @@ On the embedded model, the whole block-0 ``q_proj`` weight (128 x 128 = 16,384 e
    recorded under ``operator_choices``) and, for comparison, with ``keep_graphs=False`` (rebuilt every pass).
 2. **Top-5 to relative error 1e-4** (``--target``): each method runs a sweep of its own accuracy knob, cheapest
    first, and the first setting whose five eigenvalues all reach the target counts (wall time, HVPs):
-   this project (``lib.HessianOperator`` + :func:`lib.spectrum.lanczos`, knob ``tol``); hessian-eigenthings
+   this project (``lib.HessianOperator`` + :func:`lib.spectrum.algorithms.lanczos`, knob ``tol``); hessian-eigenthings
    1.0.0a5 ``lanczos`` on its ``HessianOperator`` (knob ``max_iter``; full reorthogonalization on); curvlinops
    3.0.1 ``HessianLinearOperator`` + ``scipy.sparse.linalg.eigsh`` (knob ``tol``). Those settings are then
    timed interleaved, one run of each method per round (``--rounds``); min and median are reported (the
    machine is shared).
-3. **Density**: time per SLQ step and probe of :func:`lib.spectrum.slq` vs PyHessian's ``density`` at the same
+3. **Density**: time per SLQ step and probe of :func:`lib.spectrum.algorithms.slq` vs PyHessian's ``density`` at the same
    steps and probes (``--slq_steps``, ``--slq_probes``; PyHessian differentiates w.r.t. every parameter with
    ``requires_grad``, so only the q_proj weight is left trainable for it).
 
@@ -39,7 +39,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lib  # noqa: E402
-from lib import spectrum  # noqa: E402
+from lib.spectrum import algorithms as spectrum  # noqa: E402
 
 PARAM = "model.decoder.layers.0.self_attn.q_proj.weight"
 K = 5

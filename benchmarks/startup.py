@@ -35,7 +35,7 @@ def lap(name):
     t, c = time.perf_counter(), cpu()
 import torch; lap("import torch")
 import transformers; lap("import transformers")
-from lib.models import load_model, model_skeleton; from lib.inputs import model_fingerprint; lap("import lib")
+from lib.model.models import load_model, model_skeleton; from lib.model.inputs import model_fingerprint; lap("import lib")
 model_skeleton({model!r}); lap("module tree on the meta device (imports the modeling code)")
 m = load_model({model!r}); lap("load the weights")
 model_fingerprint(m); lap("fingerprint the weights")

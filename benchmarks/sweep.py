@@ -7,10 +7,10 @@ that reaches the standard error the sweep achieved on that layer, from its measu
 and its top eigenvalue to a Ritz residual below ``--tol`` of it (each method's worst residual is measured and
 reported; PyHessian's power iteration stops on ``--pyhessian_tol`` relative change instead):
 
-* **sweep**: :func:`lib.sweep.sweep` (one model, one set of samples, per-unit probes, Lanczos ``tol``);
+* **sweep**: :func:`lib.hessian.sweep.sweep` (one model, one set of samples, per-unit probes, Lanczos ``tol``);
 * **project loop**: what a user's loop over layers does with this project's library: per layer, load the model and
-  the samples, build ``lib.HessianOperator`` on the layer, :func:`lib.spectrum.hutchinson_trace` and
-  :func:`lib.spectrum.lanczos` (the process start-up of a loop of ``hessian_spectrum.py`` runs is not counted);
+  the samples, build ``lib.HessianOperator`` on the layer, :func:`lib.spectrum.algorithms.hutchinson_trace` and
+  :func:`lib.spectrum.algorithms.lanczos` (the process start-up of a loop of ``hessian_spectrum.py`` runs is not counted);
 * **PyHessian**: per layer, only that weight requiring grad, ``hessian(...)`` on one batch of all samples,
   ``trace(maxIter=probes, tol=0)`` and ``eigenvalues(tol=--pyhessian_tol)`` (power iteration);
 * **hessian-eigenthings 1.0.0a5**: per layer, ``HessianOperator(param_filter=match_names(layer))``,
@@ -40,9 +40,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lib  # noqa: E402
-from lib import spectrum  # noqa: E402
-from lib import sweep as sw  # noqa: E402
-from lib.subsets import params_subset  # noqa: E402
+from lib.hessian import sweep as sw  # noqa: E402
+from lib.objective.subsets import params_subset  # noqa: E402
+from lib.spectrum import algorithms as spectrum  # noqa: E402
 
 
 class LogitsOf(nn.Module):
@@ -166,7 +166,7 @@ def run_eigenthings(args) -> dict:
 
 
 METHODS = {
-    "sweep (lib.sweep)": run_sweep,
+    "sweep (lib.hessian.sweep)": run_sweep,
     "project loop (HessianOperator + spectrum per layer)": run_project_loop,
     "PyHessian (one layer at a time)": run_pyhessian,
     "hessian-eigenthings 1.0.0a5 (param_filter per layer)": run_eigenthings,

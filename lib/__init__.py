@@ -29,26 +29,26 @@ Main entry points:
   each in :mod:`lib.estimators`) for :class:`Target` weights; the estimator math on dense data: :func:`xdiag_basis`,
   :func:`xdiag_estimate`, :func:`hutchinson_running`, :func:`rademacher_probes`;
 * Hessian spectra: :class:`HessianOperator` (``H @ V``, ``matvec``, ``matmat``, ``to_scipy()``; the one
-  Hessian-product primitive, :mod:`lib.operator`; exact, or finite differences of gradients:
-  ``hvp="finite_difference"``, :class:`FiniteDifference`, :class:`FDSettings`) and :mod:`lib.spectrum` (Lanczos with
+  Hessian-product primitive, :mod:`lib.products.operator`; exact, or finite differences of gradients:
+  ``hvp="finite_difference"``, :class:`FiniteDifference`, :class:`FDSettings`) and :mod:`lib.spectrum.algorithms` (Lanczos with
   full, selective or no reorthogonalization, Hutchinson and Hutch++ traces, stochastic Lanczos quadrature over any
-  ``matmat``; sharded vectors :mod:`lib.vectors`, FSDP :mod:`lib.fsdp`);
+  ``matmat``; sharded vectors :mod:`lib.spectrum.vectors`, FSDP :mod:`lib.products.fsdp`);
 * how far approximate products are from exact float64 ones (TF32 / bf16 matmuls, 16-bit models, finite
-  differences): :func:`audit_hessian` (-> :class:`AuditResult`, :mod:`lib.audit`; the scripts' ``--audit``);
+  differences): :func:`audit_hessian` (-> :class:`AuditResult`, :mod:`lib.products.audit`; the scripts' ``--audit``);
 
 * the spectrum as one call: :func:`hessian_spectrum` (any ``matmat``, e.g. a :class:`HessianOperator`) and
   :func:`dense_spectrum` (a matrix in memory), :class:`SpectrumSettings` -> :class:`SpectrumResult` (eigenpairs
   with residuals, traces with standard errors, the density with its moments, the cost);
 * curvature approximations next to the exact Hessian (GGN, sampled and empirical Fisher, GPTQ, K-FAC):
-  :mod:`lib.curvature`, one module each in :mod:`lib.estimators.approximations`;
-* chunk by measurement: :func:`tune_chunk` (:mod:`lib.autotune`); runs on several devices with checkpoints:
-  :mod:`lib.parallel`, :mod:`lib.checkpoint`; the scripts: :mod:`lib.commands` (their flags :mod:`lib.cli`,
-  their run specs :mod:`lib.spec`, the one pipeline :mod:`lib.pipeline` and its families
-  :mod:`lib.exact_cli`, :mod:`lib.diagonal_cli`, :mod:`lib.spectrum_cli`). Modules that are not listed above
-  (``curvature``, ``parallel``, ``checkpoint``, ...) are imported by name, e.g. ``import lib.curvature``.
+  :mod:`lib.hessian.curvature`, one module each in :mod:`lib.estimators.approximations`;
+* chunk by measurement: :func:`tune_chunk` (:mod:`lib.products.autotune`); runs on several devices with checkpoints:
+  :mod:`lib.runtime.parallel`, :mod:`lib.runtime.checkpoint`; the scripts: :mod:`lib.commands` (their flags :mod:`lib.app.cli`,
+  their run specs :mod:`lib.app.spec`, the one pipeline :mod:`lib.app.pipeline` and its families
+  :mod:`lib.app.exact_family`, :mod:`lib.app.diagonal_family`, :mod:`lib.app.spectrum_family`). Modules that are not listed above
+  (``curvature``, ``parallel``, ``checkpoint``, ...) are imported by name, e.g. ``import lib.hessian.curvature``.
 
 Threads: the first heavy call (:func:`exact_hessian`, :func:`hessian_diagonal`, :class:`HessianOperator`) chooses
-the intra-op CPU threads once per process as the scripts do (:mod:`lib.threads`), unless the caller chose them
+the intra-op CPU threads once per process as the scripts do (:mod:`lib.runtime.threads`), unless the caller chose them
 (:func:`set_threads`, ``LLM_HESSIAN_THREADS``, or a ``torch.set_num_threads`` before the call).
 
 ``import lib`` loads nothing heavy: each name is imported on first use. Installed with ``pip install .``, the
@@ -61,51 +61,51 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "AuditResult": "audit",
-    "audit_hessian": "audit",
-    "tune_chunk": "autotune",
-    "load_samples": "data",
-    "load_text": "data",
-    "load_tokenizer": "data",
-    "make_samples": "data",
-    "tokenize": "data",
-    "ESTIMATORS": "diagonal",
-    "DiagonalResult": "diagonal",
-    "Target": "diagonal",
-    "hessian_diagonal": "diagonal",
-    "hutchinson_running": "diagonal",
-    "rademacher_probes": "diagonal",
-    "xdiag_basis": "diagonal",
-    "xdiag_estimate": "diagonal",
+    "AuditResult": "products.audit",
+    "audit_hessian": "products.audit",
+    "tune_chunk": "products.autotune",
+    "load_samples": "model.data",
+    "load_text": "model.data",
+    "load_tokenizer": "model.data",
+    "make_samples": "model.data",
+    "tokenize": "model.data",
+    "ESTIMATORS": "hessian.diagonal",
+    "DiagonalResult": "hessian.diagonal",
+    "Target": "hessian.diagonal",
+    "hessian_diagonal": "hessian.diagonal",
+    "hutchinson_running": "hessian.diagonal",
+    "rademacher_probes": "hessian.diagonal",
+    "xdiag_basis": "hessian.diagonal",
+    "xdiag_estimate": "hessian.diagonal",
     "ParamError": "errors",
     "UserError": "errors",
-    "HessianResult": "hessian",
-    "batch_hessian": "hessian",
-    "exact_hessian": "hessian",
-    "hessian_rev_rev": "hessian",
-    "SpectrumResult": "spectra",
-    "SpectrumSettings": "spectra",
-    "dense_spectrum": "spectra",
-    "hessian_spectrum": "spectra",
-    "SubsetLoss": "loss",
-    "head_nll": "loss",
-    "summed_nll": "loss",
-    "HessianOperator": "operator",
-    "FDSettings": "finite_difference",
-    "FiniteDifference": "finite_difference",
-    "find_blocks": "models",
-    "linear_layers": "models",
-    "load_model": "models",
-    "prepare_model": "models",
-    "ParamSlice": "subsets",
-    "Subset": "subsets",
-    "from_indices": "subsets",
-    "make_subset": "subsets",
-    "random_subset": "subsets",
-    "several_layers_several_blocks": "subsets",
-    "single_layer_several_blocks": "subsets",
-    "single_layer_single_block": "subsets",
-    "set_threads": "threads",
+    "HessianResult": "hessian.exact",
+    "batch_hessian": "hessian.exact",
+    "exact_hessian": "hessian.exact",
+    "hessian_rev_rev": "hessian.exact",
+    "SpectrumResult": "spectrum.spectra",
+    "SpectrumSettings": "spectrum.spectra",
+    "dense_spectrum": "spectrum.spectra",
+    "hessian_spectrum": "spectrum.spectra",
+    "SubsetLoss": "objective.loss",
+    "head_nll": "objective.loss",
+    "summed_nll": "objective.loss",
+    "HessianOperator": "products.operator",
+    "FDSettings": "products.finite_difference",
+    "FiniteDifference": "products.finite_difference",
+    "find_blocks": "model.models",
+    "linear_layers": "model.models",
+    "load_model": "model.models",
+    "prepare_model": "model.models",
+    "ParamSlice": "objective.subsets",
+    "Subset": "objective.subsets",
+    "from_indices": "objective.subsets",
+    "make_subset": "objective.subsets",
+    "random_subset": "objective.subsets",
+    "several_layers_several_blocks": "objective.subsets",
+    "single_layer_several_blocks": "objective.subsets",
+    "single_layer_single_block": "objective.subsets",
+    "set_threads": "runtime.threads",
 }
 """Each exported name and the module that defines it; loaded on first use (PEP 562), so that ``import lib``
 and the command-line parsers do not import torch."""

@@ -1,6 +1,6 @@
 """The scripts as commands: each top-level script (and each console entry point of the installed package) is a
-:class:`Command` -- its flags (:mod:`lib.cli`), its run spec (:mod:`lib.spec`) and its family of the pipeline
-(:mod:`lib.pipeline`).
+:class:`Command` -- its flags (:mod:`lib.app.cli`), its run spec (:mod:`lib.app.spec`) and its family of the pipeline
+(:mod:`lib.app.pipeline`).
 
 Parsing imports neither torch nor transformers; :func:`execute` imports the pipeline (and so torch) only
 once the flags are parsed and checked.
@@ -13,22 +13,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import cli
-from .spec import RunSpec
+from .app import cli
+from .app.spec import RunSpec
 
 FAMILY_MODULES = {
-    "exact": "exact_cli",
-    "diagonal": "diagonal_cli",
-    "spectrum": "spectrum_cli",
-    "sweep": "sweep_cli",
+    "exact": "app.exact_family",
+    "diagonal": "app.diagonal_family",
+    "spectrum": "app.spectrum_family",
+    "sweep": "app.sweep_family",
 }
-"""The module holding each family's ``FAMILY`` (a :class:`lib.pipeline.Family`)."""
+"""The module holding each family's ``FAMILY`` (a :class:`lib.app.pipeline.Family`)."""
 
 
 def check_subset_on_disk(spec: RunSpec) -> None:
     """Refuse a subset that the model's weights on disk rule out (wrong layer, block, counts or ``t``), before
-    torch is imported (:mod:`lib.early_checks`); silent when the model's files cannot tell."""
-    from .early_checks import check_subset, layout
+    torch is imported (:mod:`lib.app.early_checks`); silent when the model's files cannot tell."""
+    from .app.early_checks import check_subset, layout
     from .errors import ParamError, UserError
 
     s = spec.subset
@@ -52,10 +52,10 @@ def check_subset_on_disk(spec: RunSpec) -> None:
 
 def check_inputs_on_disk(spec: RunSpec) -> None:
     """Refuse, before torch is imported, the sequence length, the samples, the dataset file and the output names
-    that :mod:`lib.early_checks` can rule out from the config, the text's size and the output folder."""
-    from .early_checks import check_data, check_outputs
+    that :mod:`lib.app.early_checks` can rule out from the config, the text's size and the output folder."""
+    from .app.early_checks import check_data, check_outputs
+    from .app.spec import PAPER_SEQLEN
     from .errors import ParamError, UserError
-    from .spec import PAPER_SEQLEN
 
     d, o = spec.data, spec.output
     try:
@@ -69,7 +69,7 @@ def execute(spec: RunSpec) -> dict[str, Any]:
     """Run ``spec`` through the pipeline; returns the saved metadata (``{}`` on torchrun ranks other than 0)."""
     check_subset_on_disk(spec)
     check_inputs_on_disk(spec)
-    from .pipeline import execute as run_pipeline
+    from .app.pipeline import execute as run_pipeline
 
     family = importlib.import_module(f"{__package__}.{FAMILY_MODULES[spec.family]}").FAMILY
     return run_pipeline(spec, family)
@@ -106,7 +106,7 @@ class Command:
         return execute(spec)
 
     def main(self) -> None:
-        """The console entry point: one-line errors and exit statuses (:func:`lib.cli.main`)."""
+        """The console entry point: one-line errors and exit statuses (:func:`lib.app.cli.main`)."""
         cli.main(self.run)
 
 

@@ -1,4 +1,4 @@
-"""The library's named choices, in one torch-free module: the command-line parsers (:mod:`lib.cli`) and ``--help``
+"""The library's named choices, in one torch-free module: the command-line parsers (:mod:`lib.app.cli`) and ``--help``
 read them from here without importing torch, and the library modules that use them import them from here (one
 definition per concept)."""
 
@@ -11,7 +11,7 @@ METHODS = ("rev-rev", "autograd")
 WHICH = ("largest", "smallest", "both")
 """Which end of the spectrum (``--which``)."""
 REORTH = ("full", "selective", "none")
-"""Lanczos reorthogonalization (``--reorth``), :data:`lib.spectrum.REORTH`."""
+"""Lanczos reorthogonalization (``--reorth``), :data:`lib.spectrum.algorithms.REORTH`."""
 STORAGES = ("device", "cpu", "disk")
 """Where remembered vectors are kept (``--vector_storage``, besides ``auto``)."""
 VECTOR_DTYPES = ("float64", "float32", "working")

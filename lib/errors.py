@@ -13,7 +13,7 @@ class ParamError(UserError, ValueError):
 
     ``param`` is the name of the function's parameter; the message names it as written (``block_index 4 is
     out of range ...``). The command line shows the same message with the flag that set the parameter in
-    its place (:func:`lib.cli.flag_message`). A :class:`ValueError` for library callers, a
+    its place (:func:`lib.app.cli.flag_message`). A :class:`ValueError` for library callers, a
     :class:`UserError` (one line, exit status 2) for the scripts.
     """
 

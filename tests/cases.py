@@ -13,9 +13,9 @@ import torch
 from torch.func import functional_call
 
 import single_layer_single_block
-from lib import cli
-from lib.loss import SubsetLoss
-from lib.models import EMBEDDED_MODEL_DIR
+from lib.app import cli
+from lib.model.models import EMBEDDED_MODEL_DIR
+from lib.objective.loss import SubsetLoss
 
 ARGS = [
     "--t",
@@ -73,7 +73,7 @@ class ToyJob:
 
 
 def _stderr_of(script, argv: list[str]) -> tuple[int, list[str]]:
-    """Run a script through :func:`lib.cli.main` in this process: ``(exit status, every stderr line)``; an exception
+    """Run a script through :func:`lib.app.cli.main` in this process: ``(exit status, every stderr line)``; an exception
     that escaped gives ``(-1, [its repr])``."""
     import contextlib
     import io
@@ -91,7 +91,7 @@ def _stderr_of(script, argv: list[str]) -> tuple[int, list[str]]:
 
 
 def _main(script, argv: list[str]) -> tuple[int, str]:
-    """Run a script through :func:`lib.cli.main` in this process: ``(exit status, last stderr line)``."""
+    """Run a script through :func:`lib.app.cli.main` in this process: ``(exit status, last stderr line)``."""
     code, lines = _stderr_of(script, argv)
     return code, lines[-1] if lines else ""
 

@@ -20,7 +20,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # several test processes share the co
 else:
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
-from lib.models import prepare_model  # noqa: E402
+from lib.model.models import prepare_model  # noqa: E402
 
 ARCHS = ("opt", "llama", "gpt2")
 VOCAB = 64
@@ -127,7 +127,7 @@ def arch(request) -> str:
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Fail the test if a model is loaded (refusals must come before)."""
-    from lib import pipeline
+    from lib.app import pipeline
 
     def boom(*a, **k):
         raise AssertionError("the model was loaded")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import ROOT, tiny_ids, tiny_model
 
-from lib.diagonal import REGISTRY, Target, hessian_diagonal
+from lib.hessian.diagonal import REGISTRY, Target, hessian_diagonal
 
 DOC = ROOT / "docs" / "adding_an_estimator.md"
 MODULE = "lib/estimators/diagonal/gaussian_hutchinson.py"

@@ -12,14 +12,15 @@ import torch
 from conftest import LAYER, tiny_ids, tiny_model
 
 import single_layer_single_block
-from lib import audit, cli
-from lib.finite_difference import FDSettings, FiniteDifference
-from lib.hessian import ExactHessianJob
-from lib.jobs import run_serial
-from lib.loss import SubsetLoss
-from lib.models import ModelSpec
-from lib.operator import ReverseOverReverse
-from lib.subsets import single_layer_single_block as row_subset
+from lib.app import cli
+from lib.hessian.exact import ExactHessianJob
+from lib.model.models import ModelSpec
+from lib.objective.loss import SubsetLoss
+from lib.objective.subsets import single_layer_single_block as row_subset
+from lib.products import audit
+from lib.products.finite_difference import FDSettings, FiniteDifference
+from lib.products.operator import ReverseOverReverse
+from lib.runtime.jobs import run_serial
 
 FAST = ["--t", "3", "--seqlen", "16", "--b", "2", "--no_progress"]
 

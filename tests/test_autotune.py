@@ -1,4 +1,4 @@
-"""Chunk by measurement (lib.autotune): the choice on synthetic timers, and that auto equals chunk 1."""
+"""Chunk by measurement (lib.products.autotune): the choice on synthetic timers, and that auto equals chunk 1."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import tiny_ids, tiny_model
 
-from lib import subsets
-from lib.autotune import candidates, tune_chunk
-from lib.diagonal import DiagonalJob, Target, plan_phase1
-from lib.hessian import ExactHessianJob
-from lib.jobs import run_serial
+from lib.hessian.diagonal import DiagonalJob, Target, plan_phase1
+from lib.hessian.exact import ExactHessianJob
+from lib.objective import subsets
+from lib.products.autotune import candidates, tune_chunk
+from lib.runtime.jobs import run_serial
 
 
 class FakeDevice:
@@ -172,9 +172,9 @@ def test_the_scripts_record_the_measured_chunk_in_their_json(tmp_path):
 
 
 def test_hvp_products_covers_the_range_and_halves_on_out_of_memory(monkeypatch):
-    """The one out-of-memory policy (lib.operator.hvp_products): a chunk that does not fit is halved and
+    """The one out-of-memory policy (lib.products.operator.hvp_products): a chunk that does not fit is halved and
     redone; ``start`` continues a block; a chunk of 1 that does not fit is raised."""
-    from lib import operator
+    from lib.products import operator
 
     done = []
 
@@ -207,7 +207,7 @@ def test_model_input_bs_auto_rule():
     """Auto batches samples only for long jobs, up to the activation budget, dividing b; deterministic; given values pass."""
     from conftest import tiny_model
 
-    from lib.autotune import AUTO_ELEMENTS, samples_per_forward
+    from lib.products.autotune import AUTO_ELEMENTS, samples_per_forward
 
     model = tiny_model("opt", torch.float32)  # hidden 16, ~10k parameters
     cpu = torch.device("cpu")
@@ -245,7 +245,7 @@ def test_model_input_bs_auto_in_the_scripts(tmp_path, capsys):
     import json
 
     import single_layer_single_block
-    from lib import cli
+    from lib.app import cli
 
     fast = [
         "--t",

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import hessian_spectrum
-from lib import results
-from lib.spec import ROW_SUBSET_FIELDS, used_config
+from lib.app import results
+from lib.app.spec import ROW_SUBSET_FIELDS, used_config
 
 ARGS = ["--b", "1", "--seqlen", "8", "--top_k", "2", "--no_progress"]
 

@@ -9,8 +9,8 @@ import torch
 
 import single_layer_several_blocks
 import single_layer_single_block
-from lib import threads
-from lib.suggest import unknown_flags_hint
+from lib.app.suggest import unknown_flags_hint
+from lib.runtime import threads
 
 
 def _error(script, argv, capsys) -> str:
@@ -112,7 +112,7 @@ def test_the_readme_states_quiet_machine_times_and_the_shared_machine_expectatio
 
 
 def test_trace_and_comparison_lines_from_the_json_sections():
-    from lib.console import comparison_lines, trace_line
+    from lib.app.console import comparison_lines, trace_line
 
     trace = {
         "hutchinson": {"estimate": 12.345, "stderr": 0.4123, "hvps": 30, "passes": 30},

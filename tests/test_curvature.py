@@ -12,10 +12,10 @@ from cases import (
 )
 from conftest import LAYER, tiny_ids, tiny_model
 
-from lib import curvature as cv
-from lib import subsets
-from lib.jobs import run_serial
-from lib.loss import SubsetLoss
+from lib.hessian import curvature as cv
+from lib.objective import subsets
+from lib.objective.loss import SubsetLoss
+from lib.runtime.jobs import run_serial
 
 CPU = torch.device("cpu")
 
@@ -94,7 +94,7 @@ def test_gptq_is_the_gram_of_the_hooked_layer_inputs_blockwise(arch):
     ids = tiny_ids(b=3, seqlen=6)
     sums = run_serial(_job(model, sub, ids, ["gptq"], model_input_bs=1), CPU)
     layout = cv.entry_layout(model, sub)
-    from lib.hessian import HessianResult
+    from lib.hessian.exact import HessianResult
 
     res = HessianResult(
         torch.zeros(1), torch.zeros(sub.size, sub.size), 0.0, 3, 3 * 5, "rev-rev", 0.0, sub
@@ -185,7 +185,7 @@ def test_kfac_on_a_single_row_is_gptq_times_the_predicted_scalar():
     sums = run_serial(
         _job(model, sub, ids, ["gptq", "kfac"], fisher_samples=draws, model_input_bs=2), CPU
     )
-    from lib.hessian import HessianResult
+    from lib.hessian.exact import HessianResult
 
     n_tok = 2 * 5
     res = HessianResult(torch.zeros(1), torch.zeros(16, 16), 0.0, 2, n_tok, "rev-rev", 0.0, sub)
@@ -361,7 +361,7 @@ def test_compare_on_two_workers_and_resumed_equals_one_process(
     compare_reference, tmp_path, monkeypatch, capsys
 ):
     import single_layer_single_block
-    from lib import cli
+    from lib.app import cli
 
     ref = torch.load(compare_reference[0] / "c_compare.pt")
     single_layer_single_block.run(
@@ -409,7 +409,7 @@ def test_compare_on_two_workers_and_resumed_equals_one_process(
 
 @pytest.mark.parametrize("arch", ["opt", "gpt2"])
 def test_ggn_diagonal_estimator_is_hutchinson_on_the_dense_ggn(arch):
-    from lib import diagonal
+    from lib.hessian import diagonal
 
     model = tiny_model(arch)
     name = (

@@ -12,8 +12,8 @@ from cases import _tiny_opt  # a 2-block random OPT saved with the embedded toke
 import hessian_diagonal
 import hessian_spectrum
 import single_layer_single_block
-from lib import cli
-from lib.models import load_model
+from lib.app import cli
+from lib.model.models import load_model
 
 pytest.importorskip("accelerate")
 MAP = {

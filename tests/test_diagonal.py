@@ -1,4 +1,4 @@
-"""Hessian diagonals of whole weights (lib.diagonal, hessian_diagonal.py) on tiny float64 models.
+"""Hessian diagonals of whole weights (lib.hessian.diagonal, hessian_diagonal.py) on tiny float64 models.
 
 Ground truth is the full exact Hessian of the weight (lib.exact_hessian). Statistical tests use fixed
 seeds, so they are deterministic; each one also shows that it can fail (a biased estimator fails it).
@@ -16,8 +16,8 @@ from cases import xdiag_by_definition
 from conftest import ARCHS, LAYER, tiny_ids, tiny_model
 
 import hessian_diagonal
-from lib import cli, subsets
-from lib.diagonal import (
+from lib.app import cli
+from lib.hessian.diagonal import (
     DiagonalJob,
     ParamPlan,
     Probes,
@@ -32,12 +32,13 @@ from lib.diagonal import (
     xdiag_basis,
     xdiag_estimate,
 )
-from lib.diagonal import (
+from lib.hessian.diagonal import (
     hessian_diagonal as estimate,
 )
-from lib.hessian import exact_hessian
-from lib.jobs import run_serial
-from lib.loss import summed_nll
+from lib.hessian.exact import exact_hessian
+from lib.objective import subsets
+from lib.objective.loss import summed_nll
+from lib.runtime.jobs import run_serial
 
 FAST = ["--seqlen", "8", "--b", "2", "--no_progress"]
 
@@ -539,7 +540,7 @@ def test_xdiag_in_bfloat16_runs_end_to_end(tmp_path):
         and bool(torch.isfinite(d.float()).all())
         and meta["perplexity"] > 1
     )
-    from lib.operator import digest
+    from lib.products.operator import digest
 
     basis = torch.randn(3, 5).to(torch.bfloat16)
     assert digest(basis) == digest(basis.clone()) != digest(basis + 1)

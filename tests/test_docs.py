@@ -23,10 +23,10 @@ README_MAX_LINES = 200
 
 
 def test_flags_page_is_generated_from_the_parsers():
-    from lib import flags_doc
+    from lib.app import flags_doc
 
     assert (DOCS / "flags.md").read_text() == flags_doc.markdown(), (
-        "docs/flags.md is stale: run `python -m lib.flags_doc > docs/flags.md`"
+        "docs/flags.md is stale: run `python -m lib.app.flags_doc > docs/flags.md`"
     )
     assert (
         "%%" not in flags_doc.markdown()

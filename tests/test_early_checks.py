@@ -1,5 +1,5 @@
 """A wrong subset is refused from the weights on disk before torch is imported, with the messages of the checks
-on the module tree (lib.subsets), which stay the oracle."""
+on the module tree (lib.objective.subsets), which stay the oracle."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import sys
 import pytest
 from conftest import ROOT, tiny_model
 
-from lib import early_checks, subsets
+from lib.app import early_checks
 from lib.errors import ParamError
-from lib.models import EMBEDDED_MODEL_DIR, find_blocks, linear_layers
+from lib.model.models import EMBEDDED_MODEL_DIR, find_blocks, linear_layers
+from lib.objective import subsets
 
 ARCHS4 = ("opt", "llama", "gpt2", "qwen2")
 
@@ -45,7 +46,7 @@ def message(fn) -> str | None:
     return None
 
 
-CASES = [  # (subset function of lib.subsets, its arguments, the same fields for check_subset)
+CASES = [  # (subset function of lib.objective.subsets, its arguments, the same fields for check_subset)
     (
         subsets.single_layer_single_block,
         ("q_prj", 0, 4),

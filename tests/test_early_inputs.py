@@ -11,7 +11,8 @@ import pytest
 from conftest import ROOT
 
 import single_layer_single_block
-from lib import commands, early_checks
+from lib import commands
+from lib.app import early_checks
 from lib.errors import UserError
 
 BASE = ["--t", "2", "--no_progress"]
@@ -71,7 +72,7 @@ def test_more_samples_than_the_text_can_hold_are_refused_early_and_later(monkeyp
 
 def test_the_bound_holds_for_a_byte_level_tokenizer_on_any_text(tmp_path):
     """The early bound (one token per byte, plus slack) is never below the real count, on a text of many scripts."""
-    from lib.data import load_tokenizer, tokenize
+    from lib.model.data import load_tokenizer, tokenize
 
     text = "Ünïcödé ∑ 漢字 emoji 🤖 tabs\t\tand\n\nnewlines " * 50 + "x" * 300
     n = tokenize(load_tokenizer("embedded"), text).numel()

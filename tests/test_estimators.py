@@ -18,25 +18,25 @@ from cases import _logits_fn, xdiag_by_definition  # noqa: F401  (_logits_fn: us
 from conftest import tiny_ids, tiny_model
 from torch.func import functional_call
 
-from lib import subsets
-from lib.curvature import (
+from lib.estimators.approximations import REGISTRY as APPROX_REGISTRY
+from lib.estimators.approximations.base import sample_labels
+from lib.estimators.diagonal import diagonal_of
+from lib.hessian.curvature import (
     APPROXIMATIONS,
     CurvatureJob,
     approximation_matrices,
     entry_layout,
 )
-from lib.diagonal import (
+from lib.hessian.diagonal import (
     ESTIMATORS,
     REGISTRY,
     Target,
     hessian_diagonal,
     rademacher_probes,
 )
-from lib.estimators.approximations import REGISTRY as APPROX_REGISTRY
-from lib.estimators.approximations.base import sample_labels
-from lib.estimators.diagonal import diagonal_of
-from lib.jobs import run_serial
-from lib.loss import SubsetLoss
+from lib.objective import subsets
+from lib.objective.loss import SubsetLoss
+from lib.runtime.jobs import run_serial
 
 CPU = torch.device("cpu")
 
@@ -382,7 +382,7 @@ def test_the_sampled_fisher_approaches_the_ggn():
 
 
 def test_the_torch_free_help_lists_exactly_the_registered_estimators():
-    from lib import cli
+    from lib.app import cli
 
     summaries = cli.estimator_summaries()
     assert set(summaries) == set(REGISTRY.names())

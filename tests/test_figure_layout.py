@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib import diagonality, plots
+from lib.app import plots
+from lib.hessian import diagonality
 
 LONG = (
     "first 16 weights of row 0 of the first 6 linear layers in block 0; embedded, data shakespeare-heldout.txt "

@@ -11,14 +11,16 @@ from cases import ToyJob
 
 import reproduce
 import single_layer_single_block
-from lib import batch_study, diagonality, parallel, subsets
-from lib import checkpoint as ckpt
-from lib.data import load_samples
+from lib.app.plots import slice_label
 from lib.errors import RunError
-from lib.hessian import exact_hessian
-from lib.jobs import add_partials
-from lib.models import load_model
-from lib.plots import slice_label
+from lib.hessian import batch_study, diagonality
+from lib.hessian.exact import exact_hessian
+from lib.model.data import load_samples
+from lib.model.models import load_model
+from lib.objective import subsets
+from lib.runtime import checkpoint as ckpt
+from lib.runtime import parallel
+from lib.runtime.jobs import add_partials
 
 # ----------------------------------------------------------------------------- diagonality, on hand-made matrices
 

@@ -10,9 +10,9 @@ import torch
 from conftest import tiny_ids, tiny_model
 from torch import nn
 
-from lib import finite_difference as fd
-from lib.operator import HessianOperator
-from lib.subsets import params_subset
+from lib.objective.subsets import params_subset
+from lib.products import finite_difference as fd
+from lib.products.operator import HessianOperator
 
 F64 = torch.float64
 
@@ -166,7 +166,7 @@ def test_operator_matches_exact_products_on_tiny_models(arch, richardson):
 
 def test_operator_keeps_sdpa_fused_and_runs_in_bfloat16(monkeypatch):
     """Finite differences never enter the double-backward attention context (SDPA keeps its fused kernels), and run in bf16."""
-    import lib.loss
+    import lib.objective.loss
 
     model = tiny_model("llama", F64, attn="sdpa")
     ids = tiny_ids(2, 8)
@@ -174,7 +174,7 @@ def test_operator_keeps_sdpa_fused_and_runs_in_bfloat16(monkeypatch):
     v = torch.randn(subset.size, 1, dtype=F64, generator=torch.Generator().manual_seed(0))
     exact = HessianOperator(model, subset, ids) @ v
     monkeypatch.setattr(
-        lib.loss,
+        lib.objective.loss,
         "attention_context",
         lambda m: (_ for _ in ()).throw(AssertionError("math kernel forced")),
     )
@@ -210,7 +210,7 @@ def test_unavoidable_crossings_keep_the_first_product():
 
 def test_embedded_model_runs_the_attention_asked_for():
     """The embedded model's saved config names eager attention; --attn_implementation sdpa must still give SDPA."""
-    from lib.models import load_model
+    from lib.model.models import load_model
 
     assert load_model("embedded", attn_implementation="sdpa").config._attn_implementation == "sdpa"
     assert load_model("embedded").config._attn_implementation == "eager"

@@ -1,4 +1,4 @@
-"""Forward-mode Jacobian-vector products (:mod:`lib.forward`) against the double-backward identity and differences."""
+"""Forward-mode Jacobian-vector products (:mod:`lib.objective.forward`) against the double-backward identity and differences."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import pytest
 import torch
 from conftest import LAYER, tiny_ids, tiny_model
 
-from lib import subsets
-from lib.forward import (
+from lib.objective import subsets
+from lib.objective.forward import (
     JVPPolicy,
     forward_unsupported,
     jvp_columns,
     jvp_double_backward,
     jvp_forward,
 )
-from lib.loss import SubsetLoss
+from lib.objective.loss import SubsetLoss
 
 
 def _setup(arch: str, fused_head: bool = True, attn: str = "eager"):
@@ -139,7 +139,7 @@ def test_auto_decides_on_the_first_rows_with_the_callers_backward():
 
 @pytest.mark.parametrize("mode", ["forward", "double-backward", "auto"])
 def test_ggn_products_by_either_mode_equal_the_double_backward_matvec(mode):
-    from lib.curvature import GGNOperator
+    from lib.hessian.curvature import GGNOperator
 
     model = tiny_model("llama")
     name = "model.layers.0.self_attn.q_proj.weight"

@@ -11,13 +11,14 @@ import torch
 from conftest import ROOT, tiny_ids, tiny_model, torchrun
 
 import hessian_spectrum
-from lib import cli, fsdp
+from lib.app import cli
+from lib.app.spec import SpectrumSpec
 from lib.errors import UserError
-from lib.finite_difference import FDSettings
-from lib.models import EMBEDDED_MODEL_DIR
-from lib.operator import HessianOperator
-from lib.spec import SpectrumSpec
-from lib.subsets import params_subset
+from lib.model.models import EMBEDDED_MODEL_DIR
+from lib.objective.subsets import params_subset
+from lib.products import fsdp
+from lib.products.finite_difference import FDSettings
+from lib.products.operator import HessianOperator
 
 F64 = torch.float64
 FLAGS = [
@@ -54,7 +55,7 @@ FLAGS = [
 DIE = """
 import os, sys
 sys.path.insert(0, {root!r})
-import lib.fsdp as f
+import lib.products.fsdp as f
 matmat = f.ShardedOperator.matmat
 def dying(self, v):
     if self.rank == 1 and self.passes == 3:
@@ -62,7 +63,7 @@ def dying(self, v):
     return matmat(self, v)
 f.ShardedOperator.matmat = dying
 import hessian_spectrum
-from lib import cli
+from lib.app import cli
 cli.main(hessian_spectrum.run, sys.argv[1:])
 """
 
@@ -184,7 +185,7 @@ def test_two_gloo_ranks_equal_one_process_and_a_dead_rank_resumes(tiny_llama, tm
 
 
 def _refused(argv, capsys, monkeypatch, script=hessian_spectrum) -> str:
-    from lib import pipeline
+    from lib.app import pipeline
 
     monkeypatch.setattr(
         pipeline,

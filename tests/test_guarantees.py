@@ -24,15 +24,16 @@ from conftest import ROOT, subprocess_env
 
 import hessian_diagonal
 import single_layer_single_block
-from lib import checkpoint as ckpt
-from lib import parallel, pipeline, preflight
-from lib.diagonal import DiagonalJob
-from lib.diagonal_cli import DiagonalFamily
+from lib.app import pipeline, preflight
+from lib.app.diagonal_family import DiagonalFamily
+from lib.app.exact_family import ExactFamily
+from lib.app.results import sha256_file
+from lib.app.spec import DiagonalSpec, ExactSpec
 from lib.errors import RunError
-from lib.exact_cli import ExactFamily
-from lib.hessian import ExactHessianJob
-from lib.results import sha256_file
-from lib.spec import DiagonalSpec, ExactSpec
+from lib.hessian.diagonal import DiagonalJob
+from lib.hessian.exact import ExactHessianJob
+from lib.runtime import checkpoint as ckpt
+from lib.runtime import parallel
 
 DIAG = [
     "--hvps",
@@ -168,25 +169,25 @@ def test_default_names_differ_for_every_result_defining_flag():
 WRAPPER = """
 import os, signal, sys, time
 sys.path.insert(0, {root!r})
-import lib.hessian, lib.results
+import lib.hessian.exact, lib.app.results
 what = {what!r}
 if what == "hang":  # unit 2 never finishes
-    run_unit = lib.hessian.ExactHessianJob.run_unit
+    run_unit = lib.hessian.exact.ExactHessianJob.run_unit
     def hanging(self, k, progress=None):
         if k == 2:
             print("HANGING", file=sys.stderr, flush=True)
             time.sleep(600)
         return run_unit(self, k, progress)
-    lib.hessian.ExactHessianJob.run_unit = hanging
+    lib.hessian.exact.ExactHessianJob.run_unit = hanging
 elif what == "kill_before_json":  # SIGKILL between the durable .pt and the .json
-    write = lib.results.atomic_write_bytes
+    write = lib.app.results.atomic_write_bytes
     def killing(path, fn):
         if path.suffix == ".json":
             os.kill(os.getpid(), signal.SIGKILL)
         return write(path, fn)
-    lib.results.atomic_write_bytes = killing
+    lib.app.results.atomic_write_bytes = killing
 import single_layer_single_block
-from lib import cli
+from lib.app import cli
 cli.main(single_layer_single_block.run, sys.argv[1:])
 """
 
@@ -322,13 +323,13 @@ def test_a_failed_save_keeps_the_finished_sums_and_resume_writes_without_recompu
     kind, tmp_path, reference, monkeypatch, count_units
 ):
     script, args, _ = SCRIPTS[kind]
-    import lib.results
+    import lib.app.results
 
     def disk_full(path, fn):
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as m:
-        m.setattr(lib.results, "atomic_write_bytes", disk_full)
+        m.setattr(lib.app.results, "atomic_write_bytes", disk_full)
         code, err = _main(
             script, [*args, "--output_dir", str(tmp_path)]
         )  # default --checkpoint_every 120s: no checkpoint yet
@@ -351,12 +352,12 @@ def test_a_failed_save_keeps_the_finished_sums_and_resume_writes_without_recompu
 
 
 def test_ctrl_c_while_writing_the_results_says_they_are_in_the_checkpoint(tmp_path, monkeypatch):
-    import lib.results
+    import lib.app.results
 
     def interrupted(path, fn):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(lib.results, "atomic_write_bytes", interrupted)
+    monkeypatch.setattr(lib.app.results, "atomic_write_bytes", interrupted)
     code, err = _main(single_layer_single_block, [*ARGS, "--output_dir", str(tmp_path)])
     assert (
         code == 130
@@ -493,8 +494,8 @@ def test_a_run_that_does_not_fit_in_memory_is_refused_before_computing(
 
 def test_all_layers_xdiag_estimate_on_the_embedded_model():
     """The issue's case: --all_layers --vhp_samples 200 on the embedded model wrote a 635 MB phase-1 checkpoint."""
-    from lib.diagonal import Target, plan_phase1
-    from lib.models import iter_named_linear, load_model
+    from lib.hessian.diagonal import Target, plan_phase1
+    from lib.model.models import iter_named_linear, load_model
 
     model = load_model("embedded")
     targets = [

@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import ARCHS, LAYER, tiny_ids, tiny_model
 
-from lib import subsets
-from lib.hessian import batch_hessian, exact_hessian
-from lib.loss import SubsetLoss
+from lib.hessian.exact import batch_hessian, exact_hessian
+from lib.objective import subsets
+from lib.objective.loss import SubsetLoss
 
 
 def reference_hessian(model, subset, ids) -> torch.Tensor:
@@ -63,7 +63,7 @@ def test_default_method_equals_autograd_reference(arch, chunk):
     assert h.shape == (10, 10)
     assert ref.abs().max() > 0
     assert rel(h, ref) < 1e-9
-    assert rel(h, h.T) < 1e-12  # float64 end to end (lib.precision), for OPT and Llama too
+    assert rel(h, h.T) < 1e-12  # float64 end to end (lib.model.precision), for OPT and Llama too
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "mistral"])
@@ -191,7 +191,7 @@ def _units_subset(model, arch: str, units: tuple[int, ...] = (0, 3)):
 def test_layer_outputs_equal_the_entries_and_the_reference(arch):
     """``H = sum_b J_b^T H_z J_b`` through the layer's outputs (GPT-2: a transposed Conv1D) equals the per-entry
     rows and torch.autograd.functional.hessian, with 2 samples in one forward (``H_z`` block-diagonal over them)."""
-    from lib.hessian import products_space
+    from lib.hessian.exact import products_space
 
     model = tiny_model(arch)
     subset = _units_subset(model, arch)
@@ -220,7 +220,7 @@ def test_layer_outputs_of_two_layers_fed_by_the_same_input():
 
 
 def test_layer_outputs_refused_where_inputs_depend_on_the_subset_or_weights_are_shared():
-    from lib.loss import LayerOutputs
+    from lib.objective.loss import LayerOutputs
 
     model = tiny_model("opt")
     several = subsets.single_layer_several_blocks(
@@ -268,8 +268,8 @@ def test_layer_outputs_in_the_exact_hessian_job():
     model = tiny_model("gpt2")
     subset = _units_subset(model, "gpt2", (1, 2))
     ids = tiny_ids(4, 5)
-    from lib.hessian import ExactHessianJob
-    from lib.jobs import run_serial
+    from lib.hessian.exact import ExactHessianJob
+    from lib.runtime.jobs import run_serial
 
     job = ExactHessianJob(subset, ids, model_input_bs=2, model=model)
     sums = run_serial(job, torch.device("cpu"))

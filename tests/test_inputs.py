@@ -19,11 +19,11 @@ from conftest import ROOT
 import several_layers_several_blocks
 import single_layer_several_blocks
 import single_layer_single_block
-from lib import checkpoint as ckpt
-from lib import cli
-from lib.data import tokenize
-from lib.inputs import model_fingerprint, tokenizer_fingerprint
-from lib.models import EMBEDDED_MODEL_DIR, ModelSpec, load_model
+from lib.app import cli
+from lib.model.data import tokenize
+from lib.model.inputs import model_fingerprint, tokenizer_fingerprint
+from lib.model.models import EMBEDDED_MODEL_DIR, ModelSpec, load_model
+from lib.runtime import checkpoint as ckpt
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_fingerprint_is_content_based(tiny_dir, tmp_path):
     assert model_fingerprint(b.to(torch.float64)) != model_fingerprint(
         load_model(str(tiny_dir))
     )  # the dtype counts
-    from lib.data import load_tokenizer
+    from lib.model.data import load_tokenizer
 
     tok = load_tokenizer(str(tiny_dir))
     assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(
@@ -321,7 +321,7 @@ def test_bad_cache_dir_is_one_line(tmp_path, capsys, kind):
 
 
 def test_corrupt_token_cache_is_detected_and_rebuilt(tmp_path, capsys):
-    from lib.data import EMBEDDED_TEXT, load_tokenizer
+    from lib.model.data import EMBEDDED_TEXT, load_tokenizer
 
     tok, text = load_tokenizer("embedded"), EMBEDDED_TEXT.read_text()[:2000]
     ids = tokenize(tok, text, str(tmp_path))
@@ -350,7 +350,7 @@ sys.path.insert(0, {root!r})
 from transformers import AutoModelForCausalLM, AutoTokenizer  # imports first: a loaded machine slows them, not the run
 from datasets import load_dataset
 import single_layer_single_block
-from lib import cli
+from lib.app import cli
 t0 = time.perf_counter()
 try:
     cli.main(single_layer_single_block.run, {argv!r})
@@ -371,7 +371,7 @@ finally:
 def test_unreachable_hub_fails_fast_in_one_line(tmp_path, extra, message):
     """Without HF_HUB_OFFLINE, and no route to the hub (as on this machine): no retries (about 25 s of them
     before), one line on stderr. The time is taken from after the imports, in the child."""
-    from lib.inputs import hub_reachable
+    from lib.model.inputs import hub_reachable
 
     if hub_reachable():
         pytest.skip("the hub is reachable from here")

@@ -11,8 +11,9 @@ import torch
 from conftest import tiny_model
 
 import lib
-from lib import autotune, threads
 from lib.errors import ParamError
+from lib.products import autotune
+from lib.runtime import threads
 
 
 @pytest.fixture
@@ -133,7 +134,7 @@ def test_hessian_diagonal_resolves_auto_as_the_diagonal_script(monkeypatch):
     """The diagonal script's rule counts one product per sample (``Family.products_per_sample``)."""
     seen = []
     monkeypatch.setattr(autotune, "AUTO_MIN_SECONDS", 0.0)
-    import lib.diagonal as diagonal
+    import lib.hessian.diagonal as diagonal
 
     real = diagonal.DiagonalJob.__init__
 
@@ -173,7 +174,7 @@ def test_the_chunk_defaults_are_the_scripts(monkeypatch):
     """The scripts' ``--chunk 0`` (measured) is the library's ``None``."""
     import inspect
 
-    from lib import cli
+    from lib.app import cli
 
     spec = cli.parse("single_layer_single_block", [], "")
     assert spec.compute.chunk == 0

@@ -1,4 +1,4 @@
-"""One curvature-operator protocol (:mod:`lib.linop`): the Hessian and GGN operators take ``(n, p)`` blocks, and
+"""One curvature-operator protocol (:mod:`lib.products.linop`): the Hessian and GGN operators take ``(n, p)`` blocks, and
 the SciPy view refuses in one line where a process holds no result."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import LAYER, tiny_ids, tiny_model
 
-from lib import subsets
 from lib.estimators.diagonal.ggn import GGNOperator
-from lib.linop import CurvatureOperator, NoResultHere, OperatorViews
-from lib.loss import SubsetLoss
-from lib.operator import HessianOperator
+from lib.objective import subsets
+from lib.objective.loss import SubsetLoss
+from lib.products.linop import CurvatureOperator, NoResultHere, OperatorViews
+from lib.products.operator import HessianOperator
 
 
 def test_hessian_and_ggn_operators_share_the_protocol_and_the_block_convention():

@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import ARCHS, LAYER, tiny_ids, tiny_model
 
-from lib import subsets
-from lib.cli import flag_message
+from lib.app.cli import flag_message
 from lib.errors import UserError
-from lib.loss import SubsetLoss, head_nll, summed_nll
+from lib.objective import subsets
+from lib.objective.loss import SubsetLoss, head_nll, summed_nll
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -163,7 +163,7 @@ def test_arbitrary_and_random_subsets():
 
 
 def test_subset_errors_name_the_parameters():
-    """The library names its own parameters (a ValueError); the scripts show the flag instead (lib.cli.flag_message)."""
+    """The library names its own parameters (a ValueError); the scripts show the flag instead (lib.app.cli.flag_message)."""
     model = tiny_model("opt")
     cases = [
         (

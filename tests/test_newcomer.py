@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import single_layer_several_blocks
-from lib import diagonality, subsets
+from lib.app.suggest import did_you_mean, glob_suggestion, unknown_flags_hint
 from lib.errors import UserError
-from lib.models import load_model
-from lib.suggest import did_you_mean, glob_suggestion, unknown_flags_hint
+from lib.hessian import diagonality
+from lib.model.models import load_model
+from lib.objective import subsets
 
 
 def test_misspelt_flag_gets_a_suggestion(capsys):
@@ -79,7 +80,7 @@ def test_titles_summary_and_json_name_what_was_computed_on(tmp_path, monkeypatch
     import json
 
     import single_layer_single_block
-    from lib import plots
+    from lib.app import plots
 
     titles = []
     save = plots._save
@@ -137,7 +138,7 @@ def test_skip_existing_exits_0_on_a_verified_finished_result_and_refuses_anythin
     tmp_path, monkeypatch, capsys
 ):
     import single_layer_single_block
-    from lib import cli, pipeline
+    from lib.app import cli, pipeline
 
     args = ["--t", "2", "--b", "1", "--seqlen", "8", "--no_progress", "--output_dir", str(tmp_path)]
     first = single_layer_single_block.run([*args, "--name", "a"])

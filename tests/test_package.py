@@ -17,13 +17,13 @@ from conftest import ROOT
 CHECK = """
 import importlib, pkgutil, sys
 import llm_hessian as lib
-for m in pkgutil.iter_modules(lib.__path__):  # every module, so every relative import, under the new name
-    importlib.import_module(f"llm_hessian.{m.name}")
-from llm_hessian.data import EMBEDDED_TEXT
-from llm_hessian.models import EMBEDDED_MODEL_DIR
+for m in pkgutil.walk_packages(lib.__path__, "llm_hessian."):  # every module, so every relative import, under the new name
+    importlib.import_module(m.name)
+from llm_hessian.model.data import EMBEDDED_TEXT
+from llm_hessian.model.models import EMBEDDED_MODEL_DIR
 assert (EMBEDDED_MODEL_DIR / "model.safetensors").is_file() and EMBEDDED_TEXT.is_file()
 assert "lib" not in sys.modules, "the package imported itself as lib"
-assert lib.single_layer_single_block.__module__ == "llm_hessian.subsets"
+assert lib.single_layer_single_block.__module__ == "llm_hessian.objective.subsets"
 print(lib.__file__)
 """
 

@@ -15,12 +15,13 @@ from cases import ARGS, ToyJob  # noqa: F401  (ToyJob: the jobs that fail, pickl
 from conftest import ROOT, subprocess_env, torchrun
 
 import single_layer_single_block
-from lib import checkpoint as ckpt
-from lib import cli, parallel
+from lib.app import cli
 from lib.errors import RunError, UserError
-from lib.hessian import ExactHessianJob
-from lib.jobs import ModelJob, add_partials, run_serial
-from lib.models import ModelSpec
+from lib.hessian.exact import ExactHessianJob
+from lib.model.models import ModelSpec
+from lib.runtime import checkpoint as ckpt
+from lib.runtime import parallel
+from lib.runtime.jobs import ModelJob, add_partials, run_serial
 
 
 def _run(tmp, *extra) -> torch.Tensor:
@@ -300,10 +301,10 @@ def test_two_cpu_workers_equal_one_process_bitwise(reference, tmp_path):
 
 @pytest.mark.slow
 def test_diagonal_job_on_two_cpu_workers_equals_one_process_bitwise():
-    diagonal = pytest.importorskip("lib.diagonal")
-    from lib.data import load_samples
-    from lib.jobs import run_serial
-    from lib.models import ModelSpec
+    diagonal = pytest.importorskip("lib.hessian.diagonal")
+    from lib.model.data import load_samples
+    from lib.model.models import ModelSpec
+    from lib.runtime.jobs import run_serial
 
     spec = ModelSpec(dtype="float64")
     model = spec.load("cpu")
@@ -340,7 +341,7 @@ def test_torchrun_with_two_gloo_ranks_equals_one_process_bitwise(reference, tmp_
 HANG_AT_UNIT_2 = """
 import sys, time
 sys.path.insert(0, {root!r})
-import lib.hessian as h
+import lib.hessian.exact as h
 run_unit = h.ExactHessianJob.run_unit
 def hanging(self, k, progress=None):
     if k == 2:
@@ -348,7 +349,7 @@ def hanging(self, k, progress=None):
     return run_unit(self, k, progress)
 h.ExactHessianJob.run_unit = hanging
 import single_layer_single_block
-from lib import cli
+from lib.app import cli
 cli.main(single_layer_single_block.run, sys.argv[1:])
 """
 
@@ -455,9 +456,9 @@ def test_torchrun_ranks_take_their_gpu_and_a_rank_without_one_is_refused_in_one_
     index (ValueError); with two ranks on one GPU, rank 1 died on 'invalid device ordinal' deep in the run."""
     from types import SimpleNamespace
 
+    from lib.app.pipeline import run_devices
     from lib.errors import ParamError
-    from lib.models import resolve_device
-    from lib.pipeline import run_devices
+    from lib.model.models import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

@@ -1,15 +1,15 @@
-"""Float64 end to end (lib.precision): what is swapped, what is left alone, and that it is the same model."""
+"""Float64 end to end (lib.model.precision): what is swapped, what is left alone, and that it is the same model."""
 
 from __future__ import annotations
 
 import torch
 from conftest import tiny_ids, tiny_model
 
-from lib import subsets
-from lib.hessian import batch_hessian
-from lib.loss import SubsetLoss
-from lib.models import load_model, prepare_model
-from lib.precision import KEEP_DTYPE_ATTENTION, KeepDtypeRMSNorm, keep_dtype_attention
+from lib.hessian.exact import batch_hessian
+from lib.model.models import load_model, prepare_model
+from lib.model.precision import KEEP_DTYPE_ATTENTION, KeepDtypeRMSNorm, keep_dtype_attention
+from lib.objective import subsets
+from lib.objective.loss import SubsetLoss
 
 
 def norm_types(model) -> set[str]:

@@ -1,17 +1,17 @@
-"""The one product job (lib.operator.ProductJob): every job's products go through it, and through its ``products`` hook."""
+"""The one product job (lib.products.operator.ProductJob): every job's products go through it, and through its ``products`` hook."""
 
 from __future__ import annotations
 
 import torch
 from conftest import LAYER, tiny_ids, tiny_model
 
-from lib import subsets
-from lib.curvature import CurvatureJob
-from lib.diagonal import DiagonalJob, Target, hessian_diagonal, plan_phase1
-from lib.hessian import ExactHessianJob, hessian_rev_rev
-from lib.jobs import run_serial
-from lib.loss import SubsetLoss
-from lib.operator import (
+from lib.hessian.curvature import CurvatureJob
+from lib.hessian.diagonal import DiagonalJob, Target, hessian_diagonal, plan_phase1
+from lib.hessian.exact import ExactHessianJob, hessian_rev_rev
+from lib.objective import subsets
+from lib.objective.loss import SubsetLoss
+from lib.products.base import Products
+from lib.products.operator import (
     REVERSE_OVER_REVERSE,
     BatchGraph,
     HessianOperator,
@@ -19,7 +19,7 @@ from lib.operator import (
     ProductJob,
     digest,
 )
-from lib.products import Products
+from lib.runtime.jobs import run_serial
 
 CPU = torch.device("cpu")
 

@@ -1,4 +1,4 @@
-"""The product strategy is a declared abstract base (:class:`lib.products.Products`): every capability the jobs
+"""The product strategy is a declared abstract base (:class:`lib.products.base.Products`): every capability the jobs
 and the operator read is an attribute or method of it, and no module tests for a concrete strategy."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib.finite_difference import FDSettings, FDStats, FiniteDifference
-from lib.operator import REVERSE_OVER_REVERSE, products_for
-from lib.products import Products
+from lib.products.base import Products
+from lib.products.finite_difference import FDSettings, FDStats, FiniteDifference
+from lib.products.operator import REVERSE_OVER_REVERSE, products_for
 
 LIB = Path(__file__).resolve().parent.parent / "lib"
 

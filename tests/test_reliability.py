@@ -19,8 +19,8 @@ from conftest import ROOT, subprocess_env
 
 import hessian_diagonal
 import single_layer_single_block
-from lib import checkpoint as ckpt
-from lib import parallel
+from lib.runtime import checkpoint as ckpt
+from lib.runtime import parallel
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,7 @@ def test_resume_refuses_a_model_whose_configuration_changed_after_a_kill(tmp_pat
     from cases import INPUTS_FAST as FAST
     from cases import _fail, _tiny_opt
 
-    from lib.models import load_model
+    from lib.model.models import load_model
 
     model_dir = _tiny_opt(tmp_path / "m")
     assert json.loads((model_dir / "config.json").read_text())["activation_function"] == "relu"
@@ -179,7 +179,7 @@ def test_resume_refuses_a_model_whose_configuration_changed_after_a_kill(tmp_pat
     capsys.readouterr()
     err = _fail([*argv, "--resume"], capsys)  # exit 0 before: 2 relu units mixed with 2 gelu units
     assert not (tmp_path / "out" / "r.pt").exists()
-    from lib.inputs import code_path, config_fingerprint
+    from lib.model.inputs import code_path, config_fingerprint
 
     old, new = meta["fingerprints"]["model_config"], config_fingerprint(load_model(str(model_dir)))
     assert (
@@ -202,8 +202,8 @@ def test_a_worker_refuses_a_model_whose_configuration_or_code_differs(tmp_path):
     from cases import _tiny_opt
 
     from lib.errors import UserError
-    from lib.inputs import code_path, config_fingerprint
-    from lib.models import ModelSpec, load_model
+    from lib.model.inputs import code_path, config_fingerprint
+    from lib.model.models import ModelSpec, load_model
 
     model_dir = _tiny_opt(tmp_path / "m")
     model = load_model(str(model_dir))
@@ -308,7 +308,7 @@ def test_a_run_never_writes_a_file_of_another_result(first, second, taken, tmp_p
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     owner = first[1]
     monkeypatch.setattr(
-        "lib.pipeline.load_model",
+        "lib.app.pipeline.load_model",
         lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was loaded")),
     )
     code, err = _main(single_layer_single_block, [*TINY, "--output_dir", str(tmp_path), *second])
@@ -321,10 +321,10 @@ def test_a_run_never_writes_a_file_of_another_result(first, second, taken, tmp_p
 
 
 def test_a_run_never_writes_a_file_a_running_or_unfinished_run_will_write(tmp_path, monkeypatch):
-    from lib import outputs
+    from lib.app import outputs
 
     monkeypatch.setattr(
-        "lib.pipeline.load_model",
+        "lib.app.pipeline.load_model",
         lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was loaded")),
     )
     other = outputs.claim(
@@ -376,7 +376,7 @@ if what == "kill_at_png":  # SIGKILL as the result's first .png is written (its 
         return savefig(self, fname, *a, **k)
     matplotlib.figure.Figure.savefig = killing
 import single_layer_single_block
-from lib import cli
+from lib.app import cli
 if __name__ == "__main__":
     cli.main(single_layer_single_block.run, sys.argv[1:])
 """
@@ -443,7 +443,7 @@ def test_an_overwrite_killed_between_its_figures_leaves_the_old_result_whole(
     meta = single_layer_single_block.run(
         [*ARGS, "--output_dir", str(out), "--overwrite", "--resume"]
     )
-    from lib.results import verify_result
+    from lib.app.results import verify_result
 
     assert verify_result(out / "h.json")["outputs"] == meta["outputs"] and sorted(
         meta["outputs"]
@@ -464,8 +464,8 @@ def test_an_overwrite_killed_between_its_figures_leaves_the_old_result_whole(
 def test_an_overwrite_stopped_while_renaming_its_files_leaves_no_json(
     tmp_path, monkeypatch, reference_exact
 ):
-    import lib.results
-    from lib.results import verify_result
+    import lib.app.results
+    from lib.app.results import verify_result
 
     single_layer_single_block.run(
         [*ARGS, "--output_dir", str(tmp_path), "--b", "2", "--batch_study"]
@@ -478,7 +478,7 @@ def test_an_overwrite_stopped_while_renaming_its_files_leaves_no_json(
         return replace(src, dst)
 
     with monkeypatch.context() as m:
-        m.setattr(lib.results.os, "replace", stop_at_the_png)
+        m.setattr(lib.app.results.os, "replace", stop_at_the_png)
         code, err = _main(
             single_layer_single_block, [*ARGS, "--output_dir", str(tmp_path), "--overwrite"]
         )
@@ -507,7 +507,7 @@ def test_an_overwrite_stopped_while_renaming_its_files_leaves_no_json(
 
 
 def test_verify_result_names_a_replaced_damaged_or_missing_file(tmp_path):
-    from lib.results import ResultMismatch, load_result, verify_result
+    from lib.app.results import ResultMismatch, load_result, verify_result
 
     single_layer_single_block.run(
         [*TINY, "--output_dir", str(tmp_path), "--name", "a", "--batch_study"]
@@ -543,7 +543,7 @@ def test_verify_result_names_a_replaced_damaged_or_missing_file(tmp_path):
 @pytest.mark.slow
 def test_reproduce_refuses_a_result_whose_tensor_was_swapped(tmp_path, monkeypatch, capsys):
     import reproduce
-    from lib import reproduce as preset_runs
+    from lib.app import reproduce as preset_runs
 
     run = preset_runs.execute
     done = []
@@ -559,7 +559,7 @@ def test_reproduce_refuses_a_result_whose_tensor_was_swapped(tmp_path, monkeypat
 
     monkeypatch.setattr(preset_runs, "execute", swap_after_the_second)
     with pytest.raises(SystemExit) as e:
-        from lib import cli
+        from lib.app import cli
 
         cli.main(
             reproduce.run,
@@ -673,7 +673,7 @@ def test_damaged_edited_or_unbound_pass_files_are_refused_on_resume(what, pass_l
 
 def test_a_pass_file_is_bound_to_its_configuration_and_index(tmp_path):
     from lib.errors import UserError
-    from lib.passlog import encode_pass, read_pass
+    from lib.runtime.passlog import encode_pass, read_pass
 
     f = tmp_path / "pass_00000.pt"
     f.write_bytes(encode_pass("a" * 64, 0, "digest", torch.ones(3, 2, dtype=torch.float64)))
@@ -690,7 +690,8 @@ LIGHT = """
 import os, signal, sys, time
 sys.path.insert(0, {root!r})
 import torch
-from lib import cli, parallel
+from lib.app import cli
+from lib.runtime import parallel
 
 
 class Job:
@@ -728,7 +729,7 @@ if __name__ == "__main__":
 
 
 def _light(tmp_path, what: str, setup_timeout: float = 0.0) -> subprocess.Popen:
-    """:data:`LIGHT` (torch and :mod:`lib.parallel` only, two CPU workers) with fault ``what``, marked like :func:`_wrapped`."""
+    """:data:`LIGHT` (torch and :mod:`lib.runtime.parallel` only, two CPU workers) with fault ``what``, marked like :func:`_wrapped`."""
     script = tmp_path / "light.py"
     script.write_text(LIGHT.format(root=str(ROOT)))
     env = {**subprocess_env(), "HESSIAN_TEST_MARK": str(tmp_path)}
@@ -761,7 +762,8 @@ def test_a_worker_stuck_while_setting_up_is_stopped_as_hung(tmp_path):
 
 def test_setup_timeout_flag_reaches_the_run_and_is_validated(tmp_path, no_model_load):
 
-    from lib import commands, pipeline
+    from lib import commands
+    from lib.app import pipeline
 
     spec = commands.single_layer_single_block.spec([*ARGS, "--setup_timeout", "7"])
     cpu = torch.device("cpu")
@@ -843,7 +845,7 @@ CHUNKED = [
     "c",
 ]
 """With ``--seqlen 32`` the products are the 32 entries; with ``--seqlen 16`` the 16 (position, unit) products of the
-layer's output (fewer than the entries: lib.hessian.products_space)."""
+layer's output (fewer than the entries: lib.hessian.exact.products_space)."""
 
 
 def _counting_clock(monkeypatch) -> None:
@@ -851,10 +853,12 @@ def _counting_clock(monkeypatch) -> None:
     and the choice (chunk 8 of 1, 2, 4, 8 on 32 columns) does not depend on the machine's load."""
     import itertools
 
-    import lib.autotune
+    import lib.products.autotune
 
     ticks = itertools.count()
-    monkeypatch.setattr(lib.autotune, "device_clock", lambda device: lambda: float(next(ticks)))
+    monkeypatch.setattr(
+        lib.products.autotune, "device_clock", lambda device: lambda: float(next(ticks))
+    )
 
 
 @pytest.mark.parametrize(
@@ -895,13 +899,13 @@ def test_spectrum_resume_with_the_automatic_chunk_is_bitwise(tmp_path, monkeypat
     """The trace's 30-vector pass measures the chunk and the Hutch++ passes reuse it; a run stopped after the
     Hutchinson pass replays the recorded passes on --resume and computes the Hutch++ passes with the recorded chunk."""
     import hessian_spectrum
-    import lib.passlog
+    import lib.runtime.passlog
 
     flags = [*SPECTRUM, "--trace", "--t", "32"]
     _counting_clock(monkeypatch)
     ref_meta = hessian_spectrum.run([*flags, "--output_dir", str(tmp_path / "ref")])
     reference = torch.load(tmp_path / "ref" / "s.pt")
-    encode = lib.passlog.encode_pass
+    encode = lib.runtime.passlog.encode_pass
 
     def stop_after_the_hutchinson_pass(config_sha256, i, *a, **k):
         if i == 4:
@@ -909,7 +913,7 @@ def test_spectrum_resume_with_the_automatic_chunk_is_bitwise(tmp_path, monkeypat
         return encode(config_sha256, i, *a, **k)
 
     with monkeypatch.context() as m:
-        m.setattr(lib.passlog, "encode_pass", stop_after_the_hutchinson_pass)
+        m.setattr(lib.runtime.passlog, "encode_pass", stop_after_the_hutchinson_pass)
         code, _ = _main(hessian_spectrum, [*flags, "--output_dir", str(tmp_path)])
     assert code == 130 and len(list((tmp_path / "s.passes").glob("pass_*.pt"))) == 4
     meta = hessian_spectrum.run([*flags, "--output_dir", str(tmp_path), "--resume"])

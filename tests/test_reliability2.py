@@ -11,8 +11,9 @@ import torch
 from conftest import ROOT, subprocess_env, torchrun
 
 import single_layer_single_block
-from lib import cli, ranks
+from lib.app import cli
 from lib.commands import COMMANDS
+from lib.runtime import ranks
 
 FAST = ["--t", "2", "--seqlen", "16", "--b", "2", "--no_progress", "--dataset", "embedded"]
 
@@ -31,7 +32,7 @@ def _fail(argv, capsys, script=single_layer_single_block, code: int = 2) -> list
 @pytest.fixture
 def copied_model(tmp_path):
     """A copy of the embedded model in another directory (same weights, another --model)."""
-    from lib.models import EMBEDDED_MODEL_DIR
+    from lib.model.models import EMBEDDED_MODEL_DIR
 
     path = tmp_path / "copy"
     shutil.copytree(EMBEDDED_MODEL_DIR, path)
@@ -75,7 +76,7 @@ def test_ranks_that_disagree_refuse_before_a_weight_loads(
 ):
     """The pipeline gathers every rank's identity after reading the config, tokenizer and text, before the weights:
     a rank with another --b stops both ranks (exit 2), rank 0 prints the one line, rank 1 nothing."""
-    from lib import parallel
+    from lib.runtime import parallel
 
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(key, value)
@@ -103,7 +104,7 @@ def test_ranks_that_disagree_refuse_before_a_weight_loads(
 WRAP = """
 import os, sys
 sys.path.insert(0, {root!r})
-from lib import cli
+from lib.app import cli
 from lib.commands import COMMANDS
 argv = sys.argv[1:]
 cut = argv.index("--rank1")
@@ -154,7 +155,7 @@ def test_two_gloo_ranks_started_with_different_flags_refuse_in_one_line(tmp_path
     ],
 )
 def test_a_huge_finite_difference_step_is_one_line(script, extra, tmp_path, capsys, no_model_load):
-    from lib.finite_difference import MAX_RELATIVE_STEP
+    from lib.products.finite_difference import MAX_RELATIVE_STEP
 
     argv = ["--dataset", "embedded", "--b", "2", "--seqlen", "16", "--dtype", "float32"]
     argv += ["--hvp", "finite_difference", "--no_progress", "--output_dir", str(tmp_path)]
@@ -185,7 +186,7 @@ def test_spectrum_bounds_are_one_line_before_any_work(extra, message, tmp_path, 
 
 
 def test_broadened_density_in_blocks_equals_the_whole_matrix(monkeypatch):
-    from lib import spectrum
+    from lib.spectrum import algorithms as spectrum
 
     g = torch.Generator().manual_seed(0)
     theta = torch.randn(3, 7, dtype=torch.float64, generator=g)
@@ -208,7 +209,7 @@ def test_broadened_density_in_blocks_equals_the_whole_matrix(monkeypatch):
 
 @pytest.mark.parametrize("requested", [100000, 10**20])
 def test_threads_beyond_the_cpus_are_capped_with_a_note(requested, monkeypatch, capsys):
-    from lib import threads
+    from lib.runtime import threads
 
     before = torch.get_num_threads()
     monkeypatch.setattr(threads, "_CHOICE", None)
@@ -240,7 +241,7 @@ def test_threads_beyond_the_cpus_are_capped_with_a_note(requested, monkeypatch, 
     ],
 )
 def test_a_full_cache_disk_is_one_warning_and_the_run_goes_on(error, tmp_path, monkeypatch, capsys):
-    from lib import data
+    from lib.model import data
 
     tok, text = data.load_tokenizer("embedded"), data.EMBEDDED_TEXT.read_text()[:2000]
     expected = data.tokenize(tok, text)
@@ -264,7 +265,7 @@ def test_a_full_cache_disk_is_one_warning_and_the_run_goes_on(error, tmp_path, m
 def test_checkpoint_every_0_keeps_the_spectrum_disk_preflight_for_the_pass_log(
     tmp_path, monkeypatch, capsys
 ):
-    from lib import preflight
+    from lib.app import preflight
     from lib.commands import hessian_spectrum
 
     monkeypatch.setattr(preflight, "free_disk_bytes", lambda path: 100)
@@ -284,7 +285,7 @@ def test_checkpoint_every_0_keeps_the_spectrum_disk_preflight_for_the_pass_log(
 @pytest.mark.parametrize("failure", ["interrupt", "error"])
 def test_a_pass_stopped_after_three_counts_the_passes_kept(failure, tmp_path):
     from lib.errors import Interrupted, RunError
-    from lib.passlog import PassLog
+    from lib.runtime.passlog import PassLog
 
     def run_pass(v, i):
         if i == 3:
@@ -321,7 +322,7 @@ def test_a_signal_between_passes_counts_the_passes_kept(signal_, tmp_path):
     """A signal in the algorithms' own arithmetic (no pass running) says how many passes the log keeps; one inside
     a pass is counted once, by the pass (not twice)."""
     from lib.errors import Interrupted
-    from lib.passlog import PassLog
+    from lib.runtime.passlog import PassLog
 
     log = PassLog(tmp_path / "s.passes", {"x": 1}, False, lambda v, i: 2 * v)
     v = torch.ones(4, 1, dtype=torch.float64)
@@ -355,7 +356,7 @@ import sys, time
 sys.path.insert(0, {root!r})
 if __name__ == "__main__":
     import torch
-    from lib.parallel import WorkerPool
+    from lib.runtime.parallel import WorkerPool
     pool = WorkerPool([torch.device("cpu"), torch.device("cpu")])
     print(" ".join(str(w.proc.pid) for w in pool.start()), flush=True)
     time.sleep(120)
@@ -406,7 +407,7 @@ def test_workers_are_gone_within_a_second_of_a_parent_killed_during_their_start_
 def test_finite_differences_with_kink_crossings_left_quote_no_error_and_warn(capsys, monkeypatch):
     """(a) Products that kept kink crossings approximate a smoothed Hessian: the JSON quotes no measured error (it was
     measured where none was left) and says why; one warning line."""
-    from lib import finite_difference as fd
+    from lib.products import finite_difference as fd
 
     monkeypatch.setattr(fd, "_WARNED", set())
     products = fd.FiniteDifference(fd.FDSettings())
@@ -434,10 +435,10 @@ def test_the_fsdp_view_tensor_warning_leaves_the_gradients_of_the_products_exact
     import torch.distributed as dist
     from conftest import tiny_ids, tiny_model
 
-    from lib import fsdp
-    from lib.finite_difference import FDSettings
-    from lib.loss import summed_nll
-    from lib.subsets import params_subset
+    from lib.objective.loss import summed_nll
+    from lib.objective.subsets import params_subset
+    from lib.products import fsdp
+    from lib.products.finite_difference import FDSettings
 
     model = tiny_model("opt", torch.float64)
     ids = tiny_ids(3, 8)
@@ -471,7 +472,7 @@ def test_skip_existing_checks_the_text_and_the_model_config(copied_model, tmp_pa
     result computed on other ones."""
     import json
 
-    from lib.data import EMBEDDED_TEXT
+    from lib.model.data import EMBEDDED_TEXT
 
     text = tmp_path / "text.txt"
     text.write_text(EMBEDDED_TEXT.read_text()[:4000])
@@ -515,7 +516,7 @@ def _result_json(path, files):
 def test_a_finished_result_owns_the_files_it_lists_not_every_figure_of_its_name(tmp_path):
     """(d) A spectrum named q_convergence (density figure only) beside a diagonal result q does not block q's own
     q_convergence.pdf later; a file a result lists stays its own."""
-    from lib import outputs
+    from lib.app import outputs
     from lib.errors import UserError
 
     _result_json(tmp_path / "q.json", ["q.pt", "q.pdf", "q.png"])
@@ -534,7 +535,7 @@ def test_a_finished_result_owns_the_files_it_lists_not_every_figure_of_its_name(
 def test_a_name_whose_checkpoint_is_an_unfinished_runs_is_not_told_to_resume(tmp_path):
     """(d) A diagonal run named r.phase2 beside an unfinished r (whose phase-2 checkpoint is r.phase2.ckpt): the
     refusal names r's run, not --resume (which would not help)."""
-    from lib import outputs
+    from lib.app import outputs
     from lib.errors import UserError
 
     for f in ("r.ckpt", "r.phase2.ckpt"):
@@ -583,7 +584,7 @@ def test_dry_run_prints_the_installed_command_when_installed():
     script; every such command exists in pyproject.toml."""
     import tomllib
 
-    from lib.reproduce import script_command
+    from lib.app.reproduce import script_command
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     for name in COMMANDS:
@@ -616,8 +617,8 @@ def test_an_error_every_rank_raises_from_rank_0s_verdict_is_printed_by_rank_0(
     rank, printed, monkeypatch, capsys
 ):
     """(d) A unit's failure or a refused checkpoint is decided on rank 0 and raised on every rank: one line per job."""
-    from lib import parallel
     from lib.errors import RunError, UserError
+    from lib.runtime import parallel
 
     monkeypatch.setenv("RANK", rank)
     monkeypatch.setenv("WORLD_SIZE", "2")

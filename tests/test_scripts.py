@@ -14,9 +14,10 @@ from conftest import ROOT
 import several_layers_several_blocks
 import single_layer_several_blocks
 import single_layer_single_block
-from lib import cli, subsets
-from lib.hessian import exact_hessian
-from lib.models import load_model
+from lib.app import cli
+from lib.hessian.exact import exact_hessian
+from lib.model.models import load_model
+from lib.objective import subsets
 
 FAST = ["--seqlen", "16", "--b", "2", "--no_progress"]
 
@@ -43,7 +44,7 @@ def test_single_layer_single_block_end_to_end(tmp_path):
     # the saved matrix is the library's exact Hessian of the same samples, normalized
     model = load_model("embedded")
     sub = subsets.single_layer_single_block(model, "self_attn.q_proj", 1, 6)
-    from lib.data import EMBEDDED_TEXT, load_tokenizer, make_samples, tokenize
+    from lib.model.data import EMBEDDED_TEXT, load_tokenizer, make_samples, tokenize
 
     samples = make_samples(tokenize(load_tokenizer("embedded"), EMBEDDED_TEXT.read_text()), 16, 2)
     ref = exact_hessian(model, sub, samples, method="autograd", fused_head=False)

@@ -19,10 +19,9 @@ from conftest import ROOT
 import hessian_diagonal
 import hessian_spectrum
 import single_layer_single_block
-from lib import cli, commands, pipeline, reproduce
-from lib.errors import ParamError, UserError
-from lib.models import EMBEDDED_MODEL_DIR
-from lib.spec import (
+from lib import commands
+from lib.app import cli, pipeline, reproduce
+from lib.app.spec import (
     OPERATIONAL,
     RESULT,
     ROLE,
@@ -34,6 +33,8 @@ from lib.spec import (
     library_constant,
     spec_class,
 )
+from lib.errors import ParamError, UserError
+from lib.model.models import EMBEDDED_MODEL_DIR
 
 FAST = ["--seqlen", "16", "--b", "2", "--no_progress"]
 
@@ -164,13 +165,13 @@ def test_values_are_refused_in_one_place_naming_the_flags():
 
 
 def test_library_constants_are_read_without_importing_their_modules():
-    from lib.spec import _literals
+    from lib.app.spec import _literals
 
     for module, name in (
-        ("hessian", "METHODS"),
-        ("spectrum", "WHICH"),
+        ("hessian.exact", "METHODS"),
+        ("spectrum.algorithms", "WHICH"),
         ("paths", "EMBEDDED"),
-        ("checkpoint", "DEFAULT_EVERY"),
+        ("runtime.checkpoint", "DEFAULT_EVERY"),
     ):
         assert (
             _literals(module)[name]
@@ -196,10 +197,10 @@ def test_deprecated_flags_still_work_with_one_warning_line(capsys):
 
 
 def test_estimator_choices_come_from_the_library_and_fisher_is_an_alias_of_empirical_fisher(capsys):
-    import lib.diagonal
+    import lib.hessian.diagonal
 
-    assert sorted(cli.estimator_choices()[: len(lib.diagonal.ESTIMATORS)]) == sorted(
-        lib.diagonal.ESTIMATORS
+    assert sorted(cli.estimator_choices()[: len(lib.hessian.diagonal.ESTIMATORS)]) == sorted(
+        lib.hessian.diagonal.ESTIMATORS
     )
     renamed = ("xdiag", "hutchinson", "empirical_fisher", "ggn", "exact")
     assert cli.resolve_estimators(["hutchinson", "fisher"], renamed) == [
@@ -472,7 +473,7 @@ def test_pipeline_turns_a_parameter_error_into_the_flag(monkeypatch, tmp_path):
             "the XDiag sketch has rank below 2: the Hessian's rank is smaller than vhp_samples/2",
         )
 
-    monkeypatch.setattr("lib.diagonal_cli.hessian_diagonal", failing)
+    monkeypatch.setattr("lib.app.diagonal_family.hessian_diagonal", failing)
     with pytest.raises(UserError) as exc:
         hessian_diagonal.run(["--hvps", "4", *FAST, "--output_dir", str(tmp_path)])
     assert (

@@ -1,4 +1,4 @@
-"""The spectrum as one library call (:mod:`lib.spectra`) on dense float64 matrices, against ``eigvalsh``."""
+"""The spectrum as one library call (:mod:`lib.spectrum.spectra`) on dense float64 matrices, against ``eigvalsh``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import lib
-from lib import spectrum
-from lib.spectra import SpectrumSettings, dense_spectrum, hessian_spectrum
+from lib.spectrum import algorithms as spectrum
+from lib.spectrum.spectra import SpectrumSettings, dense_spectrum, hessian_spectrum
 
 F64 = torch.float64
 
@@ -123,7 +123,7 @@ def test_results_and_settings_are_frozen_and_exported():
     assert lib.hessian_spectrum is hessian_spectrum and lib.SpectrumSettings is SpectrumSettings
     assert s.max_passes == s.max_iter
     # the library's defaults are hessian_spectrum.py's
-    from lib.spec import SpectrumCompute
+    from lib.app.spec import SpectrumCompute
 
     c = SpectrumCompute()
     for f in dataclasses.fields(SpectrumSettings):
@@ -134,15 +134,15 @@ def test_results_and_settings_are_frozen_and_exported():
 def test_docstring_examples_run():
     import doctest
 
-    import lib.spectra
+    import lib.spectrum.spectra
 
-    res = doctest.testmod(lib.spectra)
+    res = doctest.testmod(lib.spectrum.spectra)
     assert res.attempted >= 5 and res.failed == 0
 
 
 def test_an_operator_is_taken_as_it_is_and_a_plain_function_needs_n():
     from lib.errors import ParamError
-    from lib.linop import OperatorViews
+    from lib.products.linop import OperatorViews
 
     h = symmetric(10, 3)
 

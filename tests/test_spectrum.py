@@ -12,8 +12,9 @@ from conftest import tiny_ids, tiny_model
 
 import hessian_spectrum
 import lib
-from lib import cli, spectrum
-from lib.subsets import params_subset
+from lib.app import cli
+from lib.objective.subsets import params_subset
+from lib.spectrum import algorithms as spectrum
 
 F64 = torch.float64
 
@@ -174,7 +175,7 @@ def test_operator_eigenvalues_equal_eigvalsh(arch):
 
 def test_keep_graphs_decision_on_numbers():
     """auto keeps the graphs when the ones still to build fit in the fraction of the free memory; on/off force it."""
-    from lib.operator import keep_all_graphs
+    from lib.products.operator import keep_all_graphs
 
     assert keep_all_graphs("auto", 5, 100, 1600, fraction=0.25)  # 4 more x 100 <= 400
     assert not keep_all_graphs("auto", 6, 100, 1600, fraction=0.25)  # 500 > 400
@@ -186,7 +187,7 @@ def test_keep_graphs_decision_on_numbers():
 
 def test_graph_bytes_count_saved_storages_once():
     """The CPU measurement sums the unique storages a graph saves (a parameter's excluded), plus the outputs."""
-    from lib.operator import graph_bytes_measured
+    from lib.products.operator import graph_bytes_measured
 
     w = torch.randn(50, 40, dtype=F64)
     x = torch.randn(40, dtype=F64, requires_grad=True)
@@ -203,7 +204,7 @@ def test_graph_bytes_count_saved_storages_once():
 
 def test_operator_block_products_measure_the_chunk():
     """A block of >= TUNE_MIN_PRODUCTS vectors measures the chunk (recorded); the products stay those of chunk 1."""
-    from lib.operator import TUNE_MIN_PRODUCTS
+    from lib.products.operator import TUNE_MIN_PRODUCTS
 
     model, ids = tiny_model("gpt2"), tiny_ids(2, 8)
     subset = params_subset(model, [PARAM["gpt2"]])
@@ -435,8 +436,8 @@ def test_script_keeps_the_output_guarantees(tmp_path, monkeypatch):
     """Like the other scripts: a finished result is not replaced without --overwrite (refused before the model
     is loaded), the JSON carries the input fingerprints, and the seed (random start vectors and probes) is
     part of the default name."""
-    from lib import pipeline
-    from lib.spectrum_cli import FAMILY
+    from lib.app import pipeline
+    from lib.app.spectrum_family import FAMILY
 
     _, js = _pt(tmp_path, "--max_iter", "4")
     assert (

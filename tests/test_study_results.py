@@ -1,5 +1,5 @@
 """The batch-size study and the curvature comparison are library calls returning frozen results that write nothing
-(:func:`lib.batch_study.batch_study`, :func:`lib.curvature.compare`); :mod:`lib.exact_outputs` writes them."""
+(:func:`lib.hessian.batch_study.batch_study`, :func:`lib.hessian.curvature.compare`); :mod:`lib.app.exact_outputs` writes them."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 import torch
 
-from lib import batch_study
-from lib.curvature import Comparison
+from lib.hessian import batch_study
+from lib.hessian.curvature import Comparison
 
 
 def test_batch_study_result_is_the_studys_numbers_and_frozen(tmp_path, monkeypatch):

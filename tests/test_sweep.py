@@ -1,4 +1,4 @@
-"""The whole-model sweep (lib.sweep): every unit's quantities against dense eigvalsh of its exact Hessian block."""
+"""The whole-model sweep (lib.hessian.sweep): every unit's quantities against dense eigvalsh of its exact Hessian block."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import tiny_ids, tiny_model
 
-from lib import sweep as sw
 from lib.errors import ParamError
+from lib.hessian import sweep as sw
 
 F64 = torch.float64
 
@@ -103,7 +103,7 @@ def test_krylov_deflated_trace_is_unbiased_with_less_variance():
     )
     h = (u * ev) @ u.T
     rec = sw.Recorder(lambda v: h @ v)
-    from lib import spectrum
+    from lib.spectrum import algorithms as spectrum
 
     spectrum.lanczos(rec, 60, 1, "both", tol=1e-3, max_iter=8, seed=0, eigenvectors=False)
     q, hq = torch.cat(rec.v, 1), torch.cat(rec.hv, 1)
@@ -199,7 +199,7 @@ def test_the_table_schema_reads_back_typed(opt_block0):
     import io
     import json
 
-    from lib import sweep_cli
+    from lib.app import sweep_family as sweep_cli
 
     model, ids, units, _, _ = opt_block0
     res = sw.sweep(

@@ -1,4 +1,4 @@
-"""The thread policy (:mod:`lib.threads`) as a pure function, its overrides, and its record in a run's JSON."""
+"""The thread policy (:mod:`lib.runtime.threads`) as a pure function, its overrides, and its record in a run's JSON."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from lib import threads
 from lib.errors import UserError
+from lib.runtime import threads
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib import preflight, spectrum, vectors
+from lib.app import preflight
+from lib.spectrum import algorithms as spectrum
+from lib.spectrum import vectors
 
 F64 = torch.float64
 

@@ -1,9 +1,9 @@
 """What a curvature approximation compared with the exact Hessian (``--compare``) is made of.
 
-Notation (as in :mod:`lib.curvature`): ``l_t = -log softmax(z_t)[y_t]`` at each predicted position ``t``, ``z_t`` the
+Notation (as in :mod:`lib.hessian.curvature`): ``l_t = -log softmax(z_t)[y_t]`` at each predicted position ``t``, ``z_t`` the
 logits (``(V,)``), ``p_t = softmax(z_t)``, ``J_t = dz_t/dx`` (``(V, n)``), ``N = b * (seqlen - 1)`` predicted tokens,
 ``P = b * seqlen`` positions. Every approximation is a sum over samples, so each batch adds its partial sums next to
-the exact Hessian's (an additive job, :class:`lib.curvature.CurvatureJob`).
+the exact Hessian's (an additive job, :class:`lib.hessian.curvature.CurvatureJob`).
 
 * :class:`Source` -- an intermediate several approximations read, computed once per batch for all of them:
   :data:`LOGIT_JACOBIAN` (``J_t`` one column per Jacobian-vector product, in token chunks) and
@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import UserError
-from ...forward import JVPPolicy
-from ...jobs import Partial, derived_seed
-from ...loss import SubsetLoss
-from ...subsets import Subset
+from ...objective.forward import JVPPolicy
+from ...objective.loss import SubsetLoss
+from ...objective.subsets import Subset
+from ...runtime.jobs import Partial, derived_seed
 from ..registry import Registry
 
 Progress = Callable[[int], None]
@@ -224,7 +224,7 @@ class BatchInputs:
     layout: EntryLayout | None
     jvp: JVPPolicy | None = None
     """How the logit Jacobian's columns ``J v`` are computed (the job's, decided once per process); ``None``: a
-    fresh :class:`lib.forward.JVPPolicy`."""
+    fresh :class:`lib.objective.forward.JVPPolicy`."""
 
 
 @dataclass

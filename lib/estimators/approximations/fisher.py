@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ...jobs import Partial
+from ...runtime.jobs import Partial
 from .base import (
     LOGIT_JACOBIAN,
     Approximation,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ...jobs import Partial
+from ...runtime.jobs import Partial
 from .base import LAYER_STATISTICS, Approximation, LayerUnit, MatrixContext, register
 
 

@@ -1,6 +1,6 @@
 """What a diagonal estimator is: its plan of per-batch work for each weight, later phases, finish step and cost.
 
-For a weight ``W`` (``x = W.reshape(-1)``, ``n`` entries) and the summed NLL ``f = sum_s f(x; X_s)`` (:mod:`lib.loss`),
+For a weight ``W`` (``x = W.reshape(-1)``, ``n`` entries) and the summed NLL ``f = sum_s f(x; X_s)`` (:mod:`lib.objective.loss`),
 every estimator here sums per-batch quantities (``H = sum_s H_s``), so its work is an additive job: each batch's
 products are computed on that batch's own gradient graph, summed over batches (float64, in sample order), and
 turned into the estimate once, at the end. :class:`DiagonalEstimator` is the interface (registered by name in
@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from ...constants import ESTIMATOR_RENAMED
-from ...jobs import Partial
+from ...runtime.jobs import Partial
 from ..registry import Registry
 from .work import (
     MONITOR_BUDGET,

@@ -1,6 +1,6 @@
 """Running diagonal estimators: plan each weight's work, run each phase through a caller's runner, finish.
 
-:func:`estimate` is the driver of :func:`lib.diagonal.hessian_diagonal` (a model, additive jobs) and of
+:func:`estimate` is the driver of :func:`lib.hessian.diagonal.hessian_diagonal` (a model, additive jobs) and of
 :func:`diagonal_of` (any symmetric linear map, in this process).
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ...jobs import Partial
+from ...runtime.jobs import Partial
 from .base import REGISTRY, DiagonalEstimator, Finish
 from .work import Entries, LinearUnit, ParamPlan, Target, rel_l2, run_plan
 
@@ -38,7 +38,7 @@ def plan_phase1(
 class Estimates:
     """What :func:`estimate` returns: ``diagonals[estimator][param]`` (float64, the weight's shape, divided by
     ``n_tokens``), the phases' first sums (``nll_sum`` there), the convergence study (see
-    :class:`lib.diagonal.DiagonalResult`) and each phase's wall seconds."""
+    :class:`lib.hessian.diagonal.DiagonalResult`) and each phase's wall seconds."""
 
     diagonals: dict[str, dict[str, torch.Tensor]]
     sums: Partial

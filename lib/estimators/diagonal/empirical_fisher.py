@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from ...jobs import Partial
+from ...runtime.jobs import Partial
 from .base import (
     DiagonalEstimator,
     Finish,

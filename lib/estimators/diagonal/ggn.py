@@ -7,7 +7,7 @@ Schraudolph 2002, "Fast curvature matrix-vector products for second-order gradie
 insights and perspectives on the natural gradient method", JMLR 21.
 
 Cost: ``K`` Gauss-Newton-vector products per sample and weight, each one Jacobian-vector product (forward mode where it
-runs and measures faster, else a double backward: :class:`lib.forward.JVPPolicy`; probes in blocks of
+runs and measures faster, else a double backward: :class:`lib.objective.forward.JVPPolicy`; probes in blocks of
 :data:`GGN_BLOCK`) and one vector-Jacobian product of the network: no second backward through it. Plan:
 :class:`GGNProbes` (its own work: it needs the model, not the Hessian's products). Finish: ``ggn / K``.
 """
@@ -20,9 +20,9 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ...forward import JVPPolicy
-from ...jobs import Partial
-from ...loss import SubsetLoss
+from ...objective.forward import JVPPolicy
+from ...objective.loss import SubsetLoss
+from ...runtime.jobs import Partial
 from .base import (
     DiagonalEstimator,
     Finish,
@@ -50,7 +50,7 @@ class GGNOperator:
     """``v -> G v`` with ``G = sum_t J_t^T (diag p_t - p_t p_t^T) J_t`` the GGN of ``objective``'s summed NLL on one batch at ``x0``.
 
     Built once per batch (one forward and one ``create_graph`` VJP ``J^T u`` for a dummy ``u``); each product is
-    one JVP ``J v`` (:meth:`matmat`: by a :class:`lib.forward.JVPPolicy`; :meth:`matvec`: double backward), the
+    one JVP ``J v`` (:meth:`matmat`: by a :class:`lib.objective.forward.JVPPolicy`; :meth:`matvec`: double backward), the
     softmax Hessian through the head, and one VJP:
     no Hessian of the network is formed. ``J`` is the Jacobian of the softmax's inputs (the head's inputs
     with the fused head). :attr:`nll` is the batch's summed NLL.
@@ -77,12 +77,12 @@ class GGNOperator:
         self.shape, self.dtype, self.device = (n, n), self.x.dtype, self.x.device
 
     def matmat(self, v: torch.Tensor, jvp: JVPPolicy | None = None) -> torch.Tensor:
-        """``G V`` for ``V`` of shape ``(n, p)`` (:class:`lib.linop.CurvatureOperator`); :meth:`matmat_rows` on
+        """``G V`` for ``V`` of shape ``(n, p)`` (:class:`lib.products.linop.CurvatureOperator`); :meth:`matmat_rows` on
         ``V^T``."""
         return self.matmat_rows(v.T, jvp).T
 
     def matmat_rows(self, vs: torch.Tensor, jvp: JVPPolicy | None = None) -> torch.Tensor:
-        """``G v`` for the rows ``v`` of ``vs`` (``(m, n)``): the ``J v`` by ``jvp`` (:class:`lib.forward.JVPPolicy`;
+        """``G v`` for the rows ``v`` of ``vs`` (``(m, n)``): the ``J v`` by ``jvp`` (:class:`lib.objective.forward.JVPPolicy`;
         default double backward on this operator's graph), then one batched VJP; ``(m, n)``."""
         x = self.x.detach()
         back = lambda v: jvp_on_graph_kept(self.jt_u, self.u, v.to(x))  # noqa: E731
@@ -138,7 +138,7 @@ class GGNProbes(Work):
         out = torch.zeros_like(x0)
         for a in range(
             0, self.count, GGN_BLOCK
-        ):  # J z by forward mode where it measures faster (lib.forward)
+        ):  # J z by forward mode where it measures faster (lib.objective.forward)
             z = rademacher_probes(
                 unit.numel, unit.seed, unit.param_name, a, min(self.count, a + GGN_BLOCK), x0.dtype
             )

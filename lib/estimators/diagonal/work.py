@@ -7,7 +7,7 @@
   ``sum_j z_j * (H z_j)``, the products kept or recorded per probe) and :class:`Rows` (given vectors ``v``:
   ``H v``); an estimator that needs other work defines its own kind in its module;
 * :class:`Unit` -- what work sees for one batch and one weight: the products ``H v``, the batch and the loss
-  (:class:`lib.diagonal.DiagonalJob` runs units on a model, :class:`LinearUnit` on any symmetric linear map).
+  (:class:`lib.hessian.diagonal.DiagonalJob` runs units on a model, :class:`LinearUnit` on any symmetric linear map).
 
 Probe ``j`` of weight ``p`` is drawn from a generator seeded by ``sha256(f"{seed}/{p}/{j}")`` on the CPU, so it does
 not depend on the sample, worker or device; every estimator using probes sees the same ones.
@@ -22,8 +22,8 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from ...jobs import Partial, derived_seed
-from ...operator import digest, store_rows, unit_rows
+from ...products.operator import digest, store_rows, unit_rows
+from ...runtime.jobs import Partial, derived_seed
 
 Progress = Callable[[int], None]
 RowFn = Callable[[int, int], torch.Tensor]
@@ -139,7 +139,7 @@ class Unit:
     x0: torch.Tensor | None = None
     nll: torch.Tensor | None = None
     jvp: Any = None
-    """The job's :class:`lib.forward.JVPPolicy` (decided once per process), ``None``: a work makes its own."""
+    """The job's :class:`lib.objective.forward.JVPPolicy` (decided once per process), ``None``: a work makes its own."""
 
     def multiply(
         self, rows: RowFn, count: int, sink: Sink, progress: Progress | None = None
@@ -209,7 +209,7 @@ class Work:
         return 0
 
     def entries(self, numel: int) -> int:
-        """Float64 entries of its partial sums (memory and checkpoint estimates, :mod:`lib.preflight`)."""
+        """Float64 entries of its partial sums (memory and checkpoint estimates, :mod:`lib.app.preflight`)."""
         return 0
 
     def kept(self) -> int:

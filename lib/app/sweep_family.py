@@ -1,0 +1,473 @@
+"""``hessian_sweep.py``'s family of the pipeline (:mod:`lib.app.pipeline`): the units, the checkpoints, resumable
+stages, the tidy table and its figures.
+
+Every checkpoint (``--revisions`` of one hub model, or several ``--model`` directories) is swept by
+:func:`lib.hessian.sweep.sweep` on the *same* samples (the first model's tokenizer) and the same probe seeds, so differences
+between checkpoints are the model's. Each finished stage of each checkpoint (the trace pilot, the shared trace, each
+unit) is written atomically to ``<output_dir>/<name>.sweep/`` with the hash of everything it depends on (the spec's
+result fields, the checkpoint's weight fingerprint, the samples' digest, the units); ``--resume`` reuses the stages
+whose hash matches and refuses a stage made by another configuration or other weights. Products are deterministic
+(fixed ``--chunk``), so a resumed sweep's numbers are bitwise those of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..hessian import sweep
+from ..model.inputs import model_fingerprint, warn
+from ..products.operator import digest
+from ..runtime.checkpoint import config_hash
+from . import outputs
+from .pipeline import Family, Run
+from .results import atomic_write_bytes
+from .spec import SweepSpec
+
+KEEP_GRAPHS = {"auto": "auto", "on": True, "off": False}
+TABLE_COLUMNS = (
+    "checkpoint",
+    "step",
+    "commit",
+    "fingerprint",
+    *sweep.ROW_FIELDS[1:],
+)
+"""The CSV's columns: the checkpoint's identity, then :data:`lib.hessian.sweep.ROW_FIELDS`."""
+SIGNED = ("trace", "top", "bottom", "density_moment1", "diag_min", "diag_max")
+"""Quantities drawn with a diverging colour map centred at 0."""
+
+
+def checkpoint_step(name: str, path: Path | None = None) -> int | None:
+    """The training step of a checkpoint: ``step<N>`` / ``step-<N>`` / ``checkpoint-<N>`` in its revision or directory
+    name, else ``global_step`` of a ``trainer_state.json`` in the directory; None when neither says."""
+    m = re.search(r"(?:step|checkpoint)[-_]?(\d+)", Path(str(name)).name)
+    if m:
+        return int(m.group(1))
+    if path is not None and (path / "trainer_state.json").is_file():
+        try:
+            return int(json.loads((path / "trainer_state.json").read_text())["global_step"])
+        except (ValueError, KeyError, OSError):
+            return None
+    return None
+
+
+class DirStore:
+    """A :class:`lib.hessian.sweep.Store` on disk: one file per stage in ``directory``, written atomically, holding the
+    stage's value and the hash ``config`` of what it was computed from; a stage file of another configuration is
+    refused on resume."""
+
+    def __init__(self, directory: Path, config: str, label: str):
+        self.dir, self.config, self.label = directory, config, label
+        self.reused = 0
+
+    def _path(self, key: str) -> Path:
+        return self.dir / f"{hashlib.sha256(f'{self.label}|{key}'.encode()).hexdigest()[:20]}.pt"
+
+    def get(self, key: str) -> Any:
+        p = self._path(key)
+        if not p.exists():
+            return None
+        try:
+            payload = torch.load(p, weights_only=False)
+        except Exception:  # noqa: BLE001 -- a torn file: recompute the stage
+            return None
+        if payload.get("config") != self.config:
+            raise UserError(
+                f"checkpoint {p} (stage {key} of {self.label}) was made with another configuration or other weights "
+                "than this run's; pass the same flags and models, or delete the .sweep directory to start over"
+            )
+        self.reused += 1
+        return payload["value"]
+
+    def put(self, key: str, value: Any) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        payload = {"key": key, "checkpoint": self.label, "config": self.config, "value": value}
+        atomic_write_bytes(self._path(key), lambda p: torch.save(payload, p))
+
+
+def _load_checkpoint(run: Run, i: int, name: str) -> nn.Module:
+    """Checkpoint ``i`` (``name``: a revision of ``--model`` or a model): the run's loaded model for the first model,
+    else loaded the same way."""
+    spec = run.spec
+    if not spec.subset.revisions and i == 0:
+        return run.model
+    from ..model.models import load_model
+
+    m = spec.model
+    return load_model(
+        m.model if spec.subset.revisions else name,
+        cache_dir=m.cache_dir,
+        dtype=run.dtype,
+        device=run.device,
+        attn_implementation=m.attn_implementation,
+        device_map=spec.run.device_map,
+        revision=name if spec.subset.revisions else None,
+    )
+
+
+def settings_of(spec: SweepSpec) -> sweep.SweepSettings:
+    c = spec.compute
+    return sweep.SweepSettings(
+        trace_rel=c.trace_rel,
+        min_probes=c.min_probes,
+        max_probes=c.max_probes,
+        probe_round=c.min_probes,
+        tol=c.tol,
+        max_iter=c.max_iter,
+        slq_probes=c.slq_probes,
+        lanczos_steps=c.lanczos_steps,
+        trace_estimator=c.trace_estimator,
+        strategy=c.strategy,
+        seed=c.seed,
+        chunk=c.chunk,
+        keep_graphs=KEEP_GRAPHS[c.keep_graphs],
+        model_input_bs=spec.data.model_input_bs,
+    )
+
+
+def table_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(TABLE_COLUMNS), lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r[k] is None else r[k]) for k in TABLE_COLUMNS})
+    return buf.getvalue()
+
+
+def _grid(rows: list[dict[str, Any]], quantity: str) -> tuple[list[int], list[str], torch.Tensor]:
+    """``(blocks, columns, values (blocks, columns))`` of one checkpoint's quantity: columns are the layer names,
+    the heads (``head h``) or one whole-block column."""
+    sel = [r for r in rows if r["quantity"] == quantity]
+    blocks = sorted({r["block"] for r in sel})
+    col = lambda r: f"head {r['head']}" if r["head"] >= 0 else r["layer"]  # noqa: E731
+    cols = list(dict.fromkeys(col(r) for r in sel))
+    v = torch.full((len(blocks), len(cols)), float("nan"), dtype=torch.float64)
+    for r in sel:
+        v[blocks.index(r["block"]), cols.index(col(r))] = r["estimate"]
+    return blocks, cols, v
+
+
+def heatmap_figure(
+    rows: list[dict[str, Any]], quantities: list[str], stem: Path, title: str
+) -> list[Path]:
+    """One panel per quantity: block (rows) x layer or head (columns); signed quantities on a diverging colour
+    map centred at 0."""
+    from .plots import _pyplot, _save, fit_title
+
+    plt = _pyplot()
+    n = len(quantities)
+    ncols = min(n, 3)
+    nrows = -(-n // ncols)
+    blocks, cols, _ = _grid(rows, quantities[0])
+    w = max(3.2, 0.55 * len(cols) + 1.8)
+    fig, axes = plt.subplots(
+        nrows,
+        ncols,
+        figsize=(w * ncols, 0.5 * len(blocks) + 2.2)
+        if nrows == 1
+        else (w * ncols, (0.5 * len(blocks) + 2) * nrows),
+        layout="constrained",
+        squeeze=False,
+    )
+    for k, q in enumerate(quantities):
+        ax = axes[k // ncols][k % ncols]
+        blocks, cols, v = _grid(rows, q)
+        finite = v[torch.isfinite(v)]
+        signed = q in SIGNED and finite.numel() and float(finite.min()) < 0
+        if signed:
+            m = float(finite.abs().max()) or 1.0
+            im = ax.imshow(v.numpy(), cmap="RdBu_r", vmin=-m, vmax=m, aspect="auto")
+        else:
+            im = ax.imshow(v.numpy(), cmap="viridis", aspect="auto")
+        ax.set_xticks(
+            range(len(cols)), [c.split(".")[-1] for c in cols], rotation=45, ha="right", fontsize=8
+        )
+        ax.set_yticks(range(len(blocks)), [f"block {b}" for b in blocks], fontsize=8)
+        ax.set_title(q, fontsize=10)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    for k in range(n, nrows * ncols):
+        axes[k // ncols][k % ncols].axis("off")
+    fit_title(fig, title)
+    return _save(fig, stem)
+
+
+def steps_figure(
+    rows: list[dict[str, Any]], quantities: list[str], stem: Path, title: str
+) -> list[Path]:
+    """Each quantity against the training step (else the checkpoint's index), one line per unit, with its error bar."""
+    from .plots import _pyplot, _save, fit_title
+
+    plt = _pyplot()
+    n = len(quantities)
+    ncols = min(n, 3)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), layout="constrained", squeeze=False
+    )
+    labels = list(dict.fromkeys(r["checkpoint"] for r in rows))
+    steps = {r["checkpoint"]: r["step"] for r in rows}
+    use_steps = all(steps[c] is not None for c in labels)
+    for k, q in enumerate(quantities):
+        ax = axes[k // ncols][k % ncols]
+        units = list(dict.fromkeys(r["unit"] for r in rows if r["quantity"] == q))
+        for u in units:
+            sel = [r for r in rows if r["quantity"] == q and r["unit"] == u]
+            x = [
+                steps[r["checkpoint"]] if use_steps else labels.index(r["checkpoint"]) for r in sel
+            ]
+            err = [
+                r["error"] if r["error_kind"] == "stderr" and math.isfinite(r["error"]) else 0
+                for r in sel
+            ]
+            ax.errorbar(
+                x, [r["estimate"] for r in sel], yerr=err, lw=0.8, marker="o", ms=2.5, label=u
+            )
+        ax.set_xlabel("training step" if use_steps else "checkpoint")
+        ax.set_title(q, fontsize=10)
+        if len(units) <= 8:
+            ax.legend(fontsize=6)
+    for k in range(n, nrows * ncols):
+        axes[k // ncols][k % ncols].axis("off")
+    fit_title(fig, title)
+    return _save(fig, stem)
+
+
+def row_quantities(spec: SweepSpec) -> list[str]:
+    """The table's quantity names of the requested ``--quantities``, in order."""
+    names = {
+        "trace": ["trace"],
+        "top": ["top"],
+        "bottom": ["bottom"],
+        "frobenius": ["frobenius"],
+        "diagonal": ["diag_min", "diag_max", "diag_abs_mean", "diag_negative_fraction"],
+        "density": ["density_negative_mass", "density_moment1", "density_moment2"],
+    }
+    return [n for q in sweep.QUANTITIES if q in spec.compute.quantities for n in names[q]]
+
+
+class SweepFamily(Family):
+    name = "sweep"
+    identity_sections = ("model", "data", "subset", "compute")
+
+    def default_name(self, spec: SweepSpec) -> str:
+        model = Path(spec.model.model.rstrip("/")).name
+        s = spec.subset
+        many = f"_{len(spec.checkpoint_names())}ckpts" if len(spec.checkpoint_names()) > 1 else ""
+        return outputs.default_name(
+            f"hessian_sweep_{model}{many}_{s.over}_b{spec.data.b}_s{spec.data.seqlen}".replace(
+                "/", "-"
+            ),
+            spec.digest(),
+        )
+
+    def checkpoints(self, spec: SweepSpec, out: Path, name: str) -> list[Path]:
+        return [out / f"{name}.sweep"]
+
+    def files(self, spec: SweepSpec, name: str) -> list[str]:
+        figs = ["_heatmap"] + (["_steps"] if len(spec.checkpoint_names()) > 1 else [])
+        return [*outputs.planned_files(name, figs), f"{name}.csv", f"{name}.jsonl"]
+
+    def products_per_sample(self, spec: SweepSpec, structure: Any) -> int:
+        return 100  # tens of passes over the samples: batch samples per forward when memory allows
+
+    def structure(self, model: nn.Module, spec: SweepSpec) -> tuple[sweep.Unit, ...]:
+        return sweep.make_units(model, spec.subset.over, spec.subset.params)
+
+    def param_names(self, structure: Any) -> list[str]:
+        return list(dict.fromkeys(s.param_name for u in structure for s in u.slices))
+
+    def compute(self, run: Run) -> dict[str, Any]:
+        spec: SweepSpec = run.spec
+        units = run.structure
+        settings = settings_of(spec)
+        quantities = list(spec.compute.quantities)
+        names = spec.checkpoint_names()
+        store_dir = run.out / f"{run.name}.sweep"
+        bar = None
+        per_ckpt = len(units) + (1 if "trace" in quantities else 0)
+        if not spec.output.no_progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=per_ckpt * len(names),
+                desc="sweep stages (checkpoint x unit)",
+                dynamic_ncols=True,
+            )
+        samples_digest = digest(run.samples)
+        table: list[dict[str, Any]] = []
+        per_checkpoint: list[dict[str, Any]] = []
+        hvps = 0
+        fd = run.products()
+        try:
+            for i, cname in enumerate(names):
+                t0 = time.perf_counter()
+                model = _load_checkpoint(run, i, cname)
+                fp = run.fingerprints["model"] if model is run.model else model_fingerprint(model)
+                local = Path(cname) if not spec.subset.revisions and Path(cname).is_dir() else None
+                ident = {
+                    "checkpoint": cname,
+                    "step": checkpoint_step(cname, local),
+                    "commit": getattr(model.config, "_commit_hash", None),
+                    "fingerprint": fp,
+                }
+                cfg = config_hash(
+                    {
+                        **run.identity(),
+                        "checkpoint": cname,
+                        "fingerprint": fp,
+                        "samples": samples_digest,
+                        "units": [(u.name, u.size) for u in units],
+                    }
+                )
+                store = DirStore(store_dir, cfg, f"{i}:{cname}")
+
+                def progress(stage: str) -> None:
+                    if bar is not None and stage != "shared trace":
+                        bar.update(1)
+
+                mk = lambda subset, model=model, **kw: sweep.HessianOperator(  # noqa: E731
+                    model, subset, run.samples, products=fd, **kw
+                )
+                res = sweep.sweep(
+                    model, run.samples, units, quantities, settings, cname, store, progress, mk
+                )
+                if bar is not None:
+                    bar.n = per_ckpt * (i + 1)
+                    bar.refresh()
+                hvps += res.hvps
+                rows = [{**r.as_dict(), **ident} for r in res.rows]
+                table.extend(rows)
+                per_checkpoint.append(
+                    {
+                        **ident,
+                        "trace_estimator": res.trace,
+                        "hvps": res.hvps,
+                        "stages_reused": store.reused,
+                        "seconds": time.perf_counter() - t0,
+                        "operator": res.operator,
+                    }
+                )
+                if model is not run.model:
+                    del model
+        finally:
+            if bar is not None:
+                bar.close()
+        meta = {
+            "units": [
+                {"name": u.name, "block": u.block, "layer": u.layer, "head": u.head, "n": u.size}
+                for u in units
+            ],
+            "over": spec.subset.over,
+            "quantities": quantities,
+            "checkpoints": per_checkpoint,
+            "hvps": hvps,
+            "samples_sha256": samples_digest,
+            "table_columns": list(TABLE_COLUMNS),
+        }
+        return {"meta": meta, "table": table}
+
+    def save(self, run: Run, result: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        table, meta = result["table"], result["meta"]
+        out, name = run.out, run.name
+        atomic_write_bytes(out / f"{name}.csv", lambda p: p.write_text(table_csv(table)))
+        atomic_write_bytes(
+            out / f"{name}.jsonl",
+            lambda p: p.write_text(
+                "".join(json.dumps({k: r[k] for k in TABLE_COLUMNS}) + "\n" for r in table)
+            ),
+        )
+        qs = row_quantities(run.spec)
+        last = [r for r in table if r["checkpoint"] == table[-1]["checkpoint"]]
+        figures = heatmap_figure(
+            last,
+            qs,
+            out / f"{name}_heatmap",
+            f"Hessian sweep over {run.spec.subset.over}s: {last[0]['checkpoint']}\n{run.where}",
+        )
+        if len(meta["checkpoints"]) > 1:
+            figures += steps_figure(
+                table, qs, out / f"{name}_steps", f"Hessian sweep across checkpoints\n{run.where}"
+            )
+        meta["summary"] = summary(table)
+        tops = {
+            (r["checkpoint"], r["unit"]): abs(r["estimate"])
+            for r in table
+            if r["quantity"] == "top"
+        }
+        meta["unconverged"] = sum(
+            1
+            for r in table
+            if r["error_kind"] == "residual"
+            and (r["checkpoint"], r["unit"]) in tops
+            and r["error"] > run.spec.compute.tol * tops[(r["checkpoint"], r["unit"])]
+        )
+        saved = {
+            "columns": list(TABLE_COLUMNS),
+            "rows": [[r[k] for k in TABLE_COLUMNS] for r in table],
+        }
+        return saved, {
+            **meta,
+            "table_files": [f"{name}.csv", f"{name}.jsonl"],
+            "figures": [p.name for p in figures],
+        }
+
+    def finish(self, run: Run, meta: dict[str, Any]) -> None:
+        super().finish(run, meta)
+        if not run.spec.run.keep_checkpoint:
+            shutil.rmtree(run.out / f"{run.name}.sweep", ignore_errors=True)
+
+    def report(self, run: Run, meta: dict[str, Any]) -> list[str]:
+        lines = list(meta["summary"])
+        for c in meta["checkpoints"]:
+            t = c["trace_estimator"]
+            if t.get("chosen"):
+                lines.append(
+                    f"{c['checkpoint']}: trace estimator {t['chosen']} (seconds to reach --trace_rel on every unit: "
+                    f"shared {_num(t['seconds_shared'])}, per unit {_num(t['seconds_per_unit'])}); {c['hvps']} HVPs in "
+                    f"{c['seconds']:.1f}s"
+                )
+        if meta["unconverged"]:
+            warn(
+                f"{meta['unconverged']} eigenvalue(s) have a Ritz residual above --tol x |top| (see the table's error "
+                "column); raise --max_iter"
+            )
+        return lines
+
+
+def _num(x: float | None) -> str:
+    return "inf" if x is None else f"{x:.0f}"
+
+
+FAMILY = SweepFamily()
+
+
+def summary(table: list[dict[str, Any]], k: int = 3) -> list[str]:
+    """Per checkpoint, the ``k`` units with the largest top eigenvalue and the largest trace."""
+    lines = []
+    for c in dict.fromkeys(r["checkpoint"] for r in table):
+        for q in ("top", "trace"):
+            sel = sorted(
+                (r for r in table if r["checkpoint"] == c and r["quantity"] == q),
+                key=lambda r: -r["estimate"],
+            )[:k]
+            if sel:
+                kind = {"top": "residual", "trace": "+-"}[q]
+                lines.append(
+                    f"{c}: largest {q}: "
+                    + ", ".join(
+                        f"{r['unit']} {r['estimate']:.4g} ({kind} {r['error']:.2g})" for r in sel
+                    )
+                )
+    return lines

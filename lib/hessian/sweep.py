@@ -1,0 +1,859 @@
+"""Whole-model Hessian sweeps: one quantity table over many weight units (layers, blocks, attention heads).
+
+A *unit* is a set of weights (:class:`Unit`: its :class:`lib.objective.subsets.ParamSlice` s); its Hessian block is
+``H_uu``, the Hessian of the mean next-token NLL restricted to the unit's entries. :func:`make_units` makes them
+from a granularity (``layer``: each linear weight of each block; ``block``: all linear weights of a block;
+``head``: one attention head's rows of ``q``/``k``/``v`` and columns of the output projection) and shell globs.
+
+Shared work. :func:`sweep` builds one :class:`lib.products.operator.HessianOperator` on the *union* ``x`` of the units
+(the units' slices concatenated, so unit ``u`` occupies rows ``offset_u .. offset_u + n_u - 1``) and keeps each
+batch's gradient graph for the whole sweep; a unit's product is the union product of a block-restricted vector:
+
+    H_uu V = P_u H (P_u^T V),     P_u: the rows of unit u,
+
+so every unit's Lanczos, SLQ and probes run on one model load, one set of samples and one graph per batch
+(``strategy="per_unit"`` instead builds one operator per unit, sharing the model and samples only). The
+algorithms are :mod:`lib.spectrum.algorithms`'s pure functions over that ``matmat``.
+
+Traces. Per unit (Hutchinson on ``H_uu``, probes ``z_u``): ``Var = 2 sum_{i != j in u} H_ij^2``. Shared: one
+union product per Rademacher probe ``z`` gives every unit's sample ``z_u . (H z)_u`` at once;
+``E = tr(H_uu)`` (the off-diagonal blocks average out), ``Var = 2 sum_{i != j in u} H_ij^2 + sum_{w != u}
+||H_uw||_F^2`` (they add variance). ``trace_estimator="auto"`` measures both variances on pilot probes and picks
+the one that needs fewer seconds (its products at their measured cost) to reach ``trace_rel`` relative standard error
+on every unit; when the shared one is chosen, the unit's pilot probes are not wasted: the two independent estimates
+are combined by inverse-variance weights (:func:`combined_trace`).
+
+Other quantities from the per-unit probes ``z`` (``H_uu z`` computed once): ``||H_uu||_F^2 = E ||H_uu z||^2``
+(reported as ``||H_uu||_F`` with the delta-method standard error) and the Hutchinson diagonal
+``diag(H_uu) ~ mean z * H_uu z`` (its statistics; error: the median entry's standard error). ``top`` /
+``bottom``: Lanczos (residual ``||H y - theta y||``); ``density``: SLQ's negative mass and the moments
+``tr(H_uu^m) / n_u`` (m = 1, 2) with standard errors over the probes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ..errors import ParamError
+from ..model.models import find_blocks, iter_named_linear, text_config
+from ..objective.subsets import ParamSlice, Subset
+from ..products.operator import HessianOperator
+from ..spectrum import algorithms as spectrum
+
+F64 = torch.float64
+GRANULARITIES = ("layer", "block", "head")
+QUANTITIES = ("trace", "top", "bottom", "density", "frobenius", "diagonal")
+TRACE_ESTIMATORS = ("auto", "shared", "per_unit")
+STRATEGIES = ("union", "per_unit")
+ROW_FIELDS = (
+    "checkpoint",
+    "unit",
+    "block",
+    "layer",
+    "head",
+    "n",
+    "quantity",
+    "estimate",
+    "error",
+    "error_kind",
+    "hvps",
+    "seconds",
+)
+"""The columns of a sweep table (:class:`Row`), in order."""
+ATTENTION_PARTS = {"q": ("q_proj", "query"), "k": ("k_proj", "key"), "v": ("v_proj", "value")}
+OUTPUT_PROJ = ("out_proj", "o_proj", "dense")
+
+
+# ----------------------------------------------------------------------------- units
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A set of weights whose Hessian block is studied: ``name`` (unique), ``block`` index, ``layer`` (the layer's
+    name in its block, ``"*"`` for a whole block, ``"self_attn"`` for a head), ``head`` (-1 unless a head) and its
+    ``slices``."""
+
+    name: str
+    block: int
+    layer: str
+    head: int
+    slices: tuple[ParamSlice, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(len(s) for s in self.slices)
+
+    def subset(self) -> Subset:
+        return Subset(self.slices, self.name)
+
+
+def _matches(name: str, globs: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+def _whole(name: str, module: nn.Module) -> ParamSlice:
+    return ParamSlice(name, torch.arange(module.weight.numel()))
+
+
+def head_slices(
+    model: nn.Module, block: int, head: int, globs: Sequence[str]
+) -> tuple[ParamSlice, ...]:
+    """Head ``head`` of block ``block``: rows ``h d .. (h+1) d - 1`` of the q/k/v projections and those columns of the
+    output projection (``d`` = hidden / heads), for the projections whose weight names match ``globs``.
+    ``nn.Linear`` only (stored ``(out, in)``); grouped-query attention (shared k/v heads) is refused."""
+    cfg = text_config(model)
+    heads = int(cfg.num_attention_heads)
+    kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    if kv != heads:
+        raise ParamError(
+            "over",
+            f"over head: the model shares k/v heads ({kv} for {heads} query heads); use over layer or block",
+        )
+    prefix, blocks = find_blocks(model)
+    out: list[ParamSlice] = []
+    for lname, m in blocks[block].named_modules():
+        leaf = lname.rpartition(".")[2]
+        if not isinstance(m, nn.Linear):
+            continue
+        pname = f"{prefix}.{block}.{lname}.weight"
+        if not _matches(pname, globs):
+            continue
+        rows, cols = m.weight.shape
+        is_qkv = any(leaf in names for names in ATTENTION_PARTS.values())
+        if is_qkv:
+            d = rows // heads
+            idx = (
+                torch.arange(head * d, (head + 1) * d)[:, None] * cols + torch.arange(cols)
+            ).reshape(-1)
+        elif leaf in OUTPUT_PROJ and "attn" in lname:
+            d = cols // heads
+            idx = (
+                torch.arange(rows)[:, None] * cols + torch.arange(head * d, (head + 1) * d)
+            ).reshape(-1)
+        else:
+            continue
+        out.append(ParamSlice(pname, idx))
+    return tuple(out)
+
+
+def make_units(model: nn.Module, over: str, globs: Sequence[str] = ("*",)) -> tuple[Unit, ...]:
+    """The units of granularity ``over`` (:data:`GRANULARITIES`) among the blocks' linear weights whose names match a
+    glob. Refused (:class:`lib.errors.ParamError`): an unknown granularity, a glob matching no linear weight."""
+    if over not in GRANULARITIES:
+        raise ParamError(
+            "over", f"over {over!r} is unknown; choose from {', '.join(GRANULARITIES)}"
+        )
+    linear = [(b, ln, f"{q}.weight", m) for b, ln, q, m in iter_named_linear(model)]
+    for g in globs:
+        if not any(fnmatch.fnmatchcase(p, g) for _, _, p, _ in linear):
+            names = [p for _, _, p, _ in linear]
+            raise ParamError(
+                "globs",
+                f"globs {g!r} matches no linear weight of a block; names look like: {', '.join(names[:2])}",
+            )
+    chosen = [(b, ln, p, m) for b, ln, p, m in linear if _matches(p, globs)]
+    if over == "layer":
+        return tuple(Unit(f"{b}.{ln}", b, ln, -1, (_whole(p, m),)) for b, ln, p, m in chosen)
+    blocks = sorted({b for b, *_ in chosen})
+    if over == "block":
+        return tuple(
+            Unit(f"{b}", b, "*", -1, tuple(_whole(p, m) for bb, _, p, m in chosen if bb == b))
+            for b in blocks
+        )
+    heads = int(text_config(model).num_attention_heads)
+    units = []
+    for b in blocks:
+        for h in range(heads):
+            sl = head_slices(model, b, h, globs)
+            if sl:
+                units.append(Unit(f"{b}.head{h}", b, "self_attn", h, sl))
+    if not units:
+        raise ParamError(
+            "globs", f"globs {' '.join(globs)} selects no attention projection for over head"
+        )
+    return tuple(units)
+
+
+def union_subset(units: Sequence[Unit]) -> tuple[Subset, list[tuple[int, int]]]:
+    """The concatenation of the units' slices and each unit's ``(start, stop)`` rows in it."""
+    slices: list[ParamSlice] = []
+    ranges, start = [], 0
+    for u in units:
+        slices.extend(u.slices)
+        ranges.append((start, start + u.size))
+        start += u.size
+    return Subset(tuple(slices), f"{len(units)} units"), ranges
+
+
+# ----------------------------------------------------------------------------- settings and results
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """How each quantity is estimated. ``trace_rel``: target relative standard error of the traces (probes added
+    ``probe_round`` at a time, from ``min_probes`` to ``max_probes``); the per-unit probes also give ``frobenius``
+    and ``diagonal``. ``tol`` / ``max_iter``: Lanczos (converged when ``residual <= tol * |theta|``).
+    ``slq_probes`` x ``lanczos_steps``: SLQ. ``trace_estimator``: :data:`TRACE_ESTIMATORS`; ``strategy``:
+    :data:`STRATEGIES`. ``seed``: every probe and start vector (the same at every checkpoint)."""
+
+    trace_rel: float = 0.05
+    min_probes: int = 10
+    max_probes: int = 200
+    probe_round: int = 10
+    tol: float = 1e-3
+    max_iter: int = 60
+    slq_probes: int = 4
+    lanczos_steps: int = 20
+    trace_estimator: str = "auto"
+    strategy: str = "per_unit"
+    seed: int = 0
+    chunk: int | None = 1
+    keep_graphs: bool | str = "auto"
+    model_input_bs: int | str = "auto"
+
+    def check(self) -> None:
+        """Refuse settings out of range (:class:`ParamError` naming the field)."""
+        if self.trace_estimator not in TRACE_ESTIMATORS:
+            raise ParamError(
+                "trace_estimator", f"trace_estimator must be one of {TRACE_ESTIMATORS}"
+            )
+        if self.strategy not in STRATEGIES:
+            raise ParamError("strategy", f"strategy must be one of {STRATEGIES}")
+        if not self.trace_rel > 0:
+            raise ParamError("trace_rel", f"trace_rel must be positive, got {self.trace_rel}")
+        if not 2 <= self.min_probes <= self.max_probes or self.probe_round < 1:
+            raise ParamError(
+                "min_probes",
+                "min_probes must be at least 2 and at most max_probes; probe_round >= 1",
+            )
+
+
+def check_quantities(quantities: Sequence[str]) -> tuple[str, ...]:
+    """The quantities, checked against :data:`QUANTITIES` (order kept, duplicates dropped)."""
+    bad = [q for q in quantities if q not in QUANTITIES]
+    if bad or not quantities:
+        raise ParamError(
+            "quantities",
+            f"quantities {bad[0] if bad else '(none)'!r} is unknown; choose from {', '.join(QUANTITIES)}",
+        )
+    return tuple(dict.fromkeys(quantities))
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the sweep table: a unit's quantity, its estimate and error (``error_kind``: ``stderr`` or
+    ``residual``; NaN when none), the products it took (``hvps``; shared-probe traces: the union products that
+    served every unit) and the seconds."""
+
+    checkpoint: str
+    unit: str
+    block: int
+    layer: str
+    head: int
+    n: int
+    quantity: str
+    estimate: float
+    error: float
+    error_kind: str
+    hvps: int
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """The rows (one per unit x quantity, units in order) and the trace estimator's choice with both estimators'
+    per-unit variances per probe (``trace``: ``{"chosen", "variance_shared", "variance_per_unit", "cost_shared",
+    "cost_per_unit", ...}``); ``hvps``: every product of the sweep; ``operator``: the product settings used."""
+
+    rows: tuple[Row, ...]
+    trace: dict[str, Any]
+    hvps: int
+    seconds: float
+    operator: dict[str, Any] = field(default_factory=dict)
+
+    def table(self) -> list[dict[str, Any]]:
+        return [r.as_dict() for r in self.rows]
+
+    def value(self, unit: str, quantity: str) -> Row:
+        """The row of ``unit`` and ``quantity``."""
+        for r in self.rows:
+            if r.unit == unit and r.quantity == quantity:
+                return r
+        raise KeyError((unit, quantity))
+
+
+class Store(Protocol):
+    """Where finished stages are kept (resume): ``get(key)`` -> the stage's value or None, ``put(key, value)``."""
+
+    def get(self, key: str) -> Any: ...
+
+    def put(self, key: str, value: Any) -> None: ...
+
+
+class MemoryStore(dict):
+    """A :class:`Store` in memory (the default: nothing survives the process)."""
+
+    def put(self, key: str, value: Any) -> None:
+        self[key] = value
+
+
+# ----------------------------------------------------------------------------- pure estimators over a matmat
+
+
+def unit_seed(seed: int, name: str, stream: str) -> int:
+    """A seed for unit ``name``'s ``stream`` (probes, lanczos, slq) from ``seed``: the same at every checkpoint."""
+    text = f"{seed}:{name}:{stream}".encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:7], "little")
+
+
+@dataclass
+class ProbeStats:
+    """Per-probe samples of one unit's Hutchinson probes ``z`` (``H z`` computed once for all three):
+    ``trace`` ``z . Hz``, ``frob`` ``||Hz||^2``, and the running diagonal sums of ``z * Hz`` and its square."""
+
+    trace: list[float] = field(default_factory=list)
+    frob: list[float] = field(default_factory=list)
+    diag_sum: torch.Tensor | None = None
+    diag_sq: torch.Tensor | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.trace)
+
+
+def probe_round(matmat: spectrum.MatMat, n: int, stats: ProbeStats, p: int, seed: int) -> None:
+    """``p`` more Rademacher probes (columns ``count .. count + p - 1`` of the global draw ``seed``) into ``stats``."""
+    from ..spectrum.vectors import local_space
+
+    z = local_space(n).random(p, seed, "rademacher", first=stats.count)
+    hz = matmat(z)
+    stats.trace.extend((z * hz).sum(0).tolist())
+    stats.frob.extend((hz * hz).sum(0).tolist())
+    d = z * hz
+    s, q = d.sum(1), (d * d).sum(1)
+    stats.diag_sum = s if stats.diag_sum is None else stats.diag_sum + s
+    stats.diag_sq = q if stats.diag_sq is None else stats.diag_sq + q
+
+
+def mean_stderr(samples: Sequence[float]) -> tuple[float, float, float]:
+    """``(mean, standard error, sample variance)`` of the samples (NaN error for fewer than two)."""
+    t = torch.tensor(list(samples), dtype=F64)
+    k = t.numel()
+    if k < 2:
+        return float(t.mean()), float("nan"), float("nan")
+    var = float(t.var())
+    return float(t.mean()), math.sqrt(var / k), var
+
+
+def enough(samples: Sequence[float], rel: float) -> bool:
+    """Whether the mean of ``samples`` has a standard error of at most ``rel`` of its magnitude."""
+    mean, se, _ = mean_stderr(samples)
+    return se <= rel * abs(mean)
+
+
+def combined_trace(shared: Sequence[float], own: Sequence[float]) -> tuple[float, float]:
+    """The inverse-variance weighted mean of the shared-probe and the per-unit (pilot) trace estimates, two independent
+    unbiased estimates of the same ``tr(H_uu)``, and its standard error ``(1/se_s^2 + 1/se_p^2)^(-1/2)`` (the weights
+    use the estimated variances); the shared one alone when there are fewer than two per-unit samples."""
+    ms, ss, _ = mean_stderr(shared)
+    if len(own) < 2:
+        return ms, ss
+    mp, sp, _ = mean_stderr(own)
+    if not (ss > 0 and sp > 0):
+        return (ms, ss) if ss == 0 else (mp, sp)
+    ws, wp = 1 / ss**2, 1 / sp**2
+    return (ws * ms + wp * mp) / (ws + wp), (ws + wp) ** -0.5
+
+
+def enough_combined(shared: Sequence[float], own: Sequence[float], rel: float) -> bool:
+    """Whether :func:`combined_trace` has a standard error of at most ``rel`` of its magnitude."""
+    m, se = combined_trace(shared, own)
+    return se <= rel * abs(m)
+
+
+def probes_needed(var: float, mean: float, rel: float) -> float:
+    """Probes for a standard error ``rel |mean|`` when one probe's variance is ``var``: ``var / (rel mean)^2``."""
+    if not math.isfinite(var) or mean == 0:
+        return math.inf
+    return var / (rel * mean) ** 2
+
+
+def frobenius_row(stats: ProbeStats) -> tuple[float, float]:
+    """``||H||_F`` from ``E ||H z||^2 = ||H||_F^2``, with the delta-method standard error ``se(F^2) / (2 F)``."""
+    m, se, _ = mean_stderr(stats.frob)
+    f = math.sqrt(max(m, 0.0))
+    return f, se / (2 * f) if f > 0 else float("nan")
+
+
+def diagonal_rows(stats: ProbeStats) -> dict[str, tuple[float, float]]:
+    """Statistics of the Hutchinson diagonal estimate ``d = mean_k z_k * H z_k`` (per entry standard error ``s``):
+    ``diag_min``, ``diag_max``, ``diag_abs_mean``, ``diag_negative_fraction``, each with the median ``s``."""
+    k = stats.count
+    d = stats.diag_sum / k
+    var = (stats.diag_sq / k - d * d).clamp_min(0) * k / max(k - 1, 1)
+    s = float((var / k).sqrt().median())
+    return {
+        "diag_min": (float(d.min()), s),
+        "diag_max": (float(d.max()), s),
+        "diag_abs_mean": (float(d.abs().mean()), s),
+        "diag_negative_fraction": (float((d < 0).to(F64).mean()), float("nan")),
+    }
+
+
+def density_rows(d: spectrum.SLQResult) -> dict[str, tuple[float, float]]:
+    """SLQ's negative mass (the share of the spectrum below 0: mean over probes of the Ritz weights of negative Ritz
+    values) and the moments ``tr(H^m) / n`` (m = 1, 2), each with its standard error over the probes."""
+    neg = torch.nansum(d.ritz_weights * (d.ritz_values < 0).to(F64), dim=1)
+    m, se, _ = mean_stderr(neg.tolist())
+    out = {"density_negative_mass": (m, se)}
+    for k in (1, 2):
+        out[f"density_moment{k}"] = d.moment(k)
+    return out
+
+
+# ----------------------------------------------------------------------------- products
+
+
+class UnitProducts:
+    """``H_uu V`` for each unit: by the union operator with block-restricted vectors (``strategy="union"``), or by one
+    operator per unit (``"per_unit"``). ``union(V)``: ``H V`` on the union (shared probes). ``hvps`` counts the
+    products (one union or unit product each)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        samples: torch.Tensor,
+        units: Sequence[Unit],
+        settings: SweepSettings,
+        make_operator: Callable[..., HessianOperator] | None = None,
+    ):
+        self.model, self.samples, self.units, self.settings = model, samples, units, settings
+        self.make = make_operator or (
+            lambda subset, **kw: HessianOperator(model, subset, samples, **kw)
+        )
+        self.subset, self.ranges = union_subset(units)
+        self.n = self.subset.size
+        self._union: HessianOperator | None = None
+        self._unit_ops: dict[int, HessianOperator] = {}
+        self.hvps = 0
+
+    def _kw(self) -> dict[str, Any]:
+        s = self.settings
+        return dict(model_input_bs=s.model_input_bs, chunk=s.chunk, keep_graphs=s.keep_graphs)
+
+    @property
+    def union_op(self) -> HessianOperator:
+        if self._union is None:
+            self._union = self.make(self.subset, **self._kw())
+        return self._union
+
+    def union(self, v: torch.Tensor) -> torch.Tensor:
+        self.hvps += v.shape[1]
+        return self.union_op.matmat(v)
+
+    def matmat(self, i: int) -> spectrum.MatMat:
+        """Unit ``i``'s ``V`` ``(n_u, p)`` -> ``H_uu V``."""
+        a, b = self.ranges[i]
+        if self.settings.strategy == "per_unit":
+
+            def own(v: torch.Tensor) -> torch.Tensor:
+                if i not in self._unit_ops:
+                    self._unit_ops.clear()  # one unit's graphs at a time
+                    self._unit_ops[i] = self.make(self.units[i].subset(), **self._kw())
+                self.hvps += v.shape[1]
+                return self._unit_ops[i].matmat(v)
+
+            return own
+
+        def restricted(v: torch.Tensor) -> torch.Tensor:
+            full = torch.zeros(self.n, v.shape[1], dtype=F64)
+            full[a:b] = v
+            self.hvps += v.shape[1]
+            return self.union_op.matmat(full)[a:b].contiguous()
+
+        return restricted
+
+    def report(self) -> dict[str, Any]:
+        op = self._union or next(iter(self._unit_ops.values()), None)
+        return {
+            "strategy": self.settings.strategy,
+            "union_size": self.n,
+            **(op.report() if op else {}),
+        }
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def shared_trace_samples(
+    matmat: spectrum.MatMat,
+    n: int,
+    ranges: Sequence[tuple[int, int]],
+    p: int,
+    first: int,
+    seed: int,
+) -> list[list[float]]:
+    """``p`` shared Rademacher probes ``z`` (columns ``first .. first + p - 1`` of the global draw ``seed``) of an
+    ``n x n`` symmetric ``H``: per block ``(a, b)`` of ``ranges`` the samples ``z[a:b] . (H z)[a:b]``, unbiased for
+    ``tr(H[a:b, a:b])`` with variance ``2 sum_{i != j in block} H_ij^2 + sum_{k outside} ||H[a:b, k]||^2``."""
+    from ..spectrum.vectors import local_space
+
+    z = local_space(n).random(p, seed, "rademacher", first=first)
+    hz = matmat(z)
+    return [(z[a:b] * hz[a:b]).sum(0).tolist() for a, b in ranges]
+
+
+KRYLOV_GAIN = 3.0
+"""How much less the per-unit trace costs when deflated by the unit's Lanczos basis, against the pilot's plain
+per-unit prediction: measured on the bundled model's 24 layers (b = 2, seqlen 64), the peers' plain Hutchinson needed
+2640 probes for the standard errors the sweep reached with 780 (3.4x, rounded down; benchmarks/sweep.py)."""
+KRYLOV_REASON = "the units run Lanczos, and the per-unit trace is deflated by its basis"
+
+
+def _shared_round(products: UnitProducts, p: int, first: int, seed: int) -> list[list[float]]:
+    """``p`` shared probes over the union: per unit, the samples ``z_u . (H z)_u``."""
+    return shared_trace_samples(products.union, products.n, products.ranges, p, first, seed)
+
+
+def sweep(
+    model: nn.Module,
+    samples: torch.Tensor,
+    units: Sequence[Unit],
+    quantities: Sequence[str],
+    settings: SweepSettings = SweepSettings(),
+    checkpoint: str = "",
+    store: Store | None = None,
+    progress: Callable[[str], None] | None = None,
+    make_operator: Callable[..., HessianOperator] | None = None,
+) -> SweepResult:
+    """Every unit's ``quantities`` (:data:`QUANTITIES`) of the Hessian of the mean NLL over ``samples`` (``(b, seqlen)``).
+
+    Stages, each kept in ``store`` under its key once finished (a resumed sweep recomputes only what is missing and,
+    its products being deterministic, gets the same numbers): ``pilot`` (with ``trace``: ``min_probes`` shared probes,
+    and ``min_probes`` per-unit probes per unit when ``trace_estimator="auto"``), ``shared`` (shared probes until every
+    unit's trace reaches ``trace_rel``, when chosen), then ``unit:<name>`` per unit (per-unit probes, Lanczos, SLQ).
+    ``checkpoint`` labels the rows; ``progress(stage)`` is called after each stage; ``make_operator(subset, **kw)``:
+    how an operator is made (default :class:`lib.products.operator.HessianOperator` on ``model`` and ``samples``).
+    """
+    t0 = time.perf_counter()
+    quantities = check_quantities(quantities)
+    settings.check()
+    if not units:
+        raise ParamError("units", "units is empty")
+    store = store if store is not None else MemoryStore()
+    prod = UnitProducts(model, samples, units, settings, make_operator)
+    s = settings
+    want_trace = "trace" in quantities
+    want_probes = "frobenius" in quantities or "diagonal" in quantities
+    shared_seed = unit_seed(s.seed, "<union>", "probes")
+    krylov = (
+        "top" in quantities or "bottom" in quantities
+    )  # a Lanczos basis per unit: the deflated trace
+    trace_info: dict[str, Any] = {"chosen": None}
+    pilot_per_unit: list[ProbeStats] = [ProbeStats() for _ in units]
+
+    def done(stage: str) -> None:
+        if progress is not None:
+            progress(stage)
+
+    # --- pilot: both estimators' variances
+    shared: list[list[float]] = [[] for _ in units]
+    shared_hvps = 0
+    if want_trace:
+        got = store.get("pilot")
+        if got is None:
+            tp = time.perf_counter()
+            h0 = prod.hvps
+            shared_s, unit_s = float("nan"), [float("nan")] * len(units)
+            if s.trace_estimator != "per_unit":
+                shared = _shared_round(prod, s.min_probes, 0, shared_seed)
+                shared_s = time.perf_counter() - tp
+            if s.trace_estimator != "shared":
+                for i, u in enumerate(units):
+                    tu = time.perf_counter()
+                    probe_round(
+                        prod.matmat(i),
+                        u.size,
+                        pilot_per_unit[i],
+                        s.min_probes,
+                        unit_seed(s.seed, u.name, "probes"),
+                    )
+                    unit_s[i] = time.perf_counter() - tu
+            got = {
+                "shared": shared,
+                "per_unit": pilot_per_unit,
+                "shared_seconds": shared_s,
+                "unit_seconds": unit_s,
+                "hvps": prod.hvps - h0,
+                "seconds": time.perf_counter() - tp,
+            }
+            store.put("pilot", got)
+            done("pilot")
+        shared, pilot_per_unit = got["shared"], got["per_unit"]
+        pilot_seconds = got["seconds"]
+        var_s = [mean_stderr(x)[2] if x else float("nan") for x in shared]
+        var_p = [mean_stderr(p.trace)[2] if p.count else float("nan") for p in pilot_per_unit]
+        means = [
+            mean_stderr(x)[0] if x else mean_stderr(p.trace)[0]
+            for x, p in zip(shared, pilot_per_unit)
+        ]
+        lo, hi = s.min_probes, s.max_probes
+        need_s = [min(max(probes_needed(v, m, s.trace_rel), lo), hi) for v, m in zip(var_s, means)]
+        need_p = [min(max(probes_needed(v, m, s.trace_rel), lo), hi) for v, m in zip(var_p, means)]
+        cost_s, cost_p = max(need_s), sum(need_p)
+        # seconds: one shared probe costs a union product; unit u's probe costs its own product
+        sec_s = cost_s * got["shared_seconds"] / lo
+        sec_p = sum(k * t / lo for k, t in zip(need_p, got["unit_seconds"]))
+        chosen, reason = s.trace_estimator, "requested"
+        if chosen == "auto":
+            gain = KRYLOV_GAIN if krylov else 1.0  # the per-unit variance drop the deflation brings
+            chosen = "shared" if sec_s * gain <= sec_p else "per_unit"
+            reason = "fewer predicted seconds to reach trace_rel on every unit" + (
+                f" (per unit divided by {KRYLOV_GAIN:g}: {KRYLOV_REASON})" if krylov else ""
+            )
+        trace_info = {
+            "chosen": chosen,
+            "requested": s.trace_estimator,
+            "reason": reason,
+            "pilot_probes": s.min_probes,
+            "variance_shared": var_s,
+            "variance_per_unit": var_p,
+            "cost_shared": cost_s if math.isfinite(cost_s) else None,
+            "cost_per_unit": cost_p if math.isfinite(cost_p) else None,
+            "seconds_shared": sec_s if math.isfinite(sec_s) else None,
+            "seconds_per_unit": sec_p if math.isfinite(sec_p) else None,
+            "cost_unit": "probes to reach trace_rel on every unit (capped by min_probes..max_probes; shared: one "
+            "union product serves every unit), and their seconds at the pilot's measured time per product; the "
+            "estimator with fewer seconds is chosen",
+            "pilot_hvps": got["hvps"],
+        }
+        if chosen == "shared":
+            got = store.get("shared")
+            if got is None:
+                tp = time.perf_counter()
+                h0 = prod.hvps
+                k = len(shared[0])
+                while k < s.max_probes and not all(
+                    enough_combined(x, p.trace, s.trace_rel) for x, p in zip(shared, pilot_per_unit)
+                ):
+                    p = min(s.probe_round, s.max_probes - k)
+                    for i, more in enumerate(_shared_round(prod, p, k, shared_seed)):
+                        shared[i] = shared[i] + more
+                    k += p
+                got = {
+                    "shared": shared,
+                    "hvps": prod.hvps - h0,
+                    "seconds": time.perf_counter() - tp,
+                }
+                store.put("shared", got)
+                done("shared trace")
+            shared = got["shared"]
+            shared_hvps = len(shared[0])
+            trace_info["shared_probes"] = shared_hvps
+            pilot_seconds += got["seconds"]
+
+    rows: list[Row] = []
+    for i, u in enumerate(units):
+        key = f"unit:{u.name}"
+        got = store.get(key)
+        if got is None:
+            got = _unit_rows(
+                prod,
+                i,
+                u,
+                quantities,
+                s,
+                trace_info.get("chosen"),
+                pilot_per_unit[i],
+                want_probes,
+                checkpoint,
+            )
+            store.put(key, got)
+            done(f"unit {u.name}")
+        unit_rows = list(got)
+        if trace_info.get("chosen") == "shared":
+            m, se = combined_trace(shared[i], pilot_per_unit[i].trace)
+            secs = pilot_seconds / len(units)
+            k = (
+                shared_hvps + pilot_per_unit[i].count
+            )  # the union products and the unit's own pilot probes
+            unit_rows.insert(0, _row(checkpoint, u, "trace", m, se, "stderr", k, secs))
+        rows.extend(unit_rows)
+    # a resumed sweep's rows carry this run's checkpoint label
+    rows = [
+        r if r.checkpoint == checkpoint else Row(**{**r.as_dict(), "checkpoint": checkpoint})
+        for r in rows
+    ]
+    return SweepResult(tuple(rows), trace_info, prod.hvps, time.perf_counter() - t0, prod.report())
+
+
+def _row(
+    cp: str, u: Unit, q: str, est: float, err: float, kind: str, hvps: int, secs: float
+) -> Row:
+    return Row(
+        cp,
+        u.name,
+        u.block,
+        u.layer,
+        u.head,
+        u.size,
+        q,
+        float(est),
+        float(err),
+        kind,
+        int(hvps),
+        float(secs),
+    )
+
+
+class Recorder:
+    """A ``matmat`` that keeps every block it was given and its product (the Lanczos basis ``Q`` and ``H Q``)."""
+
+    def __init__(self, matmat: spectrum.MatMat):
+        self.matmat, self.v, self.hv = matmat, [], []
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        hv = self.matmat(v)
+        self.v.append(v)
+        self.hv.append(hv)
+        return hv
+
+
+def deflated_trace_samples(
+    matmat: spectrum.MatMat,
+    n: int,
+    q: torch.Tensor,
+    hq: torch.Tensor,
+    p: int,
+    first: int,
+    seed: int,
+) -> list[float]:
+    """``p`` samples of ``tr(Q^T H Q) + z'^T H z'``, ``z' = (I - Q Q^T) z`` for Rademacher ``z`` (columns ``first ..``
+    of the draw ``seed``) and an orthonormal ``Q`` ``(n, m)`` with ``H Q`` (e.g. a Lanczos basis): each unbiased for
+    ``tr(H)`` (``tr(H) = tr(P H P) + tr((I - P) H (I - P))`` for ``P = Q Q^T``, and ``Q`` does not depend on ``z``),
+    with the variance of Hutchinson on the deflated ``(I - P) H (I - P)``: small when ``Q`` spans the dominant
+    eigenvectors (the Hutch++ idea, Meyer et al. 2021, with the Krylov basis the eigenvalue search built anyway)."""
+    from ..spectrum.vectors import local_space
+
+    z = local_space(n).random(p, seed, "rademacher", first=first)
+    for _ in range(2):
+        z = z - q @ (q.T @ z)
+    exact = float((q * hq).sum())
+    return (exact + (z * matmat(z)).sum(0)).tolist()
+
+
+def _unit_rows(
+    prod: UnitProducts,
+    i: int,
+    u: Unit,
+    quantities: tuple[str, ...],
+    s: SweepSettings,
+    trace_choice: str | None,
+    pilot: ProbeStats,
+    want_probes: bool,
+    cp: str,
+) -> list[Row]:
+    """Unit ``i``'s rows (the shared trace excepted): Lanczos (its basis kept), the per-unit trace (Hutchinson deflated
+    by that basis, combined with the plain pilot probes), the plain probes of ``frobenius`` / ``diagonal``, SLQ."""
+    mm = prod.matmat(i)
+    out: list[Row] = []
+    per_unit_trace = "trace" in quantities and trace_choice == "per_unit"
+    which = [w for w in ("top", "bottom") if w in quantities]
+    basis: tuple[torch.Tensor, torch.Tensor] | None = None
+    if which:
+        t = time.perf_counter()
+        rec = Recorder(mm)
+        eig = spectrum.lanczos(
+            rec,
+            u.size,
+            1,
+            "both" if len(which) == 2 else {"top": "largest", "bottom": "smallest"}[which[0]],
+            tol=s.tol,
+            max_iter=s.max_iter,
+            seed=unit_seed(s.seed, u.name, "lanczos"),
+            eigenvectors=False,
+        )
+        secs = time.perf_counter() - t
+        basis = (
+            torch.cat(rec.v, dim=1),
+            torch.cat(rec.hv, dim=1),
+        )  # orthonormal: full reorthogonalization
+        for j, w in enumerate(which):
+            out.append(
+                _row(cp, u, w, eig.eigenvalues[j], eig.residuals[j], "residual", eig.hvps, secs)
+            )
+    stats = ProbeStats(list(pilot.trace), list(pilot.frob), pilot.diag_sum, pilot.diag_sq)
+    seed = unit_seed(s.seed, u.name, "probes")
+    if per_unit_trace:
+        t = time.perf_counter()
+        h0 = prod.hvps
+        if basis is None:  # plain Hutchinson
+            if stats.count < s.min_probes:
+                probe_round(mm, u.size, stats, s.min_probes - stats.count, seed)
+            while stats.count < s.max_probes and not enough(stats.trace, s.trace_rel):
+                probe_round(mm, u.size, stats, min(s.probe_round, s.max_probes - stats.count), seed)
+            m, se, _ = mean_stderr(stats.trace)
+        else:
+            dseed = unit_seed(s.seed, u.name, "deflated")
+            q, hq = basis
+            deflated: list[float] = []
+            while (
+                len(deflated) < 2 or not enough_combined(deflated, stats.trace, s.trace_rel)
+            ) and (len(deflated) + stats.count < s.max_probes):
+                p = min(s.probe_round, max(2, s.max_probes - stats.count - len(deflated)))
+                deflated += deflated_trace_samples(mm, u.size, q, hq, p, len(deflated), dseed)
+            m, se = combined_trace(deflated, stats.trace)
+        out.insert(
+            0,
+            _row(
+                cp,
+                u,
+                "trace",
+                m,
+                se,
+                "stderr",
+                prod.hvps - h0 + pilot.count,
+                time.perf_counter() - t,
+            ),
+        )
+    if want_probes:
+        t = time.perf_counter()
+        if stats.count < s.min_probes:
+            probe_round(mm, u.size, stats, s.min_probes - stats.count, seed)
+        while (
+            stats.count < s.max_probes
+            and not (stats.count >= 2 * s.min_probes and enough(stats.frob, s.trace_rel))
+        ):  # ||Hz||^2 is skewed: its standard error needs more probes than its relative target suggests
+            probe_round(mm, u.size, stats, min(s.probe_round, s.max_probes - stats.count), seed)
+        secs, k = time.perf_counter() - t, stats.count
+        if "frobenius" in quantities:
+            out.append(_row(cp, u, "frobenius", *frobenius_row(stats), "stderr", k, secs))
+        if "diagonal" in quantities:
+            for q_, (est, err) in diagonal_rows(stats).items():
+                out.append(_row(cp, u, q_, est, err, "stderr", k, secs))
+    if "density" in quantities:
+        t = time.perf_counter()
+        d = spectrum.slq(
+            mm,
+            u.size,
+            s.slq_probes,
+            s.lanczos_steps,
+            seed=unit_seed(s.seed, u.name, "slq"),
+            grid_points=2,
+        )
+        secs = time.perf_counter() - t
+        for q_, (est, err) in density_rows(d).items():
+            out.append(_row(cp, u, q_, est, err, "stderr", d.hvps, secs))
+    return out
