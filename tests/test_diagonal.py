@@ -340,7 +340,7 @@ def _outputs(tmp_path, meta):
 
 
 @pytest.mark.slow
-def test_script_end_to_end_with_a_convergence_study(tmp_path):
+def test_script_end_to_end_with_a_convergence_study(tmp_path, capsys):
     meta = hessian_diagonal.run(
         [
             "--track_rows",
@@ -382,6 +382,18 @@ def test_script_end_to_end_with_a_convergence_study(tmp_path):
     for f in js["figures"]:
         assert (tmp_path / f).stat().st_size > 1000
     assert not list(tmp_path.glob("*.ckpt"))  # both phases' checkpoints are removed at the end
+    # Hutchinson's per-entry standard error: <name>_se.pt, its summary in the JSON and one console line
+    se_js = js["standard_error"]
+    assert se_js["groups"] == 4 and list(se_js["estimators"]) == ["hutchinson"]
+    ses = torch.load(tmp_path / se_js["file"])
+    se = ses["hutchinson"][name]
+    assert se.shape == (128, 128) and bool((se > 0).all())
+    summ = se_js["estimators"]["hutchinson"]
+    d = diags["hutchinson"][name]
+    assert summ["sign_resolved_2se"] == pytest.approx(float((d.abs() > 2 * se).double().mean()))
+    assert summ["entries"] == 128 * 128 and 0 < summ["median_rel_se"] <= summ["max_rel_se"]
+    assert se_js["file"] in meta["outputs"]
+    assert "hutchinson: per-entry standard error (4 probe groups)" in capsys.readouterr().out
 
 
 @pytest.mark.slow

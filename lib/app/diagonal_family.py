@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..estimators.diagonal.hutchinson import se_groups
+from ..estimators.diagonal.work import se_summary
 from ..hessian.diagonal import (
     EXACT_MAX_ENTRIES,
     REGISTRY,
@@ -24,11 +26,12 @@ from ..hessian.diagonal import (
 from ..model.models import iter_named_linear
 from ..objective.subsets import layer_module, num_blocks, num_output_units, output_units_index
 from ..runtime import parallel
-from . import outputs, preflight
+from . import console, outputs, preflight
 from .early_checks import block_index_error
 from .outputs import default_name as output_name
 from .pipeline import Family, Run
 from .plots import convergence, heatmap, heatmap_grid
+from .results import atomic_write_bytes
 from .spec import DiagonalSpec
 
 Found = list[tuple[Target, int, str]]
@@ -144,6 +147,40 @@ def pt_tensor(result: DiagonalResult, dtype: torch.dtype) -> Any:
         e: {t.param_name: result.diagonals[e][t.param_name].to(dtype) for t in targets}
         for e in estimators
     }
+
+
+def se_file(name: str) -> str:
+    """``<name>_se.pt``: the per-entry standard errors, ``{estimator: {param_name: se}}`` (each the weight's shape)."""
+    return f"{name}_se.pt"
+
+
+def has_standard_error(spec: DiagonalSpec) -> bool:
+    """Whether the run gives per-entry standard errors (Hutchinson with ``K >= 2``)."""
+    return "hutchinson" in spec.compute.estimator and se_groups(spec.compute.hvps) > 0
+
+
+def standard_error_json(result: DiagonalResult, file: str) -> dict[str, Any]:
+    """The JSON's ``standard_error``: per estimator, the summary over all weights (:func:`se_summary`), per weight,
+    the probe groups and how to read it."""
+    out: dict[str, Any] = {
+        "file": file,
+        "method": (
+            "B = min(K, 4) interleaved probe groups (probe j in group j mod B), each group's sum additive over "
+            "samples; se = sqrt(sum_g k_g (m_g - m)^2 / ((B - 1) K)) (batch means); (est - diag H) / se is about "
+            "Student-t with B - 1 degrees of freedom"
+        ),
+        "groups": se_groups(result.vhp_samples),
+        "estimators": {},
+    }
+    for e, by_param in result.standard_errors.items():
+        names = list(by_param)
+        est = [result.diagonals[e][p] for p in names]
+        se = [by_param[p] for p in names]
+        out["estimators"][e] = {
+            **se_summary(est, se),
+            "per_parameter": {p: se_summary([d], [s]) for p, d, s in zip(names, est, se)},
+        }
+    return out
 
 
 def _k_desc(e: str, hvps: int) -> str:
@@ -302,7 +339,9 @@ class DiagonalFamily(Family):
 
     def files(self, spec: DiagonalSpec, name: str) -> list[str]:
         return outputs.planned_files(
-            name, ["", *(["_convergence"] if spec.compute.track_rows else [])]
+            name,
+            ["", *(["_convergence"] if spec.compute.track_rows else [])],
+            ["_se"] if has_standard_error(spec) else [],
         )
 
     def structure(self, model: nn.Module, spec: DiagonalSpec) -> Found:
@@ -359,6 +398,15 @@ class DiagonalFamily(Family):
             figures += draw_convergence(run, result)
         meta = diagonal_json(run, result)
         meta["figures"] = [p.name for p in figures]
+        if result.standard_errors:
+            path = run.out / se_file(run.name)
+            ses = {
+                e: {p: v.to(run.dtype) for p, v in by_param.items()}
+                for e, by_param in result.standard_errors.items()
+            }
+            atomic_write_bytes(path, lambda f: torch.save(ses, f))
+            meta["standard_error"] = standard_error_json(result, path.name)
+            meta["side_files"] = [path.name]
         return pt_tensor(result, run.dtype), _finite(meta)
 
     def report(self, run: Run, meta: dict[str, Any]) -> list[str]:
@@ -373,6 +421,7 @@ class DiagonalFamily(Family):
             lines.append(
                 f"  {e}: relative l2 error vs exact " + ", ".join(_g(v) for v in errs.values())
             )
+        lines += console.diagonal_se_lines(meta.get("standard_error") or {})
         if meta["convergence"]:
             lines.append(
                 "  tracked relative l2 error: "

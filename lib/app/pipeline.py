@@ -497,6 +497,7 @@ def written_files(meta: dict[str, Any]) -> list[str]:
         *meta.get("table_files", []),
         *meta.get("figures", []),
         *meta.get("batch_study_files", []),
+        *meta.get("side_files", []),
         *([compare["file"]] if "file" in compare else []),
         *compare.get("figures", []),
     ]

@@ -250,6 +250,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 *m.get("table_files", []),
                 *m["figures"],
                 *m.get("batch_study_files", []),
+                *m.get("side_files", []),
             ]
         ]
         if fig == "3b":

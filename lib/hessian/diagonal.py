@@ -211,7 +211,16 @@ class DiagonalJob(ProductJob):
             **self.base_config(),
             "seed": self.seed,
             "probes": "rademacher, generator seeded by sha256(f'{seed}/{param}/{j}')",
+            **self._groups_config(),
         }
+
+    def _groups_config(self) -> dict[str, Any]:
+        """With Hutchinson's probe groups (per-entry standard error), a key that names them: a checkpoint written
+        before they existed lacks it, so its refusal names ``probe_groups`` among the differences."""
+        b = max((getattr(w, "groups", 0) for p in self.plans for w in p.work.values()), default=0)
+        return (
+            {"probe_groups": f"{b} interleaved groups (j mod {b}) summed beside zhz"} if b else {}
+        )
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -242,6 +251,9 @@ class DiagonalResult:
     """Per phase: the given ``probe_batch``, or the measured choice (:meth:`DiagonalJob.probe_batch_report`)."""
     hvp: dict[str, Any] = field(default_factory=lambda: {"hvp": "exact"})
     """How the HVPs were taken: exact, or the finite-difference settings and kink-retry counts (:class:`FDStats`)."""
+    standard_errors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    """``standard_errors[estimator][param_name]``: per-entry standard error of the diagonal (same normalization and
+    shape), for the estimators that give one (Hutchinson with ``K >= 2``: :meth:`DiagonalEstimator.standard_error`)."""
 
     @property
     def perplexity(self) -> float:
@@ -342,4 +354,5 @@ def hessian_diagonal(
         phase_s=est.phase_s,
         probe_batch={phase: job.probe_batch_report() for phase, job in jobs.items()},
         hvp=jobs["1"].products.report(next(model.parameters()).dtype, stats),
+        standard_errors=est.standard_errors,
     )

@@ -7,7 +7,7 @@ plans), :mod:`.driver` (running them). Importing this package imports every othe
 
 from ..registry import INFRASTRUCTURE
 from .base import REGISTRY, DiagonalEstimator, Finish, register
-from .driver import Estimates, diagonal_of, estimate, plan_phase1
+from .driver import Estimates, diagonal_of, estimate, estimates_of, plan_phase1
 from .work import (
     Entries,
     LinearUnit,
@@ -37,6 +37,7 @@ __all__ = [
     "Work",
     "diagonal_of",
     "estimate",
+    "estimates_of",
     "plan_phase1",
     "register",
     "run_plan",

@@ -145,6 +145,11 @@ class DiagonalEstimator:
         """The estimate of the summed-loss diagonal, flat ``(n,)`` (the caller normalizes and reshapes it)."""
         raise NotImplementedError
 
+    def standard_error(self, fin: Finish) -> torch.Tensor | None:
+        """Per-entry standard error of :meth:`finish`'s estimate, flat ``(n,)`` (same scale; the caller normalizes),
+        or None where the estimator has none (deterministic, or no independent replicates)."""
+        return None
+
     def convergence(self, fin: Finish, exact: torch.Tensor) -> tuple[dict[str, list], int] | None:
         """``(curve, monitored entries)`` along ``K`` against ``exact`` (normalized, at ``fin.target.tracked``), or None."""
         return None

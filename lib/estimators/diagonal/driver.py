@@ -38,7 +38,8 @@ def plan_phase1(
 class Estimates:
     """What :func:`estimate` returns: ``diagonals[estimator][param]`` (float64, the weight's shape, divided by
     ``n_tokens``), the phases' first sums (``nll_sum`` there), the convergence study (see
-    :class:`lib.hessian.diagonal.DiagonalResult`) and each phase's wall seconds."""
+    :class:`lib.hessian.diagonal.DiagonalResult`), each phase's wall seconds and ``standard_errors[estimator][param]``
+    (per-entry, same scale and shape, for the estimators that have one: :meth:`DiagonalEstimator.standard_error`)."""
 
     diagonals: dict[str, dict[str, torch.Tensor]]
     sums: Partial
@@ -46,6 +47,7 @@ class Estimates:
     curves: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     monitor_size: dict[str, int] = field(default_factory=dict)
     phase_s: dict[str, float] = field(default_factory=dict)
+    standard_errors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 PhaseRunner = Callable[[str, list[ParamPlan]], "Partial | None"]
@@ -92,6 +94,11 @@ def estimate(
             out.diagonals[e.name][t.param_name] = (
                 e.finish(fin).to(torch.float64) / n_tokens
             ).reshape(t.shape)
+            se = e.standard_error(fin)
+            if se is not None:
+                out.standard_errors.setdefault(e.name, {})[t.param_name] = (
+                    se.to(torch.float64) / n_tokens
+                ).reshape(t.shape)
         if len(t.tracked):
             _track(out, fin, ests)
     return out
@@ -137,6 +144,19 @@ def diagonal_of(
     """The estimators' diagonals of a symmetric linear map ``apply`` (rows ``v`` ``(m, n)`` to ``H v``), float64 ``(n,)``,
     e.g. ``apply = lambda v: v @ h`` for a dense symmetric ``h``; estimators that need a model (per-sample
     gradients, Gauss-Newton products) raise. Probes are those of weight ``name`` with ``seed``."""
+    res = estimates_of(apply, n, estimators, k, seed, name)
+    return {e: d[name] for e, d in res.diagonals.items()}
+
+
+def estimates_of(
+    apply: Callable[[torch.Tensor], torch.Tensor],
+    n: int,
+    estimators: Sequence[str],
+    k: int,
+    seed: int = 0,
+    name: str = "x",
+) -> Estimates:
+    """As :func:`diagonal_of`, the whole :class:`Estimates` (``diagonals[e][name]``, ``standard_errors[e][name]``)."""
 
     def run(phase: str, plans: list[ParamPlan]) -> Partial:
         out: Partial = {}
@@ -153,4 +173,4 @@ def diagonal_of(
 
     res = estimate(estimators, [Target(name, (n,))], k, seed, run, torch.float64, 1)
     assert res is not None
-    return {e: d[name] for e, d in res.diagonals.items()}
+    return res

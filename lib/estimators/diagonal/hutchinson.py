@@ -7,6 +7,13 @@ splines"; Bekas, Kokiopoulou & Saad 2007, "An estimator for the diagonal of a ma
 Cost: ``K`` HVPs per sample and weight. Plan: ``K`` probes (:class:`Probes`; with tracked entries, each probe's
 contribution there and on the monitored entries is recorded, so that the estimate after every ``k <= K`` can be
 formed afterwards). Finish: ``zhz / K``.
+
+Per-entry standard error (``K >= 2``): per-probe values ``z_j * (H z_j)`` are not additive over samples once
+squared, so the probes are split into ``B = min(K, SE_GROUPS)`` interleaved groups (``j mod B``) whose sums are
+additive like ``zhz`` (over batches, workers and checkpoints) and independent; the spread of the group means gives
+``se = sqrt(sum_g k_g (m_g - m)^2 / ((B - 1) K))`` (:func:`~.work.group_standard_error`; equal groups:
+``std_g(m_g) / sqrt(B)``). ``(est - diag H) / se`` is about Student-t with ``B - 1`` degrees of freedom. The estimate
+itself is ``zhz / K`` as without groups (the groups are extra sums, ``(B - 1) n`` floats).
 """
 
 from __future__ import annotations
@@ -25,6 +32,15 @@ from .base import (
     monitor_entries,
     register,
 )
+from .work import group_sizes, group_standard_error, group_sums
+
+SE_GROUPS = 4
+"""Interleaved probe groups for the per-entry standard error (``min(K, SE_GROUPS)``; memory ``(B - 1) n`` floats)."""
+
+
+def se_groups(k: int) -> int:
+    """Probe groups ``B`` for ``K = k`` probes (0: none, ``K < 2``)."""
+    return min(k, SE_GROUPS) if k >= 2 else 0
 
 
 def hutchinson_running(contributions: torch.Tensor) -> torch.Tensor:
@@ -59,10 +75,17 @@ class Hutchinson(DiagonalEstimator):
         record = None
         if len(target.tracked):
             record = torch.cat([target.tracked, monitor_entries(target.numel, k, seed)]).unique()
-        plan.add(Probes(k, record=record))
+        plan.add(Probes(k, record=record, groups=se_groups(k)))
 
     def finish(self, fin: Finish) -> torch.Tensor:
         return fin.get("zhz") / fin.k
+
+    def standard_error(self, fin: Finish) -> torch.Tensor | None:
+        b = se_groups(fin.k)
+        if not b:
+            return None
+        sums = group_sums(fin.get("zhz"), fin.get("zhz_groups"))
+        return group_standard_error(sums, group_sizes(fin.k, b))
 
     def convergence(self, fin: Finish, exact: torch.Tensor) -> tuple[dict[str, list], int]:
         t, probes = fin.target, fin.work(Probes)

@@ -270,17 +270,22 @@ class Entries(Work):
 class Probes(Work):
     """Rademacher probes ``z_0..z_{count-1}`` (:func:`rademacher_probes`), one HVP each: ``sum_j z_j * (H z_j)`` as
     ``zhz`` (``(n,)``); with ``keep``, ``H z_j`` for ``j < keep`` as ``hz`` (``(keep, n)``); with ``record``, each
-    probe's ``z_j * (H z_j)`` at those flat entries as ``record`` (``(count, len(record))``)."""
+    probe's ``z_j * (H z_j)`` at those flat entries as ``record`` (``(count, len(record))``); with ``groups = B >= 2``,
+    the sums over the interleaved groups ``j = g mod B`` for ``g < B - 1`` as ``zhz_groups`` (``(B - 1, n)``; the last
+    group is ``zhz`` minus their sum, :func:`group_sums`), from which :func:`group_standard_error` forms a per-entry
+    standard error. ``zhz`` is accumulated exactly as without groups (the groups are extra sums beside it)."""
 
     count: int
     keep: int = 0
     record: torch.Tensor | None = None
+    groups: int = 0
     order: ClassVar[int] = 30
     needs_graph: ClassVar[bool] = True
 
     def merge(self, other: Work) -> None:
         self.count, self.keep = max(self.count, other.count), max(self.keep, other.keep)
         self.record = _union(self.record, other.record)
+        self.groups = max(self.groups, getattr(other, "groups", 0))
 
     def steps(self) -> int:
         return self.count
@@ -290,6 +295,7 @@ class Probes(Work):
             numel
             + self.keep * numel
             + (0 if self.record is None else self.count * len(self.record))
+            + max(self.groups - 1, 0) * numel
         )
 
     def kept(self) -> int:
@@ -300,6 +306,7 @@ class Probes(Work):
             "count": self.count,
             "keep": self.keep,
             "record": None if self.record is None else digest(self.record),
+            **({"groups": self.groups} if self.groups >= 2 else {}),
         }
 
     def run(self, unit: Unit, progress: Progress | None) -> Partial:
@@ -315,9 +322,17 @@ class Probes(Work):
             else torch.empty(self.count, len(rec_idx), dtype=like.dtype, device=like.device)
         )
 
+        b = self.groups if self.groups >= 2 else 0
+        grp = torch.zeros(b - 1, n, dtype=like.dtype, device=like.device) if b else None
+
         def take(a: int, v: torch.Tensor, hv: torch.Tensor) -> None:
             c = v * hv
             zhz.add_(c.sum(0))
+            if grp is not None:
+                for g in range(b - 1):  # rows a + r with (a + r) mod b == g
+                    rows = c[(g - a) % b :: b]
+                    if len(rows):
+                        grp[g].add_(rows.sum(0))
             if rec is not None:
                 rec[a : a + len(c)] = c[:, rec_idx]
             if kept is not None and a < self.keep:
@@ -335,7 +350,41 @@ class Probes(Work):
             out["hz"] = kept
         if rec is not None:
             out["record"] = rec
+        if grp is not None:
+            out["zhz_groups"] = grp
         return out
+
+
+def group_sums(total: torch.Tensor, partial: torch.Tensor) -> torch.Tensor:
+    """All ``B`` group sums ``(B, n)`` from the total ``(n,)`` and the first ``B - 1`` of them ``(B - 1, n)`` (float64)."""
+    p = partial.to(torch.float64)
+    return torch.cat([p, (total.to(torch.float64) - p.sum(0))[None]])
+
+
+def group_sizes(count: int, groups: int) -> torch.Tensor:
+    """Probes in each interleaved group ``j = g mod B`` of ``count`` probes, ``(B,)`` float64."""
+    return torch.tensor([len(range(g, count, groups)) for g in range(groups)], dtype=torch.float64)
+
+
+def group_standard_error(sums: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Per-entry standard error of the mean of ``K = sum_g k_g`` i.i.d. per-probe values from ``B`` group sums.
+
+    ``sums``: ``(B, n)`` group sums ``S_g`` (``k_g`` probes each, ``sizes``, all ``>= 1``). With group means
+    ``m_g = S_g / k_g`` and the overall mean ``m = sum_g S_g / K``, the between-group estimate of the per-probe
+    variance ``s^2 = sum_g k_g (m_g - m)^2 / (B - 1)`` is unbiased (one-way analysis of variance), so
+
+        se = sqrt(s^2 / K);   equal groups (k_g = K/B): se = std_g(m_g) / sqrt(B)  (std with ddof 1),
+
+    the batch-means standard error (Schmeiser 1982, "Batch size effects in the analysis of simulation output",
+    Oper. Res. 30(3)). ``(est - mean) / se`` has about Student's t law with ``B - 1`` degrees of
+    freedom (exactly, for normal per-probe values), so ``se`` itself is noisy for small ``B``.
+    """
+    k = sizes.to(torch.float64)
+    total = k.sum()
+    m = sums.to(torch.float64).sum(0) / total
+    means = sums.to(torch.float64) / k[:, None]
+    var = (k[:, None] * (means - m) ** 2).sum(0) / (len(k) - 1)
+    return (var / total).sqrt()
 
 
 @dataclass
@@ -429,3 +478,36 @@ def run_plan(plan: ParamPlan, unit: Unit, progress: Progress | None = None) -> P
     if progress is not None and not sum(w.steps() for w in plan.work.values()):
         progress(1)
     return out
+
+
+SE_REL_THRESHOLD = 1e-3
+"""Entries with ``|estimate| <= SE_REL_THRESHOLD * max |estimate|`` are left out of the relative-error summary."""
+
+
+def se_summary(
+    estimates: list[torch.Tensor],
+    errors: list[torch.Tensor],
+    rel_threshold: float = SE_REL_THRESHOLD,
+) -> dict[str, float | int]:
+    """Summary of per-entry standard errors over the entries of one or more weights (float64, any shapes).
+
+    ``median_rel_se`` / ``max_rel_se``: of ``se_i / |est_i|`` over the entries with ``|est_i| > rel_threshold *
+    max |est|`` (the max over each weight's own entries; ``entries_summarized`` of them); ``sign_resolved_2se``:
+    the fraction of all entries with ``|est_i| > 2 se_i`` (their sign is resolved at about 2 standard errors).
+    """
+    rel, resolved, total = [], 0, 0
+    for est, se in zip(estimates, errors):
+        e, s = est.reshape(-1).to(torch.float64).abs(), se.reshape(-1).to(torch.float64)
+        big = e > rel_threshold * float(e.max()) if e.numel() else e > 0
+        rel.append(s[big] / e[big])
+        resolved += int((e > 2 * s).sum())
+        total += e.numel()
+    r = torch.cat(rel) if rel else torch.zeros(0, dtype=torch.float64)
+    return {
+        "median_rel_se": float(r.median()) if r.numel() else float("nan"),
+        "max_rel_se": float(r.max()) if r.numel() else float("nan"),
+        "entries_summarized": int(r.numel()),
+        "rel_threshold": rel_threshold,
+        "sign_resolved_2se": resolved / total if total else float("nan"),
+        "entries": total,
+    }
