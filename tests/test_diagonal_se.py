@@ -136,3 +136,43 @@ def test_a_checkpoint_without_the_groups_is_refused_with_a_line_naming_them(tmp_
         ckpt.load(tmp_path / "d.ckpt", new, 2)
     # xdiag alone plans no groups: its checkpoints are those of before
     assert "probe_groups" not in job(plan_phase1([target], ["xdiag"], 8, 0)).config()
+
+
+@pytest.mark.slow
+def test_groups_resume_bitwise_from_a_checkpoint(tmp_path, monkeypatch):
+    from lib.errors import RunError
+    from lib.hessian.diagonal import DiagonalJob, Target, plan_phase1
+    from lib.model.data import load_samples
+    from lib.model.models import ModelSpec
+    from lib.runtime import checkpoint as ckpt
+    from lib.runtime import parallel
+
+    spec = ModelSpec(dtype="float64")
+    model = spec.load("cpu")
+    name = "model.decoder.layers.1.self_attn.q_proj.bias"
+    plans = plan_phase1(
+        [Target(name, tuple(model.get_parameter(name).shape))], ["hutchinson"], 6, 0
+    )
+    samples = load_samples("embedded", 8, 3)
+    job = lambda: DiagonalJob(plans, samples, spec=spec, model=model, probe_batch=2)  # noqa: E731
+    cpu = [torch.device("cpu")]
+    reference = parallel.run_job(job(), parallel.RunSettings(cpu))
+    assert reference[f"{name}|zhz_groups"].shape == (3, 128)
+    run_unit = DiagonalJob.run_unit
+
+    def failing(self, k, progress=None):
+        out = run_unit(self, k, progress)
+        if k == 2:
+            out["nll_sum"] = out["nll_sum"] * float("nan")
+        return out
+
+    cfg = ckpt.CheckpointConfig(tmp_path / "d.ckpt", every_units=1)
+    monkeypatch.setattr(DiagonalJob, "run_unit", failing)
+    with pytest.raises(RunError):
+        parallel.run_job(job(), parallel.RunSettings(cpu, cfg))
+    monkeypatch.setattr(DiagonalJob, "run_unit", run_unit)
+    assert ckpt.read(cfg.path)["prefix"] == 2
+    cfg.resume = True
+    resumed = parallel.run_job(job(), parallel.RunSettings(cpu, cfg))
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
