@@ -56,7 +56,9 @@ PARAM_FLAGS = {
     "layer_name": "--layer_name",
     "block_index": "--block_index",
     "t": "--t",
-    "n_blocks": "--num_blocks",
+    "num_blocks": "--num_blocks",
+    "num_layers": "--num_layers",
+    "n_blocks": "--num_blocks",  # the library's old names (third-party ParamErrors)
     "n_layers": "--num_layers",
     "globs": "--params",
     "seqlen": "--seqlen",
@@ -64,6 +66,7 @@ PARAM_FLAGS = {
     "dataset": "--dataset",
     "device": "--device",
     "device_map": "--device_map",
+    "hvps": "--hvps",
     "vhp_samples": "--hvps",
     "track_rows": "--track_rows",
     "estimators": "--estimator",
