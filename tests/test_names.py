@@ -112,3 +112,39 @@ DIGESTS = [
 @pytest.mark.parametrize("script,argv,digest", DIGESTS)
 def test_the_spec_digests_are_unchanged(script, argv, digest):
     assert COMMANDS[script].spec(argv).digest() == digest
+
+
+def test_errors_naming_several_parameters_read_as_flags_on_the_command_line(monkeypatch):
+    """The library names parameters (``cache_dir``, ``dataset``, ``model``, ``resume``); the scripts' messages are
+    those they printed before, with the flags."""
+    import sys
+    import types
+
+    from lib.model import data
+
+    def unreachable(*a, **k):
+        raise ConnectionError("no route to {host}")
+
+    monkeypatch.setattr(data, "hub_offline_if_unreachable", lambda: None)
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=unreachable))
+    with pytest.raises(ParamError) as e:
+        data.load_text("wikitext2")
+    start = "cannot load WikiText-2 (wikitext-2-raw-v1, test split) through `datasets`: ConnectionError: no route to {host}. "
+    assert str(e.value) == start + (
+        "Without internet, set HF_DATASETS_OFFLINE=1 with a filled cache_dir, or pass dataset PATH to a local "
+        "UTF-8 text file (or dataset embedded)."
+    )
+    assert cli.flag_message(e.value) == start + (
+        "Without internet, set HF_DATASETS_OFFLINE=1 with a filled --cache_dir, or pass --dataset PATH to a "
+        "local UTF-8 text file (or --dataset embedded)."
+    )
+    e2 = ParamError(
+        "resume",
+        template="pass log {x} exists; pass {resume} to continue it".replace("{x}", "a{{b}}"),
+    )
+    assert str(e2) == "pass log a{b} exists; pass resume to continue it"
+    assert cli.flag_message(e2) == "pass log a{b} exists; pass --resume to continue it"
+    import pickle
+
+    again = pickle.loads(pickle.dumps(e2))  # between processes and torchrun ranks
+    assert (again.param, again.message, again.template) == (e2.param, e2.message, e2.template)

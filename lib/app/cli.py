@@ -70,6 +70,11 @@ PARAM_FLAGS = {
     "vhp_samples": "--hvps",
     "track_rows": "--track_rows",
     "estimators": "--estimator",
+    "model": "--model",
+    "cache_dir": "--cache_dir",
+    "threads": "--threads",
+    "checkpoint_every": "--checkpoint_every",
+    "resume": "--resume",
 }
 """The flag that sets each library parameter named by a :class:`ParamError`."""
 
@@ -78,11 +83,21 @@ ESTIMATOR_ALIASES = constants.ESTIMATOR_RENAMED
 
 
 def flag_message(e: ParamError, flags: dict[str, str] = PARAM_FLAGS) -> str:
-    """``e``'s message with its parameter's name (its first whole-word occurrence) replaced by the flag."""
+    """``e``'s message with its parameter's name (its first whole-word occurrence) replaced by the flag, or with
+    every parameter of its template (``{name}``) written as its flag."""
+    if e.template is not None:
+        return e.template.format_map(_Flags(flags))
     flag = flags.get(e.param)
     if flag is None:
         return e.message
     return re.sub(rf"(?<![\w-]){re.escape(e.param)}(?!\w)", flag, e.message, count=1)
+
+
+class _Flags(dict):
+    """A template's parameter without a flag stays its name."""
+
+    def __missing__(self, key: str) -> str:
+        return key
 
 
 def _warn(message: str) -> None:
