@@ -148,3 +148,11 @@ def test_errors_naming_several_parameters_read_as_flags_on_the_command_line(monk
 
     again = pickle.loads(pickle.dumps(e2))  # between processes and torchrun ranks
     assert (again.param, again.message, again.template) == (e2.param, e2.message, e2.template)
+
+
+def test_the_bundled_fig3a_result_written_before_the_rename_reads_with_the_new_keys():
+    from pathlib import Path
+
+    meta, _ = load_result(Path(__file__).resolve().parent.parent / "pdf" / "fig3a_embedded.json")
+    assert meta["hvps"] == 200 and "vhp_samples" not in meta
+    assert all("chunk" in r and "probe_batch" not in r for r in meta["chunk"].values())
