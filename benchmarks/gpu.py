@@ -312,13 +312,13 @@ def main() -> None:
                     [Target(name, shape)],
                     ids[:1],
                     estimators=("hutchinson",),
-                    vhp_samples=args.probes,
-                    probe_batch=pb,
+                    hvps=args.probes,
+                    chunk=pb,
                 ),
             )
             add(
                 rows,
-                f"diagonal, Hutchinson K={args.probes}, whole q_proj, probe_batch {pb or 'auto'} -> {res.probe_batch}",
+                f"diagonal, Hutchinson K={args.probes}, whole q_proj, probe_batch {pb or 'auto'} -> {res.chunk}",
                 f"{dt:.2f}",
                 f"{args.probes / dt:.2f} probes/s",
                 f"{peak:.1f}",

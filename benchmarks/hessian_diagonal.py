@@ -237,7 +237,7 @@ def main() -> None:
         [Target(name, shape)],
         samples,
         estimators=("hutchinson", "xdiag"),
-        vhp_samples=k_check,
+        hvps=k_check,
     )
     om = rademacher_probes(n, 0, name, 0, k_check).float().T
     hz = h @ om

@@ -11,7 +11,7 @@ Typical use from Python::
 
     name = "model.decoder.layers.0.self_attn.q_proj.weight"  # a whole weight's Hessian diagonal
     target = lib.Target(name, tuple(model.get_parameter(name).shape))
-    diag = lib.hessian_diagonal(model, [target], samples, estimators=("xdiag",), vhp_samples=10)
+    diag = lib.hessian_diagonal(model, [target], samples, estimators=("xdiag",), hvps=10)
     diag.diagonals["xdiag"][name]                          # float64, the weight's shape
 
 Main entry points:

@@ -15,12 +15,34 @@ class ParamError(UserError, ValueError):
     out of range ...``). The command line shows the same message with the flag that set the parameter in
     its place (:func:`lib.app.cli.flag_message`). A :class:`ValueError` for library callers, a
     :class:`UserError` (one line, exit status 2) for the scripts.
+
+    ``template`` (optional), for a message that names several parameters or one twice: the message with each
+    parameter written ``{name}`` (``"... a filled {cache_dir}, or pass {dataset} PATH ..."``); the library's
+    message writes the names, the command line's the flags.
     """
 
-    def __init__(self, param: str, message: str):
+    def __init__(self, param: str, message: str = "", template: str | None = None):
+        if template is not None:
+            message = template.format_map(_Names())
         super().__init__(message)
         self.param = param
         self.message = message
+        self.template = template
+
+    def __reduce__(self):  # pickled whole (between processes and torchrun ranks)
+        return (type(self), (self.param, self.message, self.template))
+
+
+def literal(text: object) -> str:
+    """``text`` for a :class:`ParamError` template (its braces doubled)."""
+    return str(text).replace("{", "{{").replace("}", "}}")
+
+
+class _Names(dict):
+    """``{name}`` -> ``name`` (the library's view of a :class:`ParamError` template)."""
+
+    def __missing__(self, key: str) -> str:
+        return key
 
 
 class RunError(Exception):

@@ -79,12 +79,13 @@ def test_the_new_estimator_runs_in_the_library_and_the_script_unchanged(example,
         [target],
         tiny_ids(),
         estimators=("gaussian_hutchinson", "exact"),
-        vhp_samples=400,
-        probe_batch=50,
+        hvps=400,
+        chunk=50,
     )
     est, exact = res.diagonals["gaussian_hutchinson"][name], res.diagonals["exact"][name]
     assert (
-        res.hvps["gaussian_hutchinson"] == 400 and float((est - exact).norm() / exact.norm()) < 0.5
+        res.hvps_per_sample["gaussian_hutchinson"] == 400
+        and float((est - exact).norm() / exact.norm()) < 0.5
     )
     meta = script.run(
         [

@@ -141,9 +141,9 @@ def test_auto_probe_batch_equals_probe_batch_one():
         [Target(name, tuple(model.get_parameter(name).shape))], ("hutchinson",), 24, seed=0
     )
     auto = DiagonalJob(plans, tiny_ids(), model=model)
-    one = DiagonalJob(plans, tiny_ids(), model=model, probe_batch=1)
+    one = DiagonalJob(plans, tiny_ids(), model=model, chunk=1)
     a, b = run_serial(auto, torch.device("cpu")), run_serial(one, torch.device("cpu"))
-    assert auto.probe_batch_report()["measured"]["512"]["measured_columns"] >= 4
+    assert auto.chunk_report()["measured"]["512"]["measured_columns"] >= 4
     assert torch.allclose(a[f"{name}|zhz"], b[f"{name}|zhz"], rtol=1e-12, atol=1e-15)
 
 
@@ -167,7 +167,7 @@ def test_the_scripts_record_the_measured_chunk_in_their_json(tmp_path):
         "chunk"
     ] == {"chunk": 3, "measured": False}
     meta = hessian_diagonal.run(["--hvps", "32", "--layer_name", "fc2", "--name", "d", *fast])
-    measured = meta["probe_batch"]["1"]["measured"]
+    measured = meta["chunk"]["1"]["measured"]
     assert list(measured) == ["65536"] and measured["65536"]["measured_columns"] >= 4
 
 

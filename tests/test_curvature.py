@@ -427,7 +427,7 @@ def test_ggn_diagonal_estimator_is_hutchinson_on_the_dense_ggn(arch):
         [target],
         ids,
         estimators=("ggn", "hutchinson"),
-        vhp_samples=k,
+        hvps=k,
         seed=5,
         model_input_bs=1,
     )

@@ -95,16 +95,14 @@ def test_results_do_not_depend_on_probe_batch_or_model_input_bs():
     model = tiny_model("opt")
     t = layer(model, "opt")
     ids = tiny_ids(b=4)
-    ref = estimate(
-        model, [t], ids, estimators=("hutchinson", "xdiag"), vhp_samples=6, probe_batch=1
-    )
+    ref = estimate(model, [t], ids, estimators=("hutchinson", "xdiag"), hvps=6, chunk=1)
     other = estimate(
         model,
         [t],
         ids,
         estimators=("hutchinson", "xdiag"),
-        vhp_samples=6,
-        probe_batch=4,
+        hvps=6,
+        chunk=4,
         model_input_bs=2,
     )
     for e in ("hutchinson", "xdiag"):
@@ -127,7 +125,7 @@ def test_exact_equals_diagonal_of_the_full_exact_hessian(arch):
     assert float(ref.diagonal().abs().max()) > 0
     # entry [i, j] of the weight is flat index i * n_cols + j of that subset
     assert rel_l2(d.reshape(-1), ref.diagonal()) < 1e-12
-    assert res.hvps["exact"] == t.numel
+    assert res.hvps_per_sample["exact"] == t.numel
 
 
 @pytest.mark.parametrize("model_input_bs", [1, 2])
@@ -152,7 +150,7 @@ def test_empirical_fisher_equals_the_squared_per_sample_gradients_by_hand(model_
     assert torch.allclose(
         res.diagonals["empirical_fisher"][t.param_name], by_hand, rtol=1e-10, atol=0
     )
-    assert res.hvps["empirical_fisher"] == 0
+    assert res.hvps_per_sample["empirical_fisher"] == 0
 
 
 # ----------------------------------------------------------------------------- hutchinson
@@ -268,9 +266,7 @@ def test_xdiag_is_more_accurate_than_hutchinson_at_equal_budget(arch):
     d = full_hessian(arch).diagonal() / (2 * 7)
     errs = {"hutchinson": [], "xdiag": []}
     for seed in range(6):
-        res = estimate(
-            model, [t], ids, estimators=("hutchinson", "xdiag"), vhp_samples=64, seed=seed
-        )
+        res = estimate(model, [t], ids, estimators=("hutchinson", "xdiag"), hvps=64, seed=seed)
         for e in errs:
             errs[e].append(rel_l2(res.diagonals[e][t.param_name].reshape(-1), d) ** 2)
     rmse = {e: math.sqrt(sum(v) / len(v)) for e, v in errs.items()}
@@ -280,12 +276,12 @@ def test_xdiag_is_more_accurate_than_hutchinson_at_equal_budget(arch):
 def test_the_job_equals_xdiag_on_the_explicit_hessian_with_the_same_probes():
     model = tiny_model("gpt2")
     t = layer(model, "gpt2")
-    res = estimate(model, [t], tiny_ids(), estimators=("xdiag",), vhp_samples=20, seed=5)
+    res = estimate(model, [t], tiny_ids(), estimators=("xdiag",), hvps=20, seed=5)
     h = full_hessian("gpt2")
     omega = rademacher_probes(t.numel, 5, t.param_name, 0, 10).T
     ref = xdiag_by_definition(h, omega) / (2 * 7)
     assert rel_l2(res.diagonals["xdiag"][t.param_name].reshape(-1), ref) < 1e-8
-    assert res.hvps["xdiag"] == 20
+    assert res.hvps_per_sample["xdiag"] == 20
 
 
 # ----------------------------------------------------------------------------- convergence study
@@ -301,7 +297,7 @@ def test_tracked_rows_give_curves_that_end_at_the_final_estimates():
         [t],
         tiny_ids(),
         estimators=("hutchinson", "xdiag", "empirical_fisher"),
-        vhp_samples=10,
+        hvps=10,
     )
     d = full_hessian("gpt2").diagonal() / (2 * 7)
     assert torch.allclose(res.tracked_exact[name], d[tracked], rtol=1e-10)
@@ -363,7 +359,7 @@ def test_script_end_to_end_with_a_convergence_study(tmp_path, capsys):
     ].shape == (128, 128)
     assert (
         js["parameter"] == name
-        and js["vhp_samples"] == 6
+        and js["hvps"] == 6
         and js["estimators"] == ["hutchinson", "xdiag", "empirical_fisher"]
     )
     assert js["hvps_per_sample"] == {"hutchinson": 6, "xdiag": 6, "empirical_fisher": 0}

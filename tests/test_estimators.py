@@ -191,7 +191,7 @@ def test_ggn_estimator_is_hutchinson_on_the_gauss_newton_matrix_of_the_logit_jac
     g = _ggn_oracle(model, sub, ids)
     k = 4
     res = hessian_diagonal(
-        model, [target], ids, estimators=("ggn", "exact"), vhp_samples=k, seed=7, model_input_bs=2
+        model, [target], ids, estimators=("ggn", "exact"), hvps=k, seed=7, model_input_bs=2
     )
     z = rademacher_probes(sub.size, 7, name, 0, k)
     assert torch.allclose(
@@ -203,7 +203,7 @@ def test_ggn_estimator_is_hutchinson_on_the_gauss_newton_matrix_of_the_logit_jac
     assert not torch.allclose(
         res.diagonals["ggn"][name], res.diagonals["exact"][name], rtol=1e-2
     )  # diag G is not diag H
-    assert res.hvps["ggn"] == k
+    assert res.hvps_per_sample["ggn"] == k
 
 
 @pytest.mark.parametrize("model_input_bs,with_products", [(1, False), (1, True), (2, True)])
@@ -219,7 +219,7 @@ def test_empirical_fisher_is_the_squared_jacobian_of_the_per_sample_losses(
     )
     estimators = ("empirical_fisher", "hutchinson") if with_products else ("empirical_fisher",)
     res = hessian_diagonal(
-        model, [target], ids, estimators=estimators, vhp_samples=2, model_input_bs=model_input_bs
+        model, [target], ids, estimators=estimators, hvps=2, model_input_bs=model_input_bs
     )
     assert torch.allclose(
         res.diagonals["empirical_fisher"][name],

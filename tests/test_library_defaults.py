@@ -100,7 +100,7 @@ def test_each_heavy_call_chooses_the_threads(fresh, call):
     else:
         name = "model.decoder.layers.0.self_attn.q_proj.weight"
         target = lib.Target(name, tuple(model.get_parameter(name).shape))
-        lib.hessian_diagonal(model, [target], ids, vhp_samples=2, probe_batch=1)
+        lib.hessian_diagonal(model, [target], ids, hvps=2, chunk=1)
     assert threads.report() == {"n": 1, "why": "load 2.0 on 2 cpus", "processes": 1}
     assert torch.get_num_threads() == 1
 
@@ -146,7 +146,7 @@ def test_hessian_diagonal_resolves_auto_as_the_diagonal_script(monkeypatch):
     model = tiny_model("opt")
     name = "model.decoder.layers.0.fc1.weight"
     ids = torch.randint(0, 64, (4, 6), generator=torch.Generator().manual_seed(0))
-    lib.hessian_diagonal(model, [lib.Target(name, (32, 16))], ids, vhp_samples=2, probe_batch=1)
+    lib.hessian_diagonal(model, [lib.Target(name, (32, 16))], ids, hvps=2, chunk=1)
     expected, _ = autotune.samples_per_forward("auto", model, 4, 6, 1, torch.device("cpu"))
     assert seen and set(seen) == {expected} and expected == 4  # each phase
 
@@ -181,6 +181,6 @@ def test_the_chunk_defaults_are_the_scripts(monkeypatch):
     assert cli.parse("hessian_diagonal", [], "").compute.chunk == 0
     assert inspect.signature(lib.exact_hessian).parameters["chunk"].default is None
     assert inspect.signature(lib.HessianOperator).parameters["chunk"].default is None
-    assert inspect.signature(lib.hessian_diagonal).parameters["probe_batch"].default is None
+    assert inspect.signature(lib.hessian_diagonal).parameters["chunk"].default is None
     for call in (lib.exact_hessian, lib.HessianOperator, lib.hessian_diagonal):
         assert inspect.signature(call).parameters["model_input_bs"].default == "auto"

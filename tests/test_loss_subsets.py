@@ -183,12 +183,12 @@ def test_subset_errors_name_the_parameters():
         ),
         (
             lambda: subsets.single_layer_several_blocks(model, "fc1", 3, 4),
-            r"n_blocks 3 is out of range",
+            r"num_blocks 3 is out of range",
             "--num_blocks",
         ),
         (
             lambda: subsets.several_layers_several_blocks(model, 7, 1, 4),
-            r"n_layers 7 is out of range: block 0 has 6 linear layers",
+            r"num_layers 7 is out of range: block 0 has 6 linear layers",
             "--num_layers",
         ),
     ]

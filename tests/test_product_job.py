@@ -139,8 +139,8 @@ def test_every_job_computes_its_products_through_the_products_hook():
         [target],
         ids,
         estimators=("hutchinson", "xdiag", "exact"),
-        vhp_samples=4,
-        probe_batch=1,
+        hvps=4,
+        chunk=1,
         **products,
     )
     a, b = diagonal(products=counted), diagonal()

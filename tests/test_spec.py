@@ -219,7 +219,7 @@ def test_estimator_choices_come_from_the_library_and_fisher_is_an_alias_of_empir
 
 
 def test_library_errors_name_parameters_and_the_scripts_name_flags():
-    e = ParamError("n_blocks", "n_blocks 5 is out of range: the model has 4 blocks (use 1..4)")
+    e = ParamError("num_blocks", "num_blocks 5 is out of range: the model has 4 blocks (use 1..4)")
     assert isinstance(e, ValueError) and isinstance(e, UserError)
     assert (
         cli.flag_message(e) == "--num_blocks 5 is out of range: the model has 4 blocks (use 1..4)"

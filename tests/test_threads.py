@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from lib.errors import UserError
+from lib.app.cli import flag_message
+from lib.errors import ParamError
 from lib.runtime import threads
 
 
@@ -67,8 +68,9 @@ def test_apply_sets_torch_and_refuses_zero(monkeypatch):
         threads.apply(1)
         assert torch.get_num_threads() == 1  # what WorkerPool gives each worker
         assert threads.report() == {"n": 1, "why": "--threads", "processes": 1}
-        with pytest.raises(UserError, match="--threads must be at least 1, got 0"):
+        with pytest.raises(ParamError, match="^threads must be at least 1, got 0") as e:
             threads.apply(0)
+        assert flag_message(e.value) == "--threads must be at least 1, got 0"
     finally:
         torch.set_num_threads(before)
 

@@ -56,7 +56,9 @@ PARAM_FLAGS = {
     "layer_name": "--layer_name",
     "block_index": "--block_index",
     "t": "--t",
-    "n_blocks": "--num_blocks",
+    "num_blocks": "--num_blocks",
+    "num_layers": "--num_layers",
+    "n_blocks": "--num_blocks",  # the library's old names (third-party ParamErrors)
     "n_layers": "--num_layers",
     "globs": "--params",
     "seqlen": "--seqlen",
@@ -64,9 +66,15 @@ PARAM_FLAGS = {
     "dataset": "--dataset",
     "device": "--device",
     "device_map": "--device_map",
+    "hvps": "--hvps",
     "vhp_samples": "--hvps",
     "track_rows": "--track_rows",
     "estimators": "--estimator",
+    "model": "--model",
+    "cache_dir": "--cache_dir",
+    "threads": "--threads",
+    "checkpoint_every": "--checkpoint_every",
+    "resume": "--resume",
 }
 """The flag that sets each library parameter named by a :class:`ParamError`."""
 
@@ -75,11 +83,21 @@ ESTIMATOR_ALIASES = constants.ESTIMATOR_RENAMED
 
 
 def flag_message(e: ParamError, flags: dict[str, str] = PARAM_FLAGS) -> str:
-    """``e``'s message with its parameter's name (its first whole-word occurrence) replaced by the flag."""
+    """``e``'s message with its parameter's name (its first whole-word occurrence) replaced by the flag, or with
+    every parameter of its template (``{name}``) written as its flag."""
+    if e.template is not None:
+        return e.template.format_map(_Flags(flags))
     flag = flags.get(e.param)
     if flag is None:
         return e.message
     return re.sub(rf"(?<![\w-]){re.escape(e.param)}(?!\w)", flag, e.message, count=1)
+
+
+class _Flags(dict):
+    """A template's parameter without a flag stays its name."""
+
+    def __missing__(self, key: str) -> str:
+        return key
 
 
 def _warn(message: str) -> None:

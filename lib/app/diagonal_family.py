@@ -278,7 +278,7 @@ def diagonal_json(run: Run, result: DiagonalResult) -> dict[str, Any]:
     n_tokens = result.n_tokens
     return {
         "estimators": estimators,
-        "vhp_samples": hvps,
+        "hvps": hvps,
         "parameter": targets[0].param_name if len(targets) == 1 else None,
         "parameters": [
             {"name": t.param_name, "block": b, "layer": lname, "shape": list(t.shape)}
@@ -287,7 +287,7 @@ def diagonal_json(run: Run, result: DiagonalResult) -> dict[str, Any]:
         "tensor_layout": "the diagonal, with the parameter's shape"
         if single
         else "{estimator: {parameter name: diagonal with the parameter's shape}}",
-        "hvps_per_sample": result.hvps,
+        "hvps_per_sample": result.hvps_per_sample,
         "cost": {e.name: e.cost for e in REGISTRY},
         "probes": (
             "Rademacher (i.i.d. +-1 entries); probe j of parameter p from a generator seeded with "
@@ -309,7 +309,7 @@ def diagonal_json(run: Run, result: DiagonalResult) -> dict[str, Any]:
         "perplexity": result.perplexity,
         "estimate_elapsed_s": result.elapsed_s,
         "phase_elapsed_s": result.phase_s,
-        "probe_batch": result.probe_batch,
+        "chunk": result.chunk,
         "hvp": result.hvp,
         "run": [{"devices": [str(d) for d in s.devices], **s.stats} for s in run.settings],
         "rel_error_vs_exact": result.errors_vs_exact(),
@@ -373,10 +373,10 @@ class DiagonalFamily(Family):
                 targets,
                 run.samples,
                 estimators=c.estimator,
-                vhp_samples=c.hvps,
+                hvps=c.hvps,
                 seed=c.seed,
                 model_input_bs=spec.data.model_input_bs,
-                probe_batch=c.chunk or None,
+                chunk=c.chunk or None,
                 fused_head=False if spec.model.no_fused_head else None,
                 spec=run.model_spec(),
                 runner=_Runner(

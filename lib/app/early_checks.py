@@ -67,7 +67,8 @@ def block_index_error(index: int, n_blocks: int) -> ParamError:
 
 def num_blocks_error(n: int, total: int) -> ParamError:
     return ParamError(
-        "n_blocks", f"n_blocks {n} is out of range: the model has {total} blocks (use 1..{total})"
+        "num_blocks",
+        f"num_blocks {n} is out of range: the model has {total} blocks (use 1..{total})",
     )
 
 
@@ -81,8 +82,8 @@ def layer_name_error(name: str, layers: list[str]) -> ParamError:
 
 def num_layers_error(n: int, block: int, layers: list[str]) -> ParamError:
     return ParamError(
-        "n_layers",
-        f"n_layers {n} is out of range: block {block} has {len(layers)} linear layers ({', '.join(layers)})",
+        "num_layers",
+        f"num_layers {n} is out of range: block {block} has {len(layers)} linear layers ({', '.join(layers)})",
     )
 
 

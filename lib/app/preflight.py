@@ -2,7 +2,7 @@
 
 The sums of an additive job are float64 (8 bytes per entry). The estimates below count the large
 arrays only (model activations are not included); they are meant to catch runs off by orders of
-magnitude, e.g. XDiag keeping ``K/2`` vectors of every weight's size (``--all_layers --vhp_samples 200``).
+magnitude, e.g. XDiag keeping ``K/2`` vectors of every weight's size (``--all_layers --hvps 200``).
 
 * exact Hessian of ``n`` entries: sums ``n^2``; the checkpoint holds ``n^2`` float64.
 * diagonal, phase 1: per weight of ``n`` entries, ``zhz`` (``n``), XDiag's sketch ``hz`` (``K/2 x n``),

@@ -177,7 +177,7 @@ def compose_3b(metas: list[dict[str, Any]], out: Path, name: str) -> list[Path]:
     panels = []
     for m in metas:
         est = m["estimators"][0]
-        panels.append((f"{est}, k = {m['vhp_samples']}", load_result(out / m["files"]["json"])[1]))
+        panels.append((f"{est}, k = {m['hvps']}", load_result(out / m["files"]["json"])[1]))
     c = metas[0]["computed_on"]
     label = f" [{c['label']}]" if c.get("label") else ""
     title = (

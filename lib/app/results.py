@@ -238,6 +238,23 @@ def _old_files(js: Path) -> set[str]:
 
 _REBUILD = "rerun with --overwrite to rebuild the result"
 
+RENAMED_KEYS = {"vhp_samples": "hvps", "probe_batch": "chunk"}
+"""Keys of results written before one name per concept (old -> new): the diagonal's ``K`` and product batch."""
+
+
+def current_keys(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` with the old keys of :data:`RENAMED_KEYS` renamed (in place, also inside each phase's ``chunk``
+    report); a result written with the new keys is returned unchanged."""
+    for old, new in RENAMED_KEYS.items():
+        if old in meta and new not in meta:
+            meta[new] = meta.pop(old)
+    phases = meta.get("chunk")
+    if isinstance(phases, dict):
+        for report in phases.values():
+            if isinstance(report, dict) and "probe_batch" in report and "chunk" not in report:
+                report["chunk"] = report.pop("probe_batch")
+    return meta
+
 
 class ResultMismatch(UserError):
     """A result's files are missing or differ from what its JSON records."""
@@ -246,7 +263,7 @@ class ResultMismatch(UserError):
 def verify_result(json_path: str | Path) -> dict[str, Any]:
     """Read the result ``<name>.json`` and check every file it records against its SHA-256: the manifest
     ``outputs`` (the tensor, figures, extra tensors), or for results written before the manifest, the tensor's
-    ``tensor_sha256``. Returns the metadata; raises :class:`ResultMismatch` (a :class:`~lib.errors.UserError`:
+    ``tensor_sha256``. Returns the metadata (old keys renamed: :func:`current_keys`); raises :class:`ResultMismatch` (a :class:`~lib.errors.UserError`:
     one line, exit status 2) naming the first file that is missing or differs, or a JSON that cannot be read."""
     js = Path(json_path)
     try:
@@ -271,7 +288,7 @@ def verify_result(json_path: str | Path) -> dict[str, Any]:
                 f"{f} does not match the SHA-256 recorded in {js} ({str(want)[:12]}.. recorded, {got[:12]}.. found): "
                 f"it was replaced or damaged; {_REBUILD}"
             )
-    return meta
+    return current_keys(meta)
 
 
 def load_result(json_path: str | Path) -> tuple[dict[str, Any], Any]:

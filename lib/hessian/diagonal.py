@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..deprecation import renamed_keywords, warn_renamed
 from ..estimators.diagonal import (
     REGISTRY,
     DiagonalEstimator,
@@ -148,26 +149,27 @@ class DiagonalJob(ProductJob):
     batch ``k``.
 
     For each :class:`ParamPlan` (one weight) the batch's pieces of work run in order (:func:`run_plan`); those that
-    multiply by ``H`` share one forward and ``create_graph`` backward, then take their products ``probe_batch``
+    multiply by ``H`` share one forward and ``create_graph`` backward, then take their products ``chunk``
     at a time (given, else measured per weight size; halved on CUDA out-of-memory). ``run_unit`` returns
     ``{key(param, what): tensor}`` (see the work kinds of :mod:`lib.estimators.diagonal.work`) and ``nll_sum``.
     The model is either given (``model``) or loaded from ``spec`` in :meth:`setup` (worker processes).
     """
 
+    @renamed_keywords(probe_batch="chunk")
     def __init__(
         self,
         plans: Sequence[ParamPlan],
         samples: torch.Tensor,
         model_input_bs: int = 1,
         seed: int = 0,
-        probe_batch: int | None = None,
+        chunk: int | None = None,
         fused_head: bool | None = None,
         spec: ModelSpec | None = None,
         model: nn.Module | None = None,
         phase: str = "1",
         products: Products | None = None,
     ):
-        super().__init__(samples, model_input_bs, probe_batch, fused_head, spec, model, products)
+        super().__init__(samples, model_input_bs, chunk, fused_head, spec, model, products)
         self.plans, self.seed, self.phase = list(plans), seed, phase
 
     def setup(self, device: torch.device) -> None:
@@ -178,12 +180,14 @@ class DiagonalJob(ProductJob):
 
     @property
     def probe_batch(self) -> int | None:
-        """HVPs per batched backward (``None``: measured)."""
+        """Deprecated name of :attr:`chunk` (HVPs per batched backward; ``None``: measured)."""
+        warn_renamed("DiagonalJob", "probe_batch", "chunk", stacklevel=3)
         return self.chunk
 
     def probe_batch_report(self) -> dict[str, Any]:
-        """For the JSON: the given ``probe_batch``, or per weight size (entries) the measured choice and timings."""
-        return self.chunk_report("probe_batch")
+        """Deprecated name of :meth:`chunk_report`."""
+        warn_renamed("DiagonalJob", "probe_batch_report", "chunk_report", stacklevel=3)
+        return self.chunk_report()
 
     def steps_per_unit(self) -> int:
         return sum(p.steps() for p in self.plans)
@@ -237,8 +241,10 @@ class DiagonalResult:
 
     diagonals: dict[str, dict[str, torch.Tensor]]
     targets: list[Target]
-    vhp_samples: int
-    hvps: dict[str, int]
+    hvps: int
+    """``K``: HVPs per sample and weight asked of the estimators that use it (``--hvps``; was ``vhp_samples``)."""
+    hvps_per_sample: dict[str, int]
+    """Per estimator: the HVPs it takes per sample, all target weights together."""
     nll_sum: float
     n_samples: int
     n_tokens: int
@@ -247,13 +253,25 @@ class DiagonalResult:
     curves: dict[str, dict[str, dict[str, list]]] = field(default_factory=dict)
     monitor_size: dict[str, int] = field(default_factory=dict)
     phase_s: dict[str, float] = field(default_factory=dict)
-    probe_batch: dict[str, Any] = field(default_factory=dict)
-    """Per phase: the given ``probe_batch``, or the measured choice (:meth:`DiagonalJob.probe_batch_report`)."""
+    chunk: dict[str, Any] = field(default_factory=dict)
+    """Per phase: the given ``chunk``, or the measured choice (:meth:`DiagonalJob.chunk_report`)."""
     hvp: dict[str, Any] = field(default_factory=lambda: {"hvp": "exact"})
     """How the HVPs were taken: exact, or the finite-difference settings and kink-retry counts (:class:`FDStats`)."""
     standard_errors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     """``standard_errors[estimator][param_name]``: per-entry standard error of the diagonal (same normalization and
     shape), for the estimators that give one (Hutchinson with ``K >= 2``: :meth:`DiagonalEstimator.standard_error`)."""
+
+    @property
+    def vhp_samples(self) -> int:
+        """Deprecated name of :attr:`hvps`."""
+        warn_renamed("DiagonalResult", "vhp_samples", "hvps", stacklevel=3)
+        return self.hvps
+
+    @property
+    def probe_batch(self) -> dict[str, Any]:
+        """Deprecated name of :attr:`chunk`."""
+        warn_renamed("DiagonalResult", "probe_batch", "chunk", stacklevel=3)
+        return self.chunk
 
     @property
     def perplexity(self) -> float:
@@ -280,15 +298,16 @@ Runner = Callable[[DiagonalJob, str], "Partial | None"]
 """Runs an additive job to its float64 sums; the second argument names the phase (``"1"``, ``"2"``)."""
 
 
+@renamed_keywords(vhp_samples="hvps", probe_batch="chunk")
 def hessian_diagonal(
     model: nn.Module,
     targets: Sequence[Target],
     samples: torch.Tensor,
     estimators: Sequence[str] = ("xdiag",),
-    vhp_samples: int = 100,
+    hvps: int = 100,
     seed: int = 0,
     model_input_bs: int | str = "auto",
-    probe_batch: int | None = None,
+    chunk: int | None = None,
     fused_head: bool | None = None,
     spec: ModelSpec | None = None,
     runner: Runner | None = None,
@@ -297,8 +316,9 @@ def hessian_diagonal(
 ) -> DiagonalResult | None:
     """Diagonal of the Hessian of the mean next-token NLL over ``samples`` (``(b, seqlen)``) for each target weight.
 
-    ``estimators``: names in :data:`ESTIMATORS`; ``vhp_samples`` = ``K``, HVPs per sample and weight for those that
-    use it. ``runner(job, phase)`` runs each additive job (default: :func:`lib.runtime.jobs.run_serial` on the model's
+    ``estimators``: names in :data:`ESTIMATORS`; ``hvps`` = ``K``, HVPs per sample and weight for those that
+    use it; ``chunk``: HVPs per batched backward (``None``: measured per weight size). The old keywords
+    ``vhp_samples`` and ``probe_batch`` still work (deprecated). ``runner(job, phase)`` runs each additive job (default: :func:`lib.runtime.jobs.run_serial` on the model's
     device). Targets with tracked entries also get convergence curves (and the exact diagonal there). Returns
     ``None`` when the runner returns ``None`` (torchrun ranks other than 0; with a two-phase estimator such as
     ``xdiag`` the runner must give every rank the phase-1 sums, which phase 2 needs).
@@ -315,7 +335,7 @@ def hessian_diagonal(
     common = dict(
         model_input_bs=model_input_bs,
         seed=seed,
-        probe_batch=probe_batch,
+        chunk=chunk,
         fused_head=fused_head,
         spec=spec,
         model=model,
@@ -333,17 +353,15 @@ def hessian_diagonal(
         return sums
 
     n_tokens = samples.shape[0] * (samples.shape[1] - 1)
-    est = estimate(
-        estimators, targets, vhp_samples, seed, run, next(model.parameters()).dtype, n_tokens
-    )
+    est = estimate(estimators, targets, hvps, seed, run, next(model.parameters()).dtype, n_tokens)
     if est is None:
         return None  # a torchrun rank other than 0: rank 0 holds the sums
-    hvps = {e: sum(hvps_per_sample(e, t.numel, vhp_samples) for t in targets) for e in estimators}
+    per_sample = {e: sum(hvps_per_sample(e, t.numel, hvps) for t in targets) for e in estimators}
     return DiagonalResult(
         est.diagonals,
         list(targets),
-        vhp_samples,
         hvps,
+        per_sample,
         float(est.sums["nll_sum"]),
         samples.shape[0],
         n_tokens,
@@ -352,7 +370,7 @@ def hessian_diagonal(
         curves=est.curves,
         monitor_size=est.monitor_size,
         phase_s=est.phase_s,
-        probe_batch={phase: job.probe_batch_report() for phase, job in jobs.items()},
+        chunk={phase: job.chunk_report() for phase, job in jobs.items()},
         hvp=jobs["1"].products.report(next(model.parameters()).dtype, stats),
         standard_errors=est.standard_errors,
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..app.results import atomic_write_bytes
-from ..errors import ParamError, UserError
+from ..errors import ParamError, UserError, literal
 from .inputs import hub_offline_if_unreachable, tokenizer_fingerprint, warn
 from .models import EMBEDDED, assets_dir, resolve_model_path
 
@@ -34,11 +34,12 @@ def load_text(dataset: str, cache_dir: str | None = None) -> str:
 
             ds = load_dataset("wikitext", "wikitext-2-raw-v1", split="test", cache_dir=cache_dir)
         except Exception as e:  # noqa: BLE001 -- any failure here means the data cannot be reached
-            raise UserError(
-                "cannot load WikiText-2 (wikitext-2-raw-v1, test split) through `datasets`: "
-                f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}. "
-                "Without internet, set HF_DATASETS_OFFLINE=1 with a filled --cache_dir, or pass "
-                "--dataset PATH to a local UTF-8 text file (or --dataset embedded)."
+            why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            raise ParamError(
+                "dataset",
+                template="cannot load WikiText-2 (wikitext-2-raw-v1, test split) through `datasets`: "
+                f"{literal(why)}. Without internet, set HF_DATASETS_OFFLINE=1 with a filled {{cache_dir}}, or "
+                "pass {dataset} PATH to a local UTF-8 text file (or {dataset} embedded).",
             ) from None
         return "\n\n".join(ds["text"])
     path = Path(dataset)
@@ -94,9 +95,11 @@ def load_tokenizer(model_name: str, cache_dir: str | None = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir)
     except (OSError, ValueError) as e:
-        raise UserError(
-            f"cannot load the tokenizer of {model_name!r} ({type(e).__name__}); without internet pass "
-            "--model PATH to a local model directory or set HF_HUB_OFFLINE=1 with a filled --cache_dir"
+        raise ParamError(
+            "model",
+            template=f"cannot load the tokenizer of {literal(repr(model_name))} ({type(e).__name__}); without "
+            "internet pass {model} PATH to a local model directory or set HF_HUB_OFFLINE=1 with a filled "
+            "{cache_dir}",
         ) from None
     if len(tokenizer) < 2:
         raise UserError(

@@ -26,6 +26,7 @@ from ..app.early_checks import (
     row_length_error,
 )
 from ..app.suggest import glob_suggestion
+from ..deprecation import renamed_keywords
 from ..errors import ParamError
 from ..model.models import find_blocks, linear_layers
 
@@ -168,25 +169,33 @@ def single_layer_single_block(
     return Subset((s,), f"first {t} weights of row 0 of {layer_name} in block {block_index}")
 
 
-def single_layer_several_blocks(model: nn.Module, layer_name: str, n_blocks: int, t: int) -> Subset:
-    """Paper Sec. 4.3: the same layer in blocks ``0..n_blocks-1``, block-major."""
-    _check_num_blocks(model, n_blocks)
-    slices = tuple(row0_slice(model, b, layer_name, t) for b in range(n_blocks))
-    return Subset(slices, f"first {t} weights of row 0 of {layer_name} in {blocks_text(n_blocks)}")
+@renamed_keywords(n_blocks="num_blocks")
+def single_layer_several_blocks(
+    model: nn.Module, layer_name: str, num_blocks: int, t: int
+) -> Subset:
+    """Paper Sec. 4.3: the same layer in blocks ``0..num_blocks-1``, block-major."""
+    _check_num_blocks(model, num_blocks)
+    slices = tuple(row0_slice(model, b, layer_name, t) for b in range(num_blocks))
+    return Subset(
+        slices, f"first {t} weights of row 0 of {layer_name} in {blocks_text(num_blocks)}"
+    )
 
 
-def several_layers_several_blocks(model: nn.Module, n_layers: int, n_blocks: int, t: int) -> Subset:
-    """Paper Sec. 4.2/4.4: for each block ``0..n_blocks-1``, its first ``n_layers`` linear layers (module order)."""
-    _check_num_blocks(model, n_blocks)
+@renamed_keywords(n_layers="num_layers", n_blocks="num_blocks")
+def several_layers_several_blocks(
+    model: nn.Module, num_layers: int, num_blocks: int, t: int
+) -> Subset:
+    """Paper Sec. 4.2/4.4: for each block ``0..num_blocks-1``, its first ``num_layers`` linear layers (module order)."""
+    _check_num_blocks(model, num_blocks)
     slices: list[ParamSlice] = []
-    for b in range(n_blocks):
+    for b in range(num_blocks):
         names = layer_names(model, b)
-        if not 1 <= n_layers <= len(names):
-            raise num_layers_error(n_layers, b, names)
-        slices.extend(row0_slice(model, b, name, t) for name in names[:n_layers])
+        if not 1 <= num_layers <= len(names):
+            raise num_layers_error(num_layers, b, names)
+        slices.extend(row0_slice(model, b, name, t) for name in names[:num_layers])
     return Subset(
         tuple(slices),
-        f"first {t} weights of row 0 of the first {n_layers} linear layers in {blocks_text(n_blocks)}",
+        f"first {t} weights of row 0 of the first {num_layers} linear layers in {blocks_text(num_blocks)}",
     )
 
 

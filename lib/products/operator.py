@@ -101,7 +101,7 @@ TUNE_MIN_PRODUCTS = 16
 class ChunkPolicy:
     """How many vectors share one batched backward, for every product of one job (per process).
 
-    ``given`` (``--chunk`` / ``--probe_batch``): that many, halved on out-of-memory. Else, per size ``n`` of ``x``:
+    ``given`` (``--chunk``): that many, halved on out-of-memory. Else, per size ``n`` of ``x``:
     measured by :func:`lib.products.autotune.tune` the first time a block has at least ``min_products`` vectors (the
     measured products are kept), then that chunk for every later block of that size; before that, one at a time.
     """

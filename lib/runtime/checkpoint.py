@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..app.results import atomic_write_bytes
-from ..errors import RunError, UserError
+from ..errors import ParamError, RunError, UserError
 from .jobs import Partial, add_partials
 
 MAGIC = b"HSNCKPT1"
@@ -48,8 +48,9 @@ def parse_every(text: str) -> tuple[int, float]:
     """
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
     if m is None or (not m.group(2) and "." in m.group(1)):
-        raise UserError(
-            f"--checkpoint_every {text!r} is neither a number of units (e.g. 10) nor a duration (e.g. 120s, 10m, 1h)"
+        raise ParamError(
+            "checkpoint_every",
+            f"checkpoint_every {text!r} is neither a number of units (e.g. 10) nor a duration (e.g. 120s, 10m, 1h)",
         )
     value, unit = float(m.group(1)), m.group(2)
     if not unit:

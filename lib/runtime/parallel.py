@@ -60,7 +60,7 @@ from typing import Any
 
 import torch
 
-from ..errors import Interrupted, RunError, UserError, signal_name
+from ..errors import Interrupted, ParamError, RunError, UserError, literal, signal_name
 from . import checkpoint as ckpt
 from . import worker_boot
 from .jobs import AdditiveJob, Partial, keep_models
@@ -157,8 +157,10 @@ def initial_state(
             cfg.owned = True
             print(f"resuming from {path}: {state.n_done} of {n} units done", file=sys.stderr)
             return state
-        raise UserError(
-            f"checkpoint {path} exists from an earlier run; pass --resume to continue it, or delete it to start over"
+        raise ParamError(
+            "resume",
+            template=f"checkpoint {literal(path)} exists from an earlier run; pass {{resume}} to continue it, or "
+            "delete it to start over",
         )
     elif cfg.resume:
         print(f"no checkpoint at {path}; starting from the beginning", file=sys.stderr)
@@ -795,11 +797,12 @@ def _run_distributed(
                 config = job_config(job, settings)
                 sink = _Sink(job, settings, initial_state(job, settings.checkpoint, config), config)
                 start = [sink.state.remaining(), None, sink.state.reused_chunks()]
-            except UserError as e:
-                start = [None, str(e), None]
+            except UserError as e:  # a ParamError travels whole: the scripts name its flag
+                start = [None, e if isinstance(e, ParamError) else str(e), None]
         dist.broadcast_object_list(start, src=0)
         if start[1] is not None:
-            raise _shared(UserError(start[1]))
+            err = start[1]
+            raise _shared(err if isinstance(err, ParamError) else UserError(err))
         remaining: list[int] = start[0]
         if start[2]:  # resumed: every rank computes the rest with the recorded chunks
             _reuse_chunks(job, start[2])

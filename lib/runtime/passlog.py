@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..app.results import atomic_write_bytes
-from ..errors import Interrupted, RunError, UserError
+from ..errors import Interrupted, ParamError, RunError, UserError, literal
 from ..products.operator import digest
 from .checkpoint import frame, unframe
 
@@ -128,9 +128,10 @@ class PassLog:
         if not suffix:  # a rank's files are not this process's
             passes = [f for f in passes if ".rank" not in f.name]
         if passes and not resume:
-            raise UserError(
-                f"pass log {directory} exists from an earlier run; pass --resume to continue it, "
-                "or delete it to start over"
+            raise ParamError(
+                "resume",
+                template=f"pass log {literal(directory)} exists from an earlier run; pass {{resume}} to "
+                "continue it, or delete it to start over",
             )
         if passes and not cfg_file.is_file():
             raise UserError(

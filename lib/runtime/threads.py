@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError
+from ..errors import ParamError
 
 SLACK = 0.25
 """Load below a quarter of a CPU per thread counts as none (kernel threads, short bursts)."""
@@ -177,12 +177,12 @@ def choose(requested: int | None = None, processes: int = 1) -> Choice:
 def apply(requested: int | None = None, processes: int = 1, say: bool = False) -> Choice:
     """:func:`choose` and set it (``torch.set_num_threads``) for this process, recorded for :func:`report`. Worker
     processes (``--devices``) take this process's thread count (:class:`lib.runtime.parallel.WorkerPool`), i.e. the share.
-    ``requested`` below 1 is refused (:class:`lib.errors.UserError`); more than the CPUs this process may run on is
+    ``requested`` below 1 is refused (:class:`lib.errors.ParamError` ``threads``); more than the CPUs this process may run on is
     capped to them (:func:`capped`). ``say``: print :func:`console_line` (the scripts), when the run takes fewer
     threads than its CPUs."""
     global _CHOICE
     if requested is not None and requested < 1:
-        raise UserError(f"--threads must be at least 1, got {requested}")
+        raise ParamError("threads", f"threads must be at least 1, got {requested}")
     _CHOICE = capped(choose(requested, processes), affinity_cpus())
     torch.set_num_threads(_CHOICE.n)
     line = console_line(_CHOICE, usable_cpus()) if say else None

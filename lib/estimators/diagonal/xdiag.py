@@ -42,8 +42,8 @@ def xdiag_basis(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     d = r.diagonal().abs()
     if not bool(torch.isfinite(r).all()) or (d.numel() > 0 and bool((d <= 1e-12 * d.max()).any())):
         raise ParamError(
-            "vhp_samples",
-            f"the XDiag sketch H*Omega has rank below {y.shape[0]}: the Hessian's rank is smaller than vhp_samples/2; use the exact estimator or fewer HVPs",
+            "hvps",
+            f"the XDiag sketch H*Omega has rank below {y.shape[0]}: the Hessian's rank is smaller than hvps/2; use the exact estimator or fewer HVPs",
         )
     return q, r
 
