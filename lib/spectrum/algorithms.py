@@ -217,14 +217,9 @@ def lanczos(
         while True:
             if basis is not None:
                 basis.append(q_j)
-            w = space.block(matmat(q_j))
+            r, a = _recurrence(space, q_j, space.block(matmat(q_j)), prev)
             passes += 1
-            r = w if prev is None else w - space.combine(prev[0], prev[1].T)
-            a = space.gram(q_j, r)
-            a = (a + a.T) / 2
             alphas.append(a)
-            r = r - space.combine(q_j, a)
-            r = r - space.combine(q_j, space.gram(q_j, r))  # local reorthogonalization against Q_j
             if reorth == "full":
                 r = basis.orthogonalize(r)
             t = _block_tridiagonal(alphas, betas)
@@ -233,46 +228,20 @@ def lanczos(
             if reorth == "selective":
                 r = _selective(space, r, theta, s, scale, basis, good, good_values)
             q_next, b = space.qr(r)
-            ghosts = 0
-            genuine = torch.arange(theta.numel())
-            if reorth == "none":
-                genuine = cullum_willoughby(
-                    t, cw_tol * max(scale, 1e-300), (b @ s[-p:, :]).norm(dim=0), tol * scale
-                )
-                ghosts = theta.numel() - genuine.numel()
-            th, sg = theta[genuine], s[:, genuine]
-            res = (b @ sg[-p:, :]).norm(dim=0)
-            idx = wanted(th, k, which)
-            conv = res[idx] <= tol * scale
+            ritz = _ritz_pairs(t, theta, s, b, p, reorth, cw_tol, scale, tol, k, which)
             if on_pass is not None:
-                on_pass(passes, th)
+                on_pass(passes, ritz.th)
             full = reorth == "full" and basis.cols + p > n
             breakdown = bool(b.diagonal().abs().min() <= 1e-13 * max(scale, 1e-300) * math.sqrt(n))
             if (
-                bool(conv.all())
-                and th.numel() >= min(k, n)
+                bool(ritz.conv.all())
+                and ritz.th.numel() >= min(k, n)
                 or passes >= max_iter
                 or full
                 or breakdown
             ):
-                if breakdown or full:  # Q spans an invariant subspace: the Ritz pairs are exact
-                    res = torch.zeros_like(res)
-                    conv = torch.ones_like(conv)
-                vecs = basis.combine(sg[:, idx]) if eigenvectors and basis is not None else None
-                stored = sum(bs.cols for bs in (basis, good) if bs is not None)
-                exact = breakdown or full
-                return EigResult(
-                    th[idx],
-                    vecs,
-                    res[idx],
-                    conv,
-                    th,
-                    passes * p,
-                    passes,
-                    exact,
-                    ghosts,
-                    reorth,
-                    stored,
+                return _eig_result(
+                    ritz, basis, good, eigenvectors, passes, p, breakdown or full, reorth
                 )
             betas.append(b)
             prev = (q_j, b)
@@ -281,6 +250,96 @@ def lanczos(
         for bs in (basis, good):
             if bs is not None:
                 bs.close()
+
+
+def _recurrence(
+    space: VectorSpace,
+    q_j: torch.Tensor,
+    w: torch.Tensor,
+    prev: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block-Lanczos recurrence on ``W = H Q_j``: ``R = W - Q_{j-1} B_{j-1}^T``, ``A_j = Q_j^T R`` symmetrized,
+    ``R = R - Q_j A_j`` made orthogonal to ``Q_j`` once more. Returns ``(R, A_j)``."""
+    r = w if prev is None else w - space.combine(prev[0], prev[1].T)
+    a = space.gram(q_j, r)
+    a = (a + a.T) / 2
+    r = r - space.combine(q_j, a)
+    r = r - space.combine(q_j, space.gram(q_j, r))  # local reorthogonalization against Q_j
+    return r, a
+
+
+@dataclass
+class _Ritz:
+    """The genuine Ritz pairs of one Lanczos step: values ``th``, coefficients ``sg`` (columns), residuals ``res``,
+    the wanted indices ``idx``, their convergence ``conv`` and the count of ghosts removed."""
+
+    th: torch.Tensor
+    sg: torch.Tensor
+    res: torch.Tensor
+    idx: torch.Tensor
+    conv: torch.Tensor
+    ghosts: int
+
+
+def _ritz_pairs(
+    t: torch.Tensor,
+    theta: torch.Tensor,
+    s: torch.Tensor,
+    b: torch.Tensor,
+    p: int,
+    reorth: str,
+    cw_tol: float,
+    scale: float,
+    tol: float,
+    k: int,
+    which: str,
+) -> _Ritz:
+    """The Ritz pairs ``(theta, s)`` of ``T`` with residuals ``||B s[last block]||``; without reorthogonalization the
+    ghosts are filtered out (:func:`cullum_willoughby`); converged when ``residual <= tol * scale``."""
+    ghosts = 0
+    genuine = torch.arange(theta.numel())
+    if reorth == "none":
+        genuine = cullum_willoughby(
+            t, cw_tol * max(scale, 1e-300), (b @ s[-p:, :]).norm(dim=0), tol * scale
+        )
+        ghosts = theta.numel() - genuine.numel()
+    th, sg = theta[genuine], s[:, genuine]
+    res = (b @ sg[-p:, :]).norm(dim=0)
+    idx = wanted(th, k, which)
+    return _Ritz(th, sg, res, idx, res[idx] <= tol * scale, ghosts)
+
+
+def _eig_result(
+    ritz: _Ritz,
+    basis: Basis | None,
+    good: Basis | None,
+    eigenvectors: bool,
+    passes: int,
+    p: int,
+    exact: bool,
+    reorth: str,
+) -> EigResult:
+    """The wanted Ritz pairs as an :class:`EigResult`; ``exact`` (the basis spans an invariant subspace): residuals
+    zero and every pair converged."""
+    res, conv = ritz.res, ritz.conv
+    if exact:
+        res = torch.zeros_like(res)
+        conv = torch.ones_like(conv)
+    vecs = basis.combine(ritz.sg[:, ritz.idx]) if eigenvectors and basis is not None else None
+    stored = sum(bs.cols for bs in (basis, good) if bs is not None)
+    return EigResult(
+        ritz.th[ritz.idx],
+        vecs,
+        res[ritz.idx],
+        conv,
+        ritz.th,
+        passes * p,
+        passes,
+        exact,
+        ritz.ghosts,
+        reorth,
+        stored,
+    )
 
 
 # ----------------------------------------------------------------------------- trace
@@ -400,6 +459,54 @@ def broadened_density(
     return out / (sigma * math.sqrt(2 * math.pi) * theta.shape[0])
 
 
+def _advance_probes(
+    space: VectorSpace,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    prev: torch.Tensor,
+    ids: torch.Tensor,
+    j: int,
+    n: int,
+    basis: Basis | None,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    length: torch.Tensor,
+    active: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step ``j`` of the probes ``ids`` of :func:`slq` after the pass ``W = H V``: ``alpha_j = v . w``,
+    ``w = w - alpha_j v - beta_{j-1} v_prev`` (made orthogonal to each probe's basis when one is kept),
+    ``beta_j = ||w||``; a probe whose ``beta_j`` vanishes stops (``active``). Fills ``alpha``, ``beta``, ``length``
+    and ``active`` in place; returns the next ``(v, v_prev)``."""
+    num_probes = v.shape[1]
+    a = space.coldot(v, w)[ids]
+    alpha[ids, j] = a
+    length[ids] = j + 1
+    coef = torch.zeros(num_probes, dtype=F64)
+    coef[ids] = a
+    back = torch.zeros(num_probes, dtype=F64)
+    if j:
+        back[ids] = beta[ids, j - 1]
+    w = (
+        w
+        - v * coef.to(device=v.device, dtype=v.dtype)
+        - prev * back.to(device=v.device, dtype=v.dtype)
+    )
+    if basis is not None:
+        w = basis.orthogonalize_columns(w)
+    b = space.colnorms(w)[ids]
+    beta[ids, j] = b
+    stop = b <= 1e-12 * a.abs().clamp_min(1e-300) * math.sqrt(n)
+    active[ids[stop]] = False
+    prev = v.clone()
+    v = v.clone()
+    scale = torch.ones(num_probes, dtype=F64)
+    scale[ids] = torch.where(stop, torch.ones_like(b), b)
+    upd = torch.zeros(num_probes, dtype=torch.bool)
+    upd[ids] = True
+    v[:, upd.to(v.device)] = (w / scale.to(device=w.device, dtype=w.dtype))[:, upd.to(v.device)]
+    return v, prev
+
+
 def slq(
     matmat: MatMat,
     n: int,
@@ -453,34 +560,9 @@ def slq(
             hvps += len(ids)
             if on_pass is not None:
                 on_pass(passes)
-            a = space.coldot(v, w)[ids]
-            alpha[ids, j] = a
-            length[ids] = j + 1
-            coef = torch.zeros(num_probes, dtype=F64)
-            coef[ids] = a
-            back = torch.zeros(num_probes, dtype=F64)
-            if j:
-                back[ids] = beta[ids, j - 1]
-            w = (
-                w
-                - v * coef.to(device=v.device, dtype=v.dtype)
-                - prev * back.to(device=v.device, dtype=v.dtype)
+            v, prev = _advance_probes(
+                space, v, w, prev, ids, j, n, basis, alpha, beta, length, active
             )
-            if basis is not None:
-                w = basis.orthogonalize_columns(w)
-            b = space.colnorms(w)[ids]
-            beta[ids, j] = b
-            stop = b <= 1e-12 * a.abs().clamp_min(1e-300) * math.sqrt(n)
-            active[ids[stop]] = False
-            prev = v.clone()
-            v = v.clone()
-            scale = torch.ones(num_probes, dtype=F64)
-            scale[ids] = torch.where(stop, torch.ones_like(b), b)
-            upd = torch.zeros(num_probes, dtype=torch.bool)
-            upd[ids] = True
-            v[:, upd.to(v.device)] = (w / scale.to(device=w.device, dtype=w.dtype))[
-                :, upd.to(v.device)
-            ]
             if not bool(active.any()):
                 break
     finally:
