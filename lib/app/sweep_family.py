@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 import shutil
 import time
@@ -63,14 +64,76 @@ def checkpoint_step(name: str, path: Path | None = None) -> int | None:
     return None
 
 
+def cached_revisions(model_id: str, cache_dir: str | None) -> set[str]:
+    """The revisions of hub model ``model_id`` in the local hub cache (``cache_dir``, else the hub library's): the
+    branch and tag names under ``refs/`` and the commit hashes under ``snapshots/``."""
+    from huggingface_hub import constants
+
+    root = Path(cache_dir or constants.HF_HUB_CACHE) / ("models--" + model_id.replace("/", "--"))
+    refs = root / "refs"
+    names = (
+        {p.relative_to(refs).as_posix() for p in refs.rglob("*") if p.is_file()}
+        if refs.is_dir()
+        else set()
+    )
+    snaps = root / "snapshots"
+    return names | ({p.name for p in snaps.iterdir()} if snaps.is_dir() else set())
+
+
+def _hub_has_revision(model_id: str, revision: str) -> bool | None:
+    """Whether the hub knows ``revision`` of ``model_id`` (None: it could not say, e.g. a gated model or an error)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    try:
+        HfApi().model_info(model_id, revision=revision)
+    except RevisionNotFoundError:
+        return False
+    except Exception:  # noqa: BLE001 -- gated, private, network: loading will say
+        return None
+    return True
+
+
+def check_revisions(
+    model_id: str, revisions: tuple[str, ...], cache_dir: str | None, has_revision=_hub_has_revision
+) -> None:
+    """Refuse (:class:`UserError`, before any weight is read) a revision that does not exist: asked of the hub
+    (``has_revision(model_id, revision)``) when it is reachable, else looked up in the local cache (offline mode:
+    only cached revisions can load). A commit hash prefix of a cached snapshot counts as cached."""
+    from ..model.inputs import _truthy, hub_offline_if_unreachable
+
+    hub_offline_if_unreachable()
+    offline = _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(
+        os.environ.get("TRANSFORMERS_OFFLINE")
+    )
+    if offline:
+        cached = cached_revisions(model_id, cache_dir)
+        for r in revisions:
+            if r not in cached and not (len(r) >= 7 and any(c.startswith(r) for c in cached)):
+                raise UserError(
+                    f"--revisions {r}: not in the local cache of {model_id} "
+                    f"({', '.join(sorted(cached)) or 'no revision cached'}) and the hub is offline or unreachable; "
+                    "connect, or pick a cached revision"
+                )
+        return
+    for r in revisions:
+        if has_revision(model_id, r) is False:
+            raise UserError(
+                f"--revisions {r}: {model_id} has no such revision on the hub (branches and tags are listed at "
+                f"https://huggingface.co/{model_id}/tree/main)"
+            )
+
+
 class DirStore:
-    """A :class:`lib.hessian.sweep.Store` on disk: one file per stage in ``directory``, written atomically, holding the
-    stage's value and the hash ``config`` of what it was computed from; a stage file of another configuration is
-    refused on resume."""
+    """A :class:`lib.hessian.sweep.PassStore` on disk: one file per stage in ``directory``, written atomically, holding
+    the stage's value and the hash ``config`` of what it was computed from; a stage file of another configuration is
+    refused on resume. The unfinished stage's products go to ``directory/passes/<stage hash>/<k>.pt`` (removed once
+    the stage is stored), so a unit killed mid-way replays its finished products."""
 
     def __init__(self, directory: Path, config: str, label: str):
         self.dir, self.config, self.label = directory, config, label
         self.reused = 0
+        self.replayed = 0
 
     def _path(self, key: str) -> Path:
         return self.dir / f"{hashlib.sha256(f'{self.label}|{key}'.encode()).hexdigest()[:20]}.pt"
@@ -95,6 +158,36 @@ class DirStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         payload = {"key": key, "checkpoint": self.label, "config": self.config, "value": value}
         atomic_write_bytes(self._path(key), lambda p: torch.save(payload, p))
+
+    def _passes(self, stage: str) -> Path:
+        tag = hashlib.sha256(f"{self.label}|{stage}".encode()).hexdigest()[:20]
+        return self.dir / "passes" / tag
+
+    def get_pass(self, stage: str, k: int) -> Any:
+        """Product ``k`` of the unfinished ``stage`` (``{"input", "output"}``), or None (absent or torn)."""
+        p = self._passes(stage) / f"{k:05d}.pt"
+        if not p.exists():
+            return None
+        try:
+            payload = torch.load(p, weights_only=True)
+        except Exception:  # noqa: BLE001 -- a torn file: recompute the product
+            return None
+        if payload.get("config") != self.config:
+            raise UserError(
+                f"pass file {p} (stage {stage} of {self.label}) was made with another configuration or other "
+                "weights than this run's; pass the same flags and models, or delete the .sweep directory to start over"
+            )
+        self.replayed += 1
+        return payload
+
+    def put_pass(self, stage: str, k: int, value: Any) -> None:
+        d = self._passes(stage)
+        d.mkdir(parents=True, exist_ok=True)
+        payload = {"config": self.config, **value}
+        atomic_write_bytes(d / f"{k:05d}.pt", lambda p: torch.save(payload, p))
+
+    def drop_passes(self, stage: str) -> None:
+        shutil.rmtree(self._passes(stage), ignore_errors=True)
 
 
 def _load_checkpoint(run: Run, i: int, name: str) -> nn.Module:
@@ -282,6 +375,12 @@ class SweepFamily(Family):
     def products_per_sample(self, spec: SweepSpec, structure: Any) -> int:
         return 100  # tens of passes over the samples: batch samples per forward when memory allows
 
+    def resolve(self, spec: SweepSpec, model: nn.Module) -> SweepSpec:
+        """Refuses an unknown ``--revisions`` name here, before the weights load (:func:`check_revisions`)."""
+        if spec.subset.revisions:
+            check_revisions(spec.model.model, spec.subset.revisions, spec.model.cache_dir)
+        return spec
+
     def structure(self, model: nn.Module, spec: SweepSpec) -> tuple[sweep.Unit, ...]:
         return sweep.make_units(model, spec.subset.over, spec.subset.params)
 
@@ -355,6 +454,7 @@ class SweepFamily(Family):
                         "trace_estimator": res.trace,
                         "hvps": res.hvps,
                         "stages_reused": store.reused,
+                        "products_replayed": store.replayed,
                         "seconds": time.perf_counter() - t0,
                         "operator": res.operator,
                     }
