@@ -437,3 +437,52 @@ def test_three_checkpoint_sweep_killed_and_resumed_bitwise(tmp_path):
     meta = __import__("json").loads((out / "s.json").read_text())
     assert sum(c["stages_reused"] for c in meta["checkpoints"]) >= 4
     assert "s_steps.png" in meta["figures"] and (out / "s_steps.png").exists()
+
+
+@pytest.mark.slow
+def test_devices_workers_give_the_one_process_table_bitwise(tmp_path):
+    """``--devices cpu,cpu`` (every product's batches spread over two worker processes, each loading its checkpoint
+    and checking its fingerprint) gives bitwise the one-process table, over two local checkpoints."""
+    import csv
+    import subprocess
+    import sys
+
+    from conftest import ROOT, subprocess_env
+
+    models = _checkpoints(tmp_path, steps=(0, 1))
+    cmd = [sys.executable, str(ROOT / "hessian_sweep.py"), "--model", *models, *SWEEP_FLAGS]
+    cmd += ["--model_input_bs", "1"]
+    env = subprocess_env()
+    tables = []
+    for extra in ([], ["--devices", "cpu,cpu"]):
+        out = tmp_path / ("workers" if extra else "one")
+        subprocess.run(
+            [*cmd, *extra, "--output_dir", str(out)], env=env, check=True, capture_output=True
+        )
+        with open(out / "s.csv") as f:
+            tables.append(
+                [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
+            )
+    assert tables[0] == tables[1] and len(tables[0]) == 2 * 2 * 2
+    meta = __import__("json").loads((tmp_path / "workers" / "s.json").read_text())
+    w = [c["workers"] for c in meta["checkpoints"]]
+    assert all(x["workers"] == 2 and x["units_run"] == 2 * x["passes"] > 0 for x in w), w
+
+
+def test_torchrun_and_workers_with_revisions_are_refused_in_one_line(monkeypatch):
+    """``--devices`` is accepted (worker processes); with ``--revisions`` (workers load local models only) and under
+    torchrun the spec is refused in one line."""
+    from lib.app import cli
+    from lib.errors import UserError
+
+    spec = cli.parse("hessian_sweep", ["--devices", "cpu,cpu"], "")
+    spec.validate()
+    with pytest.raises(UserError, match="--devices workers load local models only"):
+        cli.parse(
+            "hessian_sweep",
+            ["--devices", "cpu,cpu", "--model", "org/m", "--revisions", "a", "b"],
+            "",
+        ).validate()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="does not run under torchrun: use --devices"):
+        cli.parse("hessian_sweep", [], "").validate()

@@ -13,6 +13,7 @@ whose hash matches and refuses a stage made by another configuration or other we
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -30,7 +31,9 @@ from torch import nn
 from ..errors import UserError
 from ..hessian import sweep
 from ..model.inputs import model_fingerprint, warn
+from ..model.models import ModelSpec
 from ..products.operator import digest
+from ..runtime import parallel
 from ..runtime.checkpoint import config_hash
 from . import outputs
 from .pipeline import Family, Run
@@ -208,6 +211,48 @@ def _load_checkpoint(run: Run, i: int, name: str) -> nn.Module:
         device_map=spec.run.device_map,
         revision=name if spec.subset.revisions else None,
     )
+
+
+def worker_runner(
+    run: Run, pool: parallel.WorkerPool, model: nn.Module, name: str, fingerprint: str
+) -> tuple[ModelSpec | None, Any]:
+    """With several ``--devices``: how the workers load checkpoint ``name`` (a :class:`ModelSpec` checked against its
+    fingerprint) and ``runner(job)``, every pass of every unit spread by batches over ``pool``'s workers
+    (:func:`lib.runtime.parallel.run_job`: the partial sums added in batch order, so the products are bitwise the
+    one-process ones); ``(None, None)`` on one device."""
+    if len(run.devices) < 2:
+        return None, None
+    from ..model.inputs import code_path, config_fingerprint
+
+    mspec = run.model_spec()
+    if model is not run.model:
+        mspec = dataclasses.replace(
+            mspec,
+            name=name,
+            fingerprint=fingerprint,
+            config_fingerprint=config_fingerprint(model),
+            code=code_path(model),
+        )
+    r = run.spec.run
+    settings = parallel.RunSettings(
+        devices=run.devices,
+        unit_timeout=r.unit_timeout,
+        setup_timeout=r.setup_timeout,
+        pool=pool,
+        identity=run.identity(),
+    )
+    passes: dict[str, Any] = {"passes": 0, "workers": 0, "units_run": 0}
+
+    def runner(job: Any) -> Any:
+        sums = parallel.run_job(job, settings)
+        st = settings.stats
+        passes["passes"] += 1
+        passes["workers"] = max(passes["workers"], st.get("workers", 0))
+        passes["units_run"] += st.get("units_run", 0)
+        return sums
+
+    runner.stats = passes  # type: ignore[attr-defined]
+    return mspec, runner
 
 
 def settings_of(spec: SweepSpec) -> sweep.SweepSettings:
@@ -409,11 +454,13 @@ class SweepFamily(Family):
         per_checkpoint: list[dict[str, Any]] = []
         hvps = 0
         fd = run.products()
+        pool = parallel.WorkerPool(run.devices)  # spawns workers only for several devices
         try:
             for i, cname in enumerate(names):
                 t0 = time.perf_counter()
                 model = _load_checkpoint(run, i, cname)
                 fp = run.fingerprints["model"] if model is run.model else model_fingerprint(model)
+                mspec, runner = worker_runner(run, pool, model, cname, fp)
                 local = Path(cname) if not spec.subset.revisions and Path(cname).is_dir() else None
                 ident = {
                     "checkpoint": cname,
@@ -436,8 +483,10 @@ class SweepFamily(Family):
                     if bar is not None and stage != "shared trace":
                         bar.update(1)
 
-                mk = lambda subset, model=model, **kw: sweep.HessianOperator(  # noqa: E731
-                    model, subset, run.samples, products=fd, **kw
+                mk = lambda subset, model=model, mspec=mspec, runner=runner, **kw: (  # noqa: E731
+                    sweep.HessianOperator(
+                        model, subset, run.samples, products=fd, spec=mspec, run=runner, **kw
+                    )
                 )
                 res = sweep.sweep(
                     model, run.samples, units, quantities, settings, cname, store, progress, mk
@@ -455,6 +504,7 @@ class SweepFamily(Family):
                         "hvps": res.hvps,
                         "stages_reused": store.reused,
                         "products_replayed": store.replayed,
+                        "workers": getattr(runner, "stats", None),
                         "seconds": time.perf_counter() - t0,
                         "operator": res.operator,
                     }
@@ -462,6 +512,7 @@ class SweepFamily(Family):
                 if model is not run.model:
                     del model
         finally:
+            pool.close()
             if bar is not None:
                 bar.close()
         meta = {
