@@ -189,7 +189,83 @@ def test_store_resume_gives_the_same_rows_and_per_unit_strategy_agrees(opt_block
         )
 
 
+def test_a_unit_killed_mid_way_replays_its_finished_products_bitwise(opt_block0, monkeypatch):
+    """A stage interrupted after some of its products (the pass log) resumes by replaying them and computing the rest:
+    the rows equal an uninterrupted sweep's bitwise, the replayed products are counted, and the finished stage's pass
+    log is dropped."""
+    model, ids, units, _, _ = opt_block0
+    units = units[:2]
+    s = sw.SweepSettings(chunk=8, max_probes=20, trace_estimator="per_unit")
+    qs = ["trace", "top", "frobenius"]
+    full = sw.sweep(model, ids, units, qs, s)
+
+    class Stop(Exception):
+        pass
+
+    class Killed(sw.MemoryStore):
+        def put_pass(self, stage: str, k: int, value) -> None:
+            super().put_pass(stage, k, value)
+            if stage == f"unit:{units[1].name}" and k == 6:
+                raise Stop  # mid-way through the second unit's Lanczos
+
+    store = Killed()
+    with pytest.raises(Stop):
+        sw.sweep(model, ids, units, qs, s, store=store)
+    logged = [k for k in store if "#" in k]
+    assert logged and all(k.startswith(f"unit:{units[1].name}#") for k in logged)
+    store.__class__ = sw.MemoryStore
+    replays: list[int] = []
+    orig = sw.UnitProducts.end
+
+    def end(self, stage: str) -> None:
+        replays.append(self.replayed)
+        orig(self, stage)
+
+    monkeypatch.setattr(sw.UnitProducts, "end", end)
+    again = sw.sweep(model, ids, units, qs, s, store=store)
+    assert replays == [
+        7
+    ]  # products 0..6 of the interrupted unit; the first unit's stage was stored
+    assert not [k for k in store if "#" in k]
+    key = lambda r: (r.unit, r.quantity, r.estimate, r.error, r.hvps)  # noqa: E731
+    assert [key(r) for r in again.rows] == [key(r) for r in full.rows]
+
+
 # ----------------------------------------------------------------------------- the script
+
+
+def test_an_unknown_revision_is_refused_offline_from_the_cache_and_online_by_the_hub(
+    tmp_path, monkeypatch
+):
+    """Offline, a revision is looked up in the local hub cache (refs and snapshot commits, prefixes of 7+ characters);
+    online, the hub's answer refuses a missing one and an unanswerable question lets the load decide."""
+    from lib.app import sweep_family as sf
+    from lib.errors import UserError
+
+    repo = tmp_path / "models--org--m"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "step1000").write_text("a" * 40)
+    (repo / "snapshots" / ("a" * 40)).mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sf.check_revisions("org/m", ("step1000", "a" * 40, "aaaaaaa"), str(tmp_path))
+    with pytest.raises(
+        UserError, match=r"--revisions step9: not in the local cache of org/m \(a+, step1000\)"
+    ):
+        sf.check_revisions("org/m", ("step1000", "step9"), str(tmp_path))
+    with pytest.raises(UserError, match="no revision cached"):
+        sf.check_revisions("org/other", ("main",), str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr("lib.model.inputs._HUB_CHECKED", True)  # no probe: the hub is mocked
+    asked: list[str] = []
+
+    def hub(model_id: str, r: str) -> bool | None:
+        asked.append(r)
+        return {"step1000": True, "gated": None}.get(r, False)
+
+    sf.check_revisions("org/m", ("step1000", "gated"), None, hub)
+    with pytest.raises(UserError, match="org/m has no such revision on the hub"):
+        sf.check_revisions("org/m", ("step1000", "step9"), None, hub)
+    assert asked == ["step1000", "gated", "step1000", "step9"]
 
 
 def test_the_table_schema_reads_back_typed(opt_block0):
@@ -317,9 +393,9 @@ def test_three_checkpoint_sweep_killed_and_resumed_bitwise(tmp_path):
     )
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
-        if (
-            len(list((out / "s.sweep").glob("*.pt"))) >= 4
-        ):  # checkpoint 0's three stages and one of checkpoint 1
+        if len(list((out / "s.sweep").glob("*.pt"))) >= 4 and any(
+            (out / "s.sweep").glob("passes/*/*.pt")
+        ):  # checkpoint 0's three stages, one of checkpoint 1, and a product of the next (mid-unit)
             break
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
@@ -361,3 +437,52 @@ def test_three_checkpoint_sweep_killed_and_resumed_bitwise(tmp_path):
     meta = __import__("json").loads((out / "s.json").read_text())
     assert sum(c["stages_reused"] for c in meta["checkpoints"]) >= 4
     assert "s_steps.png" in meta["figures"] and (out / "s_steps.png").exists()
+
+
+@pytest.mark.slow
+def test_devices_workers_give_the_one_process_table_bitwise(tmp_path):
+    """``--devices cpu,cpu`` (every product's batches spread over two worker processes, each loading its checkpoint
+    and checking its fingerprint) gives bitwise the one-process table, over two local checkpoints."""
+    import csv
+    import subprocess
+    import sys
+
+    from conftest import ROOT, subprocess_env
+
+    models = _checkpoints(tmp_path, steps=(0, 1))
+    cmd = [sys.executable, str(ROOT / "hessian_sweep.py"), "--model", *models, *SWEEP_FLAGS]
+    cmd += ["--model_input_bs", "1"]
+    env = subprocess_env()
+    tables = []
+    for extra in ([], ["--devices", "cpu,cpu"]):
+        out = tmp_path / ("workers" if extra else "one")
+        subprocess.run(
+            [*cmd, *extra, "--output_dir", str(out)], env=env, check=True, capture_output=True
+        )
+        with open(out / "s.csv") as f:
+            tables.append(
+                [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
+            )
+    assert tables[0] == tables[1] and len(tables[0]) == 2 * 2 * 2
+    meta = __import__("json").loads((tmp_path / "workers" / "s.json").read_text())
+    w = [c["workers"] for c in meta["checkpoints"]]
+    assert all(x["workers"] == 2 and x["units_run"] == 2 * x["passes"] > 0 for x in w), w
+
+
+def test_torchrun_and_workers_with_revisions_are_refused_in_one_line(monkeypatch):
+    """``--devices`` is accepted (worker processes); with ``--revisions`` (workers load local models only) and under
+    torchrun the spec is refused in one line."""
+    from lib.app import cli
+    from lib.errors import UserError
+
+    spec = cli.parse("hessian_sweep", ["--devices", "cpu,cpu"], "")
+    spec.validate()
+    with pytest.raises(UserError, match="--devices workers load local models only"):
+        cli.parse(
+            "hessian_sweep",
+            ["--devices", "cpu,cpu", "--model", "org/m", "--revisions", "a", "b"],
+            "",
+        ).validate()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="does not run under torchrun: use --devices"):
+        cli.parse("hessian_sweep", [], "").validate()

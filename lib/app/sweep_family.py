@@ -13,10 +13,12 @@ whose hash matches and refuses a stage made by another configuration or other we
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
 import math
+import os
 import re
 import shutil
 import time
@@ -29,7 +31,9 @@ from torch import nn
 from ..errors import UserError
 from ..hessian import sweep
 from ..model.inputs import model_fingerprint, warn
+from ..model.models import ModelSpec
 from ..products.operator import digest
+from ..runtime import parallel
 from ..runtime.checkpoint import config_hash
 from . import outputs
 from .pipeline import Family, Run
@@ -63,14 +67,76 @@ def checkpoint_step(name: str, path: Path | None = None) -> int | None:
     return None
 
 
+def cached_revisions(model_id: str, cache_dir: str | None) -> set[str]:
+    """The revisions of hub model ``model_id`` in the local hub cache (``cache_dir``, else the hub library's): the
+    branch and tag names under ``refs/`` and the commit hashes under ``snapshots/``."""
+    from huggingface_hub import constants
+
+    root = Path(cache_dir or constants.HF_HUB_CACHE) / ("models--" + model_id.replace("/", "--"))
+    refs = root / "refs"
+    names = (
+        {p.relative_to(refs).as_posix() for p in refs.rglob("*") if p.is_file()}
+        if refs.is_dir()
+        else set()
+    )
+    snaps = root / "snapshots"
+    return names | ({p.name for p in snaps.iterdir()} if snaps.is_dir() else set())
+
+
+def _hub_has_revision(model_id: str, revision: str) -> bool | None:
+    """Whether the hub knows ``revision`` of ``model_id`` (None: it could not say, e.g. a gated model or an error)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    try:
+        HfApi().model_info(model_id, revision=revision)
+    except RevisionNotFoundError:
+        return False
+    except Exception:  # noqa: BLE001 -- gated, private, network: loading will say
+        return None
+    return True
+
+
+def check_revisions(
+    model_id: str, revisions: tuple[str, ...], cache_dir: str | None, has_revision=_hub_has_revision
+) -> None:
+    """Refuse (:class:`UserError`, before any weight is read) a revision that does not exist: asked of the hub
+    (``has_revision(model_id, revision)``) when it is reachable, else looked up in the local cache (offline mode:
+    only cached revisions can load). A commit hash prefix of a cached snapshot counts as cached."""
+    from ..model.inputs import _truthy, hub_offline_if_unreachable
+
+    hub_offline_if_unreachable()
+    offline = _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(
+        os.environ.get("TRANSFORMERS_OFFLINE")
+    )
+    if offline:
+        cached = cached_revisions(model_id, cache_dir)
+        for r in revisions:
+            if r not in cached and not (len(r) >= 7 and any(c.startswith(r) for c in cached)):
+                raise UserError(
+                    f"--revisions {r}: not in the local cache of {model_id} "
+                    f"({', '.join(sorted(cached)) or 'no revision cached'}) and the hub is offline or unreachable; "
+                    "connect, or pick a cached revision"
+                )
+        return
+    for r in revisions:
+        if has_revision(model_id, r) is False:
+            raise UserError(
+                f"--revisions {r}: {model_id} has no such revision on the hub (branches and tags are listed at "
+                f"https://huggingface.co/{model_id}/tree/main)"
+            )
+
+
 class DirStore:
-    """A :class:`lib.hessian.sweep.Store` on disk: one file per stage in ``directory``, written atomically, holding the
-    stage's value and the hash ``config`` of what it was computed from; a stage file of another configuration is
-    refused on resume."""
+    """A :class:`lib.hessian.sweep.PassStore` on disk: one file per stage in ``directory``, written atomically, holding
+    the stage's value and the hash ``config`` of what it was computed from; a stage file of another configuration is
+    refused on resume. The unfinished stage's products go to ``directory/passes/<stage hash>/<k>.pt`` (removed once
+    the stage is stored), so a unit killed mid-way replays its finished products."""
 
     def __init__(self, directory: Path, config: str, label: str):
         self.dir, self.config, self.label = directory, config, label
         self.reused = 0
+        self.replayed = 0
 
     def _path(self, key: str) -> Path:
         return self.dir / f"{hashlib.sha256(f'{self.label}|{key}'.encode()).hexdigest()[:20]}.pt"
@@ -96,6 +162,36 @@ class DirStore:
         payload = {"key": key, "checkpoint": self.label, "config": self.config, "value": value}
         atomic_write_bytes(self._path(key), lambda p: torch.save(payload, p))
 
+    def _passes(self, stage: str) -> Path:
+        tag = hashlib.sha256(f"{self.label}|{stage}".encode()).hexdigest()[:20]
+        return self.dir / "passes" / tag
+
+    def get_pass(self, stage: str, k: int) -> Any:
+        """Product ``k`` of the unfinished ``stage`` (``{"input", "output"}``), or None (absent or torn)."""
+        p = self._passes(stage) / f"{k:05d}.pt"
+        if not p.exists():
+            return None
+        try:
+            payload = torch.load(p, weights_only=True)
+        except Exception:  # noqa: BLE001 -- a torn file: recompute the product
+            return None
+        if payload.get("config") != self.config:
+            raise UserError(
+                f"pass file {p} (stage {stage} of {self.label}) was made with another configuration or other "
+                "weights than this run's; pass the same flags and models, or delete the .sweep directory to start over"
+            )
+        self.replayed += 1
+        return payload
+
+    def put_pass(self, stage: str, k: int, value: Any) -> None:
+        d = self._passes(stage)
+        d.mkdir(parents=True, exist_ok=True)
+        payload = {"config": self.config, **value}
+        atomic_write_bytes(d / f"{k:05d}.pt", lambda p: torch.save(payload, p))
+
+    def drop_passes(self, stage: str) -> None:
+        shutil.rmtree(self._passes(stage), ignore_errors=True)
+
 
 def _load_checkpoint(run: Run, i: int, name: str) -> nn.Module:
     """Checkpoint ``i`` (``name``: a revision of ``--model`` or a model): the run's loaded model for the first model,
@@ -115,6 +211,48 @@ def _load_checkpoint(run: Run, i: int, name: str) -> nn.Module:
         device_map=spec.run.device_map,
         revision=name if spec.subset.revisions else None,
     )
+
+
+def worker_runner(
+    run: Run, pool: parallel.WorkerPool, model: nn.Module, name: str, fingerprint: str
+) -> tuple[ModelSpec | None, Any]:
+    """With several ``--devices``: how the workers load checkpoint ``name`` (a :class:`ModelSpec` checked against its
+    fingerprint) and ``runner(job)``, every pass of every unit spread by batches over ``pool``'s workers
+    (:func:`lib.runtime.parallel.run_job`: the partial sums added in batch order, so the products are bitwise the
+    one-process ones); ``(None, None)`` on one device."""
+    if len(run.devices) < 2:
+        return None, None
+    from ..model.inputs import code_path, config_fingerprint
+
+    mspec = run.model_spec()
+    if model is not run.model:
+        mspec = dataclasses.replace(
+            mspec,
+            name=name,
+            fingerprint=fingerprint,
+            config_fingerprint=config_fingerprint(model),
+            code=code_path(model),
+        )
+    r = run.spec.run
+    settings = parallel.RunSettings(
+        devices=run.devices,
+        unit_timeout=r.unit_timeout,
+        setup_timeout=r.setup_timeout,
+        pool=pool,
+        identity=run.identity(),
+    )
+    passes: dict[str, Any] = {"passes": 0, "workers": 0, "units_run": 0}
+
+    def runner(job: Any) -> Any:
+        sums = parallel.run_job(job, settings)
+        st = settings.stats
+        passes["passes"] += 1
+        passes["workers"] = max(passes["workers"], st.get("workers", 0))
+        passes["units_run"] += st.get("units_run", 0)
+        return sums
+
+    runner.stats = passes  # type: ignore[attr-defined]
+    return mspec, runner
 
 
 def settings_of(spec: SweepSpec) -> sweep.SweepSettings:
@@ -282,6 +420,12 @@ class SweepFamily(Family):
     def products_per_sample(self, spec: SweepSpec, structure: Any) -> int:
         return 100  # tens of passes over the samples: batch samples per forward when memory allows
 
+    def resolve(self, spec: SweepSpec, model: nn.Module) -> SweepSpec:
+        """Refuses an unknown ``--revisions`` name here, before the weights load (:func:`check_revisions`)."""
+        if spec.subset.revisions:
+            check_revisions(spec.model.model, spec.subset.revisions, spec.model.cache_dir)
+        return spec
+
     def structure(self, model: nn.Module, spec: SweepSpec) -> tuple[sweep.Unit, ...]:
         return sweep.make_units(model, spec.subset.over, spec.subset.params)
 
@@ -310,11 +454,13 @@ class SweepFamily(Family):
         per_checkpoint: list[dict[str, Any]] = []
         hvps = 0
         fd = run.products()
+        pool = parallel.WorkerPool(run.devices)  # spawns workers only for several devices
         try:
             for i, cname in enumerate(names):
                 t0 = time.perf_counter()
                 model = _load_checkpoint(run, i, cname)
                 fp = run.fingerprints["model"] if model is run.model else model_fingerprint(model)
+                mspec, runner = worker_runner(run, pool, model, cname, fp)
                 local = Path(cname) if not spec.subset.revisions and Path(cname).is_dir() else None
                 ident = {
                     "checkpoint": cname,
@@ -337,8 +483,10 @@ class SweepFamily(Family):
                     if bar is not None and stage != "shared trace":
                         bar.update(1)
 
-                mk = lambda subset, model=model, **kw: sweep.HessianOperator(  # noqa: E731
-                    model, subset, run.samples, products=fd, **kw
+                mk = lambda subset, model=model, mspec=mspec, runner=runner, **kw: (  # noqa: E731
+                    sweep.HessianOperator(
+                        model, subset, run.samples, products=fd, spec=mspec, run=runner, **kw
+                    )
                 )
                 res = sweep.sweep(
                     model, run.samples, units, quantities, settings, cname, store, progress, mk
@@ -355,6 +503,8 @@ class SweepFamily(Family):
                         "trace_estimator": res.trace,
                         "hvps": res.hvps,
                         "stages_reused": store.reused,
+                        "products_replayed": store.replayed,
+                        "workers": getattr(runner, "stats", None),
                         "seconds": time.perf_counter() - t0,
                         "operator": res.operator,
                     }
@@ -362,6 +512,7 @@ class SweepFamily(Family):
                 if model is not run.model:
                     del model
         finally:
+            pool.close()
             if bar is not None:
                 bar.close()
         meta = {

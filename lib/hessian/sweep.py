@@ -303,10 +303,32 @@ class Store(Protocol):
 
 
 class MemoryStore(dict):
-    """A :class:`Store` in memory (the default: nothing survives the process)."""
+    """A :class:`Store` in memory (the default: nothing survives the process), with a pass log (:class:`PassStore`)."""
 
     def put(self, key: str, value: Any) -> None:
         self[key] = value
+
+    def get_pass(self, stage: str, k: int) -> Any:
+        return self.get(f"{stage}#{k}")
+
+    def put_pass(self, stage: str, k: int, value: Any) -> None:
+        self[f"{stage}#{k}"] = value
+
+    def drop_passes(self, stage: str) -> None:
+        for key in [k for k in self if k.startswith(f"{stage}#")]:
+            del self[key]
+
+
+class PassStore(Store, Protocol):
+    """A :class:`Store` that also keeps each product of an unfinished stage (resume inside a unit): ``get_pass(stage,
+    k)`` / ``put_pass(stage, k, {"input": digest of V, "output": H V})`` for the stage's ``k``-th product, and
+    ``drop_passes(stage)`` once the stage itself is stored."""
+
+    def get_pass(self, stage: str, k: int) -> Any: ...
+
+    def put_pass(self, stage: str, k: int, value: Any) -> None: ...
+
+    def drop_passes(self, stage: str) -> None: ...
 
 
 # ----------------------------------------------------------------------------- pure estimators over a matmat
@@ -448,6 +470,37 @@ class UnitProducts:
         self._union: HessianOperator | None = None
         self._unit_ops: dict[int, HessianOperator] = {}
         self.hvps = 0
+        self.log: PassStore | None = None
+        self.stage, self._k = "", 0
+        self.replayed = 0
+
+    def begin(self, stage: str) -> None:
+        """The products that follow belong to ``stage`` (numbered from 0 in the pass log)."""
+        self.stage, self._k = stage, 0
+
+    def end(self, stage: str) -> None:
+        """``stage`` is stored: its logged products are no longer needed."""
+        if self.log is not None:
+            self.log.drop_passes(stage)
+
+    def _product(self, compute: spectrum.MatMat, v: torch.Tensor) -> torch.Tensor:
+        """``compute(v)``, counted; with a pass log, the stage's ``k``-th product is replayed when logged for the same
+        ``v`` (a resumed stage repeats its deterministic inputs, so it gets bitwise the same outputs), else logged."""
+        self.hvps += v.shape[1]
+        k = self._k
+        self._k += 1
+        if self.log is None:
+            return compute(v)
+        from ..products.operator import digest
+
+        key = digest(v)
+        got = self.log.get_pass(self.stage, k)
+        if got is not None and got["input"] == key:
+            self.replayed += 1
+            return got["output"]
+        hv = compute(v)
+        self.log.put_pass(self.stage, k, {"input": key, "output": hv})
+        return hv
 
     def _kw(self) -> dict[str, Any]:
         s = self.settings
@@ -460,8 +513,7 @@ class UnitProducts:
         return self._union
 
     def union(self, v: torch.Tensor) -> torch.Tensor:
-        self.hvps += v.shape[1]
-        return self.union_op.matmat(v)
+        return self._product(self.union_op.matmat, v)
 
     def matmat(self, i: int) -> spectrum.MatMat:
         """Unit ``i``'s ``V`` ``(n_u, p)`` -> ``H_uu V``."""
@@ -472,18 +524,16 @@ class UnitProducts:
                 if i not in self._unit_ops:
                     self._unit_ops.clear()  # one unit's graphs at a time
                     self._unit_ops[i] = self.make(self.units[i].subset(), **self._kw())
-                self.hvps += v.shape[1]
                 return self._unit_ops[i].matmat(v)
 
-            return own
+            return lambda v: self._product(own, v)
 
         def restricted(v: torch.Tensor) -> torch.Tensor:
             full = torch.zeros(self.n, v.shape[1], dtype=F64)
             full[a:b] = v
-            self.hvps += v.shape[1]
             return self.union_op.matmat(full)[a:b].contiguous()
 
-        return restricted
+        return lambda v: self._product(restricted, v)
 
     def report(self) -> dict[str, Any]:
         op = self._union or next(iter(self._unit_ops.values()), None)
@@ -544,6 +594,8 @@ def sweep(
     its products being deterministic, gets the same numbers): ``pilot`` (with ``trace``: ``min_probes`` shared probes,
     and ``min_probes`` per-unit probes per unit when ``trace_estimator="auto"``), ``shared`` (shared probes until every
     unit's trace reaches ``trace_rel``, when chosen), then ``unit:<name>`` per unit (per-unit probes, Lanczos, SLQ).
+    A ``store`` with a pass log (:class:`PassStore`) also keeps every product of the unfinished stage, so a stage
+    interrupted mid-way replays its finished products (same inputs, bitwise the same outputs) and computes the rest.
     ``checkpoint`` labels the rows; ``progress(stage)`` is called after each stage; ``make_operator(subset, **kw)``:
     how an operator is made (default :class:`lib.products.operator.HessianOperator` on ``model`` and ``samples``).
     """
@@ -552,8 +604,12 @@ def sweep(
     settings.check()
     if not units:
         raise ParamError("units", "units is empty")
-    store = store if store is not None else MemoryStore()
     prod = UnitProducts(model, samples, units, settings, make_operator)
+    if store is not None and all(
+        hasattr(store, m) for m in ("get_pass", "put_pass", "drop_passes")
+    ):
+        prod.log = store  # type: ignore[assignment]  # resume inside a stage: its finished products
+    store = store if store is not None else MemoryStore()
     s = settings
     want_trace = "trace" in quantities
     want_probes = "frobenius" in quantities or "diagonal" in quantities
@@ -574,6 +630,7 @@ def sweep(
     if want_trace:
         got = store.get("pilot")
         if got is None:
+            prod.begin("pilot")
             tp = time.perf_counter()
             h0 = prod.hvps
             shared_s, unit_s = float("nan"), [float("nan")] * len(units)
@@ -600,6 +657,7 @@ def sweep(
                 "seconds": time.perf_counter() - tp,
             }
             store.put("pilot", got)
+            prod.end("pilot")
             done("pilot")
         shared, pilot_per_unit = got["shared"], got["per_unit"]
         pilot_seconds = got["seconds"]
@@ -642,6 +700,7 @@ def sweep(
         if chosen == "shared":
             got = store.get("shared")
             if got is None:
+                prod.begin("shared")
                 tp = time.perf_counter()
                 h0 = prod.hvps
                 k = len(shared[0])
@@ -658,6 +717,7 @@ def sweep(
                     "seconds": time.perf_counter() - tp,
                 }
                 store.put("shared", got)
+                prod.end("shared")
                 done("shared trace")
             shared = got["shared"]
             shared_hvps = len(shared[0])
@@ -669,6 +729,7 @@ def sweep(
         key = f"unit:{u.name}"
         got = store.get(key)
         if got is None:
+            prod.begin(key)
             got = _unit_rows(
                 prod,
                 i,
@@ -681,6 +742,7 @@ def sweep(
                 checkpoint,
             )
             store.put(key, got)
+            prod.end(key)
             done(f"unit {u.name}")
         unit_rows = list(got)
         if trace_info.get("chosen") == "shared":
