@@ -806,6 +806,79 @@ def _shared(error: Exception) -> Exception:
     return error
 
 
+def _agree(rank: int, world: int, payload: Any, decide: Callable[[list[Any]], str | None]) -> None:
+    """Gather ``payload`` on rank 0, which ``decide``s on an error message; every rank raises it."""
+    import torch.distributed as dist
+
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object(payload, gathered, dst=0)
+    verdict: list[str | None] = [decide(gathered) if rank == 0 else None]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise _shared(RunError(verdict[0]))
+
+
+def _first_error(payloads: list[Any]) -> str | None:
+    """The message of the first ``("error", message)`` among the ranks' payloads, if any."""
+    errors = [p for p in payloads if p is not None and p[0] == "error"]
+    return errors[0][1] if errors else None
+
+
+def _setup_rank(job: AdditiveJob, device: torch.device, rank: int) -> tuple[str, str] | None:
+    """Set the job up on this rank's ``device``; ``("error", message)`` if that failed (traceback printed here)."""
+    try:
+        job.setup(device)
+        _reuse_chunks(job)
+        return None
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        return (
+            "error",
+            f"rank {rank} ({device}) failed while setting up: {_summary(e)}",
+        )
+
+
+def _run_rank_unit(
+    job: AdditiveJob, sink: _Sink | None, device: torch.device, rank: int, round_units: list[int]
+) -> tuple | None:
+    """This rank's unit of a round (``round_units[rank]``), as ``("done", k, pickled partial, chunks)`` or
+    ``("error", message)``; ``None`` when the round has no unit for this rank. Rank 0 (which has the ``sink``)
+    counts progress for the whole round."""
+    k = round_units[rank] if rank < len(round_units) else None
+    payload = None
+    if k is not None:
+        scale = len(round_units)
+        update = (lambda n, scale=scale: sink.bar.update(n * scale)) if sink is not None else None
+        try:
+            payload = ("done", k, _dumps(job.run_unit(k, update)), _chunks_used(job))
+        except Exception as e:  # noqa: BLE001 -- reported to rank 0, which stops every rank
+            traceback.print_exc()
+            payload = (
+                "error",
+                f"rank {rank} ({device}) failed on {unit_label(job, k)} (unit {k}): {_summary(e)}",
+            )
+    return payload
+
+
+def _add_round(sink: _Sink, payloads: list[Any]) -> str | None:
+    """On rank 0: add a round's partials to ``sink`` in unit order; the error message that stops every rank, if any."""
+    msg = _first_error(payloads)
+    if msg is not None:
+        sink.fail()  # the finished units first, so that the message counts what the file holds
+        return f"{msg}{sink.kept()}"
+    try:
+        done = sorted(
+            ((r, p) for r, p in enumerate(payloads) if p is not None),
+            key=lambda rp: rp[1][1],
+        )
+        for r, p in done:
+            sink.accept(p[1], _loads(p[2]), f"rank {r}", p[3])
+    except RunError as e:
+        sink.fail()
+        return f"{e}{sink.kept()}"
+    return None
+
+
 def _run_distributed(
     job: AdditiveJob, settings: RunSettings, env: tuple[int, int, int]
 ) -> Partial | None:
@@ -834,71 +907,14 @@ def _run_distributed(
         if start[2]:  # resumed: every rank computes the rest with the recorded chunks
             _reuse_chunks(job, start[2])
 
-        def agree(payload: Any, decide: Callable[[list[Any]], str | None]) -> None:
-            """Gather ``payload`` on rank 0, which ``decide``s on an error message; every rank raises it."""
-            gathered = [None] * world if rank == 0 else None
-            dist.gather_object(payload, gathered, dst=0)
-            verdict: list[str | None] = [decide(gathered) if rank == 0 else None]
-            dist.broadcast_object_list(verdict, src=0)
-            if verdict[0] is not None:
-                raise _shared(RunError(verdict[0]))
-
-        def first_error(payloads: list[Any]) -> str | None:
-            errors = [p for p in payloads if p is not None and p[0] == "error"]
-            return errors[0][1] if errors else None
-
         t0 = time.perf_counter()
-        try:
-            job.setup(device)
-            _reuse_chunks(job)
-            setup_error = None
-        except Exception as e:  # noqa: BLE001
-            traceback.print_exc()
-            setup_error = (
-                "error",
-                f"rank {rank} ({device}) failed while setting up: {_summary(e)}",
-            )
-        agree(setup_error, first_error)
+        _agree(rank, world, _setup_rank(job, device, rank), _first_error)
         t1 = time.perf_counter()
 
         for r0 in range(0, len(remaining), world):
             round_units = remaining[r0 : r0 + world]
-            k = round_units[rank] if rank < len(round_units) else None
-            payload = None
-            if k is not None:
-                scale = len(round_units)
-                update = (
-                    (lambda n, scale=scale: sink.bar.update(n * scale))
-                    if sink is not None
-                    else None
-                )
-                try:
-                    payload = ("done", k, _dumps(job.run_unit(k, update)), _chunks_used(job))
-                except Exception as e:  # noqa: BLE001 -- reported to rank 0, which stops every rank
-                    traceback.print_exc()
-                    payload = (
-                        "error",
-                        f"rank {rank} ({device}) failed on {unit_label(job, k)} (unit {k}): {_summary(e)}",
-                    )
-
-            def add_round(payloads: list[Any]) -> str | None:
-                msg = first_error(payloads)
-                if msg is not None:
-                    sink.fail()  # the finished units first, so that the message counts what the file holds
-                    return f"{msg}{sink.kept()}"
-                try:
-                    done = sorted(
-                        ((r, p) for r, p in enumerate(payloads) if p is not None),
-                        key=lambda rp: rp[1][1],
-                    )
-                    for r, p in done:
-                        sink.accept(p[1], _loads(p[2]), f"rank {r}", p[3])
-                except RunError as e:
-                    sink.fail()
-                    return f"{e}{sink.kept()}"
-                return None
-
-            agree(payload, add_round)
+            payload = _run_rank_unit(job, sink, device, rank, round_units)
+            _agree(rank, world, payload, lambda payloads: _add_round(sink, payloads))
         settings.stats.update(
             mode="torchrun",
             workers=world,
