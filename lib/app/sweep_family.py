@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -395,6 +396,87 @@ def row_quantities(spec: SweepSpec) -> list[str]:
     return [n for q in sweep.QUANTITIES if q in spec.compute.quantities for n in names[q]]
 
 
+def _stage_bar(spec: SweepSpec, total: int) -> Any:
+    """The progress bar over the sweep's stages (checkpoint x unit), or ``None`` with ``--no_progress``."""
+    if spec.output.no_progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="sweep stages (checkpoint x unit)", dynamic_ncols=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SweepRun:
+    """What every checkpoint of one sweep shares: the run, its worker pool, the products (``fd``), the settings,
+    the quantities, the stages' directory and the samples' digest."""
+
+    run: Run
+    pool: parallel.WorkerPool
+    fd: Any
+    settings: sweep.SweepSettings
+    quantities: list[str]
+    store_dir: Path
+    samples_digest: str
+
+    def checkpoint(
+        self, i: int, cname: str, progress: Callable[[str], None]
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Sweep checkpoint ``i`` (``cname``) with its stages kept in a :class:`DirStore` under the hash of what they
+        depend on; its table rows (labelled with the checkpoint's identity) and its entry of the JSON's
+        ``checkpoints``."""
+        run = self.run
+        t0 = time.perf_counter()
+        model = _load_checkpoint(run, i, cname)
+        fp = run.fingerprints["model"] if model is run.model else model_fingerprint(model)
+        mspec, runner = worker_runner(run, self.pool, model, cname, fp)
+        local = Path(cname) if not run.spec.subset.revisions and Path(cname).is_dir() else None
+        ident = {
+            "checkpoint": cname,
+            "step": checkpoint_step(cname, local),
+            "commit": getattr(model.config, "_commit_hash", None),
+            "fingerprint": fp,
+        }
+        cfg = config_hash(
+            {
+                **run.identity(),
+                "checkpoint": cname,
+                "fingerprint": fp,
+                "samples": self.samples_digest,
+                "units": [(u.name, u.size) for u in run.structure],
+            }
+        )
+        store = DirStore(self.store_dir, cfg, f"{i}:{cname}")
+        fd = self.fd
+        mk = lambda subset, model=model, mspec=mspec, runner=runner, **kw: (  # noqa: E731
+            sweep.HessianOperator(
+                model, subset, run.samples, products=fd, spec=mspec, run=runner, **kw
+            )
+        )
+        res = sweep.sweep(
+            model,
+            run.samples,
+            run.structure,
+            self.quantities,
+            self.settings,
+            cname,
+            store,
+            progress,
+            mk,
+        )
+        rows = [{**r.as_dict(), **ident} for r in res.rows]
+        entry = {
+            **ident,
+            "trace_estimator": res.trace,
+            "hvps": res.hvps,
+            "stages_reused": store.reused,
+            "products_replayed": store.replayed,
+            "workers": getattr(runner, "stats", None),
+            "seconds": time.perf_counter() - t0,
+            "operator": res.operator,
+        }
+        return rows, entry
+
+
 class SweepFamily(Family):
     name = "sweep"
     identity_sections = ("model", "data", "subset", "compute")
@@ -439,78 +521,29 @@ class SweepFamily(Family):
         quantities = list(spec.compute.quantities)
         names = spec.checkpoint_names()
         store_dir = run.out / f"{run.name}.sweep"
-        bar = None
         per_ckpt = len(units) + (1 if "trace" in quantities else 0)
-        if not spec.output.no_progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(
-                total=per_ckpt * len(names),
-                desc="sweep stages (checkpoint x unit)",
-                dynamic_ncols=True,
-            )
+        bar = _stage_bar(spec, per_ckpt * len(names))
         samples_digest = digest(run.samples)
         table: list[dict[str, Any]] = []
         per_checkpoint: list[dict[str, Any]] = []
         hvps = 0
         fd = run.products()
         pool = parallel.WorkerPool(run.devices)  # spawns workers only for several devices
+
+        def progress(stage: str) -> None:
+            if bar is not None and stage != "shared trace":
+                bar.update(1)
+
+        sweep_run = _SweepRun(run, pool, fd, settings, quantities, store_dir, samples_digest)
         try:
             for i, cname in enumerate(names):
-                t0 = time.perf_counter()
-                model = _load_checkpoint(run, i, cname)
-                fp = run.fingerprints["model"] if model is run.model else model_fingerprint(model)
-                mspec, runner = worker_runner(run, pool, model, cname, fp)
-                local = Path(cname) if not spec.subset.revisions and Path(cname).is_dir() else None
-                ident = {
-                    "checkpoint": cname,
-                    "step": checkpoint_step(cname, local),
-                    "commit": getattr(model.config, "_commit_hash", None),
-                    "fingerprint": fp,
-                }
-                cfg = config_hash(
-                    {
-                        **run.identity(),
-                        "checkpoint": cname,
-                        "fingerprint": fp,
-                        "samples": samples_digest,
-                        "units": [(u.name, u.size) for u in units],
-                    }
-                )
-                store = DirStore(store_dir, cfg, f"{i}:{cname}")
-
-                def progress(stage: str) -> None:
-                    if bar is not None and stage != "shared trace":
-                        bar.update(1)
-
-                mk = lambda subset, model=model, mspec=mspec, runner=runner, **kw: (  # noqa: E731
-                    sweep.HessianOperator(
-                        model, subset, run.samples, products=fd, spec=mspec, run=runner, **kw
-                    )
-                )
-                res = sweep.sweep(
-                    model, run.samples, units, quantities, settings, cname, store, progress, mk
-                )
+                rows, entry = sweep_run.checkpoint(i, cname, progress)
                 if bar is not None:
                     bar.n = per_ckpt * (i + 1)
                     bar.refresh()
-                hvps += res.hvps
-                rows = [{**r.as_dict(), **ident} for r in res.rows]
+                hvps += entry["hvps"]
                 table.extend(rows)
-                per_checkpoint.append(
-                    {
-                        **ident,
-                        "trace_estimator": res.trace,
-                        "hvps": res.hvps,
-                        "stages_reused": store.reused,
-                        "products_replayed": store.replayed,
-                        "workers": getattr(runner, "stats", None),
-                        "seconds": time.perf_counter() - t0,
-                        "operator": res.operator,
-                    }
-                )
-                if model is not run.model:
-                    del model
+                per_checkpoint.append(entry)
         finally:
             pool.close()
             if bar is not None:

@@ -617,112 +617,15 @@ def sweep(
     krylov = (
         "top" in quantities or "bottom" in quantities
     )  # a Lanczos basis per unit: the deflated trace
-    trace_info: dict[str, Any] = {"chosen": None}
-    pilot_per_unit: list[ProbeStats] = [ProbeStats() for _ in units]
+    trace = _TraceStages({"chosen": None}, [[] for _ in units], [ProbeStats() for _ in units])
 
     def done(stage: str) -> None:
         if progress is not None:
             progress(stage)
 
-    # --- pilot: both estimators' variances
-    shared: list[list[float]] = [[] for _ in units]
-    shared_hvps = 0
     if want_trace:
-        got = store.get("pilot")
-        if got is None:
-            prod.begin("pilot")
-            tp = time.perf_counter()
-            h0 = prod.hvps
-            shared_s, unit_s = float("nan"), [float("nan")] * len(units)
-            if s.trace_estimator != "per_unit":
-                shared = _shared_round(prod, s.min_probes, 0, shared_seed)
-                shared_s = time.perf_counter() - tp
-            if s.trace_estimator != "shared":
-                for i, u in enumerate(units):
-                    tu = time.perf_counter()
-                    probe_round(
-                        prod.matmat(i),
-                        u.size,
-                        pilot_per_unit[i],
-                        s.min_probes,
-                        unit_seed(s.seed, u.name, "probes"),
-                    )
-                    unit_s[i] = time.perf_counter() - tu
-            got = {
-                "shared": shared,
-                "per_unit": pilot_per_unit,
-                "shared_seconds": shared_s,
-                "unit_seconds": unit_s,
-                "hvps": prod.hvps - h0,
-                "seconds": time.perf_counter() - tp,
-            }
-            store.put("pilot", got)
-            prod.end("pilot")
-            done("pilot")
-        shared, pilot_per_unit = got["shared"], got["per_unit"]
-        pilot_seconds = got["seconds"]
-        var_s = [mean_stderr(x)[2] if x else float("nan") for x in shared]
-        var_p = [mean_stderr(p.trace)[2] if p.count else float("nan") for p in pilot_per_unit]
-        means = [
-            mean_stderr(x)[0] if x else mean_stderr(p.trace)[0]
-            for x, p in zip(shared, pilot_per_unit)
-        ]
-        lo, hi = s.min_probes, s.max_probes
-        need_s = [min(max(probes_needed(v, m, s.trace_rel), lo), hi) for v, m in zip(var_s, means)]
-        need_p = [min(max(probes_needed(v, m, s.trace_rel), lo), hi) for v, m in zip(var_p, means)]
-        cost_s, cost_p = max(need_s), sum(need_p)
-        # seconds: one shared probe costs a union product; unit u's probe costs its own product
-        sec_s = cost_s * got["shared_seconds"] / lo
-        sec_p = sum(k * t / lo for k, t in zip(need_p, got["unit_seconds"]))
-        chosen, reason = s.trace_estimator, "requested"
-        if chosen == "auto":
-            gain = KRYLOV_GAIN if krylov else 1.0  # the per-unit variance drop the deflation brings
-            chosen = "shared" if sec_s * gain <= sec_p else "per_unit"
-            reason = "fewer predicted seconds to reach trace_rel on every unit" + (
-                f" (per unit divided by {KRYLOV_GAIN:g}: {KRYLOV_REASON})" if krylov else ""
-            )
-        trace_info = {
-            "chosen": chosen,
-            "requested": s.trace_estimator,
-            "reason": reason,
-            "pilot_probes": s.min_probes,
-            "variance_shared": var_s,
-            "variance_per_unit": var_p,
-            "cost_shared": cost_s if math.isfinite(cost_s) else None,
-            "cost_per_unit": cost_p if math.isfinite(cost_p) else None,
-            "seconds_shared": sec_s if math.isfinite(sec_s) else None,
-            "seconds_per_unit": sec_p if math.isfinite(sec_p) else None,
-            "cost_unit": "probes to reach trace_rel on every unit (capped by min_probes..max_probes; shared: one "
-            "union product serves every unit), and their seconds at the pilot's measured time per product; the "
-            "estimator with fewer seconds is chosen",
-            "pilot_hvps": got["hvps"],
-        }
-        if chosen == "shared":
-            got = store.get("shared")
-            if got is None:
-                prod.begin("shared")
-                tp = time.perf_counter()
-                h0 = prod.hvps
-                k = len(shared[0])
-                while k < s.max_probes and not all(
-                    enough_combined(x, p.trace, s.trace_rel) for x, p in zip(shared, pilot_per_unit)
-                ):
-                    p = min(s.probe_round, s.max_probes - k)
-                    for i, more in enumerate(_shared_round(prod, p, k, shared_seed)):
-                        shared[i] = shared[i] + more
-                    k += p
-                got = {
-                    "shared": shared,
-                    "hvps": prod.hvps - h0,
-                    "seconds": time.perf_counter() - tp,
-                }
-                store.put("shared", got)
-                prod.end("shared")
-                done("shared trace")
-            shared = got["shared"]
-            shared_hvps = len(shared[0])
-            trace_info["shared_probes"] = shared_hvps
-            pilot_seconds += got["seconds"]
+        trace = _trace_stages(prod, units, s, store, shared_seed, krylov, trace.per_unit, done)
+    trace_info, shared, pilot_per_unit = trace.info, trace.shared, trace.per_unit
 
     rows: list[Row] = []
     for i, u in enumerate(units):
@@ -730,28 +633,17 @@ def sweep(
         got = store.get(key)
         if got is None:
             prod.begin(key)
+            chosen = trace_info.get("chosen")
             got = _unit_rows(
-                prod,
-                i,
-                u,
-                quantities,
-                s,
-                trace_info.get("chosen"),
-                pilot_per_unit[i],
-                want_probes,
-                checkpoint,
+                prod, i, u, quantities, s, chosen, pilot_per_unit[i], want_probes, checkpoint
             )
             store.put(key, got)
             prod.end(key)
             done(f"unit {u.name}")
         unit_rows = list(got)
         if trace_info.get("chosen") == "shared":
-            m, se = combined_trace(shared[i], pilot_per_unit[i].trace)
-            secs = pilot_seconds / len(units)
-            k = (
-                shared_hvps + pilot_per_unit[i].count
-            )  # the union products and the unit's own pilot probes
-            unit_rows.insert(0, _row(checkpoint, u, "trace", m, se, "stderr", k, secs))
+            row = _shared_trace_row(checkpoint, u, shared[i], pilot_per_unit[i], trace, len(units))
+            unit_rows.insert(0, row)
         rows.extend(unit_rows)
     # a resumed sweep's rows carry this run's checkpoint label
     rows = [
@@ -759,6 +651,180 @@ def sweep(
         for r in rows
     ]
     return SweepResult(tuple(rows), trace_info, prod.hvps, time.perf_counter() - t0, prod.report())
+
+
+@dataclass
+class _TraceStages:
+    """What the trace stages of :func:`sweep` leave: the trace estimator's choice and costs (``info``), the shared
+    probes' samples per unit (``shared``), the pilot's per-unit probes (``per_unit``), the number of shared probes
+    (``shared_hvps``) and the stages' seconds (``seconds``)."""
+
+    info: dict[str, Any]
+    shared: list[list[float]]
+    per_unit: list[ProbeStats]
+    shared_hvps: int = 0
+    seconds: float = float("nan")
+
+
+def _shared_trace_row(
+    cp: str, u: Unit, shared: list[float], pilot: ProbeStats, trace: _TraceStages, n_units: int
+) -> Row:
+    """Unit ``u``'s trace row from the shared probes combined with its own pilot probes; the HVPs count the union
+    products and the unit's pilot probes, the seconds are the trace stages' share per unit."""
+    m, se = combined_trace(shared, pilot.trace)
+    secs = trace.seconds / n_units
+    k = trace.shared_hvps + pilot.count  # the union products and the unit's own pilot probes
+    return _row(cp, u, "trace", m, se, "stderr", k, secs)
+
+
+def _trace_stages(
+    prod: UnitProducts,
+    units: Sequence[Unit],
+    s: SweepSettings,
+    store: Store,
+    shared_seed: int,
+    krylov: bool,
+    pilot_per_unit: list[ProbeStats],
+    done: Callable[[str], None],
+) -> _TraceStages:
+    """The ``pilot`` stage (both estimators' variances, into ``pilot_per_unit`` when computed), the estimator's choice
+    (:func:`_choose_estimator`) and, when ``shared`` is chosen, the ``shared`` stage; each stage read from ``store``
+    when it is there, else computed and kept."""
+    shared: list[list[float]] = [[] for _ in units]
+    shared_hvps = 0
+    got = store.get("pilot")
+    if got is None:
+        prod.begin("pilot")
+        got = _pilot_stage(prod, units, s, shared_seed, shared, pilot_per_unit)
+        store.put("pilot", got)
+        prod.end("pilot")
+        done("pilot")
+    shared, pilot_per_unit = got["shared"], got["per_unit"]
+    pilot_seconds = got["seconds"]
+    trace_info = _choose_estimator(s, got, shared, pilot_per_unit, krylov)
+    if trace_info["chosen"] == "shared":
+        got = store.get("shared")
+        if got is None:
+            prod.begin("shared")
+            got = _shared_stage(prod, s, shared, pilot_per_unit, shared_seed)
+            store.put("shared", got)
+            prod.end("shared")
+            done("shared trace")
+        shared = got["shared"]
+        shared_hvps = len(shared[0])
+        trace_info["shared_probes"] = shared_hvps
+        pilot_seconds += got["seconds"]
+    return _TraceStages(trace_info, shared, pilot_per_unit, shared_hvps, pilot_seconds)
+
+
+def _pilot_stage(
+    prod: UnitProducts,
+    units: Sequence[Unit],
+    s: SweepSettings,
+    shared_seed: int,
+    shared: list[list[float]],
+    pilot_per_unit: list[ProbeStats],
+) -> dict[str, Any]:
+    """The pilot: ``min_probes`` shared probes (unless ``per_unit`` is requested) and ``min_probes`` probes per unit
+    into ``pilot_per_unit`` (unless ``shared`` is requested), with their HVPs and seconds (NaN where not run)."""
+    tp = time.perf_counter()
+    h0 = prod.hvps
+    shared_s, unit_s = float("nan"), [float("nan")] * len(units)
+    if s.trace_estimator != "per_unit":
+        shared = _shared_round(prod, s.min_probes, 0, shared_seed)
+        shared_s = time.perf_counter() - tp
+    if s.trace_estimator != "shared":
+        for i, u in enumerate(units):
+            tu = time.perf_counter()
+            probe_round(
+                prod.matmat(i),
+                u.size,
+                pilot_per_unit[i],
+                s.min_probes,
+                unit_seed(s.seed, u.name, "probes"),
+            )
+            unit_s[i] = time.perf_counter() - tu
+    return {
+        "shared": shared,
+        "per_unit": pilot_per_unit,
+        "shared_seconds": shared_s,
+        "unit_seconds": unit_s,
+        "hvps": prod.hvps - h0,
+        "seconds": time.perf_counter() - tp,
+    }
+
+
+def _choose_estimator(
+    s: SweepSettings,
+    got: dict[str, Any],
+    shared: list[list[float]],
+    pilot_per_unit: list[ProbeStats],
+    krylov: bool,
+) -> dict[str, Any]:
+    """The trace estimator (``s.trace_estimator``, or for ``auto`` the one with fewer predicted seconds) and its
+    reasons: from the pilot ``got``, each unit's variance per probe ``v``, the probes ``v / (trace_rel * mean)^2``
+    (capped to ``min_probes .. max_probes``) each estimator needs, and their seconds at the pilot's time per product."""
+    var_s = [mean_stderr(x)[2] if x else float("nan") for x in shared]
+    var_p = [mean_stderr(p.trace)[2] if p.count else float("nan") for p in pilot_per_unit]
+    means = [
+        mean_stderr(x)[0] if x else mean_stderr(p.trace)[0] for x, p in zip(shared, pilot_per_unit)
+    ]
+    lo, hi = s.min_probes, s.max_probes
+    need_s = [min(max(probes_needed(v, m, s.trace_rel), lo), hi) for v, m in zip(var_s, means)]
+    need_p = [min(max(probes_needed(v, m, s.trace_rel), lo), hi) for v, m in zip(var_p, means)]
+    cost_s, cost_p = max(need_s), sum(need_p)
+    # seconds: one shared probe costs a union product; unit u's probe costs its own product
+    sec_s = cost_s * got["shared_seconds"] / lo
+    sec_p = sum(k * t / lo for k, t in zip(need_p, got["unit_seconds"]))
+    chosen, reason = s.trace_estimator, "requested"
+    if chosen == "auto":
+        gain = KRYLOV_GAIN if krylov else 1.0  # the per-unit variance drop the deflation brings
+        chosen = "shared" if sec_s * gain <= sec_p else "per_unit"
+        reason = "fewer predicted seconds to reach trace_rel on every unit" + (
+            f" (per unit divided by {KRYLOV_GAIN:g}: {KRYLOV_REASON})" if krylov else ""
+        )
+    return {
+        "chosen": chosen,
+        "requested": s.trace_estimator,
+        "reason": reason,
+        "pilot_probes": s.min_probes,
+        "variance_shared": var_s,
+        "variance_per_unit": var_p,
+        "cost_shared": cost_s if math.isfinite(cost_s) else None,
+        "cost_per_unit": cost_p if math.isfinite(cost_p) else None,
+        "seconds_shared": sec_s if math.isfinite(sec_s) else None,
+        "seconds_per_unit": sec_p if math.isfinite(sec_p) else None,
+        "cost_unit": "probes to reach trace_rel on every unit (capped by min_probes..max_probes; shared: one "
+        "union product serves every unit), and their seconds at the pilot's measured time per product; the "
+        "estimator with fewer seconds is chosen",
+        "pilot_hvps": got["hvps"],
+    }
+
+
+def _shared_stage(
+    prod: UnitProducts,
+    s: SweepSettings,
+    shared: list[list[float]],
+    pilot_per_unit: list[ProbeStats],
+    shared_seed: int,
+) -> dict[str, Any]:
+    """Rounds of shared probes after the pilot's, until every unit's trace (shared and pilot probes combined)
+    reaches ``trace_rel`` or ``max_probes`` are drawn; the samples per unit, HVPs and seconds."""
+    tp = time.perf_counter()
+    h0 = prod.hvps
+    k = len(shared[0])
+    while k < s.max_probes and not all(
+        enough_combined(x, p.trace, s.trace_rel) for x, p in zip(shared, pilot_per_unit)
+    ):
+        p = min(s.probe_round, s.max_probes - k)
+        for i, more in enumerate(_shared_round(prod, p, k, shared_seed)):
+            shared[i] = shared[i] + more
+        k += p
+    return {
+        "shared": shared,
+        "hvps": prod.hvps - h0,
+        "seconds": time.perf_counter() - tp,
+    }
 
 
 def _row(
@@ -835,87 +901,119 @@ def _unit_rows(
     which = [w for w in ("top", "bottom") if w in quantities]
     basis: tuple[torch.Tensor, torch.Tensor] | None = None
     if which:
-        t = time.perf_counter()
-        rec = Recorder(mm)
-        eig = spectrum.lanczos(
-            rec,
-            u.size,
-            1,
-            "both" if len(which) == 2 else {"top": "largest", "bottom": "smallest"}[which[0]],
-            tol=s.tol,
-            max_iter=s.max_iter,
-            seed=unit_seed(s.seed, u.name, "lanczos"),
-            eigenvectors=False,
-        )
-        secs = time.perf_counter() - t
-        basis = (
-            torch.cat(rec.v, dim=1),
-            torch.cat(rec.hv, dim=1),
-        )  # orthonormal: full reorthogonalization
-        for j, w in enumerate(which):
-            out.append(
-                _row(cp, u, w, eig.eigenvalues[j], eig.residuals[j], "residual", eig.hvps, secs)
-            )
+        basis = _lanczos_rows(mm, u, which, s, cp, out)
     stats = ProbeStats(list(pilot.trace), list(pilot.frob), pilot.diag_sum, pilot.diag_sq)
     seed = unit_seed(s.seed, u.name, "probes")
     if per_unit_trace:
         t = time.perf_counter()
         h0 = prod.hvps
-        if basis is None:  # plain Hutchinson
-            if stats.count < s.min_probes:
-                probe_round(mm, u.size, stats, s.min_probes - stats.count, seed)
-            while stats.count < s.max_probes and not enough(stats.trace, s.trace_rel):
-                probe_round(mm, u.size, stats, min(s.probe_round, s.max_probes - stats.count), seed)
-            m, se, _ = mean_stderr(stats.trace)
-        else:
-            dseed = unit_seed(s.seed, u.name, "deflated")
-            q, hq = basis
-            deflated: list[float] = []
-            while (
-                len(deflated) < 2 or not enough_combined(deflated, stats.trace, s.trace_rel)
-            ) and (len(deflated) + stats.count < s.max_probes):
-                p = min(s.probe_round, max(2, s.max_probes - stats.count - len(deflated)))
-                deflated += deflated_trace_samples(mm, u.size, q, hq, p, len(deflated), dseed)
-            m, se = combined_trace(deflated, stats.trace)
-        out.insert(
-            0,
-            _row(
-                cp,
-                u,
-                "trace",
-                m,
-                se,
-                "stderr",
-                prod.hvps - h0 + pilot.count,
-                time.perf_counter() - t,
-            ),
-        )
+        m, se = _per_unit_trace(mm, u, s, stats, seed, basis)
+        k = prod.hvps - h0 + pilot.count
+        out.insert(0, _row(cp, u, "trace", m, se, "stderr", k, time.perf_counter() - t))
     if want_probes:
-        t = time.perf_counter()
+        out.extend(_probe_rows(mm, u, quantities, s, stats, seed, cp))
+    if "density" in quantities:
+        out.extend(_density_rows(mm, u, s, cp))
+    return out
+
+
+def _lanczos_rows(
+    mm: spectrum.MatMat, u: Unit, which: list[str], s: SweepSettings, cp: str, out: list[Row]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit ``u``'s ``top`` / ``bottom`` eigenvalue rows (appended to ``out``) by Lanczos; its orthonormal basis
+    ``Q`` ``(n, m)`` and ``H Q``."""
+    t = time.perf_counter()
+    rec = Recorder(mm)
+    eig = spectrum.lanczos(
+        rec,
+        u.size,
+        1,
+        "both" if len(which) == 2 else {"top": "largest", "bottom": "smallest"}[which[0]],
+        tol=s.tol,
+        max_iter=s.max_iter,
+        seed=unit_seed(s.seed, u.name, "lanczos"),
+        eigenvectors=False,
+    )
+    secs = time.perf_counter() - t
+    basis = (
+        torch.cat(rec.v, dim=1),
+        torch.cat(rec.hv, dim=1),
+    )  # orthonormal: full reorthogonalization
+    for j, w in enumerate(which):
+        out.append(_row(cp, u, w, eig.eigenvalues[j], eig.residuals[j], "residual", eig.hvps, secs))
+    return basis
+
+
+def _per_unit_trace(
+    mm: spectrum.MatMat,
+    u: Unit,
+    s: SweepSettings,
+    stats: ProbeStats,
+    seed: int,
+    basis: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[float, float]:
+    """Unit ``u``'s trace and its standard error from its own probes: plain Hutchinson (more probes into ``stats``)
+    without a Lanczos ``basis``, else deflated samples (:func:`deflated_trace_samples`) combined with the pilot's."""
+    if basis is None:  # plain Hutchinson
         if stats.count < s.min_probes:
             probe_round(mm, u.size, stats, s.min_probes - stats.count, seed)
-        while (
-            stats.count < s.max_probes
-            and not (stats.count >= 2 * s.min_probes and enough(stats.frob, s.trace_rel))
-        ):  # ||Hz||^2 is skewed: its standard error needs more probes than its relative target suggests
+        while stats.count < s.max_probes and not enough(stats.trace, s.trace_rel):
             probe_round(mm, u.size, stats, min(s.probe_round, s.max_probes - stats.count), seed)
-        secs, k = time.perf_counter() - t, stats.count
-        if "frobenius" in quantities:
-            out.append(_row(cp, u, "frobenius", *frobenius_row(stats), "stderr", k, secs))
-        if "diagonal" in quantities:
-            for q_, (est, err) in diagonal_rows(stats).items():
-                out.append(_row(cp, u, q_, est, err, "stderr", k, secs))
-    if "density" in quantities:
-        t = time.perf_counter()
-        d = spectrum.slq(
-            mm,
-            u.size,
-            s.slq_probes,
-            s.lanczos_steps,
-            seed=unit_seed(s.seed, u.name, "slq"),
-            grid_points=2,
-        )
-        secs = time.perf_counter() - t
-        for q_, (est, err) in density_rows(d).items():
-            out.append(_row(cp, u, q_, est, err, "stderr", d.hvps, secs))
+        m, se, _ = mean_stderr(stats.trace)
+    else:
+        dseed = unit_seed(s.seed, u.name, "deflated")
+        q, hq = basis
+        deflated: list[float] = []
+        while (len(deflated) < 2 or not enough_combined(deflated, stats.trace, s.trace_rel)) and (
+            len(deflated) + stats.count < s.max_probes
+        ):
+            p = min(s.probe_round, max(2, s.max_probes - stats.count - len(deflated)))
+            deflated += deflated_trace_samples(mm, u.size, q, hq, p, len(deflated), dseed)
+        m, se = combined_trace(deflated, stats.trace)
+    return m, se
+
+
+def _probe_rows(
+    mm: spectrum.MatMat,
+    u: Unit,
+    quantities: tuple[str, ...],
+    s: SweepSettings,
+    stats: ProbeStats,
+    seed: int,
+    cp: str,
+) -> list[Row]:
+    """Unit ``u``'s ``frobenius`` / ``diagonal`` rows from plain probes (more drawn into ``stats`` until the
+    Frobenius norm reaches ``trace_rel``, at least ``2 min_probes``, at most ``max_probes``)."""
+    out: list[Row] = []
+    t = time.perf_counter()
+    if stats.count < s.min_probes:
+        probe_round(mm, u.size, stats, s.min_probes - stats.count, seed)
+    while stats.count < s.max_probes and not (
+        stats.count >= 2 * s.min_probes and enough(stats.frob, s.trace_rel)
+    ):  # ||Hz||^2 is skewed: its standard error needs more probes than its relative target suggests
+        probe_round(mm, u.size, stats, min(s.probe_round, s.max_probes - stats.count), seed)
+    secs, k = time.perf_counter() - t, stats.count
+    if "frobenius" in quantities:
+        out.append(_row(cp, u, "frobenius", *frobenius_row(stats), "stderr", k, secs))
+    if "diagonal" in quantities:
+        for q_, (est, err) in diagonal_rows(stats).items():
+            out.append(_row(cp, u, q_, est, err, "stderr", k, secs))
     return out
+
+
+def _density_rows(mm: spectrum.MatMat, u: Unit, s: SweepSettings, cp: str) -> list[Row]:
+    """Unit ``u``'s spectral density rows (:func:`density_rows`) by SLQ."""
+    t = time.perf_counter()
+    d = spectrum.slq(
+        mm,
+        u.size,
+        s.slq_probes,
+        s.lanczos_steps,
+        seed=unit_seed(s.seed, u.name, "slq"),
+        grid_points=2,
+    )
+    secs = time.perf_counter() - t
+    return [
+        _row(cp, u, q_, est, err, "stderr", d.hvps, secs)
+        for q_, (est, err) in density_rows(d).items()
+    ]

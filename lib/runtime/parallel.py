@@ -587,94 +587,19 @@ def _run_on_pool(job: AdditiveJob, settings: RunSettings, sink: _Sink, pool: Wor
     pool.jobs += 1
     seq = pool.jobs
     job_bytes = pickle.dumps(job)
-    todo = deque(sink.state.remaining())
-    n_todo = len(todo)
-    cpu_s = [0.0]
-    unit_s: list[float] = []
-    setup_s: list[float] = []
-    t_ready: float | None = None
-
-    def died(w: _Worker) -> RunError:
-        w.proc.join(timeout=5)
-        where = (
-            f" while computing {unit_label(job, w.unit)} (unit {w.unit})"
-            if w.unit is not None
-            else ("" if w.ready else " while setting up")
-        )
-        return RunError(f"{w.name} {_exit_text(w.proc.exitcode)}{where}")
-
-    def send(w: _Worker, msg: Any) -> None:
-        try:
-            w.conn.send(msg)
-        except OSError:
-            raise died(w) from None
-
-    def assign(w: _Worker) -> None:
-        if todo:
-            w.unit, w.started = todo.popleft(), time.monotonic()
-        else:
-            w.unit, w.stopping = None, True
-        send(w, w.unit)
-
-    def handle(w: _Worker, msg: tuple) -> None:
-        nonlocal t_ready
-        kind, about = msg[0], msg[1]
-        if kind == "error":  # about any job: the worker is gone
-            k, summary, tb, user = msg[2:]
-            where = f" on {unit_label(job, k)} (unit {k})" if k is not None else " while setting up"
-            if not user:
-                print(f"--- traceback of {w.name} ---\n{tb.rstrip()}", file=sys.stderr)
-            raise RunError(f"{w.name} failed{where}: {summary}")
-        if about != seq:
-            return  # late news of an earlier job (this worker was still setting it up when it ended)
-        if kind == "progress":
-            sink.bar.update(msg[2])
-        elif kind == "ready":
-            w.ready = True
-            setup_s.append(time.monotonic() - w.sent)
-            if t_ready is None and all(x.ready for x in workers):
-                t_ready = time.perf_counter()
-            assign(w)
-        elif kind == "done":
-            k = msg[2]
-            unit_s.append(time.monotonic() - w.started)
-            w.unit = None
-            cpu_s[0] += msg[4]
-            sink.accept(k, _loads(msg[3]), w.name, msg[5])
-            assign(w)
-
+    run = _PoolJob(job, sink, workers, seq, deque(sink.state.remaining()))
+    n_todo = len(run.todo)
     for w in workers:
         w.unit, w.stopping, w.ready, w.sent = None, False, False, time.monotonic()
-        send(w, ("job", seq, job_bytes))
+        run.send(w, ("job", seq, job_bytes))
     while not sink.state.complete:
         ready = wait([w.conn for w in workers] + [w.proc.sentinel for w in workers], timeout=1.0)
-        for w in workers:
-            if w.conn in ready or w.proc.sentinel in ready:
-                try:
-                    while w.conn.poll():
-                        handle(w, w.conn.recv())
-                except (EOFError, OSError):
-                    raise died(w) from None
-                if not w.proc.is_alive():  # pool workers never exit on their own
-                    raise died(w)
-        hung = _hung_worker(workers, unit_s, settings.unit_timeout)
-        if hung is not None:
-            w, why = hung
-            w.proc.kill()  # a stopped (SIGSTOP) or deadlocked process ignores gentler signals
-            raise RunError(
-                f"{w.name} has computed {unit_label(job, w.unit)} (unit {w.unit}) for {time.monotonic() - w.started:.0f}s, over {why}; it was stopped as hung"
-            )
-        stuck = _stuck_in_setup(workers, setup_s, settings.setup_timeout)
-        if stuck is not None:
-            w, why = stuck
-            w.proc.kill()
-            took = time.monotonic() - w.sent
-            what = "has been setting up (loading the model, preparing the job)"
-            raise RunError(f"{w.name} {what} for {took:.0f}s, over {why}; it was stopped as hung")
+        run.receive(ready)
+        run.stop_hung(settings)
     for w in workers:  # every unit is in: end the job on the workers still setting it up
         if not w.stopping:
             w.stopping = True
-            send(w, None)
+            run.send(w, None)
     end = time.perf_counter()
     settings.stats.update(
         mode="workers",
@@ -682,10 +607,112 @@ def _run_on_pool(job: AdditiveJob, settings: RunSettings, sink: _Sink, pool: Wor
         workers_spawned=pool.started - started,
         pool_job=seq,
         units_run=n_todo,
-        setup_s=(t_ready or end) - t0,
-        compute_s=end - (t_ready or end),
-        unit_cpu_s=cpu_s[0],
+        setup_s=(run.t_ready or end) - t0,
+        compute_s=end - (run.t_ready or end),
+        unit_cpu_s=run.cpu_s,
     )
+
+
+@dataclass
+class _PoolJob:
+    """One job (number ``seq``) on a pool's ``workers``: the units still to hand out (``todo``) and the timings so far
+    (worker CPU seconds, wall seconds of each unit and each worker's set-up, when every worker was ready)."""
+
+    job: AdditiveJob
+    sink: _Sink
+    workers: list[_Worker]
+    seq: int
+    todo: deque[int]
+    cpu_s: float = 0.0
+    unit_s: list[float] = field(default_factory=list)
+    setup_s: list[float] = field(default_factory=list)
+    t_ready: float | None = None
+
+    def died(self, w: _Worker) -> RunError:
+        """The error for worker ``w``, which has exited or stopped answering (waits up to 5 s for its exit code)."""
+        w.proc.join(timeout=5)
+        where = (
+            f" while computing {unit_label(self.job, w.unit)} (unit {w.unit})"
+            if w.unit is not None
+            else ("" if w.ready else " while setting up")
+        )
+        return RunError(f"{w.name} {_exit_text(w.proc.exitcode)}{where}")
+
+    def send(self, w: _Worker, msg: Any) -> None:
+        """Send ``msg`` to ``w``; a broken pipe means the worker died."""
+        try:
+            w.conn.send(msg)
+        except OSError:
+            raise self.died(w) from None
+
+    def assign(self, w: _Worker) -> None:
+        """Hand ``w`` the next unit, or ``None`` (end of this job) when none is left."""
+        if self.todo:
+            w.unit, w.started = self.todo.popleft(), time.monotonic()
+        else:
+            w.unit, w.stopping = None, True
+        self.send(w, w.unit)
+
+    def handle(self, w: _Worker, msg: tuple) -> None:
+        """Act on one message from ``w``: an error (raised), progress, ready (set up), or a unit's partial."""
+        kind, about = msg[0], msg[1]
+        if kind == "error":  # about any job: the worker is gone
+            k, summary, tb, user = msg[2:]
+            where = (
+                f" on {unit_label(self.job, k)} (unit {k})"
+                if k is not None
+                else " while setting up"
+            )
+            if not user:
+                print(f"--- traceback of {w.name} ---\n{tb.rstrip()}", file=sys.stderr)
+            raise RunError(f"{w.name} failed{where}: {summary}")
+        if about != self.seq:
+            return  # late news of an earlier job (this worker was still setting it up when it ended)
+        if kind == "progress":
+            self.sink.bar.update(msg[2])
+        elif kind == "ready":
+            w.ready = True
+            self.setup_s.append(time.monotonic() - w.sent)
+            if self.t_ready is None and all(x.ready for x in self.workers):
+                self.t_ready = time.perf_counter()
+            self.assign(w)
+        elif kind == "done":
+            k = msg[2]
+            self.unit_s.append(time.monotonic() - w.started)
+            w.unit = None
+            self.cpu_s += msg[4]
+            self.sink.accept(k, _loads(msg[3]), w.name, msg[5])
+            self.assign(w)
+
+    def receive(self, ready: list[Any]) -> None:
+        """Handle every waiting message of the workers whose pipe or process is in ``ready``; raise if one died."""
+        for w in self.workers:
+            if w.conn in ready or w.proc.sentinel in ready:
+                try:
+                    while w.conn.poll():
+                        self.handle(w, w.conn.recv())
+                except (EOFError, OSError):
+                    raise self.died(w) from None
+                if not w.proc.is_alive():  # pool workers never exit on their own
+                    raise self.died(w)
+
+    def stop_hung(self, settings: RunSettings) -> None:
+        """Kill and report a worker whose unit or set-up runs past its limit (:func:`_hung_worker`,
+        :func:`_stuck_in_setup`)."""
+        hung = _hung_worker(self.workers, self.unit_s, settings.unit_timeout)
+        if hung is not None:
+            w, why = hung
+            w.proc.kill()  # a stopped (SIGSTOP) or deadlocked process ignores gentler signals
+            raise RunError(
+                f"{w.name} has computed {unit_label(self.job, w.unit)} (unit {w.unit}) for {time.monotonic() - w.started:.0f}s, over {why}; it was stopped as hung"
+            )
+        stuck = _stuck_in_setup(self.workers, self.setup_s, settings.setup_timeout)
+        if stuck is not None:
+            w, why = stuck
+            w.proc.kill()
+            took = time.monotonic() - w.sent
+            what = "has been setting up (loading the model, preparing the job)"
+            raise RunError(f"{w.name} {what} for {took:.0f}s, over {why}; it was stopped as hung")
 
 
 def _hung_worker(
@@ -779,6 +806,79 @@ def _shared(error: Exception) -> Exception:
     return error
 
 
+def _agree(rank: int, world: int, payload: Any, decide: Callable[[list[Any]], str | None]) -> None:
+    """Gather ``payload`` on rank 0, which ``decide``s on an error message; every rank raises it."""
+    import torch.distributed as dist
+
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object(payload, gathered, dst=0)
+    verdict: list[str | None] = [decide(gathered) if rank == 0 else None]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise _shared(RunError(verdict[0]))
+
+
+def _first_error(payloads: list[Any]) -> str | None:
+    """The message of the first ``("error", message)`` among the ranks' payloads, if any."""
+    errors = [p for p in payloads if p is not None and p[0] == "error"]
+    return errors[0][1] if errors else None
+
+
+def _setup_rank(job: AdditiveJob, device: torch.device, rank: int) -> tuple[str, str] | None:
+    """Set the job up on this rank's ``device``; ``("error", message)`` if that failed (traceback printed here)."""
+    try:
+        job.setup(device)
+        _reuse_chunks(job)
+        return None
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        return (
+            "error",
+            f"rank {rank} ({device}) failed while setting up: {_summary(e)}",
+        )
+
+
+def _run_rank_unit(
+    job: AdditiveJob, sink: _Sink | None, device: torch.device, rank: int, round_units: list[int]
+) -> tuple | None:
+    """This rank's unit of a round (``round_units[rank]``), as ``("done", k, pickled partial, chunks)`` or
+    ``("error", message)``; ``None`` when the round has no unit for this rank. Rank 0 (which has the ``sink``)
+    counts progress for the whole round."""
+    k = round_units[rank] if rank < len(round_units) else None
+    payload = None
+    if k is not None:
+        scale = len(round_units)
+        update = (lambda n, scale=scale: sink.bar.update(n * scale)) if sink is not None else None
+        try:
+            payload = ("done", k, _dumps(job.run_unit(k, update)), _chunks_used(job))
+        except Exception as e:  # noqa: BLE001 -- reported to rank 0, which stops every rank
+            traceback.print_exc()
+            payload = (
+                "error",
+                f"rank {rank} ({device}) failed on {unit_label(job, k)} (unit {k}): {_summary(e)}",
+            )
+    return payload
+
+
+def _add_round(sink: _Sink, payloads: list[Any]) -> str | None:
+    """On rank 0: add a round's partials to ``sink`` in unit order; the error message that stops every rank, if any."""
+    msg = _first_error(payloads)
+    if msg is not None:
+        sink.fail()  # the finished units first, so that the message counts what the file holds
+        return f"{msg}{sink.kept()}"
+    try:
+        done = sorted(
+            ((r, p) for r, p in enumerate(payloads) if p is not None),
+            key=lambda rp: rp[1][1],
+        )
+        for r, p in done:
+            sink.accept(p[1], _loads(p[2]), f"rank {r}", p[3])
+    except RunError as e:
+        sink.fail()
+        return f"{e}{sink.kept()}"
+    return None
+
+
 def _run_distributed(
     job: AdditiveJob, settings: RunSettings, env: tuple[int, int, int]
 ) -> Partial | None:
@@ -807,71 +907,14 @@ def _run_distributed(
         if start[2]:  # resumed: every rank computes the rest with the recorded chunks
             _reuse_chunks(job, start[2])
 
-        def agree(payload: Any, decide: Callable[[list[Any]], str | None]) -> None:
-            """Gather ``payload`` on rank 0, which ``decide``s on an error message; every rank raises it."""
-            gathered = [None] * world if rank == 0 else None
-            dist.gather_object(payload, gathered, dst=0)
-            verdict: list[str | None] = [decide(gathered) if rank == 0 else None]
-            dist.broadcast_object_list(verdict, src=0)
-            if verdict[0] is not None:
-                raise _shared(RunError(verdict[0]))
-
-        def first_error(payloads: list[Any]) -> str | None:
-            errors = [p for p in payloads if p is not None and p[0] == "error"]
-            return errors[0][1] if errors else None
-
         t0 = time.perf_counter()
-        try:
-            job.setup(device)
-            _reuse_chunks(job)
-            setup_error = None
-        except Exception as e:  # noqa: BLE001
-            traceback.print_exc()
-            setup_error = (
-                "error",
-                f"rank {rank} ({device}) failed while setting up: {_summary(e)}",
-            )
-        agree(setup_error, first_error)
+        _agree(rank, world, _setup_rank(job, device, rank), _first_error)
         t1 = time.perf_counter()
 
         for r0 in range(0, len(remaining), world):
             round_units = remaining[r0 : r0 + world]
-            k = round_units[rank] if rank < len(round_units) else None
-            payload = None
-            if k is not None:
-                scale = len(round_units)
-                update = (
-                    (lambda n, scale=scale: sink.bar.update(n * scale))
-                    if sink is not None
-                    else None
-                )
-                try:
-                    payload = ("done", k, _dumps(job.run_unit(k, update)), _chunks_used(job))
-                except Exception as e:  # noqa: BLE001 -- reported to rank 0, which stops every rank
-                    traceback.print_exc()
-                    payload = (
-                        "error",
-                        f"rank {rank} ({device}) failed on {unit_label(job, k)} (unit {k}): {_summary(e)}",
-                    )
-
-            def add_round(payloads: list[Any]) -> str | None:
-                msg = first_error(payloads)
-                if msg is not None:
-                    sink.fail()  # the finished units first, so that the message counts what the file holds
-                    return f"{msg}{sink.kept()}"
-                try:
-                    done = sorted(
-                        ((r, p) for r, p in enumerate(payloads) if p is not None),
-                        key=lambda rp: rp[1][1],
-                    )
-                    for r, p in done:
-                        sink.accept(p[1], _loads(p[2]), f"rank {r}", p[3])
-                except RunError as e:
-                    sink.fail()
-                    return f"{e}{sink.kept()}"
-                return None
-
-            agree(payload, add_round)
+            payload = _run_rank_unit(job, sink, device, rank, round_units)
+            _agree(rank, world, payload, lambda payloads: _add_round(sink, payloads))
         settings.stats.update(
             mode="torchrun",
             workers=world,

@@ -195,14 +195,8 @@ def lanczos(
     The basis is kept on ``storage`` (``device``, ``cpu``, ``disk`` under ``storage_dir``) when reorthogonalization or
     ``eigenvectors`` need it.
     """
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
-    if reorth not in REORTH:
-        raise ValueError(f"reorth must be one of {REORTH}, got {reorth!r}")
+    p = _block_width(which, reorth, block_size, n)
     space = space or local_space(n)
-    p = max(1, min(block_size, n))
-    if reorth != "full" and p > 1:
-        raise ValueError(f"reorth={reorth!r} needs block_size 1, got {block_size}")
     q_j, _ = space.qr(space.random(p, seed, "gaussian"))
     keep_basis = reorth in ("full", "selective") or eigenvectors
     basis = Basis(space, storage, storage_dir) if keep_basis else None
@@ -233,13 +227,7 @@ def lanczos(
                 on_pass(passes, ritz.th)
             full = reorth == "full" and basis.cols + p > n
             breakdown = bool(b.diagonal().abs().min() <= 1e-13 * max(scale, 1e-300) * math.sqrt(n))
-            if (
-                bool(ritz.conv.all())
-                and ritz.th.numel() >= min(k, n)
-                or passes >= max_iter
-                or full
-                or breakdown
-            ):
+            if _lanczos_done(ritz, k, n, passes, max_iter, full or breakdown):
                 return _eig_result(
                     ritz, basis, good, eigenvectors, passes, p, breakdown or full, reorth
                 )
@@ -250,6 +238,27 @@ def lanczos(
         for bs in (basis, good):
             if bs is not None:
                 bs.close()
+
+
+def _block_width(which: str, reorth: str, block_size: int, n: int) -> int:
+    """Check :func:`lanczos`'s ``which`` and ``reorth``; the block width ``p = min(max(block_size, 1), n)``.
+
+    Only ``reorth="full"`` takes blocks (``p > 1``).
+    """
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    if reorth not in REORTH:
+        raise ValueError(f"reorth must be one of {REORTH}, got {reorth!r}")
+    p = max(1, min(block_size, n))
+    if reorth != "full" and p > 1:
+        raise ValueError(f"reorth={reorth!r} needs block_size 1, got {block_size}")
+    return p
+
+
+def _lanczos_done(ritz: _Ritz, k: int, n: int, passes: int, max_iter: int, exhausted: bool) -> bool:
+    """Whether :func:`lanczos` stops: all wanted Ritz pairs converged (at least ``min(k, n)`` of them),
+    ``max_iter`` passes made, or the Krylov space ``exhausted`` (full or broken down)."""
+    return bool(ritz.conv.all()) and ritz.th.numel() >= min(k, n) or passes >= max_iter or exhausted
 
 
 def _recurrence(
