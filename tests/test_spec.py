@@ -30,7 +30,6 @@ from lib.app.spec import (
     DiagonalSpec,
     ExactSpec,
     SpectrumSpec,
-    library_constant,
     spec_class,
 )
 from lib.errors import ParamError, UserError
@@ -164,20 +163,26 @@ def test_values_are_refused_in_one_place_naming_the_flags():
     assert DiagonalSpec.build(track_rows=1).compute.estimator == ("hutchinson", "xdiag")
 
 
-def test_library_constants_are_read_without_importing_their_modules():
-    from lib.app.spec import _literals
+def test_the_torch_free_constants_are_the_library_modules_own():
+    """--help reads the named choices and limits from lib.constants (no torch, no source parsing); every module that
+    uses one holds the same value."""
+    from lib import constants
 
-    for module, name in (
-        ("hessian.exact", "METHODS"),
-        ("spectrum.algorithms", "WHICH"),
-        ("paths", "EMBEDDED"),
-        ("runtime.checkpoint", "DEFAULT_EVERY"),
+    for module, name, const in (
+        ("hessian.exact", "METHODS", "METHODS"),
+        ("spectrum.algorithms", "WHICH", "WHICH"),
+        ("spectrum.algorithms", "MAX_DENSITY_POINTS", "MAX_DENSITY_POINTS"),
+        ("runtime.checkpoint", "DEFAULT_EVERY", "DEFAULT_CHECKPOINT_EVERY"),
+        ("model.data", "WIKITEXT2", "WIKITEXT2"),
+        ("app.early_checks", "WIKITEXT2", "WIKITEXT2"),
+        ("hessian.batch_study", "DENSE_UPTO", "BATCH_STUDY_DENSE_UPTO"),
+        ("hessian.batch_study", "N_LOG", "BATCH_STUDY_N_LOG"),
     ):
-        assert (
-            _literals(module)[name]
-            == getattr(importlib.import_module(f"lib.{module}"), name)
-            == library_constant(module, name)
-        )
+        assert getattr(importlib.import_module(f"lib.{module}"), name) == getattr(constants, const)
+    assert DiagonalSpec.build().run.checkpoint_every == constants.DEFAULT_CHECKPOINT_EVERY
+    assert not hasattr(
+        importlib.import_module("lib.app.spec"), "library_constant"
+    )  # no source reading left
 
 
 # ----------------------------------------------------------------------------- names and aliases

@@ -33,7 +33,6 @@ from .spec import (
     SpectrumSpec,
     SweepSpec,
     fd_step_arg,
-    library_constant,
     model_input_bs_arg,
     spec_class,
 )
@@ -390,8 +389,8 @@ def _compare(p: argparse.ArgumentParser, spec: ExactSpec) -> None:
 
 def _batch_study(p: argparse.ArgumentParser) -> None:
     dense, n_log = (
-        library_constant("hessian.batch_study", "DENSE_UPTO"),
-        library_constant("hessian.batch_study", "N_LOG"),
+        constants.BATCH_STUDY_DENSE_UPTO,
+        constants.BATCH_STUDY_N_LOG,
     )
     p.add_argument(
         "--batch_study",

@@ -15,6 +15,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from .. import constants
 from ..errors import ParamError, UserError
 from ..paths import resolve_model_path
 from .suggest import did_you_mean
@@ -225,7 +226,7 @@ def check_subset(
 
 # ----------------------------------------------------------------------------- data, sequence length, outputs
 
-WIKITEXT2 = "wikitext2"
+WIKITEXT2 = constants.WIKITEXT2
 SPECIAL_TOKENS_SLACK = 16
 """Tokens a tokenizer may add to a text beyond one per byte (BOS/EOS, a sentencepiece dummy prefix)."""
 

@@ -23,15 +23,11 @@ This module imports neither torch nor transformers, so that parsing and checking
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import functools
 import hashlib
-import importlib
 import json
 import math
 import os
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -39,6 +35,7 @@ from typing import Any, ClassVar, TypeVar
 
 from .. import constants
 from ..errors import UserError
+from ..paths import EMBEDDED as _EMBEDDED
 
 ROLE = "role"
 """Field metadata key: :data:`RESULT`, :data:`OPERATIONAL` or :data:`SECTION`."""
@@ -48,67 +45,10 @@ WHEN = "when"
 SECTIONS = ("model", "data", "subset", "compute", "output", "run")
 
 
-# ----------------------------------------------------------------------------- library constants without torch
+# ----------------------------------------------------------------------------- library constants without torch (lib.constants)
 
 
-_ROOT = __package__.rpartition(".")[0]
-"""The package above ``app`` (``lib``, or ``llm_hessian`` installed)."""
-
-
-@functools.cache
-def _literals(module: str) -> dict[str, Any]:
-    """Top-level ``NAME = <literal>`` assignments of ``lib/<module>.py``, read from its source (``NAME =
-    constants.OTHER``: the literal of :mod:`lib.constants`, the torch-free module of named choices)."""
-    out: dict[str, Any] = {}
-    try:
-        tree = ast.parse(
-            Path(__file__)
-            .parent.parent.joinpath(*module.split("."))
-            .with_suffix(".py")
-            .read_text(encoding="utf-8")
-        )
-    except (OSError, SyntaxError):
-        return out
-    for node in tree.body:
-        targets = (
-            node.targets
-            if isinstance(node, ast.Assign)
-            else [node.target]
-            if isinstance(node, ast.AnnAssign)
-            else []
-        )
-        for t in targets:
-            value = node.value
-            if (
-                isinstance(value, ast.Attribute)
-                and isinstance(value.value, ast.Name)
-                and value.value.id == "constants"
-                and module != "constants"
-            ):
-                if isinstance(t, ast.Name) and value.attr in _literals("constants"):
-                    out[t.id] = _literals("constants")[value.attr]
-                continue
-            if isinstance(t, ast.Name) and node.value is not None:
-                try:
-                    out[t.id] = ast.literal_eval(node.value)
-                except ValueError:
-                    out.pop(t.id, None)
-    return out
-
-
-def library_constant(module: str, name: str) -> Any:
-    """``lib.<module>.<name>``: from the loaded module, else read from its source when it is a literal (no
-    torch import, so ``--help`` stays fast), else by importing the module."""
-    loaded = sys.modules.get(f"{_ROOT}.{module}")
-    if loaded is not None:
-        return getattr(loaded, name)
-    literals = _literals(module)
-    if name in literals:
-        return literals[name]
-    return getattr(importlib.import_module(f"{_ROOT}.{module}"), name)
-
-
-EMBEDDED: str = library_constant("paths", "EMBEDDED")
+EMBEDDED: str = _EMBEDDED
 """The name of the bundled model (the default ``--model``)."""
 DTYPES = ("bfloat16", "float16", "float32", "float64")
 EMBEDDED_DEFAULTS = {"seqlen": 128, "b": 16}
@@ -373,7 +313,7 @@ class RunSection:
     device: str = operational("auto")
     devices: str | None = operational(None)
     device_map: str | None = operational(None)
-    checkpoint_every: str = operational(library_constant("runtime.checkpoint", "DEFAULT_EVERY"))
+    checkpoint_every: str = operational(constants.DEFAULT_CHECKPOINT_EVERY)
     resume: bool = operational(False)
     keep_checkpoint: bool = operational(False)
     unit_timeout: float = operational(0.0)
@@ -526,9 +466,7 @@ class RunSpec:
             )
         embedded = self.model.model == EMBEDDED
         if self.data.dataset == "auto":
-            changes["dataset"] = (
-                EMBEDDED if embedded else library_constant("model.data", "WIKITEXT2")
-            )
+            changes["dataset"] = EMBEDDED if embedded else constants.WIKITEXT2
         if embedded:
             for key, value in EMBEDDED_DEFAULTS.items():
                 if getattr(self.data, key) is None:
@@ -712,7 +650,7 @@ class SpectrumSpec(RunSpec):
         # inf and nan too; at 1 a residual as large as the top Ritz value would count as converged
         if not 0 < c.tol < 1:
             raise UserError(f"--tol must be a number above 0 and below 1, got {c.tol}")
-        most = library_constant("spectrum.algorithms", "MAX_DENSITY_POINTS")
+        most = constants.MAX_DENSITY_POINTS
         if c.density_points > most:
             raise UserError(f"--density_points must be at most {most:,}, got {c.density_points:,}")
         if c.reorth != "full" and c.block_size > 1:

@@ -22,9 +22,11 @@ from typing import Any
 
 import torch
 
-DENSE_UPTO = 64
+from .. import constants
+
+DENSE_UPTO = constants.BATCH_STUDY_DENSE_UPTO
 """Every ``b`` up to this is recorded."""
-N_LOG = 32
+N_LOG = constants.BATCH_STUDY_N_LOG
 """About this many log-spaced ``b`` are recorded beyond ``DENSE_UPTO``."""
 HEATMAP_B = (1, 4, 16)
 """Running Hessians kept in ``<name>_batch_study.pt`` (and drawn), besides the full batch."""

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import torch
 
+from .. import constants
 from ..app.results import atomic_write_bytes
 from ..errors import ParamError, UserError, literal
 from .inputs import hub_offline_if_unreachable, tokenizer_fingerprint, warn
 from .models import EMBEDDED, assets_dir, resolve_model_path
 
 EMBEDDED_TEXT = assets_dir() / "shakespeare-heldout.txt"
-WIKITEXT2 = "wikitext2"
+WIKITEXT2 = constants.WIKITEXT2
 DATASETS = ("auto", EMBEDDED, WIKITEXT2, "PATH")
 
 

@@ -26,13 +26,14 @@ from typing import Any
 
 import torch
 
+from .. import constants
 from ..app.results import atomic_write_bytes
 from ..errors import ParamError, RunError, UserError
 from .jobs import Partial, add_partials
 
 MAGIC = b"HSNCKPT1"
 _HEADER = struct.Struct("<8sQ32s")
-DEFAULT_EVERY = "120s"
+DEFAULT_EVERY = constants.DEFAULT_CHECKPOINT_EVERY
 """Default ``--checkpoint_every``: at most about two minutes of work is lost on a kill."""
 
 

@@ -446,9 +446,8 @@ class SLQResult:
         return _mean_stderr(per_probe)
 
 
-MAX_DENSITY_POINTS = 100_000
-"""Most grid points of a spectral density (``--density_points``): the grid and the values go into the JSON and the
-.pt (a figure is a few thousand pixels wide); refused above it before any work."""
+MAX_DENSITY_POINTS = constants.MAX_DENSITY_POINTS
+"""Most grid points of a spectral density (``--density_points``), :data:`lib.constants.MAX_DENSITY_POINTS`."""
 DENSITY_BLOCK = 1 << 22
 """Largest ``grid points x Ritz values`` block :func:`broadened_density` evaluates at once (32 MB of float64)."""
 
