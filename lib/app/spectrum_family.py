@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -309,6 +310,16 @@ def run_costs(
     return costs
 
 
+@dataclass(frozen=True)
+class SpectrumComputed:
+    """What :meth:`SpectrumFamily.compute` hands to :meth:`SpectrumFamily.save`: the JSON fields (``meta``), the
+    tensors of the ``.pt`` (``saved``) and the density to draw (``None`` without one)."""
+
+    meta: dict[str, Any]
+    saved: dict[str, torch.Tensor]
+    density: Any
+
+
 class SpectrumFamily(Family):
     name = "spectrum"
     identity_sections = ("model", "data", "subset")
@@ -388,7 +399,7 @@ class SpectrumFamily(Family):
         )
         return est, storage
 
-    def compute(self, run: Run) -> dict[str, Any] | None:
+    def compute(self, run: Run) -> SpectrumComputed | None:
         """``{"meta": JSON fields, "saved": tensors for the .pt, "density": the density to draw or None}`` (the
         exact path always draws the density of its eigenvalues; the iterative one with ``--density``): the
         operator and the pass log from the spec, the answer from :func:`lib.spectrum.spectra.hessian_spectrum` or
@@ -449,7 +460,7 @@ class SpectrumFamily(Family):
         )
         if n <= ENTRIES_MAX and not all(sl["whole_in_storage_order"] for sl in meta["slices"]):
             meta["entries"] = subset.entries(run.model)
-        return {"meta": meta, "saved": result_tensors(res, c.density), "density": res.density}
+        return SpectrumComputed(meta, result_tensors(res, c.density), res.density)
 
     @staticmethod
     def exact(run: Run, products: Products, meta: dict[str, Any]) -> spectra.SpectrumResult | None:
@@ -554,8 +565,8 @@ class SpectrumFamily(Family):
             fsdp.finish()  # every rank has written its pass files before rank 0 removes them
         return res, costs
 
-    def save(self, run: Run, result: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        meta, dens = result["meta"], result["density"]
+    def save(self, run: Run, result: SpectrumComputed) -> tuple[Any, dict[str, Any]]:
+        meta, dens = result.meta, result.density
         figures: list[Path] = []
         if dens is not None:
             fd_note = "" if run.spec.compute.hvp == "exact" else " (finite-difference HVPs)"
@@ -570,7 +581,7 @@ class SpectrumFamily(Family):
                 label,
                 "extreme eigenvalues (Lanczos)" if dens.passes else "extreme eigenvalues",
             )
-        return result["saved"], {**meta, "figures": [p.name for p in figures]}
+        return result.saved, {**meta, "figures": [p.name for p in figures]}
 
     def finish(self, run: Run, meta: dict[str, Any]) -> None:
         super().finish(run, meta)

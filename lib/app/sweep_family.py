@@ -23,6 +23,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -477,6 +478,15 @@ class _SweepRun:
         return rows, entry
 
 
+@dataclass(frozen=True)
+class SweepComputed:
+    """What :meth:`SweepFamily.compute` hands to :meth:`SweepFamily.save`: the JSON fields (``meta``) and the tidy
+    table's rows (``table``, one dict per checkpoint x unit x quantity, the CSV's columns)."""
+
+    meta: dict[str, Any]
+    table: list[dict[str, Any]]
+
+
 class SweepFamily(Family):
     name = "sweep"
     identity_sections = ("model", "data", "subset", "compute")
@@ -514,7 +524,7 @@ class SweepFamily(Family):
     def param_names(self, structure: Any) -> list[str]:
         return list(dict.fromkeys(s.param_name for u in structure for s in u.slices))
 
-    def compute(self, run: Run) -> dict[str, Any]:
+    def compute(self, run: Run) -> SweepComputed:
         spec: SweepSpec = run.spec
         units = run.structure
         settings = settings_of(spec)
@@ -560,10 +570,10 @@ class SweepFamily(Family):
             "samples_sha256": samples_digest,
             "table_columns": list(TABLE_COLUMNS),
         }
-        return {"meta": meta, "table": table}
+        return SweepComputed(meta, table)
 
-    def save(self, run: Run, result: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        table, meta = result["table"], result["meta"]
+    def save(self, run: Run, result: SweepComputed) -> tuple[Any, dict[str, Any]]:
+        table, meta = result.table, result.meta
         out, name = run.out, run.name
         atomic_write_bytes(out / f"{name}.csv", lambda p: p.write_text(table_csv(table)))
         atomic_write_bytes(
