@@ -322,6 +322,29 @@ def hessian_diagonal(
     device). Targets with tracked entries also get convergence curves (and the exact diagonal there). Returns
     ``None`` when the runner returns ``None`` (torchrun ranks other than 0; with a two-phase estimator such as
     ``xdiag`` the runner must give every rank the phase-1 sums, which phase 2 needs).
+
+    Args:
+        model: a prepared causal LM.
+        targets: the weights whose diagonals are estimated (:class:`Target`: name, shape, tracked entries).
+        samples: ``(b, seqlen)`` int64 token ids.
+        estimators: names in :data:`ESTIMATORS`.
+        hvps: ``K``, HVPs per sample and weight (old keyword ``vhp_samples``).
+        seed: seed of the probes (per weight and probe index).
+        model_input_bs: samples per forward, or ``"auto"`` (the scripts' rule).
+        chunk: HVPs per batched backward; ``None``: measured (old keyword ``probe_batch``).
+        fused_head: the LM head through :func:`lib.objective.loss.head_nll`; ``None``: where the architecture allows.
+        spec: how worker processes load the model (:class:`lib.model.models.ModelSpec`), or ``None``.
+        runner: ``runner(job, phase)`` runs each additive job to its float64 sums, or ``None``.
+        progress: show a tqdm bar (the default runner).
+        products: how Hessian-vector products are taken (:class:`lib.products.base.Products`); ``None``: exact.
+
+    Returns:
+        The :class:`DiagonalResult` (``diagonals[estimator][param_name]``: float64, the weight's shape), or ``None``
+        on the ranks the runner gives no sums.
+
+    Raises:
+        ValueError: an unknown estimator name (before any work).
+        ParamError: an XDiag sketch of too low rank for ``hvps`` (:func:`xdiag_basis`).
     """
     REGISTRY.lookup(estimators)  # unknown names: ValueError before any work
     # as the scripts (lib.runtime.library_defaults)

@@ -82,6 +82,16 @@ def hessian_rev_rev(
     Row ``i`` is ``H e_i = d/dx (e_i . grad fn(x))``: the unit vectors go through the library's one
     Hessian-vector primitive :func:`lib.products.operator.hvp_products` (``chunk`` rows per batched backward,
     halved on CUDA out-of-memory). With ``schedule`` the chunk is chosen by it instead.
+
+    Args:
+        fn: a twice-differentiable scalar function of a flat tensor of shape ``(n,)``.
+        x0: ``(n,)`` the point (floating; float64 where exactness matters).
+        chunk: unit vectors per batched backward.
+        progress: called with the number of rows each batched backward did, or ``None``.
+        schedule: ``schedule(compute, n)`` chooses the chunk instead of ``chunk`` (:data:`Schedule`), or ``None``.
+
+    Returns:
+        ``(H, value)``: the Hessian ``(n, n)`` in ``x0``'s dtype and device, and ``fn(x0)`` (0-d, detached).
     """
     x, g, value = gradient_graph(fn, x0)
     n = x.numel()
@@ -239,6 +249,23 @@ def batch_hessian(
     ``space`` (``rev-rev`` only, :func:`products_space`): ``"auto"`` computes through the layers' outputs
     (:func:`hessian_layer_outputs`) when that takes fewer products, falling back to the entries if a layer's input
     turns out to depend on the subset. ``record`` (a dict) gets ``space`` and ``products_per_sample`` of the products used.
+
+    Args:
+        objective: the summed NLL as a function of the subset, ``f(x, input_ids)``; differentiated at ``objective.x0()``.
+        input_ids: ``(B, s)`` int64 token ids of one batch.
+        method: ``"rev-rev"`` (reverse over reverse) or ``"autograd"`` (``torch.autograd.functional.hessian``).
+        chunk: Hessian-vector products per batched backward (``rev-rev``).
+        progress: called with the number of rows each step did, or ``None``.
+        schedule: chooses the chunk instead of ``chunk`` (``rev-rev`` only), or ``None``.
+        space: ``"auto"``, ``"entries"`` or ``"layer-outputs"`` (:data:`SPACES`).
+        record: a dict updated with where the products were taken, or ``None``.
+
+    Returns:
+        ``(H, nll)``: the summed-NLL Hessian ``(n, n)`` (``n``: the subset's size; ``x0``'s dtype) and the
+        summed NLL of the batch (0-d).
+
+    Raises:
+        ValueError: an unknown ``method``; with ``space="layer-outputs"``, a layer's input that depends on the subset.
     """
     fn = lambda x: objective(x, input_ids)  # noqa: E731
     x0 = objective.x0()
@@ -465,6 +492,24 @@ def exact_hessian(
     their Hessians summed in float64 in sample order. ``progress=True`` shows a tqdm bar over
     batches x columns. Defaults as the scripts': ``model_input_bs="auto"`` (their rule), ``chunk`` measured,
     and the threads chosen once per process (:func:`lib.runtime.library_defaults.settle`).
+
+    Args:
+        model: a prepared causal LM (:func:`lib.model.models.load_model`); float64 for exact results.
+        subset: the ``n`` entries ``x`` of the weights.
+        samples: ``(b, seqlen)`` int64 token ids.
+        model_input_bs: samples per forward, or ``"auto"``.
+        method: ``"rev-rev"`` (reverse over reverse) or ``"autograd"`` (the paper's
+            ``torch.autograd.functional.hessian``).
+        chunk: Hessian-vector products per batched backward; ``None``: measured on the first batch.
+        fused_head: the LM head through :func:`lib.objective.loss.head_nll`; ``None``: where the architecture allows.
+        progress: show a tqdm bar.
+
+    Returns:
+        The :class:`HessianResult`: ``hessian`` and ``hessian_sum`` ``(n, n)`` (summed in float64, returned in the
+        model's dtype), the summed NLL, the sample and token counts, the time.
+
+    Raises:
+        ValueError: an unknown ``method``, or ``fused_head=True`` where the fused head does not apply.
     """
     model_input_bs = settle(model, samples, model_input_bs, subset.size)
     job = ExactHessianJob(subset, samples, model_input_bs, method, chunk, fused_head, model=model)

@@ -147,7 +147,20 @@ def head_slices(
 
 def make_units(model: nn.Module, over: str, globs: Sequence[str] = ("*",)) -> tuple[Unit, ...]:
     """The units of granularity ``over`` (:data:`GRANULARITIES`) among the blocks' linear weights whose names match a
-    glob. Refused (:class:`lib.errors.ParamError`): an unknown granularity, a glob matching no linear weight."""
+    glob. Refused (:class:`lib.errors.ParamError`): an unknown granularity, a glob matching no linear weight.
+
+    Args:
+        model: a causal LM.
+        over: ``"layer"`` (one weight), ``"block"`` (a block's chosen weights) or ``"head"`` (one attention head's
+            rows or columns of the chosen attention projections).
+        globs: shell-style globs over the weights' qualified names (``'*'``: all).
+
+    Returns:
+        The units in block order, each with its :class:`~lib.objective.subsets.ParamSlice` s.
+
+    Raises:
+        ParamError: an unknown ``over``; a glob matching no linear weight, or (``head``) no attention projection.
+    """
     if over not in GRANULARITIES:
         raise ParamError(
             "over", f"over {over!r} is unknown; choose from {', '.join(GRANULARITIES)}"
@@ -598,6 +611,23 @@ def sweep(
     interrupted mid-way replays its finished products (same inputs, bitwise the same outputs) and computes the rest.
     ``checkpoint`` labels the rows; ``progress(stage)`` is called after each stage; ``make_operator(subset, **kw)``:
     how an operator is made (default :class:`lib.products.operator.HessianOperator` on ``model`` and ``samples``).
+
+    Args:
+        model: a prepared causal LM.
+        samples: ``(b, seqlen)`` int64 token ids.
+        units: the units (:func:`make_units`), at least one.
+        quantities: names in :data:`QUANTITIES`.
+        settings: probes, tolerances, Lanczos steps, strategy, seed and chunk (:class:`SweepSettings`).
+        checkpoint: a label written in each row.
+        store: where finished stages are kept for a resume; ``None``: in memory.
+        progress: called with each finished stage's key, or ``None``.
+        make_operator: ``make_operator(subset, **kw)`` makes the Hessian operator, or ``None``.
+
+    Returns:
+        The :class:`SweepResult`: one row per unit and quantity, the trace estimator's choice, the HVPs, the time.
+
+    Raises:
+        ParamError: unknown ``quantities``, ``settings`` out of range, or no ``units``.
     """
     t0 = time.perf_counter()
     quantities = check_quantities(quantities)

@@ -24,8 +24,19 @@ def default_dataset(model_name: str) -> str:
 
 
 def load_text(dataset: str, cache_dir: str | None = None) -> str:
-    """The raw text of ``dataset``: ``embedded``, ``wikitext2`` (test split of ``wikitext-2-raw-v1``
-    joined with ``"\\n\\n"``, as the paper), or a path to a UTF-8 text file."""
+    r"""The raw text of ``dataset``: ``embedded``, ``wikitext2`` (test split of ``wikitext-2-raw-v1``
+    joined with ``"\n\n"``, as the paper), or a path to a UTF-8 text file.
+
+    Args:
+        dataset: ``"embedded"``, ``"wikitext2"`` or a path to a UTF-8 text file.
+        cache_dir: the Hugging Face datasets cache (WikiText-2 only).
+
+    Returns:
+        The whole text.
+
+    Raises:
+        ParamError: WikiText-2 cannot be loaded, or the file does not exist or is not UTF-8.
+    """
     if dataset == EMBEDDED:
         return EMBEDDED_TEXT.read_text(encoding="utf-8")
     if dataset == WIKITEXT2:
@@ -83,7 +94,19 @@ TOKENIZER_FILES = (
 
 def load_tokenizer(model_name: str, cache_dir: str | None = None):
     """``AutoTokenizer.from_pretrained`` for the model (the embedded model ships its own); refuses a model
-    directory without tokenizer files and a tokenizer with an empty vocabulary."""
+    directory without tokenizer files and a tokenizer with an empty vocabulary.
+
+    Args:
+        model_name: ``"embedded"``, a Hugging Face model id or a local model directory.
+        cache_dir: the Hugging Face cache.
+
+    Returns:
+        The tokenizer (a ``transformers`` ``PreTrainedTokenizerBase``).
+
+    Raises:
+        ParamError: the tokenizer cannot be loaded (e.g. offline without a cache).
+        UserError: a model directory without tokenizer files, or an empty vocabulary.
+    """
     from transformers import AutoTokenizer
 
     path = resolve_model_path(model_name)
@@ -133,6 +156,14 @@ def tokenize(tokenizer, text: str, cache_dir: str | None = None) -> torch.Tensor
     tokenizer's content, with their SHA-256, so a second run does not re-tokenize and a damaged cache
     file is detected and rebuilt. A cache that cannot be written (a full disk) is one warning line: the
     run goes on without it.
+
+    Args:
+        tokenizer: a ``transformers`` tokenizer (:func:`load_tokenizer`).
+        text: the text to tokenize.
+        cache_dir: where the ``tokenized/`` cache lives; ``None``: no cache.
+
+    Returns:
+        The token ids, int64, shape ``(N,)``.
     """
     key = hashlib.sha256(text.encode()).hexdigest()[:16] + "-" + tokenizer_fingerprint(tokenizer)
     cache = Path(cache_dir, "tokenized", f"{key}.pt") if cache_dir else None
@@ -167,7 +198,19 @@ def tokenize(tokenizer, text: str, cache_dir: str | None = None) -> torch.Tensor
 
 
 def make_samples(tokens: torch.Tensor, seqlen: int, b: int) -> torch.Tensor:
-    """The first ``b`` samples, sample ``i`` = ``tokens[i*seqlen:(i+1)*seqlen]``; shape ``(b, seqlen)``."""
+    """The first ``b`` samples, sample ``i`` = ``tokens[i*seqlen:(i+1)*seqlen]``; shape ``(b, seqlen)``.
+
+    Args:
+        tokens: token ids, int64, shape ``(N,)`` with ``N >= b * seqlen``.
+        seqlen: tokens per sample, at least 2.
+        b: number of samples, at least 1.
+
+    Returns:
+        A new ``(b, seqlen)`` int64 tensor of token ids (a copy).
+
+    Raises:
+        ParamError: ``seqlen < 2``, ``b < 1``, or too few tokens for ``b`` samples.
+    """
     if seqlen < 2:
         raise ParamError("seqlen", f"seqlen must be at least 2 (one predicted token), got {seqlen}")
     if b < 1:
@@ -192,7 +235,23 @@ def check_seqlen(seqlen: int, limit: int | None) -> None:
 def load_samples(
     model_name: str, seqlen: int, b: int, dataset: str = "auto", cache_dir: str | None = None
 ) -> torch.Tensor:
-    """Tokenize ``dataset`` with the model's tokenizer and return the first ``b`` samples, ``(b, seqlen)``."""
+    """Tokenize ``dataset`` with the model's tokenizer and return the first ``b`` samples, ``(b, seqlen)``.
+
+    Args:
+        model_name: ``"embedded"``, a Hugging Face model id or a local model directory (its tokenizer).
+        seqlen: tokens per sample, at least 2.
+        b: number of samples, at least 1.
+        dataset: ``"auto"`` (the embedded text for the embedded model, WikiText-2 otherwise), ``"embedded"``,
+            ``"wikitext2"`` or a path to a UTF-8 text file.
+        cache_dir: the Hugging Face cache, also holding the tokenized-text cache.
+
+    Returns:
+        The token ids, int64, shape ``(b, seqlen)``.
+
+    Raises:
+        ParamError: the data or tokenizer cannot be loaded, or the text is too short (:func:`make_samples`).
+        UserError: the model directory has no tokenizer, or its vocabulary is empty.
+    """
     if dataset == "auto":
         dataset = default_dataset(model_name)
     tokens = tokenize(

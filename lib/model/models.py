@@ -160,6 +160,24 @@ def load_model(
 
     Attention must have a double backward: ``eager`` (default) or ``sdpa`` (evaluated with the math
     backend, see :func:`attention_context`); flash attention is refused.
+
+    Args:
+        name: ``"embedded"`` (the bundled tiny model), a Hugging Face model id or a local model directory.
+        cache_dir: the Hugging Face cache.
+        dtype: the parameters' dtype (``torch.float64`` keeps every step in float64, :func:`prepare_model`).
+        device: where the model goes (ignored with ``device_map``).
+        attn_implementation: ``"eager"`` or ``"sdpa"``.
+        device_map: a Hugging Face strategy (``"auto"``, ...), a dict or a JSON object string mapping modules
+            to devices or ``"disk"`` (:func:`parse_device_map`); ``None``: the whole model on ``device``.
+        revision: a hub revision (branch, tag or commit); ``None``: the default.
+
+    Returns:
+        The model, in eval mode with frozen parameters.
+
+    Raises:
+        UserError: an unsupported attention, a model that cannot be loaded, is not a causal LM, loads with
+            missing or mismatched weights, or has non-finite weights.
+        ParamError: a malformed ``device_map``.
     """
     _check_attention(attn_implementation)
     from transformers import AutoModelForCausalLM
@@ -252,6 +270,15 @@ def prepare_model(model: nn.Module) -> nn.Module:
     """Put ``model`` in eval mode, freeze its parameters and check its attention kernel; returns it.
 
     A float64 model is made float64 in every step (:func:`lib.model.precision.keep_float64`).
+
+    Args:
+        model: a Hugging Face causal LM.
+
+    Returns:
+        The same model object, prepared in place.
+
+    Raises:
+        UserError: its attention implementation has no double backward.
     """
     model.eval()
     model.requires_grad_(False)
@@ -294,6 +321,15 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
     Found generically as the largest ``nn.ModuleList`` holding ``num_hidden_layers`` modules
     (``model.decoder.layers`` for OPT, ``model.layers`` for Llama/Qwen2/Mistral, ``transformer.h`` for GPT-2).
+
+    Args:
+        model: a causal LM.
+
+    Returns:
+        ``(name, blocks)``: the ``ModuleList``'s qualified name and the list itself.
+
+    Raises:
+        UserError: no such ``ModuleList``.
     """
     n = getattr(text_config(model), "num_hidden_layers", None)
     best: tuple[int, str, nn.ModuleList] | None = None
@@ -317,7 +353,14 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def linear_layers(block: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Linear layers of a block in module order, with names relative to the block (e.g. ``self_attn.q_proj``)."""
+    """Linear layers of a block in module order, with names relative to the block (e.g. ``self_attn.q_proj``).
+
+    Args:
+        block: one transformer block (an element of :func:`find_blocks`'s list).
+
+    Returns:
+        ``[(name, module), ...]`` for each ``nn.Linear`` or GPT-2 ``Conv1D`` in it.
+    """
     return [(name, m) for name, m in block.named_modules() if name and is_linear(m)]
 
 

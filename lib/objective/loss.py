@@ -37,6 +37,13 @@ def summed_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """``sum -log softmax(logits[:, i])[input_ids[:, i+1]]`` over all batch rows and positions ``i < s-1``.
 
     ``logits``: ``(B, s, V)``; ``input_ids``: ``(B, s)``; returns a scalar.
+
+    Args:
+        logits: ``(B, s, V)`` next-token logits (floating).
+        input_ids: ``(B, s)`` int64 token ids.
+
+    Returns:
+        A 0-d tensor (the logits' dtype): the NLL summed over ``B * (s - 1)`` predicted tokens.
     """
     return F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction="sum"
@@ -108,7 +115,20 @@ class _HeadNLL(torch.autograd.Function):
 def head_nll(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor
 ) -> torch.Tensor:
-    """Summed NLL of a frozen linear LM head: hidden ``(n, d)``, weight ``(V, d)``, labels ``(n,)``; twice differentiable in ``hidden``."""
+    """Summed NLL of a frozen linear LM head: hidden ``(n, d)``, weight ``(V, d)``, labels ``(n,)``; twice differentiable in ``hidden``.
+
+    ``sum_i logsumexp(h_i W^T + c) - (h_i W^T + c)[y_i]``, its Hessian-vector products reusing the forward's
+    probabilities.
+
+    Args:
+        hidden: ``(n, d)`` final hidden states (floating).
+        weight: ``(V, d)`` the head's weight (not differentiated).
+        bias: ``(V,)`` the head's bias, or ``None``.
+        labels: ``(n,)`` int64 target token ids.
+
+    Returns:
+        A 0-d tensor: the NLL summed over the ``n`` rows.
+    """
     return _HeadNLL.apply(hidden, weight, bias, labels)[0]
 
 

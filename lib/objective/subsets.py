@@ -164,7 +164,20 @@ def _check_num_blocks(model: nn.Module, n: int) -> None:
 def single_layer_single_block(
     model: nn.Module, layer_name: str, block_index: int, t: int
 ) -> Subset:
-    """Paper Sec. 4.1: ``x = w_{0,:t}`` of one layer of one block."""
+    """Paper Sec. 4.1: ``x = w_{0,:t}`` of one layer of one block.
+
+    Args:
+        model: a causal LM (its blocks found by :func:`lib.model.models.find_blocks`).
+        layer_name: a linear layer's name relative to the block, e.g. ``self_attn.q_proj``.
+        block_index: the block, ``0 <= block_index < num_blocks``.
+        t: how many leading entries of the weight's row 0 (1 to the row's length).
+
+    Returns:
+        The subset of ``t`` entries: ``x`` has shape ``(t,)`` and the Hessian ``(t, t)``.
+
+    Raises:
+        ParamError: ``block_index``, ``layer_name`` or ``t`` does not fit the model.
+    """
     s = row0_slice(model, block_index, layer_name, t)
     return Subset((s,), f"first {t} weights of row 0 of {layer_name} in block {block_index}")
 
@@ -173,7 +186,20 @@ def single_layer_single_block(
 def single_layer_several_blocks(
     model: nn.Module, layer_name: str, num_blocks: int, t: int
 ) -> Subset:
-    """Paper Sec. 4.3: the same layer in blocks ``0..num_blocks-1``, block-major."""
+    """Paper Sec. 4.3: the same layer in blocks ``0..num_blocks-1``, block-major.
+
+    Args:
+        model: a causal LM.
+        layer_name: a linear layer's name relative to the block, e.g. ``self_attn.q_proj``.
+        num_blocks: how many leading blocks, ``1 <= num_blocks <=`` the model's blocks (old keyword ``n_blocks``).
+        t: leading entries of row 0 of the layer's weight in each block.
+
+    Returns:
+        The subset of ``num_blocks * t`` entries (``x``: ``(num_blocks * t,)``), block 0's first.
+
+    Raises:
+        ParamError: ``num_blocks``, ``layer_name`` or ``t`` does not fit the model.
+    """
     _check_num_blocks(model, num_blocks)
     slices = tuple(row0_slice(model, b, layer_name, t) for b in range(num_blocks))
     return Subset(
@@ -185,7 +211,21 @@ def single_layer_several_blocks(
 def several_layers_several_blocks(
     model: nn.Module, num_layers: int, num_blocks: int, t: int
 ) -> Subset:
-    """Paper Sec. 4.2/4.4: for each block ``0..num_blocks-1``, its first ``num_layers`` linear layers (module order)."""
+    """Paper Sec. 4.2/4.4: for each block ``0..num_blocks-1``, its first ``num_layers`` linear layers (module order).
+
+    Args:
+        model: a causal LM.
+        num_layers: linear layers per block (module order, :func:`lib.model.models.linear_layers`), at least 1
+            (old keyword ``n_layers``).
+        num_blocks: how many leading blocks (old keyword ``n_blocks``).
+        t: leading entries of row 0 of each chosen layer's weight.
+
+    Returns:
+        The subset of ``num_blocks * num_layers * t`` entries, block-major, then layer by layer.
+
+    Raises:
+        ParamError: ``num_blocks``, ``num_layers`` or ``t`` does not fit the model.
+    """
     _check_num_blocks(model, num_blocks)
     slices: list[ParamSlice] = []
     for b in range(num_blocks):
@@ -204,7 +244,21 @@ def from_indices(
     param_name: str,
     indices: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor,
 ) -> ParamSlice:
-    """A slice of any parameter from flat indices ``[k, ...]`` or multi-indices ``[[i, j], ...]``."""
+    """A slice of any parameter from flat indices ``[k, ...]`` or multi-indices ``[[i, j], ...]``.
+
+    Args:
+        model: the model that holds the parameter.
+        param_name: the parameter's qualified name (``model.get_parameter``).
+        indices: flat indices, shape ``(m,)``, or multi-indices, shape ``(m, param.ndim)`` (a contiguous
+            parameter), as int sequences or an integer tensor.
+
+    Returns:
+        The slice, with flat int64 indices of shape ``(m,)`` in the order given.
+
+    Raises:
+        ParamError: an unknown ``param_name``; ``indices`` out of range, duplicated or with the wrong number
+            of columns.
+    """
     try:
         param = model.get_parameter(param_name)
     except AttributeError:
@@ -229,7 +283,20 @@ def from_indices(
 def random_subset(
     model: nn.Module, param_names: Sequence[str], size_per_param: int, seed: int = 0
 ) -> Subset:
-    """``size_per_param`` distinct uniformly random entries of each named parameter (sorted), reproducible by ``seed``."""
+    """``size_per_param`` distinct uniformly random entries of each named parameter (sorted), reproducible by ``seed``.
+
+    Args:
+        model: the model that holds the parameters.
+        param_names: qualified parameter names, in the order of ``x``.
+        size_per_param: entries drawn from each parameter (at most its number of entries).
+        seed: seed of the CPU generator (one generator across the parameters, in order).
+
+    Returns:
+        The subset of ``len(param_names) * size_per_param`` entries.
+
+    Raises:
+        ParamError: ``size_per_param`` exceeds a parameter's size.
+    """
     gen = torch.Generator().manual_seed(seed)
     slices = []
     for name in param_names:
@@ -248,7 +315,18 @@ def random_subset(
 
 
 def make_subset(*slices: ParamSlice, description: str = "") -> Subset:
-    """Combine arbitrary slices into a subset (they must not overlap)."""
+    """Combine arbitrary slices into a subset (they must not overlap).
+
+    Args:
+        *slices: the slices, in the order of ``x`` (e.g. from :func:`from_indices`).
+        description: a label for titles and JSON.
+
+    Returns:
+        The subset; ``x`` has ``sum(len(s) for s in slices)`` entries.
+
+    Raises:
+        ParamError: two slices of one parameter share an entry.
+    """
     seen: dict[str, set[int]] = {}
     for s in slices:
         prev = seen.setdefault(s.param_name, set())

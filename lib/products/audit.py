@@ -333,7 +333,28 @@ def audit_hessian(
     """The audit as one library call: ``k`` products of the Hessian of the mean NLL over ``samples`` (``(b, seqlen)``)
     w.r.t. ``subset``, by ``model`` (its dtype and the current float32 matmul precision) with ``products`` (default:
     :func:`lib.products.operator.products_for` of ``hvp`` and ``fd``), against exact float64 double backward on the same
-    samples. ``probes``: ``"rademacher"`` (``(n, k)`` +-1) or ``"columns"`` (``k`` random columns ``e_i``)."""
+    samples. ``probes``: ``"rademacher"`` (``(n, k)`` +-1) or ``"columns"`` (``k`` random columns ``e_i``).
+
+    Args:
+        model: a prepared causal LM (any dtype).
+        subset: the ``n`` entries of the weights.
+        samples: ``(b, seqlen)`` int64 token ids.
+        products: the products audited; ``None``: from ``hvp`` and ``fd``.
+        hvp: ``"exact"`` or ``"finite_difference"`` (when ``products`` is ``None``).
+        fd: the finite-difference settings (``hvp="finite_difference"``), or ``None`` for the defaults.
+        k: number of products (vectors).
+        probes: ``"rademacher"`` or ``"columns"``.
+        seed: seed of the vectors.
+        tol: the largest relative error of a product that passes.
+        model_input_bs: samples per forward.
+
+    Returns:
+        The :class:`AuditResult`: the relative error of each of the ``k`` products, their max and median, the
+        Frobenius-relative error, the times.
+
+    Raises:
+        ValueError: an unknown ``probes`` or ``hvp``.
+    """
     from .operator import products_for
 
     if probes not in ("rademacher", "columns"):

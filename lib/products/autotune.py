@@ -78,6 +78,21 @@ def tune_chunk(
     differences of a few percent are timing noise (on the embedded model, where chunks 1-4 are within 10 %, one
     run in five picked 4 by noise and ran 30 % slower). Returns the choice and how many columns (``0..done-1``)
     are done.
+
+    Args:
+        compute: ``compute(start, stop, chunk)`` computes and keeps columns ``start..stop-1`` and returns the chunk
+            it ended with (:data:`Compute`).
+        n: columns available for measuring.
+        limit: the largest chunk tried.
+        total: columns of the whole run (the budget's scale); ``None``: ``n``.
+        clock: the timer (seconds).
+        repeats: timed calls per small candidate.
+        give_up: slowdown factor against the best that counts a candidate as slower.
+        budget: the fraction of the run's time that slower candidates may cost.
+        margin: relative time within which the smallest chunk is chosen.
+
+    Returns:
+        The :class:`Tuning`: the chosen ``chunk`` and ``done``, the columns already computed.
     """
     done, timings, columns, slower = 0, {}, {}, 0
     for c in candidates(limit):

@@ -100,7 +100,7 @@ def _cgroup_quota_v2(root: Path = Path("/sys/fs/cgroup")) -> float | None:
 
 
 def _cgroup_quota_v1(root: Path = Path("/sys/fs/cgroup/cpu")) -> float | None:
-    """cgroup v1's ``cfs_quota_us / cfs_period_us`` in CPUs, ``None`` if unlimited or unknown."""
+    """The cgroup v1 ``cfs_quota_us / cfs_period_us`` in CPUs, ``None`` if unlimited or unknown."""
     try:
         quota = int((root / "cpu.cfs_quota_us").read_text())
         period = int((root / "cpu.cfs_period_us").read_text())
@@ -250,7 +250,17 @@ def physical_cores(root: Path = Path("/sys/devices/system/cpu")) -> int:
 def set_threads(n: int | str | None = "auto") -> Choice:
     """The library's threads for this process, now: ``n`` threads, or ``"auto"``/``None`` for the scripts' policy
     (:func:`policy`: the CPUs free now; ``OMP_NUM_THREADS`` if set). Library calls then leave them alone.
-    Returns the choice. ``n`` below 1: :class:`lib.errors.ParamError`."""
+    Returns the choice. ``n`` below 1: :class:`lib.errors.ParamError`.
+
+    Args:
+        n: the number of intra-op threads, or ``"auto"``/``None``.
+
+    Returns:
+        The :class:`Choice`: the threads and why.
+
+    Raises:
+        ParamError: ``n`` is not an integer of at least 1 or ``"auto"``.
+    """
     global _CHOICE, _LIBRARY_DONE
     from ..errors import ParamError
 

@@ -44,7 +44,14 @@ def se_groups(k: int) -> int:
 
 
 def hutchinson_running(contributions: torch.Tensor) -> torch.Tensor:
-    """Running means: row ``k-1`` is the Hutchinson estimate from the first ``k`` rows of ``contributions`` (``(K, m)``)."""
+    """Running means: row ``k-1`` is the Hutchinson estimate from the first ``k`` rows of ``contributions`` (``(K, m)``).
+
+    Args:
+        contributions: ``(K, m)`` per-probe estimates ``z_k * (H z_k)`` of ``m`` diagonal entries.
+
+    Returns:
+        ``(K, m)`` float64: the cumulative means over the probes.
+    """
     c = contributions.to(torch.float64)
     return c.cumsum(0) / torch.arange(1, c.shape[0] + 1, dtype=torch.float64)[:, None]
 
@@ -61,6 +68,8 @@ def offdiagonal_error(h: torch.Tensor) -> float:
 
 @register
 class Hutchinson(DiagonalEstimator):
+    """Hutchinson's Rademacher estimator of the diagonal (module docstring): ``K`` probes, ``zhz / K``."""
+
     name = "hutchinson"
     order = 10
     summary = "Rademacher, unbiased"

@@ -43,7 +43,21 @@ def probe_seed(seed: int, param_name: str, j: int) -> int:
 def rademacher_probes(
     n: int, seed: int, param_name: str, start: int, stop: int, dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:
-    """Probes ``start..stop-1`` of ``param_name``, shape ``(stop - start, n)``: i.i.d. +-1 entries, on the CPU."""
+    """Probes ``start..stop-1`` of ``param_name``, shape ``(stop - start, n)``: i.i.d. +-1 entries, on the CPU.
+
+    Probe ``j`` depends only on ``(seed, param_name, j)``, so any range of probes is reproducible on its own.
+
+    Args:
+        n: entries per probe (the weight's number of entries).
+        seed: the run's seed.
+        param_name: the weight's qualified name.
+        start: index of the first probe.
+        stop: index one past the last probe.
+        dtype: the probes' dtype.
+
+    Returns:
+        ``(stop - start, n)`` tensor of +-1 in ``dtype``, on the CPU.
+    """
     out = torch.empty(stop - start, n, dtype=dtype)
     for r, j in enumerate(range(start, stop)):
         g = torch.Generator().manual_seed(probe_seed(seed, param_name, j))

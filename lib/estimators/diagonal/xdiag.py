@@ -37,6 +37,15 @@ def xdiag_basis(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``Q, R`` (reduced QR, float64) of the sketch ``Y = H Omega`` given as rows ``y = Y^T`` (``(s, n)``).
 
     Raises :class:`~lib.errors.ParamError` (a ``ValueError``) if ``Y`` is numerically rank deficient (``H`` of rank below ``s``).
+
+    Args:
+        y: ``(s, n)`` the sketch's transpose, rows ``H omega_i``.
+
+    Returns:
+        ``(Q, R)``: ``Q`` ``(n, s)`` with orthonormal columns and ``R`` ``(s, s)`` upper triangular, float64.
+
+    Raises:
+        ParamError: ``Y`` is numerically rank deficient or not finite (parameter ``hvps``).
     """
     q, r = torch.linalg.qr(y.to(torch.float64).T)
     d = r.diagonal().abs()
@@ -60,6 +69,16 @@ def xdiag_estimate(
     ``Q_i Q_i^T = Q (I - t_i t_i^T) Q^T`` and ``(I - Q_i Q_i^T) H w_i = Q t_i (t_i^T R e_i)``, so
 
         est = rowsum(Q * Z) + (1/s) sum_i [ -(Q t_i) * (Z t_i) + (t_i^T R e_i) w_i * (Q t_i) ].
+
+    Args:
+        omega: ``(m, S)`` the probes' rows for the ``m`` entries.
+        q: ``(m, S)`` the same rows of ``Q``.
+        z: ``(m, S)`` the same rows of ``Z = H Q``.
+        r: ``(S, S)`` upper triangular ``R``.
+        s: probes used, ``1 <= s <= S``; ``None``: ``S``.
+
+    Returns:
+        ``(m,)`` float64: the estimated diagonal entries.
     """
     s = r.shape[0] if s is None else s
     om, qs, zs, rs = (a.to(torch.float64) for a in (omega[:, :s], q[:, :s], z[:, :s], r[:s, :s]))
@@ -73,6 +92,8 @@ def xdiag_estimate(
 
 @register
 class XDiag(DiagonalEstimator):
+    """The XDiag estimator of the diagonal (module docstring): ``K/2`` probes, then ``K/2`` products ``H Q``."""
+
     name = "xdiag"
     order = 20
     summary = "variance-reduced, unbiased"
