@@ -912,6 +912,23 @@ def deflated_trace_samples(
     return (exact + (z * matmat(z)).sum(0)).tolist()
 
 
+def deflate_plain_samples(
+    plain: Sequence[float], z: torch.Tensor, q: torch.Tensor, hq: torch.Tensor
+) -> list[float]:
+    """Plain Hutchinson samples ``z . H z`` (``z`` ``(n, p)``, drawn independently of ``Q``) turned into the deflated
+    samples of :func:`deflated_trace_samples` without a product: for ``z' = (I - Q Q^T) z``, ``a = Q^T z`` and
+    symmetric ``H``, ``z'^T H z' = z^T H z - 2 a^T (H Q)^T z + a^T (Q^T H Q) a`` (``Q^T H z = (H Q)^T z``), so each
+    ``tr(Q^T H Q) + z'^T H z'`` is unbiased for ``tr(H)`` with the deflated variance. Returns ``p`` samples."""
+    q64, hq64, z64 = q.to(F64), hq.to(F64), z.to(F64)
+    a = q64.T @ z64  # (m, p)
+    qhq = q64.T @ hq64
+    qhq = (qhq + qhq.T) / 2
+    zhz = torch.tensor(list(plain), dtype=F64)
+    cross = (a * (hq64.T @ z64)).sum(0)
+    inner = (a * (qhq @ a)).sum(0)
+    return (float(qhq.trace()) + zhz - 2 * cross + inner).tolist()
+
+
 def _unit_rows(
     prod: UnitProducts,
     i: int,
@@ -924,7 +941,7 @@ def _unit_rows(
     cp: str,
 ) -> list[Row]:
     """Unit ``i``'s rows (the shared trace excepted): Lanczos (its basis kept), the per-unit trace (Hutchinson deflated
-    by that basis, combined with the plain pilot probes), the plain probes of ``frobenius`` / ``diagonal``, SLQ."""
+    by that basis, the pilot's plain probes deflated too), the plain probes of ``frobenius`` / ``diagonal``, SLQ."""
     mm = prod.matmat(i)
     out: list[Row] = []
     per_unit_trace = "trace" in quantities and trace_choice == "per_unit"
@@ -983,7 +1000,8 @@ def _per_unit_trace(
     basis: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> tuple[float, float]:
     """Unit ``u``'s trace and its standard error from its own probes: plain Hutchinson (more probes into ``stats``)
-    without a Lanczos ``basis``, else deflated samples (:func:`deflated_trace_samples`) combined with the pilot's."""
+    without a Lanczos ``basis``, else deflated samples: the pilot's plain probes deflated without a product
+    (:func:`deflate_plain_samples`), then new ones (:func:`deflated_trace_samples`) until ``trace_rel``."""
     if basis is None:  # plain Hutchinson
         if stats.count < s.min_probes:
             probe_round(mm, u.size, stats, s.min_probes - stats.count, seed)
@@ -991,15 +1009,20 @@ def _per_unit_trace(
             probe_round(mm, u.size, stats, min(s.probe_round, s.max_probes - stats.count), seed)
         m, se, _ = mean_stderr(stats.trace)
     else:
+        from ..spectrum.vectors import local_space
+
         dseed = unit_seed(s.seed, u.name, "deflated")
         q, hq = basis
-        deflated: list[float] = []
-        while (len(deflated) < 2 or not enough_combined(deflated, stats.trace, s.trace_rel)) and (
-            len(deflated) + stats.count < s.max_probes
+        z = local_space(u.size).random(stats.count, seed, "rademacher", first=0)
+        deflated = deflate_plain_samples(stats.trace, z, q, hq)  # the pilot's probes, no product
+        k = 0  # deflated probes drawn here
+        while (len(deflated) < 2 or not enough(deflated, s.trace_rel)) and (
+            len(deflated) < s.max_probes
         ):
-            p = min(s.probe_round, max(2, s.max_probes - stats.count - len(deflated)))
-            deflated += deflated_trace_samples(mm, u.size, q, hq, p, len(deflated), dseed)
-        m, se = combined_trace(deflated, stats.trace)
+            p = min(s.probe_round, max(2, s.max_probes - len(deflated)))
+            deflated += deflated_trace_samples(mm, u.size, q, hq, p, k, dseed)
+            k += p
+        m, se, _ = mean_stderr(deflated)
     return m, se
 
 
