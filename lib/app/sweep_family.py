@@ -143,19 +143,27 @@ class DirStore:
     def _path(self, key: str) -> Path:
         return self.dir / f"{hashlib.sha256(f'{self.label}|{key}'.encode()).hexdigest()[:20]}.pt"
 
-    def get(self, key: str) -> Any:
-        p = self._path(key)
+    def _load(self, p: Path, what: str, weights_only: bool) -> Any:
+        """The payload of ``p``, or None when it is absent or torn (recomputed); refused in one line when it was
+        written for another configuration or other weights (``what`` names it in the message)."""
         if not p.exists():
             return None
         try:
-            payload = torch.load(p, weights_only=False)
-        except Exception:  # noqa: BLE001 -- a torn file: recompute the stage
+            payload = torch.load(p, weights_only=weights_only)
+        except Exception:  # noqa: BLE001 -- a torn file: recompute it
             return None
         if payload.get("config") != self.config:
             raise UserError(
-                f"checkpoint {p} (stage {key} of {self.label}) was made with another configuration or other weights "
-                "than this run's; pass the same flags and models, or delete the .sweep directory to start over"
+                f"{what} was made with another configuration or other weights than this run's; pass the same "
+                "flags and models, or delete the .sweep directory to start over"
             )
+        return payload
+
+    def get(self, key: str) -> Any:
+        p = self._path(key)
+        payload = self._load(p, f"checkpoint {p} (stage {key} of {self.label})", weights_only=False)
+        if payload is None:
+            return None
         self.reused += 1
         return payload["value"]
 
@@ -171,18 +179,9 @@ class DirStore:
     def get_pass(self, stage: str, k: int) -> Any:
         """Product ``k`` of the unfinished ``stage`` (``{"input", "output"}``), or None (absent or torn)."""
         p = self._passes(stage) / f"{k:05d}.pt"
-        if not p.exists():
-            return None
-        try:
-            payload = torch.load(p, weights_only=True)
-        except Exception:  # noqa: BLE001 -- a torn file: recompute the product
-            return None
-        if payload.get("config") != self.config:
-            raise UserError(
-                f"pass file {p} (stage {stage} of {self.label}) was made with another configuration or other "
-                "weights than this run's; pass the same flags and models, or delete the .sweep directory to start over"
-            )
-        self.replayed += 1
+        payload = self._load(p, f"pass file {p} (stage {stage} of {self.label})", weights_only=True)
+        if payload is not None:
+            self.replayed += 1
         return payload
 
     def put_pass(self, stage: str, k: int, value: Any) -> None:
