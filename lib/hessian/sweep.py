@@ -482,6 +482,9 @@ class UnitProducts:
         self.n = self.subset.size
         self._union: HessianOperator | None = None
         self._unit_ops: dict[int, HessianOperator] = {}
+        self._last: HessianOperator | None = (
+            None  # the newest unit operator (its settings go in the report)
+        )
         self.hvps = 0
         self.log: PassStore | None = None
         self.stage, self._k = "", 0
@@ -535,8 +538,9 @@ class UnitProducts:
 
             def own(v: torch.Tensor) -> torch.Tensor:
                 if i not in self._unit_ops:
-                    self._unit_ops.clear()  # one unit's graphs at a time
+                    self._make_room()
                     self._unit_ops[i] = self.make(self.units[i].subset(), **self._kw())
+                    self._last = self._unit_ops[i]
                 return self._unit_ops[i].matmat(v)
 
             return lambda v: self._product(own, v)
@@ -548,8 +552,30 @@ class UnitProducts:
 
         return lambda v: self._product(restricted, v)
 
+    def _make_room(self) -> None:
+        """Before a new unit operator: keep the earlier units' operators (their graphs, reused when the unit's own
+        stage follows its pilot probes) while their graphs fit :data:`GRAPH_MEMORY_FRACTION` of the free memory, else
+        drop the most recently made ones (the pilot and the unit stages visit the units in the same order, so the
+        first units' graphs stay and one slot turns over)."""
+        from ..products.autotune import free_memory
+        from ..products.operator import GRAPH_MEMORY_FRACTION
+
+        device = next(self.model.parameters()).device
+        while self._unit_ops:
+            kept = sum(op.kept_graph_bytes() for op in self._unit_ops.values())
+            one_more = kept / len(
+                self._unit_ops
+            )  # the next unit's graphs, guessed from the kept ones
+            if kept + one_more <= GRAPH_MEMORY_FRACTION * (free_memory(device) + kept):
+                return
+            self._unit_ops.popitem()
+
+    def release(self, i: int) -> None:
+        """Unit ``i`` is done: its operator (and graphs) go."""
+        self._unit_ops.pop(i, None)
+
     def report(self) -> dict[str, Any]:
-        op = self._union or next(iter(self._unit_ops.values()), None)
+        op = self._union or self._last
         return {
             "strategy": self.settings.strategy,
             "union_size": self.n,
@@ -670,6 +696,7 @@ def sweep(
             store.put(key, got)
             prod.end(key)
             done(f"unit {u.name}")
+        prod.release(i)
         unit_rows = list(got)
         if trace_info.get("chosen") == "shared":
             row = _shared_trace_row(checkpoint, u, shared[i], pilot_per_unit[i], trace, len(units))
@@ -1015,15 +1042,35 @@ def _per_unit_trace(
         q, hq = basis
         z = local_space(u.size).random(stats.count, seed, "rademacher", first=0)
         deflated = deflate_plain_samples(stats.trace, z, q, hq)  # the pilot's probes, no product
+        q, hq, steps = _grown_basis(mm, q, hq, deflated, s)
+        if steps:  # the pilot's probes deflated by the grown basis (still no product)
+            deflated = deflate_plain_samples(stats.trace, z, q, hq)
+        budget = s.max_probes - steps  # the steps came out of the trace's products
         k = 0  # deflated probes drawn here
-        while (len(deflated) < 2 or not enough(deflated, s.trace_rel)) and (
-            len(deflated) < s.max_probes
-        ):
-            p = min(s.probe_round, max(2, s.max_probes - len(deflated)))
+        while (len(deflated) < 2 or not enough(deflated, s.trace_rel)) and (len(deflated) < budget):
+            p = min(s.probe_round, max(2, budget - len(deflated)))
             deflated += deflated_trace_samples(mm, u.size, q, hq, p, k, dseed)
             k += p
         m, se, _ = mean_stderr(deflated)
     return m, se
+
+
+def _grown_basis(
+    mm: spectrum.MatMat,
+    q: torch.Tensor,
+    hq: torch.Tensor,
+    deflated: Sequence[float],
+    s: SweepSettings,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The Lanczos basis ``q`` grown by Krylov steps while each removes more of the trace's variance than a probe would
+    (:func:`lib.spectrum.deflation.grow_for_trace`), judged from the pilot's ``deflated`` samples (their variance and
+    mean, the target ``trace_rel``); ``(q, hq, steps)``."""
+    from ..spectrum.deflation import grow_for_trace
+
+    if len(deflated) < 2:
+        return q, hq, 0
+    mean, _, var = mean_stderr(deflated)
+    return grow_for_trace(mm, q, hq, var, len(deflated), (s.trace_rel * mean) ** 2, s.max_probes)
 
 
 def _probe_rows(

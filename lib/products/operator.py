@@ -670,6 +670,11 @@ class HessianOperator(OperatorViews):
         if stats is not None:
             self.fd_stats.add(stats)
 
+    def kept_graph_bytes(self) -> int:
+        """Bytes of the gradient graphs this operator keeps in this process (the first graph's measured bytes times
+        the graphs kept; 0 when none are kept, e.g. with worker processes or finite differences)."""
+        return (self.graphs.graph_bytes or 0) * len(self.graphs.graphs)
+
     def report(self) -> dict[str, Any]:
         """For the JSON: ``{"hvp": {"hvp": "exact"}, "keep_graphs": GraphCache.report(), "chunk": ChunkPolicy.report(),
         "model_input_bs": {...}}`` of this process; with finite differences ``{"hvp": {settings, kink retries...},
