@@ -882,11 +882,6 @@ class SweepSpec(RunSpec):
                 f"--revisions need a Hugging Face model id; --model {self.model.model} is a local directory "
                 "(give several --model directories instead)"
             )
-        if any(k in os.environ for k in ("RANK", "WORLD_SIZE")):
-            raise UserError(
-                "hessian_sweep.py does not run under torchrun: use --devices (worker processes) on one node, or "
-                "split a long sweep with --params"
-            )
         if self.run.devices is not None and s.revisions:
             raise UserError(
                 "--devices workers load local models only: with --revisions, run in one process (drop --devices)"
