@@ -1,5 +1,5 @@
-"""``hessian_sweep.py`` under torchrun (issue 26, item 5): two gloo ranks, a rank killed mid-unit and --resume, the
-table bitwise the one-process table; the stage store shared by the ranks."""
+"""``hessian_sweep.py`` under torchrun (issue 26, item 5): a stopped one-process sweep resumed by two gloo ranks gives the
+one-process table bitwise; ``--fsdp --over block`` on two ranks equals the one-process sweep to 1e-8; its refusals."""
 
 from __future__ import annotations
 
@@ -84,3 +84,72 @@ def test_resumed_under_torchrun_from_a_killed_run_gives_the_one_process_table_bi
     assert entry["stages_reused"] >= 2 and entry["products_replayed"] == 1
     w = entry["workers"]
     assert w["ranks"] == 2 and w["units_run"] == 2 * w["passes"] > 0
+
+
+@pytest.mark.slow
+def test_fsdp_block_sweep_on_two_ranks_equals_the_one_process_sweep(tmp_path):
+    """``--fsdp --over block`` on two gloo ranks (the model sharded, each block's finite-difference products on the
+    shards, the vectors whole on every rank) gives the one-process finite-difference table to 1e-8 relative (float64:
+    only the order of the gradients' sums differs), the same products per row, and weights bitwise restored."""
+    flags = [*FLAGS, "--over", "block", "--params"]
+    flags += ["*.layers.2.self_attn.q_proj.weight", "*.layers.3.self_attn.q_proj.weight"]
+    flags += [
+        "--min_probes",
+        "4",
+        "--max_probes",
+        "4",
+        "--max_iter",
+        "8",
+    ]  # argparse: the last wins
+    hessian_sweep.run(
+        [
+            *flags,
+            "--hvp",
+            "finite_difference",
+            "--audit",
+            "0",
+            "--output_dir",
+            str(tmp_path / "one"),
+        ]
+    )
+    done = torchrun(
+        ROOT / "hessian_sweep.py",
+        *flags,
+        "--fsdp",
+        "--output_dir",
+        str(tmp_path / "two"),
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = _table(tmp_path / "one" / "s.csv"), _table(tmp_path / "two" / "s.csv")
+    assert [r["unit"] for r in one] == ["2", "2", "3", "3"] and len(two) == len(one)
+    for a, b in zip(one, two):
+        assert (a["unit"], a["quantity"], a["hvps"]) == (b["unit"], b["quantity"], b["hvps"])
+        for k in ("estimate", "error"):
+            scale = max(abs(float(a[k])), abs(float(a["estimate"])))  # a residual: the eigenvalue's
+            assert abs(float(a[k]) - float(b[k])) <= 1e-8 * scale, (a, b)
+    op = json.loads((tmp_path / "two" / "s.json").read_text())["checkpoints"][0]["operator"]
+    assert op["fsdp"]["world_size"] == 2 and op["fsdp"]["weights_bitwise_restored"] == [True, True]
+    assert op["hvp"]["hvp"] == "finite_difference"
+
+
+def test_fsdp_other_granularities_are_refused_in_one_line_before_the_model_loads(
+    tmp_path, capsys, monkeypatch
+):
+    """``--fsdp`` with ``--over layer`` or ``head`` (exit 2, one line, nothing loaded), and outside torchrun."""
+    from lib.app import cli, pipeline
+
+    def refused(argv):
+        for name in ("load_model", "model_skeleton"):
+            monkeypatch.setattr(
+                pipeline, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded"))
+            )
+        with pytest.raises(SystemExit) as e:
+            cli.main(hessian_sweep.run, [*argv, "--output_dir", str(tmp_path)])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err
+        return err
+
+    assert "use --over block, not --over layer" in refused(["--fsdp", "--over", "layer"])
+    assert "not --over head" in refused(["--fsdp", "--over", "head"])
+    assert "launch with torchrun" in refused(["--fsdp", "--over", "block"])

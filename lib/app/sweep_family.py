@@ -459,6 +459,10 @@ class _SweepRun:
                 model, subset, run.samples, products=fd, spec=mspec, run=runner, **kw
             )
         )
+        if run.spec.compute.fsdp:  # the model sharded over the torchrun ranks, whole unit vectors
+            from .sweep_fsdp import operator_maker
+
+            mk = operator_maker(run, model, sweep.union_subset(run.structure)[0])
         res = sweep.sweep(
             model,
             run.samples,
