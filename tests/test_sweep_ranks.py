@@ -153,3 +153,46 @@ def test_fsdp_other_granularities_are_refused_in_one_line_before_the_model_loads
     assert "use --over block, not --over layer" in refused(["--fsdp", "--over", "layer"])
     assert "not --over head" in refused(["--fsdp", "--over", "head"])
     assert "launch with torchrun" in refused(["--fsdp", "--over", "block"])
+
+
+def test_rank_store_writes_on_rank_0_only_and_shares_its_refusal(one_rank_env):
+    """:class:`lib.app.sweep_ranks.RankStore` in a one-rank gloo group: only rank 0 writes; what rank 0 read comes back;
+    a stage of another configuration is refused as an error every rank shares (rank 0 prints it)."""
+    import torch
+
+    from lib.app.sweep_ranks import RankStore
+    from lib.errors import UserError
+    from lib.runtime import parallel, ranks
+
+    class Inner:  # a DirStore stand-in
+        reused = replayed = 0
+
+        def __init__(self):
+            self.kept = {}
+
+        def get(self, key):
+            if key == "other":
+                raise UserError("stage other was made with another configuration")
+            return self.kept.get(key)
+
+        def put(self, key, value):
+            self.kept[key] = value
+
+        def put_pass(self, stage, k, value):
+            self.kept[f"{stage}#{k}"] = value
+
+    parallel.init_process_group(torch.device("cpu"))
+    try:
+        inner = Inner()
+        RankStore(inner, 1).put("a", 1)
+        RankStore(inner, 1).put_pass("a", 0, 2)
+        assert inner.kept == {}
+        zero = RankStore(inner, 0)
+        zero.put("a", {"x": torch.arange(3)})
+        assert torch.equal(zero.get("a")["x"], torch.arange(3)) and zero.get("b") is None
+        with pytest.raises(UserError, match="another configuration") as e:
+            zero.get("other")
+        assert e.value.shared_by_ranks and not ranks.quiet_on_this_rank(e.value)
+        assert zero.agree({"seconds": 1.5}) == {"seconds": 1.5}
+    finally:
+        ranks.end_process_group()
