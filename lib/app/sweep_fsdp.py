@@ -23,6 +23,15 @@ from ..products import fsdp
 F64 = torch.float64
 
 
+def _all_gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order (a collective)."""
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 class GatheredOperator:
     """``H`` of the mean next-token NLL w.r.t. the whole parameters of ``subset`` of the FSDP-sharded ``model``, on
     whole vectors: :meth:`matmat` maps ``V`` ``(n, p)`` (float64, the same on every rank) to ``H V`` ``(n, p)``
@@ -43,7 +52,7 @@ class GatheredOperator:
         self.op = fsdp.ShardedOperator(model, subset, samples, model_input_bs, fd, device)
         self.n = self.op.n
         self.shape = (self.n, self.n)
-        self.segments: list[tuple[tuple[int, int], ...]] = fsdp._all_gather(self.op.space.segments)
+        self.segments: list[tuple[tuple[int, int], ...]] = _all_gather(self.op.space.segments)
         """Every rank's ``(global start, length)`` rows, in its local order."""
 
     def matmat(self, v: torch.Tensor) -> torch.Tensor:
@@ -53,7 +62,7 @@ class GatheredOperator:
         local = torch.cat([v[s : s + k] for s, k in mine]) if mine else v[:0]
         hv = self.op.matmat(self.op.space.block(local)).to("cpu", F64)
         out = torch.empty(self.n, v.shape[1], dtype=F64)
-        for segs, piece in zip(self.segments, fsdp._all_gather(hv)):
+        for segs, piece in zip(self.segments, _all_gather(hv)):
             at = 0
             for s, k in segs:
                 out[s : s + k] = piece[at : at + k]
