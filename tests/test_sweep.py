@@ -495,9 +495,9 @@ def test_devices_workers_give_the_one_process_table_bitwise(tmp_path):
     assert all(x["workers"] == 2 and x["units_run"] == 2 * x["passes"] > 0 for x in w), w
 
 
-def test_torchrun_and_workers_with_revisions_are_refused_in_one_line(monkeypatch):
-    """``--devices`` is accepted (worker processes); with ``--revisions`` (workers load local models only) and under
-    torchrun the spec is refused in one line."""
+def test_workers_with_revisions_are_refused_in_one_line():
+    """``--devices`` is accepted (worker processes); with ``--revisions`` (workers load local models only) the spec is
+    refused in one line (torchrun runs: tests/test_sweep_ranks.py)."""
     from lib.app import cli
     from lib.errors import UserError
 
@@ -509,6 +509,3 @@ def test_torchrun_and_workers_with_revisions_are_refused_in_one_line(monkeypatch
             ["--devices", "cpu,cpu", "--model", "org/m", "--revisions", "a", "b"],
             "",
         ).validate()
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UserError, match="does not run under torchrun: use --devices"):
-        cli.parse("hessian_sweep", [], "").validate()

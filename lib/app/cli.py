@@ -620,6 +620,9 @@ SWEEP_HELP = {
     "chunk": "vectors per batched backward (fixed, so that a resumed sweep is bitwise the same; 1 is fastest on CPU)",
     "keep_graphs": "keep each batch's gradient graph between passes; auto: when they fit in a quarter of the free "
     "memory",
+    "fsdp": "under torchrun, --over block only: shard the model over the ranks with FSDP2 and take each block's "
+    "finite-difference HVPs on the shards (implies --hvp finite_difference); the unit's vectors are held whole on "
+    "every rank; rank 0 writes the outputs",
 }
 
 
@@ -640,7 +643,7 @@ def sweep_parser(description: str) -> Parser:
     _add_fields(
         comp,
         raw,
-        {k: SWEEP_HELP[k] for k in ("chunk", "keep_graphs")},
+        {k: SWEEP_HELP[k] for k in ("chunk", "keep_graphs", "fsdp")},
         {"keep_graphs": ("auto", "on", "off")},
     )
     _output_and_run(p, raw)
@@ -676,7 +679,11 @@ def sweep_parser(description: str) -> Parser:
     _add_fields(
         q,
         raw,
-        {k: v for k, v in SWEEP_HELP.items() if k not in ("quantities", "chunk", "keep_graphs")},
+        {
+            k: v
+            for k, v in SWEEP_HELP.items()
+            if k not in ("quantities", "chunk", "keep_graphs", "fsdp")
+        },
     )
     return p
 

@@ -800,6 +800,7 @@ class SweepCompute(ProductMethod):
     chunk: int = result(1)
     """Fixed (not timed) so that a resumed sweep takes bitwise the same products."""
     keep_graphs: str = operational("auto")
+    fsdp: bool = operational(False)
 
 
 @dataclass(frozen=True)
@@ -882,14 +883,35 @@ class SweepSpec(RunSpec):
                 f"--revisions need a Hugging Face model id; --model {self.model.model} is a local directory "
                 "(give several --model directories instead)"
             )
-        if any(k in os.environ for k in ("RANK", "WORLD_SIZE")):
-            raise UserError(
-                "hessian_sweep.py does not run under torchrun: use --devices (worker processes) on one node, or "
-                "split a long sweep with --params"
-            )
+        if c.fsdp:
+            self._check_sweep_fsdp()
         if self.run.devices is not None and s.revisions:
             raise UserError(
                 "--devices workers load local models only: with --revisions, run in one process (drop --devices)"
+            )
+
+    def _check_sweep_fsdp(self) -> None:
+        """``--fsdp``: ``--over block`` only, under torchrun, finite differences, without ``--device_map`` or
+        ``--devices``; one line each, before anything loads."""
+        if self.subset.over != "block":
+            raise UserError(
+                f"--fsdp sweeps whole blocks (the units FSDP shards, their weights whole parameters): use --over block, "
+                f"not --over {self.subset.over} (a head is part of its weights, which the sharded products cannot "
+                "take; for layers run without --fsdp, e.g. with --device_map)"
+            )
+        if not all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+            raise UserError(
+                "--fsdp shards the model over torchrun ranks: launch with torchrun --nproc_per_node N "
+                "hessian_sweep.py --fsdp --over block ... (without torchrun, drop --fsdp)"
+            )
+        if self.run.device_map is not None or self.run.devices is not None:
+            raise UserError(
+                "--fsdp shards the model over the torchrun ranks itself: drop --device_map and --devices"
+            )
+        if self.compute.hvp == "exact":
+            raise UserError(
+                "--fsdp has no double backward (FSDP does not support it): use --hvp finite_difference (the "
+                "default with --fsdp)"
             )
 
 

@@ -35,12 +35,13 @@ from ..hessian import sweep
 from ..model.inputs import model_fingerprint, warn
 from ..model.models import ModelSpec
 from ..products.operator import digest
-from ..runtime import parallel
+from ..runtime import parallel, ranks
 from ..runtime.checkpoint import config_hash
 from . import outputs
 from .pipeline import Family, Run
 from .results import atomic_write_bytes
 from .spec import SweepSpec
+from .sweep_ranks import rank_store
 
 KEEP_GRAPHS = {"auto": "auto", "on": True, "off": False}
 TABLE_COLUMNS = (
@@ -220,7 +221,12 @@ def worker_runner(
     """With several ``--devices``: how the workers load checkpoint ``name`` (a :class:`ModelSpec` checked against its
     fingerprint) and ``runner(job)``, every pass of every unit spread by batches over ``pool``'s workers
     (:func:`lib.runtime.parallel.run_job`: the partial sums added in batch order, so the products are bitwise the
-    one-process ones); ``(None, None)`` on one device."""
+    one-process ones); under torchrun, ``(None, runner)`` splitting the batches over the ranks
+    (:func:`lib.app.sweep_ranks.rank_runner`); ``(None, None)`` on one device."""
+    if parallel.distributed_env() is not None:
+        from .sweep_ranks import rank_runner
+
+        return None, rank_runner(run, fingerprint)
     if len(run.devices) < 2:
         return None, None
     from ..model.inputs import code_path, config_fingerprint
@@ -398,7 +404,7 @@ def row_quantities(spec: SweepSpec) -> list[str]:
 
 def _stage_bar(spec: SweepSpec, total: int) -> Any:
     """The progress bar over the sweep's stages (checkpoint x unit), or ``None`` with ``--no_progress``."""
-    if spec.output.no_progress:
+    if spec.output.no_progress or ranks.this_rank() != 0:
         return None
     from tqdm.auto import tqdm
 
@@ -445,13 +451,18 @@ class _SweepRun:
                 "units": [(u.name, u.size) for u in run.structure],
             }
         )
-        store = DirStore(self.store_dir, cfg, f"{i}:{cname}")
+        # under torchrun rank 0 reads and writes the stage files (sweep_ranks.RankStore)
+        store = rank_store(DirStore(self.store_dir, cfg, f"{i}:{cname}"))
         fd = self.fd
         mk = lambda subset, model=model, mspec=mspec, runner=runner, **kw: (  # noqa: E731
             sweep.HessianOperator(
                 model, subset, run.samples, products=fd, spec=mspec, run=runner, **kw
             )
         )
+        if run.spec.compute.fsdp:  # the model sharded over the torchrun ranks, whole unit vectors
+            from .sweep_fsdp import operator_maker
+
+            mk = operator_maker(run, model, sweep.union_subset(run.structure)[0])
         res = sweep.sweep(
             model,
             run.samples,
@@ -523,7 +534,7 @@ class SweepFamily(Family):
     def param_names(self, structure: Any) -> list[str]:
         return list(dict.fromkeys(s.param_name for u in structure for s in u.slices))
 
-    def compute(self, run: Run) -> SweepComputed:
+    def compute(self, run: Run) -> SweepComputed | None:
         spec: SweepSpec = run.spec
         units = run.structure
         settings = settings_of(spec)
@@ -569,7 +580,7 @@ class SweepFamily(Family):
             "samples_sha256": samples_digest,
             "table_columns": list(TABLE_COLUMNS),
         }
-        return SweepComputed(meta, table)
+        return SweepComputed(meta, table) if run.rank0 else None  # torchrun: rank 0 saves
 
     def save(self, run: Run, result: SweepComputed) -> tuple[Any, dict[str, Any]]:
         table, meta = result.table, result.meta

@@ -753,6 +753,8 @@ def _trace_stages(
     if got is None:
         prod.begin("pilot")
         got = _pilot_stage(prod, units, s, shared_seed, shared, pilot_per_unit)
+        # its measured seconds choose the estimator: under torchrun every rank takes rank 0's (RankStore.agree)
+        got = getattr(store, "agree", lambda v: v)(got)
         store.put("pilot", got)
         prod.end("pilot")
         done("pilot")
