@@ -887,10 +887,6 @@ class SweepSpec(RunSpec):
                 "hessian_sweep.py does not run under torchrun: use --devices (worker processes) on one node, or "
                 "split a long sweep with --params"
             )
-        if self.run.devices is not None and s.revisions:
-            raise UserError(
-                "--devices workers load local models only: with --revisions, run in one process (drop --devices)"
-            )
 
 
 SPECS: dict[str, type[RunSpec]] = {

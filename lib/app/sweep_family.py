@@ -34,6 +34,7 @@ from ..errors import UserError
 from ..hessian import sweep
 from ..model.inputs import model_fingerprint, warn
 from ..model.models import ModelSpec
+from ..model.revisions import hub_repo_cache, resolve_commit
 from ..products.operator import digest
 from ..runtime import parallel
 from ..runtime.checkpoint import config_hash
@@ -72,9 +73,7 @@ def checkpoint_step(name: str, path: Path | None = None) -> int | None:
 def cached_revisions(model_id: str, cache_dir: str | None) -> set[str]:
     """The revisions of hub model ``model_id`` in the local hub cache (``cache_dir``, else the hub library's): the
     branch and tag names under ``refs/`` and the commit hashes under ``snapshots/``."""
-    from huggingface_hub import constants
-
-    root = Path(cache_dir or constants.HF_HUB_CACHE) / ("models--" + model_id.replace("/", "--"))
+    root = hub_repo_cache(model_id, cache_dir)
     refs = root / "refs"
     names = (
         {p.relative_to(refs).as_posix() for p in refs.rglob("*") if p.is_file()}
@@ -154,7 +153,7 @@ class DirStore:
             return None
         if payload.get("config") != self.config:
             raise UserError(
-                f"{what} was made with another configuration or other weights than this run's; pass the same "
+                f"{what} was made with another configuration, other weights or another commit than this run's; pass the same "
                 "flags and models, or delete the .sweep directory to start over"
             )
         return payload
@@ -194,9 +193,9 @@ class DirStore:
         shutil.rmtree(self._passes(stage), ignore_errors=True)
 
 
-def _load_checkpoint(run: Run, i: int, name: str) -> nn.Module:
+def _load_checkpoint(run: Run, i: int, name: str, commit: str | None = None) -> nn.Module:
     """Checkpoint ``i`` (``name``: a revision of ``--model`` or a model): the run's loaded model for the first model,
-    else loaded the same way."""
+    else loaded the same way (a revision by its resolved ``commit`` when there is one)."""
     spec = run.spec
     if not spec.subset.revisions and i == 0:
         return run.model
@@ -210,15 +209,20 @@ def _load_checkpoint(run: Run, i: int, name: str) -> nn.Module:
         device=run.device,
         attn_implementation=m.attn_implementation,
         device_map=spec.run.device_map,
-        revision=name if spec.subset.revisions else None,
+        revision=(commit or name) if spec.subset.revisions else None,
     )
 
 
 def worker_runner(
-    run: Run, pool: parallel.WorkerPool, model: nn.Module, name: str, fingerprint: str
+    run: Run,
+    pool: parallel.WorkerPool,
+    model: nn.Module,
+    name: str,
+    fingerprint: str,
+    revision: str | None = None,
 ) -> tuple[ModelSpec | None, Any]:
     """With several ``--devices``: how the workers load checkpoint ``name`` (a :class:`ModelSpec` checked against its
-    fingerprint) and ``runner(job)``, every pass of every unit spread by batches over ``pool``'s workers
+    fingerprint; with ``revision``, that revision of ``--model``) and ``runner(job)``, every pass of every unit spread by batches over ``pool``'s workers
     (:func:`lib.runtime.parallel.run_job`: the partial sums added in batch order, so the products are bitwise the
     one-process ones); ``(None, None)`` on one device."""
     if len(run.devices) < 2:
@@ -229,7 +233,8 @@ def worker_runner(
     if model is not run.model:
         mspec = dataclasses.replace(
             mspec,
-            name=name,
+            name=run.spec.model.model if revision else name,
+            revision=revision,
             fingerprint=fingerprint,
             config_fingerprint=config_fingerprint(model),
             code=code_path(model),
@@ -426,14 +431,18 @@ class _SweepRun:
         ``checkpoints``."""
         run = self.run
         t0 = time.perf_counter()
-        model = _load_checkpoint(run, i, cname)
+        m, revs = run.spec.model, run.spec.subset.revisions
+        commit = resolve_commit(m.model, cname, m.cache_dir) if revs else None
+        model = _load_checkpoint(run, i, cname, commit)
         fp = run.fingerprints["model"] if model is run.model else model_fingerprint(model)
-        mspec, runner = worker_runner(run, self.pool, model, cname, fp)
-        local = Path(cname) if not run.spec.subset.revisions and Path(cname).is_dir() else None
+        mspec, runner = worker_runner(
+            run, self.pool, model, cname, fp, (commit or cname) if revs else None
+        )
+        local = Path(cname) if not revs and Path(cname).is_dir() else None
         ident = {
             "checkpoint": cname,
             "step": checkpoint_step(cname, local),
-            "commit": getattr(model.config, "_commit_hash", None),
+            "commit": commit or getattr(model.config, "_commit_hash", None),
             "fingerprint": fp,
         }
         cfg = config_hash(
@@ -441,6 +450,7 @@ class _SweepRun:
                 **run.identity(),
                 "checkpoint": cname,
                 "fingerprint": fp,
+                **({"commit": ident["commit"]} if ident["commit"] else {}),
                 "samples": self.samples_digest,
                 "units": [(u.name, u.size) for u in run.structure],
             }

@@ -392,14 +392,20 @@ class ModelSpec:
     """:func:`lib.model.inputs.code_path`: transformers and torch versions, model class, attention implementation."""
     matmul_precision: str = "highest"
     """``torch.set_float32_matmul_precision`` of every process that loads this spec (``--matmul_precision``)."""
+    revision: str | None = None
+    """The hub revision of ``name`` to load (``from_pretrained(revision=...)``), best a commit hash
+    (:func:`lib.model.revisions.resolve_commit`) so that every process reads the same snapshot; None: the default."""
 
     def identity(self) -> dict[str, str | None]:
         """What determines the numbers (for checkpoint validation): not where the weights are cached or placed
-        (the matmul precision only when lowered, so that default runs keep their identity)."""
+        (the matmul precision only when lowered, the revision only when given, so that default runs keep their
+        identity)."""
         keys = ("name", "dtype", "attn_implementation", "fingerprint", "tokenizer_fingerprint")
         keys += ("config_fingerprint", "code")
         if self.matmul_precision != "highest":
             keys += ("matmul_precision",)
+        if self.revision is not None:
+            keys += ("revision",)
         return {k: getattr(self, k) for k in keys}
 
     def load(self, device: torch.device | str = "cpu") -> nn.Module:
@@ -413,6 +419,7 @@ class ModelSpec:
             device,
             self.attn_implementation,
             self.device_map,
+            self.revision,
         )
         checks = (
             ("fingerprint", model_fingerprint, "fingerprint"),
@@ -426,8 +433,9 @@ class ModelSpec:
             got = measure(model)
             if got != want:
                 shown = (want, got) if attr == "code" else (want[:12], got[:12])
+                at = "" if self.revision is None else f" at revision {self.revision}"
                 raise UserError(
-                    f"this process loaded a different model {self.name!r} than the run started with "
+                    f"this process loaded a different model {self.name!r}{at} than the run started with "
                     f"({what} {shown[0]} -> {shown[1]}): its files changed during the run; rerun"
                 )
         return model
