@@ -532,10 +532,10 @@ def test_devices_workers_give_the_one_process_table_bitwise(tmp_path):
 def test_revisions_on_devices_workers_give_the_one_process_table_and_pin_commits(
     tmp_path, monkeypatch
 ):
-    """``--revisions step0 step2 main`` of a local hub cache (``main`` a second name of step2's commit), offline:
-    ``--devices cpu,cpu`` (each worker loads the revision's commit and checks its fingerprint) gives bitwise the
-    one-process table; every row carries its commit, ``main``'s rows are step2's; once ``main`` moves to another
-    commit (with the same weights), ``--resume`` refuses its stages in one line instead of reusing them."""
+    """``--revisions step0 step2 dev`` of a local hub cache without ``main`` (``dev`` a second name of step2's
+    commit), offline: ``--devices cpu,cpu`` (each worker loads the revision's commit and checks its fingerprint) gives
+    bitwise the one-process table; every row carries its commit, ``dev``'s rows are step2's; once ``dev`` moves to
+    another commit (with the same weights), ``--resume`` refuses its stages in one line instead of reusing them."""
     import csv
 
     from cases import _stderr_of, fake_hub
@@ -544,9 +544,9 @@ def test_revisions_on_devices_workers_give_the_one_process_table_and_pin_commits
 
     step0, step2 = _checkpoints(tmp_path, steps=(0, 1))
     hub = tmp_path / "hub"
-    commits = fake_hub(hub, "org/tiny", {"step0": step0, "step2": step2, "main": step2})
+    commits = fake_hub(hub, "org/tiny", {"step0": step0, "step2": step2, "dev": step2})
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    argv = ["--model", "org/tiny", "--cache_dir", str(hub), "--revisions", "step0", "step2", "main"]
+    argv = ["--model", "org/tiny", "--cache_dir", str(hub), "--revisions", "step0", "step2", "dev"]
     argv += [*SWEEP_FLAGS, "--params", "*.layers.3.fc2.weight", "--quantities", "trace"]
     argv += ["--min_probes", "2", "--max_probes", "4", "--model_input_bs", "1"]
     tables = []
@@ -563,12 +563,12 @@ def test_revisions_on_devices_workers_give_the_one_process_table_and_pin_commits
     assert [(r["checkpoint"], r["commit"]) for r in one] == list(commits.items())
     assert one[0]["fingerprint"] != one[1]["fingerprint"]
     assert {**one[2], "checkpoint": "step2", "step": "2"} == one[1]
-    fake_hub(hub, "org/tiny", {"main": tmp_path / "moved"})
+    fake_hub(hub, "org/tiny", {"dev": tmp_path / "moved"})
     (tmp_path / "moved").symlink_to(step2)
     code, err = _stderr_of(
         hessian_sweep, [*argv, "--output_dir", str(tmp_path / "one"), "--resume", "--overwrite"]
     )
-    assert code == 2 and len(err) == 1 and "(stage" in err[0] and "of 2:main)" in err[0], err
+    assert code == 2 and len(err) == 1 and "(stage" in err[0] and "of 2:dev)" in err[0], err
     assert "another commit" in err[0]
 
 

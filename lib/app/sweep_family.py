@@ -197,7 +197,7 @@ def _load_checkpoint(run: Run, i: int, name: str, commit: str | None = None) -> 
     """Checkpoint ``i`` (``name``: a revision of ``--model`` or a model): the run's loaded model for the first model,
     else loaded the same way (a revision by its resolved ``commit`` when there is one)."""
     spec = run.spec
-    if not spec.subset.revisions and i == 0:
+    if i == 0 and (not spec.subset.revisions or (commit or name) == run.revision):
         return run.model
     from ..model.models import load_model
 
@@ -521,11 +521,15 @@ class SweepFamily(Family):
     def products_per_sample(self, spec: SweepSpec, structure: Any) -> int:
         return 100  # tens of passes over the samples: batch samples per forward when memory allows
 
-    def resolve(self, spec: SweepSpec, model: nn.Module) -> SweepSpec:
-        """Refuses an unknown ``--revisions`` name here, before the weights load (:func:`check_revisions`)."""
-        if spec.subset.revisions:
-            check_revisions(spec.model.model, spec.subset.revisions, spec.model.cache_dir)
-        return spec
+    def load_revision(self, spec: SweepSpec) -> str | None:
+        """With ``--revisions``: refuses an unknown name (:func:`check_revisions`) before anything of the model is
+        read, then the first revision's commit (:func:`lib.model.revisions.resolve_commit`, else its name), whose
+        config, tokenizer and weights the run loads (its samples, and its first checkpoint when still there)."""
+        r, m = spec.subset.revisions, spec.model
+        if not r:
+            return None
+        check_revisions(m.model, r, m.cache_dir)
+        return resolve_commit(m.model, r[0], m.cache_dir) or r[0]
 
     def structure(self, model: nn.Module, spec: SweepSpec) -> tuple[sweep.Unit, ...]:
         return sweep.make_units(model, spec.subset.over, spec.subset.params)

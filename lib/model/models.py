@@ -106,9 +106,11 @@ def model_skeleton(
     cache_dir: str | None = None,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "eager",
+    revision: str | None = None,
 ) -> nn.Module | None:
     """The model's module tree on the ``meta`` device, built from its config alone: every module, parameter name
-    and shape, no weight read or allocated (milliseconds, where loading a large model takes seconds).
+    and shape, no weight read or allocated (milliseconds, where loading a large model takes seconds). ``revision``:
+    the hub revision whose config is read (None: the default).
 
     Refuses (:class:`UserError`) what :func:`load_model` would refuse before reading weights: a missing or
     corrupt config, an unknown model, attention without a double backward, a model that is not a causal LM.
@@ -123,7 +125,9 @@ def model_skeleton(
     hf_logging.set_verbosity_error()
     try:
         try:
-            config = AutoConfig.from_pretrained(path, cache_dir=cache_dir)
+            config = AutoConfig.from_pretrained(
+                path, cache_dir=cache_dir, **({} if revision is None else {"revision": revision})
+            )
         except Exception as e:  # noqa: BLE001 -- unreachable, not cached, bad path, unknown architecture
             if not local and not isinstance(e, (OSError, ValueError, KeyError)):
                 raise
