@@ -563,6 +563,8 @@ def test_revisions_on_devices_workers_give_the_one_process_table_and_pin_commits
     assert [(r["checkpoint"], r["commit"]) for r in one] == list(commits.items())
     assert one[0]["fingerprint"] != one[1]["fingerprint"]
     assert {**one[2], "checkpoint": "step2", "step": "2"} == one[1]
+    skip = [*argv, "--output_dir", str(tmp_path / "one"), "--skip_existing"]
+    assert _stderr_of(hessian_sweep, skip)[0] == 0  # the config read at step0's commit: no main
     fake_hub(hub, "org/tiny", {"dev": tmp_path / "moved"})
     (tmp_path / "moved").symlink_to(step2)
     code, err = _stderr_of(

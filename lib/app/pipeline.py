@@ -517,16 +517,17 @@ def written_files(meta: dict[str, Any]) -> list[str]:
     ]
 
 
-def finished_result(js: Path, spec: RunSpec) -> dict[str, Any]:
+def finished_result(js: Path, spec: RunSpec, revision: str | None = None) -> dict[str, Any]:
     """``--skip_existing``: the metadata of the finished result ``js`` after checking that it holds this
-    configuration (its ``spec_digest``) and that its files match their recorded SHA-256; one line on stdout."""
+    configuration (its ``spec_digest``) and that its files match their recorded SHA-256 (the config read at hub
+    ``revision``, :meth:`Family.load_revision`); one line on stdout."""
     meta = verify_result(js)
     if meta.get("spec_digest") != spec.digest():
         raise UserError(
             f"{js} holds the result of another configuration (or of an older version): --skip_existing keeps only "
             f"a result of the same configuration; choose another --name, or pass --overwrite to replace it"
         )
-    changed, unchecked = changed_inputs(meta, spec)
+    changed, unchecked = changed_inputs(meta, spec, revision)
     if changed:
         raise UserError(
             f"{js} was computed on other inputs: {changed}; --skip_existing keeps only a result of the same inputs; "
@@ -540,7 +541,9 @@ def finished_result(js: Path, spec: RunSpec) -> dict[str, Any]:
     return meta
 
 
-def changed_inputs(meta: dict[str, Any], spec: RunSpec) -> tuple[str | None, list[str]]:
+def changed_inputs(
+    meta: dict[str, Any], spec: RunSpec, revision: str | None = None
+) -> tuple[str | None, list[str]]:
     """``--skip_existing``: what of the text and the model's config differs from what the finished result ``meta``
     records (``None``: nothing), and what could not be checked. Reads the text and ``config.json`` (no weight):
     the text's SHA-256 and :func:`lib.model.inputs.config_fingerprint` of the config's meta-device skeleton."""
@@ -552,7 +555,9 @@ def changed_inputs(meta: dict[str, Any], spec: RunSpec) -> tuple[str | None, lis
     else:
         unchecked.append("the text")
     config = meta.get("fingerprints", {}).get("model_config")
-    skeleton = model_skeleton(m.model, m.cache_dir, getattr(torch, m.dtype), m.attn_implementation)
+    skeleton = model_skeleton(
+        m.model, m.cache_dir, getattr(torch, m.dtype), m.attn_implementation, revision
+    )
     if config and skeleton is not None:
         if config_fingerprint(skeleton) != config:
             return f"the config.json of --model {m.model} changed (its forward settings differ)", []
@@ -580,7 +585,7 @@ def _execute(spec: RunSpec, family: Family) -> dict[str, Any]:
     name = spec.output.name or family.default_name(spec)
     out = Path(spec.output.output_dir)
     if spec.output.skip_existing and (out / f"{name}.json").exists():
-        return finished_result(out / f"{name}.json", spec)
+        return finished_result(out / f"{name}.json", spec, family.load_revision(spec))
     outputs.claim(
         out,
         name,
