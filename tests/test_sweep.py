@@ -302,9 +302,11 @@ def test_a_revision_resolves_to_its_commit_online_from_the_hub_offline_from_the_
     an unknown name or an ambiguous prefix resolves to None (loaded by name)."""
     from cases import fake_hub
 
-    from lib.model.revisions import resolve_commit
+    from lib.model.revisions import loaded_commit, resolve_commit
 
     a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
     c = fake_hub(tmp_path, "org/m", {"step1": a, "v1": a, "main": b})
     assert c["step1"] == c["v1"] != c["main"]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -325,6 +327,10 @@ def test_a_revision_resolves_to_its_commit_online_from_the_hub_offline_from_the_
     # the hub first, else the cache
     assert commit("main") == "f" * 40 and commit("step1") == c["step1"]
     assert asked == ["main", "step1"]
+    # a model loaded by name: the cache's main (written by the load), none for a directory or the bundled model
+    assert loaded_commit("org/m", str(tmp_path)) == c["main"]
+    assert loaded_commit("org/other", str(tmp_path)) is None
+    assert loaded_commit(str(a), str(tmp_path)) is None and loaded_commit("embedded", None) is None
 
 
 def test_the_table_schema_reads_back_typed(opt_block0):

@@ -34,7 +34,7 @@ from ..errors import UserError
 from ..hessian import sweep
 from ..model.inputs import model_fingerprint, warn
 from ..model.models import ModelSpec
-from ..model.revisions import hub_repo_cache, resolve_commit
+from ..model.revisions import hub_repo_cache, loaded_commit, resolve_commit
 from ..products.operator import digest
 from ..runtime import parallel
 from ..runtime.checkpoint import config_hash
@@ -442,7 +442,9 @@ class _SweepRun:
         ident = {
             "checkpoint": cname,
             "step": checkpoint_step(cname, local),
-            "commit": commit or getattr(model.config, "_commit_hash", None),
+            "commit": commit
+            or getattr(model.config, "_commit_hash", None)
+            or (None if revs else loaded_commit(cname, m.cache_dir)),
             "fingerprint": fp,
         }
         cfg = config_hash(

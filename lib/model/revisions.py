@@ -72,3 +72,17 @@ def resolve_commit(
     )
     commit = None if offline else hub_commit(model_id, revision)
     return commit or cached_commit(model_id, revision, cache_dir)
+
+
+def loaded_commit(name: str, cache_dir: str | None) -> str | None:
+    """The commit a model loaded by name without a revision came from: for a hub id, the commit the cache's
+    ``refs/main`` holds (the hub library writes it on each load by name, online; offline it is what loads); None for
+    a local directory or the bundled model, or when the cache does not say."""
+    from ..paths import resolve_model_path
+
+    if Path(resolve_model_path(name)).is_dir():
+        return None
+    try:
+        return cached_commit(name, "main", cache_dir)
+    except (OSError, ValueError):
+        return None
