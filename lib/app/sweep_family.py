@@ -153,8 +153,8 @@ class DirStore:
             return None
         if payload.get("config") != self.config:
             raise UserError(
-                f"{what} was made with another configuration, other weights or another commit than this run's; pass the same "
-                "flags and models, or delete the .sweep directory to start over"
+                f"{what} was made with another configuration, other weights or another commit than this run's; "
+                "pass the same flags and models, or delete the .sweep directory to start over"
             )
         return payload
 
@@ -222,9 +222,9 @@ def worker_runner(
     revision: str | None = None,
 ) -> tuple[ModelSpec | None, Any]:
     """With several ``--devices``: how the workers load checkpoint ``name`` (a :class:`ModelSpec` checked against its
-    fingerprint; with ``revision``, that revision of ``--model``) and ``runner(job)``, every pass of every unit spread by batches over ``pool``'s workers
-    (:func:`lib.runtime.parallel.run_job`: the partial sums added in batch order, so the products are bitwise the
-    one-process ones); ``(None, None)`` on one device."""
+    fingerprint; with ``revision``, that revision of ``--model``) and ``runner(job)``, every pass of every unit
+    spread by batches over ``pool``'s workers (:func:`lib.runtime.parallel.run_job`: the partial sums added in batch
+    order, so the products are bitwise the one-process ones); ``(None, None)`` on one device."""
     if len(run.devices) < 2:
         return None, None
     from ..model.inputs import code_path, config_fingerprint
