@@ -161,3 +161,26 @@ def _fail(argv, capsys, script=single_layer_single_block) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     return err[0]
+
+
+def fake_hub(cache_dir, model_id: str, revisions: dict) -> dict[str, str]:
+    """A Hugging Face hub cache under ``cache_dir`` holding ``model_id``'s ``revisions`` (``{name: model directory}``),
+    as the hub library lays it out: ``models--ORG--NAME/snapshots/<commit>`` (here a link to the directory) and
+    ``refs/<name>`` holding the commit. The commit is the SHA-1 of the directory's path: two names of one path share a
+    commit (a tag on a branch's head); another path to the same files (a link) is another commit with the same
+    weights. Calling it again moves a name. Returns ``{name: commit}``."""
+    import hashlib
+    from pathlib import Path
+
+    repo = Path(cache_dir) / ("models--" + model_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "snapshots").mkdir(exist_ok=True)
+    commits = {}
+    for name, src in revisions.items():
+        commit = hashlib.sha1(str(src).encode()).hexdigest()
+        snap = repo / "snapshots" / commit
+        if not os.path.lexists(snap):
+            snap.symlink_to(Path(src).absolute())
+        (repo / "refs" / name).write_text(commit)
+        commits[name] = commit
+    return commits

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from cases import fake_hub
 from conftest import ROOT, tiny_model
 
 from lib.app import early_checks
@@ -115,11 +116,7 @@ def test_a_layout_it_cannot_confirm_is_not_checked(saved, tmp_path):
 
 
 def test_a_hub_id_is_found_in_the_cache(saved, tmp_path):
-    repo = tmp_path / "models--org--tiny"
-    (repo / "snapshots").mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "snapshots" / "abc123").symlink_to(saved["llama"])
-    (repo / "refs" / "main").write_text("abc123")
+    fake_hub(tmp_path, "org/tiny", {"main": saved["llama"]})
     found = early_checks.layout("org/tiny", str(tmp_path))
     assert found is not None and found.model_type == "llama"
     assert early_checks.layout("org/other", str(tmp_path)) is None

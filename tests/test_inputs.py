@@ -3,6 +3,7 @@ complete and finite, refuses bad flags in one line, and fails fast and quietly w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -13,7 +14,7 @@ import sys
 import pytest
 import torch
 from cases import INPUTS_FAST as FAST
-from cases import _fail, _tiny_opt
+from cases import _fail, _tiny_opt, fake_hub
 from conftest import ROOT
 
 import several_layers_several_blocks
@@ -131,14 +132,28 @@ def test_checkpoint_names_a_changed_tokenizer(tmp_path):
         ckpt.load(tmp_path / "x.ckpt", changed, 1)
 
 
-def test_worker_refuses_a_model_that_differs_from_the_parents(tiny_dir):
-    spec = ModelSpec(str(tiny_dir), fingerprint=model_fingerprint(load_model(str(tiny_dir))))
+def test_worker_refuses_a_model_that_differs_from_the_parents(tiny_dir, tmp_path, monkeypatch):
+    """A directory, and a hub revision (a commit of a local hub cache, as ``hessian_sweep.py --revisions`` workers
+    load it): the parent's fingerprint is accepted, another refused in one line naming the revision."""
+    fp = model_fingerprint(load_model(str(tiny_dir)))
+    spec = ModelSpec(str(tiny_dir), fingerprint=fp)
     spec.load()  # the same files: accepted
     with pytest.raises(
         ckpt.UserError,
         match=r"loaded a different model .* \(fingerprint 000000000000 -> [0-9a-f]{12}\): its files changed during the run",
     ):
         ModelSpec(str(tiny_dir), fingerprint="0" * 64).load()
+    commit = fake_hub(tmp_path, "org/tiny", {"step1": tiny_dir})["step1"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub = ModelSpec("org/tiny", str(tmp_path), fingerprint=fp, revision=commit)
+    assert model_fingerprint(hub.load()) == fp and hub.identity()["revision"] == commit
+    with pytest.raises(ckpt.UserError) as e:
+        dataclasses.replace(hub, fingerprint="0" * 64).load()
+    assert str(e.value) == (
+        f"this process loaded a different model 'org/tiny' at revision {commit} than the run started with "
+        f"(fingerprint 000000000000 -> {fp[:12]}): its files changed during the run; rerun"
+    )
+    assert "revision" not in spec.identity()  # runs without a revision keep their identity
 
 
 # ----------------------------------------------------------------------------- items 2 and 3: weights

@@ -294,6 +294,45 @@ def test_an_unknown_revision_is_refused_offline_from_the_cache_and_online_by_the
     assert asked == ["step1000", "gated", "step1000", "step9"]
 
 
+def test_a_revision_resolves_to_its_commit_online_from_the_hub_offline_from_the_cache(
+    tmp_path, monkeypatch
+):
+    """A branch or tag is pinned to the commit it names (the hub's answer online, ``refs/`` of the cache offline or
+    when the hub cannot say); a full commit is itself, a unique 7+ character prefix of a cached snapshot its commit;
+    an unknown name or an ambiguous prefix resolves to None (loaded by name)."""
+    from cases import fake_hub
+
+    from lib.model.revisions import loaded_commit, resolve_commit
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    c = fake_hub(tmp_path, "org/m", {"step1": a, "v1": a, "main": b})
+    assert c["step1"] == c["v1"] != c["main"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    asked: list[str] = []
+
+    def hub(model_id: str, r: str) -> str | None:
+        asked.append(r)
+        return {"main": "f" * 40}.get(r)
+
+    commit = lambda r: resolve_commit("org/m", r, str(tmp_path), hub)  # noqa: E731
+    assert [commit(r) for r in ("step1", "v1", "main")] == [c["step1"], c["v1"], c["main"]]
+    assert commit(c["main"][:7]) == c["main"] and commit("e" * 40) == "e" * 40
+    assert commit("step9") is None and commit(c["main"][:6]) is None and asked == []
+    for d in ("1", "2"):
+        (tmp_path / "models--org--m" / "snapshots" / ("abcdef0" + d * 33)).mkdir()
+    assert commit("abcdef0") is None and commit("abcdef01") == "abcdef0" + "1" * 33
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    # the hub first, else the cache
+    assert commit("main") == "f" * 40 and commit("step1") == c["step1"]
+    assert asked == ["main", "step1"]
+    # a model loaded by name: the cache's main (written by the load), none for a directory or the bundled model
+    assert loaded_commit("org/m", str(tmp_path)) == c["main"]
+    assert loaded_commit("org/other", str(tmp_path)) is None
+    assert loaded_commit(str(a), str(tmp_path)) is None and loaded_commit("embedded", None) is None
+
+
 def test_the_table_schema_reads_back_typed(opt_block0):
     """The CSV has the documented columns in order, one row per checkpoint x unit x quantity, and every value reads
     back as its type (numbers as numbers, a missing step or commit as an empty field); the JSON lines hold the same."""
@@ -495,17 +534,61 @@ def test_devices_workers_give_the_one_process_table_bitwise(tmp_path):
     assert all(x["workers"] == 2 and x["units_run"] == 2 * x["passes"] > 0 for x in w), w
 
 
-def test_workers_with_revisions_are_refused_in_one_line():
-    """``--devices`` is accepted (worker processes); with ``--revisions`` (workers load local models only) the spec is
-    refused in one line (torchrun runs: tests/test_sweep_ranks.py)."""
+@pytest.mark.slow
+def test_revisions_on_devices_workers_give_the_one_process_table_and_pin_commits(
+    tmp_path, monkeypatch
+):
+    """``--revisions step0 step2 dev`` of a local hub cache without ``main`` (``dev`` a second name of step2's
+    commit), offline: ``--devices cpu,cpu`` (each worker loads the revision's commit and checks its fingerprint) gives
+    bitwise the one-process table; every row carries its commit, ``dev``'s rows are step2's; once ``dev`` moves to
+    another commit (with the same weights), ``--resume`` refuses its stages in one line instead of reusing them."""
+    import csv
+
+    from cases import _stderr_of, fake_hub
+
+    import hessian_sweep
+
+    step0, step2 = _checkpoints(tmp_path, steps=(0, 1))
+    hub = tmp_path / "hub"
+    commits = fake_hub(hub, "org/tiny", {"step0": step0, "step2": step2, "dev": step2})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = ["--model", "org/tiny", "--cache_dir", str(hub), "--revisions", "step0", "step2", "dev"]
+    argv += [*SWEEP_FLAGS, "--params", "*.layers.3.fc2.weight", "--quantities", "trace"]
+    argv += ["--min_probes", "2", "--max_probes", "4", "--model_input_bs", "1"]
+    tables = []
+    for extra in (["--keep_checkpoint"], ["--devices", "cpu,cpu"]):
+        out = tmp_path / ("workers" if "--devices" in extra else "one")
+        code, err = _stderr_of(hessian_sweep, [*argv, *extra, "--output_dir", str(out)])
+        assert code == 0, err
+        with open(out / "s.csv") as f:
+            tables.append(
+                [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
+            )
+    one, workers = tables
+    assert one == workers and len(one) == 3
+    assert [(r["checkpoint"], r["commit"]) for r in one] == list(commits.items())
+    assert one[0]["fingerprint"] != one[1]["fingerprint"]
+    assert {**one[2], "checkpoint": "step2", "step": "2"} == one[1]
+    skip = [*argv, "--output_dir", str(tmp_path / "one"), "--skip_existing"]
+    assert _stderr_of(hessian_sweep, skip)[0] == 0  # the config read at step0's commit: no main
+    fake_hub(hub, "org/tiny", {"dev": tmp_path / "moved"})
+    (tmp_path / "moved").symlink_to(step2)
+    code, err = _stderr_of(
+        hessian_sweep, [*argv, "--output_dir", str(tmp_path / "one"), "--resume", "--overwrite"]
+    )
+    assert code == 2 and len(err) == 1 and "(stage" in err[0] and "of 2:dev)" in err[0], err
+    assert "another commit" in err[0]
+
+
+def test_workers_take_revisions():
+    """``--devices`` is accepted (worker processes), with ``--revisions`` too (each worker loads the revision's
+    commit; torchrun runs: tests/test_sweep_ranks.py)."""
     from lib.app import cli
-    from lib.errors import UserError
 
     spec = cli.parse("hessian_sweep", ["--devices", "cpu,cpu"], "")
     spec.validate()
-    with pytest.raises(UserError, match="--devices workers load local models only"):
-        cli.parse(
-            "hessian_sweep",
-            ["--devices", "cpu,cpu", "--model", "org/m", "--revisions", "a", "b"],
-            "",
-        ).validate()
+    cli.parse(
+        "hessian_sweep",
+        ["--devices", "cpu,cpu", "--model", "org/m", "--revisions", "a", "b"],
+        "",
+    ).validate()

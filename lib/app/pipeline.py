@@ -98,6 +98,10 @@ class Family:
         """``spec`` with the defaults that need the module tree fixed (``model`` may be on the meta device)."""
         return spec
 
+    def load_revision(self, spec: RunSpec) -> str | None:
+        """The hub revision of ``--model`` the run loads (its config, tokenizer and weights); None: the default."""
+        return None
+
     def products_per_sample(self, spec: RunSpec, structure: Any) -> int:
         """Hessian-vector products per sample of the run (at most), for ``--model_input_bs auto``."""
         return 1
@@ -167,6 +171,8 @@ class Run:
     audit_plan: Any = None
     audit: Any = None
     """The float64 audit of the run's products (:class:`lib.products.audit.AuditResult`), once it ran."""
+    revision: str | None = None
+    """The hub revision ``model`` was loaded at (:meth:`Family.load_revision`); None: the default."""
 
     @property
     def out(self) -> Path:
@@ -235,6 +241,7 @@ class Run:
             self.fingerprints.get("model_config"),
             self.fingerprints.get("code"),
             m.matmul_precision,
+            self.revision,
         )
 
     def products(self) -> Products:
@@ -371,7 +378,7 @@ def warn_low_precision(dtype: str) -> None:
 # ----------------------------------------------------------------------------- inspect and load
 
 
-def _load_weights(spec: RunSpec, device: torch.device) -> nn.Module:
+def _load_weights(spec: RunSpec, device: torch.device, revision: str | None = None) -> nn.Module:
     m = spec.model
     return load_model(
         m.model,
@@ -380,6 +387,7 @@ def _load_weights(spec: RunSpec, device: torch.device) -> nn.Module:
         device=device,
         attn_implementation=m.attn_implementation,
         device_map=spec.run.device_map,
+        revision=revision,
     )
 
 
@@ -394,22 +402,27 @@ class Inspected:
     model: nn.Module
     """The meta-device skeleton, or the loaded model when no skeleton could be built."""
     loaded: bool
+    revision: str | None = None
+    """The hub revision of ``--model`` read (:meth:`Family.load_revision`)."""
 
 
 def inspect(spec: RunSpec, family: Family, device: torch.device) -> Inspected:
     """Every check that needs only the config, the tokenizer and the text, before a weight is read."""
     m = spec.model
-    model = model_skeleton(m.model, m.cache_dir, getattr(torch, m.dtype), m.attn_implementation)
+    rev = family.load_revision(spec)
+    model = model_skeleton(
+        m.model, m.cache_dir, getattr(torch, m.dtype), m.attn_implementation, rev
+    )
     loaded = model is None
     if loaded:  # an architecture that cannot be built on the meta device: check on the real model
-        model = _load_weights(spec, device)
+        model = _load_weights(spec, device, rev)
     spec = family.resolve(spec, model)
     family.structure(model, spec)
     limit = max_positions(model)
     if spec.data.seqlen is None:
         spec = spec.replace(seqlen=min(PAPER_SEQLEN, limit or PAPER_SEQLEN))
     check_seqlen(spec.data.seqlen, limit)
-    tokenizer = load_tokenizer(m.model, m.cache_dir)
+    tokenizer = load_tokenizer(m.model, m.cache_dir, rev)
     text = load_text(spec.data.dataset, m.cache_dir)
     tokens = tokenize(tokenizer, text, m.cache_dir)
     if not tokens.numel():
@@ -422,7 +435,7 @@ def inspect(spec: RunSpec, family: Family, device: torch.device) -> Inspected:
     samples = make_samples(tokens, spec.data.seqlen, spec.data.b)
     check_token_ids(samples, model, m.model)
     return Inspected(
-        spec, samples, tokenizer_fingerprint(tokenizer), text_sha256(text), model, loaded
+        spec, samples, tokenizer_fingerprint(tokenizer), text_sha256(text), model, loaded, rev
     )
 
 
@@ -443,7 +456,7 @@ def load(
         "code": code_path(found.model),
     }
     ranks.agree(ranks.identity(found.spec, before), devices[0])  # torchrun: before a weight loads
-    model = found.model if found.loaded else _load_weights(found.spec, device)
+    model = found.model if found.loaded else _load_weights(found.spec, device, found.revision)
     structure = family.structure(model, found.spec)
     offloaded = offloaded_parameters(model, family.param_names(structure))
     if offloaded:
@@ -483,6 +496,7 @@ def load(
         family.identity_sections,
         dataset_sha256=found.dataset_sha256,
         model_input_bs_choice=choice,
+        revision=found.revision,
     )
 
 
@@ -503,16 +517,17 @@ def written_files(meta: dict[str, Any]) -> list[str]:
     ]
 
 
-def finished_result(js: Path, spec: RunSpec) -> dict[str, Any]:
+def finished_result(js: Path, spec: RunSpec, revision: str | None = None) -> dict[str, Any]:
     """``--skip_existing``: the metadata of the finished result ``js`` after checking that it holds this
-    configuration (its ``spec_digest``) and that its files match their recorded SHA-256; one line on stdout."""
+    configuration (its ``spec_digest``) and that its files match their recorded SHA-256 (the config read at hub
+    ``revision``, :meth:`Family.load_revision`); one line on stdout."""
     meta = verify_result(js)
     if meta.get("spec_digest") != spec.digest():
         raise UserError(
             f"{js} holds the result of another configuration (or of an older version): --skip_existing keeps only "
             f"a result of the same configuration; choose another --name, or pass --overwrite to replace it"
         )
-    changed, unchecked = changed_inputs(meta, spec)
+    changed, unchecked = changed_inputs(meta, spec, revision)
     if changed:
         raise UserError(
             f"{js} was computed on other inputs: {changed}; --skip_existing keeps only a result of the same inputs; "
@@ -526,7 +541,9 @@ def finished_result(js: Path, spec: RunSpec) -> dict[str, Any]:
     return meta
 
 
-def changed_inputs(meta: dict[str, Any], spec: RunSpec) -> tuple[str | None, list[str]]:
+def changed_inputs(
+    meta: dict[str, Any], spec: RunSpec, revision: str | None = None
+) -> tuple[str | None, list[str]]:
     """``--skip_existing``: what of the text and the model's config differs from what the finished result ``meta``
     records (``None``: nothing), and what could not be checked. Reads the text and ``config.json`` (no weight):
     the text's SHA-256 and :func:`lib.model.inputs.config_fingerprint` of the config's meta-device skeleton."""
@@ -538,7 +555,9 @@ def changed_inputs(meta: dict[str, Any], spec: RunSpec) -> tuple[str | None, lis
     else:
         unchecked.append("the text")
     config = meta.get("fingerprints", {}).get("model_config")
-    skeleton = model_skeleton(m.model, m.cache_dir, getattr(torch, m.dtype), m.attn_implementation)
+    skeleton = model_skeleton(
+        m.model, m.cache_dir, getattr(torch, m.dtype), m.attn_implementation, revision
+    )
     if config and skeleton is not None:
         if config_fingerprint(skeleton) != config:
             return f"the config.json of --model {m.model} changed (its forward settings differ)", []
@@ -566,7 +585,7 @@ def _execute(spec: RunSpec, family: Family) -> dict[str, Any]:
     name = spec.output.name or family.default_name(spec)
     out = Path(spec.output.output_dir)
     if spec.output.skip_existing and (out / f"{name}.json").exists():
-        return finished_result(out / f"{name}.json", spec)
+        return finished_result(out / f"{name}.json", spec, family.load_revision(spec))
     outputs.claim(
         out,
         name,

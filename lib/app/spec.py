@@ -885,10 +885,6 @@ class SweepSpec(RunSpec):
             )
         if c.fsdp:
             self._check_sweep_fsdp()
-        if self.run.devices is not None and s.revisions:
-            raise UserError(
-                "--devices workers load local models only: with --revisions, run in one process (drop --devices)"
-            )
 
     def _check_sweep_fsdp(self) -> None:
         """``--fsdp``: ``--over block`` only, under torchrun, finite differences, without ``--device_map`` or

@@ -34,6 +34,7 @@ from ..errors import UserError
 from ..hessian import sweep
 from ..model.inputs import model_fingerprint, warn
 from ..model.models import ModelSpec
+from ..model.revisions import hub_repo_cache, loaded_commit, resolve_commit
 from ..products.operator import digest
 from ..runtime import parallel, ranks
 from ..runtime.checkpoint import config_hash
@@ -73,9 +74,7 @@ def checkpoint_step(name: str, path: Path | None = None) -> int | None:
 def cached_revisions(model_id: str, cache_dir: str | None) -> set[str]:
     """The revisions of hub model ``model_id`` in the local hub cache (``cache_dir``, else the hub library's): the
     branch and tag names under ``refs/`` and the commit hashes under ``snapshots/``."""
-    from huggingface_hub import constants
-
-    root = Path(cache_dir or constants.HF_HUB_CACHE) / ("models--" + model_id.replace("/", "--"))
+    root = hub_repo_cache(model_id, cache_dir)
     refs = root / "refs"
     names = (
         {p.relative_to(refs).as_posix() for p in refs.rglob("*") if p.is_file()}
@@ -155,8 +154,8 @@ class DirStore:
             return None
         if payload.get("config") != self.config:
             raise UserError(
-                f"{what} was made with another configuration or other weights than this run's; pass the same "
-                "flags and models, or delete the .sweep directory to start over"
+                f"{what} was made with another configuration, other weights or another commit than this run's; "
+                "pass the same flags and models, or delete the .sweep directory to start over"
             )
         return payload
 
@@ -195,11 +194,11 @@ class DirStore:
         shutil.rmtree(self._passes(stage), ignore_errors=True)
 
 
-def _load_checkpoint(run: Run, i: int, name: str) -> nn.Module:
+def _load_checkpoint(run: Run, i: int, name: str, commit: str | None = None) -> nn.Module:
     """Checkpoint ``i`` (``name``: a revision of ``--model`` or a model): the run's loaded model for the first model,
-    else loaded the same way."""
+    else loaded the same way (a revision by its resolved ``commit`` when there is one)."""
     spec = run.spec
-    if not spec.subset.revisions and i == 0:
+    if i == 0 and (not spec.subset.revisions or (commit or name) == run.revision):
         return run.model
     from ..model.models import load_model
 
@@ -211,18 +210,23 @@ def _load_checkpoint(run: Run, i: int, name: str) -> nn.Module:
         device=run.device,
         attn_implementation=m.attn_implementation,
         device_map=spec.run.device_map,
-        revision=name if spec.subset.revisions else None,
+        revision=(commit or name) if spec.subset.revisions else None,
     )
 
 
 def worker_runner(
-    run: Run, pool: parallel.WorkerPool, model: nn.Module, name: str, fingerprint: str
+    run: Run,
+    pool: parallel.WorkerPool,
+    model: nn.Module,
+    name: str,
+    fingerprint: str,
+    revision: str | None = None,
 ) -> tuple[ModelSpec | None, Any]:
     """With several ``--devices``: how the workers load checkpoint ``name`` (a :class:`ModelSpec` checked against its
-    fingerprint) and ``runner(job)``, every pass of every unit spread by batches over ``pool``'s workers
-    (:func:`lib.runtime.parallel.run_job`: the partial sums added in batch order, so the products are bitwise the
-    one-process ones); under torchrun, ``(None, runner)`` splitting the batches over the ranks
-    (:func:`lib.app.sweep_ranks.rank_runner`); ``(None, None)`` on one device."""
+    fingerprint; with ``revision``, that revision of ``--model``) and ``runner(job)``, every pass of every unit
+    spread by batches over ``pool``'s workers (:func:`lib.runtime.parallel.run_job`: the partial sums added in batch
+    order, so the products are bitwise the one-process ones); under torchrun, ``(None, runner)`` splitting the
+    batches over the ranks (:func:`lib.app.sweep_ranks.rank_runner`); ``(None, None)`` on one device."""
     if parallel.distributed_env() is not None:
         from .sweep_ranks import rank_runner
 
@@ -235,7 +239,8 @@ def worker_runner(
     if model is not run.model:
         mspec = dataclasses.replace(
             mspec,
-            name=name,
+            name=run.spec.model.model if revision else name,
+            revision=revision,
             fingerprint=fingerprint,
             config_fingerprint=config_fingerprint(model),
             code=code_path(model),
@@ -432,14 +437,20 @@ class _SweepRun:
         ``checkpoints``."""
         run = self.run
         t0 = time.perf_counter()
-        model = _load_checkpoint(run, i, cname)
+        m, revs = run.spec.model, run.spec.subset.revisions
+        commit = resolve_commit(m.model, cname, m.cache_dir) if revs else None
+        model = _load_checkpoint(run, i, cname, commit)
         fp = run.fingerprints["model"] if model is run.model else model_fingerprint(model)
-        mspec, runner = worker_runner(run, self.pool, model, cname, fp)
-        local = Path(cname) if not run.spec.subset.revisions and Path(cname).is_dir() else None
+        mspec, runner = worker_runner(
+            run, self.pool, model, cname, fp, (commit or cname) if revs else None
+        )
+        local = Path(cname) if not revs and Path(cname).is_dir() else None
         ident = {
             "checkpoint": cname,
             "step": checkpoint_step(cname, local),
-            "commit": getattr(model.config, "_commit_hash", None),
+            "commit": commit
+            or getattr(model.config, "_commit_hash", None)
+            or (None if revs else loaded_commit(cname, m.cache_dir)),
             "fingerprint": fp,
         }
         cfg = config_hash(
@@ -447,6 +458,7 @@ class _SweepRun:
                 **run.identity(),
                 "checkpoint": cname,
                 "fingerprint": fp,
+                **({"commit": ident["commit"]} if ident["commit"] else {}),
                 "samples": self.samples_digest,
                 "units": [(u.name, u.size) for u in run.structure],
             }
@@ -522,11 +534,15 @@ class SweepFamily(Family):
     def products_per_sample(self, spec: SweepSpec, structure: Any) -> int:
         return 100  # tens of passes over the samples: batch samples per forward when memory allows
 
-    def resolve(self, spec: SweepSpec, model: nn.Module) -> SweepSpec:
-        """Refuses an unknown ``--revisions`` name here, before the weights load (:func:`check_revisions`)."""
-        if spec.subset.revisions:
-            check_revisions(spec.model.model, spec.subset.revisions, spec.model.cache_dir)
-        return spec
+    def load_revision(self, spec: SweepSpec) -> str | None:
+        """With ``--revisions``: refuses an unknown name (:func:`check_revisions`) before anything of the model is
+        read, then the first revision's commit (:func:`lib.model.revisions.resolve_commit`, else its name), whose
+        config, tokenizer and weights the run loads (its samples, and its first checkpoint when still there)."""
+        r, m = spec.subset.revisions, spec.model
+        if not r:
+            return None
+        check_revisions(m.model, r, m.cache_dir)
+        return resolve_commit(m.model, r[0], m.cache_dir) or r[0]
 
     def structure(self, model: nn.Module, spec: SweepSpec) -> tuple[sweep.Unit, ...]:
         return sweep.make_units(model, spec.subset.over, spec.subset.params)

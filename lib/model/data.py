@@ -92,13 +92,14 @@ TOKENIZER_FILES = (
 """Files of which a local model directory needs at least one to have a tokenizer."""
 
 
-def load_tokenizer(model_name: str, cache_dir: str | None = None):
+def load_tokenizer(model_name: str, cache_dir: str | None = None, revision: str | None = None):
     """``AutoTokenizer.from_pretrained`` for the model (the embedded model ships its own); refuses a model
     directory without tokenizer files and a tokenizer with an empty vocabulary.
 
     Args:
         model_name: ``"embedded"``, a Hugging Face model id or a local model directory.
         cache_dir: the Hugging Face cache.
+        revision: the hub revision of ``model_name`` (a branch, tag or commit); ``None``: the default.
 
     Returns:
         The tokenizer (a ``transformers`` ``PreTrainedTokenizerBase``).
@@ -117,7 +118,9 @@ def load_tokenizer(model_name: str, cache_dir: str | None = None):
     if not Path(path).is_dir():
         hub_offline_if_unreachable()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, cache_dir=cache_dir, **({} if revision is None else {"revision": revision})
+        )
     except (OSError, ValueError) as e:
         raise ParamError(
             "model",

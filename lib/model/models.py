@@ -106,9 +106,11 @@ def model_skeleton(
     cache_dir: str | None = None,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "eager",
+    revision: str | None = None,
 ) -> nn.Module | None:
     """The model's module tree on the ``meta`` device, built from its config alone: every module, parameter name
-    and shape, no weight read or allocated (milliseconds, where loading a large model takes seconds).
+    and shape, no weight read or allocated (milliseconds, where loading a large model takes seconds). ``revision``:
+    the hub revision whose config is read (None: the default).
 
     Refuses (:class:`UserError`) what :func:`load_model` would refuse before reading weights: a missing or
     corrupt config, an unknown model, attention without a double backward, a model that is not a causal LM.
@@ -123,7 +125,9 @@ def model_skeleton(
     hf_logging.set_verbosity_error()
     try:
         try:
-            config = AutoConfig.from_pretrained(path, cache_dir=cache_dir)
+            config = AutoConfig.from_pretrained(
+                path, cache_dir=cache_dir, **({} if revision is None else {"revision": revision})
+            )
         except Exception as e:  # noqa: BLE001 -- unreachable, not cached, bad path, unknown architecture
             if not local and not isinstance(e, (OSError, ValueError, KeyError)):
                 raise
@@ -392,14 +396,20 @@ class ModelSpec:
     """:func:`lib.model.inputs.code_path`: transformers and torch versions, model class, attention implementation."""
     matmul_precision: str = "highest"
     """``torch.set_float32_matmul_precision`` of every process that loads this spec (``--matmul_precision``)."""
+    revision: str | None = None
+    """The hub revision of ``name`` to load (``from_pretrained(revision=...)``), best a commit hash
+    (:func:`lib.model.revisions.resolve_commit`) so that every process reads the same snapshot; None: the default."""
 
     def identity(self) -> dict[str, str | None]:
         """What determines the numbers (for checkpoint validation): not where the weights are cached or placed
-        (the matmul precision only when lowered, so that default runs keep their identity)."""
+        (the matmul precision only when lowered, the revision only when given, so that default runs keep their
+        identity)."""
         keys = ("name", "dtype", "attn_implementation", "fingerprint", "tokenizer_fingerprint")
         keys += ("config_fingerprint", "code")
         if self.matmul_precision != "highest":
             keys += ("matmul_precision",)
+        if self.revision is not None:
+            keys += ("revision",)
         return {k: getattr(self, k) for k in keys}
 
     def load(self, device: torch.device | str = "cpu") -> nn.Module:
@@ -413,6 +423,7 @@ class ModelSpec:
             device,
             self.attn_implementation,
             self.device_map,
+            self.revision,
         )
         checks = (
             ("fingerprint", model_fingerprint, "fingerprint"),
@@ -426,8 +437,9 @@ class ModelSpec:
             got = measure(model)
             if got != want:
                 shown = (want, got) if attr == "code" else (want[:12], got[:12])
+                at = "" if self.revision is None else f" at revision {self.revision}"
                 raise UserError(
-                    f"this process loaded a different model {self.name!r} than the run started with "
+                    f"this process loaded a different model {self.name!r}{at} than the run started with "
                     f"({what} {shown[0]} -> {shown[1]}): its files changed during the run; rerun"
                 )
         return model
