@@ -592,3 +592,16 @@ def test_workers_take_revisions():
         ["--devices", "cpu,cpu", "--model", "org/m", "--revisions", "a", "b"],
         "",
     ).validate()
+
+
+def test_auto_pilot_takes_the_shared_variance_from_paired_probes(opt_block0):
+    """Under ``auto`` the shared pilot is 2 union probes made of the units' own first probes: the shared variance it
+    reports is the per-unit variance plus ``||(H z)_u - H_uu z_u||^2``, an estimate of the off-diagonal blocks'
+    ``sum_w ||H_uw||_F^2`` (the exact decomposition), here within 35 % of the dense value for every unit."""
+    model, ids, units, h, ranges = opt_block0
+    res = sw.sweep(model, ids, units, ["trace"], sw.SweepSettings(chunk=8, max_probes=20))
+    t = res.trace
+    assert t["pilot_hvps"] == sw.PAIRED + 10 * len(units)
+    for (a, b), vs, vp in zip(ranges, t["variance_shared"], t["variance_per_unit"]):
+        off = float((h[a:b] ** 2).sum() - (h[a:b, a:b] ** 2).sum())
+        assert abs((vs - vp) - off) <= 0.35 * off

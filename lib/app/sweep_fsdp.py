@@ -69,6 +69,11 @@ class GatheredOperator:
                 at += k
         return out
 
+    def kept_graph_bytes(self) -> int:
+        """0: finite-difference products keep no graph, so nothing is gained by keeping this operator once another
+        unit's is made (and each sets which weights require gradients: only one may be live)."""
+        return 0
+
     def report(self) -> dict[str, Any]:
         """The sharded operator's report (collective: :meth:`lib.products.fsdp.ShardedOperator.report`)."""
         return self.op.report()

@@ -368,8 +368,11 @@ class ProbeStats:
         return len(self.trace)
 
 
-def probe_round(matmat: spectrum.MatMat, n: int, stats: ProbeStats, p: int, seed: int) -> None:
-    """``p`` more Rademacher probes (columns ``count .. count + p - 1`` of the global draw ``seed``) into ``stats``."""
+def probe_round(
+    matmat: spectrum.MatMat, n: int, stats: ProbeStats, p: int, seed: int
+) -> torch.Tensor:
+    """``p`` more Rademacher probes (columns ``count .. count + p - 1`` of the global draw ``seed``) into ``stats``;
+    returns their products ``H z`` ``(n, p)``."""
     from ..spectrum.vectors import local_space
 
     z = local_space(n).random(p, seed, "rademacher", first=stats.count)
@@ -380,6 +383,7 @@ def probe_round(matmat: spectrum.MatMat, n: int, stats: ProbeStats, p: int, seed
     s, q = d.sum(1), (d * d).sum(1)
     stats.diag_sum = s if stats.diag_sum is None else stats.diag_sum + s
     stats.diag_sq = q if stats.diag_sq is None else stats.diag_sq + q
+    return hz
 
 
 def mean_stderr(samples: Sequence[float]) -> tuple[float, float, float]:
@@ -556,11 +560,13 @@ class UnitProducts:
         """Before a new unit operator: keep the earlier units' operators (their graphs, reused when the unit's own
         stage follows its pilot probes) while their graphs fit :data:`GRAPH_MEMORY_FRACTION` of the free memory, else
         drop the most recently made ones (the pilot and the unit stages visit the units in the same order, so the
-        first units' graphs stay and one slot turns over)."""
+        first units' graphs stay and one slot turns over); operators that keep no graph go."""
         from ..products.autotune import free_memory
         from ..products.operator import GRAPH_MEMORY_FRACTION
 
         device = next(self.model.parameters()).device
+        for i in [i for i, op in self._unit_ops.items() if not op.kept_graph_bytes()]:
+            del self._unit_ops[i]  # no graphs kept (workers, finite differences): nothing to reuse
         while self._unit_ops:
             kept = sum(op.kept_graph_bytes() for op in self._unit_ops.values())
             one_more = kept / len(
@@ -721,6 +727,7 @@ class _TraceStages:
     per_unit: list[ProbeStats]
     shared_hvps: int = 0
     seconds: float = float("nan")
+    paired: int = 0
 
 
 def _shared_trace_row(
@@ -728,7 +735,7 @@ def _shared_trace_row(
 ) -> Row:
     """Unit ``u``'s trace row from the shared probes combined with its own pilot probes; the HVPs count the union
     products and the unit's pilot probes, the seconds are the trace stages' share per unit."""
-    m, se = combined_trace(shared, pilot.trace)
+    m, se = combined_trace(shared, pilot.trace[trace.paired :])
     secs = trace.seconds / n_units
     k = trace.shared_hvps + pilot.count  # the union products and the unit's own pilot probes
     return _row(cp, u, "trace", m, se, "stderr", k, secs)
@@ -761,11 +768,12 @@ def _trace_stages(
     shared, pilot_per_unit = got["shared"], got["per_unit"]
     pilot_seconds = got["seconds"]
     trace_info = _choose_estimator(s, got, shared, pilot_per_unit, krylov)
+    paired = int(got.get("paired", 0))
     if trace_info["chosen"] == "shared":
         got = store.get("shared")
         if got is None:
             prod.begin("shared")
-            got = _shared_stage(prod, s, shared, pilot_per_unit, shared_seed)
+            got = _shared_stage(prod, s, shared, pilot_per_unit, shared_seed, paired)
             store.put("shared", got)
             prod.end("shared")
             done("shared trace")
@@ -773,7 +781,13 @@ def _trace_stages(
         shared_hvps = len(shared[0])
         trace_info["shared_probes"] = shared_hvps
         pilot_seconds += got["seconds"]
-    return _TraceStages(trace_info, shared, pilot_per_unit, shared_hvps, pilot_seconds)
+    return _TraceStages(trace_info, shared, pilot_per_unit, shared_hvps, pilot_seconds, paired)
+
+
+PAIRED = 2
+"""Shared pilot probes under ``trace_estimator="auto"``: each is the concatenation of the units' own first pilot
+probes, so its product minus the units' own products is ``H_{u,-u} z_{-u}``, whose squared norm estimates the
+off-diagonal part of the shared estimator's variance (concentrated: one such norm sums ``n_u`` squares)."""
 
 
 def _pilot_stage(
@@ -784,25 +798,38 @@ def _pilot_stage(
     shared: list[list[float]],
     pilot_per_unit: list[ProbeStats],
 ) -> dict[str, Any]:
-    """The pilot: ``min_probes`` shared probes (unless ``per_unit`` is requested) and ``min_probes`` probes per unit
-    into ``pilot_per_unit`` (unless ``shared`` is requested), with their HVPs and seconds (NaN where not run)."""
+    """The pilot: shared probes (unless ``per_unit`` is requested) and ``min_probes`` probes per unit into
+    ``pilot_per_unit`` (unless ``shared`` is requested), with their HVPs and seconds (NaN where not run).
+
+    Under ``auto`` the shared pilot is :data:`PAIRED` union probes made of the units' own first probes, and the shared
+    estimator's per-probe variance of unit ``u`` is taken from its exact decomposition ``var_u + ||H_{u,-u}||_F^2``
+    (the per-unit variance plus the off-diagonal blocks): ``var_u`` from the unit's pilot samples, the second term as
+    the mean of ``||(H z)_u - H_uu z_u||^2`` over the paired probes (``"variance_shared"``). With ``shared``
+    requested, ``min_probes`` shared probes of the shared draw, their sample variance."""
     tp = time.perf_counter()
     h0 = prod.hvps
     shared_s, unit_s = float("nan"), [float("nan")] * len(units)
-    if s.trace_estimator != "per_unit":
+    paired = min(PAIRED, s.min_probes) if s.trace_estimator == "auto" else 0
+    seeds = [unit_seed(s.seed, u.name, "probes") for u in units]
+    union_hz = None
+    if s.trace_estimator == "shared":
         shared = _shared_round(prod, s.min_probes, 0, shared_seed)
         shared_s = time.perf_counter() - tp
+    elif paired:
+        shared, union_hz, last = _paired_round(prod, units, seeds, paired)
+        shared_s = last * paired  # the union graph's build is paid once, whatever the probes
+    off = [float("nan")] * len(units)
     if s.trace_estimator != "shared":
         for i, u in enumerate(units):
             tu = time.perf_counter()
-            probe_round(
-                prod.matmat(i),
-                u.size,
-                pilot_per_unit[i],
-                s.min_probes,
-                unit_seed(s.seed, u.name, "probes"),
-            )
+            hz = probe_round(prod.matmat(i), u.size, pilot_per_unit[i], s.min_probes, seeds[i])
             unit_s[i] = time.perf_counter() - tu
+            if union_hz is not None:
+                a, b = prod.ranges[i]
+                off[i] = float(((union_hz[a:b] - hz[:, :paired]) ** 2).sum(0).mean())
+    var_shared = None
+    if paired:
+        var_shared = [mean_stderr(p.trace)[2] + o for p, o in zip(pilot_per_unit, off)]
     return {
         "shared": shared,
         "per_unit": pilot_per_unit,
@@ -810,7 +837,27 @@ def _pilot_stage(
         "unit_seconds": unit_s,
         "hvps": prod.hvps - h0,
         "seconds": time.perf_counter() - tp,
+        "paired": paired,
+        "shared_probes": paired or (s.min_probes if s.trace_estimator == "shared" else 0),
+        "variance_shared": var_shared,
     }
+
+
+def _paired_round(
+    prod: UnitProducts, units: Sequence[Unit], seeds: Sequence[int], p: int
+) -> tuple[list[list[float]], torch.Tensor, float]:
+    """``p`` union probes, each the concatenation of the units' own probe columns ``0 .. p - 1`` (draws ``seeds``):
+    per unit the shared samples ``z_u . (H z)_u``, ``H z`` ``(n, p)`` and the last product's seconds."""
+    from ..spectrum.vectors import local_space
+
+    z = torch.cat([local_space(u.size).random(p, sd, "rademacher") for u, sd in zip(units, seeds)])
+    cols, seconds = [], float("nan")
+    for j in range(p):  # one at a time: the last one's time is a product's, without the graph build
+        t = time.perf_counter()
+        cols.append(prod.union(z[:, j : j + 1]))
+        seconds = time.perf_counter() - t
+    hz = torch.cat(cols, 1)
+    return [(z[a:b] * hz[a:b]).sum(0).tolist() for a, b in prod.ranges], hz, seconds
 
 
 def _choose_estimator(
@@ -823,7 +870,7 @@ def _choose_estimator(
     """The trace estimator (``s.trace_estimator``, or for ``auto`` the one with fewer predicted seconds) and its
     reasons: from the pilot ``got``, each unit's variance per probe ``v``, the probes ``v / (trace_rel * mean)^2``
     (capped to ``min_probes .. max_probes``) each estimator needs, and their seconds at the pilot's time per product."""
-    var_s = [mean_stderr(x)[2] if x else float("nan") for x in shared]
+    var_s = got.get("variance_shared") or [mean_stderr(x)[2] if x else float("nan") for x in shared]
     var_p = [mean_stderr(p.trace)[2] if p.count else float("nan") for p in pilot_per_unit]
     means = [
         mean_stderr(x)[0] if x else mean_stderr(p.trace)[0] for x, p in zip(shared, pilot_per_unit)
@@ -833,7 +880,7 @@ def _choose_estimator(
     need_p = [min(max(probes_needed(v, m, s.trace_rel), lo), hi) for v, m in zip(var_p, means)]
     cost_s, cost_p = max(need_s), sum(need_p)
     # seconds: one shared probe costs a union product; unit u's probe costs its own product
-    sec_s = cost_s * got["shared_seconds"] / lo
+    sec_s = cost_s * got["shared_seconds"] / (got.get("shared_probes") or lo)
     sec_p = sum(k * t / lo for k, t in zip(need_p, got["unit_seconds"]))
     chosen, reason = s.trace_estimator, "requested"
     if chosen == "auto":
@@ -866,6 +913,7 @@ def _shared_stage(
     shared: list[list[float]],
     pilot_per_unit: list[ProbeStats],
     shared_seed: int,
+    paired: int = 0,
 ) -> dict[str, Any]:
     """Rounds of shared probes after the pilot's, until every unit's trace (shared and pilot probes combined)
     reaches ``trace_rel`` or ``max_probes`` are drawn; the samples per unit, HVPs and seconds."""
@@ -873,7 +921,7 @@ def _shared_stage(
     h0 = prod.hvps
     k = len(shared[0])
     while k < s.max_probes and not all(
-        enough_combined(x, p.trace, s.trace_rel) for x, p in zip(shared, pilot_per_unit)
+        enough_combined(x, p.trace[paired:], s.trace_rel) for x, p in zip(shared, pilot_per_unit)
     ):
         p = min(s.probe_round, s.max_probes - k)
         for i, more in enumerate(_shared_round(prod, p, k, shared_seed)):
