@@ -162,7 +162,7 @@ def test_auto_trace_choice_and_both_variances_reported(opt_block0):
     t = res.trace
     assert t["chosen"] in ("shared", "per_unit") and len(t["variance_shared"]) == len(units)
     assert all(v > 0 for v in t["variance_per_unit"])
-    assert t["chosen"] == ("shared" if t["seconds_shared"] <= t["seconds_per_unit"] else "per_unit")
+    assert t["chosen"] == ("shared" if t["score_shared"] <= t["score_per_unit"] else "per_unit")
     # the shared estimator's variance carries the off-diagonal blocks: never much below the per-unit one
     assert sum(t["variance_shared"]) >= 0.5 * sum(t["variance_per_unit"])
     forced = sw.sweep(
@@ -187,9 +187,7 @@ def test_store_resume_gives_the_same_rows_and_per_unit_strategy_agrees(opt_block
     full = sw.sweep(model, ids, units, ["trace", "top"], s)
     t = full.trace
     assert sw.KRYLOV_REASON in t["reason"]
-    assert t["chosen"] == (
-        "shared" if t["seconds_shared"] * sw.KRYLOV_GAIN <= t["seconds_per_unit"] else "per_unit"
-    )
+    assert t["chosen"] == ("shared" if t["score_shared"] <= t["score_per_unit"] else "per_unit")
     store = sw.MemoryStore()
     stages: list[str] = []
 
@@ -605,3 +603,36 @@ def test_auto_pilot_takes_the_shared_variance_from_paired_probes(opt_block0):
     for (a, b), vs, vp in zip(ranges, t["variance_shared"], t["variance_per_unit"]):
         off = float((h[a:b] ** 2).sum() - (h[a:b, a:b] ** 2).sum())
         assert abs((vs - vp) - off) <= 0.35 * off
+
+
+def test_the_estimator_choice_compares_cost_per_error_when_both_stop_at_max_probes():
+    """Two units whose traces cannot reach 5 % within max_probes under either estimator: the shared run costs 50
+    union products, the per-unit run 50 products per unit. Compared by seconds only (both 'at the cap'), a cheap
+    shared run with a larger error would win or lose by accident; the score seconds x worst relative variance picks
+    the per-unit estimator when its variance is far smaller (attention layers), the shared one when it is not
+    much larger and a union product serves many units (heads)."""
+    s = sw.SweepSettings(min_probes=10, max_probes=50, trace_rel=0.05)
+    stats = [
+        sw.ProbeStats(trace=[1.0, 3.0] * 5),
+        sw.ProbeStats(trace=[0.5, 2.5] * 5),
+    ]  # means 2, 1.5
+    var_p = [sw.mean_stderr(p.trace)[2] for p in stats]
+    for var_shared, expected in (
+        ([v * 100 for v in var_p], "per_unit"),
+        ([v * 1.5 for v in var_p], "shared"),
+    ):
+        got = {
+            "variance_shared": var_shared,
+            "shared_seconds": 2 * 0.02,  # 2 paired union probes at 20 ms
+            "shared_probes": 2,
+            "unit_seconds": [10 * 0.02, 10 * 0.02],  # 10 pilot probes per unit at 20 ms
+            "hvps": 22,
+        }
+        t = sw._choose_estimator(s, got, [[], []], stats, krylov=False)
+        assert t["cost_shared"] == 50 and t["cost_per_unit"] == 100  # both capped
+        assert t["seconds_shared"] == pytest.approx(1.0) and t["seconds_per_unit"] == pytest.approx(
+            2.0
+        )
+        worst = max(v / (k * m * m) for v, k, m in zip(var_shared, (50, 50), (2.0, 1.5)))
+        assert t["worst_rel_variance_shared"] == pytest.approx(worst)
+        assert t["chosen"] == expected, t

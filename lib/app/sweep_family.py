@@ -654,9 +654,9 @@ class SweepFamily(Family):
             t = c["trace_estimator"]
             if t.get("chosen"):
                 lines.append(
-                    f"{c['checkpoint']}: trace estimator {t['chosen']} (seconds to reach --trace_rel on every unit: "
-                    f"shared {_num(t['seconds_shared'])}, per unit {_num(t['seconds_per_unit'])}); {c['hvps']} HVPs in "
-                    f"{c['seconds']:.1f}s"
+                    f"{c['checkpoint']}: trace estimator {t['chosen']} (predicted seconds x worst relative variance: "
+                    f"shared {_num(t.get('score_shared', t['seconds_shared']))}, per unit "
+                    f"{_num(t.get('score_per_unit', t['seconds_per_unit']))}); {c['hvps']} HVPs in {c['seconds']:.1f}s"
                 )
         if meta["unconverged"]:
             warn(
@@ -667,7 +667,7 @@ class SweepFamily(Family):
 
 
 def _num(x: float | None) -> str:
-    return "inf" if x is None else f"{x:.0f}"
+    return "inf" if x is None else f"{x:.3g}"
 
 
 FAMILY = SweepFamily()

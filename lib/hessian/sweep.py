@@ -422,6 +422,15 @@ def enough_combined(shared: Sequence[float], own: Sequence[float], rel: float) -
     return se <= rel * abs(m)
 
 
+NEED_CAP = 1e9
+"""The probes :func:`_need` reports for a trace whose standard error cannot be reached (a mean of 0, no variance)."""
+
+
+def _need(var: float, mean: float, rel: float, lo: int) -> float:
+    """:func:`probes_needed`, at least ``lo``, at most :data:`NEED_CAP` (finite, so sums and maxima compare)."""
+    return min(max(probes_needed(var, mean, rel), lo), NEED_CAP)
+
+
 def probes_needed(var: float, mean: float, rel: float) -> float:
     """Probes for a standard error ``rel |mean|`` when one probe's variance is ``var``: ``var / (rel mean)^2``."""
     if not math.isfinite(var) or mean == 0:
@@ -867,28 +876,33 @@ def _choose_estimator(
     pilot_per_unit: list[ProbeStats],
     krylov: bool,
 ) -> dict[str, Any]:
-    """The trace estimator (``s.trace_estimator``, or for ``auto`` the one with fewer predicted seconds) and its
-    reasons: from the pilot ``got``, each unit's variance per probe ``v``, the probes ``v / (trace_rel * mean)^2``
-    (capped to ``min_probes .. max_probes``) each estimator needs, and their seconds at the pilot's time per product."""
+    """The trace estimator (``s.trace_estimator``, or for ``auto`` the one with the smaller cost per error) and its
+    reasons, from the pilot ``got``: each unit's variance per probe ``v`` and mean, the probes ``v / (trace_rel *
+    mean)^2`` each estimator needs (:func:`_predicted_run`: the run as it would go, capped by ``max_probes``), its
+    predicted seconds at the pilot's time per product and the worst unit's relative variance of the mean ``e``; the
+    score is ``seconds x e`` (the seconds to reach one fixed error if the error fell as ``1 / sqrt(seconds)``), so two
+    runs that both stop at ``max_probes`` are compared at their errors, not only their seconds."""
     var_s = got.get("variance_shared") or [mean_stderr(x)[2] if x else float("nan") for x in shared]
     var_p = [mean_stderr(p.trace)[2] if p.count else float("nan") for p in pilot_per_unit]
-    means = [
-        mean_stderr(x)[0] if x else mean_stderr(p.trace)[0] for x, p in zip(shared, pilot_per_unit)
+    means = [  # the unit's own pilot mean where there is one (more probes than the shared pilot's)
+        mean_stderr(p.trace)[0] if p.count else mean_stderr(x)[0]
+        for x, p in zip(shared, pilot_per_unit)
     ]
-    lo, hi = s.min_probes, s.max_probes
-    need_s = [min(max(probes_needed(v, m, s.trace_rel), lo), hi) for v, m in zip(var_s, means)]
-    need_p = [min(max(probes_needed(v, m, s.trace_rel), lo), hi) for v, m in zip(var_p, means)]
-    cost_s, cost_p = max(need_s), sum(need_p)
-    # seconds: one shared probe costs a union product; unit u's probe costs its own product
-    sec_s = cost_s * got["shared_seconds"] / (got.get("shared_probes") or lo)
-    sec_p = sum(k * t / lo for k, t in zip(need_p, got["unit_seconds"]))
+    gain = KRYLOV_GAIN if krylov else 1.0  # the per-unit variance drop the deflation brings
+    t_s = got["shared_seconds"] / (got.get("shared_probes") or s.min_probes)
+    t_p = [t / s.min_probes for t in got["unit_seconds"]]
+    shared_run = _predicted_run(s, var_s, means, [t_s], shared=True)
+    unit_run = _predicted_run(s, [v / gain for v in var_p], means, t_p, shared=False)
     chosen, reason = s.trace_estimator, "requested"
     if chosen == "auto":
-        gain = KRYLOV_GAIN if krylov else 1.0  # the per-unit variance drop the deflation brings
-        chosen = "shared" if sec_s * gain <= sec_p else "per_unit"
-        reason = "fewer predicted seconds to reach trace_rel on every unit" + (
-            f" (per unit divided by {KRYLOV_GAIN:g}: {KRYLOV_REASON})" if krylov else ""
+        chosen = "shared" if shared_run["score"] <= unit_run["score"] else "per_unit"
+        reason = "smaller predicted seconds x worst relative variance (cost per error)" + (
+            f" (per-unit variances divided by {KRYLOV_GAIN:g}: {KRYLOV_REASON})" if krylov else ""
         )
+
+    def finite(x: float) -> float | None:
+        return x if math.isfinite(x) else None
+
     return {
         "chosen": chosen,
         "requested": s.trace_estimator,
@@ -896,15 +910,41 @@ def _choose_estimator(
         "pilot_probes": s.min_probes,
         "variance_shared": var_s,
         "variance_per_unit": var_p,
-        "cost_shared": cost_s if math.isfinite(cost_s) else None,
-        "cost_per_unit": cost_p if math.isfinite(cost_p) else None,
-        "seconds_shared": sec_s if math.isfinite(sec_s) else None,
-        "seconds_per_unit": sec_p if math.isfinite(sec_p) else None,
-        "cost_unit": "probes to reach trace_rel on every unit (capped by min_probes..max_probes; shared: one "
-        "union product serves every unit), and their seconds at the pilot's measured time per product; the "
-        "estimator with fewer seconds is chosen",
+        "cost_shared": finite(shared_run["probes"]),
+        "cost_per_unit": finite(unit_run["probes"]),
+        "seconds_shared": finite(shared_run["seconds"]),
+        "seconds_per_unit": finite(unit_run["seconds"]),
+        "worst_rel_variance_shared": finite(shared_run["error"]),
+        "worst_rel_variance_per_unit": finite(unit_run["error"]),
+        "score_shared": finite(shared_run["score"]),
+        "score_per_unit": finite(unit_run["score"]),
+        "cost_unit": "the run each estimator would make: probes (to reach trace_rel on every unit, between "
+        "min_probes and max_probes; shared: one union product serves every unit), their seconds at the pilot's "
+        "time per product, the worst unit's predicted variance of the mean relative to its squared trace, and the "
+        "score seconds x that variance; the estimator with the smaller score is chosen",
         "pilot_hvps": got["hvps"],
     }
+
+
+def _predicted_run(
+    s: SweepSettings,
+    var: Sequence[float],
+    means: Sequence[float],
+    seconds: Sequence[float],
+    shared: bool,
+) -> dict[str, float]:
+    """The run an estimator would make: the shared one takes the hardest unit's probes once for all units (each at
+    ``seconds[0]``), the per-unit one each unit's own (at ``seconds[u]``), each between ``min_probes`` and
+    ``max_probes``; its ``probes``, ``seconds``, the worst unit's ``error`` ``var / (probes x mean^2)`` and the
+    ``score`` ``seconds x error``."""
+    lo, hi = s.min_probes, s.max_probes
+    need = [_need(v, m, s.trace_rel, lo) for v, m in zip(var, means)]
+    probes = [min(max(need), hi)] * len(need) if shared else [min(k, hi) for k in need]
+    errors = [v / (k * m * m) for v, k, m in zip(var, probes, means) if m != 0 and math.isfinite(v)]
+    error = max(errors) if errors else math.inf
+    secs = probes[0] * seconds[0] if shared else sum(k * t for k, t in zip(probes, seconds))
+    total = probes[0] if shared else sum(probes)
+    return {"probes": total, "seconds": secs, "error": error, "score": secs * error}
 
 
 def _shared_stage(
