@@ -86,8 +86,10 @@ def run_sweep(args) -> dict:
     }  # to tell which eigenvalue PyHessian's power iteration found
     var_p = r.trace["variance_per_unit"]
     cap = args.peer_cap or math.inf  # default none: every layer at the sweep's error (equal error)
+    # 1 / se^2 from m samples overestimates 1 / sigma^2 by (m - 1) / (m - 3) (normal samples): corrected, so the
+    # peers are not handed more probes than the sweep's true error needs (m: the trace's products, an upper bound)
     args.unit_probes = [
-        int(min(max(math.ceil(v / t.error**2), args.min_probes), cap))
+        int(min(max(math.ceil(v / t.error**2 * (t.hvps - 3) / (t.hvps - 1)), args.min_probes), cap))
         for v, t in zip(var_p, traces)
     ]
     return {
