@@ -97,7 +97,7 @@ def test_the_readme_states_quiet_machine_times_and_the_shared_machine_expectatio
     from conftest import ROOT
 
     text = " ".join((ROOT / "README.md").read_text().split())
-    assert "about 4 min on 2 quiet cores" in text
+    assert "about 4.5 min on 2 quiet cores" in text
     assert (
         "Every time on this page was taken on a quiet machine: on a shared one expect about 2-4x"
         in text
