@@ -184,3 +184,29 @@ def fake_hub(cache_dir, model_id: str, revisions: dict) -> dict[str, str]:
         (repo / "refs" / name).write_text(commit)
         commits[name] = commit
     return commits
+
+
+# hessian_sweep.py on two units of the bundled model, small and float64 (tests/test_sweep.py, test_sweep_ranks.py)
+SWEEP_FLAGS = [
+    "--dataset",
+    "embedded",
+    "--params",
+    "*.layers.3.self_attn.q_proj.weight",
+    "*.layers.3.fc2.weight",
+    "--b",
+    "2",
+    "--seqlen",
+    "16",
+    "--dtype",
+    "float64",
+    "--max_probes",
+    "20",
+    "--quantities",
+    "trace",
+    "top",
+    "--trace_estimator",
+    "per_unit",  # auto chooses by measured seconds: two separate runs may choose differently
+    "--name",
+    "s",
+    "--no_progress",
+]

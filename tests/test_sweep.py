@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from cases import SWEEP_FLAGS
 from conftest import tiny_ids, tiny_model
 
 from lib.errors import ParamError
@@ -401,31 +402,6 @@ def _checkpoints(tmp, steps=(0, 1, 2)) -> list[str]:
             model(ids, labels=ids, use_cache=False).loss.backward()
             opt.step()
     return out
-
-
-SWEEP_FLAGS = [
-    "--dataset",
-    "embedded",
-    "--params",
-    "*.layers.3.self_attn.q_proj.weight",
-    "*.layers.3.fc2.weight",
-    "--b",
-    "2",
-    "--seqlen",
-    "16",
-    "--dtype",
-    "float64",
-    "--max_probes",
-    "20",
-    "--quantities",
-    "trace",
-    "top",
-    "--trace_estimator",
-    "per_unit",  # auto chooses by measured seconds: two separate runs may choose differently
-    "--name",
-    "s",
-    "--no_progress",
-]
 
 
 @pytest.mark.slow

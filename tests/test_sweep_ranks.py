@@ -7,37 +7,12 @@ import csv
 import json
 
 import pytest
+from cases import SWEEP_FLAGS
 from conftest import ROOT, torchrun
 
 import hessian_sweep
 
-FLAGS = [
-    "--dataset",
-    "embedded",
-    "--params",
-    "*.layers.3.self_attn.q_proj.weight",
-    "*.layers.3.fc2.weight",
-    "--b",
-    "2",
-    "--seqlen",
-    "16",
-    "--model_input_bs",
-    "1",  # one batch per rank
-    "--dtype",
-    "float64",
-    "--max_probes",
-    "20",
-    "--quantities",
-    "trace",
-    "top",
-    "--trace_estimator",
-    "per_unit",  # auto chooses by measured seconds: two separate runs may choose differently
-    "--name",
-    "s",
-    "--no_progress",
-    "--device",
-    "cpu",
-]
+FLAGS = [*SWEEP_FLAGS, "--model_input_bs", "1", "--device", "cpu"]  # one batch per rank
 
 
 class Killed(Exception):
