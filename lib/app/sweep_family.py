@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import re
 import shutil
 import time
@@ -105,13 +104,10 @@ def check_revisions(
     """Refuse (:class:`UserError`, before any weight is read) a revision that does not exist: asked of the hub
     (``has_revision(model_id, revision)``) when it is reachable, else looked up in the local cache (offline mode:
     only cached revisions can load). A commit hash prefix of a cached snapshot counts as cached."""
-    from ..model.inputs import _truthy, hub_offline_if_unreachable
+    from ..model.inputs import hub_offline, hub_offline_if_unreachable
 
     hub_offline_if_unreachable()
-    offline = _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(
-        os.environ.get("TRANSFORMERS_OFFLINE")
-    )
-    if offline:
+    if hub_offline():
         cached = cached_revisions(model_id, cache_dir)
         for r in revisions:
             if r not in cached and not (len(r) >= 7 and any(c.startswith(r) for c in cached)):

@@ -284,6 +284,13 @@ def _truthy(value: str | None) -> bool:
     return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
+def hub_offline() -> bool:
+    """Whether offline mode is on for the hub (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` set true)."""
+    return _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(
+        os.environ.get("TRANSFORMERS_OFFLINE")
+    )
+
+
 def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
     """Whether the hub endpoint (``HF_ENDPOINT``) answers an HTTP request within ``timeout`` seconds (any status)."""
     import urllib.error
@@ -314,11 +321,7 @@ def hub_offline_if_unreachable() -> None:
     """Once per process, unless offline mode is already on: probe the hub and, if it cannot be reached, switch
     to offline mode, so that loading from the hub fails at once (or uses the cache) instead of retrying."""
     global _HUB_CHECKED
-    if (
-        _HUB_CHECKED
-        or _truthy(os.environ.get("HF_HUB_OFFLINE"))
-        or _truthy(os.environ.get("TRANSFORMERS_OFFLINE"))
-    ):
+    if _HUB_CHECKED or hub_offline():
         return
     _HUB_CHECKED = True
     if not hub_reachable():

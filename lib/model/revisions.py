@@ -8,7 +8,6 @@ and a later ``--resume`` read the same snapshot even if the branch moves meanwhi
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -63,14 +62,11 @@ def resolve_commit(
     (``hub_commit(model_id, revision)``); offline, or when the hub cannot say, the local cache answers
     (:func:`cached_commit`). None when nobody can say: the weights are then loaded by the name.
     """
-    from .inputs import _truthy
+    from .inputs import hub_offline
 
     if COMMIT.fullmatch(revision):
         return revision
-    offline = _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(
-        os.environ.get("TRANSFORMERS_OFFLINE")
-    )
-    commit = None if offline else hub_commit(model_id, revision)
+    commit = None if hub_offline() else hub_commit(model_id, revision)
     return commit or cached_commit(model_id, revision, cache_dir)
 
 
